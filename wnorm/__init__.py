@@ -1,0 +1,33 @@
+"""wnorm: weight normalization (Salimans & Kingma, 2016) for any PyTorch model.
+
+The reparameterization w = g * v / ||v||, the paper's data-dependent initialization and
+mean-only batch normalization, folding for inference and checkpoint interop with PyTorch's two
+weight-norm APIs. Importing wnorm imports torch and nothing else.
+"""
+
+from .apply_model import DEFAULT_TYPES, NORM_TYPES, apply
+from .errors import WnormError
+from .weight_norm import (
+    default_dim,
+    is_weight_normalized,
+    normalized_weights,
+    refresh,
+    remove_weight_norm,
+    weight_norm,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "WnormError",
+    "weight_norm",
+    "remove_weight_norm",
+    "is_weight_normalized",
+    "normalized_weights",
+    "default_dim",
+    "refresh",
+    "apply",
+    "DEFAULT_TYPES",
+    "NORM_TYPES",
+]

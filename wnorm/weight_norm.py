@@ -1,0 +1,386 @@
+r"""The reparameterization :math:`w = g\,v/\lVert v\rVert` for any parameter of any module.
+
+How it works. :func:`weight_norm` removes the parameter ``<name>`` from the module, registers
+``<name>_g`` (one entry per output unit, kept-dim shape as in PyTorch's old API) and ``<name>_v``,
+and moves the module to a generated subclass of its own class (``isinstance`` still holds, the
+class name and ``repr`` are unchanged) whose property ``<name>`` computes the weight:
+
+- with autograd recording, every access computes ``torch._weight_norm(v, g, dim)``: one fused op
+  forward and one fused op backward, so gradients reach ``g`` and ``v`` (DDP, hooks and
+  ``torch.compile`` see ordinary parameters);
+- otherwise (``eval`` under ``no_grad``, inference) the weight is computed once and reused until
+  ``g`` or ``v`` changes (keyed on their autograd version counters, identity and storage), so
+  inference costs what a plain layer costs.
+
+Recurrent modules (``nn.RNN``/``nn.LSTM``/``nn.GRU``) keep their weights in a flat list; their
+generated class refreshes that list before each forward.
+
+The module pickles, deep-copies and loads with ``torch.load(..., weights_only=False)``; no
+non-leaf tensor is stored on it between calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .errors import WnormError
+
+__all__ = [
+    "weight_norm",
+    "remove_weight_norm",
+    "is_weight_normalized",
+    "normalized_weights",
+    "default_dim",
+    "refresh",
+]
+
+_DEFAULT = object()  # sentinel: "the output-unit axis of this layer type"
+
+
+class _Spec:
+    """What :func:`weight_norm` recorded for one parameter, plus the inference cache."""
+
+    __slots__ = ("dim", "where", "cache", "key")
+
+    def __init__(self, dim: int | None, where: str) -> None:
+        self.dim = dim  # None: one norm for the whole tensor
+        self.where = where  # a name for error messages, e.g. "encoder.0 (Conv1d)"
+        self.cache: Tensor | None = None
+        self.key: tuple[Any, ...] | None = None
+
+    def __getstate__(self) -> tuple[int | None, str]:
+        return (self.dim, self.where)  # the cache is derived state: never pickled
+
+    def __setstate__(self, state: tuple[int | None, str]) -> None:
+        self.dim, self.where = state
+        self.cache = None
+        self.key = None
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _Spec:
+        return _Spec(self.dim, self.where)
+
+
+def default_dim(module: nn.Module, name: str = "weight") -> int:
+    """The output-unit axis of ``module.<name>``: 1 for ConvTransposeNd weights (stored
+    ``(in, out/groups, *k)``), 0 otherwise (Linear, ConvNd, Embedding rows, RNN gate rows)."""
+    if isinstance(module, nn.modules.conv._ConvTransposeNd) and name == "weight":
+        return 1
+    return 0
+
+
+def _describe(module: nn.Module, where: str | None) -> str:
+    kind = type(module).__name__
+    return f"{where} ({kind})" if where else kind
+
+
+def _norm(v: Tensor, dim: int | None) -> Tensor:
+    """:math:`\\lVert v\\rVert` over every axis but ``dim``, kept-dim (PyTorch's old API shape)."""
+    if dim is None:
+        return torch.linalg.vector_norm(v)
+    axes = [d for d in range(v.dim()) if d != dim]
+    return torch.linalg.vector_norm(v, dim=axes, keepdim=True) if axes else v.abs()
+
+
+def _compute(v: Tensor, g: Tensor, dim: int | None) -> Tensor:
+    # torch._weight_norm fuses the norm and the scaling (forward and backward); dim -1 means
+    # "whole tensor" to it, which is why wnorm stores positive dims only.
+    return torch._weight_norm(v, g, -1 if dim is None else dim)
+
+
+def _weight(module: nn.Module, pname: str, spec: _Spec) -> Tensor:
+    params = module._parameters
+    g = params[pname + "_g"]
+    v = params[pname + "_v"]
+    if (torch.is_grad_enabled() and (g.requires_grad or v.requires_grad)) or (
+        torch.compiler.is_compiling()
+    ):
+        return _compute(v, g, spec.dim)
+    key = (id(g), g._version, g.data_ptr(), id(v), v._version, v.data_ptr())
+    if spec.key != key or spec.cache is None:
+        with torch.no_grad():
+            w = _compute(v, g, spec.dim)
+        if not bool(torch.isfinite(w).all()):
+            raise WnormError(
+                f"{spec.where}: the weight-normalized '{pname}' has non-finite values; "
+                f"check '{pname}_g' and '{pname}_v' for NaN/inf and '{pname}_v' for zero rows"
+            )
+        spec.cache, spec.key = w, key
+    return spec.cache
+
+
+# --------------------------------------------------------------------------- generated classes
+_CLASSES: dict[type, type] = {}
+
+
+def _wn_property(pname: str) -> property:
+    def fget(self: nn.Module) -> Tensor:
+        spec = self.__dict__["_wn"].get(pname)
+        if spec is None:  # another instance of this class normalizes pname, this one does not
+            return nn.Module.__getattr__(self, pname)
+        return _weight(self, pname, spec)
+
+    def fset(self: nn.Module, value: Any) -> None:
+        if pname in self.__dict__["_wn"]:
+            raise WnormError(
+                f"{self.__dict__['_wn'][pname].where}: '{pname}' is weight-normalized and "
+                f"computed from '{pname}_g' and '{pname}_v'; assign those, or call "
+                f"wnorm.remove_weight_norm(module, {pname!r}) first"
+            )
+        self.__dict__[pname] = value
+
+    return property(fget, fset, doc=f"``{pname}`` computed as g * v / ||v||")
+
+
+def _reduce_ex(self: nn.Module, protocol: int) -> tuple[Any, ...]:
+    # The generated class is not importable by name: rebuild it from the original class.
+    return (_rebuild, (type(self)._wn_base, self.__getstate__()))
+
+
+def _rebuild(base: type, state: dict[str, Any]) -> nn.Module:
+    cls = _wn_class(base)
+    for pname in state.get("_wn", {}):
+        _ensure_property(cls, pname)
+    module = cls.__new__(cls)
+    module.__setstate__(state)
+    _refresh_flat_weights(module)
+    return module
+
+
+def _refresh_flat_weights(module: nn.Module) -> None:
+    # RNNs read their weights from a flat list; fill it without recording a graph so that the
+    # module never holds a non-leaf tensor (which would break deepcopy).
+    if isinstance(module, nn.RNNBase):
+        with torch.no_grad():
+            module._init_flat_weights()
+        module._flat_weight_refs = [None] * len(module._flat_weights)
+
+
+def _extra_repr(self: nn.Module) -> str:
+    base = type(self)._wn_base.extra_repr(self)
+    wn = ", ".join(f"{p}: dim={s.dim}" for p, s in self.__dict__["_wn"].items())
+    return f"{base}, weight_norm=({wn})" if base else f"weight_norm=({wn})"
+
+
+def _train(self: nn.Module, mode: bool = True) -> nn.Module:
+    for spec in self.__dict__["_wn"].values():
+        spec.cache = spec.key = None  # a mode switch is a cheap, safe point to drop the cache
+    return type(self)._wn_base.train(self, mode)
+
+
+def _rnn_forward(self: nn.RNNBase, *args: Any, **kwargs: Any) -> Any:
+    # RNNs run on the list self._flat_weights: fill it with the normalized weights (computed
+    # once per call, with the graph to g and v when recording), run, then keep detached copies
+    # so that the module never holds a non-leaf tensor between calls (deepcopy needs that).
+    specs = self.__dict__["_wn"]
+    params = self._parameters
+    names = self._flat_weights_names
+    self.__dict__["_flat_weights"] = [
+        _weight(self, n, specs[n]) if n in specs else params.get(n) for n in names
+    ]
+    try:
+        return type(self)._wn_base.forward(self, *args, **kwargs)
+    finally:
+        self.__dict__["_flat_weights"] = [
+            None if t is None else t.detach() for t in self.__dict__["_flat_weights"]
+        ]
+
+
+def _rnn_weights_have_changed(self: nn.RNNBase) -> bool:
+    return False  # the generated forward refreshes the flat weights itself, every call
+
+
+def _rnn_init_flat_weights(self: nn.RNNBase) -> None:
+    with torch.no_grad():  # see _rnn_forward: no graph kept on the module
+        type(self)._wn_base._init_flat_weights(self)
+
+
+def _wn_class(base: type) -> type:
+    if "_wn_base" in base.__dict__:
+        return base
+    cls = _CLASSES.get(base)
+    if cls is None:
+        ns: dict[str, Any] = {
+            "_wn_base": base,
+            "__reduce_ex__": _reduce_ex,
+            "extra_repr": _extra_repr,
+            "train": _train,
+            "__module__": base.__module__,
+            "__qualname__": base.__qualname__,
+            "__doc__": base.__doc__,
+        }
+        if issubclass(base, nn.RNNBase):
+            ns["forward"] = _rnn_forward
+            ns["_weights_have_changed"] = _rnn_weights_have_changed
+            ns["_init_flat_weights"] = _rnn_init_flat_weights
+        cls = type(base.__name__, (base,), ns)
+        _CLASSES[base] = cls
+    return cls
+
+
+def _ensure_property(cls: type, pname: str) -> None:
+    if not isinstance(cls.__dict__.get(pname), property):
+        setattr(cls, pname, _wn_property(pname))
+
+
+# --------------------------------------------------------------------------- public functions
+def is_weight_normalized(module: nn.Module, name: str | None = None) -> bool:
+    """Whether wnorm normalizes ``module.<name>`` (any parameter of it when ``name`` is None)."""
+    specs = module.__dict__.get("_wn")
+    if not specs:
+        return False
+    return True if name is None else name in specs
+
+
+def normalized_weights(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, int | None]]:
+    """Yield ``(module_name, module, param_name, dim)`` for every weight wnorm normalizes."""
+    for mname, module in model.named_modules():
+        for pname, spec in module.__dict__.get("_wn", {}).items():
+            yield mname, module, pname, spec.dim
+
+
+def weight_norm(
+    module: nn.Module, name: str = "weight", dim: int | None | object = _DEFAULT, *, where: str = ""
+) -> nn.Module:
+    r"""Reparameterize ``module.<name>`` as :math:`w = g\,\frac{v}{\lVert v\rVert}`, one g per output unit.
+
+    The norm runs over every axis except ``dim``, so :math:`\lVert w\rVert = g` for each slice
+    along ``dim`` whatever ``v`` is (Salimans & Kingma, 2016, eq. 2,
+    https://arxiv.org/abs/1602.07868). ``<name>`` leaves the parameters; ``<name>_g`` (kept-dim
+    shape, e.g. ``(out, 1, 1, 1)`` for a Conv2d) and ``<name>_v`` (the weight's shape) join them,
+    starting at ``g = ||w||``, ``v = w`` so the module computes exactly what it did before.
+    ``module.<name>`` stays readable and is the computed weight.
+
+    Args:
+        module: the module that owns the parameter.
+        name: the parameter's name (default ``"weight"``; for RNNs e.g. ``"weight_hh_l0"``).
+        dim: the output-unit axis, one g per slice along it. Default: 0 for Linear, ConvNd,
+            Embedding and RNN weights, 1 for ConvTransposeNd (weight ``(in, out, *k)``).
+            ``None``: one norm, and one scalar g, for the whole tensor. Negative values count
+            from the end.
+        where: a name for the module in error messages (``wnorm.apply`` passes its path).
+
+    Returns:
+        The same module, changed in place.
+
+    Raises:
+        WnormError: ``name`` is not a parameter of ``module``, is already weight-normalized
+            (by wnorm or PyTorch), ``dim`` is out of range, or the weight has non-finite
+            values or zero-norm slices.
+
+    Example:
+        >>> import torch, wnorm
+        >>> layer = wnorm.weight_norm(torch.nn.Linear(3, 4))
+        >>> sorted(n for n, _ in layer.named_parameters())
+        ['bias', 'weight_g', 'weight_v']
+        >>> torch.allclose(layer.weight.norm(dim=1), layer.weight_g.squeeze(1))
+        True
+    """
+    if not isinstance(module, nn.Module):
+        raise WnormError(f"weight_norm expects an nn.Module; got {type(module).__name__}")
+    label = _describe(module, where)
+    specs = module.__dict__.get("_wn", {})
+    if name in specs:
+        raise WnormError(f"{label}: '{name}' is already weight-normalized by wnorm")
+    if name in getattr(module, "parametrizations", {}):
+        raise WnormError(
+            f"{label}: '{name}' already has a PyTorch parametrization "
+            "(torch.nn.utils.parametrizations); remove it before applying wnorm"
+        )
+    if (name + "_g") in module._parameters or (name + "_v") in module._parameters:
+        raise WnormError(
+            f"{label}: '{name}' is already weight-normalized (it has '{name}_g'/'{name}_v', "
+            "e.g. from torch.nn.utils.weight_norm); call torch.nn.utils.remove_weight_norm first"
+        )
+    weight = module._parameters.get(name)
+    if weight is None:
+        have = [n for n, p in module._parameters.items() if p is not None]
+        raise WnormError(
+            f"{label}: no parameter named '{name}' to weight-normalize; "
+            f"its parameters are {have}"
+        )
+    ndim = weight.dim()
+    if dim is _DEFAULT:
+        dim = default_dim(module, name)
+    if dim is not None:
+        if not isinstance(dim, int) or isinstance(dim, bool):
+            raise WnormError(f"{label}: dim must be an int or None; got {dim!r}")
+        if ndim == 0 or not -ndim <= dim < ndim:
+            raise WnormError(
+                f"{label}: dim {dim} is out of range for '{name}' of shape {tuple(weight.shape)} "
+                f"(expected None or -{ndim} <= dim < {ndim})"
+            )
+        dim = dim % ndim
+    with torch.no_grad():
+        w = weight.detach()
+        if not bool(torch.isfinite(w).all()):
+            bad = int((~torch.isfinite(w)).sum())
+            raise WnormError(f"{label}: '{name}' has {bad} non-finite values (NaN or inf)")
+        g = _norm(w, dim).to(w.dtype)
+        zero = (g == 0).flatten().nonzero().flatten().tolist()
+        if zero:
+            where_txt = "" if dim is None else f" along dim {dim}"
+            raise WnormError(
+                f"{label}: {len(zero)} of {g.numel()} slices{where_txt} of '{name}' have zero "
+                f"norm (indices {zero[:10]}{'...' if len(zero) > 10 else ''}); weight "
+                "normalization needs a direction for every output unit"
+            )
+    req = weight.requires_grad
+    del module._parameters[name]
+    module.register_parameter(name + "_g", nn.Parameter(g, requires_grad=req))
+    module.register_parameter(name + "_v", nn.Parameter(w, requires_grad=req))
+    cls = _wn_class(type(module))
+    _ensure_property(cls, name)
+    if "_wn" not in module.__dict__:
+        object.__setattr__(module, "_wn", {})
+    module.__dict__["_wn"][name] = _Spec(dim, label)
+    module.__class__ = cls
+    _refresh_flat_weights(module)
+    return module
+
+
+def remove_weight_norm(module: nn.Module, name: str = "weight") -> nn.Module:
+    r"""Undo :func:`weight_norm`: ``module.<name>`` becomes a plain parameter holding
+    :math:`g\,v/\lVert v\rVert`; ``<name>_g`` and ``<name>_v`` go away. When no weight of the
+    module stays normalized, the module gets its original class back.
+
+    Returns:
+        The same module, changed in place.
+
+    Raises:
+        WnormError: ``module.<name>`` is not weight-normalized by wnorm.
+    """
+    specs = module.__dict__.get("_wn", {})
+    if name not in specs:
+        raise WnormError(f"{_describe(module, '')}: '{name}' is not weight-normalized by wnorm")
+    g = module._parameters[name + "_g"]
+    v = module._parameters[name + "_v"]
+    with torch.no_grad():
+        w = _compute(v, g, specs[name].dim).detach().clone()
+    req = v.requires_grad
+    del specs[name]
+    del module._parameters[name + "_g"]
+    del module._parameters[name + "_v"]
+    module._parameters[name] = nn.Parameter(w, requires_grad=req)
+    if not specs:
+        base = type(module)._wn_base
+        del module.__dict__["_wn"]
+        module.__class__ = base
+    _refresh_flat_weights(module)
+    return module
+
+
+def refresh(model: nn.Module) -> nn.Module:
+    """Drop every cached inference weight in ``model``.
+
+    Needed only after editing ``g`` or ``v`` through ``.data`` (which hides the change from the
+    version counters); optimizers, ``load_state_dict``, ``train()``/``eval()`` and in-place
+    edits under ``torch.no_grad()`` are tracked already.
+    """
+    for _, module, pname, _ in normalized_weights(model):
+        spec = module.__dict__["_wn"][pname]
+        spec.cache = spec.key = None
+    return model
