@@ -6,7 +6,10 @@ weight-norm APIs. Importing wnorm imports torch and nothing else.
 """
 
 from .apply_model import DEFAULT_TYPES, NORM_TYPES, apply
+from .data_init import InitReport, LayerInit, data_init
 from .errors import WnormError
+from .fold import ChannelShift, fold
+from .mean_only_bn import MeanOnlyBatchNorm1d, MeanOnlyBatchNorm2d, MeanOnlyBatchNorm3d
 from .weight_norm import (
     default_dim,
     is_weight_normalized,
@@ -30,4 +33,12 @@ __all__ = [
     "apply",
     "DEFAULT_TYPES",
     "NORM_TYPES",
+    "data_init",
+    "InitReport",
+    "LayerInit",
+    "MeanOnlyBatchNorm1d",
+    "MeanOnlyBatchNorm2d",
+    "MeanOnlyBatchNorm3d",
+    "fold",
+    "ChannelShift",
 ]

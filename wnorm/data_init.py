@@ -1,0 +1,313 @@
+r"""The paper's data-dependent initialization (Salimans & Kingma, 2016, section 3).
+
+For each weight-normalized layer, in the order one forward pass reaches it,
+
+.. math::
+    t = \frac{v\cdot x}{\lVert v\rVert},\qquad
+    g \leftarrow \frac{s}{\sigma[t]},\qquad b \leftarrow -\mu[t]\,g
+
+(:math:`s` = ``init_scale``), so that the layer's pre-activation
+:math:`y = s\,(t-\mu[t])/\sigma[t]` has mean 0 and standard deviation :math:`s` per unit on the
+batch, and the next layers see that standardized output in the same pass.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .errors import WnormError
+from .mean_only_bn import _MeanOnlyBatchNorm
+from .weight_norm import default_dim
+
+__all__ = ["data_init", "InitReport", "LayerInit"]
+
+_INIT_TYPES = (nn.Linear, nn.modules.conv._ConvNd)
+
+
+@dataclass
+class LayerInit:
+    """What :func:`data_init` did to one layer.
+
+    ``mu`` and ``sigma`` are the per-unit mean and standard deviation of
+    :math:`t = v\\cdot x/\\lVert v\\rVert` (of :math:`w\\cdot x` for a plain layer) on the batch,
+    before the init; ``None`` for a skipped layer, whose ``reason`` says why.
+    """
+
+    name: str
+    kind: str
+    status: str  # "initialized" | "skipped"
+    reason: str = ""
+    mu: Tensor | None = field(default=None, repr=False)
+    sigma: Tensor | None = field(default=None, repr=False)
+
+
+class InitReport(list[LayerInit]):
+    """A list of :class:`LayerInit`, one per candidate layer, in the order the pass reached them."""
+
+    @property
+    def initialized(self) -> list[LayerInit]:
+        return [r for r in self if r.status == "initialized"]
+
+    @property
+    def skipped(self) -> list[LayerInit]:
+        return [r for r in self if r.status == "skipped"]
+
+    def __str__(self) -> str:
+        rows = ["layer | type | status | mean mu[t] | mean sigma[t]", "---|---|---|---|---"]
+        for r in self:
+            mu = f"{float(r.mu.mean()):.4g}" if r.mu is not None else ""
+            sd = f"{float(r.sigma.mean()):.4g}" if r.sigma is not None else ""
+            status = r.status + (f" ({r.reason})" if r.reason else "")
+            rows.append(f"{r.name} | {r.kind} | {status} | {mu} | {sd}")
+        return "\n".join(rows)
+
+
+def _unit_axis(module: nn.Module, y: Tensor) -> int:
+    if isinstance(module, nn.Linear):
+        return y.dim() - 1
+    # ConvNd: (N, C, *spatial) has the weight's rank; unbatched (C, *spatial) one less
+    return 1 if y.dim() == _weight_ndim(module) else 0
+
+
+def _weight_ndim(module: nn.Module) -> int:
+    p = module._parameters.get("weight")
+    return (p if p is not None else module._parameters["weight_v"]).dim()
+
+
+def _reason_cannot(module: nn.Module, is_wn: bool) -> str:
+    """Why the paper's init cannot set this layer ("" when it can)."""
+    if isinstance(module, nn.RNNBase):
+        return "recurrent layer: the paper's init does not apply (section 3)"
+    if not isinstance(module, _INIT_TYPES):
+        return f"{type(module).__name__} has no per-unit pre-activation to standardize"
+    if is_wn:
+        specs = module.__dict__["_wn"]
+        if "weight" not in specs:
+            return "its 'weight' is not weight-normalized"
+        if specs["weight"].dim != default_dim(module):
+            return f"g is not one per output unit (dim={specs['weight'].dim})"
+    if isinstance(module, nn.modules.conv._ConvTransposeNd) and module.groups != 1:
+        return "ConvTranspose with groups > 1: one g serves several output channels"
+    return ""
+
+
+def _reduce(t: Tensor, group: Any) -> Tensor:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    return t
+
+
+class _Initializer:
+    """Forward hooks that initialize each target layer at the first call that reaches it."""
+
+    def __init__(self, names: dict[nn.Module, str], is_wn: dict[nn.Module, bool],
+                 init_scale: float, group: Any) -> None:
+        self.names, self.is_wn = names, is_wn
+        self.init_scale, self.group = init_scale, group
+        self.done: dict[nn.Module, LayerInit] = {}
+
+    def pre(self, module: nn.Module, args: Any) -> None:
+        if module in self.done:
+            return
+        if self.is_wn[module]:
+            module.weight_g.fill_(1.0)  # the layer now outputs t = v.x/||v|| (+ 0)
+        if module.bias is not None:
+            module.bias.zero_()
+
+    def post(self, module: nn.Module, args: Any, y: Tensor) -> Tensor | None:
+        if module in self.done:
+            return None
+        name = self.names[module]
+        axis = _unit_axis(module, y)
+        units = y.shape[axis] if y.dim() else 0
+        t = y.detach().float().movedim(axis, 0).reshape(units, -1)
+        count = torch.tensor([float(t.shape[1])], device=t.device)
+        total = _reduce(torch.cat([t.sum(1), count]), self.group)
+        n = float(total[-1])
+        if n == 0:
+            raise WnormError(f"{name} ({type(module).__name__}): data init got an empty batch")
+        mu = total[:-1] / n
+        var = _reduce((t - mu[:, None]).pow(2).sum(1), self.group) / n
+        sigma = var.sqrt()
+        bad = (~torch.isfinite(sigma) | (sigma == 0) | ~torch.isfinite(mu)).nonzero().flatten()
+        if bad.numel():
+            idx = bad.tolist()
+            raise WnormError(
+                f"{name} ({type(module).__name__}): the pre-activations of {len(idx)} of {units} "
+                f"units have sigma 0 or non-finite statistics on the init batch "
+                f"({int(n)} values per unit; units {idx[:10]}{'...' if len(idx) > 10 else ''}); "
+                "data init needs a batch on which every unit varies (more than one example, "
+                "finite inputs)"
+            )
+        scale = self.init_scale / sigma
+        if self.is_wn[module]:
+            g = module.weight_g
+            g.copy_(scale.view(_along(g.dim(), default_dim(module), units)).to(g.dtype))
+        else:
+            w = module.weight
+            w.mul_(scale.view(_along(w.dim(), default_dim(module), units)).to(w.dtype))
+        if module.bias is not None:
+            module.bias.copy_((-mu * scale).to(module.bias.dtype))
+        self.done[module] = LayerInit(name, type(module).__name__, "initialized", "",
+                                      mu.cpu(), sigma.cpu())
+        shape = _along(y.dim(), axis, units)
+        out = (y.float() - mu.view(shape)) * scale.view(shape)
+        if module.bias is None:
+            out = out + mu.view(shape) * scale.view(shape)  # no bias: the mean stays
+        return out.to(y.dtype)
+
+
+def _along(ndim: int, axis: int, size: int) -> tuple[int, ...]:
+    shape = [1] * ndim
+    shape[axis] = size
+    return tuple(shape)
+
+
+def data_init(
+    model: nn.Module,
+    batch: Tensor | tuple[Any, ...] | list[Any] | Mapping[str, Any],
+    *,
+    init_scale: float = 1.0,
+    include_plain: bool = False,
+    process_group: Any = None,
+) -> InitReport:
+    r"""Data-dependent init: :math:`g \leftarrow s/\sigma[t]`, :math:`b \leftarrow -\mu[t]\,g`, in one pass.
+
+    Salimans & Kingma (2016), section 3, https://arxiv.org/abs/1602.07868. Feeds ``batch``
+    through ``model`` once (under ``no_grad``, in the model's current train/eval mode). Each
+    weight-normalized Linear/ConvNd/ConvTransposeNd layer, at the first call that reaches it,
+    computes :math:`t = v\cdot x/\lVert v\rVert` per output unit, sets ``g`` and ``bias`` so its
+    pre-activation is standardized to mean 0 and std ``init_scale`` on the batch, and hands that
+    standardized output on, so later layers are initialized on what they will see. Residual
+    branches, shared modules (initialized at their first call) and nested containers work,
+    because the init follows the forward pass itself. Statistics are computed in float32, over
+    the batch and every spatial position; under ``torch.distributed`` they are all-reduced, so
+    every rank gets the same ``g`` and ``b`` as one process on the union of the ranks' batches.
+    Mean-only batch norm layers get the batch mean of their input as their running mean.
+
+    Args:
+        model: the model, changed in place.
+        batch: the input: a tensor, a tuple/list of positional arguments, or a mapping of
+            keyword arguments. The paper used 500 training examples.
+        init_scale: :math:`s`, the std of every initialized pre-activation (default 1.0).
+        include_plain: also initialize plain (not weight-normalized) Linear/Conv layers, by
+            scaling each weight row by :math:`s/\sigma` and setting the bias to
+            :math:`-\mu s/\sigma`: the paper's "normal parameterization" baseline.
+        process_group: the ``torch.distributed`` group to reduce over (default: the world).
+
+    Returns:
+        An :class:`InitReport`: per layer, its name, the :math:`\mu[t]` and :math:`\sigma[t]`
+        measured before the init, and whether it was initialized or skipped (and why).
+        Weight-normalized layers that cannot be initialized (recurrent ones, Embedding, layers
+        the pass did not reach) are skipped with a warning, never silently.
+
+    Raises:
+        WnormError: ``init_scale`` is not a positive finite number, the batch is empty or
+            non-finite, or a layer's :math:`\sigma[t]` is 0 (e.g. one example through a Linear).
+            The model is left unchanged when this happens.
+
+    Example:
+        >>> import torch, wnorm
+        >>> net = wnorm.apply(torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.ReLU(),
+        ...                                        torch.nn.Linear(8, 3)))
+        >>> report = wnorm.data_init(net, torch.randn(64, 5))
+        >>> [r.status for r in report]
+        ['initialized', 'initialized']
+        >>> y = net(torch.randn(64, 5))  # a fresh batch: close to standardized, not exactly
+    """
+    if not (isinstance(init_scale, (int, float)) and math.isfinite(init_scale) and init_scale > 0):
+        raise WnormError(f"data_init: init_scale must be a positive finite number; got {init_scale!r}")
+    if isinstance(batch, Mapping):
+        args, kwargs = (), dict(batch)
+    elif isinstance(batch, (tuple, list)):
+        args, kwargs = tuple(batch), {}
+    else:
+        args, kwargs = (batch,), {}
+    for i, a in enumerate(list(args) + list(kwargs.values())):
+        if isinstance(a, Tensor):
+            if a.numel() == 0:
+                raise WnormError(f"data_init: the batch is empty (input {i} has shape {tuple(a.shape)})")
+            if a.is_floating_point() and not bool(torch.isfinite(a).all()):
+                raise WnormError(f"data_init: input {i} of the batch has NaN or inf values")
+
+    names: dict[nn.Module, str] = {}
+    is_wn: dict[nn.Module, bool] = {}
+    report = InitReport()
+    skipped: list[LayerInit] = []
+    mobn: list[tuple[str, _MeanOnlyBatchNorm]] = []
+    for mname, m in model.named_modules():
+        label = mname or "<model>"
+        wn = bool(m.__dict__.get("_wn"))
+        if isinstance(m, _MeanOnlyBatchNorm):
+            mobn.append((label, m))
+        if not wn and not (include_plain and isinstance(m, _INIT_TYPES)
+                           and m._parameters.get("weight") is not None):
+            continue
+        why = _reason_cannot(m, wn)
+        if why:
+            if wn:
+                skipped.append(LayerInit(label, type(m).__name__, "skipped", why))
+            continue
+        names[m], is_wn[m] = label, wn
+
+    init = _Initializer(names, is_wn, float(init_scale), process_group)
+    handles = []
+    for m in names:
+        handles.append(m.register_forward_pre_hook(init.pre))
+        handles.append(m.register_forward_hook(init.post))
+    mobn_means: dict[nn.Module, Tensor] = {}
+
+    def mobn_pre(module: nn.Module, inp: tuple[Any, ...]) -> None:
+        if module in mobn_means or not module.track_running_stats:
+            return
+        x = inp[0].detach().float()
+        dims = [0] + list(range(2, x.dim()))
+        total = _reduce(torch.cat([x.sum(dim=dims), torch.tensor([x.numel() / x.shape[1]],
+                                                                  device=x.device)]), process_group)
+        mobn_means[module] = total[:-1] / total[-1]
+
+    for _, m in mobn:
+        handles.append(m.register_forward_pre_hook(mobn_pre))
+
+    saved = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+            for m, mean in mobn_means.items():
+                m.running_mean.copy_(mean.to(m.running_mean.dtype))
+    except BaseException:
+        with torch.no_grad():  # leave the model as it was: no half-initialized network
+            for k, v in model.state_dict(keep_vars=True).items():
+                v.copy_(saved[k])
+        raise
+    finally:
+        for h in handles:
+            h.remove()
+
+    order = {m: i for i, m in enumerate(init.done)}
+    for m in sorted(init.done, key=order.__getitem__):
+        report.append(init.done[m])
+    for m, label in names.items():
+        if m not in init.done:
+            r = LayerInit(label, type(m).__name__, "skipped", "not reached by the forward pass")
+            if is_wn[m]:
+                skipped.append(r)
+            else:
+                report.append(r)
+    report.extend(skipped)
+    if skipped:
+        warnings.warn(
+            "data_init: weight-normalized layers not initialized: "
+            + "; ".join(f"{r.name} ({r.reason})" for r in skipped),
+            stacklevel=2,
+        )
+    return report

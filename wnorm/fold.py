@@ -1,0 +1,112 @@
+r"""Fold a trained model for inference: plain weights :math:`w = g\,v/\lVert v\rVert`, and eval-mode
+mean-only batch norm merged into the preceding layer's bias.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .errors import WnormError
+from .mean_only_bn import _MeanOnlyBatchNorm
+from .weight_norm import normalized_weights, remove_weight_norm
+
+__all__ = ["fold", "ChannelShift"]
+
+_BIAS_TYPES = (nn.Linear, nn.modules.conv._ConvNd)
+
+
+class ChannelShift(nn.Module):
+    r"""Add a constant per channel, :math:`y = x + c` along dim 1: a folded mean-only batch norm
+    (:math:`c = b - \mu_{\text{running}}`) where no preceding layer could take it as a bias."""
+
+    def __init__(self, shift: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("shift", shift.detach().clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.shift.view((1, -1) + (1,) * (x.dim() - 2))
+
+    def extra_repr(self) -> str:
+        return f"{self.shift.numel()}"
+
+
+def _shift_of(bn: _MeanOnlyBatchNorm, where: str) -> Tensor:
+    if not bn.track_running_stats:
+        raise WnormError(
+            f"{where} ({type(bn).__name__}): cannot fold: track_running_stats=False means it uses "
+            "batch means in eval too, which no constant reproduces"
+        )
+    return (bn.bias - bn.running_mean).detach()
+
+
+def _absorb(layer: nn.Module, shift: Tensor) -> bool:
+    """Add ``shift`` to ``layer``'s bias (creating one if needed); False if it cannot."""
+    if not isinstance(layer, _BIAS_TYPES) or layer.__dict__.get("_wn"):
+        return False
+    out = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+    if out != shift.numel():
+        return False
+    with torch.no_grad():
+        if layer.bias is None:
+            w = layer.weight
+            layer.bias = nn.Parameter(torch.zeros(out, dtype=w.dtype, device=w.device),
+                                      requires_grad=w.requires_grad)
+        layer.bias.add_(shift.to(layer.bias.dtype))
+    return True
+
+
+def fold(model: nn.Module) -> nn.Module:
+    r"""Make ``model`` plain for inference and export, with the same eval outputs.
+
+    Every weight-normalized weight becomes a plain parameter holding
+    :math:`w = g\,v/\lVert v\rVert` (its module gets its original class back), and every
+    mean-only batch norm folds its eval-mode affine map :math:`x \mapsto x - \mu_{\text{running}}
+    + b` into the bias of the layer right before it in an ``nn.Sequential`` (Linear or ConvNd
+    with the same channel count); where there is no such layer it becomes a
+    :class:`ChannelShift` adding the constant. Eval outputs are unchanged (float32, to ~1e-6);
+    train-mode mean-only BN used batch means, which no folded model reproduces, so fold is for
+    eval use.
+
+    Args:
+        model: the model, changed in place.
+
+    Returns:
+        The same model (or, when ``model`` itself is a mean-only batch norm, a
+        :class:`ChannelShift`).
+
+    Raises:
+        WnormError: a mean-only batch norm has ``track_running_stats=False``.
+
+    Example:
+        >>> import torch, wnorm
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 6), wnorm.MeanOnlyBatchNorm1d(6))
+        >>> net = wnorm.apply(net).eval()
+        >>> x = torch.randn(3, 4)
+        >>> before = net(x)
+        >>> folded = wnorm.fold(net)
+        >>> folded
+        Sequential(
+          (0): Linear(in_features=4, out_features=6, bias=True)
+          (1): Identity()
+        )
+        >>> torch.allclose(folded(x), before, atol=1e-6)
+        True
+    """
+    for _, module, pname, _ in list(normalized_weights(model)):
+        remove_weight_norm(module, pname)
+    if isinstance(model, _MeanOnlyBatchNorm):
+        return ChannelShift(_shift_of(model, "<model>"))
+    for pname, parent in list(model.named_modules()):
+        children = list(parent.named_children())
+        for i, (cname, child) in enumerate(children):
+            if not isinstance(child, _MeanOnlyBatchNorm):
+                continue
+            where = f"{pname}.{cname}" if pname else cname
+            shift = _shift_of(child, where)
+            prev = children[i - 1][1] if isinstance(parent, nn.Sequential) and i > 0 else None
+            if prev is not None and _absorb(prev, shift):
+                setattr(parent, cname, nn.Identity())
+            else:
+                setattr(parent, cname, ChannelShift(shift))
+    return model

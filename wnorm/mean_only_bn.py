@@ -1,0 +1,140 @@
+r"""Mean-only batch normalization (Salimans & Kingma, 2016, section 4).
+
+.. math::
+    \tilde t = t - \mu[t] + b
+
+per channel, where :math:`\mu[t]` is the minibatch mean in training and a running mean in eval.
+No division by the standard deviation: combined with weight normalization, the scale comes from
+``g`` and only the mean is taken from the batch, which adds gentler noise than full batch norm.
+Backward: :math:`\nabla_t L = \nabla_{\tilde t} L - \operatorname{mean}(\nabla_{\tilde t} L)`
+(autograd derives it from the mean subtraction).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .errors import WnormError
+
+__all__ = ["MeanOnlyBatchNorm1d", "MeanOnlyBatchNorm2d", "MeanOnlyBatchNorm3d", "_MeanOnlyBatchNorm"]
+
+
+class _MeanOnlyBatchNorm(nn.Module):
+    _ndims: tuple[int, ...] = ()
+
+    def __init__(
+        self,
+        num_features: int,
+        momentum: float | None = 0.1,
+        track_running_stats: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(num_features, int) or num_features <= 0:
+            raise WnormError(
+                f"{type(self).__name__}: num_features must be a positive int; got {num_features!r}"
+            )
+        if momentum is not None and not 0.0 <= momentum <= 1.0:
+            raise WnormError(
+                f"{type(self).__name__}: momentum must be in [0, 1] or None; got {momentum!r}"
+            )
+        self.num_features = num_features
+        self.momentum = momentum
+        self.track_running_stats = track_running_stats
+        self.bias = nn.Parameter(torch.zeros(num_features, device=device, dtype=dtype))
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(num_features, device=device, dtype=dtype))
+            self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("num_batches_tracked", None)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, momentum={self.momentum}, "
+            f"track_running_stats={self.track_running_stats}"
+        )
+
+    def reset_running_stats(self) -> None:
+        if self.track_running_stats:
+            self.running_mean.zero_()
+            self.num_batches_tracked.zero_()
+
+    def _check(self, x: Tensor) -> None:
+        if x.dim() not in self._ndims:
+            raise WnormError(
+                f"{type(self).__name__}: expected a {' or '.join(f'{d}D' for d in self._ndims)} "
+                f"input (N, C, ...); got shape {tuple(x.shape)}"
+            )
+        if x.shape[1] != self.num_features:
+            raise WnormError(
+                f"{type(self).__name__}: expected {self.num_features} channels in dim 1; "
+                f"got shape {tuple(x.shape)}"
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check(x)
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        if self.training or not self.track_running_stats:
+            if x.numel() == 0 or x.shape[0] == 0:
+                raise WnormError(f"{type(self).__name__}: got an empty batch {tuple(x.shape)}")
+            dims = [0] + list(range(2, x.dim()))
+            mean = x.mean(dim=dims)
+            if self.training and self.track_running_stats:
+                with torch.no_grad():
+                    self.num_batches_tracked.add_(1)
+                    m = self.momentum
+                    if m is None:  # cumulative average, as BatchNorm does
+                        m = 1.0 / float(self.num_batches_tracked)
+                    self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), m)
+        else:
+            mean = self.running_mean
+        return x + (self.bias - mean).view(shape)
+
+
+class MeanOnlyBatchNorm1d(_MeanOnlyBatchNorm):
+    r"""Mean-only batch norm over ``(N, C)`` or ``(N, C, L)``: :math:`\tilde t = t - \mu[t] + b`.
+
+    Salimans & Kingma (2016), section 4, https://arxiv.org/abs/1602.07868. Subtracts the
+    per-channel minibatch mean (training) or the running mean (eval), adds a learned bias, and
+    never divides by a standard deviation.
+
+    Args:
+        num_features: C, the number of channels.
+        momentum: weight of the new batch mean in the running mean (default 0.1, i.e. 0.9 on the
+            old value as in the paper's code); ``None`` for a cumulative average.
+        track_running_stats: keep a running mean for eval (default True); if False, eval uses
+            batch means too.
+
+    Raises:
+        WnormError: wrong input rank or channel count, or an empty training batch.
+
+    Example:
+        >>> import torch, wnorm
+        >>> bn = wnorm.MeanOnlyBatchNorm1d(3)
+        >>> y = bn(torch.randn(8, 3) + 5)
+        >>> bool(y.mean(0).abs().max() < 1e-5)
+        True
+    """
+
+    _ndims = (2, 3)
+
+
+class MeanOnlyBatchNorm2d(_MeanOnlyBatchNorm):
+    r"""Mean-only batch norm over ``(N, C, H, W)``: :math:`\tilde t = t - \mu[t] + b`.
+
+    See :class:`MeanOnlyBatchNorm1d` for the arguments; the mean runs over N, H and W.
+    """
+
+    _ndims = (4,)
+
+
+class MeanOnlyBatchNorm3d(_MeanOnlyBatchNorm):
+    r"""Mean-only batch norm over ``(N, C, D, H, W)``: :math:`\tilde t = t - \mu[t] + b`.
+
+    See :class:`MeanOnlyBatchNorm1d` for the arguments; the mean runs over N, D, H and W.
+    """
+
+    _ndims = (5,)
