@@ -85,10 +85,18 @@ def _norm(v: Tensor, dim: int | None) -> Tensor:
     return torch.linalg.vector_norm(v, dim=axes, keepdim=True) if axes else v.abs()
 
 
+_LOW = (torch.float16, torch.bfloat16)
+
+
 def _compute(v: Tensor, g: Tensor, dim: int | None) -> Tensor:
     # torch._weight_norm fuses the norm and the scaling (forward and backward); dim -1 means
-    # "whole tensor" to it, which is why wnorm stores positive dims only.
-    return torch._weight_norm(v, g, -1 if dim is None else dim)
+    # "whole tensor" to it, which is why wnorm stores positive dims only. Half-precision
+    # parameters are normalized in float32 (a row's sum of squares overflows float16 easily)
+    # and the weight is returned in their dtype.
+    d = -1 if dim is None else dim
+    if v.dtype in _LOW or g.dtype in _LOW:
+        return torch._weight_norm(v.float(), g.float(), d).to(v.dtype)
+    return torch._weight_norm(v, g, d)
 
 
 def _weight(module: nn.Module, pname: str, spec: _Spec) -> Tensor:
@@ -319,7 +327,7 @@ def weight_norm(
         if not bool(torch.isfinite(w).all()):
             bad = int((~torch.isfinite(w)).sum())
             raise WnormError(f"{label}: '{name}' has {bad} non-finite values (NaN or inf)")
-        g = _norm(w, dim).to(w.dtype)
+        g = _norm(w.float(), dim).to(w.dtype)  # float32: fp16 sums of squares overflow
         zero = (g == 0).flatten().nonzero().flatten().tolist()
         if zero:
             where_txt = "" if dim is None else f" along dim {dim}"
