@@ -1,0 +1,679 @@
+r"""Checkpoints across weight-norm layouts: :math:`w = g\,v/\lVert v\rVert` read in, written out.
+
+Four layouts name the same weight ``<module>.<name>``:
+
+==============  =====================================================================
+``plain``       ``<module>.<name>`` holds :math:`w`
+``torch-old``   ``<module>.<name>_g`` and ``<module>.<name>_v`` (``torch.nn.utils.weight_norm``)
+``torch-new``   ``<module>.parametrizations.<name>.original0`` (g) and ``original1`` (v)
+                (``torch.nn.utils.parametrizations.weight_norm``)
+``wnorm``       the ``torch-old`` key names, with any ``dim`` (wnorm's ConvTranspose default is
+                1, the output channels; PyTorch's is always 0)
+==============  =====================================================================
+
+g is stored kept-dim (``(out, 1, 1)`` for a Conv1d normalized along dim 0, a 0-dim scalar for a
+whole-tensor norm), so the axis a checkpoint was normalized along is read off g's shape: the one
+axis where g has v's size. :func:`load_state_dict` loads any of them into a model whose layers
+wnorm normalizes (or not), :func:`convert_state_dict` rewrites a state dict from one layout to
+another without the model's code, and :func:`load_checkpoint`/:func:`save_checkpoint` read and
+write ``.pt``/``.pth`` and ``.safetensors`` files.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from .errors import WnormError
+
+__all__ = [
+    "FORMATS",
+    "IncompatibleKeys",
+    "load_state_dict",
+    "incompatible_keys",
+    "convert_state_dict",
+    "convert_checkpoint",
+    "load_checkpoint",
+    "save_checkpoint",
+    "find_state_dicts",
+]
+
+Format = Literal["plain", "torch-old", "torch-new", "wnorm"]
+
+#: The layouts :func:`convert_state_dict` writes.
+FORMATS: tuple[str, ...] = ("plain", "torch-old", "torch-new", "wnorm")
+
+_NEW = ".parametrizations."  # torch-new: <prefix>parametrizations.<name>.original0 / original1
+
+
+class IncompatibleKeys(NamedTuple):
+    """Keys of the model the state dict lacks, and keys of the state dict the model lacks."""
+
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
+# --------------------------------------------------------------------------- reading layouts
+@dataclass
+class _Src:
+    """One weight of a state dict, whatever its layout: ``w`` alone, or the pair ``(g, v)``."""
+
+    keys: tuple[str, ...]  # its keys in the state dict (one, or g's then v's)
+    w: Any = None  # plain: the tensor (or, for _extra_state, any object)
+    g: Tensor | None = None
+    v: Tensor | None = None
+
+    @property
+    def pair(self) -> bool:
+        return self.v is not None
+
+    @property
+    def shape(self) -> tuple[int, ...] | None:
+        t = self.v if self.pair else self.w
+        return tuple(t.shape) if isinstance(t, Tensor) else None
+
+
+def _split_new(key: str) -> tuple[str, str] | None:
+    """``a.parametrizations.weight.original0`` -> ``("a.weight", "0")``, else None."""
+    head, sep, rest = ("." + key).rpartition(_NEW)
+    if not sep:
+        return None
+    name, dot, last = rest.rpartition(".")
+    if not dot or "." in name or last not in ("original0", "original1"):
+        return None
+    prefix = head[1:] + "." if head else ""
+    return prefix + name, last[-1]
+
+
+def _read(state_dict: Mapping[str, Any]) -> dict[str, _Src]:
+    """Group a state dict by weight: canonical key (``a.weight``) -> :class:`_Src`, in order."""
+    if not isinstance(state_dict, Mapping):
+        raise WnormError(f"expected a state dict (a mapping of names to tensors); got "
+                         f"{type(state_dict).__name__}")
+    out: dict[str, _Src] = {}
+    for key, value in state_dict.items():
+        if not isinstance(key, str):
+            raise WnormError(f"state dict keys must be strings; got {key!r}")
+        if not isinstance(value, Tensor) and not key.endswith("_extra_state"):
+            raise WnormError(
+                f"state dict entry '{key}' is a {type(value).__name__}, not a tensor; a nested "
+                f"checkpoint? pass the state dict inside it (e.g. checkpoint[{key!r}])"
+            )
+        new = _split_new(key)
+        if new is not None:
+            base, role = new
+            other = key[:-1] + ("1" if role == "0" else "0")
+            if other in state_dict:
+                if role == "0":
+                    out[base] = _Src((key, other), g=value, v=state_dict[other])
+                continue
+        if key.endswith(("_g", "_v")) and len(key) > 2:
+            base, role = key[:-2], key[-1]
+            other = base + ("_v" if role == "g" else "_g")
+            if other in state_dict:
+                if role == "g":
+                    out[base] = _Src((key, other), g=value, v=state_dict[other])
+                continue
+        out[key] = _Src((key,), w=value)
+    return out
+
+
+def _source_dim(key: str, g: Tensor, v: Tensor) -> int | None:
+    """The axis ``(g, v)`` was normalized along, read off g's shape (None: the whole tensor)."""
+    gs, vs = tuple(g.shape), tuple(v.shape)
+    if g.numel() == 1:
+        # 0-dim (dim=None) or all-ones kept-dim: one slice, the whole tensor, whatever the axis.
+        return None
+    if len(gs) == len(vs):
+        axes = [d for d in range(len(vs)) if gs[d] != 1]
+        if len(axes) == 1 and gs[axes[0]] == vs[axes[0]]:
+            return axes[0]
+    elif len(gs) == 1 and vs:  # a squeezed g, shape (n,): accept it only when unambiguous
+        axes = [d for d in range(len(vs)) if vs[d] == gs[0]]
+        if len(axes) == 1:
+            return axes[0]
+    raise WnormError(
+        f"'{key}': cannot tell which axis this g normalizes: expected a kept-dim shape with v's "
+        f"size on one axis and 1 elsewhere (v has shape {vs}), or a scalar; got shape {gs}"
+    )
+
+
+def _norm(w: Tensor, dim: int | None) -> Tensor:
+    """:math:`\\lVert w\\rVert` over every axis but ``dim``, kept-dim (a scalar for None)."""
+    if dim is None:
+        return torch.linalg.vector_norm(w)
+    axes = [d for d in range(w.dim()) if d != dim]
+    return torch.linalg.vector_norm(w, dim=axes, keepdim=True) if axes else w.abs()
+
+
+def _wide(t: Tensor) -> Tensor:
+    return t.detach().to(torch.promote_types(t.dtype, torch.float64))
+
+
+def _weight(src: _Src) -> Tensor:
+    """:math:`w = g\\,v/\\lVert v\\rVert` of a pair (computed in float64, returned in v's dtype)."""
+    assert src.g is not None and src.v is not None
+    dim = _source_dim(src.keys[0], src.g, src.v)
+    g, v = _wide(src.g), _wide(src.v)
+    norm = _norm(v, dim)
+    if bool((norm == 0).any()):
+        zero = (norm == 0).flatten().nonzero().flatten().tolist()
+        raise WnormError(
+            f"'{src.keys[1]}': {len(zero)} slices have zero norm (indices {zero[:10]}); "
+            "w = g * v / ||v|| is undefined there; expected a nonzero v in every slice"
+        )
+    g = g.reshape(norm.shape) if g.numel() == norm.numel() else g
+    return (v * (g / norm)).to(src.v.dtype)
+
+
+def _check_finite(key: str, t: Any) -> None:
+    if isinstance(t, Tensor) and (t.is_floating_point() or t.is_complex()):
+        if not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise WnormError(
+                f"'{key}': expected finite values; got {bad} NaN/inf of {t.numel()}"
+            )
+
+
+# --------------------------------------------------------------------------- the target model
+@dataclass
+class _Slot:
+    """One weight of the model: a plain key, or a (g, v) pair normalized along ``dim``."""
+
+    keys: tuple[str, ...]
+    tensors: tuple[Any, ...]  # the model's current values, for shapes and dtypes
+    dim: int | None = None
+
+    @property
+    def pair(self) -> bool:
+        return len(self.keys) == 2
+
+
+def _pair_dims(model: nn.Module) -> dict[str, int | None]:
+    """Canonical key -> normalization axis of every weight-normalized parameter of ``model``
+    (by wnorm, by ``torch.nn.utils.weight_norm`` or by its parametrization)."""
+    from torch.nn.utils.parametrizations import _WeightNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    dims: dict[str, int | None] = {}
+    for mname, module in model.named_modules(remove_duplicate=False):
+        prefix = mname + "." if mname else ""
+        for pname, spec in module.__dict__.get("_wn", {}).items():
+            dims[prefix + pname] = spec.dim
+        found: list[tuple[str, int | None, int]] = []
+        for hook in module._forward_pre_hooks.values():
+            if isinstance(hook, WeightNorm):
+                found.append((hook.name, hook.dim, module._parameters[hook.name + "_v"].dim()))
+        plist = module.__dict__.get("_modules", {}).get("parametrizations")
+        if plist is not None:
+            for pname, chain in plist.items():
+                if len(chain) == 1 and isinstance(chain[0], _WeightNorm):
+                    found.append((pname, chain[0].dim, chain.original1.dim()))
+        for pname, dim, ndim in found:  # PyTorch: -1 is the whole tensor, other negatives wrap
+            dims[prefix + pname] = None if dim is None or dim == -1 else dim % ndim
+    return dims
+
+
+def _target(model: nn.Module) -> dict[str, _Slot]:
+    state = model.state_dict(keep_vars=True)
+    grouped = _read(state)
+    dims = _pair_dims(model)
+    slots: dict[str, _Slot] = {}
+    for ckey, src in grouped.items():
+        if src.pair and ckey in dims:
+            slots[ckey] = _Slot(src.keys, (src.g, src.v), dims[ckey])
+        else:
+            for key in src.keys:
+                slots[key if src.pair else ckey] = _Slot((key,), (state[key],))
+    return slots
+
+
+def _same_kind(want: Tensor, got: Tensor) -> bool:
+    def kind(t: Tensor) -> str:
+        if t.is_complex():
+            return "complex"
+        if t.is_floating_point():
+            return "float"
+        return "bool" if t.dtype == torch.bool else "int"
+
+    return kind(want) == kind(got)
+
+
+def _plan(
+    model: nn.Module, state_dict: Mapping[str, Any]
+) -> tuple[dict[str, Any], IncompatibleKeys, int]:
+    """Validate everything and compute the values to load, in the model's own keys.
+
+    Returns ``(values, incompatible, converted)``; touches nothing on the model.
+    """
+    sources = _read(state_dict)
+    slots = _target(model)
+    for ckey, src in list(sources.items()):
+        if src.pair and ckey not in slots and all(k in slots for k in src.keys):
+            # the model has plain parameters that merely end in _g and _v: keep them apart
+            del sources[ckey]
+            for key, t in zip(src.keys, (src.g, src.v)):
+                sources[key] = _Src((key,), w=t)
+    values: dict[str, Any] = {}
+    missing = [k for ckey, slot in slots.items() if ckey not in sources for k in slot.keys]
+    unexpected = [k for ckey, src in sources.items() if ckey not in slots for k in src.keys]
+    converted = 0
+    for ckey, slot in slots.items():
+        src = sources.get(ckey)
+        if src is None:
+            continue
+        for key, t in zip(src.keys, (src.g, src.v) if src.pair else (src.w,)):
+            _check_finite(key, t)
+        want = slot.tensors[-1]  # the weight's shape is v's (pairs) or the tensor's (plain)
+        got = src.v if src.pair else src.w
+        if not isinstance(want, Tensor) or not isinstance(got, Tensor):
+            values[slot.keys[0]] = got  # _extra_state: passed through as is
+            continue
+        if tuple(got.shape) != tuple(want.shape):
+            raise WnormError(
+                f"'{src.keys[-1]}': expected shape {tuple(want.shape)} (for '{slot.keys[-1]}' "
+                f"of the model); got {tuple(got.shape)}"
+            )
+        if not _same_kind(want, got):
+            raise WnormError(
+                f"'{src.keys[-1]}': expected a tensor of dtype like {want.dtype} (for "
+                f"'{slot.keys[-1]}' of the model); got {got.dtype}"
+            )
+        if not slot.pair:
+            if src.pair:
+                values[slot.keys[0]] = _weight(src)
+                converted += 1
+            else:
+                values[slot.keys[0]] = src.w
+            continue
+        g_want = slot.tensors[0]
+        if src.pair and tuple(src.g.shape) == tuple(g_want.shape):
+            g, v = src.g, src.v  # same layout: copy as is (keeps the training state)
+            if not _same_kind(g_want, g):
+                raise WnormError(
+                    f"'{src.keys[0]}': expected a tensor of dtype like {g_want.dtype}; "
+                    f"got {g.dtype}"
+                )
+            norm = _norm(_wide(v), slot.dim)
+        else:
+            w = _weight(src) if src.pair else src.w
+            v = w
+            norm = _norm(_wide(w), slot.dim)
+            g = norm.to(w.dtype)
+            converted += 1
+        zero = (norm == 0).flatten().nonzero().flatten().tolist()
+        if zero:
+            along = "" if slot.dim is None else f" along dim {slot.dim}"
+            raise WnormError(
+                f"'{src.keys[-1]}': {len(zero)} of {norm.numel()} slices{along} have zero norm "
+                f"(indices {zero[:10]}); '{slot.keys[-1]}' is weight-normalized and expected a "
+                "nonzero direction in every slice"
+            )
+        values[slot.keys[0]], values[slot.keys[1]] = g, v
+    return values, IncompatibleKeys(missing, unexpected), converted
+
+
+# --------------------------------------------------------------------------- public: loading
+def incompatible_keys(model: nn.Module, state_dict: Mapping[str, Any]) -> IncompatibleKeys:
+    """What :func:`load_state_dict` would report: the model's keys the state dict lacks and the
+    state dict's keys the model lacks, after matching layouts. Loads nothing.
+
+    Raises:
+        WnormError: the state dict is not one (non-tensor values), or a weight in it is invalid
+            (wrong shape, NaN/inf, zero-norm slices where the model normalizes).
+
+    Example:
+        >>> import torch, wnorm
+        >>> from wnorm.checkpoint import incompatible_keys
+        >>> net = wnorm.weight_norm(torch.nn.Linear(3, 2))
+        >>> incompatible_keys(net, {"weight": torch.ones(2, 3)})
+        IncompatibleKeys(missing_keys=['bias'], unexpected_keys=[])
+    """
+    return _plan(model, state_dict)[1]
+
+
+def load_state_dict(
+    model: nn.Module, state_dict: Mapping[str, Any], strict: bool = True
+) -> nn.Module:
+    r"""Load a state dict saved in any weight-norm layout into ``model``: same outputs after.
+
+    Each weight is matched by name whatever its layout (plain ``w``; ``_g``/``_v``;
+    ``parametrizations.<name>.original0/1``). When the checkpoint's ``(g, v)`` have the model's
+    shapes they are copied as they are (the training state is kept); otherwise the weight
+    :math:`w = g\,v/\lVert v\rVert` is computed along the checkpoint's own axis (read off g's
+    shape), and a normalized target gets :math:`g = \lVert w\rVert` along its axis, ``v = w``;
+    a plain target gets ``w``. So a PyTorch ConvTranspose checkpoint (normalized per input
+    channel) loads into wnorm's per-output-channel layers. Buffers load as usual.
+
+    Everything is validated before the model is touched: on error the model is unchanged.
+
+    Args:
+        model: the model to load into (wnorm-normalized, PyTorch-normalized or plain layers).
+        state_dict: the checkpoint's state dict (not a dict nesting one: see
+            :func:`find_state_dicts`).
+        strict: when True (default), keys the model lacks or the state dict lacks are an error;
+            when False, what matches is loaded and the rest is reported with a warning (see
+            :func:`incompatible_keys` for the lists).
+
+    Returns:
+        The same model.
+
+    Raises:
+        WnormError: missing or unexpected keys (strict), a shape or dtype kind that differs from
+            the model's, NaN/inf values, zero-norm slices (where the model normalizes), a g whose
+            axis cannot be read off its shape, or a value that is not a tensor; the message
+            names the key.
+
+    Example:
+        >>> import torch, wnorm
+        >>> from wnorm.checkpoint import load_state_dict
+        >>> old = torch.nn.utils.weight_norm(torch.nn.ConvTranspose1d(4, 3, 5))  # dim 0
+        >>> new = wnorm.weight_norm(torch.nn.ConvTranspose1d(4, 3, 5))  # dim 1
+        >>> new = load_state_dict(new, old.state_dict())
+        >>> x = torch.randn(1, 4, 7)
+        >>> torch.allclose(new(x), old(x), atol=1e-6)
+        True
+    """
+    values, bad, _ = _plan(model, state_dict)
+    if strict and (bad.missing_keys or bad.unexpected_keys):
+        parts = []
+        if bad.missing_keys:
+            parts.append(f"missing keys {bad.missing_keys}")
+        if bad.unexpected_keys:
+            parts.append(f"unexpected keys {bad.unexpected_keys}")
+        raise WnormError(
+            f"load_state_dict into {type(model).__name__}: expected the model's keys (in any "
+            f"weight-norm layout); got {' and '.join(parts)}"
+        )
+    if bad.missing_keys or bad.unexpected_keys:
+        warnings.warn(
+            f"load_state_dict into {type(model).__name__} (strict=False): not loaded: missing "
+            f"keys {bad.missing_keys}, unexpected keys {bad.unexpected_keys}",
+            stacklevel=2,
+        )
+    with torch.no_grad():
+        model.load_state_dict(values, strict=False)
+    return model
+
+
+# --------------------------------------------------------------------------- public: converting
+def _convert(state_dict: Mapping[str, Any], to: str) -> tuple[dict[str, Any], int]:
+    if to not in FORMATS:
+        raise WnormError(f"convert: expected 'to' in {list(FORMATS)}; got {to!r}")
+    sources = _read(state_dict)
+    for src in sources.values():
+        for key, t in zip(src.keys, (src.g, src.v) if src.pair else (src.w,)):
+            _check_finite(key, t)
+    any_pair = any(src.pair for src in sources.values())
+    out: dict[str, Any] = {}
+    n = 0
+    for ckey, src in sources.items():
+        if to == "plain":
+            if src.pair:
+                out[ckey] = _weight(src)
+                n += 1
+            else:
+                out[ckey] = src.w
+            continue
+        if src.pair:
+            _source_dim(src.keys[0], src.g, src.v)  # reject a g no loader could read
+            g, v = src.g, src.v
+            n += src.keys[0] != _pair_keys(ckey, to)[0]
+        elif not any_pair and _normalizable(ckey, src.w):
+            g = torch.norm_except_dim(src.w, 2, 0)  # PyTorch's layout: dim 0, kept-dim
+            if bool((g == 0).any()):
+                raise WnormError(
+                    f"'{ckey}': expected a nonzero norm in every row to normalize it along "
+                    f"dim 0; got {int((g == 0).sum())} zero rows"
+                )
+            v = src.w
+            n += 1
+        else:
+            out[ckey] = src.w
+            continue
+        gk, vk = _pair_keys(ckey, to)
+        out[gk], out[vk] = g, v
+    return out, n
+
+
+def _normalizable(key: str, t: Any) -> bool:
+    last = key.rpartition(".")[2]
+    return isinstance(t, Tensor) and last.startswith("weight") and t.dim() >= 2
+
+
+def _pair_keys(ckey: str, to: str) -> tuple[str, str]:
+    if to == "torch-new":
+        head, dot, name = ckey.rpartition(".")
+        prefix = head + "." if dot else ""
+        return (f"{prefix}parametrizations.{name}.original0",
+                f"{prefix}parametrizations.{name}.original1")
+    return ckey + "_g", ckey + "_v"
+
+
+def convert_state_dict(state_dict: Mapping[str, Any], to: Format) -> dict[str, Any]:
+    r"""Rewrite a state dict in another weight-norm layout, without the model's code.
+
+    Every pair ``(g, v)`` in either PyTorch layout (``_g``/``_v`` or
+    ``parametrizations.<name>.original0/1``) is found by its key names.
+
+    - ``"plain"``: each pair becomes :math:`w = g\,v/\lVert v\rVert` (along the axis read off
+      g's shape).
+    - ``"torch-old"``, ``"torch-new"``: pairs are renamed, values untouched. From a state dict
+      with no pair at all (a plain one), every tensor whose last name part starts with
+      ``weight`` and that has 2 or more axes is normalized along dim 0 as PyTorch does
+      (:math:`g = \lVert w\rVert` per row, ``v = w``); BatchNorm/LayerNorm weights (1-D) and
+      biases stay plain. A state dict with some pairs keeps its plain weights plain.
+    - ``"wnorm"``: the ``torch-old`` key names (wnorm's loader accepts any axis).
+
+    Round trips keep the computed weights: ``plain`` of any conversion equals ``plain`` of the
+    input up to rounding.
+
+    Args:
+        state_dict: the state dict (names to tensors).
+        to: one of :data:`FORMATS`.
+
+    Returns:
+        A new dict; the input is not changed (untouched tensors are shared, not copied).
+
+    Raises:
+        WnormError: ``to`` is unknown, a value is not a tensor, a tensor has NaN/inf, a g's axis
+            cannot be read off its shape, or a weight to normalize has a zero row.
+
+    Example:
+        >>> import torch
+        >>> from wnorm.checkpoint import convert_state_dict
+        >>> sd = torch.nn.utils.parametrizations.weight_norm(torch.nn.Linear(3, 2)).state_dict()
+        >>> list(convert_state_dict(sd, "torch-old"))
+        ['bias', 'weight_g', 'weight_v']
+        >>> w = convert_state_dict(sd, "plain")["weight"]
+        >>> torch.allclose(w, sd["parametrizations.weight.original1"])
+        True
+    """
+    return _convert(state_dict, to)[0]
+
+
+# --------------------------------------------------------------------------- public: files
+_NESTS = ("state_dict", "model", "model_state_dict", "generator", "net", "module", "ema")
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return (
+        isinstance(obj, Mapping)
+        and len(obj) > 0
+        and all(isinstance(k, str) for k in obj)
+        and all(isinstance(v, Tensor) or k.endswith("_extra_state") for k, v in obj.items())
+    )
+
+
+def find_state_dicts(checkpoint: Any, key: str | None = None) -> list[tuple[str, ...]]:
+    """Where the state dicts are in a checkpoint: a list of key paths (``()`` for a bare one).
+
+    A checkpoint is a state dict (names to tensors) or a dict nesting some, e.g. under
+    ``"state_dict"``, ``"model"`` or ``"generator"`` (searched two levels deep); ``key`` picks one
+    top-level entry.
+
+    Raises:
+        WnormError: ``key`` is not in the checkpoint or is not a state dict, or there is no
+            state dict at all.
+
+    Example:
+        >>> import torch
+        >>> from wnorm.checkpoint import find_state_dicts
+        >>> sd = torch.nn.Linear(2, 2).state_dict()
+        >>> find_state_dicts({"epoch": 3, "model": sd, "opt": {"lr": 0.1}})
+        [('model',)]
+    """
+    if key is not None:
+        if not isinstance(checkpoint, Mapping) or key not in checkpoint:
+            have = list(checkpoint) if isinstance(checkpoint, Mapping) else []
+            raise WnormError(f"expected key {key!r} in the checkpoint; got keys {have}")
+        if not _is_state_dict(checkpoint[key]):
+            raise WnormError(
+                f"checkpoint[{key!r}]: expected a state dict (names to tensors); got "
+                f"{type(checkpoint[key]).__name__}"
+            )
+        return [(key,)]
+    if _is_state_dict(checkpoint):
+        return [()]
+    found: list[tuple[str, ...]] = []
+
+    def walk(obj: Any, path: tuple[str, ...]) -> None:
+        if not isinstance(obj, Mapping) or len(path) > 2:
+            return
+        for k, v in obj.items():
+            if not isinstance(k, str):
+                continue
+            if _is_state_dict(v):
+                found.append(path + (k,))
+            else:
+                walk(v, path + (k,))
+
+    walk(checkpoint, ())
+    # the conventional names first, in _NESTS order, then the rest in file order
+    found.sort(key=lambda p: _NESTS.index(p[0]) if p[0] in _NESTS else len(_NESTS))
+    if not found:
+        raise WnormError(
+            "expected a state dict (names to tensors) or a dict nesting one (e.g. under "
+            f"{list(_NESTS[:3])}); got {type(checkpoint).__name__}"
+            + (f" with keys {list(checkpoint)[:10]}" if isinstance(checkpoint, Mapping) else "")
+        )
+    return found
+
+
+def _get(obj: Any, path: tuple[str, ...]) -> Any:
+    for k in path:
+        obj = obj[k]
+    return obj
+
+
+def _with(obj: Any, path: tuple[str, ...], value: Any) -> Any:
+    """A copy of ``obj`` (shallow along ``path``) with ``value`` at ``path``."""
+    if not path:
+        return value
+    new = dict(obj)
+    new[path[0]] = _with(obj[path[0]], path[1:], value)
+    return new
+
+
+def convert_checkpoint(
+    checkpoint: Any, to: Format, key: str | None = None
+) -> tuple[Any, int]:
+    """:func:`convert_state_dict` on every state dict in ``checkpoint`` (or ``checkpoint[key]``),
+    the other entries kept. Returns ``(new_checkpoint, weights_converted)``."""
+    out, total = checkpoint, 0
+    for path in find_state_dicts(checkpoint, key):
+        where = "".join(f"[{p!r}]" for p in path)
+        try:
+            sd, n = _convert(_get(checkpoint, path), to)
+        except WnormError as e:
+            raise WnormError(f"checkpoint{where}: {e}") from None
+        out = _with(out, path, sd)
+        total += n
+    return out, total
+
+
+def _safetensors(path: Path) -> Any:
+    try:
+        import safetensors.torch as st
+    except ImportError:
+        raise WnormError(
+            f"{path}: reading and writing .safetensors files needs the safetensors package; "
+            "pip install safetensors"
+        ) from None
+    return st
+
+
+def load_checkpoint(path: str | Path) -> Any:
+    """Read a checkpoint file: ``.safetensors`` (a flat state dict), otherwise ``torch.load``
+    with ``weights_only=True`` (``.pt``/``.pth``: a state dict or a dict nesting one).
+
+    Tensors are loaded on the CPU.
+
+    Returns:
+        What the file holds (check it with :func:`find_state_dicts`).
+
+    Raises:
+        WnormError: the file does not exist, is not a checkpoint (not a torch or safetensors
+            file, or holds no state dict), or safetensors is not installed; the message names
+            the file.
+
+    Example:
+        >>> import tempfile, os, torch
+        >>> from wnorm.checkpoint import load_checkpoint, save_checkpoint
+        >>> path = os.path.join(tempfile.mkdtemp(), "net.pt")
+        >>> save_checkpoint({"model": torch.nn.Linear(2, 1).state_dict(), "step": 7}, path)
+        >>> sorted(load_checkpoint(path)["model"])
+        ['bias', 'weight']
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WnormError(f"{path}: expected a checkpoint file; got no such file")
+    if path.suffix == ".safetensors":
+        st = _safetensors(path)
+        try:
+            obj: Any = st.load_file(str(path), device="cpu")
+        except Exception as e:  # safetensors raises its own error types
+            raise WnormError(f"{path}: not a readable safetensors file; got {e}") from None
+    else:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # unpickling, zip and format errors all mean "not a checkpoint"
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise WnormError(
+                f"{path}: not a PyTorch checkpoint readable with weights_only=True; got {first}"
+            ) from None
+    try:
+        find_state_dicts(obj)
+    except WnormError as e:
+        raise WnormError(f"{path}: not a checkpoint: {e}") from None
+    return obj
+
+
+def save_checkpoint(obj: Any, path: str | Path) -> None:
+    """Write a checkpoint: ``.safetensors`` for a flat state dict (tensors only), otherwise
+    ``torch.save``.
+
+    Raises:
+        WnormError: a ``.safetensors`` target for something that is not a flat state dict of
+            tensors, or safetensors is not installed.
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        st = _safetensors(path)
+        if not _is_state_dict(obj) or not all(isinstance(v, Tensor) for v in obj.values()):
+            raise WnormError(
+                f"{path}: a .safetensors file holds a flat state dict (names to tensors); got "
+                f"{type(obj).__name__}"
+                + (f" with keys {list(obj)[:10]}" if isinstance(obj, Mapping) else "")
+                + "; pick the state dict (wnorm convert --key KEY) or write a .pt file"
+            )
+        # safetensors refuses shared or non-contiguous storage: give it one copy per tensor
+        st.save_file({k: v.detach().contiguous().clone() for k, v in obj.items()}, str(path))
+        return
+    torch.save(obj, path)

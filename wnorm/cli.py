@@ -1,0 +1,104 @@
+"""The ``wnorm`` command line.
+
+    wnorm convert IN OUT --to {plain,torch-old,torch-new,wnorm} [--key KEY]
+    wnorm repro ...            (the paper's experiments: arguments go to ``wnorm.repro``)
+
+Bad input prints ``wnorm: error: <message>`` to stderr and exits with status 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from .errors import WnormError
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="wnorm", description="Weight normalization (Salimans & Kingma, 2016) tools."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    conv = sub.add_parser(
+        "convert",
+        help="rewrite a checkpoint in another weight-norm layout",
+        description="Rewrite a checkpoint's weights in another weight-norm layout: plain w, "
+        "PyTorch's old API (_g/_v), its new one (parametrizations.<name>.original0/1), or "
+        "wnorm's (the old API's names). Reads and writes .pt/.pth and .safetensors.",
+    )
+    conv.add_argument("input", metavar="IN", help="checkpoint to read")
+    conv.add_argument("output", metavar="OUT", help="file to write (.pt, .pth or .safetensors)")
+    conv.add_argument("--to", required=True, choices=["plain", "torch-old", "torch-new", "wnorm"])
+    conv.add_argument(
+        "--key",
+        default=None,
+        help="convert only checkpoint[KEY] (default: every state dict found, e.g. under "
+        "'state_dict', 'model', 'generator'); the other entries are kept",
+    )
+    sub.add_parser(
+        "repro",
+        add_help=False,
+        help="run the paper's experiments (all arguments go to wnorm.repro; try --help)",
+    )
+    return parser
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from .checkpoint import convert_checkpoint, find_state_dicts, load_checkpoint, save_checkpoint
+
+    ckpt = load_checkpoint(args.input)
+    try:
+        paths = find_state_dicts(ckpt, args.key)
+        out, n = convert_checkpoint(ckpt, args.to, args.key)
+    except WnormError as e:
+        raise WnormError(f"{args.input}: {e}") from None
+    save_checkpoint(out, args.output)
+    where = ", ".join("checkpoint" + "".join(f"[{p!r}]" for p in path) for path in paths)
+    print(f"{args.input} -> {args.output}: {n} weight(s) converted to {args.to} ({where})")
+    return 0
+
+
+def _repro(argv: list[str]) -> int:
+    try:
+        from .repro.__main__ import main as repro_main
+    except ModuleNotFoundError as e:
+        if e.name and (e.name == "wnorm.repro" or e.name.startswith("wnorm.repro.")):
+            print(
+                "wnorm: error: the repro command needs wnorm.repro (the paper's experiments), "
+                "which this installation does not have",
+                file=sys.stderr,
+            )
+            return 2
+        raise
+    code = repro_main(argv)
+    return int(code or 0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``wnorm`` command line with ``argv`` (default ``sys.argv[1:]``); return the exit
+    status: 0 on success, 2 for bad input (message on stderr).
+
+    Example:
+        >>> main(["convert", "missing.pt", "out.pt", "--to", "plain"])
+        2
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv[:1] == ["repro"]:  # everything after it belongs to wnorm.repro, options too
+            return _repro(argv[1:])
+        try:
+            args = _parser().parse_args(argv)
+        except SystemExit as e:  # argparse has printed its usage message
+            return e.code if isinstance(e.code, int) else 2
+        return _convert(args)
+    except WnormError as e:
+        print(f"wnorm: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
