@@ -44,24 +44,30 @@ _DEFAULT = object()  # sentinel: "the output-unit axis of this layer type"
 class _Spec:
     """What :func:`weight_norm` recorded for one parameter, plus the inference cache."""
 
-    __slots__ = ("dim", "where", "cache", "key")
+    __slots__ = ("dim", "where", "gname", "vname", "cache", "g", "v", "gver", "vver")
 
-    def __init__(self, dim: int | None, where: str) -> None:
+    def __init__(self, pname: str, dim: int | None, where: str) -> None:
         self.dim = dim  # None: one norm for the whole tensor
         self.where = where  # a name for error messages, e.g. "encoder.0 (Conv1d)"
+        self.gname = pname + "_g"
+        self.vname = pname + "_v"
+        self.clear()
+
+    def clear(self) -> None:
+        # The cache is valid while g and v are the same tensors at the same versions.
         self.cache: Tensor | None = None
-        self.key: tuple[Any, ...] | None = None
+        self.g: Tensor | None = None
+        self.v: Tensor | None = None
+        self.gver = self.vver = -1
 
-    def __getstate__(self) -> tuple[int | None, str]:
-        return (self.dim, self.where)  # the cache is derived state: never pickled
+    def __getstate__(self) -> tuple[str, int | None, str]:
+        return (self.gname[:-2], self.dim, self.where)  # the cache is derived: never pickled
 
-    def __setstate__(self, state: tuple[int | None, str]) -> None:
-        self.dim, self.where = state
-        self.cache = None
-        self.key = None
+    def __setstate__(self, state: tuple[str, int | None, str]) -> None:
+        self.__init__(*state)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> _Spec:
-        return _Spec(self.dim, self.where)
+        return _Spec(self.gname[:-2], self.dim, self.where)
 
 
 def default_dim(module: nn.Module, name: str = "weight") -> int:
@@ -99,25 +105,26 @@ def _compute(v: Tensor, g: Tensor, dim: int | None) -> Tensor:
     return torch._weight_norm(v, g, d)
 
 
-def _weight(module: nn.Module, pname: str, spec: _Spec) -> Tensor:
+def _weight(module: nn.Module, spec: _Spec) -> Tensor:
+    # The hot path of every weight-normalized layer: keep it short.
     params = module._parameters
-    g = params[pname + "_g"]
-    v = params[pname + "_v"]
-    if (torch.is_grad_enabled() and (g.requires_grad or v.requires_grad)) or (
-        torch.compiler.is_compiling()
-    ):
+    g = params[spec.gname]
+    v = params[spec.vname]
+    if torch.is_grad_enabled() and (g.requires_grad or v.requires_grad):
+        return _compute(v, g, spec.dim)  # recorded: gradients reach g and v
+    if torch.compiler.is_compiling():
         return _compute(v, g, spec.dim)
-    key = (id(g), g._version, g.data_ptr(), id(v), v._version, v.data_ptr())
-    if spec.key != key or spec.cache is None:
-        with torch.no_grad():
-            w = _compute(v, g, spec.dim)
-        if not bool(torch.isfinite(w).all()):
-            raise WnormError(
-                f"{spec.where}: the weight-normalized '{pname}' has non-finite values; "
-                f"check '{pname}_g' and '{pname}_v' for NaN/inf and '{pname}_v' for zero rows"
-            )
-        spec.cache, spec.key = w, key
-    return spec.cache
+    if spec.g is g and spec.v is v and spec.gver == g._version and spec.vver == v._version:
+        return spec.cache  # type: ignore[return-value]
+    with torch.no_grad():
+        w = _compute(v, g, spec.dim)
+    if not bool(torch.isfinite(w).all()):
+        raise WnormError(
+            f"{spec.where}: the weight-normalized '{spec.gname[:-2]}' has non-finite values; "
+            f"check '{spec.gname}' and '{spec.vname}' for NaN/inf and '{spec.vname}' for zero rows"
+        )
+    spec.cache, spec.g, spec.v, spec.gver, spec.vver = w, g, v, g._version, v._version
+    return w
 
 
 # --------------------------------------------------------------------------- generated classes
@@ -129,7 +136,7 @@ def _wn_property(pname: str) -> property:
         spec = self.__dict__["_wn"].get(pname)
         if spec is None:  # another instance of this class normalizes pname, this one does not
             return nn.Module.__getattr__(self, pname)
-        return _weight(self, pname, spec)
+        return _weight(self, spec)
 
     def fset(self: nn.Module, value: Any) -> None:
         if pname in self.__dict__["_wn"]:
@@ -175,8 +182,15 @@ def _extra_repr(self: nn.Module) -> str:
 
 def _train(self: nn.Module, mode: bool = True) -> nn.Module:
     for spec in self.__dict__["_wn"].values():
-        spec.cache = spec.key = None  # a mode switch is a cheap, safe point to drop the cache
+        spec.clear()  # a mode switch is a cheap, safe point to drop the cache
     return type(self)._wn_base.train(self, mode)
+
+
+def _apply_fn(self: nn.Module, fn: Any, *args: Any, **kwargs: Any) -> nn.Module:
+    # .to()/.half()/.cuda() swap parameter data but keep version counters: drop the cache.
+    for spec in self.__dict__["_wn"].values():
+        spec.clear()
+    return type(self)._wn_base._apply(self, fn, *args, **kwargs)
 
 
 def _rnn_forward(self: nn.RNNBase, *args: Any, **kwargs: Any) -> Any:
@@ -187,7 +201,7 @@ def _rnn_forward(self: nn.RNNBase, *args: Any, **kwargs: Any) -> Any:
     params = self._parameters
     names = self._flat_weights_names
     self.__dict__["_flat_weights"] = [
-        _weight(self, n, specs[n]) if n in specs else params.get(n) for n in names
+        _weight(self, specs[n]) if n in specs else params.get(n) for n in names
     ]
     try:
         return type(self)._wn_base.forward(self, *args, **kwargs)
@@ -216,6 +230,7 @@ def _wn_class(base: type) -> type:
             "__reduce_ex__": _reduce_ex,
             "extra_repr": _extra_repr,
             "train": _train,
+            "_apply": _apply_fn,
             "__module__": base.__module__,
             "__qualname__": base.__qualname__,
             "__doc__": base.__doc__,
@@ -344,7 +359,7 @@ def weight_norm(
     _ensure_property(cls, name)
     if "_wn" not in module.__dict__:
         object.__setattr__(module, "_wn", {})
-    module.__dict__["_wn"][name] = _Spec(dim, label)
+    module.__dict__["_wn"][name] = _Spec(name, dim, label)
     module.__class__ = cls
     _refresh_flat_weights(module)
     return module
@@ -389,6 +404,5 @@ def refresh(model: nn.Module) -> nn.Module:
     edits under ``torch.no_grad()`` are tracked already.
     """
     for _, module, pname, _ in normalized_weights(model):
-        spec = module.__dict__["_wn"][pname]
-        spec.cache = spec.key = None
+        module.__dict__["_wn"][pname].clear()
     return model
