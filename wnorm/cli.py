@@ -72,9 +72,17 @@ def _repro(argv: list[str]) -> int:
                 "which this installation does not have",
                 file=sys.stderr,
             )
-            return 2
-        raise
-    code = repro_main(argv)
+        else:  # wnorm.repro is there, one of its optional dependencies is not
+            print(
+                f"wnorm: error: the repro command needs the package '{e.name}'; "
+                "pip install 'wnorm[repro]'",
+                file=sys.stderr,
+            )
+        return 2
+    try:
+        code = repro_main(argv)
+    except SystemExit as e:  # its argparse: --help (0) or a usage error (2)
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     return int(code or 0)
 
 
