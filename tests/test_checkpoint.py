@@ -440,3 +440,44 @@ def test_missing_safetensors_package_says_how_to_install(tmp_path: Path, monkeyp
     monkeypatch.setitem(sys.modules, "safetensors.torch", None)
     with pytest.raises(WnormError, match=r"x.safetensors: .*pip install safetensors"):
         save_checkpoint({"w": torch.ones(1)}, tmp_path / "x.safetensors")
+
+
+# --------------------------------------------------------------------------- size-1 axes grid
+LAYERS = {
+    "linear-1-in": lambda: nn.Linear(1, 3),
+    "linear-1-out": lambda: nn.Linear(3, 1),
+    "linear-1-1": lambda: nn.Linear(1, 1),
+    "conv1d-k1": lambda: nn.Conv1d(3, 4, 1),
+    "conv1d-1-in": lambda: nn.Conv1d(1, 4, 3),
+    "convT-1-out": lambda: nn.ConvTranspose1d(3, 1, 2),
+    "convT-1-in": lambda: nn.ConvTranspose1d(1, 3, 2),
+    "convT-k1": lambda: nn.ConvTranspose1d(3, 3, 1),
+    "conv2d-1x1": lambda: nn.Conv2d(2, 2, 1),
+}
+
+
+@pytest.mark.parametrize("layer", list(LAYERS), ids=list(LAYERS))
+@pytest.mark.parametrize("api,src_dim", [(OLD, 0), (OLD, None), (NEW, 0), (NEW, None),
+                                         (OLD, 1), ("wnorm", None)])
+@pytest.mark.parametrize("dst_dim", ["default", None])
+def test_ambiguous_shapes_load_with_same_outputs(layer, api, src_dim, dst_dim) -> None:
+    torch.manual_seed(0)
+    make = LAYERS[layer]
+    if api == "wnorm":
+        src = wnorm.weight_norm(make(), dim=src_dim)
+    else:
+        src = api(make(), dim=src_dim)
+    src = scramble(src).eval()
+    dst = wnorm.weight_norm(make()) if dst_dim == "default" else wnorm.weight_norm(
+        make(), dim=None)
+    load_state_dict(dst, src.state_dict())
+    plain_src = make()  # the reference: the weights computed by hand from the file
+    plain_src.load_state_dict(convert_state_dict(src.state_dict(), "plain"))
+    shape = {nn.Linear: (2, make().weight.shape[1]), nn.Conv1d: (2, make().weight.shape[1], 5),
+             nn.ConvTranspose1d: (2, make().weight.shape[0], 5),
+             nn.Conv2d: (2, 2, 3, 3)}[type(make())]
+    x = torch.randn(shape)
+    with torch.no_grad():
+        torch.testing.assert_close(dst(x), plain_src(x), rtol=1e-5, atol=1e-6)
+        if api != "wnorm":
+            torch.testing.assert_close(dst(x), src(x), rtol=1e-5, atol=1e-6)
