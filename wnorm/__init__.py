@@ -6,6 +6,17 @@ weight-norm APIs. Importing wnorm imports torch and nothing else.
 """
 
 from .apply_model import DEFAULT_TYPES, NORM_TYPES, apply
+from .checkpoint import (
+    FORMATS,
+    IncompatibleKeys,
+    convert_checkpoint,
+    convert_state_dict,
+    find_state_dicts,
+    incompatible_keys,
+    load_checkpoint,
+    load_state_dict,
+    save_checkpoint,
+)
 from .data_init import InitReport, LayerInit, data_init
 from .errors import WnormError
 from .fold import ChannelShift, fold
@@ -41,4 +52,13 @@ __all__ = [
     "MeanOnlyBatchNorm3d",
     "fold",
     "ChannelShift",
+    "load_state_dict",
+    "incompatible_keys",
+    "IncompatibleKeys",
+    "convert_state_dict",
+    "convert_checkpoint",
+    "find_state_dicts",
+    "load_checkpoint",
+    "save_checkpoint",
+    "FORMATS",
 ]

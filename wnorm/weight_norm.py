@@ -282,8 +282,8 @@ def weight_norm(
         name: the parameter's name (default ``"weight"``; for RNNs e.g. ``"weight_hh_l0"``).
         dim: the output-unit axis, one g per slice along it. Default: 0 for Linear, ConvNd,
             Embedding and RNN weights, 1 for ConvTransposeNd (weight ``(in, out, *k)``).
-            ``None``: one norm, and one scalar g, for the whole tensor. Negative values count
-            from the end.
+            ``None``: one norm, and one scalar g, for the whole tensor. Negative values are
+            refused: PyTorch reads ``dim=-1`` as "whole tensor", Python as "last axis".
         where: a name for the module in error messages (``wnorm.apply`` passes its path).
 
     Returns:
@@ -331,12 +331,17 @@ def weight_norm(
     if dim is not None:
         if not isinstance(dim, int) or isinstance(dim, bool):
             raise WnormError(f"{label}: dim must be an int or None; got {dim!r}")
-        if ndim == 0 or not -ndim <= dim < ndim:
+        if dim < 0:
+            raise WnormError(
+                f"{label}: dim {dim} is ambiguous: PyTorch's weight_norm reads dim=-1 as 'the "
+                "whole tensor', Python indexing as 'the last axis'; pass dim=None for one norm "
+                f"over the whole tensor, or an axis 0..{ndim - 1}"
+            )
+        if ndim == 0 or dim >= ndim:
             raise WnormError(
                 f"{label}: dim {dim} is out of range for '{name}' of shape {tuple(weight.shape)} "
-                f"(expected None or -{ndim} <= dim < {ndim})"
+                f"(expected None or 0 <= dim < {ndim})"
             )
-        dim = dim % ndim
     with torch.no_grad():
         w = weight.detach()
         if not bool(torch.isfinite(w).all()):
