@@ -1,0 +1,27 @@
+"""Shared fixtures for wnorm's tests: a fixed seed per test, small thread count, helpers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+torch.set_num_threads(2)  # the CI machine has 2 shared cores: no oversubscription
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    """Every test starts from the same RNG state, so a failure reproduces on its own."""
+    torch.manual_seed(0)
+
+
+def unit_rows(t: torch.Tensor, dim: int | None) -> torch.Tensor:
+    """View ``t`` as (units, k): one row per slice along ``dim`` (one row for ``dim=None``)."""
+    if dim is None:
+        return t.reshape(1, -1)
+    return t.movedim(dim, 0).reshape(t.shape[dim], -1)
+
+
+@pytest.fixture
+def rows():
+    """The :func:`unit_rows` helper, as a fixture (tests/ is not a package)."""
+    return unit_rows

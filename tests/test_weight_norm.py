@@ -1,0 +1,554 @@
+"""wnorm.weight_norm: the reparameterization w = g v / ||v|| (paper eq. 2), its gradients
+(eqs. 3-4), caching at inference, copying/pickling, removal and bad input."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from conftest import unit_rows
+from torch import nn
+
+import wnorm
+from wnorm import WnormError
+
+D = torch.float64
+
+
+def from_rows(m: torch.Tensor, like: torch.Tensor, dim: int | None) -> torch.Tensor:
+    """Inverse of ``unit_rows``: (units, k) back to ``like``'s shape."""
+    if dim is None:
+        return m.reshape(like.shape)
+    moved = like.movedim(dim, 0).shape
+    return m.reshape(moved).movedim(0, dim)
+
+
+def loss_of(out) -> torch.Tensor:
+    """A nonlinear scalar loss with a fixed random direction, for any layer's output."""
+    if isinstance(out, tuple):  # RNN: (output, h) or (output, (h, c))
+        flat = [out[0]] + (list(out[1]) if isinstance(out[1], tuple) else [out[1]])
+    else:
+        flat = [out]
+    gen = torch.Generator().manual_seed(123)
+    total = 0.0
+    for t in flat:
+        r = torch.randn(t.shape, generator=gen, dtype=t.dtype)
+        total = total + (t * r).sum() + 0.5 * (t**2).sum()
+    return total
+
+
+# (id, factory, parameter name, dim, input shape); dim "default" = the layer's output-unit axis
+CASES = [
+    ("linear", lambda: nn.Linear(5, 4), "weight", "default", (3, 5)),
+    ("linear-dim-1", lambda: nn.Linear(5, 4), "weight", -1, (3, 5)),
+    ("linear-dimNone", lambda: nn.Linear(5, 4), "weight", None, (3, 5)),
+    ("conv2d", lambda: nn.Conv2d(2, 3, 3), "weight", "default", (2, 2, 4, 4)),
+    ("conv2d-dimNone", lambda: nn.Conv2d(2, 3, 3), "weight", None, (2, 2, 4, 4)),
+    ("convT2d", lambda: nn.ConvTranspose2d(2, 3, 2), "weight", "default", (2, 2, 3, 3)),
+    ("lstm-ih", lambda: nn.LSTM(3, 3), "weight_ih_l0", "default", (3, 2, 3)),
+    ("lstm-hh", lambda: nn.LSTM(3, 3), "weight_hh_l0", "default", (3, 2, 3)),
+]
+
+
+def _setup(factory, name, dim, shape):
+    torch.manual_seed(1)
+    base = factory().to(D)
+    x = torch.randn(shape, dtype=D)
+    kw = {} if dim == "default" else {"dim": dim}
+    wn = wnorm.weight_norm(copy.deepcopy(base), name, **kw)
+    d = wn._wn[name].dim  # the resolved axis (int >= 0 or None)
+    expected_d = {"default": wnorm.default_dim(base, name), -1: 1, None: None}[dim]
+    assert d == expected_d
+    g, v = getattr(wn, name + "_g"), getattr(wn, name + "_v")
+    with torch.no_grad():  # move g away from ||v|| so that g and ||v|| play different roles
+        g.mul_(0.5 + torch.rand_like(g))
+    return base, wn, x, g, v, d
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_gradients_equal_paper_eqs_3_4(case):
+    _, factory, name, dim, shape = case
+    base, wn, x, g, v, d = _setup(factory, name, dim, shape)
+
+    # independent w = g v / ||v|| per unit
+    V = unit_rows(v.detach(), d)
+    n = V.norm(dim=1)
+    G = g.detach().reshape(-1)
+    W = G[:, None] * V / n[:, None]
+    w = from_rows(W, v, d)
+    torch.testing.assert_close(getattr(wn, name).detach(), w, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(unit_rows(w, d).norm(dim=1), G, rtol=1e-12)  # ||w|| = g
+
+    # grad_w from a plain copy of the layer holding w
+    plain = copy.deepcopy(base)
+    with torch.no_grad():
+        getattr(plain, name).copy_(w)
+    loss_of(plain(x)).backward()
+    GW = unit_rows(getattr(plain, name).grad, d)
+
+    loss_of(wn(x)).backward()
+    got_g = g.grad.reshape(-1)
+    got_v = unit_rows(v.grad, d)
+
+    # eq. 3: grad_g = grad_w . v / ||v||
+    exp_g = (GW * V).sum(1) / n
+    torch.testing.assert_close(got_g, exp_g, rtol=1e-10, atol=1e-12)
+    # eq. 4: grad_v = (g/||v||) grad_w - (g grad_g / ||v||^2) v
+    exp_v = (G / n)[:, None] * GW - (G * exp_g / n**2)[:, None] * V
+    torch.testing.assert_close(got_v, exp_v, rtol=1e-10, atol=1e-12)
+    # projection form: (g/||v||) M_w grad_w, M_w = I - w w^T / ||w||^2
+    for u in range(W.shape[0]):
+        wu = W[u]
+        M = torch.eye(wu.numel(), dtype=D) - torch.outer(wu, wu) / wu.dot(wu)
+        torch.testing.assert_close(got_v[u], (G[u] / n[u]) * (M @ GW[u]), rtol=1e-10, atol=1e-12)
+    # the step is orthogonal to v, per unit
+    cos = (got_v * V).sum(1) / (got_v.norm(dim=1) * n)
+    assert cos.abs().max() < 1e-10
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_gradcheck_float64(case):
+    _, factory, name, dim, shape = case
+    _, wn, x, g, v, _ = _setup(factory, name, dim, shape)
+    g0 = g.detach().clone().requires_grad_()
+    v0 = v.detach().clone().requires_grad_()
+
+    def f(gg, vv):
+        out = torch.func.functional_call(wn, {name + "_g": gg, name + "_v": vv}, (x,))
+        return out[0] if isinstance(out, tuple) else out
+
+    assert torch.autograd.gradcheck(f, (g0, v0), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("opt_cls", [torch.optim.SGD, torch.optim.Adam])
+def test_norm_of_w_equals_g_after_training(opt_cls):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.ConvTranspose2d(6, 4, 3), nn.Flatten(),
+                        nn.Linear(4 * 6 * 6, 3)).to(D)
+    wnorm.apply(net)
+    opt = opt_cls(net.parameters(), lr=0.05)
+    x = torch.randn(8, 3, 6, 6, dtype=D)
+    v_before = {m: m.weight_v.detach().clone() for m in net if wnorm.is_weight_normalized(m)}
+    for _ in range(5):
+        opt.zero_grad()
+        net(x).pow(2).mean().backward()
+        opt.step()
+    for m in v_before:
+        d = m._wn["weight"].dim
+        w_norm = unit_rows(m.weight.detach(), d).norm(dim=1)
+        torch.testing.assert_close(w_norm, m.weight_g.detach().reshape(-1).abs(), rtol=1e-12,
+                                   atol=0)
+        assert not torch.equal(m.weight_v, v_before[m])  # v did move
+        with torch.no_grad():  # and the eval weight agrees
+            m.eval()
+            torch.testing.assert_close(unit_rows(m.weight, d).norm(dim=1), w_norm)
+
+
+def test_sgd_step_grows_norm_of_v():
+    """Paper sec. 2: the step is orthogonal to v, so ||v'||^2 = ||v||^2 + ||dv||^2 (plain SGD)."""
+    lin = wnorm.weight_norm(nn.Linear(6, 4).to(D))
+    x = torch.randn(10, 6, dtype=D)
+    lin(x).sin().sum().backward()
+    v = lin.weight_v
+    before = v.detach().norm(dim=1)
+    step = 0.3 * v.grad.norm(dim=1)
+    with torch.no_grad():
+        v.sub_(0.3 * v.grad)
+    torch.testing.assert_close(v.detach().norm(dim=1), (before**2 + step**2).sqrt())
+
+
+# ---------------------------------------------------------------------------------- behaviour
+@pytest.mark.parametrize(
+    "layer, name, g_shape",
+    [
+        (nn.Linear(3, 4), "weight", (4, 1)),
+        (nn.Conv2d(2, 5, 3), "weight", (5, 1, 1, 1)),
+        (nn.ConvTranspose2d(2, 5, 3), "weight", (1, 5, 1, 1)),
+        (nn.Conv1d(2, 5, 3), "weight", (5, 1, 1)),
+        (nn.LSTM(3, 4), "weight_hh_l0", (16, 1)),
+    ],
+    ids=["linear", "conv2d", "convT2d", "conv1d", "lstm"],
+)
+def test_state_dict_keys_and_weight_formula(layer, name, g_shape, rows):
+    w0 = getattr(layer, name).detach().clone()
+    wnorm.weight_norm(layer, name)
+    sd = layer.state_dict()
+    assert name not in sd and name + "_g" in sd and name + "_v" in sd
+    assert tuple(sd[name + "_g"].shape) == g_shape  # kept-dim, PyTorch's old API layout
+    # starts at g = ||w||, v = w: the module computes what it did before
+    torch.testing.assert_close(sd[name + "_v"], w0, rtol=0, atol=0)
+    torch.testing.assert_close(getattr(layer, name), w0)
+    d = layer._wn[name].dim
+    with torch.no_grad():
+        getattr(layer, name + "_g").mul_(3.0)
+        v = sd[name + "_v"]
+        expected = from_rows(rows(v, d) * (rows(sd[name + "_g"], d) /
+                                           rows(v, d).norm(dim=1, keepdim=True)), v, d)
+    torch.testing.assert_close(getattr(layer, name), expected)
+
+
+_F32_NORM = ("weight_norm computes the initial g as _norm(w.float(), dim).to(w.dtype): float64 "
+             "weights lose precision, and norms outside float32's range become 0 or inf")
+
+
+@pytest.mark.xfail(strict=True, reason=_F32_NORM)
+def test_float64_weight_starts_exact():
+    m = nn.Linear(3, 4).to(D)
+    w0 = m.weight.detach().clone()
+    wnorm.weight_norm(m)
+    torch.testing.assert_close(m.weight_g.detach().reshape(-1), w0.norm(dim=1), rtol=1e-14, atol=0)
+    torch.testing.assert_close(m.weight.detach(), w0, rtol=1e-14, atol=0)
+
+
+@pytest.mark.xfail(strict=True, reason=_F32_NORM)
+def test_float64_tiny_rows_are_not_zero():
+    m = nn.Linear(3, 4).to(D)
+    with torch.no_grad():
+        m.weight.mul_(1e-50)  # representable in float64, underflows in float32
+    w0 = m.weight.detach().clone()
+    wnorm.weight_norm(m)
+    torch.testing.assert_close(m.weight.detach(), w0)
+
+
+@pytest.mark.xfail(strict=True, reason=_F32_NORM)
+def test_float64_large_rows_give_finite_g():
+    m = nn.Linear(3, 4).to(D)
+    with torch.no_grad():
+        m.weight.mul_(1e40)  # float32 overflow: g = inf, outputs inf/NaN
+    try:
+        wnorm.weight_norm(m)
+    except WnormError:
+        return  # refusing is acceptable; silently producing inf is not
+    assert torch.isfinite(m.weight_g).all()
+    assert torch.isfinite(m(torch.randn(2, 3, dtype=D))).all()
+
+
+def test_isinstance_class_name_and_repr_kept():
+    plain = nn.Conv2d(2, 3, 3)
+    text = repr(plain)
+    m = wnorm.weight_norm(copy.deepcopy(plain))
+    assert isinstance(m, nn.Conv2d) and type(m) is not nn.Conv2d
+    assert type(m).__name__ == "Conv2d"
+    assert repr(m).startswith(text[:-1]) and "weight_norm" in repr(m)
+    wnorm.remove_weight_norm(m)
+    assert type(m) is nn.Conv2d and repr(m) == text
+
+
+class TestInferenceCache:
+    def _layer(self):
+        m = wnorm.weight_norm(nn.Linear(4, 3)).eval()
+        return m, torch.randn(5, 4)
+
+    def test_reused_until_changed(self):
+        m, x = self._layer()
+        with torch.no_grad():
+            w1 = m.weight
+            y1 = m(x)
+            assert m.weight is w1
+            torch.testing.assert_close(m(x), y1, rtol=0, atol=0)
+            assert m.weight is w1
+
+    def test_optimizer_step_invalidates(self):
+        m, x = self._layer()
+        with torch.no_grad():
+            w1 = m.weight
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        m(x).sum().backward()
+        opt.step()
+        with torch.no_grad():
+            w2 = m.weight
+            assert w2 is not w1 and not torch.equal(w2, w1)
+            expected = m.weight_g * m.weight_v / m.weight_v.norm(dim=1, keepdim=True)
+            torch.testing.assert_close(w2, expected)
+
+    def test_load_state_dict_invalidates(self):
+        m, _ = self._layer()
+        other = wnorm.weight_norm(nn.Linear(4, 3))
+        with torch.no_grad():
+            w1 = m.weight
+            m.load_state_dict(other.state_dict())
+            assert m.weight is not w1
+            torch.testing.assert_close(m.weight, other.weight)
+
+    def test_inplace_edit_under_no_grad_invalidates(self):
+        m, _ = self._layer()
+        with torch.no_grad():
+            w1 = m.weight.clone()
+            m.weight_g.mul_(2.0)
+            torch.testing.assert_close(m.weight, 2 * w1)
+            m.weight_v[0].mul_(-1.0)  # the direction of unit 0 flips
+            torch.testing.assert_close(m.weight[0], -2 * w1[0])
+
+    def test_data_edit_needs_refresh(self):
+        m, _ = self._layer()
+        with torch.no_grad():
+            w1 = m.weight.clone()
+            m.weight_g.data.mul_(2.0)  # hidden from the version counter (documented)
+            wnorm.refresh(m)
+            torch.testing.assert_close(m.weight, 2 * w1)
+
+    def test_lstm_eval_reuses_weights(self):
+        lstm = wnorm.apply(nn.LSTM(3, 4)).eval()
+        x = torch.randn(5, 2, 3)
+        with torch.no_grad():
+            y1 = lstm(x)[0]
+            w1 = lstm.weight_ih_l0
+            y2 = lstm(x)[0]
+            assert lstm.weight_ih_l0 is w1
+            torch.testing.assert_close(y1, y2, rtol=0, atol=0)
+            lstm.weight_ih_l0_g.mul_(0.5)
+            y3 = lstm(x)[0]
+        assert not torch.allclose(y3, y1)
+        ref = copy.deepcopy(lstm)
+        wnorm.remove_weight_norm(ref, "weight_ih_l0")
+        with torch.no_grad():
+            torch.testing.assert_close(ref(x)[0], y3)
+
+
+# ------------------------------------------------------------------ copying, pickling, removal
+MODELS = {
+    "linear": (lambda: nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2)), (3, 4)),
+    "conv": (lambda: nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Conv2d(4, 3, 1)),
+             (2, 2, 5, 5)),
+    "convT": (lambda: nn.Sequential(nn.ConvTranspose2d(2, 4, 3), nn.ReLU(),
+                                    nn.ConvTranspose2d(4, 2, 2, stride=2)), (2, 2, 3, 3)),
+    "lstm": (lambda: nn.LSTM(3, 4, num_layers=2), (5, 2, 3)),
+    "gru": (lambda: nn.GRU(3, 4, bidirectional=True), (5, 2, 3)),
+}
+
+
+def _out(model, x):
+    y = model(x)
+    return y[0] if isinstance(y, tuple) else y
+
+
+def _trained(kind):
+    factory, shape = MODELS[kind]
+    model = wnorm.apply(factory())
+    x = torch.randn(shape)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    _out(model, x).pow(2).sum().backward()
+    opt.step()
+    _out(model, x).pow(2).sum().backward()  # leaves grads and a fresh forward behind
+    return model, x
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_deepcopy_after_training_step(kind):
+    model, x = _trained(kind)
+    clone = copy.deepcopy(model)
+    torch.testing.assert_close(_out(clone, x), _out(model, x), rtol=0, atol=0)
+    with torch.no_grad():
+        model.eval(), clone.eval()
+        torch.testing.assert_close(_out(clone, x), _out(model, x), rtol=0, atol=0)
+    # the copy is independent: changing it leaves the original alone
+    with torch.no_grad():
+        before = _out(model, x).clone()
+        for n, p in clone.named_parameters():
+            if n.endswith("_g"):
+                p.mul_(2.0)
+        assert torch.equal(_out(model, x), before)
+        assert not torch.allclose(_out(clone, x), before)
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_torch_save_load_whole_model(kind):
+    model, x = _trained(kind)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert type(loaded[0] if isinstance(loaded, nn.Sequential) else loaded).__name__ in {
+        "Linear", "Conv2d", "ConvTranspose2d", "LSTM", "GRU"}
+    assert wnorm.is_weight_normalized(loaded if kind in {"lstm", "gru"} else loaded[0])
+    torch.testing.assert_close(_out(loaded, x), _out(model, x), rtol=0, atol=0)
+    # and it still trains: gradients reach g and v
+    _out(loaded, x).sum().backward()
+    for n, p in loaded.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), n
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_remove_weight_norm_restores_class_and_outputs(kind):
+    model, x = _trained(kind)
+    with torch.no_grad():
+        before = _out(model, x)
+    originals = {n: type(m).__mro__[1] for n, m in model.named_modules()
+                 if wnorm.is_weight_normalized(m)}
+    for _, module, pname, _ in list(wnorm.normalized_weights(model)):
+        wnorm.remove_weight_norm(module, pname)
+    mods = dict(model.named_modules())
+    for n, cls in originals.items():
+        assert type(mods[n]) is cls
+    assert not any(k.endswith(("_g", "_v")) for k in model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(_out(model, x), before, rtol=1e-6, atol=1e-6)
+    _out(model, x).sum().backward()  # a plain model that trains
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_remove_keeps_other_normalized_weights():
+    lstm = wnorm.apply(nn.LSTM(3, 4))
+    x = torch.randn(4, 2, 3)
+    before = lstm(x)[0].detach()
+    wnorm.remove_weight_norm(lstm, "weight_ih_l0")
+    assert wnorm.is_weight_normalized(lstm, "weight_hh_l0")
+    assert not wnorm.is_weight_normalized(lstm, "weight_ih_l0")
+    torch.testing.assert_close(lstm(x)[0], before)
+
+
+OTHER_LAYERS = {
+    "conv1d": (lambda: nn.Conv1d(3, 4, 3), (2, 3, 7)),
+    "conv3d": (lambda: nn.Conv3d(2, 3, 2), (2, 2, 3, 3, 3)),
+    "convT1d": (lambda: nn.ConvTranspose1d(3, 4, 3, stride=2), (2, 3, 5)),
+    "convT3d": (lambda: nn.ConvTranspose3d(2, 3, 2), (2, 2, 2, 2, 2)),
+    "convT2d-groups": (lambda: nn.ConvTranspose2d(4, 6, 3, groups=2), (2, 4, 3, 3)),
+    "embedding": (lambda: nn.Embedding(10, 5), None),
+    "gru": (lambda: nn.GRU(3, 4, num_layers=2), (5, 2, 3)),
+    "rnn": (lambda: nn.RNN(3, 4, nonlinearity="relu"), (5, 2, 3)),
+    "lstm-bi-proj": (lambda: nn.LSTM(3, 6, num_layers=2, bidirectional=True, proj_size=2,
+                                     batch_first=True), (2, 5, 3)),
+}
+
+
+@pytest.mark.parametrize("kind", list(OTHER_LAYERS))
+def test_other_layer_types(kind):
+    factory, shape = OTHER_LAYERS[kind]
+    m = factory().to(D)
+    x = torch.randint(0, 10, (3, 4)) if shape is None else torch.randn(shape, dtype=D)
+    with torch.no_grad():
+        before = _out(m, x).clone()
+    wnorm.apply(m, types=wnorm.DEFAULT_TYPES + (nn.Embedding,))
+    specs = dict(m._wn)
+    if isinstance(m, nn.RNNBase):
+        assert set(specs) == {n for n in m._flat_weights_names if n.startswith("weight_")}
+        if kind == "lstm-bi-proj":
+            assert {"weight_hr_l0", "weight_hr_l1_reverse"} <= set(specs)
+    # float32-level tolerance: see test_float64_weight_starts_exact (g is computed in float32)
+    torch.testing.assert_close(_out(m, x), before, rtol=1e-6, atol=1e-7)
+    opt = torch.optim.Adam(m.parameters(), lr=0.05)
+    for _ in range(3):
+        opt.zero_grad()
+        _out(m, x).pow(2).mean().backward()
+        for n, p in m.named_parameters():
+            assert p.grad is not None and torch.isfinite(p.grad).all(), n
+        opt.step()
+    for pname, spec in specs.items():
+        w = getattr(m, pname).detach()
+        g = getattr(m, pname + "_g").detach()
+        # ||w|| = |g| per unit (Adam may drive a g through 0 to a negative value)
+        torch.testing.assert_close(unit_rows(w, spec.dim).norm(dim=1), g.reshape(-1).abs(),
+                                   rtol=1e-12, atol=0)
+    with torch.no_grad():  # eval path (cached weights) agrees with the training path
+        y_train = _out(m, x)
+        m.eval()
+        torch.testing.assert_close(_out(m, x), y_train)
+
+
+@pytest.mark.slow
+def test_torch_compile_runs():
+    torch.manual_seed(0)
+    model = wnorm.apply(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)))
+    x = torch.randn(3, 4)
+    compiled = torch.compile(model)
+    y = compiled(x)
+    torch.testing.assert_close(y, model(x))
+    y.sum().backward()
+    assert model[0].weight_g.grad is not None and model[0].weight_v.grad is not None
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x))
+
+
+# ---------------------------------------------------------------------------------- bad input
+def test_unknown_parameter_name():
+    with pytest.raises(WnormError, match=r"Linear: no parameter named 'wieght'.*\['weight', 'bias'\]"):
+        wnorm.weight_norm(nn.Linear(3, 4), "wieght")
+
+
+@pytest.mark.parametrize("dim", [2, -3, 5])
+def test_dim_out_of_range(dim):
+    with pytest.raises(WnormError, match=rf"Linear: dim {dim} is out of range for 'weight' of shape \(4, 3\)"):
+        wnorm.weight_norm(nn.Linear(3, 4), dim=dim)
+
+
+def test_dim_not_an_int():
+    with pytest.raises(WnormError, match=r"Linear: dim must be an int or None; got '0'"):
+        wnorm.weight_norm(nn.Linear(3, 4), dim="0")
+
+
+def test_already_normalized_by_wnorm():
+    m = wnorm.weight_norm(nn.Linear(3, 4))
+    with pytest.raises(WnormError, match=r"Linear: 'weight' is already weight-normalized by wnorm"):
+        wnorm.weight_norm(m)
+
+
+def test_already_normalized_by_torch_old_api():
+    m = torch.nn.utils.weight_norm(nn.Linear(3, 4))
+    with pytest.raises(WnormError, match=r"Linear: 'weight' is already weight-normalized .*torch"):
+        wnorm.weight_norm(m)
+
+
+def test_already_normalized_by_torch_parametrizations():
+    m = torch.nn.utils.parametrizations.weight_norm(nn.Linear(3, 4))
+    with pytest.raises(WnormError, match=r"Linear: 'weight' already has a PyTorch parametrization"):
+        wnorm.weight_norm(m)
+
+
+def test_zero_norm_rows_named():
+    net = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 5))
+    with torch.no_grad():
+        net[1].weight[2].zero_()
+        net[1].weight[4].zero_()
+    sd = copy.deepcopy(net.state_dict())
+    with pytest.raises(WnormError, match=r"1 \(Linear\): 2 of 5 slices along dim 0 of 'weight' "
+                                         r"have zero norm \(indices \[2, 4\]\)"):
+        wnorm.apply(net)
+    assert not wnorm.is_weight_normalized(net[1])
+    assert all(torch.equal(sd[k], v) for k, v in net.state_dict().items() if k.startswith("1."))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_weight(bad):
+    conv = nn.Conv2d(2, 3, 3)
+    with torch.no_grad():
+        conv.weight[1, 0, 0, 0] = bad
+    with pytest.raises(WnormError, match=r"Conv2d: 'weight' has 1 non-finite values \(NaN or inf\)"):
+        wnorm.weight_norm(conv)
+    assert "weight" in conv._parameters  # left as it was
+
+
+@pytest.mark.parametrize("value", [torch.randn(4, 3)], ids=["tensor"])
+def test_assigning_normalized_weight_tensor(value):
+    m = wnorm.weight_norm(nn.Linear(3, 4))
+    with pytest.raises(WnormError, match=r"Linear: 'weight' is weight-normalized .*weight_g"):
+        m.weight = value
+
+
+@pytest.mark.xfail(strict=True, reason="nn.Module.__setattr__ registers Parameters before the "
+                   "property setter runs, so a Parameter assignment raises KeyError")
+def test_assigning_normalized_weight_parameter():
+    m = wnorm.weight_norm(nn.Linear(3, 4))
+    with pytest.raises(WnormError, match=r"Linear: 'weight' is weight-normalized"):
+        m.weight = nn.Parameter(torch.randn(4, 3))
+
+
+def test_zero_v_row_at_inference_raises_not_nan():
+    m = wnorm.weight_norm(nn.Linear(3, 4)).eval()
+    with torch.no_grad():
+        m.weight_v[1].zero_()
+        with pytest.raises(WnormError, match=r"Linear: the weight-normalized 'weight' has "
+                                             r"non-finite values"):
+            m(torch.randn(2, 3))
+
+
+def test_remove_when_not_normalized():
+    with pytest.raises(WnormError, match=r"Linear: 'weight' is not weight-normalized by wnorm"):
+        wnorm.remove_weight_norm(nn.Linear(3, 4))
+
+
+def test_not_a_module():
+    with pytest.raises(WnormError, match=r"expects an nn.Module; got Tensor"):
+        wnorm.weight_norm(torch.randn(3))
