@@ -1,0 +1,183 @@
+"""Distributed guarantees, on 2 CPU processes over gloo (127.0.0.1 only).
+
+- ``wnorm.data_init`` all-reduces its statistics: every rank gets the same g and b, equal to one
+  process initializing on the union of the ranks' batches.
+- DDP training of a wnorm model keeps the parameters identical across ranks (bitwise) and equal
+  (float tolerance) to one process training on the same global batches.
+
+One spawn serves the whole file (a module fixture): the workers write what they computed to
+files and the tests compare it with single-process references computed here.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import wnorm
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                       reason="torch.distributed with gloo is not available"),
+]
+
+WORLD = 2
+PER_RANK = 8  # examples per rank; the global batch is WORLD * PER_RANK
+STEPS = 3
+
+
+def convnet() -> nn.Module:
+    """Conv -> mean-only BN -> conv -> pool -> linear, every weight normalized."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1, bias=False),  # the mean-only BN's bias takes its place
+        wnorm.MeanOnlyBatchNorm2d(6),
+        nn.LeakyReLU(0.1),
+        nn.Conv2d(6, 6, 3),
+        nn.LeakyReLU(0.1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(6, 4),
+    )
+    return wnorm.apply(net)
+
+
+def batches() -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """The init batch and STEPS training batches (inputs, targets), all global."""
+    gen = torch.Generator().manual_seed(123)
+    # per-rank batches that differ in distribution, so local statistics differ from global ones
+    x0 = torch.randn(WORLD * PER_RANK, 3, 6, 6, generator=gen)
+    x0[PER_RANK:] = 2.0 * x0[PER_RANK:] + 1.0
+    xs = [torch.randn(WORLD * PER_RANK, 3, 6, 6, generator=gen) for _ in range(STEPS)]
+    ys = [torch.randint(0, 4, (WORLD * PER_RANK,), generator=gen) for _ in range(STEPS)]
+    return x0, xs[0], xs, ys  # xs[0] doubles as a probe input
+
+
+def shard(t: torch.Tensor, rank: int) -> torch.Tensor:
+    return t[rank * PER_RANK:(rank + 1) * PER_RANK]
+
+
+def optimizer(kind: str, params) -> torch.optim.Optimizer:
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    return torch.optim.Adam(params, lr=1e-2)
+
+
+def params_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+# --------------------------------------------------------------------------- the worker
+def _worker(rank: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=WORLD)
+    try:
+        x0, _, xs, ys = batches()
+        result: dict[str, object] = {}
+        for mode in ("train", "eval"):
+            net = convnet().train(mode == "train")
+            wnorm.data_init(net, shard(x0, rank))
+            result[f"init-{mode}"] = {k: v.clone() for k, v in net.state_dict().items()}
+        for kind in ("sgd", "adam"):
+            net = convnet()
+            ddp = nn.parallel.DistributedDataParallel(net)
+            opt = optimizer(kind, ddp.parameters())
+            for x, y in zip(xs, ys):
+                opt.zero_grad()
+                loss = nn.functional.cross_entropy(ddp(shard(x, rank)), shard(y, rank))
+                loss.backward()
+                opt.step()
+            result[f"ddp-{kind}"] = params_of(net)
+        torch.save(result, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("dist")
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    return [torch.load(Path(out) / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], **tol) -> None:
+    assert list(a) == list(b)
+    for k in a:
+        if tol:
+            torch.testing.assert_close(a[k], b[k], **tol, msg=lambda m, k=k: f"{k}: {m}")
+        else:
+            assert torch.equal(a[k], b[k]), k
+
+
+# --------------------------------------------------------------------------- data init
+INIT_KEYS = ("0.weight_g", "3.weight_g", "3.bias", "7.weight_g", "7.bias",
+             "1.running_mean")
+
+
+def _check_init(ranks: list[dict], mode: str) -> None:
+    x0 = batches()[0]
+    ref = convnet().train(mode == "train")
+    wnorm.data_init(ref, x0)  # one process, the union of the ranks' batches
+    got = [r[f"init-{mode}"] for r in ranks]
+    assert_same(got[0], got[1])  # every rank the same, bitwise
+    expected = ref.state_dict()
+    for k in INIT_KEYS:
+        torch.testing.assert_close(got[0][k], expected[k], rtol=1e-5, atol=1e-6,
+                                   msg=lambda m, k=k: f"{k}: {m}")
+    for k in expected:  # v is untouched by the init
+        if k.endswith("weight_v"):
+            assert torch.equal(got[0][k], expected[k])
+
+
+def test_data_init_eval_mode_same_on_every_rank_and_equals_union(ranks) -> None:
+    _check_init(ranks, "eval")
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "library bug: in train mode a MeanOnlyBatchNorm subtracts its rank's own batch mean during "
+    "the data_init pass (mean_only_bn.py forward), not the all-reduced mean data_init computes "
+    "for its running_mean, so layers after it are initialized on other inputs than one process "
+    "on the union (ranks agree with each other, not with the union)"))
+def test_data_init_train_mode_same_on_every_rank_and_equals_union(ranks) -> None:
+    _check_init(ranks, "train")
+
+
+# --------------------------------------------------------------------------- DDP training
+def reference_training(kind: str) -> dict[str, torch.Tensor]:
+    """One process, the same global batches: the loss is the mean of the ranks' losses (each
+    rank's mean-only BN uses its own batch mean, as it does under DDP)."""
+    _, _, xs, ys = batches()
+    net = convnet()
+    opt = optimizer(kind, net.parameters())
+    for x, y in zip(xs, ys):
+        opt.zero_grad()
+        loss = sum(nn.functional.cross_entropy(net(shard(x, r)), shard(y, r))
+                   for r in range(WORLD)) / WORLD
+        loss.backward()
+        opt.step()
+    return params_of(net)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_ddp_training_identical_across_ranks_and_equals_one_process(ranks, kind: str) -> None:
+    got = [r[f"ddp-{kind}"] for r in ranks]
+    assert_same(got[0], got[1])  # bitwise across ranks
+    start = params_of(convnet())
+    assert any(not torch.equal(got[0][k], start[k]) for k in start)  # it did train
+    assert_same(got[0], reference_training(kind), rtol=1e-5, atol=1e-6)
