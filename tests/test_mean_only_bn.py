@@ -1,0 +1,144 @@
+"""Mean-only batch normalization (paper sec. 4): t~ = t - mu[t] + b, running mean for eval."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import wnorm
+from wnorm import MeanOnlyBatchNorm1d, MeanOnlyBatchNorm2d, MeanOnlyBatchNorm3d, WnormError
+
+D = torch.float64
+
+CASES = [
+    (MeanOnlyBatchNorm1d, (16, 3)),
+    (MeanOnlyBatchNorm1d, (8, 3, 5)),
+    (MeanOnlyBatchNorm2d, (4, 3, 3, 5)),
+    (MeanOnlyBatchNorm3d, (2, 3, 2, 3, 4)),
+]
+IDS = ["1d-NC", "1d-NCL", "2d", "3d"]
+
+
+def reduce_dims(x: torch.Tensor) -> list[int]:
+    return [0] + list(range(2, x.dim()))
+
+
+def channel_mean(x: torch.Tensor) -> torch.Tensor:
+    """Per-channel mean over N and every spatial position, computed without x.mean(dims)."""
+    c = x.shape[1]
+    return x.movedim(1, 0).reshape(c, -1).sum(1) / (x.numel() // c)
+
+
+def bcast(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return t.view((1, -1) + (1,) * (x.dim() - 2))
+
+
+@pytest.mark.parametrize("cls, shape", CASES, ids=IDS)
+def test_train_output_has_channel_mean_equal_to_bias(cls, shape):
+    bn = cls(3).to(D)
+    with torch.no_grad():
+        bn.bias.copy_(torch.tensor([0.5, -1.0, 2.0]))
+    x = 3 * torch.randn(shape, dtype=D) + 7
+    y = bn(x)
+    torch.testing.assert_close(channel_mean(y), bn.bias.detach(), rtol=0, atol=1e-12)
+    # only the mean moves: the spread within each channel is the input's
+    torch.testing.assert_close(y - bcast(channel_mean(y), y), x - bcast(channel_mean(x), x))
+
+
+@pytest.mark.parametrize("cls, shape", CASES, ids=IDS)
+def test_backward_subtracts_mean_gradient(cls, shape):
+    bn = cls(3).to(D)
+    x = torch.randn(shape, dtype=D, requires_grad=True)
+    grad_y = torch.randn(shape, dtype=D)
+    bn(x).backward(grad_y)
+    expected = grad_y - bcast(channel_mean(grad_y), grad_y)  # grad_t = grad_y - mean(grad_y)
+    torch.testing.assert_close(x.grad, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(bn.bias.grad, grad_y.sum(dim=reduce_dims(grad_y)))
+    assert torch.autograd.gradcheck(lambda t: cls(3).to(D)(t), (x.detach().requires_grad_(),))
+
+
+@pytest.mark.parametrize("cls, shape", CASES, ids=IDS)
+def test_running_mean_momentum_and_eval(cls, shape):
+    bn = cls(3).to(D)
+    running = torch.zeros(3, dtype=D)
+    for step in range(3):
+        x = torch.randn(shape, dtype=D) + step
+        bn(x)
+        running = 0.9 * running + 0.1 * channel_mean(x)  # the paper's EMA, 0.9 on the old value
+        torch.testing.assert_close(bn.running_mean, running, rtol=1e-12, atol=1e-12)
+    assert int(bn.num_batches_tracked) == 3
+    bn.eval()
+    with torch.no_grad():
+        bn.bias.fill_(0.25)
+        x = torch.randn(shape, dtype=D)
+        torch.testing.assert_close(bn(x), x - bcast(running, x) + 0.25)
+        torch.testing.assert_close(bn.running_mean, running)  # eval leaves it alone
+
+
+def test_momentum_none_is_cumulative_average():
+    bn = MeanOnlyBatchNorm1d(2, momentum=None).to(D)
+    xs = [torch.randn(5, 2, dtype=D) + i for i in range(4)]
+    for x in xs:
+        bn(x)
+    torch.testing.assert_close(bn.running_mean, torch.stack([x.mean(0) for x in xs]).mean(0))
+
+
+def test_no_running_stats_uses_batch_mean_in_eval():
+    bn = MeanOnlyBatchNorm2d(3, track_running_stats=False).eval()
+    x = torch.randn(4, 3, 2, 2) + 5
+    torch.testing.assert_close(channel_mean(bn(x)), torch.zeros(3), atol=1e-5, rtol=0)
+    assert bn.running_mean is None
+
+
+def test_with_weight_norm_layer():
+    """WN + mean-only BN (the paper's best CIFAR variant): gradients match an independent
+    computation of the composed map, and ||w|| = g after steps."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), MeanOnlyBatchNorm2d(4), nn.ReLU()).to(D)
+    wnorm.apply(net)
+    x = torch.randn(6, 3, 5, 5, dtype=D)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        net(x).pow(2).mean().backward()
+        opt.step()
+    conv = net[0]
+    torch.testing.assert_close(conv.weight.flatten(1).norm(dim=1), conv.weight_g.reshape(-1).abs())
+    t = conv(x)
+    torch.testing.assert_close(channel_mean(net[1](t)), net[1].bias.detach(), atol=1e-12, rtol=0)
+    # the conv bias has no effect under mean-only BN in train mode: its gradient is 0
+    opt.zero_grad()
+    net(x).pow(2).mean().backward()
+    assert conv.bias.grad.abs().max() < 1e-12
+
+
+# ---------------------------------------------------------------------------------- bad input
+def test_wrong_channel_count():
+    with pytest.raises(WnormError, match=r"MeanOnlyBatchNorm2d: expected 3 channels in dim 1; "
+                                         r"got shape \(2, 4, 5, 5\)"):
+        MeanOnlyBatchNorm2d(3)(torch.randn(2, 4, 5, 5))
+
+
+@pytest.mark.parametrize("cls, shape", [(MeanOnlyBatchNorm1d, (2, 3, 4, 5)),
+                                        (MeanOnlyBatchNorm2d, (2, 3, 4)),
+                                        (MeanOnlyBatchNorm3d, (2, 3, 4, 5))])
+def test_wrong_rank(cls, shape):
+    with pytest.raises(WnormError, match=rf"{cls.__name__}: expected a .*D input \(N, C, \.\.\.\); "
+                                         rf"got shape \({', '.join(map(str, shape))}\)"):
+        cls(3)(torch.randn(shape))
+
+
+def test_empty_batch():
+    bn = MeanOnlyBatchNorm1d(3)
+    with pytest.raises(WnormError, match=r"MeanOnlyBatchNorm1d: got an empty batch \(0, 3\)"):
+        bn(torch.randn(0, 3))
+    assert int(bn.num_batches_tracked) == 0 and torch.equal(bn.running_mean, torch.zeros(3))
+
+
+@pytest.mark.parametrize("kwargs, msg", [({"num_features": 0}, "num_features must be a positive"),
+                                         ({"num_features": 3, "momentum": 1.5},
+                                          r"momentum must be in \[0, 1\]")])
+def test_bad_constructor_arguments(kwargs, msg):
+    with pytest.raises(WnormError, match=rf"MeanOnlyBatchNorm1d: {msg}"):
+        MeanOnlyBatchNorm1d(**kwargs)
