@@ -60,7 +60,7 @@ ACTIVATIONS = {
 
 # ----------------------------------------------------------------------------- 1. forward
 def row_norms(v: np.ndarray) -> np.ndarray:
-    r""":math:`\lVert v_i\rVert = \sqrt{\sum_j v_{ij}^2}` for each row (unit) of ``v``: shape ``(out,)``."""
+    r"""The Euclidean norm of each row (unit): :math:`\lVert v_i\rVert = \sqrt{\sum_j v_{ij}^2}`."""
     return np.sqrt(np.sum(v * v, axis=1))
 
 
@@ -75,7 +75,7 @@ def weight(g: np.ndarray, v: np.ndarray) -> np.ndarray:
 
 def dense_forward(x: np.ndarray, g: np.ndarray, v: np.ndarray, b: np.ndarray,
                   phi: str = "identity") -> np.ndarray:
-    r"""A weight-normalized dense layer: :math:`y = \phi(w\cdot x + b)` with :math:`w = g\,v/\lVert v\rVert`.
+    r"""A weight-normalized dense layer, :math:`y = \phi(w\cdot x + b)` with eq. 2's w.
 
     ``x``: ``(B, k)``; returns ``(B, out)``. ``phi`` is a key of :data:`ACTIVATIONS`.
 
@@ -99,7 +99,7 @@ class Grads(NamedTuple):
 
 
 def projection(w_i: np.ndarray) -> np.ndarray:
-    r""":math:`M_w = I - \frac{w w^\top}{\lVert w\rVert^2}`, a ``(k, k)`` matrix for one unit's ``w_i``.
+    r""":math:`M_w = I - \frac{w w^\top}{\lVert w\rVert^2}`, a ``(k, k)`` matrix for one unit's w.
 
     It projects a vector onto the plane orthogonal to :math:`w` (hence to :math:`v`):
     :math:`M_w w = 0`, and :math:`M_w u = u` for every :math:`u \perp w`.
@@ -156,7 +156,9 @@ def dense_backward(grad_y: np.ndarray, x: np.ndarray, g: np.ndarray, v: np.ndarr
 
 # ----------------------------------------------------------------------------- 3. norm growth
 def sgd_norm_growth(v: np.ndarray, grad_v: np.ndarray, lr: float) -> tuple[np.ndarray, np.ndarray]:
-    r"""One plain SGD step :math:`v' = v - \eta\,\nabla_v L`; returns :math:`(\lVert v'\rVert, \sqrt{1+C^2}\,\lVert v\rVert)`.
+    r"""One plain SGD step :math:`v' = v - \eta\,\nabla_v L`, and the norm-growth law it obeys.
+
+    Returns :math:`(\lVert v'\rVert,\ \sqrt{1+C^2}\,\lVert v\rVert)`, per unit: they are equal.
 
     :math:`\nabla_v L` from eq. 4 is orthogonal to :math:`v` (it is :math:`M_w` applied to
     something), so the step :math:`\Delta v = -\eta\nabla_v L` is at right angles to :math:`v`
@@ -164,12 +166,11 @@ def sgd_norm_growth(v: np.ndarray, grad_v: np.ndarray, lr: float) -> tuple[np.nd
     i.e. :math:`\lVert v'\rVert = \sqrt{1+C^2}\,\lVert v\rVert` with
     :math:`C = \lVert\Delta v\rVert/\lVert v\rVert`. The norm can only grow, faster when the
     steps are large or noisy, and the effective step on the direction, :math:`g/\lVert v\rVert`
-    (eq. 4), shrinks as it grows: the learning rate stabilizes itself. The two returned arrays
-    (one entry per unit) are equal.
+    (eq. 4), shrinks as it grows: the learning rate stabilizes itself.
 
     Example:
         >>> import numpy as np
-        >>> v, grad_v = np.array([[3.0, 4.0]]), np.array([[4.0, -3.0]])  # grad_v is at right angles to v
+        >>> v, grad_v = np.array([[3.0, 4.0]]), np.array([[4.0, -3.0]])  # at right angles
         >>> sgd_norm_growth(v, grad_v, lr=1.0)   # C = 1: ||v'|| = sqrt(2) * 5
         (array([7.07106781]), array([7.07106781]))
     """
@@ -189,7 +190,7 @@ class Layer(NamedTuple):
 
 
 def init_v(sizes: list[int], rng: np.random.Generator) -> list[np.ndarray]:
-    r"""Section 3: every :math:`v` element :math:`\sim N(0, 0.05^2)`; ``sizes = [k, h1, ..., out]``."""
+    r"""Section 3: every element of every v from :math:`N(0, 0.05^2)`; ``sizes = [k, ..., out]``."""
     return [rng.normal(0.0, 0.05, size=(n_out, n_in)) for n_in, n_out in zip(sizes[:-1], sizes[1:])]
 
 
@@ -202,7 +203,7 @@ def data_init(vs: list[np.ndarray], x: np.ndarray, init_scale: float = 1.0,
     1. :math:`t = v\cdot x/\lVert v\rVert` (the layer with :math:`g = 1`, :math:`b = 0`);
     2. :math:`\mu[t]`, :math:`\sigma[t]`: mean and standard deviation of each unit over the batch
        (population std, dividing by B);
-    3. :math:`g \leftarrow s/\sigma[t]`, :math:`b \leftarrow -\mu[t]\,g` (:math:`s` = ``init_scale``),
+    3. :math:`g \leftarrow s/\sigma[t]`, :math:`b \leftarrow -\mu[t]\,g` (s = ``init_scale``),
        so the pre-activation :math:`g\,t + b = s\,(t - \mu[t])/\sigma[t]` has mean 0, std s;
     4. the next layer gets :math:`\phi` of that standardized pre-activation.
 
@@ -238,7 +239,7 @@ def mlp_forward(layers: list[Layer], x: np.ndarray, phi: str = "relu") -> np.nda
 
 # ----------------------------------------------------------------------------- 5. mean-only BN
 def mean_only_bn_forward(t: np.ndarray, b: np.ndarray) -> np.ndarray:
-    r"""Section 4: :math:`\tilde t = t - \mu[t] + b`, the batch mean per unit subtracted, no division by a std.
+    r"""Section 4: :math:`\tilde t = t - \mu[t] + b`: subtract the batch mean, no std.
 
     ``t``: ``(B, out)`` (e.g. :math:`w\cdot x`), ``b``: ``(out,)``. In eval, the running mean
     replaces :math:`\mu[t]` (not modelled here).
@@ -247,10 +248,13 @@ def mean_only_bn_forward(t: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def mean_only_bn_backward(grad_tt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    r"""Section 4: :math:`\nabla_t L = \nabla_{\tilde t} L - \operatorname{mean}(\nabla_{\tilde t} L)`; returns ``(grad_t, grad_b)``.
+    r"""Section 4: :math:`\nabla_t L = \nabla_{\tilde t}L - \mathrm{mean}(\nabla_{\tilde t}L)`.
+
+    Returns ``(grad_t, grad_b)``.
 
     Each :math:`t_n` also moves the mean :math:`\mu[t]` by :math:`t_n/B`, so every example's
-    gradient loses the batch average of the gradients. :math:`\nabla_b L = \sum_{batch}\nabla_{\tilde t} L`.
+    gradient loses the batch average of the gradients.
+    :math:`\nabla_b L = \sum_{batch}\nabla_{\tilde t} L`.
 
     Example:
         >>> import numpy as np
