@@ -135,7 +135,7 @@ def dense_backward(grad_y: np.ndarray, x: np.ndarray, g: np.ndarray, v: np.ndarr
         (True, True)
     """
     w = weight(g, v)
-    a = x @ w.T + b                          # pre-activation, (B, out)
+    a = x @ w.T + b                           # pre-activation, (B, out)
     grad_a = grad_y * ACTIVATIONS[phi][1](a)  # through phi
     grad_b = grad_a.sum(axis=0)
     grad_w = grad_a.T @ x                     # (out, k): the gradient a plain layer would get
@@ -220,12 +220,12 @@ def data_init(vs: list[np.ndarray], x: np.ndarray, init_scale: float = 1.0,
     """
     layers = []
     for i, v in enumerate(vs):
-        t = x @ (v / row_norms(v)[:, None]).T   # step 1, (B, out)
-        mu, sigma = t.mean(axis=0), t.std(axis=0)  # step 2
-        g = init_scale / sigma                    # step 3
+        t = x @ (v / row_norms(v)[:, None]).T      # step 1: (B, out)
+        mu, sigma = t.mean(axis=0), t.std(axis=0)  # step 2: per unit, over the batch
+        g = init_scale / sigma                     # step 3
         b = -mu * g
         layers.append(Layer(g, v, b))
-        a = g * t + b                            # = init_scale * (t - mu) / sigma
+        a = g * t + b                              # = init_scale * (t - mu) / sigma
         x = a if i == len(vs) - 1 else ACTIVATIONS[phi][0](a)  # step 4
     return layers
 
