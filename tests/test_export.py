@@ -1,0 +1,170 @@
+"""Export: a folded wnorm model (plain weights, mean-only BN merged into biases) runs the same
+in ONNX Runtime, TorchScript and ``torch.export``; the non-folded model exports to ONNX and
+``torch.export`` in eval mode too. TorchScript needs the folded model (see the last tests)."""
+
+from __future__ import annotations
+
+import copy
+import io
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import wnorm
+
+pytestmark = pytest.mark.slow  # ~20 s: exporters and ONNX Runtime sessions
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+ATOL = 1e-5
+
+
+def convnet() -> nn.Module:
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        wnorm.MeanOnlyBatchNorm2d(8),
+        nn.LeakyReLU(0.1),
+        nn.Conv2d(8, 8, 3),
+        wnorm.MeanOnlyBatchNorm2d(8),
+        nn.LeakyReLU(0.1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 5),
+    )
+    return wnorm.apply(net)
+
+
+class Tagger(nn.Module):
+    """A two-layer LSTM and a linear head per step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(4, 6, num_layers=2, batch_first=True)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.lstm(x)[0])
+
+
+def trained(kind: str) -> tuple[nn.Module, torch.Tensor]:
+    """A wnorm model after data init and a few Adam steps (running means away from 0), in eval."""
+    torch.manual_seed(0)
+    if kind == "convnet":
+        model, x = convnet(), torch.randn(8, 3, 8, 8)
+        wnorm.data_init(model, x)
+    else:
+        model, x = wnorm.apply(Tagger()), torch.randn(3, 7, 4)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        model(x + 0.5).square().mean().backward()
+        opt.step()
+    return model.eval(), torch.randn_like(x)
+
+
+def reference(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x)
+
+
+def folded(model: nn.Module) -> nn.Module:
+    out = wnorm.fold(copy.deepcopy(model)).eval()
+    assert not any(True for _ in wnorm.normalized_weights(out))
+    assert not any(isinstance(m, wnorm.MeanOnlyBatchNorm2d) for m in out.modules())
+    return out
+
+
+def onnx_outputs(model: nn.Module, x: torch.Tensor, **kwargs) -> torch.Tensor:
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), buf, input_names=["x"], output_names=["y"], **kwargs)
+    onnx.checker.check_model(onnx.load_from_string(buf.getvalue()))
+    sess = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(sess.run(None, {"x": x.numpy()})[0])
+
+
+KINDS = ["convnet", "lstm"]
+
+
+# --------------------------------------------------------------------------- folded
+@pytest.mark.parametrize("kind", KINDS)
+def test_folded_model_to_onnx_runs_the_same_in_onnxruntime(kind: str) -> None:
+    model, x = trained(kind)
+    ref = reference(model, x)
+    plain = folded(model)
+    torch.testing.assert_close(reference(plain, x), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(onnx_outputs(plain, x, dynamo=False), ref, rtol=1e-4, atol=ATOL)
+
+
+def test_folded_convnet_with_the_dynamo_onnx_exporter() -> None:
+    model, x = trained("convnet")
+    got = onnx_outputs(folded(model), x, dynamo=True, verbose=False)
+    torch.testing.assert_close(got, reference(model, x), rtol=1e-4, atol=ATOL)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("how", ["script", "trace"])
+def test_folded_model_to_torchscript(kind: str, how: str) -> None:
+    model, x = trained(kind)
+    plain = folded(model)
+    ts = torch.jit.script(plain) if how == "script" else torch.jit.trace(plain, (x,))
+    buf = io.BytesIO()
+    torch.jit.save(ts, buf)  # and it survives a save/load round trip
+    buf.seek(0)
+    loaded = torch.jit.load(buf)
+    torch.testing.assert_close(reference(loaded, x), reference(model, x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_folded_model_torch_export(kind: str) -> None:
+    model, x = trained(kind)
+    program = torch.export.export(folded(model), (x,))
+    torch.testing.assert_close(reference(program.module(), x), reference(model, x),
+                               rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- not folded
+@pytest.mark.parametrize("kind", KINDS)
+def test_wnorm_model_in_eval_to_onnx_without_folding(kind: str) -> None:
+    model, x = trained(kind)
+    torch.testing.assert_close(onnx_outputs(model, x, dynamo=False), reference(model, x),
+                               rtol=1e-4, atol=ATOL)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_wnorm_model_in_eval_torch_export_without_folding(kind: str) -> None:
+    model, x = trained(kind)
+    program = torch.export.export(model, (x,))
+    torch.testing.assert_close(reference(program.module(), x), reference(model, x),
+                               rtol=1e-5, atol=1e-6)
+    # the program computes w from g and v (no baked-in weight): it follows a change of g
+    module = program.module()
+    with torch.no_grad():
+        for mod in (module, model):
+            for name, p in mod.named_parameters():
+                if name.endswith("_g"):
+                    p.mul_(2.0)
+        wnorm.refresh(model)
+    torch.testing.assert_close(reference(module, x), reference(model, x), rtol=1e-5, atol=1e-6)
+
+
+def test_torchscript_script_needs_folding() -> None:
+    """``torch.jit.script`` cannot compile wnorm's generated classes; fold first (documented)."""
+    model, _ = trained("convnet")
+    with pytest.raises(Exception):
+        torch.jit.script(model)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "library bug: torch.jit.trace of a non-folded wnorm model in eval fails its sanity check "
+    "(the first trace records _weight_norm, the check run under no_grad hits the inference cache "
+    "and records a constant weight); weight_norm.py _weight should skip the cache when "
+    "torch.jit.is_tracing(), as it does when torch.compiler.is_compiling()"))
+def test_wnorm_model_in_eval_jit_trace_without_folding() -> None:
+    model, x = trained("convnet")
+    traced = torch.jit.trace(model, (x,))
+    torch.testing.assert_close(reference(traced, x), reference(model, x), rtol=1e-5, atol=1e-6)
