@@ -211,3 +211,33 @@ def test_import_wnorm_does_not_import_reference() -> None:
     code = "import sys, wnorm; print('wnorm.reference' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# ----------------------------------------------------------------------------- docs/how_it_works.md
+DOC = pathlib.Path(__file__).resolve().parents[1] / "docs" / "how_it_works.md"
+
+
+def _blocks(lang: str) -> list[str]:
+    parts = DOC.read_text().split("```")
+    return [p[len(lang) + 1:] for p in parts[1::2] if p.startswith(lang + "\n")]
+
+
+def _code_lines(text: str) -> list[str]:
+    lines = (line.split("#")[0].strip() for line in text.splitlines())
+    return [line for line in lines if line]
+
+
+def test_doc_snippets_are_quoted_from_reference() -> None:
+    """Every quoted line (comments aside; `def` lines are shown without type hints) is in the
+    reference, so the walk-through cannot drift from the code."""
+    source = set(_code_lines(pathlib.Path(ref.__file__).read_text()))
+    *quotes, _example = _blocks("python")
+    for block in quotes:
+        for line in _code_lines(block):
+            assert line.startswith("def ") or line in source, line
+
+
+def test_doc_example_prints_what_the_doc_says(capsys: pytest.CaptureFixture[str]) -> None:
+    example, expected = _blocks("python")[-1], _blocks("text")[-1]
+    exec(compile(example, str(DOC), "exec"), {})
+    assert capsys.readouterr().out == expected
