@@ -19,7 +19,9 @@ from .checkpoint import (
 )
 from .data_init import InitReport, LayerInit, data_init
 from .errors import WnormError
+from .family import centered_weight_norm, forced_weight_norm, weight_standardization
 from .fold import ChannelShift, fold
+from .init import arpit_init
 from .mean_only_bn import MeanOnlyBatchNorm1d, MeanOnlyBatchNorm2d, MeanOnlyBatchNorm3d
 from .weight_norm import (
     default_dim,
@@ -61,4 +63,8 @@ __all__ = [
     "load_checkpoint",
     "save_checkpoint",
     "FORMATS",
+    "centered_weight_norm",
+    "weight_standardization",
+    "forced_weight_norm",
+    "arpit_init",
 ]

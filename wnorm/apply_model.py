@@ -55,6 +55,7 @@ def apply(
     exclude: Iterable[str | type[nn.Module]] = (),
     dim: int | None | object = _DEFAULT,
     filter: Callable[[str, nn.Module], bool] | None = None,
+    method: Callable[..., nn.Module] = weight_norm,
 ) -> nn.Module:
     r"""Apply :func:`wnorm.weight_norm` (:math:`w = g\,v/\lVert v\rVert`) to every eligible weight.
 
@@ -73,6 +74,9 @@ def apply(
             (e.g. ``["head"]``, ``[nn.ConvTranspose1d]``).
         dim: passed to :func:`weight_norm` (default: each layer type's output-unit axis).
         filter: ``(name, module) -> bool``, a last say on each eligible module.
+        method: the reparameterization (default :func:`wnorm.weight_norm`; also
+            :func:`wnorm.centered_weight_norm`, :func:`wnorm.weight_standardization`,
+            :func:`wnorm.forced_weight_norm`, or a ``functools.partial`` of one).
 
     Returns:
         The same model.
@@ -116,5 +120,5 @@ def apply(
                     f"{mname or '<model>'} ({type(module).__name__}): '{pname}' is already "
                     "weight-normalized by wnorm"
                 )
-            weight_norm(module, pname, dim, where=mname or "<model>")
+            method(module, pname, dim, where=mname or "<model>")
     return model

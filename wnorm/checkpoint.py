@@ -205,7 +205,8 @@ def _pair_dims(model: nn.Module) -> dict[str, int | None]:
     for mname, module in model.named_modules(remove_duplicate=False):
         prefix = mname + "." if mname else ""
         for pname, spec in module.__dict__.get("_wn", {}).items():
-            dims[prefix + pname] = spec.dim
+            if spec.kind == "wn":  # other kinds (centered, ...) load only their own layout
+                dims[prefix + pname] = spec.dim
         found: list[tuple[str, int | None, int]] = []
         for hook in module._forward_pre_hooks.values():
             if isinstance(hook, WeightNorm):

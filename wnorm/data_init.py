@@ -91,6 +91,8 @@ def _reason_cannot(module: nn.Module, is_wn: bool) -> str:
         specs = module.__dict__["_wn"]
         if "weight" not in specs:
             return "its 'weight' is not weight-normalized"
+        if not specs["weight"].has_g:
+            return f"no per-unit g to set ({specs['weight'].kind} weight)"
         if specs["weight"].dim != default_dim(module):
             return f"g is not one per output unit (dim={specs['weight'].dim})"
     if isinstance(module, nn.modules.conv._ConvTransposeNd) and module.groups != 1:

@@ -41,17 +41,32 @@ __all__ = [
 _DEFAULT = object()  # sentinel: "the output-unit axis of this layer type"
 
 
+WN, CENTERED, STANDARDIZED, FORCED = "wn", "centered", "standardized", "forced"
+
+
 class _Spec:
-    """What :func:`weight_norm` recorded for one parameter, plus the inference cache."""
+    """What wnorm recorded for one reparameterized parameter, plus the inference cache.
 
-    __slots__ = ("dim", "where", "gname", "vname", "cache", "g", "v", "gver", "vver")
+    ``kind``: ``"wn"`` (w = g v/||v||), ``"centered"`` (v centered first), ``"standardized"``
+    (w = (v - mean)/std, no g) or ``"forced"`` (v renormalized before each training forward).
+    ``gain``: the fixed gain of a forced-normalized weight without a learned g.
+    """
 
-    def __init__(self, pname: str, dim: int | None, where: str) -> None:
+    __slots__ = ("dim", "where", "gname", "vname", "kind", "eps", "gain",
+                 "cache", "g", "v", "gver", "vver")
+
+    def __init__(self, pname: str, dim: int | None, where: str, kind: str = WN,
+                 eps: float = 0.0, gain: float | None = None) -> None:
         self.dim = dim  # None: one norm for the whole tensor
         self.where = where  # a name for error messages, e.g. "encoder.0 (Conv1d)"
         self.gname = pname + "_g"
         self.vname = pname + "_v"
+        self.kind, self.eps, self.gain = kind, eps, gain
         self.clear()
+
+    @property
+    def has_g(self) -> bool:
+        return self.kind in (WN, CENTERED) or (self.kind == FORCED and self.gain is None)
 
     def clear(self) -> None:
         # The cache is valid while g and v are the same tensors at the same versions.
@@ -60,14 +75,15 @@ class _Spec:
         self.v: Tensor | None = None
         self.gver = self.vver = -1
 
-    def __getstate__(self) -> tuple[str, int | None, str]:
-        return (self.gname[:-2], self.dim, self.where)  # the cache is derived: never pickled
+    def __getstate__(self) -> tuple[Any, ...]:
+        # the cache is derived: never pickled
+        return (self.gname[:-2], self.dim, self.where, self.kind, self.eps, self.gain)
 
-    def __setstate__(self, state: tuple[str, int | None, str]) -> None:
+    def __setstate__(self, state: tuple[Any, ...]) -> None:
         self.__init__(*state)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> _Spec:
-        return _Spec(self.gname[:-2], self.dim, self.where)
+        return _Spec(*self.__getstate__())
 
 
 def default_dim(module: nn.Module, name: str = "weight") -> int:
@@ -105,25 +121,69 @@ def _compute(v: Tensor, g: Tensor, dim: int | None) -> Tensor:
     return torch._weight_norm(v, g, d)
 
 
+def _axes(v: Tensor, dim: int | None) -> list[int]:
+    return [d for d in range(v.dim()) if d != dim]
+
+
+def _centered(v: Tensor, dim: int | None) -> Tensor:
+    axes = _axes(v, dim)
+    return v - v.mean(dim=axes, keepdim=True) if axes else torch.zeros_like(v)
+
+
+def _map(spec: _Spec, v: Tensor, g: Tensor | None) -> Tensor:
+    """The weight of ``spec``'s kind from its parameters (float32 for half-precision ones)."""
+    kind, dim = spec.kind, spec.dim
+    if kind == WN:
+        return _compute(v, g, dim)  # type: ignore[arg-type]
+    low = v.dtype in _LOW
+    x = v.float() if low else v
+    if kind == CENTERED:
+        c = _centered(x, dim)
+        w = c * (g.to(c.dtype) / _norm(c, dim))  # type: ignore[union-attr]
+    elif kind == STANDARDIZED:
+        c = _centered(x, dim)
+        var = (c * c).mean(dim=_axes(x, dim), keepdim=True)
+        w = c * torch.rsqrt(var + spec.eps)
+    else:  # FORCED
+        scale = g.to(x.dtype) if g is not None else spec.gain
+        w = x * (scale / _norm(x, dim))
+    return w.to(v.dtype) if low else w
+
+
+def _renormalize_(v: Tensor, dim: int | None) -> None:
+    """Forced WN (EDM2): put every slice of v back on the sphere of radius sqrt(slice size)."""
+    with torch.no_grad():
+        size = v.numel() // v.shape[dim] if dim is not None else v.numel()
+        v.mul_((size**0.5) / _norm(v.float(), dim).to(v.dtype))
+
+
 def _weight(module: nn.Module, spec: _Spec) -> Tensor:
     # The hot path of every weight-normalized layer: keep it short.
     params = module._parameters
-    g = params[spec.gname]
     v = params[spec.vname]
-    if torch.is_grad_enabled() and (g.requires_grad or v.requires_grad):
-        return _compute(v, g, spec.dim)  # recorded: gradients reach g and v
+    if spec.kind == WN:
+        g = params[spec.gname]
+        if torch.is_grad_enabled() and (g.requires_grad or v.requires_grad):
+            return _compute(v, g, spec.dim)  # recorded: gradients reach g and v
+    else:
+        g = params[spec.gname] if spec.has_g else None
+        if torch.is_grad_enabled() and (v.requires_grad or (g is not None and g.requires_grad)):
+            if spec.kind == FORCED and module.training:
+                _renormalize_(v, spec.dim)
+            return _map(spec, v, g)
     if torch.compiler.is_compiling():
-        return _compute(v, g, spec.dim)
-    if spec.g is g and spec.v is v and spec.gver == g._version and spec.vver == v._version:
+        return _map(spec, v, g)
+    gver = g._version if g is not None else 0
+    if spec.g is g and spec.v is v and spec.gver == gver and spec.vver == v._version:
         return spec.cache  # type: ignore[return-value]
     with torch.no_grad():
-        w = _compute(v, g, spec.dim)
+        w = _map(spec, v, g)
     if not bool(torch.isfinite(w).all()):
         raise WnormError(
             f"{spec.where}: the weight-normalized '{spec.gname[:-2]}' has non-finite values; "
             f"check '{spec.gname}' and '{spec.vname}' for NaN/inf and '{spec.vname}' for zero rows"
         )
-    spec.cache, spec.g, spec.v, spec.gver, spec.vver = w, g, v, g._version, v._version
+    spec.cache, spec.g, spec.v, spec.gver, spec.vver = w, g, v, gver, v._version
     return w
 
 
@@ -302,8 +362,22 @@ def weight_norm(
         >>> torch.allclose(layer.weight.norm(dim=1), layer.weight_g.squeeze(1))
         True
     """
+    return _reparameterize(module, name, dim, WN, where=where)
+
+
+def _reparameterize(
+    module: nn.Module,
+    name: str,
+    dim: int | None | object,
+    kind: str,
+    *,
+    where: str = "",
+    eps: float = 0.0,
+    gain: float | None = None,
+) -> nn.Module:
+    """Check, then replace ``module.<name>`` by ``<name>_g``/``<name>_v`` of ``kind``."""
     if not isinstance(module, nn.Module):
-        raise WnormError(f"weight_norm expects an nn.Module; got {type(module).__name__}")
+        raise WnormError(f"wnorm expects an nn.Module; got {type(module).__name__}")
     label = _describe(module, where)
     specs = module.__dict__.get("_wn", {})
     if name in specs:
@@ -347,32 +421,43 @@ def weight_norm(
         if not bool(torch.isfinite(w).all()):
             bad = int((~torch.isfinite(w)).sum())
             raise WnormError(f"{label}: '{name}' has {bad} non-finite values (NaN or inf)")
-        g = _norm(w.float(), dim).to(w.dtype)  # float32: fp16 sums of squares overflow
-        zero = (g == 0).flatten().nonzero().flatten().tolist()
+        wide = w.float()  # float32: fp16 sums of squares overflow
+        direction = _centered(wide, dim) if kind in (CENTERED, STANDARDIZED) else wide
+        norm = _norm(direction, dim)
+        zero = (norm == 0).flatten().nonzero().flatten().tolist()
         if zero:
             where_txt = "" if dim is None else f" along dim {dim}"
+            what = "zero norm" if kind in (WN, FORCED) else "zero norm after centering (constant)"
             raise WnormError(
-                f"{label}: {len(zero)} of {g.numel()} slices{where_txt} of '{name}' have zero "
-                f"norm (indices {zero[:10]}{'...' if len(zero) > 10 else ''}); weight "
+                f"{label}: {len(zero)} of {norm.numel()} slices{where_txt} of '{name}' have "
+                f"{what} (indices {zero[:10]}{'...' if len(zero) > 10 else ''}); weight "
                 "normalization needs a direction for every output unit"
             )
+        g = norm.to(w.dtype)
+        v = w
+        if kind == FORCED:
+            size = w.numel() // w.shape[dim] if dim is not None else w.numel()
+            v = (wide * ((size**0.5) / norm)).to(w.dtype)
+    spec = _Spec(name, dim, label, kind, eps, gain)
     req = weight.requires_grad
     del module._parameters[name]
-    module.register_parameter(name + "_g", nn.Parameter(g, requires_grad=req))
-    module.register_parameter(name + "_v", nn.Parameter(w, requires_grad=req))
+    if spec.has_g:
+        module.register_parameter(name + "_g", nn.Parameter(g, requires_grad=req))
+    module.register_parameter(name + "_v", nn.Parameter(v, requires_grad=req))
     cls = _wn_class(type(module))
     _ensure_property(cls, name)
     if "_wn" not in module.__dict__:
         object.__setattr__(module, "_wn", {})
-    module.__dict__["_wn"][name] = _Spec(name, dim, label)
+    module.__dict__["_wn"][name] = spec
     module.__class__ = cls
     _refresh_flat_weights(module)
     return module
 
 
 def remove_weight_norm(module: nn.Module, name: str = "weight") -> nn.Module:
-    r"""Undo :func:`weight_norm`: ``module.<name>`` becomes a plain parameter holding
-    :math:`g\,v/\lVert v\rVert`; ``<name>_g`` and ``<name>_v`` go away. When no weight of the
+    r"""Undo :func:`weight_norm` (or any wnorm reparameterization): ``module.<name>`` becomes a
+    plain parameter holding the computed weight, e.g. :math:`g\,v/\lVert v\rVert`;
+    ``<name>_g`` and ``<name>_v`` go away. When no weight of the
     module stays normalized, the module gets its original class back.
 
     Returns:
@@ -384,14 +469,15 @@ def remove_weight_norm(module: nn.Module, name: str = "weight") -> nn.Module:
     specs = module.__dict__.get("_wn", {})
     if name not in specs:
         raise WnormError(f"{_describe(module, '')}: '{name}' is not weight-normalized by wnorm")
-    g = module._parameters[name + "_g"]
-    v = module._parameters[name + "_v"]
+    spec = specs[name]
+    g = module._parameters[spec.gname] if spec.has_g else None
+    v = module._parameters[spec.vname]
     with torch.no_grad():
-        w = _compute(v, g, specs[name].dim).detach().clone()
+        w = _map(spec, v, g).detach().clone()
     req = v.requires_grad
     del specs[name]
-    del module._parameters[name + "_g"]
-    del module._parameters[name + "_v"]
+    module._parameters.pop(spec.gname, None)
+    del module._parameters[spec.vname]
     module._parameters[name] = nn.Parameter(w, requires_grad=req)
     if not specs:
         base = type(module)._wn_base

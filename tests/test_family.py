@@ -1,0 +1,202 @@
+"""Weight normalization's relatives: their invariants, and that they work wherever weight_norm does."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import wnorm
+from wnorm import WnormError
+
+METHODS = {
+    "centered": wnorm.centered_weight_norm,
+    "standardized": wnorm.weight_standardization,
+    "forced": wnorm.forced_weight_norm,
+}
+LAYERS = {
+    "linear": lambda: nn.Linear(7, 5),
+    "conv2d": lambda: nn.Conv2d(3, 4, 3),
+    "convT1d": lambda: nn.ConvTranspose1d(3, 4, 5),
+}
+
+
+def _rows(layer: nn.Module) -> torch.Tensor:
+    w = layer.weight
+    return w.movedim(wnorm.default_dim(layer), 0).flatten(1)
+
+
+def _train(model: nn.Module, x: torch.Tensor, steps: int = 5, lr: float = 0.5) -> list[torch.Tensor]:
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    norms = []
+    for _ in range(steps):
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+        norms.append(_rows_v(model).norm(dim=1).detach().clone())
+    return norms
+
+
+def _rows_v(layer: nn.Module) -> torch.Tensor:
+    return layer.weight_v.movedim(wnorm.default_dim(layer), 0).flatten(1)
+
+
+def _input(layer: nn.Module) -> torch.Tensor:
+    if isinstance(layer, nn.Linear):
+        return torch.randn(16, 7, dtype=torch.float64)
+    if isinstance(layer, nn.Conv2d):
+        return torch.randn(4, 3, 6, 6, dtype=torch.float64)
+    return torch.randn(4, 3, 9, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_centered_rows_have_mean_zero_and_norm_g_after_training(layer):
+    m = wnorm.centered_weight_norm(LAYERS[layer]().double())
+    _train(m, _input(m))
+    rows = _rows(m)
+    g = m.weight_g.flatten()
+    assert rows.mean(1).abs().max() < 1e-12
+    torch.testing.assert_close(rows.norm(dim=1), g.abs(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_standardized_rows_have_mean_zero_and_std_one_after_training(layer):
+    m = wnorm.weight_standardization(LAYERS[layer]().double())
+    assert "weight_g" not in dict(m.named_parameters())
+    _train(m, _input(m))
+    rows = _rows(m)
+    assert rows.mean(1).abs().max() < 1e-12
+    torch.testing.assert_close(rows.std(1, unbiased=False), torch.ones(rows.shape[0], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_forced_keeps_norm_of_v_constant_across_steps(layer):
+    m = wnorm.forced_weight_norm(LAYERS[layer]().double())
+    size = _rows_v(m).shape[1]
+    x = _input(m)
+    norms = _train(m, x, steps=6, lr=2.0)
+    # each step's forward renormalized v to sqrt(size) before the update; plain WN would grow
+    m(x)
+    torch.testing.assert_close(_rows_v(m).norm(dim=1), torch.full_like(norms[0], math.sqrt(size)))
+    plain = wnorm.weight_norm(LAYERS[layer]().double())
+    grown = _train(plain, x, steps=6, lr=2.0)
+    assert (grown[-1] > grown[0]).all()  # the growth forced WN removes (PAPER.md sec. 2)
+
+
+def test_forced_with_fixed_gain_has_no_g_and_rows_of_norm_gain():
+    m = wnorm.forced_weight_norm(nn.Linear(6, 3), gain=0.5)
+    assert "weight_g" not in dict(m.named_parameters())
+    torch.testing.assert_close(m.weight.norm(dim=1), torch.full((3,), 0.5))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_fold_deepcopy_pickle_and_checkpoint_keep_outputs(method):
+    net = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.Conv2d(6, 4, 3), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+    wnorm.apply(net, method=METHODS[method])
+    x = torch.randn(5, 3, 8, 8)
+    _ = net(x).sum().backward()  # a training forward (forced WN renormalizes here)
+    net.eval()
+    with torch.no_grad():
+        ref = net(x)
+        torch.testing.assert_close(copy.deepcopy(net)(x), ref)
+        buf = io.BytesIO()
+        torch.save(net, buf)
+        buf.seek(0)
+        torch.testing.assert_close(torch.load(buf, weights_only=False)(x), ref)
+        twin = wnorm.apply(nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.Conv2d(6, 4, 3), nn.Flatten(),
+                                         nn.Linear(4 * 4 * 4, 3)), method=METHODS[method]).eval()
+        wnorm.load_state_dict(twin, net.state_dict())
+        torch.testing.assert_close(twin(x), ref)
+        folded = wnorm.fold(net)
+        assert not any(wnorm.is_weight_normalized(m) for m in folded.modules())
+        torch.testing.assert_close(folded(x), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_data_init_standardizes_centered_layers_and_reports_those_without_g():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    wnorm.centered_weight_norm(net[0])
+    wnorm.weight_standardization(net[2])
+    wnorm.weight_norm(net[4])
+    x = torch.randn(200, 6) * 3 + 1
+    with pytest.warns(UserWarning, match="no per-unit g"):
+        report = wnorm.data_init(net, x, init_scale=0.5)
+    status = {r.name: r.status for r in report}
+    assert status == {"0": "initialized", "4": "initialized", "2": "skipped"}
+    with torch.no_grad():
+        y0 = net[0](x)
+    torch.testing.assert_close(y0.mean(0), torch.zeros(8), atol=1e-5, rtol=0)
+    torch.testing.assert_close(y0.std(0, unbiased=False), torch.full((8,), 0.5), atol=1e-5, rtol=0)
+
+
+def test_constant_rows_are_refused_by_centered_and_standardized():
+    lin = nn.Linear(4, 2)
+    with torch.no_grad():
+        lin.weight[1] = 3.0
+    for fn in (wnorm.centered_weight_norm, wnorm.weight_standardization):
+        with pytest.raises(WnormError, match=r"1 of 2 slices along dim 0 of 'weight' have zero norm after centering"):
+            fn(copy.deepcopy(lin))
+
+
+def test_bad_arguments():
+    with pytest.raises(WnormError, match="gain must be > 0"):
+        wnorm.forced_weight_norm(nn.Linear(3, 2), gain=0.0)
+    with pytest.raises(WnormError, match="eps must be >= 0"):
+        wnorm.weight_standardization(nn.Linear(3, 2), eps=-1.0)
+    with pytest.raises(WnormError, match="already weight-normalized by wnorm"):
+        wnorm.centered_weight_norm(wnorm.weight_norm(nn.Linear(3, 2)))
+
+
+def _deep_relu(width: int = 256, depth: int = 12) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for _ in range(depth):
+        layers += [nn.Linear(width, width), nn.ReLU()]
+    layers.append(nn.Linear(width, 10))
+    return wnorm.apply(nn.Sequential(*layers))
+
+
+def test_arpit_init_keeps_activation_scale_through_a_deep_relu_net():
+    torch.manual_seed(0)
+    net = _deep_relu()
+    gains = wnorm.arpit_init(net)
+    assert gains["0"] == pytest.approx(math.sqrt(2.0))
+    assert gains["24"] == pytest.approx(math.sqrt(256 / 10))
+    x = torch.randn(512, 256)
+
+    def ratio(model: nn.Sequential) -> float:
+        h = x
+        with torch.no_grad():
+            for m in list(model)[:-1]:  # through the 12th ReLU
+                h = m(h)
+        return (h.pow(2).sum(1).mean() / x.pow(2).sum(1).mean()).item()
+
+    # Arpit et al.: the squared norm per example stays of order 1 through 12 ReLU layers
+    # (finite width drifts it a little); PyTorch's default init loses ~5 orders of magnitude.
+    assert 0.4 < ratio(net) < 2.5, ratio(net)
+    torch.manual_seed(0)
+    assert ratio(_deep_relu()) < 1e-3
+    for name, m in net.named_modules():
+        if wnorm.is_weight_normalized(m):
+            rows = m.weight_v.flatten(1)
+            unit = rows / rows.norm(dim=1, keepdim=True)
+            if rows.shape[0] <= rows.shape[1]:
+                torch.testing.assert_close(unit @ unit.T, torch.eye(rows.shape[0]), atol=1e-5, rtol=0)
+            assert m.bias.abs().max() == 0
+
+
+def test_arpit_init_residual_gains():
+    net = nn.ModuleDict({"stem": nn.Conv2d(3, 8, 3), "b1": nn.Conv2d(8, 8, 3), "b2": nn.Conv2d(8, 8, 3),
+                         "short": nn.Conv2d(8, 16, 1), "fc": nn.Linear(16, 10)})
+    wnorm.apply(net)
+    gains = wnorm.arpit_init(net, block_last=["b2"], shortcuts=["short"], blocks_per_stage=4)
+    assert gains["b2"] == pytest.approx(math.sqrt(72 / (4 * 8)))
+    assert gains["short"] == pytest.approx(math.sqrt(8 / 16))
+    assert gains["b1"] == pytest.approx(math.sqrt(2 * 72 / 8))
+    with pytest.raises(WnormError, match="needs blocks_per_stage"):
+        wnorm.arpit_init(net, block_last=["b2"])
+    with pytest.raises(WnormError, match="call wnorm.apply"):
+        wnorm.arpit_init(nn.Linear(3, 2))

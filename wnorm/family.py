@@ -1,0 +1,137 @@
+r"""Weight normalization's relatives (PAPER.md section 8), usable wherever ``weight_norm`` is:
+:func:`wnorm.apply` (``method=...``), :func:`wnorm.data_init` (where there is a g to set),
+:func:`wnorm.fold`, :func:`wnorm.remove_weight_norm` and checkpoints of the same kind.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .errors import WnormError
+from .weight_norm import _DEFAULT, CENTERED, FORCED, STANDARDIZED, _reparameterize
+
+__all__ = ["centered_weight_norm", "weight_standardization", "forced_weight_norm"]
+
+
+def centered_weight_norm(
+    module: nn.Module, name: str = "weight", dim: int | None | object = _DEFAULT, *, where: str = ""
+) -> nn.Module:
+    r"""Centered weight normalization: :math:`w = g\,\frac{v - \bar v}{\lVert v - \bar v\rVert}`.
+
+    Huang et al., "Centered Weight Normalization in Accelerating Training of Deep Neural
+    Networks", ICCV 2017. Each slice along ``dim`` (each output unit) is centered to mean 0
+    before it is normalized, so every row of ``w`` has mean 0 and norm ``g``. Parameters
+    ``<name>_g`` (kept-dim, starts at the centered norm) and ``<name>_v`` (starts at the weight),
+    like :func:`wnorm.weight_norm`; the layer's function changes by the rows' means.
+
+    Args:
+        module: the module that owns the parameter.
+        name: the parameter's name (default ``"weight"``).
+        dim: the output-unit axis (default: the layer type's, as for ``weight_norm``);
+            ``None`` centers and normalizes the whole tensor.
+        where: a name for the module in error messages.
+
+    Returns:
+        The same module, changed in place.
+
+    Raises:
+        WnormError: as :func:`wnorm.weight_norm`, and for a constant slice (zero after centering).
+
+    Example:
+        >>> import torch, wnorm
+        >>> layer = wnorm.centered_weight_norm(torch.nn.Linear(5, 3))
+        >>> w = layer.weight
+        >>> bool(w.mean(1).abs().max() < 1e-6), torch.allclose(w.norm(dim=1), layer.weight_g.flatten())
+        (True, True)
+    """
+    return _reparameterize(module, name, dim, CENTERED, where=where)
+
+
+def weight_standardization(
+    module: nn.Module,
+    name: str = "weight",
+    dim: int | None | object = _DEFAULT,
+    *,
+    eps: float = 1e-10,
+    where: str = "",
+) -> nn.Module:
+    r"""Weight standardization: :math:`w = \frac{v - \bar v}{\sqrt{\operatorname{var}(v) + \epsilon}}`.
+
+    Qiao et al., "Micro-Batch Training with Batch-Channel Normalization and Weight
+    Standardization", 2019 (arXiv:1903.10520). Each slice along ``dim`` gets mean 0 and
+    standard deviation 1 (population variance); there is no g, so the scale is left to a
+    following normalization layer (the paper pairs it with GroupNorm). Parameter: ``<name>_v``.
+
+    Args:
+        module: the module that owns the parameter.
+        name: the parameter's name (default ``"weight"``).
+        dim: the output-unit axis (default: the layer type's); ``None``: the whole tensor.
+        eps: added to the variance (default 1e-10, so rows really have std 1).
+        where: a name for the module in error messages.
+
+    Returns:
+        The same module, changed in place.
+
+    Raises:
+        WnormError: as :func:`wnorm.weight_norm`, for a constant slice, or ``eps < 0``.
+
+    Example:
+        >>> import torch, wnorm
+        >>> conv = wnorm.weight_standardization(torch.nn.Conv2d(3, 4, 3))
+        >>> w = conv.weight.flatten(1)
+        >>> bool(w.mean(1).abs().max() < 1e-6), bool((w.std(1, unbiased=False) - 1).abs().max() < 1e-5)
+        (True, True)
+    """
+    if not eps >= 0:
+        raise WnormError(f"weight_standardization: eps must be >= 0; got {eps!r}")
+    return _reparameterize(module, name, dim, STANDARDIZED, where=where, eps=float(eps))
+
+
+def forced_weight_norm(
+    module: nn.Module,
+    name: str = "weight",
+    dim: int | None | object = _DEFAULT,
+    *,
+    gain: float | None = None,
+    where: str = "",
+) -> nn.Module:
+    r"""Forced weight normalization: :math:`w = g\,v/\lVert v\rVert` with :math:`\lVert v\rVert`
+    held fixed.
+
+    Karras et al., "Analyzing and Improving the Training Dynamics of Diffusion Models" (EDM2),
+    CVPR 2024. Before every training forward (module in train mode, autograd recording) each
+    slice of ``v`` is renormalized in place to norm :math:`\sqrt{n}` (n = its size, so entries are
+    of order 1), which removes the growth of :math:`\lVert v\rVert` that plain weight
+    normalization relies on to lower its effective learning rate (PAPER.md section 2); the
+    forward still differentiates through :math:`v/\lVert v\rVert`, so gradients are projected
+    as in eq. 4. ``gain=None`` (default) keeps a learned ``<name>_g`` per unit, starting at the
+    weight's norm (the function is unchanged at the start); a float fixes the gain, as EDM2 does,
+    and there is no ``<name>_g``.
+
+    Args:
+        module: the module that owns the parameter.
+        name: the parameter's name (default ``"weight"``).
+        dim: the output-unit axis (default: the layer type's); ``None``: the whole tensor.
+        gain: a fixed gain instead of a learned g (default None: learned).
+        where: a name for the module in error messages.
+
+    Returns:
+        The same module, changed in place.
+
+    Raises:
+        WnormError: as :func:`wnorm.weight_norm`, or a non-positive ``gain``.
+
+    Example:
+        >>> import torch, wnorm
+        >>> layer = wnorm.forced_weight_norm(torch.nn.Linear(16, 4))
+        >>> opt = torch.optim.SGD(layer.parameters(), lr=1.0)
+        >>> for _ in range(3):
+        ...     opt.zero_grad(); layer(torch.randn(8, 16)).pow(2).sum().backward(); opt.step()
+        >>> _ = layer(torch.randn(8, 16))  # the training forward renormalizes v
+        >>> torch.allclose(layer.weight_v.norm(dim=1), torch.full((4,), 4.0))  # sqrt(16)
+        True
+    """
+    if gain is not None and not gain > 0:
+        raise WnormError(f"forced_weight_norm: gain must be > 0 or None; got {gain!r}")
+    return _reparameterize(module, name, dim, FORCED, where=where,
+                           gain=None if gain is None else float(gain))

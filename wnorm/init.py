@@ -1,0 +1,105 @@
+r"""Initialization without data for weight-normalized networks (Arpit, Campos & Bengio, 2019)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from fnmatch import fnmatchcase
+
+import torch
+from torch import nn
+
+from .errors import WnormError
+from .weight_norm import default_dim
+
+__all__ = ["arpit_init"]
+
+
+def _match(name: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatchcase(name, p) for p in patterns)
+
+
+def arpit_init(
+    model: nn.Module,
+    *,
+    linear: Iterable[str] | None = None,
+    block_last: Iterable[str] = (),
+    shortcuts: Iterable[str] = (),
+    blocks_per_stage: int | None = None,
+) -> dict[str, float]:
+    r"""Arpit et al.'s init for weight-normalized ReLU networks and ResNets, no data needed.
+
+    .. math::
+        v \sim \text{orthogonal},\quad b = 0,\quad
+        g = \sqrt{2\,\mathrm{fan_{in}}/\mathrm{fan_{out}}}\ \text{(layers followed by ReLU)},\quad
+        g = \sqrt{\mathrm{fan_{in}}/(N\,\mathrm{fan_{out}})}\ \text{(a block's last conv)},\quad
+        g = \sqrt{\mathrm{fan_{in}}/\mathrm{fan_{out}}}\ \text{(shortcuts, linear outputs)}
+
+    Arpit, Campos & Bengio, "How to Initialize your Network? Robust Initialization for
+    WeightNorm & ResNets", NeurIPS 2019 (arXiv:1906.02341). With orthonormal rows, a layer maps
+    a fan_in-dimensional input of squared norm :math:`\lVert x\rVert^2` to an output of expected
+    squared norm :math:`g^2\,\mathrm{fan_{out}}/\mathrm{fan_{in}}\,\lVert x\rVert^2`; the gains
+    above keep activations' scale through ReLU (which halves it) and through N residual blocks
+    per stage. For convolutions, fan_in is ``in_channels/groups * kernel size`` (the slice of
+    ``v`` per output unit) and fan_out is ``out_channels``.
+
+    Args:
+        model: a model with weight-normalized layers (``wnorm.apply`` first); changed in place.
+        linear: glob patterns of layers not followed by a ReLU (default: the last
+            weight-normalized layer in module order, the classifier).
+        block_last: glob patterns of each residual block's last conv (needs ``blocks_per_stage``).
+        shortcuts: glob patterns of shortcut (projection) layers.
+        blocks_per_stage: N, residual blocks per stage.
+
+    Returns:
+        ``{layer name: g}`` for every initialized layer.
+
+    Raises:
+        WnormError: no weight-normalized layer with a learned per-unit g, ``block_last`` without
+            ``blocks_per_stage``, or a layer with more units than fan_in can't have orthonormal
+            rows (it then gets orthonormal columns; reported only if the shape is degenerate).
+
+    Example:
+        >>> import torch, wnorm
+        >>> net = wnorm.apply(torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(),
+        ...                                        torch.nn.Linear(32, 10)))
+        >>> gains = wnorm.arpit_init(net)
+        >>> {k: round(v, 3) for k, v in gains.items()}
+        {'0': 2.0, '2': 1.789}
+    """
+    block_last, shortcuts = list(block_last), list(shortcuts)
+    if block_last and not blocks_per_stage:
+        raise WnormError("arpit_init: block_last needs blocks_per_stage (N blocks per stage)")
+    layers = []
+    for mname, m in model.named_modules():
+        spec = m.__dict__.get("_wn", {}).get("weight")
+        if spec is not None and spec.has_g and spec.dim == default_dim(m):
+            layers.append((mname or "<model>", m, spec))
+    if not layers:
+        raise WnormError(
+            "arpit_init: no weight-normalized layer with a per-unit g in "
+            f"{type(model).__name__}; call wnorm.apply(model) first"
+        )
+    linear = [layers[-1][0]] if linear is None else list(linear)
+    gains: dict[str, float] = {}
+    with torch.no_grad():
+        for mname, m, spec in layers:
+            v = m._parameters[spec.vname]
+            g = m._parameters[spec.gname]
+            units = v.shape[spec.dim]
+            flat = v.movedim(spec.dim, 0).reshape(units, -1)
+            fan_in = flat.shape[1]
+            q = torch.empty_like(flat, dtype=torch.float32)
+            nn.init.orthogonal_(q)
+            v.copy_(q.reshape(v.movedim(spec.dim, 0).shape).movedim(0, spec.dim))
+            if _match(mname, shortcuts) or _match(mname, linear):
+                gain = math.sqrt(fan_in / units)
+            elif _match(mname, block_last):
+                gain = math.sqrt(fan_in / (blocks_per_stage * units))  # type: ignore[operator]
+            else:
+                gain = math.sqrt(2.0 * fan_in / units)
+            g.fill_(gain)
+            if getattr(m, "bias", None) is not None:
+                m.bias.zero_()
+            gains[mname] = gain
+    return gains
