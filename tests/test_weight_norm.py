@@ -42,7 +42,7 @@ def loss_of(out) -> torch.Tensor:
 # (id, factory, parameter name, dim, input shape); dim "default" = the layer's output-unit axis
 CASES = [
     ("linear", lambda: nn.Linear(5, 4), "weight", "default", (3, 5)),
-    ("linear-dim-1", lambda: nn.Linear(5, 4), "weight", -1, (3, 5)),
+    ("linear-dim1", lambda: nn.Linear(5, 4), "weight", 1, (3, 5)),
     ("linear-dimNone", lambda: nn.Linear(5, 4), "weight", None, (3, 5)),
     ("conv2d", lambda: nn.Conv2d(2, 3, 3), "weight", "default", (2, 2, 4, 4)),
     ("conv2d-dimNone", lambda: nn.Conv2d(2, 3, 3), "weight", None, (2, 2, 4, 4)),
@@ -59,7 +59,7 @@ def _setup(factory, name, dim, shape):
     kw = {} if dim == "default" else {"dim": dim}
     wn = wnorm.weight_norm(copy.deepcopy(base), name, **kw)
     d = wn._wn[name].dim  # the resolved axis (int >= 0 or None)
-    expected_d = {"default": wnorm.default_dim(base, name), -1: 1, None: None}[dim]
+    expected_d = {"default": wnorm.default_dim(base, name), 1: 1, None: None}[dim]
     assert d == expected_d
     g, v = getattr(wn, name + "_g"), getattr(wn, name + "_v")
     with torch.no_grad():  # move g away from ||v|| so that g and ||v|| play different roles
@@ -468,10 +468,19 @@ def test_unknown_parameter_name():
         wnorm.weight_norm(nn.Linear(3, 4), "wieght")
 
 
-@pytest.mark.parametrize("dim", [2, -3, 5])
+@pytest.mark.parametrize("dim", [2, 5])
 def test_dim_out_of_range(dim):
-    with pytest.raises(WnormError, match=rf"Linear: dim {dim} is out of range for 'weight' of shape \(4, 3\)"):
+    with pytest.raises(WnormError, match=rf"Linear: dim {dim} is out of range for 'weight' of "
+                                         r"shape \(4, 3\) \(expected None or 0 <= dim < 2\)"):
         wnorm.weight_norm(nn.Linear(3, 4), dim=dim)
+
+
+@pytest.mark.parametrize("dim", [-1, -3])
+def test_negative_dim_is_refused_as_ambiguous(dim):
+    m = nn.Linear(3, 4)
+    with pytest.raises(WnormError, match=rf"Linear: dim {dim} is ambiguous.*dim=None"):
+        wnorm.weight_norm(m, dim=dim)
+    assert "weight" in m._parameters
 
 
 def test_dim_not_an_int():
