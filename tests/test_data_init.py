@@ -215,13 +215,15 @@ def test_mean_only_bn_with_wn_train_mode():
     assert_standardized(first_outputs(copy.deepcopy(model), layers, x), layers, 1.0)
 
 
-@pytest.mark.xfail(strict=True, reason="data_init in eval mode: mean-only BN subtracts its old "
-                   "running mean during the init pass, then gets a new one, so the layers after "
-                   "it were initialized on inputs they no longer see")
 def test_mean_only_bn_with_wn_eval_mode():
+    """In eval mode the layers after a mean-only BN must be initialized on the input they see
+    with the new running mean (not the old one the init pass started with)."""
     model = wnorm.apply(_wn_mobn_net()).eval()
     x = torch.randn(24, 3, 6, 6, dtype=D)
     wnorm.data_init(model, x)
+    means = _mobn_batch_means(model, x)
+    for n in ("1", "5", "8"):
+        torch.testing.assert_close(model[int(n)].running_mean, means[n], rtol=1e-6, atol=1e-7)
     layers = {n: model[int(n)] for n in ("0", "3", "7")}
     assert_standardized(first_outputs(model, layers, x), layers, 1.0)
 
