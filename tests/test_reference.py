@@ -84,24 +84,16 @@ def _both_inits(tol: float) -> None:
     np.testing.assert_allclose(out, ref.mlp_forward(layers, x), rtol=0, atol=tol)
 
 
-def test_data_init_matches_wnorm_data_init_float32_statistics() -> None:
-    """A 3-layer MLP, the same v and batch: wnorm.data_init gives the reference's g and b to
-    float32 precision (it computes the statistics in float32, see the xfail below)."""
-    _both_inits(1e-6)
-
-
-@pytest.mark.xfail(strict=True, reason=(
-    "wnorm.data_init computes mu[t], sigma[t] and the standardized output in float32 "
-    "(y.detach().float()) even for a float64 model, so a float64 init agrees only to ~1e-7"))
 def test_data_init_matches_wnorm_data_init_to_1e10() -> None:
+    """A 3-layer MLP, the same v and batch, float64: wnorm.data_init gives the reference's g, b
+    and outputs to 1e-10 (its statistics are float32 at least, float64 for a float64 model)."""
     _both_inits(1e-10)
 
 
-def test_wnorm_data_init_statistics_are_float32_for_float64_model() -> None:
-    """The cause of the xfail above, shown directly: the report's sigma of a float64 model."""
+def test_wnorm_data_init_statistics_keep_float64() -> None:
     net = _torch_mlp(ref.init_v([5, 8, 8, 3], np.random.default_rng(3)))
     report = wnorm.data_init(net, torch.randn(16, 5, dtype=torch.float64))
-    assert {r.sigma.dtype for r in report} == {torch.float32}
+    assert {r.sigma.dtype for r in report} == {torch.float64}
 
 
 # ----------------------------------------------------------------------------- self-consistency

@@ -131,7 +131,8 @@ class _Initializer:
         name = self.names[module]
         axis = _unit_axis(module, y)
         units = y.shape[axis] if y.dim() else 0
-        t = y.detach().float().movedim(axis, 0).reshape(units, -1)
+        wide = torch.promote_types(y.dtype, torch.float32)  # float32 at least; float64 stays
+        t = y.detach().to(wide).movedim(axis, 0).reshape(units, -1)
         count = torch.tensor([float(t.shape[1])], device=t.device)
         total = _reduce(torch.cat([t.sum(1), count]), self.group)
         n = float(total[-1])
@@ -162,7 +163,7 @@ class _Initializer:
         self.done[module] = LayerInit(name, type(module).__name__, "initialized", "",
                                       mu.cpu(), sigma.cpu())
         shape = _along(y.dim(), axis, units)
-        out = (y.float() - mu.view(shape)) * scale.view(shape)
+        out = (y.to(wide) - mu.view(shape)) * scale.view(shape)
         if module.bias is None:
             out = out + mu.view(shape) * scale.view(shape)  # no bias: the mean stays
         return out.to(y.dtype)
@@ -192,7 +193,7 @@ def data_init(
     standardized output on, so later layers are initialized on what they will see. Residual
     branches, shared modules (initialized at their first call) and nested containers work,
     because the init follows the forward pass itself. Statistics are computed in float32, over
-    the batch and every spatial position; under ``torch.distributed`` they are all-reduced, so
+    the batch and every spatial position (float64 for a float64 model); under ``torch.distributed`` they are all-reduced, so
     every rank gets the same ``g`` and ``b`` as one process on the union of the ranks' batches.
     Mean-only batch norm layers get the batch mean of their input as their running mean.
 
@@ -271,25 +272,33 @@ def data_init(
     def mobn_pre(module: nn.Module, inp: tuple[Any, ...]) -> None:
         if module in mobn_means or not module.track_running_stats:
             return
-        x = inp[0].detach().float()
+        x = inp[0].detach()
+        x = x.to(torch.promote_types(x.dtype, torch.float32))
         dims = [0] + list(range(2, x.dim()))
         total = _reduce(torch.cat([x.sum(dim=dims), torch.tensor([x.numel() / x.shape[1]],
                                                                   device=x.device)]), process_group)
-        mobn_means[module] = total[:-1] / total[-1]
+        mean = total[:-1] / total[-1]
+        mobn_means[module] = mean
+        # set it before the layer runs: in eval mode the layer subtracts its running mean, and
+        # the layers after it must be initialized on what they will see from now on
+        module.running_mean.copy_(mean.to(module.running_mean.dtype))
 
     for _, m in mobn:
         handles.append(m.register_forward_pre_hook(mobn_pre))
 
-    saved = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
+    # What the pass may change: g, biases and plain weights of the targets, running means.
+    touched = [t for m in names for t in (m._parameters.get("weight_g"), m._parameters.get("bias"),
+                                          None if is_wn[m] else m._parameters.get("weight"))
+               if t is not None]
+    touched += [t for _, m in mobn for t in (m.running_mean, m.num_batches_tracked) if t is not None]
+    saved = [t.detach().clone() for t in touched]
     try:
         with torch.no_grad():
             model(*args, **kwargs)
-            for m, mean in mobn_means.items():
-                m.running_mean.copy_(mean.to(m.running_mean.dtype))
     except BaseException:
         with torch.no_grad():  # leave the model as it was: no half-initialized network
-            for k, v in model.state_dict(keep_vars=True).items():
-                v.copy_(saved[k])
+            for t, old in zip(touched, saved):
+                t.copy_(old)
         raise
     finally:
         for h in handles:
