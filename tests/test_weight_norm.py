@@ -289,6 +289,17 @@ class TestInferenceCache:
             wnorm.refresh(m)
             torch.testing.assert_close(m.weight, 2 * w1)
 
+    def test_dtype_move_invalidates(self):
+        m, x = self._layer()
+        with torch.no_grad():
+            y32 = m(x)
+            m.double()
+            assert m.weight.dtype == D
+            torch.testing.assert_close(m(x.double()), y32.double(), rtol=1e-6, atol=1e-6)
+            m.float()
+            assert m.weight.dtype == torch.float32
+            torch.testing.assert_close(m(x), y32, rtol=1e-6, atol=1e-6)
+
     def test_lstm_eval_reuses_weights(self):
         lstm = wnorm.apply(nn.LSTM(3, 4)).eval()
         x = torch.randn(5, 2, 3)
