@@ -1,0 +1,71 @@
+"""wnorm.repro end to end: the command line trains every variant for one tiny epoch on fake
+Fashion-MNIST files, writes valid run folders, and the report turns them into a PNG and a table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from wnorm.repro.__main__ import main
+from wnorm.repro.models import VARIANTS
+from wnorm.repro.report import report
+
+from test_repro_datasets import _write_fashion
+
+pytestmark = pytest.mark.slow
+
+
+def test_every_variant_trains_and_reports(tmp_path: Path, capsys) -> None:
+    data_dir, out = tmp_path / "fashion", tmp_path / "runs"
+    _write_fashion(data_dir, n_train=40, n_test=20)
+    argv = ["classify", "--dataset", "fashion-mnist", "--data-dir", str(data_dir),
+            "--variants", ",".join(VARIANTS), "--seeds", "0,1", "--epochs", "2",
+            "--width", "0.04", "--batch-size", "20", "--init-examples", "20",
+            "--threads", "1", "--no-progress", "--device", "cpu", "--out", str(out)]
+    assert main(argv) == 0
+    folders = sorted(p for p in out.iterdir() if p.is_dir())
+    assert [f.name for f in folders] == sorted(f"fashion-mnist-{v}-s{s}" for v in VARIANTS
+                                               for s in (0, 1))
+    for f in folders:
+        config = json.loads((f / "config.json").read_text())
+        assert config["epochs"] == 2 and config["decay_start"] == 1 and config["zca"] is False
+        assert config["data"]["train"] == 40
+        version = json.loads((f / "version.json").read_text())
+        assert {"git_commit", "wnorm", "torch", "hardware"} <= set(version)
+        rows = [json.loads(line) for line in (f / "metrics.jsonl").read_text().splitlines()]
+        assert [r["epoch"] for r in rows] == [1, 2]
+        for r in rows:
+            assert 0 <= r["train_error"] <= 1 and 0 <= r["test_error"] <= 1
+            assert r["seconds"] > 0 and r["train_loss"] > 0
+        assert rows[1]["beta1"] == 0.5 and rows[0]["beta1"] == 0.9
+        assert "epoch 2/2" in (f / "log.txt").read_text()
+
+    capsys.readouterr()
+    assert main(["report", str(out), "--out", str(tmp_path / "rep"), "--target-error", "95"]) == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    png = (tmp_path / "rep" / "training_error.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    for v in VARIANTS:
+        assert f"| {v} |" in md
+    assert "| 2 |" in md  # two seeds per variant
+    assert "8.43" in md and "7.31" in md  # the paper's Table 1 beside the runs
+    assert "epochs to 95% train error" in md
+    assert "training error: weightnorm" in md  # the WN-vs-normal sentence, from the data
+    assert "width 0.04" in md and "2 epochs" in md
+
+
+def test_report_rejects_empty_folder(tmp_path: Path) -> None:
+    from wnorm import WnormError
+
+    with pytest.raises(WnormError, match="no run folder"):
+        report([tmp_path], tmp_path / "out")
+    assert main(["report", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+
+
+def test_missing_dataset_is_a_clean_cli_error(tmp_path: Path, capsys) -> None:
+    code = main(["classify", "--data-dir", str(tmp_path), "--epochs", "1", "--no-download",
+                 "--out", str(tmp_path / "runs")])
+    assert code == 2
+    assert "apt-get install dataset-fashion-mnist" in capsys.readouterr().err
