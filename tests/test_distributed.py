@@ -149,11 +149,6 @@ def test_data_init_eval_mode_same_on_every_rank_and_equals_union(ranks) -> None:
     _check_init(ranks, "eval")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "library bug: in train mode a MeanOnlyBatchNorm subtracts its rank's own batch mean during "
-    "the data_init pass (mean_only_bn.py forward), not the all-reduced mean data_init computes "
-    "for its running_mean, so layers after it are initialized on other inputs than one process "
-    "on the union (ranks agree with each other, not with the union)"))
 def test_data_init_train_mode_same_on_every_rank_and_equals_union(ranks) -> None:
     _check_init(ranks, "train")
 

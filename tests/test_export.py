@@ -159,11 +159,6 @@ def test_torchscript_script_needs_folding() -> None:
         torch.jit.script(model)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "library bug: torch.jit.trace of a non-folded wnorm model in eval fails its sanity check "
-    "(the first trace records _weight_norm, the check run under no_grad hits the inference cache "
-    "and records a constant weight); weight_norm.py _weight should skip the cache when "
-    "torch.jit.is_tracing(), as it does when torch.compiler.is_compiling()"))
 def test_wnorm_model_in_eval_jit_trace_without_folding() -> None:
     model, x = trained("convnet")
     traced = torch.jit.trace(model, (x,))

@@ -150,8 +150,6 @@ def test_fold_on_mean_only_bn_itself():
     torch.testing.assert_close(shift(x), before)
 
 
-@pytest.mark.xfail(strict=True, reason="fold adds the mean-only BN shift into the bias of the "
-                   "preceding layer even when that layer is shared, changing its other uses")
 def test_shared_preceding_layer():
     shared = nn.Linear(4, 4)
     model = wnorm.apply(nn.Sequential(shared, MeanOnlyBatchNorm1d(4), nn.Tanh(), shared))

@@ -189,11 +189,9 @@ def test_state_dict_keys_and_weight_formula(layer, name, g_shape, rows):
     torch.testing.assert_close(getattr(layer, name), expected)
 
 
-_F32_NORM = ("weight_norm computes the initial g as _norm(w.float(), dim).to(w.dtype): float64 "
-             "weights lose precision, and norms outside float32's range become 0 or inf")
+# float64 weights are normalized in float64: exact start, no float32 under/overflow.
 
 
-@pytest.mark.xfail(strict=True, reason=_F32_NORM)
 def test_float64_weight_starts_exact():
     m = nn.Linear(3, 4).to(D)
     w0 = m.weight.detach().clone()
@@ -202,7 +200,6 @@ def test_float64_weight_starts_exact():
     torch.testing.assert_close(m.weight.detach(), w0, rtol=1e-14, atol=0)
 
 
-@pytest.mark.xfail(strict=True, reason=_F32_NORM)
 def test_float64_tiny_rows_are_not_zero():
     m = nn.Linear(3, 4).to(D)
     with torch.no_grad():
@@ -212,7 +209,6 @@ def test_float64_tiny_rows_are_not_zero():
     torch.testing.assert_close(m.weight.detach(), w0)
 
 
-@pytest.mark.xfail(strict=True, reason=_F32_NORM)
 def test_float64_large_rows_give_finite_g():
     m = nn.Linear(3, 4).to(D)
     with torch.no_grad():
@@ -547,8 +543,6 @@ def test_assigning_normalized_weight_tensor(value):
         m.weight = value
 
 
-@pytest.mark.xfail(strict=True, reason="nn.Module.__setattr__ registers Parameters before the "
-                   "property setter runs, so a Parameter assignment raises KeyError")
 def test_assigning_normalized_weight_parameter():
     m = wnorm.weight_norm(nn.Linear(3, 4))
     with pytest.raises(WnormError, match=r"Linear: 'weight' is weight-normalized"):

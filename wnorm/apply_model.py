@@ -40,7 +40,12 @@ def _weight_names(module: nn.Module) -> list[str]:
     if isinstance(module, nn.RNNBase):
         return [n for n in module._flat_weights_names if n.startswith("weight_")]
     p = module._parameters.get("weight")
-    return ["weight"] if p is not None and p.dim() >= 1 else []
+    already = (
+        "weight" in module.__dict__.get("_wn", ())
+        or "weight_g" in module._parameters
+        or "weight" in getattr(module, "parametrizations", {})
+    )  # let weight_norm say what normalized it
+    return ["weight"] if already or (p is not None and p.dim() >= 1) else []
 
 
 def _matches(name: str, patterns: Iterable[str]) -> bool:

@@ -270,7 +270,7 @@ def data_init(
     mobn_means: dict[nn.Module, Tensor] = {}
 
     def mobn_pre(module: nn.Module, inp: tuple[Any, ...]) -> None:
-        if module in mobn_means or not module.track_running_stats:
+        if module in mobn_means:
             return
         x = inp[0].detach()
         x = x.to(torch.promote_types(x.dtype, torch.float32))
@@ -281,10 +281,23 @@ def data_init(
         mobn_means[module] = mean
         # set it before the layer runs: in eval mode the layer subtracts its running mean, and
         # the layers after it must be initialized on what they will see from now on
-        module.running_mean.copy_(mean.to(module.running_mean.dtype))
+        if module.track_running_stats:
+            module.running_mean.copy_(mean.to(module.running_mean.dtype))
+
+    def mobn_post(module: nn.Module, inp: tuple[Any, ...], out: Tensor) -> Tensor | None:
+        # subtract the (all-reduced) init mean, not this rank's batch mean, so that every
+        # later layer is initialized on what one process on the union would have seen
+        mean = mobn_means.get(module)
+        if mean is None:
+            return None
+        if module.track_running_stats:  # a train-mode forward moved it toward the local mean
+            module.running_mean.copy_(mean.to(module.running_mean.dtype))
+        x = inp[0]
+        return x + (module.bias - mean.to(x.dtype)).view((1, -1) + (1,) * (x.dim() - 2))
 
     for _, m in mobn:
         handles.append(m.register_forward_pre_hook(mobn_pre))
+        handles.append(m.register_forward_hook(mobn_post))
 
     # What the pass may change: g, biases and plain weights of the targets, running means.
     touched = [t for m in names for t in (m._parameters.get("weight_g"), m._parameters.get("bias"),

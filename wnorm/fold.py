@@ -63,7 +63,7 @@ def fold(model: nn.Module) -> nn.Module:
     :math:`w = g\,v/\lVert v\rVert` (its module gets its original class back), and every
     mean-only batch norm folds its eval-mode affine map :math:`x \mapsto x - \mu_{\text{running}}
     + b` into the bias of the layer right before it in an ``nn.Sequential`` (Linear or ConvNd
-    with the same channel count); where there is no such layer it becomes a
+    with the same channel count, used nowhere else); where there is no such layer it becomes a
     :class:`ChannelShift` adding the constant. Eval outputs are unchanged (float32, to ~1e-6);
     train-mode mean-only BN used batch means, which no folded model reproduces, so fold is for
     eval use.
@@ -97,6 +97,9 @@ def fold(model: nn.Module) -> nn.Module:
         remove_weight_norm(module, pname)
     if isinstance(model, _MeanOnlyBatchNorm):
         return ChannelShift(_shift_of(model, "<model>"))
+    uses: dict[int, int] = {}
+    for m in model.modules(remove_duplicate=False):
+        uses[id(m)] = uses.get(id(m), 0) + 1
     for pname, parent in list(model.named_modules()):
         children = list(parent.named_children())
         for i, (cname, child) in enumerate(children):
@@ -105,7 +108,8 @@ def fold(model: nn.Module) -> nn.Module:
             where = f"{pname}.{cname}" if pname else cname
             shift = _shift_of(child, where)
             prev = children[i - 1][1] if isinstance(parent, nn.Sequential) and i > 0 else None
-            if prev is not None and _absorb(prev, shift):
+            # a layer used elsewhere too would carry the shift into its other uses
+            if prev is not None and uses[id(prev)] == 1 and _absorb(prev, shift):
                 setattr(parent, cname, nn.Identity())
             else:
                 setattr(parent, cname, ChannelShift(shift))

@@ -154,7 +154,8 @@ def _renormalize_(v: Tensor, dim: int | None) -> None:
     """Forced WN (EDM2): put every slice of v back on the sphere of radius sqrt(slice size)."""
     with torch.no_grad():
         size = v.numel() // v.shape[dim] if dim is not None else v.numel()
-        v.mul_((size**0.5) / _norm(v.float(), dim).to(v.dtype))
+        wide = v.float() if v.dtype in _LOW else v
+        v.mul_(((size**0.5) / _norm(wide, dim)).to(v.dtype))
 
 
 def _weight(module: nn.Module, spec: _Spec) -> Tensor:
@@ -171,8 +172,8 @@ def _weight(module: nn.Module, spec: _Spec) -> Tensor:
             if spec.kind == FORCED and module.training:
                 _renormalize_(v, spec.dim)
             return _map(spec, v, g)
-    if torch.compiler.is_compiling():
-        return _map(spec, v, g)
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return _map(spec, v, g)  # a graph must compute the weight, not capture a constant
     gver = g._version if g is not None else 0
     if spec.g is g and spec.v is v and spec.gver == gver and spec.vver == v._version:
         return spec.cache  # type: ignore[return-value]
@@ -208,6 +209,14 @@ def _wn_property(pname: str) -> property:
         self.__dict__[pname] = value
 
     return property(fget, fset, doc=f"``{pname}`` computed as g * v / ||v||")
+
+
+def _setattr(self: nn.Module, name: str, value: Any) -> None:
+    # nn.Module.__setattr__ registers Parameters itself (the property's setter never runs):
+    # refuse them here for a normalized name, with the same message.
+    if isinstance(value, nn.Parameter) and name in self.__dict__.get("_wn", ()):
+        type(self).__dict__[name].fset(self, value)
+    type(self)._wn_base.__setattr__(self, name, value)
 
 
 def _reduce_ex(self: nn.Module, protocol: int) -> tuple[Any, ...]:
@@ -288,6 +297,7 @@ def _wn_class(base: type) -> type:
         ns: dict[str, Any] = {
             "_wn_base": base,
             "__reduce_ex__": _reduce_ex,
+            "__setattr__": _setattr,
             "extra_repr": _extra_repr,
             "train": _train,
             "_apply": _apply_fn,
@@ -343,7 +353,8 @@ def weight_norm(
         dim: the output-unit axis, one g per slice along it. Default: 0 for Linear, ConvNd,
             Embedding and RNN weights, 1 for ConvTransposeNd (weight ``(in, out, *k)``).
             ``None``: one norm, and one scalar g, for the whole tensor. Negative values are
-            refused: PyTorch reads ``dim=-1`` as "whole tensor", Python as "last axis".
+            refused (an error): PyTorch reads ``dim=-1`` as "whole tensor", Python as "last
+            axis", so either reading would silently surprise someone.
         where: a name for the module in error messages (``wnorm.apply`` passes its path).
 
     Returns:
@@ -421,9 +432,14 @@ def _reparameterize(
         if not bool(torch.isfinite(w).all()):
             bad = int((~torch.isfinite(w)).sum())
             raise WnormError(f"{label}: '{name}' has {bad} non-finite values (NaN or inf)")
-        wide = w.float()  # float32: fp16 sums of squares overflow
+        wide = w.float() if w.dtype in _LOW else w  # fp16 sums of squares overflow
         direction = _centered(wide, dim) if kind in (CENTERED, STANDARDIZED) else wide
         norm = _norm(direction, dim)
+        if not bool(torch.isfinite(norm).all()) or not bool(torch.isfinite(norm.to(w.dtype)).all()):
+            raise WnormError(
+                f"{label}: the norms of '{name}' overflow {w.dtype} (largest |entry| "
+                f"{float(w.abs().max()):.3g}); rescale the weight or use a wider dtype"
+            )
         zero = (norm == 0).flatten().nonzero().flatten().tolist()
         if zero:
             where_txt = "" if dim is None else f" along dim {dim}"
