@@ -310,7 +310,9 @@ def _train(cfg: Config, data: ImageData, dist: Dist, device: torch.device, folde
                   dropout=cfg.dropout).to(device)
     order = torch.Generator().manual_seed(cfg.seed)  # the same data order on every rank
     init_idx = torch.randperm(n, generator=order)[: cfg.init_examples][dist.rank::dist.world]
-    log(initialize(model, x_train[init_idx.to(device)], cfg.init_scale))
+    msg = initialize(model, x_train[init_idx.to(device)], cfg.init_scale)
+    log(msg + (f" on each of {dist.world} ranks (statistics all-reduced)" if dist.world > 1
+               and "data init" in msg else ""))
     log(f"parameters: {sum(p.numel() for p in model.parameters()):,}")
     torch.manual_seed(cfg.seed * 1000 + dist.rank + 1)  # noise and dropout differ per rank
     net: nn.Module = model
