@@ -136,6 +136,11 @@ def _default_target(by_variant: dict[str, list[Run]]) -> float:
     return math.ceil(worst_best * 2 - 1e-9) / 2
 
 
+def _beta1(c: dict[str, Any]) -> str:
+    early, late = c.get("beta1", "?"), c.get("beta1_late", "?")
+    return f"{early} throughout" if early == late else f"{early} then {late}"
+
+
 def _fmt(mean: float, values: list[float]) -> str:
     if len(values) < 2:
         return f"{mean:.2f}"
@@ -160,8 +165,8 @@ def _table(setting: tuple[Any, ...], by_variant: dict[str, list[Run]], target: f
         f"- Data: {data.get('source', '?')}; preprocessing {data.get('preprocessing', '?')}; "
         f"train subset {cfg['train_subset'] or 'full'}, test subset {cfg['test_subset'] or 'full'}",
         f"- Training: batch {cfg['batch_size']}, Adam lr {cfg['lr']} constant for "
-        f"{c.get('decay_start', '?')} epochs then linear to 0; beta1 {c.get('beta1', '?')} then "
-        f"{c.get('beta1_late', '?')}; data init on {c.get('init_examples', '?')} examples",
+        f"{c.get('decay_start', '?')} epochs then linear to 0; beta1 {_beta1(c)}; data init on "
+        f"{c.get('init_examples', '?')} examples",
         f"- Hardware: {'; '.join(hardware)}",
         f"- Code: wnorm {any_run.version.get('wnorm', '?')}, torch "
         f"{any_run.version.get('torch', '?')}, git {', '.join(commits)}",
