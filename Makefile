@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test demo venv clean
+.PHONY: test demo venv data clean
 
 venv: $(VENV)/.installed
 
@@ -18,8 +18,15 @@ $(VENV)/.installed: requirements-dev.txt pyproject.toml
 test: venv
 	$(PY) -m pytest -q
 
-demo: venv
+demo: venv data
 	$(PY) -m wnorm.repro demo
+
+# Fashion-MNIST from Debian's package when we can install it; otherwise wnorm.repro downloads
+# the files (checksums checked) or says how to get them.
+data:
+	@test -d /usr/share/datasets/fashion-mnist || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	  { apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
+	    { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null; }; }; } || true
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
