@@ -100,6 +100,12 @@ def _reason_cannot(module: nn.Module, is_wn: bool) -> str:
     return ""
 
 
+def _distributed(group: Any) -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
 def _reduce(t: Tensor, group: Any) -> Tensor:
     import torch.distributed as dist
 
@@ -132,16 +138,27 @@ class _Initializer:
         axis = _unit_axis(module, y)
         units = y.shape[axis] if y.dim() else 0
         wide = torch.promote_types(y.dtype, torch.float32)  # float32 at least; float64 stays
-        t = y.detach().to(wide).movedim(axis, 0).reshape(units, -1)
-        count = torch.tensor([float(t.shape[1])], device=t.device)
-        total = _reduce(torch.cat([t.sum(1), count]), self.group)
-        n = float(total[-1])
-        if n == 0:
-            raise WnormError(f"{name} ({type(module).__name__}): data init got an empty batch")
-        mu = total[:-1] / n
-        var = _reduce((t - mu[:, None]).pow(2).sum(1), self.group) / n
-        sigma = var.sqrt()
-        bad = (~torch.isfinite(sigma) | (sigma == 0) | ~torch.isfinite(mu)).nonzero().flatten()
+        t = y.detach().to(wide)
+        dims = [d for d in range(t.dim()) if d != axis]  # reduce in place: no transposed copy
+        n = t.numel() // max(units, 1)
+        shape = _along(y.dim(), axis, units)
+        if _distributed(self.group):
+            count = torch.tensor([float(n)], device=t.device)
+            total = _reduce(torch.cat([t.sum(dims), count]), self.group)
+            n = int(total[-1])
+            if n == 0:
+                raise WnormError(f"{name} ({type(module).__name__}): data init got an empty batch")
+            mu = total[:-1] / n
+            sigma = (_reduce((t - mu.view(shape)).pow(2).sum(dims), self.group) / n).sqrt()
+        else:
+            if n == 0:
+                raise WnormError(f"{name} ({type(module).__name__}): data init got an empty batch")
+            var, mu = torch.var_mean(t, dim=dims, correction=0)  # population statistics
+            sigma = var.sqrt()
+        # one sync for the happy path: sigma > 0 is False for NaN too
+        ok = bool(((sigma > 0) & torch.isfinite(sigma) & torch.isfinite(mu)).all())
+        bad = torch.zeros(0) if ok else (~((sigma > 0) & torch.isfinite(sigma)
+                                           & torch.isfinite(mu))).nonzero().flatten()
         if bad.numel():
             idx = bad.tolist()
             raise WnormError(
@@ -162,8 +179,7 @@ class _Initializer:
             module.bias.copy_((-mu * scale).to(module.bias.dtype))
         self.done[module] = LayerInit(name, type(module).__name__, "initialized", "",
                                       mu.cpu(), sigma.cpu())
-        shape = _along(y.dim(), axis, units)
-        out = (y.to(wide) - mu.view(shape)) * scale.view(shape)
+        out = (t - mu.view(shape)) * scale.view(shape)
         if module.bias is None:
             out = out + mu.view(shape) * scale.view(shape)  # no bias: the mean stays
         return out.to(y.dtype)
