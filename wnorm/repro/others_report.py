@@ -1,0 +1,618 @@
+r"""The paper's other experiments (section 6), normal vs weight norm: run folders and the report.
+
+Usage::
+
+    python -m wnorm.repro.others_report results/vae results/seq results/dqn \
+        --out results/others-report
+
+The run folders of :mod:`wnorm.repro.vae`, :mod:`wnorm.repro.seq` and :mod:`wnorm.repro.dqn`
+share the classification runs' format (``config.json`` with an ``"experiment"`` field,
+``version.json``, ``metrics.jsonl``, ``log.txt``); this module writes them
+(:class:`RunFolder`) and reads them back (:func:`report`), so the two cannot drift apart.
+Every number and plot in the report is computed here from those files:
+
+- ``vae.png``: test negative ELBO (nats per example) per epoch, mean over seeds, min-max band;
+  and the training bound per logged step;
+- ``seq.png``: the LSTM's training loss per logged step and test error per epoch;
+- ``dqn.png``: episode return vs environment steps, one panel per environment: each seed's
+  returns smoothed by a moving average over its last ``DQN_WINDOW`` episodes, then mean and
+  min-max over seeds;
+- ``report.md``: one table per experiment and setting, and the answer to "did weight norm
+  converge faster or to a better value than normal, by how much, with what spread".
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import statistics
+import sys
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from wnorm import WnormError
+
+from .train import RunLog, version_info
+
+__all__ = ["EXPERIMENTS", "VARIANTS", "RunFolder", "OtherRun", "load_other_runs", "report",
+           "add_common_arguments", "config_from_args", "variants_and_seeds", "resolve_device",
+           "DQN_WINDOW"]
+
+EXPERIMENTS = ("vae", "seq", "dqn")
+VARIANTS = ("normal", "weightnorm")
+DQN_WINDOW = 10  # episodes in the moving average of the DQN return curves
+_COLORS = {"normal": "tab:gray", "weightnorm": "tab:blue"}
+_COMMON = {"experiment", "variant", "seed", "out", "threads", "device"}
+
+
+# --------------------------------------------------------------------------- command line
+def add_common_arguments(p: argparse.ArgumentParser, config_cls: type, *, seeds: str,
+                         out: str) -> None:
+    """``--variant(s) --seeds --out --threads --device --quick`` and one option per field of
+    ``config_cls`` (``--train-subset``, ``--lr``, ...; default: the dataclass's, or the
+    ``--quick`` value when that flag is given)."""
+    p.add_argument("--variant", choices=VARIANTS, default=None,
+                   help="train one variant (overrides --variants)")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help="comma-separated (default: normal,weightnorm)")
+    p.add_argument("--seeds", default=seeds, help=f"comma-separated (default: {seeds})")
+    p.add_argument("--out", default=out, help=f"parent folder of the run folders (default: {out})")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default: 1; on 2 shared cores more ran slower)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny sizes that run in seconds (for tests); explicit options still win")
+    defaults = config_cls()
+    for f in dataclasses.fields(config_cls):
+        if f.name in _COMMON:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = {"int": int, "float": float, "str": str, "bool": bool}[
+            str(f.type).replace(" | None", "").strip()]
+        default = getattr(defaults, f.name)
+        if kind is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                           help=f"(default: {default})")
+        else:
+            p.add_argument(flag, type=kind, default=None, help=f"(default: {default})")
+
+
+def config_from_args(config_cls: type, args: argparse.Namespace, quick: dict[str, Any],
+                     **fixed: Any) -> Any:
+    """The dataclass's defaults, then ``quick`` (with ``--quick``), then the options given."""
+    values: dict[str, Any] = dict(quick) if args.quick else {}
+    for f in dataclasses.fields(config_cls):
+        v = getattr(args, f.name, None)
+        if f.name not in _COMMON and v is not None:
+            values[f.name] = v
+    values.update(out=args.out, threads=args.threads, device=args.device, **fixed)
+    return config_cls(**values)
+
+
+def _split(text: str, kind: type, flag: str) -> list[Any]:
+    try:
+        items = [kind(t.strip()) for t in text.split(",") if t.strip()]
+    except ValueError as e:
+        raise WnormError(f"{flag}: expected a comma-separated list of {kind.__name__}; "
+                         f"got {text!r}") from e
+    if not items:
+        raise WnormError(f"{flag}: expected at least one value; got {text!r}")
+    return items
+
+
+def variants_and_seeds(args: argparse.Namespace) -> tuple[list[str], list[int]]:
+    """The variants and seeds asked for. Raises :class:`WnormError` on an unknown variant."""
+    variants = [args.variant] if args.variant else _split(args.variants, str, "--variants")
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad:
+        raise WnormError(f"--variants: unknown {bad}; expected some of {list(VARIANTS)}")
+    return variants, _split(args.seeds, int, "--seeds")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+# --------------------------------------------------------------------------- writing
+class RunFolder:
+    """``<out>/<name>/`` with ``config.json``, ``version.json``, ``log.txt``, ``metrics.jsonl``.
+
+    A context manager: ``log(msg)`` prints and appends to ``log.txt``, ``write(row)`` appends
+    one JSON line to ``metrics.jsonl``.
+    """
+
+    def __init__(self, cfg: Any, name: str, device: torch.device, extra: dict[str, Any],
+                 echo: bool = True) -> None:
+        self.path = Path(cfg.out) / name
+        self.path.mkdir(parents=True, exist_ok=True)
+        config = asdict(cfg) | {"device": str(device)} | extra
+        (self.path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (self.path / "version.json").write_text(
+            json.dumps(version_info(str(device)), indent=2) + "\n")
+        self.log = RunLog(self.path / "log.txt", echo=sys.stdout if echo else None)
+        self._metrics = (self.path / "metrics.jsonl").open("w")
+
+    def write(self, row: dict[str, Any]) -> None:
+        self._metrics.write(json.dumps(row) + "\n")
+        self._metrics.flush()
+
+    def close(self) -> None:
+        self._metrics.close()
+        self.log.close()
+
+    def __enter__(self) -> RunFolder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------- reading
+@dataclass
+class OtherRun:
+    folder: Path
+    config: dict[str, Any]
+    version: dict[str, Any]
+    metrics: list[dict[str, Any]]
+
+    @property
+    def experiment(self) -> str:
+        return str(self.config.get("experiment"))
+
+    @property
+    def variant(self) -> str:
+        return str(self.config["variant"])
+
+    def setting(self) -> tuple[Any, ...]:
+        """What must match for two runs to be compared (everything but variant and seed)."""
+        skip = _COMMON | {"data", "quick"}
+        return tuple(sorted((k, json.dumps(v)) for k, v in self.config.items() if k not in skip))
+
+
+def _read(folder: Path) -> OtherRun:
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise WnormError(f"{folder}: config.json is not readable JSON ({e})") from e
+    vpath = folder / "version.json"
+    version = json.loads(vpath.read_text()) if vpath.is_file() else {}
+    metrics = []
+    mpath = folder / "metrics.jsonl"
+    if mpath.is_file():
+        for i, line in enumerate(mpath.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    metrics.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise WnormError(f"{mpath}:{i}: not a JSON line ({e})") from e
+    return OtherRun(folder, config, version, metrics)
+
+
+def load_other_runs(paths: list[Path]) -> list[OtherRun]:
+    """Run folders named in ``paths`` or directly inside them, with an ``experiment`` of
+    :data:`EXPERIMENTS` and at least one metrics line.
+
+    Raises:
+        WnormError: a path does not exist, or none of them holds such a run folder.
+    """
+    runs = []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise WnormError(f"others_report: {p} does not exist")
+        folders = [p] if (p / "config.json").is_file() else sorted(
+            d for d in p.iterdir() if (d / "config.json").is_file())
+        runs.extend(_read(d) for d in folders)
+    runs = [r for r in runs if r.experiment in EXPERIMENTS and r.metrics]
+    if not runs:
+        raise WnormError(f"others_report: no run folder of the experiments {list(EXPERIMENTS)} "
+                         f"with metrics in {[str(p) for p in paths]}")
+    return runs
+
+
+# --------------------------------------------------------------------------- numbers
+def _ms(values: list[float], digits: int = 2) -> str:
+    """``mean ± std (min-max)`` over seeds."""
+    m = statistics.fmean(values)
+    if len(values) < 2:
+        return f"{m:.{digits}f}"
+    return (f"{m:.{digits}f} ± {statistics.stdev(values):.{digits}f} "
+            f"({min(values):.{digits}f} to {max(values):.{digits}f})")
+
+
+def _band(curves: list[list[float]]) -> tuple[list[float], list[float], list[float]]:
+    n = min(len(c) for c in curves)
+    cols = [[c[i] for c in curves] for i in range(n)]
+    return ([statistics.fmean(c) for c in cols], [min(c) for c in cols], [max(c) for c in cols])
+
+
+def _compare(name: str, normal: list[float], wn: list[float], unit: str, lower_better: bool,
+             digits: int = 2) -> str:
+    """A sentence: which variant is better on ``name``, by how much, and whether seeds overlap."""
+    mn, mw = statistics.fmean(normal), statistics.fmean(wn)
+    diff = mw - mn
+    better = (diff < 0) == lower_better and diff != 0
+    who = "weightnorm" if better else ("normal" if diff != 0 else "neither")
+    overlap = not (max(wn) < min(normal) or max(normal) < min(wn))
+    spread = ("the seed ranges overlap, so the difference is within seed-to-seed spread"
+              if overlap else "the seed ranges do not overlap")
+    if len(normal) < 2 or len(wn) < 2:
+        spread = "one seed per variant, so no spread to compare with"
+    return (f"{name}: weightnorm {mw:.{digits}f} vs normal {mn:.{digits}f} {unit} "
+            f"(difference {diff:+.{digits}f}; better: **{who}**; {spread}).")
+
+
+def _setting_lines(runs: list[OtherRun], keys: list[str], command: str) -> list[str]:
+    c = runs[0].config
+    hardware = sorted({r.version.get("hardware", "?") for r in runs})
+    commits = sorted({(r.version.get("git_commit") or "?")[:10]
+                      + ("+dirty" if r.version.get("git_dirty") else "") for r in runs})
+    data = c.get("data")
+    lines = ["- Settings: " + ", ".join(f"{k} {c.get(k)}" for k in keys if k in c)]
+    if data:
+        lines.append(f"- Data: {data}")
+    lines += [f"- Hardware: {'; '.join(hardware)}",
+              f"- Code: wnorm {runs[0].version.get('wnorm', '?')}, torch "
+              f"{runs[0].version.get('torch', '?')}, git {', '.join(commits)}",
+              f"- Generated by `{command}`", ""]
+    return lines
+
+
+def _by_variant(runs: list[OtherRun]) -> dict[str, list[OtherRun]]:
+    out: dict[str, list[OtherRun]] = {}
+    for v in VARIANTS + tuple(sorted({r.variant for r in runs} - set(VARIANTS))):
+        rs = sorted((r for r in runs if r.variant == v), key=lambda r: r.config.get("seed", 0))
+        if rs:
+            out[v] = rs
+    return out
+
+
+def _first_reach(xs: list[float], ys: list[float], target: float, lower_better: bool
+                 ) -> float | None:
+    for x, y in zip(xs, ys):
+        if (y <= target + 1e-12) if lower_better else (y >= target - 1e-12):
+            return x
+    return None
+
+
+def _reach_text(hits: list[float | None], unit: str) -> str:
+    got = [h for h in hits if h is not None]
+    if not got:
+        return f"not reached by any of {len(hits)} seeds"
+    txt = f"{statistics.fmean(got):.3g} {unit}"
+    if len(got) > 1 and min(got) != max(got):
+        txt += f" ({min(got):.3g} to {max(got):.3g})"
+    if len(got) < len(hits):
+        txt += f"; not reached by {len(hits) - len(got)} of {len(hits)} seeds"
+    return txt
+
+
+# --------------------------------------------------------------------------- VAE
+def _vae(groups: list[list[OtherRun]], png: Path, command: str) -> str:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4.2 * len(groups)), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(groups), 2, squeeze=False)
+    parts = ["## Convolutional VAE (section 6: \"lower-variance training and a better bound\")",
+             "", f"![VAE test bound]({png.name})", ""]
+    for row, runs in enumerate(groups):
+        byv = _by_variant(runs)
+        c = runs[0].config
+        for v, rs in byv.items():
+            ep = [m["epoch"] for m in rs[0].metrics]
+            mean, lo, hi = _band([[m["test_neg_elbo"] for m in r.metrics] for r in rs])
+            ax = axes[row][0]
+            ax.plot(ep[:len(mean)], mean, marker="o", ms=3, color=_COLORS.get(v),
+                    label=f"{v} (n={len(rs)})")
+            if len(rs) > 1:
+                ax.fill_between(ep[:len(mean)], lo, hi, color=_COLORS.get(v), alpha=0.2, lw=0)
+            steps = [[s for m in r.metrics for s in m.get("step_losses", [])] for r in rs]
+            mean, lo, hi = _band([[y for _, y in s] for s in steps])
+            xs = [x for x, _ in steps[0]][:len(mean)]
+            ax = axes[row][1]
+            ax.plot(xs, mean, color=_COLORS.get(v), lw=1, label=f"{v} (n={len(rs)})")
+            if len(rs) > 1:
+                ax.fill_between(xs, lo, hi, color=_COLORS.get(v), alpha=0.2, lw=0)
+        axes[row][0].set(xlabel="epoch", ylabel="test negative ELBO (nats / example)",
+                         title="test bound (lower is better): mean over seeds, min-max band")
+        axes[row][1].set(xlabel="training step", ylabel="negative ELBO of the batch (nats)",
+                         title="training bound per logged step: mean, min-max band")
+        lo_y = min(m["test_neg_elbo"] for r in runs for m in r.metrics)
+        top = max(m["test_neg_elbo"] for r in runs for m in r.metrics[1:] or r.metrics)
+        axes[row][1].set_ylim(lo_y - 10, top + 40)
+        for ax in axes[row]:
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+            ax.title.set_fontsize(10)
+
+        parts.append(f"### {c.get('epochs')} epochs, {c.get('data', {}).get('train', '?')} "
+                     f"train / {c.get('data', {}).get('test', '?')} test images")
+        parts += _setting_lines(runs, ["channels", "latent", "blocks", "batch_size", "lr",
+                                       "init_examples", "binarize"], command)
+        parts += ["| variant | seeds | final test -ELBO (nats): mean ± std (min to max) "
+                  "| best-epoch test -ELBO | final train -ELBO | step-to-step noise of the "
+                  "training bound (nats) | s / epoch |", "|---|---|---|---|---|---|---|"]
+        final, noise = {}, {}
+        for v, rs in byv.items():
+            final[v] = [r.metrics[-1]["test_neg_elbo"] for r in rs]
+            best = [min(m["test_neg_elbo"] for m in r.metrics) for r in rs]
+            train = [r.metrics[-1]["train_neg_elbo"] for r in rs]
+            noise[v] = [_step_noise(r) for r in rs]
+            secs = [statistics.fmean(m["seconds"] for m in r.metrics) for r in rs]
+            parts.append(f"| {v} | {len(rs)} | {_ms(final[v])} | {_ms(best)} | {_ms(train)} "
+                         f"| {_ms(noise[v])} | {statistics.fmean(secs):.1f} |")
+        parts.append("")
+        parts.append("Step-to-step noise: the standard deviation of the differences between "
+                     "consecutive logged training bounds in the last epoch (divided by "
+                     "sqrt(2)), averaged over seeds; a measure of how noisy training is.")
+        parts.append("")
+        if "normal" in byv and "weightnorm" in byv:
+            parts.append("**Answer.** " + _compare("Final test bound", final["normal"],
+                                                   final["weightnorm"], "nats", True))
+            target = statistics.fmean(final["normal"])
+            ep = [_first_reach([m["epoch"] for m in r.metrics],
+                               [m["test_neg_elbo"] for m in r.metrics], target, True)
+                  for r in byv["weightnorm"]]
+            parts.append(f"Speed: weightnorm reached normal's final mean test bound "
+                         f"({target:.2f} nats, after {c.get('epochs')} epochs) at epoch "
+                         f"{_reach_text(ep, 'epochs')}. "
+                         + _compare("Training noise", noise["normal"], noise["weightnorm"],
+                                    "nats", True))
+            parts.append("")
+    fig.savefig(png, dpi=110)
+    return "\n".join(parts)
+
+
+def _step_noise(run: OtherRun) -> float:
+    ys = [y for _, y in run.metrics[-1].get("step_losses", [])]
+    if len(ys) < 3:
+        return float("nan")
+    d = [b - a for a, b in zip(ys, ys[1:])]
+    return statistics.stdev(d) / math.sqrt(2)
+
+
+# --------------------------------------------------------------------------- sequences
+def _smooth(ys: list[float], k: int) -> list[float]:
+    out, acc = [], 0.0
+    for i, y in enumerate(ys):
+        acc += y
+        if i >= k:
+            acc -= ys[i - k]
+        out.append(acc / min(i + 1, k))
+    return out
+
+
+def _seq(groups: list[list[OtherRun]], png: Path, command: str) -> str:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4.2 * len(groups)), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(groups), 2, squeeze=False)
+    parts = ["## LSTM on Fashion-MNIST rows (section 6: DRAW's \"large convergence speed-up\" "
+             "from WN on the LSTM)", "", f"![LSTM training loss]({png.name})", ""]
+    for row, runs in enumerate(groups):
+        byv = _by_variant(runs)
+        c = runs[0].config
+        smooth_k = 5
+        curves: dict[str, tuple[list[int], list[list[float]]]] = {}
+        for v, rs in byv.items():
+            steps = [[s for m in r.metrics for s in m["step_losses"]] for r in rs]
+            xs = [x for x, _ in steps[0]]
+            ys = [_smooth([y for _, y in s], smooth_k) for s in steps]
+            curves[v] = (xs, ys)
+            mean, lo, hi = _band(ys)
+            ax = axes[row][0]
+            ax.plot(xs[:len(mean)], mean, color=_COLORS.get(v), lw=1.2, label=f"{v} (n={len(rs)})")
+            if len(rs) > 1:
+                ax.fill_between(xs[:len(mean)], lo, hi, color=_COLORS.get(v), alpha=0.2, lw=0)
+            ep = [m["epoch"] for m in rs[0].metrics]
+            mean, lo, hi = _band([[100 * m["test_error"] for m in r.metrics] for r in rs])
+            ax = axes[row][1]
+            ax.plot(ep[:len(mean)], mean, marker="o", ms=3, color=_COLORS.get(v),
+                    label=f"{v} (n={len(rs)})")
+            if len(rs) > 1:
+                ax.fill_between(ep[:len(mean)], lo, hi, color=_COLORS.get(v), alpha=0.2, lw=0)
+        axes[row][0].set(xlabel="training step", ylabel="cross-entropy",
+                         title=f"training loss (moving average of {smooth_k} logged steps, "
+                               "every " f"{c.get('log_every')} steps): mean, min-max")
+        axes[row][1].set(xlabel="epoch", ylabel="test error (%)",
+                         title="test error: mean over seeds, min-max band")
+        for ax in axes[row]:
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+            ax.title.set_fontsize(10)
+
+        parts.append(f"### {c.get('epochs')} epochs, hidden {c.get('hidden')}, "
+                     f"{c.get('data', {}).get('train', '?')} train / "
+                     f"{c.get('data', {}).get('test', '?')} test sequences")
+        parts += _setting_lines(runs, ["hidden", "batch_size", "lr", "init_examples",
+                                       "log_every"], command)
+        parts += [f"| variant | seeds | final test error % | final training loss (last "
+                  f"{smooth_k} logged steps) | training loss at step {_mid(curves)} "
+                  f"| s / epoch | init |", "|---|---|---|---|---|---|---|"]
+        err, last, mid = {}, {}, {}
+        for v, rs in byv.items():
+            err[v] = [100 * r.metrics[-1]["test_error"] for r in rs]
+            xs, ys = curves[v]
+            last[v] = [y[-1] for y in ys]
+            k = min(range(len(xs)), key=lambda i: abs(xs[i] - _mid(curves)))
+            mid[v] = [y[k] for y in ys]
+            secs = [statistics.fmean(m["seconds"] for m in r.metrics) for r in rs]
+            parts.append(f"| {v} | {len(rs)} | {_ms(err[v])} | {_ms(last[v], 3)} | "
+                         f"{_ms(mid[v], 3)} | {statistics.fmean(secs):.1f} | "
+                         f"{rs[0].config.get('init_summary', '')} |")
+        parts.append("")
+        if "normal" in byv and "weightnorm" in byv:
+            target = statistics.fmean(last["normal"])
+            xs, ys = curves["weightnorm"]
+            hits = [_first_reach(xs, y, target, True) for y in ys]
+            total = curves["normal"][0][-1]
+            parts += ["**Answer.** " + _compare("Final test error", err["normal"],
+                                                 err["weightnorm"], "%", True),
+                      _compare(f"Training loss at step {_mid(curves)}", mid["normal"],
+                               mid["weightnorm"], "", True, 3),
+                      f"Speed: weightnorm's smoothed training loss reached normal's final value "
+                      f"({target:.3f}, at step {total}) at step {_reach_text(hits, 'steps')}.",
+                      ""]
+    fig.savefig(png, dpi=110)
+    return "\n".join(parts)
+
+
+def _mid(curves: dict[str, tuple[list[int], list[list[float]]]]) -> int:
+    xs = next(iter(curves.values()))[0]
+    return xs[len(xs) // 4] if xs else 0
+
+
+# --------------------------------------------------------------------------- DQN
+def _dqn_curve(run: OtherRun, grid: list[int]) -> list[float]:
+    """Per grid step: mean return of the last DQN_WINDOW episodes finished by then (NaN before
+    the first episode)."""
+    rows = run.metrics
+    out, j = [], 0
+    for g in grid:
+        while j < len(rows) and rows[j]["env_steps"] <= g:
+            j += 1
+        window = [r["return"] for r in rows[max(0, j - DQN_WINDOW):j]]
+        out.append(statistics.fmean(window) if window else float("nan"))
+    return out
+
+
+def _nanband(curves: list[list[float]]) -> tuple[list[float], list[float], list[float]]:
+    cols = list(zip(*curves))
+    ok = [[v for v in c if not math.isnan(v)] for c in cols]
+    return ([statistics.fmean(v) if v else math.nan for v in ok],
+            [min(v) if v else math.nan for v in ok], [max(v) if v else math.nan for v in ok])
+
+
+def _dqn(groups: list[list[OtherRun]], png: Path, command: str) -> str:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6 * len(groups), 4.4), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(groups), squeeze=False)[0]
+    parts = ["## Deep Q-learning (section 6: WN \"improves scores in most games\")", "",
+             f"![DQN returns]({png.name})", "",
+             f"Curves and the 'last 20%' column: each seed's training-episode returns "
+             f"(epsilon-greedy, as collected) smoothed by a moving average over its last "
+             f"{DQN_WINDOW} episodes, on a grid of environment steps; then mean and min-max "
+             f"over seeds.", ""]
+    for col, runs in enumerate(groups):
+        byv = _by_variant(runs)
+        c = runs[0].config
+        steps = int(c["steps"])
+        grid = list(range(steps // 100, steps + 1, max(1, steps // 100)))
+        ax = axes[col]
+        curves = {}
+        for v, rs in byv.items():
+            curves[v] = [_dqn_curve(r, grid) for r in rs]
+            mean, lo, hi = _nanband(curves[v])
+            ax.plot(grid, mean, color=_COLORS.get(v), lw=1.3, label=f"{v} (n={len(rs)})")
+            if len(rs) > 1:
+                ax.fill_between(grid, lo, hi, color=_COLORS.get(v), alpha=0.2, lw=0)
+        thr = c.get("reward_threshold")
+        if thr is not None:
+            ax.axhline(thr, color="k", ls=":", lw=0.8, label=f"reward threshold {thr:g}")
+        ax.set(xlabel="environment steps", ylabel=f"return ({DQN_WINDOW}-episode moving avg.)",
+               title=f"{c['env']}: mean over seeds, min-max band")
+        ax.title.set_fontsize(10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+
+        parts.append(f"### {c['env']}: {steps} environment steps per run")
+        parts += _setting_lines(runs, ["hidden", "layers", "lr", "batch_size", "buffer",
+                                       "learning_starts", "train_every", "target_every",
+                                       "eps_end", "eps_fraction", "gamma", "data_init"], command)
+        parts += [f"| variant | seeds | mean return, last 20% of steps | mean return over all "
+                  f"training episodes | env steps to a {DQN_WINDOW}-episode average of "
+                  f"{thr:g} | episodes | s / run |", "|---|---|---|---|---|---|---|"]
+        last, allr, reach = {}, {}, {}
+        for v, rs in byv.items():
+            tail = [i for i, g in enumerate(grid) if g > 0.8 * steps]
+            last[v] = [statistics.fmean(cv[i] for i in tail) for cv in curves[v]]
+            allr[v] = [statistics.fmean(m["return"] for m in r.metrics) for r in rs]
+            reach[v] = [_first_reach(grid, cv, thr, False) for cv in curves[v]]
+            secs = [r.metrics[-1]["seconds"] for r in rs]
+            parts.append(f"| {v} | {len(rs)} | {_ms(last[v], 1)} | {_ms(allr[v], 1)} | "
+                         f"{_reach_text(reach[v], 'steps')} | "
+                         f"{statistics.fmean(len(r.metrics) for r in rs):.0f} | "
+                         f"{statistics.fmean(secs):.0f} |")
+        parts.append("")
+        if "normal" in byv and "weightnorm" in byv:
+            parts += ["**Answer.** " + _compare("Return over the last 20% of steps",
+                                                 last["normal"], last["weightnorm"], "", False, 1),
+                      _compare("Mean return over all training episodes (higher = learned "
+                               "faster)", allr["normal"], allr["weightnorm"], "", False, 1),
+                      f"Threshold {thr:g}: weightnorm {_reach_text(reach['weightnorm'], 'steps')}"
+                      f"; normal {_reach_text(reach['normal'], 'steps')}.", ""]
+    fig.savefig(png, dpi=110)
+    return "\n".join(parts)
+
+
+# --------------------------------------------------------------------------- report
+def _groups(runs: list[OtherRun]) -> list[list[OtherRun]]:
+    by: dict[tuple[Any, ...], list[OtherRun]] = defaultdict(list)
+    for r in runs:
+        by[r.setting()].append(r)
+    return list(by.values())
+
+
+def report(run_dirs: list[Path], out_dir: Path, *, command: str | None = None) -> str:
+    """Write ``vae.png``, ``seq.png``, ``dqn.png`` (those with runs) and ``report.md`` into
+    ``out_dir`` from the run folders in ``run_dirs`` (run folders or folders of them).
+
+    Returns:
+        The markdown text (also written to ``out_dir/report.md``).
+
+    Raises:
+        WnormError: no run folder of :data:`EXPERIMENTS` with metrics in ``run_dirs``.
+    """
+    runs = load_other_runs([Path(p) for p in run_dirs])
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    command = command or ("python -m wnorm.repro.others_report "
+                          + " ".join(map(str, run_dirs)) + f" --out {out_dir}")
+    parts = ["# Weight normalization: the paper's other experiments (Salimans & Kingma 2016, "
+             "section 6), normal vs weight norm", "",
+             "Small CPU-sized versions of the paper's experiments; every number below is "
+             "computed from the run folders' metrics.jsonl by `wnorm.repro.others_report`. "
+             "'± x' is the standard deviation over seeds, '(a to b)' the range.", ""]
+    makers = {"vae": _vae, "seq": _seq, "dqn": _dqn}
+    for exp in EXPERIMENTS:
+        these = [r for r in runs if r.experiment == exp]
+        if these:
+            parts.append(makers[exp](_groups(these), out_dir / f"{exp}.png", command))
+    text = "\n".join(parts)
+    (out_dir / "report.md").write_text(text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m wnorm.repro.others_report",
+                                description="run folders of vae/seq/dqn -> PNGs + report.md")
+    p.add_argument("runs", nargs="+", help="run folders, or folders of run folders")
+    p.add_argument("--out", required=True, help="folder for the PNGs and report.md")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = p.parse_args(argv)
+    try:
+        text = report([Path(r) for r in args.runs], Path(args.out),
+                      command="python -m wnorm.repro.others_report " + " ".join(argv))
+    except WnormError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
