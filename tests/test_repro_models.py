@@ -8,7 +8,16 @@ from torch import nn
 
 import wnorm
 from wnorm import WnormError
-from wnorm.repro.models import VARIANTS, GaussianNoise, PaperNet, build, initialize
+from wnorm.repro.models import (
+    MLP,
+    MLP_VARIANTS,
+    VARIANTS,
+    GaussianNoise,
+    PaperNet,
+    build,
+    initialize,
+    weight_normalized_layers,
+)
 
 WIDTH = 0.05  # 5 / 10 channels
 
@@ -54,7 +63,61 @@ def test_normalizers_per_variant() -> None:
     assert sum(isinstance(m, nn.BatchNorm2d) for m in build("batchnorm", 1, WIDTH).modules()) == 9
 
 
-@pytest.mark.parametrize("variant", ["normal", "weightnorm", "wn+meanonly", "meanonly"])
+def test_relatives_reparameterize_every_layer_their_way() -> None:
+    def kinds(net: nn.Module) -> dict[str, str]:
+        return {n: kind for n, (_, _, kind) in weight_normalized_layers(net).items()}
+
+    for variant, kind in (("centered", "centered"), ("forced", "forced"), ("arpit", "wn")):
+        net = build(variant, 1, WIDTH)
+        assert set(kinds(net).values()) == {kind}
+        assert len(kinds(net)) == 10  # 9 convs + the dense layer
+        assert not any(isinstance(m, nn.GroupNorm) for m in net.modules())
+    ws = build("ws+gn", 1, 1.0)
+    convs = [m for m in ws if isinstance(m, nn.Conv2d)]
+    gns = [m for m in ws if isinstance(m, nn.GroupNorm)]
+    assert set(kinds(ws).values()) == {"standardized"} and len(kinds(ws)) == 9
+    assert [g.num_channels for g in gns] == [c.out_channels for c in convs]
+    assert {g.num_groups for g in gns} == {32}  # Qiao et al.'s 32 groups at full width
+    assert all(c.bias is None for c in convs) and ws[-1].bias is not None  # plain dense layer
+    assert not wnorm.is_weight_normalized(ws[-1])
+    assert {g.num_groups for g in build("ws+gn", 1, 0.125).modules()
+            if isinstance(g, nn.GroupNorm)} == {4, 8}  # gcd(12, 32), gcd(24, 32)
+
+
+def test_arpit_gets_orthogonal_v_and_its_gains_without_data() -> None:
+    torch.manual_seed(0)
+    net = build("arpit", 1, WIDTH)
+    msg = initialize(net, torch.full((4, 1, 28, 28), float("nan")))  # the data is not looked at
+    assert "without data" in msg
+    dense = net[-1]
+    v = dense.weight_v
+    torch.testing.assert_close(v @ v.T, torch.eye(10), atol=1e-5, rtol=0)  # 10 rows, 10 inputs
+    torch.testing.assert_close(dense.weight_g.flatten(), torch.full((10,), 1.0))  # sqrt(10/10)
+    conv = net[3]  # 5 -> 5 channels, 3x3: fan_in 45
+    torch.testing.assert_close(conv.weight_g.flatten(), torch.full((5,), (2 * 45 / 5) ** 0.5))
+    assert all(float(m.bias.abs().max()) == 0 for m in net.modules()
+               if isinstance(m, (nn.Conv2d, nn.Linear)))
+
+
+@pytest.mark.parametrize("variant", MLP_VARIANTS)
+def test_mlp_variants(variant: str) -> None:
+    torch.manual_seed(0)
+    net = MLP(variant, 784, hidden=16, depth=2)
+    x = torch.randn(64, 1, 28, 28)
+    initialize(net, x)
+    out = net(x)
+    assert out.shape == (64, 10) and bool(torch.isfinite(out).all())
+    assert len(weight_normalized_layers(net)) == (0 if variant == "normal" else 3)
+    if variant != "arpit":  # data init: the first layer's pre-activations are standardized
+        with torch.no_grad():
+            y = net[1](net[0](x))
+        torch.testing.assert_close(y.std(0, unbiased=False), torch.ones(16), atol=1e-4, rtol=0)
+    with pytest.raises(WnormError, match="unknown variant"):
+        MLP("batchnorm", 784)
+
+
+@pytest.mark.parametrize("variant", ["normal", "weightnorm", "wn+meanonly", "meanonly",
+                                     "centered", "forced"])
 def test_data_init_standardizes_the_first_layer(variant: str) -> None:
     """After the init the first conv's pre-activations have mean 0, std 1 on the init batch
     (the noise layer is on during the init pass, so we compare on the noisy batch it saw)."""
@@ -73,8 +136,9 @@ def test_data_init_standardizes_the_first_layer(variant: str) -> None:
                                atol=1e-4, rtol=0)
 
 
-def test_batchnorm_gets_no_data_init() -> None:
-    net = build("batchnorm", 1, WIDTH)
+@pytest.mark.parametrize("variant", ["batchnorm", "ws+gn"])
+def test_normalization_layer_variants_get_no_data_init(variant: str) -> None:
+    net = build(variant, 1, WIDTH)
     before = {k: v.clone() for k, v in net.state_dict().items()}
     assert "no data-dependent init" in initialize(net, torch.randn(16, 1, 28, 28))
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())

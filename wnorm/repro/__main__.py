@@ -53,6 +53,7 @@ DEMO = {
 # ---------------------------------------------------------------------------------------------
 
 _SKIP = {"variant", "seed", "out"}
+_SWEEP_SKIP = {"variant", "seed", "out", "lr"}
 
 
 def _parse_type(annotation: str):  # noqa: ANN202 - returns an argparse type callable or None
@@ -60,11 +61,12 @@ def _parse_type(annotation: str):  # noqa: ANN202 - returns an argparse type cal
     return {"int": int, "float": float, "str": str, "bool": bool}[base]
 
 
-def _add_config_options(p: argparse.ArgumentParser, defaults: dict[str, object]) -> None:
+def _add_config_options(p: argparse.ArgumentParser, defaults: dict[str, object],
+                        config: type | None = None, skip: set[str] = _SKIP) -> None:
     from .train import Config
 
-    for f in dataclasses.fields(Config):
-        if f.name in _SKIP:
+    for f in dataclasses.fields(config or Config):
+        if f.name in skip:
             continue
         flag = "--" + f.name.replace("_", "-")
         default = defaults.get(f.name, f.default)
@@ -113,13 +115,44 @@ def _classify(args: argparse.Namespace) -> list[Path]:
     return folders if dist.main else []
 
 
-def _report(paths: list[str], out: str, target: float | None, command: str) -> str:
-    from .report import report
+def _lr_sweep(args: argparse.Namespace) -> list[Path]:
+    from .datasets import load
+    from .sweep import SweepConfig, sweep
 
-    md, png, text = report(paths, out, target_error=target, command=command)
+    variants, lrs, seeds = (_split(args.variants, str), _split(args.lrs, float),
+                            _split(args.seeds, int))
+    if not (variants and lrs and seeds):
+        raise WnormError("lr-sweep: --variants, --lrs and --seeds each need at least one value")
+    base = SweepConfig(**{k: getattr(args, k) for k in SweepConfig.field_names()
+                          if k not in _SWEEP_SKIP}, out=args.out)
+    data = load(base.dataset, base.data_dir, train_subset=base.train_subset,
+                test_subset=base.test_subset, zca=False, download=base.download)
+    t0 = time.perf_counter()
+    folders = sweep(base, variants, lrs, seeds, data, echo=args.progress)
+    print(f"lr-sweep: {len(folders)} runs in {time.perf_counter() - t0:.0f} s under {args.out}")
+    return folders
+
+
+def _report(paths: list[str], out: str, target: float | None, command: str,
+            tolerance: float = 0.1) -> str:
+    from .report import is_sweep, report
+
+    if is_sweep(paths):
+        from .sweep import report_sweep
+
+        md, pngs, text = report_sweep(paths, out, tolerance=tolerance, command=command)
+    else:
+        md, png, text = report(paths, out, target_error=target, command=command)
+        pngs = [png]
     print(text)
-    print(f"wrote {md} and {png}")
+    print(f"wrote {md} and {', '.join(map(str, pngs))}")
     return text
+
+
+def _sweep_lrs() -> tuple[float, ...]:
+    from .sweep import LRS
+
+    return LRS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -140,6 +173,21 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--target-error", type=float, default=None,
                    help="X for the 'epochs to X%% training error' column (default: the lowest "
                         "training error every variant reaches)")
+    r.add_argument("--tolerance", type=float, default=0.1,
+                   help="lr-sweep runs: a learning rate counts as good when its final training "
+                        "loss is within this of the variant's best (default: 0.1 nats)")
+
+    s = sub.add_parser("lr-sweep", help="variants x learning rates x seeds at a constant lr, "
+                                        "recording ||v|| (PAPER.md section 2)")
+    s.add_argument("--variants", default="normal,weightnorm,forced",
+                   help="comma-separated (default: normal,weightnorm,forced)")
+    s.add_argument("--lrs", default=",".join(f"{lr:g}" for lr in _sweep_lrs()),
+                   help="comma-separated learning rates (default: %(default)s)")
+    s.add_argument("--seeds", default="0,1", help="comma-separated (default: 0,1)")
+    s.add_argument("--out", default="runs/lr-sweep", help="parent folder of the run folders")
+    from .sweep import SweepConfig
+
+    _add_config_options(s, {}, SweepConfig, _SWEEP_SKIP)
 
     d = sub.add_parser("demo", help="the quick version: train, then print the table")
     d.add_argument("--variants", default=DEMO["variants"])
@@ -156,7 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "report":
             _report(args.runs, args.out, args.target_error,
-                    "python -m wnorm.repro " + " ".join(argv))
+                    "python -m wnorm.repro " + " ".join(argv), args.tolerance)
+        elif args.command == "lr-sweep":
+            _lr_sweep(args)
         else:
             t0 = time.perf_counter()
             folders = _classify(args)

@@ -1,4 +1,5 @@
-r"""The paper's CIFAR-10 network (section 5), in the five normalizer variants compared.
+r"""The paper's CIFAR-10 network (section 5), in the paper's five normalizer variants and four
+relatives (PAPER.md section 8).
 
 .. code-block:: text
 
@@ -12,7 +13,8 @@ r"""The paper's CIFAR-10 network (section 5), in the five normalizer variants co
 ``w`` is the width multiplier (1.0 = the paper). Inputs: 1 or 3 channels, 28x28 or 32x32 (any
 size >= 12 works: 28 -> 14 -> 7 -> 5, 32 -> 16 -> 8 -> 6 before the global pool).
 
-Variants (``VARIANTS``), "every layer gets the chosen normalizer":
+Variants (``VARIANTS``), "every layer gets the chosen normalizer"; the first five are the
+paper's, the last four (``RELATIVES``) weight normalization's relatives:
 
 ============== ============================================= ==========================
 variant        layers                                        init (on 500 examples)
@@ -23,6 +25,13 @@ batchnorm      plain + BatchNorm after each conv and dense   none (BN standardiz
 wn+meanonly    WN + MeanOnlyBatchNorm after each conv, dense data init
 meanonly       plain + MeanOnlyBatchNorm after each conv,    data init, include_plain
                dense
+centered       ``wnorm.centered_weight_norm`` (Huang et al.)  data init
+ws+gn          ``wnorm.weight_standardization`` on each conv none (GN standardizes)
+               + GroupNorm after it (Qiao et al.); plain
+               dense layer
+forced         ``wnorm.forced_weight_norm``, learned g       data init
+               (EDM2, Karras et al.)
+arpit          ``wnorm.apply`` (weight norm)                 ``wnorm.arpit_init``: no data
 ============== ============================================= ==========================
 
 Every weight starts as :math:`N(0, 0.05^2)`, every bias at 0, as in the authors' code. A layer
@@ -30,9 +39,21 @@ followed by a normalizer has no bias (the normalizer's own bias replaces it). ``
 the data init of ``normal`` because mean-only BN does not rescale: without it, a 0.05-std init
 shrinks the signal layer by layer whenever the fan-in is below :math:`1/0.05^2 = 400` (at
 width 0.125 the logits come out with std about 1e-5), and the comparison would measure that.
+
+``ws+gn``: weight standardization has no g, so the scale is left to the GroupNorm after each conv
+(:math:`\gcd(C, 32)` groups: Qiao et al.'s 32 at full width, 4 groups of 3 channels for 12
+channels at width 0.125); the dense classifier is plain, as in their networks (a standardized
+dense layer with nothing after it would fix the logits' scale at :math:`\sqrt{\text{fan-in}}`).
+``arpit`` gets orthogonal ``v``, zero biases and :math:`g = \sqrt{2\,\text{fan-in}/\text{fan-out}}`
+(:math:`\sqrt{\text{fan-in}/\text{fan-out}}` for the classifier), from the weights alone.
+
+:class:`MLP` is a small fully connected network for the learning-rate sweep
+(:mod:`wnorm.repro.sweep`) in the variants that need no normalization layer.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor, nn
@@ -40,17 +61,40 @@ from torch import Tensor, nn
 import wnorm
 from wnorm import WnormError
 
-__all__ = ["VARIANTS", "GaussianNoise", "PaperNet", "build", "initialize", "uses_data_init"]
+__all__ = ["VARIANTS", "PAPER_VARIANTS", "RELATIVES", "MLP_VARIANTS", "GaussianNoise", "MLP",
+           "PaperNet", "build", "initialize", "uses_data_init", "weight_normalized_layers"]
 
-VARIANTS = ("normal", "weightnorm", "batchnorm", "wn+meanonly", "meanonly")
-_WN = {"weightnorm", "wn+meanonly"}
-_DATA_INIT = {"normal", "weightnorm", "wn+meanonly", "meanonly"}
-_NORM: dict[str, tuple[type[nn.Module], type[nn.Module]] | None] = {
+PAPER_VARIANTS = ("normal", "weightnorm", "batchnorm", "wn+meanonly", "meanonly")
+RELATIVES = ("centered", "ws+gn", "forced", "arpit")
+VARIANTS = PAPER_VARIANTS + RELATIVES
+#: The variants an :class:`MLP` comes in (those without a normalization layer).
+MLP_VARIANTS = ("normal", "weightnorm", "centered", "forced", "arpit")
+#: variant -> the reparameterization ``wnorm.apply`` uses for it (on every conv and dense layer).
+_METHOD = {
+    "weightnorm": wnorm.weight_norm,
+    "wn+meanonly": wnorm.weight_norm,
+    "centered": wnorm.centered_weight_norm,
+    "forced": wnorm.forced_weight_norm,
+    "arpit": wnorm.weight_norm,
+}
+_DATA_INIT = {"normal", "weightnorm", "wn+meanonly", "meanonly", "centered", "forced"}
+_PLAIN = {"normal", "meanonly"}  # data init scales the plain weights (include_plain)
+
+
+def _group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(math.gcd(channels, 32), channels)
+
+
+_NORM: dict[str, tuple[type[nn.Module] | object, type[nn.Module] | None] | None] = {
     "normal": None,
     "weightnorm": None,
     "batchnorm": (nn.BatchNorm2d, nn.BatchNorm1d),
     "wn+meanonly": (wnorm.MeanOnlyBatchNorm2d, wnorm.MeanOnlyBatchNorm1d),
     "meanonly": (wnorm.MeanOnlyBatchNorm2d, wnorm.MeanOnlyBatchNorm1d),
+    "centered": None,
+    "ws+gn": (_group_norm, None),  # None: the dense layer keeps its bias and no normalizer
+    "forced": None,
+    "arpit": None,
 }
 
 
@@ -118,7 +162,7 @@ class PaperNet(nn.Sequential):
         def conv(cin: int, cout: int, k: int, pad: int) -> list[nn.Module]:
             layers: list[nn.Module] = [nn.Conv2d(cin, cout, k, padding=pad, bias=norm is None)]
             if norm is not None:
-                layers.append(norm[0](cout))
+                layers.append(norm[0](cout))  # type: ignore[operator]
             layers.append(nn.LeakyReLU(slope))
             return layers
 
@@ -128,20 +172,67 @@ class PaperNet(nn.Sequential):
         layers += conv(c1, c2, 3, 1) + conv(c2, c2, 3, 1) + conv(c2, c2, 3, 1)
         layers += [nn.MaxPool2d(2), nn.Dropout(dropout)]
         layers += conv(c2, c2, 3, 0) + conv(c2, c2, 1, 0) + conv(c2, c2, 1, 0)
+        dense_norm = norm[1] if norm is not None else None
         layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c2, num_classes,
-                                                                    bias=norm is None)]
-        if norm is not None:
-            layers.append(norm[1](num_classes))
+                                                                    bias=dense_norm is None)]
+        if dense_norm is not None:
+            layers.append(dense_norm(num_classes))
         super().__init__(*layers)
         self.variant = variant
-        with torch.no_grad():
-            for m in self.modules():
-                if isinstance(m, (nn.Conv2d, nn.Linear)):
-                    m.weight.normal_(0.0, 0.05)
-                    if m.bias is not None:
-                        m.bias.zero_()
-        if variant in _WN:
-            wnorm.apply(self)
+        _init_and_normalize(self, variant)
+
+
+def _init_and_normalize(model: nn.Module, variant: str) -> None:
+    """Weights :math:`N(0, 0.05^2)`, biases 0 (the authors' code), then the variant's
+    reparameterization of every conv and dense layer (``ws+gn``: the convs only)."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                m.weight.normal_(0.0, 0.05)
+                if m.bias is not None:
+                    m.bias.zero_()
+    if variant in _METHOD:
+        wnorm.apply(model, method=_METHOD[variant])
+    elif variant == "ws+gn":
+        wnorm.apply(model, types=(nn.Conv2d,), method=wnorm.weight_standardization)
+
+
+class MLP(nn.Sequential):
+    """A small fully connected classifier for the learning-rate sweep:
+    ``(N, C, H, W) -> flatten -> [dense hidden, leaky ReLU] x depth -> dense classes``.
+
+    Same init as :class:`PaperNet` (weights :math:`N(0, 0.05^2)`, biases 0, then the variant's
+    reparameterization and :func:`initialize`); no noise, no dropout.
+
+    Args:
+        variant: one of :data:`MLP_VARIANTS`.
+        in_features: inputs per example (784 for Fashion-MNIST).
+        hidden: units per hidden layer (default 100).
+        depth: hidden layers (default 2).
+        num_classes: outputs (default 10).
+        slope: leaky ReLU negative slope (default 0.1).
+
+    Example:
+        >>> MLP("forced", 784)(torch.randn(2, 1, 28, 28)).shape
+        torch.Size([2, 10])
+    """
+
+    def __init__(self, variant: str, in_features: int, hidden: int = 100, depth: int = 2,
+                 num_classes: int = 10, slope: float = 0.1) -> None:
+        if variant not in MLP_VARIANTS:
+            raise WnormError(f"MLP: unknown variant {variant!r}; expected one of "
+                             f"{list(MLP_VARIANTS)}")
+        if hidden < 1 or depth < 0:
+            raise WnormError(f"MLP: hidden must be >= 1 and depth >= 0; got {hidden}, {depth}")
+        layers: list[nn.Module] = [nn.Flatten()]
+        width = in_features
+        for _ in range(depth):
+            layers += [nn.Linear(width, hidden), nn.LeakyReLU(slope)]
+            width = hidden
+        layers.append(nn.Linear(width, num_classes))
+        super().__init__(*layers)
+        self.variant = variant
+        _init_and_normalize(self, variant)
 
 
 def build(variant: str, in_channels: int, width: float, **kwargs: float) -> PaperNet:
@@ -149,20 +240,36 @@ def build(variant: str, in_channels: int, width: float, **kwargs: float) -> Pape
     return PaperNet(variant, in_channels=in_channels, width=width, **kwargs)
 
 
-def initialize(model: PaperNet, batch: Tensor, init_scale: float = 1.0) -> str:
+def weight_normalized_layers(model: nn.Module) -> dict[str, tuple[Tensor, int | None, str]]:
+    """``{layer name: (its v, the output-unit axis of v, the kind)}`` for every reparameterized
+    ``weight``; the kind is ``"wn"``, ``"centered"``, ``"standardized"`` or ``"forced"``."""
+    out = {}
+    for name, m in model.named_modules():
+        spec = m.__dict__.get("_wn", {}).get("weight")
+        if spec is not None:
+            out[name or "<model>"] = (m._parameters[spec.vname], spec.dim, spec.kind)
+    return out
+
+
+def initialize(model: PaperNet | MLP, batch: Tensor, init_scale: float = 1.0) -> str:
     """The variant's init on ``batch`` (the paper: 500 training examples), in training mode as
     in the authors' init pass (noise and dropout on). Returns a one-line summary for the log.
+    ``arpit`` is initialized from its weights alone (``batch`` unused).
 
     Under ``torch.distributed`` call it on every rank with that rank's share of the batch:
     :func:`wnorm.data_init` all-reduces the statistics, so every rank gets the same ``g``, ``b``.
     """
+    if model.variant == "arpit":
+        gains = wnorm.arpit_init(model)
+        return (f"arpit: Arpit et al. init without data, {len(gains)} layers, g from "
+                f"{min(gains.values()):.3g} to {max(gains.values()):.3g}")
     if not uses_data_init(model.variant):
         return f"{model.variant}: no data-dependent init"
     was_training = model.training
     model.train()
     try:
         report = wnorm.data_init(model, batch, init_scale=init_scale,
-                                 include_plain=model.variant not in _WN)
+                                 include_plain=model.variant in _PLAIN)
     finally:
         model.train(was_training)
     return (f"{model.variant}: data init on {batch.shape[0]} examples, "

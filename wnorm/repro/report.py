@@ -31,7 +31,7 @@ from wnorm import WnormError
 
 from .models import VARIANTS
 
-__all__ = ["Run", "load_runs", "report", "PAPER_TABLE1"]
+__all__ = ["Run", "load_runs", "report", "is_sweep", "PAPER_TABLE1"]
 
 #: The paper's Table 1 (CIFAR-10 test error %, no augmentation); meanonly is approximate.
 PAPER_TABLE1: dict[str, tuple[float, bool]] = {
@@ -103,6 +103,29 @@ def load_runs(paths: list[str | Path]) -> list[Run]:
     if not runs:
         raise WnormError(f"report: the run folders in {list(map(str, paths))} have no metrics yet")
     return runs
+
+
+def is_sweep(paths: list[str | Path]) -> bool:
+    """Whether the run folders in ``paths`` are learning-rate sweep runs (``"kind": "lr-sweep"``).
+
+    Raises:
+        WnormError: a path does not exist, or sweep and classification runs are mixed.
+    """
+    kinds = set()
+    for p in map(Path, paths):
+        if not p.exists():
+            raise WnormError(f"report: {p} does not exist")
+        folders = [p] if (p / "config.json").is_file() else sorted(
+            d for d in p.iterdir() if (d / "config.json").is_file())
+        for d in folders:
+            try:
+                kinds.add(json.loads((d / "config.json").read_text()).get("kind", "classify"))
+            except (OSError, json.JSONDecodeError) as e:
+                raise WnormError(f"{d}: config.json is not readable JSON ({e})") from e
+    if len(kinds) > 1:
+        raise WnormError(f"report: the folders mix run kinds {sorted(kinds)}; report them "
+                         "separately")
+    return kinds == {"lr-sweep"}
 
 
 # --------------------------------------------------------------------------- numbers
@@ -229,7 +252,8 @@ def _plot(groups: dict[tuple[Any, ...], dict[str, list[Run]]], path: Path) -> No
     fig = Figure(figsize=(11, 4.2 * len(groups)), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(len(groups), 2, squeeze=False)
-    colors = dict(zip(VARIANTS, ("tab:gray", "tab:blue", "tab:green", "tab:red", "tab:orange")))
+    colors = dict(zip(VARIANTS, ("tab:gray", "tab:blue", "tab:green", "tab:red", "tab:orange",
+                                 "tab:purple", "tab:brown", "tab:pink", "tab:olive")))
     for row, (setting, by_variant) in enumerate(groups.items()):
         cfg = dict(zip(_SETTING, setting))
         for col, key in enumerate(("train_error", "test_error")):
