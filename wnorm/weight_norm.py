@@ -179,7 +179,9 @@ def _weight(module: nn.Module, spec: _Spec) -> Tensor:
         return spec.cache  # type: ignore[return-value]
     with torch.no_grad():
         w = _map(spec, v, g)
-    if not bool(torch.isfinite(w.sum())):  # one reduction: NaN and inf propagate into the sum
+    # one reduction (NaN and inf propagate into the sum), accumulated in float32 at least so
+    # that a sum of finite half-precision entries cannot overflow
+    if not bool(torch.isfinite(w.sum(dtype=torch.promote_types(w.dtype, torch.float32)))):
         raise WnormError(
             f"{spec.where}: the weight-normalized '{spec.gname[:-2]}' has non-finite values; "
             f"check '{spec.gname}' and '{spec.vname}' for NaN/inf and '{spec.vname}' for zero rows"
@@ -429,7 +431,7 @@ def _reparameterize(
             )
     with torch.no_grad():
         w = weight.detach()
-        if not bool(torch.isfinite(w.sum())):  # one reduction: NaN and inf propagate into the sum
+        if not bool(torch.isfinite(w).all()):
             bad = int((~torch.isfinite(w)).sum())
             raise WnormError(f"{label}: '{name}' has {bad} non-finite values (NaN or inf)")
         wide = w.float() if w.dtype in _LOW else w  # fp16 sums of squares overflow
