@@ -173,7 +173,7 @@ class OtherRun:
 
     def setting(self) -> tuple[Any, ...]:
         """What must match for two runs to be compared (everything but variant and seed)."""
-        skip = _COMMON | {"data", "quick"}
+        skip = _COMMON | {"data", "init_summary"}
         return tuple(sorted((k, json.dumps(v)) for k, v in self.config.items() if k not in skip))
 
 
@@ -219,7 +219,10 @@ def load_other_runs(paths: list[Path]) -> list[OtherRun]:
 
 # --------------------------------------------------------------------------- numbers
 def _ms(values: list[float], digits: int = 2) -> str:
-    """``mean ± std (min-max)`` over seeds."""
+    """``mean ± std (min to max)`` over seeds ("n/a" when nothing was measured)."""
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return "n/a"
     m = statistics.fmean(values)
     if len(values) < 2:
         return f"{m:.{digits}f}"
@@ -236,6 +239,10 @@ def _band(curves: list[list[float]]) -> tuple[list[float], list[float], list[flo
 def _compare(name: str, normal: list[float], wn: list[float], unit: str, lower_better: bool,
              digits: int = 2) -> str:
     """A sentence: which variant is better on ``name``, by how much, and whether seeds overlap."""
+    normal = [v for v in normal if not math.isnan(v)]
+    wn = [v for v in wn if not math.isnan(v)]
+    if not normal or not wn:
+        return f"{name}: not measured in these runs."
     mn, mw = statistics.fmean(normal), statistics.fmean(wn)
     diff = mw - mn
     better = (diff < 0) == lower_better and diff != 0
@@ -286,7 +293,7 @@ def _reach_text(hits: list[float | None], unit: str) -> str:
     got = [h for h in hits if h is not None]
     if not got:
         return f"not reached by any of {len(hits)} seeds"
-    txt = f"{statistics.fmean(got):.3g} {unit}"
+    txt = f"{statistics.fmean(got):.3g}" + (f" {unit}" if unit else "")
     if len(got) > 1 and min(got) != max(got):
         txt += f" ({min(got):.3g} to {max(got):.3g})"
     if len(got) < len(hits):
@@ -352,8 +359,8 @@ def _vae(groups: list[list[OtherRun]], png: Path, command: str) -> str:
                          f"| {_ms(noise[v])} | {statistics.fmean(secs):.1f} |")
         parts.append("")
         parts.append("Step-to-step noise: the standard deviation of the differences between "
-                     "consecutive logged training bounds in the last epoch (divided by "
-                     "sqrt(2)), averaged over seeds; a measure of how noisy training is.")
+                     "consecutive logged training bounds in the second half of training "
+                     "(divided by sqrt(2)), per seed; a measure of how noisy training is.")
         parts.append("")
         if "normal" in byv and "weightnorm" in byv:
             parts.append("**Answer.** " + _compare("Final test bound", final["normal"],
@@ -364,7 +371,7 @@ def _vae(groups: list[list[OtherRun]], png: Path, command: str) -> str:
                   for r in byv["weightnorm"]]
             parts.append(f"Speed: weightnorm reached normal's final mean test bound "
                          f"({target:.2f} nats, after {c.get('epochs')} epochs) at epoch "
-                         f"{_reach_text(ep, 'epochs')}. "
+                         f"{_reach_text(ep, '')}. "
                          + _compare("Training noise", noise["normal"], noise["weightnorm"],
                                     "nats", True))
             parts.append("")
@@ -373,7 +380,10 @@ def _vae(groups: list[list[OtherRun]], png: Path, command: str) -> str:
 
 
 def _step_noise(run: OtherRun) -> float:
-    ys = [y for _, y in run.metrics[-1].get("step_losses", [])]
+    """Std of the differences of consecutive logged training bounds in the second half of
+    the steps, over sqrt(2): the noise of one logged value, with the trend removed."""
+    steps = [s for m in run.metrics for s in m.get("step_losses", [])]
+    ys = [y for _, y in steps[len(steps) // 2:]]
     if len(ys) < 3:
         return float("nan")
     d = [b - a for a, b in zip(ys, ys[1:])]
