@@ -1,5 +1,6 @@
-"""wnorm.repro end to end: the command line trains every variant for one tiny epoch on fake
-Fashion-MNIST files, writes valid run folders, and the report turns them into a PNG and a table."""
+"""wnorm.repro end to end: the command line trains every variant (the paper's five and the four
+relatives) for two tiny epochs on fake Fashion-MNIST files, writes valid run folders, and the
+report turns them into a PNG and a table."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from wnorm.repro.__main__ import main
-from wnorm.repro.models import VARIANTS
+from wnorm.repro.models import RELATIVES, VARIANTS
 from wnorm.repro.report import report
 
 from test_repro_datasets import _write_fashion
@@ -51,6 +52,12 @@ def test_every_variant_trains_and_reports(tmp_path: Path, capsys) -> None:
         assert f"| {v} |" in md
     assert "| 2 |" in md  # two seeds per variant
     assert "8.43" in md and "7.31" in md  # the paper's Table 1 beside the runs
+    assert set(RELATIVES) <= set(VARIANTS)
+    for v in RELATIVES:  # no paper figure for the relatives: their column is empty
+        row = next(line for line in md.splitlines() if line.startswith(f"| {v} |"))
+        assert row.split("|")[4].strip() == ""
+    assert "no data-dependent init" in (out / "fashion-mnist-ws+gn-s0" / "log.txt").read_text()
+    assert "without data" in (out / "fashion-mnist-arpit-s0" / "log.txt").read_text()
     assert "epochs to 95% train error" in md
     assert "training error: weightnorm" in md  # the WN-vs-normal sentence, from the data
     assert "width 0.04" in md and "2 epochs" in md

@@ -16,8 +16,18 @@ Commands::
     torchrun --nproc-per-node 4 -m wnorm.repro classify --dataset cifar10 --data-dir ... \\
         --device cuda --out runs/cifar10       # DDP: each rank trains on its share of a batch
 
-    # tables and plots from run folders (never typed by hand)
+    # weight norm's relatives beside the paper's variants (results/family-demo/)
+    python -m wnorm.repro classify --variants normal,weightnorm,centered,ws+gn,forced,arpit \
+        --seeds 0 --epochs 8 --width 0.125 --train-subset 3000 --test-subset 1000 --lr 0.002 \
+        --beta1-late 0.9 --threads 1 --no-progress --out results/family-demo/runs
+
+    # learning-rate robustness (PAPER.md section 2; wnorm.repro.sweep): normal, weightnorm and
+    # forced x 12 learning rates x 2 seeds, plain SGD; about 6 minutes on one CPU core
+    python -m wnorm.repro lr-sweep --threads 1 --out results/lr-sweep/runs
+
+    # tables and plots from run folders (never typed by hand); lr-sweep folders get their own
     python -m wnorm.repro report runs/fashion --out results/fashion
+    python -m wnorm.repro report results/lr-sweep/runs --out results/lr-sweep
 
 ``classify`` takes every field of :class:`wnorm.repro.train.Config` as ``--field-name``
 (``--lr``, ``--batch-size``, ``--init-examples``, ``--decay-start``, ``--no-zca``, ...); the
