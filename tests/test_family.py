@@ -188,14 +188,28 @@ def test_arpit_init_keeps_activation_scale_through_a_deep_relu_net():
             assert m.bias.abs().max() == 0
 
 
+def test_arpit_init_keeps_feature_map_scale_through_relu_convs():
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for _ in range(8):
+        layers += [nn.Conv2d(32, 32, 3, padding=1, padding_mode="circular"), nn.ReLU()]
+    net = wnorm.apply(nn.Sequential(*layers, nn.Conv2d(32, 10, 1)))
+    wnorm.arpit_init(net)
+    x = torch.randn(16, 32, 12, 12)
+    with torch.no_grad():
+        h = net[:-1](x)  # through the 8th ReLU; circular padding keeps every position's fan-in
+    ratio = (h.pow(2).sum() / x.pow(2).sum()).item()
+    assert 0.4 < ratio < 2.5, ratio
+
+
 def test_arpit_init_residual_gains():
     net = nn.ModuleDict({"stem": nn.Conv2d(3, 8, 3), "b1": nn.Conv2d(8, 8, 3), "b2": nn.Conv2d(8, 8, 3),
                          "short": nn.Conv2d(8, 16, 1), "fc": nn.Linear(16, 10)})
     wnorm.apply(net)
     gains = wnorm.arpit_init(net, block_last=["b2"], shortcuts=["short"], blocks_per_stage=4)
-    assert gains["b2"] == pytest.approx(math.sqrt(72 / (4 * 8)))
+    assert gains["b2"] == pytest.approx(math.sqrt(72 / (4 * 72)))  # fan_out = 8 channels x 9
     assert gains["short"] == pytest.approx(math.sqrt(8 / 16))
-    assert gains["b1"] == pytest.approx(math.sqrt(2 * 72 / 8))
+    assert gains["b1"] == pytest.approx(math.sqrt(2 * 72 / 72))
     with pytest.raises(WnormError, match="needs blocks_per_stage"):
         wnorm.arpit_init(net, block_last=["b2"])
     with pytest.raises(WnormError, match="call wnorm.apply"):

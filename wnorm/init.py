@@ -41,7 +41,10 @@ def arpit_init(
     squared norm :math:`g^2\,\mathrm{fan_{out}}/\mathrm{fan_{in}}\,\lVert x\rVert^2`; the gains
     above keep activations' scale through ReLU (which halves it) and through N residual blocks
     per stage. For convolutions, fan_in is ``in_channels/groups * kernel size`` (the slice of
-    ``v`` per output unit) and fan_out is ``out_channels``.
+    ``v`` per output unit) and fan_out is ``out_channels * kernel size``, as in
+    ``torch.nn.init``: each input entry reaches kernel-size output positions, so a conv with
+    orthonormal rows scales the squared norm of the whole feature map by
+    :math:`g^2\,\mathrm{out}/\mathrm{in} = g^2\,\mathrm{fan_{out}}/\mathrm{fan_{in}}`.
 
     Args:
         model: a model with weight-normalized layers (``wnorm.apply`` first); changed in place.
@@ -89,15 +92,19 @@ def arpit_init(
             units = v.shape[spec.dim]
             flat = v.movedim(spec.dim, 0).reshape(units, -1)
             fan_in = flat.shape[1]
+            # a conv's output unit repeats over positions: each input entry reaches
+            # kernel-size outputs, so fan_out counts them (as torch.nn.init does)
+            kernel = math.prod(m.kernel_size) if isinstance(m, nn.modules.conv._ConvNd) else 1
+            fan_out = units * kernel
             q = torch.empty_like(flat, dtype=torch.float32)
             nn.init.orthogonal_(q)
             v.copy_(q.reshape(v.movedim(spec.dim, 0).shape).movedim(0, spec.dim))
             if _match(mname, shortcuts) or _match(mname, linear):
-                gain = math.sqrt(fan_in / units)
+                gain = math.sqrt(fan_in / fan_out)
             elif _match(mname, block_last):
-                gain = math.sqrt(fan_in / (blocks_per_stage * units))  # type: ignore[operator]
+                gain = math.sqrt(fan_in / (blocks_per_stage * fan_out))  # type: ignore[operator]
             else:
-                gain = math.sqrt(2.0 * fan_in / units)
+                gain = math.sqrt(2.0 * fan_in / fan_out)
             g.fill_(gain)
             if getattr(m, "bias", None) is not None:
                 m.bias.zero_()
