@@ -100,12 +100,17 @@ def test_report_covers_all_three_experiments_and_answers_from_the_data(tmp_path:
     for png in ("vae.png", "seq.png", "dqn.png"):
         assert (tmp_path / "rep" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "## Convolutional VAE" in md and "## LSTM" in md and "## Deep Q-learning" in md
-    assert "Final test bound: weightnorm 251.00 vs normal 271.00 nats (difference -20.00; " \
+    assert "Final test bound: weightnorm 251.00 vs normal 271.00 nats (difference -20.00 nats; " \
            "better: **weightnorm**; the seed ranges do not overlap)" in md
     assert "Final test error: weightnorm 10.00 vs normal 20.00 %" in md
     assert "Return over the last 20% of steps" in md and "better: **weightnorm**" in md
     # a 10-episode average of 40 i (WN) crosses 475 at episode 17; of 20 i (normal) never
-    assert "Threshold 475: weightnorm 850 steps; normal not reached by any of 3 seeds" in md
+    assert "Threshold 475: weightnorm 850 steps; normal not reached (0 of 3 seeds)" in md
+    # the summary table on the first screen carries the same verdicts
+    assert "| VAE, 2 epochs | final test -ELBO (nats, lower better) | 271.00 ± 1.00 " \
+           "(270.00 to 272.00) | 251.00 ± 1.00 (250.00 to 252.00) | -20.00 | " \
+           "**weightnorm**; the seed ranges do not overlap |" in md
+    assert md.index("## Summary") < md.index("## Convolutional VAE")
 
 
 def test_report_refuses_folders_without_these_experiments(tmp_path: Path) -> None:
