@@ -87,7 +87,8 @@ def test_report_covers_all_three_experiments_and_answers_from_the_data(tmp_path:
                    for e in (1, 2)])
             _fake(out, SeqConfig(variant=v, seed=seed, epochs=2, out=str(out)), f"seq-{v}-s{seed}",
                   [{"epoch": e, "test_error": 0.3 - 0.1 * better - 0.05 * e, "seconds": 1.0,
-                    "step_losses": [[s, 2.0 - 0.1 * s - better] for s in range(4 * e - 3, 4 * e + 1)]}
+                    "step_losses": [[s, 2.0 - 0.1 * s - better]
+                                    for s in range(4 * e - 3, 4 * e + 1)]}
                    for e in (1, 2)])
             cfg = dqn.DQNConfig(variant=v, seed=seed, steps=1000, out=str(out))
             f = RunFolder(cfg, f"dqn-CartPole-v1-{v}-s{seed}", torch.device("cpu"),

@@ -209,8 +209,7 @@ def train_one(cfg: DQNConfig, echo: bool = True) -> RunFolder:
                 losses.append(float(loss.detach()))
             if step % cfg.target_every == 0:
                 target.load_state_dict(online.state_dict())
-        rows = episode
-        log(f"done: {rows} episodes in {time.perf_counter() - t0:.0f}s")
+        log(f"done: {episode} episodes in {time.perf_counter() - t0:.0f}s")
     env.close()
     return folder
 

@@ -254,7 +254,10 @@ def _verdict(normal: list[float], wn: list[float], lower_better: bool, digits: i
         return None
     mn, mw = statistics.fmean(normal), statistics.fmean(wn)
     diff = mw - mn
-    who = "neither" if round(diff, digits) == 0 else ("weightnorm" if (diff < 0) == lower_better else "normal")
+    if round(diff, digits) == 0:
+        who = "neither"
+    else:
+        who = "weightnorm" if (diff < 0) == lower_better else "normal"
     if len(normal) < 2 or len(wn) < 2:
         spread = "one seed per variant, so no spread to compare with"
     elif max(wn) < min(normal) or max(normal) < min(wn):

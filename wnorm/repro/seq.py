@@ -112,7 +112,7 @@ def _evaluate(model: nn.Module, x: Tensor, y: Tensor, device: torch.device
 
 
 def train_one(cfg: SeqConfig, data: ImageData, echo: bool = True) -> RunFolder:
-    """Train ``cfg.variant`` with ``cfg.seed`` on ``data`` (an ``ImageData``); returns the folder."""
+    """Train ``cfg.variant`` with ``cfg.seed`` on ``data``; writes and returns the run folder."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
