@@ -97,7 +97,18 @@ def test_report_covers_all_three_experiments_and_answers_from_the_data(tmp_path:
                 for i in range(1, 21):
                     f.write({"episode": i, "env_steps": 50 * i, "return": 20.0 * i * (1 + better),
                              "length": 10, "seconds": 0.1 * i})
+                f.log("done: 20 episodes in 2s")
+    # WN without data init is its own row beside the two variants, on the same plot
+    with RunFolder(dqn.DQNConfig(variant="weightnorm", seed=0, steps=1000, data_init=False,
+                                 out=str(out)), "dqn-no-init", torch.device("cpu"),
+                   {"reward_threshold": 475.0}, echo=False) as f:
+        for i in range(1, 21):
+            f.write({"episode": i, "env_steps": 50 * i, "return": 10.0 * i, "length": 10,
+                     "seconds": 0.1 * i})
+        f.log("done: 20 episodes in 2s")
     md = report([out], tmp_path / "rep")
+    assert "| weightnorm, no data init | 1 |" in md and "incomplete" not in md
+    assert md.count("### CartPole-v1") == 1
     for png in ("vae.png", "seq.png", "dqn.png"):
         assert (tmp_path / "rep" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "## Convolutional VAE" in md and "## LSTM" in md and "## Deep Q-learning" in md
@@ -105,8 +116,10 @@ def test_report_covers_all_three_experiments_and_answers_from_the_data(tmp_path:
            "better: **weightnorm**; the seed ranges do not overlap)" in md
     assert "Final test error: weightnorm 10.00 vs normal 20.00 %" in md
     assert "Return over the last 20% of steps" in md and "better: **weightnorm**" in md
-    # a 10-episode average of 40 i (WN) crosses 475 at episode 17; of 20 i (normal) never
-    assert "Threshold 475: weightnorm 850 steps; normal not reached (0 of 3 seeds)" in md
+    # 10-episode averages of 40 i (WN), 20 i (normal), 10 i (no init) end at 620, 310, 155:
+    # the common level is 150, reached after episode 7 (WN: mean 40 * 4) and 12 (normal)
+    assert "Steps to a 10-episode average of 150: weightnorm 350 steps; normal 600 steps." in md
+    assert "| 3 of 3 |" in md and "| 0 of 3 |" in md  # the gym threshold 475: WN only
     # the summary table on the first screen carries the same verdicts
     assert "| VAE, 2 epochs | final test -ELBO (nats, lower better) | 271.00 ± 1.00 " \
            "(270.00 to 272.00) | 251.00 ± 1.00 (250.00 to 252.00) | -20.00 | " \

@@ -20,6 +20,9 @@ start with mean 0, std 1 per action over those states). The target network is a 
 Run (the committed results)::
 
     python -m wnorm.repro.dqn --envs CartPole-v1,Acrobot-v1 --seeds 0,1,2,3,4 --out results/dqn
+    # the ablation: weight norm without the data-dependent init
+    python -m wnorm.repro.dqn --envs CartPole-v1,Acrobot-v1 --variant weightnorm \
+        --no-data-init --seeds 0,1,2,3,4 --out results/dqn-no-init
 
 Each (env, variant, seed) writes ``<out>/dqn-<env>-<variant>-s<seed>/``; ``metrics.jsonl`` has
 one line per finished episode: ``episode``, ``env_steps`` (when it ended), ``return``,

@@ -3,7 +3,7 @@ r"""The paper's other experiments (section 6), normal vs weight norm: run folder
 Usage::
 
     python -m wnorm.repro.others_report results/vae results/seq results/dqn \
-        --out results/others-report
+        results/dqn-no-init --out results/others-report
 
 The run folders of :mod:`wnorm.repro.vae`, :mod:`wnorm.repro.seq` and :mod:`wnorm.repro.dqn`
 share the classification runs' format (``config.json`` with an ``"experiment"`` field,
@@ -16,7 +16,8 @@ Every number and plot in the report is computed here from those files:
 - ``seq.png``: the LSTM's training loss per logged step and test error per epoch;
 - ``dqn.png``: episode return vs environment steps, one panel per environment: each seed's
   returns smoothed by a moving average over its last ``DQN_WINDOW`` episodes, then mean and
-  min-max over seeds;
+  min-max over seeds (DQN runs of ``weightnorm`` with ``--no-data-init`` are a third curve,
+  ``weightnorm, no data init``);
 - ``report.md``: one table per experiment and setting, and the answer to "did weight norm
   converge faster or to a better value than normal, by how much, with what spread".
 """
@@ -47,7 +48,8 @@ __all__ = ["EXPERIMENTS", "VARIANTS", "RunFolder", "OtherRun", "load_other_runs"
 EXPERIMENTS = ("vae", "seq", "dqn")
 VARIANTS = ("normal", "weightnorm")
 DQN_WINDOW = 10  # episodes in the moving average of the DQN return curves
-_COLORS = {"normal": "tab:gray", "weightnorm": "tab:blue"}
+NO_INIT = "weightnorm, no data init"  # dqn runs with --variant weightnorm --no-data-init
+_COLORS = {"normal": "tab:gray", "weightnorm": "tab:blue", NO_INIT: "tab:orange"}
 _COMMON = {"experiment", "variant", "seed", "out", "threads", "device"}
 
 
@@ -169,7 +171,11 @@ class OtherRun:
 
     @property
     def variant(self) -> str:
-        return str(self.config["variant"])
+        """The variant, and for a weight-normalized DQN without data init :data:`NO_INIT`."""
+        v = str(self.config["variant"])
+        if self.experiment == "dqn" and v == "weightnorm" and self.config.get("data_init") is False:
+            return NO_INIT
+        return v
 
     @property
     def complete(self) -> bool:
@@ -181,7 +187,7 @@ class OtherRun:
 
     def setting(self) -> tuple[Any, ...]:
         """What must match for two runs to be compared (everything but variant and seed)."""
-        skip = _COMMON | {"data", "init_summary"}
+        skip = _COMMON | {"data", "init_summary", "data_init"}
         return tuple(sorted((k, json.dumps(v)) for k, v in self.config.items() if k not in skip))
 
 
@@ -244,8 +250,8 @@ def _band(curves: list[list[float]]) -> tuple[list[float], list[float], list[flo
     return ([statistics.fmean(c) for c in cols], [min(c) for c in cols], [max(c) for c in cols])
 
 
-def _verdict(normal: list[float], wn: list[float], lower_better: bool, digits: int
-             ) -> tuple[float, float, float, str, str] | None:
+def _verdict(normal: list[float], wn: list[float], lower_better: bool, digits: int,
+             name: str = "weightnorm") -> tuple[float, float, float, str, str] | None:
     """``(normal mean, wn mean, wn - normal, which is better, spread note)``; None if unmeasured.
     A difference that rounds to 0 at ``digits`` decimals is a tie ("neither")."""
     normal = [v for v in normal if not math.isnan(v)]
@@ -257,9 +263,9 @@ def _verdict(normal: list[float], wn: list[float], lower_better: bool, digits: i
     if round(diff, digits) == 0:
         who = "neither"
     else:
-        who = "weightnorm" if (diff < 0) == lower_better else "normal"
+        who = name if (diff < 0) == lower_better else "normal"
     if len(normal) < 2 or len(wn) < 2:
-        spread = "one seed per variant, so no spread to compare with"
+        spread = "a single seed on one side, so no spread to compare with"
     elif max(wn) < min(normal) or max(normal) < min(wn):
         spread = "the seed ranges do not overlap"
     else:
@@ -271,24 +277,27 @@ class _Summary(list[str]):
     """Rows of the report's first table, one per comparison that answers the question."""
 
     def add(self, where: str, measure: str, normal: list[float], wn: list[float],
-            lower_better: bool, digits: int = 2) -> None:
-        v = _verdict(normal, wn, lower_better, digits)
+            lower_better: bool, digits: int = 2, variant: str = "weightnorm") -> None:
+        v = _verdict(normal, wn, lower_better, digits, variant)
         if v is None:
             return
         mn, mw, diff, who, spread = v
+        if variant != "weightnorm":
+            measure += f" [{variant}]"
         self.append(f"| {where} | {measure} | {_ms(normal, digits)} | {_ms(wn, digits)} | "
                     f"{diff:+.{digits}f} | **{who}**; {spread.split(',')[0]} |")
 
 
 def _compare(name: str, normal: list[float], wn: list[float], unit: str, lower_better: bool,
-             digits: int = 2) -> str:
-    """A sentence: which variant is better on ``name``, by how much, and whether seeds overlap."""
-    v = _verdict(normal, wn, lower_better, digits)
+             digits: int = 2, variant: str = "weightnorm") -> str:
+    """A sentence: is ``variant`` (``wn``) or normal better on ``name``, by how much, and do
+    the seeds overlap."""
+    v = _verdict(normal, wn, lower_better, digits, variant)
     if v is None:
         return f"{name}: not measured in these runs."
     mn, mw, diff, who, spread = v
     u = f" {unit}" if unit else ""
-    return (f"{name}: weightnorm {mw:.{digits}f} vs normal {mn:.{digits}f}{u} "
+    return (f"{name}: {variant} {mw:.{digits}f} vs normal {mn:.{digits}f}{u} "
             f"(difference {diff:+.{digits}f}{u}; better: **{who}**; {spread}).")
 
 
@@ -336,9 +345,10 @@ def _reach_text(hits: list[float | None], unit: str) -> str:
     got = [h for h in hits if h is not None]
     if not got:
         return f"not reached (0 of {len(hits)} seeds)"
-    txt = f"{statistics.fmean(got):.3g}" + (f" {unit}" if unit else "")
+    fmt = ",.0f" if min(got) >= 100 else ".3g"
+    txt = f"{statistics.fmean(got):{fmt}}" + (f" {unit}" if unit else "")
     if len(got) > 1 and min(got) != max(got):
-        txt += f" ({min(got):.3g} to {max(got):.3g})"
+        txt += f" ({min(got):{fmt}} to {max(got):{fmt}})"
     if len(got) < len(hits):
         txt += f"; not reached by {len(hits) - len(got)} of {len(hits)} seeds"
     return txt
@@ -595,22 +605,30 @@ def _dqn(groups: list[list[OtherRun]], png: Path, command: str, summary: _Summar
         parts.append(f"### {c['env']}: {steps} environment steps per run")
         parts += _setting_lines(runs, ["hidden", "layers", "lr", "batch_size", "buffer",
                                        "learning_starts", "train_every", "target_every",
-                                       "eps_end", "eps_fraction", "gamma", "data_init"], command)
+                                       "eps_end", "eps_fraction", "gamma"], command)
+        # a level every variant's seed-mean curve reaches (floored to a multiple of 10), so
+        # "steps to reach it" compares speed even when the gym threshold is out of reach
+        level = math.floor(min(max(v for v in _nanband(cv)[0] if not math.isnan(v))
+                               for cv in curves.values()) / 10) * 10
         parts += [f"| variant | seeds | mean return, last 20% of steps | mean return over all "
                   f"training episodes | env steps to a {DQN_WINDOW}-episode average of "
-                  f"{thr:g} | episodes | s / run |", "|---|---|---|---|---|---|---|"]
+                  f"{level:g} | seeds reaching the threshold {thr:g} | episodes | s / run |",
+                  "|---|---|---|---|---|---|---|---|"]
         last, allr, reach = {}, {}, {}
         for v, rs in byv.items():
             tail = [i for i, g in enumerate(grid) if g > 0.8 * steps]
             last[v] = [statistics.fmean(cv[i] for i in tail) for cv in curves[v]]
             allr[v] = [statistics.fmean(m["return"] for m in r.metrics) for r in rs]
-            reach[v] = [_first_reach(grid, cv, thr, False) for cv in curves[v]]
+            reach[v] = [_first_reach(grid, cv, level, False) for cv in curves[v]]
+            solved = sum(_first_reach(grid, cv, thr, False) is not None for cv in curves[v])
             secs = [r.metrics[-1]["seconds"] for r in rs]
             parts.append(f"| {v} | {_seeds(rs)} | {_ms(last[v], 1)} | {_ms(allr[v], 1)} | "
-                         f"{_reach_text(reach[v], 'steps')} | "
+                         f"{_reach_text(reach[v], 'steps')} | {solved} of {len(rs)} | "
                          f"{statistics.fmean(len(r.metrics) for r in rs):.0f} | "
                          f"{statistics.fmean(secs):.0f} |")
-        parts.append("")
+        parts += ["", f"The level {level:g} is the best {DQN_WINDOW}-episode average that every "
+                  f"variant's seed-mean curve reaches (floored to a multiple of 10); the "
+                  f"environment's reward threshold is {thr:g}.", ""]
         if "normal" in byv and "weightnorm" in byv:
             where = f"DQN {c['env']}, {steps} steps"
             summary.add(where, "return, last 20% of steps (higher better)", last["normal"],
@@ -621,8 +639,19 @@ def _dqn(groups: list[list[OtherRun]], png: Path, command: str, summary: _Summar
                                                  last["normal"], last["weightnorm"], "", False, 1),
                       _compare("Mean return over all training episodes (higher = learned "
                                "faster)", allr["normal"], allr["weightnorm"], "", False, 1),
-                      f"Threshold {thr:g}: weightnorm {_reach_text(reach['weightnorm'], 'steps')}"
-                      f"; normal {_reach_text(reach['normal'], 'steps')}.", ""]
+                      f"Steps to a {DQN_WINDOW}-episode average of {level:g}: weightnorm "
+                      f"{_reach_text(reach['weightnorm'], 'steps')}; normal "
+                      f"{_reach_text(reach['normal'], 'steps')}.", ""]
+            for other in (v for v in byv if v not in ("normal", "weightnorm")):
+                summary.add(where, "return, last 20% of steps (higher better)",
+                            last["normal"], last[other], False, 1, other)
+                summary.add(where, "mean return over all episodes (higher better)",
+                            allr["normal"], allr[other], False, 1, other)
+                parts += [f"Also {other}: " + _compare(
+                    "return over the last 20% of steps", last["normal"], last[other], "", False,
+                    1, other) + " " + _compare("Mean return over all training episodes",
+                                                allr["normal"], allr[other], "", False, 1, other)
+                          + f" Steps to {level:g}: {_reach_text(reach[other], 'steps')}.", ""]
     fig.savefig(png, dpi=110)
     return "\n".join(parts)
 
