@@ -21,7 +21,7 @@ Variants: ``normal`` = plain layers, weights :math:`N(0, 0.05^2)`, then the data
 of the plain layers (``wnorm.data_init(..., include_plain=True)``, as the paper's baseline);
 ``weightnorm`` = the same, then ``wnorm.apply`` and ``wnorm.data_init``. Adam, batch 100.
 
-Run (the committed results; about 2 minutes per run on one CPU thread)::
+Run (the committed results; 5 to 20 s per epoch on one CPU thread, depending on load)::
 
     python -m wnorm.repro.vae --seeds 0,1,2 --out results/vae
 
