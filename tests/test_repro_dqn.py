@@ -132,3 +132,13 @@ def test_report_refuses_folders_without_these_experiments(tmp_path: Path) -> Non
     (tmp_path / "a" / "config.json").write_text(json.dumps({"variant": "normal"}))
     with pytest.raises(WnormError, match="no run folder of the experiments"):
         report([tmp_path], tmp_path / "rep")
+
+
+def test_report_names_the_command_that_made_the_runs() -> None:
+    from wnorm.repro.others_report import _run_command
+
+    assert _run_command(["/x/wnorm/repro/dqn.py", "--seeds", "0"]) == \
+        "python -m wnorm.repro.dqn --seeds 0"
+    assert _run_command(["/x/wnorm/repro/__main__.py", "vae", "--quick"]) == \
+        "python -m wnorm.repro vae --quick"
+    assert _run_command([]) is None

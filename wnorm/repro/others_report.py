@@ -301,6 +301,19 @@ def _compare(name: str, normal: list[float], wn: list[float], unit: str, lower_b
             f"(difference {diff:+.{digits}f}{u}; better: **{who}**; {spread}).")
 
 
+def _run_command(argv: list[str] | None) -> str | None:
+    """The command line that made a run, from ``version.json``'s ``argv`` (``python -m ...``)."""
+    if not argv:
+        return None
+    head = Path(argv[0])
+    if head.parent.name == "repro" and head.parent.parent.name == "wnorm":
+        module = "wnorm.repro" + ("" if head.stem == "__main__" else f".{head.stem}")
+        head_txt = f"python -m {module}"
+    else:
+        head_txt = head.name
+    return " ".join([head_txt, *argv[1:]])
+
+
 def _setting_lines(runs: list[OtherRun], keys: list[str], command: str) -> list[str]:
     c = runs[0].config
     hardware = sorted({r.version.get("hardware", "?") for r in runs})
@@ -312,6 +325,9 @@ def _setting_lines(runs: list[OtherRun], keys: list[str], command: str) -> list[
         lines.append(f"- Data: {data.get('name', '?')} from {data.get('source', '?')}, "
                      f"{data.get('train', '?')} train / {data.get('test', '?')} test "
                      f"examples; preprocessing {data.get('preprocessing', '?')}")
+    made = sorted({cmd for r in runs if (cmd := _run_command(r.version.get("argv")))})
+    if made:
+        lines.append("- Runs made by: " + "; ".join(f"`{m}`" for m in made))
     lines += [f"- Hardware: {'; '.join(hardware)}",
               f"- Code: wnorm {runs[0].version.get('wnorm', '?')}, torch "
               f"{runs[0].version.get('torch', '?')}, git {', '.join(commits)}",
