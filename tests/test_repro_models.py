@@ -93,8 +93,8 @@ def test_arpit_gets_orthogonal_v_and_its_gains_without_data() -> None:
     v = dense.weight_v
     torch.testing.assert_close(v @ v.T, torch.eye(10), atol=1e-5, rtol=0)  # 10 rows, 10 inputs
     torch.testing.assert_close(dense.weight_g.flatten(), torch.full((10,), 1.0))  # sqrt(10/10)
-    conv = net[3]  # 5 -> 5 channels, 3x3: fan_in 45
-    torch.testing.assert_close(conv.weight_g.flatten(), torch.full((5,), (2 * 45 / 5) ** 0.5))
+    conv = net[3]  # 5 -> 5 channels, 3x3: fan_in 45, fan_out 5 x 9 = 45
+    torch.testing.assert_close(conv.weight_g.flatten(), torch.full((5,), (2 * 45 / 45) ** 0.5))
     assert all(float(m.bias.detach().abs().max()) == 0 for m in net.modules()
                if isinstance(m, (nn.Conv2d, nn.Linear)))
 

@@ -29,6 +29,12 @@ Commands::
     python -m wnorm.repro report runs/fashion --out results/fashion
     python -m wnorm.repro report results/lr-sweep/runs --out results/lr-sweep
 
+    # the paper's other experiments (section 6), normal vs weight norm, then their report
+    python -m wnorm.repro vae --seeds 0,1,2 --out runs/vae
+    python -m wnorm.repro seq --seeds 0,1,2 --out runs/seq
+    python -m wnorm.repro dqn --envs CartPole-v1,Acrobot-v1 --seeds 0,1,2,3,4 --out runs/dqn
+    python -m wnorm.repro others-report runs/vae runs/seq runs/dqn --out runs/others-report
+
 ``classify`` takes every field of :class:`wnorm.repro.train.Config` as ``--field-name``
 (``--lr``, ``--batch-size``, ``--init-examples``, ``--decay-start``, ``--no-zca``, ...); the
 paper's values are the defaults. ``demo`` takes the same options, over the defaults below.
@@ -63,6 +69,7 @@ DEMO = {
 # ---------------------------------------------------------------------------------------------
 
 _SKIP = {"variant", "seed", "out"}
+_OTHERS = ("vae", "seq", "dqn")
 _SWEEP_SKIP = {"variant", "seed", "out", "lr"}
 
 
@@ -199,6 +206,15 @@ def _parser() -> argparse.ArgumentParser:
 
     _add_config_options(s, {}, SweepConfig, _SWEEP_SKIP)
 
+    import importlib
+
+    for name in _OTHERS:  # the paper's other experiments (section 6), one module each
+        mod = importlib.import_module(f"wnorm.repro.{name}")
+        mod.add_arguments(sub.add_parser(name, help=(mod.__doc__ or name).strip().split("\n")[0]))
+    o = sub.add_parser("others-report", help="vae/seq/dqn run folders -> report.md + PNGs")
+    o.add_argument("runs", nargs="+", help="run folders, or folders of run folders")
+    o.add_argument("--out", required=True, help="folder for report.md and the PNGs")
+
     d = sub.add_parser("demo", help="the quick version: train, then print the table")
     d.add_argument("--variants", default=DEMO["variants"])
     d.add_argument("--seeds", default=DEMO["seeds"])
@@ -217,6 +233,15 @@ def main(argv: list[str] | None = None) -> int:
                     "python -m wnorm.repro " + " ".join(argv), args.tolerance)
         elif args.command == "lr-sweep":
             _lr_sweep(args)
+        elif args.command in _OTHERS:
+            import importlib
+
+            return importlib.import_module(f"wnorm.repro.{args.command}").run(args)
+        elif args.command == "others-report":
+            from .others_report import report as others_report
+
+            print(others_report([Path(r) for r in args.runs], Path(args.out),
+                                command="python -m wnorm.repro " + " ".join(argv)))
         else:
             t0 = time.perf_counter()
             folders = _classify(args)
