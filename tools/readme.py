@@ -37,14 +37,14 @@ SECTIONS: dict[str, tuple[str, str, int]] = {
         2,
     ),
     "family": (
-        "results/family-demo/report/report.md",
+        "results/family-demo/report.md",
         "Weight normalization's relatives (`wnorm.centered_weight_norm`, "
         "`wnorm.weight_standardization`, `wnorm.forced_weight_norm`, `wnorm.arpit_init`) as "
         "variants of the same harness; the command is in the table's header.",
         2,
     ),
     "lr-sweep": (
-        "results/lr-sweep/report/report.md",
+        "results/lr-sweep/report.md",
         "The learning-rate robustness claim (PAPER.md section 2) and the growth of ||v||; the "
         "command is in the report's header.",
         2,
