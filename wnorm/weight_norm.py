@@ -9,8 +9,8 @@ class name and ``repr`` are unchanged) whose property ``<name>`` computes the we
   forward and one fused op backward, so gradients reach ``g`` and ``v`` (DDP, hooks and
   ``torch.compile`` see ordinary parameters);
 - otherwise (``eval`` under ``no_grad``, inference) the weight is computed once and reused until
-  ``g`` or ``v`` changes (keyed on their autograd version counters, identity and storage), so
-  inference costs what a plain layer costs.
+  ``g`` or ``v`` changes (keyed on their identity and autograd version counters; ``.to()`` and
+  ``train()``/``eval()`` drop it too), so inference costs what a plain layer costs.
 
 Recurrent modules (``nn.RNN``/``nn.LSTM``/``nn.GRU``) keep their weights in a flat list; their
 generated class refreshes that list before each forward.
@@ -247,7 +247,8 @@ def _refresh_flat_weights(module: nn.Module) -> None:
 
 def _extra_repr(self: nn.Module) -> str:
     base = type(self)._wn_base.extra_repr(self)
-    wn = ", ".join(f"{p}: dim={s.dim}" for p, s in self.__dict__["_wn"].items())
+    wn = ", ".join(f"{p}: dim={s.dim}" + ("" if s.kind == WN else f", {s.kind}")
+                   for p, s in self.__dict__["_wn"].items())
     return f"{base}, weight_norm=({wn})" if base else f"weight_norm=({wn})"
 
 
