@@ -24,7 +24,9 @@ SECTIONS: dict[str, tuple[str, str, int]] = {
         "results/classify-fashion-cpu/report/report.md",
         "The committed CPU run (no GPU was lent to this work): five variants x 3 seeds on a "
         "20,000-example Fashion-MNIST subset, the paper's network at 1/8 width, 15 epochs, the "
-        "paper's optimizer and schedule (Adam, lr 0.001, beta1 0.9 then 0.5). Made by\n\n"
+        "paper's optimizer and schedule (Adam, lr 0.001, beta1 0.9 then 0.5), one run per CPU core "
+        "(the time it took is in the report's header). Made by the command below, its runs split "
+        "over processes (each run folder's `version.json` records its own command line):\n\n"
         "    python -m wnorm.repro classify --dataset fashion-mnist "
         "--variants normal,weightnorm,batchnorm,wn+meanonly,meanonly --seeds 0,1,2 --epochs 15 "
         "--width 0.125 --train-subset 20000 --threads 1 --out results/classify-fashion-cpu\n"
@@ -33,7 +35,10 @@ SECTIONS: dict[str, tuple[str, str, int]] = {
         "The full-size run for a GPU (all 60,000 examples, full width, 3 seeds, 100 epochs) is "
         "`python -m wnorm.repro classify --dataset fashion-mnist --variants "
         "normal,weightnorm,batchnorm,wn+meanonly,meanonly --seeds 0,1,2 --epochs 100 --device cuda "
-        "--out runs/fashion-full` (not run here).",
+        "--out runs/fashion-full` (not run here).\n\n"
+        "The seconds-per-epoch column below is wall time on a shared machine whose load changed "
+        "during the runs (other jobs ran beside them), so it says little about cost: the "
+        "Performance section measures that, interleaved.",
         2,
     ),
     "family": (
