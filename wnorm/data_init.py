@@ -153,8 +153,10 @@ class _Initializer:
         else:
             if n == 0:
                 raise WnormError(f"{name} ({type(module).__name__}): data init got an empty batch")
-            var, mu = torch.var_mean(t, dim=dims, correction=0)  # population statistics
-            sigma = var.sqrt()
+            # population statistics, two passes (torch.var_mean is ~15x slower on CPU here)
+            mu = t.mean(dim=dims)
+            c = t - mu.view(shape)
+            sigma = (c * c).mean(dim=dims).sqrt()
         # one sync for the happy path: sigma > 0 is False for NaN too
         ok = bool(((sigma > 0) & torch.isfinite(sigma) & torch.isfinite(mu)).all())
         bad = torch.zeros(0) if ok else (~((sigma > 0) & torch.isfinite(sigma)
