@@ -45,7 +45,8 @@ def render(data: dict[str, Any]) -> str:
         f"Device: {env['device']}"
         + (f" ({env['cuda_device']})" if env.get("cuda_device") else "")
         + f"; CPU: {env['cpu_model']}, {env['cpu_affinity']} cores usable; torch threads "
-        f"{env['torch_threads']} (interop {env['torch_interop_threads']}); "
+        f"{env['torch_threads']} (interop {env['torch_interop_threads']})"
+        + ("; denormals flushed to zero" if env.get("flush_denormal") else "") + "; "
         f"load average at start {env['loadavg_start'][0]:.2f}, at end "
         f"{env.get('loadavg_end', [math.nan])[0]:.2f} (the machine is shared: other processes "
         "slow every variant of a round alike, the ratios less than the times).  ",

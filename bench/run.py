@@ -114,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     threads = a.threads or (usable if a.device.startswith("cuda") else 1) or 1
     torch.set_num_threads(threads)
+    # Adam's second moments of near-zero gradients (batch 1) underflow into denormal floats,
+    # which x86 CPUs compute ~100x slower: that timed the hardware's denormal path, not the
+    # layers (plain Adam at batch 1 ran slower than at batch 32). Flush them, and say so.
+    flushed = torch.set_flush_denormal(True)
     cfg: dict[str, Any] = dict(QUICK if a.quick else FULL)
     if a.repeats:
         cfg["repeats"] = a.repeats
@@ -132,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     pats = a.cases.split(",")
     todo = [c for c in cases(a.device) if any(fnmatch.fnmatchcase(c.name, q) for q in pats)]
     env = harness.environment(a.device)
+    env["flush_denormal"] = flushed
     cfg.update(quick=a.quick, conv_width=width, conv_width_reason=why, cases=a.cases,
                command="python -m bench.run " + shlex.join(argv if argv is not None
                                                              else sys.argv[1:]))

@@ -172,7 +172,7 @@ def _weight(module: nn.Module, spec: _Spec) -> Tensor:
             if spec.kind == FORCED and module.training:
                 _renormalize_(v, spec.dim)
             return _map(spec, v, g)
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+    if torch.compiler.is_compiling() or torch._C._is_tracing():
         return _map(spec, v, g)  # a graph must compute the weight, not capture a constant
     gver = g._version if g is not None else 0
     if spec.g is g and spec.v is v and spec.gver == gver and spec.vver == v._version:
