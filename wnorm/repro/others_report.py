@@ -192,22 +192,9 @@ class OtherRun:
 
 
 def _read(folder: Path) -> OtherRun:
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise WnormError(f"{folder}: config.json is not readable JSON ({e})") from e
-    vpath = folder / "version.json"
-    version = json.loads(vpath.read_text()) if vpath.is_file() else {}
-    metrics = []
-    mpath = folder / "metrics.jsonl"
-    if mpath.is_file():
-        for i, line in enumerate(mpath.read_text().splitlines(), 1):
-            if line.strip():
-                try:
-                    metrics.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise WnormError(f"{mpath}:{i}: not a JSON line ({e})") from e
-    return OtherRun(folder, config, version, metrics)
+    from .report import read_run_files
+
+    return OtherRun(folder, *read_run_files(folder))
 
 
 def load_other_runs(paths: list[Path]) -> list[OtherRun]:

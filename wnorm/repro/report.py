@@ -64,23 +64,33 @@ class Run:
         return tuple(self.config.get(k) for k in _SETTING)
 
 
-def _read_run(folder: Path) -> Run:
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The rows of a JSON-lines file (none if it does not exist); a bad line names its place."""
+    if not path.is_file():
+        return []
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise WnormError(f"{path}:{i}: not a JSON line ({e})") from e
+    return rows
+
+
+def read_run_files(folder: Path) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
+    """``(config, version, metrics)`` of a run folder, whatever experiment wrote it."""
     try:
         config = json.loads((folder / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise WnormError(f"{folder}: config.json is not readable JSON ({e})") from e
     vpath = folder / "version.json"
     version = json.loads(vpath.read_text()) if vpath.is_file() else {}
-    mpath = folder / "metrics.jsonl"
-    metrics = []
-    if mpath.is_file():
-        for i, line in enumerate(mpath.read_text().splitlines(), 1):
-            if line.strip():
-                try:
-                    metrics.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise WnormError(f"{mpath}:{i}: not a JSON line ({e})") from e
-    return Run(folder, config, version, metrics)
+    return config, version, read_jsonl(folder / "metrics.jsonl")
+
+
+def _read_run(folder: Path) -> Run:
+    return Run(folder, *read_run_files(folder))
 
 
 def load_runs(paths: list[str | Path]) -> list[Run]:

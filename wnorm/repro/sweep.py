@@ -326,21 +326,10 @@ class SweepRun:
         return tuple(self.config.get(k) for k in _SWEEP_SETTING)
 
 
-def _jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    rows = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise WnormError(f"{path}:{i}: not a JSON line ({e})") from e
-    return rows
-
-
 def load_sweep(paths: list[str | Path]) -> list[SweepRun]:
     """The sweep run folders named in ``paths`` or directly inside them (those with metrics)."""
+    from .report import read_jsonl, read_run_files
+
     folders: list[Path] = []
     for p in map(Path, paths):
         if not p.exists():
@@ -349,13 +338,11 @@ def load_sweep(paths: list[str | Path]) -> list[SweepRun]:
             d for d in p.iterdir() if (d / "config.json").is_file())
     runs = []
     for d in folders:
-        config = json.loads((d / "config.json").read_text())
+        config, version, metrics = read_run_files(d)
         if config.get("kind") != "lr-sweep":
             raise WnormError(f"{d}: not an lr-sweep run folder (config kind "
                              f"{config.get('kind', 'classify')!r})")
-        vpath = d / "version.json"
-        version = json.loads(vpath.read_text()) if vpath.is_file() else {}
-        run = SweepRun(d, config, version, _jsonl(d / "metrics.jsonl"), _jsonl(d / "vnorm.jsonl"))
+        run = SweepRun(d, config, version, metrics, read_jsonl(d / "vnorm.jsonl"))
         if run.metrics:
             runs.append(run)
     if not runs:
