@@ -478,7 +478,7 @@ def _sweep_table(setting: tuple[Any, ...], runs: list[SweepRun], tolerance: floa
                   f"given learning rate forced moves v about {scale ** 2:.3g} times less: its "
                   "curve is shifted to larger learning rates. Compare the widths of the good "
                   "ranges, not their positions."]
-    lines += ["", f"Final training loss (mean over seeds, min-max; mean of the last epoch's "
+    lines += ["", "Final training loss (mean over seeds, min-max; mean of the last epoch's "
               "minibatch losses):", "",
               "| lr | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants)]
     for lr in lrs:
