@@ -45,7 +45,11 @@ SECTIONS: dict[str, tuple[str, str, int]] = {
         "results/family-demo/report.md",
         "Weight normalization's relatives (`wnorm.centered_weight_norm`, "
         "`wnorm.weight_standardization`, `wnorm.forced_weight_norm`, `wnorm.arpit_init`) as "
-        "variants of the same harness; the command is in the table's header.",
+        "variants of the same harness, one seed, demo-sized; the command is in the table's "
+        "header. Forced WN holds each row of v at norm sqrt(fan-in) (EDM2's choice), far above "
+        "the paper's N(0, 0.05^2) start, so at the same Adam learning rate its relative steps on "
+        "v are much smaller than weight norm's: the sweep below shows its good learning rates "
+        "sit higher. Its row here is under-trained at this learning rate rather than broken.",
         2,
     ),
     "lr-sweep": (
