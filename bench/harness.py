@@ -81,13 +81,9 @@ def interleave(
 
 # --------------------------------------------------------------------------- environment
 def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    from wnorm.repro.train import cpu_name
+
+    return cpu_name()
 
 
 def _git(*args: str) -> str:

@@ -160,7 +160,8 @@ def _git(args: list[str]) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -177,7 +178,7 @@ def hardware(device: str, world: int = 1) -> str:
         acc = torch.cuda.get_device_name(idx)
     else:
         n = torch.get_num_threads()
-        acc = f"CPU {_cpu_name()}, {n} torch thread{'s' if n > 1 else ''}"
+        acc = f"CPU {cpu_name()}, {n} torch thread{'s' if n > 1 else ''}"
     return acc + (f" x{world} processes" if world > 1 else "")
 
 
