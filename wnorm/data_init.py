@@ -107,9 +107,10 @@ def _distributed(group: Any) -> bool:
 
 
 def _reduce(t: Tensor, group: Any) -> Tensor:
-    import torch.distributed as dist
+    """Sum ``t`` over the ranks when torch.distributed is running; ``t`` itself otherwise."""
+    if _distributed(group):
+        import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
     return t
 
