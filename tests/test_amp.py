@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 import wnorm
+from nets import Tagger
 
 LOW = [torch.bfloat16, torch.float16]
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
@@ -39,18 +40,6 @@ def convnet() -> nn.Module:
         nn.Linear(8, 5),
     )
     return wnorm.apply(net)
-
-
-class Tagger(nn.Module):
-    """LSTM over a sequence, then a linear head per step."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lstm = nn.LSTM(4, 6, num_layers=2, batch_first=True)
-        self.head = nn.Linear(6, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.lstm(x)[0])
 
 
 def _cpu_fp16_lstm_works() -> bool:

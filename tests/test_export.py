@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import wnorm
+from nets import Tagger
 
 pytestmark = pytest.mark.slow  # ~20 s: exporters and ONNX Runtime sessions
 
@@ -35,18 +36,6 @@ def convnet() -> nn.Module:
         nn.Linear(8, 5),
     )
     return wnorm.apply(net)
-
-
-class Tagger(nn.Module):
-    """A two-layer LSTM and a linear head per step."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lstm = nn.LSTM(4, 6, num_layers=2, batch_first=True)
-        self.head = nn.Linear(6, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.lstm(x)[0])
 
 
 def trained(kind: str) -> tuple[nn.Module, torch.Tensor]:
