@@ -22,6 +22,7 @@ from .errors import WnormError
 from .family import centered_weight_norm, forced_weight_norm, weight_standardization
 from .fold import ChannelShift, fold
 from .init import arpit_init
+from . import optim
 from .mean_only_bn import MeanOnlyBatchNorm1d, MeanOnlyBatchNorm2d, MeanOnlyBatchNorm3d
 from .weight_norm import (
     default_dim,
@@ -67,4 +68,5 @@ __all__ = [
     "weight_standardization",
     "forced_weight_norm",
     "arpit_init",
+    "optim",
 ]

@@ -53,7 +53,7 @@ class _Spec:
     """
 
     __slots__ = ("dim", "where", "gname", "vname", "kind", "eps", "gain",
-                 "cache", "g", "v", "gver", "vver")
+                 "cache", "g", "v", "gver", "vver", "plain", "owner", "pg", "pv", "pgver", "pvver")
 
     def __init__(self, pname: str, dim: int | None, where: str, kind: str = WN,
                  eps: float = 0.0, gain: float | None = None) -> None:
@@ -63,6 +63,25 @@ class _Spec:
         self.vname = pname + "_v"
         self.kind, self.eps, self.gain = kind, eps, gain
         self.clear()
+        self.release()
+
+    def release(self) -> None:
+        """Leave optimizer-side mode (see :mod:`wnorm.optim`): autograd computes the weight again."""
+        # plain: the leaf weight tensor that forward/backward use while a wnorm.optim optimizer
+        # owns this weight (owner: a weakref to it); pg/pv/pgver/pvver: the g and v it was
+        # last computed from. Not touched by clear(): a mode switch must not lose it.
+        self.plain: Tensor | None = None
+        self.owner: Any = None
+        self.pg = self.pv = None
+        self.pgver = self.pvver = -1
+
+    def plain_in_sync(self, g: Tensor, v: Tensor) -> bool:
+        """Whether the plain weight was computed from ``g`` and ``v`` as they are now."""
+        return (self.pg is g and self.pv is v and self.pgver == g._version
+                and self.pvver == v._version)
+
+    def mark_synced(self, g: Tensor, v: Tensor) -> None:
+        self.pg, self.pv, self.pgver, self.pvver = g, v, g._version, v._version
 
     @property
     def has_g(self) -> bool:
@@ -158,12 +177,35 @@ def _renormalize_(v: Tensor, dim: int | None) -> None:
         v.mul_(((size**0.5) / _norm(wide, dim)).to(v.dtype))
 
 
+def _plain_weight(spec: _Spec, g: Tensor, v: Tensor) -> Tensor | None:
+    """Optimizer-side mode: the leaf weight that forward and backward use (None: mode ended)."""
+    if spec.owner() is None:  # the optimizer that owned the weight is gone
+        spec.release()
+        return None
+    w = spec.plain
+    if spec.plain_in_sync(g, v):
+        return w
+    with torch.no_grad():  # g or v changed outside the optimizer (init, load, edit): recompute
+        new = _compute(v, g, spec.dim)
+        if (new.shape, new.dtype, new.device) == (w.shape, w.dtype, w.device):  # type: ignore[union-attr]
+            w.copy_(new)  # type: ignore[union-attr]
+        else:
+            w = spec.plain = new.requires_grad_(v.requires_grad)
+    spec.mark_synced(g, v)
+    return w
+
+
 def _weight(module: nn.Module, spec: _Spec) -> Tensor:
     # The hot path of every weight-normalized layer: keep it short.
     params = module._parameters
     v = params[spec.vname]
     if spec.kind == WN:
         g = params[spec.gname]
+        if spec.plain is not None and not (torch.compiler.is_compiling()
+                                           or torch._C._is_tracing()):
+            w = _plain_weight(spec, g, v)
+            if w is not None:
+                return w
         if torch.is_grad_enabled() and (g.requires_grad or v.requires_grad):
             return _compute(v, g, spec.dim)  # recorded: gradients reach g and v
     else:
@@ -262,6 +304,7 @@ def _apply_fn(self: nn.Module, fn: Any, *args: Any, **kwargs: Any) -> nn.Module:
     # .to()/.half()/.cuda() swap parameter data but keep version counters: drop the cache.
     for spec in self.__dict__["_wn"].values():
         spec.clear()
+        spec.pg = None  # optimizer-side mode: recompute the plain weight on the next access
     return type(self)._wn_base._apply(self, fn, *args, **kwargs)
 
 

@@ -1,0 +1,78 @@
+"""Build and load wnorm's C++ kernels (``wnorm/csrc``) on first use.
+
+The kernels are compiled once per machine and torch version with
+``torch.utils.cpp_extension.load`` (a C++ compiler and ninja are needed; the result is cached
+under ``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``). Where they cannot be
+built, :func:`kernels` returns None, :func:`unavailable_reason` says why, and :mod:`wnorm.optim`
+trains through autograd instead: the same results at PyTorch's speed. ``WNORM_NO_EXTENSION=1``
+turns the kernels off.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["kernels", "unavailable_reason"]
+
+_SOURCE = Path(__file__).resolve().parent / "csrc" / "fused_step.cpp"
+_state: dict[str, Any] = {}
+
+
+# Vector instructions by the CPU capability torch itself dispatches to on this machine.
+_ISA_FLAGS = {
+    "AVX512": ["-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma",
+               "-mprefer-vector-width=512"],
+    "AVX2": ["-mavx2", "-mfma"],
+}
+
+
+def _capability() -> str:
+    try:
+        cap = str(torch.backends.cpu.get_cpu_capability())
+    except (AttributeError, RuntimeError):
+        cap = "DEFAULT"
+    return cap if cap in _ISA_FLAGS else "DEFAULT"
+
+
+def _name() -> str:
+    # One build per torch version (the extension links against torch's C++ ABI) and per
+    # instruction set (a cache shared by different machines must not hand AVX-512 code to a
+    # CPU without it).
+    tag = re.sub(r"[^0-9A-Za-z]+", "_", torch.__version__)
+    return f"wnorm_fused_step_v1_torch{tag}_{_capability().lower()}"
+
+
+def kernels() -> Any | None:
+    """The compiled module (``sgd_step``, ``adam_step``), or None where it cannot be built."""
+    if "module" in _state:
+        return _state["module"]
+    module, reason = None, ""
+    if os.environ.get("WNORM_NO_EXTENSION", "") not in ("", "0"):
+        reason = "WNORM_NO_EXTENSION is set"
+    else:
+        try:
+            from torch.utils.cpp_extension import load
+
+            flags = ["-O3", "-fopenmp-simd", "-fno-math-errno", *_ISA_FLAGS.get(_capability(), [])]
+            module = load(_name(), [str(_SOURCE)], extra_cflags=flags, verbose=False)
+        except Exception as err:  # no compiler, no ninja, read-only cache...: fall back
+            reason = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
+            warnings.warn(
+                f"wnorm: the fused optimizer kernels could not be built ({reason}); "
+                "wnorm.optim trains through autograd instead (same results, PyTorch's speed)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    _state["module"], _state["reason"] = module, reason
+    return module
+
+
+def unavailable_reason() -> str:
+    """Why :func:`kernels` returned None ("" when it did not, or was not asked yet)."""
+    return _state.get("reason", "")

@@ -1,0 +1,276 @@
+// wnorm's optimizer-side weight normalization: one pass per row of v that turns the gradient of
+// the plain weight w = g v/||v|| into the gradients of g and v (Salimans & Kingma 2016, eqs. 3-4),
+// applies torch.optim.SGD's or torch.optim.Adam's update to g and v, and writes the new w.
+//
+// Each row of v (one output unit) is read from memory once; the second and third sweeps over
+// the row hit the L1 cache. Rows are independent, so at::parallel_for splits them over threads.
+// The arithmetic follows torch/optim/sgd.py and adam.py (single-tensor path) operation by
+// operation, so the trajectory equals torch's to rounding; wnorm/optim.py checks the inputs.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <vector>
+
+namespace {
+
+struct Sgd {
+  double lr, momentum, dampening, weight_decay;
+  bool nesterov, maximize;
+};
+
+struct Adam {
+  double lr, beta1, beta2, eps, weight_decay;
+  bool decoupled, maximize;
+};
+
+int64_t grain_rows(int64_t k) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(k, 1)); }
+
+// (dot(gw_i, v_i), ||v_i||^2), summed in the row's dtype over SIMD lanes, as ATen's norm.
+template <typename T>
+inline void row_sums(const T* gw, const T* v, int64_t k, double& dot, double& nn) {
+  T d = 0, s = 0;
+#pragma omp simd reduction(+ : d, s)
+  for (int64_t j = 0; j < k; ++j) {
+    d += gw[j] * v[j];
+    s += v[j] * v[j];
+  }
+  dot = d;
+  nn = s;
+}
+
+template <typename T>
+inline void write_row(T* w, const T* v, int64_t k, T scale) {
+#pragma omp simd
+  for (int64_t j = 0; j < k; ++j) w[j] = scale * v[j];
+}
+
+// SGD on rows [begin, end) of one layer: w, gw, v, vbuf are (rows, k) contiguous; g, gbuf have
+// one entry per row. The options are template arguments so that each inner loop is branch-free.
+template <typename T, bool MOM, bool NESTEROV, bool WD>
+void sgd_rows(T* __restrict w, const T* __restrict gw, T* __restrict v, T* __restrict g,
+              T* __restrict vbuf, T* __restrict gbuf, int64_t begin, int64_t end, int64_t k,
+              const Sgd o, const bool first) {
+  const T lr = T(o.lr), mom = T(o.momentum);
+  // first step (buffers are zeros): buf = 0 * 0 + 1 * d = d, as torch's clone(grad)
+  const T keep = first ? T(1) : T(1 - o.dampening), old = first ? T(0) : mom;
+  const T wd = T(o.weight_decay);
+  const double sign = o.maximize ? -1.0 : 1.0;
+  for (int64_t i = begin; i < end; ++i) {
+    const T* __restrict gwi = gw + i * k;
+    T* __restrict vi = v + i * k;
+    T* __restrict bi = MOM ? vbuf + i * k : nullptr;
+    double dot, nn;
+    row_sums(gwi, vi, k, dot, nn);
+    const double n = std::sqrt(nn), gi = double(g[i]);
+    // eq. 3: dL/dg = gw.v/||v||;  eq. 4: dL/dv = g/||v|| gw - g gw.v/||v||^3 v
+    const T a = T(sign * gi / n), b = T(sign * gi * dot / (nn * n));
+    T nn2 = 0;
+#pragma omp simd reduction(+ : nn2)
+    for (int64_t j = 0; j < k; ++j) {
+      T d = a * gwi[j] - b * vi[j];
+      if (WD) d = d + wd * vi[j];
+      T step = d;
+      if (MOM) {
+        const T buf = old * bi[j] + keep * d;
+        bi[j] = buf;
+        step = NESTEROV ? d + mom * buf : buf;
+      }
+      const T nv = vi[j] + (-lr) * step;
+      vi[j] = nv;
+      nn2 += nv * nv;
+    }
+    T dg = T(sign * dot / n);
+    if (WD) dg = dg + wd * g[i];
+    if (MOM) {
+      const T buf = old * gbuf[i] + keep * dg;
+      gbuf[i] = buf;
+      dg = NESTEROV ? dg + mom * buf : buf;
+    }
+    g[i] = g[i] + (-lr) * dg;
+    write_row(w + i * k, vi, k, T(double(g[i]) / std::sqrt(nn2)));
+  }
+}
+
+template <typename T, bool MOM, bool NESTEROV, bool WD>
+void sgd_layer_t(T* w, const T* gw, T* v, T* g, T* vbuf, T* gbuf, int64_t rows, int64_t k,
+                 const Sgd& o, bool first) {
+  if (rows * k <= 65536) {  // small: no thread hand-off
+    sgd_rows<T, MOM, NESTEROV, WD>(w, gw, v, g, vbuf, gbuf, 0, rows, k, o, first);
+    return;
+  }
+  at::parallel_for(0, rows, grain_rows(k), [&](int64_t begin, int64_t end) {
+    sgd_rows<T, MOM, NESTEROV, WD>(w, gw, v, g, vbuf, gbuf, begin, end, k, o, first);
+  });
+}
+
+template <typename T>
+void sgd_layer(T* w, const T* gw, T* v, T* g, T* vbuf, T* gbuf, int64_t rows, int64_t k,
+               const Sgd& o, bool first) {
+  const bool mom = o.momentum != 0, wd = o.weight_decay != 0, nes = o.nesterov && mom;
+#define WNORM_SGD(M, N, W) \
+  if (mom == M && nes == N && wd == W) \
+    return sgd_layer_t<T, M, N, W>(w, gw, v, g, vbuf, gbuf, rows, k, o, first);
+  WNORM_SGD(false, false, false) WNORM_SGD(false, false, true)
+  WNORM_SGD(true, false, false) WNORM_SGD(true, false, true)
+  WNORM_SGD(true, true, false) WNORM_SGD(true, true, true)
+#undef WNORM_SGD
+}
+
+// Adam on rows [begin, end) of one layer, element by element as adam.py's single-tensor path:
+// decoupled decay or L2, exp_avg.lerp_(d, 1 - beta1), exp_avg_sq.mul_(beta2).addcmul_(d, d),
+// denom = sqrt(exp_avg_sq) / sqrt(bias_correction2) + eps, p -= lr / bias_correction1 * m / denom.
+template <typename T, bool L2, bool DEC>
+inline T adam_elem(T p, T d, T& m, T& s, T lr, T wd, T omb1, T b2, T omb2, T size, T bc2,
+                   T eps) {
+  if (DEC) p = p * (T(1) - lr * wd);
+  if (L2) d = d + wd * p;
+  m = m + omb1 * (d - m);  // ATen's lerp for weight 1 - beta1 < 0.5 (checked in Python)
+  s = s * b2 + omb2 * (d * d);
+  return p + (-size) * (m / (std::sqrt(s) / bc2 + eps));
+}
+
+template <typename T, bool L2, bool DEC>
+void adam_rows(T* __restrict w, const T* __restrict gw, T* __restrict v, T* __restrict g,
+               T* __restrict vm, T* __restrict vs, T* __restrict gm, T* __restrict gs,
+               int64_t begin, int64_t end, int64_t k, const Adam o, const double vstep,
+               const double gstep) {
+  const T lr = T(o.lr), wd = T(o.weight_decay), b2 = T(o.beta2), eps = T(o.eps);
+  const T omb1 = T(1 - o.beta1), omb2 = T(1 - o.beta2);
+  const double sign = o.maximize ? -1.0 : 1.0;
+  const T v_size = T(o.lr / (1 - std::pow(o.beta1, vstep)));
+  const T v_bc2 = T(std::sqrt(1 - std::pow(o.beta2, vstep)));
+  const T g_size = T(o.lr / (1 - std::pow(o.beta1, gstep)));
+  const T g_bc2 = T(std::sqrt(1 - std::pow(o.beta2, gstep)));
+  for (int64_t i = begin; i < end; ++i) {
+    const T* __restrict gwi = gw + i * k;
+    T* __restrict vi = v + i * k;
+    T* __restrict mi = vm + i * k;
+    T* __restrict si = vs + i * k;
+    double dot, nn;
+    row_sums(gwi, vi, k, dot, nn);
+    const double n = std::sqrt(nn), gi = double(g[i]);
+    const T a = T(sign * gi / n), b = T(sign * gi * dot / (nn * n));
+    T nn2 = 0;
+#pragma omp simd reduction(+ : nn2)
+    for (int64_t j = 0; j < k; ++j) {
+      const T d = a * gwi[j] - b * vi[j];
+      T p = vi[j];
+      if (DEC) p = p * (T(1) - lr * wd);
+      const T dd = L2 ? d + wd * p : d;
+      const T m = mi[j] + omb1 * (dd - mi[j]);
+      const T s = si[j] * b2 + omb2 * (dd * dd);
+      mi[j] = m;
+      si[j] = s;
+      const T nv = p + (-v_size) * (m / (std::sqrt(s) / v_bc2 + eps));
+      vi[j] = nv;
+      nn2 += nv * nv;
+    }
+    g[i] = adam_elem<T, L2, DEC>(g[i], T(sign * dot / n), gm[i], gs[i], lr, wd, omb1, b2, omb2,
+                                 g_size, g_bc2, eps);
+    write_row(w + i * k, vi, k, T(double(g[i]) / std::sqrt(double(nn2))));
+  }
+}
+
+template <typename T, bool L2, bool DEC>
+void adam_layer_t(T* w, const T* gw, T* v, T* g, T* vm, T* vs, T* gm, T* gs, int64_t rows,
+                  int64_t k, const Adam& o, double vstep, double gstep) {
+  if (rows * k <= 65536) {
+    adam_rows<T, L2, DEC>(w, gw, v, g, vm, vs, gm, gs, 0, rows, k, o, vstep, gstep);
+    return;
+  }
+  at::parallel_for(0, rows, grain_rows(k), [&](int64_t begin, int64_t end) {
+    adam_rows<T, L2, DEC>(w, gw, v, g, vm, vs, gm, gs, begin, end, k, o, vstep, gstep);
+  });
+}
+
+template <typename T>
+void adam_layer(T* w, const T* gw, T* v, T* g, T* vm, T* vs, T* gm, T* gs, int64_t rows,
+                int64_t k, const Adam& o, double vstep, double gstep) {
+  const bool l2 = o.weight_decay != 0 && !o.decoupled, dec = o.weight_decay != 0 && o.decoupled;
+  if (l2) return adam_layer_t<T, true, false>(w, gw, v, g, vm, vs, gm, gs, rows, k, o, vstep, gstep);
+  if (dec) return adam_layer_t<T, false, true>(w, gw, v, g, vm, vs, gm, gs, rows, k, o, vstep, gstep);
+  adam_layer_t<T, false, false>(w, gw, v, g, vm, vs, gm, gs, rows, k, o, vstep, gstep);
+}
+
+void check(const at::Tensor& t, const at::Tensor& like, const char* what) {
+  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() && t.scalar_type() == like.scalar_type(),
+              "wnorm fused step: ", what, " must be a contiguous CPU tensor of dtype ",
+              like.scalar_type());
+}
+
+void bump(const at::Tensor& t) { torch::autograd::impl::bump_version(t); }
+
+}  // namespace
+
+namespace {
+
+double next_step(const at::Tensor& step) {
+  // state["step"] is a 0-dim float tensor (torch.optim.Adam): increment it in place
+  TORCH_CHECK(step.numel() == 1 && step.device().is_cpu(), "wnorm fused step: bad Adam step");
+  if (step.scalar_type() == at::kFloat) return ++*step.data_ptr<float>();
+  TORCH_CHECK(step.scalar_type() == at::kDouble, "wnorm fused step: Adam step must be float");
+  return ++*step.data_ptr<double>();
+}
+
+}  // namespace
+
+// Rows of layer l: rows[l] (v is (rows, k) in memory, k = numel / rows).
+void sgd_step(const std::vector<at::Tensor>& w, const std::vector<at::Tensor>& gw,
+              const std::vector<at::Tensor>& v, const std::vector<at::Tensor>& g,
+              const std::vector<at::Tensor>& vbuf, const std::vector<at::Tensor>& gbuf,
+              const std::vector<int64_t>& rows, const std::vector<bool>& first, double lr,
+              double momentum, double dampening, double weight_decay, bool nesterov,
+              bool maximize) {
+  const Sgd o{lr, momentum, dampening, weight_decay, nesterov, maximize};
+  for (size_t l = 0; l < v.size(); ++l) {
+    const at::Tensor& t = v[l];
+    check(w[l], t, "w"), check(gw[l], t, "w.grad"), check(g[l], t, "g");
+    if (momentum != 0) check(vbuf[l], t, "momentum_buffer"), check(gbuf[l], t, "momentum_buffer");
+    const int64_t r = rows[l], k = t.numel() / r;
+    TORCH_CHECK(g[l].numel() == r && w[l].numel() == t.numel() && gw[l].numel() == t.numel(),
+                "wnorm fused step: shapes of w, w.grad, g and v disagree");
+    AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "wnorm_sgd_step", [&] {
+      scalar_t* vb = momentum != 0 ? vbuf[l].data_ptr<scalar_t>() : nullptr;
+      scalar_t* gb = momentum != 0 ? gbuf[l].data_ptr<scalar_t>() : nullptr;
+      sgd_layer<scalar_t>(w[l].data_ptr<scalar_t>(), gw[l].data_ptr<scalar_t>(),
+                          t.data_ptr<scalar_t>(), g[l].data_ptr<scalar_t>(), vb, gb, r, k, o,
+                          first[l]);
+    });
+    bump(w[l]), bump(t), bump(g[l]);
+  }
+}
+
+void adam_step(const std::vector<at::Tensor>& w, const std::vector<at::Tensor>& gw,
+               const std::vector<at::Tensor>& v, const std::vector<at::Tensor>& g,
+               const std::vector<at::Tensor>& vm, const std::vector<at::Tensor>& vs,
+               const std::vector<at::Tensor>& gm, const std::vector<at::Tensor>& gs,
+               const std::vector<at::Tensor>& vstep, const std::vector<at::Tensor>& gstep,
+               const std::vector<int64_t>& rows, double lr, double beta1, double beta2,
+               double eps, double weight_decay, bool decoupled, bool maximize) {
+  const Adam o{lr, beta1, beta2, eps, weight_decay, decoupled, maximize};
+  for (size_t l = 0; l < v.size(); ++l) {
+    const at::Tensor& t = v[l];
+    check(w[l], t, "w"), check(gw[l], t, "w.grad"), check(g[l], t, "g");
+    check(vm[l], t, "exp_avg"), check(vs[l], t, "exp_avg_sq");
+    check(gm[l], t, "exp_avg"), check(gs[l], t, "exp_avg_sq");
+    const int64_t r = rows[l], k = t.numel() / r;
+    TORCH_CHECK(g[l].numel() == r && w[l].numel() == t.numel() && gw[l].numel() == t.numel(),
+                "wnorm fused step: shapes of w, w.grad, g and v disagree");
+    const double sv = next_step(vstep[l]), sg = next_step(gstep[l]);
+    AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "wnorm_adam_step", [&] {
+      adam_layer<scalar_t>(w[l].data_ptr<scalar_t>(), gw[l].data_ptr<scalar_t>(),
+                           t.data_ptr<scalar_t>(), g[l].data_ptr<scalar_t>(),
+                           vm[l].data_ptr<scalar_t>(), vs[l].data_ptr<scalar_t>(),
+                           gm[l].data_ptr<scalar_t>(), gs[l].data_ptr<scalar_t>(), r, k, o, sv,
+                           sg);
+    });
+    bump(w[l]), bump(t), bump(g[l]);
+  }
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("sgd_step", &sgd_step, "weight-normalized SGD step (CPU)");
+  m.def("adam_step", &adam_step, "weight-normalized Adam step (CPU)");
+}

@@ -1,0 +1,373 @@
+r"""Optimizer-side weight normalization: plain-layer forward and backward, the same (g, v) steps.
+
+.. math::
+    \nabla_g L = \frac{\nabla_{\mathbf w} L\cdot\mathbf v}{\lVert\mathbf v\rVert},\qquad
+    \nabla_{\mathbf v} L = \frac{g}{\lVert\mathbf v\rVert}\nabla_{\mathbf w} L
+        - \frac{g\,\nabla_g L}{\lVert\mathbf v\rVert^2}\,\mathbf v
+
+Trained through autograd, every weight-normalized layer pays for :math:`w = g\,v/\lVert v\rVert`
+twice per step: a norm and a scaling in the forward pass and eqs. 3-4 (above) in the backward
+pass, each a sweep over the weight. The paper's authors moved that work into the optimizer
+(their Keras code does): the forward and backward passes use a plain weight tensor ``w``, and
+the optimizer step turns :math:`\nabla_w L` into :math:`\nabla_g L, \nabla_v L`, applies the
+optimizer's rule to ``g`` and ``v``, and writes the next ``w``. The parameters, their
+trajectory and the state dicts (model and optimizer) are those of
+``torch.optim.SGD``/``Adam``/``AdamW`` training ``g`` and ``v`` through autograd; only where the
+work happens changes. On CPU one C++ kernel per step does it for all layers, one read of each
+row of ``v``, ``w``'s gradient and the optimizer state (see ``wnorm/csrc/fused_step.cpp``).
+
+Every other parameter (biases, normalization layers, layers wnorm does not normalize) is
+updated by the torch optimizer's own step. A weight-normalized layer stays on autograd (its
+``g.grad``/``v.grad`` are filled as usual) where the kernel does not apply: non-CPU or
+half-precision parameters, ``dim`` other than 0, centered/standardized/forced weights,
+recurrent layers, ``amsgrad``/``capturable``/``differentiable``, distributed training
+(DDP all-reduces ``g.grad``/``v.grad``), or no C++ compiler (see :mod:`wnorm._extension`).
+
+While an optimizer of this module is alive, the layers it owns receive their gradient on the
+weight (``layer.weight.grad``), not on ``weight_g``/``weight_v``: call :meth:`param_grads`
+before clipping or inspecting those. ``release()`` (or dropping the optimizer) returns the
+layers to autograd.
+
+Example:
+    >>> import torch, wnorm
+    >>> model = wnorm.apply(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2)))
+    >>> opt = wnorm.optim.Adam(model, lr=1e-3)   # the model, or model= with parameter groups
+    >>> model(torch.randn(16, 4)).square().mean().backward()
+    >>> opt.step(); opt.zero_grad()
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import _extension
+from .errors import WnormError
+from .weight_norm import WN, _norm, _Spec
+
+__all__ = ["SGD", "Adam", "AdamW", "fused_layers"]
+
+_KERNEL_DTYPES = (torch.float32, torch.float64)
+
+
+class _Layer:
+    """One weight this optimizer owns: its module, name, spec and parameters."""
+
+    __slots__ = ("module", "pname", "spec", "g", "v", "rows")
+
+    def __init__(self, module: nn.Module, pname: str, spec: _Spec) -> None:
+        self.module, self.pname, self.spec = module, pname, spec
+        self.g = module._parameters[spec.gname]
+        self.v = module._parameters[spec.vname]
+        self.rows = self.v.shape[0]
+
+    def current(self) -> bool:
+        """Whether the layer is still normalized by the same spec and parameters."""
+        m = self.module
+        return (m.__dict__.get("_wn", {}).get(self.pname) is self.spec
+                and m._parameters.get(self.spec.gname) is self.g
+                and m._parameters.get(self.spec.vname) is self.v)
+
+
+def _split(params: Any, model: nn.Module | None, cls: str) -> tuple[Any, nn.Module]:
+    if isinstance(params, nn.Module):
+        if model is not None and model is not params:
+            raise WnormError(f"wnorm.optim.{cls}: got a module and a different model=")
+        return params.parameters(), params
+    if model is None:
+        raise WnormError(
+            f"wnorm.optim.{cls} needs the model to find its weight-normalized layers: pass the "
+            f"model itself (wnorm.optim.{cls}(model, lr=...)) or model=model with parameters "
+            f"or parameter groups; got {type(params).__name__} and no model"
+        )
+    if not isinstance(model, nn.Module):
+        raise WnormError(f"wnorm.optim.{cls}: model must be an nn.Module; got {type(model).__name__}")
+    return params, model
+
+
+def _distributed(model: nn.Module) -> bool:
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return True
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _unhooked(fn: Callable[..., Any]) -> Callable[..., Any]:
+    # torch wraps an optimizer class's step once to run step hooks; ours already ran them
+    return fn.__wrapped__ if getattr(fn, "hooked", False) else fn  # type: ignore[attr-defined]
+
+
+class _Optimizer(torch.optim.Optimizer):
+    """What the three optimizers share: attaching layers, the fused step, zero_grad."""
+
+    _torch_class: type[torch.optim.Optimizer]
+
+    def _attach(self, model: nn.Module) -> None:
+        self._wn_groups: list[list[_Layer]] = [[] for _ in self.param_groups]
+        self._wn_reason = ""
+        if _distributed(model):
+            self._wn_reason = "distributed training: DDP reduces g.grad and v.grad"
+            return
+        if not any(s.kind == WN for m in model.modules() for s in m.__dict__.get("_wn", {}).values()):
+            return
+        if _extension.kernels() is None:
+            self._wn_reason = f"no fused kernels ({_extension.unavailable_reason()})"
+            return
+        where = {id(p): i for i, grp in enumerate(self.param_groups) for p in grp["params"]}
+        me = weakref.ref(self)
+        for module in model.modules():
+            for pname, spec in module.__dict__.get("_wn", {}).items():
+                if spec.kind != WN or spec.dim != 0 or isinstance(module, nn.RNNBase):
+                    continue
+                g, v = module._parameters[spec.gname], module._parameters[spec.vname]
+                group = where.get(id(v))
+                if group is None or where.get(id(g)) != group:
+                    continue  # not (both) ours: autograd as usual
+                if not (g.requires_grad and v.requires_grad and v.is_contiguous()
+                        and g.is_contiguous() and v.device.type == "cpu"
+                        and v.dtype in _KERNEL_DTYPES and g.dtype == v.dtype):
+                    continue
+                if not self._group_supported(self.param_groups[group]):
+                    continue
+                if spec.plain is not None and spec.owner() is not None:
+                    raise WnormError(
+                        f"{spec.where}: '{pname}' is already owned by another wnorm.optim "
+                        "optimizer; call its release() first"
+                    )
+                with torch.no_grad():
+                    w = torch._weight_norm(v, g, 0).detach().requires_grad_(True)
+                spec.plain, spec.owner = w, me
+                spec.mark_synced(g, v)
+                self._wn_groups[group].append(_Layer(module, pname, spec))
+
+    # ------------------------------------------------------------------ overridden per class
+    def _group_supported(self, group: dict[str, Any]) -> bool:
+        raise NotImplementedError
+
+    def _fused_group(self, group: dict[str, Any], layers: list[_Layer], kern: Any) -> None:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ public
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        if hasattr(self, "_wn_groups"):
+            self._wn_groups.append([])  # layers added later train through autograd
+
+    def fused_layers(self) -> list[str]:
+        """``"<where>.<name>"`` of every weight this optimizer updates with the fused kernel."""
+        return [f"{lay.spec.where}.{lay.pname}" for grp in self._wn_groups for lay in grp
+                if lay.spec.plain is not None and lay.current()]
+
+    def release(self) -> None:
+        """Return every layer to autograd weight normalization (``g.grad``/``v.grad`` again)."""
+        self.param_grads()
+        for grp in self._wn_groups:
+            for lay in grp:
+                if lay.spec.owner is not None and lay.spec.owner() is self:
+                    lay.spec.release()
+            grp.clear()
+
+    def param_grads(self) -> None:
+        """Move the gradients on the plain weights to ``g.grad`` and ``v.grad`` (eqs. 3-4,
+        added to what is there), e.g. to clip or inspect them; :meth:`step` then uses those."""
+        for grp in self._wn_groups:
+            for lay in grp:
+                self._to_param_grads(lay)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        for grp in self._wn_groups:
+            for lay in grp:
+                w = lay.spec.plain
+                if w is not None and w.grad is not None:
+                    if set_to_none:
+                        w.grad = None
+                    else:
+                        w.grad.zero_()
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> Any:  # type: ignore[override]
+        """One optimizer step: the fused kernel for the layers it owns, torch's step for the rest."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        kern = _extension.kernels()
+        for group, layers in zip(self.param_groups, self._wn_groups):
+            ready = [lay for lay in layers if self._ready(lay)]
+            if ready:
+                self._fused_group(group, ready, kern)
+                for lay in ready:
+                    lay.spec.mark_synced(lay.g, lay.v)
+        _unhooked(self._torch_class.step)(self)
+        return loss
+
+    # ------------------------------------------------------------------ internals
+    def _ready(self, lay: _Layer) -> bool:
+        """Whether the kernel updates this layer now; otherwise its gradient moves to g and v
+        (if it has one) and torch's step does the update."""
+        spec = lay.spec
+        w = spec.plain
+        if w is None or not lay.current() or spec.owner() is not self:
+            return False
+        gw = w.grad
+        if gw is None:
+            return False
+        g, v = lay.g, lay.v
+        if not spec.plain_in_sync(g, v):
+            raise WnormError(
+                f"{spec.where}: '{spec.gname}' or '{spec.vname}' changed after the forward pass "
+                f"that produced the gradient of '{lay.pname}'; call step() right after "
+                "backward(), or zero_grad() and run the forward pass again"
+            )
+        if (g.grad is None and v.grad is None and gw.layout == torch.strided
+                and gw.is_contiguous() and gw.dtype == v.dtype and v.device.type == "cpu"
+                and v.dtype in _KERNEL_DTYPES and w.shape == v.shape):
+            return True
+        self._to_param_grads(lay)
+        return False
+
+    @staticmethod
+    def _to_param_grads(lay: _Layer) -> None:
+        w = lay.spec.plain
+        if w is None or w.grad is None or not lay.current():
+            return
+        g, v, gw = lay.g, lay.v, w.grad
+        with torch.no_grad():
+            n = _norm(v, 0)
+            axes = list(range(1, v.dim()))
+            dot = (gw * v).sum(dim=axes, keepdim=True) if axes else gw * v
+            grad_g = dot / n  # eq. 3
+            grad_v = gw * (g / n) - v * (g * grad_g / (n * n))  # eq. 4
+            g.grad = grad_g.to(g.dtype) if g.grad is None else g.grad + grad_g
+            v.grad = grad_v if v.grad is None else v.grad + grad_v
+        w.grad = None
+
+
+def _state_tensor(state: dict[str, Any], key: str, like: Tensor) -> Tensor:
+    t = state.get(key)
+    if t is None:
+        t = state[key] = torch.zeros_like(like, memory_format=torch.preserve_format)
+    return t
+
+
+class SGD(_Optimizer, torch.optim.SGD):
+    r"""``torch.optim.SGD`` whose weight-normalized layers run forward and backward as plain
+    layers; the step applies eqs. 3-4 and SGD's rule to ``g`` and ``v`` (see :mod:`wnorm.optim`).
+
+    Args:
+        params: the model (an ``nn.Module``), or parameters / parameter groups with ``model=``.
+        model: the model that owns the parameters, when ``params`` is not the model.
+        *args, **kwargs: ``torch.optim.SGD``'s (lr, momentum, dampening, weight_decay,
+            nesterov, maximize, ...).
+
+    Raises:
+        WnormError: no model was given, or a layer is owned by another wnorm.optim optimizer.
+    """
+
+    _torch_class = torch.optim.SGD
+
+    def __init__(self, params: Iterable[Any] | nn.Module, *args: Any,
+                 model: nn.Module | None = None, **kwargs: Any) -> None:
+        params, model = _split(params, model, "SGD")
+        torch.optim.SGD.__init__(self, params, *args, **kwargs)
+        self._attach(model)
+
+    def _group_supported(self, group: dict[str, Any]) -> bool:
+        return not group.get("differentiable", False)
+
+    def _fused_group(self, group: dict[str, Any], layers: list[_Layer], kern: Any) -> None:
+        momentum = float(group["momentum"])
+        vbuf, gbuf, first = [], [], []
+        if momentum != 0:
+            for lay in layers:
+                sv, sg = self.state[lay.v], self.state[lay.g]
+                fresh = sv.get("momentum_buffer") is None or sg.get("momentum_buffer") is None
+                if fresh:
+                    sv["momentum_buffer"] = torch.zeros_like(lay.v)
+                    sg["momentum_buffer"] = torch.zeros_like(lay.g)
+                vbuf.append(sv["momentum_buffer"])
+                gbuf.append(sg["momentum_buffer"])
+                first.append(fresh)
+        else:
+            first = [False] * len(layers)
+        kern.sgd_step(
+            [lay.spec.plain for lay in layers], [lay.spec.plain.grad for lay in layers],
+            [lay.v for lay in layers], [lay.g for lay in layers], vbuf, gbuf,
+            [lay.rows for lay in layers], first, float(group["lr"]), momentum,
+            float(group["dampening"]), float(group["weight_decay"]), bool(group["nesterov"]),
+            bool(group.get("maximize", False)),
+        )
+
+
+class Adam(_Optimizer, torch.optim.Adam):
+    r"""``torch.optim.Adam`` whose weight-normalized layers run forward and backward as plain
+    layers; the step applies eqs. 3-4 and Adam's rule to ``g`` and ``v`` (see :mod:`wnorm.optim`).
+
+    Args:
+        params: the model (an ``nn.Module``), or parameters / parameter groups with ``model=``.
+        model: the model that owns the parameters, when ``params`` is not the model.
+        *args, **kwargs: ``torch.optim.Adam``'s (lr, betas, eps, weight_decay, amsgrad,
+            maximize, ...). ``amsgrad``, ``capturable`` and ``differentiable`` groups train
+            through autograd.
+
+    Raises:
+        WnormError: no model was given, or a layer is owned by another wnorm.optim optimizer.
+    """
+
+    _torch_class = torch.optim.Adam
+
+    def __init__(self, params: Iterable[Any] | nn.Module, *args: Any,
+                 model: nn.Module | None = None, **kwargs: Any) -> None:
+        params, model = _split(params, model, type(self).__name__)
+        self._torch_class.__init__(self, params, *args, **kwargs)
+        self._attach(model)
+
+    def _decoupled(self, group: dict[str, Any]) -> bool:
+        return bool(group.get("decoupled_weight_decay", False))
+
+    def _group_supported(self, group: dict[str, Any]) -> bool:
+        beta1 = float(group["betas"][0])
+        # the kernel follows ATen's lerp for weights < 0.5, i.e. beta1 > 0.5 (the usual 0.9)
+        return not (group.get("amsgrad") or group.get("capturable")
+                    or group.get("differentiable")) and beta1 > 0.5
+
+    def _fused_group(self, group: dict[str, Any], layers: list[_Layer], kern: Any) -> None:
+        vm, vs, gm, gs, vstep, gstep = [], [], [], [], [], []
+        for lay in layers:
+            for p, m, s, st in ((lay.v, vm, vs, vstep), (lay.g, gm, gs, gstep)):
+                state = self.state[p]
+                if "step" not in state:  # as torch.optim.Adam's _init_group
+                    state["step"] = torch.tensor(0.0, dtype=torch.get_default_dtype()
+                                                 if torch.get_default_dtype() in _KERNEL_DTYPES
+                                                 else torch.float32)
+                m.append(_state_tensor(state, "exp_avg", p))
+                s.append(_state_tensor(state, "exp_avg_sq", p))
+                st.append(state["step"])
+        beta1, beta2 = (float(b) for b in group["betas"])
+        kern.adam_step(
+            [lay.spec.plain for lay in layers], [lay.spec.plain.grad for lay in layers],
+            [lay.v for lay in layers], [lay.g for lay in layers], vm, vs, gm, gs, vstep, gstep,
+            [lay.rows for lay in layers], float(group["lr"]), beta1, beta2, float(group["eps"]),
+            float(group["weight_decay"]), self._decoupled(group),
+            bool(group.get("maximize", False)),
+        )
+
+
+class AdamW(Adam, torch.optim.AdamW):
+    r"""``torch.optim.AdamW`` (decoupled weight decay) with optimizer-side weight normalization;
+    see :class:`Adam` and :mod:`wnorm.optim`."""
+
+    _torch_class = torch.optim.AdamW
+
+    def _decoupled(self, group: dict[str, Any]) -> bool:
+        return True
+
+
+def fused_layers(optimizer: torch.optim.Optimizer) -> list[str]:
+    """The weights ``optimizer`` updates with wnorm's fused kernel ([] for any other optimizer)."""
+    return optimizer.fused_layers() if isinstance(optimizer, _Optimizer) else []
