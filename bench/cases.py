@@ -7,11 +7,15 @@ Models:
     mlp      4 Linear layers, 256 -> 256 -> 256 -> 256 -> 10, leaky ReLU 0.1.
 
 Variants (one model each, same seed):
-    plain        no normalization
-    wnorm        ``wnorm.apply(model)``
+    plain           no normalization
+    wnorm           ``wnorm.apply(model)``; training steps with ``wnorm.optim.SGD``/``Adam``
+                    (optimizer-side weight norm: plain-layer forward and backward)
+    wnorm-autograd  ``wnorm.apply(model)`` trained with ``torch.optim.SGD``/``Adam`` (the
+                    drop-in path: weight norm in the autograd graph); train cases only
     torch        ``torch.nn.utils.parametrizations.weight_norm`` on every Linear/Conv2d
     batchnorm    BatchNorm after each conv / hidden linear
-    wn+meanonly  ``wnorm.apply`` + ``wnorm.MeanOnlyBatchNorm`` after each conv / hidden linear
+    wn+meanonly  ``wnorm.apply`` + ``wnorm.MeanOnlyBatchNorm`` after each conv / hidden linear,
+                 trained with ``wnorm.optim`` like ``wnorm``
 
 Layers followed by a normalizer have no bias (the normalizer has one), as in the paper's code.
 """
@@ -29,7 +33,11 @@ from torch import nn
 
 import wnorm
 
-VARIANTS = ("plain", "wnorm", "torch", "batchnorm", "wn+meanonly")
+VARIANTS = ("plain", "wnorm", "wnorm-autograd", "torch", "batchnorm", "wn+meanonly")
+#: variants of cases that do not train: wnorm-autograd would repeat wnorm there
+NO_TRAIN = tuple(v for v in VARIANTS if v != "wnorm-autograd")
+#: variants that train with wnorm.optim instead of torch.optim
+FUSED = ("wnorm", "wn+meanonly")
 
 #: The issue's targets for wnorm's ratio to plain (CPU); GPU convnet training gets 1.03.
 TARGETS = {
@@ -84,7 +92,7 @@ def build(model: str, variant: str, *, width: float = 1.0, device: str = "cpu") 
     norm = {"batchnorm": "bn", "wn+meanonly": "meanonly"}.get(variant, "none")
     torch.manual_seed(0)
     net = convnet(width, norm) if model == "convnet" else mlp(norm)
-    if variant in ("wnorm", "wn+meanonly"):
+    if variant in ("wnorm", "wnorm-autograd", "wn+meanonly"):
         wnorm.apply(net)
     elif variant == "torch":
         for m in net.modules():
@@ -129,7 +137,8 @@ def cases(device: str) -> list[Case]:
                             targets=TARGETS["mlp.train"]))
     for model in ("mlp", "convnet"):
         for b in (1, 32):
-            out.append(Case(f"{model}.infer.b{b}", model, "infer", b, targets=TARGETS["infer"]))
+            out.append(Case(f"{model}.infer.b{b}", model, "infer", b, variants=NO_TRAIN,
+                            targets=TARGETS["infer"]))
     di = ("plain", "wnorm", "wn+meanonly")
     note = "plain = one no_grad forward of the plain model; others = wnorm.data_init"
     out += [
@@ -146,7 +155,7 @@ def cases(device: str) -> list[Case]:
                  targets=TARGETS["convnet.train.cuda"]),
             Case("mlp.train.adam.b32.bf16", "mlp", "train", 32, "adam", bf16=True,
                  targets=TARGETS["mlp.train"]),
-            Case("convnet.infer.b32.bf16", "convnet", "infer", 32, bf16=True,
+            Case("convnet.infer.b32.bf16", "convnet", "infer", 32, bf16=True, variants=NO_TRAIN,
                  targets=TARGETS["infer"]),
         ]
     return out
@@ -164,10 +173,12 @@ def make_step(case: Case, variant: str, *, width: float, device: str) -> tuple[C
     if case.kind == "train":
         net.train()
         opt: torch.optim.Optimizer
+        optim: Any = wnorm.optim if variant in FUSED else torch.optim
+        params: Any = net if variant in FUSED else net.parameters()
         if case.opt == "sgd":
-            opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
+            opt = optim.SGD(params, lr=1e-3, momentum=0.9)
         else:
-            opt = torch.optim.Adam(net.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-8)
+            opt = optim.Adam(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8)
 
         def step() -> None:
             opt.zero_grad(set_to_none=True)
@@ -176,7 +187,9 @@ def make_step(case: Case, variant: str, *, width: float, device: str) -> tuple[C
             loss.backward()
             opt.step()
 
-        return step, "train step: zero_grad, forward, cross-entropy, backward, optimizer step"
+        how = (f"wnorm.optim.{type(opt).__name__}" if variant in FUSED
+               else f"torch.optim.{type(opt).__name__}")
+        return step, f"train step ({how}): zero_grad, forward, cross-entropy, backward, step"
     if case.kind == "infer":
         net.eval()
 

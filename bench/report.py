@@ -86,6 +86,11 @@ def render(data: dict[str, Any]) -> str:
         "data_init rows: `plain` is one no_grad forward pass of the plain model on the same batch; "
         "`wnorm` and `wn+meanonly` are `wnorm.data_init(model, batch)` on that variant, as a "
         "multiple of that forward pass.",
+        "Training rows: `wnorm` and `wn+meanonly` train with `wnorm.optim.SGD`/`Adam` "
+        "(optimizer-side weight norm: forward and backward run the layers as plain layers, and "
+        "one C++ kernel per step applies eqs. 3-4 and the update to g and v); `wnorm-autograd` "
+        "is the drop-in path, `wnorm.apply` trained with `torch.optim` (weight norm inside the "
+        "autograd graph). Inference and data_init rows are the same model either way.",
         "`torch` is `torch.nn.utils.parametrizations.weight_norm` (recomputed on every access, "
         "also at inference). n/a: BatchNorm cannot train on a batch of 1.",
         "Noise: bench.json keeps every raw block time and, per variant, the quartiles of the "
