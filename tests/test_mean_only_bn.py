@@ -59,6 +59,25 @@ def test_backward_subtracts_mean_gradient(cls, shape):
 
 
 @pytest.mark.parametrize("cls, shape", CASES, ids=IDS)
+def test_gradcheck_and_double_backward_float64(cls, shape):
+    """The hand-written backward (one reduction of the incoming gradient) is the exact Jacobian
+    of x - mean(x) + b, to first and second order."""
+    torch.manual_seed(0)
+    bn = cls(3).to(D)
+    with torch.no_grad():
+        bn.bias.normal_()
+    x = torch.randn(shape, dtype=D, requires_grad=True)
+    assert torch.autograd.gradcheck(bn, (x,))
+    assert torch.autograd.gradgradcheck(bn, (x,))
+    b = bn.bias.detach().clone().requires_grad_(True)
+
+    def with_bias(b: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(bn, {"bias": b}, (x.detach(),))
+
+    assert torch.autograd.gradcheck(with_bias, (b,))
+
+
+@pytest.mark.parametrize("cls,shape", CASES, ids=IDS)
 def test_running_mean_momentum_and_eval(cls, shape):
     bn = cls(3).to(D)
     running = torch.zeros(3, dtype=D)
