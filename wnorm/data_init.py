@@ -122,6 +122,7 @@ class _Initializer:
                  init_scale: float, group: Any) -> None:
         self.names, self.is_wn = names, is_wn
         self.init_scale, self.group = init_scale, group
+        self.distributed = _distributed(group)
         self.done: dict[nn.Module, LayerInit] = {}
 
     def pre(self, module: nn.Module, args: Any) -> None:
@@ -139,31 +140,38 @@ class _Initializer:
         axis = _unit_axis(module, y)
         units = y.shape[axis] if y.dim() else 0
         wide = torch.promote_types(y.dtype, torch.float32)  # float32 at least; float64 stays
-        t = y.detach().to(wide)
+        t = y.detach()
+        if t.dtype != wide:
+            t = t.to(wide)
         dims = [d for d in range(t.dim()) if d != axis]  # reduce in place: no transposed copy
         n = t.numel() // max(units, 1)
-        shape = _along(y.dim(), axis, units)
-        if _distributed(self.group):
+        if self.distributed:
+            shape = _along(y.dim(), axis, units)
             count = torch.tensor([float(n)], device=t.device)
             total = _reduce(torch.cat([t.sum(dims), count]), self.group)
             n = int(total[-1])
             if n == 0:
                 raise WnormError(f"{name} ({type(module).__name__}): data init got an empty batch")
-            mu = total[:-1] / n
-            sigma = (_reduce((t - mu.view(shape)).pow(2).sum(dims), self.group) / n).sqrt()
+            mu = (total[:-1] / n).view(shape)
+            c = t - mu
+            sigma = (_reduce(c.pow(2).sum(dims), self.group) / n).sqrt().view(shape)
+            scale = self.init_scale / sigma
         else:
             if n == 0:
                 raise WnormError(f"{name} ({type(module).__name__}): data init got an empty batch")
             # population statistics, two passes (torch.var_mean is ~15x slower on CPU here)
-            mu = t.mean(dim=dims)
-            c = t - mu.view(shape)
-            sigma = (c * c).mean(dim=dims).sqrt()
-        # one sync for the happy path: sigma > 0 is False for NaN too
-        ok = bool(((sigma > 0) & torch.isfinite(sigma) & torch.isfinite(mu)).all())
-        bad = torch.zeros(0) if ok else (~((sigma > 0) & torch.isfinite(sigma)
-                                           & torch.isfinite(mu))).nonzero().flatten()
-        if bad.numel():
-            idx = bad.tolist()
+            mu = t.mean(dim=dims, keepdim=True)
+            c = t - mu
+            sigma = None  # computed for the report from scale, below
+            scale = torch.linalg.vector_norm(c, dim=dims, keepdim=True).reciprocal_().mul_(
+                self.init_scale * math.sqrt(n))
+        shift = mu * scale  # the new bias is -shift
+        # one check and one sync for the happy path: sigma 0 gives scale inf, then shift inf or
+        # NaN; NaN in the statistics reaches shift too
+        if not bool(torch.isfinite(shift).all()):
+            sig = self.init_scale / scale if sigma is None else sigma
+            bad = (~((sig > 0) & torch.isfinite(sig) & torch.isfinite(mu))).flatten()
+            idx = bad.nonzero().flatten().tolist()
             raise WnormError(
                 f"{name} ({type(module).__name__}): the pre-activations of {len(idx)} of {units} "
                 f"units have sigma 0 or non-finite statistics on the init batch "
@@ -171,21 +179,22 @@ class _Initializer:
                 "data init needs a batch on which every unit varies (more than one example, "
                 "finite inputs)"
             )
-        scale = self.init_scale / sigma
         if self.is_wn[module]:
             g = module.weight_g
-            g.copy_(scale.view(_along(g.dim(), default_dim(module), units)).to(g.dtype))
+            g.copy_(scale.view(g.shape) if scale.is_contiguous() else scale.reshape(g.shape))
         else:
             w = module.weight
-            w.mul_(scale.view(_along(w.dim(), default_dim(module), units)).to(w.dtype))
+            w.mul_(scale.reshape(_along(w.dim(), default_dim(module), units)).to(w.dtype))
+        out = c.mul_(scale)  # c is ours: standardize it in place
         if module.bias is not None:
-            module.bias.copy_((-mu * scale).to(module.bias.dtype))
+            module.bias.copy_(shift.view(module.bias.shape)).neg_()
+        else:
+            out += shift  # no bias: the mean stays
+        if sigma is None:
+            sigma = self.init_scale / scale
         self.done[module] = LayerInit(name, type(module).__name__, "initialized", "",
-                                      mu.cpu(), sigma.cpu())
-        out = (t - mu.view(shape)) * scale.view(shape)
-        if module.bias is None:
-            out = out + mu.view(shape) * scale.view(shape)  # no bias: the mean stays
-        return out.to(y.dtype)
+                                      mu.reshape(units).cpu(), sigma.reshape(units).cpu())
+        return out if out.dtype == y.dtype else out.to(y.dtype)
 
 
 def _along(ndim: int, axis: int, size: int) -> tuple[int, ...]:
