@@ -196,40 +196,43 @@ class _Optimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        kern = _extension.kernels()
         for group, layers in zip(self.param_groups, self._wn_groups):
-            ready = [lay for lay in layers if self._ready(lay)]
+            ready = self._ready(layers) if layers else None
             if ready:
-                self._fused_group(group, ready, kern)
+                self._fused_group(group, ready, _extension.kernels())
                 for lay in ready:
                     lay.spec.mark_synced(lay.g, lay.v)
         _unhooked(self._torch_class.step)(self)
         return loss
 
     # ------------------------------------------------------------------ internals
-    def _ready(self, lay: _Layer) -> bool:
-        """Whether the kernel updates this layer now; otherwise its gradient moves to g and v
-        (if it has one) and torch's step does the update."""
-        spec = lay.spec
-        w = spec.plain
-        if w is None or not lay.current() or spec.owner() is not self:
-            return False
-        gw = w.grad
-        if gw is None:
-            return False
-        g, v = lay.g, lay.v
-        if not spec.plain_in_sync(g, v):
-            raise WnormError(
-                f"{spec.where}: '{spec.gname}' or '{spec.vname}' changed after the forward pass "
-                f"that produced the gradient of '{lay.pname}'; call step() right after "
-                "backward(), or zero_grad() and run the forward pass again"
-            )
-        if (g.grad is None and v.grad is None and gw.layout == torch.strided
-                and gw.is_contiguous() and gw.dtype == v.dtype and v.device.type == "cpu"
-                and v.dtype in _KERNEL_DTYPES and w.shape == v.shape):
-            return True
-        self._to_param_grads(lay)
-        return False
+    def _ready(self, layers: list[_Layer]) -> list[_Layer]:
+        """The layers the kernel updates now. A layer with a plain-weight gradient that the
+        kernel cannot take has it moved to g and v here, and torch's step updates it."""
+        ready = []
+        for lay in layers:  # the hot path of every step: checks inline, cheapest first
+            spec = lay.spec
+            w = spec.plain
+            if w is None:
+                continue
+            gw = w.grad
+            if gw is None or spec.owner() is not self or not lay.current():
+                continue
+            g, v = lay.g, lay.v
+            if not (spec.pg is g and spec.pv is v and spec.pgver == g._version
+                    and spec.pvver == v._version):
+                raise WnormError(
+                    f"{spec.where}: '{spec.gname}' or '{spec.vname}' changed after the forward "
+                    f"pass that produced the gradient of '{lay.pname}'; call step() right after "
+                    "backward(), or zero_grad() and run the forward pass again"
+                )
+            if (g.grad is None and v.grad is None and gw.layout == torch.strided
+                    and gw.dtype == v.dtype and v.dtype in _KERNEL_DTYPES and v.is_cpu
+                    and gw.is_contiguous() and w.shape == v.shape):
+                ready.append(lay)
+            else:
+                self._to_param_grads(lay)
+        return ready
 
     @staticmethod
     def _to_param_grads(lay: _Layer) -> None:
