@@ -25,8 +25,11 @@ recurrent layers, ``amsgrad``/``capturable``/``differentiable``, distributed tra
 
 While an optimizer of this module is alive, the layers it owns receive their gradient on the
 weight (``layer.weight.grad``), not on ``weight_g``/``weight_v``: call :meth:`param_grads`
-before clipping or inspecting those. ``release()`` (or dropping the optimizer) returns the
-layers to autograd.
+before clipping or inspecting those. ``step()`` consumes those gradients (sets them to None),
+so ``model.zero_grad()``, which cannot see the plain weights, works as well as
+``opt.zero_grad()``. A frozen layer (``requires_grad_(False)``), a layer called with other
+tensors (``torch.func.functional_call``) and a compiled or traced forward go through autograd.
+``release()`` (or dropping the optimizer) returns the layers to autograd.
 
 Example:
     >>> import torch, wnorm
@@ -57,9 +60,10 @@ _KERNEL_DTYPES = (torch.float32, torch.float64)
 class _Layer:
     """One weight this optimizer owns: its module, name, spec and parameters."""
 
-    __slots__ = ("module", "pname", "spec", "g", "v", "rows")
+    __slots__ = ("name", "module", "pname", "spec", "g", "v", "rows")
 
-    def __init__(self, module: nn.Module, pname: str, spec: _Spec) -> None:
+    def __init__(self, name: str, module: nn.Module, pname: str, spec: _Spec) -> None:
+        self.name = f"{name}.{pname}" if name else pname  # as in model.named_parameters()
         self.module, self.pname, self.spec = module, pname, spec
         self.g = module._parameters[spec.gname]
         self.v = module._parameters[spec.vname]
@@ -119,7 +123,7 @@ class _Optimizer(torch.optim.Optimizer):
             return
         where = {id(p): i for i, grp in enumerate(self.param_groups) for p in grp["params"]}
         me = weakref.ref(self)
-        for module in model.modules():
+        for mname, module in model.named_modules():
             for pname, spec in module.__dict__.get("_wn", {}).items():
                 if spec.kind != WN or spec.dim != 0 or isinstance(module, nn.RNNBase):
                     continue
@@ -142,13 +146,14 @@ class _Optimizer(torch.optim.Optimizer):
                     w = torch._weight_norm(v, g, 0).detach().requires_grad_(True)
                 spec.plain, spec.owner = w, me
                 spec.mark_synced(g, v)
-                self._wn_groups[group].append(_Layer(module, pname, spec))
+                self._wn_groups[group].append(_Layer(mname, module, pname, spec))
 
     # ------------------------------------------------------------------ overridden per class
     def _group_supported(self, group: dict[str, Any]) -> bool:
         raise NotImplementedError
 
-    def _fused_group(self, group: dict[str, Any], layers: list[_Layer], kern: Any) -> None:
+    def _fused_group(self, group: dict[str, Any], ready: list[_Layer], kern: Any) -> list[_Layer]:
+        """Run the kernel on the layers of ``ready`` it takes; return those."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ public
@@ -158,8 +163,9 @@ class _Optimizer(torch.optim.Optimizer):
             self._wn_groups.append([])  # layers added later train through autograd
 
     def fused_layers(self) -> list[str]:
-        """``"<where>.<name>"`` of every weight this optimizer updates with the fused kernel."""
-        return [f"{lay.spec.where}.{lay.pname}" for grp in self._wn_groups for lay in grp
+        """The weights this optimizer updates with the fused kernel, named as in
+        ``model.named_modules()`` plus the weight's name, e.g. ``["0.weight", "3.weight"]``."""
+        return [lay.name for grp in self._wn_groups for lay in grp
                 if lay.spec.plain is not None and lay.current()]
 
     def release(self) -> None:
@@ -196,27 +202,29 @@ class _Optimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group, layers in zip(self.param_groups, self._wn_groups):
-            ready = self._ready(layers) if layers else None
+        # every group is checked before any is stepped: a refused step changes nothing
+        plans = [(group, self._ready(layers)) for group, layers in
+                 zip(self.param_groups, self._wn_groups) if layers]
+        for group, ready in plans:
             if ready:
-                self._fused_group(group, ready, _extension.kernels())
-                for lay in ready:
+                done = self._fused_group(group, ready, _extension.kernels())
+                for lay in done:
                     lay.spec.mark_synced(lay.g, lay.v)
+                    # consumed, as g.grad/v.grad would be by the zero_grad() that follows
+                    # (model.zero_grad() cannot see the plain weight)
+                    lay.spec.plain.grad = None  # type: ignore[union-attr]
         _unhooked(self._torch_class.step)(self)
         return loss
 
     # ------------------------------------------------------------------ internals
     def _ready(self, layers: list[_Layer]) -> list[_Layer]:
-        """The layers the kernel updates now. A layer with a plain-weight gradient that the
-        kernel cannot take has it moved to g and v here, and torch's step updates it."""
+        """The layers with a plain-weight gradient (their g and v checked unchanged since the
+        forward pass), in order. Raises before anything is changed."""
         ready = []
         for lay in layers:  # the hot path of every step: checks inline, cheapest first
             spec = lay.spec
             w = spec.plain
-            if w is None:
-                continue
-            gw = w.grad
-            if gw is None or spec.owner() is not self or not lay.current():
+            if w is None or w.grad is None or spec.owner() is not self or not lay.current():
                 continue
             g, v = lay.g, lay.v
             if not (spec.pg is g and spec.pv is v and spec.pgver == g._version
@@ -226,13 +234,27 @@ class _Optimizer(torch.optim.Optimizer):
                     f"pass that produced the gradient of '{lay.pname}'; call step() right after "
                     "backward(), or zero_grad() and run the forward pass again"
                 )
-            if (g.grad is None and v.grad is None and gw.layout == torch.strided
-                    and gw.dtype == v.dtype and v.dtype in _KERNEL_DTYPES and v.is_cpu
-                    and gw.is_contiguous() and w.shape == v.shape):
-                ready.append(lay)
-            else:
-                self._to_param_grads(lay)
+            ready.append(lay)
         return ready
+
+    def _kernel_takes(self, lay: _Layer, *state: Tensor) -> bool:
+        """Whether the kernel can update ``lay`` with these optimizer state tensors; if not,
+        its gradient moves to g and v and torch's step updates it."""
+        g, v = lay.g, lay.v
+        gw = lay.spec.plain.grad  # type: ignore[union-attr]
+        ok = (g.grad is None and v.grad is None and gw is not None
+              and gw.layout == torch.strided and gw.dtype == v.dtype
+              and v.dtype in _KERNEL_DTYPES and v.is_cpu and gw.is_contiguous()
+              and gw.shape == v.shape)
+        for t in state:
+            if not ok:
+                break
+            like = v if t.dim() and t.shape == v.shape else g
+            ok = (t.dtype == like.dtype and t.is_cpu and t.is_contiguous()
+                  and t.shape == like.shape)
+        if not ok:
+            self._to_param_grads(lay)
+        return ok
 
     @staticmethod
     def _to_param_grads(lay: _Layer) -> None:
@@ -283,21 +305,29 @@ class SGD(_Optimizer, torch.optim.SGD):
     def _group_supported(self, group: dict[str, Any]) -> bool:
         return not group.get("differentiable", False)
 
-    def _fused_group(self, group: dict[str, Any], layers: list[_Layer], kern: Any) -> None:
+    def _fused_group(self, group: dict[str, Any], ready: list[_Layer], kern: Any) -> list[_Layer]:
         momentum = float(group["momentum"])
-        vbuf, gbuf, first = [], [], []
-        if momentum != 0:
-            for lay in layers:
-                sv, sg = self.state[lay.v], self.state[lay.g]
-                fresh = sv.get("momentum_buffer") is None or sg.get("momentum_buffer") is None
-                if fresh:
-                    sv["momentum_buffer"] = torch.zeros_like(lay.v)
-                    sg["momentum_buffer"] = torch.zeros_like(lay.g)
-                vbuf.append(sv["momentum_buffer"])
-                gbuf.append(sg["momentum_buffer"])
-                first.append(fresh)
-        else:
-            first = [False] * len(layers)
+        layers, vbuf, gbuf, first = [], [], [], []
+        for lay in ready:
+            if momentum == 0:
+                if self._kernel_takes(lay):
+                    layers.append(lay)
+                    first.append(False)
+                continue
+            sv, sg = self.state[lay.v], self.state[lay.g]
+            bv, bg = sv.get("momentum_buffer"), sg.get("momentum_buffer")
+            fresh = bv is None or bg is None
+            if not (self._kernel_takes(lay) if fresh else self._kernel_takes(lay, bv, bg)):
+                continue
+            if fresh:
+                bv = sv["momentum_buffer"] = torch.zeros_like(lay.v)
+                bg = sg["momentum_buffer"] = torch.zeros_like(lay.g)
+            layers.append(lay)
+            vbuf.append(bv)
+            gbuf.append(bg)
+            first.append(fresh)
+        if not layers:
+            return layers
         kern.sgd_step(
             [lay.spec.plain for lay in layers], [lay.spec.plain.grad for lay in layers],
             [lay.v for lay in layers], [lay.g for lay in layers], vbuf, gbuf,
@@ -305,6 +335,7 @@ class SGD(_Optimizer, torch.optim.SGD):
             float(group["dampening"]), float(group["weight_decay"]), bool(group["nesterov"]),
             bool(group.get("maximize", False)),
         )
+        return layers
 
 
 class Adam(_Optimizer, torch.optim.Adam):
@@ -339,9 +370,24 @@ class Adam(_Optimizer, torch.optim.Adam):
         return not (group.get("amsgrad") or group.get("capturable")
                     or group.get("differentiable")) and beta1 > 0.5
 
-    def _fused_group(self, group: dict[str, Any], layers: list[_Layer], kern: Any) -> None:
+    def _fused_group(self, group: dict[str, Any], ready: list[_Layer], kern: Any) -> list[_Layer]:
+        layers: list[_Layer] = []
         vm, vs, gm, gs, vstep, gstep = [], [], [], [], [], []
-        for lay in layers:
+        for lay in ready:
+            sv, sg = self.state[lay.v], self.state[lay.g]
+            if sv or sg:  # existing state (e.g. loaded, or from before .double()): check it
+                have = [sv.get(k) for k in ("exp_avg", "exp_avg_sq")] + [
+                    sg.get(k) for k in ("exp_avg", "exp_avg_sq")]
+                steps = [sv.get("step"), sg.get("step")]
+                if (any(t is None for t in have + steps)
+                        or any(not (t.is_cpu and t.numel() == 1 and t.dtype in _KERNEL_DTYPES)
+                               for t in steps)
+                        or not self._kernel_takes(lay, *have)):
+                    if lay.spec.plain.grad is not None:  # type: ignore[union-attr]
+                        self._to_param_grads(lay)
+                    continue
+            elif not self._kernel_takes(lay):
+                continue
             for p, m, s, st in ((lay.v, vm, vs, vstep), (lay.g, gm, gs, gstep)):
                 state = self.state[p]
                 if "step" not in state:  # as torch.optim.Adam's _init_group
@@ -351,6 +397,9 @@ class Adam(_Optimizer, torch.optim.Adam):
                 m.append(_state_tensor(state, "exp_avg", p))
                 s.append(_state_tensor(state, "exp_avg_sq", p))
                 st.append(state["step"])
+            layers.append(lay)
+        if not layers:
+            return layers
         beta1, beta2 = (float(b) for b in group["betas"])
         kern.adam_step(
             [lay.spec.plain for lay in layers], [lay.spec.plain.grad for lay in layers],
@@ -359,6 +408,7 @@ class Adam(_Optimizer, torch.optim.Adam):
             float(group["weight_decay"]), self._decoupled(group),
             bool(group.get("maximize", False)),
         )
+        return layers
 
 
 class AdamW(Adam, torch.optim.AdamW):

@@ -68,8 +68,10 @@ class _Spec:
     def release(self) -> None:
         """Leave optimizer-side mode (see :mod:`wnorm.optim`): autograd computes the weight again."""
         # plain: the leaf weight tensor that forward/backward use while a wnorm.optim optimizer
-        # owns this weight (owner: a weakref to it); pg/pv/pgver/pvver: the g and v it was
-        # last computed from. Not touched by clear(): a mode switch must not lose it.
+        # owns this weight (owner: a weakref to it); pg/pv: the parameters it owns (other
+        # tensors, e.g. from torch.func.functional_call, go through autograd); pgver/pvver:
+        # their versions when the plain weight was last computed (-1: recompute). Not touched by
+        # clear(): a train()/eval() switch between backward() and step() must not lose it.
         self.plain: Tensor | None = None
         self.owner: Any = None
         self.pg = self.pv = None
@@ -82,6 +84,10 @@ class _Spec:
 
     def mark_synced(self, g: Tensor, v: Tensor) -> None:
         self.pg, self.pv, self.pgver, self.pvver = g, v, g._version, v._version
+
+    def mark_stale(self) -> None:
+        """Recompute the plain weight at the next access (data swapped without a version bump)."""
+        self.pgver = self.pvver = -1
 
     @property
     def has_g(self) -> bool:
@@ -182,8 +188,10 @@ def _plain_weight(spec: _Spec, g: Tensor, v: Tensor) -> Tensor | None:
     if spec.owner() is None:  # the optimizer that owned the weight is gone
         spec.release()
         return None
+    if spec.pg is not g or spec.pv is not v or not (g.requires_grad and v.requires_grad):
+        return None  # not the parameters the optimizer owns, or frozen: autograd handles it
     w = spec.plain
-    if spec.plain_in_sync(g, v):
+    if spec.pgver == g._version and spec.pvver == v._version:
         return w
     with torch.no_grad():  # g or v changed outside the optimizer (init, load, edit): recompute
         new = _compute(v, g, spec.dim)
@@ -304,7 +312,7 @@ def _apply_fn(self: nn.Module, fn: Any, *args: Any, **kwargs: Any) -> nn.Module:
     # .to()/.half()/.cuda() swap parameter data but keep version counters: drop the cache.
     for spec in self.__dict__["_wn"].values():
         spec.clear()
-        spec.pg = None  # optimizer-side mode: recompute the plain weight on the next access
+        spec.mark_stale()  # optimizer-side mode: recompute the plain weight on the next access
     return type(self)._wn_base._apply(self, fn, *args, **kwargs)
 
 
@@ -557,5 +565,7 @@ def refresh(model: nn.Module) -> nn.Module:
     edits under ``torch.no_grad()`` are tracked already.
     """
     for _, module, pname, _ in normalized_weights(model):
-        module.__dict__["_wn"][pname].clear()
+        spec = module.__dict__["_wn"][pname]
+        spec.clear()
+        spec.mark_stale()  # wnorm.optim's plain weight too
     return model
