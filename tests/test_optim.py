@@ -235,7 +235,7 @@ def test_trajectory_other_layer_types(kind, case):
     oa, ob = pair(name, kw, ma, mb)
     fused, other = MODELS[kind][4], MODELS[kind][5]
     assert len(ob.fused_layers()) == len(fused)
-    assert all(any(f.startswith(f"{n} (") for f in ob.fused_layers()) for n in fused)
+    assert sorted(ob.fused_layers()) == sorted(f"{n}.weight" for n in fused)
     data = batches(kind)
     train(ma, oa, data)
     train(mb, ob, data)
@@ -344,7 +344,7 @@ def test_parameter_groups_with_model_keyword():
 
     oa = torch.optim.SGD(groups(ma), lr=0.1, momentum=0.9)
     ob = wnorm.optim.SGD(groups(mb), lr=0.1, momentum=0.9, model=mb)
-    assert sorted(f.split(" ")[0] for f in ob.fused_layers()) == ["0", "3"]
+    assert sorted(ob.fused_layers()) == ["0.weight", "3.weight"]
     data = batches()
     train(ma, oa, data)
     train(mb, ob, data)
@@ -359,7 +359,7 @@ def test_parameters_not_given_to_the_optimizer_are_left_alone():
     ob = wnorm.optim.Adam(params, lr=1e-2, model=mb)
     oa = torch.optim.Adam([p for n, p in ma.named_parameters() if not n.startswith("4.")], lr=1e-2)
     frozen = mb[4].weight_v.detach().clone()
-    assert sorted(f.split(" ")[0] for f in ob.fused_layers()) == ["0", "3"]
+    assert sorted(ob.fused_layers()) == ["0.weight", "3.weight"]
     data = batches()
     train(ma, oa, data)
     train(mb, ob, data)
@@ -858,3 +858,88 @@ def test_pre_hook_changing_lr_is_used_by_the_fused_step():
     train(mb, ob, data)
     assert ob.param_groups[0]["lr"] == pytest.approx(0.1 / 8)
     assert_same_training(ma, oa, mb, ob)
+
+
+# --------------------------------------------------------------------------- found in review
+def test_freezing_a_layer_after_the_optimizer_exists_is_honoured():
+    ma, mb = twins()
+    oa, ob = pair("SGD", dict(lr=0.1), ma, mb)
+    data = batches()
+    train(ma, oa, data[:2]), train(mb, ob, data[:2])
+    for m in (ma, mb):
+        m[3].requires_grad_(False)
+    frozen = mb[3].weight_v.detach().clone()
+    train(ma, oa, data[2:]), train(mb, ob, data[2:])
+    assert torch.equal(mb[3].weight_v.detach(), frozen)
+    assert_same_training(ma, oa, mb, ob)
+
+
+def test_refresh_after_a_data_edit_recomputes_the_plain_weight():
+    ma, mb = twins()
+    oa, ob = pair("SGD", dict(lr=0.1), ma, mb)
+    train(ma, oa, batches(n=2)), train(mb, ob, batches(n=2))
+    for m in (ma, mb):
+        m[3].weight_v.data.mul_(-2.0)  # .data hides the edit from the version counter
+        wnorm.refresh(m)
+    x = batches(n=1, seed=9)[0][0]
+    torch.testing.assert_close(mb(x), ma(x))
+
+
+def test_step_consumes_the_plain_weight_gradient():
+    """model.zero_grad() cannot see the plain weights, so step() consumes their gradients:
+    training with model.zero_grad() equals torch.optim with zero_grad()."""
+    ma, mb = twins()
+    oa, ob = pair("SGD", dict(lr=0.1, momentum=0.9), ma, mb)
+    fused = _fused_modules(ob, mb)
+    assert fused
+    for x, y in batches(n=4):
+        oa.zero_grad()
+        loss_of(ma(x), y).backward()
+        oa.step()
+        mb.zero_grad()  # the model's, not the optimizer's
+        loss_of(mb(x), y).backward()
+        assert all(m.weight.grad is not None for m in fused)
+        ob.step()
+        assert all(m.weight.grad is None for m in fused)
+    assert_same_training(ma, oa, mb, ob)
+
+
+def _fused_modules(opt, model) -> list[nn.Module]:
+    names = set(opt.fused_layers())
+    return [m for n, m in model.named_modules() if f"{n}.weight" in names]
+
+
+def test_double_with_momentum_state_continues_like_torch():
+    ma, mb = twins(dtype=torch.float32)
+    oa, ob = pair("SGD", dict(lr=0.05, momentum=0.9), ma, mb)
+    train(ma, oa, batches(n=2, dtype=torch.float32)), train(mb, ob, batches(n=2, dtype=torch.float32))
+    ma.double(), mb.double()
+    train(ma, oa, batches(n=2, dtype=torch.float64)), train(mb, ob, batches(n=2, dtype=torch.float64))
+    for pa, pb in zip(ma.parameters(), mb.parameters()):
+        assert pb.dtype == torch.float64
+        torch.testing.assert_close(pb, pa, rtol=1e-5, atol=1e-6)
+
+
+def test_functional_call_gradients_reach_the_passed_parameters():
+    model = build()
+    opt = wnorm.optim.SGD(model, lr=0.1)
+    params = {k: p.detach().clone().requires_grad_() for k, p in model.named_parameters()}
+    x, y = batches(n=1)[0]
+    loss_of(torch.func.functional_call(model, params, (x,)), y).backward()
+    assert params["3.weight_v"].grad is not None and params["3.weight_g"].grad is not None
+    assert opt.fused_layers()  # the model's own layers are still fused
+
+
+def test_a_refused_step_with_several_groups_changes_nothing():
+    m = build()
+    opt = wnorm.optim.SGD([{"params": list(m[0].parameters())},
+                           {"params": list(m[3].parameters()) + list(m[4].parameters())}],
+                          lr=0.1, model=m)
+    x, y = batches(n=1)[0]
+    loss_of(m(x), y).backward()
+    with torch.no_grad():
+        m[3].weight_v.mul_(2.0)
+    before = {k: p.detach().clone() for k, p in m.named_parameters()}
+    with pytest.raises(WnormError, match="changed after the forward"):
+        opt.step()
+    assert [k for k, p in m.named_parameters() if not torch.equal(p.detach(), before[k])] == []
