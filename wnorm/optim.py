@@ -205,15 +205,30 @@ class _Optimizer(torch.optim.Optimizer):
         # every group is checked before any is stepped: a refused step changes nothing
         plans = [(group, self._ready(layers)) for group, layers in
                  zip(self.param_groups, self._wn_groups) if layers]
+        if not plans:  # nothing fused (no kernel, distributed, no normalized layer): torch's step
+            _unhooked(self._torch_class.step)(self)
+            return loss
+        kern = _extension.kernels()
         for group, ready in plans:
             if ready:
-                done = self._fused_group(group, ready, _extension.kernels())
+                done = self._fused_group(group, ready, kern)
                 for lay in done:
                     lay.spec.mark_synced(lay.g, lay.v)
                     # consumed, as g.grad/v.grad would be by the zero_grad() that follows
                     # (model.zero_grad() cannot see the plain weight)
                     lay.spec.plain.grad = None  # type: ignore[union-attr]
-        _unhooked(self._torch_class.step)(self)
+        # the other parameters: the same rule in the kernel, torch's step for what it cannot take
+        left = [self._plain_group(group, kern) if self._group_supported(group)
+                else group["params"] for group in self.param_groups]
+        if any(left):
+            saved = [group["params"] for group in self.param_groups]
+            try:
+                for group, params in zip(self.param_groups, left):
+                    group["params"] = params
+                _unhooked(self._torch_class.step)(self)
+            finally:
+                for group, params in zip(self.param_groups, saved):
+                    group["params"] = params
         return loss
 
     # ------------------------------------------------------------------ internals
@@ -236,6 +251,11 @@ class _Optimizer(torch.optim.Optimizer):
                 )
             ready.append(lay)
         return ready
+
+    def _plain_group(self, group: dict[str, Any], kern: Any) -> list[Tensor]:
+        """Step the group's parameters with a gradient that the kernel can take; return the
+        rest, for torch's step."""
+        raise NotImplementedError
 
     def _kernel_takes(self, lay: _Layer, *state: Tensor) -> bool:
         """Whether the kernel can update ``lay`` with these optimizer state tensors; if not,
@@ -271,6 +291,16 @@ class _Optimizer(torch.optim.Optimizer):
             g.grad = grad_g.to(g.dtype) if g.grad is None else g.grad + grad_g
             v.grad = grad_v if v.grad is None else v.grad + grad_v
         w.grad = None
+
+
+def _dense(p: Tensor, grad: Tensor, *state: Tensor | None) -> bool:
+    """Whether the kernel can update ``p`` with ``grad`` and these state tensors."""
+    if not (p.is_cpu and p.dtype in _KERNEL_DTYPES and grad.layout == torch.strided
+            and grad.dtype == p.dtype and p.is_contiguous() and grad.is_contiguous()
+            and grad.shape == p.shape):
+        return False
+    return all(t is None or (t.dtype == p.dtype and t.is_cpu and t.is_contiguous()
+                             and t.shape == p.shape) for t in state)
 
 
 def _state_tensor(state: dict[str, Any], key: str, like: Tensor) -> Tensor:
@@ -338,6 +368,36 @@ class SGD(_Optimizer, torch.optim.SGD):
         return layers
 
 
+def _sgd_plain_group(self: SGD, group: dict[str, Any], kern: Any) -> list[Tensor]:
+    momentum = float(group["momentum"])
+    ps, grads, bufs, first, left = [], [], [], [], []
+    for p in group["params"]:
+        grad = p.grad
+        if grad is None:
+            continue
+        buf = self.state[p].get("momentum_buffer") if momentum != 0 else None
+        if not _dense(p, grad, buf):
+            left.append(p)
+            continue
+        if momentum != 0:
+            first.append(buf is None)
+            if buf is None:
+                buf = self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+            bufs.append(buf)
+        else:
+            first.append(False)
+        ps.append(p)
+        grads.append(grad)
+    if ps:
+        kern.sgd_plain_step(ps, grads, bufs, first, float(group["lr"]), momentum,
+                            float(group["dampening"]), float(group["weight_decay"]),
+                            bool(group["nesterov"]), bool(group.get("maximize", False)))
+    return left
+
+
+SGD._plain_group = _sgd_plain_group  # type: ignore[method-assign]
+
+
 class Adam(_Optimizer, torch.optim.Adam):
     r"""``torch.optim.Adam`` whose weight-normalized layers run forward and backward as plain
     layers; the step applies eqs. 3-4 and Adam's rule to ``g`` and ``v`` (see :mod:`wnorm.optim`).
@@ -391,9 +451,7 @@ class Adam(_Optimizer, torch.optim.Adam):
             for p, m, s, st in ((lay.v, vm, vs, vstep), (lay.g, gm, gs, gstep)):
                 state = self.state[p]
                 if "step" not in state:  # as torch.optim.Adam's _init_group
-                    state["step"] = torch.tensor(0.0, dtype=torch.get_default_dtype()
-                                                 if torch.get_default_dtype() in _KERNEL_DTYPES
-                                                 else torch.float32)
+                    state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
                 m.append(_state_tensor(state, "exp_avg", p))
                 s.append(_state_tensor(state, "exp_avg_sq", p))
                 st.append(state["step"])
@@ -409,6 +467,46 @@ class Adam(_Optimizer, torch.optim.Adam):
             bool(group.get("maximize", False)),
         )
         return layers
+
+
+    def _plain_group(self, group: dict[str, Any], kern: Any) -> list[Tensor]:
+        ps, grads, ms, ss, steps, left = [], [], [], [], [], []
+        for p in group["params"]:
+            grad = p.grad
+            if grad is None:
+                continue
+            state = self.state[p]
+            if state:  # existing state: the kernel takes it only as torch would have made it
+                step = state.get("step")
+                m, s = state.get("exp_avg"), state.get("exp_avg_sq")
+                if (m is None or s is None or step is None or not _dense(p, grad, m, s)
+                        or not (step.is_cpu and step.numel() == 1
+                                and step.dtype in _KERNEL_DTYPES)):
+                    left.append(p)
+                    continue
+            elif not _dense(p, grad):
+                left.append(p)
+                continue
+            else:  # as torch.optim.Adam's _init_group
+                state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            ps.append(p)
+            grads.append(grad)
+            ms.append(state["exp_avg"])
+            ss.append(state["exp_avg_sq"])
+            steps.append(state["step"])
+        if ps:
+            beta1, beta2 = (float(b) for b in group["betas"])
+            kern.adam_plain_step(ps, grads, ms, ss, steps, float(group["lr"]), beta1, beta2,
+                                 float(group["eps"]), float(group["weight_decay"]),
+                                 self._decoupled(group), bool(group.get("maximize", False)))
+        return left
+
+
+def _scalar_dtype() -> torch.dtype:
+    # torch.optim's dtype for state["step"]: float64 under a float64 default dtype
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
 class AdamW(Adam, torch.optim.AdamW):

@@ -270,7 +270,93 @@ void adam_step(const std::vector<at::Tensor>& w, const std::vector<at::Tensor>& 
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Parameters without weight norm (biases, other layers): the same rules, element by element,
+// so that one step needs no second pass through torch's per-parameter loop.
+
+namespace {
+
+template <typename T>
+void sgd_plain(T* __restrict p, const T* __restrict gr, T* __restrict buf, int64_t n,
+               const Sgd o, bool first) {
+  const T lr = T(o.lr), mom = T(o.momentum), wd = T(o.weight_decay);
+  const T keep = first ? T(1) : T(1 - o.dampening), old = first ? T(0) : mom;
+  const T sign = o.maximize ? T(-1) : T(1);
+  const bool use_mom = o.momentum != 0, use_wd = o.weight_decay != 0;
+  for (int64_t j = 0; j < n; ++j) {
+    T d = sign * gr[j];
+    if (use_wd) d = d + wd * p[j];
+    if (use_mom) {
+      const T b = old * buf[j] + keep * d;
+      buf[j] = b;
+      d = o.nesterov ? d + mom * b : b;
+    }
+    p[j] = p[j] + (-lr) * d;
+  }
+}
+
+}  // namespace
+
+void sgd_plain_step(const std::vector<at::Tensor>& p, const std::vector<at::Tensor>& grad,
+                    const std::vector<at::Tensor>& buf, const std::vector<bool>& first,
+                    double lr, double momentum, double dampening, double weight_decay,
+                    bool nesterov, bool maximize) {
+  const Sgd o{lr, momentum, dampening, weight_decay, nesterov, maximize};
+  for (size_t l = 0; l < p.size(); ++l) {
+    const at::Tensor& t = p[l];
+    check(grad[l], t, "grad");
+    if (momentum != 0) check(buf[l], t, "momentum_buffer");
+    TORCH_CHECK(t.is_contiguous() && grad[l].numel() == t.numel(), "wnorm fused step: bad param");
+    AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "wnorm_sgd_plain", [&] {
+      sgd_plain<scalar_t>(t.data_ptr<scalar_t>(), grad[l].data_ptr<scalar_t>(),
+                          momentum != 0 ? buf[l].data_ptr<scalar_t>() : nullptr, t.numel(), o,
+                          first[l]);
+    });
+    bump(t);
+  }
+}
+
+void adam_plain_step(const std::vector<at::Tensor>& p, const std::vector<at::Tensor>& grad,
+                     const std::vector<at::Tensor>& m, const std::vector<at::Tensor>& s,
+                     const std::vector<at::Tensor>& step, double lr, double beta1, double beta2,
+                     double eps, double weight_decay, bool decoupled, bool maximize) {
+  const bool l2 = weight_decay != 0 && !decoupled, dec = weight_decay != 0 && decoupled;
+  for (size_t l = 0; l < p.size(); ++l) {
+    const at::Tensor& t = p[l];
+    check(grad[l], t, "grad"), check(m[l], t, "exp_avg"), check(s[l], t, "exp_avg_sq");
+    TORCH_CHECK(t.is_contiguous() && grad[l].numel() == t.numel(), "wnorm fused step: bad param");
+    const double st = next_step(step[l]);
+    AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "wnorm_adam_plain", [&] {
+      using T = scalar_t;
+      const T size = T(lr / (1 - std::pow(beta1, st))), bc2 = T(std::sqrt(1 - std::pow(beta2, st)));
+      const T tlr = T(lr), wd = T(weight_decay), b2 = T(beta2), e = T(eps);
+      const T omb1 = T(1 - beta1), omb2 = T(1 - beta2), sign = maximize ? T(-1) : T(1);
+      T* pp = t.data_ptr<T>();
+      const T* gg = grad[l].data_ptr<T>();
+      T* mm = m[l].data_ptr<T>();
+      T* ss = s[l].data_ptr<T>();
+      const int64_t n = t.numel();
+      if (l2) {
+        for (int64_t j = 0; j < n; ++j)
+          pp[j] = adam_elem<T, true, false>(pp[j], sign * gg[j], mm[j], ss[j], tlr, wd, omb1, b2,
+                                            omb2, size, bc2, e);
+      } else if (dec) {
+        for (int64_t j = 0; j < n; ++j)
+          pp[j] = adam_elem<T, false, true>(pp[j], sign * gg[j], mm[j], ss[j], tlr, wd, omb1, b2,
+                                            omb2, size, bc2, e);
+      } else {
+        for (int64_t j = 0; j < n; ++j)
+          pp[j] = adam_elem<T, false, false>(pp[j], sign * gg[j], mm[j], ss[j], tlr, wd, omb1,
+                                             b2, omb2, size, bc2, e);
+      }
+    });
+    bump(t);
+  }
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sgd_step", &sgd_step, "weight-normalized SGD step (CPU)");
   m.def("adam_step", &adam_step, "weight-normalized Adam step (CPU)");
+  m.def("sgd_plain_step", &sgd_plain_step, "SGD step of plain parameters (CPU)");
+  m.def("adam_plain_step", &adam_plain_step, "Adam step of plain parameters (CPU)");
 }
