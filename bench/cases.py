@@ -12,6 +12,9 @@ Variants (one model each, same seed):
                     (optimizer-side weight norm: plain-layer forward and backward)
     wnorm-autograd  ``wnorm.apply(model)`` trained with ``torch.optim.SGD``/``Adam`` (the
                     drop-in path: weight norm in the autograd graph); train cases only
+    plain-fused     the plain model with ``torch.optim.SGD``/``Adam(fused=True)``, PyTorch's own
+                    one-kernel CPU step: what plain training costs with the fastest torch
+                    optimizer (``plain`` uses torch's default per-parameter loop); train only
     torch        ``torch.nn.utils.parametrizations.weight_norm`` on every Linear/Conv2d
     batchnorm    BatchNorm after each conv / hidden linear
     wn+meanonly  ``wnorm.apply`` + ``wnorm.MeanOnlyBatchNorm`` after each conv / hidden linear,
@@ -33,9 +36,10 @@ from torch import nn
 
 import wnorm
 
-VARIANTS = ("plain", "wnorm", "wnorm-autograd", "torch", "batchnorm", "wn+meanonly")
-#: variants of cases that do not train: wnorm-autograd would repeat wnorm there
-NO_TRAIN = tuple(v for v in VARIANTS if v != "wnorm-autograd")
+VARIANTS = ("plain", "wnorm", "wnorm-autograd", "plain-fused", "torch", "batchnorm",
+            "wn+meanonly")
+#: variants of cases that do not train: the optimizer-only variants would repeat others there
+NO_TRAIN = tuple(v for v in VARIANTS if v not in ("wnorm-autograd", "plain-fused"))
 #: variants that train with wnorm.optim instead of torch.optim
 FUSED = ("wnorm", "wn+meanonly")
 
@@ -90,6 +94,7 @@ def mlp(norm: str = "none", width: int = 256, depth: int = 4) -> nn.Sequential:
 def build(model: str, variant: str, *, width: float = 1.0, device: str = "cpu") -> nn.Module:
     """One model of ``model`` ("convnet"/"mlp") in ``variant``, seeded so variants start alike."""
     norm = {"batchnorm": "bn", "wn+meanonly": "meanonly"}.get(variant, "none")
+    variant = "plain" if variant == "plain-fused" else variant
     torch.manual_seed(0)
     net = convnet(width, norm) if model == "convnet" else mlp(norm)
     if variant in ("wnorm", "wnorm-autograd", "wn+meanonly"):
@@ -175,10 +180,11 @@ def make_step(case: Case, variant: str, *, width: float, device: str) -> tuple[C
         opt: torch.optim.Optimizer
         optim: Any = wnorm.optim if variant in FUSED else torch.optim
         params: Any = net if variant in FUSED else net.parameters()
+        extra: dict[str, Any] = {"fused": True} if variant == "plain-fused" else {}
         if case.opt == "sgd":
-            opt = optim.SGD(params, lr=1e-3, momentum=0.9)
+            opt = optim.SGD(params, lr=1e-3, momentum=0.9, **extra)
         else:
-            opt = optim.Adam(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8)
+            opt = optim.Adam(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, **extra)
 
         def step() -> None:
             opt.zero_grad(set_to_none=True)
@@ -188,7 +194,7 @@ def make_step(case: Case, variant: str, *, width: float, device: str) -> tuple[C
             opt.step()
 
         how = (f"wnorm.optim.{type(opt).__name__}" if variant in FUSED
-               else f"torch.optim.{type(opt).__name__}")
+               else f"torch.optim.{type(opt).__name__}" + ("(fused=True)" if extra else ""))
         return step, f"train step ({how}): zero_grad, forward, cross-entropy, backward, step"
     if case.kind == "infer":
         net.eval()

@@ -90,7 +90,10 @@ def render(data: dict[str, Any]) -> str:
         "(optimizer-side weight norm: forward and backward run the layers as plain layers, and "
         "one C++ kernel per step applies eqs. 3-4 and the update to g and v); `wnorm-autograd` "
         "is the drop-in path, `wnorm.apply` trained with `torch.optim` (weight norm inside the "
-        "autograd graph). Inference and data_init rows are the same model either way.",
+        "autograd graph). `plain-fused` is the plain model with torch's `fused=True` optimizer, "
+        "PyTorch's own one-kernel CPU step (`plain` uses torch's default per-parameter loop): "
+        "wnorm's ratio against it is `wnorm / plain-fused`. Inference and data_init rows are "
+        "the same model either way.",
         "`torch` is `torch.nn.utils.parametrizations.weight_norm` (recomputed on every access, "
         "also at inference). n/a: BatchNorm cannot train on a batch of 1.",
         "Noise: bench.json keeps every raw block time and, per variant, the quartiles of the "
