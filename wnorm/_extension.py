@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -48,6 +50,24 @@ def _name() -> str:
     return f"wnorm_fused_step_v1_torch{tag}_{_capability().lower()}"
 
 
+def _ninja_on_path() -> None:
+    # torch.utils.cpp_extension runs `ninja` from PATH; a venv's own ninja (pip package) is not
+    # on it unless the venv is activated
+    if shutil.which("ninja"):
+        return
+    dirs = [os.path.dirname(sys.executable)]
+    try:
+        import ninja  # type: ignore[import-not-found]
+
+        dirs.insert(0, ninja.BIN_DIR)
+    except (ImportError, AttributeError):
+        pass
+    for d in dirs:
+        if shutil.which("ninja", path=d):
+            os.environ["PATH"] = d + os.pathsep + os.environ.get("PATH", "")
+            return
+
+
 def kernels() -> Any | None:
     """The compiled module (``sgd_step``, ``adam_step``), or None where it cannot be built."""
     if "module" in _state:
@@ -59,6 +79,7 @@ def kernels() -> Any | None:
         try:
             from torch.utils.cpp_extension import load
 
+            _ninja_on_path()
             flags = ["-O3", "-fopenmp-simd", "-fno-math-errno", *_ISA_FLAGS.get(_capability(), [])]
             module = load(_name(), [str(_SOURCE)], extra_cflags=flags, verbose=False)
         except Exception as err:  # no compiler, no ninja, read-only cache...: fall back
