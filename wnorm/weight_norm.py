@@ -21,6 +21,7 @@ non-leaf tensor is stored on it between calls.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -231,7 +232,8 @@ def _weight(module: nn.Module, spec: _Spec) -> Tensor:
         w = _map(spec, v, g)
     # one reduction (NaN and inf propagate into the sum), accumulated in float32 at least so
     # that a sum of finite half-precision entries cannot overflow
-    if not bool(torch.isfinite(w.sum(dtype=torch.promote_types(w.dtype, torch.float32)))):
+    if (not math.isfinite(float(w.sum(dtype=torch.promote_types(w.dtype, torch.float32))))
+            and not bool(torch.isfinite(w).all())):  # the sum may just overflow
         raise WnormError(
             f"{spec.where}: the weight-normalized '{spec.gname[:-2]}' has non-finite values; "
             f"check '{spec.gname}' and '{spec.vname}' for NaN/inf and '{spec.vname}' for zero rows"
