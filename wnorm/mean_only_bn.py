@@ -9,7 +9,7 @@ No division by the standard deviation: combined with weight normalization, the s
 Backward: :math:`\nabla_t L = \nabla_{\tilde t} L - \operatorname{mean}(\nabla_{\tilde t} L)`
 and :math:`\nabla_b L = \sum \nabla_{\tilde t} L`, from one reduction of the incoming gradient
 (:class:`_SubtractMean`); autograd's own derivative of ``x - x.mean()`` materializes the expanded
-mean gradient and adds it in extra sweeps over the activations, 3.5x slower.
+mean gradient and adds it in extra sweeps over the activations.
 """
 
 from __future__ import annotations
