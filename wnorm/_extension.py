@@ -68,6 +68,17 @@ def _ninja_on_path() -> None:
             return
 
 
+def _build(load: Any) -> Any:
+    flags = ["-O3", "-fopenmp-simd", "-fno-math-errno", *_ISA_FLAGS.get(_capability(), [])]
+    try:
+        # OpenMP: at::parallel_for splits large layers over torch's threads. The extension
+        # needs libgomp.so.1, which resolves to the copy torch has loaded already.
+        return load(_name() + "_omp", [str(_SOURCE)], extra_cflags=[*flags, "-fopenmp"],
+                    extra_ldflags=["-fopenmp"], verbose=False)
+    except Exception:  # e.g. a compiler without OpenMP: one thread per step
+        return load(_name(), [str(_SOURCE)], extra_cflags=flags, verbose=False)
+
+
 def kernels() -> Any | None:
     """The compiled module (``sgd_step``, ``adam_step``), or None where it cannot be built."""
     if "module" in _state:
@@ -80,8 +91,7 @@ def kernels() -> Any | None:
             from torch.utils.cpp_extension import load
 
             _ninja_on_path()
-            flags = ["-O3", "-fopenmp-simd", "-fno-math-errno", *_ISA_FLAGS.get(_capability(), [])]
-            module = load(_name(), [str(_SOURCE)], extra_cflags=flags, verbose=False)
+            module = _build(load)
         except Exception as err:  # no compiler, no ninja, read-only cache...: fall back
             reason = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
             warnings.warn(

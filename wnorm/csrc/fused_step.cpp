@@ -277,22 +277,50 @@ void adam_step(const std::vector<at::Tensor>& w, const std::vector<at::Tensor>& 
 namespace {
 
 template <typename T>
-void sgd_plain(T* __restrict p, const T* __restrict gr, T* __restrict buf, int64_t n,
-               const Sgd o, bool first) {
+void sgd_plain_range(T* __restrict p, const T* __restrict gr, T* __restrict buf, int64_t b,
+                     int64_t e, const Sgd o, bool first) {
   const T lr = T(o.lr), mom = T(o.momentum), wd = T(o.weight_decay);
   const T keep = first ? T(1) : T(1 - o.dampening), old = first ? T(0) : mom;
   const T sign = o.maximize ? T(-1) : T(1);
   const bool use_mom = o.momentum != 0, use_wd = o.weight_decay != 0;
-  for (int64_t j = 0; j < n; ++j) {
+#pragma omp simd
+  for (int64_t j = b; j < e; ++j) {
     T d = sign * gr[j];
     if (use_wd) d = d + wd * p[j];
     if (use_mom) {
-      const T b = old * buf[j] + keep * d;
-      buf[j] = b;
-      d = o.nesterov ? d + mom * b : b;
+      const T bj = old * buf[j] + keep * d;
+      buf[j] = bj;
+      d = o.nesterov ? d + mom * bj : bj;
     }
     p[j] = p[j] + (-lr) * d;
   }
+}
+
+template <typename T, bool L2, bool DEC>
+void adam_plain_range(T* __restrict p, const T* __restrict gr, T* __restrict m,
+                      T* __restrict s, int64_t b, int64_t e, T lr, T wd, T omb1, T b2, T omb2,
+                      T size, T bc2, T eps, T sign) {
+#pragma omp simd
+  for (int64_t j = b; j < e; ++j) {
+    T q = p[j], d = sign * gr[j];
+    if (DEC) q = q * (T(1) - lr * wd);
+    if (L2) d = d + wd * q;
+    const T mj = m[j] + omb1 * (d - m[j]);
+    const T sj = s[j] * b2 + omb2 * (d * d);
+    m[j] = mj;
+    s[j] = sj;
+    p[j] = q + (-size) * (mj / (std::sqrt(sj) / bc2 + eps));
+  }
+}
+
+// Elements [0, n) in chunks over torch's threads when there are enough of them.
+template <typename F>
+void over_elements(int64_t n, const F& f) {
+  if (n <= 65536) {
+    f(0, n);
+    return;
+  }
+  at::parallel_for(0, n, 32768, f);
 }
 
 }  // namespace
@@ -308,9 +336,13 @@ void sgd_plain_step(const std::vector<at::Tensor>& p, const std::vector<at::Tens
     if (momentum != 0) check(buf[l], t, "momentum_buffer");
     TORCH_CHECK(t.is_contiguous() && grad[l].numel() == t.numel(), "wnorm fused step: bad param");
     AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "wnorm_sgd_plain", [&] {
-      sgd_plain<scalar_t>(t.data_ptr<scalar_t>(), grad[l].data_ptr<scalar_t>(),
-                          momentum != 0 ? buf[l].data_ptr<scalar_t>() : nullptr, t.numel(), o,
-                          first[l]);
+      scalar_t* pp = t.data_ptr<scalar_t>();
+      const scalar_t* gg = grad[l].data_ptr<scalar_t>();
+      scalar_t* bb = momentum != 0 ? buf[l].data_ptr<scalar_t>() : nullptr;
+      const bool fl = first[l];
+      over_elements(t.numel(), [&](int64_t b, int64_t e) {
+        sgd_plain_range<scalar_t>(pp, gg, bb, b, e, o, fl);
+      });
     });
     bump(t);
   }
@@ -329,26 +361,23 @@ void adam_plain_step(const std::vector<at::Tensor>& p, const std::vector<at::Ten
     AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "wnorm_adam_plain", [&] {
       using T = scalar_t;
       const T size = T(lr / (1 - std::pow(beta1, st))), bc2 = T(std::sqrt(1 - std::pow(beta2, st)));
-      const T tlr = T(lr), wd = T(weight_decay), b2 = T(beta2), e = T(eps);
+      const T tlr = T(lr), wd = T(weight_decay), b2 = T(beta2), e_ = T(eps);
       const T omb1 = T(1 - beta1), omb2 = T(1 - beta2), sign = maximize ? T(-1) : T(1);
       T* pp = t.data_ptr<T>();
       const T* gg = grad[l].data_ptr<T>();
       T* mm = m[l].data_ptr<T>();
       T* ss = s[l].data_ptr<T>();
-      const int64_t n = t.numel();
-      if (l2) {
-        for (int64_t j = 0; j < n; ++j)
-          pp[j] = adam_elem<T, true, false>(pp[j], sign * gg[j], mm[j], ss[j], tlr, wd, omb1, b2,
-                                            omb2, size, bc2, e);
-      } else if (dec) {
-        for (int64_t j = 0; j < n; ++j)
-          pp[j] = adam_elem<T, false, true>(pp[j], sign * gg[j], mm[j], ss[j], tlr, wd, omb1, b2,
-                                            omb2, size, bc2, e);
-      } else {
-        for (int64_t j = 0; j < n; ++j)
-          pp[j] = adam_elem<T, false, false>(pp[j], sign * gg[j], mm[j], ss[j], tlr, wd, omb1,
-                                             b2, omb2, size, bc2, e);
-      }
+      over_elements(t.numel(), [&](int64_t b, int64_t e) {
+        if (l2)
+          adam_plain_range<T, true, false>(pp, gg, mm, ss, b, e, tlr, wd, omb1, b2, omb2, size,
+                                           bc2, e_, sign);
+        else if (dec)
+          adam_plain_range<T, false, true>(pp, gg, mm, ss, b, e, tlr, wd, omb1, b2, omb2, size,
+                                           bc2, e_, sign);
+        else
+          adam_plain_range<T, false, false>(pp, gg, mm, ss, b, e, tlr, wd, omb1, b2, omb2, size,
+                                            bc2, e_, sign);
+      });
     });
     bump(t);
   }
