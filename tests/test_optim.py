@@ -912,9 +912,10 @@ def _fused_modules(opt, model) -> list[nn.Module]:
 def test_double_with_momentum_state_continues_like_torch():
     ma, mb = twins(dtype=torch.float32)
     oa, ob = pair("SGD", dict(lr=0.05, momentum=0.9), ma, mb)
-    train(ma, oa, batches(n=2, dtype=torch.float32)), train(mb, ob, batches(n=2, dtype=torch.float32))
-    ma.double(), mb.double()
-    train(ma, oa, batches(n=2, dtype=torch.float64)), train(mb, ob, batches(n=2, dtype=torch.float64))
+    for dtype in (torch.float32, torch.float64):
+        if dtype == torch.float64:
+            ma.double(), mb.double()
+        train(ma, oa, batches(n=2, dtype=dtype)), train(mb, ob, batches(n=2, dtype=dtype))
     for pa, pb in zip(ma.parameters(), mb.parameters()):
         assert pb.dtype == torch.float64
         torch.testing.assert_close(pb, pa, rtol=1e-5, atol=1e-6)

@@ -93,7 +93,8 @@ def kernels() -> Any | None:
             _ninja_on_path()
             module = _build(load)
         except Exception as err:  # no compiler, no ninja, read-only cache...: fall back
-            reason = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
+            last = str(err).strip().splitlines()[-1] if str(err).strip() else ""
+            reason = f"{type(err).__name__}: {last}"
             warnings.warn(
                 f"wnorm: the fused optimizer kernels could not be built ({reason}); "
                 "wnorm.optim trains through autograd instead (same results, PyTorch's speed)",

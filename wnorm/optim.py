@@ -89,7 +89,9 @@ def _split(params: Any, model: nn.Module | None, cls: str) -> tuple[Any, nn.Modu
             f"or parameter groups; got {type(params).__name__} and no model"
         )
     if not isinstance(model, nn.Module):
-        raise WnormError(f"wnorm.optim.{cls}: model must be an nn.Module; got {type(model).__name__}")
+        raise WnormError(
+            f"wnorm.optim.{cls}: model must be an nn.Module; got {type(model).__name__}"
+        )
     return params, model
 
 
@@ -116,7 +118,8 @@ class _Optimizer(torch.optim.Optimizer):
         if _distributed(model):
             self._wn_reason = "distributed training: DDP reduces g.grad and v.grad"
             return
-        if not any(s.kind == WN for m in model.modules() for s in m.__dict__.get("_wn", {}).values()):
+        if not any(s.kind == WN for m in model.modules()
+                   for s in m.__dict__.get("_wn", {}).values()):
             return
         if _extension.kernels() is None:
             self._wn_reason = f"no fused kernels ({_extension.unavailable_reason()})"
@@ -197,7 +200,7 @@ class _Optimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> Any:  # type: ignore[override]
-        """One optimizer step: the fused kernel for the layers it owns, torch's step for the rest."""
+        """One step: the fused kernel where it applies, torch's own step for the rest."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
