@@ -16,8 +16,10 @@ trajectory and the state dicts (model and optimizer) are those of
 work happens changes. On CPU one C++ kernel per step does it for all layers, one read of each
 row of ``v``, ``w``'s gradient and the optimizer state (see ``wnorm/csrc/fused_step.cpp``).
 
-Every other parameter (biases, normalization layers, layers wnorm does not normalize) is
-updated by the torch optimizer's own step. A weight-normalized layer stays on autograd (its
+Every other parameter (biases, normalization layers, layers wnorm does not normalize) gets the
+same rule in the kernel (dense float32/float64 CPU tensors) or from the torch optimizer's own
+step (anything else: sparse gradients, other devices and dtypes). A weight-normalized layer
+stays on autograd (its
 ``g.grad``/``v.grad`` are filled as usual) where the kernel does not apply: non-CPU or
 half-precision parameters, ``dim`` other than 0, centered/standardized/forced weights,
 recurrent layers, ``amsgrad``/``capturable``/``differentiable``, distributed training
@@ -370,35 +372,31 @@ class SGD(_Optimizer, torch.optim.SGD):
         )
         return layers
 
-
-def _sgd_plain_group(self: SGD, group: dict[str, Any], kern: Any) -> list[Tensor]:
-    momentum = float(group["momentum"])
-    ps, grads, bufs, first, left = [], [], [], [], []
-    for p in group["params"]:
-        grad = p.grad
-        if grad is None:
-            continue
-        buf = self.state[p].get("momentum_buffer") if momentum != 0 else None
-        if not _dense(p, grad, buf):
-            left.append(p)
-            continue
-        if momentum != 0:
-            first.append(buf is None)
-            if buf is None:
-                buf = self.state[p]["momentum_buffer"] = torch.zeros_like(p)
-            bufs.append(buf)
-        else:
-            first.append(False)
-        ps.append(p)
-        grads.append(grad)
-    if ps:
-        kern.sgd_plain_step(ps, grads, bufs, first, float(group["lr"]), momentum,
-                            float(group["dampening"]), float(group["weight_decay"]),
-                            bool(group["nesterov"]), bool(group.get("maximize", False)))
-    return left
-
-
-SGD._plain_group = _sgd_plain_group  # type: ignore[method-assign]
+    def _plain_group(self, group: dict[str, Any], kern: Any) -> list[Tensor]:
+        momentum = float(group["momentum"])
+        ps, grads, bufs, first, left = [], [], [], [], []
+        for p in group["params"]:
+            grad = p.grad
+            if grad is None:
+                continue
+            buf = self.state[p].get("momentum_buffer") if momentum != 0 else None
+            if not _dense(p, grad, buf):
+                left.append(p)
+                continue
+            if momentum != 0:
+                first.append(buf is None)
+                if buf is None:
+                    buf = self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+                bufs.append(buf)
+            else:
+                first.append(False)
+            ps.append(p)
+            grads.append(grad)
+        if ps:
+            kern.sgd_plain_step(ps, grads, bufs, first, float(group["lr"]), momentum,
+                                float(group["dampening"]), float(group["weight_decay"]),
+                                bool(group["nesterov"]), bool(group.get("maximize", False)))
+        return left
 
 
 class Adam(_Optimizer, torch.optim.Adam):
