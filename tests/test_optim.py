@@ -494,6 +494,44 @@ def test_no_extension_trains_like_torch(no_extension, case):
     assert mb[3].weight_v.grad is not None  # autograd as usual
 
 
+def test_a_failed_build_warns_and_trains_through_autograd(monkeypatch):
+    """No compiler (or any build error): one RuntimeWarning naming the cause, nothing fused,
+    training exactly as torch.optim's."""
+    import torch.utils.cpp_extension as cpp
+
+    def broken(*args, **kwargs):
+        raise OSError("no C++ compiler found")
+
+    monkeypatch.setattr(cpp, "load", broken)
+    monkeypatch.setattr(wnorm._extension, "_state", {})
+    ma, mb = twins()
+    with pytest.warns(RuntimeWarning, match="could not be built.*no C\\+\\+ compiler"):
+        oa, ob = pair("Adam", dict(lr=1e-2), ma, mb)
+    assert ob.fused_layers() == []
+    assert "no C++ compiler" in wnorm._extension.unavailable_reason()
+    data = batches()
+    train(ma, oa, data), train(mb, ob, data)
+    assert_same_training(ma, oa, mb, ob)
+
+
+@pytest.mark.slow  # builds the one-thread variant of the kernel once (about 30 s, then cached)
+def test_a_compiler_without_openmp_gets_the_one_thread_build(monkeypatch):
+    import torch.utils.cpp_extension as cpp
+
+    real, names = cpp.load, []
+
+    def no_openmp(name, *args, **kwargs):
+        names.append(name)
+        if "-fopenmp" in kwargs.get("extra_cflags", []):
+            raise RuntimeError("unrecognized command-line option '-fopenmp'")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(cpp, "load", no_openmp)
+    monkeypatch.setattr(wnorm._extension, "_state", {})
+    assert wnorm._extension.kernels() is not None
+    assert len(names) == 2 and names[0] == names[1] + "_omp"
+
+
 def test_kernel_is_back_after_the_no_extension_test():
     assert wnorm._extension.kernels() is not None
     assert len(wnorm.optim.SGD(build(), lr=0.1).fused_layers()) == 3
