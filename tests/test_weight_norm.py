@@ -536,6 +536,15 @@ def test_non_finite_weight(bad):
     assert "weight" in conv._parameters  # left as it was
 
 
+@pytest.mark.parametrize("cls", [nn.Embedding, nn.EmbeddingBag])
+def test_sparse_embedding_is_refused_not_a_cryptic_backward_error(cls):
+    emb = cls(10, 4, sparse=True)
+    with pytest.raises(WnormError, match=rf"{cls.__name__}: sparse=True .* sparse=False"):
+        wnorm.weight_norm(emb)
+    assert "weight" in emb._parameters  # left as it was
+    wnorm.weight_norm(cls(10, 4))  # the dense one is fine
+
+
 @pytest.mark.parametrize("value", [torch.randn(4, 3)], ids=["tensor"])
 def test_assigning_normalized_weight_tensor(value):
     m = wnorm.weight_norm(nn.Linear(3, 4))

@@ -466,6 +466,12 @@ def _reparameterize(
             f"{label}: no parameter named '{name}' to weight-normalize; "
             f"its parameters are {have}"
         )
+    if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.sparse:
+        raise WnormError(
+            f"{label}: sparse=True gives '{name}' a sparse gradient, and the gradients of g and "
+            "v (eqs. 3-4) need every row's dot product with it densely (PyTorch's backward "
+            "fails on it); build the embedding with sparse=False to weight-normalize it"
+        )
     ndim = weight.dim()
     if dim is _DEFAULT:
         dim = default_dim(module, name)
