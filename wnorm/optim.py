@@ -27,10 +27,18 @@ recurrent layers, ``amsgrad``/``capturable``/``differentiable``, distributed tra
 
 While an optimizer of this module is alive, the layers it owns receive their gradient on the
 weight (``layer.weight.grad``), not on ``weight_g``/``weight_v``: call :meth:`param_grads`
-before clipping or inspecting those. ``step()`` consumes those gradients (sets them to None),
-so ``model.zero_grad()``, which cannot see the plain weights, works as well as
-``opt.zero_grad()``. A frozen layer (``requires_grad_(False)``), a layer called with other
-tensors (``torch.func.functional_call``) and a compiled or traced forward go through autograd.
+before clipping or inspecting those. ``step()`` zeroes those gradients (as ``zero_grad()`` would
+``g.grad``/``v.grad``), so ``model.zero_grad()``, which cannot see the plain weights, works as
+well as ``opt.zero_grad()``; the one pattern that differs from torch is stepping twice on one
+``backward()`` without zeroing, where torch re-applies the old gradients. A frozen layer
+(``requires_grad_(False)``), a layer called with other tensors
+(``torch.func.functional_call``), a compiled or traced forward and weights that share ``g`` or
+``v`` with another layer (tied weights) go through autograd.
+
+Not supported while layers are fused (use ``torch.optim``, or ``release()`` first):
+``torch.amp.GradScaler`` (refused with an error: it cannot see the plain weights' gradients)
+and ``torch.autograd.grad(loss, model.parameters())`` (the fused layers' ``g`` and ``v`` are
+not in the graph; PyTorch says so, or returns None with ``allow_unused=True``).
 ``release()`` (or dropping the optimizer) returns the layers to autograd.
 
 Example:
@@ -128,11 +136,22 @@ class _Optimizer(torch.optim.Optimizer):
             return
         where = {id(p): i for i, grp in enumerate(self.param_groups) for p in grp["params"]}
         me = weakref.ref(self)
+        # a g or v shared by two normalized weights (tied layers) would be stepped once per
+        # layer by the kernel, where torch steps it once with the summed gradient: autograd
+        uses: dict[int, int] = {}
+        for module in model.modules():
+            for spec in module.__dict__.get("_wn", {}).values():
+                for n in (spec.gname, spec.vname):
+                    p = module._parameters.get(n)
+                    if p is not None:
+                        uses[id(p)] = uses.get(id(p), 0) + 1
         for mname, module in model.named_modules():
             for pname, spec in module.__dict__.get("_wn", {}).items():
                 if spec.kind != WN or spec.dim != 0 or isinstance(module, nn.RNNBase):
                     continue
                 g, v = module._parameters[spec.gname], module._parameters[spec.vname]
+                if uses[id(g)] > 1 or uses[id(v)] > 1:
+                    continue
                 group = where.get(id(v))
                 if group is None or where.get(id(g)) != group:
                     continue  # not (both) ours: autograd as usual
@@ -152,6 +171,23 @@ class _Optimizer(torch.optim.Optimizer):
                 spec.plain, spec.owner = w, me
                 spec.mark_synced(g, v)
                 self._wn_groups[group].append(_Layer(mname, module, pname, spec))
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # a copy (deepcopy, torch.save/load of the optimizer) owns no plain weights: the copied
+        # model's layers are back on autograd, so it trains as the torch optimizer does
+        super().__setstate__(state)
+        self.__dict__.setdefault("_wn_groups", [[] for _ in self.param_groups])
+        self.__dict__.setdefault("_wn_reason", "a copy: layers train through autograd")
+
+    @property
+    def _step_supports_amp_scaling(self) -> bool:  # type: ignore[override]
+        # True while the kernel owns layers, so that torch.amp.GradScaler hands the step to us
+        # (which refuses it, clearly) instead of unscaling only the g/v gradients it can see
+        return bool(self.__dict__.get("_amp_scaling")) or any(self.__dict__.get("_wn_groups", ()))
+
+    @_step_supports_amp_scaling.setter
+    def _step_supports_amp_scaling(self, value: bool) -> None:  # torch's fused=True sets it
+        self.__dict__["_amp_scaling"] = value
 
     # ------------------------------------------------------------------ overridden per class
     def _group_supported(self, group: dict[str, Any]) -> bool:
@@ -207,21 +243,38 @@ class _Optimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if getattr(self, "grad_scale", None) is not None and any(self._wn_groups):
+            for attr in ("grad_scale", "found_inf"):  # GradScaler deletes them only on success
+                self.__dict__.pop(attr, None)
+            raise WnormError(
+                "wnorm.optim: torch.amp.GradScaler cannot unscale or check the gradients of "
+                "the plain weights this optimizer's kernel steps; with a GradScaler use "
+                "torch.optim (weight norm through autograd), or call release() first"
+            )
         # every group is checked before any is stepped: a refused step changes nothing
         plans = [(group, self._ready(layers)) for group, layers in
                  zip(self.param_groups, self._wn_groups) if layers]
+        for group, ready in plans:
+            if ready and not self._group_supported(group):  # e.g. amsgrad switched on later
+                for lay in ready:
+                    self._to_param_grads(lay)
+                ready.clear()
         if not plans:  # nothing fused (no kernel, distributed, no normalized layer): torch's step
             _unhooked(self._torch_class.step)(self)
             return loss
         kern = _extension.kernels()
+        consumed: list[Tensor] = []
         for group, ready in plans:
             if ready:
                 done = self._fused_group(group, ready, kern)
                 for lay in done:
                     lay.spec.mark_synced(lay.g, lay.v)
-                    # consumed, as g.grad/v.grad would be by the zero_grad() that follows
-                    # (model.zero_grad() cannot see the plain weight)
-                    lay.spec.plain.grad = None  # type: ignore[union-attr]
+                    consumed.append(lay.spec.plain.grad)  # type: ignore[union-attr]
+        if consumed:
+            # Zeroed, as g.grad/v.grad are by the zero_grad() that follows (model.zero_grad()
+            # cannot see the plain weights). Zeros, not None: a layer that a later forward
+            # skips is then stepped with a zero gradient, as torch steps its zeroed g and v.
+            torch._foreach_zero_(consumed)
         # the other parameters: the same rule in the kernel, torch's step for what it cannot take
         left = [self._plain_group(group, kern) if self._group_supported(group)
                 else group["params"] for group in self.param_groups]
@@ -351,7 +404,10 @@ class SGD(_Optimizer, torch.optim.SGD):
                 continue
             sv, sg = self.state[lay.v], self.state[lay.g]
             bv, bg = sv.get("momentum_buffer"), sg.get("momentum_buffer")
-            fresh = bv is None or bg is None
+            fresh = bv is None and bg is None
+            if (bv is None) != (bg is None):  # one has history, one not (e.g. g was frozen)
+                self._to_param_grads(lay)
+                continue
             if not (self._kernel_takes(lay) if fresh else self._kernel_takes(lay, bv, bg)):
                 continue
             if fresh:

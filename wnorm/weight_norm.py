@@ -67,7 +67,7 @@ class _Spec:
         self.release()
 
     def release(self) -> None:
-        """Leave optimizer-side mode (see :mod:`wnorm.optim`): autograd computes the weight again."""
+        """Leave optimizer-side mode (:mod:`wnorm.optim`): autograd computes the weight again."""
         # plain: the leaf weight tensor that forward/backward use while a wnorm.optim optimizer
         # owns this weight (owner: a weakref to it); pg/pv: the parameters it owns (other
         # tensors, e.g. from torch.func.functional_call, go through autograd); pgver/pvver:
@@ -312,10 +312,22 @@ def _train(self: nn.Module, mode: bool = True) -> nn.Module:
 
 def _apply_fn(self: nn.Module, fn: Any, *args: Any, **kwargs: Any) -> nn.Module:
     # .to()/.half()/.cuda() swap parameter data but keep version counters: drop the cache.
-    for spec in self.__dict__["_wn"].values():
+    params = self._parameters
+    before = {}
+    for name, spec in self.__dict__["_wn"].items():
         spec.clear()
-        spec.mark_stale()  # optimizer-side mode: recompute the plain weight on the next access
-    return type(self)._wn_base._apply(self, fn, *args, **kwargs)
+        if spec.plain is not None:
+            before[name] = [_where(params.get(n)) for n in (spec.gname, spec.vname)]
+    out = type(self)._wn_base._apply(self, fn, *args, **kwargs)
+    for name, was in before.items():  # optimizer-side mode: recompute only if data moved
+        spec = self.__dict__["_wn"][name]
+        if [_where(params.get(n)) for n in (spec.gname, spec.vname)] != was:
+            spec.mark_stale()
+    return out
+
+
+def _where(t: Tensor | None) -> tuple[Any, ...]:
+    return (None,) if t is None else (t.data_ptr(), t.dtype, t.device, t.shape)
 
 
 def _rnn_forward(self: nn.RNNBase, *args: Any, **kwargs: Any) -> Any:
