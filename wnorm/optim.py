@@ -263,18 +263,14 @@ class _Optimizer(torch.optim.Optimizer):
             _unhooked(self._torch_class.step)(self)
             return loss
         kern = _extension.kernels()
-        consumed: list[Tensor] = []
         for group, ready in plans:
             if ready:
-                done = self._fused_group(group, ready, kern)
-                for lay in done:
+                # The kernel also zeroes the plain weights' gradients, as the zero_grad() that
+                # follows would g.grad/v.grad (model.zero_grad() cannot see the plain weights).
+                # Zeros, not None: a layer that a later forward skips is then stepped with a
+                # zero gradient, as torch steps its zeroed g and v.
+                for lay in self._fused_group(group, ready, kern):
                     lay.spec.mark_synced(lay.g, lay.v)
-                    consumed.append(lay.spec.plain.grad)  # type: ignore[union-attr]
-        if consumed:
-            # Zeroed, as g.grad/v.grad are by the zero_grad() that follows (model.zero_grad()
-            # cannot see the plain weights). Zeros, not None: a layer that a later forward
-            # skips is then stepped with a zero gradient, as torch steps its zeroed g and v.
-            torch._foreach_zero_(consumed)
         # the other parameters: the same rule in the kernel, torch's step for what it cannot take
         left = [self._plain_group(group, kern) if self._group_supported(group)
                 else group["params"] for group in self.param_groups]

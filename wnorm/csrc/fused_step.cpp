@@ -1,6 +1,7 @@
 // wnorm's optimizer-side weight normalization: one pass per row of v that turns the gradient of
 // the plain weight w = g v/||v|| into the gradients of g and v (Salimans & Kingma 2016, eqs. 3-4),
-// applies torch.optim.SGD's or torch.optim.Adam's update to g and v, and writes the new w.
+// applies torch.optim.SGD's or torch.optim.Adam's update to g and v, writes the new w and
+// zeroes w's gradient (consumed, as zero_grad() would leave g.grad and v.grad).
 //
 // Each row of v (one output unit) is read from memory once; the second and third sweeps over
 // the row hit the L1 cache. Rows are independent, so at::parallel_for splits them over threads.
@@ -49,7 +50,7 @@ inline void write_row(T* w, const T* v, int64_t k, T scale) {
 // SGD on rows [begin, end) of one layer: w, gw, v, vbuf are (rows, k) contiguous; g, gbuf have
 // one entry per row. The options are template arguments so that each inner loop is branch-free.
 template <typename T, bool MOM, bool NESTEROV, bool WD>
-void sgd_rows(T* __restrict w, const T* __restrict gw, T* __restrict v, T* __restrict g,
+void sgd_rows(T* __restrict w, T* __restrict gw, T* __restrict v, T* __restrict g,
               T* __restrict vbuf, T* __restrict gbuf, int64_t begin, int64_t end, int64_t k,
               const Sgd o, const bool first) {
   const T lr = T(o.lr), mom = T(o.momentum);
@@ -58,7 +59,7 @@ void sgd_rows(T* __restrict w, const T* __restrict gw, T* __restrict v, T* __res
   const T wd = T(o.weight_decay);
   const double sign = o.maximize ? -1.0 : 1.0;
   for (int64_t i = begin; i < end; ++i) {
-    const T* __restrict gwi = gw + i * k;
+    T* __restrict gwi = gw + i * k;
     T* __restrict vi = v + i * k;
     T* __restrict bi = MOM ? vbuf + i * k : nullptr;
     double dot, nn;
@@ -70,6 +71,7 @@ void sgd_rows(T* __restrict w, const T* __restrict gw, T* __restrict v, T* __res
 #pragma omp simd reduction(+ : nn2)
     for (int64_t j = 0; j < k; ++j) {
       T d = a * gwi[j] - b * vi[j];
+      gwi[j] = T(0);  // consumed: w.grad is zeroed in the same pass
       if (WD) d = d + wd * vi[j];
       T step = d;
       if (MOM) {
@@ -94,7 +96,7 @@ void sgd_rows(T* __restrict w, const T* __restrict gw, T* __restrict v, T* __res
 }
 
 template <typename T, bool MOM, bool NESTEROV, bool WD>
-void sgd_layer_t(T* w, const T* gw, T* v, T* g, T* vbuf, T* gbuf, int64_t rows, int64_t k,
+void sgd_layer_t(T* w, T* gw, T* v, T* g, T* vbuf, T* gbuf, int64_t rows, int64_t k,
                  const Sgd& o, bool first) {
   if (rows * k <= 65536) {  // small: no thread hand-off
     sgd_rows<T, MOM, NESTEROV, WD>(w, gw, v, g, vbuf, gbuf, 0, rows, k, o, first);
@@ -106,7 +108,7 @@ void sgd_layer_t(T* w, const T* gw, T* v, T* g, T* vbuf, T* gbuf, int64_t rows, 
 }
 
 template <typename T>
-void sgd_layer(T* w, const T* gw, T* v, T* g, T* vbuf, T* gbuf, int64_t rows, int64_t k,
+void sgd_layer(T* w, T* gw, T* v, T* g, T* vbuf, T* gbuf, int64_t rows, int64_t k,
                const Sgd& o, bool first) {
   const bool mom = o.momentum != 0, wd = o.weight_decay != 0, nes = o.nesterov && mom;
 #define WNORM_SGD(M, N, W) \
@@ -132,7 +134,7 @@ inline T adam_elem(T p, T d, T& m, T& s, T lr, T wd, T omb1, T b2, T omb2, T siz
 }
 
 template <typename T, bool L2, bool DEC>
-void adam_rows(T* __restrict w, const T* __restrict gw, T* __restrict v, T* __restrict g,
+void adam_rows(T* __restrict w, T* __restrict gw, T* __restrict v, T* __restrict g,
                T* __restrict vm, T* __restrict vs, T* __restrict gm, T* __restrict gs,
                int64_t begin, int64_t end, int64_t k, const Adam o, const double vstep,
                const double gstep) {
@@ -144,7 +146,7 @@ void adam_rows(T* __restrict w, const T* __restrict gw, T* __restrict v, T* __re
   const T g_size = T(o.lr / (1 - std::pow(o.beta1, gstep)));
   const T g_bc2 = T(std::sqrt(1 - std::pow(o.beta2, gstep)));
   for (int64_t i = begin; i < end; ++i) {
-    const T* __restrict gwi = gw + i * k;
+    T* __restrict gwi = gw + i * k;
     T* __restrict vi = v + i * k;
     T* __restrict mi = vm + i * k;
     T* __restrict si = vs + i * k;
@@ -156,6 +158,7 @@ void adam_rows(T* __restrict w, const T* __restrict gw, T* __restrict v, T* __re
 #pragma omp simd reduction(+ : nn2)
     for (int64_t j = 0; j < k; ++j) {
       const T d = a * gwi[j] - b * vi[j];
+      gwi[j] = T(0);  // consumed: w.grad is zeroed in the same pass
       T p = vi[j];
       if (DEC) p = p * (T(1) - lr * wd);
       const T dd = L2 ? d + wd * p : d;
@@ -174,7 +177,7 @@ void adam_rows(T* __restrict w, const T* __restrict gw, T* __restrict v, T* __re
 }
 
 template <typename T, bool L2, bool DEC>
-void adam_layer_t(T* w, const T* gw, T* v, T* g, T* vm, T* vs, T* gm, T* gs, int64_t rows,
+void adam_layer_t(T* w, T* gw, T* v, T* g, T* vm, T* vs, T* gm, T* gs, int64_t rows,
                   int64_t k, const Adam& o, double vstep, double gstep) {
   if (rows * k <= 65536) {
     adam_rows<T, L2, DEC>(w, gw, v, g, vm, vs, gm, gs, 0, rows, k, o, vstep, gstep);
@@ -186,7 +189,7 @@ void adam_layer_t(T* w, const T* gw, T* v, T* g, T* vm, T* vs, T* gm, T* gs, int
 }
 
 template <typename T>
-void adam_layer(T* w, const T* gw, T* v, T* g, T* vm, T* vs, T* gm, T* gs, int64_t rows,
+void adam_layer(T* w, T* gw, T* v, T* g, T* vm, T* vs, T* gm, T* gs, int64_t rows,
                 int64_t k, const Adam& o, double vstep, double gstep) {
   const bool l2 = o.weight_decay != 0 && !o.decoupled, dec = o.weight_decay != 0 && o.decoupled;
   if (l2) return adam_layer_t<T, true, false>(w, gw, v, g, vm, vs, gm, gs, rows, k, o, vstep, gstep);
@@ -238,7 +241,7 @@ void sgd_step(const std::vector<at::Tensor>& w, const std::vector<at::Tensor>& g
                           t.data_ptr<scalar_t>(), g[l].data_ptr<scalar_t>(), vb, gb, r, k, o,
                           first[l]);
     });
-    bump(w[l]), bump(t), bump(g[l]);
+    bump(w[l]), bump(gw[l]), bump(t), bump(g[l]);
   }
 }
 
@@ -266,7 +269,7 @@ void adam_step(const std::vector<at::Tensor>& w, const std::vector<at::Tensor>& 
                            gm[l].data_ptr<scalar_t>(), gs[l].data_ptr<scalar_t>(), r, k, o, sv,
                            sg);
     });
-    bump(w[l]), bump(t), bump(g[l]);
+    bump(w[l]), bump(gw[l]), bump(t), bump(g[l]);
   }
 }
 
