@@ -599,6 +599,16 @@ def _forward_equal(ma, mb, x, tol=None):
         assert_close(mb(x), ma(x), "output", tol)
 
 
+def _twins_after_two_steps(name: str = "Adam", kw: dict | None = None):
+    """Twin models and optimizers (torch.optim, wnorm.optim) after two identical steps."""
+    ma, mb = twins()
+    oa, ob = pair(name, kw or dict(lr=1e-2), ma, mb)
+    data = batches()
+    train(ma, oa, data[:2])
+    train(mb, ob, data[:2])
+    return ma, oa, mb, ob, data
+
+
 def test_resync_after_model_load_state_dict():
     ma, mb = twins()
     oa, ob = pair("SGD", dict(lr=0.1, momentum=0.9), ma, mb)
@@ -616,11 +626,7 @@ def test_resync_after_model_load_state_dict():
 
 
 def test_resync_after_in_place_edit_under_no_grad():
-    ma, mb = twins()
-    oa, ob = pair("Adam", dict(lr=1e-2), ma, mb)
-    data = batches()
-    train(ma, oa, data[:2])
-    train(mb, ob, data[:2])
+    ma, oa, mb, ob, data = _twins_after_two_steps()
     for m in (ma, mb):
         with torch.no_grad():
             m[3].weight_v[0].mul_(-2.0)
@@ -632,11 +638,7 @@ def test_resync_after_in_place_edit_under_no_grad():
 
 
 def test_resync_after_data_init():
-    ma, mb = twins()
-    oa, ob = pair("Adam", dict(lr=1e-2), ma, mb)
-    data = batches()
-    train(ma, oa, data[:2])
-    train(mb, ob, data[:2])
+    ma, oa, mb, ob, data = _twins_after_two_steps()
     init = torch.randn(32, 3, 6, 6, dtype=torch.float64)
     ra, rb = wnorm.data_init(ma, init), wnorm.data_init(mb, init)
     assert [r.status for r in rb] == [r.status for r in ra] == ["initialized"] * 3

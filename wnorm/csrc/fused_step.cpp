@@ -41,6 +41,21 @@ inline void row_sums(const T* gw, const T* v, int64_t k, double& dot, double& nn
   nn = s;
 }
 
+// Eqs. 3-4 for row i: dL/dg = gw.v/||v|| and dL/dv = a gw - b v, with a = g/||v|| and
+// b = g gw.v/||v||^3 (sign -1 for maximize).
+struct RowGrad {
+  double dot, n;  // gw.v and ||v||
+  double a, b;
+};
+
+template <typename T>
+inline RowGrad row_grad(const T* gw, const T* v, int64_t k, double g, double sign) {
+  double dot, nn;
+  row_sums(gw, v, k, dot, nn);
+  const double n = std::sqrt(nn);
+  return {dot, n, sign * g / n, sign * g * dot / (nn * n)};
+}
+
 template <typename T>
 inline void write_row(T* w, const T* v, int64_t k, T scale) {
 #pragma omp simd
@@ -62,11 +77,8 @@ void sgd_rows(T* __restrict w, T* __restrict gw, T* __restrict v, T* __restrict 
     T* __restrict gwi = gw + i * k;
     T* __restrict vi = v + i * k;
     T* __restrict bi = MOM ? vbuf + i * k : nullptr;
-    double dot, nn;
-    row_sums(gwi, vi, k, dot, nn);
-    const double n = std::sqrt(nn), gi = double(g[i]);
-    // eq. 3: dL/dg = gw.v/||v||;  eq. 4: dL/dv = g/||v|| gw - g gw.v/||v||^3 v
-    const T a = T(sign * gi / n), b = T(sign * gi * dot / (nn * n));
+    const RowGrad r = row_grad(gwi, vi, k, double(g[i]), sign);
+    const T a = T(r.a), b = T(r.b);
     T nn2 = 0;
 #pragma omp simd reduction(+ : nn2)
     for (int64_t j = 0; j < k; ++j) {
@@ -83,7 +95,7 @@ void sgd_rows(T* __restrict w, T* __restrict gw, T* __restrict v, T* __restrict 
       vi[j] = nv;
       nn2 += nv * nv;
     }
-    T dg = T(sign * dot / n);
+    T dg = T(sign * r.dot / r.n);
     if (WD) dg = dg + wd * g[i];
     if (MOM) {
       const T buf = old * gbuf[i] + keep * dg;
@@ -150,10 +162,8 @@ void adam_rows(T* __restrict w, T* __restrict gw, T* __restrict v, T* __restrict
     T* __restrict vi = v + i * k;
     T* __restrict mi = vm + i * k;
     T* __restrict si = vs + i * k;
-    double dot, nn;
-    row_sums(gwi, vi, k, dot, nn);
-    const double n = std::sqrt(nn), gi = double(g[i]);
-    const T a = T(sign * gi / n), b = T(sign * gi * dot / (nn * n));
+    const RowGrad r = row_grad(gwi, vi, k, double(g[i]), sign);
+    const T a = T(r.a), b = T(r.b);
     T nn2 = 0;
 #pragma omp simd reduction(+ : nn2)
     for (int64_t j = 0; j < k; ++j) {
@@ -170,7 +180,7 @@ void adam_rows(T* __restrict w, T* __restrict gw, T* __restrict v, T* __restrict
       vi[j] = nv;
       nn2 += nv * nv;
     }
-    g[i] = adam_elem<T, L2, DEC>(g[i], T(sign * dot / n), gm[i], gs[i], lr, wd, omb1, b2, omb2,
+    g[i] = adam_elem<T, L2, DEC>(g[i], T(sign * r.dot / r.n), gm[i], gs[i], lr, wd, omb1, b2, omb2,
                                  g_size, g_bc2, eps);
     write_row(w + i * k, vi, k, T(double(g[i]) / std::sqrt(double(nn2))));
   }
