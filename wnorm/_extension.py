@@ -68,8 +68,22 @@ def _ninja_on_path() -> None:
             return
 
 
+def _announce(name: str) -> None:
+    # a first build takes ~30 s: say so rather than stall silently (a cached one says nothing)
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        cached = os.path.exists(os.path.join(_get_build_directory(name, False), name + ".so"))
+    except Exception:  # a private helper of torch's: never let it break the build
+        cached = False
+    if not cached:
+        print("wnorm: building the fused optimizer kernel for this machine (once, about 30 s)",
+              file=sys.stderr, flush=True)
+
+
 def _build(load: Any) -> Any:
     flags = ["-O3", "-fopenmp-simd", "-fno-math-errno", *_ISA_FLAGS.get(_capability(), [])]
+    _announce(_name() + "_omp")
     try:
         # OpenMP: at::parallel_for splits large layers over torch's threads. The extension
         # needs libgomp.so.1, which resolves to the copy torch has loaded already.
