@@ -60,7 +60,7 @@ from torch import Tensor, nn
 
 from . import _extension
 from .errors import WnormError
-from .weight_norm import WN, _norm, _Spec
+from .weight_norm import WN, _compute, _norm, _Spec
 
 __all__ = ["SGD", "Adam", "AdamW", "fused_layers"]
 
@@ -167,7 +167,7 @@ class _Optimizer(torch.optim.Optimizer):
                         "optimizer; call its release() first"
                     )
                 with torch.no_grad():
-                    w = torch._weight_norm(v, g, 0).detach().requires_grad_(True)
+                    w = _compute(v, g, 0).detach().requires_grad_(True)
                 spec.plain, spec.owner = w, me
                 spec.mark_synced(g, v)
                 self._wn_groups[group].append(_Layer(mname, module, pname, spec))
@@ -296,8 +296,7 @@ class _Optimizer(torch.optim.Optimizer):
             if w is None or w.grad is None or spec.owner() is not self or not lay.current():
                 continue
             g, v = lay.g, lay.v
-            if not (spec.pg is g and spec.pv is v and spec.pgver == g._version
-                    and spec.pvver == v._version):
+            if not spec.plain_in_sync(g, v):
                 raise WnormError(
                     f"{spec.where}: '{spec.gname}' or '{spec.vname}' changed after the forward "
                     f"pass that produced the gradient of '{lay.pname}'; call step() right after "
@@ -311,21 +310,14 @@ class _Optimizer(torch.optim.Optimizer):
         rest, for torch's step."""
         raise NotImplementedError
 
-    def _kernel_takes(self, lay: _Layer, *state: Tensor) -> bool:
-        """Whether the kernel can update ``lay`` with these optimizer state tensors; if not,
-        its gradient moves to g and v and torch's step updates it."""
+    def _kernel_takes(self, lay: _Layer, vstate: tuple[Tensor, ...] = (),
+                      gstate: tuple[Tensor, ...] = ()) -> bool:
+        """Whether the kernel can update ``lay`` with these optimizer state tensors of v and g;
+        if not, its gradient moves to g and v and torch's step updates it."""
         g, v = lay.g, lay.v
         gw = lay.spec.plain.grad  # type: ignore[union-attr]
-        ok = (g.grad is None and v.grad is None and gw is not None
-              and gw.layout == torch.strided and gw.dtype == v.dtype
-              and v.dtype in _KERNEL_DTYPES and v.is_cpu and gw.is_contiguous()
-              and gw.shape == v.shape)
-        for t in state:
-            if not ok:
-                break
-            like = v if t.dim() and t.shape == v.shape else g
-            ok = (t.dtype == like.dtype and t.is_cpu and t.is_contiguous()
-                  and t.shape == like.shape)
+        ok = (g.grad is None and v.grad is None and gw is not None and _dense(v, gw, *vstate)
+              and _matches(g, g) and all(_matches(t, g) for t in gstate))
         if not ok:
             self._to_param_grads(lay)
         return ok
@@ -347,21 +339,18 @@ class _Optimizer(torch.optim.Optimizer):
         w.grad = None
 
 
+def _matches(t: Tensor, p: Tensor) -> bool:
+    """Whether ``t`` is a dense contiguous CPU tensor with ``p``'s dtype and shape, and that
+    dtype is one the kernel computes in."""
+    return (t.layout == torch.strided and t.is_cpu and t.is_contiguous()
+            and t.dtype == p.dtype and p.dtype in _KERNEL_DTYPES and t.shape == p.shape)
+
+
 def _dense(p: Tensor, grad: Tensor, *state: Tensor | None) -> bool:
-    """Whether the kernel can update ``p`` with ``grad`` and these state tensors."""
-    if not (p.is_cpu and p.dtype in _KERNEL_DTYPES and grad.layout == torch.strided
-            and grad.dtype == p.dtype and p.is_contiguous() and grad.is_contiguous()
-            and grad.shape == p.shape):
-        return False
-    return all(t is None or (t.dtype == p.dtype and t.is_cpu and t.is_contiguous()
-                             and t.shape == p.shape) for t in state)
-
-
-def _state_tensor(state: dict[str, Any], key: str, like: Tensor) -> Tensor:
-    t = state.get(key)
-    if t is None:
-        t = state[key] = torch.zeros_like(like, memory_format=torch.preserve_format)
-    return t
+    """Whether the kernel can update ``p`` with ``grad`` and these state tensors (None: none
+    yet)."""
+    return (_matches(p, p) and _matches(grad, p)
+            and all(t is None or _matches(t, p) for t in state))
 
 
 class SGD(_Optimizer, torch.optim.SGD):
@@ -404,7 +393,7 @@ class SGD(_Optimizer, torch.optim.SGD):
             if (bv is None) != (bg is None):  # one has history, one not (e.g. g was frozen)
                 self._to_param_grads(lay)
                 continue
-            if not (self._kernel_takes(lay) if fresh else self._kernel_takes(lay, bv, bg)):
+            if not (self._kernel_takes(lay) if fresh else self._kernel_takes(lay, (bv,), (bg,))):
                 continue
             if fresh:
                 bv = sv["momentum_buffer"] = torch.zeros_like(lay.v)
@@ -477,6 +466,20 @@ class Adam(_Optimizer, torch.optim.Adam):
     def _decoupled(self, group: dict[str, Any]) -> bool:
         return bool(group.get("decoupled_weight_decay", False))
 
+    def _adam_state(self, p: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+        """``p``'s (exp_avg, exp_avg_sq, step), made as torch.optim.Adam's _init_group makes
+        them when there are none; None when existing state is not what the kernel takes."""
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        m, s, step = state.get("exp_avg"), state.get("exp_avg_sq"), state.get("step")
+        if (m is None or s is None or step is None or not (_matches(m, p) and _matches(s, p))
+                or not (step.is_cpu and step.numel() == 1 and step.dtype in _KERNEL_DTYPES)):
+            return None
+        return m, s, step
+
     def _group_supported(self, group: dict[str, Any]) -> bool:
         beta1 = float(group["betas"][0])
         # the kernel follows ATen's lerp for weights < 0.5, i.e. beta1 > 0.5 (the usual 0.9)
@@ -487,27 +490,16 @@ class Adam(_Optimizer, torch.optim.Adam):
         layers: list[_Layer] = []
         vm, vs, gm, gs, vstep, gstep = [], [], [], [], [], []
         for lay in ready:
-            sv, sg = self.state[lay.v], self.state[lay.g]
-            if sv or sg:  # existing state (e.g. loaded, or from before .double()): check it
-                have = [sv.get(k) for k in ("exp_avg", "exp_avg_sq")] + [
-                    sg.get(k) for k in ("exp_avg", "exp_avg_sq")]
-                steps = [sv.get("step"), sg.get("step")]
-                if (any(t is None for t in have + steps)
-                        or any(not (t.is_cpu and t.numel() == 1 and t.dtype in _KERNEL_DTYPES)
-                               for t in steps)
-                        or not self._kernel_takes(lay, *have)):
-                    if lay.spec.plain.grad is not None:  # type: ignore[union-attr]
-                        self._to_param_grads(lay)
-                    continue
-            elif not self._kernel_takes(lay):
+            if not self._kernel_takes(lay):
                 continue
-            for p, m, s, st in ((lay.v, vm, vs, vstep), (lay.g, gm, gs, gstep)):
-                state = self.state[p]
-                if "step" not in state:  # as torch.optim.Adam's _init_group
-                    state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
-                m.append(_state_tensor(state, "exp_avg", p))
-                s.append(_state_tensor(state, "exp_avg_sq", p))
-                st.append(state["step"])
+            v_state, g_state = self._adam_state(lay.v), self._adam_state(lay.g)
+            if v_state is None or g_state is None:  # e.g. loaded, or from before .double()
+                self._to_param_grads(lay)
+                continue
+            for (m, s, st), ms, ss, sts in ((v_state, vm, vs, vstep), (g_state, gm, gs, gstep)):
+                ms.append(m)
+                ss.append(s)
+                sts.append(st)
             layers.append(lay)
         if not layers:
             return layers
@@ -528,27 +520,15 @@ class Adam(_Optimizer, torch.optim.Adam):
             grad = p.grad
             if grad is None:
                 continue
-            state = self.state[p]
-            if state:  # existing state: the kernel takes it only as torch would have made it
-                step = state.get("step")
-                m, s = state.get("exp_avg"), state.get("exp_avg_sq")
-                if (m is None or s is None or step is None or not _dense(p, grad, m, s)
-                        or not (step.is_cpu and step.numel() == 1
-                                and step.dtype in _KERNEL_DTYPES)):
-                    left.append(p)
-                    continue
-            elif not _dense(p, grad):
+            st = self._adam_state(p) if _dense(p, grad) else None
+            if st is None:
                 left.append(p)
                 continue
-            else:  # as torch.optim.Adam's _init_group
-                state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             ps.append(p)
             grads.append(grad)
-            ms.append(state["exp_avg"])
-            ss.append(state["exp_avg_sq"])
-            steps.append(state["step"])
+            ms.append(st[0])
+            ss.append(st[1])
+            steps.append(st[2])
         if ps:
             beta1, beta2 = (float(b) for b in group["betas"])
             kern.adam_plain_step(ps, grads, ms, ss, steps, float(group["lr"]), beta1, beta2,
