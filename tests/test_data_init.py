@@ -284,3 +284,106 @@ def test_failure_midway_leaves_state_dict_bitwise_unchanged():
     with torch.no_grad():  # and the model still computes what it did
         model.eval()
         assert torch.isfinite(model(x)).all()
+
+
+# ------------------------------------------------------------- raw pass and batch-norm kernel
+# data_init runs each weight-normalized layer with v itself as its weight (r = v.x, no weight
+# recomputed) and, for a layer with a bias and units on axis 1, takes the statistics and the
+# standardized output from batch norm's kernel in one call; other layers rescale r by 1/||v||
+# and take the general path. Both must give what the paper's formulas give on t = v.x/||v||.
+class Seq3d(nn.Module):
+    """A Linear on a (N, L, C) input: units on the last axis, not axis 1 (general path)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(5, 6)
+        self.b = nn.Linear(6, 4, bias=False)  # no bias: general path
+        self.c = nn.Conv1d(4, 3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.a(x))
+        return self.c(torch.tanh(self.b(h)).transpose(1, 2))
+
+
+@pytest.mark.parametrize("init_scale", [1.0, 0.5])
+@pytest.mark.parametrize("make, shape", [
+    (lambda: nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 4), nn.Tanh(),
+                           nn.Conv1d(1, 3, 2)), None),
+    (lambda: Seq3d(), (7, 9, 5)),
+], ids=["fast-path", "general-path"])
+def test_g_b_and_report_follow_the_formulas_on_t(make, shape, init_scale):
+    torch.manual_seed(0)
+    model = wnorm.apply(make()).double()
+    if shape is None:  # the Conv1d sees the Tanh output as one channel
+        model = nn.Sequential(*list(model)[:4], nn.Unflatten(1, (1, 4)), model[4])
+        shape = (16, 5)
+    x = torch.randn(shape, dtype=D)
+    layers = {n: m for n, m in model.named_modules() if wnorm.is_weight_normalized(m)}
+    # independent: each layer's t = v.x/||v|| at its first call, layers before it already
+    # standardized (the reference does the pass layer by layer with the paper's formulas)
+    ref = copy.deepcopy(model)
+    ref_layers = {n: m for n, m in ref.named_modules() if n in layers}
+    expect = {}
+    for name, m in ref_layers.items():
+        with torch.no_grad():
+            m.weight_g.fill_(1.0)
+            if m.bias is not None:
+                m.bias.zero_()
+        t = first_outputs(ref, {name: m}, x)[name]
+        mu, sd = unit_stats(t, m)
+        with torch.no_grad():
+            m.weight_g.copy_((init_scale / sd).view(m.weight_g.shape))
+            if m.bias is not None:
+                m.bias.copy_(-mu * init_scale / sd)
+        expect[name] = (mu, sd)
+    report = wnorm.data_init(model, x, init_scale=init_scale)
+    assert [r.name for r in report] == list(layers)
+    for r in report:
+        mu, sd = expect[r.name]
+        torch.testing.assert_close(r.mu, mu, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(r.sigma, sd, rtol=1e-9, atol=1e-12)
+    for name, m in layers.items():
+        torch.testing.assert_close(m.weight_g, ref_layers[name].weight_g, rtol=1e-9, atol=0)
+        if m.bias is not None:
+            torch.testing.assert_close(m.bias, ref_layers[name].bias, rtol=1e-9, atol=1e-12)
+    outs = first_outputs(model, layers, x)
+    for name, y in outs.items():  # a layer without a bias keeps its mean (scaled)
+        mu, sd = unit_stats(y, layers[name])
+        torch.testing.assert_close(sd, torch.full_like(sd, init_scale))
+        if layers[name].bias is not None:
+            assert mu.abs().max() < 1e-9
+
+
+def test_weight_after_init_is_g_v_over_norm_v_in_every_mode():
+    """The raw pass borrows the layer's weight cache; nothing of it may survive the init."""
+    torch.manual_seed(0)
+    model = wnorm.apply(nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3)))
+    model.eval()
+    with torch.no_grad():
+        model(torch.randn(4, 5))  # fill the eval cache first
+    wnorm.data_init(model, torch.randn(32, 5))
+    for m in (model[0], model[2]):
+        expect = m.weight_g * m.weight_v / m.weight_v.norm(dim=1, keepdim=True)
+        with torch.no_grad():  # eval + no_grad: the cached weight
+            torch.testing.assert_close(m.weight, expect)
+        torch.testing.assert_close(m.weight, expect)  # autograd's weight
+
+
+def test_failed_init_leaves_no_raw_weight_behind():
+    model = wnorm.apply(nn.Sequential(nn.Linear(3, 4), Zero(), nn.Linear(4, 2))).eval()
+    with pytest.raises(WnormError, match=r"^2 \(Linear\)"):
+        wnorm.data_init(model, torch.randn(8, 3))
+    for m in (model[0], model[2]):
+        with torch.no_grad():
+            expect = m.weight_g * m.weight_v / m.weight_v.norm(dim=1, keepdim=True)
+            torch.testing.assert_close(m.weight, expect)
+
+
+def test_zero_row_of_v_is_an_error_naming_the_layer():
+    model = wnorm.apply(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)))
+    with torch.no_grad():
+        model[2].weight_v[1].zero_()
+    sd = copy.deepcopy(model.state_dict())
+    with pytest.raises(WnormError, match=r"^2 \(Linear\): the pre-activations of 1 of 2 units"):
+        wnorm.data_init(model, torch.randn(16, 3))
+    assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())

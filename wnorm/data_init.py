@@ -24,11 +24,12 @@ from torch import Tensor, nn
 
 from .errors import WnormError
 from .mean_only_bn import _MeanOnlyBatchNorm
-from .weight_norm import default_dim
+from .weight_norm import WN, _norm, _Spec, default_dim
 
 __all__ = ["data_init", "InitReport", "LayerInit"]
 
 _INIT_TYPES = (nn.Linear, nn.modules.conv._ConvNd)
+_RAW_DTYPES = (torch.float32, torch.float64)
 
 
 @dataclass
@@ -124,18 +125,37 @@ class _Initializer:
         self.init_scale, self.group = init_scale, group
         self.distributed = _distributed(group)
         self.done: dict[nn.Module, LayerInit] = {}
+        # layers whose forward runs with w = v itself (raw), and their ||v|| per unit
+        self.raw: dict[nn.Module, _Spec] = {}
+        self.pending: list[tuple[LayerInit, Tensor, Tensor]] = []
 
     def pre(self, module: nn.Module, args: Any) -> None:
         if module in self.done:
             return
         if self.is_wn[module]:
-            module.weight_g.fill_(1.0)  # the layer now outputs t = v.x/||v|| (+ 0)
+            spec = module.__dict__["_wn"]["weight"]
+            g, v = module._parameters["weight_g"], module._parameters["weight_v"]
+            if spec.kind == WN and spec.plain is None and v.dtype in _RAW_DTYPES:
+                # Raw: the layer computes r = v.x (+ 0), with v itself as its cached weight, so
+                # no weight is recomputed; t = r/||v|| is only ever needed through its
+                # statistics, which post() rescales. The cache entry is cleared in post().
+                spec.cache, spec.g, spec.v, spec.gver, spec.vver = v, g, v, g._version, v._version
+                self.raw[module] = spec
+            else:
+                g.fill_(1.0)  # the layer now outputs t = v.x/||v|| (+ 0)
         if module.bias is not None:
             module.bias.zero_()
 
     def post(self, module: nn.Module, args: Any, y: Tensor) -> Tensor | None:
         if module in self.done:
             return None
+        spec = self.raw.pop(module, None)
+        if spec is not None:
+            spec.clear()
+            vnorm = _norm(module._parameters["weight_v"], spec.dim).reshape(-1)
+            if (not self.distributed and y.dim() >= 2 and y.dtype in _RAW_DTYPES
+                    and module.bias is not None and _unit_axis(module, y) == 1):
+                return self._post_fast(module, y, vnorm)
         name = self.names[module]
         axis = _unit_axis(module, y)
         units = y.shape[axis] if y.dim() else 0
@@ -143,6 +163,8 @@ class _Initializer:
         t = y.detach()
         if t.dtype != wide:
             t = t.to(wide)
+        if spec is not None:  # raw output r = v.x: t = r/||v||
+            t = t / vnorm.to(wide).view(_along(t.dim(), axis, units))
         dims = [d for d in range(t.dim()) if d != axis]  # reduce in place: no transposed copy
         n = t.numel() // max(units, 1)
         if self.distributed:
@@ -176,13 +198,7 @@ class _Initializer:
         else:
             idx = []
         if idx:
-            raise WnormError(
-                f"{name} ({type(module).__name__}): the pre-activations of {len(idx)} of {units} "
-                f"units have sigma 0 or non-finite statistics on the init batch "
-                f"({int(n)} values per unit; units {idx[:10]}{'...' if len(idx) > 10 else ''}); "
-                "data init needs a batch on which every unit varies (more than one example, "
-                "finite inputs)"
-            )
+            self._fail(module, idx, units, n)
         if self.is_wn[module]:
             g = module.weight_g
             g.copy_(scale.view(g.shape) if scale.is_contiguous() else scale.reshape(g.shape))
@@ -199,6 +215,53 @@ class _Initializer:
         self.done[module] = LayerInit(name, type(module).__name__, "initialized", "",
                                       mu.reshape(units).cpu(), sigma.reshape(units).cpu())
         return out if out.dtype == y.dtype else out.to(y.dtype)
+
+
+    def _post_fast(self, module: nn.Module, y: Tensor, vnorm: Tensor) -> Tensor:
+        """post() for a raw layer with a bias, units on axis 1, one process: batch norm's kernel
+        gives the standardized output and the statistics of r = v.x in one call; g and b are
+        written in place (the rollback in data_init() restores them on an error)."""
+        out, mu, scale = torch.native_batch_norm(y, None, None, None, None, True, 0.0, 0.0)
+        if self.init_scale != 1.0:
+            scale = scale.mul_(self.init_scale)
+            out = out.mul_(self.init_scale)
+        bias, g = module.bias, module.weight_g
+        torch.mul(mu, scale, out=bias.view(-1))  # minus the new bias
+        # batch norm's kernel gives scale 0 where sigma is 0; NaN statistics reach the bias
+        if not (math.isfinite(float(bias.sum())) and float(scale.min()) > 0):
+            sigma = self.init_scale / scale
+            bad = (~((sigma > 0) & torch.isfinite(sigma) & torch.isfinite(mu))).flatten()
+            self._fail(module, bad.nonzero().flatten().tolist(), y.shape[1],
+                       y.numel() // y.shape[1])
+        bias.neg_()
+        torch.mul(scale, vnorm, out=g.view(-1))  # g = s/sigma[t], sigma[t] = sigma[r]/||v||
+        # mu[t] = mu[r]/||v|| and sigma[t] = s/g: computed for every layer at once in report()
+        self.done[module] = LayerInit(self.names[module], type(module).__name__, "initialized",
+                                      "", mu, None)
+        self.pending.append((self.done[module], vnorm, g))
+        return out
+
+    def report(self) -> None:
+        """Fill in mu[t] and sigma[t] of the layers _post_fast() initialized."""
+        if not self.pending:
+            return
+        rows, vnorms, gs = zip(*self.pending)
+        mus = torch._foreach_div([r.mu for r in rows], list(vnorms))
+        sigmas = torch._foreach_reciprocal([g.detach().reshape(-1) for g in gs])
+        if self.init_scale != 1.0:
+            torch._foreach_mul_(sigmas, self.init_scale)
+        for r, mu, sigma in zip(rows, mus, sigmas):
+            r.mu, r.sigma = mu, sigma
+        self.pending.clear()
+
+    def _fail(self, module: nn.Module, idx: list[int], units: int, n: int) -> None:
+        raise WnormError(
+            f"{self.names[module]} ({type(module).__name__}): the pre-activations of {len(idx)} "
+            f"of {units} units have sigma 0 or non-finite statistics on the init batch "
+            f"({int(n)} values per unit; units {idx[:10]}{'...' if len(idx) > 10 else ''}); "
+            "data init needs a batch on which every unit varies (more than one example, "
+            "finite inputs, no zero rows in the weight)"
+        )
 
 
 def _along(ndim: int, axis: int, size: int) -> tuple[int, ...]:
@@ -349,7 +412,10 @@ def data_init(
     finally:
         for h in handles:
             h.remove()
+        for spec in init.raw.values():  # reached by the pass, but it failed before post()
+            spec.clear()
 
+    init.report()
     order = {m: i for i, m in enumerate(init.done)}
     for m in sorted(init.done, key=order.__getitem__):
         report.append(init.done[m])
