@@ -18,7 +18,8 @@ Variants (one model each, same seed):
     torch        ``torch.nn.utils.parametrizations.weight_norm`` on every Linear/Conv2d
     batchnorm    BatchNorm after each conv / hidden linear
     wn+meanonly  ``wnorm.apply`` + ``wnorm.MeanOnlyBatchNorm`` after each conv / hidden linear,
-                 trained with ``wnorm.optim`` like ``wnorm``
+                 each pair fused by ``wnorm.fuse_mean_only``, trained with ``wnorm.optim`` like
+                 ``wnorm``
 
 Layers followed by a normalizer have no bias (the normalizer has one), as in the paper's code.
 """
@@ -99,6 +100,8 @@ def build(model: str, variant: str, *, width: float = 1.0, device: str = "cpu") 
     net = convnet(width, norm) if model == "convnet" else mlp(norm)
     if variant in ("wnorm", "wnorm-autograd", "wn+meanonly"):
         wnorm.apply(net)
+    if variant == "wn+meanonly":
+        wnorm.fuse_mean_only(net)
     elif variant == "torch":
         for m in net.modules():
             if isinstance(m, (nn.Linear, nn.Conv2d)):

@@ -24,6 +24,7 @@ from .fold import ChannelShift, fold
 from .init import arpit_init
 from . import optim
 from .mean_only_bn import MeanOnlyBatchNorm1d, MeanOnlyBatchNorm2d, MeanOnlyBatchNorm3d
+from .mean_only_fused import fuse_mean_only
 from .weight_norm import (
     default_dim,
     is_weight_normalized,
@@ -53,6 +54,7 @@ __all__ = [
     "MeanOnlyBatchNorm1d",
     "MeanOnlyBatchNorm2d",
     "MeanOnlyBatchNorm3d",
+    "fuse_mean_only",
     "fold",
     "ChannelShift",
     "load_state_dict",

@@ -96,6 +96,15 @@ class _MeanOnlyBatchNorm(nn.Module):
                 f"got shape {tuple(x.shape)}"
             )
 
+    def _track(self, mean: Tensor) -> None:
+        """Move the running mean toward this batch's ``mean`` (training with running stats)."""
+        with torch.no_grad():
+            self.num_batches_tracked.add_(1)
+            m = self.momentum
+            if m is None:  # cumulative average, as BatchNorm does
+                m = 1.0 / float(self.num_batches_tracked)
+            self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), m)
+
     def forward(self, x: Tensor) -> Tensor:
         self._check(x)
         shape = (1, -1) + (1,) * (x.dim() - 2)
@@ -106,12 +115,7 @@ class _MeanOnlyBatchNorm(nn.Module):
             with torch.no_grad():  # _SubtractMean's backward accounts for the mean
                 mean = x.mean(dim=dims)
             if self.training and self.track_running_stats:
-                with torch.no_grad():
-                    self.num_batches_tracked.add_(1)
-                    m = self.momentum
-                    if m is None:  # cumulative average, as BatchNorm does
-                        m = 1.0 / float(self.num_batches_tracked)
-                    self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), m)
+                self._track(mean)
             if torch.is_grad_enabled() and (x.requires_grad or self.bias.requires_grad):
                 return _SubtractMean.apply(x, self.bias, mean, dims)
         else:

@@ -1,0 +1,254 @@
+r"""Mean-only batch norm computed inside the layer before it, without sweeps over the activations.
+
+For a layer :math:`t = W \ast x` (Linear or ConvNd, no bias) followed by mean-only batch norm
+:math:`\tilde t = t - \mu[t] + b`, linearity gives the batch mean from one small evaluation of
+the same layer on the sum of the batch,
+
+.. math::
+    \mu[t]_c = \frac{1}{N P} \sum_p \Big(W \ast \sum_n x_n\Big)_{c,p}, \qquad
+    \tilde t = W \ast x + (b - \mu[t]),
+
+with N samples and P output positions, so the mean is subtracted as the layer's own bias: no
+reduction over :math:`t` and no extra pass to subtract it. Backward: the bias gradient
+:math:`\sum \nabla_{\tilde t} L` (which the convolution's backward computes anyway) flows into
+:math:`\mu` and from there, through the same small layer, to :math:`W` and to every sample of
+:math:`x` (one in-place add on :math:`\nabla_x L`). The outputs, gradients and running mean
+equal the unfused pair's up to rounding. In eval mode the running mean is used as a bias: mean-only
+batch norm then costs nothing.
+
+:func:`fuse_mean_only` switches this on for every such pair in the ``nn.Sequential`` containers
+of a model. The module tree, parameters, state dict keys and the layers' own behaviour when
+called alone are unchanged; only the container's forward takes the shortcut, and only when both
+modules could have been called plainly (no hooks, no tracing or compiling, no autocast, an input
+of the expected rank, dtype and device). Otherwise it calls them one after the other as before.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules import module as _module
+
+from .errors import WnormError
+from .mean_only_bn import (
+    MeanOnlyBatchNorm1d,
+    MeanOnlyBatchNorm2d,
+    MeanOnlyBatchNorm3d,
+    _MeanOnlyBatchNorm,
+)
+
+__all__ = ["fuse_mean_only"]
+
+_aten = torch.ops.aten
+_fx = torch.fx._symbolic_trace
+_compiling = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
+_fx_tracing = getattr(_fx, "is_fx_symbolic_tracing", _fx.is_fx_tracing)  # the former: torch >= 2.7
+
+#: layer class -> (the mean-only batch norm class that fits its output, number of spatial dims)
+_CONVS: dict[type[nn.Module], tuple[type[_MeanOnlyBatchNorm], int]] = {
+    nn.Conv1d: (MeanOnlyBatchNorm1d, 1),
+    nn.Conv2d: (MeanOnlyBatchNorm2d, 2),
+    nn.Conv3d: (MeanOnlyBatchNorm3d, 3),
+    nn.ConvTranspose1d: (MeanOnlyBatchNorm1d, 1),
+    nn.ConvTranspose2d: (MeanOnlyBatchNorm2d, 2),
+    nn.ConvTranspose3d: (MeanOnlyBatchNorm3d, 3),
+}
+# A subclass that overrides forward computes something else: match on the forward function
+# (weight_norm's generated subclasses keep the original one).
+_FORWARDS = {cls.forward: (cls, bn, d) for cls, (bn, d) in _CONVS.items()}
+_FORWARDS[nn.Linear.forward] = (nn.Linear, MeanOnlyBatchNorm1d, 0)
+_HELPERS = {cls: ("_conv_forward",) if cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+            else ("_output_padding",) for cls in _CONVS}
+
+
+class _ConvMeanOnly(torch.autograd.Function):
+    """``conv(x, w) - mean + shift``, the mean from ``conv(sum_n x_n, w)``; returns the mean too."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, w: Tensor, shift: Tensor, args: tuple[Any, ...]) -> Any:
+        xs = x.sum(0, keepdim=True)
+        s = _aten.convolution(xs, w, None, *args)
+        count = x.shape[0] * (s.numel() // s.shape[1])
+        mean = s.sum(dim=[0, *range(2, s.dim())]) / count
+        y = _aten.convolution(x, w, shift - mean, *args)
+        ctx.save_for_backward(x, w, xs)
+        ctx.args, ctx.s_shape, ctx.count = args, s.shape, count
+        ctx.mark_non_differentiable(mean)
+        return y, mean
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor, _grad_mean: Any) -> tuple[Tensor | None, ...]:
+        x, w, xs = ctx.saved_tensors
+        need_x, need_w = ctx.needs_input_grad[:2]
+        graph = torch.is_grad_enabled()  # create_graph: a double backward will follow
+        if graph:  # xs must be a function of x in that graph, not a saved constant
+            xs = x.sum(0, keepdim=True)
+        gx, gw, gsum = _aten.convolution_backward(
+            grad, x, w, [grad.shape[1]], *ctx.args, [need_x, need_w, True])
+        if need_x or need_w:
+            # d mean_c / d s = 1 / count at every position of the one-sample output s
+            gs = (gsum / -ctx.count).view((1, -1) + (1,) * (grad.dim() - 2)).expand(ctx.s_shape)
+            gxs, gw2, _ = _aten.convolution_backward(
+                gs.contiguous(), xs, w, None, *ctx.args, [need_x, need_w, False])
+            if need_x:  # the same term for every sample of the batch
+                gx = gx + gxs if graph else gx.add_(gxs)
+            if need_w:
+                gw = gw + gw2 if graph else gw.add_(gw2)
+        return gx, gw, gsum, None
+
+
+def _conv_args(layer: nn.Module, spatial: int) -> tuple[Any, ...] | None:
+    if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
+        return None
+    transposed = isinstance(layer, nn.modules.conv._ConvTransposeNd)
+    out_pad = list(layer.output_padding) if transposed else [0] * spatial
+    return (list(layer.stride), list(layer.padding), list(layer.dilation), transposed, out_pad,
+            layer.groups)
+
+
+def _has_hooks(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                or m._backward_pre_hooks or getattr(m, "_compiled_call_impl", None) is not None)
+
+
+def _global_state_allows() -> bool:
+    if (_module._global_forward_hooks or _module._global_forward_pre_hooks
+            or _module._global_backward_hooks or _module._global_backward_pre_hooks):
+        return False
+    if torch.jit.is_scripting() or torch.jit.is_tracing() or _compiling():
+        return False
+    return not _fx_tracing()
+
+
+def _pair_kind(layer: nn.Module, bn: nn.Module) -> tuple[type[nn.Module], int] | None:
+    """(layer class, spatial dims) if ``layer`` then ``bn`` can be fused at all, else None."""
+    if not isinstance(bn, _MeanOnlyBatchNorm):
+        return None
+    hit = _FORWARDS.get(getattr(type(layer), "forward", None))
+    if hit is None or not isinstance(layer, hit[0]) or type(bn) is not hit[1]:
+        return None
+    cls, _, spatial = hit
+    if any(getattr(type(layer), f) is not getattr(cls, f) for f in _HELPERS.get(cls, ())):
+        return None  # forward kept, but a helper it calls overridden: it computes something else
+    out = layer.out_features if cls is nn.Linear else layer.out_channels
+    if out != bn.num_features or (spatial and _conv_args(layer, spatial) is None):
+        return None
+    return cls, spatial
+
+
+def _pair_forward(layer: nn.Module, bn: _MeanOnlyBatchNorm, x: Any) -> Tensor | None:
+    """``bn(layer(x))`` the fused way, or None where the plain calls must run instead."""
+    kind = _pair_kind(layer, bn)
+    if kind is None or _has_hooks(layer) or _has_hooks(bn) or not isinstance(x, Tensor):
+        return None
+    cls, spatial = kind
+    w = layer.weight
+    if (x.dim() != spatial + 2 or x.shape[0] == 0 or x.numel() == 0 or not x.is_floating_point()
+            or x.dtype != w.dtype or x.dtype != bn.bias.dtype or x.device != w.device
+            or torch.is_autocast_enabled(x.device.type)):
+        return None
+    lb = layer.bias
+    batch_mean = bn.training or not bn.track_running_stats
+    if not batch_mean:  # a constant: the layer's own bias stays in
+        bias = bn.bias - bn.running_mean if lb is None else lb + bn.bias - bn.running_mean
+        if cls is nn.Linear:
+            return F.linear(x, w, bias)
+        return _aten.convolution(x, w, bias, *_conv_args(layer, spatial))
+    # a batch mean subtracts the layer's bias again: it cancels and gets a zero gradient
+    shift = bn.bias if lb is None else bn.bias + (lb - lb)
+    if cls is nn.Linear:  # small enough for autograd to differentiate
+        mean = F.linear(x.sum(0), w) / x.shape[0]
+        y = F.linear(x, w, shift - mean)
+        mean = mean.detach()
+    else:
+        y, mean = _ConvMeanOnly.apply(x, w, shift, _conv_args(layer, spatial))
+    if bn.training and bn.track_running_stats:
+        bn._track(mean if lb is None else mean + lb.detach())
+    return y
+
+
+class _MeanOnlyFusedSequential(nn.Sequential):
+    """An ``nn.Sequential`` whose forward runs each layer + mean-only batch norm pair fused."""
+
+    def _get_name(self) -> str:
+        return "Sequential"
+
+    def forward(self, input: Any) -> Any:  # noqa: A002 (nn.Sequential's own name)
+        mods = list(self._modules.values())
+        fusable = _global_state_allows()
+        i, n = 0, len(mods)
+        while i < n:
+            if fusable and i + 1 < n:
+                out = _pair_forward(mods[i], mods[i + 1], input)
+                if out is not None:
+                    input, i = out, i + 2
+                    continue
+            input = mods[i](input)
+            i += 1
+        return input
+
+
+def _pairs(seq: nn.Sequential) -> list[tuple[str, str]]:
+    items = list(seq._modules.items())
+    return [(a, b) for (a, la), (b, lb) in zip(items, items[1:]) if _pair_kind(la, lb)]
+
+
+def fuse_mean_only(model: nn.Module, enabled: bool = True) -> nn.Module:
+    r"""Compute each mean-only batch norm inside the layer before it:
+    :math:`\tilde t = W \ast x + (b - \mu[W \ast x])`, the mean from :math:`W \ast \sum_n x_n`.
+
+    Finds, in every ``nn.Sequential`` of ``model``, a Linear, ConvNd or ConvTransposeNd (zeros
+    padding, numeric padding) directly followed by the mean-only batch norm of its output rank
+    and width, and makes that container run the pair as one layer whose bias is :math:`b - \mu`.
+    This removes mean-only batch norm's passes over the activations (a reduction and a subtract
+    forward, a reduction and a subtract backward) at the price of one pass over the layer's input
+    and the layer run on one sample. Outputs, gradients (to the layer's weight or to ``g`` and
+    ``v``) and running means equal the unfused pair's up to float rounding; eval mode uses the
+    running mean as a bias. Nothing else changes: parameters, state dict keys, ``repr`` and each
+    module called on its own. A pair falls back to the two plain calls whenever the shortcut
+    could differ from them: hooks on either module, tracing, scripting or compiling, autocast,
+    an input of another rank, dtype or device. See :mod:`wnorm.mean_only_fused` for the math.
+
+    Args:
+        model: the model, changed in place.
+        enabled: False undoes an earlier call (the containers get ``nn.Sequential`` back).
+
+    Returns:
+        The same model.
+
+    Raises:
+        WnormError: ``enabled`` and no pair was found; the message says what a pair is.
+
+    Example:
+        >>> import torch, wnorm
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, bias=False),
+        ...                           wnorm.MeanOnlyBatchNorm2d(8), torch.nn.ReLU())
+        >>> x = torch.randn(4, 3, 6, 6)
+        >>> before = net(x)
+        >>> net = wnorm.fuse_mean_only(net)
+        >>> torch.allclose(net(x), before, atol=1e-5)
+        True
+    """
+    found = 0
+    for m in model.modules():
+        if type(m) is nn.Sequential and enabled:
+            pairs = _pairs(m)
+            if pairs:
+                m.__class__ = _MeanOnlyFusedSequential
+                found += len(pairs)
+        elif type(m) is _MeanOnlyFusedSequential:
+            if enabled:
+                found += len(_pairs(m))
+            else:
+                m.__class__ = nn.Sequential
+    if enabled and not found:
+        raise WnormError(
+            f"fuse_mean_only: {type(model).__name__} has no pair to fuse: a pair is a Linear, "
+            "ConvNd or ConvTransposeNd (padding_mode='zeros', numeric padding, forward not "
+            "overridden, nor the _conv_forward or _output_padding it calls) followed directly, "
+            "in an nn.Sequential, by the MeanOnlyBatchNorm of the same rank and channel count"
+        )
+    return model
