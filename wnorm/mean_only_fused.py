@@ -25,6 +25,8 @@ of the expected rank, dtype and device). Otherwise it calls them one after the o
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Any
 
 import torch
@@ -64,18 +66,52 @@ _HELPERS = {cls: ("_conv_forward",) if cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d)
             else ("_output_padding",) for cls in _CONVS}
 
 
+@functools.lru_cache(maxsize=512)
+def _taps(size: int, k: int, stride: int, pad: int, dil: int, out: int, dtype: torch.dtype,
+          device: torch.device) -> Tensor:
+    """R[i, l] = 1 where kernel tap i reads input position l at some output position (zeros
+    padding: taps that land in the padding read nothing)."""
+    idx = (torch.arange(out, device=device) * stride - pad)[None, :] \
+        + (torch.arange(k, device=device) * dil)[:, None]
+    idx = torch.where((idx >= 0) & (idx < size), idx, size)  # column `size` is a sink
+    taps = torch.zeros(k, size + 1, dtype=dtype, device=device)
+    taps.scatter_(1, idx, 1.0)  # one output position per (tap, input position) at most
+    return taps[:, :size].contiguous()
+
+
 class _ConvMeanOnly(torch.autograd.Function):
-    """``conv(x, w) - mean + shift``, the mean from ``conv(sum_n x_n, w)``; returns the mean too."""
+    r"""``conv(x, w) - mean + shift`` with the batch mean computed from ``sum_n x_n``; returns
+    the mean too.
+
+    Convolutions: the mean is :math:`w \cdot S / (N P)`, where :math:`S[k, i]`, the sum of
+    input channel k under kernel tap i over all output positions, comes from one einsum of the
+    batch sum with a 0/1 matrix per spatial axis (separable). Transposed convolutions run the
+    layer on the one-sample batch sum instead.
+    """
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, w: Tensor, shift: Tensor, args: tuple[Any, ...]) -> Any:
+        stride, padding, dilation, transposed, _, groups = args
         xs = x.sum(0, keepdim=True)
-        s = _aten.convolution(xs, w, None, *args)
-        count = x.shape[0] * (s.numel() // s.shape[1])
-        mean = s.sum(dim=[0, *range(2, s.dim())]) / count
+        if transposed:
+            s = _aten.convolution(xs, w, None, *args)
+            count = x.shape[0] * (s.numel() // s.shape[1])
+            mean = s.sum(dim=[0, *range(2, s.dim())]) / count
+            ctx.s_shape, taps = s.shape, ()
+        else:
+            ksize, insize = w.shape[2:], x.shape[2:]
+            out = [(n + 2 * p - d * (k - 1) - 1) // st + 1
+                   for n, k, st, p, d in zip(insize, ksize, stride, padding, dilation)]
+            taps = tuple(_taps(n, k, st, p, d, o, x.dtype, x.device) for n, k, st, p, d, o
+                         in zip(insize, ksize, stride, padding, dilation, out))
+            count = x.shape[0] * math.prod(out)
+            sums = _window_sums(xs[0], taps)
+            mean = (w.reshape(groups, w.shape[0] // groups, -1)
+                    @ sums.reshape(groups, -1, 1)).reshape(-1) / count
+            ctx.sums = sums
         y = _aten.convolution(x, w, shift - mean, *args)
         ctx.save_for_backward(x, w, xs)
-        ctx.args, ctx.s_shape, ctx.count = args, s.shape, count
+        ctx.args, ctx.count, ctx.taps = args, count, taps
         ctx.mark_non_differentiable(mean)
         return y, mean
 
@@ -83,21 +119,52 @@ class _ConvMeanOnly(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor, _grad_mean: Any) -> tuple[Tensor | None, ...]:
         x, w, xs = ctx.saved_tensors
         need_x, need_w = ctx.needs_input_grad[:2]
+        args, taps = ctx.args, ctx.taps
         graph = torch.is_grad_enabled()  # create_graph: a double backward will follow
         if graph:  # xs must be a function of x in that graph, not a saved constant
             xs = x.sum(0, keepdim=True)
         gx, gw, gsum = _aten.convolution_backward(
-            grad, x, w, [grad.shape[1]], *ctx.args, [need_x, need_w, True])
-        if need_x or need_w:
-            # d mean_c / d s = 1 / count at every position of the one-sample output s
-            gs = (gsum / -ctx.count).view((1, -1) + (1,) * (grad.dim() - 2)).expand(ctx.s_shape)
+            grad, x, w, [grad.shape[1]], *args, [need_x, need_w, True])
+        if not (need_x or need_w):
+            return gx, gw, gsum, None
+        gmean = (gsum / -ctx.count).to(w.dtype)  # dL/dmean, with dmean/ds = 1/count folded in
+        if args[3]:  # transposed: back through the layer on the one-sample batch sum
+            gs = gmean.view((1, -1) + (1,) * (grad.dim() - 2)).expand(ctx.s_shape)
             gxs, gw2, _ = _aten.convolution_backward(
-                gs.contiguous(), xs, w, None, *ctx.args, [need_x, need_w, False])
-            if need_x:  # the same term for every sample of the batch
-                gx = gx + gxs if graph else gx.add_(gxs)
+                gs.contiguous(), xs, w, None, *args, [need_x, need_w, False])
+        else:
+            groups = args[5]
+            wg = w.reshape(groups, w.shape[0] // groups, -1)
+            gw2 = gxs = None
             if need_w:
-                gw = gw + gw2 if graph else gw.add_(gw2)
+                sums = _window_sums(xs[0], taps) if graph else ctx.sums
+                gw2 = (gmean.view(groups, -1, 1) * sums.reshape(groups, 1, -1)).view(w.shape)
+            if need_x:
+                gsums = (gmean.view(groups, 1, -1) @ wg).view(x.shape[1], *w.shape[2:])
+                gxs = _spread(gsums, taps)
+        if need_x:  # the same term for every sample of the batch
+            gx = gx + gxs if graph else gx.add_(gxs)
+        if need_w:
+            gw = gw + gw2 if graph else gw.add_(gw2)
         return gx, gw, gsum, None
+
+
+def _window_sums(xs: Tensor, taps: tuple[Tensor, ...]) -> Tensor:
+    """S[k, i...] = sum over l... of xs[k, l...] * prod_d taps[d][i_d, l_d]."""
+    if len(taps) == 1:
+        return xs @ taps[0].t()
+    if len(taps) == 2:  # (K1, H) @ (C, H, W) @ (W, K2): two matmuls, no einsum parsing
+        return taps[0] @ xs @ taps[1].t()
+    return torch.einsum("kpqr,ip,jq,lr->kijl", xs, *taps)
+
+
+def _spread(gsums: Tensor, taps: tuple[Tensor, ...]) -> Tensor:
+    """The adjoint of :func:`_window_sums`: each tap's value back onto the positions it reads."""
+    if len(taps) == 1:
+        return gsums @ taps[0]
+    if len(taps) == 2:
+        return taps[0].t() @ gsums @ taps[1]
+    return torch.einsum("kijl,ip,jq,lr->kpqr", gsums, *taps)
 
 
 def _conv_args(layer: nn.Module, spatial: int) -> tuple[Any, ...] | None:
