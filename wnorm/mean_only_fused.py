@@ -9,10 +9,14 @@ the same layer on the sum of the batch,
     \tilde t = W \ast x + (b - \mu[t]),
 
 with N samples and P output positions, so the mean is subtracted as the layer's own bias: no
-reduction over :math:`t` and no extra pass to subtract it. Backward: the bias gradient
-:math:`\sum \nabla_{\tilde t} L` (which the convolution's backward computes anyway) flows into
-:math:`\mu` and from there, through the same small layer, to :math:`W` and to every sample of
-:math:`x` (one in-place add on :math:`\nabla_x L`). The outputs, gradients and running mean
+reduction over :math:`t` and no extra pass to subtract it. For a convolution the small
+evaluation needs only :math:`S[k, i]`, the batch sum of input channel k under kernel tap i over
+all output positions, :math:`\mu[t]_c = \sum_{k,i} W[c, k, i]\, S[k, i] / (N P)`; the taps
+are separable, so :math:`S` is two small matmuls with a 0/1 matrix per spatial axis.
+Backward: the bias gradient :math:`\sum \nabla_{\tilde t} L` (which the convolution's backward
+computes anyway) flows into :math:`\mu` and from there to :math:`W` (an outer product with
+:math:`S`) and to every sample of :math:`x` (the adjoint matmuls, then one in-place add on
+:math:`\nabla_x L`). The outputs, gradients and running mean
 equal the unfused pair's up to rounding. In eval mode the running mean is used as a bias: mean-only
 batch norm then costs nothing.
 
@@ -94,7 +98,7 @@ class _ConvMeanOnly(torch.autograd.Function):
         stride, padding, dilation, transposed, _, groups = args
         xs = x.sum(0, keepdim=True)
         if transposed:
-            s = _aten.convolution(xs, w, None, *args)
+            s = torch.convolution(xs, w, None, *args)
             count = x.shape[0] * (s.numel() // s.shape[1])
             mean = s.sum(dim=[0, *range(2, s.dim())]) / count
             ctx.s_shape, taps = s.shape, ()
@@ -109,7 +113,7 @@ class _ConvMeanOnly(torch.autograd.Function):
             mean = (w.reshape(groups, w.shape[0] // groups, -1)
                     @ sums.reshape(groups, -1, 1)).reshape(-1) / count
             ctx.sums = sums
-        y = _aten.convolution(x, w, shift - mean, *args)
+        y = torch.convolution(x, w, shift - mean, *args)
         ctx.save_for_backward(x, w, xs)
         ctx.args, ctx.count, ctx.taps = args, count, taps
         ctx.mark_non_differentiable(mean)
@@ -147,6 +151,38 @@ class _ConvMeanOnly(torch.autograd.Function):
         if need_w:
             gw = gw + gw2 if graph else gw.add_(gw2)
         return gx, gw, gsum, None
+
+
+class _LinearMeanOnly(torch.autograd.Function):
+    """``x @ w.T - mean + shift`` for (N, in) inputs, the mean from ``w @ sum_n x_n / N``;
+    returns the mean too."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, w: Tensor, shift: Tensor) -> Any:
+        xs = x.sum(0)
+        mean = (w @ xs).div_(x.shape[0])
+        y = torch.addmm(shift - mean, x, w.t())
+        ctx.save_for_backward(x, w, xs)
+        ctx.mark_non_differentiable(mean)
+        return y, mean
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor, _grad_mean: Any) -> tuple[Tensor | None, ...]:
+        x, w, xs = ctx.saved_tensors
+        need_x, need_w = ctx.needs_input_grad[:2]
+        graph = torch.is_grad_enabled()
+        if graph:  # xs as a function of x, for the double backward
+            xs = x.sum(0)
+        gsum = grad.sum(0)
+        gmean = gsum / -x.shape[0]  # dL/dmean with dmean/d(w xs) = 1/N folded in
+        gx = gw = None
+        if need_x:  # grad @ w, plus the same row for every sample
+            gx = grad @ w
+            gx = gx + gmean @ w if graph else gx.add_(gmean @ w)
+        if need_w:
+            gw = grad.t() @ x
+            gw = gw + torch.outer(gmean, xs) if graph else gw.addr_(gmean, xs)
+        return gx, gw, gsum
 
 
 def _window_sums(xs: Tensor, taps: tuple[Tensor, ...]) -> Tensor:
@@ -206,32 +242,33 @@ def _pair_kind(layer: nn.Module, bn: nn.Module) -> tuple[type[nn.Module], int] |
     return cls, spatial
 
 
-def _pair_forward(layer: nn.Module, bn: _MeanOnlyBatchNorm, x: Any) -> Tensor | None:
-    """``bn(layer(x))`` the fused way, or None where the plain calls must run instead."""
-    kind = _pair_kind(layer, bn)
-    if kind is None or _has_hooks(layer) or _has_hooks(bn) or not isinstance(x, Tensor):
+def _pair_forward(layer: nn.Module, bn: _MeanOnlyBatchNorm, kind: tuple[type[nn.Module], int],
+                  x: Any, fusable: bool) -> Tensor | None:
+    """``bn(layer(x))`` the fused way, or None where the plain calls must run instead.
+
+    ``kind`` is :func:`_pair_kind` of the pair (checked when the container's plan was made);
+    ``fusable``: no global hooks, tracing or compiling.
+    """
+    if not fusable or _has_hooks(layer) or _has_hooks(bn) or not isinstance(x, Tensor):
         return None
     cls, spatial = kind
+    args = _conv_args(layer, spatial) if spatial else None
     w = layer.weight
-    if (x.dim() != spatial + 2 or x.shape[0] == 0 or x.numel() == 0 or not x.is_floating_point()
-            or x.dtype != w.dtype or x.dtype != bn.bias.dtype or x.device != w.device
+    if ((spatial and args is None) or x.dim() != spatial + 2 or x.shape[0] == 0
+            or x.numel() == 0 or not x.is_floating_point() or x.dtype != w.dtype
+            or x.dtype != bn.bias.dtype or x.device != w.device
             or torch.is_autocast_enabled(x.device.type)):
         return None
     lb = layer.bias
-    batch_mean = bn.training or not bn.track_running_stats
-    if not batch_mean:  # a constant: the layer's own bias stays in
+    if not (bn.training or not bn.track_running_stats):  # eval: a constant bias
         bias = bn.bias - bn.running_mean if lb is None else lb + bn.bias - bn.running_mean
-        if cls is nn.Linear:
-            return F.linear(x, w, bias)
-        return _aten.convolution(x, w, bias, *_conv_args(layer, spatial))
+        return F.linear(x, w, bias) if args is None else torch.convolution(x, w, bias, *args)
     # a batch mean subtracts the layer's bias again: it cancels and gets a zero gradient
     shift = bn.bias if lb is None else bn.bias + (lb - lb)
-    if cls is nn.Linear:  # small enough for autograd to differentiate
-        mean = F.linear(x.sum(0), w) / x.shape[0]
-        y = F.linear(x, w, shift - mean)
-        mean = mean.detach()
+    if args is None:
+        y, mean = _LinearMeanOnly.apply(x, w, shift)
     else:
-        y, mean = _ConvMeanOnly.apply(x, w, shift, _conv_args(layer, spatial))
+        y, mean = _ConvMeanOnly.apply(x, w, shift, args)
     if bn.training and bn.track_running_stats:
         bn._track(mean if lb is None else mean + lb.detach())
     return y
@@ -243,19 +280,38 @@ class _MeanOnlyFusedSequential(nn.Sequential):
     def _get_name(self) -> str:
         return "Sequential"
 
+    def _plan(self) -> list[Any]:
+        """The modules in order, each layer + mean-only BN pair as one ``(layer, bn, kind)``
+        entry; remade whenever the modules or their classes change."""
+        mods = tuple(self._modules.values())
+        key = (mods, tuple(map(type, mods)))
+        cached = self.__dict__.get("_wnorm_plan")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        plan: list[Any] = []
+        i = 0
+        while i < len(mods):
+            kind = _pair_kind(mods[i], mods[i + 1]) if i + 1 < len(mods) else None
+            plan.append((mods[i], mods[i + 1], kind) if kind else mods[i])
+            i += 2 if kind else 1
+        self.__dict__["_wnorm_plan"] = (key, plan)
+        return plan
+
     def forward(self, input: Any) -> Any:  # noqa: A002 (nn.Sequential's own name)
-        mods = list(self._modules.values())
         fusable = _global_state_allows()
-        i, n = 0, len(mods)
-        while i < n:
-            if fusable and i + 1 < n:
-                out = _pair_forward(mods[i], mods[i + 1], input)
-                if out is not None:
-                    input, i = out, i + 2
-                    continue
-            input = mods[i](input)
-            i += 1
+        for step in self._plan():
+            if type(step) is tuple:
+                layer, bn, kind = step
+                out = _pair_forward(layer, bn, kind, input, fusable)
+                input = bn(layer(input)) if out is None else out
+            else:
+                input = step(input)
         return input
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("_wnorm_plan", None)  # derived from the modules: remade at the next forward
+        return state
 
 
 def _pairs(seq: nn.Sequential) -> list[tuple[str, str]]:
@@ -271,13 +327,14 @@ def fuse_mean_only(model: nn.Module, enabled: bool = True) -> nn.Module:
     padding, numeric padding) directly followed by the mean-only batch norm of its output rank
     and width, and makes that container run the pair as one layer whose bias is :math:`b - \mu`.
     This removes mean-only batch norm's passes over the activations (a reduction and a subtract
-    forward, a reduction and a subtract backward) at the price of one pass over the layer's input
-    and the layer run on one sample. Outputs, gradients (to the layer's weight or to ``g`` and
-    ``v``) and running means equal the unfused pair's up to float rounding; eval mode uses the
-    running mean as a bias. Nothing else changes: parameters, state dict keys, ``repr`` and each
-    module called on its own. A pair falls back to the two plain calls whenever the shortcut
-    could differ from them: hooks on either module, tracing, scripting or compiling, autocast,
-    an input of another rank, dtype or device. See :mod:`wnorm.mean_only_fused` for the math.
+    forward, a reduction and a subtract backward) at the price of one pass over the layer's
+    input forward and one in-place add on its gradient backward. Outputs, gradients (to the
+    layer's weight or to ``g`` and ``v``) and running means equal the unfused pair's up to float
+    rounding; eval mode uses the running mean as a bias. Nothing else changes: parameters, state
+    dict keys, ``repr`` and each module called on its own. A pair falls back to the two plain
+    calls whenever the shortcut could differ from them: hooks on either module, tracing,
+    scripting or compiling, autocast, an input of another rank, dtype or device. See
+    :mod:`wnorm.mean_only_fused` for the math.
 
     Args:
         model: the model, changed in place.
