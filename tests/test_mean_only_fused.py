@@ -880,3 +880,32 @@ def test_eval_fused_equals_folded_model(fused_pairs):
     with torch.no_grad():
         close(fz(x), folded(x), RTOL64)
         close(wnorm.fold(copy.deepcopy(fz))(x), folded(x), RTOL64)  # folding a fused model too
+
+
+# ------------------------------------------------------------ the container's plan of pairs
+def test_plan_follows_changes_to_the_container(fused_pairs):
+    """The pairs are decided once per container and remade when its modules change."""
+    ref, fz = twins(pair_net(nn.Conv2d, {})[0])
+    x = batch(CONV_SHAPE)
+    with torch.no_grad():
+        close(fz(x), ref(x), RTOL64)
+        assert fused_pairs["fused"] == 1
+        # a module inserted between the layer and its BN: no pair any more
+        for m in (ref, fz):
+            m.insert(1, nn.Tanh())
+        close(fz(x), ref(x), RTOL64)
+        assert fused_pairs["fused"] == 1 and fused_pairs["plain"] == 0
+        # replaced modules: the new layer and BN form a pair again
+        for m in (ref, fz):
+            del m[1]
+            torch.manual_seed(1)
+            m[0] = nn.Conv2d(IN, OUT, 3, stride=2).to(D)
+        close(fz(x), ref(x), RTOL64)
+        assert fused_pairs["fused"] == 2
+        # a weight-normalized layer (its class changes) is still a pair
+        for m in (ref, fz):
+            wnorm.apply(m)
+        close(fz(x), ref(x), RTOL64)
+        assert fused_pairs["fused"] == 3
+    assert "_wnorm_plan" in fz.__dict__
+    assert "_wnorm_plan" not in copy.deepcopy(fz).__dict__  # derived: never copied or pickled
