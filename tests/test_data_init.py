@@ -310,13 +310,17 @@ class Seq3d(nn.Module):
     (lambda: nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 4), nn.Tanh(),
                            nn.Conv1d(1, 3, 2)), None),
     (lambda: Seq3d(), (7, 9, 5)),
-], ids=["fast-path", "general-path"])
+    (lambda: nn.Sequential(nn.Linear(5, 6, bias=False), nn.Tanh(), nn.Conv1d(1, 3, 2, bias=False),
+                           nn.Flatten(), nn.Linear(15, 4)), (16, 5)),
+], ids=["fast-path", "general-path", "fast-path-no-bias"])
 def test_g_b_and_report_follow_the_formulas_on_t(make, shape, init_scale):
     torch.manual_seed(0)
     model = wnorm.apply(make()).double()
     if shape is None:  # the Conv1d sees the Tanh output as one channel
         model = nn.Sequential(*list(model)[:4], nn.Unflatten(1, (1, 4)), model[4])
         shape = (16, 5)
+    elif isinstance(model, nn.Sequential):
+        model = nn.Sequential(*list(model)[:2], nn.Unflatten(1, (1, 6)), *list(model)[2:])
     x = torch.randn(shape, dtype=D)
     layers = {n: m for n, m in model.named_modules() if wnorm.is_weight_normalized(m)}
     # independent: each layer's t = v.x/||v|| at its first call, layers before it already

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from .errors import WnormError
 from .mean_only_bn import _MeanOnlyBatchNorm
-from .weight_norm import WN, _norm, _Spec, default_dim
+from .weight_norm import WN, _Spec, default_dim
 
 __all__ = ["data_init", "InitReport", "LayerInit"]
 
@@ -127,7 +127,6 @@ class _Initializer:
         self.done: dict[nn.Module, LayerInit] = {}
         # layers whose forward runs with w = v itself (raw), and their ||v|| per unit
         self.raw: dict[nn.Module, _Spec] = {}
-        self.pending: list[tuple[LayerInit, Tensor, Tensor]] = []
 
     def pre(self, module: nn.Module, args: Any) -> None:
         if module in self.done:
@@ -152,9 +151,10 @@ class _Initializer:
         spec = self.raw.pop(module, None)
         if spec is not None:
             spec.clear()
-            vnorm = _norm(module._parameters["weight_v"], spec.dim).reshape(-1)
+            v = module._parameters["weight_v"]
+            vnorm = torch.linalg.vector_norm(v, dim=[d for d in range(v.dim()) if d != spec.dim])
             if (not self.distributed and y.dim() >= 2 and y.dtype in _RAW_DTYPES
-                    and module.bias is not None and _unit_axis(module, y) == 1):
+                    and _unit_axis(module, y) == 1):
                 return self._post_fast(module, y, vnorm)
         name = self.names[module]
         axis = _unit_axis(module, y)
@@ -218,7 +218,7 @@ class _Initializer:
 
 
     def _post_fast(self, module: nn.Module, y: Tensor, vnorm: Tensor) -> Tensor:
-        """post() for a raw layer with a bias, units on axis 1, one process: batch norm's kernel
+        """post() for a raw layer with units on axis 1, in one process: batch norm's kernel
         gives the standardized output and the statistics of r = v.x in one call; g and b are
         written in place (the rollback in data_init() restores them on an error)."""
         out, mu, scale = torch.native_batch_norm(y, None, None, None, None, True, 0.0, 0.0)
@@ -226,33 +226,24 @@ class _Initializer:
             scale = scale.mul_(self.init_scale)
             out = out.mul_(self.init_scale)
         bias, g = module.bias, module.weight_g
-        torch.mul(mu, scale, out=bias.view(-1))  # minus the new bias
-        # batch norm's kernel gives scale 0 where sigma is 0; NaN statistics reach the bias
-        if not (math.isfinite(float(bias.sum())) and float(scale.min()) > 0):
+        shift = mu * scale if bias is None else torch.mul(mu, scale, out=bias.view(-1))
+        # batch norm's kernel gives scale 0 where sigma is 0; NaN statistics reach the shift
+        if not (math.isfinite(float(shift.sum())) and float(scale.min()) > 0):
             sigma = self.init_scale / scale
             bad = (~((sigma > 0) & torch.isfinite(sigma) & torch.isfinite(mu))).flatten()
             self._fail(module, bad.nonzero().flatten().tolist(), y.shape[1],
                        y.numel() // y.shape[1])
-        bias.neg_()
-        torch.mul(scale, vnorm, out=g.view(-1))  # g = s/sigma[t], sigma[t] = sigma[r]/||v||
-        # mu[t] = mu[r]/||v|| and sigma[t] = s/g: computed for every layer at once in report()
-        self.done[module] = LayerInit(self.names[module], type(module).__name__, "initialized",
-                                      "", mu, None)
-        self.pending.append((self.done[module], vnorm, g))
-        return out
-
-    def report(self) -> None:
-        """Fill in mu[t] and sigma[t] of the layers _post_fast() initialized."""
-        if not self.pending:
-            return
-        rows, vnorms, gs = zip(*self.pending)
-        mus = torch._foreach_div([r.mu for r in rows], list(vnorms))
-        sigmas = torch._foreach_reciprocal([g.detach().reshape(-1) for g in gs])
+        if bias is None:  # no bias to take the mean away: it stays, scaled (y * scale)
+            out = out.add_(shift.view(_along(out.dim(), 1, out.shape[1])))
+        else:
+            bias.neg_()
+        gflat = torch.mul(scale, vnorm, out=g.view(-1))  # g = s/sigma[t], as sigma[t] is
+        sigma = torch.reciprocal(gflat)  # sigma[r]/||v||; so sigma[t] = s/g
         if self.init_scale != 1.0:
-            torch._foreach_mul_(sigmas, self.init_scale)
-        for r, mu, sigma in zip(rows, mus, sigmas):
-            r.mu, r.sigma = mu, sigma
-        self.pending.clear()
+            sigma.mul_(self.init_scale)
+        self.done[module] = LayerInit(self.names[module], type(module).__name__, "initialized",
+                                      "", mu.div_(vnorm), sigma)  # mu[t] = mu[r]/||v||
+        return out
 
     def _fail(self, module: nn.Module, idx: list[int], units: int, n: int) -> None:
         raise WnormError(
@@ -368,12 +359,16 @@ def data_init(
     def mobn_pre(module: nn.Module, inp: tuple[Any, ...]) -> None:
         if module in mobn_means:
             return
-        x = inp[0].detach()
-        x = x.to(torch.promote_types(x.dtype, torch.float32))
-        dims = [0] + list(range(2, x.dim()))
-        total = _reduce(torch.cat([x.sum(dim=dims), torch.tensor([x.numel() / x.shape[1]],
-                                                                  device=x.device)]), process_group)
-        mean = total[:-1] / total[-1]
+        x = inp[0]
+        if x.dtype not in _RAW_DTYPES:
+            x = x.float()
+        dims = [0, *range(2, x.dim())]
+        if init.distributed:
+            total = _reduce(torch.cat([x.sum(dim=dims), torch.tensor(
+                [x.numel() / x.shape[1]], device=x.device)]), process_group)
+            mean = total[:-1] / total[-1]
+        else:
+            mean = x.mean(dim=dims)
         mobn_means[module] = mean
         # set it before the layer runs: in eval mode the layer subtracts its running mean, and
         # the layers after it must be initialized on what they will see from now on
@@ -393,14 +388,20 @@ def data_init(
 
     for _, m in mobn:
         handles.append(m.register_forward_pre_hook(mobn_pre))
-        handles.append(m.register_forward_hook(mobn_post))
+        # One process: the layer's own forward then subtracts this very mean, the running mean
+        # just set (eval) or its batch mean (train; its running-mean update moves the running
+        # mean from that mean to the same mean). Distributed: the all-reduced mean replaces
+        # the local batch mean in the output and, after the update, in the running mean.
+        if init.distributed:
+            handles.append(m.register_forward_hook(mobn_post))
 
     # What the pass may change: g, biases and plain weights of the targets, running means.
     touched = [t for m in names for t in (m._parameters.get("weight_g"), m._parameters.get("bias"),
                                           None if is_wn[m] else m._parameters.get("weight"))
                if t is not None]
     touched += [t for _, m in mobn for t in (m.running_mean, m.num_batches_tracked) if t is not None]
-    saved = [t.detach().clone() for t in touched]
+    with torch.no_grad():
+        saved = [t.clone() for t in touched]
     try:
         with torch.no_grad():
             model(*args, **kwargs)
@@ -415,10 +416,7 @@ def data_init(
         for spec in init.raw.values():  # reached by the pass, but it failed before post()
             spec.clear()
 
-    init.report()
-    order = {m: i for i, m in enumerate(init.done)}
-    for m in sorted(init.done, key=order.__getitem__):
-        report.append(init.done[m])
+    report.extend(init.done.values())  # in the order the pass reached them
     for m, label in names.items():
         if m not in init.done:
             r = LayerInit(label, type(m).__name__, "skipped", "not reached by the forward pass")

@@ -103,7 +103,8 @@ class _MeanOnlyBatchNorm(nn.Module):
             m = self.momentum
             if m is None:  # cumulative average, as BatchNorm does
                 m = 1.0 / float(self.num_batches_tracked)
-            self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), m)
+            rm = self.running_mean
+            rm.lerp_(mean if mean.dtype == rm.dtype else mean.to(rm.dtype), m)
 
     def forward(self, x: Tensor) -> Tensor:
         self._check(x)
