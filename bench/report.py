@@ -94,6 +94,9 @@ def render(data: dict[str, Any]) -> str:
         "PyTorch's own one-kernel CPU step (`plain` uses torch's default per-parameter loop): "
         "wnorm's ratio against it is `wnorm / plain-fused`. Inference and data_init rows are "
         "the same model either way.",
+        "`wn+meanonly` is weight norm with a `wnorm.MeanOnlyBatchNorm` after each conv and "
+        "hidden linear (those layers without a bias), each pair fused by "
+        "`wnorm.fuse_mean_only` (the batch mean subtracted as the layer's bias).",
         "`torch` is `torch.nn.utils.parametrizations.weight_norm` (recomputed on every access, "
         "also at inference). n/a: BatchNorm cannot train on a batch of 1.",
         "Noise: bench.json keeps every raw block time and, per variant, the quartiles of the "
