@@ -60,6 +60,15 @@ def fused_pairs(monkeypatch) -> Counter:
         return out
 
     monkeypatch.setattr(mof, "_pair_forward", spy)
+
+    class ActSpy(mof._ActConvMeanOnly):  # a pair fused together with the activation before it
+        @classmethod
+        def apply(cls, *args: Any) -> Any:
+            calls["fused"] += 1
+            calls["with activation"] += 1
+            return super().apply(*args)
+
+    monkeypatch.setattr(mof, "_ActConvMeanOnly", ActSpy)
     return calls
 
 
@@ -909,3 +918,74 @@ def test_plan_follows_changes_to_the_container(fused_pairs):
         assert fused_pairs["fused"] == 3
     assert "_wnorm_plan" in fz.__dict__
     assert "_wnorm_plan" not in copy.deepcopy(fz).__dict__  # derived: never copied or pickled
+
+
+# ------------------------------- a leaky ReLU / ReLU before a conv pair, folded into its function
+def act_net(act: nn.Module, second: type[nn.Module] = nn.Conv2d, **opts: Any) -> nn.Sequential:
+    """conv pair, activation, second conv pair (the activation + second pair fuse together)."""
+    torch.manual_seed(5)
+    return perturb(nn.Sequential(
+        nn.Conv2d(IN, OUT, 3, padding=1, bias=False), MeanOnlyBatchNorm2d(OUT), act,
+        second(OUT, OUT, 3, **opts), MeanOnlyBatchNorm2d(OUT), nn.Tanh()).to(D))
+
+
+@pytest.mark.parametrize("kernels", [True, False], ids=["cpp-kernels", "torch-ops"])
+@pytest.mark.parametrize("act, second, opts", [
+    (nn.LeakyReLU(0.1), nn.Conv2d, {"padding": 1}),
+    (nn.ReLU(), nn.Conv2d, {"stride": 2, "groups": 2}),
+    (nn.LeakyReLU(0.3), nn.ConvTranspose2d, {"stride": 2, "output_padding": 1}),
+], ids=["leaky", "relu-strided-grouped", "leaky-transposed"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_activation_folded_into_the_next_pair(act, second, opts, train, kernels, fused_pairs,
+                                              monkeypatch):
+    if not kernels:
+        monkeypatch.setattr(mof, "_act_kernels", lambda u: None)
+    elif mof._act_kernels(torch.zeros(2, 2, dtype=D)) is None:
+        pytest.skip("wnorm's C++ kernels are not available here")
+    ref, fz = twins(act_net(act, second, **opts))
+    calls = run_twins(ref, fz, CONV_SHAPE, train)
+    if train:
+        assert fused_pairs["with activation"] == calls and fused_pairs["fused"] == 2 * calls
+    else:  # the no-grad train passes fold it; eval runs the activation, then the pair
+        assert fused_pairs["with activation"] == calls - 1
+
+
+def test_activation_folded_float32_and_channels_last(fused_pairs):
+    net = act_net(nn.LeakyReLU(0.1), padding=1).float()
+    ref, fz = twins(net)
+    run_twins(ref, fz, CONV_SHAPE, True, dtype=torch.float32, rtol=RTOL32)
+    x = batch(CONV_SHAPE, torch.float32).to(memory_format=torch.channels_last)
+    y1, g1 = forward_backward(ref, x)
+    y2, g2 = forward_backward(fz, x)  # not contiguous inside: the torch-ops path
+    close(y2, y1, RTOL32)
+    close(g2, g1, RTOL32, float(g1.abs().max()))
+
+
+@pytest.mark.parametrize("slope", [0.0, 0.2])
+def test_act_conv_mean_only_gradcheck_and_gradgradcheck(slope):
+    torch.manual_seed(0)
+    u = torch.randn(3, 4, 6, 5, dtype=D, requires_grad=True)
+    u.data[0, 0, 0, :2] = torch.tensor([0.5, -0.5], dtype=D)  # away from the kink at 0
+    w = torch.randn(6, 2, 3, 3, dtype=D, requires_grad=True)
+    shift = torch.randn(6, dtype=D, requires_grad=True)
+    args = ([2, 1], [1, 0], [1, 1], False, [0, 0], 2)
+
+    def f(a, b, c):
+        return mof._ActConvMeanOnly.apply(a, b, c, args, slope)[0]
+
+    assert torch.autograd.gradcheck(f, (u, w, shift))
+    assert torch.autograd.gradgradcheck(f, (u, w, shift))
+
+
+def test_activation_not_folded_when_in_place_or_hooked(fused_pairs):
+    ref, fz = twins(act_net(nn.LeakyReLU(0.1, inplace=True), padding=1))
+    run_twins(ref, fz, CONV_SHAPE, True, steps=1)
+    assert fused_pairs["with activation"] == 0 and fused_pairs["fused"] == 2  # pairs only
+    ref, fz = twins(act_net(nn.ReLU(), padding=1))
+    seen = []
+    for m in (ref[2], fz[2]):
+        m.register_forward_hook(lambda mod, a, out: seen.append(out.detach().clone()))
+    run_twins(ref, fz, CONV_SHAPE, True, steps=1)
+    assert len(seen) == 2  # the hook ran in both, on the same values
+    close(seen[1], seen[0], RTOL64)
+    assert fused_pairs["with activation"] == 0

@@ -3,9 +3,9 @@
 The kernels are compiled once per machine and torch version with
 ``torch.utils.cpp_extension.load`` (a C++ compiler and ninja are needed; the result is cached
 under ``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``). Where they cannot be
-built, :func:`kernels` returns None, :func:`unavailable_reason` says why, and :mod:`wnorm.optim`
-trains through autograd instead: the same results at PyTorch's speed. ``WNORM_NO_EXTENSION=1``
-turns the kernels off.
+built, :func:`kernels` returns None, :func:`unavailable_reason` says why, :mod:`wnorm.optim`
+trains through autograd and :func:`wnorm.fuse_mean_only` uses PyTorch ops instead: the same
+results at PyTorch's speed. ``WNORM_NO_EXTENSION=1`` turns the kernels off.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ import torch
 
 __all__ = ["kernels", "unavailable_reason"]
 
-_SOURCE = Path(__file__).resolve().parent / "csrc" / "fused_step.cpp"
+_CSRC = Path(__file__).resolve().parent / "csrc"
+_SOURCES = [str(_CSRC / "fused_step.cpp"), str(_CSRC / "activation.cpp")]
 _state: dict[str, Any] = {}
 
 
@@ -47,7 +48,7 @@ def _name() -> str:
     # instruction set (a cache shared by different machines must not hand AVX-512 code to a
     # CPU without it).
     tag = re.sub(r"[^0-9A-Za-z]+", "_", torch.__version__)
-    return f"wnorm_fused_step_v1_torch{tag}_{_capability().lower()}"
+    return f"wnorm_kernels_v2_torch{tag}_{_capability().lower()}"
 
 
 def _ninja_on_path() -> None:
@@ -77,7 +78,7 @@ def _announce(name: str) -> None:
     except Exception:  # a private helper of torch's: never let it break the build
         cached = False
     if not cached:
-        print("wnorm: building the fused optimizer kernel for this machine (once, about 30 s)",
+        print("wnorm: building its C++ kernels for this machine (once, about 30 s)",
               file=sys.stderr, flush=True)
 
 
@@ -87,14 +88,15 @@ def _build(load: Any) -> Any:
     try:
         # OpenMP: at::parallel_for splits large layers over torch's threads. The extension
         # needs libgomp.so.1, which resolves to the copy torch has loaded already.
-        return load(_name() + "_omp", [str(_SOURCE)], extra_cflags=[*flags, "-fopenmp"],
+        return load(_name() + "_omp", _SOURCES, extra_cflags=[*flags, "-fopenmp"],
                     extra_ldflags=["-fopenmp"], verbose=False)
     except Exception:  # e.g. a compiler without OpenMP: one thread per step
-        return load(_name(), [str(_SOURCE)], extra_cflags=flags, verbose=False)
+        return load(_name(), _SOURCES, extra_cflags=flags, verbose=False)
 
 
 def kernels() -> Any | None:
-    """The compiled module (``sgd_step``, ``adam_step``), or None where it cannot be built."""
+    """The compiled module (``sgd_step``, ``adam_step``, ... and ``act_forward_sum``,
+    ``act_backward_add_``), or None where it cannot be built."""
     if "module" in _state:
         return _state["module"]
     module, reason = None, ""
@@ -110,8 +112,9 @@ def kernels() -> Any | None:
             last = str(err).strip().splitlines()[-1] if str(err).strip() else ""
             reason = f"{type(err).__name__}: {last}"
             warnings.warn(
-                f"wnorm: the fused optimizer kernels could not be built ({reason}); "
-                "wnorm.optim trains through autograd instead (same results, PyTorch's speed)",
+                f"wnorm: the C++ kernels could not be built ({reason}); wnorm.optim trains "
+                "through autograd and fuse_mean_only uses PyTorch ops instead (same results, "
+                "PyTorch's speed)",
                 RuntimeWarning,
                 stacklevel=3,
             )

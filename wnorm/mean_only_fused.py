@@ -20,6 +20,11 @@ computes anyway) flows into :math:`\mu` and from there to :math:`W` (an outer pr
 equal the unfused pair's up to rounding. In eval mode the running mean is used as a bias: mean-only
 batch norm then costs nothing.
 
+A leaky ReLU or ReLU right before such a convolution pair is folded in too: its output and the
+batch sum of that output come from one pass (wnorm's C++ kernel on CPU), and in the backward the
+mean's batch-constant input-gradient term is added inside the activation's own backward pass, so
+the pair adds no pass over the activations at all.
+
 :func:`fuse_mean_only` switches this on for every such pair in the ``nn.Sequential`` containers
 of a model. The module tree, parameters, state dict keys and the layers' own behaviour when
 called alone are unchanged; only the container's forward takes the shortcut, and only when both
@@ -83,39 +88,68 @@ def _taps(size: int, k: int, stride: int, pad: int, dil: int, out: int, dtype: t
     return taps[:, :size].contiguous()
 
 
+def _conv_mean(ctx: Any, x: Tensor, xs: Tensor, w: Tensor, args: tuple[Any, ...]) -> Tensor:
+    """The batch mean of ``conv(x, w)`` per output channel from the batch sum ``xs``; keeps on
+    ``ctx`` what :func:`_conv_mean_backward` needs."""
+    stride, padding, dilation, transposed, _, groups = args
+    if transposed:
+        s = torch.convolution(xs, w, None, *args)
+        count = x.shape[0] * (s.numel() // s.shape[1])
+        mean = s.sum(dim=[0, *range(2, s.dim())]) / count
+        ctx.s_shape, ctx.taps = s.shape, ()
+    else:
+        ksize, insize = w.shape[2:], x.shape[2:]
+        out = [(n + 2 * p - d * (k - 1) - 1) // st + 1
+               for n, k, st, p, d in zip(insize, ksize, stride, padding, dilation)]
+        ctx.taps = tuple(_taps(n, k, st, p, d, o, x.dtype, x.device) for n, k, st, p, d, o
+                         in zip(insize, ksize, stride, padding, dilation, out))
+        count = x.shape[0] * math.prod(out)
+        ctx.sums = _window_sums(xs[0], ctx.taps)
+        mean = (w.reshape(groups, w.shape[0] // groups, -1)
+                @ ctx.sums.reshape(groups, -1, 1)).reshape(-1) / count
+    ctx.args, ctx.count = args, count
+    return mean
+
+
+def _conv_mean_backward(ctx: Any, gsum: Tensor, xs: Tensor, w: Tensor, in_channels: int,
+                        need_x: bool, need_w: bool, graph: bool) -> tuple[Any, Any]:
+    """(the batch-constant input-gradient term, shaped like ``xs``; the weight-gradient term)
+    of the mean, given the bias gradient ``gsum``."""
+    args, taps = ctx.args, ctx.taps
+    gmean = (gsum / -ctx.count).to(w.dtype)  # dL/dmean, with dmean/ds = 1/count folded in
+    if args[3]:  # transposed: back through the layer on the one-sample batch sum
+        gs = gmean.view((1, -1) + (1,) * (xs.dim() - 2)).expand(ctx.s_shape)
+        gxs, gw2, _ = _aten.convolution_backward(
+            gs.contiguous(), xs, w, None, *args, [need_x, need_w, False])
+        return gxs, gw2
+    groups = args[5]
+    gw2 = gxs = None
+    if need_w:
+        sums = _window_sums(xs[0], taps) if graph else ctx.sums
+        gw2 = (gmean.view(groups, -1, 1) * sums.reshape(groups, 1, -1)).view(w.shape)
+    if need_x:
+        wg = w.reshape(groups, w.shape[0] // groups, -1)
+        gsums = (gmean.view(groups, 1, -1) @ wg).view(in_channels, *w.shape[2:])
+        gxs = _spread(gsums, taps).unsqueeze(0)
+    return gxs, gw2
+
+
 class _ConvMeanOnly(torch.autograd.Function):
     r"""``conv(x, w) - mean + shift`` with the batch mean computed from ``sum_n x_n``; returns
     the mean too.
 
     Convolutions: the mean is :math:`w \cdot S / (N P)`, where :math:`S[k, i]`, the sum of
-    input channel k under kernel tap i over all output positions, comes from one einsum of the
-    batch sum with a 0/1 matrix per spatial axis (separable). Transposed convolutions run the
-    layer on the one-sample batch sum instead.
+    input channel k under kernel tap i over all output positions, comes from two small matmuls
+    of the batch sum with a 0/1 matrix per spatial axis (separable). Transposed convolutions
+    run the layer on the one-sample batch sum instead.
     """
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, w: Tensor, shift: Tensor, args: tuple[Any, ...]) -> Any:
-        stride, padding, dilation, transposed, _, groups = args
         xs = x.sum(0, keepdim=True)
-        if transposed:
-            s = torch.convolution(xs, w, None, *args)
-            count = x.shape[0] * (s.numel() // s.shape[1])
-            mean = s.sum(dim=[0, *range(2, s.dim())]) / count
-            ctx.s_shape, taps = s.shape, ()
-        else:
-            ksize, insize = w.shape[2:], x.shape[2:]
-            out = [(n + 2 * p - d * (k - 1) - 1) // st + 1
-                   for n, k, st, p, d in zip(insize, ksize, stride, padding, dilation)]
-            taps = tuple(_taps(n, k, st, p, d, o, x.dtype, x.device) for n, k, st, p, d, o
-                         in zip(insize, ksize, stride, padding, dilation, out))
-            count = x.shape[0] * math.prod(out)
-            sums = _window_sums(xs[0], taps)
-            mean = (w.reshape(groups, w.shape[0] // groups, -1)
-                    @ sums.reshape(groups, -1, 1)).reshape(-1) / count
-            ctx.sums = sums
+        mean = _conv_mean(ctx, x, xs, w, args)
         y = torch.convolution(x, w, shift - mean, *args)
         ctx.save_for_backward(x, w, xs)
-        ctx.args, ctx.count, ctx.taps = args, count, taps
         ctx.mark_non_differentiable(mean)
         return y, mean
 
@@ -123,34 +157,80 @@ class _ConvMeanOnly(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor, _grad_mean: Any) -> tuple[Tensor | None, ...]:
         x, w, xs = ctx.saved_tensors
         need_x, need_w = ctx.needs_input_grad[:2]
-        args, taps = ctx.args, ctx.taps
         graph = torch.is_grad_enabled()  # create_graph: a double backward will follow
         if graph:  # xs must be a function of x in that graph, not a saved constant
             xs = x.sum(0, keepdim=True)
         gx, gw, gsum = _aten.convolution_backward(
-            grad, x, w, [grad.shape[1]], *args, [need_x, need_w, True])
-        if not (need_x or need_w):
-            return gx, gw, gsum, None
-        gmean = (gsum / -ctx.count).to(w.dtype)  # dL/dmean, with dmean/ds = 1/count folded in
-        if args[3]:  # transposed: back through the layer on the one-sample batch sum
-            gs = gmean.view((1, -1) + (1,) * (grad.dim() - 2)).expand(ctx.s_shape)
-            gxs, gw2, _ = _aten.convolution_backward(
-                gs.contiguous(), xs, w, None, *args, [need_x, need_w, False])
-        else:
-            groups = args[5]
-            wg = w.reshape(groups, w.shape[0] // groups, -1)
-            gw2 = gxs = None
+            grad, x, w, [grad.shape[1]], *ctx.args, [need_x, need_w, True])
+        if need_x or need_w:
+            gxs, gw2 = _conv_mean_backward(ctx, gsum, xs, w, x.shape[1], need_x, need_w, graph)
+            if need_x:  # the same term for every sample of the batch
+                gx = gx + gxs if graph else gx.add_(gxs)
             if need_w:
-                sums = _window_sums(xs[0], taps) if graph else ctx.sums
-                gw2 = (gmean.view(groups, -1, 1) * sums.reshape(groups, 1, -1)).view(w.shape)
-            if need_x:
-                gsums = (gmean.view(groups, 1, -1) @ wg).view(x.shape[1], *w.shape[2:])
-                gxs = _spread(gsums, taps)
-        if need_x:  # the same term for every sample of the batch
-            gx = gx + gxs if graph else gx.add_(gxs)
-        if need_w:
-            gw = gw + gw2 if graph else gw.add_(gw2)
+                gw = gw + gw2 if graph else gw.add_(gw2)
         return gx, gw, gsum, None
+
+
+class _ActConvMeanOnly(torch.autograd.Function):
+    """``conv(act(u), w) - mean + shift`` for ``act`` = leaky ReLU (ReLU: slope 0), the activation
+    that precedes the layer folded in: forward, the activation and its batch sum in one pass;
+    backward, the mean's batch-constant input-gradient term added inside the activation's
+    backward. With wnorm's C++ kernels each is one sweep (CPU, contiguous float/double); without,
+    the same math in PyTorch ops."""
+
+    @staticmethod
+    def forward(ctx: Any, u: Tensor, w: Tensor, shift: Tensor, args: tuple[Any, ...],
+                slope: float) -> Any:
+        kern = _act_kernels(u)
+        if kern is not None:
+            x, xs = kern.act_forward_sum(u, slope)
+            xs = xs.unsqueeze(0)
+        else:
+            x = F.leaky_relu(u, slope)
+            xs = x.sum(0, keepdim=True)
+        mean = _conv_mean(ctx, x, xs, w, args)
+        y = torch.convolution(x, w, shift - mean, *args)
+        ctx.save_for_backward(u, x, w, xs)
+        ctx.slope, ctx.kern = slope, kern
+        ctx.mark_non_differentiable(mean)
+        return y, mean
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor, _grad_mean: Any) -> tuple[Tensor | None, ...]:
+        u, x, w, xs = ctx.saved_tensors
+        need_u, need_w = ctx.needs_input_grad[:2]
+        slope = ctx.slope
+        graph = torch.is_grad_enabled()
+        if graph:  # x and xs as functions of u, for the double backward
+            x = F.leaky_relu(u, slope)
+            xs = x.sum(0, keepdim=True)
+        gx, gw, gsum = _aten.convolution_backward(
+            grad, x, w, [grad.shape[1]], *ctx.args, [need_u, need_w, True])
+        gu = None
+        if need_u or need_w:
+            gxs, gw2 = _conv_mean_backward(ctx, gsum, xs, w, x.shape[1], need_u, need_w, graph)
+            if need_w:
+                gw = gw + gw2 if graph else gw.add_(gw2)
+            if need_u:
+                if graph:
+                    gx = gx + gxs
+                    gu = torch.where(u > 0, gx, gx * slope)
+                elif ctx.kern is not None and gx.is_contiguous():
+                    gu = ctx.kern.act_backward_add_(gx, u, gxs.contiguous(), slope)
+                else:
+                    gu = _aten.leaky_relu_backward(gx.add_(gxs), u, slope, False)
+        return gu, gw, gsum, None, None
+
+
+def _act_kernels(u: Tensor) -> Any | None:
+    """wnorm's C++ kernels where they can take ``u`` (built on first use), else None."""
+    if u.device.type != "cpu" or u.dtype not in (torch.float32, torch.float64) \
+            or not u.is_contiguous():
+        return None
+    from ._extension import kernels
+
+    kern = kernels()
+    return kern if kern is not None and hasattr(kern, "act_forward_sum") else None
 
 
 class _LinearMeanOnly(torch.autograd.Function):
@@ -242,6 +322,22 @@ def _pair_kind(layer: nn.Module, bn: nn.Module) -> tuple[type[nn.Module], int] |
     return cls, spatial
 
 
+def _pair_weight(layer: nn.Module, bn: _MeanOnlyBatchNorm, kind: tuple[type[nn.Module], int],
+                 x: Tensor, args: tuple[Any, ...] | None) -> Tensor | None:
+    """The layer's weight when the pair can run fused on ``x`` (``args``: the conv's, None for
+    Linear), else None: hooks, an unexpected input, autocast. The weight is read once, after
+    the checks that do not need it, as the layer itself reads it once (a parametrization such
+    as spectral norm advances its state on every read)."""
+    spatial = kind[1]
+    if (_has_hooks(layer) or _has_hooks(bn) or (spatial and args is None)
+            or x.dim() != spatial + 2 or x.shape[0] == 0 or x.numel() == 0
+            or not x.is_floating_point() or x.dtype != bn.bias.dtype
+            or x.device != bn.bias.device or torch.is_autocast_enabled(x.device.type)):
+        return None
+    w = layer.weight
+    return w if w.dtype == x.dtype and w.device == x.device else None
+
+
 def _pair_forward(layer: nn.Module, bn: _MeanOnlyBatchNorm, kind: tuple[type[nn.Module], int],
                   x: Any, fusable: bool) -> Tensor | None:
     """``bn(layer(x))`` the fused way, or None where the plain calls must run instead.
@@ -249,15 +345,12 @@ def _pair_forward(layer: nn.Module, bn: _MeanOnlyBatchNorm, kind: tuple[type[nn.
     ``kind`` is :func:`_pair_kind` of the pair (checked when the container's plan was made);
     ``fusable``: no global hooks, tracing or compiling.
     """
-    if not fusable or _has_hooks(layer) or _has_hooks(bn) or not isinstance(x, Tensor):
+    if not fusable or not isinstance(x, Tensor):
         return None
     cls, spatial = kind
     args = _conv_args(layer, spatial) if spatial else None
-    w = layer.weight
-    if ((spatial and args is None) or x.dim() != spatial + 2 or x.shape[0] == 0
-            or x.numel() == 0 or not x.is_floating_point() or x.dtype != w.dtype
-            or x.dtype != bn.bias.dtype or x.device != w.device
-            or torch.is_autocast_enabled(x.device.type)):
+    w = _pair_weight(layer, bn, kind, x, args)
+    if w is None:
         return None
     lb = layer.bias
     if not (bn.training or not bn.track_running_stats):  # eval: a constant bias
@@ -272,6 +365,41 @@ def _pair_forward(layer: nn.Module, bn: _MeanOnlyBatchNorm, kind: tuple[type[nn.
     if bn.training and bn.track_running_stats:
         bn._track(mean if lb is None else mean + lb.detach())
     return y
+
+
+def _act_slope(act: nn.Module) -> float | None:
+    """The negative slope of a leaky ReLU or ReLU the fused path can fold in, else None."""
+    if type(act) is nn.LeakyReLU and not act.inplace:
+        return float(act.negative_slope)
+    if type(act) is nn.ReLU and not act.inplace:
+        return 0.0
+    return None  # in place: its side effect on the input is visible to the caller
+
+
+def _act_pair_forward(act: nn.Module, layer: nn.Module, bn: _MeanOnlyBatchNorm,
+                      kind: tuple[type[nn.Module], int], u: Any, fusable: bool) -> Tensor:
+    """``bn(layer(act(u)))`` for a leaky ReLU/ReLU ``act`` before a conv pair: the activation
+    folded into the pair's function in training; otherwise the activation, then the pair."""
+    slope = _act_slope(act)
+    if (slope is None or not fusable or _has_hooks(act) or not isinstance(u, Tensor)
+            or not (bn.training or not bn.track_running_stats)):
+        return _pair_or_plain(layer, bn, kind, act(u), fusable)
+    args = _conv_args(layer, kind[1])
+    w = _pair_weight(layer, bn, kind, u, args)
+    if w is None:
+        return _pair_or_plain(layer, bn, kind, act(u), fusable)
+    lb = layer.bias
+    shift = bn.bias if lb is None else bn.bias + (lb - lb)
+    y, mean = _ActConvMeanOnly.apply(u, w, shift, args, slope)
+    if bn.training and bn.track_running_stats:
+        bn._track(mean if lb is None else mean + lb.detach())
+    return y
+
+
+def _pair_or_plain(layer: nn.Module, bn: _MeanOnlyBatchNorm, kind: tuple[type[nn.Module], int],
+                   x: Any, fusable: bool) -> Any:
+    out = _pair_forward(layer, bn, kind, x, fusable)
+    return bn(layer(x)) if out is None else out
 
 
 class _MeanOnlyFusedSequential(nn.Sequential):
@@ -292,20 +420,28 @@ class _MeanOnlyFusedSequential(nn.Sequential):
         i = 0
         while i < len(mods):
             kind = _pair_kind(mods[i], mods[i + 1]) if i + 1 < len(mods) else None
-            plan.append((mods[i], mods[i + 1], kind) if kind else mods[i])
-            i += 2 if kind else 1
+            if kind:
+                act = plan[-1] if plan and not isinstance(plan[-1], tuple) else None
+                if kind[1] and act is not None and type(act) in (nn.LeakyReLU, nn.ReLU):
+                    plan[-1] = (act, mods[i], mods[i + 1], kind)  # conv pair after an activation
+                else:
+                    plan.append((mods[i], mods[i + 1], kind))
+                i += 2
+            else:
+                plan.append(mods[i])
+                i += 1
         self.__dict__["_wnorm_plan"] = (key, plan)
         return plan
 
     def forward(self, input: Any) -> Any:  # noqa: A002 (nn.Sequential's own name)
         fusable = _global_state_allows()
         for step in self._plan():
-            if type(step) is tuple:
-                layer, bn, kind = step
-                out = _pair_forward(layer, bn, kind, input, fusable)
-                input = bn(layer(input)) if out is None else out
-            else:
+            if type(step) is not tuple:
                 input = step(input)
+            elif len(step) == 3:
+                input = _pair_or_plain(*step, input, fusable)
+            else:
+                input = _act_pair_forward(*step, input, fusable)
         return input
 
     def __getstate__(self) -> dict[str, Any]:
@@ -335,6 +471,10 @@ def fuse_mean_only(model: nn.Module, enabled: bool = True) -> nn.Module:
     calls whenever the shortcut could differ from them: hooks on either module, tracing,
     scripting or compiling, autocast, an input of another rank, dtype or device. See
     :mod:`wnorm.mean_only_fused` for the math.
+
+    A ``nn.LeakyReLU``/``nn.ReLU`` (not in place) directly before a convolution pair is folded
+    into it in training, which removes those two passes as well (on CPU with wnorm's C++
+    kernels, built on first use like :mod:`wnorm.optim`'s; PyTorch ops otherwise).
 
     Args:
         model: the model, changed in place.

@@ -396,9 +396,16 @@ void adam_plain_step(const std::vector<at::Tensor>& p, const std::vector<at::Ten
   }
 }
 
+// wnorm/csrc/activation.cpp
+std::vector<at::Tensor> act_forward_sum(const at::Tensor& u, double slope);
+at::Tensor act_backward_add_(at::Tensor g, const at::Tensor& u, const at::Tensor& c, double slope);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sgd_step", &sgd_step, "weight-normalized SGD step (CPU)");
   m.def("adam_step", &adam_step, "weight-normalized Adam step (CPU)");
   m.def("sgd_plain_step", &sgd_plain_step, "SGD step of plain parameters (CPU)");
   m.def("adam_plain_step", &adam_plain_step, "Adam step of plain parameters (CPU)");
+  m.def("act_forward_sum", &act_forward_sum, "leaky ReLU and its batch sum in one pass (CPU)");
+  m.def("act_backward_add_", &act_backward_add_,
+        "leaky ReLU backward of (gradient + batch-constant correction), in place (CPU)");
 }

@@ -1,0 +1,87 @@
+// Leaky ReLU (ReLU: slope 0) fused with the two reductions that mean-only batch norm fused into
+// the next layer needs (wnorm/mean_only_fused.py): forward, the activation and the sum of its
+// output over the batch in one pass; backward, the batch-constant correction of the input
+// gradient added inside the activation's own backward pass. Each saves one sweep over an
+// activation tensor per layer. Inputs: contiguous CPU float/double tensors (N, ...) viewed as
+// N rows of J values; the batch sum and the correction have J values.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kGrain = 4096;  // values per task: a task's slice of the sum stays in L1/L2
+
+void check(const at::Tensor& t, const at::Tensor& like, const char* what) {
+  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() && t.scalar_type() == like.scalar_type(),
+              "wnorm activation kernel: ", what, " must be a contiguous CPU tensor of dtype ",
+              like.scalar_type());
+}
+
+}  // namespace
+
+// (A #pragma cannot sit inside AT_DISPATCH's macro argument: the loops are templates.)
+template <typename T>
+void forward_sum(const T* up, T* zp, T* sp, int64_t n_rows, int64_t j_len, T sl) {
+  at::parallel_for(0, j_len, kGrain, [&](int64_t b, int64_t e) {
+    for (int64_t n = 0; n < n_rows; ++n) {
+      const T* ur = up + n * j_len;
+      T* zr = zp + n * j_len;
+#pragma omp simd
+      for (int64_t j = b; j < e; ++j) {
+        const T v = ur[j];
+        const T o = std::max(v, T(0)) + sl * std::min(v, T(0));  // branch-free: vectorizes
+        zr[j] = o;
+        sp[j] += o;
+      }
+    }
+  });
+}
+
+template <typename T>
+void backward_add(T* gp, const T* up, const T* cp, int64_t n_rows, int64_t j_len, T sl) {
+  at::parallel_for(0, j_len, kGrain, [&](int64_t b, int64_t e) {
+    for (int64_t n = 0; n < n_rows; ++n) {
+      T* gr = gp + n * j_len;
+      const T* ur = up + n * j_len;
+#pragma omp simd
+      for (int64_t j = b; j < e; ++j) {
+        const T m = static_cast<T>(ur[j] > 0);  // 0/1 mask, branch-free: vectorizes
+        gr[j] = (gr[j] + cp[j]) * (sl + (T(1) - sl) * m);
+      }
+    }
+  });
+}
+
+// z = u > 0 ? u : slope * u, and s[j] = sum over n of z[n, j].
+std::vector<at::Tensor> act_forward_sum(const at::Tensor& u, double slope) {
+  check(u, u, "the input");
+  TORCH_CHECK(u.dim() >= 1 && u.size(0) > 0, "wnorm activation kernel: empty batch");
+  auto z = at::empty_like(u);
+  auto s = at::zeros(u.sizes().slice(1), u.options());
+  const int64_t n_rows = u.size(0), j_len = u.numel() / n_rows;
+  AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "wnorm_act_forward_sum", [&] {
+    forward_sum<scalar_t>(u.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), s.data_ptr<scalar_t>(),
+                          n_rows, j_len, static_cast<scalar_t>(slope));
+  });
+  return {z, s};
+}
+
+// g[n, j] = (g[n, j] + c[j]) * (u[n, j] > 0 ? 1 : slope), in place; returns g.
+at::Tensor act_backward_add_(at::Tensor g, const at::Tensor& u, const at::Tensor& c,
+                             double slope) {
+  check(g, u, "the gradient");
+  check(u, u, "the input");
+  check(c, u, "the correction");
+  TORCH_CHECK(g.sizes() == u.sizes() && c.numel() * u.size(0) == u.numel(),
+              "wnorm activation kernel: shapes do not match");
+  const int64_t n_rows = u.size(0), j_len = u.numel() / n_rows;
+  AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "wnorm_act_backward_add", [&] {
+    backward_add<scalar_t>(g.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(), c.data_ptr<scalar_t>(),
+                           n_rows, j_len, static_cast<scalar_t>(slope));
+  });
+  return g;
+}
