@@ -391,3 +391,49 @@ def test_zero_row_of_v_is_an_error_naming_the_layer():
     with pytest.raises(WnormError, match=r"^2 \(Linear\): the pre-activations of 1 of 2 units"):
         wnorm.data_init(model, torch.randn(16, 3))
     assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())
+
+
+# ------------------------------------------------------------------ found in review, kept fixed
+def test_compiled_model_gets_the_same_init():
+    """A compiled forward computes the weight from g and v (never the raw cache), so the init
+    must not rely on the raw pass there."""
+    torch.manual_seed(0)
+    model = wnorm.apply(nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3)))
+    with torch.no_grad():
+        model[0].weight_g.mul_(4)  # g far from 1: a g * t output would be visible
+    twin = copy.deepcopy(model)
+    x = torch.randn(64, 5)
+    wnorm.data_init(torch.compile(model, backend="eager"), x)
+    wnorm.data_init(twin, x)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+class SharedBN(nn.Module):
+    """One mean-only BN called twice; its second input has another mean."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.l2, self.l3 = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+        self.bn = MeanOnlyBatchNorm1d(6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.bn(torch.relu(self.l1(x)))
+        return self.l3(self.bn(3 * torch.relu(self.l2(h))))
+
+
+def test_shared_mean_only_bn_keeps_its_first_call_mean_in_train_mode():
+    """The init mean is the first call's; later calls subtract it too, as one process on the
+    union of the ranks' batches does under torch.distributed."""
+    torch.manual_seed(0)
+    model = wnorm.apply(SharedBN()).to(D).train()
+    x = torch.randn(64, 4, dtype=D)
+    seen = []
+    model.bn.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()),
+                                       prepend=True)
+    model.l3.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()),
+                                       prepend=True)
+    wnorm.data_init(model, x)
+    first, second, into_l3 = seen[:3]
+    torch.testing.assert_close(model.bn.running_mean, first.mean(0))
+    torch.testing.assert_close(into_l3, second - first.mean(0) + model.bn.bias)

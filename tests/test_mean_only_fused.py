@@ -989,3 +989,80 @@ def test_activation_not_folded_when_in_place_or_hooked(fused_pairs):
     assert len(seen) == 2  # the hook ran in both, on the same values
     close(seen[1], seen[0], RTOL64)
     assert fused_pairs["with activation"] == 0
+
+
+# ------------------------------------------------------------------ found in review, kept fixed
+def test_half_precision_pairs_are_not_fused(fused_pairs):
+    """float16: the batch sum of the input would overflow (65504): the plain calls run."""
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), MeanOnlyBatchNorm2d(8)).half()
+    ref, fz = twins(net)
+    x = (torch.randn(64, 3, 32, 32) + 1).half()
+    assert torch.equal(fz(x), ref(x))
+    assert torch.equal(fz[1].running_mean, ref[1].running_mean)
+    assert fused_pairs["fused"] == 0 and fused_pairs["plain"] == 1
+
+
+@pytest.mark.parametrize("kernels", [True, False], ids=["cpp-kernels", "torch-ops"])
+def test_relu_of_minus_inf_is_zero_not_nan(kernels, monkeypatch):
+    """A folded ReLU must not compute 0 * -inf (NaN) where nn.ReLU gives 0."""
+    if not kernels:
+        monkeypatch.setattr(mof, "_act_kernels", lambda u: None)
+    torch.manual_seed(0)
+    ref, fz = twins(perturb(nn.Sequential(nn.ReLU(), nn.Conv2d(IN, OUT, 3),
+                                          MeanOnlyBatchNorm2d(OUT)).to(D)))
+    u = batch(CONV_SHAPE)
+    u[0, 0, 0, 0] = -float("inf")
+    outs = []
+    for m in (ref, fz):
+        x = u.clone().requires_grad_(True)
+        y = m(x)
+        y.sum().backward()
+        outs.append((y, x.grad))
+    assert not outs[1][0].isnan().any() and not outs[1][1].isnan().any()
+    close(outs[1][0], outs[0][0], RTOL64)
+    close(outs[1][1], outs[0][1], RTOL64, float(outs[0][1].abs().max()))
+
+
+def test_disabling_drops_the_plan_and_the_model_pickles():
+    net = wnorm.apply(act_net(nn.ReLU(), padding=1))
+    wnorm.fuse_mean_only(net)
+    net(batch(CONV_SHAPE))
+    wnorm.fuse_mean_only(net, enabled=False)
+    assert type(net) is nn.Sequential and "_wnorm_plan" not in net.__dict__
+    torch.save(net, io.BytesIO())
+
+
+def test_a_pass_under_inference_mode_does_not_poison_a_later_double_backward():
+    net = wnorm.fuse_mean_only(nn.Sequential(nn.Conv2d(3, 4, 3), MeanOnlyBatchNorm2d(
+        4, track_running_stats=False)).to(D))
+    x = batch((3, 3, 7, 9))  # a shape not seen before: its tap matrices are made now
+    with torch.inference_mode():
+        net(x)
+    xi = x.clone().requires_grad_(True)
+    gx, = torch.autograd.grad(net(xi).square().sum(), xi, create_graph=True)
+    gx.sum().backward()
+
+
+def test_in_place_edit_of_the_input_after_a_folded_activation():
+    """A skip path's in-place ReLU on the block input, after the branch used it (unfused
+    nn.ReLU saves only its output, so this works there too)."""
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.branch = nn.Sequential(nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1),
+                                        MeanOnlyBatchNorm2d(4))
+            self.act = nn.ReLU(inplace=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.branch(x) + self.act(x)
+
+    torch.manual_seed(0)
+    ref = Block().to(D)
+    fz = wnorm.fuse_mean_only(copy.deepcopy(ref))
+    x0 = batch((3, 4, 6, 6))
+    grads = []
+    for m in (ref, fz):
+        x = x0.clone().requires_grad_(True)
+        m(x * 1.0).sum().backward()
+        grads.append(x.grad)
+    close(grads[1], grads[0], RTOL64, float(grads[0].abs().max()))

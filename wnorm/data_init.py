@@ -134,10 +134,12 @@ class _Initializer:
         if self.is_wn[module]:
             spec = module.__dict__["_wn"]["weight"]
             g, v = module._parameters["weight_g"], module._parameters["weight_v"]
-            if spec.kind == WN and spec.plain is None and v.dtype in _RAW_DTYPES:
+            if (spec.kind == WN and spec.plain is None and v.dtype in _RAW_DTYPES
+                    and not (torch.compiler.is_compiling() or torch._C._is_tracing())):
                 # Raw: the layer computes r = v.x (+ 0), with v itself as its cached weight, so
                 # no weight is recomputed; t = r/||v|| is only ever needed through its
                 # statistics, which post() rescales. The cache entry is cleared in post().
+                # (A compiled or traced forward computes the weight, never the cache: not raw.)
                 spec.cache, spec.g, spec.v, spec.gver, spec.vver = v, g, v, g._version, v._version
                 self.raw[module] = spec
             else:
@@ -241,8 +243,9 @@ class _Initializer:
         sigma = torch.reciprocal(gflat)  # sigma[r]/||v||; so sigma[t] = s/g
         if self.init_scale != 1.0:
             sigma.mul_(self.init_scale)
+        mu = mu.div_(vnorm)  # mu[t] = mu[r]/||v||
         self.done[module] = LayerInit(self.names[module], type(module).__name__, "initialized",
-                                      "", mu.div_(vnorm), sigma)  # mu[t] = mu[r]/||v||
+                                      "", mu.cpu(), sigma.cpu())
         return out
 
     def _fail(self, module: nn.Module, idx: list[int], units: int, n: int) -> None:
@@ -355,6 +358,7 @@ def data_init(
         handles.append(m.register_forward_pre_hook(init.pre))
         handles.append(m.register_forward_hook(init.post))
     mobn_means: dict[nn.Module, Tensor] = {}
+    mobn_first: set[nn.Module] = set()  # one process, first call: nothing to replace
 
     def mobn_pre(module: nn.Module, inp: tuple[Any, ...]) -> None:
         if module in mobn_means:
@@ -369,6 +373,7 @@ def data_init(
             mean = total[:-1] / total[-1]
         else:
             mean = x.mean(dim=dims)
+            mobn_first.add(module)
         mobn_means[module] = mean
         # set it before the layer runs: in eval mode the layer subtracts its running mean, and
         # the layers after it must be initialized on what they will see from now on
@@ -378,6 +383,13 @@ def data_init(
     def mobn_post(module: nn.Module, inp: tuple[Any, ...], out: Tensor) -> Tensor | None:
         # subtract the (all-reduced) init mean, not this rank's batch mean, so that every
         # later layer is initialized on what one process on the union would have seen
+        if module in mobn_first:
+            # One process, first call: the layer's own forward subtracted this very mean, the
+            # running mean just set (eval) or its batch mean (train; its running-mean update
+            # moved the running mean from that mean to the same mean). A later call of a
+            # shared layer is handled below, like under torch.distributed.
+            mobn_first.discard(module)
+            return None
         mean = mobn_means.get(module)
         if mean is None:
             return None
@@ -388,12 +400,7 @@ def data_init(
 
     for _, m in mobn:
         handles.append(m.register_forward_pre_hook(mobn_pre))
-        # One process: the layer's own forward then subtracts this very mean, the running mean
-        # just set (eval) or its batch mean (train; its running-mean update moves the running
-        # mean from that mean to the same mean). Distributed: the all-reduced mean replaces
-        # the local batch mean in the output and, after the update, in the running mean.
-        if init.distributed:
-            handles.append(m.register_forward_hook(mobn_post))
+        handles.append(m.register_forward_hook(mobn_post))
 
     # What the pass may change: g, biases and plain weights of the targets, running means.
     touched = [t for m in names for t in (m._parameters.get("weight_g"), m._parameters.get("bias"),

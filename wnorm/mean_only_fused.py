@@ -79,13 +79,15 @@ _HELPERS = {cls: ("_conv_forward",) if cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 def _taps(size: int, k: int, stride: int, pad: int, dil: int, out: int, dtype: torch.dtype,
           device: torch.device) -> Tensor:
     """R[i, l] = 1 where kernel tap i reads input position l at some output position (zeros
-    padding: taps that land in the padding read nothing)."""
-    idx = (torch.arange(out, device=device) * stride - pad)[None, :] \
-        + (torch.arange(k, device=device) * dil)[:, None]
-    idx = torch.where((idx >= 0) & (idx < size), idx, size)  # column `size` is a sink
-    taps = torch.zeros(k, size + 1, dtype=dtype, device=device)
-    taps.scatter_(1, idx, 1.0)  # one output position per (tap, input position) at most
-    return taps[:, :size].contiguous()
+    padding: taps that land in the padding read nothing). Cached, so made as ordinary tensors
+    even under ``torch.inference_mode`` (an inference tensor cannot be saved for a backward)."""
+    with torch.inference_mode(False), torch.no_grad():
+        idx = (torch.arange(out, device=device) * stride - pad)[None, :] \
+            + (torch.arange(k, device=device) * dil)[:, None]
+        idx = torch.where((idx >= 0) & (idx < size), idx, size)  # column `size` is a sink
+        taps = torch.zeros(k, size + 1, dtype=dtype, device=device)
+        taps.scatter_(1, idx, 1.0)  # one output position per (tap, input position) at most
+        return taps[:, :size].contiguous()
 
 
 def _conv_mean(ctx: Any, x: Tensor, xs: Tensor, w: Tensor, args: tuple[Any, ...]) -> Tensor:
@@ -176,7 +178,13 @@ class _ActConvMeanOnly(torch.autograd.Function):
     that precedes the layer folded in: forward, the activation and its batch sum in one pass;
     backward, the mean's batch-constant input-gradient term added inside the activation's
     backward. With wnorm's C++ kernels each is one sweep (CPU, contiguous float/double); without,
-    the same math in PyTorch ops."""
+    the same math in PyTorch ops.
+
+    Like ``nn.ReLU``/``nn.LeakyReLU`` (slope >= 0), the backward takes its mask from the
+    activation's output, which is internal here: an in-place edit of ``u`` after the forward
+    (e.g. an in-place ReLU on a skip path) does not disturb it. ``u`` itself is only needed to
+    rebuild the graph for a double backward, or for a negative slope.
+    """
 
     @staticmethod
     def forward(ctx: Any, u: Tensor, w: Tensor, shift: Tensor, args: tuple[Any, ...],
@@ -186,24 +194,34 @@ class _ActConvMeanOnly(torch.autograd.Function):
             x, xs = kern.act_forward_sum(u, slope)
             xs = xs.unsqueeze(0)
         else:
-            x = F.leaky_relu(u, slope)
+            x = _act(u, slope)
             xs = x.sum(0, keepdim=True)
         mean = _conv_mean(ctx, x, xs, w, args)
         y = torch.convolution(x, w, shift - mean, *args)
-        ctx.save_for_backward(u, x, w, xs)
+        ctx.save_for_backward(x, w, xs)
+        # u without autograd's saved-tensor version check: checked by hand where it is used
+        ctx.u, ctx.u_version = u, u._version
         ctx.slope, ctx.kern = slope, kern
         ctx.mark_non_differentiable(mean)
         return y, mean
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor, _grad_mean: Any) -> tuple[Tensor | None, ...]:
-        u, x, w, xs = ctx.saved_tensors
+        x, w, xs = ctx.saved_tensors
         need_u, need_w = ctx.needs_input_grad[:2]
         slope = ctx.slope
         graph = torch.is_grad_enabled()
-        if graph:  # x and xs as functions of u, for the double backward
-            x = F.leaky_relu(u, slope)
-            xs = x.sum(0, keepdim=True)
+        if graph or slope < 0:
+            u = ctx.u
+            if u._version != ctx.u_version:
+                raise RuntimeError(
+                    "wnorm.fuse_mean_only: the input of a folded activation was modified by an "
+                    "in-place operation after the forward, and this backward needs it (a double "
+                    "backward, or a negative slope); call fuse_mean_only(model, enabled=False)")
+            if graph:  # x and xs as functions of u, for the double backward
+                x = _act(u, slope)
+                xs = x.sum(0, keepdim=True)
+        mask_of = x if slope >= 0 else ctx.u  # x > 0 exactly where u > 0 when slope >= 0
         gx, gw, gsum = _aten.convolution_backward(
             grad, x, w, [grad.shape[1]], *ctx.args, [need_u, need_w, True])
         gu = None
@@ -214,12 +232,19 @@ class _ActConvMeanOnly(torch.autograd.Function):
             if need_u:
                 if graph:
                     gx = gx + gxs
-                    gu = torch.where(u > 0, gx, gx * slope)
-                elif ctx.kern is not None and gx.is_contiguous():
-                    gu = ctx.kern.act_backward_add_(gx, u, gxs.contiguous(), slope)
+                    gu = torch.where(mask_of > 0, gx, gx * slope if slope else 0.0)
+                elif ctx.kern is not None and gx.is_contiguous() and mask_of.is_contiguous():
+                    gu = ctx.kern.act_backward_add_(gx, mask_of, gxs.contiguous(), slope)
+                elif slope == 0:
+                    gu = _aten.threshold_backward(gx.add_(gxs), x, 0)
                 else:
-                    gu = _aten.leaky_relu_backward(gx.add_(gxs), u, slope, False)
+                    gu = _aten.leaky_relu_backward(gx.add_(gxs), mask_of, slope, slope >= 0)
         return gu, gw, gsum, None, None
+
+
+def _act(u: Tensor, slope: float) -> Tensor:
+    # relu for slope 0: leaky_relu(-inf, 0.0) is 0 * -inf = NaN
+    return F.relu(u) if slope == 0 else F.leaky_relu(u, slope)
 
 
 def _act_kernels(u: Tensor) -> Any | None:
@@ -331,7 +356,7 @@ def _pair_weight(layer: nn.Module, bn: _MeanOnlyBatchNorm, kind: tuple[type[nn.M
     spatial = kind[1]
     if (_has_hooks(layer) or _has_hooks(bn) or (spatial and args is None)
             or x.dim() != spatial + 2 or x.shape[0] == 0 or x.numel() == 0
-            or not x.is_floating_point() or x.dtype != bn.bias.dtype
+            or x.dtype not in (torch.float32, torch.float64) or x.dtype != bn.bias.dtype
             or x.device != bn.bias.device or torch.is_autocast_enabled(x.device.type)):
         return None
     w = layer.weight
@@ -508,6 +533,7 @@ def fuse_mean_only(model: nn.Module, enabled: bool = True) -> nn.Module:
                 found += len(_pairs(m))
             else:
                 m.__class__ = nn.Sequential
+                m.__dict__.pop("_wnorm_plan", None)
     if enabled and not found:
         raise WnormError(
             f"fuse_mean_only: {type(model).__name__} has no pair to fuse: a pair is a Linear, "
