@@ -381,12 +381,21 @@ def _pair_forward(layer: nn.Module, bn: _MeanOnlyBatchNorm, kind: tuple[type[nn.
     if not (bn.training or not bn.track_running_stats):  # eval: a constant bias
         bias = bn.bias - bn.running_mean if lb is None else lb + bn.bias - bn.running_mean
         return F.linear(x, w, bias) if args is None else torch.convolution(x, w, bias, *args)
-    # a batch mean subtracts the layer's bias again: it cancels and gets a zero gradient
-    shift = bn.bias if lb is None else bn.bias + (lb - lb)
     if args is None:
-        y, mean = _LinearMeanOnly.apply(x, w, shift)
+        y, mean = _LinearMeanOnly.apply(x, w, _shift(bn, lb))
     else:
-        y, mean = _ConvMeanOnly.apply(x, w, shift, args)
+        y, mean = _ConvMeanOnly.apply(x, w, _shift(bn, lb), args)
+    return _tracked(y, mean, bn, lb)
+
+
+def _shift(bn: _MeanOnlyBatchNorm, lb: Tensor | None) -> Tensor:
+    """The bias to add after subtracting the batch mean. The layer's own bias ``lb`` is in the
+    batch mean too, so it cancels (and gets a zero gradient, as in the unfused pair)."""
+    return bn.bias if lb is None else bn.bias + (lb - lb)
+
+
+def _tracked(y: Tensor, mean: Tensor, bn: _MeanOnlyBatchNorm, lb: Tensor | None) -> Tensor:
+    """``y``, after moving ``bn``'s running mean toward this batch's mean (when it tracks)."""
     if bn.training and bn.track_running_stats:
         bn._track(mean if lb is None else mean + lb.detach())
     return y
@@ -414,11 +423,8 @@ def _act_pair_forward(act: nn.Module, layer: nn.Module, bn: _MeanOnlyBatchNorm,
     if w is None:
         return _pair_or_plain(layer, bn, kind, act(u), fusable)
     lb = layer.bias
-    shift = bn.bias if lb is None else bn.bias + (lb - lb)
-    y, mean = _ActConvMeanOnly.apply(u, w, shift, args, slope)
-    if bn.training and bn.track_running_stats:
-        bn._track(mean if lb is None else mean + lb.detach())
-    return y
+    y, mean = _ActConvMeanOnly.apply(u, w, _shift(bn, lb), args, slope)
+    return _tracked(y, mean, bn, lb)
 
 
 def _pair_or_plain(layer: nn.Module, bn: _MeanOnlyBatchNorm, kind: tuple[type[nn.Module], int],
