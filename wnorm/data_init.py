@@ -125,7 +125,7 @@ class _Initializer:
         self.init_scale, self.group = init_scale, group
         self.distributed = _distributed(group)
         self.done: dict[nn.Module, LayerInit] = {}
-        # layers whose forward runs with w = v itself (raw), and their ||v|| per unit
+        # layers whose forward runs with w = v itself (raw), with their spec (its cache holds v)
         self.raw: dict[nn.Module, _Spec] = {}
 
     def pre(self, module: nn.Module, args: Any) -> None:
@@ -217,7 +217,6 @@ class _Initializer:
         self.done[module] = LayerInit(name, type(module).__name__, "initialized", "",
                                       mu.reshape(units).cpu(), sigma.reshape(units).cpu())
         return out if out.dtype == y.dtype else out.to(y.dtype)
-
 
     def _post_fast(self, module: nn.Module, y: Tensor, vnorm: Tensor) -> Tensor:
         """post() for a raw layer with units on axis 1, in one process: batch norm's kernel
