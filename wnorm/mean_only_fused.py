@@ -16,9 +16,9 @@ are separable, so :math:`S` is two small matmuls with a 0/1 matrix per spatial a
 Backward: the bias gradient :math:`\sum \nabla_{\tilde t} L` (which the convolution's backward
 computes anyway) flows into :math:`\mu` and from there to :math:`W` (an outer product with
 :math:`S`) and to every sample of :math:`x` (the adjoint matmuls, then one in-place add on
-:math:`\nabla_x L`). The outputs, gradients and running mean
-equal the unfused pair's up to rounding. In eval mode the running mean is used as a bias: mean-only
-batch norm then costs nothing.
+:math:`\nabla_x L`). The outputs, gradients and running mean equal the unfused pair's up to
+rounding. In eval mode the running mean is used as a bias: no pass over the activations either
+(:func:`wnorm.fold` leaves plain layers for deployment).
 
 A leaky ReLU or ReLU right before such a convolution pair is folded in too: its output and the
 batch sum of that output come from one pass (wnorm's C++ kernel on CPU), and in the backward the
