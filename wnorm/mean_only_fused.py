@@ -82,12 +82,10 @@ def _taps(size: int, k: int, stride: int, pad: int, dil: int, out: int, dtype: t
     padding: taps that land in the padding read nothing). Cached, so made as ordinary tensors
     even under ``torch.inference_mode`` (an inference tensor cannot be saved for a backward)."""
     with torch.inference_mode(False), torch.no_grad():
-        idx = (torch.arange(out, device=device) * stride - pad)[None, :] \
-            + (torch.arange(k, device=device) * dil)[:, None]
-        idx = torch.where((idx >= 0) & (idx < size), idx, size)  # column `size` is a sink
-        taps = torch.zeros(k, size + 1, dtype=dtype, device=device)
-        taps.scatter_(1, idx, 1.0)  # one output position per (tap, input position) at most
-        return taps[:, :size].contiguous()
+        reads = (torch.arange(out, device=device) * stride - pad)[None, :] \
+            + (torch.arange(k, device=device) * dil)[:, None]  # (tap, output position)
+        at = reads[:, :, None] == torch.arange(size, device=device)  # padding matches nothing
+        return at.any(dim=1).to(dtype)
 
 
 def _conv_mean(ctx: Any, x: Tensor, xs: Tensor, w: Tensor, args: tuple[Any, ...]) -> Tensor:
