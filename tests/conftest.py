@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+import io
+from typing import Any
+
 import pytest
 import torch
 
@@ -25,3 +29,20 @@ def unit_rows(t: torch.Tensor, dim: int | None) -> torch.Tensor:
 def rows():
     """The :func:`unit_rows` helper, as a fixture (tests/ is not a package)."""
     return unit_rows
+
+
+def copy_as(obj: Any, how: str) -> Any:
+    """A copy of ``obj``: ``copy.deepcopy`` for ``how="deepcopy"``, otherwise (the tests say
+    "torch.save", "save" or "pickle") a ``torch.save``/``torch.load`` round trip."""
+    if how == "deepcopy":
+        return copy.deepcopy(obj)
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+
+@pytest.fixture
+def copied():
+    """The :func:`copy_as` helper, as a fixture."""
+    return copy_as

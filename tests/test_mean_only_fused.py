@@ -786,17 +786,11 @@ def test_only_sequential_containers_holding_a_pair_change():
 
 
 @pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
-def test_copies_keep_fusion_and_outputs(how, fused_pairs):
+def test_copies_keep_fusion_and_outputs(how, fused_pairs, copied):
     ref, fz = twins(wn_net())
     run_twins(ref, fz, WN_SHAPE, train=True, steps=2)
     ref.zero_grad(), fz.zero_grad()  # torch.save keeps no .grad
-    if how == "deepcopy":
-        copied = copy.deepcopy(fz)
-    else:
-        buf = io.BytesIO()
-        torch.save(fz, buf)
-        buf.seek(0)
-        copied = torch.load(buf, weights_only=False)
+    copied = copied(fz, how)
     assert type(copied) is type(fz) and repr(copied) == repr(ref)
     assert_same_state(fz, copied, 0.0)
     fused_pairs.clear()

@@ -788,7 +788,7 @@ def test_eval_no_grad_inference_in_fused_mode():
 
 
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])
-def test_copy_of_a_fused_model_is_on_autograd(how):
+def test_copy_of_a_fused_model_is_on_autograd(how, copied):
     ma, mb = twins()
     oa, ob = pair("SGD", dict(lr=0.1, momentum=0.9), ma, mb)
     data = batches()
@@ -796,13 +796,7 @@ def test_copy_of_a_fused_model_is_on_autograd(how):
     train(mb, ob, data[:3])
     x, y = data[3]
     loss_of(mb(x), y).backward()  # a pending plain-weight gradient too
-    if how == "deepcopy":
-        mc = copy.deepcopy(mb)
-    else:
-        buf = io.BytesIO()
-        torch.save(mb, buf)
-        buf.seek(0)
-        mc = torch.load(buf, weights_only=False)
+    mc = copied(mb, how)
     assert list(mc.state_dict()) == list(ma.state_dict())
     for m in modules(mc, ["0", "3", "4"]):
         assert all(s.plain is None for s in m._wn.values())
@@ -1083,18 +1077,12 @@ def test_grad_scaler_is_refused_while_layers_are_fused():
 
 
 @pytest.mark.parametrize("how", ["deepcopy", "save"])
-def test_a_copied_optimizer_trains_like_torch(how):
+def test_a_copied_optimizer_trains_like_torch(how, copied):
     ma, mb = twins()
     oa, ob = pair("Adam", dict(lr=1e-2), ma, mb)
     data = batches()
     train(ma, oa, data[:2]), train(mb, ob, data[:2])
-    if how == "deepcopy":
-        mc, oc = copy.deepcopy((mb, ob))
-    else:
-        buf = io.BytesIO()
-        torch.save((mb, ob), buf)
-        buf.seek(0)
-        mc, oc = torch.load(buf, weights_only=False)
+    mc, oc = copied((mb, ob), how)
     assert oc.fused_layers() == []  # the copy's layers are on autograd
     train(ma, oa, data[2:]), train(mc, oc, data[2:])
     assert_same_training(ma, oa, mc, oc)
