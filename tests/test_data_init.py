@@ -4,12 +4,14 @@ init batch have per-unit mean 0 and standard deviation init_scale."""
 from __future__ import annotations
 
 import copy
+import sys
 
 import pytest
 import torch
 from torch import nn
 
 import wnorm
+from wnorm import _extension
 from wnorm import MeanOnlyBatchNorm1d, MeanOnlyBatchNorm2d, WnormError
 
 D = torch.float64
@@ -305,6 +307,28 @@ class Seq3d(nn.Module):
         return self.c(torch.tanh(self.b(h)).transpose(1, 2))
 
 
+@pytest.fixture(params=["kernel", "torch-ops"])
+def path(request, monkeypatch):
+    """Run the test with data_init's C++ kernel (csrc/data_init.cpp) and without it (PyTorch
+    ops: batch norm's kernel or the general path). Yields how many layers took the kernel."""
+    mod = sys.modules["wnorm.data_init"]
+    calls = [0]
+    if request.param == "kernel":
+        kern = _extension.kernels()
+        if kern is None:
+            pytest.skip(f"wnorm's C++ kernels are unavailable: {_extension.unavailable_reason()}")
+
+        class Spy:
+            def data_init_layer(self, *args):
+                calls[0] += 1
+                return kern.data_init_layer(*args)
+
+        monkeypatch.setattr(mod, "kernels", lambda: Spy())
+    else:
+        monkeypatch.setattr(mod, "kernels", lambda: None)
+    return calls
+
+
 @pytest.mark.parametrize("init_scale", [1.0, 0.5])
 @pytest.mark.parametrize("make, shape", [
     (lambda: nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 4), nn.Tanh(),
@@ -313,7 +337,7 @@ class Seq3d(nn.Module):
     (lambda: nn.Sequential(nn.Linear(5, 6, bias=False), nn.Tanh(), nn.Conv1d(1, 3, 2, bias=False),
                            nn.Flatten(), nn.Linear(15, 4)), (16, 5)),
 ], ids=["fast-path", "general-path", "fast-path-no-bias"])
-def test_g_b_and_report_follow_the_formulas_on_t(make, shape, init_scale):
+def test_g_b_and_report_follow_the_formulas_on_t(make, shape, init_scale, path):
     torch.manual_seed(0)
     model = wnorm.apply(make()).double()
     if shape is None:  # the Conv1d sees the Tanh output as one channel
@@ -342,6 +366,7 @@ def test_g_b_and_report_follow_the_formulas_on_t(make, shape, init_scale):
         expect[name] = (mu, sd)
     report = wnorm.data_init(model, x, init_scale=init_scale)
     assert [r.name for r in report] == list(layers)
+    assert path[0] in (0, len(layers))  # every layer took the kernel, or none did
     for r in report:
         mu, sd = expect[r.name]
         torch.testing.assert_close(r.mu, mu, rtol=1e-9, atol=1e-12)
@@ -383,7 +408,7 @@ def test_failed_init_leaves_no_raw_weight_behind():
             torch.testing.assert_close(m.weight, expect)
 
 
-def test_zero_row_of_v_is_an_error_naming_the_layer():
+def test_zero_row_of_v_is_an_error_naming_the_layer(path):
     model = wnorm.apply(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)))
     with torch.no_grad():
         model[2].weight_v[1].zero_()
@@ -437,3 +462,104 @@ def test_shared_mean_only_bn_keeps_its_first_call_mean_in_train_mode():
     first, second, into_l3 = seen[:3]
     torch.testing.assert_close(model.bn.running_mean, first.mean(0))
     torch.testing.assert_close(into_l3, second - first.mean(0) + model.bn.bias)
+
+
+# ------------------------------------------------------------------ the C++ kernel
+class Zoo(nn.Module):
+    """Every layout the kernel takes: units on axis 1 with and without positions, on the last
+    axis (Linear on a sequence), on axis 0 (unbatched conv), and v's units on axis 1 (ConvT)."""
+
+    def __init__(self, bias: bool) -> None:
+        super().__init__()
+        self.c1 = nn.Conv1d(2, 4, 3, bias=bias)
+        self.c2 = nn.Conv2d(4, 5, 3, padding=1, bias=bias)
+        self.t2 = nn.ConvTranspose2d(5, 3, 2, stride=2, bias=bias)
+        self.c3 = nn.Conv3d(3, 2, 1, bias=bias)
+        self.seq = nn.Linear(4, 6, bias=bias)
+        self.lone = nn.Conv2d(2, 3, 2, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.c1(x))  # (N, 4, L)
+        h2 = torch.tanh(self.c2(h.unsqueeze(-1).expand(-1, -1, -1, 3).contiguous()))
+        h3 = torch.tanh(self.t2(h2))  # (N, 3, 2L, 6)
+        h3 = torch.tanh(self.c3(h3.unsqueeze(2)))  # (N, 2, 1, 2L, 6)
+        s = torch.tanh(self.seq(h.transpose(1, 2)))  # (N, L, 6)
+        u = self.lone(h3[0, :, 0])  # unbatched: (3, 2L-1, 5)
+        return s.sum() + u.sum() + h3.sum()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bias", [True, False])
+def test_kernel_matches_the_torch_ops_path(dtype, bias, monkeypatch):
+    if _extension.kernels() is None:
+        pytest.skip(f"wnorm's C++ kernels are unavailable: {_extension.unavailable_reason()}")
+    mod = sys.modules["wnorm.data_init"]
+    model = wnorm.apply(Zoo(bias)).to(dtype)
+    with torch.no_grad():
+        for m in model.modules():
+            if wnorm.is_weight_normalized(m):
+                m.weight_g.mul_(3)  # g far from 1, biases nonzero: all of them get written
+                if m.bias is not None:
+                    m.bias.add_(1)
+    twin = copy.deepcopy(model)
+    x = torch.randn(8, 2, 7, dtype=dtype) * 3 + 5  # a mean far from 0
+    used = []
+    kern = _extension.kernels()
+
+    class Spy:
+        def data_init_layer(self, *args):
+            used.append(args[0].shape)
+            return kern.data_init_layer(*args)
+
+    monkeypatch.setattr(mod, "kernels", lambda: Spy())
+    rep = wnorm.data_init(model, x, init_scale=0.5)
+    assert len(used) == 6  # every layer took the kernel
+    monkeypatch.setattr(mod, "kernels", lambda: None)
+    ref = wnorm.data_init(twin, x, init_scale=0.5)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-12}
+    assert [r.name for r in rep] == [r.name for r in ref]
+    for a, b in zip(rep, ref):
+        assert a.mu.dtype == b.mu.dtype == dtype
+        torch.testing.assert_close(a.mu, b.mu, **tol)
+        torch.testing.assert_close(a.sigma, b.sigma, **tol)
+    for (name, a), b in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, **tol, msg=name)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), twin(x), **tol)
+
+
+def test_kernel_declines_a_channels_last_output(path):
+    """A channels-last conv output is not contiguous: the PyTorch-ops path takes it."""
+    torch.manual_seed(0)
+    model = wnorm.apply(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 1)))
+    model = model.to(memory_format=torch.channels_last)
+    x = torch.randn(6, 3, 8, 8).to(memory_format=torch.channels_last)
+    wnorm.data_init(model, x)
+    assert path[0] == 0
+    outs = first_outputs(model, {"0": model[0], "2": model[2]}, x)
+    assert_standardized(outs, {"0": model[0], "2": model[2]}, 1.0)
+
+
+def test_g_that_overflows_is_an_error_and_nothing_is_written(path):
+    """sigma[t] is positive but s/sigma[t] overflows float32: an error, not an inf g."""
+    model = wnorm.apply(nn.Sequential(nn.Linear(3, 4)))
+    sd = copy.deepcopy(model.state_dict())
+    x = torch.randn(16, 3) * 1e-41  # subnormal inputs: sigma[t] ~ 1e-41
+    with pytest.raises(WnormError, match=r"^0 \(Linear\): the pre-activations of 4 of 4 units"):
+        wnorm.data_init(model, x)
+    assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("saved", ["weight_g", "bias"])
+def test_a_graph_that_saw_the_old_g_or_b_cannot_backpropagate(path, saved):
+    """data_init writes g and b in place: autograd must see it (version counters), never hand
+    out gradients computed from the values it overwrote."""
+    model = wnorm.apply(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)))
+    x = torch.randn(16, 3)
+    with torch.no_grad():
+        h = model(x)
+    y = (h * getattr(model[2], saved).view(1, -1).pow(2)).sum()  # pow saves g (or b)
+    wnorm.data_init(model, x)
+    assert path[0] in (0, 2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()

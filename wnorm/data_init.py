@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._extension import kernels
 from .errors import WnormError
 from .mean_only_bn import _MeanOnlyBatchNorm
 from .weight_norm import WN, _Spec, default_dim
@@ -153,6 +154,10 @@ class _Initializer:
         spec = self.raw.pop(module, None)
         if spec is not None:
             spec.clear()
+            if not self.distributed:
+                out = self._post_kernel(module, y, spec)
+                if out is not None:
+                    return out
             v = module._parameters["weight_v"]
             vnorm = torch.linalg.vector_norm(v, dim=[d for d in range(v.dim()) if d != spec.dim])
             if (not self.distributed and y.dim() >= 2 and y.dtype in _RAW_DTYPES
@@ -217,6 +222,25 @@ class _Initializer:
         self.done[module] = LayerInit(name, type(module).__name__, "initialized", "",
                                       mu.reshape(units).cpu(), sigma.reshape(units).cpu())
         return out if out.dtype == y.dtype else out.to(y.dtype)
+
+    def _post_kernel(self, module: nn.Module, y: Tensor, spec: _Spec) -> Tensor | None:
+        """post() for a raw layer in one process as one C++ call (``csrc/data_init.cpp``): the
+        statistics of r = v.x, g, b and the standardized output; None where the kernel does not
+        apply (no kernels, another device or dtype, a non-contiguous tensor)."""
+        kern = kernels()
+        v, g, bias = module._parameters["weight_v"], module._parameters["weight_g"], module.bias
+        if (kern is None or y.device.type != "cpu" or y.dtype != v.dtype or y.dim() == 0
+                or not y.is_contiguous() or not v.is_contiguous() or g.dtype != v.dtype
+                or not g.is_contiguous()
+                or (bias is not None and (bias.dtype != v.dtype or not bias.is_contiguous()))):
+            return None
+        axis = _unit_axis(module, y)
+        out, mu, sigma, bad = kern.data_init_layer(y, axis, v, spec.dim, g, bias, self.init_scale)
+        if bad:  # nothing was written
+            self._fail(module, bad, y.shape[axis], y.numel() // y.shape[axis])
+        self.done[module] = LayerInit(self.names[module], type(module).__name__, "initialized",
+                                      "", mu, sigma)
+        return out
 
     def _post_fast(self, module: nn.Module, y: Tensor, vnorm: Tensor) -> Tensor:
         """post() for a raw layer with units on axis 1, in one process: batch norm's kernel

@@ -12,6 +12,7 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <tuple>
 #include <vector>
 
 namespace {
@@ -396,9 +397,12 @@ void adam_plain_step(const std::vector<at::Tensor>& p, const std::vector<at::Ten
   }
 }
 
-// wnorm/csrc/activation.cpp
+// wnorm/csrc/activation.cpp, wnorm/csrc/data_init.cpp
 std::vector<at::Tensor> act_forward_sum(const at::Tensor& u, double slope);
 at::Tensor act_backward_add_(at::Tensor g, const at::Tensor& u, const at::Tensor& c, double slope);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<int64_t>> data_init_layer(
+    const at::Tensor& r, int64_t axis, const at::Tensor& v, int64_t dim, at::Tensor g,
+    c10::optional<at::Tensor> bias, double init_scale);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sgd_step", &sgd_step, "weight-normalized SGD step (CPU)");
@@ -408,4 +412,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("act_forward_sum", &act_forward_sum, "leaky ReLU and its batch sum in one pass (CPU)");
   m.def("act_backward_add_", &act_backward_add_,
         "leaky ReLU backward of (gradient + batch-constant correction), in place (CPU)");
+  m.def("data_init_layer", &data_init_layer,
+        "one layer's data-dependent init from its raw output r = v.x (CPU)");
 }
