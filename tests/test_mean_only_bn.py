@@ -95,6 +95,24 @@ def test_running_mean_momentum_and_eval(cls, shape):
         torch.testing.assert_close(bn.running_mean, running)  # eval leaves it alone
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+def test_running_mean_never_joins_the_graph(fused):
+    """The running mean is updated from a detached batch mean: after a training step with
+    grads on, it has no grad_fn, and a second backward through the output still works."""
+    net = wnorm.apply(nn.Sequential(nn.Linear(4, 3, bias=False), MeanOnlyBatchNorm1d(3))).to(D)
+    if fused:
+        wnorm.fuse_mean_only(net)
+    x = torch.randn(8, 4, dtype=D, requires_grad=True)
+    y = net(x)
+    bn = net[1]
+    assert bn.running_mean.grad_fn is None and not bn.running_mean.requires_grad
+    (g,) = torch.autograd.grad((y ** 3).sum(), x, create_graph=True)
+    g.sum().backward()  # double backward: nothing of the buffer update in the graph
+    with torch.no_grad():
+        t = net[0](x)
+    torch.testing.assert_close(bn.running_mean, 0.1 * channel_mean(t))
+
+
 def test_momentum_none_is_cumulative_average():
     bn = MeanOnlyBatchNorm1d(2, momentum=None).to(D)
     xs = [torch.randn(5, 2, dtype=D) + i for i in range(4)]

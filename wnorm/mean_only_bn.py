@@ -44,6 +44,10 @@ class _SubtractMean(torch.autograd.Function):
 
 class _MeanOnlyBatchNorm(nn.Module):
     _ndims: tuple[int, ...] = ()
+    #: Set (on the instance) only while :func:`wnorm.data_init` runs: the init batch's mean of
+    #: this layer's input, used in place of the batch mean at every call of that pass (its
+    #: first call's mean, all-reduced under torch.distributed).
+    _init_mean: Tensor | None = None
 
     def __init__(
         self,
@@ -97,14 +101,15 @@ class _MeanOnlyBatchNorm(nn.Module):
             )
 
     def _track(self, mean: Tensor) -> None:
-        """Move the running mean toward this batch's ``mean`` (training with running stats)."""
-        with torch.no_grad():
-            self.num_batches_tracked.add_(1)
-            m = self.momentum
-            if m is None:  # cumulative average, as BatchNorm does
-                m = 1.0 / float(self.num_batches_tracked)
-            rm = self.running_mean
-            rm.lerp_(mean if mean.dtype == rm.dtype else mean.to(rm.dtype), m)
+        """Move the running mean toward this batch's ``mean`` (training with running stats).
+        The buffers need no grad and ``mean`` is detached: no graph, no ``no_grad`` context."""
+        self.num_batches_tracked.add_(1)
+        m = self.momentum
+        if m is None:  # cumulative average, as BatchNorm does
+            m = 1.0 / float(self.num_batches_tracked)
+        rm = self.running_mean
+        mean = mean.detach()
+        rm.lerp_(mean if mean.dtype == rm.dtype else mean.to(rm.dtype), m)
 
     def forward(self, x: Tensor) -> Tensor:
         self._check(x)
@@ -113,8 +118,9 @@ class _MeanOnlyBatchNorm(nn.Module):
             if x.numel() == 0 or x.shape[0] == 0:
                 raise WnormError(f"{type(self).__name__}: got an empty batch {tuple(x.shape)}")
             dims = [0] + list(range(2, x.dim()))
-            with torch.no_grad():  # _SubtractMean's backward accounts for the mean
-                mean = x.mean(dim=dims)
+            mean = self._init_mean
+            if mean is None:  # no graph: _SubtractMean's backward accounts for the mean
+                mean = x.detach().mean(dim=dims)
             if self.training and self.track_running_stats:
                 self._track(mean)
             if torch.is_grad_enabled() and (x.requires_grad or self.bias.requires_grad):
