@@ -11,8 +11,7 @@ import torch
 from torch import nn
 
 import wnorm
-from wnorm import _extension
-from wnorm import MeanOnlyBatchNorm1d, MeanOnlyBatchNorm2d, WnormError
+from wnorm import MeanOnlyBatchNorm1d, MeanOnlyBatchNorm2d, WnormError, _extension
 
 D = torch.float64
 TOL = 1e-4
@@ -563,3 +562,117 @@ def test_a_graph_that_saw_the_old_g_or_b_cannot_backpropagate(path, saved):
     assert path[0] in (0, 2)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.backward()
+
+
+# ------------------------------------------------------------------ driven Sequentials
+# A tree of plain Sequentials over leaf modules, none hooked, is run child by child by data_init
+# itself (no hooks; a standard mean-only BN applied without its own reduction). It must do
+# exactly what the hooked pass does.
+@pytest.fixture
+def hooked_only(monkeypatch):
+    """Force the hooked pass (as global module hooks would)."""
+    def force():
+        monkeypatch.setattr(sys.modules["wnorm.data_init"], "_global_state_allows", lambda: False)
+    return force
+
+
+class OwnForwardBN(MeanOnlyBatchNorm1d):
+    """A subclass whose forward does not know the init protocol (_init_mean)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        if self.training:
+            m = x.mean([0, *range(2, x.dim())])
+            self._track(m)
+        else:
+            m = self.running_mean
+        return x + (self.bias - m).view(shape)
+
+
+def _driven_models():
+    shared = nn.Linear(6, 6)
+    return {
+        "mlp-meanonly": lambda: nn.Sequential(
+            nn.Linear(5, 6, bias=False), MeanOnlyBatchNorm1d(6), nn.LeakyReLU(0.1),
+            nn.Linear(6, 6, bias=False), MeanOnlyBatchNorm1d(6, momentum=None), nn.ReLU(),
+            nn.Linear(6, 3)),
+        "mlp-meanonly-fused": lambda: wnorm.fuse_mean_only(nn.Sequential(
+            nn.Linear(5, 6, bias=False), MeanOnlyBatchNorm1d(6), nn.Tanh(),
+            nn.Linear(6, 6), MeanOnlyBatchNorm1d(6, track_running_stats=False), nn.Tanh(),
+            nn.Linear(6, 3))),
+        "nested-shared": lambda: nn.Sequential(
+            nn.Sequential(nn.Linear(5, 6), nn.Tanh()), shared, nn.Tanh(),
+            nn.Sequential(shared, MeanOnlyBatchNorm1d(6), nn.Tanh()), nn.Linear(6, 3)),
+        "conv": lambda: nn.Sequential(
+            nn.Conv2d(3, 4, 3, bias=False), MeanOnlyBatchNorm2d(4), nn.ReLU(),
+            nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 3)),
+        "own-forward-bn": lambda: nn.Sequential(
+            nn.Linear(5, 6, bias=False), OwnForwardBN(6), nn.Tanh(), nn.Linear(6, 3)),
+    }
+
+
+DRIVEN = _driven_models()
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("include_plain", [False, True], ids=["wn", "wn+plain"])
+@pytest.mark.parametrize("name", list(DRIVEN))
+def test_driven_pass_equals_the_hooked_pass(name, include_plain, train, hooked_only,
+                                            monkeypatch):
+    torch.manual_seed(0)
+    model = DRIVEN[name]()
+    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    for m in layers[::2]:  # every other layer weight-normalized, the rest plain
+        wnorm.weight_norm(m)
+    model.train(train)
+    twin = copy.deepcopy(model)
+    x = torch.randn(12, 3, 8, 8) if name == "conv" else torch.randn(12, 5) * 2 + 1
+    registered = []
+    orig = nn.Module.register_forward_hook
+
+    def spy(self, *a, **k):
+        registered.append(type(self).__name__)
+        return orig(self, *a, **k)
+
+    monkeypatch.setattr(nn.Module, "register_forward_hook", spy)
+    rep = wnorm.data_init(model, x, include_plain=include_plain)
+    assert registered == []  # driven: no hooks at all
+    hooked_only()
+    ref = wnorm.data_init(twin, x, include_plain=include_plain)
+    assert registered  # the hooked pass did register
+    assert [(r.name, r.status) for r in rep] == [(r.name, r.status) for r in ref]
+    for a, b in zip(rep, ref):
+        if a.mu is not None:
+            torch.testing.assert_close(a.mu, b.mu, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(a.sigma, b.sigma, rtol=1e-6, atol=1e-6)
+    sd, ref_sd = model.state_dict(), twin.state_dict()
+    assert sd.keys() == ref_sd.keys()
+    for k in sd:
+        torch.testing.assert_close(sd[k], ref_sd[k], rtol=1e-6, atol=1e-6, msg=k)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), twin.eval()(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("where", ["layer", "container"])
+def test_a_user_hook_makes_the_pass_hooked_and_still_runs(where, monkeypatch):
+    """A user hook on a layer or a container: data_init falls back to its own hooks (a driven
+    pass would call around them), the user's hook sees the pass, the layers are standardized."""
+    torch.manual_seed(0)
+    model = wnorm.apply(nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)))
+    seen = []
+    (model[0] if where == "layer" else model).register_forward_hook(
+        lambda m, a, y: seen.append(type(m).__name__))
+    registered = []
+    orig = nn.Module.register_forward_pre_hook
+
+    def spy(self, *a, **k):
+        registered.append(self)
+        return orig(self, *a, **k)
+
+    monkeypatch.setattr(nn.Module, "register_forward_pre_hook", spy)
+    x = torch.randn(32, 5)
+    wnorm.data_init(model, x)
+    assert registered == [model[0], model[2]] and len(seen) == 1
+    monkeypatch.undo()
+    layers = {"0": model[0], "2": model[2]}
+    assert_standardized(first_outputs(model, layers, x), layers, 1.0)

@@ -25,12 +25,15 @@ from torch import Tensor, nn
 from ._extension import kernels
 from .errors import WnormError
 from .mean_only_bn import _MeanOnlyBatchNorm
+from .mean_only_fused import _global_state_allows, _has_hooks, _MeanOnlyFusedSequential
 from .weight_norm import WN, _Spec, default_dim
 
 __all__ = ["data_init", "InitReport", "LayerInit"]
 
 _INIT_TYPES = (nn.Linear, nn.modules.conv._ConvNd)
 _RAW_DTYPES = (torch.float32, torch.float64)
+#: containers whose forward is exactly "call each child in turn": data_init may run them itself
+_SEQUENTIAL = (nn.Sequential, _MeanOnlyFusedSequential)
 
 
 @dataclass
@@ -128,6 +131,21 @@ class _Initializer:
         self.done: dict[nn.Module, LayerInit] = {}
         # layers whose forward runs with w = v itself (raw), with their spec (its cache holds v)
         self.raw: dict[nn.Module, _Spec] = {}
+        # the last output handed on with units on axis 1, its version, and the layer
+        self.handoff: tuple[Tensor, int, nn.Module] | None = None
+
+    def mean_of(self, x: Tensor) -> Tensor | None:
+        """The mean of ``x`` over every axis but 1 when ``x`` is the (unchanged) output that
+        an initialized layer with units on axis 1 just handed on; None otherwise. It is known:
+        0 where the layer has a bias, else the scaled mean mu[r]*s/sigma[r] = mu[t]*g."""
+        h = self.handoff
+        if h is None or x is not h[0] or x._version != h[1]:
+            return None
+        module = h[2]
+        if module._parameters.get("bias") is not None:
+            return x.new_zeros(x.shape[1])
+        g = module._parameters["weight_g"]
+        return torch.mul(self.done[module].mu, g.view(-1))  # x's dtype, as g's
 
     def pre(self, module: nn.Module, args: Any) -> None:
         if module in self.done:
@@ -145,8 +163,9 @@ class _Initializer:
                 self.raw[module] = spec
             else:
                 g.fill_(1.0)  # the layer now outputs t = v.x/||v|| (+ 0)
-        if module.bias is not None:
-            module.bias.zero_()
+        bias = module._parameters.get("bias")
+        if bias is not None:
+            bias.zero_()
 
     def post(self, module: nn.Module, args: Any, y: Tensor) -> Tensor | None:
         if module in self.done:
@@ -228,7 +247,8 @@ class _Initializer:
         statistics of r = v.x, g, b and the standardized output; None where the kernel does not
         apply (no kernels, another device or dtype, a non-contiguous tensor)."""
         kern = kernels()
-        v, g, bias = module._parameters["weight_v"], module._parameters["weight_g"], module.bias
+        p = module._parameters
+        v, g, bias = p["weight_v"], p["weight_g"], p.get("bias")
         if (kern is None or y.device.type != "cpu" or y.dtype != v.dtype or y.dim() == 0
                 or not y.is_contiguous() or not v.is_contiguous() or g.dtype != v.dtype
                 or not g.is_contiguous()
@@ -240,6 +260,8 @@ class _Initializer:
             self._fail(module, bad, y.shape[axis], y.numel() // y.shape[axis])
         self.done[module] = LayerInit(self.names[module], type(module).__name__, "initialized",
                                       "", mu, sigma)
+        if axis == 1 and y.dim() >= 2:
+            self.handoff = (out, out._version, module)
         return out
 
     def _post_fast(self, module: nn.Module, y: Tensor, vnorm: Tensor) -> Tensor:
@@ -269,6 +291,7 @@ class _Initializer:
         mu = mu.div_(vnorm)  # mu[t] = mu[r]/||v||
         self.done[module] = LayerInit(self.names[module], type(module).__name__, "initialized",
                                       "", mu.cpu(), sigma.cpu())
+        self.handoff = (out, out._version, module)
         return out
 
     def _fail(self, module: nn.Module, idx: list[int], units: int, n: int) -> None:
@@ -279,6 +302,18 @@ class _Initializer:
             "data init needs a batch on which every unit varies (more than one example, "
             "finite inputs, no zero rows in the weight)"
         )
+
+
+def _mean_only_step(bn: _MeanOnlyBatchNorm, x: Tensor) -> Tensor:
+    """What ``bn(x)`` does during the init pass, without its own reduction: with ``_init_mean``
+    set (and the running mean set to it) the forward's output is x - mean + b in every mode; in
+    training its running-mean update moves the running mean from that mean to the same mean,
+    and counts the batch."""
+    bn._check(x)
+    if bn.training and bn.track_running_stats:
+        bn.num_batches_tracked.add_(1)
+    mean = bn.__dict__["_init_mean"]
+    return x + (bn.bias - mean).view((1, -1) + (1,) * (x.dim() - 2))
 
 
 def _along(ndim: int, axis: int, size: int) -> tuple[int, ...]:
@@ -295,7 +330,7 @@ def data_init(
     include_plain: bool = False,
     process_group: Any = None,
 ) -> InitReport:
-    r"""Data-dependent init: :math:`g \leftarrow s/\sigma[t]`, :math:`b \leftarrow -\mu[t]\,g`, in one pass.
+    r"""Data-dependent init, :math:`g \leftarrow s/\sigma[t]`, :math:`b \leftarrow -\mu[t]\,g`.
 
     Salimans & Kingma (2016), section 3, https://arxiv.org/abs/1602.07868. Feeds ``batch``
     through ``model`` once (under ``no_grad``, in the model's current train/eval mode). Each
@@ -304,10 +339,15 @@ def data_init(
     pre-activation is standardized to mean 0 and std ``init_scale`` on the batch, and hands that
     standardized output on, so later layers are initialized on what they will see. Residual
     branches, shared modules (initialized at their first call) and nested containers work,
-    because the init follows the forward pass itself. Statistics are computed in float32, over
-    the batch and every spatial position (float64 for a float64 model); under ``torch.distributed`` they are all-reduced, so
-    every rank gets the same ``g`` and ``b`` as one process on the union of the ranks' batches.
+    because the init follows the forward pass itself. Statistics are computed in float32 at
+    least, over the batch and every spatial position; under ``torch.distributed`` they are
+    all-reduced, so every rank gets the same ``g`` and ``b`` as one process on the union of the
+    ranks' batches.
     Mean-only batch norm layers get the batch mean of their input as their running mean.
+    The pass uses forward hooks on the layers; a model that is a tree of ``nn.Sequential``
+    containers over leaf modules, none of them hooked, is instead run child by child by
+    ``data_init`` itself (what ``Sequential.forward`` does), with the same result and less
+    overhead.
 
     Args:
         model: the model, changed in place.
@@ -340,7 +380,8 @@ def data_init(
         >>> y = net(torch.randn(64, 5))  # a fresh batch: close to standardized, not exactly
     """
     if not (isinstance(init_scale, (int, float)) and math.isfinite(init_scale) and init_scale > 0):
-        raise WnormError(f"data_init: init_scale must be a positive finite number; got {init_scale!r}")
+        raise WnormError(
+            f"data_init: init_scale must be a positive finite number; got {init_scale!r}")
     if isinstance(batch, Mapping):
         args, kwargs = (), dict(batch)
     elif isinstance(batch, (tuple, list)):
@@ -350,7 +391,8 @@ def data_init(
     for i, a in enumerate(list(args) + list(kwargs.values())):
         if isinstance(a, Tensor):
             if a.numel() == 0:
-                raise WnormError(f"data_init: the batch is empty (input {i} has shape {tuple(a.shape)})")
+                raise WnormError(
+                    f"data_init: the batch is empty (input {i} has shape {tuple(a.shape)})")
             if (a.is_floating_point() and not math.isfinite(float(a.sum()))
                     and not bool(torch.isfinite(a).all())):  # the sum may just overflow
                 raise WnormError(f"data_init: input {i} of the batch has NaN or inf values")
@@ -360,9 +402,16 @@ def data_init(
     report = InitReport()
     skipped: list[LayerInit] = []
     mobn: list[tuple[str, _MeanOnlyBatchNorm]] = []
+    # A tree of plain Sequentials over leaf modules, none of them hooked, one tensor in: the pass
+    # can run each child in turn itself (what Sequential.forward does) and initialize each layer
+    # right after its call, without hooks; otherwise hooks on the layers do it.
+    drive = (type(model) in _SEQUENTIAL and len(args) == 1 and not kwargs
+             and isinstance(args[0], Tensor) and _global_state_allows())
     for mname, m in model.named_modules():
         label = mname or "<model>"
         wn = bool(m.__dict__.get("_wn"))
+        if drive and (_has_hooks(m) if type(m) in _SEQUENTIAL else bool(m._modules)):
+            drive = False
         if isinstance(m, _MeanOnlyBatchNorm):
             mobn.append((label, m))
         if not wn and not (include_plain and isinstance(m, _INIT_TYPES)
@@ -376,43 +425,42 @@ def data_init(
         names[m], is_wn[m] = label, wn
 
     init = _Initializer(names, is_wn, float(init_scale), process_group)
+    drive = drive and not any(_has_hooks(m) for m in names) and not any(
+        _has_hooks(m) for _, m in mobn)
     handles = []
-    for m in names:
-        handles.append(m.register_forward_pre_hook(init.pre))
-        handles.append(m.register_forward_hook(init.post))
+    if not drive:
+        for m in names:
+            handles.append(m.register_forward_pre_hook(init.pre))
+            handles.append(m.register_forward_hook(init.post))
     mobn_means: dict[nn.Module, Tensor] = {}
-    mobn_first: set[nn.Module] = set()  # one process, first call: nothing to replace
 
     def mobn_pre(module: nn.Module, inp: tuple[Any, ...]) -> None:
         if module in mobn_means:
             return
         x = inp[0]
-        if x.dtype not in _RAW_DTYPES:
-            x = x.float()
-        dims = [0, *range(2, x.dim())]
-        if init.distributed:
-            total = _reduce(torch.cat([x.sum(dim=dims), torch.tensor(
-                [x.numel() / x.shape[1]], device=x.device)]), process_group)
-            mean = total[:-1] / total[-1]
-        else:
-            mean = x.mean(dim=dims)
-            mobn_first.add(module)
+        mean = init.mean_of(x)  # known when x is the standardized output of a layer just set
+        if mean is None:
+            xw = x if x.dtype in _RAW_DTYPES else x.float()
+            dims = [0, *range(2, x.dim())]
+            if init.distributed:
+                total = _reduce(torch.cat([xw.sum(dim=dims), torch.tensor(
+                    [x.numel() / x.shape[1]], device=x.device)]), process_group)
+                mean = total[:-1] / total[-1]
+            else:
+                mean = xw.mean(dim=dims)
         mobn_means[module] = mean
-        # set it before the layer runs: in eval mode the layer subtracts its running mean, and
-        # the layers after it must be initialized on what they will see from now on
+        # Every call of this pass (a shared layer's later calls too, and under torch.distributed
+        # every rank) subtracts this mean, not its own batch mean, so that the layers after it
+        # are initialized on what one process on the union of the batches would see. Set before
+        # the layer runs: in eval mode it subtracts its running mean.
+        # (a plain instance attribute: the class declares it; no Module.__setattr__ needed)
+        module.__dict__["_init_mean"] = mean if mean.dtype == x.dtype else mean.to(x.dtype)
         if module.track_running_stats:
-            module.running_mean.copy_(mean.to(module.running_mean.dtype))
+            rm = module.running_mean
+            rm.copy_(mean if mean.dtype == rm.dtype else mean.to(rm.dtype))
 
     def mobn_post(module: nn.Module, inp: tuple[Any, ...], out: Tensor) -> Tensor | None:
-        # subtract the (all-reduced) init mean, not this rank's batch mean, so that every
-        # later layer is initialized on what one process on the union would have seen
-        if module in mobn_first:
-            # One process, first call: the layer's own forward subtracted this very mean, the
-            # running mean just set (eval) or its batch mean (train; its running-mean update
-            # moved the running mean from that mean to the same mean). A later call of a
-            # shared layer is handled below, like under torch.distributed.
-            mobn_first.discard(module)
-            return None
+        # for a subclass whose own forward may not use _init_mean: the output it should give
         mean = mobn_means.get(module)
         if mean is None:
             return None
@@ -421,20 +469,52 @@ def data_init(
         x = inp[0]
         return x + (module.bias - mean.to(x.dtype)).view((1, -1) + (1,) * (x.dim() - 2))
 
-    for _, m in mobn:
-        handles.append(m.register_forward_pre_hook(mobn_pre))
-        handles.append(m.register_forward_hook(mobn_post))
+    own_forward = {m for _, m in mobn if type(m).forward is not _MeanOnlyBatchNorm.forward}
+    if not drive:
+        for _, m in mobn:
+            handles.append(m.register_forward_pre_hook(mobn_pre))
+            if m in own_forward:
+                handles.append(m.register_forward_hook(mobn_post))
+
+    def run(seq: nn.Module, x: Any) -> Any:
+        """``seq(x)`` for a Sequential of the driven tree: its children in turn, each target
+        layer and mean-only BN with what its hooks would have done around its call."""
+        for m in seq._modules.values():
+            if m is None:
+                continue
+            if type(m) in _SEQUENTIAL:
+                x = run(m, x)
+            elif m in names:
+                init.pre(m, (x,))
+                y = m(x)
+                out = init.post(m, (x,), y)
+                x = y if out is None else out
+            elif isinstance(m, _MeanOnlyBatchNorm):
+                mobn_pre(m, (x,))
+                if m in own_forward:
+                    y = m(x)
+                    out = mobn_post(m, (x,), y)
+                    x = y if out is None else out
+                else:
+                    x = _mean_only_step(m, x)
+            else:
+                x = m(x)
+        return x
 
     # What the pass may change: g, biases and plain weights of the targets, running means.
     touched = [t for m in names for t in (m._parameters.get("weight_g"), m._parameters.get("bias"),
                                           None if is_wn[m] else m._parameters.get("weight"))
                if t is not None]
-    touched += [t for _, m in mobn for t in (m.running_mean, m.num_batches_tracked) if t is not None]
+    touched += [t for _, m in mobn for t in (m.running_mean, m.num_batches_tracked)
+                if t is not None]
     with torch.no_grad():
         saved = [t.clone() for t in touched]
     try:
         with torch.no_grad():
-            model(*args, **kwargs)
+            if drive:
+                run(model, args[0])
+            else:
+                model(*args, **kwargs)
     except BaseException:
         with torch.no_grad():  # leave the model as it was: no half-initialized network
             for t, old in zip(touched, saved):
@@ -445,6 +525,8 @@ def data_init(
             h.remove()
         for spec in init.raw.values():  # reached by the pass, but it failed before post()
             spec.clear()
+        for _, m in mobn:
+            m.__dict__.pop("_init_mean", None)
 
     report.extend(init.done.values())  # in the order the pass reached them
     for m, label in names.items():
