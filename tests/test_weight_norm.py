@@ -575,3 +575,50 @@ def test_remove_when_not_normalized():
 def test_not_a_module():
     with pytest.raises(WnormError, match=r"expects an nn.Module; got Tensor"):
         wnorm.weight_norm(torch.randn(3))
+
+
+def _reference_weight(m: nn.Module, kind: str) -> torch.Tensor:
+    """The weight of each kind from its parameters, computed here independently."""
+    v = m.weight_v.detach()
+    rows = unit_rows(v, 0)
+    if kind in ("centered", "standardized"):
+        rows = rows - rows.mean(1, keepdim=True)
+    if kind == "standardized":
+        w = rows / rows.pow(2).mean(1, keepdim=True).add(1e-10).sqrt()
+    else:
+        g = m.weight_g.detach().reshape(-1, 1) if kind != "forced-gain" else 1.0
+        w = g * rows / rows.norm(dim=1, keepdim=True)
+    return from_rows(w, v, 0)
+
+
+@pytest.mark.parametrize("kind", ["wn", "centered", "standardized", "forced", "forced-gain"])
+def test_cached_inference_weight_follows_every_change_of_g_and_v(kind):
+    """Without grad the weight is cached; it must be recomputed after any in-place edit of g
+    or v and after either is replaced, and reused (the same tensor) when nothing changed."""
+    torch.manual_seed(0)
+    make = {"wn": wnorm.weight_norm, "centered": wnorm.centered_weight_norm,
+            "standardized": wnorm.weight_standardization, "forced": wnorm.forced_weight_norm,
+            "forced-gain": lambda m: wnorm.forced_weight_norm(m, gain=1.0)}[kind]
+    m = make(nn.Linear(5, 4)).to(D).eval()
+    has_g = "weight_g" in m._parameters
+
+    def check() -> None:
+        with torch.no_grad():
+            w = m.weight
+            assert m.weight is w  # a cache hit returns the cached tensor itself
+        torch.testing.assert_close(w, _reference_weight(m, kind), rtol=1e-5, atol=1e-7)
+
+    check()
+    with torch.no_grad():
+        m.weight_v.mul_(torch.linspace(0.5, 2.0, 5, dtype=D))  # in place: a version bump
+    check()
+    if has_g:
+        with torch.no_grad():
+            m.weight_g.mul_(3)
+        check()
+        m.weight_g = nn.Parameter(m.weight_g.detach() * -1)  # another tensor, version 0
+        check()
+    m.weight_v = nn.Parameter(m.weight_v.detach().flip(1))
+    check()
+    w = m.weight  # with grad: the recorded weight, never the cache
+    assert w.grad_fn is not None

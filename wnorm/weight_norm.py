@@ -246,11 +246,28 @@ def _weight(module: nn.Module, spec: _Spec) -> Tensor:
 _CLASSES: dict[type, type] = {}
 
 
+# bound once: the cache hit below runs on every forward of every layer (dynamo recognizes these
+# functions by identity, not by name)
+_grad_enabled, _is_compiling, _is_tracing = (torch.is_grad_enabled, torch.compiler.is_compiling,
+                                             torch._C._is_tracing)
+
+
 def _wn_property(pname: str) -> property:
     def fget(self: nn.Module) -> Tensor:
         spec = self.__dict__["_wn"].get(pname)
         if spec is None:  # another instance of this class normalizes pname, this one does not
             return nn.Module.__getattr__(self, pname)
+        w = spec.cache
+        # Inlined hot path of _weight: a weight-normalized layer without grad (eval/inference)
+        # reusing its cached weight, valid while g and v are the same tensors at the same
+        # versions. In Python every step of it shows at batch 1; the rest is in _weight.
+        if (w is not None and spec.plain is None and not _grad_enabled()
+                and not (_is_compiling() or _is_tracing())):
+            params = self._parameters
+            g, v = params.get(spec.gname), params[spec.vname]
+            if (spec.g is g and spec.v is v and spec.vver == v._version
+                    and spec.gver == (0 if g is None else g._version)):
+                return w
         return _weight(self, spec)
 
     def fset(self: nn.Module, value: Any) -> None:
