@@ -13,7 +13,8 @@
 
 namespace {
 
-constexpr int64_t kGrain = 4096;  // values per task: a task's slice of the sum stays in L1/L2
+constexpr int64_t kGrain = 4096;  // values per task
+constexpr int64_t kBlock = 1024;  // values of the sum kept in L1 while the rows stream past
 
 void check(const at::Tensor& t, const at::Tensor& like, const char* what) {
   TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() && t.scalar_type() == like.scalar_type(),
@@ -29,15 +30,19 @@ void check(const at::Tensor& t, const at::Tensor& like, const char* what) {
 template <typename T, bool Leaky>
 void forward_sum(const T* up, T* zp, T* sp, int64_t n_rows, int64_t j_len, T sl) {
   at::parallel_for(0, j_len, kGrain, [&](int64_t b, int64_t e) {
-    for (int64_t n = 0; n < n_rows; ++n) {
-      const T* ur = up + n * j_len;
-      T* zr = zp + n * j_len;
+    // in blocks of kBlock values, so that the block of the sum stays in L1 over all the rows
+    for (int64_t b0 = b; b0 < e; b0 += kBlock) {
+      const int64_t e0 = std::min(e, b0 + kBlock);
+      for (int64_t n = 0; n < n_rows; ++n) {
+        const T* ur = up + n * j_len;
+        T* zr = zp + n * j_len;
 #pragma omp simd
-      for (int64_t j = b; j < e; ++j) {
-        const T v = ur[j];
-        const T o = Leaky ? std::max(v, T(0)) + sl * std::min(v, T(0)) : std::max(v, T(0));
-        zr[j] = o;
-        sp[j] += o;
+        for (int64_t j = b0; j < e0; ++j) {
+          const T v = ur[j];
+          const T o = Leaky ? std::max(v, T(0)) + sl * std::min(v, T(0)) : std::max(v, T(0));
+          zr[j] = o;
+          sp[j] += o;
+        }
       }
     }
   });
