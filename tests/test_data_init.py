@@ -676,3 +676,106 @@ def test_a_user_hook_makes_the_pass_hooked_and_still_runs(where, monkeypatch):
     monkeypatch.undo()
     layers = {"0": model[0], "2": model[2]}
     assert_standardized(first_outputs(model, layers, x), layers, 1.0)
+
+
+# ------------------------------------------------------------------ found in review, kept fixed
+@pytest.mark.parametrize("bn", [False, True], ids=["mlp", "mlp+meanonly"])
+def test_data_init_under_inference_mode_equals_the_normal_pass(bn, path):
+    """Inference tensors have no version counter: the hand-on of a layer's known output mean
+    to the next mean-only BN is skipped for them, not a crash."""
+    def make():
+        torch.manual_seed(0)
+        norm = [MeanOnlyBatchNorm1d(6)] if bn else []
+        return wnorm.apply(nn.Sequential(nn.Linear(5, 6, bias=not bn), *norm, nn.Tanh(),
+                                         nn.Linear(6, 3)))
+    model, twin = make(), make()
+    x = torch.randn(32, 5)
+    with torch.inference_mode():
+        wnorm.data_init(model, x)
+    wnorm.data_init(twin, x)
+    for (k, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=k)
+
+
+def _replaced_forward(model: nn.Module) -> nn.Module:
+    orig = model.forward
+    model.forward = lambda x: orig(x * 10 + 3)  # an instance wrapper (as accelerate installs)
+    return model
+
+
+class TrackCounting(MeanOnlyBatchNorm1d):
+    calls = 0
+
+    def _track(self, mean: torch.Tensor) -> None:
+        TrackCounting.calls += 1
+        super()._track(mean)
+
+
+@pytest.mark.parametrize("case", ["container-forward", "bn-forward", "bn-subclass-track"])
+def test_what_a_forward_would_run_is_never_bypassed(case, hooked_only):
+    """The driven pass may not run a Sequential or a mean-only BN differently from its call:
+    an instance's own forward or a subclass's _track runs, and the init equals the hooked one."""
+    def make():
+        torch.manual_seed(0)
+        cls = TrackCounting if case == "bn-subclass-track" else MeanOnlyBatchNorm1d
+        model = wnorm.apply(nn.Sequential(nn.Linear(3, 4, bias=False), cls(4), nn.Tanh(),
+                                          nn.Linear(4, 2)))
+        if case == "container-forward":
+            _replaced_forward(model)
+        elif case == "bn-forward":
+            _replaced_forward(model[1])
+        return model
+    model, twin = make(), make()
+    x = torch.randn(64, 3)
+    TrackCounting.calls = 0
+    wnorm.data_init(model, x)
+    driven_calls = TrackCounting.calls
+    hooked_only()
+    wnorm.data_init(twin, x)
+    assert driven_calls == TrackCounting.calls - driven_calls  # as many as the hooked pass
+    for (k, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=k)
+
+
+def test_a_none_child_fails_as_the_forward_does():
+    model = wnorm.apply(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)))
+    model[1] = None
+    sd = copy.deepcopy(model.state_dict())
+    with pytest.raises(TypeError, match="NoneType"):
+        model(torch.randn(4, 3))
+    with pytest.raises(TypeError, match="NoneType"):
+        wnorm.data_init(model, torch.randn(64, 3))
+    assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())
+
+
+class KeepLarge(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[x[:, 0] > 100]  # no example passes: an empty batch downstream
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_an_empty_batch_reaching_a_mean_only_bn_is_an_error(train, hooked_only):
+    """Its running mean would be the mean of nothing (NaN): an error naming the layer, in
+    either pass, with the model unchanged."""
+    for hooked in (False, True):
+        if hooked:
+            hooked_only()
+        model = wnorm.apply(nn.Sequential(nn.Linear(5, 6), nn.Tanh(), KeepLarge(),
+                                          MeanOnlyBatchNorm1d(6))).train(train)
+        sd = copy.deepcopy(model.state_dict())
+        with pytest.raises(WnormError, match=r"^data_init: 3 \(MeanOnlyBatchNorm1d\) got an "
+                                             r"empty batch \(0, 6\)"):
+            wnorm.data_init(model, torch.randn(32, 5))
+        assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())
+
+
+def test_a_norm_of_v_that_underflows_is_an_error(path):
+    """||v||^2 below float32's range: the layer could not compute its weight (it divides by
+    ||v||), so the init refuses, on every path, instead of writing g = 0."""
+    model = wnorm.apply(nn.Sequential(nn.Linear(3, 4)))
+    with torch.no_grad():
+        model[0].weight_v.mul_(1e-23 / model[0].weight_v.abs().max())
+    sd = copy.deepcopy(model.state_dict())
+    with pytest.raises(WnormError, match=r"^0 \(Linear\): the pre-activations of 4 of 4"):
+        wnorm.data_init(model, torch.randn(64, 3))
+    assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())

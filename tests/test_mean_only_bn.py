@@ -179,3 +179,18 @@ def test_empty_batch():
 def test_bad_constructor_arguments(kwargs, msg):
     with pytest.raises(WnormError, match=rf"MeanOnlyBatchNorm1d: {msg}"):
         MeanOnlyBatchNorm1d(**kwargs)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_forward_mode_derivative_is_t_minus_its_mean(train):
+    """torch.func.jvp through the layer using batch means (no running stats: a functional call
+    must not update buffers): the tangent of x - mean(x) + b is t - mean(t); a detached batch
+    mean would drop the second term."""
+    bn = MeanOnlyBatchNorm1d(3, track_running_stats=False).to(D).train(train)
+    params = {k: v.detach() for k, v in bn.named_parameters()}
+    x, t = torch.randn(8, 3, dtype=D), torch.randn(8, 3, dtype=D)
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            _, jt = torch.func.jvp(lambda x: torch.func.functional_call(bn, params, (x,)),
+                                   (x,), (t,))
+        torch.testing.assert_close(jt, t - t.mean(0), rtol=1e-12, atol=1e-12)

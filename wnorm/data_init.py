@@ -24,7 +24,12 @@ from torch import Tensor, nn
 
 from ._extension import kernels
 from .errors import WnormError
-from .mean_only_bn import _MeanOnlyBatchNorm
+from .mean_only_bn import (
+    MeanOnlyBatchNorm1d,
+    MeanOnlyBatchNorm2d,
+    MeanOnlyBatchNorm3d,
+    _MeanOnlyBatchNorm,
+)
 from .mean_only_fused import _global_state_allows, _has_hooks, _MeanOnlyFusedSequential
 from .weight_norm import WN, _Spec, default_dim
 
@@ -34,6 +39,7 @@ _INIT_TYPES = (nn.Linear, nn.modules.conv._ConvNd)
 _RAW_DTYPES = (torch.float32, torch.float64)
 #: containers whose forward is exactly "call each child in turn": data_init may run them itself
 _SEQUENTIAL = (nn.Sequential, _MeanOnlyFusedSequential)
+_MEAN_ONLY = (MeanOnlyBatchNorm1d, MeanOnlyBatchNorm2d, MeanOnlyBatchNorm3d)
 
 
 @dataclass
@@ -131,8 +137,14 @@ class _Initializer:
         self.done: dict[nn.Module, LayerInit] = {}
         # layers whose forward runs with w = v itself (raw), with their spec (its cache holds v)
         self.raw: dict[nn.Module, _Spec] = {}
-        # the last output handed on with units on axis 1, its version, and the layer
-        self.handoff: tuple[Tensor, int, nn.Module] | None = None
+        # the last output handed on with units on axis 1, its version, and its batch mean
+        # (None: 0, the layer has a bias)
+        self.handoff: tuple[Tensor, int, Tensor | None] | None = None
+
+    def hand_on(self, out: Tensor, mean: Tensor | None) -> None:
+        """Remember ``out``'s batch mean over every axis but 1 for the layer it goes to next
+        (not for inference tensors: they have no version counter to show an in-place edit)."""
+        self.handoff = None if out.is_inference() else (out, out._version, mean)
 
     def mean_of(self, x: Tensor) -> Tensor | None:
         """The mean of ``x`` over every axis but 1 when ``x`` is the (unchanged) output that
@@ -141,11 +153,7 @@ class _Initializer:
         h = self.handoff
         if h is None or x is not h[0] or x._version != h[1]:
             return None
-        module = h[2]
-        if module._parameters.get("bias") is not None:
-            return x.new_zeros(x.shape[1])
-        g = module._parameters["weight_g"]
-        return torch.mul(self.done[module].mu, g.view(-1))  # x's dtype, as g's
+        return x.new_zeros(x.shape[1]) if h[2] is None else h[2]
 
     def pre(self, module: nn.Module, args: Any) -> None:
         if module in self.done:
@@ -246,10 +254,12 @@ class _Initializer:
         """post() for a raw layer in one process as one C++ call (``csrc/data_init.cpp``): the
         statistics of r = v.x, g, b and the standardized output; None where the kernel does not
         apply (no kernels, another device or dtype, a non-contiguous tensor)."""
-        kern = kernels()
+        if y.device.type != "cpu":
+            return None
+        kern = kernels()  # built on first use: not for a model on another device
         p = module._parameters
         v, g, bias = p["weight_v"], p["weight_g"], p.get("bias")
-        if (kern is None or y.device.type != "cpu" or y.dtype != v.dtype or y.dim() == 0
+        if (kern is None or y.dtype != v.dtype or y.dim() == 0
                 or not y.is_contiguous() or not v.is_contiguous() or g.dtype != v.dtype
                 or not g.is_contiguous()
                 or (bias is not None and (bias.dtype != v.dtype or not bias.is_contiguous()))):
@@ -261,7 +271,7 @@ class _Initializer:
         self.done[module] = LayerInit(self.names[module], type(module).__name__, "initialized",
                                       "", mu, sigma)
         if axis == 1 and y.dim() >= 2:
-            self.handoff = (out, out._version, module)
+            self.hand_on(out, None if bias is not None else torch.mul(mu, g.view(-1)))
         return out
 
     def _post_fast(self, module: nn.Module, y: Tensor, vnorm: Tensor) -> Tensor:
@@ -288,10 +298,10 @@ class _Initializer:
         sigma = torch.reciprocal(gflat)  # sigma[r]/||v||; so sigma[t] = s/g
         if self.init_scale != 1.0:
             sigma.mul_(self.init_scale)
+        self.hand_on(out, None if bias is not None else shift.view(-1))  # the mean stayed
         mu = mu.div_(vnorm)  # mu[t] = mu[r]/||v||
         self.done[module] = LayerInit(self.names[module], type(module).__name__, "initialized",
                                       "", mu.cpu(), sigma.cpu())
-        self.handoff = (out, out._version, module)
         return out
 
     def _fail(self, module: nn.Module, idx: list[int], units: int, n: int) -> None:
@@ -310,6 +320,7 @@ def _mean_only_step(bn: _MeanOnlyBatchNorm, x: Tensor) -> Tensor:
     training its running-mean update moves the running mean from that mean to the same mean,
     and counts the batch."""
     bn._check(x)
+    bn._check_batch(x)
     if bn.training and bn.track_running_stats:
         bn.num_batches_tracked.add_(1)
     mean = bn.__dict__["_init_mean"]
@@ -410,8 +421,9 @@ def data_init(
     for mname, m in model.named_modules():
         label = mname or "<model>"
         wn = bool(m.__dict__.get("_wn"))
-        if drive and (_has_hooks(m) if type(m) in _SEQUENTIAL else bool(m._modules)):
-            drive = False
+        if drive and ((_has_hooks(m) or "forward" in m.__dict__) if type(m) in _SEQUENTIAL
+                      else bool(m._modules)):
+            drive = False  # a container that is not a plain Sequential, or one run otherwise
         if isinstance(m, _MeanOnlyBatchNorm):
             mobn.append((label, m))
         if not wn and not (include_plain and isinstance(m, _INIT_TYPES)
@@ -433,11 +445,17 @@ def data_init(
             handles.append(m.register_forward_pre_hook(init.pre))
             handles.append(m.register_forward_hook(init.post))
     mobn_means: dict[nn.Module, Tensor] = {}
+    mobn_names = {m: label for label, m in mobn}
 
     def mobn_pre(module: nn.Module, inp: tuple[Any, ...]) -> None:
         if module in mobn_means:
             return
         x = inp[0]
+        module._check(x)  # rank and width, with the layer's own message
+        if x.numel() == 0:
+            raise WnormError(
+                f"data_init: {mobn_names[module]} ({type(module).__name__}) got an empty batch "
+                f"{tuple(x.shape)}; its running mean is the batch mean of its input")
         mean = init.mean_of(x)  # known when x is the standardized output of a layer just set
         if mean is None:
             xw = x if x.dtype in _RAW_DTYPES else x.float()
@@ -469,7 +487,14 @@ def data_init(
         x = inp[0]
         return x + (module.bias - mean.to(x.dtype)).view((1, -1) + (1,) * (x.dim() - 2))
 
-    own_forward = {m for _, m in mobn if type(m).forward is not _MeanOnlyBatchNorm.forward}
+    # mean-only BNs whose forward may not follow the init protocol (_init_mean): a subclass's
+    # or an instance's own forward; their output is corrected by mobn_post
+    own_forward = {m for _, m in mobn if type(m).forward is not _MeanOnlyBatchNorm.forward
+                   or "forward" in m.__dict__}
+    # the ones the driven pass may apply itself (_mean_only_step): wnorm's own classes,
+    # nothing of them overridden
+    standard = {m for _, m in mobn if type(m) in _MEAN_ONLY and not (
+        m.__dict__.keys() & {"forward", "_check", "_check_batch", "_track"})}
     if not drive:
         for _, m in mobn:
             handles.append(m.register_forward_pre_hook(mobn_pre))
@@ -479,9 +504,7 @@ def data_init(
     def run(seq: nn.Module, x: Any) -> Any:
         """``seq(x)`` for a Sequential of the driven tree: its children in turn, each target
         layer and mean-only BN with what its hooks would have done around its call."""
-        for m in seq._modules.values():
-            if m is None:
-                continue
+        for m in seq._modules.values():  # a None child fails as in Sequential.forward
             if type(m) in _SEQUENTIAL:
                 x = run(m, x)
             elif m in names:
@@ -491,12 +514,12 @@ def data_init(
                 x = y if out is None else out
             elif isinstance(m, _MeanOnlyBatchNorm):
                 mobn_pre(m, (x,))
-                if m in own_forward:
-                    y = m(x)
-                    out = mobn_post(m, (x,), y)
-                    x = y if out is None else out
-                else:
+                if m in standard:
                     x = _mean_only_step(m, x)
+                else:
+                    y = m(x)
+                    out = mobn_post(m, (x,), y) if m in own_forward else None
+                    x = y if out is None else out
             else:
                 x = m(x)
         return x

@@ -111,16 +111,26 @@ class _MeanOnlyBatchNorm(nn.Module):
         mean = mean.detach()
         rm.lerp_(mean if mean.dtype == rm.dtype else mean.to(rm.dtype), m)
 
+    def _check_batch(self, x: Tensor) -> None:
+        """A batch mean needs a batch (training, or eval without running stats)."""
+        if (self.training or not self.track_running_stats) and (x.numel() == 0 or x.shape[0] == 0):
+            raise WnormError(f"{type(self).__name__}: got an empty batch {tuple(x.shape)}")
+
     def forward(self, x: Tensor) -> Tensor:
         self._check(x)
+        self._check_batch(x)
         shape = (1, -1) + (1,) * (x.dim() - 2)
         if self.training or not self.track_running_stats:
-            if x.numel() == 0 or x.shape[0] == 0:
-                raise WnormError(f"{type(self).__name__}: got an empty batch {tuple(x.shape)}")
             dims = [0] + list(range(2, x.dim()))
             mean = self._init_mean
-            if mean is None:  # no graph: _SubtractMean's backward accounts for the mean
-                mean = x.detach().mean(dim=dims)
+            if mean is None:
+                # no graph (_SubtractMean's backward accounts for the mean), but not detached:
+                # forward-mode AD (torch.func.jvp) needs the mean's tangent
+                if torch.is_grad_enabled():
+                    with torch.no_grad():
+                        mean = x.mean(dim=dims)
+                else:
+                    mean = x.mean(dim=dims)
             if self.training and self.track_running_stats:
                 self._track(mean)
             if torch.is_grad_enabled() and (x.requires_grad or self.bias.requires_grad):

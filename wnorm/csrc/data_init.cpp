@@ -113,9 +113,12 @@ void unit_params(int64_t c_len, int64_t n, double init_scale, const double* sum,
   constexpr double kMax = std::numeric_limits<double>::max();
   constexpr T kMaxT = std::numeric_limits<T>::max();
   const double inv_n = 1.0 / static_cast<double>(n);
-  auto ok = [&](int64_t c, double mu, double sd) {  // |x| <= max is false for inf and NaN
-    return sd > 0 && std::abs(mu) <= kMax && std::abs(scale[c]) <= kMaxT &&
-           std::abs(gval[c]) <= kMaxT && std::abs(shift[c]) <= kMaxT;
+  // |x| <= max is false for inf and NaN. ||v|| must be positive as the dtype computes it (the
+  // layer divides by it), and g too: a g that underflows to 0 would silence the unit.
+  auto ok = [&](int64_t c, double mu, double sd) {
+    return sd > 0 && std::abs(mu) <= kMax && vnorm[c] > 0 && vnorm[c] <= kMax &&
+           std::abs(scale[c]) <= kMaxT && gval[c] > 0 && gval[c] <= kMaxT &&
+           std::abs(shift[c]) <= kMaxT;
   };
   int64_t n_bad = 0;
 #pragma omp simd reduction(+ : n_bad)
