@@ -140,6 +140,9 @@ class _Initializer:
         # the last output handed on with units on axis 1, its version, and its batch mean
         # (None: 0, the layer has a bias)
         self.handoff: tuple[Tensor, int, Tensor | None] | None = None
+        # the mean-only BN the last post() applied in its output, and its input's batch mean
+        self.folded: _MeanOnlyBatchNorm | None = None
+        self.folded_mean: Tensor | None = None
 
     def hand_on(self, out: Tensor, mean: Tensor | None) -> None:
         """Remember ``out``'s batch mean over every axis but 1 for the layer it goes to next
@@ -175,14 +178,17 @@ class _Initializer:
         if bias is not None:
             bias.zero_()
 
-    def post(self, module: nn.Module, args: Any, y: Tensor) -> Tensor | None:
+    def post(self, module: nn.Module, args: Any, y: Tensor,
+             fold: _MeanOnlyBatchNorm | None = None) -> Tensor | None:
+        """The forward hook (``fold``: see :meth:`_post_kernel`)."""
+        self.folded = None
         if module in self.done:
             return None
         spec = self.raw.pop(module, None)
         if spec is not None:
             spec.clear()
             if not self.distributed:
-                out = self._post_kernel(module, y, spec)
+                out = self._post_kernel(module, y, spec, fold)
                 if out is not None:
                     return out
             v = module._parameters["weight_v"]
@@ -250,10 +256,16 @@ class _Initializer:
                                       mu.reshape(units).cpu(), sigma.reshape(units).cpu())
         return out if out.dtype == y.dtype else out.to(y.dtype)
 
-    def _post_kernel(self, module: nn.Module, y: Tensor, spec: _Spec) -> Tensor | None:
+    def _post_kernel(self, module: nn.Module, y: Tensor, spec: _Spec,
+                     fold: _MeanOnlyBatchNorm | None = None) -> Tensor | None:
         """post() for a raw layer in one process as one C++ call (``csrc/data_init.cpp``): the
         statistics of r = v.x, g, b and the standardized output; None where the kernel does not
-        apply (no kernels, another device or dtype, a non-contiguous tensor)."""
+        apply (no kernels, another device or dtype, a non-contiguous tensor).
+
+        ``fold``: a standard mean-only BN the driven pass runs right after this layer. For a
+        layer without a bias, whose output keeps its (scaled) mean, the kernel returns that
+        BN's output instead, ``(r - mu[r])*s/sigma[r] + b_bn``; then ``self.folded`` is the BN
+        and ``self.folded_mean`` the mean it subtracted, for the pass to do its bookkeeping."""
         if y.device.type != "cpu":
             return None
         kern = kernels()  # built on first use: not for a model on another device
@@ -265,12 +277,21 @@ class _Initializer:
                 or (bias is not None and (bias.dtype != v.dtype or not bias.is_contiguous()))):
             return None
         axis = _unit_axis(module, y)
-        out, mu, sigma, bad = kern.data_init_layer(y, axis, v, spec.dim, g, bias, self.init_scale)
+        offset = None
+        if fold is not None and bias is None and axis == 1 and y.dim() >= 2:
+            b = fold._parameters["bias"]
+            if b.dtype == y.dtype and b.device == y.device and b.is_contiguous():
+                offset = b
+        out, mu, sigma, bad = kern.data_init_layer(y, axis, v, spec.dim, g, bias, self.init_scale,
+                                                   offset)
         if bad:  # nothing was written
             self._fail(module, bad, y.shape[axis], y.numel() // y.shape[axis])
         self.done[module] = LayerInit(self.names[module], type(module).__name__, "initialized",
                                       "", mu, sigma)
-        if axis == 1 and y.dim() >= 2:
+        if offset is not None:
+            self.folded, self.folded_mean = fold, torch.mul(mu, g.view(-1))  # mu[t] g
+            self.handoff = None
+        elif axis == 1 and y.dim() >= 2:
             self.hand_on(out, None if bias is not None else torch.mul(mu, g.view(-1)))
         return out
 
@@ -314,15 +335,18 @@ class _Initializer:
         )
 
 
-def _mean_only_step(bn: _MeanOnlyBatchNorm, x: Tensor) -> Tensor:
+def _mean_only_step(bn: _MeanOnlyBatchNorm, x: Tensor, apply: bool = True) -> Tensor:
     """What ``bn(x)`` does during the init pass, without its own reduction: with ``_init_mean``
     set (and the running mean set to it) the forward's output is x - mean + b in every mode; in
     training its running-mean update moves the running mean from that mean to the same mean,
-    and counts the batch."""
+    and counts the batch. ``apply=False``: ``x`` is that output already (folded into the
+    layer before); only the checks and the count."""
     bn._check(x)
     bn._check_batch(x)
     if bn.training and bn.track_running_stats:
         bn.num_batches_tracked.add_(1)
+    if not apply:
+        return x
     mean = bn.__dict__["_init_mean"]
     return x + (bn.bias - mean).view((1, -1) + (1,) * (x.dim() - 2))
 
@@ -447,7 +471,7 @@ def data_init(
     mobn_means: dict[nn.Module, Tensor] = {}
     mobn_names = {m: label for label, m in mobn}
 
-    def mobn_pre(module: nn.Module, inp: tuple[Any, ...]) -> None:
+    def mobn_pre(module: nn.Module, inp: tuple[Any, ...], mean: Tensor | None = None) -> None:
         if module in mobn_means:
             return
         x = inp[0]
@@ -456,7 +480,8 @@ def data_init(
             raise WnormError(
                 f"data_init: {mobn_names[module]} ({type(module).__name__}) got an empty batch "
                 f"{tuple(x.shape)}; its running mean is the batch mean of its input")
-        mean = init.mean_of(x)  # known when x is the standardized output of a layer just set
+        if mean is None:  # known when x is the standardized output of a layer just set
+            mean = init.mean_of(x)
         if mean is None:
             xw = x if x.dtype in _RAW_DTYPES else x.float()
             dims = [0, *range(2, x.dim())]
@@ -504,14 +529,24 @@ def data_init(
     def run(seq: nn.Module, x: Any) -> Any:
         """``seq(x)`` for a Sequential of the driven tree: its children in turn, each target
         layer and mean-only BN with what its hooks would have done around its call."""
-        for m in seq._modules.values():  # a None child fails as in Sequential.forward
+        mods = list(seq._modules.values())  # a None child fails as in Sequential.forward
+        i = 0
+        while i < len(mods):
+            m = mods[i]
+            i += 1
             if type(m) in _SEQUENTIAL:
                 x = run(m, x)
             elif m in names:
+                nxt = mods[i] if i < len(mods) else None
+                fold = nxt if nxt in standard and nxt not in mobn_means else None
                 init.pre(m, (x,))
                 y = m(x)
-                out = init.post(m, (x,), y)
+                out = init.post(m, (x,), y, fold)
                 x = y if out is None else out
+                if fold is not None and init.folded is fold:  # x is the BN's output already
+                    mobn_pre(fold, (x,), init.folded_mean)
+                    _mean_only_step(fold, x, apply=False)
+                    i += 1
             elif isinstance(m, _MeanOnlyBatchNorm):
                 mobn_pre(m, (x,))
                 if m in standard:

@@ -63,14 +63,15 @@ void unit_sums(const T* rp, int64_t m, int64_t c_len, int64_t s, int64_t c0, int
 
 template <typename T>
 void standardize(const T* rp, T* op, int64_t m, int64_t c_len, int64_t s, int64_t c0, int64_t c1,
-                 const T* center, const T* scale) {
-  // out = (r - center[c]) * scale[c]: centered first, so a mean far from 0 costs no precision
+                 const T* center, const T* scale, const T* add) {
+  // out = (r - center[c]) * scale[c] + add[c]: centered first, so a mean far from 0 costs no
+  // precision
   if (s == 1) {
     for (int64_t i = 0; i < m; ++i) {
       const T* row = rp + i * c_len;
       T* orow = op + i * c_len;
 #pragma omp simd
-      for (int64_t c = c0; c < c1; ++c) orow[c] = (row[c] - center[c]) * scale[c];
+      for (int64_t c = c0; c < c1; ++c) orow[c] = (row[c] - center[c]) * scale[c] + add[c];
     }
     return;
   }
@@ -78,9 +79,9 @@ void standardize(const T* rp, T* op, int64_t m, int64_t c_len, int64_t s, int64_
     for (int64_t c = c0; c < c1; ++c) {
       const T* p = rp + (i * c_len + c) * s;
       T* o = op + (i * c_len + c) * s;
-      const T b = center[c], a = scale[c];
+      const T b = center[c], a = scale[c], d = add[c];
 #pragma omp simd
-      for (int64_t j = 0; j < s; ++j) o[j] = (p[j] - b) * a;
+      for (int64_t j = 0; j < s; ++j) o[j] = (p[j] - b) * a + d;
     }
   }
 }
@@ -142,22 +143,30 @@ void unit_params(int64_t c_len, int64_t n, double init_scale, const double* sum,
 // (C values, or undefined) are written in place unless a unit is bad. Returns (out, mu[t],
 // sigma[t], the bad units): a unit is bad where sigma[r] is 0 or any of its statistics, g or b
 // is not finite. With bad units nothing is written and out is undefined.
+// `offset` (C values; only without a bias) is the bias of a mean-only batch norm applied right
+// after the layer: out is then that norm's output, (r - mu[r]) scale + offset, as its input's
+// batch mean is the layer's scaled mean mu[r] scale.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<int64_t>> data_init_layer(
     const at::Tensor& r, int64_t axis, const at::Tensor& v, int64_t dim, at::Tensor g,
-    c10::optional<at::Tensor> bias, double init_scale) {
+    c10::optional<at::Tensor> bias, double init_scale, c10::optional<at::Tensor> offset) {
   const auto dtype = r.scalar_type();
   auto ok = [&](const at::Tensor& t) {
     return t.device().is_cpu() && t.is_contiguous() && t.scalar_type() == dtype;
   };
-  TORCH_CHECK(ok(r) && ok(v) && ok(g) && (!bias.has_value() || ok(*bias)),
-              "wnorm data_init kernel: the output, v, g and bias must be contiguous CPU tensors "
-              "of one dtype");
+  TORCH_CHECK(ok(r) && ok(v) && ok(g) && (!bias.has_value() || ok(*bias)) &&
+                  (!offset.has_value() || ok(*offset)),
+              "wnorm data_init kernel: the output, v, g, bias and offset must be contiguous CPU "
+              "tensors of one dtype");
+  TORCH_CHECK(!(bias.has_value() && offset.has_value()),
+              "wnorm data_init kernel: an offset is for a layer without a bias");
   TORCH_CHECK(axis >= 0 && axis < r.dim() && dim >= 0 && dim < v.dim(),
               "wnorm data_init kernel: unit axis out of range");
   const int64_t c_len = r.size(axis);
   TORCH_CHECK(c_len > 0 && v.size(dim) == c_len && g.numel() == c_len &&
-                  (!bias.has_value() || bias->numel() == c_len),
-              "wnorm data_init kernel: the output has ", c_len, " units; v, g and bias disagree");
+                  (!bias.has_value() || bias->numel() == c_len) &&
+                  (!offset.has_value() || offset->numel() == c_len),
+              "wnorm data_init kernel: the output has ", c_len,
+              " units; v, g, bias or offset disagree");
   int64_t m = 1, s = 1, a_len = 1, b_len = 1;
   for (int64_t d = 0; d < axis; ++d) m *= r.size(d);
   for (int64_t d = axis + 1; d < r.dim(); ++d) s *= r.size(d);
@@ -193,13 +202,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<int64_t>> data_init_l
       scalar_t* bp = bias->data_ptr<scalar_t>();
       for (int64_t c = 0; c < c_len; ++c) bp[c] = -shift[c];
       torch::autograd::impl::bump_version(*bias);
-    } else {
+    }
+    std::vector<scalar_t> add(c_len, scalar_t(0));
+    if (offset.has_value()) {  // the mean-only norm's output: centered, plus its bias
+      const scalar_t* fp = offset->data_ptr<scalar_t>();
+      std::copy(fp, fp + c_len, add.begin());
+    } else if (!bias.has_value()) {
       std::fill(center.begin(), center.end(), scalar_t(0));  // no bias: the (scaled) mean stays
     }
     out = at::empty_like(r);
     scalar_t* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, c_len, grain, [&](int64_t c0, int64_t c1) {
-      standardize<scalar_t>(rp, op, m, c_len, s, c0, c1, center.data(), scale.data());
+      standardize<scalar_t>(rp, op, m, c_len, s, c0, c1, center.data(), scale.data(), add.data());
     });
   });
   return {out, mu_t, sigma_t, bad};

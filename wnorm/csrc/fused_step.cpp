@@ -402,7 +402,7 @@ std::vector<at::Tensor> act_forward_sum(const at::Tensor& u, double slope);
 at::Tensor act_backward_add_(at::Tensor g, const at::Tensor& u, const at::Tensor& c, double slope);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<int64_t>> data_init_layer(
     const at::Tensor& r, int64_t axis, const at::Tensor& v, int64_t dim, at::Tensor g,
-    c10::optional<at::Tensor> bias, double init_scale);
+    c10::optional<at::Tensor> bias, double init_scale, c10::optional<at::Tensor> offset);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sgd_step", &sgd_step, "weight-normalized SGD step (CPU)");
