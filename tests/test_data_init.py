@@ -779,3 +779,26 @@ def test_a_norm_of_v_that_underflows_is_an_error(path):
     with pytest.raises(WnormError, match=r"^0 \(Linear\): the pre-activations of 4 of 4"):
         wnorm.data_init(model, torch.randn(64, 3))
     assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())
+
+
+def test_a_mean_only_bn_after_a_bias_less_layer_is_folded_into_its_kernel_call(monkeypatch):
+    """Driven pass, kernel path: the BN right after a bias-less layer is applied by the
+    layer's kernel call (given the BN's bias as an offset); after a layer with a bias it is
+    not. Either way the result is the hooked pass's (test_driven_pass_equals_the_hooked_pass)."""
+    kern = _extension.kernels()
+    if kern is None:
+        pytest.skip(f"wnorm's C++ kernels are unavailable: {_extension.unavailable_reason()}")
+    offsets = []
+
+    class Spy:
+        def data_init_layer(self, *args):
+            offsets.append(args[-1] is not None)
+            return kern.data_init_layer(*args)
+
+    monkeypatch.setattr(sys.modules["wnorm.data_init"], "kernels", lambda: Spy())
+    model = wnorm.apply(nn.Sequential(
+        nn.Conv2d(3, 4, 3, bias=False), MeanOnlyBatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+        nn.Linear(4 * 36, 5), MeanOnlyBatchNorm1d(5), nn.Linear(5, 2)))
+    wnorm.data_init(model, torch.randn(16, 3, 8, 8))
+    assert offsets == [True, False, False]
+    assert int(model[1].num_batches_tracked) == 1 and int(model[5].num_batches_tracked) == 1
