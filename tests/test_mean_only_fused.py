@@ -560,6 +560,26 @@ def test_forward_hook_that_changes_the_bn_output_is_honored(fused_pairs):
     assert fused_pairs["fused"] == 0
 
 
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("where", ["layer", "bn"])
+def test_a_forward_replaced_on_the_instance_is_honored(where, train, fused_pairs):
+    """A wrapper installed as the instance's forward (accelerate's add_hook_to_module does
+    this) runs, so the pair falls back to the plain calls."""
+    ref, fz = conv_pair()
+    idx = 0 if where == "layer" else 1
+    for m in (ref, fz):
+        orig = m[idx].forward
+        m[idx].forward = lambda x, orig=orig: 2 * orig(x) + 1
+    ref.train(train), fz.train(train)
+    x = batch(CONV_SHAPE)
+    with torch.no_grad():
+        close(fz(x), ref(x), RTOL64)
+    assert fused_pairs["fused"] == 0
+    del fz[idx].forward  # the class's forward again: the shortcut comes back
+    fz(x)
+    assert fused_pairs["fused"] == 1
+
+
 @pytest.mark.parametrize("kind", HOOKS)
 def test_global_module_hooks_see_every_call(kind, fused_pairs):
     ref, fz = conv_pair()

@@ -73,6 +73,7 @@ _FORWARDS = {cls.forward: (cls, bn, d) for cls, (bn, d) in _CONVS.items()}
 _FORWARDS[nn.Linear.forward] = (nn.Linear, MeanOnlyBatchNorm1d, 0)
 _HELPERS = {cls: ("_conv_forward",) if cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d)
             else ("_output_padding",) for cls in _CONVS}
+_FUSED_DTYPES = (torch.float32, torch.float64)
 
 
 @functools.lru_cache(maxsize=512)
@@ -316,8 +317,11 @@ def _conv_args(layer: nn.Module, spatial: int) -> tuple[Any, ...] | None:
 
 
 def _has_hooks(m: nn.Module) -> bool:
+    """Whether calling ``m`` runs more than its class's forward: hooks, a compiled call, or a
+    forward replaced on the instance (as accelerate's ``add_hook_to_module`` does)."""
     return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
-                or m._backward_pre_hooks or getattr(m, "_compiled_call_impl", None) is not None)
+                or m._backward_pre_hooks or getattr(m, "_compiled_call_impl", None) is not None
+                or "forward" in m.__dict__)
 
 
 def _global_state_allows() -> bool:
@@ -352,13 +356,19 @@ def _pair_weight(layer: nn.Module, bn: _MeanOnlyBatchNorm, kind: tuple[type[nn.M
     the checks that do not need it, as the layer itself reads it once (a parametrization such
     as spectral norm advances its state on every read)."""
     spatial = kind[1]
-    if (_has_hooks(layer) or _has_hooks(bn) or (spatial and args is None)
-            or x.dim() != spatial + 2 or x.shape[0] == 0 or x.numel() == 0
-            or x.dtype not in (torch.float32, torch.float64) or x.dtype != bn.bias.dtype
-            or x.device != bn.bias.device or torch.is_autocast_enabled(x.device.type)):
+    if _has_hooks(layer) or _has_hooks(bn) or (spatial and args is None):
+        return None
+    # (runs on every call of every pair: each attribute read once, bn's bias and running mean
+    # from its dicts, as _pair_kind admits wnorm's own classes only)
+    b, dt = bn._parameters["bias"], x.dtype
+    if (x.dim() != spatial + 2 or x.shape[0] == 0 or x.numel() == 0 or dt != b.dtype
+            or dt not in _FUSED_DTYPES):
+        return None
+    dev = x.device
+    if dev != b.device or torch.is_autocast_enabled(dev.type):
         return None
     w = layer.weight
-    return w if w.dtype == x.dtype and w.device == x.device else None
+    return w if w.dtype == dt and w.device == dev else None
 
 
 def _pair_forward(layer: nn.Module, bn: _MeanOnlyBatchNorm, kind: tuple[type[nn.Module], int],
@@ -377,7 +387,9 @@ def _pair_forward(layer: nn.Module, bn: _MeanOnlyBatchNorm, kind: tuple[type[nn.
         return None
     lb = layer.bias
     if not (bn.training or not bn.track_running_stats):  # eval: a constant bias
-        bias = bn.bias - bn.running_mean if lb is None else lb + bn.bias - bn.running_mean
+        bias = bn._parameters["bias"] - bn._buffers["running_mean"]
+        if lb is not None:
+            bias = lb + bias
         return F.linear(x, w, bias) if args is None else torch.convolution(x, w, bias, *args)
     if args is None:
         y, mean = _LinearMeanOnly.apply(x, w, _shift(bn, lb))
