@@ -802,3 +802,38 @@ def test_a_mean_only_bn_after_a_bias_less_layer_is_folded_into_its_kernel_call(m
     wnorm.data_init(model, torch.randn(16, 3, 8, 8))
     assert offsets == [True, False, False]
     assert int(model[1].num_batches_tracked) == 1 and int(model[5].num_batches_tracked) == 1
+
+
+@pytest.mark.parametrize("make", [
+    lambda: nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), MeanOnlyBatchNorm2d(5), nn.ReLU()),
+    lambda: nn.Sequential(nn.Linear(3, 6, bias=False), MeanOnlyBatchNorm1d(7)),
+], ids=["conv", "linear"])
+def test_a_mean_only_bn_of_the_wrong_width_says_so_in_every_pass(make, hooked_only):
+    """After a bias-less layer (where the driven pass folds the BN into the layer's kernel
+    call), a BN of the wrong width raises its own error, as model(x) does; model unchanged."""
+    x = torch.randn(8, 3, 6, 6) if isinstance(make()[0], nn.Conv2d) else torch.randn(8, 3)
+    for hooked in (False, True):
+        if hooked:
+            hooked_only()
+        model = wnorm.apply(make())
+        sd = copy.deepcopy(model.state_dict())
+        with pytest.raises(WnormError, match=r"MeanOnlyBatchNorm[12]d: expected [57] channels"):
+            wnorm.data_init(model, x)
+        assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())
+
+
+def test_a_mean_only_bn_whose_bias_is_a_buffer_is_initialized_as_in_the_hooked_pass(hooked_only):
+    def make():
+        torch.manual_seed(0)
+        model = wnorm.apply(nn.Sequential(nn.Linear(5, 6, bias=False), MeanOnlyBatchNorm1d(6),
+                                          nn.Tanh(), nn.Linear(6, 3)))
+        del model[1].bias
+        model[1].register_buffer("bias", torch.full((6,), 0.5))  # a frozen bias
+        return model
+    model, twin = make(), make()
+    x = torch.randn(16, 5)
+    wnorm.data_init(model, x)
+    hooked_only()
+    wnorm.data_init(twin, x)
+    for (k, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=k)

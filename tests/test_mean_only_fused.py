@@ -580,6 +580,19 @@ def test_a_forward_replaced_on_the_instance_is_honored(where, train, fused_pairs
     assert fused_pairs["fused"] == 1
 
 
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_a_bn_whose_bias_is_a_buffer_gives_the_plain_calls_results(train):
+    ref, fz = conv_pair()
+    for m in (ref, fz):
+        del m[1].bias
+        m[1].register_buffer("bias", torch.full((m[1].num_features,), 0.5, dtype=torch.float64))
+    ref.train(train), fz.train(train)
+    x = batch(CONV_SHAPE)
+    with torch.no_grad():
+        close(fz(x), ref(x), RTOL64)
+    assert_same_state(ref, fz, RTOL64)
+
+
 @pytest.mark.parametrize("kind", HOOKS)
 def test_global_module_hooks_see_every_call(kind, fused_pairs):
     ref, fz = conv_pair()

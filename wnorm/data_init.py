@@ -278,9 +278,11 @@ class _Initializer:
             return None
         axis = _unit_axis(module, y)
         offset = None
-        if fold is not None and bias is None and axis == 1 and y.dim() >= 2:
-            b = fold._parameters["bias"]
-            if b.dtype == y.dtype and b.device == y.device and b.is_contiguous():
+        if (fold is not None and bias is None and axis == 1 and y.dim() in fold._ndims
+                and y.shape[1] == fold.num_features):  # else the BN runs, and says what is wrong
+            b = getattr(fold, "bias", None)  # as its forward reads it (a buffer, even)
+            if (isinstance(b, Tensor) and b.dtype == y.dtype and b.device == y.device
+                    and b.is_contiguous() and b.numel() == y.shape[1]):
                 offset = b
         out, mu, sigma, bad = kern.data_init_layer(y, axis, v, spec.dim, g, bias, self.init_scale,
                                                    offset)

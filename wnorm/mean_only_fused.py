@@ -358,17 +358,23 @@ def _pair_weight(layer: nn.Module, bn: _MeanOnlyBatchNorm, kind: tuple[type[nn.M
     spatial = kind[1]
     if _has_hooks(layer) or _has_hooks(bn) or (spatial and args is None):
         return None
-    # (runs on every call of every pair: each attribute read once, bn's bias and running mean
-    # from its dicts, as _pair_kind admits wnorm's own classes only)
-    b, dt = bn._parameters["bias"], x.dtype
-    if (x.dim() != spatial + 2 or x.shape[0] == 0 or x.numel() == 0 or dt != b.dtype
-            or dt not in _FUSED_DTYPES):
+    # (runs on every call of every pair: each attribute read once)
+    b, dt = _bn_bias(bn), x.dtype
+    if (not isinstance(b, Tensor) or x.dim() != spatial + 2 or x.shape[0] == 0
+            or x.numel() == 0 or dt != b.dtype or dt not in _FUSED_DTYPES):
         return None
     dev = x.device
     if dev != b.device or torch.is_autocast_enabled(dev.type):
         return None
     w = layer.weight
     return w if w.dtype == dt and w.device == dev else None
+
+
+def _bn_bias(bn: _MeanOnlyBatchNorm) -> Any:
+    """``bn.bias``, from the parameter dict when it is there (no ``Module.__getattr__``); a bias
+    made a buffer or None by the user is looked up as the forward would."""
+    b = bn._parameters.get("bias")
+    return b if b is not None else getattr(bn, "bias", None)
 
 
 def _pair_forward(layer: nn.Module, bn: _MeanOnlyBatchNorm, kind: tuple[type[nn.Module], int],
@@ -387,7 +393,7 @@ def _pair_forward(layer: nn.Module, bn: _MeanOnlyBatchNorm, kind: tuple[type[nn.
         return None
     lb = layer.bias
     if not (bn.training or not bn.track_running_stats):  # eval: a constant bias
-        bias = bn._parameters["bias"] - bn._buffers["running_mean"]
+        bias = _bn_bias(bn) - bn.running_mean
         if lb is not None:
             bias = lb + bias
         return F.linear(x, w, bias) if args is None else torch.convolution(x, w, bias, *args)
