@@ -515,8 +515,9 @@ def fuse_mean_only(model: nn.Module, enabled: bool = True) -> nn.Module:
     layer's weight or to ``g`` and ``v``) and running means equal the unfused pair's up to float
     rounding; eval mode uses the running mean as a bias. Nothing else changes: parameters, state
     dict keys, ``repr`` and each module called on its own. A pair falls back to the two plain
-    calls whenever the shortcut could differ from them: hooks on either module, tracing,
-    scripting or compiling, autocast, an input of another rank, dtype or device. See
+    calls whenever the shortcut could differ from them: hooks on either module or a forward
+    replaced on its instance, tracing, scripting or compiling, autocast, an input of another
+    rank, dtype or device. See
     :mod:`wnorm.mean_only_fused` for the math.
 
     A ``nn.LeakyReLU``/``nn.ReLU`` (not in place) directly before a convolution pair is folded
