@@ -290,11 +290,12 @@ class _Initializer:
             self._fail(module, bad, y.shape[axis], y.numel() // y.shape[axis])
         self.done[module] = LayerInit(self.names[module], type(module).__name__, "initialized",
                                       "", mu, sigma)
+        # the mean a bias-less layer's output keeps: mu[t] g = mu[r] s/sigma[r]
+        mean = None if bias is not None else torch.mul(mu, g.view(-1))
         if offset is not None:
-            self.folded, self.folded_mean = fold, torch.mul(mu, g.view(-1))  # mu[t] g
-            self.handoff = None
+            self.folded, self.folded_mean, self.handoff = fold, mean, None
         elif axis == 1 and y.dim() >= 2:
-            self.hand_on(out, None if bias is not None else torch.mul(mu, g.view(-1)))
+            self.hand_on(out, mean)
         return out
 
     def _post_fast(self, module: nn.Module, y: Tensor, vnorm: Tensor) -> Tensor:
@@ -447,8 +448,7 @@ def data_init(
     for mname, m in model.named_modules():
         label = mname or "<model>"
         wn = bool(m.__dict__.get("_wn"))
-        if drive and ((_has_hooks(m) or "forward" in m.__dict__) if type(m) in _SEQUENTIAL
-                      else bool(m._modules)):
+        if drive and (_has_hooks(m) if type(m) in _SEQUENTIAL else bool(m._modules)):
             drive = False  # a container that is not a plain Sequential, or one run otherwise
         if isinstance(m, _MeanOnlyBatchNorm):
             mobn.append((label, m))
