@@ -385,7 +385,9 @@ def data_init(
     The pass uses forward hooks on the layers; a model that is a tree of ``nn.Sequential``
     containers over leaf modules, none of them hooked, is instead run child by child by
     ``data_init`` itself (what ``Sequential.forward`` does), with the same result and less
-    overhead.
+    overhead. On CPU each layer's statistics, ``g``, ``b`` and standardized output come from
+    one call of wnorm's C++ kernels (built on first use, like :mod:`wnorm.optim`'s; PyTorch
+    ops where they cannot be built).
 
     Args:
         model: the model, changed in place.
