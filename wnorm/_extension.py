@@ -4,8 +4,8 @@ The kernels are compiled once per machine and torch version with
 ``torch.utils.cpp_extension.load`` (a C++ compiler and ninja are needed; the result is cached
 under ``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``). Where they cannot be
 built, :func:`kernels` returns None, :func:`unavailable_reason` says why, :mod:`wnorm.optim`
-trains through autograd and :func:`wnorm.fuse_mean_only` uses PyTorch ops instead: the same
-results at PyTorch's speed. ``WNORM_NO_EXTENSION=1`` turns the kernels off.
+trains through autograd, and :func:`wnorm.fuse_mean_only` and :func:`wnorm.data_init` use
+PyTorch ops instead: the same results at PyTorch's speed. ``WNORM_NO_EXTENSION=1`` turns the kernels off.
 """
 
 from __future__ import annotations
@@ -95,8 +95,8 @@ def _build(load: Any) -> Any:
 
 
 def kernels() -> Any | None:
-    """The compiled module (``sgd_step``, ``adam_step``, ... and ``act_forward_sum``,
-    ``act_backward_add_``), or None where it cannot be built."""
+    """The compiled module (``sgd_step``, ``adam_step``, ..., ``act_forward_sum``,
+    ``act_backward_add_`` and ``data_init_layer``), or None where it cannot be built."""
     if "module" in _state:
         return _state["module"]
     module, reason = None, ""
@@ -113,8 +113,8 @@ def kernels() -> Any | None:
             reason = f"{type(err).__name__}: {last}"
             warnings.warn(
                 f"wnorm: the C++ kernels could not be built ({reason}); wnorm.optim trains "
-                "through autograd and fuse_mean_only uses PyTorch ops instead (same results, "
-                "PyTorch's speed)",
+                "through autograd, fuse_mean_only and data_init use PyTorch ops instead (same "
+                "results, PyTorch's speed)",
                 RuntimeWarning,
                 stacklevel=3,
             )
