@@ -14,7 +14,6 @@
 namespace {
 
 constexpr int64_t kGrain = 4096;  // values per task
-constexpr int64_t kBlock = 1024;  // values of the sum kept in L1 while the rows stream past
 
 void check(const at::Tensor& t, const at::Tensor& like, const char* what) {
   TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() && t.scalar_type() == like.scalar_type(),
@@ -28,21 +27,44 @@ void check(const at::Tensor& t, const at::Tensor& like, const char* what) {
 // Branch-free selects (max/min, masks) vectorize; a ternary compiled to a branch ran 12x slower
 // on random signs. ReLU (Leaky = false) never multiplies by the slope: 0 * -inf would be NaN.
 template <typename T, bool Leaky>
+inline T act(T v, T sl) {
+  return Leaky ? std::max(v, T(0)) + sl * std::min(v, T(0)) : std::max(v, T(0));
+}
+
+// Four rows at a time: the sum is loaded and stored once per four values written, so the pass
+// costs what the activation alone costs (with one row at a time it was 20-30% slower, with the
+// sum blocked to L1 or not).
+template <typename T, bool Leaky>
 void forward_sum(const T* up, T* zp, T* sp, int64_t n_rows, int64_t j_len, T sl) {
   at::parallel_for(0, j_len, kGrain, [&](int64_t b, int64_t e) {
-    // in blocks of kBlock values, so that the block of the sum stays in L1 over all the rows
-    for (int64_t b0 = b; b0 < e; b0 += kBlock) {
-      const int64_t e0 = std::min(e, b0 + kBlock);
-      for (int64_t n = 0; n < n_rows; ++n) {
-        const T* ur = up + n * j_len;
-        T* zr = zp + n * j_len;
+    int64_t n = 0;
+    for (; n + 4 <= n_rows; n += 4) {
+      const T* __restrict u0 = up + n * j_len;
+      const T* __restrict u1 = u0 + j_len;
+      const T* __restrict u2 = u1 + j_len;
+      const T* __restrict u3 = u2 + j_len;
+      T* __restrict z0 = zp + n * j_len;
+      T* __restrict z1 = z0 + j_len;
+      T* __restrict z2 = z1 + j_len;
+      T* __restrict z3 = z2 + j_len;
+      T* __restrict s = sp;
 #pragma omp simd
-        for (int64_t j = b0; j < e0; ++j) {
-          const T v = ur[j];
-          const T o = Leaky ? std::max(v, T(0)) + sl * std::min(v, T(0)) : std::max(v, T(0));
-          zr[j] = o;
-          sp[j] += o;
-        }
+      for (int64_t j = b; j < e; ++j) {
+        const T o0 = act<T, Leaky>(u0[j], sl), o1 = act<T, Leaky>(u1[j], sl);
+        const T o2 = act<T, Leaky>(u2[j], sl), o3 = act<T, Leaky>(u3[j], sl);
+        z0[j] = o0, z1[j] = o1, z2[j] = o2, z3[j] = o3;
+        s[j] += (o0 + o1) + (o2 + o3);
+      }
+    }
+    for (; n < n_rows; ++n) {
+      const T* __restrict ur = up + n * j_len;
+      T* __restrict zr = zp + n * j_len;
+      T* __restrict s = sp;
+#pragma omp simd
+      for (int64_t j = b; j < e; ++j) {
+        const T o = act<T, Leaky>(ur[j], sl);
+        zr[j] = o;
+        s[j] += o;
       }
     }
   });
