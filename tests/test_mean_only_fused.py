@@ -72,6 +72,28 @@ def fused_pairs(monkeypatch) -> Counter:
     return calls
 
 
+@pytest.fixture(params=["cpp-kernels", "torch-ops"])
+def mean_path(request, monkeypatch) -> Counter:
+    """Runs the test twice: with the convolution mean's small algebra (window sums, mean and
+    their backward) in wnorm's C++ kernel, and in PyTorch ops. Counts the kernel's uses, so a
+    test can check that the path it names really ran."""
+    calls: Counter = Counter(path=request.param)
+    if request.param == "torch-ops":
+        monkeypatch.setattr(mof, "_mean_kernels", lambda xs, w: None)
+        return calls
+    real = mof._mean_kernels
+    if real(torch.zeros(1, 1, dtype=D), torch.zeros(1, 1, dtype=D)) is None:
+        pytest.skip("wnorm's C++ kernels are not available here")
+
+    def spy(xs: torch.Tensor, w: torch.Tensor) -> Any:
+        kern = real(xs, w)
+        calls["kernel"] += kern is not None
+        return kern
+
+    monkeypatch.setattr(mof, "_mean_kernels", spy)
+    return calls
+
+
 def perturb(model: nn.Module, scale: float = 0.5) -> nn.Module:
     """Move every parameter away from its init, so BN biases and layer biases are non-trivial."""
     with torch.no_grad():
@@ -206,7 +228,7 @@ GRID += [(nn.Linear, "default"), (nn.Linear, "no_bias")]
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("cls, opt", GRID, ids=[f"{c.__name__}-{o}" for c, o in GRID])
-def test_fused_equals_unfused_pair(cls, opt, train, fused_pairs):
+def test_fused_equals_unfused_pair(cls, opt, train, fused_pairs, mean_path):
     """Outputs, input gradient, every parameter gradient (layer weight and bias, BN bias),
     running_mean and num_batches_tracked equal the unfused pair's after several passes."""
     net, shape = pair_net(cls, OPTIONS[opt])
@@ -214,6 +236,8 @@ def test_fused_equals_unfused_pair(cls, opt, train, fused_pairs):
     calls = run_twins(ref, fz, shape, train)
     assert_same_state(ref, fz, RTOL64)
     assert fused_pairs["fused"] == calls and fused_pairs["plain"] == 0
+    kernel_layer = cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d)  # eval: in the train passes before
+    assert (mean_path["kernel"] > 0) == (kernel_layer and mean_path["path"] == "cpp-kernels")
     if train:
         assert int(fz[1].num_batches_tracked) == 3
         assert fz[1].running_mean.abs().max() > 1e-3  # the running mean really moved
@@ -280,7 +304,7 @@ def test_deeper_net_with_inplace_relu_and_channels_last(fused_pairs):
        bias=st.booleans(), kernel=st.integers(1, 3), size=st.integers(3, 6),
        train=st.booleans(), seed=st.integers(0, 10_000))
 def test_random_conv2d_configs(transposed, n, stride, padding, dilation, groups, bias, kernel,
-                               size, train, seed):
+                               size, train, seed, mean_path):
     """Random Conv2d / ConvTranspose2d geometries (batch of 1 included): fused equals unfused."""
     torch.manual_seed(seed)
     if transposed:
@@ -444,7 +468,7 @@ def function_inputs(name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
 
 
 @pytest.mark.parametrize("name", list(FUNCTION_CASES))
-def test_conv_mean_only_function_value_and_gradcheck(name):
+def test_conv_mean_only_function_value_and_gradcheck(name, mean_path):
     """y = conv(x, w) - mean_batch[conv(x, w)] + shift; the mean output is that batch mean;
     the hand-written backward is the exact Jacobian (gradcheck, float64)."""
     x, w, shift, args = function_inputs(name)
@@ -457,6 +481,81 @@ def test_conv_mean_only_function_value_and_gradcheck(name):
     assert not mean.requires_grad
     assert torch.autograd.gradcheck(lambda a, b, c: _ConvMeanOnly.apply(a, b, c, args)[0],
                                     (x, w, shift))
+    assert (mean_path["kernel"] > 0) == (mean_path["path"] == "cpp-kernels" and not args[3])
+
+
+KERNEL_GEOMETRIES = [
+    # (batch-sum shape, weight shape, stride, padding, dilation, groups)
+    ((3, 11), (5, 3, 3), [1], [1], [1], 1),
+    ((4, 9), (6, 2, 2), [3], [2], [2], 2),
+    ((3, 7, 8), (4, 3, 3, 3), [1, 1], [1, 1], [1, 1], 1),
+    ((4, 9, 6), (6, 2, 3, 2), [2, 1], [0, 2], [1, 2], 2),
+    ((6, 5, 5), (6, 1, 1, 1), [2, 2], [0, 0], [1, 1], 6),  # depthwise 1x1
+    ((2, 4, 5, 3), (3, 2, 2, 3, 2), [1, 2, 1], [1, 0, 1], [2, 1, 1], 1),
+]
+
+
+def kernel_or_skip() -> Any:
+    kern = mof._mean_kernels(torch.zeros(1, 1, dtype=D), torch.zeros(1, 1, dtype=D))
+    if kern is None:
+        pytest.skip("wnorm's C++ kernels are not available here")
+    return kern
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("geom", KERNEL_GEOMETRIES, ids=lambda g: f"{len(g[0]) - 1}d-{g[0]}")
+def test_conv_mean_kernel_equals_the_convolution_it_stands_for(geom, dtype):
+    """The C++ kernel against the definition, not against the Python path: its mean is the
+    batch mean of conv(x, w); its backward is the exact gradient of -sum(gsum * mean) with
+    respect to w (added to the given weight gradient in place, version bumped) and to every
+    sample of x (the returned term)."""
+    kern = kernel_or_skip()
+    xs_shape, w_shape, stride, padding, dilation, groups = geom
+    torch.manual_seed(0)
+    x = torch.randn((3, *xs_shape), dtype=D, requires_grad=True)
+    w = torch.randn(w_shape, dtype=D, requires_grad=True)
+    args = (stride, padding, dilation, False, [0] * len(stride), groups)
+    t = torch.convolution(x, w, None, *args)
+    dims = [0, *range(2, t.dim())]
+    count = t.numel() // t.shape[1]
+    ctx = type("Ctx", (), {})()
+    with torch.no_grad():
+        mof._conv_mean(ctx, x, x.sum(0, keepdim=True), w, args)  # for the tap matrices
+    taps = [r.to(dtype) for r in ctx.taps]
+    mean, sums = kern.conv_mean_forward(x.detach().sum(0).to(dtype), w.detach().to(dtype), taps,
+                                        groups, count)
+    rtol = RTOL64 if dtype == D else RTOL32
+    close(mean.double(), t.mean(dims).detach(), rtol)
+    gsum = torch.randn(w_shape[0], dtype=D)
+    (-(t.mean(dims) * gsum).sum()).backward()
+    gw0 = torch.randn(w_shape, dtype=dtype)
+    gw = gw0.clone()
+    version = gw._version
+    gxs = kern.conv_mean_backward(gsum.to(dtype), w.detach().to(dtype), sums, taps, groups,
+                                  count, gw, True)
+    assert gw._version > version
+    close(gw.double() - gw0.double(), w.grad, rtol, float(w.grad.abs().max()))
+    assert gxs.shape == xs_shape
+    for n in range(x.shape[0]):  # the same term for every sample
+        close(gxs.double(), x.grad[n], rtol, float(x.grad.abs().max()))
+    assert kern.conv_mean_backward(gsum.to(dtype), w.detach().to(dtype), sums, taps, groups,
+                                   count, None, False) is None
+
+
+def test_conv_mean_kernel_refuses_what_does_not_fit():
+    kern = kernel_or_skip()
+    xs, w = torch.randn(3, 8, dtype=D), torch.randn(4, 3, 3, dtype=D)
+    taps = [torch.ones(3, 8, dtype=D)]
+    with pytest.raises(RuntimeError, match="does not fit 3 input channels, 2 groups"):
+        kern.conv_mean_forward(xs, w, taps, 2, 24)
+    with pytest.raises(RuntimeError, match="must be a contiguous CPU tensor of dtype Double"):
+        kern.conv_mean_forward(xs.float(), w, taps, 1, 24)
+    with pytest.raises(RuntimeError, match="does not fit tap matrix 0"):
+        kern.conv_mean_forward(torch.randn(3, 9, dtype=D), w, taps, 1, 24)
+    _, sums = kern.conv_mean_forward(xs, w, taps, 1, 24)
+    with pytest.raises(RuntimeError, match="the weight gradient"):
+        kern.conv_mean_backward(torch.randn(4, dtype=D), w, sums, taps, 1, 24,
+                                torch.randn(4, 3, 2, dtype=D), True)
 
 
 @pytest.mark.parametrize("wrt", ["x", "w", "shift"])

@@ -23,7 +23,8 @@ import torch
 __all__ = ["kernels", "unavailable_reason"]
 
 _CSRC = Path(__file__).resolve().parent / "csrc"
-_SOURCES = [str(_CSRC / n) for n in ("fused_step.cpp", "activation.cpp", "data_init.cpp")]
+_SOURCES = [str(_CSRC / n) for n in ("fused_step.cpp", "activation.cpp", "data_init.cpp",
+                                              "conv_mean.cpp")]
 _state: dict[str, Any] = {}
 
 
@@ -48,7 +49,7 @@ def _name() -> str:
     # instruction set (a cache shared by different machines must not hand AVX-512 code to a
     # CPU without it).
     tag = re.sub(r"[^0-9A-Za-z]+", "_", torch.__version__)
-    return f"wnorm_kernels_v3_torch{tag}_{_capability().lower()}"
+    return f"wnorm_kernels_v4_torch{tag}_{_capability().lower()}"
 
 
 def _ninja_on_path() -> None:

@@ -91,8 +91,10 @@ def _taps(size: int, k: int, stride: int, pad: int, dil: int, out: int, dtype: t
 
 def _conv_mean(ctx: Any, x: Tensor, xs: Tensor, w: Tensor, args: tuple[Any, ...]) -> Tensor:
     """The batch mean of ``conv(x, w)`` per output channel from the batch sum ``xs``; keeps on
-    ``ctx`` what :func:`_conv_mean_backward` needs."""
+    ``ctx`` what :func:`_conv_mean_backward` needs (``ctx.kern``: wnorm's C++ kernels where
+    they take these tensors, else None)."""
     stride, padding, dilation, transposed, _, groups = args
+    ctx.kern = None
     if transposed:
         s = torch.convolution(xs, w, None, *args)
         count = x.shape[0] * (s.numel() // s.shape[1])
@@ -105,34 +107,65 @@ def _conv_mean(ctx: Any, x: Tensor, xs: Tensor, w: Tensor, args: tuple[Any, ...]
         ctx.taps = tuple(_taps(n, k, st, p, d, o, x.dtype, x.device) for n, k, st, p, d, o
                          in zip(insize, ksize, stride, padding, dilation, out))
         count = x.shape[0] * math.prod(out)
-        ctx.sums = _window_sums(xs[0], ctx.taps)
-        mean = (w.reshape(groups, w.shape[0] // groups, -1)
-                @ ctx.sums.reshape(groups, -1, 1)).reshape(-1) / count
+        kern = _mean_kernels(xs, w)
+        if kern is not None:  # one call for the window sums and the mean
+            mean, ctx.sums = kern.conv_mean_forward(xs[0], w, ctx.taps, groups, count)
+            ctx.kern = kern
+        else:
+            ctx.sums = _window_sums(xs[0], ctx.taps)
+            mean = (w.reshape(groups, w.shape[0] // groups, -1)
+                    @ ctx.sums.reshape(groups, -1, 1)).reshape(-1) / count
     ctx.args, ctx.count = args, count
     return mean
 
 
+def _mean_kernels(xs: Tensor, w: Tensor) -> Any | None:
+    """wnorm's C++ kernels when they can take the mean's small algebra for ``xs`` and ``w``
+    (CPU, float/double, one dtype, contiguous), else None."""
+    if xs.device.type != "cpu" or w.device.type != "cpu" or xs.dtype not in _FUSED_DTYPES \
+            or w.dtype != xs.dtype or not (xs.is_contiguous() and w.is_contiguous()):
+        return None
+    from ._extension import kernels
+
+    kern = kernels()
+    return kern if kern is not None and hasattr(kern, "conv_mean_forward") else None
+
+
 def _conv_mean_backward(ctx: Any, gsum: Tensor, xs: Tensor, w: Tensor, in_channels: int,
-                        need_x: bool, need_w: bool, graph: bool) -> tuple[Any, Any]:
-    """(the batch-constant input-gradient term, shaped like ``xs``; the weight-gradient term)
-    of the mean, given the bias gradient ``gsum``."""
+                        gw: Tensor | None, need_x: bool, graph: bool) -> tuple[Any, Any]:
+    """(the batch-constant input-gradient term, shaped like ``xs``, or None; ``gw``, the
+    convolution's weight gradient, plus the mean's term) given the bias gradient ``gsum``."""
     args, taps = ctx.args, ctx.taps
+    need_w = gw is not None
+    if (ctx.kern is not None and not graph and gsum.dtype == w.dtype
+            and gsum.is_contiguous() and (gw is None or gw.is_contiguous())):
+        gxs = ctx.kern.conv_mean_backward(gsum, w, ctx.sums, taps, args[5], ctx.count, gw,
+                                          need_x)
+        return (None if gxs is None else gxs.unsqueeze(0)), gw
     gmean = (gsum / -ctx.count).to(w.dtype)  # dL/dmean, with dmean/ds = 1/count folded in
     if args[3]:  # transposed: back through the layer on the one-sample batch sum
         gs = gmean.view((1, -1) + (1,) * (xs.dim() - 2)).expand(ctx.s_shape)
         gxs, gw2, _ = _aten.convolution_backward(
             gs.contiguous(), xs, w, None, *args, [need_x, need_w, False])
-        return gxs, gw2
+        return gxs, _add(gw, gw2, graph)
     groups = args[5]
-    gw2 = gxs = None
+    gxs = None
     if need_w:
         sums = _window_sums(xs[0], taps) if graph else ctx.sums
         gw2 = (gmean.view(groups, -1, 1) * sums.reshape(groups, 1, -1)).view(w.shape)
+        gw = _add(gw, gw2, graph)
     if need_x:
         wg = w.reshape(groups, w.shape[0] // groups, -1)
         gsums = (gmean.view(groups, 1, -1) @ wg).view(in_channels, *w.shape[2:])
         gxs = _spread(gsums, taps).unsqueeze(0)
-    return gxs, gw2
+    return gxs, gw
+
+
+def _add(a: Tensor | None, b: Tensor | None, graph: bool) -> Tensor | None:
+    """``a + b``, in place on ``a`` unless a double backward will follow (``graph``)."""
+    if a is None or b is None:
+        return a
+    return a + b if graph else a.add_(b)
 
 
 class _ConvMeanOnly(torch.autograd.Function):
@@ -164,11 +197,8 @@ class _ConvMeanOnly(torch.autograd.Function):
         gx, gw, gsum = _aten.convolution_backward(
             grad, x, w, [grad.shape[1]], *ctx.args, [need_x, need_w, True])
         if need_x or need_w:
-            gxs, gw2 = _conv_mean_backward(ctx, gsum, xs, w, x.shape[1], need_x, need_w, graph)
-            if need_x:  # the same term for every sample of the batch
-                gx = gx + gxs if graph else gx.add_(gxs)
-            if need_w:
-                gw = gw + gw2 if graph else gw.add_(gw2)
+            gxs, gw = _conv_mean_backward(ctx, gsum, xs, w, x.shape[1], gw, need_x, graph)
+            gx = _add(gx, gxs, graph)  # the same term for every sample of the batch
         return gx, gw, gsum, None
 
 
@@ -200,7 +230,7 @@ class _ActConvMeanOnly(torch.autograd.Function):
         ctx.save_for_backward(x, w, xs)
         # u without autograd's saved-tensor version check: checked by hand where it is used
         ctx.u, ctx.u_version = u, u._version
-        ctx.slope, ctx.kern = slope, kern
+        ctx.slope, ctx.act_kern = slope, kern
         ctx.mark_non_differentiable(mean)
         return y, mean
 
@@ -225,15 +255,14 @@ class _ActConvMeanOnly(torch.autograd.Function):
             grad, x, w, [grad.shape[1]], *ctx.args, [need_u, need_w, True])
         gu = None
         if need_u or need_w:
-            gxs, gw2 = _conv_mean_backward(ctx, gsum, xs, w, x.shape[1], need_u, need_w, graph)
-            if need_w:
-                gw = gw + gw2 if graph else gw.add_(gw2)
+            gxs, gw = _conv_mean_backward(ctx, gsum, xs, w, x.shape[1], gw, need_u, graph)
             if need_u:
                 if graph:
                     gx = gx + gxs
                     gu = torch.where(mask_of > 0, gx, gx * slope if slope else 0.0)
-                elif ctx.kern is not None and gx.is_contiguous() and mask_of.is_contiguous():
-                    gu = ctx.kern.act_backward_add_(gx, mask_of, gxs.contiguous(), slope)
+                elif (ctx.act_kern is not None and gx.is_contiguous()
+                      and mask_of.is_contiguous()):
+                    gu = ctx.act_kern.act_backward_add_(gx, mask_of, gxs.contiguous(), slope)
                 elif slope == 0:
                     gu = _aten.threshold_backward(gx.add_(gxs), x, 0)
                 else:

@@ -397,12 +397,20 @@ void adam_plain_step(const std::vector<at::Tensor>& p, const std::vector<at::Ten
   }
 }
 
-// wnorm/csrc/activation.cpp, wnorm/csrc/data_init.cpp
+// wnorm/csrc/activation.cpp, wnorm/csrc/data_init.cpp, wnorm/csrc/conv_mean.cpp
 std::vector<at::Tensor> act_forward_sum(const at::Tensor& u, double slope);
 at::Tensor act_backward_add_(at::Tensor g, const at::Tensor& u, const at::Tensor& c, double slope);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<int64_t>> data_init_layer(
     const at::Tensor& r, int64_t axis, const at::Tensor& v, int64_t dim, at::Tensor g,
     c10::optional<at::Tensor> bias, double init_scale, c10::optional<at::Tensor> offset);
+std::vector<at::Tensor> conv_mean_forward(const at::Tensor& xs, const at::Tensor& w,
+                                          const std::vector<at::Tensor>& taps, int64_t groups,
+                                          double count);
+c10::optional<at::Tensor> conv_mean_backward(const at::Tensor& gsum, const at::Tensor& w,
+                                             const at::Tensor& sums,
+                                             const std::vector<at::Tensor>& taps, int64_t groups,
+                                             double count, c10::optional<at::Tensor> gw,
+                                             bool need_x);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sgd_step", &sgd_step, "weight-normalized SGD step (CPU)");
@@ -414,4 +422,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "leaky ReLU backward of (gradient + batch-constant correction), in place (CPU)");
   m.def("data_init_layer", &data_init_layer,
         "one layer's data-dependent init from its raw output r = v.x (CPU)");
+  m.def("conv_mean_forward", &conv_mean_forward,
+        "batch mean of a convolution's output from its input's batch sum (CPU)");
+  m.def("conv_mean_backward", &conv_mean_backward,
+        "the weight- and input-gradient terms of conv_mean_forward's mean (CPU)");
 }
