@@ -97,7 +97,8 @@ def _build(load: Any) -> Any:
 
 def kernels() -> Any | None:
     """The compiled module (``sgd_step``, ``adam_step``, ..., ``act_forward_sum``,
-    ``act_backward_add_`` and ``data_init_layer``), or None where it cannot be built."""
+    ``act_backward_add_``, ``conv_mean_forward``, ``conv_mean_backward`` and
+    ``data_init_layer``), or None where it cannot be built."""
     if "module" in _state:
         return _state["module"]
     module, reason = None, ""
