@@ -94,6 +94,31 @@ def mean_path(request, monkeypatch) -> Counter:
     return calls
 
 
+@pytest.fixture(params=["centered", "function"])
+def linear_path(request, monkeypatch) -> Counter:
+    """Runs the test with a Linear pair at a small batch centering its input (the default up to
+    ``_CENTER_MAX_BATCH``) and with the autograd Function that larger batches use; counts the
+    calls of each."""
+    calls: Counter = Counter(path=request.param)
+    if request.param == "function":
+        monkeypatch.setattr(mof, "_CENTER_MAX_BATCH", 0)
+    centered, function = mof._centered_linear, mof._LinearMeanOnly
+
+    def centered_spy(*args: Any) -> Any:
+        calls["centered"] += 1
+        return centered(*args)
+
+    class FunctionSpy(function):
+        @classmethod
+        def apply(cls, *args: Any) -> Any:
+            calls["function"] += 1
+            return super().apply(*args)
+
+    monkeypatch.setattr(mof, "_centered_linear", centered_spy)
+    monkeypatch.setattr(mof, "_LinearMeanOnly", FunctionSpy)
+    return calls
+
+
 def perturb(model: nn.Module, scale: float = 0.5) -> nn.Module:
     """Move every parameter away from its init, so BN biases and layer biases are non-trivial."""
     with torch.no_grad():
@@ -228,7 +253,7 @@ GRID += [(nn.Linear, "default"), (nn.Linear, "no_bias")]
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("cls, opt", GRID, ids=[f"{c.__name__}-{o}" for c, o in GRID])
-def test_fused_equals_unfused_pair(cls, opt, train, fused_pairs, mean_path):
+def test_fused_equals_unfused_pair(cls, opt, train, fused_pairs, mean_path, linear_path):
     """Outputs, input gradient, every parameter gradient (layer weight and bias, BN bias),
     running_mean and num_batches_tracked equal the unfused pair's after several passes."""
     net, shape = pair_net(cls, OPTIONS[opt])
@@ -237,6 +262,9 @@ def test_fused_equals_unfused_pair(cls, opt, train, fused_pairs, mean_path):
     assert_same_state(ref, fz, RTOL64)
     assert fused_pairs["fused"] == calls and fused_pairs["plain"] == 0
     kernel_layer = cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d)  # eval: in the train passes before
+    if cls is nn.Linear:
+        other = "function" if linear_path["path"] == "centered" else "centered"
+        assert linear_path[linear_path["path"]] > 0 and linear_path[other] == 0
     assert (mean_path["kernel"] > 0) == (kernel_layer and mean_path["path"] == "cpp-kernels")
     if train:
         assert int(fz[1].num_batches_tracked) == 3
@@ -250,7 +278,8 @@ BN_VARIANTS = {"momentum_none": dict(momentum=None),
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("variant", list(BN_VARIANTS))
 @pytest.mark.parametrize("cls", [nn.Linear, nn.Conv2d, nn.ConvTranspose1d])
-def test_fused_equals_unfused_cumulative_and_untracked(cls, variant, train, fused_pairs):
+def test_fused_equals_unfused_cumulative_and_untracked(cls, variant, train, fused_pairs,
+                                                       linear_path):
     """momentum=None (cumulative average) and track_running_stats=False (batch means in eval)."""
     net, shape = pair_net(cls, {"stride": 2} if cls is not nn.Linear else {}, BN_VARIANTS[variant])
     ref, fz = twins(net)
@@ -263,7 +292,7 @@ def test_fused_equals_unfused_cumulative_and_untracked(cls, variant, train, fuse
         assert fz[1].running_mean is None and fz[1].num_batches_tracked is None
 
 
-def test_float32_matches_to_single_precision(fused_pairs):
+def test_float32_matches_to_single_precision(fused_pairs, linear_path):
     """float32: three pairs (conv, transposed conv, linear) agree to single precision."""
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), MeanOnlyBatchNorm2d(8), nn.ReLU(),
                         nn.ConvTranspose2d(8, 4, 3, stride=2, output_padding=1),
@@ -325,7 +354,7 @@ def test_random_conv2d_configs(transposed, n, stride, padding, dilation, groups,
 
 @pytest.mark.parametrize("cls", [nn.Linear, nn.Conv2d])
 @pytest.mark.parametrize("trainable", ["input_only", "weight_only", "bn_bias_only", "nothing"])
-def test_partly_frozen_pairs(trainable, cls, fused_pairs):
+def test_partly_frozen_pairs(trainable, cls, fused_pairs, linear_path):
     """Frozen layers, a frozen BN bias, an input without gradient (the first layer of a net):
     the gradients that exist equal the unfused pair's, the others stay None."""
     net, shape = pair_net(cls, {})
@@ -405,7 +434,7 @@ WN_SHAPE = (5, 3, 4, 4)
 
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-def test_weight_normalized_layers_g_and_v_grads(train, fused_pairs):
+def test_weight_normalized_layers_g_and_v_grads(train, fused_pairs, linear_path):
     """With w = g v/||v|| through autograd, the gradients reach g and v as unfused."""
     ref, fz = twins(wn_net())
     calls = run_twins(ref, fz, WN_SHAPE, train)
@@ -415,7 +444,7 @@ def test_weight_normalized_layers_g_and_v_grads(train, fused_pairs):
     assert fused_pairs["fused"] == 3 * calls
 
 
-def test_optimizer_side_weight_norm_adam_trains_the_same(fused_pairs):
+def test_optimizer_side_weight_norm_adam_trains_the_same(fused_pairs, linear_path):
     """wnorm.optim.Adam (plain-weight forward/backward, g/v steps in the optimizer): a few
     steps of the fused and unfused twins land on the same parameters and running means."""
     ref, fz = twins(wn_net())
@@ -587,7 +616,7 @@ def double_backward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return gx
 
 
-def test_double_backward_linear_pair_and_input_gradient_penalty():
+def test_double_backward_linear_pair_and_input_gradient_penalty(linear_path):
     """Second-order gradients that do work: a Linear pair (autograd's own graph) and, for a
     conv pair, the input-gradient penalty d||dL/dx||^2/dw (WGAN-GP style)."""
     ref, fz = twins(pair_net(nn.Linear, {})[0])
