@@ -1221,3 +1221,103 @@ def test_in_place_edit_of_the_input_after_a_folded_activation():
         m(x * 1.0).sum().backward()
         grads.append(x.grad)
     close(grads[1], grads[0], RTOL64, float(grads[0].abs().max()))
+
+
+# ------------------------------------------ found in the review of the conv-mean kernel, kept fixed
+def test_batched_gradients_through_fused_pairs_equal_the_unfused(mean_path):
+    """vmap over the backward (jacobian(vectorize=True)) hands the backward batched gradients,
+    which have no storage: the kernels must not read them (they crashed) and the Jacobian must
+    equal the unfused model's. Both a plain conv pair and an activation + conv pair."""
+    ref = act_net(nn.LeakyReLU(0.1), padding=1)
+    fz = wnorm.fuse_mean_only(copy.deepcopy(ref))
+    x = batch((2, IN, 4, 3))
+    jr = torch.autograd.functional.jacobian(ref, x, vectorize=True)
+    jf = torch.autograd.functional.jacobian(fz, x, vectorize=True)
+    close(jf, jr, RTOL64, float(jr.abs().max()))
+
+
+def test_fake_tensor_mode_runs_the_fused_pairs_without_reading_data(mean_path):
+    """Under FakeTensorMode (shape and memory inference) tensors have no data: the fused pairs
+    take the PyTorch-ops path and give the unfused model's shapes (the kernels crashed)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mof._taps.cache_clear(), mof._unread.cache_clear()
+    ref = act_net(nn.ReLU(), padding=1)
+    net = wnorm.fuse_mean_only(copy.deepcopy(ref))
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        y = net(torch.empty(2, IN, 7, 8, dtype=D))
+        y.sum().backward()
+    assert tuple(y.shape) == (2, OUT, 7, 8)
+    assert mean_path["kernel"] == 0
+    # the constants made under the mode were not cached: a real run of the same shapes works
+    net.zero_grad(set_to_none=True)
+    x = batch((2, IN, 7, 8))
+    close(net(x), ref(x), RTOL64)
+
+
+def test_inference_mode_with_a_model_in_train_mode_runs_activation_pairs(mean_path):
+    """inference_mode + train mode: batch means, no graph. The activation + conv pair kept the
+    input's version counter, which inference tensors lack (it crashed)."""
+    ref, fz = twins(act_net(nn.LeakyReLU(0.1), padding=1))
+    x = batch(CONV_SHAPE)
+    with torch.inference_mode():
+        y2 = fz(x)
+        y1 = ref(x)
+    close(y2, y1, RTOL64)
+    assert_same_state(ref, fz, RTOL64)
+
+
+@pytest.mark.parametrize("create_graph", [False, True], ids=["backward", "double-backward"])
+def test_inputs_no_tap_reads_do_not_reach_the_mean(create_graph, mean_path):
+    """With a stride longer than the kernel some input positions are never read: an inf or NaN
+    there leaves the unfused pair finite, so the fused pair must be too (the PyTorch-ops path
+    multiplied it by a 0 tap: NaN everywhere), gradients and second derivatives included."""
+    torch.manual_seed(0)
+    ref = perturb(nn.Sequential(nn.Conv2d(2, 3, 2, stride=3, bias=False),
+                                MeanOnlyBatchNorm2d(3)).to(D))
+    fz = wnorm.fuse_mean_only(copy.deepcopy(ref))
+    x = batch((2, 2, 7, 8))
+    x[:, :, 2, :] = float("inf")  # rows 2 and 5 and column 2 are never read
+    x[:, :, :, 2] = float("nan")
+    x[:, :, 5, :] = -float("inf")
+    results = []
+    for net in (ref, fz):
+        xx = x.clone().requires_grad_(True)
+        y = net(xx)
+        gw, gx = torch.autograd.grad((y * weights_like(y)).sum(), [net[0].weight, xx],
+                                     create_graph=create_graph)
+        assert y.isfinite().all() and gw.isfinite().all() and gx.isfinite().all()
+        if create_graph:
+            (ggw,) = torch.autograd.grad(gx.square().sum(), net[0].weight)
+            assert ggw.isfinite().all()
+            results.append(ggw)
+        results += [y.detach(), gw.detach(), gx.detach()]
+    half = len(results) // 2
+    for a, b in zip(results[half:], results[:half]):
+        close(a, b, RTOL64, float(b.abs().max()))
+    assert (mean_path["kernel"] > 0) == (mean_path["path"] == "cpp-kernels")
+
+
+def test_conv_mean_kernel_refuses_a_weight_without_outputs():
+    """A weight with 0 output channels divided by zero in the kernel (SIGFPE): now an error."""
+    kern = kernel_or_skip()
+    with pytest.raises(RuntimeError, match="does not fit"):
+        kern.conv_mean_forward(torch.randn(3, 8, dtype=D), torch.randn(0, 3, 3, dtype=D),
+                               [torch.ones(3, 8, dtype=D)], 1, 24)
+
+
+def test_conv_mean_kernel_float32_mean_is_rounded_once():
+    """The kernel accumulates in double: its float32 mean is the exact mean of its float32
+    inputs rounded once (to within 2 ulp), where a float32 dot product of 4608 terms was
+    several times further off."""
+    kern = kernel_or_skip()
+    torch.manual_seed(0)
+    x = torch.randn(8, 512, 9, 9) + 1.0
+    w = torch.randn(64, 512, 3, 3)
+    args = ([1, 1], [1, 1], [1, 1], False, [0, 0], 1)
+    ctx = type("Ctx", (), {})()
+    mof._conv_mean(ctx, x, x.sum(0, keepdim=True), w, args)
+    mean, _ = kern.conv_mean_forward(x.sum(0), w, list(ctx.taps), 1, ctx.count)
+    exact = torch.convolution(x.double(), w.double(), None, *args).mean(dim=(0, 2, 3))
+    ulp = torch.finfo(torch.float32).eps * exact.abs().max()
+    assert (mean.double() - exact).abs().max() <= 2 * ulp

@@ -5,7 +5,8 @@ The kernels are compiled once per machine and torch version with
 under ``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``). Where they cannot be
 built, :func:`kernels` returns None, :func:`unavailable_reason` says why, :mod:`wnorm.optim`
 trains through autograd, and :func:`wnorm.fuse_mean_only` and :func:`wnorm.data_init` use
-PyTorch ops instead: the same results at PyTorch's speed. ``WNORM_NO_EXTENSION=1`` turns the kernels off.
+PyTorch ops instead: the same results at PyTorch's speed. ``WNORM_NO_EXTENSION=1`` turns the
+kernels off. :func:`readable` says whether the kernels may read a tensor's memory at all.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["kernels", "unavailable_reason"]
+__all__ = ["kernels", "readable", "unavailable_reason"]
 
 _CSRC = Path(__file__).resolve().parent / "csrc"
 _SOURCES = [str(_CSRC / n) for n in ("fused_step.cpp", "activation.cpp", "data_init.cpp",
@@ -122,6 +123,26 @@ def kernels() -> Any | None:
             )
     _state["module"], _state["reason"] = module, reason
     return module
+
+
+_has_storage = getattr(torch._C, "_has_storage", None)
+_is_wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+
+
+def readable(*tensors: torch.Tensor | None) -> bool:
+    """Whether the kernels may read these tensors' memory (None entries are skipped): ordinary
+    tensors with storage, not a tensor subclass (a ``FakeTensor`` has no data, a ``DTensor``
+    is one shard) nor a functorch wrapper (``vmap``'s batched gradients, ``torch.func.grad``).
+    Device, dtype and layout are for the caller to check."""
+    for t in tensors:
+        if t is None:
+            continue
+        if type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter:
+            return False
+        if (_has_storage is not None and not _has_storage(t)) or \
+                (_is_wrapped is not None and _is_wrapped(t)):
+            return False
+    return True
 
 
 def unavailable_reason() -> str:

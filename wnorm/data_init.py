@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._extension import kernels
+from ._extension import kernels, readable
 from .errors import WnormError
 from .mean_only_bn import (
     MeanOnlyBatchNorm1d,
@@ -271,7 +271,7 @@ class _Initializer:
         kern = kernels()  # built on first use: not for a model on another device
         p = module._parameters
         v, g, bias = p["weight_v"], p["weight_g"], p.get("bias")
-        if (kern is None or y.dtype != v.dtype or y.dim() == 0
+        if (kern is None or not readable(y, v, g, bias) or y.dtype != v.dtype or y.dim() == 0
                 or not y.is_contiguous() or not v.is_contiguous() or g.dtype != v.dtype
                 or not g.is_contiguous()
                 or (bias is not None and (bias.dtype != v.dtype or not bias.is_contiguous()))):

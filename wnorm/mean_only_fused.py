@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as _module
 
+from ._extension import kernels, readable
 from .errors import WnormError
 from .mean_only_bn import (
     MeanOnlyBatchNorm1d,
@@ -78,17 +79,55 @@ _HELPERS = {cls: ("_conv_forward",) if cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _FUSED_DTYPES = (torch.float32, torch.float64)
 
 
-@functools.lru_cache(maxsize=512)
+_dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 0)
+
+
+def _constant(make: Any) -> Any:
+    """``make`` cached by its arguments, except while a dispatch mode (FakeTensorMode, ...) is
+    active: a tensor made then belongs to that mode and must not outlive it in the cache."""
+    cached = functools.lru_cache(maxsize=512)(make)
+
+    @functools.wraps(make)
+    def get(*args: Any) -> Any:
+        return make(*args) if _dispatch_modes() else cached(*args)
+
+    get.cache_clear = cached.cache_clear  # type: ignore[attr-defined]
+    return get
+
+
+def _read_by(size: int, k: int, stride: int, pad: int, dil: int, out: int) -> list[list[bool]]:
+    """[tap][position]: whether kernel tap i reads input position l at some output position
+    (zeros padding: taps that land in the padding read nothing). Plain Python: no tensor data
+    is needed to decide which positions are read."""
+    return [[(pos + pad - i * dil) % stride == 0 and 0 <= (pos + pad - i * dil) // stride < out
+             for pos in range(size)] for i in range(k)]
+
+
+@_constant
 def _taps(size: int, k: int, stride: int, pad: int, dil: int, out: int, dtype: torch.dtype,
           device: torch.device) -> Tensor:
-    """R[i, l] = 1 where kernel tap i reads input position l at some output position (zeros
-    padding: taps that land in the padding read nothing). Cached, so made as ordinary tensors
-    even under ``torch.inference_mode`` (an inference tensor cannot be saved for a backward)."""
+    """R[i, l] = 1 where kernel tap i reads input position l (see :func:`_read_by`). Cached,
+    so made as ordinary tensors even under ``torch.inference_mode`` (an inference tensor cannot
+    be saved for a backward)."""
     with torch.inference_mode(False), torch.no_grad():
-        reads = (torch.arange(out, device=device) * stride - pad)[None, :] \
-            + (torch.arange(k, device=device) * dil)[:, None]  # (tap, output position)
-        at = reads[:, :, None] == torch.arange(size, device=device)  # padding matches nothing
-        return at.any(dim=1).to(dtype)
+        return torch.tensor(_read_by(size, k, stride, pad, dil, out), dtype=dtype,
+                            device=device)
+
+
+@_constant
+def _unread(geometry: tuple[tuple[int, ...], ...], device: torch.device) -> Tensor | None:
+    """A mask of the input positions that no kernel tap reads (a stride longer than the
+    kernel's reach), or None when every position is read. ``geometry``: per spatial axis,
+    (size, kernel, stride, padding, dilation, output size)."""
+    unread = [[not any(col) for col in zip(*_read_by(*axis))] for axis in geometry]
+    if not any(any(axis) for axis in unread):
+        return None
+    with torch.inference_mode(False), torch.no_grad():
+        masks = [torch.tensor(axis, device=device) for axis in unread]
+        out = masks[0]
+        for m in masks[1:]:  # unread if unread along any axis
+            out = out.unsqueeze(-1) | m
+        return out
 
 
 def _conv_mean(ctx: Any, x: Tensor, xs: Tensor, w: Tensor, args: tuple[Any, ...]) -> Tensor:
@@ -106,15 +145,16 @@ def _conv_mean(ctx: Any, x: Tensor, xs: Tensor, w: Tensor, args: tuple[Any, ...]
         ksize, insize = w.shape[2:], x.shape[2:]
         out = [(n + 2 * p - d * (k - 1) - 1) // st + 1
                for n, k, st, p, d in zip(insize, ksize, stride, padding, dilation)]
-        ctx.taps = tuple(_taps(n, k, st, p, d, o, x.dtype, x.device) for n, k, st, p, d, o
-                         in zip(insize, ksize, stride, padding, dilation, out))
+        geometry = tuple(zip(insize, ksize, stride, padding, dilation, out))
+        ctx.taps = tuple(_taps(*axis, x.dtype, x.device) for axis in geometry)
         count = x.shape[0] * math.prod(out)
+        ctx.unread = _unread(geometry, x.device)
         kern = _mean_kernels(xs, w)
         if kern is not None:  # one call for the window sums and the mean
             mean, ctx.sums = kern.conv_mean_forward(xs[0], w, ctx.taps, groups, count)
             ctx.kern = kern
         else:
-            ctx.sums = _window_sums(xs[0], ctx.taps)
+            ctx.sums = _window_sums(xs[0], ctx.taps, ctx.unread)
             mean = (w.reshape(groups, w.shape[0] // groups, -1)
                     @ ctx.sums.reshape(groups, -1, 1)).reshape(-1) / count
     ctx.args, ctx.count = args, count
@@ -125,10 +165,9 @@ def _mean_kernels(xs: Tensor, w: Tensor) -> Any | None:
     """wnorm's C++ kernels when they can take the mean's small algebra for ``xs`` and ``w``
     (CPU, float/double, one dtype, contiguous), else None."""
     if xs.device.type != "cpu" or w.device.type != "cpu" or xs.dtype not in _FUSED_DTYPES \
-            or w.dtype != xs.dtype or not (xs.is_contiguous() and w.is_contiguous()):
+            or w.dtype != xs.dtype or not (xs.is_contiguous() and w.is_contiguous()) \
+            or not readable(xs, w):
         return None
-    from ._extension import kernels
-
     kern = kernels()
     return kern if kern is not None and hasattr(kern, "conv_mean_forward") else None
 
@@ -140,7 +179,8 @@ def _conv_mean_backward(ctx: Any, gsum: Tensor, xs: Tensor, w: Tensor, in_channe
     args, taps = ctx.args, ctx.taps
     need_w = gw is not None
     if (ctx.kern is not None and not graph and gsum.dtype == w.dtype
-            and gsum.is_contiguous() and (gw is None or gw.is_contiguous())):
+            and gsum.is_contiguous() and (gw is None or gw.is_contiguous())
+            and readable(gsum, gw)):  # e.g. vmap's batched gradients are not
         gxs = ctx.kern.conv_mean_backward(gsum, w, ctx.sums, taps, args[5], ctx.count, gw,
                                           need_x)
         return (None if gxs is None else gxs.unsqueeze(0)), gw
@@ -153,7 +193,7 @@ def _conv_mean_backward(ctx: Any, gsum: Tensor, xs: Tensor, w: Tensor, in_channe
     groups = args[5]
     gxs = None
     if need_w:
-        sums = _window_sums(xs[0], taps) if graph else ctx.sums
+        sums = _window_sums(xs[0], taps, ctx.unread) if graph else ctx.sums
         gw2 = (gmean.view(groups, -1, 1) * sums.reshape(groups, 1, -1)).view(w.shape)
         gw = _add(gw, gw2, graph)
     if need_x:
@@ -231,7 +271,7 @@ class _ActConvMeanOnly(torch.autograd.Function):
         y = torch.convolution(x, w, shift - mean, *args)
         ctx.save_for_backward(x, w, xs)
         # u without autograd's saved-tensor version check: checked by hand where it is used
-        ctx.u, ctx.u_version = u, u._version
+        ctx.u, ctx.u_version = u, (None if u.is_inference() else u._version)
         ctx.slope, ctx.act_kern = slope, kern
         ctx.mark_non_differentiable(mean)
         return y, mean
@@ -244,7 +284,7 @@ class _ActConvMeanOnly(torch.autograd.Function):
         graph = torch.is_grad_enabled()
         if graph or slope < 0:
             u = ctx.u
-            if u._version != ctx.u_version:
+            if ctx.u_version is not None and u._version != ctx.u_version:
                 raise RuntimeError(
                     "wnorm.fuse_mean_only: the input of a folded activation was modified by an "
                     "in-place operation after the forward, and this backward needs it (a double "
@@ -263,7 +303,7 @@ class _ActConvMeanOnly(torch.autograd.Function):
                     gx = gx + gxs
                     gu = torch.where(mask_of > 0, gx, gx * slope if slope else 0.0)
                 elif (ctx.act_kern is not None and gx.is_contiguous()
-                      and mask_of.is_contiguous()):
+                      and mask_of.is_contiguous() and readable(gx, mask_of, gxs)):
                     gu = ctx.act_kern.act_backward_add_(gx, mask_of, gxs.contiguous(), slope)
                 elif slope == 0:
                     gu = _aten.threshold_backward(gx.add_(gxs), x, 0)
@@ -280,10 +320,8 @@ def _act(u: Tensor, slope: float) -> Tensor:
 def _act_kernels(u: Tensor) -> Any | None:
     """wnorm's C++ kernels where they can take ``u`` (built on first use), else None."""
     if u.device.type != "cpu" or u.dtype not in (torch.float32, torch.float64) \
-            or not u.is_contiguous():
+            or not u.is_contiguous() or not readable(u):
         return None
-    from ._extension import kernels
-
     kern = kernels()
     return kern if kern is not None and hasattr(kern, "act_forward_sum") else None
 
@@ -338,8 +376,12 @@ class _LinearMeanOnly(torch.autograd.Function):
         return gx, gw, gsum
 
 
-def _window_sums(xs: Tensor, taps: tuple[Tensor, ...]) -> Tensor:
-    """S[k, i...] = sum over l... of xs[k, l...] * prod_d taps[d][i_d, l_d]."""
+def _window_sums(xs: Tensor, taps: tuple[Tensor, ...], unread: Tensor | None = None) -> Tensor:
+    """S[k, i...] = sum over l... of xs[k, l...] * prod_d taps[d][i_d, l_d]. Positions in
+    ``unread`` are zeroed first: their 0 taps would turn an inf or NaN there into NaN, where
+    the convolution never reads them."""
+    if unread is not None:
+        xs = xs.masked_fill(unread, 0)
     if len(taps) == 1:
         return xs @ taps[0].t()
     if len(taps) == 2:  # (K1, H) @ (C, H, W) @ (W, K2): two matmuls, no einsum parsing
@@ -568,8 +610,14 @@ def fuse_mean_only(model: nn.Module, enabled: bool = True) -> nn.Module:
     dict keys, ``repr`` and each module called on its own. A pair falls back to the two plain
     calls whenever the shortcut could differ from them: hooks on either module or a forward
     replaced on its instance, tracing, scripting or compiling, autocast, an input of another
-    rank, dtype or device. See
-    :mod:`wnorm.mean_only_fused` for the math.
+    rank, dtype or device. See :mod:`wnorm.mean_only_fused` for the math.
+
+    Rounding: a convolution's weight gradient is the convolution's own (on the uncentered
+    output gradient) plus the mean's correction, two terms that nearly cancel when the layer's
+    input has a large mean against its spread. In float32 its rounding error grows with that
+    ratio: several times the unfused pair's when the input's mean is a few times its standard
+    deviation. Float64, or inputs near zero mean (after an activation, normalized data), are
+    unaffected in practice.
 
     A ``nn.LeakyReLU``/``nn.ReLU`` (not in place) directly before a convolution pair is folded
     into it in training, which removes those two passes as well (on CPU with wnorm's C++

@@ -11,7 +11,8 @@
 // sum over c of gmean[c] * w[c, k, j].
 //
 // Inputs: contiguous CPU float/double tensors of one dtype; the sizes are small (one sample,
-// one weight), so plain loops, and the 0/1 matrices' zeros are skipped.
+// one weight), so plain loops in double, and the 0/1 matrices' zeros are skipped (an input
+// position no tap reads, even inf or NaN, does not reach the mean, as in the convolution).
 
 #include <torch/extension.h>
 
@@ -25,16 +26,16 @@ void check(const at::Tensor& t, const at::Tensor& like, const char* what) {
               like.scalar_type());
 }
 
-// out[a, k, b] = sum over l of r[k, l] * x[a, l, b]
-template <typename T>
-void along(const T* x, T* out, const T* r, int64_t A, int64_t L, int64_t K, int64_t B) {
+// out[a, k, b] = sum over l of r[k, l] * x[a, l, b]   (T: the accumulation type, R: r's)
+template <typename T, typename R>
+void along(const T* x, T* out, const R* r, int64_t A, int64_t L, int64_t K, int64_t B) {
   for (int64_t a = 0; a < A; ++a)
     for (int64_t k = 0; k < K; ++k) {
       T* o = out + (a * K + k) * B;
       for (int64_t b = 0; b < B; ++b) o[b] = T(0);
       for (int64_t l = 0; l < L; ++l) {
-        const T rv = r[k * L + l];
-        if (rv == T(0)) continue;
+        const T rv = static_cast<T>(r[k * L + l]);
+        if (rv == T(0)) continue;  // also keeps an inf or NaN the convolution never reads out
         const T* xi = x + (a * L + l) * B;
         for (int64_t b = 0; b < B; ++b) o[b] += rv * xi[b];
       }
@@ -42,15 +43,15 @@ void along(const T* x, T* out, const T* r, int64_t A, int64_t L, int64_t K, int6
 }
 
 // the adjoint: out[a, l, b] = sum over k of r[k, l] * x[a, k, b]
-template <typename T>
-void spread(const T* x, T* out, const T* r, int64_t A, int64_t K, int64_t L, int64_t B) {
+template <typename T, typename R>
+void spread(const T* x, T* out, const R* r, int64_t A, int64_t K, int64_t L, int64_t B) {
   for (int64_t a = 0; a < A; ++a) {
     T* oa = out + a * L * B;
     for (int64_t i = 0; i < L * B; ++i) oa[i] = T(0);
     for (int64_t k = 0; k < K; ++k) {
       const T* xk = x + (a * K + k) * B;
       for (int64_t l = 0; l < L; ++l) {
-        const T rv = r[k * L + l];
+        const T rv = static_cast<T>(r[k * L + l]);
         if (rv == T(0)) continue;
         T* o = oa + l * B;
         for (int64_t b = 0; b < B; ++b) o[b] += rv * xk[b];
@@ -69,7 +70,8 @@ int64_t prod(const std::vector<int64_t>& v, size_t from, size_t to) {
 std::pair<std::vector<int64_t>, std::vector<int64_t>> shapes(
     const at::Tensor& w, const std::vector<at::Tensor>& taps, int64_t channels, int64_t groups) {
   const int64_t d = static_cast<int64_t>(taps.size());
-  TORCH_CHECK(d >= 1 && w.dim() == d + 2 && groups >= 1 && w.size(0) % groups == 0 &&
+  TORCH_CHECK(d >= 1 && w.dim() == d + 2 && groups >= 1 && w.size(0) > 0 && w.numel() > 0 &&
+                  w.size(0) % groups == 0 &&
                   w.size(1) * groups == channels,
               "wnorm conv-mean kernel: the weight ", w.sizes(), " does not fit ", channels,
               " input channels, ", groups, " groups and ", d, " spatial dims");
@@ -108,24 +110,26 @@ std::vector<at::Tensor> conv_mean_forward(const at::Tensor& xs, const at::Tensor
   auto mean = at::empty({out}, w.options());
   AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "wnorm_conv_mean_forward", [&] {
     // shape along the way: (K, k_1..k_{i-1}, L_i, ..., L_d)
-    std::vector<scalar_t> cur(xs.data_ptr<scalar_t>(), xs.data_ptr<scalar_t>() + xs.numel());
-    std::vector<scalar_t> next;
+    // in double throughout (a few thousand values), rounded to the dtype once at the end
+    std::vector<double> cur(xs.data_ptr<scalar_t>(), xs.data_ptr<scalar_t>() + xs.numel());
+    std::vector<double> next;
     for (int64_t i = 0; i < d; ++i) {
       const int64_t A = channels * prod(k, 0, i), B = prod(l, i + 1, d);
       next.resize(A * k[i] * B);
       along(cur.data(), next.data(), taps[i].data_ptr<scalar_t>(), A, l[i], k[i], B);
       cur.swap(next);
     }
-    std::copy(cur.begin(), cur.end(), sums.data_ptr<scalar_t>());
+    scalar_t* sp = sums.data_ptr<scalar_t>();
+    for (size_t i = 0; i < cur.size(); ++i) sp[i] = static_cast<scalar_t>(cur[i]);
     const int64_t per = w.numel() / out, per_group = out / groups;
     const scalar_t* wp = w.data_ptr<scalar_t>();
     scalar_t* mp = mean.data_ptr<scalar_t>();
     for (int64_t c = 0; c < out; ++c) {
-      const scalar_t* s = cur.data() + (c / per_group) * per;
+      const double* s = cur.data() + (c / per_group) * per;
       const scalar_t* wc = wp + c * per;
-      scalar_t acc = 0;
-      for (int64_t j = 0; j < per; ++j) acc += wc[j] * s[j];
-      mp[c] = acc / static_cast<scalar_t>(count);
+      double acc = 0;
+      for (int64_t j = 0; j < per; ++j) acc += static_cast<double>(wc[j]) * s[j];
+      mp[c] = static_cast<scalar_t>(acc / count);
     }
   });
   return {mean, sums};
@@ -161,22 +165,22 @@ c10::optional<at::Tensor> conv_mean_backward(const at::Tensor& gsum, const at::T
     const scalar_t* wp = w.data_ptr<scalar_t>();
     const scalar_t* sp = sums.data_ptr<scalar_t>();
     const scalar_t* gp = gsum.data_ptr<scalar_t>();
-    std::vector<scalar_t> gmean(out);
-    for (int64_t c = 0; c < out; ++c) gmean[c] = gp[c] / static_cast<scalar_t>(-count);
+    std::vector<double> gmean(out);  // in double, as in the forward
+    for (int64_t c = 0; c < out; ++c) gmean[c] = gp[c] / -count;
     if (gw.has_value()) {
       scalar_t* gwp = gw->data_ptr<scalar_t>();
       for (int64_t c = 0; c < out; ++c) {
         const scalar_t* s = sp + (c / per_group) * per;
         scalar_t* g = gwp + c * per;
-        for (int64_t j = 0; j < per; ++j) g[j] += gmean[c] * s[j];
+        for (int64_t j = 0; j < per; ++j) g[j] += static_cast<scalar_t>(gmean[c] * s[j]);
       }
       torch::autograd::impl::bump_version(*gw);  // written through a pointer
     }
     if (!need_x) return;
     // (K, k1..kd): sum over the group's output channels of gmean[c] * w[c, k, taps]
-    std::vector<scalar_t> cur(channels * prod(k, 0, d), scalar_t(0)), next;
+    std::vector<double> cur(channels * prod(k, 0, d), 0.0), next;
     for (int64_t c = 0; c < out; ++c) {
-      scalar_t* dst = cur.data() + (c / per_group) * per;
+      double* dst = cur.data() + (c / per_group) * per;
       const scalar_t* wc = wp + c * per;
       for (int64_t j = 0; j < per; ++j) dst[j] += gmean[c] * wc[j];
     }
@@ -190,7 +194,8 @@ c10::optional<at::Tensor> conv_mean_backward(const at::Tensor& gsum, const at::T
     std::vector<int64_t> shape{channels};
     shape.insert(shape.end(), l.begin(), l.end());
     auto t = at::empty(shape, w.options());
-    std::copy(cur.begin(), cur.end(), t.data_ptr<scalar_t>());
+    scalar_t* tp = t.data_ptr<scalar_t>();
+    for (size_t i = 0; i < cur.size(); ++i) tp[i] = static_cast<scalar_t>(cur[i]);
     gxs = t;
   });
   return gxs;
