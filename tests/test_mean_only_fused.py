@@ -1321,3 +1321,48 @@ def test_conv_mean_kernel_float32_mean_is_rounded_once():
     exact = torch.convolution(x.double(), w.double(), None, *args).mean(dim=(0, 2, 3))
     ulp = torch.finfo(torch.float32).eps * exact.abs().max()
     assert (mean.double() - exact).abs().max() <= 2 * ulp
+
+
+def test_fake_tensors_used_outside_their_mode_get_the_plain_calls():
+    """A model and input made under FakeTensorMode and called after it: the fused pairs fall
+    back to the plain calls (their cached real constants would meet fake tensors)."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    with FakeTensorMode():
+        net = nn.Sequential(
+            nn.Conv2d(IN, OUT, 3, padding=1, bias=False, dtype=D),
+            MeanOnlyBatchNorm2d(OUT, dtype=D),
+            nn.LeakyReLU(0.1), nn.Conv2d(OUT, OUT, 3, padding=1, dtype=D),
+            MeanOnlyBatchNorm2d(OUT, dtype=D))
+        x = torch.empty(2, IN, 7, 8, dtype=D)
+    fz = wnorm.fuse_mean_only(net)
+    y = fz(x)
+    y.sum().backward()
+    assert isinstance(y, FakeTensor) and tuple(y.shape) == (2, OUT, 7, 8)
+
+
+@pytest.mark.parametrize("batch", [4, 300], ids=["small-batch", "large-batch"])
+def test_functorch_transforms_through_fused_pairs_equal_the_unfused(batch):
+    """vmap and jvp over a model with batch statistics (track_running_stats=False): the conv
+    pairs' autograd Functions have no functorch rules, so under a transform conv pairs take
+    the plain calls and Linear pairs the centered form, at any batch size."""
+    torch.manual_seed(0)
+    ref = perturb(nn.Sequential(
+        nn.Conv1d(2, 3, 3, bias=False), MeanOnlyBatchNorm1d(3, track_running_stats=False),
+        nn.LeakyReLU(0.1), nn.Conv1d(3, 3, 3), MeanOnlyBatchNorm1d(3, track_running_stats=False),
+        nn.Flatten(), nn.Linear(3 * 4, 5), MeanOnlyBatchNorm1d(5, track_running_stats=False),
+    ).to(D))
+    fz = wnorm.fuse_mean_only(copy.deepcopy(ref))
+    xb = torch.randn(2, batch, 2, 8, dtype=D)
+    with torch.no_grad():
+        close(torch.func.vmap(fz)(xb), torch.func.vmap(ref)(xb), RTOL64)
+    x, t = xb[0], torch.randn(batch, 2, 8, dtype=D)
+
+    def call(net: nn.Module) -> Any:  # parameters detached: MeanOnlyBatchNorm's own Function
+        params = {k: v.detach() for k, v in net.named_parameters()}  # has no jvp rule either
+        return lambda inp: torch.func.functional_call(net, params, (inp,))
+
+    y1, j1 = torch.func.jvp(call(ref), (x,), (t,))
+    y2, j2 = torch.func.jvp(call(fz), (x,), (t,))
+    close(y2, y1, RTOL64)
+    close(j2, j1, RTOL64, float(j1.abs().max()))

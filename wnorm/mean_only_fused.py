@@ -77,6 +77,10 @@ _FORWARDS[nn.Linear.forward] = (nn.Linear, MeanOnlyBatchNorm1d, 0)
 _HELPERS = {cls: ("_conv_forward",) if cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d)
             else ("_output_padding",) for cls in _CONVS}
 _FUSED_DTYPES = (torch.float32, torch.float64)
+#: inputs and weights of these exact types only: a tensor subclass (a FakeTensor used outside
+#: its mode, a DTensor, a quantized weight) gets the plain calls, which it knows how to run
+_PLAIN_TYPES = (Tensor, nn.Parameter)
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
 
 
 _dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 0)
@@ -447,7 +451,8 @@ def _pair_weight(layer: nn.Module, bn: _MeanOnlyBatchNorm, kind: tuple[type[nn.M
     the checks that do not need it, as the layer itself reads it once (a parametrization such
     as spectral norm advances its state on every read)."""
     spatial = kind[1]
-    if _has_hooks(layer) or _has_hooks(bn) or (spatial and args is None):
+    if (_has_hooks(layer) or _has_hooks(bn) or (spatial and args is None)
+            or type(x) not in _PLAIN_TYPES):
         return None
     # (runs on every call of every pair: each attribute read once)
     b, dt = _bn_bias(bn), x.dtype
@@ -458,7 +463,7 @@ def _pair_weight(layer: nn.Module, bn: _MeanOnlyBatchNorm, kind: tuple[type[nn.M
     if dev != b.device or torch.is_autocast_enabled(dev.type):
         return None
     w = layer.weight
-    return w if w.dtype == dt and w.device == dev else None
+    return w if w.dtype == dt and w.device == dev and type(w) in _PLAIN_TYPES else None
 
 
 def _bn_bias(bn: _MeanOnlyBatchNorm) -> Any:
@@ -478,17 +483,20 @@ def _pair_forward(layer: nn.Module, bn: _MeanOnlyBatchNorm, kind: tuple[type[nn.
     if not fusable or not isinstance(x, Tensor):
         return None
     cls, spatial = kind
+    batch_mean = bn.training or not bn.track_running_stats
+    if spatial and batch_mean and _functorch_active():
+        return None  # vmap, grad, jvp: the conv Functions have no rules for them
     args = _conv_args(layer, spatial) if spatial else None
     w = _pair_weight(layer, bn, kind, x, args)
     if w is None:
         return None
     lb = layer.bias
-    if not (bn.training or not bn.track_running_stats):  # eval: a constant bias
+    if not batch_mean:  # eval: a constant bias
         bias = _bn_bias(bn) - bn.running_mean
         if lb is not None:
             bias = lb + bias
         return F.linear(x, w, bias) if args is None else torch.convolution(x, w, bias, *args)
-    if args is None and x.shape[0] <= _CENTER_MAX_BATCH:
+    if args is None and (x.shape[0] <= _CENTER_MAX_BATCH or _functorch_active()):
         y, mean = _centered_linear(x, w, _shift(bn, lb), bn.training and bn.track_running_stats)
     elif args is None:
         y, mean = _LinearMeanOnly.apply(x, w, _shift(bn, lb))
@@ -525,7 +533,7 @@ def _act_pair_forward(act: nn.Module, layer: nn.Module, bn: _MeanOnlyBatchNorm,
     folded into the pair's function in training; otherwise the activation, then the pair."""
     slope = _act_slope(act)
     if (slope is None or not fusable or _has_hooks(act) or not isinstance(u, Tensor)
-            or not (bn.training or not bn.track_running_stats)):
+            or not (bn.training or not bn.track_running_stats) or _functorch_active()):
         return _pair_or_plain(layer, bn, kind, act(u), fusable)
     args = _conv_args(layer, kind[1])
     w = _pair_weight(layer, bn, kind, u, args)
