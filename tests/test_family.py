@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import io
 import math
 
@@ -17,6 +18,7 @@ METHODS = {
     "centered": wnorm.centered_weight_norm,
     "standardized": wnorm.weight_standardization,
     "forced": wnorm.forced_weight_norm,
+    "forced-radius": functools.partial(wnorm.forced_weight_norm, radius=2.5),
 }
 LAYERS = {
     "linear": lambda: nn.Linear(7, 5),
@@ -87,6 +89,47 @@ def test_forced_keeps_norm_of_v_constant_across_steps(layer):
     assert (grown[-1] > grown[0]).all()  # the growth forced WN removes (PAPER.md sec. 2)
 
 
+@pytest.mark.parametrize("layer", LAYERS)
+def test_forced_radius_holds_v_at_that_norm_and_starts_at_the_same_function(layer):
+    plain = LAYERS[layer]().double()
+    m = wnorm.forced_weight_norm(copy.deepcopy(plain), radius=0.75)
+    x = _input(m)
+    torch.testing.assert_close(m(x), plain(x))  # the function is unchanged at the start
+    torch.testing.assert_close(_rows_v(m).norm(dim=1), torch.full((_rows_v(m).shape[0],), 0.75,
+                                                                   dtype=torch.float64))
+    _train(m, x, steps=4, lr=2.0)
+    m(x)  # the training forward renormalizes v
+    torch.testing.assert_close(_rows_v(m).norm(dim=1), torch.full((_rows_v(m).shape[0],), 0.75,
+                                                                   dtype=torch.float64))
+
+
+def test_forced_radius_sets_how_far_an_adam_step_turns_the_weight():
+    """Adam's first step has the same size whatever the gradient's scale, so on a sphere of
+    twice the radius it turns each weight row by half the angle."""
+    angles = {}
+    for radius in (1.0, 2.0):
+        torch.manual_seed(0)
+        m = wnorm.forced_weight_norm(nn.Linear(64, 8).double(), radius=radius)
+        x = torch.randn(32, 64, dtype=torch.float64)
+        before = m.weight.detach().clone()
+        opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+        m(x).pow(2).mean().backward()
+        opt.step()
+        after = m.weight.detach()
+        cos = (before * after).sum(1) / (before.norm(dim=1) * after.norm(dim=1))
+        angles[radius] = torch.arccos(cos.clamp(-1, 1))
+    ratio = angles[1.0] / angles[2.0]
+    torch.testing.assert_close(ratio, torch.full_like(ratio, 2.0), rtol=0.02, atol=0.0)
+
+
+def test_weights_normalized_before_radius_existed_still_unpickle():
+    from wnorm.weight_norm import _Spec
+
+    spec = _Spec.__new__(_Spec)
+    spec.__setstate__(("weight", 0, "fc (Linear)", "forced", 0.0, None))  # the old 6-tuple
+    assert spec.radius is None and spec.kind == "forced" and spec.has_g
+
+
 def test_forced_with_fixed_gain_has_no_g_and_rows_of_norm_gain():
     m = wnorm.forced_weight_norm(nn.Linear(6, 3), gain=0.5)
     assert "weight_g" not in dict(m.named_parameters())
@@ -143,8 +186,12 @@ def test_constant_rows_are_refused_by_centered_and_standardized():
 
 
 def test_bad_arguments():
-    with pytest.raises(WnormError, match="gain must be > 0"):
+    with pytest.raises(WnormError, match="gain must be a finite number > 0"):
         wnorm.forced_weight_norm(nn.Linear(3, 2), gain=0.0)
+    for bad in (0, -1.0, math.nan, math.inf, "2", True):
+        with pytest.raises(WnormError, match=f"radius must be a finite number > 0 or None; "
+                                             f"got {bad!r}"):
+            wnorm.forced_weight_norm(nn.Linear(3, 2), radius=bad)
     with pytest.raises(WnormError, match="eps must be >= 0"):
         wnorm.weight_standardization(nn.Linear(3, 2), eps=-1.0)
     with pytest.raises(WnormError, match="already weight-normalized by wnorm"):

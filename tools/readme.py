@@ -49,7 +49,9 @@ SECTIONS: dict[str, tuple[str, str, int]] = {
         "header. Forced WN holds each row of v at norm sqrt(fan-in) (EDM2's choice), far above "
         "the paper's N(0, 0.05^2) start, so at the same Adam learning rate its relative steps on "
         "v are much smaller than weight norm's: the sweep below shows its good learning rates "
-        "sit higher. Its row here is under-trained at this learning rate rather than broken.",
+        "sit higher. Its row here is under-trained at this learning rate rather than broken. "
+        "`forced_weight_norm(layer, radius=r)` holds v at another norm (these runs use the "
+        "default): a smaller radius takes larger relative steps at the same learning rate.",
         2,
     ),
     "lr-sweep": (

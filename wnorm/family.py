@@ -5,6 +5,9 @@ r"""Weight normalization's relatives (PAPER.md section 8), usable wherever ``wei
 
 from __future__ import annotations
 
+import math
+import numbers
+
 from torch import nn
 
 from .errors import WnormError
@@ -93,6 +96,7 @@ def forced_weight_norm(
     dim: int | None | object = _DEFAULT,
     *,
     gain: float | None = None,
+    radius: float | None = None,
     where: str = "",
 ) -> nn.Module:
     r"""Forced weight normalization: :math:`w = g\,v/\lVert v\rVert` with :math:`\lVert v\rVert`
@@ -101,9 +105,9 @@ def forced_weight_norm(
     Karras et al., "Analyzing and Improving the Training Dynamics of Diffusion Models" (EDM2),
     CVPR 2024. Before every training forward (module in train mode, autograd recording) each
     slice of ``v`` is renormalized in place to norm :math:`\sqrt{n}` (n = its size, so entries are
-    of order 1), which removes the growth of :math:`\lVert v\rVert` that plain weight
-    normalization relies on to lower its effective learning rate (PAPER.md section 2); the
-    forward still differentiates through :math:`v/\lVert v\rVert`, so gradients are projected
+    of order 1; ``radius`` sets another norm), which removes the growth of
+    :math:`\lVert v\rVert` that plain weight normalization relies on to lower its effective
+    learning rate (PAPER.md section 2); the forward still differentiates through :math:`v/\lVert v\rVert`, so gradients are projected
     as in eq. 4. ``gain=None`` (default) keeps a learned ``<name>_g`` per unit, starting at the
     weight's norm (the function is unchanged at the start); a float fixes the gain, as EDM2 does,
     and there is no ``<name>_g``.
@@ -113,13 +117,18 @@ def forced_weight_norm(
         name: the parameter's name (default ``"weight"``).
         dim: the output-unit axis (default: the layer type's); ``None``: the whole tensor.
         gain: a fixed gain instead of a learned g (default None: learned).
+        radius: the norm every slice of ``v`` is held at (default None: :math:`\sqrt{n}`, as
+            EDM2). The step an optimizer takes on ``v`` turns the weight by about
+            step / radius, so the radius sets the effective learning rate of the direction: to
+            train like plain weight normalization at the start, pass the weight's initial row
+            norm (about 0.58 for PyTorch's default Linear/Conv init).
         where: a name for the module in error messages.
 
     Returns:
         The same module, changed in place.
 
     Raises:
-        WnormError: as :func:`wnorm.weight_norm`, or a non-positive ``gain``.
+        WnormError: as :func:`wnorm.weight_norm`, or a non-positive ``gain`` or ``radius``.
 
     Example:
         >>> import torch, wnorm
@@ -131,7 +140,17 @@ def forced_weight_norm(
         >>> torch.allclose(layer.weight_v.norm(dim=1), torch.full((4,), 4.0))  # sqrt(16)
         True
     """
-    if gain is not None and not gain > 0:
-        raise WnormError(f"forced_weight_norm: gain must be > 0 or None; got {gain!r}")
     return _reparameterize(module, name, dim, FORCED, where=where,
-                           gain=None if gain is None else float(gain))
+                           gain=_positive("gain", gain), radius=_positive("radius", radius))
+
+
+def _positive(what: str, value: object) -> float | None:
+    """``value`` as a float when it is a finite number > 0; None stays None."""
+    if value is None:
+        return None
+    x = float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) \
+        else math.nan
+    if not 0 < x < math.inf:
+        raise WnormError(f"forced_weight_norm: {what} must be a finite number > 0 or None; "
+                         f"got {value!r}")
+    return x

@@ -50,19 +50,21 @@ class _Spec:
 
     ``kind``: ``"wn"`` (w = g v/||v||), ``"centered"`` (v centered first), ``"standardized"``
     (w = (v - mean)/std, no g) or ``"forced"`` (v renormalized before each training forward).
-    ``gain``: the fixed gain of a forced-normalized weight without a learned g.
+    ``gain``: the fixed gain of a forced-normalized weight without a learned g; ``radius``: the
+    norm a forced-normalized v is held at (None: the square root of the slice size).
     """
 
-    __slots__ = ("dim", "where", "gname", "vname", "kind", "eps", "gain",
+    __slots__ = ("dim", "where", "gname", "vname", "kind", "eps", "gain", "radius",
                  "cache", "g", "v", "gver", "vver", "plain", "owner", "pg", "pv", "pgver", "pvver")
 
     def __init__(self, pname: str, dim: int | None, where: str, kind: str = WN,
-                 eps: float = 0.0, gain: float | None = None) -> None:
+                 eps: float = 0.0, gain: float | None = None,
+                 radius: float | None = None) -> None:
         self.dim = dim  # None: one norm for the whole tensor
         self.where = where  # a name for error messages, e.g. "encoder.0 (Conv1d)"
         self.gname = pname + "_g"
         self.vname = pname + "_v"
-        self.kind, self.eps, self.gain = kind, eps, gain
+        self.kind, self.eps, self.gain, self.radius = kind, eps, gain, radius
         self.clear()
         self.release()
 
@@ -102,8 +104,9 @@ class _Spec:
         self.gver = self.vver = -1
 
     def __getstate__(self) -> tuple[Any, ...]:
-        # the cache is derived: never pickled
-        return (self.gname[:-2], self.dim, self.where, self.kind, self.eps, self.gain)
+        # the cache is derived: never pickled (a 6-tuple, before radius, still loads)
+        return (self.gname[:-2], self.dim, self.where, self.kind, self.eps, self.gain,
+                self.radius)
 
     def __setstate__(self, state: tuple[Any, ...]) -> None:
         self.__init__(*state)
@@ -176,12 +179,19 @@ def _map(spec: _Spec, v: Tensor, g: Tensor | None) -> Tensor:
     return w.to(v.dtype) if low else w
 
 
-def _renormalize_(v: Tensor, dim: int | None) -> None:
-    """Forced WN (EDM2): put every slice of v back on the sphere of radius sqrt(slice size)."""
+def _radius(v: Tensor, dim: int | None, radius: float | None) -> float:
+    """The norm forced WN holds every slice of v at: ``radius``, by default (EDM2) the square
+    root of the slice size, so that entries are of order 1."""
+    if radius is not None:
+        return radius
+    return (v.numel() // v.shape[dim] if dim is not None else v.numel()) ** 0.5
+
+
+def _renormalize_(v: Tensor, dim: int | None, radius: float | None = None) -> None:
+    """Forced WN (EDM2): put every slice of v back on the sphere of :func:`_radius`."""
     with torch.no_grad():
-        size = v.numel() // v.shape[dim] if dim is not None else v.numel()
         wide = v.float() if v.dtype in _LOW else v
-        v.mul_(((size**0.5) / _norm(wide, dim)).to(v.dtype))
+        v.mul_((_radius(v, dim, radius) / _norm(wide, dim)).to(v.dtype))
 
 
 def _plain_weight(spec: _Spec, g: Tensor, v: Tensor) -> Tensor | None:
@@ -221,7 +231,7 @@ def _weight(module: nn.Module, spec: _Spec) -> Tensor:
         g = params[spec.gname] if spec.has_g else None
         if torch.is_grad_enabled() and (v.requires_grad or (g is not None and g.requires_grad)):
             if spec.kind == FORCED and module.training:
-                _renormalize_(v, spec.dim)
+                _renormalize_(v, spec.dim, spec.radius)
             return _map(spec, v, g)
     if torch.compiler.is_compiling() or torch._C._is_tracing():
         return _map(spec, v, g)  # a graph must compute the weight, not capture a constant
@@ -470,6 +480,7 @@ def _reparameterize(
     where: str = "",
     eps: float = 0.0,
     gain: float | None = None,
+    radius: float | None = None,
 ) -> nn.Module:
     """Check, then replace ``module.<name>`` by ``<name>_g``/``<name>_v`` of ``kind``."""
     if not isinstance(module, nn.Module):
@@ -543,9 +554,8 @@ def _reparameterize(
         g = norm.to(w.dtype)
         v = w
         if kind == FORCED:
-            size = w.numel() // w.shape[dim] if dim is not None else w.numel()
-            v = (wide * ((size**0.5) / norm)).to(w.dtype)
-    spec = _Spec(name, dim, label, kind, eps, gain)
+            v = (wide * (_radius(w, dim, radius) / norm)).to(w.dtype)
+    spec = _Spec(name, dim, label, kind, eps, gain, radius)
     req = weight.requires_grad
     del module._parameters[name]
     if spec.has_g:
