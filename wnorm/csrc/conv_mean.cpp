@@ -66,24 +66,30 @@ int64_t prod(const std::vector<int64_t>& v, size_t from, size_t to) {
   return p;
 }
 
-// Checks the shapes; returns (tap counts k_d, input sizes L_d).
-std::pair<std::vector<int64_t>, std::vector<int64_t>> shapes(
-    const at::Tensor& w, const std::vector<at::Tensor>& taps, int64_t channels, int64_t groups) {
+// The geometry of one call: tap counts k_d and input sizes L_d per spatial axis.
+struct Geometry {
+  std::vector<int64_t> k, l;
+  int64_t d;
+};
+
+// Checks the weight and the tap matrices (CPU, contiguous, the weight's dtype, fitting shapes).
+Geometry shapes(const at::Tensor& w, const std::vector<at::Tensor>& taps, int64_t channels,
+                int64_t groups) {
+  check(w, w, "the weight");
   const int64_t d = static_cast<int64_t>(taps.size());
   TORCH_CHECK(d >= 1 && w.dim() == d + 2 && groups >= 1 && w.size(0) > 0 && w.numel() > 0 &&
-                  w.size(0) % groups == 0 &&
-                  w.size(1) * groups == channels,
+                  w.size(0) % groups == 0 && w.size(1) * groups == channels,
               "wnorm conv-mean kernel: the weight ", w.sizes(), " does not fit ", channels,
               " input channels, ", groups, " groups and ", d, " spatial dims");
-  std::vector<int64_t> k(d), l(d);
+  Geometry g{std::vector<int64_t>(d), std::vector<int64_t>(d), d};
   for (int64_t i = 0; i < d; ++i) {
     check(taps[i], w, "a tap matrix");
     TORCH_CHECK(taps[i].dim() == 2 && taps[i].size(0) == w.size(i + 2),
                 "wnorm conv-mean kernel: tap matrix ", i, " has shape ", taps[i].sizes());
-    k[i] = taps[i].size(0);
-    l[i] = taps[i].size(1);
+    g.k[i] = taps[i].size(0);
+    g.l[i] = taps[i].size(1);
   }
-  return {k, l};
+  return g;
 }
 
 }  // namespace
@@ -93,12 +99,10 @@ std::pair<std::vector<int64_t>, std::vector<int64_t>> shapes(
 std::vector<at::Tensor> conv_mean_forward(const at::Tensor& xs, const at::Tensor& w,
                                           const std::vector<at::Tensor>& taps, int64_t groups,
                                           double count) {
-  check(w, w, "the weight");
   check(xs, w, "the batch sum");
-  const auto kl = shapes(w, taps, xs.size(0), groups);
-  const std::vector<int64_t>& k = kl.first;
-  const std::vector<int64_t>& l = kl.second;
-  const int64_t d = static_cast<int64_t>(taps.size());
+  const Geometry geo = shapes(w, taps, xs.size(0), groups);
+  const std::vector<int64_t>&k = geo.k, &l = geo.l;
+  const int64_t d = geo.d;
   TORCH_CHECK(xs.dim() == d + 1, "wnorm conv-mean kernel: the batch sum has shape ", xs.sizes());
   for (int64_t i = 0; i < d; ++i)
     TORCH_CHECK(xs.size(i + 1) == l[i], "wnorm conv-mean kernel: the batch sum ", xs.sizes(),
@@ -143,13 +147,11 @@ c10::optional<at::Tensor> conv_mean_backward(const at::Tensor& gsum, const at::T
                                              const std::vector<at::Tensor>& taps, int64_t groups,
                                              double count, c10::optional<at::Tensor> gw,
                                              bool need_x) {
-  check(w, w, "the weight");
   check(gsum, w, "the bias gradient");
   check(sums, w, "the window sums");
-  const auto kl = shapes(w, taps, sums.size(0), groups);
-  const std::vector<int64_t>& k = kl.first;
-  const std::vector<int64_t>& l = kl.second;
-  const int64_t d = static_cast<int64_t>(taps.size());
+  const Geometry geo = shapes(w, taps, sums.size(0), groups);
+  const std::vector<int64_t>&k = geo.k, &l = geo.l;
+  const int64_t d = geo.d;
   const int64_t channels = sums.size(0), out = w.size(0);
   const int64_t per = w.numel() / out, per_group = out / groups;
   TORCH_CHECK(gsum.numel() == out && sums.numel() == channels * prod(k, 0, d),
