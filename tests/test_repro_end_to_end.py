@@ -76,3 +76,33 @@ def test_missing_dataset_is_a_clean_cli_error(tmp_path: Path, capsys) -> None:
                  "--out", str(tmp_path / "runs")])
     assert code == 2
     assert "apt-get install dataset-fashion-mnist" in capsys.readouterr().err
+
+
+def _fake_run(root: Path, variant: str, seed: int, train_errors: list[float]) -> None:
+    folder = root / f"fashion-mnist-{variant}-s{seed}"
+    folder.mkdir(parents=True)
+    config = {"dataset": "fashion-mnist", "variant": variant, "seed": seed,
+              "epochs": len(train_errors), "width": 0.125, "train_subset": 100,
+              "test_subset": None, "zca": False, "batch_size": 10, "lr": 0.001, "beta1": 0.9,
+              "beta1_late": 0.5, "beta2": 0.999, "decay_start": 1, "init_examples": 10,
+              "data": {"source": "fake", "train": 100, "test": 50, "preprocessing": "none"}}
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "version.json").write_text(json.dumps({"git_commit": "0" * 40, "wnorm": "0",
+                                                     "torch": "0", "hardware": "cpu"}))
+    rows = [{"epoch": i + 1, "train_error": e, "test_error": e, "train_loss": 1.0,
+             "test_loss": 1.0, "seconds": 1.0, "eval_seconds": 0.1}
+            for i, e in enumerate(train_errors)]
+    (folder / "metrics.jsonl").write_text("\n".join(map(json.dumps, rows)) + "\n")
+
+
+def test_report_says_how_many_seeds_missed_the_target(tmp_path: Path) -> None:
+    """A variant whose seed-mean curve reaches the target error while one seed does not: the
+    sentence names the seeds that missed it, rather than 'normal did not'."""
+    _fake_run(tmp_path, "normal", 0, [0.5, 0.3, 0.18])
+    _fake_run(tmp_path, "normal", 1, [0.5, 0.25, 0.15])
+    _fake_run(tmp_path, "weightnorm", 0, [0.4, 0.16, 0.10])
+    _fake_run(tmp_path, "weightnorm", 1, [0.4, 0.17, 0.12])
+    md = report([tmp_path], tmp_path / "rep", target_error=17)[2]
+    assert "| normal |" in md and "not reached by 1 of 2 seeds" in md
+    assert ("17% training error: weightnorm reached it with every seed (2.0 epochs on average); "
+            "normal missed it with 1 of 2 seeds.") in md

@@ -218,6 +218,7 @@ def _table(setting: tuple[Any, ...], by_variant: dict[str, list[Run]], target: f
     normal_sec = (statistics.fmean(_sec_per_epoch(r) for r in by_variant["normal"])
                   if "normal" in by_variant else None)
     reach: dict[str, float | None] = {}
+    missed: dict[str, tuple[int, int]] = {}  # variant -> (seeds that missed the target, seeds)
     for v in _order(list(by_variant)):
         rs = by_variant[v]
         test = [100 * r.metrics[-1]["test_error"] for r in rs]
@@ -230,6 +231,7 @@ def _table(setting: tuple[Any, ...], by_variant: dict[str, list[Run]], target: f
         rel = f"{sec / normal_sec:.2f}" if normal_sec else "n/a"
         hits = [_epochs_to(r, target) for r in rs]
         got = [h for h in hits if h is not None]
+        missed[v] = (len(hits) - len(got), len(hits))
         if len(got) == len(hits):
             reach[v] = statistics.fmean(got)
             ep = f"{reach[v]:.1f}" if len(got) > 1 else f"{got[0]}"
@@ -246,16 +248,21 @@ def _table(setting: tuple[Any, ...], by_variant: dict[str, list[Run]], target: f
         for v, r in reach.items():
             if v == "normal":
                 continue
-            if r is None or base is None:
-                verdict = ("neither reached it" if r is None and base is None else
-                           f"{'normal' if r is None else v} reached it, "
-                           f"{v if r is None else 'normal'} did not")
+            if r is None or base is None:  # some seed of one of them never got there
+                verdict = (f"{_reached(v, r, *missed[v])}; "
+                           f"{_reached('normal', base, *missed['normal'])}")
             else:
                 cmp = "fewer" if r < base else ("more" if r > base else "as many")
-                verdict = f"{v} took {r:g} epochs, normal {base:g}: {cmp} epochs"
+                verdict = f"{v} took {r:.1f} epochs, normal {base:.1f}: {cmp} epochs"
             lines.append(f"- {target:g}% training error: {verdict}.")
         lines.append("")
     return "\n".join(lines)
+
+
+def _reached(variant: str, epochs: float | None, missed: int, seeds: int) -> str:
+    if epochs is None:
+        return f"{variant} missed it with {missed} of {seeds} seeds"
+    return f"{variant} reached it with every seed ({epochs:.1f} epochs on average)"
 
 
 def _plot(groups: dict[tuple[Any, ...], dict[str, list[Run]]], path: Path) -> None:
