@@ -25,21 +25,42 @@ __all__ = ["MeanOnlyBatchNorm1d", "MeanOnlyBatchNorm2d", "MeanOnlyBatchNorm3d", 
 
 
 class _SubtractMean(torch.autograd.Function):
-    """``x - mean(x, dims) + bias`` (per channel) with the one-reduction backward."""
+    """``x - mean + bias`` (per channel), ``mean`` being ``x``'s mean over ``dims`` computed by
+    the caller, with the one-reduction backward (the mean's own gradient path is accounted for
+    in ``x``'s, so ``mean`` gets none). Forward-mode AD takes the tangent of ``mean`` as given;
+    torch.func transforms (``vmap``, ``grad``, ``jvp``) use the generated vmap rule."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, bias: Tensor, mean: Tensor, dims: list[int]) -> Tensor:
-        ctx.dims, ctx.count = dims, x.numel() // x.shape[1]
-        ctx.bias_dtype = bias.dtype
+    def forward(x: Tensor, bias: Tensor, mean: Tensor, dims: list[int]) -> Tensor:
         shape = (1, -1) + (1,) * (x.dim() - 2)
         return x + (bias - mean).to(x.dtype).view(shape)
 
     @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        x, bias, _, dims = inputs
+        ctx.dims, ctx.count = dims, x.numel() // x.shape[1]
+        ctx.bias_dtype, ctx.shape = bias.dtype, (1, -1) + (1,) * (x.dim() - 2)
+        ctx.out_shape, ctx.out_dtype = x.shape, x.dtype
+
+    @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         total = grad.sum(dim=ctx.dims, dtype=torch.promote_types(grad.dtype, torch.float32))
-        shape = (1, -1) + (1,) * (grad.dim() - 2)
-        grad_x = grad - (total / ctx.count).to(grad.dtype).view(shape)
+        grad_x = grad - (total / ctx.count).to(grad.dtype).view(ctx.shape)
         return grad_x, total.to(ctx.bias_dtype), None, None
+
+    @staticmethod
+    def jvp(ctx: Any, x_t: Tensor | None, bias_t: Tensor | None, mean_t: Tensor | None,
+            _dims: Any) -> Tensor:
+        shift = None
+        for t, sign in ((bias_t, 1.0), (mean_t, -1.0)):
+            if t is not None:
+                shift = sign * t if shift is None else shift + sign * t
+        if shift is None:
+            return x_t
+        shift = shift.to(ctx.out_dtype).view(ctx.shape)
+        return shift.expand(ctx.out_shape).clone() if x_t is None else x_t + shift
 
 
 class _MeanOnlyBatchNorm(nn.Module):
