@@ -104,5 +104,5 @@ def test_report_says_how_many_seeds_missed_the_target(tmp_path: Path) -> None:
     _fake_run(tmp_path, "weightnorm", 1, [0.4, 0.17, 0.12])
     md = report([tmp_path], tmp_path / "rep", target_error=17)[2]
     assert "| normal |" in md and "not reached by 1 of 2 seeds" in md
-    assert ("17% training error: weightnorm reached it with every seed (2.0 epochs on average); "
+    assert ("17% training error: weightnorm reached it with every seed (2 epochs on average); "
             "normal missed it with 1 of 2 seeds.") in md

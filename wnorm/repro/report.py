@@ -253,7 +253,7 @@ def _table(setting: tuple[Any, ...], by_variant: dict[str, list[Run]], target: f
                            f"{_reached('normal', base, *missed['normal'])}")
             else:
                 cmp = "fewer" if r < base else ("more" if r > base else "as many")
-                verdict = f"{v} took {r:.1f} epochs, normal {base:.1f}: {cmp} epochs"
+                verdict = f"{v} took {_epochs(r)} epochs, normal {_epochs(base)}: {cmp} epochs"
             lines.append(f"- {target:g}% training error: {verdict}.")
         lines.append("")
     return "\n".join(lines)
@@ -262,7 +262,12 @@ def _table(setting: tuple[Any, ...], by_variant: dict[str, list[Run]], target: f
 def _reached(variant: str, epochs: float | None, missed: int, seeds: int) -> str:
     if epochs is None:
         return f"{variant} missed it with {missed} of {seeds} seeds"
-    return f"{variant} reached it with every seed ({epochs:.1f} epochs on average)"
+    return f"{variant} reached it with every seed ({_epochs(epochs)} epochs on average)"
+
+
+def _epochs(n: float) -> str:
+    """An epoch count: whole numbers as they are, means to one decimal."""
+    return f"{n:.0f}" if n == int(n) else f"{n:.1f}"
 
 
 def _plot(groups: dict[tuple[Any, ...], dict[str, list[Run]]], path: Path) -> None:
