@@ -165,15 +165,20 @@ def _conv_mean(ctx: Any, x: Tensor, xs: Tensor, w: Tensor, args: tuple[Any, ...]
     return mean
 
 
-def _mean_kernels(xs: Tensor, w: Tensor) -> Any | None:
-    """wnorm's C++ kernels when they can take the mean's small algebra for ``xs`` and ``w``
-    (CPU, float/double, one dtype, contiguous), else None."""
-    if xs.device.type != "cpu" or w.device.type != "cpu" or xs.dtype not in _FUSED_DTYPES \
-            or w.dtype != xs.dtype or not (xs.is_contiguous() and w.is_contiguous()) \
-            or not readable(xs, w):
+def _cpu_kernels(need: str, *tensors: Tensor) -> Any | None:
+    """wnorm's C++ kernels (built on first use) when they have ``need`` and can read every
+    tensor: CPU, float/double of one dtype, contiguous, plain (:func:`readable`); else None."""
+    dt = tensors[0].dtype
+    if dt not in _FUSED_DTYPES or not readable(*tensors) or any(
+            t.device.type != "cpu" or t.dtype != dt or not t.is_contiguous() for t in tensors):
         return None
     kern = kernels()
-    return kern if kern is not None and hasattr(kern, "conv_mean_forward") else None
+    return kern if kern is not None and hasattr(kern, need) else None
+
+
+def _mean_kernels(xs: Tensor, w: Tensor) -> Any | None:
+    """The kernels for the convolution mean's small algebra on ``xs`` and ``w``, or None."""
+    return _cpu_kernels("conv_mean_forward", xs, w)
 
 
 def _conv_mean_backward(ctx: Any, gsum: Tensor, xs: Tensor, w: Tensor, in_channels: int,
@@ -322,12 +327,8 @@ def _act(u: Tensor, slope: float) -> Tensor:
 
 
 def _act_kernels(u: Tensor) -> Any | None:
-    """wnorm's C++ kernels where they can take ``u`` (built on first use), else None."""
-    if u.device.type != "cpu" or u.dtype not in (torch.float32, torch.float64) \
-            or not u.is_contiguous() or not readable(u):
-        return None
-    kern = kernels()
-    return kern if kern is not None and hasattr(kern, "act_forward_sum") else None
+    """The kernels for the folded activation on ``u``, or None."""
+    return _cpu_kernels("act_forward_sum", u)
 
 
 #: Up to this batch size a Linear pair centers its input (:func:`_centered_linear`); above it,
