@@ -107,10 +107,11 @@ def forced_weight_norm(
     slice of ``v`` is renormalized in place to norm :math:`\sqrt{n}` (n = its size, so entries are
     of order 1; ``radius`` sets another norm), which removes the growth of
     :math:`\lVert v\rVert` that plain weight normalization relies on to lower its effective
-    learning rate (PAPER.md section 2); the forward still differentiates through :math:`v/\lVert v\rVert`, so gradients are projected
-    as in eq. 4. ``gain=None`` (default) keeps a learned ``<name>_g`` per unit, starting at the
-    weight's norm (the function is unchanged at the start); a float fixes the gain, as EDM2 does,
-    and there is no ``<name>_g``.
+    learning rate (PAPER.md section 2); the forward still differentiates through
+    :math:`v/\lVert v\rVert`, so gradients are projected as in eq. 4. ``gain=None`` (default)
+    keeps a learned ``<name>_g`` per unit, starting at the weight's norm (the function is
+    unchanged at the start); a float fixes the gain, as EDM2 does, and there is no
+    ``<name>_g``.
 
     Args:
         module: the module that owns the parameter.
