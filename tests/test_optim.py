@@ -674,6 +674,36 @@ def test_double_after_fused_training_continues_in_float64():
     assert_same_training(ma, oa, mb, ob, tol=_tol(torch.float32))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("name,kw", [("SGD", dict(lr=0.1, momentum=0.9)),
+                                     ("Adam", dict(lr=1e-2, weight_decay=1e-3))])
+def test_the_step_writes_the_plain_weight_that_g_and_v_give_bit_for_bit(name, kw, dtype):
+    """The plain weight the kernel's step writes equals, bit for bit, the one computed from the
+    new g and v alone (what a resumed run, or a resync after a load, starts from). Rows of 7
+    (shorter than one block of the fixed-order sum), 37 (blocks and a tail) and 300 x 256
+    (the threaded path)."""
+    from wnorm.weight_norm import _plain_compute
+
+    torch.manual_seed(0)
+    model = wnorm.apply(nn.Sequential(nn.Linear(7, 37), nn.Tanh(), nn.Linear(37, 300),
+                                      nn.Tanh(), nn.Linear(300, 256))).to(dtype)
+    opt = getattr(wnorm.optim, name)(model, **kw)
+    assert len(opt.fused_layers()) == 3
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        x = torch.randn(16, 7, generator=gen, dtype=dtype)
+        opt.zero_grad()
+        loss_of(model(x), torch.zeros(16, 256, dtype=dtype)).backward()
+        opt.step()
+    for i in (0, 2, 4):
+        layer = model[i]
+        written = layer._wn["weight"].plain.detach().clone()
+        fresh = _plain_compute(layer.weight_v.detach(), layer.weight_g.detach(), 0)
+        assert torch.equal(written, fresh), f"layer {i}: {(written - fresh).abs().max():.3g}"
+        assert_close(written, torch._weight_norm(layer.weight_v.detach(),
+                                                 layer.weight_g.detach(), 0), "g v/||v||")
+
+
 # --------------------------------------------------------------------------- 7. errors, release
 def test_edit_between_backward_and_step_is_an_error_naming_the_layer():
     model = build()

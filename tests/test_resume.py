@@ -3,6 +3,8 @@ restart from the file continues bitwise identically (``torch.equal`` on every te
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 from torch import nn
@@ -136,3 +138,51 @@ def test_resumed_model_gives_the_same_eval_outputs(run) -> None:
     x = batches[0][0]
     with torch.no_grad():  # the cached inference path on both
         assert torch.equal(model.eval()(x), original.eval()(x))
+
+
+# wnorm.optim: the layers run on a plain weight that the kernel's step writes from the new g and
+# v; a resumed run computes its first plain weight from the loaded g and v, which must give the
+# same bits, or the two runs drift apart from the first step after the resume.
+_WNORM_OPTIMS = [("SGD", dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-4)),
+                 ("Adam", dict(lr=3e-3, weight_decay=1e-4)),
+                 ("AdamW", dict(lr=3e-3))]
+
+
+def _wnorm_run(name: str, kw: dict, seed: int, batches, ckpt: io.BytesIO | None = None):
+    """Data init, N steps with wnorm.optim.<name>, checkpoints, K more steps; or, given one of
+    those checkpoints, a fresh start from it and the K steps. Returns the model, the optimizer
+    and the checkpoints (state dicts, pickled model)."""
+    torch.manual_seed(seed)
+    model = wnorm.apply(Net())
+    if ckpt is None:
+        with pytest.warns(UserWarning, match="lstm .recurrent layer"):
+            wnorm.data_init(model, batches[0][0])
+    else:
+        saved = torch.load(ckpt, weights_only=False)
+        model = saved["model"] if isinstance(saved["model"], nn.Module) else model
+        if not isinstance(saved["model"], nn.Module):
+            model.load_state_dict(saved["model"])
+    opt = getattr(wnorm.optim, name)(model, **kw)
+    assert opt.fused_layers() == ["conv.0.weight", "conv.4.weight", "head.weight"]
+    if ckpt is not None:
+        opt.load_state_dict(saved["optim"])
+        torch.set_rng_state(saved["rng"])
+        train(model, opt, batches[N:])
+        return model, opt, ()
+    train(model, opt, batches[:N])
+    files = (io.BytesIO(), io.BytesIO())
+    for f, m in zip(files, (model.state_dict(), model)):
+        torch.save({"model": m, "optim": opt.state_dict(), "rng": torch.get_rng_state()}, f)
+        f.seek(0)
+    train(model, opt, batches[N:])
+    return model, opt, files
+
+
+@pytest.mark.parametrize("name,kw", _WNORM_OPTIMS, ids=[n for n, _ in _WNORM_OPTIMS])
+def test_resume_with_wnorm_optim_is_bitwise_identical(name: str, kw: dict) -> None:
+    batches = data()
+    model, opt, files = _wnorm_run(name, kw, 0, batches)
+    expected = state(model, opt)
+    for f in files:  # from state dicts, from a pickled model
+        resumed, ropt, _ = _wnorm_run(name, kw, 123, batches, ckpt=f)
+        assert_bitwise(state(resumed, ropt), expected)

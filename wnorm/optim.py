@@ -13,7 +13,9 @@ the optimizer step turns :math:`\nabla_w L` into :math:`\nabla_g L, \nabla_v L`,
 optimizer's rule to ``g`` and ``v``, and writes the next ``w``. The parameters, their
 trajectory and the state dicts (model and optimizer) are those of
 ``torch.optim.SGD``/``Adam``/``AdamW`` training ``g`` and ``v`` through autograd; only where the
-work happens changes. On CPU one C++ kernel per step does it for all layers, one read of each
+work happens changes. A run resumed from its checkpoint (model and optimizer state dicts)
+continues bit for bit: the step writes ``w`` with the same code that computes a resumed run's
+first ``w`` from the loaded ``g`` and ``v``. On CPU one C++ kernel per step does it for all layers, one read of each
 row of ``v``, ``w``'s gradient and the optimizer state (see ``wnorm/csrc/fused_step.cpp``).
 
 Every other parameter (biases, normalization layers, layers wnorm does not normalize) gets the
@@ -60,7 +62,7 @@ from torch import Tensor, nn
 
 from . import _extension
 from .errors import WnormError
-from .weight_norm import WN, _compute, _norm, _Spec
+from .weight_norm import WN, _norm, _plain_compute, _Spec
 
 __all__ = ["SGD", "Adam", "AdamW", "fused_layers"]
 
@@ -166,8 +168,8 @@ class _Optimizer(torch.optim.Optimizer):
                         f"{spec.where}: '{pname}' is already owned by another wnorm.optim "
                         "optimizer; call its release() first"
                     )
-                with torch.no_grad():
-                    w = _compute(v, g, 0).detach().requires_grad_(True)
+                with torch.no_grad():  # as the kernel's steps write it (bit-exact resume)
+                    w = _plain_compute(v, g, 0).detach().requires_grad_(True)
                 spec.plain, spec.owner = w, me
                 spec.mark_synced(g, v)
                 self._wn_groups[group].append(_Layer(mname, module, pname, spec))

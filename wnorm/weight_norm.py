@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import _extension
 from .errors import WnormError
 
 __all__ = [
@@ -150,6 +151,22 @@ def _compute(v: Tensor, g: Tensor, dim: int | None) -> Tensor:
     return torch._weight_norm(v, g, d)
 
 
+def _plain_compute(v: Tensor, g: Tensor, dim: int | None, out: Tensor | None = None) -> Tensor:
+    """The plain weight of :mod:`wnorm.optim` (``dim`` 0): where its kernel takes the tensors,
+    computed with the arithmetic its steps use to write ``w`` (into ``out`` when that fits), so
+    that a run resumed from ``g`` and ``v`` continues bit for bit; else :func:`_compute`."""
+    kern = _extension.kernels() if dim == 0 else None
+    if (kern is not None and v.is_cpu and g.is_cpu and v.dtype in (torch.float32, torch.float64)
+            and g.dtype == v.dtype and v.is_contiguous() and g.is_contiguous()
+            and g.numel() == v.shape[0] and _extension.readable(v, g)):
+        if out is None or not (out.shape == v.shape and out.dtype == v.dtype and out.is_cpu
+                               and out.is_contiguous() and _extension.readable(out)):
+            out = torch.empty_like(v, memory_format=torch.contiguous_format)
+        kern.plain_weight(out, v, g)
+        return out
+    return _compute(v, g, dim)
+
+
 def _axes(v: Tensor, dim: int | None) -> list[int]:
     return [d for d in range(v.dim()) if d != dim]
 
@@ -205,11 +222,12 @@ def _plain_weight(spec: _Spec, g: Tensor, v: Tensor) -> Tensor | None:
     if spec.pgver == g._version and spec.pvver == v._version:
         return w
     with torch.no_grad():  # g or v changed outside the optimizer (init, load, edit): recompute
-        new = _compute(v, g, spec.dim)
-        if (new.shape, new.dtype, new.device) == (w.shape, w.dtype, w.device):  # type: ignore[union-attr]
-            w.copy_(new)  # type: ignore[union-attr]
-        else:
-            w = spec.plain = new.requires_grad_(v.requires_grad)
+        new = _plain_compute(v, g, spec.dim, out=w)
+        if new is not w:
+            if (new.shape, new.dtype, new.device) == (w.shape, w.dtype, w.device):  # type: ignore[union-attr]
+                w.copy_(new)  # type: ignore[union-attr]
+            else:
+                w = spec.plain = new.requires_grad_(v.requires_grad)
     spec.mark_synced(g, v)
     return w
 

@@ -57,8 +57,30 @@ inline RowGrad row_grad(const T* gw, const T* v, int64_t k, double g, double sig
   return {dot, n, sign * g / n, sign * g * dot / (nn * n)};
 }
 
+// ||v_i||^2 in the row's dtype, in a fixed order: 16 running sums over blocks of 16 elements,
+// then the tail, then the 16 sums pairwise. The order does not depend on the compiler's
+// vectorization or on v's alignment, and the function is not inlined, so the step's new w and
+// plain_weight() (the first w of a run resumed from g and v) run the same instructions on the
+// same numbers: a resumed run continues bit for bit.
 template <typename T>
-inline void write_row(T* w, const T* v, int64_t k, T scale) {
+__attribute__((noinline)) T row_sumsq(const T* __restrict v, int64_t k) {
+  T acc[16] = {};
+  int64_t j = 0;
+  for (; j + 16 <= k; j += 16) {
+#pragma omp simd
+    for (int l = 0; l < 16; ++l) acc[l] += v[j + l] * v[j + l];
+  }
+  for (int l = 0; j < k; ++j, ++l) acc[l] += v[j] * v[j];
+  for (int h = 8; h > 0; h /= 2) {
+    for (int l = 0; l < h; ++l) acc[l] += acc[l + h];
+  }
+  return acc[0];
+}
+
+// w_i = g_i v_i / ||v_i||: the one place a plain weight row is computed from g and v.
+template <typename T>
+inline void write_w_row(T* __restrict w, const T* __restrict v, int64_t k, T g) {
+  const T scale = T(double(g) / std::sqrt(double(row_sumsq(v, k))));
 #pragma omp simd
   for (int64_t j = 0; j < k; ++j) w[j] = scale * v[j];
 }
@@ -80,8 +102,7 @@ void sgd_rows(T* __restrict w, T* __restrict gw, T* __restrict v, T* __restrict 
     T* __restrict bi = MOM ? vbuf + i * k : nullptr;
     const RowGrad r = row_grad(gwi, vi, k, double(g[i]), sign);
     const T a = T(r.a), b = T(r.b);
-    T nn2 = 0;
-#pragma omp simd reduction(+ : nn2)
+#pragma omp simd
     for (int64_t j = 0; j < k; ++j) {
       T d = a * gwi[j] - b * vi[j];
       gwi[j] = T(0);  // consumed: w.grad is zeroed in the same pass
@@ -92,9 +113,7 @@ void sgd_rows(T* __restrict w, T* __restrict gw, T* __restrict v, T* __restrict 
         bi[j] = buf;
         step = NESTEROV ? d + mom * buf : buf;
       }
-      const T nv = vi[j] + (-lr) * step;
-      vi[j] = nv;
-      nn2 += nv * nv;
+      vi[j] = vi[j] + (-lr) * step;
     }
     T dg = T(sign * r.dot / r.n);
     if (WD) dg = dg + wd * g[i];
@@ -104,7 +123,7 @@ void sgd_rows(T* __restrict w, T* __restrict gw, T* __restrict v, T* __restrict 
       dg = NESTEROV ? dg + mom * buf : buf;
     }
     g[i] = g[i] + (-lr) * dg;
-    write_row(w + i * k, vi, k, T(double(g[i]) / std::sqrt(nn2)));
+    write_w_row(w + i * k, vi, k, g[i]);
   }
 }
 
@@ -165,8 +184,7 @@ void adam_rows(T* __restrict w, T* __restrict gw, T* __restrict v, T* __restrict
     T* __restrict si = vs + i * k;
     const RowGrad r = row_grad(gwi, vi, k, double(g[i]), sign);
     const T a = T(r.a), b = T(r.b);
-    T nn2 = 0;
-#pragma omp simd reduction(+ : nn2)
+#pragma omp simd
     for (int64_t j = 0; j < k; ++j) {
       const T d = a * gwi[j] - b * vi[j];
       gwi[j] = T(0);  // consumed: w.grad is zeroed in the same pass
@@ -177,13 +195,11 @@ void adam_rows(T* __restrict w, T* __restrict gw, T* __restrict v, T* __restrict
       const T s = si[j] * b2 + omb2 * (dd * dd);
       mi[j] = m;
       si[j] = s;
-      const T nv = p + (-v_size) * (m / (std::sqrt(s) / v_bc2 + eps));
-      vi[j] = nv;
-      nn2 += nv * nv;
+      vi[j] = p + (-v_size) * (m / (std::sqrt(s) / v_bc2 + eps));
     }
     g[i] = adam_elem<T, L2, DEC>(g[i], T(sign * r.dot / r.n), gm[i], gs[i], lr, wd, omb1, b2, omb2,
                                  g_size, g_bc2, eps);
-    write_row(w + i * k, vi, k, T(double(g[i]) / std::sqrt(double(nn2))));
+    write_w_row(w + i * k, vi, k, g[i]);
   }
 }
 
@@ -282,6 +298,31 @@ void adam_step(const std::vector<at::Tensor>& w, const std::vector<at::Tensor>& 
     });
     bump(w[l]), bump(gw[l]), bump(t), bump(g[l]);
   }
+}
+
+// w = g v/||v|| row by row with the step's own arithmetic (write_w_row), for a weight whose g
+// or v changed outside the step (attach, resume, load, data init): w is then what the step
+// would have written for the same g and v.
+void plain_weight(at::Tensor w, const at::Tensor& v, const at::Tensor& g) {
+  check(w, v, "w"), check(v, v, "v"), check(g, v, "g");
+  const int64_t r = g.numel();
+  TORCH_CHECK(r > 0 && w.numel() == v.numel() && v.numel() % r == 0,
+              "wnorm plain_weight: shapes of w, g and v disagree");
+  const int64_t k = v.numel() / r;
+  AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "wnorm_plain_weight", [&] {
+    scalar_t* wp = w.data_ptr<scalar_t>();
+    const scalar_t* vp = v.data_ptr<scalar_t>();
+    const scalar_t* gp = g.data_ptr<scalar_t>();
+    auto rows = [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) write_w_row(wp + i * k, vp + i * k, k, gp[i]);
+    };
+    if (r * k <= 65536) {
+      rows(0, r);
+    } else {
+      at::parallel_for(0, r, grain_rows(k), rows);
+    }
+  });
+  bump(w);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -417,6 +458,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("adam_step", &adam_step, "weight-normalized Adam step (CPU)");
   m.def("sgd_plain_step", &sgd_plain_step, "SGD step of plain parameters (CPU)");
   m.def("adam_plain_step", &adam_plain_step, "Adam step of plain parameters (CPU)");
+  m.def("plain_weight", &plain_weight, "w = g v/||v|| per row, as the fused steps write it (CPU)");
   m.def("act_forward_sum", &act_forward_sum, "leaky ReLU and its batch sum in one pass (CPU)");
   m.def("act_backward_add_", &act_backward_add_,
         "leaky ReLU backward of (gradient + batch-constant correction), in place (CPU)");
