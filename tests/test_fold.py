@@ -164,3 +164,88 @@ def test_no_running_stats_is_an_error():
     with pytest.raises(WnormError, match=r"1.1 \(MeanOnlyBatchNorm1d\): cannot fold: "
                                          r"track_running_stats=False"):
         wnorm.fold(model)
+
+
+# --------------------------------------------------------------------------- found in review
+def test_a_module_reused_in_the_sequential_does_not_hide_the_real_predecessor():
+    """One ReLU in two slots: named_children() lists it once, so the Linear two slots before
+    the batch norm looked like its predecessor and took a shift meant for after the ReLU."""
+    act = nn.ReLU()
+    model = wnorm.apply(nn.Sequential(nn.Linear(4, 6), act, nn.Linear(6, 6), act,
+                                      MeanOnlyBatchNorm1d(6)))
+    x = torch.randn(16, 4) * 3
+    train_a_little(model, x)
+    folded = check_fold(model, x)
+    assert isinstance(folded[4], ChannelShift) and folded[2].bias is not None
+
+
+def test_a_batch_norm_in_two_slots_folds_at_each():
+    bn = MeanOnlyBatchNorm1d(4)
+    model = wnorm.apply(nn.Sequential(nn.Linear(4, 4), bn, nn.Tanh(), nn.Linear(4, 4), bn))
+    x = torch.randn(16, 4)
+    train_a_little(model, x)
+    folded = check_fold(model, x)
+    assert isinstance(folded[1], nn.Identity) and isinstance(folded[4], nn.Identity)
+
+
+def test_a_hook_on_the_preceding_layer_sees_what_it_saw_before():
+    """An output hook on the layer before the batch norm runs before the shift: the shift
+    cannot move into that layer's bias."""
+    model = wnorm.apply(nn.Sequential(nn.Linear(4, 6), MeanOnlyBatchNorm1d(6)))
+    x = torch.randn(16, 4) + 2
+    train_a_little(model, x)
+    seen = []
+    model[0].register_forward_hook(lambda m, i, o: seen.append(o.detach().clone()) or o.clamp(min=0))
+    model.eval()
+    with torch.no_grad():
+        model(x)
+    folded = check_fold(model, x)
+    assert isinstance(folded[1], ChannelShift)
+    torch.testing.assert_close(seen[-1], seen[0])  # the hook saw the same, unshifted output
+
+
+def test_hooks_on_the_batch_norm_move_to_its_channel_shift():
+    model = wnorm.apply(nn.Sequential(nn.Linear(4, 6), MeanOnlyBatchNorm1d(6)))
+    x = torch.randn(16, 4) + 2
+    train_a_little(model, x)
+    handle = model[1].register_forward_hook(lambda m, i, o: o * 2)
+    folded = check_fold(model, x)
+    assert isinstance(folded[1], ChannelShift)
+    handle.remove()  # the user's handle still removes it
+    assert not folded[1]._forward_hooks
+
+
+def test_a_batch_norm_with_a_forward_set_on_the_instance_is_left_with_a_warning():
+    model = wnorm.apply(nn.Sequential(nn.Linear(4, 6), MeanOnlyBatchNorm1d(6)))
+    x = torch.randn(16, 4) + 2
+    train_a_little(model, x)
+    bn = model[1]
+    plain_forward = bn.forward
+    bn.forward = lambda t: plain_forward(t) * 3
+    model.eval()
+    with torch.no_grad():
+        before = model(x)
+    with pytest.warns(UserWarning, match=r"1 \(MeanOnlyBatchNorm1d\) has a forward set"):
+        folded = wnorm.fold(model)
+    assert folded[1] is bn
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), before)
+
+
+@pytest.mark.parametrize("api", ["old", "new"])
+def test_pytorchs_own_weight_norm_is_folded_too(api):
+    """A model normalized with PyTorch's own APIs (HiFi-GAN and friends) folds as well: plain
+    weights, the same outputs, and TorchScript works (it cannot script either API)."""
+    wn = (torch.nn.utils.weight_norm if api == "old"
+          else torch.nn.utils.parametrizations.weight_norm)
+    torch.manual_seed(0)
+    model = nn.Sequential(wn(nn.Conv1d(2, 4, 3, dilation=2)), nn.LeakyReLU(0.1),
+                          wn(nn.ConvTranspose1d(4, 3, 4, stride=2)), nn.Flatten(),
+                          wn(nn.Linear(3 * 14, 5)))
+    x = torch.randn(3, 2, 10)
+    train_a_little(model, x)
+    folded = check_fold(model, x)
+    assert sorted(folded.state_dict()) == ["0.bias", "0.weight", "2.bias", "2.weight",
+                                           "4.bias", "4.weight"]
+    assert not any(m._forward_pre_hooks for m in folded.modules())
+    torch.testing.assert_close(torch.jit.script(folded)(x), folded(x))

@@ -4,6 +4,8 @@ mean-only batch norm merged into the preceding layer's bias.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor, nn
 
@@ -56,17 +58,61 @@ def _absorb(layer: nn.Module, shift: Tensor) -> bool:
     return True
 
 
+def _hooked(module: nn.Module) -> bool:
+    """Whether ``module`` runs more than its own forward: hooks, or a forward set on the
+    instance (e.g. accelerate's ``add_hook_to_module``)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or "forward" in module.__dict__)
+
+
+def _shift_module(bn: _MeanOnlyBatchNorm, shift: Tensor) -> ChannelShift:
+    """A :class:`ChannelShift` for ``bn`` that keeps its hooks: the hook dicts move over as they
+    are, so handles the user holds still remove them."""
+    out = ChannelShift(shift)
+    for attr in ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+                 "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
+                 "_backward_pre_hooks"):
+        if hasattr(bn, attr):
+            setattr(out, attr, getattr(bn, attr))
+    return out
+
+
+def _remove_torch_weight_norm(model: nn.Module) -> None:
+    """PyTorch's own weight norm (``torch.nn.utils.weight_norm`` hooks and
+    ``parametrizations.weight_norm``) replaced by the plain weight it computes."""
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.parametrizations import _WeightNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    for module in list(model.modules()):
+        for hook in list(module._forward_pre_hooks.values()):
+            if isinstance(hook, WeightNorm):
+                torch.nn.utils.remove_weight_norm(module, hook.name)
+        plist = module.__dict__.get("_modules", {}).get("parametrizations")
+        if plist is not None:
+            for pname, chain in list(plist.items()):
+                if len(chain) == 1 and isinstance(chain[0], _WeightNorm):
+                    with torch.no_grad():
+                        parametrize.remove_parametrizations(module, pname,
+                                                            leave_parametrized=True)
+
+
 def fold(model: nn.Module) -> nn.Module:
     r"""Make ``model`` plain for inference and export, with the same eval outputs.
 
-    Every weight-normalized weight becomes a plain parameter holding
-    :math:`w = g\,v/\lVert v\rVert` (its module gets its original class back), and every
+    Every weight-normalized weight (by wnorm, or by PyTorch's ``torch.nn.utils.weight_norm`` or
+    ``torch.nn.utils.parametrizations.weight_norm``) becomes a plain parameter holding
+    :math:`w = g\,v/\lVert v\rVert` (a wnorm module gets its original class back), and every
     mean-only batch norm folds its eval-mode affine map :math:`x \mapsto x - \mu_{\text{running}}
     + b` into the bias of the layer right before it in an ``nn.Sequential`` (Linear or ConvNd
-    with the same channel count, used nowhere else); where there is no such layer it becomes a
-    :class:`ChannelShift` adding the constant. Eval outputs are unchanged (float32, to ~1e-6);
-    train-mode mean-only BN used batch means, which no folded model reproduces, so fold is for
-    eval use.
+    with the same channel count, used nowhere else, without hooks); where there is no such layer
+    it becomes a :class:`ChannelShift` adding the constant (and keeping the batch norm's hooks).
+    A Linear takes the shift as its bias: it adds along the last axis, which is the batch norm's
+    channel axis for the usual (N, C) input (a Linear on (N, C, L) input followed by a mean-only
+    BN over its dim 1 would differ: keep that BN out of the Sequential's direct successor, or
+    fold before adding it). Eval outputs are unchanged (float32, to ~1e-6); train-mode mean-only
+    BN used batch means, which no folded model reproduces, so fold is for eval use. A mean-only
+    batch norm whose ``forward`` was replaced on the instance is left as it is, with a warning.
 
     Args:
         model: the model, changed in place.
@@ -95,22 +141,33 @@ def fold(model: nn.Module) -> nn.Module:
     """
     for _, module, pname, _ in list(normalized_weights(model)):
         remove_weight_norm(module, pname)
+    _remove_torch_weight_norm(model)
     if isinstance(model, _MeanOnlyBatchNorm):
-        return ChannelShift(_shift_of(model, "<model>"))
+        if "forward" in model.__dict__:
+            return model
+        return _shift_module(model, _shift_of(model, "<model>"))
     uses: dict[int, int] = {}
     for m in model.modules(remove_duplicate=False):
         uses[id(m)] = uses.get(id(m), 0) + 1
     for pname, parent in list(model.named_modules()):
-        children = list(parent.named_children())
+        # every slot, duplicates included: named_children() skips a module's second slot, and
+        # then the module before a batch norm would not be the one that runs before it
+        children = list(parent._modules.items())
         for i, (cname, child) in enumerate(children):
             if not isinstance(child, _MeanOnlyBatchNorm):
                 continue
             where = f"{pname}.{cname}" if pname else cname
+            if "forward" in child.__dict__:
+                warnings.warn(f"wnorm.fold: {where} ({type(child).__name__}) has a forward set "
+                              "on the instance; it is left unfolded", stacklevel=2)
+                continue
             shift = _shift_of(child, where)
             prev = children[i - 1][1] if isinstance(parent, nn.Sequential) and i > 0 else None
-            # a layer used elsewhere too would carry the shift into its other uses
-            if prev is not None and uses[id(prev)] == 1 and _absorb(prev, shift):
-                setattr(parent, cname, nn.Identity())
+            # a layer used elsewhere too would carry the shift into its other uses; a hook on
+            # it (or on the batch norm) would see the output before the shift
+            if (prev is not None and uses[id(prev)] == 1 and not _hooked(prev)
+                    and not _hooked(child) and _absorb(prev, shift)):
+                parent._modules[cname] = nn.Identity()
             else:
-                setattr(parent, cname, ChannelShift(shift))
+                parent._modules[cname] = _shift_module(child, shift)
     return model
