@@ -950,8 +950,8 @@ def test_refresh_after_a_data_edit_recomputes_the_plain_weight():
 
 
 def test_step_consumes_the_plain_weight_gradient():
-    """model.zero_grad() cannot see the plain weights, so step() zeroes their gradients:
-    training with model.zero_grad() equals torch.optim with zero_grad()."""
+    """model.zero_grad() cannot see the plain weights, so step() consumes their gradients
+    (None afterwards): training with model.zero_grad() equals torch.optim with zero_grad()."""
     ma, mb = twins()
     oa, ob = pair("SGD", dict(lr=0.1, momentum=0.9), ma, mb)
     fused = _fused_modules(ob, mb)
@@ -964,7 +964,7 @@ def test_step_consumes_the_plain_weight_gradient():
         loss_of(mb(x), y).backward()
         assert all(m.weight.grad is not None for m in fused)
         ob.step()
-        assert all(not m.weight.grad.any() for m in fused)
+        assert all(m.weight.grad is None for m in fused)
     assert_same_training(ma, oa, mb, ob)
 
 
@@ -1128,4 +1128,65 @@ def test_a_no_op_to_between_backward_and_step_is_not_an_edit():
         m.to("cpu")
         m.double()
         o.step()
+    assert_same_training(ma, oa, mb, ob)
+
+
+# --------------------------------------------------------------------------- third review
+@pytest.mark.parametrize("name,kw", [("SGD", dict(lr=0.1, momentum=0.9)), ("Adam", dict(lr=1e-2)),
+                                     ("SGD", dict(lr=0.1, weight_decay=0.1))])
+def test_model_zero_grad_and_a_layer_a_later_forward_skips(name, kw):
+    """With model.zero_grad() (which cannot see the plain weights), a fused layer the forward
+    stops using gets no gradient and is not stepped, as torch skips g and v without one; the
+    step used to leave a zero gradient on the plain weight, and momentum, Adam and weight decay
+    moved the unused layer."""
+    ma, mb = twins()
+    oa, ob = pair(name, kw, ma, mb)
+    for i, (x, y) in enumerate(batches(n=5)):
+        for m, o in ((ma, oa), (mb, ob)):
+            m.zero_grad()
+            out = m(x) if i < 2 else m[3](m[2](m[1](m[0](x))))[:, :3]  # layer 4 unused from 2
+            loss_of(out, y).backward()
+            o.step()
+    assert_same_training(ma, oa, mb, ob)
+
+
+def test_a_layer_frozen_after_some_steps_stays_put_with_model_zero_grad():
+    model = build()
+    opt = wnorm.optim.SGD(model, lr=0.1, momentum=0.9)
+    for i, (x, y) in enumerate(batches(n=4)):
+        if i == 2:
+            model[4].requires_grad_(False)
+            frozen = {k: p.detach().clone() for k, p in model[4].named_parameters()}
+        model.zero_grad()
+        loss_of(model(x), y).backward()
+        opt.step()
+    assert all(torch.equal(p.detach(), frozen[k]) for k, p in model[4].named_parameters())
+
+
+def test_zero_grad_keep_tensors_steps_an_unused_layer_with_zeros_as_torch_does():
+    ma, mb = twins()
+    oa, ob = pair("SGD", dict(lr=0.1, momentum=0.9, weight_decay=0.1), ma, mb)
+    for i, (x, y) in enumerate(batches(n=4)):
+        for m, o in ((ma, oa), (mb, ob)):
+            o.zero_grad(set_to_none=False)
+            out = m(x) if i < 2 else m[3](m[2](m[1](m[0](x))))[:, :3]
+            loss_of(out, y).backward()
+            o.step()
+    assert not torch.equal(mb[4].weight_v, build()[4].weight_v)  # moved by momentum and decay
+    assert_same_training(ma, oa, mb, ob)
+
+
+def test_adam_fused_true_step_state_is_float32_as_torch_keeps_it(monkeypatch):
+    """torch keeps state["step"] in float32 for fused=True groups, also under a float64 default
+    dtype; the state dicts must match torch's."""
+    torch.set_default_dtype(torch.float64)
+    try:
+        ma, mb = twins()
+        oa, ob = pair("Adam", dict(lr=1e-2, fused=True), ma, mb)
+        train(ma, oa, batches(n=2))
+        train(mb, ob, batches(n=2))
+    finally:
+        torch.set_default_dtype(torch.float32)
+    for pa, pb in zip(ma.parameters(), mb.parameters()):
+        assert ob.state[pb]["step"].dtype == oa.state[pa]["step"].dtype == torch.float32
     assert_same_training(ma, oa, mb, ob)

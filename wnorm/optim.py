@@ -29,10 +29,15 @@ recurrent layers, ``amsgrad``/``capturable``/``differentiable``, distributed tra
 
 While an optimizer of this module is alive, the layers it owns receive their gradient on the
 weight (``layer.weight.grad``), not on ``weight_g``/``weight_v``: call :meth:`param_grads`
-before clipping or inspecting those. ``step()`` zeroes those gradients (as ``zero_grad()`` would
-``g.grad``/``v.grad``), so ``model.zero_grad()``, which cannot see the plain weights, works as
-well as ``opt.zero_grad()``; the one pattern that differs from torch is stepping twice on one
-``backward()`` without zeroing, where torch re-applies the old gradients. A frozen layer
+before clipping or inspecting those. ``step()`` consumes those gradients (it sets them to None,
+as ``zero_grad()`` would ``g.grad``/``v.grad``), so ``model.zero_grad()``, which cannot see the
+plain weights, works as well as ``opt.zero_grad()``: a layer that a later forward skips, or
+that was frozen, gets no gradient and is not stepped, as torch skips ``g`` and ``v`` without
+one. ``opt.zero_grad(set_to_none=False)`` gives the layers it stepped zero gradients, as torch
+zeroes ``g.grad``/``v.grad`` (an unused layer is then stepped with zeros, as in torch). The
+patterns that differ from torch: stepping twice on one ``backward()`` without zeroing (torch
+re-applies the old gradients) and ``model.zero_grad(set_to_none=False)`` (torch then steps an
+unused layer with zeros; here it is not stepped). A frozen layer
 (``requires_grad_(False)``), a layer called with other tensors
 (``torch.func.functional_call``), a compiled or traced forward and weights that share ``g`` or
 ``v`` with another layer (tied weights) go through autograd.
@@ -72,7 +77,7 @@ _KERNEL_DTYPES = (torch.float32, torch.float64)
 class _Layer:
     """One weight this optimizer owns: its module, name, spec and parameters."""
 
-    __slots__ = ("name", "module", "pname", "spec", "g", "v", "rows")
+    __slots__ = ("name", "module", "pname", "spec", "g", "v", "rows", "stepped")
 
     def __init__(self, name: str, module: nn.Module, pname: str, spec: _Spec) -> None:
         self.name = f"{name}.{pname}" if name else pname  # as in model.named_parameters()
@@ -80,6 +85,7 @@ class _Layer:
         self.g = module._parameters[spec.gname]
         self.v = module._parameters[spec.vname]
         self.rows = self.v.shape[0]
+        self.stepped = False  # stepped by the kernel once: zero_grad(set_to_none=False) zeroes it
 
     def current(self) -> bool:
         """Whether the layer is still normalized by the same spec and parameters."""
@@ -232,11 +238,16 @@ class _Optimizer(torch.optim.Optimizer):
         for grp in self._wn_groups:
             for lay in grp:
                 w = lay.spec.plain
-                if w is not None and w.grad is not None:
-                    if set_to_none:
-                        w.grad = None
-                    else:
-                        w.grad.zero_()
+                if w is None:
+                    continue
+                if set_to_none:
+                    w.grad = None
+                elif w.grad is not None:
+                    w.grad.zero_()
+                elif lay.stepped and lay.current():
+                    # torch zeroes g.grad/v.grad, which exist once a step has used them: the
+                    # layer is stepped with zeros if the next forward skips it, as in torch
+                    w.grad = torch.zeros_like(w)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> Any:  # type: ignore[override]
@@ -267,12 +278,14 @@ class _Optimizer(torch.optim.Optimizer):
         kern = _extension.kernels()
         for group, ready in plans:
             if ready:
-                # The kernel also zeroes the plain weights' gradients, as the zero_grad() that
-                # follows would g.grad/v.grad (model.zero_grad() cannot see the plain weights).
-                # Zeros, not None: a layer that a later forward skips is then stepped with a
-                # zero gradient, as torch steps its zeroed g and v.
+                # The step consumes the plain weights' gradients: None, as the zero_grad()
+                # that follows would leave g.grad/v.grad (model.zero_grad() cannot see the
+                # plain weights), so a layer that a later forward skips gets no gradient and
+                # is not stepped, as torch skips g and v without one.
                 for lay in self._fused_group(group, ready, kern):
                     lay.spec.mark_synced(lay.g, lay.v)
+                    lay.spec.plain.grad = None  # type: ignore[union-attr]
+                    lay.stepped = True
         # the other parameters: the same rule in the kernel, torch's step for what it cannot take
         left = [self._plain_group(group, kern) if self._group_supported(group)
                 else group["params"] for group in self.param_groups]
@@ -468,12 +481,12 @@ class Adam(_Optimizer, torch.optim.Adam):
     def _decoupled(self, group: dict[str, Any]) -> bool:
         return bool(group.get("decoupled_weight_decay", False))
 
-    def _adam_state(self, p: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+    def _adam_state(self, p: Tensor, fused: bool) -> tuple[Tensor, Tensor, Tensor] | None:
         """``p``'s (exp_avg, exp_avg_sq, step), made as torch.optim.Adam's _init_group makes
         them when there are none; None when existing state is not what the kernel takes."""
         state = self.state[p]
         if not state:
-            state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
+            state["step"] = torch.tensor(0.0, dtype=_scalar_dtype(fused))
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         m, s, step = state.get("exp_avg"), state.get("exp_avg_sq"), state.get("step")
@@ -494,7 +507,8 @@ class Adam(_Optimizer, torch.optim.Adam):
         for lay in ready:
             if not self._kernel_takes(lay):
                 continue
-            v_state, g_state = self._adam_state(lay.v), self._adam_state(lay.g)
+            fused = bool(group.get("fused"))
+            v_state, g_state = self._adam_state(lay.v, fused), self._adam_state(lay.g, fused)
             if v_state is None or g_state is None:  # e.g. loaded, or from before .double()
                 self._to_param_grads(lay)
                 continue
@@ -522,7 +536,7 @@ class Adam(_Optimizer, torch.optim.Adam):
             grad = p.grad
             if grad is None:
                 continue
-            st = self._adam_state(p) if _dense(p, grad) else None
+            st = self._adam_state(p, bool(group.get("fused"))) if _dense(p, grad) else None
             if st is None:
                 left.append(p)
                 continue
@@ -539,8 +553,11 @@ class Adam(_Optimizer, torch.optim.Adam):
         return left
 
 
-def _scalar_dtype() -> torch.dtype:
-    # torch.optim's dtype for state["step"]: float64 under a float64 default dtype
+def _scalar_dtype(fused: bool = False) -> torch.dtype:
+    # torch.optim's dtype for state["step"]: float64 under a float64 default dtype, except for
+    # fused=True groups (torch.optim.optimizer._get_scalar_dtype)
+    if fused:
+        return torch.float32
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 

@@ -1,7 +1,7 @@
 // wnorm's optimizer-side weight normalization: one pass per row of v that turns the gradient of
 // the plain weight w = g v/||v|| into the gradients of g and v (Salimans & Kingma 2016, eqs. 3-4),
-// applies torch.optim.SGD's or torch.optim.Adam's update to g and v, writes the new w and
-// zeroes w's gradient (consumed, as zero_grad() would leave g.grad and v.grad).
+// applies torch.optim.SGD's or torch.optim.Adam's update to g and v and writes the new w (w's
+// gradient is only read: wnorm/optim.py drops it after the step).
 //
 // Each row of v (one output unit) is read from memory once; the second and third sweeps over
 // the row hit the L1 cache. Rows are independent, so at::parallel_for splits them over threads.
@@ -105,7 +105,6 @@ void sgd_rows(T* __restrict w, T* __restrict gw, T* __restrict v, T* __restrict 
 #pragma omp simd
     for (int64_t j = 0; j < k; ++j) {
       T d = a * gwi[j] - b * vi[j];
-      gwi[j] = T(0);  // consumed: w.grad is zeroed in the same pass
       if (WD) d = d + wd * vi[j];
       T step = d;
       if (MOM) {
@@ -187,7 +186,6 @@ void adam_rows(T* __restrict w, T* __restrict gw, T* __restrict v, T* __restrict
 #pragma omp simd
     for (int64_t j = 0; j < k; ++j) {
       const T d = a * gwi[j] - b * vi[j];
-      gwi[j] = T(0);  // consumed: w.grad is zeroed in the same pass
       T p = vi[j];
       if (DEC) p = p * (T(1) - lr * wd);
       const T dd = L2 ? d + wd * p : d;
@@ -268,7 +266,7 @@ void sgd_step(const std::vector<at::Tensor>& w, const std::vector<at::Tensor>& g
                           t.data_ptr<scalar_t>(), g[l].data_ptr<scalar_t>(), vb, gb, r, k, o,
                           first[l]);
     });
-    bump(w[l]), bump(gw[l]), bump(t), bump(g[l]);
+    bump(w[l]), bump(t), bump(g[l]);
   }
 }
 
@@ -296,7 +294,7 @@ void adam_step(const std::vector<at::Tensor>& w, const std::vector<at::Tensor>& 
                            gm[l].data_ptr<scalar_t>(), gs[l].data_ptr<scalar_t>(), r, k, o, sv,
                            sg);
     });
-    bump(w[l]), bump(gw[l]), bump(t), bump(g[l]);
+    bump(w[l]), bump(t), bump(g[l]);
   }
 }
 
