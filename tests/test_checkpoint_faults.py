@@ -252,3 +252,42 @@ def test_other_float_dtype_loads_converted() -> None:
         model = target()
         load_state_dict(model, sd)
         assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+# --------------------------------------------------------------------------- writing files
+def test_save_into_an_unwritable_directory_names_the_file(tmp_path: Path, monkeypatch) -> None:
+    import os
+
+    real_open = os.open
+
+    def denied(path, *args, **kwargs):
+        if Path(path).parent == tmp_path:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", denied)
+    with pytest.raises(WnormError, match=r"out\.pt: cannot write a file there; got Permission "
+                                         r"denied"):
+        save_checkpoint(source("wnorm"), tmp_path / "out.pt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_save_over_a_file_keeps_its_permissions_and_a_symlink_stays_a_link(
+    tmp_path: Path,
+) -> None:
+    import os
+
+    target = tmp_path / "real.pt"
+    target.write_bytes(b"old")
+    os.chmod(target, 0o640)
+    link = tmp_path / "link.pt"
+    link.symlink_to(target)
+    save_checkpoint(source("wnorm"), link)
+    assert link.is_symlink() and os.stat(target).st_mode & 0o777 == 0o640
+    assert sorted(load_checkpoint(target)) == sorted(source("wnorm"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.pt", "real.pt"]
+
+
+def test_load_names_a_directory_as_a_directory(tmp_path: Path) -> None:
+    with pytest.raises(WnormError, match=r"expected a checkpoint file; got a directory"):
+        load_checkpoint(tmp_path)

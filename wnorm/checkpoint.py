@@ -21,8 +21,12 @@ write ``.pt``/``.pth`` and ``.safetensors`` files.
 
 from __future__ import annotations
 
+import os
+import re
+import secrets
+import stat
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -633,8 +637,7 @@ def load_checkpoint(path: str | Path) -> Any:
         ['bias', 'weight']
     """
     path = Path(path)
-    if not path.is_file():
-        raise WnormError(f"{path}: expected a checkpoint file; got no such file")
+    _check_input(path)
     if path.suffix == ".safetensors":
         st = _safetensors(path)
         try:
@@ -645,9 +648,9 @@ def load_checkpoint(path: str | Path) -> Any:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # unpickling, zip and format errors all mean "not a checkpoint"
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise WnormError(
-                f"{path}: not a PyTorch checkpoint readable with weights_only=True; got {first}"
+                f"{path}: not a PyTorch checkpoint readable with weights_only=True; got "
+                f"{_first_line(e)}"
             ) from None
     try:
         find_state_dicts(obj)
@@ -660,11 +663,18 @@ def save_checkpoint(obj: Any, path: str | Path) -> None:
     """Write a checkpoint: ``.safetensors`` for a flat state dict (tensors only), otherwise
     ``torch.save``.
 
+    The file is written beside ``path`` under a temporary name and then renamed into place, so
+    a write that fails (disk full, interrupted) leaves no half-written file and keeps the file
+    that was at ``path`` before.
+
     Raises:
         WnormError: a ``.safetensors`` target for something that is not a flat state dict of
-            tensors, or safetensors is not installed.
+            tensors, safetensors is not installed, or the file cannot be written (``path`` is a
+            directory, its directory does not exist, no permission, disk full); the message
+            names ``path``.
     """
     path = Path(path)
+    _check_output(path)
     if path.suffix == ".safetensors":
         st = _safetensors(path)
         if not _is_state_dict(obj) or not all(isinstance(v, Tensor) for v in obj.values()):
@@ -675,6 +685,81 @@ def save_checkpoint(obj: Any, path: str | Path) -> None:
                 + "; pick the state dict (wnorm convert --key KEY) or write a .pt file"
             )
         # safetensors refuses shared or non-contiguous storage: give it one copy per tensor
-        st.save_file({k: v.detach().contiguous().clone() for k, v in obj.items()}, str(path))
+        flat = {k: v.detach().contiguous().clone() for k, v in obj.items()}
+        _write_atomically(path, lambda tmp: st.save_file(flat, tmp))
         return
-    torch.save(obj, path)
+    _write_atomically(path, lambda tmp: torch.save(obj, tmp))
+
+
+# --------------------------------------------------------------------------- files: helpers
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def _first_line(e: BaseException) -> str:
+    """The first non-empty line of an exception's message, without terminal escape codes."""
+    text = _ANSI.sub("", str(e)).strip()
+    return text.splitlines()[0].strip() if text else type(e).__name__
+
+
+def _check_input(path: Path) -> None:
+    """Refuse a checkpoint path that is not a readable regular file, naming it."""
+    if path.is_dir():
+        raise WnormError(f"{path}: expected a checkpoint file; got a directory")
+    if not path.is_file():
+        got = "no such file" if not path.exists() else "not a regular file"
+        raise WnormError(f"{path}: expected a checkpoint file; got {got}")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise WnormError(f"{path}: expected a readable checkpoint file; got "
+                         f"{e.strerror or _first_line(e)}") from None
+
+
+def _check_output(path: Path) -> None:
+    """Refuse an output path that cannot become a file: a directory, or in a missing directory."""
+    if path.is_dir():
+        raise WnormError(f"{path}: expected a file name to write; got a directory")
+    parent = path.parent
+    if not parent.is_dir():
+        got = "no such directory" if not parent.exists() else "not a directory"
+        raise WnormError(f"{path}: expected an existing directory '{parent}' to write into; "
+                         f"got {got}")
+
+
+def _temporary_beside(dest: Path) -> Path:
+    """Create an empty file with a new name in ``dest``'s directory (mode as the umask says)."""
+    while True:
+        tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+
+
+def _write_atomically(path: Path, write: Callable[[str], None]) -> None:
+    """Run ``write(tmp)`` on a temporary file beside ``path``, then rename it to ``path``.
+
+    On any failure the temporary file is removed and ``path`` is left as it was. Through a
+    symbolic link, the file it points to is replaced (the link stays).
+    """
+    dest = Path(os.path.realpath(path))
+    try:
+        tmp = _temporary_beside(dest)
+    except OSError as e:
+        raise WnormError(f"{path}: cannot write a file there; got "
+                         f"{e.strerror or _first_line(e)}") from None
+    try:
+        write(str(tmp))
+        with open(tmp, "rb+") as f:  # on disk before the rename: no empty file after a crash
+            os.fsync(f.fileno())
+        if dest.exists():
+            os.chmod(tmp, stat.S_IMODE(dest.stat().st_mode))
+        os.replace(tmp, dest)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, Exception) and not isinstance(e, WnormError):
+            kept = "the file there before is kept" if dest.exists() else "no file written"
+            raise WnormError(f"{path}: writing failed ({kept}); got {_first_line(e)}") from None
+        raise

@@ -9,8 +9,10 @@ Bad input prints ``wnorm: error: <message>`` to stderr and exits with status 2, 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from .errors import WnormError
 
@@ -47,9 +49,31 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _convert(args: argparse.Namespace) -> int:
-    from .checkpoint import convert_checkpoint, find_state_dicts, load_checkpoint, save_checkpoint
+def _refuse_same_file(src: Path, dst: Path) -> None:
+    """OUT must not be IN under any spelling (``..``, a symbolic or hard link): writing it would
+    replace the only copy of the checkpoint."""
+    try:
+        same = src.exists() and dst.exists() and os.path.samefile(src, dst)
+    except OSError:  # cannot stat one of them: load_checkpoint/save_checkpoint will say why
+        same = False
+    if same:
+        raise WnormError(
+            f"{dst}: expected an output file other than the input; got the input file {src} "
+            "itself; write to a new file (and rename it over the input if you want to replace it)"
+        )
 
+
+def _convert(args: argparse.Namespace) -> int:
+    from .checkpoint import (
+        _check_output,
+        convert_checkpoint,
+        find_state_dicts,
+        load_checkpoint,
+        save_checkpoint,
+    )
+
+    _refuse_same_file(Path(args.input), Path(args.output))
+    _check_output(Path(args.output))  # before reading a large input: fail fast
     ckpt = load_checkpoint(args.input)
     try:
         paths = find_state_dicts(ckpt, args.key)
