@@ -224,3 +224,23 @@ def test_file_size_limit_mid_write_in_a_subprocess(tmp_path: Path) -> None:
     assert done.stderr.startswith("wnorm: error: ") and "Traceback" not in done.stderr
     assert (tmp_path / "out.pt").read_bytes() == good
     assert (tmp_path / "net.pt").read_bytes() == data and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("extra", ["namespace", "numpy"])
+def test_weights_only_refusal_names_the_type_and_what_to_do(tmp_path: Path, capsys,
+                                                            extra: str) -> None:
+    import argparse
+
+    if extra == "numpy":
+        np = pytest.importorskip("numpy")
+        value, name = np.float64(0.9), "numpy"
+    else:
+        value, name = argparse.Namespace(lr=0.1), "argparse.Namespace"
+    torch.save({"model": source().state_dict(), "extra": value}, tmp_path / "train.pt")
+    assert main(["convert", str(tmp_path / "train.pt"), str(tmp_path / "o.pt"),
+                 "--to", "plain"]) == 2
+    err = capsys.readouterr().err
+    assert f"Unsupported global: GLOBAL {name}" in err
+    assert "\x1b" not in err and len(err.strip().splitlines()) == 1
+    assert "if you trust its source" in err and "weights_only=False" in err
+    assert "torch.save only its state dict" in err

@@ -648,6 +648,15 @@ def load_checkpoint(path: str | Path) -> Any:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # unpickling, zip and format errors all mean "not a checkpoint"
+            blocker = _weights_only_blocker(e)
+            if blocker is not None:
+                raise WnormError(
+                    f"{path}: not a PyTorch checkpoint readable with weights_only=True (which "
+                    f"keeps a file from running code): it holds an object of a type torch.load "
+                    f"refuses ({blocker}); if you trust its source, load it with "
+                    f"torch.load(path, weights_only=False), torch.save only its state dict "
+                    f"(e.g. checkpoint['model']) and convert that file"
+                ) from None
             raise WnormError(
                 f"{path}: not a PyTorch checkpoint readable with weights_only=True; got "
                 f"{_first_line(e)}"
@@ -699,6 +708,19 @@ def _first_line(e: BaseException) -> str:
     """The first non-empty line of an exception's message, without terminal escape codes."""
     text = _ANSI.sub("", str(e)).strip()
     return text.splitlines()[0].strip() if text else type(e).__name__
+
+
+def _weights_only_blocker(e: BaseException) -> str | None:
+    """What made ``torch.load(weights_only=True)`` refuse a file, from torch's message: e.g.
+    ``Unsupported global: GLOBAL argparse.Namespace``; None for other errors."""
+    text = _ANSI.sub("", str(e))
+    if "Weights only load failed" not in text:
+        return None
+    found = re.search(r"Unsupported global: GLOBAL [\w.]+", text)
+    if found:
+        return found.group(0)
+    found = re.search(r"WeightsUnpickler error: ([^\n]+)", text)
+    return found.group(1).strip().rstrip(".") if found else "torch names no type"
 
 
 def _check_input(path: Path) -> None:
