@@ -291,3 +291,13 @@ def test_save_over_a_file_keeps_its_permissions_and_a_symlink_stays_a_link(
 def test_load_names_a_directory_as_a_directory(tmp_path: Path) -> None:
     with pytest.raises(WnormError, match=r"expected a checkpoint file; got a directory"):
         load_checkpoint(tmp_path)
+
+
+def test_save_metadata_goes_to_safetensors_only(tmp_path: Path) -> None:
+    pytest.importorskip("safetensors")
+    with pytest.raises(WnormError, match=r"out\.pt: metadata is written to .safetensors files"):
+        save_checkpoint(source("wnorm"), tmp_path / "out.pt", metadata={"format": "pt"})
+    with pytest.raises(WnormError, match=r"out\.safetensors: expected metadata of names to "
+                                         r"strings"):
+        save_checkpoint(source("wnorm"), tmp_path / "out.safetensors", metadata={"step": 3})
+    assert list(tmp_path.iterdir()) == []

@@ -244,3 +244,39 @@ def test_weights_only_refusal_names_the_type_and_what_to_do(tmp_path: Path, caps
     assert "\x1b" not in err and len(err.strip().splitlines()) == 1
     assert "if you trust its source" in err and "weights_only=False" in err
     assert "torch.save only its state dict" in err
+
+
+# --------------------------------------------------------------------------- .safetensors OUT
+def test_key_picks_the_state_dict_a_safetensors_out_holds(tmp_path: Path, capsys) -> None:
+    pytest.importorskip("safetensors")
+    model = source()
+    torch.save({"model": model.state_dict(), "epoch": 3}, tmp_path / "ckpt.pt")
+    out = tmp_path / "out.safetensors"
+    args = ["convert", str(tmp_path / "ckpt.pt"), str(out), "--to", "plain"]
+    assert main(args) == 2  # without --key: the error names the key to pick
+    err = capsys.readouterr().err
+    assert err.startswith(f"wnorm: error: {out}: a .safetensors file holds one flat state dict")
+    assert "pick one with --key model" in err and not out.exists()
+    assert main(args + ["--key", "model"]) == 0
+    assert "only checkpoint['model'] written" in capsys.readouterr().out
+    target = net().eval()
+    target.load_state_dict(load_checkpoint(out))  # the flat, plain state dict itself
+    with torch.no_grad():
+        torch.testing.assert_close(target(X), model(X), rtol=1e-5, atol=1e-6)
+
+
+def test_safetensors_metadata_is_kept_or_its_loss_is_said(tmp_path: Path, capsys) -> None:
+    st = pytest.importorskip("safetensors.torch")
+    from safetensors import safe_open
+
+    meta = {"format": "pt", "step": "1000"}
+    st.save_file(source().state_dict(), str(tmp_path / "in.safetensors"), metadata=meta)
+    out = tmp_path / "out.safetensors"
+    assert main(["convert", str(tmp_path / "in.safetensors"), str(out), "--to", "torch-old"]) == 0
+    with safe_open(str(out), framework="pt") as f:
+        assert f.metadata() == meta
+    capsys.readouterr()
+    assert main(["convert", str(tmp_path / "in.safetensors"), str(tmp_path / "out.pt"),
+                 "--to", "torch-old"]) == 0
+    assert "safetensors metadata (keys ['format', 'step']) is not written" in (
+        capsys.readouterr().out)

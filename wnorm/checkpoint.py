@@ -668,7 +668,9 @@ def load_checkpoint(path: str | Path) -> Any:
     return obj
 
 
-def save_checkpoint(obj: Any, path: str | Path) -> None:
+def save_checkpoint(
+    obj: Any, path: str | Path, metadata: Mapping[str, str] | None = None
+) -> None:
     """Write a checkpoint: ``.safetensors`` for a flat state dict (tensors only), otherwise
     ``torch.save``.
 
@@ -676,28 +678,57 @@ def save_checkpoint(obj: Any, path: str | Path) -> None:
     a write that fails (disk full, interrupted) leaves no half-written file and keeps the file
     that was at ``path`` before.
 
+    Args:
+        obj: a state dict, or (not for ``.safetensors``) a dict nesting some.
+        path: the file to write; its suffix picks the format.
+        metadata: the ``.safetensors`` header's string metadata (e.g. ``{"format": "pt"}``);
+            only for ``.safetensors`` files.
+
     Raises:
         WnormError: a ``.safetensors`` target for something that is not a flat state dict of
-            tensors, safetensors is not installed, or the file cannot be written (``path`` is a
+            tensors, metadata that is not names to strings or is for another format,
+            safetensors is not installed, or the file cannot be written (``path`` is a
             directory, its directory does not exist, no permission, disk full); the message
             names ``path``.
     """
     path = Path(path)
     _check_output(path)
-    if path.suffix == ".safetensors":
-        st = _safetensors(path)
-        if not _is_state_dict(obj) or not all(isinstance(v, Tensor) for v in obj.values()):
-            raise WnormError(
-                f"{path}: a .safetensors file holds a flat state dict (names to tensors); got "
-                f"{type(obj).__name__}"
-                + (f" with keys {list(obj)[:10]}" if isinstance(obj, Mapping) else "")
-                + "; pick the state dict (wnorm convert --key KEY) or write a .pt file"
-            )
-        # safetensors refuses shared or non-contiguous storage: give it one copy per tensor
-        flat = {k: v.detach().contiguous().clone() for k, v in obj.items()}
-        _write_atomically(path, lambda tmp: st.save_file(flat, tmp))
+    if path.suffix != ".safetensors":
+        if metadata is not None:
+            raise WnormError(f"{path}: metadata is written to .safetensors files only; got a "
+                             f"{path.suffix or 'suffix-less'} file")
+        _write_atomically(path, lambda tmp: torch.save(obj, tmp))
         return
-    _write_atomically(path, lambda tmp: torch.save(obj, tmp))
+    st = _safetensors(path)
+    if not _is_state_dict(obj) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise WnormError(
+            f"{path}: a .safetensors file holds a flat state dict (names to tensors); got "
+            f"{type(obj).__name__}"
+            + (f" with keys {list(obj)[:10]}" if isinstance(obj, Mapping) else "")
+            + "; pick the state dict (wnorm convert --key KEY) or write a .pt file"
+        )
+    if metadata is not None:
+        if not isinstance(metadata, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+        ):
+            raise WnormError(f"{path}: expected metadata of names to strings; got {metadata!r}")
+        metadata = dict(metadata)
+    # safetensors refuses shared or non-contiguous storage: give it one copy per tensor
+    flat = {k: v.detach().contiguous().clone() for k, v in obj.items()}
+    _write_atomically(path, lambda tmp: st.save_file(flat, tmp, metadata=metadata))
+
+
+def _safetensors_metadata(path: str | Path) -> dict[str, str] | None:
+    """The string metadata in a ``.safetensors`` file's header (None when it has none)."""
+    path = Path(path)
+    _safetensors(path)  # says how to install it when it is missing
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata()
+    except Exception as e:  # safetensors raises its own error types
+        raise WnormError(f"{path}: not a readable safetensors file; got {_first_line(e)}") from None
 
 
 # --------------------------------------------------------------------------- files: helpers

@@ -63,26 +63,58 @@ def _refuse_same_file(src: Path, dst: Path) -> None:
         )
 
 
+def _one_state_dict_for(dst: Path, src: Path, paths: list[tuple[str, ...]]) -> None:
+    """A ``.safetensors`` OUT holds one flat state dict: refuse a nested IN without --key."""
+    if paths == [()]:
+        return
+    where = ", ".join("checkpoint" + "".join(f"[{p!r}]" for p in path) for path in paths)
+    top = [path[0] for path in paths if len(path) == 1]
+    pick = f"pick one with --key {top[0]} (its other entries are not written) or " if top else ""
+    raise WnormError(
+        f"{dst}: a .safetensors file holds one flat state dict; {src} has its state dicts at "
+        f"{where}; {pick}write a .pt file (which keeps every entry)"
+    )
+
+
 def _convert(args: argparse.Namespace) -> int:
     from .checkpoint import (
         _check_output,
+        _safetensors_metadata,
         convert_checkpoint,
         find_state_dicts,
         load_checkpoint,
         save_checkpoint,
     )
 
-    _refuse_same_file(Path(args.input), Path(args.output))
-    _check_output(Path(args.output))  # before reading a large input: fail fast
-    ckpt = load_checkpoint(args.input)
+    src, dst = Path(args.input), Path(args.output)
+    _refuse_same_file(src, dst)
+    _check_output(dst)  # before reading a large input: fail fast
+    to_st = dst.suffix == ".safetensors"
+    ckpt = load_checkpoint(src)
     try:
         paths = find_state_dicts(ckpt, args.key)
+    except WnormError as e:
+        raise WnormError(f"{args.input}: {e}") from None
+    if to_st and args.key is None:
+        _one_state_dict_for(dst, src, paths)
+    try:
         out, n = convert_checkpoint(ckpt, args.to, args.key)
     except WnormError as e:
         raise WnormError(f"{args.input}: {e}") from None
-    save_checkpoint(out, args.output)
+    notes = []
+    if to_st and args.key is not None:
+        out = out[args.key]
+        if len(ckpt) > 1:
+            notes.append(f"only checkpoint[{args.key!r}] written: a .safetensors file holds one "
+                         "state dict")
+    metadata = _safetensors_metadata(src) if src.suffix == ".safetensors" else None
+    if metadata and not to_st:
+        notes.append(f"the input's safetensors metadata (keys {sorted(metadata)}) is not "
+                     f"written: a {dst.suffix or 'suffix-less'} file has no place for it")
+    save_checkpoint(out, dst, metadata=metadata if to_st else None)
     where = ", ".join("checkpoint" + "".join(f"[{p!r}]" for p in path) for path in paths)
-    print(f"{args.input} -> {args.output}: {n} weight(s) converted to {args.to} ({where})")
+    print(f"{args.input} -> {args.output}: {n} weight(s) converted to {args.to} ({where})"
+          + "".join(f"; {note}" for note in notes))
     return 0
 
 
