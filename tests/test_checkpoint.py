@@ -483,3 +483,22 @@ def test_ambiguous_shapes_load_with_same_outputs(layer, api, src_dim, dst_dim) -
         torch.testing.assert_close(dst(x), plain_src(x), rtol=1e-5, atol=1e-6)
         if api != "wnorm":
             torch.testing.assert_close(dst(x), src(x), rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- dtypes
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("make", [lambda: nn.ConvTranspose1d(64, 32, 5),
+                                  lambda: wnorm.weight_norm(nn.ConvTranspose1d(64, 32, 5))],
+                         ids=["plain", "wnorm"])
+def test_low_precision_checkpoint_into_float32_is_not_rounded_on_the_way(low, make) -> None:
+    # torch's per-input-channel layout: the weight is computed, not copied (wnorm: dim 1)
+    sd = scramble(OLD(nn.ConvTranspose1d(64, 32, 5))).to(low).state_dict()
+    reference = OLD(nn.ConvTranspose1d(64, 32, 5))
+    reference.load_state_dict(sd)  # torch: exact upcast, w computed in float32
+    target = make()
+    load_state_dict(target, sd)
+    x = torch.randn(2, 64, 9)
+    with torch.no_grad():  # (torch's old API computes its weight in the forward pass)
+        torch.testing.assert_close(target(x), reference(x), rtol=1e-5, atol=1e-5)
+    assert target.weight.dtype == torch.float32
+    torch.testing.assert_close(target.weight, reference.weight, rtol=1e-6, atol=1e-7)

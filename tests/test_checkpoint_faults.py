@@ -301,3 +301,55 @@ def test_save_metadata_goes_to_safetensors_only(tmp_path: Path) -> None:
                                          r"strings"):
         save_checkpoint(source("wnorm"), tmp_path / "out.safetensors", metadata={"step": 3})
     assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- float16 range
+BIG16 = torch.full((2, 1024), 3000.0, dtype=torch.float16)  # every entry fits; a row's norm not
+
+
+def test_a_norm_past_float16_is_computed_wide_and_loads_into_float32() -> None:
+    sd = {"weight": BIG16, "bias": torch.zeros(2, dtype=torch.float16)}
+    model = wnorm.weight_norm(nn.Linear(1024, 2))
+    load_state_dict(model, sd)
+    assert model.weight_g.dtype == torch.float32
+    torch.testing.assert_close(model.weight_g, torch.full((2, 1), 96000.0))
+    reference = nn.Linear(1024, 2)
+    reference.load_state_dict(sd)
+    x = torch.ones(1, 1024)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x))
+
+
+@pytest.mark.parametrize("to", ["torch-old", "torch-new"])
+def test_converting_to_a_g_that_overflows_float16_is_refused(to: str) -> None:
+    sd = {"fc.weight": BIG16, "fc.bias": torch.zeros(2, dtype=torch.float16)}
+    with pytest.raises(WnormError, match=r"'fc.weight': 2 of 2 values of \|\|w\|\| along dim 0 "
+                                         r"overflow torch.float16"):
+        convert_state_dict(sd, to)
+
+
+def big_g(sd: dict) -> dict:
+    return {**sd, "weight_g": torch.full((2, 1), 1e5)}
+
+
+def big_weight(sd: dict) -> dict:
+    return {"weight": torch.full((2, 3), 1e5), "bias": sd["bias"]}
+
+
+def big_bias(sd: dict) -> dict:
+    return {**sd, "bias": torch.tensor([1.0, 7e4])}
+
+
+@pytest.mark.parametrize("edit,key,target", [
+    (big_g, "weight_g", "weight_g"),  # same layout: copied, cast
+    (big_weight, "weight", "weight_v"),  # plain w into a pair: v = w, cast
+    (big_bias, "bias", "bias"),
+], ids=["g", "plain-w", "bias"])
+def test_float32_values_past_float16_into_a_half_model_are_refused(edit, key, target) -> None:
+    src = wnorm.weight_norm(nn.Linear(3, 2))
+    model = wnorm.weight_norm(nn.Linear(3, 2)).half()
+    before = snapshot(model)
+    with pytest.raises(WnormError, match=rf"'{key}': \d+ of \d+ values for the model's "
+                                         rf"'{target}' overflow torch.float16"):
+        load_state_dict(model, edit(dict(src.state_dict())))
+    assert all(torch.equal(model.state_dict()[k], before[k]) for k in before)

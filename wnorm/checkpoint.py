@@ -160,8 +160,11 @@ def _wide(t: Tensor) -> Tensor:
     return t.detach().to(torch.promote_types(t.dtype, torch.float64))
 
 
-def _weight(src: _Src) -> Tensor:
-    """:math:`w = g\\,v/\\lVert v\\rVert` of a pair (computed in float64, returned in v's dtype)."""
+def _weight(src: _Src, dtype: torch.dtype | None = None, where: str = "") -> Tensor:
+    """:math:`w = g\\,v/\\lVert v\\rVert` of a pair, computed in float64 and returned in
+    ``dtype`` (default: v's), never through a narrower dtype on the way.
+
+    ``where`` says for what the weight is computed, for the overflow error."""
     assert src.g is not None and src.v is not None
     dim = _source_dim(src.keys[0], src.g, src.v)
     g, v = _wide(src.g), _wide(src.v)
@@ -173,7 +176,27 @@ def _weight(src: _Src) -> Tensor:
             "w = g * v / ||v|| is undefined there; expected a nonzero v in every slice"
         )
     g = g.reshape(norm.shape) if g.numel() == norm.numel() else g
-    return (v * (g / norm)).to(src.v.dtype)
+    return _cast(src.keys[1], v * (g / norm), dtype or src.v.dtype,
+                 f" of w = g * v / ||v||{where}")
+
+
+def _cast(key: str, t: Any, dtype: torch.dtype, what: str = "") -> Any:
+    """``t`` in ``dtype``, refused (naming ``key``) where a finite value overflows it.
+
+    Anything but a floating-point or complex tensor is returned as it is."""
+    if not isinstance(t, Tensor) or not (t.is_floating_point() or t.is_complex()):
+        return t
+    out = t.detach().to(dtype)
+    if out.is_floating_point() or out.is_complex():
+        finite = torch.isfinite(out)
+        if not bool(finite.all()):
+            big = float(t.detach().abs().max())
+            raise WnormError(
+                f"'{key}': {int((~finite).sum())} of {t.numel()} values{what} overflow {dtype} "
+                f"(largest |value| {big:.3g}); expected values that fit {dtype}: use a wider "
+                "dtype (or rescale the weight)"
+            )
+    return out
 
 
 def _check_finite(key: str, t: Any) -> None:
@@ -290,27 +313,35 @@ def _plan(
                 f"'{src.keys[-1]}': expected a tensor of dtype like {want.dtype} (for "
                 f"'{slot.keys[-1]}' of the model); got {got.dtype}"
             )
+        # every value is computed wide and cast once, to the model's own dtype: a float16
+        # checkpoint loads exactly into a float32 model, and what overflows is refused
+        into = f" for the model's '{slot.keys[-1]}'"
         if not slot.pair:
             if src.pair:
-                values[slot.keys[0]] = _weight(src)
+                values[slot.keys[0]] = _weight(src, want.dtype, into)
                 converted += 1
             else:
-                values[slot.keys[0]] = src.w
+                values[slot.keys[0]] = _cast(src.keys[0], src.w, want.dtype, into)
             continue
         g_want = slot.tensors[0]
         if src.pair and tuple(src.g.shape) == tuple(g_want.shape):
-            g, v = src.g, src.v  # same layout: copy as is (keeps the training state)
-            if not _same_kind(g_want, g):
+            # same layout: copy as is (keeps the training state)
+            if not _same_kind(g_want, src.g):
                 raise WnormError(
                     f"'{src.keys[0]}': expected a tensor of dtype like {g_want.dtype}; "
-                    f"got {g.dtype}"
+                    f"got {src.g.dtype}"
                 )
+            g = _cast(src.keys[0], src.g, g_want.dtype, f" for the model's '{slot.keys[0]}'")
+            v = _cast(src.keys[1], src.v, want.dtype, into)
             norm = _norm(_wide(v), slot.dim)
         else:
-            w = _weight(src) if src.pair else src.w
-            v = w
-            norm = _norm(_wide(w), slot.dim)
-            g = norm.to(w.dtype)
+            if src.pair:
+                v = _weight(src, want.dtype, into)
+            else:
+                v = _cast(src.keys[0], src.w, want.dtype, into)
+            norm = _norm(_wide(v), slot.dim)
+            g = _cast(src.keys[-1], norm, g_want.dtype,
+                      f" of ||w|| for the model's '{slot.keys[0]}'")
             converted += 1
         zero = (norm == 0).flatten().nonzero().flatten().tolist()
         if zero:
@@ -431,13 +462,7 @@ def _convert(state_dict: Mapping[str, Any], to: str) -> tuple[dict[str, Any], in
             g, v = src.g, src.v
             n += src.keys[0] != _pair_keys(ckey, to)[0]
         elif not any_pair and _normalizable(ckey, src.w):
-            g = torch.norm_except_dim(src.w, 2, 0)  # PyTorch's layout: dim 0, kept-dim
-            if bool((g == 0).any()):
-                raise WnormError(
-                    f"'{ckey}': expected a nonzero norm in every row to normalize it along "
-                    f"dim 0; got {int((g == 0).sum())} zero rows"
-                )
-            v = src.w
+            g, v = _rows_normalized(ckey, src.w, src.w.dtype), src.w
             n += 1
         else:
             out[ckey] = src.w
@@ -445,6 +470,18 @@ def _convert(state_dict: Mapping[str, Any], to: str) -> tuple[dict[str, Any], in
         gk, vk = _pair_keys(ckey, to)
         out[gk], out[vk] = g, v
     return out, n
+
+
+def _rows_normalized(key: str, w: Tensor, g_dtype: torch.dtype) -> Tensor:
+    """g of ``w`` in PyTorch's default layout (dim 0, kept-dim): each row's norm, computed in
+    float64 and cast to ``g_dtype``; refused when a row is zero or its norm overflows."""
+    norm = _norm(_wide(w), 0)
+    if bool((norm == 0).any()):
+        raise WnormError(
+            f"'{key}': expected a nonzero norm in every row to normalize it along dim 0; got "
+            f"{int((norm == 0).sum())} zero rows"
+        )
+    return _cast(key, norm, g_dtype, " of ||w|| along dim 0")
 
 
 def _normalizable(key: str, t: Any) -> bool:
