@@ -353,3 +353,35 @@ def test_float32_values_past_float16_into_a_half_model_are_refused(edit, key, ta
                                          rf"'{target}' overflow torch.float16"):
         load_state_dict(model, edit(dict(src.state_dict())))
     assert all(torch.equal(model.state_dict()[k], before[k]) for k in before)
+
+
+# --------------------------------------------------------------------------- two layouts
+def two_layouts(case: str) -> tuple[dict, list[str]]:
+    """``head.weight`` twice: the wnorm pair plus another layout of a different weight."""
+    sd = source("wnorm")
+    plain = {"head.weight": torch.randn(2, 5)}
+    if case == "plain-last":
+        return {**sd, **plain}, ["head.weight_g", "head.weight_v", "head.weight"]
+    if case == "plain-first":
+        return {**plain, **sd}, ["head.weight", "head.weight_g", "head.weight_v"]
+    new = {k: v * 2 for k, v in source("torch-new").items() if k.startswith("head.param")}
+    return {**sd, **new}, ["head.weight_g", "head.weight_v",
+                           "head.parametrizations.weight.original0",
+                           "head.parametrizations.weight.original1"]
+
+
+@pytest.mark.parametrize("case", ["plain-last", "plain-first", "old-and-new"])
+def test_one_weight_in_two_layouts_is_refused_naming_both(case: str) -> None:
+    sd, keys = two_layouts(case)
+    match = r"both hold the weight 'head.weight', in two layouts"
+    for strict in (True, False):
+        before = snapshot(model := target())
+        with pytest.raises(WnormError, match=match) as info:
+            load_state_dict(model, sd, strict=strict)
+        assert all(f"'{k}'" in str(info.value) for k in keys)
+        assert all(torch.equal(model.state_dict()[k], before[k]) for k in before)
+    with pytest.raises(WnormError, match=match):
+        wnorm.incompatible_keys(target(), sd)
+    for to in ("plain", "torch-old", "torch-new", "wnorm"):
+        with pytest.raises(WnormError, match=match):
+            convert_state_dict(sd, to)

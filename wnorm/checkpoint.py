@@ -96,11 +96,24 @@ def _split_new(key: str) -> tuple[str, str] | None:
 
 
 def _read(state_dict: Mapping[str, Any]) -> dict[str, _Src]:
-    """Group a state dict by weight: canonical key (``a.weight``) -> :class:`_Src`, in order."""
+    """Group a state dict by weight: canonical key (``a.weight``) -> :class:`_Src`, in order.
+
+    One weight held in two layouts (``a.weight`` beside ``a.weight_g``/``a.weight_v``, or
+    torch-old keys beside torch-new ones) is an error: which one is meant cannot be told."""
     if not isinstance(state_dict, Mapping):
         raise WnormError(f"expected a state dict (a mapping of names to tensors); got "
                          f"{type(state_dict).__name__}")
     out: dict[str, _Src] = {}
+
+    def put(base: str, src: _Src) -> None:
+        if base in out:
+            first, second = ("/".join(f"'{k}'" for k in s.keys) for s in (out[base], src))
+            raise WnormError(
+                f"{first} and {second} both hold the weight '{base}', in two layouts; expected "
+                "one layout per weight: keep the one you mean and drop the other"
+            )
+        out[base] = src
+
     for key, value in state_dict.items():
         if not isinstance(key, str):
             raise WnormError(f"state dict keys must be strings; got {key!r}")
@@ -115,16 +128,16 @@ def _read(state_dict: Mapping[str, Any]) -> dict[str, _Src]:
             other = key[:-1] + ("1" if role == "0" else "0")
             if other in state_dict:
                 if role == "0":
-                    out[base] = _Src((key, other), g=value, v=state_dict[other])
+                    put(base, _Src((key, other), g=value, v=state_dict[other]))
                 continue
         if key.endswith(("_g", "_v")) and len(key) > 2:
             base, role = key[:-2], key[-1]
             other = base + ("_v" if role == "g" else "_g")
             if other in state_dict:
                 if role == "g":
-                    out[base] = _Src((key, other), g=value, v=state_dict[other])
+                    put(base, _Src((key, other), g=value, v=state_dict[other]))
                 continue
-        out[key] = _Src((key,), w=value)
+        put(key, _Src((key,), w=value))
     return out
 
 
@@ -250,7 +263,10 @@ def _pair_dims(model: nn.Module) -> dict[str, int | None]:
 
 def _target(model: nn.Module) -> dict[str, _Slot]:
     state = model.state_dict(keep_vars=True)
-    grouped = _read(state)
+    try:
+        grouped = _read(state)
+    except WnormError as e:
+        raise WnormError(f"the model ({type(model).__name__}): {e}") from None
     dims = _pair_dims(model)
     slots: dict[str, _Slot] = {}
     for ckey, src in grouped.items():
