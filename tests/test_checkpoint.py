@@ -502,3 +502,48 @@ def test_low_precision_checkpoint_into_float32_is_not_rounded_on_the_way(low, ma
         torch.testing.assert_close(target(x), reference(x), rtol=1e-5, atol=1e-5)
     assert target.weight.dtype == torch.float32
     torch.testing.assert_close(target.weight, reference.weight, rtol=1e-6, atol=1e-7)
+
+
+# --------------------------------------------------------------------------- torch's own layout
+@pytest.mark.parametrize("make,x", [
+    (lambda: nn.ConvTranspose1d(4, 3, 5), torch.randn(2, 4, 7)),
+    (lambda: nn.ConvTranspose2d(4, 3, 3, stride=2), torch.randn(2, 4, 5, 5)),
+    (lambda: nn.ConvTranspose1d(4, 1, 3), torch.randn(2, 4, 7)),  # one output channel: g (1,1,1)
+], ids=["convT1d", "convT2d", "convT1d-1-out"])
+@pytest.mark.parametrize("to,api", [("torch-old", OLD), ("torch-new", NEW)])
+def test_torch_formats_load_into_torchs_default_weight_norm(make, x, to: str, api: Norm) -> None:
+    source = scramble(wnorm.weight_norm(make())).eval()  # wnorm: per output channel (dim 1)
+    sd = convert_state_dict(source.state_dict(), to)
+    target = api(make()).eval()  # PyTorch's default: dim 0, per input channel
+    target.load_state_dict(sd)  # torch's own strict loader: keys and shapes are its layout
+    with torch.no_grad():
+        torch.testing.assert_close(target(x), source(x), rtol=1e-5, atol=1e-6)
+    # and wnorm's loader takes it back (per output channel again), same outputs
+    back = wnorm.weight_norm(make()).eval()
+    load_state_dict(back, sd)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), source(x), rtol=1e-5, atol=1e-6)
+
+
+def test_other_axes_and_squeezed_g_become_dim_0_wnorm_format_keeps_them() -> None:
+    source = scramble(wnorm.weight_norm(nn.Linear(3, 4), dim=1))  # g (1, 3)
+    sd = dict(source.state_dict())
+    old = convert_state_dict(sd, "torch-old")
+    assert old["weight_g"].shape == (4, 1)
+    torch.testing.assert_close(old["weight_g"], old["weight_v"].norm(dim=1, keepdim=True))
+    torch.testing.assert_close(old["weight_v"], source.weight.detach())
+    kept = convert_state_dict(sd, "wnorm")  # wnorm's own layout: as it is, bitwise
+    assert all(torch.equal(kept[k], sd[k]) for k in sd)
+    squeezed = {"weight_g": torch.tensor([2.0, 3.0]), "weight_v": torch.randn(2, 3)}
+    out = convert_state_dict(squeezed, "torch-new")
+    assert out["parametrizations.weight.original0"].shape == (2, 1)
+    whole = {"weight_g": torch.tensor(2.0), "weight_v": torch.randn(2, 3)}  # torch's dim=None
+    assert convert_state_dict(whole, "torch-old")["weight_g"].shape == ()
+
+
+def test_a_zero_row_cannot_be_moved_to_dim_0() -> None:
+    source = wnorm.weight_norm(nn.ConvTranspose1d(3, 2, 2))
+    with torch.no_grad():
+        source.weight_v[1] = 0.0  # input channel 1 is zero; every output channel is not
+    with pytest.raises(WnormError, match=r"'weight_v': expected a nonzero norm in every row"):
+        convert_state_dict(source.state_dict(), "torch-old")

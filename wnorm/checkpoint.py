@@ -8,7 +8,7 @@ Four layouts name the same weight ``<module>.<name>``:
 ``torch-new``   ``<module>.parametrizations.<name>.original0`` (g) and ``original1`` (v)
                 (``torch.nn.utils.parametrizations.weight_norm``)
 ``wnorm``       the ``torch-old`` key names, with any ``dim`` (wnorm's ConvTranspose default is
-                1, the output channels; PyTorch's is always 0)
+                1, the output channels; PyTorch's default is always 0)
 ==============  =====================================================================
 
 g is stored kept-dim (``(out, 1, 1)`` for a Conv1d normalized along dim 0, a 0-dim scalar for a
@@ -474,9 +474,13 @@ def _convert(state_dict: Mapping[str, Any], to: str) -> tuple[dict[str, Any], in
                 out[ckey] = src.w
             continue
         if src.pair:
-            _source_dim(src.keys[0], src.g, src.v)  # reject a g no loader could read
+            dim = _source_dim(src.keys[0], src.g, src.v)  # reject a g no loader could read
             g, v = src.g, src.v
-            n += src.keys[0] != _pair_keys(ckey, to)[0]
+            changed = src.keys[0] != _pair_keys(ckey, to)[0]
+            if to != "wnorm":  # PyTorch's own layout: what its default weight_norm loads
+                g, v, recomputed = _torch_layout(src, dim)
+                changed = changed or recomputed
+            n += changed
         elif not any_pair and _normalizable(ckey, src.w):
             g, v = _rows_normalized(ckey, src.w, src.w.dtype), src.w
             n += 1
@@ -486,6 +490,24 @@ def _convert(state_dict: Mapping[str, Any], to: str) -> tuple[dict[str, Any], in
         gk, vk = _pair_keys(ckey, to)
         out[gk], out[vk] = g, v
     return out, n
+
+
+def _torch_layout(src: _Src, dim: int | None) -> tuple[Tensor, Tensor, bool]:
+    """``(g, v, changed)`` of a pair in a layout PyTorch's weight_norm loads: dim 0, g kept-dim
+    ``(out, 1, ...)`` (its default), or a 0-dim g (its ``dim=None``).
+
+    A pair normalized along another axis (wnorm's ConvTranspose layout, g of shape
+    ``(1, out, 1...)``) becomes ``g = ||w||`` per row and ``v = w``: the same weight. A squeezed
+    g along dim 0 gets its kept-dim shape."""
+    assert src.g is not None and src.v is not None
+    g, v = src.g, src.v
+    kept = (v.shape[0],) + (1,) * (v.dim() - 1)
+    if g.dim() == 0 or tuple(g.shape) == kept:
+        return g, v, False
+    if dim == 0:
+        return g.reshape(kept), v, True
+    v = _weight(src)  # w, computed in float64, in v's dtype
+    return _rows_normalized(src.keys[1], v, g.dtype), v, True
 
 
 def _rows_normalized(key: str, w: Tensor, g_dtype: torch.dtype) -> Tensor:
@@ -522,12 +544,19 @@ def convert_state_dict(state_dict: Mapping[str, Any], to: Format) -> dict[str, A
 
     - ``"plain"``: each pair becomes :math:`w = g\,v/\lVert v\rVert` (along the axis read off
       g's shape).
-    - ``"torch-old"``, ``"torch-new"``: pairs are renamed, values untouched. From a state dict
-      with no pair at all (a plain one), every tensor whose last name part starts with
-      ``weight`` and that has 2 or more axes is normalized along dim 0 as PyTorch does
-      (:math:`g = \lVert w\rVert` per row, ``v = w``); BatchNorm/LayerNorm weights (1-D) and
-      biases stay plain. A state dict with some pairs keeps its plain weights plain.
-    - ``"wnorm"``: the ``torch-old`` key names (wnorm's loader accepts any axis).
+    - ``"torch-old"``, ``"torch-new"``: what PyTorch's own ``weight_norm`` (default ``dim=0``)
+      loads. Pairs normalized along dim 0 (or the whole tensor: a 0-dim g, PyTorch's
+      ``dim=None``) are renamed, values untouched. A pair normalized along another axis
+      (wnorm's ConvTranspose layout, g of shape ``(1, out, 1...)``) is rewritten along dim 0:
+      :math:`g = \lVert w\rVert` per row, ``v = w`` (the same weight; g and v themselves are
+      not kept: use ``"wnorm"`` for that). From a state dict with no pair at all (a plain one),
+      every tensor whose last name part starts with ``weight`` and that has 2 or more axes is
+      normalized along dim 0 the same way; BatchNorm/LayerNorm weights (1-D) and biases stay
+      plain. A state dict with some pairs keeps its plain weights plain.
+    - ``"wnorm"``: the ``torch-old`` key names, every pair as it is, along any axis (wnorm's
+      loader reads the axis off g's shape).
+
+    Norms and weights are computed in float64 and written in the state dict's own dtypes.
 
     Round trips keep the computed weights: ``plain`` of any conversion equals ``plain`` of the
     input up to rounding.
@@ -541,7 +570,9 @@ def convert_state_dict(state_dict: Mapping[str, Any], to: Format) -> dict[str, A
 
     Raises:
         WnormError: ``to`` is unknown, a value is not a tensor, a tensor has NaN/inf, a g's axis
-            cannot be read off its shape, or a weight to normalize has a zero row.
+            cannot be read off its shape, a weight to normalize along dim 0 has a zero row, a
+            computed g or w overflows its dtype (e.g. a float16 row norm past 65504), or one
+            weight is held in two layouts.
 
     Example:
         >>> import torch
