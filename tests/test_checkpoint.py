@@ -547,3 +547,56 @@ def test_a_zero_row_cannot_be_moved_to_dim_0() -> None:
         source.weight_v[1] = 0.0  # input channel 1 is zero; every output channel is not
     with pytest.raises(WnormError, match=r"'weight_v': expected a nonzero norm in every row"):
         convert_state_dict(source.state_dict(), "torch-old")
+
+
+# --------------------------------------------------------------------------- wrapper prefixes
+def small(norm: Norm = plain) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(norm(nn.Conv1d(6, 4, 3)), nn.Tanh(), norm(nn.ConvTranspose1d(4, 2, 3)))
+
+
+class Holder(nn.Module):
+    """A model whose only child is named ``module`` (like a wrapper, but part of the model)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.module = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)
+
+
+@pytest.mark.parametrize("case", ["ddp-checkpoint", "compiled-checkpoint",
+                                  "into-data-parallel", "into-compiled", "prefix-added"])
+def test_wrapper_prefixes_are_read_past_and_wrapped_models_unwrapped(case: str) -> None:
+    source = scramble(small(OLD)).eval()
+    sd = dict(source.state_dict())
+    target = wnorm.apply(small())
+    inner = target
+    if case == "ddp-checkpoint":
+        sd = {"module." + k: v for k, v in sd.items()}
+    elif case == "compiled-checkpoint":
+        sd = dict(torch.compile(source).state_dict())  # '_orig_mod.' keys (nothing compiled)
+        assert all(k.startswith("_orig_mod.") for k in sd)
+    elif case == "into-data-parallel":
+        target = nn.DataParallel(target)  # its keys carry 'module.', the checkpoint's do not
+    elif case == "into-compiled":
+        target = torch.compile(target)
+    else:
+        target = inner = Holder(target)  # its own keys start with 'module.'
+    assert load_state_dict(target, sd) is target
+    assert incompatible_keys(target, sd) == ([], [])
+    with torch.no_grad():
+        torch.testing.assert_close(inner.eval()(X), source(X), rtol=1e-5, atol=1e-6)
+
+
+def test_an_error_after_reading_past_a_prefix_says_so() -> None:
+    sd = {"module." + k: v for k, v in small(OLD).state_dict().items()}
+    sd["module.0.weight_v"] = torch.ones(4, 6, 2)
+    with pytest.raises(WnormError, match=r"'0.weight_v': expected shape .* \(the state dict's "
+                                         r"keys were read without their 'module.' prefix\)"):
+        load_state_dict(wnorm.apply(small()), sd)
+    del sd["module.0.weight_v"], sd["module.0.weight_g"]
+    with pytest.raises(WnormError, match=r"missing keys \['0.weight_g', '0.weight_v'\] \(the "
+                                         r"state dict's keys were read without their 'module.'"):
+        load_state_dict(wnorm.apply(small()), sd)

@@ -25,8 +25,9 @@ import os
 import re
 import secrets
 import stat
+import sys
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -289,13 +290,94 @@ def _same_kind(want: Tensor, got: Tensor) -> bool:
     return kind(want) == kind(got)
 
 
+# --------------------------------------------------------------------------- wrappers
+#: Key prefixes of wrapped models: DistributedDataParallel/DataParallel, torch.compile.
+_WRAPPERS = ("module.", "_orig_mod.")
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DistributedDataParallel/DataParallel (``.module``) and torch.compile
+    (``._orig_mod``) wrappers, whose keys carry no wrapper prefix."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # loaded once anything compiled
+    compiled = getattr(eval_frame, "OptimizedModule", ())
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif compiled and isinstance(model, compiled):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _wrapper_prefix(keys: Iterable[str]) -> str:
+    """The chain of wrapper prefixes (e.g. ``module.``) that every key starts with."""
+    keys = list(keys)
+    prefix = ""
+    while keys:
+        step = next((p for p in _WRAPPERS if all(k.startswith(prefix + p) for k in keys)), None)
+        if step is None:
+            break
+        prefix += step
+    return prefix
+
+
+def _base(key: str) -> str:
+    """The weight a key belongs to, whatever its layout (``a.weight_g`` -> ``a.weight``)."""
+    new = _split_new(key)
+    if new is not None:
+        return new[0]
+    return key[:-2] if key.endswith(("_g", "_v")) else key
+
+
+def _align_prefix(
+    state_dict: Mapping[str, Any], model_keys: Iterable[str]
+) -> tuple[Mapping[str, Any], str]:
+    """The state dict with its keys' wrapper prefix replaced by the model's, when the two
+    differ and the replacement matches more of the model's weights; and a note saying what was
+    done ("" when nothing was)."""
+    if not isinstance(state_dict, Mapping) or not all(isinstance(k, str) for k in state_dict):
+        return state_dict, ""  # _read says what is wrong with it
+    model_keys = list(model_keys)
+    have, want = _wrapper_prefix(state_dict), _wrapper_prefix(model_keys)
+    if have == want:
+        return state_dict, ""
+    renamed = {want + k[len(have):]: v for k, v in state_dict.items()}
+    target = {_base(k) for k in model_keys}
+    if len({_base(k) for k in renamed} & target) <= len({_base(k) for k in state_dict} & target):
+        return state_dict, ""
+    if not want:
+        note = f"the state dict's keys were read without their '{have}' prefix"
+    elif not have:
+        note = f"the state dict's keys were read with the model's '{want}' prefix"
+    else:
+        note = f"the state dict's keys were read with '{want}' in place of '{have}'"
+    return renamed, note
+
+
 def _plan(
     model: nn.Module, state_dict: Mapping[str, Any]
-) -> tuple[dict[str, Any], IncompatibleKeys, int]:
-    """Validate everything and compute the values to load, in the model's own keys.
+) -> tuple[dict[str, Any], IncompatibleKeys, str]:
+    """Validate everything and compute the values to load, in the keys of ``model`` (already
+    unwrapped), reading the state dict's keys past a wrapper prefix the model lacks (or the
+    reverse).
 
-    Returns ``(values, incompatible, converted)``; touches nothing on the model.
+    Returns ``(values, incompatible, note)``, the note saying how the keys were read (""
+    when as they are); touches nothing on the model.
     """
+    state_dict, note = _align_prefix(state_dict, model.state_dict().keys())
+    try:
+        values, bad = _plan_aligned(model, state_dict)
+    except WnormError as e:
+        if note:
+            raise WnormError(f"{e} ({note})") from None
+        raise
+    return values, bad, note
+
+
+def _plan_aligned(
+    model: nn.Module, state_dict: Mapping[str, Any]
+) -> tuple[dict[str, Any], IncompatibleKeys]:
+    """:func:`_plan` once the keys are aligned: ``(values, incompatible)``."""
     sources = _read(state_dict)
     slots = _target(model)
     for ckey, src in list(sources.items()):
@@ -307,7 +389,6 @@ def _plan(
     values: dict[str, Any] = {}
     missing = [k for ckey, slot in slots.items() if ckey not in sources for k in slot.keys]
     unexpected = [k for ckey, src in sources.items() if ckey not in slots for k in src.keys]
-    converted = 0
     for ckey, slot in slots.items():
         src = sources.get(ckey)
         if src is None:
@@ -335,7 +416,6 @@ def _plan(
         if not slot.pair:
             if src.pair:
                 values[slot.keys[0]] = _weight(src, want.dtype, into)
-                converted += 1
             else:
                 values[slot.keys[0]] = _cast(src.keys[0], src.w, want.dtype, into)
             continue
@@ -358,7 +438,6 @@ def _plan(
             norm = _norm(_wide(v), slot.dim)
             g = _cast(src.keys[-1], norm, g_want.dtype,
                       f" of ||w|| for the model's '{slot.keys[0]}'")
-            converted += 1
         zero = (norm == 0).flatten().nonzero().flatten().tolist()
         if zero:
             along = "" if slot.dim is None else f" along dim {slot.dim}"
@@ -368,7 +447,7 @@ def _plan(
                 "nonzero direction in every slice"
             )
         values[slot.keys[0]], values[slot.keys[1]] = g, v
-    return values, IncompatibleKeys(missing, unexpected), converted
+    return values, IncompatibleKeys(missing, unexpected)
 
 
 # --------------------------------------------------------------------------- public: loading
@@ -378,7 +457,8 @@ def incompatible_keys(model: nn.Module, state_dict: Mapping[str, Any]) -> Incomp
 
     Raises:
         WnormError: the state dict is not one (non-tensor values), or a weight in it is invalid
-            (wrong shape, NaN/inf, zero-norm slices where the model normalizes).
+            (wrong shape, NaN/inf, overflow of the model's dtype, zero-norm slices where the
+            model normalizes, two layouts of one weight).
 
     Example:
         >>> import torch, wnorm
@@ -387,7 +467,7 @@ def incompatible_keys(model: nn.Module, state_dict: Mapping[str, Any]) -> Incomp
         >>> incompatible_keys(net, {"weight": torch.ones(2, 3)})
         IncompatibleKeys(missing_keys=['bias'], unexpected_keys=[])
     """
-    return _plan(model, state_dict)[1]
+    return _plan(_unwrap(model), state_dict)[1]
 
 
 def load_state_dict(
@@ -402,6 +482,15 @@ def load_state_dict(
     shape), and a normalized target gets :math:`g = \lVert w\rVert` along its axis, ``v = w``;
     a plain target gets ``w``. So a PyTorch ConvTranspose checkpoint (normalized per input
     channel) loads into wnorm's per-output-channel layers. Buffers load as usual.
+
+    Computed values (w, g) are computed in float64 and every value is cast once, to the
+    model's own dtype: a bfloat16 checkpoint loads into a float32 model without being rounded
+    to bfloat16 on the way, and a value that overflows the model's dtype (e.g. a g past 65504
+    for a float16 model) is an error.
+
+    A model wrapped by DistributedDataParallel/DataParallel or ``torch.compile`` is loaded
+    through its ``.module``/``._orig_mod``; a state dict whose every key carries a ``module.``
+    or ``_orig_mod.`` prefix the model's keys lack (or the reverse) is read past it.
 
     Everything is validated before the model is touched: on error the model is unchanged.
 
@@ -418,9 +507,10 @@ def load_state_dict(
 
     Raises:
         WnormError: missing or unexpected keys (strict), a shape or dtype kind that differs from
-            the model's, NaN/inf values, zero-norm slices (where the model normalizes), a g whose
-            axis cannot be read off its shape, or a value that is not a tensor; the message
-            names the key.
+            the model's, NaN/inf values, a value that overflows the model's dtype, zero-norm
+            slices (where the model normalizes), a g whose axis cannot be read off its shape,
+            one weight held in two layouts, or a value that is not a tensor; the message names
+            the key.
 
     Example:
         >>> import torch, wnorm
@@ -432,7 +522,9 @@ def load_state_dict(
         >>> torch.allclose(new(x), old(x), atol=1e-6)
         True
     """
-    values, bad, _ = _plan(model, state_dict)
+    inner = _unwrap(model)
+    values, bad, note = _plan(inner, state_dict)
+    note = f" ({note})" if note else ""
     if strict and (bad.missing_keys or bad.unexpected_keys):
         parts = []
         if bad.missing_keys:
@@ -440,17 +532,17 @@ def load_state_dict(
         if bad.unexpected_keys:
             parts.append(f"unexpected keys {bad.unexpected_keys}")
         raise WnormError(
-            f"load_state_dict into {type(model).__name__}: expected the model's keys (in any "
-            f"weight-norm layout); got {' and '.join(parts)}"
+            f"load_state_dict into {type(inner).__name__}: expected the model's keys (in any "
+            f"weight-norm layout); got {' and '.join(parts)}{note}"
         )
     if bad.missing_keys or bad.unexpected_keys:
         warnings.warn(
-            f"load_state_dict into {type(model).__name__} (strict=False): not loaded: missing "
-            f"keys {bad.missing_keys}, unexpected keys {bad.unexpected_keys}",
+            f"load_state_dict into {type(inner).__name__} (strict=False): not loaded: missing "
+            f"keys {bad.missing_keys}, unexpected keys {bad.unexpected_keys}{note}",
             stacklevel=2,
         )
     with torch.no_grad():
-        model.load_state_dict(values, strict=False)
+        inner.load_state_dict(values, strict=False)
     return model
 
 
