@@ -243,7 +243,7 @@ def test_weights_only_refusal_names_the_type_and_what_to_do(tmp_path: Path, caps
     assert f"Unsupported global: GLOBAL {name}" in err
     assert "\x1b" not in err and len(err.strip().splitlines()) == 1
     assert "if you trust its source" in err and "weights_only=False" in err
-    assert "torch.save only its state dict" in err
+    assert "torch.save only its state dict" in err and repr(str(tmp_path / "train.pt")) in err
 
 
 # --------------------------------------------------------------------------- .safetensors OUT

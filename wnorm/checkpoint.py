@@ -830,8 +830,8 @@ def load_checkpoint(path: str | Path) -> Any:
                     f"{path}: not a PyTorch checkpoint readable with weights_only=True (which "
                     f"keeps a file from running code): it holds an object of a type torch.load "
                     f"refuses ({blocker}); if you trust its source, load it with "
-                    f"torch.load(path, weights_only=False), torch.save only its state dict "
-                    f"(e.g. checkpoint['model']) and convert that file"
+                    f"torch.load({str(path)!r}, weights_only=False), torch.save only its state "
+                    f"dict (e.g. checkpoint['model']) and convert that file"
                 ) from None
             raise WnormError(
                 f"{path}: not a PyTorch checkpoint readable with weights_only=True; got "

@@ -39,7 +39,8 @@ def _parser() -> argparse.ArgumentParser:
         "--key",
         default=None,
         help="convert only checkpoint[KEY] (default: every state dict found, e.g. under "
-        "'state_dict', 'model', 'generator'); the other entries are kept",
+        "'state_dict', 'model', 'generator'); the other entries are kept, except in a "
+        ".safetensors OUT, which holds checkpoint[KEY] alone",
     )
     sub.add_parser(
         "repro",
@@ -93,14 +94,11 @@ def _convert(args: argparse.Namespace) -> int:
     ckpt = load_checkpoint(src)
     try:
         paths = find_state_dicts(ckpt, args.key)
+        out, n = convert_checkpoint(ckpt, args.to, args.key)
     except WnormError as e:
         raise WnormError(f"{args.input}: {e}") from None
     if to_st and args.key is None:
         _one_state_dict_for(dst, src, paths)
-    try:
-        out, n = convert_checkpoint(ckpt, args.to, args.key)
-    except WnormError as e:
-        raise WnormError(f"{args.input}: {e}") from None
     notes = []
     if to_st and args.key is not None:
         out = out[args.key]
