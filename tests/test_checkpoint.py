@@ -483,3 +483,120 @@ def test_ambiguous_shapes_load_with_same_outputs(layer, api, src_dim, dst_dim) -
         torch.testing.assert_close(dst(x), plain_src(x), rtol=1e-5, atol=1e-6)
         if api != "wnorm":
             torch.testing.assert_close(dst(x), src(x), rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- dtypes
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("make", [lambda: nn.ConvTranspose1d(64, 32, 5),
+                                  lambda: wnorm.weight_norm(nn.ConvTranspose1d(64, 32, 5))],
+                         ids=["plain", "wnorm"])
+def test_low_precision_checkpoint_into_float32_is_not_rounded_on_the_way(low, make) -> None:
+    # torch's per-input-channel layout: the weight is computed, not copied (wnorm: dim 1)
+    sd = scramble(OLD(nn.ConvTranspose1d(64, 32, 5))).to(low).state_dict()
+    reference = OLD(nn.ConvTranspose1d(64, 32, 5))
+    reference.load_state_dict(sd)  # torch: exact upcast, w computed in float32
+    target = make()
+    load_state_dict(target, sd)
+    x = torch.randn(2, 64, 9)
+    with torch.no_grad():  # (torch's old API computes its weight in the forward pass)
+        torch.testing.assert_close(target(x), reference(x), rtol=1e-5, atol=1e-5)
+    assert target.weight.dtype == torch.float32
+    torch.testing.assert_close(target.weight, reference.weight, rtol=1e-6, atol=1e-7)
+
+
+# --------------------------------------------------------------------------- torch's own layout
+@pytest.mark.parametrize("make,x", [
+    (lambda: nn.ConvTranspose1d(4, 3, 5), torch.randn(2, 4, 7)),
+    (lambda: nn.ConvTranspose2d(4, 3, 3, stride=2), torch.randn(2, 4, 5, 5)),
+    (lambda: nn.ConvTranspose1d(4, 1, 3), torch.randn(2, 4, 7)),  # one output channel: g (1,1,1)
+], ids=["convT1d", "convT2d", "convT1d-1-out"])
+@pytest.mark.parametrize("to,api", [("torch-old", OLD), ("torch-new", NEW)])
+def test_torch_formats_load_into_torchs_default_weight_norm(make, x, to: str, api: Norm) -> None:
+    source = scramble(wnorm.weight_norm(make())).eval()  # wnorm: per output channel (dim 1)
+    sd = convert_state_dict(source.state_dict(), to)
+    target = api(make()).eval()  # PyTorch's default: dim 0, per input channel
+    target.load_state_dict(sd)  # torch's own strict loader: keys and shapes are its layout
+    with torch.no_grad():
+        torch.testing.assert_close(target(x), source(x), rtol=1e-5, atol=1e-6)
+    # and wnorm's loader takes it back (per output channel again), same outputs
+    back = wnorm.weight_norm(make()).eval()
+    load_state_dict(back, sd)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), source(x), rtol=1e-5, atol=1e-6)
+
+
+def test_other_axes_and_squeezed_g_become_dim_0_wnorm_format_keeps_them() -> None:
+    source = scramble(wnorm.weight_norm(nn.Linear(3, 4), dim=1))  # g (1, 3)
+    sd = dict(source.state_dict())
+    old = convert_state_dict(sd, "torch-old")
+    assert old["weight_g"].shape == (4, 1)
+    torch.testing.assert_close(old["weight_g"], old["weight_v"].norm(dim=1, keepdim=True))
+    torch.testing.assert_close(old["weight_v"], source.weight.detach())
+    kept = convert_state_dict(sd, "wnorm")  # wnorm's own layout: as it is, bitwise
+    assert all(torch.equal(kept[k], sd[k]) for k in sd)
+    squeezed = {"weight_g": torch.tensor([2.0, 3.0]), "weight_v": torch.randn(2, 3)}
+    out = convert_state_dict(squeezed, "torch-new")
+    assert out["parametrizations.weight.original0"].shape == (2, 1)
+    whole = {"weight_g": torch.tensor(2.0), "weight_v": torch.randn(2, 3)}  # torch's dim=None
+    assert convert_state_dict(whole, "torch-old")["weight_g"].shape == ()
+
+
+def test_a_zero_row_cannot_be_moved_to_dim_0() -> None:
+    source = wnorm.weight_norm(nn.ConvTranspose1d(3, 2, 2))
+    with torch.no_grad():
+        source.weight_v[1] = 0.0  # input channel 1 is zero; every output channel is not
+    with pytest.raises(WnormError, match=r"'weight_v': expected a nonzero norm in every row"):
+        convert_state_dict(source.state_dict(), "torch-old")
+
+
+# --------------------------------------------------------------------------- wrapper prefixes
+def small(norm: Norm = plain) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(norm(nn.Conv1d(6, 4, 3)), nn.Tanh(), norm(nn.ConvTranspose1d(4, 2, 3)))
+
+
+class Holder(nn.Module):
+    """A model whose only child is named ``module`` (like a wrapper, but part of the model)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.module = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)
+
+
+@pytest.mark.parametrize("case", ["ddp-checkpoint", "compiled-checkpoint",
+                                  "into-data-parallel", "into-compiled", "prefix-added"])
+def test_wrapper_prefixes_are_read_past_and_wrapped_models_unwrapped(case: str) -> None:
+    source = scramble(small(OLD)).eval()
+    sd = dict(source.state_dict())
+    target = wnorm.apply(small())
+    inner = target
+    if case == "ddp-checkpoint":
+        sd = {"module." + k: v for k, v in sd.items()}
+    elif case == "compiled-checkpoint":
+        sd = dict(torch.compile(source).state_dict())  # '_orig_mod.' keys (nothing compiled)
+        assert all(k.startswith("_orig_mod.") for k in sd)
+    elif case == "into-data-parallel":
+        target = nn.DataParallel(target)  # its keys carry 'module.', the checkpoint's do not
+    elif case == "into-compiled":
+        target = torch.compile(target)
+    else:
+        target = inner = Holder(target)  # its own keys start with 'module.'
+    assert load_state_dict(target, sd) is target
+    assert incompatible_keys(target, sd) == ([], [])
+    with torch.no_grad():
+        torch.testing.assert_close(inner.eval()(X), source(X), rtol=1e-5, atol=1e-6)
+
+
+def test_an_error_after_reading_past_a_prefix_says_so() -> None:
+    sd = {"module." + k: v for k, v in small(OLD).state_dict().items()}
+    sd["module.0.weight_v"] = torch.ones(4, 6, 2)
+    with pytest.raises(WnormError, match=r"'0.weight_v': expected shape .* \(the state dict's "
+                                         r"keys were read without their 'module.' prefix\)"):
+        load_state_dict(wnorm.apply(small()), sd)
+    del sd["module.0.weight_v"], sd["module.0.weight_g"]
+    with pytest.raises(WnormError, match=r"missing keys \['0.weight_g', '0.weight_v'\] \(the "
+                                         r"state dict's keys were read without their 'module.'"):
+        load_state_dict(wnorm.apply(small()), sd)

@@ -252,3 +252,136 @@ def test_other_float_dtype_loads_converted() -> None:
         model = target()
         load_state_dict(model, sd)
         assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+# --------------------------------------------------------------------------- writing files
+def test_save_into_an_unwritable_directory_names_the_file(tmp_path: Path, monkeypatch) -> None:
+    import os
+
+    real_open = os.open
+
+    def denied(path, *args, **kwargs):
+        if Path(path).parent == tmp_path:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", denied)
+    with pytest.raises(WnormError, match=r"out\.pt: cannot write a file there; got Permission "
+                                         r"denied"):
+        save_checkpoint(source("wnorm"), tmp_path / "out.pt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_save_over_a_file_keeps_its_permissions_and_a_symlink_stays_a_link(
+    tmp_path: Path,
+) -> None:
+    import os
+
+    target = tmp_path / "real.pt"
+    target.write_bytes(b"old")
+    os.chmod(target, 0o640)
+    link = tmp_path / "link.pt"
+    link.symlink_to(target)
+    save_checkpoint(source("wnorm"), link)
+    assert link.is_symlink() and os.stat(target).st_mode & 0o777 == 0o640
+    assert sorted(load_checkpoint(target)) == sorted(source("wnorm"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.pt", "real.pt"]
+
+
+def test_load_names_a_directory_as_a_directory(tmp_path: Path) -> None:
+    with pytest.raises(WnormError, match=r"expected a checkpoint file; got a directory"):
+        load_checkpoint(tmp_path)
+
+
+def test_save_metadata_goes_to_safetensors_only(tmp_path: Path) -> None:
+    pytest.importorskip("safetensors")
+    with pytest.raises(WnormError, match=r"out\.pt: metadata is written to .safetensors files"):
+        save_checkpoint(source("wnorm"), tmp_path / "out.pt", metadata={"format": "pt"})
+    with pytest.raises(WnormError, match=r"out\.safetensors: expected metadata of names to "
+                                         r"strings"):
+        save_checkpoint(source("wnorm"), tmp_path / "out.safetensors", metadata={"step": 3})
+    assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- float16 range
+BIG16 = torch.full((2, 1024), 3000.0, dtype=torch.float16)  # every entry fits; a row's norm not
+
+
+def test_a_norm_past_float16_is_computed_wide_and_loads_into_float32() -> None:
+    sd = {"weight": BIG16, "bias": torch.zeros(2, dtype=torch.float16)}
+    model = wnorm.weight_norm(nn.Linear(1024, 2))
+    load_state_dict(model, sd)
+    assert model.weight_g.dtype == torch.float32
+    torch.testing.assert_close(model.weight_g, torch.full((2, 1), 96000.0))
+    reference = nn.Linear(1024, 2)
+    reference.load_state_dict(sd)
+    x = torch.ones(1, 1024)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x))
+
+
+@pytest.mark.parametrize("to", ["torch-old", "torch-new"])
+def test_converting_to_a_g_that_overflows_float16_is_refused(to: str) -> None:
+    sd = {"fc.weight": BIG16, "fc.bias": torch.zeros(2, dtype=torch.float16)}
+    with pytest.raises(WnormError, match=r"'fc.weight': 2 of 2 values of \|\|w\|\| along dim 0 "
+                                         r"overflow torch.float16"):
+        convert_state_dict(sd, to)
+
+
+def big_g(sd: dict) -> dict:
+    return {**sd, "weight_g": torch.full((2, 1), 1e5)}
+
+
+def big_weight(sd: dict) -> dict:
+    return {"weight": torch.full((2, 3), 1e5), "bias": sd["bias"]}
+
+
+def big_bias(sd: dict) -> dict:
+    return {**sd, "bias": torch.tensor([1.0, 7e4])}
+
+
+@pytest.mark.parametrize("edit,key,target", [
+    (big_g, "weight_g", "weight_g"),  # same layout: copied, cast
+    (big_weight, "weight", "weight_v"),  # plain w into a pair: v = w, cast
+    (big_bias, "bias", "bias"),
+], ids=["g", "plain-w", "bias"])
+def test_float32_values_past_float16_into_a_half_model_are_refused(edit, key, target) -> None:
+    src = wnorm.weight_norm(nn.Linear(3, 2))
+    model = wnorm.weight_norm(nn.Linear(3, 2)).half()
+    before = snapshot(model)
+    with pytest.raises(WnormError, match=rf"'{key}': \d+ of \d+ values for the model's "
+                                         rf"'{target}' overflow torch.float16"):
+        load_state_dict(model, edit(dict(src.state_dict())))
+    assert all(torch.equal(model.state_dict()[k], before[k]) for k in before)
+
+
+# --------------------------------------------------------------------------- two layouts
+def two_layouts(case: str) -> tuple[dict, list[str]]:
+    """``head.weight`` twice: the wnorm pair plus another layout of a different weight."""
+    sd = source("wnorm")
+    plain = {"head.weight": torch.randn(2, 5)}
+    if case == "plain-last":
+        return {**sd, **plain}, ["head.weight_g", "head.weight_v", "head.weight"]
+    if case == "plain-first":
+        return {**plain, **sd}, ["head.weight", "head.weight_g", "head.weight_v"]
+    new = {k: v * 2 for k, v in source("torch-new").items() if k.startswith("head.param")}
+    return {**sd, **new}, ["head.weight_g", "head.weight_v",
+                           "head.parametrizations.weight.original0",
+                           "head.parametrizations.weight.original1"]
+
+
+@pytest.mark.parametrize("case", ["plain-last", "plain-first", "old-and-new"])
+def test_one_weight_in_two_layouts_is_refused_naming_both(case: str) -> None:
+    sd, keys = two_layouts(case)
+    match = r"both hold the weight 'head.weight', in two layouts"
+    for strict in (True, False):
+        before = snapshot(model := target())
+        with pytest.raises(WnormError, match=match) as info:
+            load_state_dict(model, sd, strict=strict)
+        assert all(f"'{k}'" in str(info.value) for k in keys)
+        assert all(torch.equal(model.state_dict()[k], before[k]) for k in before)
+    with pytest.raises(WnormError, match=match):
+        wnorm.incompatible_keys(target(), sd)
+    for to in ("plain", "torch-old", "torch-new", "wnorm"):
+        with pytest.raises(WnormError, match=match):
+            convert_state_dict(sd, to)

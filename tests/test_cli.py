@@ -117,3 +117,166 @@ def test_module_entry_point_in_a_subprocess(tmp_path: Path) -> None:
     assert "2 weight(s) converted to torch-old (checkpoint['state_dict'])" in done.stdout
     out = torch.load(tmp_path / "out.pt", weights_only=True)
     assert out["epoch"] == 1 and "2.weight_g" in out["state_dict"]
+
+
+# --------------------------------------------------------------------------- output safety
+def small_checkpoint(path: Path) -> bytes:
+    torch.save(wnorm.weight_norm(nn.Linear(3, 2)).state_dict(), path)
+    return path.read_bytes()
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
+
+
+@pytest.mark.parametrize("spelling", ["same", "dotdot", "symlink", "hardlink"])
+def test_out_that_is_in_is_refused_before_reading_or_writing(tmp_path: Path, capsys,
+                                                             spelling: str) -> None:
+    (tmp_path / "sub").mkdir()
+    src = tmp_path / "net.pt"
+    data = small_checkpoint(src)
+    out = {"same": src, "dotdot": tmp_path / "sub" / ".." / "net.pt",
+           "symlink": tmp_path / "link.pt", "hardlink": tmp_path / "hard.pt"}[spelling]
+    if spelling == "symlink":
+        out.symlink_to(src)
+    elif spelling == "hardlink":
+        out.hardlink_to(src)
+    assert main(["convert", str(src), str(out), "--to", "plain"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"wnorm: error: {out}: expected an output file other than the input")
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert src.read_bytes() == data and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("case", ["missing-dir-pt", "missing-dir-safetensors", "out-is-dir",
+                                  "in-is-dir"])
+def test_path_errors_are_one_line_naming_the_path(tmp_path: Path, capsys, case: str) -> None:
+    small_checkpoint(tmp_path / "net.pt")
+    (tmp_path / "adir").mkdir()
+    src, out, match = {
+        "missing-dir-pt": ("net.pt", "nodir/out.pt",
+                           "nodir/out.pt: expected an existing directory"),
+        "missing-dir-safetensors": ("net.pt", "nodir/out.safetensors",
+                                    "nodir/out.safetensors: expected an existing directory"),
+        "out-is-dir": ("net.pt", "adir", "adir: expected a file name to write; got a directory"),
+        "in-is-dir": ("adir", "out.pt", "adir: expected a checkpoint file; got a directory"),
+    }[case]
+    code = main(["convert", str(tmp_path / src), str(tmp_path / out), "--to", "plain"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("wnorm: error: ") and match in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out.pt").exists()
+
+
+def half_written():
+    """A writer that puts a few bytes in its file, then fails as a full disk would."""
+    def write(obj, path, *args, **kwargs):
+        Path(path).write_bytes(b"PK\x03\x04 partial")
+        raise OSError(28, "No space left on device")
+    return write
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_failed_write_keeps_the_previous_out_and_leaves_no_temporary_file(
+    tmp_path: Path, capsys, monkeypatch, suffix: str
+) -> None:
+    st = pytest.importorskip("safetensors.torch")
+    small_checkpoint(tmp_path / "net.pt")
+    out = tmp_path / f"out{suffix}"
+    assert main(["convert", str(tmp_path / "net.pt"), str(out), "--to", "plain"]) == 0
+    good = out.read_bytes()
+    capsys.readouterr()
+    if suffix == ".pt":
+        monkeypatch.setattr(torch, "save", half_written())
+    else:
+        monkeypatch.setattr(st, "save_file", half_written())
+    assert main(["convert", str(tmp_path / "net.pt"), str(out), "--to", "torch-new"]) == 2
+    err = capsys.readouterr().err
+    assert f"{out}: writing failed (the file there before is kept)" in err
+    assert "No space left on device" in err and "Traceback" not in err
+    assert out.read_bytes() == good and leftovers(tmp_path) == []
+    monkeypatch.undo()
+    new = tmp_path / f"new{suffix}"  # no previous file: none is left behind either
+    monkeypatch.setattr(torch, "save", half_written())
+    monkeypatch.setattr(st, "save_file", half_written())
+    assert main(["convert", str(tmp_path / "net.pt"), str(new), "--to", "plain"]) == 2
+    assert "(no file written)" in capsys.readouterr().err
+    assert not new.exists() and leftovers(tmp_path) == []
+
+
+def test_file_size_limit_mid_write_in_a_subprocess(tmp_path: Path) -> None:
+    resource = pytest.importorskip("resource")
+    torch.save(wnorm.weight_norm(nn.Linear(512, 1024)).state_dict(), tmp_path / "net.pt")
+    data = (tmp_path / "net.pt").read_bytes()
+
+    def convert(out: str, limit: int | None) -> subprocess.CompletedProcess:
+        def cap() -> None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        return subprocess.run(
+            [sys.executable, "-m", "wnorm.cli", "convert", str(tmp_path / "net.pt"),
+             str(tmp_path / out), "--to", "torch-new"],
+            capture_output=True, text=True, timeout=120, preexec_fn=cap if limit else None)
+
+    assert convert("out.pt", None).returncode == 0
+    good = (tmp_path / "out.pt").read_bytes()
+    done = convert("out.pt", 256 * 1024)  # the write stops a quarter of the way
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("wnorm: error: ") and "Traceback" not in done.stderr
+    assert (tmp_path / "out.pt").read_bytes() == good
+    assert (tmp_path / "net.pt").read_bytes() == data and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("extra", ["namespace", "numpy"])
+def test_weights_only_refusal_names_the_type_and_what_to_do(tmp_path: Path, capsys,
+                                                            extra: str) -> None:
+    import argparse
+
+    if extra == "numpy":
+        np = pytest.importorskip("numpy")
+        value, name = np.float64(0.9), "numpy"
+    else:
+        value, name = argparse.Namespace(lr=0.1), "argparse.Namespace"
+    torch.save({"model": source().state_dict(), "extra": value}, tmp_path / "train.pt")
+    assert main(["convert", str(tmp_path / "train.pt"), str(tmp_path / "o.pt"),
+                 "--to", "plain"]) == 2
+    err = capsys.readouterr().err
+    assert f"Unsupported global: GLOBAL {name}" in err
+    assert "\x1b" not in err and len(err.strip().splitlines()) == 1
+    assert "if you trust its source" in err and "weights_only=False" in err
+    assert "torch.save only its state dict" in err and repr(str(tmp_path / "train.pt")) in err
+
+
+# --------------------------------------------------------------------------- .safetensors OUT
+def test_key_picks_the_state_dict_a_safetensors_out_holds(tmp_path: Path, capsys) -> None:
+    pytest.importorskip("safetensors")
+    model = source()
+    torch.save({"model": model.state_dict(), "epoch": 3}, tmp_path / "ckpt.pt")
+    out = tmp_path / "out.safetensors"
+    args = ["convert", str(tmp_path / "ckpt.pt"), str(out), "--to", "plain"]
+    assert main(args) == 2  # without --key: the error names the key to pick
+    err = capsys.readouterr().err
+    assert err.startswith(f"wnorm: error: {out}: a .safetensors file holds one flat state dict")
+    assert "pick one with --key model" in err and not out.exists()
+    assert main(args + ["--key", "model"]) == 0
+    assert "only checkpoint['model'] written" in capsys.readouterr().out
+    target = net().eval()
+    target.load_state_dict(load_checkpoint(out))  # the flat, plain state dict itself
+    with torch.no_grad():
+        torch.testing.assert_close(target(X), model(X), rtol=1e-5, atol=1e-6)
+
+
+def test_safetensors_metadata_is_kept_or_its_loss_is_said(tmp_path: Path, capsys) -> None:
+    st = pytest.importorskip("safetensors.torch")
+    from safetensors import safe_open
+
+    meta = {"format": "pt", "step": "1000"}
+    st.save_file(source().state_dict(), str(tmp_path / "in.safetensors"), metadata=meta)
+    out = tmp_path / "out.safetensors"
+    assert main(["convert", str(tmp_path / "in.safetensors"), str(out), "--to", "torch-old"]) == 0
+    with safe_open(str(out), framework="pt") as f:
+        assert f.metadata() == meta
+    capsys.readouterr()
+    assert main(["convert", str(tmp_path / "in.safetensors"), str(tmp_path / "out.pt"),
+                 "--to", "torch-old"]) == 0
+    assert "safetensors metadata (keys ['format', 'step']) is not written" in (
+        capsys.readouterr().out)

@@ -9,8 +9,10 @@ Bad input prints ``wnorm: error: <message>`` to stderr and exits with status 2, 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from .errors import WnormError
 
@@ -37,7 +39,8 @@ def _parser() -> argparse.ArgumentParser:
         "--key",
         default=None,
         help="convert only checkpoint[KEY] (default: every state dict found, e.g. under "
-        "'state_dict', 'model', 'generator'); the other entries are kept",
+        "'state_dict', 'model', 'generator'); the other entries are kept, except in a "
+        ".safetensors OUT, which holds checkpoint[KEY] alone",
     )
     sub.add_parser(
         "repro",
@@ -47,18 +50,69 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _convert(args: argparse.Namespace) -> int:
-    from .checkpoint import convert_checkpoint, find_state_dicts, load_checkpoint, save_checkpoint
+def _refuse_same_file(src: Path, dst: Path) -> None:
+    """OUT must not be IN under any spelling (``..``, a symbolic or hard link): writing it would
+    replace the only copy of the checkpoint."""
+    try:
+        same = src.exists() and dst.exists() and os.path.samefile(src, dst)
+    except OSError:  # cannot stat one of them: load_checkpoint/save_checkpoint will say why
+        same = False
+    if same:
+        raise WnormError(
+            f"{dst}: expected an output file other than the input; got the input file {src} "
+            "itself; write to a new file (and rename it over the input if you want to replace it)"
+        )
 
-    ckpt = load_checkpoint(args.input)
+
+def _one_state_dict_for(dst: Path, src: Path, paths: list[tuple[str, ...]]) -> None:
+    """A ``.safetensors`` OUT holds one flat state dict: refuse a nested IN without --key."""
+    if paths == [()]:
+        return
+    where = ", ".join("checkpoint" + "".join(f"[{p!r}]" for p in path) for path in paths)
+    top = [path[0] for path in paths if len(path) == 1]
+    pick = f"pick one with --key {top[0]} (its other entries are not written) or " if top else ""
+    raise WnormError(
+        f"{dst}: a .safetensors file holds one flat state dict; {src} has its state dicts at "
+        f"{where}; {pick}write a .pt file (which keeps every entry)"
+    )
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from .checkpoint import (
+        _check_output,
+        _safetensors_metadata,
+        convert_checkpoint,
+        find_state_dicts,
+        load_checkpoint,
+        save_checkpoint,
+    )
+
+    src, dst = Path(args.input), Path(args.output)
+    _refuse_same_file(src, dst)
+    _check_output(dst)  # before reading a large input: fail fast
+    to_st = dst.suffix == ".safetensors"
+    ckpt = load_checkpoint(src)
     try:
         paths = find_state_dicts(ckpt, args.key)
         out, n = convert_checkpoint(ckpt, args.to, args.key)
     except WnormError as e:
         raise WnormError(f"{args.input}: {e}") from None
-    save_checkpoint(out, args.output)
+    if to_st and args.key is None:
+        _one_state_dict_for(dst, src, paths)
+    notes = []
+    if to_st and args.key is not None:
+        out = out[args.key]
+        if len(ckpt) > 1:
+            notes.append(f"only checkpoint[{args.key!r}] written: a .safetensors file holds one "
+                         "state dict")
+    metadata = _safetensors_metadata(src) if src.suffix == ".safetensors" else None
+    if metadata and not to_st:
+        notes.append(f"the input's safetensors metadata (keys {sorted(metadata)}) is not "
+                     f"written: a {dst.suffix or 'suffix-less'} file has no place for it")
+    save_checkpoint(out, dst, metadata=metadata if to_st else None)
     where = ", ".join("checkpoint" + "".join(f"[{p!r}]" for p in path) for path in paths)
-    print(f"{args.input} -> {args.output}: {n} weight(s) converted to {args.to} ({where})")
+    print(f"{args.input} -> {args.output}: {n} weight(s) converted to {args.to} ({where})"
+          + "".join(f"; {note}" for note in notes))
     return 0
 
 
