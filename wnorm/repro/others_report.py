@@ -173,7 +173,7 @@ class RunFolder:
         (self.path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (self.path / "version.json").write_text(
             json.dumps(version_info(str(device)), indent=2) + "\n")
-        self.log = RunLog(self.path / "log.txt", echo=sys.stdout if echo else None)
+        self.log = RunLog(self.path / "log.txt", echo=bool(echo))
         self._metrics = (self.path / "metrics.jsonl").open("w")
 
     def write(self, row: dict[str, Any]) -> None:

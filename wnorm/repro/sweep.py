@@ -180,7 +180,7 @@ def train_one(cfg: SweepConfig, data: ImageData, echo: bool = True, *,
     config = asdict(cfg) | {"kind": "lr-sweep", "data": data.describe()}
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (folder / "version.json").write_text(json.dumps(version_info(str(device)), indent=2) + "\n")
-    log = RunLog(folder / "log.txt", echo=sys.stdout if echo else None)
+    log = RunLog(folder / "log.txt", echo=bool(echo))
     try:
         _train(cfg, data, device, folder, log)
     finally:

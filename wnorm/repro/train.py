@@ -210,14 +210,16 @@ def version_info(device: str, world: int = 1) -> dict[str, Any]:
 class RunLog:
     """Prints a line (rank 0 only) and appends it to ``log.txt``."""
 
-    def __init__(self, path: Path | None, echo: TextIO | None = sys.stdout) -> None:
+    def __init__(self, path: Path | None, echo: TextIO | None | bool = True) -> None:
         self.file = open(path, "w") if path is not None else None  # noqa: SIM115
-        self.echo = echo
+        self.echo = echo  # True: sys.stdout as it is when a line is printed
 
     def __call__(self, msg: str) -> None:
         line = f"[{time.strftime('%H:%M:%S')}] {msg}"
-        if self.echo is not None:
-            _tqdm_write(line, self.echo)
+        if self.echo is True:
+            _tqdm_write(line, sys.stdout)
+        elif self.echo not in (None, False):
+            _tqdm_write(line, self.echo)  # type: ignore[arg-type]
         if self.file is not None:
             self.file.write(line + "\n")
             self.file.flush()
