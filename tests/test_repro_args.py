@@ -107,3 +107,23 @@ def test_variants_with_spaces_work_in_every_subcommand(tmp_path: Path) -> None:
                          "--test-subset", "10", "--batch-size", "10", "--init-examples", "10",
                          "--device", "cpu", "--no-progress", "--out", str(tmp_path / "v")])
     assert vae.run(args) == 0
+
+
+@pytest.mark.slow
+def test_long_runs_show_progress_bars(tmp_path: Path, capsys) -> None:
+    """vae/seq/dqn/lr-sweep draw a bar per epoch (or run) on stderr, as classify does;
+    --no-progress turns it off."""
+    data = tmp_path / "fashion"
+    _write_fashion(data, n_train=20, n_test=10)
+    small = ["--epochs", "1", "--data-dir", str(data), "--train-subset", "20", "--test-subset",
+             "10", "--batch-size", "10", "--init-examples", "10", "--device", "cpu"]
+    assert main(["seq", "--quick", "--variants", "normal", "--seeds", "0", *small,
+                 "--out", str(tmp_path / "s")]) == 0
+    assert "seq normal s0 1/1" in capsys.readouterr().err
+    assert main(["lr-sweep", "--variants", "normal", "--lrs", "0.1", "--seeds", "0", "--hidden",
+                 "4", *small, "--out", str(tmp_path / "w")]) == 0
+    assert "normal lr 0.1 s0 1/1" in capsys.readouterr().err
+    assert main(["lr-sweep", "--variants", "normal", "--lrs", "0.1", "--seeds", "0", "--hidden",
+                 "4", *small, "--no-progress", "--out", str(tmp_path / "w2")]) == 0
+    captured = capsys.readouterr()
+    assert "normal lr 0.1 s0 1/1" not in captured.err and "epoch 1/1" in captured.out
