@@ -56,7 +56,8 @@ def test_quick_run_writes_run_folders_and_report(tmp_path: Path) -> None:
     p = argparse.ArgumentParser()
     seq.add_arguments(p)
     args = p.parse_args(["--quick", "--variants", "normal,weightnorm", "--seeds", "3",
-                         "--data-dir", str(data_dir), "--out", str(out), "--device", "cpu"])
+                         "--data-dir", str(data_dir), "--out", str(out), "--device", "cpu",
+                         "--train-subset", "100", "--test-subset", "30"])
     assert seq.run(args) == 0
     folders = sorted(out.iterdir())
     assert [f.name for f in folders] == ["seq-normal-s3", "seq-weightnorm-s3"]

@@ -99,7 +99,7 @@ def test_lr_sweep_command_line_end_to_end(tmp_path: Path, capsys) -> None:
     argv = ["lr-sweep", "--data-dir", str(data_dir), "--variants", "normal,weightnorm,forced",
             "--lrs", "0.01,1", "--seeds", "0,1", "--epochs", "2", "--hidden", "8",
             "--batch-size", "20", "--init-examples", "20", "--threads", "1", "--no-progress",
-            "--out", str(runs)]
+            "--train-subset", "40", "--test-subset", "20", "--out", str(runs)]
     assert main(argv) == 0
     names = sorted(p.name for p in runs.iterdir())
     assert len(names) == 12 and "fashion-mnist-mlp-forced-sgd-lr0.01-s1" in names

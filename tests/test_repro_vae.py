@@ -64,7 +64,8 @@ def test_quick_run_writes_run_folders_and_report(tmp_path: Path) -> None:
     p = argparse.ArgumentParser()
     vae.add_arguments(p)
     args = p.parse_args(["--quick", "--seeds", "0,1", "--data-dir", str(data_dir), "--out",
-                         str(out), "--epochs", "2", "--device", "cpu"])
+                         str(out), "--epochs", "2", "--device", "cpu",
+                         "--train-subset", "120", "--test-subset", "40"])
     assert vae.run(args) == 0
     folders = sorted(out.iterdir())
     assert [f.name for f in folders] == ["vae-normal-s0", "vae-normal-s1", "vae-weightnorm-s0",

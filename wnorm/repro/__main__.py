@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import time
 from pathlib import Path
@@ -95,57 +96,71 @@ def _add_config_options(p: argparse.ArgumentParser, defaults: dict[str, object],
             p.add_argument(flag, type=kind, default=default, help=f"(default: {default})")
 
 
-def _split(text: str, kind: type) -> list:
-    try:
-        return [kind(t) for t in text.split(",") if t.strip()]
-    except ValueError as e:
-        raise WnormError(f"expected a comma-separated list of {kind.__name__}; got {text!r}") from e
+def _split(text: str, kind: type, option: str) -> list:
+    """A comma-separated option as a list (spaces around items ignored; no item twice), parsed
+    as every subcommand parses them."""
+    from .others_report import split_list
+
+    return split_list(text, kind, option)
 
 
 def _classify(args: argparse.Namespace) -> list[Path]:
+    from .checks import refuse_existing
     from .datasets import load
     from .models import VARIANTS
-    from .train import Config, Dist, run
+    from .train import Config, Dist, check, run, run_dir_name
 
-    variants = _split(args.variants, str)
+    variants = _split(args.variants, str, "--variants")
     bad = [v for v in variants if v not in VARIANTS]
-    if bad or not variants:
-        raise WnormError(f"--variants: unknown {bad or 'empty list'}; expected some of {list(VARIANTS)}")
-    seeds = _split(args.seeds, int)
-    if not seeds:
-        raise WnormError("--seeds: expected at least one seed, e.g. 0,1,2")
+    if bad:
+        raise WnormError(f"--variants: unknown {bad}; expected some of {list(VARIANTS)}")
+    seeds = _split(args.seeds, int, "--seeds")
     base = {k: getattr(args, k) for k in Config.field_names() if k not in _SKIP}
     base["out"] = args.out
-    dist = Dist.setup(Config(**base).resolved().device)
+    configs = [Config(**base, variant=variant, seed=seed) for seed in seeds for variant in variants]
+    for cfg in configs:  # every setting and folder checked before data is loaded or one run trains
+        check(cfg)
+    targets = [Path(args.out) / run_dir_name(c) for c in configs]
+    if args.overwrite and args.command == "demo":
+        again = [f for f in targets if (f / "metrics.jsonl").is_file()]
+        if again:
+            print(f"demo: replacing the previous demo runs in {args.out} ({len(again)} run "
+                  "folders; --no-overwrite refuses instead)")
+    refuse_existing(targets, args.overwrite)
+    dist = Dist.setup(configs[0].resolved().device)
     data = load(base["dataset"], base["data_dir"], train_subset=base["train_subset"],
                 test_subset=base["test_subset"], zca=base["zca"], download=base["download"])
-    folders = []
-    for seed in seeds:
-        for variant in variants:
-            folders.append(run(Config(**base, variant=variant, seed=seed), data, dist))
+    folders = [run(cfg, data, dist, overwrite=args.overwrite) for cfg in configs]
     if dist.world > 1:
         import torch.distributed as td
 
         td.destroy_process_group()
     if dist.main:
         print(f"run folders: {', '.join(map(str, folders))}")
+        from .report import read_jsonl
+
+        diverged = [f for f in folders if (rows := read_jsonl(f / "metrics.jsonl"))
+                    and rows[-1].get("diverged")]
+        if diverged:
+            print(f"diverged (NaN/inf training loss; see their log.txt): "
+                  f"{', '.join(map(str, diverged))}", file=sys.stderr)
     return folders if dist.main else []
 
 
 def _lr_sweep(args: argparse.Namespace) -> list[Path]:
     from .datasets import load
-    from .sweep import SweepConfig, sweep
+    from .sweep import SweepConfig, check_all, sweep
 
-    variants, lrs, seeds = (_split(args.variants, str), _split(args.lrs, float),
-                            _split(args.seeds, int))
-    if not (variants and lrs and seeds):
-        raise WnormError("lr-sweep: --variants, --lrs and --seeds each need at least one value")
+    variants, lrs, seeds = (_split(args.variants, str, "--variants"),
+                            _split(args.lrs, float, "--lrs"), _split(args.seeds, int, "--seeds"))
     base = SweepConfig(**{k: getattr(args, k) for k in SweepConfig.field_names()
                           if k not in _SWEEP_SKIP}, out=args.out)
+    check_all(base, variants, lrs, seeds, overwrite=args.overwrite)
     data = load(base.dataset, base.data_dir, train_subset=base.train_subset,
                 test_subset=base.test_subset, zca=False, download=base.download)
     t0 = time.perf_counter()
-    folders = sweep(base, variants, lrs, seeds, data, echo=args.progress)
+    folders = sweep(base, variants, lrs, seeds, data, progress=args.progress,
+                    overwrite=args.overwrite)
     print(f"lr-sweep: {len(folders)} runs in {time.perf_counter() - t0:.0f} s under {args.out}")
     return folders
 
@@ -154,6 +169,10 @@ def _report(paths: list[str], out: str, target: float | None, command: str,
             tolerance: float = 0.1) -> str:
     from .report import is_sweep, report
 
+    if target is not None and not 0 < target < 100:
+        raise WnormError(f"--target-error must be a percentage in (0, 100); got {target}")
+    if not tolerance >= 0 or not math.isfinite(tolerance):
+        raise WnormError(f"--tolerance must be a finite number >= 0; got {tolerance}")
     if is_sweep(paths):
         from .sweep import report_sweep
 
@@ -182,6 +201,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="comma-separated (default: the paper's four)")
     c.add_argument("--seeds", default="0", help="comma-separated (default: 0)")
     c.add_argument("--out", default="runs", help="parent folder of the run folders")
+    c.add_argument("--overwrite", action="store_true",
+                   help="replace run folders that already hold a run (default: refuse them)")
     _add_config_options(c, {})
 
     r = sub.add_parser("report", help="run folders -> report.md + training_error.png")
@@ -202,6 +223,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="comma-separated learning rates (default: %(default)s)")
     s.add_argument("--seeds", default="0,1", help="comma-separated (default: 0,1)")
     s.add_argument("--out", default="runs/lr-sweep", help="parent folder of the run folders")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace run folders that already hold a run (default: refuse them)")
     from .sweep import SweepConfig
 
     _add_config_options(s, {}, SweepConfig, _SWEEP_SKIP)
@@ -219,6 +242,9 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--variants", default=DEMO["variants"])
     d.add_argument("--seeds", default=DEMO["seeds"])
     d.add_argument("--out", default=DEMO["out"])
+    d.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=True,
+                   help="replace the run folders of an earlier demo under --out (default: yes, "
+                        "so `make demo` can run again; --no-overwrite refuses instead)")
     _add_config_options(d, DEMO)
     return p
 

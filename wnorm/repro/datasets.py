@@ -15,7 +15,8 @@ ZCA whitening with regularization :math:`10^{-5}`,
     x \mapsto (x - m)\,U\,\mathrm{diag}\big(1/\sqrt{S + 10^{-5}}\big)\,U^\top,
     \qquad \tfrac1N (X-m)^\top (X-m) = U\,\mathrm{diag}(S)\,U^\top,
 
-fit on the full training set (a ``train_subset`` only restricts what the network trains on).
+fit on the full training set (a ``train_subset`` only restricts what the network trains on; the
+recorded preprocessing says how many examples it was fit on).
 
 Checksums. Downloads are checked against the SHA-256 and size of the *decompressed* IDX payload:
 Debian's ``.gz`` files were recompressed (they differ byte-wise from Zalando's, whose published
@@ -27,10 +28,12 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import os
 import pickle
 import tempfile
 import urllib.request
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,7 +134,7 @@ def _open_bytes(path: Path) -> bytes:
     try:
         with (gzip.open if is_gz else open)(path, "rb") as f:
             return f.read()
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:
         raise WnormError(f"{path}: cannot be read{' as gzip' if is_gz else ''} ({e})") from e
 
 
@@ -158,7 +161,7 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
         raise WnormError(f"{path}: IDX header promises {ndim} dimensions but the file has "
                          f"{len(raw)} bytes")
     dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
-    expected = header + int(np.prod(dims))
+    expected = header + math.prod(dims)  # Python ints: a corrupt header cannot overflow
     if len(raw) != expected:
         raise WnormError(f"{path}: IDX dims {dims} need {expected} bytes; got {len(raw)} "
                          "(truncated or corrupt file)")
@@ -250,11 +253,21 @@ def _scale(x: np.ndarray) -> Tensor:
     return (torch.from_numpy(x.astype(np.float32)) - 127.5) / 128.0
 
 
-def _subset(n: int, size: int | None, seed: int) -> np.ndarray | None:
-    if size is None or size >= n:
+def _subset(n: int, size: int | None, seed: int, option: str = "subset size",
+            where: str = "") -> np.ndarray | None:
+    """Indices of a fixed random subset of ``size`` of ``n`` examples (None: all of them).
+
+    Raises:
+        WnormError: ``size`` < 1, or more than the ``n`` examples there are (naming ``option``).
+    """
+    if size is None:
         return None
     if size <= 0:
-        raise WnormError(f"subset size must be positive; got {size}")
+        raise WnormError(f"{option} must be >= 1; got {size}")
+    if size > n:
+        raise WnormError(f"{option} {size} is more than the {n} examples of {where or 'the set'}")
+    if size == n:
+        return None
     return np.sort(np.random.default_rng(seed).permutation(n)[:size])
 
 
@@ -283,17 +296,22 @@ def load_fashion_mnist(
     splits = {}
     for split, prefix, subset in (("train", "train", train_subset), ("test", "t10k", test_subset)):
         images, labels = arrays[f"{prefix}-images-idx3-ubyte"], arrays[f"{prefix}-labels-idx1-ubyte"]
-        if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
-            raise WnormError(f"fashion-mnist in {d}: {split} images {images.shape} and labels "
-                             f"{labels.shape} do not match (expected (N, 28, 28) and (N,))")
+        ipath, lpath = _find(d, f"{prefix}-images-idx3-ubyte"), _find(d, f"{prefix}-labels-idx1-ubyte")
+        if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0] \
+                or images.shape[1:] != (28, 28):
+            raise WnormError(f"fashion-mnist: {ipath} and {lpath}: {split} images {images.shape} "
+                             f"and labels {labels.shape}; expected (N, 28, 28) and (N,)")
         if labels.size and labels.max() > 9:
-            raise WnormError(f"fashion-mnist in {d}: {split} labels must be 0..9; "
+            raise WnormError(f"fashion-mnist: {lpath}: {split} labels must be 0..9; "
                              f"got max {labels.max()}")
-        idx = _subset(len(labels), subset, subset_seed)
+        idx = _subset(len(labels), subset, subset_seed, f"--{split}-subset",
+                      f"the fashion-mnist {split} set in {d}")
         if idx is not None:
             images, labels = images[idx], labels[idx]
         splits[split] = (_scale(images)[:, None], torch.from_numpy(labels.astype(np.int64)))
-    return _finish("fashion-mnist", splits, str(d), zca)
+        if split == "train" and zca:
+            zca_fit = _scale(arrays["train-images-idx3-ubyte"])[:, None]  # the full training set
+    return _finish("fashion-mnist", splits, str(d), zca, zca_fit if zca else None)
 
 
 # --------------------------------------------------------------------------- CIFAR-10
@@ -321,7 +339,16 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise WnormError(f"{path}: a CIFAR-10 batch is a dict with b'data' and b'labels'; "
                          f"got {keys}")
     data = np.asarray(batch[b"data"])
-    labels = np.asarray(batch[b"labels"], dtype=np.int64)
+    raw = batch[b"labels"]
+    labels = np.asarray(raw) if not isinstance(raw, (bytes, bytearray, str)) else np.asarray([])
+    if labels.ndim != 1 or (labels.size and labels.dtype.kind not in "iu") \
+            or (labels.size == 0 and len(raw) != 0):
+        raise WnormError(f"{path}: b'labels' must be a list of integers 0..9; got "
+                         f"{type(raw).__name__} of {labels.dtype if labels.size else '?'}")
+    labels = labels.astype(np.int64)
+    if labels.size and (labels.min() < 0 or labels.max() > 9):
+        raise WnormError(f"{path}: b'labels' must be 0..9; got values from {labels.min()} to "
+                         f"{labels.max()}")
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         raise WnormError(f"{path}: b'data' must be uint8 of shape (N, 3072); "
                          f"got {data.dtype} {data.shape}")
@@ -352,7 +379,8 @@ def load_cifar10(
     zca_fit = _scale(x_train) if zca else None
     for split, x, y, subset in (("train", x_train, y_train, train_subset),
                                 ("test", x_test, y_test, test_subset)):
-        idx = _subset(len(y), subset, subset_seed)
+        idx = _subset(len(y), subset, subset_seed, f"--{split}-subset",
+                      f"the cifar10 {split} set in {d}")
         if idx is not None:
             x, y = x[idx], y[idx]
         splits[split] = (_scale(x).reshape(-1, 3, 32, 32), torch.from_numpy(y))
@@ -397,9 +425,12 @@ def _finish(name: str, splits: dict[str, tuple[Tensor, Tensor]], source: str, zc
     prep = "(x-127.5)/128"
     (xtr, ytr), (xte, yte) = splits["train"], splits["test"]
     if zca:
-        mean, w = fit_zca(zca_fit if zca_fit is not None else xtr)
+        fit = zca_fit if zca_fit is not None else xtr
+        mean, w = fit_zca(fit)
         xtr, xte = apply_zca(xtr, mean, w), apply_zca(xte, mean, w)
-        prep += f", ZCA (reg {ZCA_REGULARIZATION:g}, fit on the full training set)"
+        what = ("the full training set" if zca_fit is not None
+                else "the training examples used")
+        prep += f", ZCA (reg {ZCA_REGULARIZATION:g}, fit on {what}: {fit.shape[0]} examples)"
     return ImageData(name, xtr.contiguous(), ytr, xte.contiguous(), yte, source, prep)
 
 

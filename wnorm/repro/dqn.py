@@ -47,8 +47,9 @@ from torch import nn
 import wnorm
 from wnorm import WnormError
 
-from .others_report import (RunFolder, add_common_arguments, config_from_args,
-                            resolve_device, variants_and_seeds)
+from .others_report import (RunFolder, add_common_arguments, prepare_runs, resolve_device,
+                            split_list, variants_and_seeds)
+from .train import _progress
 
 __all__ = ["DQNConfig", "q_network", "add_arguments", "run", "train_one"]
 
@@ -123,10 +124,23 @@ class Replay:
 
 
 # --------------------------------------------------------------------------- training
-def train_one(cfg: DQNConfig, echo: bool = True) -> RunFolder:
-    """Train ``cfg.variant`` on ``cfg.env`` with ``cfg.seed``; writes and returns the run folder."""
+def run_name(cfg: DQNConfig) -> str:
+    return f"dqn-{cfg.env}-{cfg.variant}-s{cfg.seed}"
+
+
+def train_one(cfg: DQNConfig, echo: bool = True, *, overwrite: bool = False,
+              progress: bool = False) -> RunFolder:
+    """Train ``cfg.variant`` on ``cfg.env`` with ``cfg.seed``; writes and returns the run folder.
+
+    Raises:
+        WnormError: a bad setting or environment, or the folder already holds a run and
+            ``overwrite`` is False (before the folder is touched).
+    """
     import gymnasium as gym
 
+    from .checks import check_config
+
+    check_config(cfg)
     if cfg.variant not in ("normal", "weightnorm"):
         raise WnormError(f"dqn: unknown variant {cfg.variant!r}; expected 'normal' or 'weightnorm'")
     if cfg.threads:
@@ -140,7 +154,7 @@ def train_one(cfg: DQNConfig, echo: bool = True) -> RunFolder:
         raise WnormError(f"dqn: {cfg.env} needs a discrete action space; got {env.action_space}")
     obs_dim = int(np.prod(env.observation_space.shape))
     n_act = int(env.action_space.n)
-    name = f"dqn-{cfg.env}-{cfg.variant}-s{cfg.seed}"
+    name = run_name(cfg)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     online = q_network(obs_dim, n_act, cfg.hidden, cfg.layers)
@@ -154,8 +168,8 @@ def train_one(cfg: DQNConfig, echo: bool = True) -> RunFolder:
     thr = env.spec.reward_threshold if env.spec is not None else None
     extra = {"reward_threshold": thr, "obs_dim": obs_dim, "actions": n_act,
              "gymnasium": gym.__version__}
-    folder = RunFolder(cfg, name, device, extra, echo=echo)
-    with folder:
+    folder = RunFolder(cfg, name, device, extra, echo=echo, overwrite=overwrite)
+    with folder, _progress(cfg.steps, name, progress) as bar:
         log = folder.log
         log(f"{name}: {cfg.steps} env steps, Q-network {obs_dim}-"
             f"{'-'.join([str(cfg.hidden)] * cfg.layers)}-{n_act} "
@@ -168,6 +182,8 @@ def train_one(cfg: DQNConfig, echo: bool = True) -> RunFolder:
         decay = max(1, int(cfg.eps_fraction * cfg.steps))
         eps = cfg.eps_start
         for step in range(1, cfg.steps + 1):
+            if bar is not None and step % 100 == 0:
+                bar.update(100)
             eps = cfg.eps_start + (cfg.eps_end - cfg.eps_start) * min(1.0, (step - 1) / decay)
             if step <= cfg.learning_starts or rng.random() < eps:
                 action = int(rng.integers(n_act))
@@ -230,13 +246,15 @@ def run(args: argparse.Namespace) -> int:
     """Train every (env, variant, seed) asked for; returns the exit status (2 on a WnormError)."""
     try:
         variants, seeds = variants_and_seeds(args)
-        base = config_from_args(DQNConfig, args, QUICK)
-        envs = [e.strip() for e in args.envs.split(",") if e.strip()] if args.envs else [base.env]
-        for env in envs:
-            for seed in seeds:
-                for v in variants:
-                    cfg = config_from_args(DQNConfig, args, QUICK, variant=v, seed=seed, env=env)
-                    print(f"run folder: {train_one(cfg).path}")
+        envs = (split_list(args.envs, str, "--envs") if args.envs is not None
+                else [args.env or DQNConfig.env])
+        configs = prepare_runs(DQNConfig, args, QUICK, run_name,
+                               [{"variant": v, "seed": s, "env": e}
+                                for e in envs for s in seeds for v in variants])
+        resolve_device(args.device)
+        for cfg in configs:
+            folder = train_one(cfg, overwrite=args.overwrite, progress=args.progress)
+            print(f"run folder: {folder.path}")
     except WnormError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

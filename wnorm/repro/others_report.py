@@ -43,6 +43,7 @@ from .train import RunLog, version_info
 
 __all__ = ["EXPERIMENTS", "VARIANTS", "RunFolder", "OtherRun", "load_other_runs", "report",
            "add_common_arguments", "config_from_args", "variants_and_seeds", "resolve_device",
+           "prepare_runs", "split_list",
            "DQN_WINDOW"]
 
 EXPERIMENTS = ("vae", "seq", "dqn")
@@ -70,6 +71,10 @@ def add_common_arguments(p: argparse.ArgumentParser, config_cls: type, *, seeds:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     p.add_argument("--quick", action="store_true",
                    help="tiny sizes that run in seconds (for tests); explicit options still win")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace run folders that already hold a run (default: refuse them)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="progress bars on stderr (default: on)")
     defaults = config_cls()
     for f in dataclasses.fields(config_cls):
         if f.name in _COMMON:
@@ -97,7 +102,10 @@ def config_from_args(config_cls: type, args: argparse.Namespace, quick: dict[str
     return config_cls(**values)
 
 
-def _split(text: str, kind: type, flag: str) -> list[Any]:
+def split_list(text: str, kind: type, flag: str) -> list[Any]:
+    """A comma-separated option as a list: spaces ignored, at least one item, none twice."""
+    from .checks import no_repeats
+
     try:
         items = [kind(t.strip()) for t in text.split(",") if t.strip()]
     except ValueError as e:
@@ -105,19 +113,42 @@ def _split(text: str, kind: type, flag: str) -> list[Any]:
                          f"got {text!r}") from e
     if not items:
         raise WnormError(f"{flag}: expected at least one value; got {text!r}")
-    return items
+    return no_repeats(items, flag)
+
 
 
 def variants_and_seeds(args: argparse.Namespace) -> tuple[list[str], list[int]]:
     """The variants and seeds asked for. Raises :class:`WnormError` on an unknown variant."""
-    variants = [args.variant] if args.variant else _split(args.variants, str, "--variants")
+    variants = [args.variant] if args.variant else split_list(args.variants, str, "--variants")
     bad = [v for v in variants if v not in VARIANTS]
     if bad:
         raise WnormError(f"--variants: unknown {bad}; expected some of {list(VARIANTS)}")
-    return variants, _split(args.seeds, int, "--seeds")
+    return variants, split_list(args.seeds, int, "--seeds")
+
+
+def prepare_runs(config_cls: type, args: argparse.Namespace, quick: dict[str, Any],
+                 name: Any, grid: list[dict[str, Any]]) -> list[Any]:
+    """One config per entry of ``grid`` (its fixed fields), every one checked, and none of
+    their run folders (``<out>/<name(cfg)>``) holding a run unless ``--overwrite``: before any
+    data is loaded or any run trains.
+
+    Raises:
+        WnormError: the first bad option or taken folder, named.
+    """
+    from .checks import check_config, refuse_existing
+
+    configs = [config_from_args(config_cls, args, quick, **fixed) for fixed in grid]
+    for cfg in configs:
+        check_config(cfg)
+    refuse_existing([Path(cfg.out) / name(cfg) for cfg in configs], args.overwrite)
+    return configs
 
 
 def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda if available else cpu; a CUDA device this machine lacks is an error."""
+    from .checks import check_device
+
+    check_device(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -132,14 +163,17 @@ class RunFolder:
     """
 
     def __init__(self, cfg: Any, name: str, device: torch.device, extra: dict[str, Any],
-                 echo: bool = True) -> None:
+                 echo: bool = True, overwrite: bool = False) -> None:
+        from .checks import refuse_existing
+
         self.path = Path(cfg.out) / name
+        refuse_existing([self.path], overwrite)  # before anything in it is touched
         self.path.mkdir(parents=True, exist_ok=True)
         config = asdict(cfg) | {"device": str(device)} | extra
         (self.path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (self.path / "version.json").write_text(
             json.dumps(version_info(str(device)), indent=2) + "\n")
-        self.log = RunLog(self.path / "log.txt", echo=sys.stdout if echo else None)
+        self.log = RunLog(self.path / "log.txt", echo=bool(echo))
         self._metrics = (self.path / "metrics.jsonl").open("w")
 
     def write(self, row: dict[str, Any]) -> None:
@@ -178,12 +212,31 @@ class OtherRun:
         return v
 
     @property
+    def diverged(self) -> bool:
+        """The run stopped on a NaN/inf loss (its last metrics line says so)."""
+        return bool(self.metrics and self.metrics[-1].get("diverged"))
+
+    @property
     def complete(self) -> bool:
-        """All epochs written (vae, seq), or the log says the run finished (dqn)."""
+        """All epochs written (vae, seq), or the log says the run finished (dqn); not diverged."""
+        if self.diverged:
+            return False
         if self.experiment == "dqn":
             log = self.folder / "log.txt"
             return log.is_file() and "] done: " in log.read_text()
         return len(self.metrics) >= int(self.config.get("epochs", 0))
+
+    def note(self) -> str:
+        """Why the run is left out of the numbers."""
+        last = self.metrics[-1] if self.metrics else {}
+        if self.diverged:
+            return (f"`{self.folder}`: diverged (loss {last.get('loss', 'NaN/inf')} at step "
+                    f"{last.get('step', '?')})")
+        if self.experiment == "dqn":
+            return (f"`{self.folder}`: incomplete, {last.get('env_steps', 0)} of "
+                    f"{self.config.get('steps')} environment steps (still running, or stopped)")
+        return (f"`{self.folder}`: incomplete, {len(self.metrics)} of "
+                f"{self.config.get('epochs')} epochs written (still running, or stopped)")
 
     def setting(self) -> tuple[Any, ...]:
         """What must match for two runs to be compared (everything but variant and seed)."""
@@ -204,17 +257,15 @@ def load_other_runs(paths: list[Path]) -> list[OtherRun]:
     Raises:
         WnormError: a path does not exist, or none of them holds such a run folder.
     """
-    runs = []
-    for p in map(Path, paths):
-        if not p.exists():
-            raise WnormError(f"others_report: {p} does not exist")
-        folders = [p] if (p / "config.json").is_file() else sorted(
-            d for d in p.iterdir() if (d / "config.json").is_file())
-        runs.extend(_read(d) for d in folders)
+    from .report import refuse_duplicates, run_folders
+
+    runs = [_read(d) for d in run_folders(paths, "others_report")]
     runs = [r for r in runs if r.experiment in EXPERIMENTS and r.metrics]
     if not runs:
         raise WnormError(f"others_report: no run folder of the experiments {list(EXPERIMENTS)} "
                          f"with metrics in {[str(p) for p in paths]}")
+    refuse_duplicates(runs, lambda r: (r.experiment, r.variant, f"seed {r.config.get('seed')}"),
+                      "experiment, variant and seed")
     return runs
 
 
@@ -692,9 +743,16 @@ def report(run_dirs: list[Path], out_dir: Path, *, command: str | None = None) -
     sections = []
     for exp in EXPERIMENTS:
         these = [r for r in runs if r.experiment == exp]
-        if these:
-            sections.append(makers[exp](_groups(these), out_dir / f"{exp}.png", command,
+        done = [r for r in these if r.complete]
+        if done:
+            sections.append(makers[exp](_groups(done), out_dir / f"{exp}.png", command,
                                         summary))
+        left = [r for r in these if not r.complete]
+        if left:
+            sections.append("\n".join(
+                [f"### {exp}: runs left out of the numbers above", "",
+                 "Only complete runs count; these are still running, were stopped, or "
+                 "diverged:", ""] + [f"- {r.note()}" for r in left] + [""]))
     if summary:
         parts += ["## Summary", "", "| experiment | measure | normal: mean ± std (min to max) "
                   "| weightnorm | weightnorm - normal | better; seed ranges |",

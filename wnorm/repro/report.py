@@ -4,10 +4,16 @@ Usage::
 
     python -m wnorm.repro report runs/fashion runs/more/fashion-mnist-normal-s3 --out results/
 
-Each argument is a run folder (it holds ``config.json``) or a folder of run folders. Runs are
-grouped by setting (dataset, epochs, width, subsets, batch size, lr) and by variant; every
-number in the outputs is computed here from ``metrics.jsonl``, ``config.json`` and
-``version.json``:
+Each argument is a run folder (it holds ``config.json``) or a folder of run folders (a folder
+named twice counts once; two folders with the same variant and seed in one setting are refused).
+Runs are grouped by setting, that is their whole ``config.json`` but ``variant``, ``seed``,
+``out``, ``progress``, ``threads``, ``device``, ``data_dir`` and ``download`` (the data actually
+used is in the config's ``data``), and by variant; every number in the outputs is computed here
+from ``metrics.jsonl``, ``config.json`` and ``version.json``, and only from complete runs (all
+the configured epochs written): runs still in progress or stopped early, and runs that
+diverged (their last metrics line says ``"diverged": true``), are listed under the table and
+left out of its numbers. A half-written last metrics line (a killed run) is ignored, which
+leaves that run incomplete.
 
 - the plot: training error (and test error) per epoch, mean over seeds, min-max band;
 - the table: final test error, mean ± std over seeds (n), with the paper's CIFAR-10 Table 1
@@ -31,7 +37,7 @@ from wnorm import WnormError
 
 from .models import VARIANTS
 
-__all__ = ["Run", "load_runs", "report", "is_sweep", "PAPER_TABLE1"]
+__all__ = ["Run", "load_runs", "report", "is_sweep", "run_folders", "PAPER_TABLE1"]
 
 #: The paper's Table 1 (CIFAR-10 test error %, no augmentation); meanonly is approximate.
 PAPER_TABLE1: dict[str, tuple[float, bool]] = {
@@ -42,6 +48,20 @@ PAPER_TABLE1: dict[str, tuple[float, bool]] = {
     "meanonly": (8.52, True),
 }
 _SETTING = ("dataset", "epochs", "width", "train_subset", "test_subset", "batch_size", "lr")
+#: config fields that do not change what a run computes: left out of the grouping key
+_NOT_SETTING = frozenset({"variant", "seed", "out", "progress", "threads", "device", "data_dir",
+                          "download"})
+_OTHER_EXPERIMENTS = ("vae", "seq", "dqn")
+
+
+def setting_key(config: dict[str, Any], skip: frozenset[str] | set[str] = _NOT_SETTING
+                ) -> tuple[tuple[str, str], ...]:
+    """The whole config but ``skip``, hashable; 7 and 7.0 (old integer ``decay_start``) agree,
+    and a missing ``world_size`` (older runs) is 1."""
+    c = {"world_size": 1} | config
+    return tuple(sorted((k, json.dumps(float(v) if isinstance(v, int) and not isinstance(v, bool)
+                                       else v, sort_keys=True))
+                        for k, v in c.items() if k not in skip))
 
 
 @dataclass
@@ -56,24 +76,58 @@ class Run:
         return str(self.config["variant"])
 
     @property
-    def complete(self) -> bool:
-        return len(self.metrics) >= int(self.config["epochs"])
+    def diverged(self) -> bool:
+        """The run stopped on a NaN/inf training loss (its last metrics line says so)."""
+        return bool(self.metrics and self.metrics[-1].get("diverged"))
 
     @property
-    def setting(self) -> tuple[Any, ...]:
-        return tuple(self.config.get(k) for k in _SETTING)
+    def epochs_done(self) -> int:
+        return sum(1 for m in self.metrics if not m.get("diverged"))
+
+    @property
+    def complete(self) -> bool:
+        """Every configured epoch written, and no divergence."""
+        return not self.diverged and self.epochs_done >= int(self.config["epochs"])
+
+    @property
+    def status(self) -> str:
+        """``complete``, ``diverged`` or ``incomplete`` (in progress, or stopped early)."""
+        return "diverged" if self.diverged else ("complete" if self.complete else "incomplete")
+
+    @property
+    def setting(self) -> tuple[tuple[str, str], ...]:
+        return setting_key(self.config)
+
+    def note(self) -> str:
+        """One line on why this run is left out of the numbers."""
+        if self.diverged:
+            last = self.metrics[-1]
+            loss = str(last.get("loss", "nan"))
+            what = f"training loss {loss}" if loss.lstrip("+-") in ("nan", "inf") else loss
+            return (f"`{self.folder}`: diverged ({what} in "
+                    f"epoch {last.get('epoch', '?')} of {self.config.get('epochs')}, lr "
+                    f"{last.get('lr', '?')})")
+        return (f"`{self.folder}`: incomplete, {self.epochs_done} of {self.config.get('epochs')} "
+                "epochs written (still running, or stopped)")
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The rows of a JSON-lines file (none if it does not exist); a bad line names its place."""
+    """The rows of a JSON-lines file (none if it does not exist); a bad line names its place.
+
+    A last line without its newline that does not parse is a line being written (or a run
+    killed while writing it): it is left out, not an error."""
     if not path.is_file():
         return []
+    text = path.read_text()
+    lines = text.split("\n")
     rows = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
+    for i, line in enumerate(lines, 1):
         if line.strip():
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
+                if i == len(lines):  # no newline after it: unfinished
+                    break
                 raise WnormError(f"{path}:{i}: not a JSON line ({e})") from e
     return rows
 
@@ -93,25 +147,62 @@ def _read_run(folder: Path) -> Run:
     return Run(folder, *read_run_files(folder))
 
 
-def load_runs(paths: list[str | Path]) -> list[Run]:
-    """Every run folder named in ``paths`` or directly inside one of them.
+def run_folders(paths: list[str | Path], who: str = "report") -> list[Path]:
+    """The run folders (with ``config.json``) named in ``paths`` or directly inside them, each
+    once (a folder reached twice, by the same or another path, counts once).
 
     Raises:
-        WnormError: a path does not exist, or no run folder (with ``config.json``) was found.
+        WnormError: a path does not exist.
     """
-    runs = []
+    out: dict[Path, Path] = {}
     for p in map(Path, paths):
         if not p.exists():
-            raise WnormError(f"report: {p} does not exist")
-        if (p / "config.json").is_file():
-            runs.append(_read_run(p))
-        else:
-            runs.extend(_read_run(d) for d in sorted(p.iterdir()) if (d / "config.json").is_file())
+            raise WnormError(f"{who}: {p} does not exist")
+        found = [p] if (p / "config.json").is_file() else sorted(
+            d for d in p.iterdir() if (d / "config.json").is_file())
+        for d in found:
+            out.setdefault(d.resolve(), d)
+    return list(out.values())
+
+
+def refuse_duplicates(runs: list[Any], key: Any, what: str) -> None:
+    """Two different folders for the same ``key(run)`` (e.g. variant and seed) in one setting
+    would count one configuration twice: refuse, naming both."""
+    seen: dict[Any, Path] = {}
+    for r in runs:
+        k = (r.setting() if callable(r.setting) else r.setting, key(r))
+        if k in seen:
+            raise WnormError(f"report: {seen[k]} and {r.folder} are the same {what} "
+                             f"({', '.join(map(str, key(r)))}) with the same settings; report "
+                             "one of them")
+        seen[k] = r.folder
+
+
+def _refuse_other_experiments(folder: Path, config: dict[str, Any]) -> None:
+    exp = config.get("experiment")
+    if exp in _OTHER_EXPERIMENTS:
+        raise WnormError(f"report: {folder} is a {exp} run folder; report vae/seq/dqn runs "
+                         "with `python -m wnorm.repro others-report RUNS --out DIR`")
+
+
+def load_runs(paths: list[str | Path]) -> list[Run]:
+    """Every run folder named in ``paths`` or directly inside one of them (each once).
+
+    Raises:
+        WnormError: a path does not exist, no run folder (with ``config.json``) was found, a
+            folder holds a vae/seq/dqn run, or two folders hold the same variant and seed of
+            one setting.
+    """
+    runs = [_read_run(d) for d in run_folders(paths)]
     if not runs:
         raise WnormError(f"report: no run folder (a folder with config.json) in {list(map(str, paths))}")
+    for r in runs:
+        _refuse_other_experiments(r.folder, r.config)
     runs = [r for r in runs if r.metrics]
     if not runs:
         raise WnormError(f"report: the run folders in {list(map(str, paths))} have no metrics yet")
+    refuse_duplicates(runs, lambda r: (r.variant, f"seed {r.config.get('seed')}"),
+                      "variant and seed")
     return runs
 
 
@@ -119,19 +210,17 @@ def is_sweep(paths: list[str | Path]) -> bool:
     """Whether the run folders in ``paths`` are learning-rate sweep runs (``"kind": "lr-sweep"``).
 
     Raises:
-        WnormError: a path does not exist, or sweep and classification runs are mixed.
+        WnormError: a path does not exist, sweep and classification runs are mixed, or a folder
+            holds a vae/seq/dqn run (those have their own report).
     """
     kinds = set()
-    for p in map(Path, paths):
-        if not p.exists():
-            raise WnormError(f"report: {p} does not exist")
-        folders = [p] if (p / "config.json").is_file() else sorted(
-            d for d in p.iterdir() if (d / "config.json").is_file())
-        for d in folders:
-            try:
-                kinds.add(json.loads((d / "config.json").read_text()).get("kind", "classify"))
-            except (OSError, json.JSONDecodeError) as e:
-                raise WnormError(f"{d}: config.json is not readable JSON ({e})") from e
+    for d in run_folders(paths):
+        try:
+            config = json.loads((d / "config.json").read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise WnormError(f"{d}: config.json is not readable JSON ({e})") from e
+        _refuse_other_experiments(d, config)
+        kinds.add(config.get("kind", "classify"))
     if len(kinds) > 1:
         raise WnormError(f"report: the folders mix run kinds {sorted(kinds)}; report them "
                          "separately")
@@ -164,14 +253,52 @@ def _sec_per_epoch(run: Run) -> float:
     return statistics.fmean(secs[1:] if len(secs) > 1 else secs)
 
 
-def _default_target(by_variant: dict[str, list[Run]]) -> float:
-    worst_best = max(min(_mean_curve(rs, "train_error")[1]) for rs in by_variant.values())
+def _default_target(by_variant: dict[str, list[Run]]) -> float | None:
+    """The lowest training error every variant's seed-mean curve reaches (complete runs only;
+    None when no variant has one)."""
+    curves = [_mean_curve(rs, "train_error")[1] for rs in by_variant.values() if rs]
+    if not curves:
+        return None
+    worst_best = max(min(c) for c in curves)
     return math.ceil(worst_best * 2 - 1e-9) / 2
 
 
-def _beta1(c: dict[str, Any]) -> str:
+def _beta1(c: dict[str, Any], sched: list[tuple[float, float]]) -> str:
     early, late = c.get("beta1", "?"), c.get("beta1_late", "?")
-    return f"{early} throughout" if early == late else f"{early} then {late}"
+    if early == late:
+        return f"{early} throughout"
+    k = sum(1 for _, b in sched if b == early and b != late)
+    return f"{early} for epochs 1-{k}, then {late}" if 0 < k < len(sched) else (
+        f"{early} throughout" if k == len(sched) else f"{late} throughout")
+
+
+def _schedule(c: dict[str, Any]) -> list[tuple[float, float]]:
+    """``(lr, beta1)`` of every epoch of a run, from its own config (``decay_start`` as it was
+    recorded: older runs wrote ``epochs // 2``, newer ``epochs / 2``)."""
+    from types import SimpleNamespace
+
+    from .train import schedule
+
+    cfg = SimpleNamespace(epochs=int(c["epochs"]), decay_start=c.get("decay_start"),
+                          lr=float(c["lr"]), beta1=c.get("beta1", 0.9),
+                          beta1_late=c.get("beta1_late", 0.5))
+    return [schedule(cfg, e) for e in range(cfg.epochs)]  # type: ignore[arg-type]
+
+
+def schedule_text(c: dict[str, Any]) -> str:
+    """What the learning-rate and beta1 schedule of a run was, in words, from its config."""
+    sched = _schedule(c)
+    lr, epochs = float(c["lr"]), len(sched)
+    full = next((i for i, (x, _) in enumerate(sched) if x != lr), epochs)
+    if full == epochs:
+        text = f"Adam lr {c['lr']} constant for all {epochs} epochs"
+    else:
+        h = c.get("decay_start")
+        last = sched[-1][0]
+        text = (f"Adam lr {c['lr']} for epochs 1-{full}, then linear decay (lr min(2 - e/h, 1) "
+                f"for 0-based epoch e, h = {h:g}) to {last:.3g} in epoch {epochs}"
+                + (" (so the last epoch ran at lr 0)" if last == 0 else ""))
+    return f"{text}; beta1 {_beta1(c, sched)}"
 
 
 def _fmt(mean: float, values: list[float]) -> str:
@@ -181,28 +308,46 @@ def _fmt(mean: float, values: list[float]) -> str:
 
 
 # --------------------------------------------------------------------------- outputs
-def _table(setting: tuple[Any, ...], by_variant: dict[str, list[Run]], target: float,
-           command: str) -> str:
-    cfg = dict(zip(_SETTING, setting))
-    any_run = next(iter(by_variant.values()))[0]
+def _differs(c: dict[str, Any], groups: list[dict[str, list[Run]]]) -> str:
+    """The settings of ``c`` that not every table shares ("" with one table)."""
+    if len(groups) < 2:
+        return ""
+    keys = [dict(next(r for rs in g.values() for r in rs).setting) for g in groups]
+    mine = dict(setting_key(c))
+    diff = sorted(k for k in set().union(*keys) if len({kk.get(k) for kk in keys}) > 1)
+    return "; ".join(f"{k} {c.get(k)}" if k != "data" else
+                     f"data {c.get('data', {}).get('source', '?')}" for k in diff if k in mine)
+
+
+def _table(by_all: dict[str, list[Run]], target: float | None, command: str,
+           differs: str = "") -> str:
+    by_variant = {v: [r for r in rs if r.complete] for v, rs in by_all.items()}
+    every = [r for rs in by_all.values() for r in rs]
+    any_run = every[0]
     c = any_run.config
+    cfg = {k: c.get(k) for k in _SETTING}
     data = c.get("data", {})
-    hardware = sorted({r.version.get("hardware", "?") for rs in by_variant.values() for r in rs})
+    hardware = sorted({r.version.get("hardware", "?") for r in every})
     commits = sorted({(r.version.get("git_commit") or "?")[:10]
-                      + ("+dirty" if r.version.get("git_dirty") else "")
-                      for rs in by_variant.values() for r in rs})
+                      + ("+dirty" if r.version.get("git_dirty") else "") for r in every})
+    left_out = [r for r in every if not r.complete]
     lines = [
-        f"### {cfg['dataset']}: {cfg['epochs']} epochs, width {cfg['width']}, "
+        f"### {cfg['dataset']}: {_epochs(float(cfg['epochs']))} epochs, width {cfg['width']}, "
         f"{data.get('train', '?')} train / {data.get('test', '?')} test examples",
         "",
+    ]
+    if differs:
+        lines += [f"- Differs from the other tables: {differs}"]
+    lines += [
         f"- Data: {data.get('source', '?')}; preprocessing {data.get('preprocessing', '?')}; "
         f"train subset {cfg['train_subset'] or 'full'}, test subset {cfg['test_subset'] or 'full'}",
-        f"- Training: batch {cfg['batch_size']}, Adam lr {cfg['lr']} constant for "
-        f"{c.get('decay_start', '?')} epochs then linear to 0; beta1 {_beta1(c)}; data init on "
-        f"{c.get('init_examples', '?')} examples",
+        f"- Training: batch {cfg['batch_size']}, {schedule_text(c)}; data init on "
+        f"{c.get('init_examples', '?')} examples (init scale {c.get('init_scale', '?')}); "
+        f"input noise std {c.get('noise', '?')}, dropout {c.get('dropout', '?')}",
         f"- Hardware: {'; '.join(hardware)}",
-        f"- Time: {sum(len(rs) for rs in by_variant.values())} runs, "
-        f"{sum(m.get('seconds', 0.0) + m.get('eval_seconds', 0.0) for rs in by_variant.values() for r in rs for m in r.metrics) / 60:.0f}"  # noqa: E501
+        f"- Time: {len(every)} runs"
+        + (f" ({len(every) - len(left_out)} complete)" if left_out else "") + ", "
+        f"{sum(m.get('seconds', 0.0) + m.get('eval_seconds', 0.0) for r in every for m in r.metrics) / 60:.0f}"  # noqa: E501
         " minutes of training and evaluation in all (the sum over runs and epochs)",
         f"- Code: wnorm {any_run.version.get('wnorm', '?')}, torch "
         f"{any_run.version.get('torch', '?')}, git {', '.join(commits)}",
@@ -210,40 +355,51 @@ def _table(setting: tuple[Any, ...], by_variant: dict[str, list[Run]], target: f
         "",
     ]
     paper_note = "" if cfg["dataset"] == "cifar10" else " (CIFAR-10, full run; not this setting)"
+    target_txt = f"{target:g}%" if target is not None else "X%"
     lines += [
         f"| variant | final test error % (mean ± std) | seeds | paper test error %{paper_note} "
-        f"| final train error % | s/epoch vs normal | epochs to {target:g}% train error |",
+        f"| final train error % | s/epoch vs normal | epochs to {target_txt} train error |",
         "|---|---|---|---|---|---|---|",
     ]
     normal_sec = (statistics.fmean(_sec_per_epoch(r) for r in by_variant["normal"])
-                  if "normal" in by_variant else None)
+                  if by_variant.get("normal") else None)
     reach: dict[str, float | None] = {}
     missed: dict[str, tuple[int, int]] = {}  # variant -> (seeds that missed the target, seeds)
-    for v in _order(list(by_variant)):
+    for v in _order(list(by_all)):
         rs = by_variant[v]
-        test = [100 * r.metrics[-1]["test_error"] for r in rs]
-        train = [100 * r.metrics[-1]["train_error"] for r in rs]
-        incomplete = sum(not r.complete for r in rs)
-        seeds = f"{len(rs)}" + (f" ({incomplete} incomplete)" if incomplete else "")
+        diverged = sum(r.diverged for r in by_all[v])
+        incomplete = sum(r.status == "incomplete" for r in by_all[v])
+        notes = [f"{k} {what}" for k, what in ((diverged, "diverged"),
+                                               (incomplete, "incomplete")) if k]
+        seeds = f"{len(rs)}" + (f" (+{', '.join(notes)}: left out)" if notes else "")
         paper = PAPER_TABLE1.get(v)
         paper_txt = "" if paper is None else f"{paper[0]:.2f}" + (" (approx.)" if paper[1] else "")
+        if not rs:
+            why = "diverged" if diverged and not incomplete else "no complete run"
+            lines.append(f"| {v} | {why} | {seeds} | {paper_txt} | {why} | n/a | n/a |")
+            continue
+        test = [100 * r.metrics[-1]["test_error"] for r in rs]
+        train = [100 * r.metrics[-1]["train_error"] for r in rs]
         sec = statistics.fmean(_sec_per_epoch(r) for r in rs)
         rel = f"{sec / normal_sec:.2f}" if normal_sec else "n/a"
-        hits = [_epochs_to(r, target) for r in rs]
-        got = [h for h in hits if h is not None]
-        missed[v] = (len(hits) - len(got), len(hits))
-        if len(got) == len(hits):
-            reach[v] = statistics.fmean(got)
-            ep = f"{reach[v]:.1f}" if len(got) > 1 else f"{got[0]}"
-            if len(got) > 1 and min(got) != max(got):
-                ep += f" ({min(got)}-{max(got)})"
+        if target is None:
+            ep = "n/a"
         else:
-            reach[v] = None
-            ep = f"not reached by {len(hits) - len(got)} of {len(hits)} seeds"
+            hits = [_epochs_to(r, target) for r in rs]
+            got = [h for h in hits if h is not None]
+            missed[v] = (len(hits) - len(got), len(hits))
+            if len(got) == len(hits):
+                reach[v] = statistics.fmean(got)
+                ep = f"{reach[v]:.1f}" if len(got) > 1 else f"{got[0]}"
+                if len(got) > 1 and min(got) != max(got):
+                    ep += f" ({min(got)}-{max(got)})"
+            else:
+                reach[v] = None
+                ep = f"not reached by {len(hits) - len(got)} of {len(hits)} seeds"
         lines.append(f"| {v} | {_fmt(statistics.fmean(test), test)} | {seeds} | {paper_txt} | "
                      f"{_fmt(statistics.fmean(train), train)} | {rel} ({sec:.2f} s) | {ep} |")
     lines.append("")
-    if "normal" in reach:
+    if "normal" in reach and target is not None:
         base = reach["normal"]
         for v, r in reach.items():
             if v == "normal":
@@ -255,6 +411,11 @@ def _table(setting: tuple[Any, ...], by_variant: dict[str, list[Run]], target: f
                 cmp = "fewer" if r < base else ("more" if r > base else "as many")
                 verdict = f"{v} took {_epochs(r)} epochs, normal {_epochs(base)}: {cmp} epochs"
             lines.append(f"- {target:g}% training error: {verdict}.")
+        lines.append("")
+    if left_out:
+        lines += ["Left out of the table and the plot (only runs with every configured epoch "
+                  "count):", ""]
+        lines += [f"- {r.note()}" for r in sorted(left_out, key=lambda r: str(r.folder))]
         lines.append("")
     return "\n".join(lines)
 
@@ -279,12 +440,15 @@ def _plot(groups: dict[tuple[Any, ...], dict[str, list[Run]]], path: Path) -> No
     axes = fig.subplots(len(groups), 2, squeeze=False)
     colors = dict(zip(VARIANTS, ("tab:gray", "tab:blue", "tab:green", "tab:red", "tab:orange",
                                  "tab:purple", "tab:brown", "tab:pink", "tab:olive")))
-    for row, (setting, by_variant) in enumerate(groups.items()):
-        cfg = dict(zip(_SETTING, setting))
+    for row, by_all in enumerate(groups.values()):
+        cfg = next(r for rs in by_all.values() for r in rs).config
+        by_variant = {v: [r for r in rs if r.complete] for v, rs in by_all.items()}
         for col, key in enumerate(("train_error", "test_error")):
             ax = axes[row][col]
             for v in _order(list(by_variant)):
                 rs = by_variant[v]
+                if not rs:
+                    continue
                 ep, mean, lo, hi = _mean_curve(rs, key)
                 c = colors.get(v)
                 ax.plot(ep, mean, label=f"{v} (n={len(rs)})", color=c, marker="o", ms=3)
@@ -295,7 +459,10 @@ def _plot(groups: dict[tuple[Any, ...], dict[str, list[Run]]], path: Path) -> No
             ax.set_title(f"{cfg['dataset']}, width {cfg['width']}: {key.split('_')[0]} error "
                          f"(mean over seeds, min-max band)", fontsize=10)
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
+            if ax.lines:
+                ax.legend(fontsize=8)
+            else:
+                ax.text(0.5, 0.5, "no complete run", transform=ax.transAxes, ha="center")
     fig.savefig(path, dpi=110)
 
 
@@ -307,8 +474,10 @@ def report(paths: list[str | Path], out: str | Path, *, target_error: float | No
         ``(markdown path, png path, markdown text)``.
 
     Raises:
-        WnormError: no usable run folder in ``paths``.
+        WnormError: no usable run folder in ``paths``, or a ``target_error`` outside (0, 100).
     """
+    if target_error is not None and not 0 < target_error < 100:
+        raise WnormError(f"--target-error must be a percentage in (0, 100); got {target_error}")
     runs = load_runs(paths)
     groups: dict[tuple[Any, ...], dict[str, list[Run]]] = defaultdict(lambda: defaultdict(list))
     for r in runs:
@@ -321,9 +490,12 @@ def report(paths: list[str | Path], out: str | Path, *, target_error: float | No
     _plot(groups, png)
     parts = ["# Weight normalization: the classification experiment (Salimans & Kingma 2016, "
              "section 5)", "", f"![training error]({png.name})", ""]
-    for setting, by_variant in groups.items():
-        target = target_error if target_error is not None else _default_target(by_variant)
-        parts.append(_table(setting, by_variant, target, command))
+    tables = list(groups.values())
+    for by_all in tables:
+        complete = {v: [r for r in rs if r.complete] for v, rs in by_all.items()}
+        target = target_error if target_error is not None else _default_target(complete)
+        c = next(r for rs in by_all.values() for r in rs).config
+        parts.append(_table(by_all, target, command, _differs(c, tables)))
     text = "\n".join(parts)
     md = out / "report.md"
     md.write_text(text)

@@ -27,6 +27,7 @@ epoch: ``epoch``, ``train_loss`` (mean over the epoch), ``train_error``, ``test_
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 import warnings
@@ -40,8 +41,9 @@ import wnorm
 from wnorm import WnormError
 
 from .datasets import ImageData
-from .others_report import (RunFolder, add_common_arguments, config_from_args,
-                            resolve_device, variants_and_seeds)
+from .others_report import (RunFolder, add_common_arguments, prepare_runs, resolve_device,
+                            variants_and_seeds)
+from .train import _progress
 
 __all__ = ["SeqConfig", "RowLSTM", "add_arguments", "run", "train_one"]
 
@@ -111,8 +113,24 @@ def _evaluate(model: nn.Module, x: Tensor, y: Tensor, device: torch.device
     return loss / n, wrong / n
 
 
-def train_one(cfg: SeqConfig, data: ImageData, echo: bool = True) -> RunFolder:
-    """Train ``cfg.variant`` with ``cfg.seed`` on ``data``; writes and returns the run folder."""
+def run_name(cfg: SeqConfig) -> str:
+    return f"seq-{cfg.variant}-s{cfg.seed}"
+
+
+def train_one(cfg: SeqConfig, data: ImageData, echo: bool = True, *, overwrite: bool = False,
+              progress: bool = False) -> RunFolder:
+    """Train ``cfg.variant`` with ``cfg.seed`` on ``data``; writes and returns the run folder.
+
+    A loss that turns NaN/inf stops the run: its last metrics line is ``{"epoch": e,
+    "diverged": true, "step": s, "loss": "nan"}`` and the log says so.
+
+    Raises:
+        WnormError: a bad setting, or the folder already holds a run and ``overwrite`` is
+            False (before the folder is touched).
+    """
+    from .checks import check_config
+
+    check_config(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
@@ -120,7 +138,7 @@ def train_one(cfg: SeqConfig, data: ImageData, echo: bool = True) -> RunFolder:
     n = x_train.shape[0]
     if n < 2:
         raise WnormError(f"seq: need at least 2 training images; got {n}")
-    name = f"seq-{cfg.variant}-s{cfg.seed}"
+    name = run_name(cfg)
     torch.manual_seed(cfg.seed)
     model = build(cfg.variant, cfg.hidden).to(device)
     order = torch.Generator().manual_seed(cfg.seed)
@@ -132,7 +150,7 @@ def train_one(cfg: SeqConfig, data: ImageData, echo: bool = True) -> RunFolder:
                + ("; lstm: plain, PyTorch default init" if cfg.variant == "normal" else ""))
     folder = RunFolder(cfg, name, device,
                        {"data": data.describe(), "init_summary": summary},
-                       echo=echo)
+                       echo=echo, overwrite=overwrite)
     with folder:
         log = folder.log
         log(f"{name}: {n} train / {data.x_test.shape[0]} test sequences of 28 rows, "
@@ -149,22 +167,34 @@ def train_one(cfg: SeqConfig, data: ImageData, echo: bool = True) -> RunFolder:
             total = wrong = 0.0
             logged = []
             t0 = time.perf_counter()
-            for s in range(steps_per_epoch):
-                idx = perm[s * batch:(s + 1) * batch]
-                logits = model(xd[idx])
-                loss = F.cross_entropy(logits, yd[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                step += 1
-                value = float(loss.detach())
-                if value != value or abs(value) == float("inf"):
-                    raise WnormError(f"{name}: the training loss became {value} at step {step} "
-                                     f"(lr {cfg.lr:g}); lower --lr")
-                total += value
-                wrong += float((logits.argmax(1) != yd[idx]).float().mean())
-                if step % cfg.log_every == 0:
-                    logged.append([step, value])
+            diverged = False
+            with _progress(steps_per_epoch, f"seq {cfg.variant} s{cfg.seed} {epoch}/"
+                                            f"{cfg.epochs}", progress) as bar:
+                for s in range(steps_per_epoch):
+                    idx = perm[s * batch:(s + 1) * batch]
+                    logits = model(xd[idx])
+                    loss = F.cross_entropy(logits, yd[idx])
+                    step += 1
+                    value = float(loss.detach())
+                    if not math.isfinite(value):
+                        diverged = True
+                        break
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    total += value
+                    wrong += float((logits.argmax(1) != yd[idx]).float().mean())
+                    if step % cfg.log_every == 0:
+                        logged.append([step, value])
+                    if bar is not None:
+                        bar.update(1)
+            if diverged:
+                folder.write({"epoch": epoch, "diverged": True, "step": step,
+                              "loss": str(value), "steps": step})
+                log(f"epoch {epoch}/{cfg.epochs}: the training loss became {value} at step "
+                    f"{step} (lr {cfg.lr:g}): diverged, stopping this run (a lower --lr may "
+                    "help)")
+                break
             seconds = time.perf_counter() - t0
             t1 = time.perf_counter()
             te_loss, te_err = _evaluate(model, data.x_test, data.y_test, device)
@@ -192,13 +222,15 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         variants, seeds = variants_and_seeds(args)
-        base = config_from_args(SeqConfig, args, QUICK)
+        configs = prepare_runs(SeqConfig, args, QUICK, run_name,
+                               [{"variant": v, "seed": s} for s in seeds for v in variants])
+        resolve_device(args.device)
+        base = configs[0]
         data = load_fashion_mnist(base.data_dir, train_subset=base.train_subset,
                                   test_subset=base.test_subset)
-        for seed in seeds:
-            for v in variants:
-                cfg = config_from_args(SeqConfig, args, QUICK, variant=v, seed=seed)
-                print(f"run folder: {train_one(cfg, data).path}")
+        for cfg in configs:
+            folder = train_one(cfg, data, overwrite=args.overwrite, progress=args.progress)
+            print(f"run folder: {folder.path}")
     except WnormError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -93,7 +93,7 @@ class SweepConfig:
     threads: int | None = None
     download: bool = True
     out: str = "runs/lr-sweep"
-    progress: bool = True  # unused (one log line per epoch); kept for the shared CLI options
+    progress: bool = True  # a progress bar over each epoch's steps (stderr)
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -105,6 +105,9 @@ def run_dir_name(cfg: SweepConfig) -> str:
 
 
 def _check(cfg: SweepConfig) -> None:
+    from .checks import check_config
+
+    check_config(cfg)
     allowed = MLP_VARIANTS if cfg.model == "mlp" else VARIANTS
     if cfg.model not in ("mlp", "paper"):
         raise WnormError(f"lr-sweep: --model must be mlp or paper; got {cfg.model!r}")
@@ -155,18 +158,29 @@ def _finite_or_none(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def train_one(cfg: SweepConfig, data: ImageData, echo: bool = True) -> Path:
-    """Train one (variant, lr, seed) at a constant learning rate; returns the run folder."""
+def train_one(cfg: SweepConfig, data: ImageData, echo: bool = True, *,
+              overwrite: bool = False) -> Path:
+    """Train one (variant, lr, seed) at a constant learning rate; returns the run folder.
+
+    Raises:
+        WnormError: a bad setting, or the run folder already holds a run and ``overwrite`` is
+            False (both before the folder is touched).
+    """
+    from .checks import refuse_existing
+
     _check(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = torch.device(cfg.device)
     folder = Path(cfg.out) / run_dir_name(cfg)
+    refuse_existing([folder], overwrite)
+    if data.x_train.shape[0] == 0:
+        raise WnormError(f"{data.name}: the training set is empty")
     folder.mkdir(parents=True, exist_ok=True)
     config = asdict(cfg) | {"kind": "lr-sweep", "data": data.describe()}
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (folder / "version.json").write_text(json.dumps(version_info(str(device)), indent=2) + "\n")
-    log = RunLog(folder / "log.txt", echo=sys.stdout if echo else None)
+    log = RunLog(folder / "log.txt", echo=bool(echo))
     try:
         _train(cfg, data, device, folder, log)
     finally:
@@ -176,11 +190,11 @@ def train_one(cfg: SweepConfig, data: ImageData, echo: bool = True) -> Path:
 
 def _train(cfg: SweepConfig, data: ImageData, device: torch.device, folder: Path,
            log: RunLog) -> None:
+    from .train import _progress
+
     x, y = data.x_train.to(device), data.y_train.to(device)
     x_test, y_test = data.x_test.to(device), data.y_test.to(device)
     n = x.shape[0]
-    if n == 0:
-        raise WnormError(f"{data.name}: the training set is empty")
     torch.manual_seed(cfg.seed)
     model = _model(cfg, data).to(device)
     order = torch.Generator().manual_seed(cfg.seed)
@@ -205,25 +219,29 @@ def _train(cfg: SweepConfig, data: ImageData, device: torch.device, folder: Path
             loss_sum, wrong, seen = 0.0, 0.0, 0
             last_v: dict[str, float] = {}
             t0 = time.perf_counter()
-            for s in range(steps):
-                idx = perm[s * batch:(s + 1) * batch]
-                logits = model(x[idx])
-                loss = F.cross_entropy(logits, y[idx])
-                step += 1
-                if layers and (step == 1 or step % cfg.vnorm_every == 0 or s == steps - 1):
-                    last_v = v_norms(layers)  # after the forward: the norm it used
-                    vfile.write(json.dumps({"step": step, "epoch": epoch, "v_norm": last_v})
-                                + "\n")
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    diverged_at = step
-                    break
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                loss_sum += value * idx.numel()
-                wrong += float((logits.argmax(1) != y[idx]).sum())
-                seen += idx.numel()
+            with _progress(steps, f"{cfg.variant} lr {cfg.lr:g} s{cfg.seed} "
+                                  f"{epoch}/{cfg.epochs}", cfg.progress) as bar:
+                for s in range(steps):
+                    if bar is not None:
+                        bar.update(1)
+                    idx = perm[s * batch:(s + 1) * batch]
+                    logits = model(x[idx])
+                    loss = F.cross_entropy(logits, y[idx])
+                    step += 1
+                    if layers and (step == 1 or step % cfg.vnorm_every == 0 or s == steps - 1):
+                        last_v = v_norms(layers)  # after the forward: the norm it used
+                        vfile.write(json.dumps({"step": step, "epoch": epoch, "v_norm": last_v})
+                                    + "\n")
+                    value = float(loss.detach())
+                    if not math.isfinite(value):
+                        diverged_at = step
+                        break
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    loss_sum += value * idx.numel()
+                    wrong += float((logits.argmax(1) != y[idx]).sum())
+                    seen += idx.numel()
             seconds = time.perf_counter() - t0
             if diverged_at is None:
                 te_loss, te_err = _evaluate(model, x_test, y_test)
@@ -252,22 +270,49 @@ def _train(cfg: SweepConfig, data: ImageData, device: torch.device, folder: Path
                 f"{v_txt}  {seconds:.1f}s")
 
 
+def _configs(base: SweepConfig, variants: list[str], lrs: list[float], seeds: list[int]
+             ) -> list[SweepConfig]:
+    return [SweepConfig(**(asdict(base) | {"variant": variant, "lr": lr, "seed": seed}))
+            for seed in seeds for lr in lrs for variant in variants]
+
+
+def check_all(base: SweepConfig, variants: list[str], lrs: list[float], seeds: list[int], *,
+              overwrite: bool = False) -> None:
+    """Every run's settings, and that no run folder already holds a run (unless
+    ``overwrite``): before any data is loaded or any run trains.
+
+    Raises:
+        WnormError: the first problem, naming the option or the folder.
+    """
+    from .checks import no_repeats, refuse_existing
+
+    if not (variants and lrs and seeds):
+        raise WnormError("lr-sweep: --variants, --lrs and --seeds each need at least one value")
+    for values, option in ((variants, "--variants"), (lrs, "--lrs"), (seeds, "--seeds")):
+        no_repeats(list(values), option)
+    configs = _configs(base, variants, lrs, seeds)
+    for cfg in configs:
+        _check(cfg)
+    refuse_existing([Path(c.out) / run_dir_name(c) for c in configs], overwrite)
+
+
 def sweep(base: SweepConfig, variants: list[str], lrs: list[float], seeds: list[int],
-          data: ImageData, echo: bool = True) -> list[Path]:
-    """Every (seed, lr, variant), seed-major so that an interrupted sweep has whole seeds."""
-    folders = []
-    for seed in seeds:
-        for lr in lrs:
-            for variant in variants:
-                cfg = SweepConfig(**(asdict(base) | {"variant": variant, "lr": lr, "seed": seed}))
-                _check(cfg)
-                folders.append(train_one(cfg, data, echo=echo))
-    return folders
+          data: ImageData, echo: bool = True, *, progress: bool | None = None,
+          overwrite: bool = False) -> list[Path]:
+    """Every (seed, lr, variant), seed-major so that an interrupted sweep has whole seeds.
+
+    ``progress`` (default: ``base.progress``) shows a bar per epoch; ``echo`` prints the log
+    lines. Every setting and run folder is checked before the first run trains."""
+    check_all(base, variants, lrs, seeds, overwrite=overwrite)
+    if progress is not None:
+        base = SweepConfig(**(asdict(base) | {"progress": progress}))
+    return [train_one(cfg, data, echo=echo, overwrite=overwrite)
+            for cfg in _configs(base, variants, lrs, seeds)]
 
 
 # --------------------------------------------------------------------------- report
-_SWEEP_SETTING = ("dataset", "model", "optimizer", "momentum", "epochs", "hidden", "depth",
-                  "width", "train_subset", "batch_size")
+_SWEEP_NOT_SETTING = frozenset({"variant", "lr", "seed", "out", "progress", "threads", "device",
+                                "data_dir", "download"})
 _SWEEP_COLORS = {"normal": "tab:gray", "weightnorm": "tab:blue", "forced": "tab:pink",
                  "centered": "tab:purple", "arpit": "tab:olive"}
 
@@ -323,19 +368,18 @@ class SweepRun:
 
     @property
     def setting(self) -> tuple[Any, ...]:
-        return tuple(self.config.get(k) for k in _SWEEP_SETTING)
+        """The whole config but what varies within a sweep (variant, lr, seed) and what does
+        not change the computation (out, progress, threads, device, data_dir, download)."""
+        from .report import setting_key
+
+        return setting_key(self.config, _SWEEP_NOT_SETTING)
 
 
 def load_sweep(paths: list[str | Path]) -> list[SweepRun]:
     """The sweep run folders named in ``paths`` or directly inside them (those with metrics)."""
-    from .report import read_jsonl, read_run_files
+    from .report import read_jsonl, read_run_files, refuse_duplicates, run_folders
 
-    folders: list[Path] = []
-    for p in map(Path, paths):
-        if not p.exists():
-            raise WnormError(f"report: {p} does not exist")
-        folders += [p] if (p / "config.json").is_file() else sorted(
-            d for d in p.iterdir() if (d / "config.json").is_file())
+    folders = run_folders(paths)
     runs = []
     for d in folders:
         config, version, metrics = read_run_files(d)
@@ -347,6 +391,8 @@ def load_sweep(paths: list[str | Path]) -> list[SweepRun]:
             runs.append(run)
     if not runs:
         raise WnormError(f"report: no lr-sweep run folder with metrics in {list(map(str, paths))}")
+    refuse_duplicates(runs, lambda r: (r.variant, f"lr {r.lr:g}", f"seed {r.config.get('seed')}"),
+                      "variant, learning rate and seed")
     return runs
 
 
@@ -365,8 +411,9 @@ def _cells(runs: list[SweepRun]) -> dict[str, dict[float, Cell]]:
             r.lr, {"finals": [], "diverged": 0, "n": 0, "test": [], "growth": [],
                    "incomplete": 0, "steps": []})
         cell["n"] += 1
-        cell["incomplete"] += not r.complete
-        if r.diverged:
+        if not r.complete:  # in progress or stopped early: counted, left out of the numbers
+            cell["incomplete"] += 1
+        elif r.diverged:
             cell["diverged"] += 1
             cell["steps"].append(r.metrics[-1].get("diverged_step"))
         else:
@@ -382,7 +429,7 @@ def _good(cells: dict[float, Cell], tolerance: float) -> tuple[float | None, flo
                                                                   list[float]]:
     """(best mean final loss over the lrs no seed diverged at, its lr, lrs within tolerance)."""
     clean = {lr: statistics.fmean(c["finals"]) for lr, c in cells.items()
-             if c["finals"] and not c["diverged"]}
+             if c["finals"] and not c["diverged"] and not c["incomplete"]}
     if not clean:
         return None, None, []
     best_lr = min(clean, key=clean.__getitem__)
@@ -396,7 +443,11 @@ def _summary(variant: str, cells: dict[float, Cell], tolerance: float) -> str:
     div = [lr for lr in lrs if cells[lr]["diverged"]]
     parts = [f"**{variant}**:"]
     if best is None:
-        parts.append(f"diverged at every learning rate ({len(lrs)}).")
+        if all(cells[lr]["diverged"] for lr in lrs):
+            parts.append(f"diverged at every learning rate ({len(lrs)}).")
+        else:
+            parts.append(f"no learning rate with every seed complete and none diverged ("
+                         f"{sum(cells[lr]['incomplete'] for lr in lrs)} runs incomplete).")
         return " ".join(parts)
     span = math.log10(max(good) / min(good)) if good else 0.0
     contiguous = good == [lr for lr in lrs if min(good) <= lr <= max(good)]
@@ -420,7 +471,8 @@ def _summary(variant: str, cells: dict[float, Cell], tolerance: float) -> str:
 def _cell_text(c: Cell, key: str, scale: float = 1.0, digits: int = 3) -> str:
     vals = [scale * v for v in c[key] if math.isfinite(v)]
     if not vals:
-        return f"diverged ({c['diverged']}/{c['n']})"
+        parts = [f"{what} ({c[what]}/{c['n']})" for what in ("diverged", "incomplete") if c[what]]
+        return "; ".join(parts) or "n/a"
     txt = f"{statistics.fmean(vals):.{digits}f}"
     if len(vals) > 1:
         txt += f" ({min(vals):.{digits}f}-{max(vals):.{digits}f})"
@@ -433,8 +485,7 @@ def _cell_text(c: Cell, key: str, scale: float = 1.0, digits: int = 3) -> str:
 
 def _sweep_table(setting: tuple[Any, ...], runs: list[SweepRun], tolerance: float,
                  command: str) -> str:
-    cfg = dict(zip(_SWEEP_SETTING, setting))
-    c = runs[0].config
+    cfg = c = runs[0].config
     data = c.get("data", {})
     cells = _cells(runs)
     variants = _variant_order(cells)
@@ -503,7 +554,7 @@ def _sweep_table(setting: tuple[Any, ...], runs: list[SweepRun], tolerance: floa
                 elif cell["growth"]:
                     row.append(f"{statistics.fmean(cell['growth']):.3g}")
                 else:
-                    row.append(f"diverged ({cell['diverged']}/{cell['n']})")
+                    row.append(_cell_text(cell, "growth"))
             lines.append(f"| {lr:g} | " + " | ".join(row) + " |")
     lines.append("")
     return "\n".join(lines)
@@ -533,7 +584,7 @@ def _plot_loss(groups: dict[tuple[Any, ...], list[SweepRun]], path: Path) -> Non
     FigureCanvasAgg(fig)
     axes = fig.subplots(len(groups), 1, squeeze=False)
     for ax, (setting, runs) in zip(axes[:, 0], groups.items()):
-        cfg = dict(zip(_SWEEP_SETTING, setting))
+        cfg = runs[0].config
         cells = _cells(runs)
         for i, v in enumerate(_variant_order(cells)):
             color = _SWEEP_COLORS.get(v)
@@ -596,7 +647,7 @@ def _plot_vnorm(groups: dict[tuple[Any, ...], list[SweepRun]], path: Path) -> No
     norm = LogNorm(min(all_lrs), max(all_lrs))
     cmap = colormaps["viridis"]
     for ax, (setting, v, runs) in zip(axes, panels):
-        cfg = dict(zip(_SWEEP_SETTING, setting))
+        cfg = runs[0].config
         by_lr: dict[float, list[SweepRun]] = {}
         for r in runs:
             by_lr.setdefault(r.lr, []).append(r)

@@ -2,7 +2,8 @@ r"""One training run of the section-5 classifier, written to a run folder.
 
 Optimizer and schedule (the authors' CIFAR-10 script, with its 200 epochs as ``epochs``): Adam
 with :math:`\beta_2 = 0.999`, :math:`\epsilon = 10^{-8}`, batch 100; for epoch
-:math:`e = 0, 1, \dots` and :math:`h` = ``decay_start`` (default ``epochs // 2``)
+:math:`e = 0, 1, \dots` and :math:`h` = ``decay_start`` (default ``epochs / 2``, a float as in
+the authors' ``lr * min(2 - epoch / (0.5 * n_epochs), 1)``, so the last epoch never runs at lr 0)
 
 .. math::
     \text{lr}_e = \text{lr}\cdot\min(2 - e/h,\ 1),\qquad
@@ -16,7 +17,8 @@ A run writes ``<out>/<dataset>-<variant>-s<seed>/``:
   (fractions in [0, 1], measured on the training batches in training mode, noise and dropout
   on, as in the paper's Figure 1), ``test_loss``, ``test_error`` (eval mode: running means, no
   noise), ``seconds`` (wall time of the epoch's training steps), ``eval_seconds``, ``lr``,
-  ``beta1``
+  ``beta1``; a run whose training loss turned NaN/inf ends with ``{"epoch": e, "diverged":
+  true, "loss": "nan", ...}`` (its numbers null) and stops there
 - ``log.txt``       what was printed
 
 Multi-GPU: launched under ``torchrun`` (``WORLD_SIZE`` set), every rank builds the same model,
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import platform
 import subprocess
@@ -49,7 +52,7 @@ from wnorm import WnormError
 from .datasets import ImageData
 from .models import build, initialize
 
-__all__ = ["Config", "Dist", "run", "run_dir_name", "schedule", "version_info"]
+__all__ = ["Config", "Dist", "check", "run", "run_dir_name", "schedule", "version_info"]
 
 
 # --------------------------------------------------------------------------- defaults
@@ -72,7 +75,7 @@ class Config:
     beta1_late: float = 0.5  # beta1 from decay_start on
     beta2: float = 0.999
     eps: float = 1e-8
-    decay_start: int | None = None  # None: epochs // 2
+    decay_start: float | None = None  # None: epochs / 2 (the authors' 0.5 * n_epochs)
     init_examples: int = 500  # data-dependent init batch
     init_scale: float = 1.0
     noise: float = 0.15
@@ -88,7 +91,7 @@ class Config:
         """A copy with ``None``/``auto`` defaults made explicit."""
         c = Config(**asdict(self))
         if c.decay_start is None:
-            c.decay_start = c.epochs // 2
+            c.decay_start = c.epochs / 2
         if c.zca is None:
             c.zca = c.dataset == "cifar10"
         if c.device == "auto":
@@ -106,7 +109,7 @@ def run_dir_name(cfg: Config) -> str:
 
 def schedule(cfg: Config, epoch: int) -> tuple[float, float]:
     """``(lr, beta1)`` for 0-based ``epoch``: constant, then linear to 0 from ``decay_start``."""
-    h = cfg.epochs // 2 if cfg.decay_start is None else cfg.decay_start
+    h = cfg.epochs / 2 if cfg.decay_start is None else cfg.decay_start
     if h <= 0:
         return cfg.lr * max(0.0, 1.0 - epoch / max(cfg.epochs, 1)), cfg.beta1_late
     return cfg.lr * min(2.0 - epoch / h, 1.0), (cfg.beta1 if epoch < h else cfg.beta1_late)
@@ -207,14 +210,16 @@ def version_info(device: str, world: int = 1) -> dict[str, Any]:
 class RunLog:
     """Prints a line (rank 0 only) and appends it to ``log.txt``."""
 
-    def __init__(self, path: Path | None, echo: TextIO | None = sys.stdout) -> None:
+    def __init__(self, path: Path | None, echo: TextIO | None | bool = True) -> None:
         self.file = open(path, "w") if path is not None else None  # noqa: SIM115
-        self.echo = echo
+        self.echo = echo  # True: sys.stdout as it is when a line is printed
 
     def __call__(self, msg: str) -> None:
         line = f"[{time.strftime('%H:%M:%S')}] {msg}"
-        if self.echo is not None:
-            _tqdm_write(line, self.echo)
+        if self.echo is True:
+            _tqdm_write(line, sys.stdout)
+        elif self.echo not in (None, False):
+            _tqdm_write(line, self.echo)  # type: ignore[arg-type]
         if self.file is not None:
             self.file.write(line + "\n")
             self.file.flush()
@@ -265,23 +270,58 @@ def _evaluate(model: nn.Module, x: Tensor, y: Tensor, batch: int, dist: Dist,
     return loss_sum / max(count, 1), wrong / max(count, 1)
 
 
-def run(cfg: Config, data: ImageData, dist: Dist | None = None) -> Path:
+def check(cfg: Config) -> None:
+    """Refuse bad settings before any data is loaded or any folder touched.
+
+    Raises:
+        WnormError: ``--option must be ...; got value`` (see :mod:`wnorm.repro.checks`).
+    """
+    from .checks import check_config
+    from .datasets import DATASETS
+    from .models import VARIANTS
+
+    check_config(cfg)
+    if cfg.dataset not in DATASETS:
+        raise WnormError(f"--dataset must be one of {list(DATASETS)}; got {cfg.dataset!r}")
+    if cfg.variant not in VARIANTS:
+        raise WnormError(f"--variants: unknown {cfg.variant!r}; expected some of {list(VARIANTS)}")
+
+
+def _finite(model: nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def run(cfg: Config, data: ImageData, dist: Dist | None = None, *,
+        overwrite: bool = False) -> Path:
     """Train ``cfg.variant`` on ``data`` for ``cfg.epochs``; returns the run folder.
+
+    A training loss that turns NaN/inf stops the run: its last ``metrics.jsonl`` line is
+    ``{"epoch": e, "diverged": true, ...}`` and ``log.txt`` says so; no exception.
 
     Raises:
         WnormError: bad settings (batch size not divisible by the number of processes,
-            an empty training set, an unknown variant).
+            an empty training set, an unknown variant, a value out of range), or the run folder
+            already holds a run and ``overwrite`` is False; all before the folder is touched.
     """
+    from .checks import refuse_existing
+
+    check(cfg)
     cfg = cfg.resolved()
     dist = dist or Dist()
     if cfg.batch_size % dist.world:
         raise WnormError(f"batch_size {cfg.batch_size} must be divisible by the number of "
                          f"processes {dist.world}")
+    if data.x_train.shape[0] == 0:
+        raise WnormError(f"{data.name}: the training set is empty")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = torch.device(f"cuda:{dist.local_rank}" if cfg.device == "cuda" and dist.world > 1
                           else cfg.device)
     folder = Path(cfg.out) / run_dir_name(cfg)
+    refuse_existing([folder], overwrite)
+    torch.manual_seed(cfg.seed)  # the same model on every rank; built before the folder is touched
+    model = build(cfg.variant, data.in_channels, cfg.width, noise=cfg.noise,
+                  dropout=cfg.dropout).to(device)
     log = RunLog(None, echo=None)
     if dist.main:
         folder.mkdir(parents=True, exist_ok=True)
@@ -291,24 +331,19 @@ def run(cfg: Config, data: ImageData, dist: Dist | None = None) -> Path:
             json.dumps(version_info(str(device), dist.world), indent=2) + "\n")
         log = RunLog(folder / "log.txt")
     try:
-        _train(cfg, data, dist, device, folder, log)
+        _train(cfg, data, dist, device, folder, log, model)
     finally:
         log.close()
     return folder
 
 
 def _train(cfg: Config, data: ImageData, dist: Dist, device: torch.device, folder: Path,
-           log: RunLog) -> None:
+           log: RunLog, model: nn.Module) -> None:
     n = data.x_train.shape[0]
-    if n == 0:
-        raise WnormError(f"{data.name}: the training set is empty")
     x_train, y_train = data.x_train.to(device), data.y_train.to(device)
     log(f"{run_dir_name(cfg)}: {data.name} {n} train / {data.x_test.shape[0]} test, "
         f"width {cfg.width}, {cfg.epochs} epochs, device {device} x{dist.world}")
 
-    torch.manual_seed(cfg.seed)  # the same model on every rank
-    model = build(cfg.variant, data.in_channels, cfg.width, noise=cfg.noise,
-                  dropout=cfg.dropout).to(device)
     order = torch.Generator().manual_seed(cfg.seed)  # the same data order on every rank
     init_idx = torch.randperm(n, generator=order)[: cfg.init_examples][dist.rank::dist.world]
     msg = initialize(model, x_train[init_idx.to(device)], cfg.init_scale)
@@ -340,35 +375,56 @@ def _train(cfg: Config, data: ImageData, dist: Dist, device: torch.device, folde
                 torch.cuda.synchronize(device)
             t0 = time.perf_counter()
             desc = f"{cfg.variant} s{cfg.seed} {epoch + 1}/{cfg.epochs}"
-            with _progress(steps, desc, cfg.progress and dist.main) as bar:
-                for s in range(steps):
-                    idx = perm[s * batch:(s + 1) * batch][dist.rank::dist.world]
-                    xb, yb = x_train[idx], y_train[idx]
-                    logits = net(xb)
-                    loss = F.cross_entropy(logits, yb)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    with torch.no_grad():
-                        loss_sum += loss.detach().double() * yb.shape[0]
-                        wrong += (logits.argmax(1) != yb).sum()
-                    seen += yb.shape[0]
-                    if bar is not None:
-                        bar.update(1)
-                        if s % 10 == 0 or s == steps - 1:
-                            bar.set_postfix(loss=f"{float(loss_sum) / seen:.3f}",
-                                            err=f"{float(wrong) / seen:.3f}")
+            broken: str | None = None  # the weights turned NaN/inf (wnorm refuses them)
+            try:
+                with _progress(steps, desc, cfg.progress and dist.main) as bar:
+                    for s in range(steps):
+                        idx = perm[s * batch:(s + 1) * batch][dist.rank::dist.world]
+                        xb, yb = x_train[idx], y_train[idx]
+                        logits = net(xb)
+                        loss = F.cross_entropy(logits, yb)
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                        opt.step()
+                        with torch.no_grad():
+                            loss_sum += loss.detach().double() * yb.shape[0]
+                            wrong += (logits.argmax(1) != yb).sum()
+                        seen += yb.shape[0]
+                        if bar is not None:
+                            bar.update(1)
+                            if s % 10 == 0 or s == steps - 1:
+                                bar.set_postfix(loss=f"{float(loss_sum) / seen:.3f}",
+                                                err=f"{float(wrong) / seen:.3f}")
+            except WnormError:
+                if _finite(model):
+                    raise
+                broken = "non-finite weights"
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds = time.perf_counter() - t0
             tr_loss, tr_wrong, tr_seen = dist.all_sum([float(loss_sum), float(wrong),
                                                        float(seen)], device)
-            if not torch.isfinite(torch.tensor(tr_loss)):
-                raise WnormError(f"{run_dir_name(cfg)}: training loss became {tr_loss} at epoch "
-                                 f"{epoch + 1} (lr {lr:g}); lower --lr")
-            t1 = time.perf_counter()
-            te_loss, te_err = _evaluate(model, data.x_test, data.y_test, cfg.eval_batch_size,
-                                        dist, device)
+            if broken is None and math.isfinite(tr_loss):
+                t1 = time.perf_counter()
+                try:
+                    te_loss, te_err = _evaluate(model, data.x_test, data.y_test,
+                                                cfg.eval_batch_size, dist, device)
+                except WnormError:
+                    if _finite(model):
+                        raise
+                    broken = "non-finite weights"
+            if broken is not None or not math.isfinite(tr_loss):
+                if metrics is not None:
+                    metrics.write(json.dumps({
+                        "epoch": epoch + 1, "diverged": True, "loss": broken or str(tr_loss),
+                        "train_loss": None, "train_error": None, "test_loss": None,
+                        "test_error": None, "seconds": seconds, "eval_seconds": 0.0, "lr": lr,
+                        "beta1": beta1}) + "\n")
+                    metrics.flush()
+                log(f"epoch {epoch + 1}/{cfg.epochs}: "
+                    + (f"training loss became {tr_loss}" if broken is None else broken)
+                    + f" (lr {lr:g}): diverged, stopping this run (a lower --lr may help)")
+                return
             row = {
                 "epoch": epoch + 1,
                 "train_loss": tr_loss / tr_seen,

@@ -35,6 +35,7 @@ draw of :math:`\epsilon` per test image), ``seconds``, ``eval_seconds``, ``steps
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 import warnings
@@ -47,8 +48,9 @@ from torch import Tensor, nn
 import wnorm
 from wnorm import WnormError
 
-from .others_report import (RunFolder, add_common_arguments, config_from_args,
-                            resolve_device, variants_and_seeds)
+from .others_report import (RunFolder, add_common_arguments, prepare_runs, resolve_device,
+                            variants_and_seeds)
+from .train import _progress
 
 __all__ = ["VAEConfig", "ConvVAE", "neg_elbo", "add_arguments", "run", "train_one"]
 
@@ -183,21 +185,37 @@ def _evaluate(model: ConvVAE, x: Tensor, batch: int, device: torch.device
     return (recon_sum + kl_sum) / n, recon_sum / n, kl_sum / n
 
 
+def run_name(cfg: VAEConfig) -> str:
+    return f"vae-{cfg.variant}-s{cfg.seed}"
+
+
 def train_one(cfg: VAEConfig, x_train: Tensor, x_test: Tensor, data_desc: dict[str, object],
-              echo: bool = True) -> RunFolder:
-    """Train ``cfg.variant`` with ``cfg.seed``; writes and returns the run folder."""
+              echo: bool = True, *, overwrite: bool = False, progress: bool = False
+              ) -> RunFolder:
+    """Train ``cfg.variant`` with ``cfg.seed``; writes and returns the run folder.
+
+    A bound that turns NaN/inf stops the run: its last metrics line is ``{"epoch": e,
+    "diverged": true, "step": s, "loss": "nan"}`` and the log says so.
+
+    Raises:
+        WnormError: a bad setting, or the folder already holds a run and ``overwrite`` is
+            False (before the folder is touched).
+    """
+    from .checks import check_config
+
+    check_config(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     n = x_train.shape[0]
     if n < 2:
         raise WnormError(f"vae: need at least 2 training images; got {n}")
-    folder = RunFolder(cfg, f"vae-{cfg.variant}-s{cfg.seed}", device, {"data": data_desc},
-                       echo=echo)
+    torch.manual_seed(cfg.seed)
+    model = build(cfg.variant, cfg).to(device)  # before the folder is touched
+    folder = RunFolder(cfg, run_name(cfg), device, {"data": data_desc}, echo=echo,
+                       overwrite=overwrite)
     with folder:
         log = folder.log
-        torch.manual_seed(cfg.seed)
-        model = build(cfg.variant, cfg).to(device)
         order = torch.Generator().manual_seed(cfg.seed)
         init_x = x_train[torch.randperm(n, generator=order)[:cfg.init_examples]].to(device)
         with warnings.catch_warnings():
@@ -218,21 +236,32 @@ def train_one(cfg: VAEConfig, x_train: Tensor, x_test: Tensor, data_desc: dict[s
             perm = torch.randperm(n, generator=order).to(device)
             total, logged = 0.0, []
             t0 = time.perf_counter()
-            for s in range(steps_per_epoch):
-                xb = x_dev[perm[s * batch:(s + 1) * batch]]
-                recon, kl = neg_elbo(xb, *model(xb))
-                loss = (recon + kl).mean()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                step += 1
-                value = float(loss.detach())
-                if value != value or value in (float("inf"), float("-inf")):
-                    raise WnormError(f"vae-{cfg.variant}-s{cfg.seed}: the bound became {value} "
-                                     f"at step {step} (lr {cfg.lr:g}); lower --lr")
-                total += value
-                if step % cfg.log_every == 0:
-                    logged.append([step, value])
+            diverged = False
+            with _progress(steps_per_epoch, f"vae {cfg.variant} s{cfg.seed} {epoch}/"
+                                            f"{cfg.epochs}", progress) as bar:
+                for s in range(steps_per_epoch):
+                    xb = x_dev[perm[s * batch:(s + 1) * batch]]
+                    recon, kl = neg_elbo(xb, *model(xb))
+                    loss = (recon + kl).mean()
+                    step += 1
+                    value = float(loss.detach())
+                    if not math.isfinite(value):
+                        diverged = True
+                        break
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    total += value
+                    if step % cfg.log_every == 0:
+                        logged.append([step, value])
+                    if bar is not None:
+                        bar.update(1)
+            if diverged:
+                folder.write({"epoch": epoch, "diverged": True, "step": step,
+                              "loss": str(value), "steps": step})
+                log(f"epoch {epoch}/{cfg.epochs}: the bound became {value} at step {step} "
+                    f"(lr {cfg.lr:g}): diverged, stopping this run (a lower --lr may help)")
+                break
             seconds = time.perf_counter() - t0
             t1 = time.perf_counter()
             test, recon_t, kl_t = _evaluate(model, x_test, 500, device)
@@ -256,13 +285,14 @@ def run(args: argparse.Namespace) -> int:
     """Train every (variant, seed) asked for; returns the exit status (2 on a WnormError)."""
     try:
         variants, seeds = variants_and_seeds(args)
-        base = config_from_args(VAEConfig, args, QUICK)
-        x_train, x_test, desc = load_binarized(base)
-        for seed in seeds:
-            for v in variants:
-                cfg = config_from_args(VAEConfig, args, QUICK, variant=v, seed=seed)
-                folder = train_one(cfg, x_train, x_test, desc)
-                print(f"run folder: {folder.path}")
+        configs = prepare_runs(VAEConfig, args, QUICK, run_name,
+                               [{"variant": v, "seed": s} for s in seeds for v in variants])
+        resolve_device(args.device)
+        x_train, x_test, desc = load_binarized(configs[0])
+        for cfg in configs:
+            folder = train_one(cfg, x_train, x_test, desc, overwrite=args.overwrite,
+                               progress=args.progress)
+            print(f"run folder: {folder.path}")
     except WnormError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
