@@ -837,3 +837,25 @@ def test_a_mean_only_bn_whose_bias_is_a_buffer_is_initialized_as_in_the_hooked_p
     wnorm.data_init(twin, x)
     for (k, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("include_plain", [False, True], ids=["wn", "plain"])
+def test_layer_without_bias_is_initialized_with_a_note(path, include_plain):
+    """No bias to take the mean away: the layer is initialized (its spread is init_scale), and
+    its report entry says the mean stays; it said nothing before."""
+    from wnorm.data_init import NO_BIAS_NOTE
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 6, bias=False), nn.ReLU(), nn.Linear(6, 3))
+    if not include_plain:
+        wnorm.apply(net)
+    x = torch.randn(256, 5) + 2
+    report = wnorm.data_init(net, x, include_plain=include_plain)
+    assert [(r.name, r.status, r.reason, r.note) for r in report] == [
+        ("0", "initialized", "", NO_BIAS_NOTE), ("2", "initialized", "", "")]
+    assert report.initialized == list(report)
+    assert "initialized (no bias: mean not removed)" in str(report)
+    y = first_outputs(net, {"0": net[0]}, x)["0"]
+    mu, sd = unit_stats(y, net[0])
+    assert mu.abs().min() > 0.1 and (sd - 1).abs().max() < TOL  # the mean stayed
+    assert "mean" in wnorm.data_init.__doc__ and "bias" in wnorm.data_init.__doc__

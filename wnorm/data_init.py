@@ -33,7 +33,12 @@ from .mean_only_bn import (
 from .mean_only_fused import _global_state_allows, _has_hooks, _MeanOnlyFusedSequential
 from .weight_norm import WN, _Spec, default_dim
 
-__all__ = ["data_init", "InitReport", "LayerInit"]
+__all__ = ["data_init", "InitReport", "LayerInit", "NO_BIAS_NOTE"]
+
+#: :attr:`LayerInit.note` of an initialized layer without a bias: there is no bias to set to
+#: :math:`-\mu[t]\,g`, so its pre-activation keeps the mean :math:`\mu[t]\,g` on the batch
+#: (a mean-only batch norm after it removes it); only the spread is set to ``init_scale``.
+NO_BIAS_NOTE = "no bias: mean not removed"
 
 _INIT_TYPES = (nn.Linear, nn.modules.conv._ConvNd)
 _RAW_DTYPES = (torch.float32, torch.float64)
@@ -48,7 +53,9 @@ class LayerInit:
 
     ``mu`` and ``sigma`` are the per-unit mean and standard deviation of
     :math:`t = v\\cdot x/\\lVert v\\rVert` (of :math:`w\\cdot x` for a plain layer) on the batch,
-    before the init; ``None`` for a skipped layer, whose ``reason`` says why.
+    before the init; ``None`` for a skipped layer, whose ``reason`` says why. ``note``: what
+    an initialized layer's init did not do, e.g. :data:`NO_BIAS_NOTE` for a layer without a
+    bias (its pre-activation keeps the mean :math:`\\mu[t]\\,g`; only its spread is set).
     """
 
     name: str
@@ -57,6 +64,7 @@ class LayerInit:
     reason: str = ""
     mu: Tensor | None = field(default=None, repr=False)
     sigma: Tensor | None = field(default=None, repr=False)
+    note: str = ""
 
 
 class InitReport(list[LayerInit]):
@@ -75,7 +83,8 @@ class InitReport(list[LayerInit]):
         for r in self:
             mu = f"{float(r.mu.mean()):.4g}" if r.mu is not None else ""
             sd = f"{float(r.sigma.mean()):.4g}" if r.sigma is not None else ""
-            status = r.status + (f" ({r.reason})" if r.reason else "")
+            why = r.reason or r.note
+            status = r.status + (f" ({why})" if why else "")
             rows.append(f"{r.name} | {r.kind} | {status} | {mu} | {sd}")
         return "\n".join(rows)
 
@@ -253,7 +262,8 @@ class _Initializer:
         if sigma is None:
             sigma = self.init_scale / scale
         self.done[module] = LayerInit(name, type(module).__name__, "initialized", "",
-                                      mu.reshape(units).cpu(), sigma.reshape(units).cpu())
+                                      mu.reshape(units).cpu(), sigma.reshape(units).cpu(),
+                                      "" if module.bias is not None else NO_BIAS_NOTE)
         return out if out.dtype == y.dtype else out.to(y.dtype)
 
     def _post_kernel(self, module: nn.Module, y: Tensor, spec: _Spec,
@@ -289,7 +299,7 @@ class _Initializer:
         if bad:  # nothing was written
             self._fail(module, bad, y.shape[axis], y.numel() // y.shape[axis])
         self.done[module] = LayerInit(self.names[module], type(module).__name__, "initialized",
-                                      "", mu, sigma)
+                                      "", mu, sigma, "" if bias is not None else NO_BIAS_NOTE)
         # the mean a bias-less layer's output keeps: mu[t] g = mu[r] s/sigma[r]
         mean = None if bias is not None else torch.mul(mu, g.view(-1))
         if offset is not None:
@@ -325,7 +335,8 @@ class _Initializer:
         self.hand_on(out, None if bias is not None else shift.view(-1))  # the mean stayed
         mu = mu.div_(vnorm)  # mu[t] = mu[r]/||v||
         self.done[module] = LayerInit(self.names[module], type(module).__name__, "initialized",
-                                      "", mu.cpu(), sigma.cpu())
+                                      "", mu.cpu(), sigma.cpu(),
+                                      "" if bias is not None else NO_BIAS_NOTE)
         return out
 
     def _fail(self, module: nn.Module, idx: list[int], units: int, n: int) -> None:
@@ -388,6 +399,11 @@ def data_init(
     overhead. On CPU each layer's statistics, ``g``, ``b`` and standardized output come from
     one call of wnorm's C++ kernels (built on first use, like :mod:`wnorm.optim`'s; PyTorch
     ops where they cannot be built).
+
+    A layer without a bias has no :math:`b` to take the mean away: its ``g`` is set as above,
+    so its pre-activation has std ``init_scale`` but keeps the mean :math:`\mu[t]\,g` on the
+    batch (a mean-only batch norm after it removes it). It is reported ``"initialized"`` with
+    the note :data:`NO_BIAS_NOTE` (``"no bias: mean not removed"``).
 
     Args:
         model: the model, changed in place.
