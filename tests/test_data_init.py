@@ -4,6 +4,7 @@ init batch have per-unit mean 0 and standard deviation init_scale."""
 from __future__ import annotations
 
 import copy
+import re
 import sys
 
 import pytest
@@ -859,3 +860,82 @@ def test_layer_without_bias_is_initialized_with_a_note(path, include_plain):
     mu, sd = unit_stats(y, net[0])
     assert mu.abs().min() > 0.1 and (sd - 1).abs().max() < TOL  # the mean stayed
     assert "mean" in wnorm.data_init.__doc__ and "bias" in wnorm.data_init.__doc__
+
+
+def _bias_free_then_linear() -> nn.Module:
+    """Layer 0 has no bias (PyTorch ops: the general path, never batch norm's kernel)."""
+    return nn.Sequential(nn.Linear(3, 4, bias=False), nn.ReLU(), nn.Linear(4, 2))
+
+
+
+@pytest.mark.parametrize("scale, word", [(1e300, "large"), (1e39, "large"), (1e-320, "small")])
+@pytest.mark.parametrize("make, dtype", [
+    (lambda: nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)), torch.float32),
+    (_bias_free_then_linear, torch.float32),
+    (lambda: nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)), torch.bfloat16),
+], ids=["bias", "no-bias", "bfloat16"])
+def test_init_scale_out_of_the_dtype_range_is_blamed_not_the_batch(path, scale, word, make,
+                                                                    dtype):
+    """sigma[t] is fine but g = init_scale/sigma[t] overflows or underflows the layer's dtype:
+    the error said 'sigma 0 ... needs a batch on which every unit varies'."""
+    torch.manual_seed(0)
+    model = wnorm.apply(make()).to(dtype)
+    sd = copy.deepcopy(model.state_dict())
+    dt = str(dtype).replace(".", r"\.")
+    s = re.escape(repr(scale))
+    with pytest.raises(WnormError, match=rf"^0 \(Linear\): init_scale={s} is too {word} for "
+                                         rf"this layer's {dt}: g = init_scale/sigma\[t\] "
+                                         r".*4 of 4 units .*init_scale 1 would fit"):
+        wnorm.data_init(model, torch.randn(64, 3).to(dtype), init_scale=scale)
+    assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())
+
+
+
+def test_g_that_overflows_float16_is_an_error_not_an_inf_g():
+    """A float16 layer: g = 1e5/sigma[t] was computed in float32 and stored as inf in the
+    float16 g, and the layer was reported 'initialized'."""
+    torch.manual_seed(0)
+    model = wnorm.apply(nn.Sequential(nn.Linear(3, 4))).half()
+    sd = copy.deepcopy(model.state_dict())
+    with pytest.raises(WnormError, match=r"^0 \(Linear\): init_scale=100000\.0 is too large for "
+                                         r"this layer's torch\.float16"):
+        wnorm.data_init(model, torch.randn(64, 3).half(), init_scale=1e5)
+    assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())
+
+
+
+def test_bias_that_overflows_blames_init_scale(path):
+    """g fits but b = -mu[t] g does not (a batch mean far from 0): init_scale is what to
+    change, and the message says so."""
+    torch.manual_seed(0)
+    model = wnorm.apply(nn.Sequential(nn.Linear(3, 4)))
+    x = torch.randn(64, 3) + 1e3  # |mu[t]| ~ 1e3, sigma[t] ~ 1: g ~ 1e37 fits, b ~ 1e40 not
+    with pytest.raises(WnormError, match=r"^0 \(Linear\): init_scale=1e\+37 is too large for this "
+                                         r"layer's torch\.float32: the bias b = "):
+        wnorm.data_init(model, x, init_scale=1e37)
+
+
+
+def test_init_scale_takes_numpy_numbers_and_0dim_tensors_not_bools():
+    """np.float32(0.5) and torch.tensor(0.5) were refused while np.float64 passed; True was
+    taken as 1.0."""
+    np = pytest.importorskip("numpy")
+    x = torch.randn(32, 3)
+
+    def g_after(scale):
+        torch.manual_seed(0)
+        model = wnorm.apply(nn.Sequential(nn.Linear(3, 4)))
+        wnorm.data_init(model, x, init_scale=scale)
+        return model[0].weight_g.detach()
+
+    ref = g_after(0.5)
+    for s in (np.float32(0.5), np.float64(0.5), torch.tensor(0.5), torch.tensor(0.5).double()):
+        assert torch.equal(g_after(s), ref), s
+    assert torch.equal(g_after(np.int64(2)), g_after(2)) and torch.equal(
+        g_after(torch.tensor(2)), g_after(2.0))
+    model = wnorm.apply(nn.Sequential(nn.Linear(3, 4)))
+    for bad in (True, False, np.bool_(True), torch.tensor(True), torch.tensor([0.5]),
+                torch.tensor(-1.0), np.float32("nan"), 10 ** 400, 1 + 0j):
+        with pytest.raises(WnormError, match=r"data_init: init_scale must be a positive finite "
+                                             r"number; got"):
+            wnorm.data_init(model, x, init_scale=bad)

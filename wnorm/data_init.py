@@ -14,6 +14,7 @@ batch, and the next layers see that standardized output in the same pass.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -238,25 +239,33 @@ class _Initializer:
             scale = (c * c).sum(dim=dims, keepdim=True).rsqrt_().mul_(
                 self.init_scale * math.sqrt(n))
         shift = mu * scale  # the new bias is -shift
-        # one sum and one sync for the happy path: sigma 0 gives scale inf, then shift inf or
-        # NaN; NaN in the statistics reaches shift too (a sum that overflows is rechecked)
-        if not math.isfinite(float(shift.sum())):
-            sig = self.init_scale / scale if sigma is None else sigma
-            bad = (~((sig > 0) & torch.isfinite(sig) & torch.isfinite(mu))).flatten()
-            idx = bad.nonzero().flatten().tolist()
-        else:
-            idx = []
-        if idx:
-            self._fail(module, idx, units, n)
+        # g (a plain layer: its weight rows' factor) and b as they will be stored, in their
+        # dtypes: each must be finite, and g positive (a g that underflows to 0 kills the unit)
+        target = module.weight_g if self.is_wn[module] else module.weight
+        bias = module.bias
+        gs = scale if scale.dtype == target.dtype else scale.to(target.dtype)
+        bs = shift if bias is None or shift.dtype == bias.dtype else shift.to(bias.dtype)
+        # one sync for the happy path: sigma 0 gives scale inf, then shift inf or NaN; NaN in
+        # the statistics reaches shift too; g inf or 0 makes g + 1/g inf (a sum that merely
+        # overflows is rechecked unit by unit)
+        gw = gs if gs.dtype == wide else gs.to(wide)
+        if not math.isfinite(float(bs.sum(dtype=wide) + (gw + gw.reciprocal()).sum())):
+            sig = (c * c).mean(dim=dims, keepdim=True).sqrt() if sigma is None else sigma
+            ok = ((sig > 0) & torch.isfinite(sig) & torch.isfinite(mu) & torch.isfinite(gs)
+                  & (gs > 0) & torch.isfinite(bs))
+            idx = (~ok).flatten().nonzero().flatten().tolist()
+            if idx:
+                self._fail(module, idx, units, n, mu, sig, target.dtype,
+                           None if bias is None else bias.dtype)
         if self.is_wn[module]:
-            g = module.weight_g
-            g.copy_(scale.view(g.shape) if scale.is_contiguous() else scale.reshape(g.shape))
+            g = target
+            g.copy_(gs.view(g.shape) if gs.is_contiguous() else gs.reshape(g.shape))
         else:
-            w = module.weight
-            w.mul_(scale.reshape(_along(w.dim(), default_dim(module), units)).to(w.dtype))
+            w = target
+            w.mul_(gs.reshape(_along(w.dim(), default_dim(module), units)))
         out = c.mul_(scale)  # c is ours: standardize it in place
-        if module.bias is not None:
-            module.bias.copy_(shift.view(module.bias.shape)).neg_()
+        if bias is not None:
+            bias.copy_(bs.view(bias.shape)).neg_()
         else:
             out += shift  # no bias: the mean stays
         if sigma is None:
@@ -297,7 +306,8 @@ class _Initializer:
         out, mu, sigma, bad = kern.data_init_layer(y, axis, v, spec.dim, g, bias, self.init_scale,
                                                    offset)
         if bad:  # nothing was written
-            self._fail(module, bad, y.shape[axis], y.numel() // y.shape[axis])
+            self._fail(module, bad, y.shape[axis], y.numel() // y.shape[axis], mu, sigma,
+                       g.dtype, None if bias is None else bias.dtype)
         self.done[module] = LayerInit(self.names[module], type(module).__name__, "initialized",
                                       "", mu, sigma, "" if bias is not None else NO_BIAS_NOTE)
         # the mean a bias-less layer's output keeps: mu[t] g = mu[r] s/sigma[r]
@@ -318,18 +328,23 @@ class _Initializer:
             out = out.mul_(self.init_scale)
         bias, g = module.bias, module.weight_g
         shift = mu * scale if bias is None else torch.mul(mu, scale, out=bias.view(-1))
-        # batch norm's kernel gives scale 0 where sigma is 0; NaN statistics reach the shift
-        if not (math.isfinite(float(shift.sum())) and float(scale.min()) > 0):
-            sigma = self.init_scale / scale
-            bad = (~((sigma > 0) & torch.isfinite(sigma) & torch.isfinite(mu))).flatten()
-            self._fail(module, bad.nonzero().flatten().tolist(), y.shape[1],
-                       y.numel() // y.shape[1])
+        gflat = torch.mul(scale, vnorm, out=g.view(-1))  # g = s/sigma[t], as sigma[t] is
+        # batch norm's kernel gives scale 0 where sigma is 0; NaN statistics reach the shift;
+        # g inf or 0 (init_scale out of the dtype's range) makes g + 1/g inf. One sync.
+        sigma = torch.reciprocal(gflat)  # sigma[r]/||v||; so sigma[t] = s/g
+        if not math.isfinite(float(shift.sum() + (gflat + sigma).sum())):
+            dims = [0, *range(2, y.dim())]
+            sd = y.var(dim=dims, correction=0).sqrt()  # the error path: recomputed, exactly
+            ok = ((sd > 0) & torch.isfinite(sd) & torch.isfinite(mu) & torch.isfinite(shift)
+                  & torch.isfinite(gflat) & (gflat > 0))
+            idx = (~ok).nonzero().flatten().tolist()
+            if idx:  # else a sum of finite values overflowed
+                self._fail(module, idx, y.shape[1], y.numel() // y.shape[1], mu / vnorm,
+                           sd / vnorm, g.dtype, None if bias is None else bias.dtype)
         if bias is None:  # no bias to take the mean away: it stays, scaled (y * scale)
             out = out.add_(shift.view(_along(out.dim(), 1, out.shape[1])))
         else:
             bias.neg_()
-        gflat = torch.mul(scale, vnorm, out=g.view(-1))  # g = s/sigma[t], as sigma[t] is
-        sigma = torch.reciprocal(gflat)  # sigma[r]/||v||; so sigma[t] = s/g
         if self.init_scale != 1.0:
             sigma.mul_(self.init_scale)
         self.hand_on(out, None if bias is not None else shift.view(-1))  # the mean stayed
@@ -339,9 +354,54 @@ class _Initializer:
                                       "" if bias is not None else NO_BIAS_NOTE)
         return out
 
-    def _fail(self, module: nn.Module, idx: list[int], units: int, n: int) -> None:
+    def _fail(self, module: nn.Module, idx: list[int], units: int, n: int,
+              mu: Tensor | None = None, sigma: Tensor | None = None,
+              gdtype: torch.dtype | None = None, bdtype: torch.dtype | None = None) -> None:
+        """Raise for the bad units ``idx``. With the per-unit ``mu`` and ``sigma`` of t: when
+        the batch is fine for them (sigma positive, both finite), what does not fit is
+        g = init_scale/sigma[t] or b = -mu[t] g in the layer's dtype, and the message says so."""
+        label = f"{self.names[module]} ({type(module).__name__})"
+        which = f"{len(idx)} of {units} units ({idx[:10]}{'...' if len(idx) > 10 else ''})"
+        if mu is not None and sigma is not None and gdtype is not None:
+            at = torch.tensor(idx, dtype=torch.long)
+            m = mu.detach().reshape(-1).cpu().double()[at]
+            sd = sigma.detach().reshape(-1).cpu().double()[at]
+            gi = torch.finfo(gdtype)
+            bi = torch.finfo(bdtype) if bdtype is not None else None
+
+            def fits(scale: float) -> tuple[bool, bool]:
+                """Whether g = scale/sigma[t] (finite, not 0) and b = -mu[t] g (finite) fit."""
+                g = scale / sd
+                g_ok = bool(((g <= gi.max) & (g.to(gdtype) != 0)).all())
+                b_ok = bi is None or bool(((m.abs() * g) <= bi.max).all())
+                return g_ok, b_ok
+
+            # the batch is fine for these units when the init with init_scale 1 would fit: then
+            # init_scale is what puts g (or b) out of the dtype's range
+            if (bool(((sd > 0) & torch.isfinite(sd) & torch.isfinite(m)).all())
+                    and all(fits(1.0))):
+                s = self.init_scale
+                g_ok, b_ok = fits(s)
+                seen = (f"sigma[t] on this batch is in [{float(sd.min()):.3g}, "
+                        f"{float(sd.max()):.3g}] for them, and init_scale 1 would fit")
+                if not g_ok:
+                    big = bool(((s / sd) > gi.max).any())
+                    raise WnormError(
+                        f"{label}: init_scale={s!r} is too {'large' if big else 'small'} for "
+                        f"this layer's {gdtype}: g = init_scale/sigma[t] "
+                        f"{'overflows it' if big else 'underflows it to 0'} for {which} "
+                        f"({seen}; {gdtype} holds normal magnitudes from "
+                        f"{gi.smallest_normal:.3g} to {gi.max:.3g}); use an init_scale nearer 1"
+                    )
+                if not b_ok:
+                    raise WnormError(
+                        f"{label}: init_scale={s!r} is too large for this layer's {bdtype}: the "
+                        f"bias b = -mu[t]*init_scale/sigma[t] overflows it for {which} ({seen}; "
+                        f"|mu[t]|/sigma[t] is up to {float((m.abs() / sd).max()):.3g}); use a "
+                        "smaller init_scale"
+                    )
         raise WnormError(
-            f"{self.names[module]} ({type(module).__name__}): the pre-activations of {len(idx)} "
+            f"{label}: the pre-activations of {len(idx)} "
             f"of {units} units have sigma 0 or non-finite statistics on the init batch "
             f"({int(n)} values per unit; units {idx[:10]}{'...' if len(idx) > 10 else ''}); "
             "data init needs a batch on which every unit varies (more than one example, "
@@ -365,6 +425,27 @@ def _mean_only_step(bn: _MeanOnlyBatchNorm, x: Tensor, apply: bool = True) -> Te
     return x + (bn.bias - mean).view((1, -1) + (1,) * (x.dim() - 2))
 
 
+def _positive_scale(value: Any) -> float:
+    """``init_scale`` as a float: any real number (Python, NumPy, a 0-dim real tensor) that is
+    positive and finite; a bool is refused (True is no scale anyone means)."""
+    x: float | None = None
+    if type(value) is float:
+        x = value
+    elif isinstance(value, Tensor):
+        if value.dim() == 0 and not (value.is_complex() or value.dtype == torch.bool):
+            x = float(value)
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+        try:
+            x = float(value)
+        except (OverflowError, ValueError, TypeError):
+            x = math.inf
+    if x is None or not (math.isfinite(x) and x > 0):
+        raise WnormError(
+            f"data_init: init_scale must be a positive finite number; got {value!r} (a Python "
+            "or NumPy real number, or a 0-dim real tensor; not a bool)")
+    return x
+
+
 def _along(ndim: int, axis: int, size: int) -> tuple[int, ...]:
     shape = [1] * ndim
     shape[axis] = size
@@ -375,7 +456,7 @@ def data_init(
     model: nn.Module,
     batch: Tensor | tuple[Any, ...] | list[Any] | Mapping[str, Any],
     *,
-    init_scale: float = 1.0,
+    init_scale: float | Tensor = 1.0,
     include_plain: bool = False,
     process_group: Any = None,
 ) -> InitReport:
@@ -409,7 +490,8 @@ def data_init(
         model: the model, changed in place.
         batch: the input: a tensor, a tuple/list of positional arguments, or a mapping of
             keyword arguments. The paper used 500 training examples.
-        init_scale: :math:`s`, the std of every initialized pre-activation (default 1.0).
+        init_scale: :math:`s`, the std of every initialized pre-activation (default 1.0): a
+            positive finite real number (Python, NumPy, or a 0-dim real tensor; not a bool).
         include_plain: also initialize plain (not weight-normalized) Linear/Conv layers, by
             scaling each weight row by :math:`s/\sigma` and setting the bias to
             :math:`-\mu s/\sigma`: the paper's "normal parameterization" baseline.
@@ -435,9 +517,7 @@ def data_init(
         ['initialized', 'initialized']
         >>> y = net(torch.randn(64, 5))  # a fresh batch: close to standardized, not exactly
     """
-    if not (isinstance(init_scale, (int, float)) and math.isfinite(init_scale) and init_scale > 0):
-        raise WnormError(
-            f"data_init: init_scale must be a positive finite number; got {init_scale!r}")
+    init_scale = _positive_scale(init_scale)
     if isinstance(batch, Mapping):
         args, kwargs = (), dict(batch)
     elif isinstance(batch, (tuple, list)):
