@@ -939,3 +939,18 @@ def test_init_scale_takes_numpy_numbers_and_0dim_tensors_not_bools():
         with pytest.raises(WnormError, match=r"data_init: init_scale must be a positive finite "
                                              r"number; got"):
             wnorm.data_init(model, x, init_scale=bad)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_float32_mean_only_bn_in_a_bfloat16_model(train):
+    """The init pass's own mean-only BN step returned float32 for a float32 BN in a bfloat16
+    model, and the next bfloat16 layer failed."""
+    torch.manual_seed(0)
+    net = wnorm.apply(nn.Sequential(nn.Linear(4, 8, bias=False), MeanOnlyBatchNorm1d(8),
+                                    nn.ReLU(), nn.Linear(8, 2))).to(torch.bfloat16).train(train)
+    net[1].float()
+    x = torch.randn(64, 4, dtype=torch.bfloat16)
+    report = wnorm.data_init(net, x)
+    assert [r.status for r in report] == ["initialized", "initialized"]
+    with torch.no_grad():
+        assert net(x).dtype == torch.bfloat16

@@ -421,8 +421,10 @@ def _mean_only_step(bn: _MeanOnlyBatchNorm, x: Tensor, apply: bool = True) -> Te
         bn.num_batches_tracked.add_(1)
     if not apply:
         return x
-    mean = bn.__dict__["_init_mean"]
-    return x + (bn.bias - mean).view((1, -1) + (1,) * (x.dim() - 2))
+    shift = bn.bias - bn.__dict__["_init_mean"]
+    if shift.dtype != x.dtype:  # the input's dtype out, as the layer's forward gives
+        shift = shift.to(x.dtype)
+    return x + shift.view((1, -1) + (1,) * (x.dim() - 2))
 
 
 def _positive_scale(value: Any) -> float:
@@ -610,7 +612,7 @@ def data_init(
         if module.track_running_stats:  # a train-mode forward moved it toward the local mean
             module.running_mean.copy_(mean.to(module.running_mean.dtype))
         x = inp[0]
-        return x + (module.bias - mean.to(x.dtype)).view((1, -1) + (1,) * (x.dim() - 2))
+        return x + (module.bias - mean).to(x.dtype).view((1, -1) + (1,) * (x.dim() - 2))
 
     # mean-only BNs whose forward may not follow the init protocol (_init_mean): a subclass's
     # or an instance's own forward; their output is corrected by mobn_post
