@@ -162,7 +162,8 @@ def test_lstm_skipped_and_unreached_reported_with_warning():
 
 def test_plain_unreached_layer_reported():
     model = WithLSTM()
-    report = wnorm.data_init(model, torch.randn(8, 5, 3), include_plain=True)
+    with pytest.warns(UserWarning, match=r"layers not initialized: unused \(not reached"):
+        report = wnorm.data_init(model, torch.randn(8, 5, 3), include_plain=True)
     by_name = {r.name: r for r in report}
     assert by_name["unused"].status == "skipped" and "not reached" in by_name["unused"].reason
     assert "rnn" not in by_name  # a plain LSTM is no candidate
@@ -954,3 +955,59 @@ def test_float32_mean_only_bn_in_a_bfloat16_model(train):
     assert [r.status for r in report] == ["initialized", "initialized"]
     with torch.no_grad():
         assert net(x).dtype == torch.bfloat16
+
+
+class _Counter(nn.Module):
+    """A module with its own buffer that its forward changes (as BatchNorm's running stats)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return x
+
+
+
+class _Wrap(nn.Module):
+    """Not a Sequential: data_init uses hooks instead of running the children itself."""
+
+    def __init__(self, seq: nn.Module) -> None:
+        super().__init__()
+        self.seq = seq
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.seq(x)
+
+
+
+@pytest.mark.parametrize("wrap", [False, True], ids=["driven", "hooked"])
+def test_failure_restores_every_buffer_the_pass_changed(wrap):
+    """A failed init left nn.BatchNorm's running_mean, running_var and num_batches_tracked (and
+    any module's own buffers) changed, though the docstring promises an unchanged model."""
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), _Counter(), MeanOnlyBatchNorm1d(4),
+                        Zero(), nn.Linear(4, 2))
+    model = wnorm.apply(_Wrap(seq) if wrap else seq).train()
+    sd = copy.deepcopy(model.state_dict())
+    with pytest.raises(WnormError, match=r"5 \(Linear\): the pre-activations of 2 of 2 units"):
+        wnorm.data_init(model, torch.randn(8, 3) + 5)
+    after = model.state_dict()
+    changed = [k for k, v in sd.items() if not torch.equal(after[k], v)]
+    assert changed == []
+
+
+
+def test_include_plain_layer_it_cannot_set_is_reported_and_warned():
+    """A plain grouped ConvTranspose under include_plain was left as it was with no report
+    entry and no warning; a weight-normalized one was reported, with a warning."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(4, 4, 3), nn.ConvTranspose2d(4, 4, 3, groups=2))
+    w = net[1].weight.detach().clone()
+    with pytest.warns(UserWarning, match=r"layers not initialized: 1 \(ConvTranspose with "
+                                         r"groups > 1"):
+        report = wnorm.data_init(net, torch.randn(16, 4, 8, 8), include_plain=True)
+    assert [(r.name, r.status) for r in report] == [("0", "initialized"), ("1", "skipped")]
+    assert "groups > 1" in report[1].reason and report[1].mu is None
+    assert torch.equal(net[1].weight, w)

@@ -117,7 +117,8 @@ def _reason_cannot(module: nn.Module, is_wn: bool) -> str:
         if specs["weight"].dim != default_dim(module):
             return f"g is not one per output unit (dim={specs['weight'].dim})"
     if isinstance(module, nn.modules.conv._ConvTransposeNd) and module.groups != 1:
-        return "ConvTranspose with groups > 1: one g serves several output channels"
+        what = "g" if is_wn else "weight slice"
+        return f"ConvTranspose with groups > 1: one {what} serves several output channels"
     return ""
 
 
@@ -501,14 +502,18 @@ def data_init(
 
     Returns:
         An :class:`InitReport`: per layer, its name, the :math:`\mu[t]` and :math:`\sigma[t]`
-        measured before the init, and whether it was initialized or skipped (and why).
-        Weight-normalized layers that cannot be initialized (recurrent ones, Embedding, layers
-        the pass did not reach) are skipped with a warning, never silently.
+        measured before the init, and whether it was initialized (with a ``note`` on what its
+        init did not do) or skipped (and why). Layers that cannot be initialized (recurrent
+        ones, Embedding, grouped ConvTranspose, layers the pass did not reach; with
+        ``include_plain``, plain ones too) are skipped with a warning, never silently.
 
     Raises:
         WnormError: ``init_scale`` is not a positive finite number, the batch is empty or
-            non-finite, or a layer's :math:`\sigma[t]` is 0 (e.g. one example through a Linear).
-            The model is left unchanged when this happens.
+            non-finite, a layer's :math:`\sigma[t]` is 0 (e.g. one example through a Linear),
+            or its :math:`g = s/\sigma[t]` or :math:`b` does not fit the layer's dtype (the
+            message says whether the batch or ``init_scale`` is at fault). The model is left
+            unchanged when this happens: parameters and every buffer (e.g. BatchNorm's running
+            statistics, which a train-mode pass updates) are restored.
 
     Example:
         >>> import torch, wnorm
@@ -540,6 +545,7 @@ def data_init(
     report = InitReport()
     skipped: list[LayerInit] = []
     mobn: list[tuple[str, _MeanOnlyBatchNorm]] = []
+    buffers: list[Tensor] = []  # the pass may change any buffer (BatchNorm's running stats...)
     # A tree of plain Sequentials over leaf modules, none of them hooked, one tensor in: the pass
     # can run each child in turn itself (what Sequential.forward does) and initialize each layer
     # right after its call, without hooks; otherwise hooks on the layers do it.
@@ -550,17 +556,24 @@ def data_init(
         wn = bool(m.__dict__.get("_wn"))
         if drive and (_has_hooks(m) if type(m) in _SEQUENTIAL else bool(m._modules)):
             drive = False  # a container that is not a plain Sequential, or one run otherwise
+        if m._buffers:
+            buffers.extend(b for b in m._buffers.values() if b is not None)
         if isinstance(m, _MeanOnlyBatchNorm):
             mobn.append((label, m))
         if not wn and not (include_plain and isinstance(m, _INIT_TYPES)
                            and m._parameters.get("weight") is not None):
             continue
         why = _reason_cannot(m, wn)
-        if why:
-            if wn:
-                skipped.append(LayerInit(label, type(m).__name__, "skipped", why))
+        if why:  # a candidate (weight-normalized, or plain with include_plain) it cannot set
+            skipped.append(LayerInit(label, type(m).__name__, "skipped", why))
             continue
         names[m], is_wn[m] = label, wn
+
+    # What the pass may change: g, biases and plain weights of the targets, and every buffer.
+    touched = [t for m in names for t in (m._parameters.get("weight_g"), m._parameters.get("bias"),
+                                          None if is_wn[m] else m._parameters.get("weight"))
+               if t is not None]
+    touched += buffers
 
     init = _Initializer(names, is_wn, float(init_scale), process_group)
     drive = drive and not any(_has_hooks(m) for m in names) and not any(
@@ -661,12 +674,6 @@ def data_init(
                 x = m(x)
         return x
 
-    # What the pass may change: g, biases and plain weights of the targets, running means.
-    touched = [t for m in names for t in (m._parameters.get("weight_g"), m._parameters.get("bias"),
-                                          None if is_wn[m] else m._parameters.get("weight"))
-               if t is not None]
-    touched += [t for _, m in mobn for t in (m.running_mean, m.num_batches_tracked)
-                if t is not None]
     with torch.no_grad():
         saved = [t.clone() for t in touched]
     try:
@@ -691,16 +698,13 @@ def data_init(
     report.extend(init.done.values())  # in the order the pass reached them
     for m, label in names.items():
         if m not in init.done:
-            r = LayerInit(label, type(m).__name__, "skipped", "not reached by the forward pass")
-            if is_wn[m]:
-                skipped.append(r)
-            else:
-                report.append(r)
+            skipped.append(LayerInit(label, type(m).__name__, "skipped",
+                                     "not reached by the forward pass"))
     report.extend(skipped)
-    if skipped:
+    if report.skipped:
         warnings.warn(
-            "data_init: weight-normalized layers not initialized: "
-            + "; ".join(f"{r.name} ({r.reason})" for r in skipped),
+            "data_init: layers not initialized: "
+            + "; ".join(f"{r.name} ({r.reason})" for r in report.skipped),
             stacklevel=2,
         )
     return report
