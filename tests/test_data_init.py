@@ -841,6 +841,7 @@ def test_a_mean_only_bn_whose_bias_is_a_buffer_is_initialized_as_in_the_hooked_p
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=k)
 
 
+# ------------------------------------------------------------------ third review (rev. C)
 @pytest.mark.parametrize("include_plain", [False, True], ids=["wn", "plain"])
 def test_layer_without_bias_is_initialized_with_a_note(path, include_plain):
     """No bias to take the mean away: the layer is initialized (its spread is init_scale), and
@@ -1011,3 +1012,90 @@ def test_include_plain_layer_it_cannot_set_is_reported_and_warned():
     assert [(r.name, r.status) for r in report] == [("0", "initialized"), ("1", "skipped")]
     assert "groups > 1" in report[1].reason and report[1].mu is None
     assert torch.equal(net[1].weight, w)
+
+
+# ------------------------------------------------------------------ tied layers
+class _TiedLMwn(nn.Module):
+    """As tests/test_optim.py::_TiedLM: embedding and output layer share weight_g and weight_v."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = wnorm.weight_norm(nn.Embedding(10, 4))
+        self.out = wnorm.weight_norm(nn.Linear(4, 10))
+        self.out.weight_g, self.out.weight_v = self.emb.weight_g, self.emb.weight_v
+
+    def forward(self, i: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.emb(i)))
+
+
+
+class _TiedV(nn.Module):
+    """Two layers sharing weight_v only, each with its own g: no tensor data_init sets is shared."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = wnorm.weight_norm(nn.Linear(5, 5))
+        self.b = wnorm.weight_norm(nn.Linear(5, 5))
+        self.b.weight_v = self.a.weight_v
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.tanh(self.a(x)))
+
+
+
+def test_layer_sharing_g_with_a_layer_left_alone_is_skipped():
+    """out's g is the embedding's g: setting it rescales the embedding, so out's own input
+    changes and its pre-activations were not standardized, though reported 'initialized'."""
+    torch.manual_seed(0)
+    model = _TiedLMwn()
+    sd = copy.deepcopy(model.state_dict())
+    with pytest.warns(UserWarning, match=r"out \(parameters shared with emb, which data_init "
+                                         r"does not initialize\)"):
+        report = wnorm.data_init(model, torch.randint(0, 10, (256,)))
+    assert {r.name: r.status for r in report} == {"emb": "skipped", "out": "skipped"}
+    assert not report.initialized
+    assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())
+
+
+
+def _tied_seq() -> nn.Module:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4))
+    model[2].weight = model[0].weight
+    return model
+
+
+
+@pytest.mark.parametrize("wrap", [False, True], ids=["driven", "hooked"])
+@pytest.mark.parametrize("how", ["plain", "apply"])
+def test_tied_targets_first_reached_initialized_the_others_skipped(path, wrap, how):
+    """Two targets sharing their weight (plain, include_plain) or their g and v (tied by
+    wnorm.apply): the second's init rescaled the first's weight after the fact, and both were
+    reported 'initialized'. Now the first is initialized (and stays standardized), the second
+    skipped with the reason and a warning."""
+    torch.manual_seed(0)
+    seq = _tied_seq()
+    if how == "apply":
+        wnorm.apply(seq)
+        assert seq[0].weight_g is seq[2].weight_g
+    model = _Wrap(seq) if wrap else seq
+    x = torch.randn(256, 4) * 3
+    pre = "seq." if wrap else ""
+    with pytest.warns(UserWarning, match=rf"{pre}2 \(parameters shared with {pre}0, initialized "
+                                         r"first\)"):
+        report = wnorm.data_init(model, x, include_plain=how == "plain")
+    assert [(r.name, r.status) for r in report] == [(pre + "0", "initialized"),
+                                                    (pre + "2", "skipped")]
+    outs = first_outputs(model, {"0": seq[0]}, x)
+    assert_standardized(outs, {"0": seq[0]}, 1.0)
+
+
+
+def test_shared_v_alone_is_no_tie_for_data_init():
+    """g and b are what data_init sets; layers sharing only v are both initialized."""
+    torch.manual_seed(0)
+    model = _TiedV()
+    x = torch.randn(256, 5)
+    report = wnorm.data_init(model, x)
+    assert [r.status for r in report] == ["initialized", "initialized"]
+    layers = {"a": model.a, "b": model.b}
+    assert_standardized(first_outputs(model, layers, x), layers, 1.0)

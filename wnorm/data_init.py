@@ -141,8 +141,12 @@ class _Initializer:
     """Forward hooks that initialize each target layer at the first call that reaches it."""
 
     def __init__(self, names: dict[nn.Module, str], is_wn: dict[nn.Module, bool],
-                 init_scale: float, group: Any) -> None:
+                 init_scale: float, group: Any,
+                 ties: dict[nn.Module, list[nn.Module]] | None = None) -> None:
         self.names, self.is_wn = names, is_wn
+        # targets sharing a g, bias or plain weight with other targets: the first reached is
+        # initialized, the others are skipped (setting the shared tensor again would undo it)
+        self.ties = ties or {}
         self.init_scale, self.group = init_scale, group
         self.distributed = _distributed(group)
         self.done: dict[nn.Module, LayerInit] = {}
@@ -172,6 +176,15 @@ class _Initializer:
     def pre(self, module: nn.Module, args: Any) -> None:
         if module in self.done:
             return
+        if self.ties and module in self.ties:
+            first = next((o for o in self.ties[module] if o in self.done), None)
+            if first is not None:  # post() sees it done, and leaves it alone
+                how = ("initialized first" if self.done[first].status == "initialized"
+                       else "reached first")
+                self.done[module] = LayerInit(
+                    self.names[module], type(module).__name__, "skipped",
+                    f"parameters shared with {self.names[first]}, {how}")
+                return
         if self.is_wn[module]:
             spec = module.__dict__["_wn"]["weight"]
             g, v = module._parameters["weight_g"], module._parameters["weight_v"]
@@ -428,6 +441,57 @@ def _mean_only_step(bn: _MeanOnlyBatchNorm, x: Tensor, apply: bool = True) -> Te
     return x + shift.view((1, -1) + (1,) * (x.dim() - 2))
 
 
+def _shared_parameters(names: dict[nn.Module, str], is_wn: dict[nn.Module, bool],
+                       others: list[tuple[str, nn.Module]], touched: list[Tensor],
+                       skipped: list[LayerInit]) -> dict[nn.Module, list[nn.Module]]:
+    """Find the targets whose g, bias or plain weight another module holds too (tied layers),
+    appending the targets' such tensors to ``touched``. A target sharing one with a module the
+    pass does not initialize is dropped from ``names`` into ``skipped`` (setting it would change
+    that module too: the init's own input, for a module that ran before). Returns, for targets
+    sharing with other targets, those targets: the pass initializes the first it reaches."""
+    # the common case, nothing shared, costs a list and a dict (data_init is benchmarked)
+    mine = [(t, m) for m in names
+            for t in (m._parameters.get("weight_g"), m._parameters.get("bias"),
+                      None if is_wn[m] else m._parameters.get("weight"))
+            if t is not None]
+    owner = {id(t): m for t, m in mine}
+    ties: dict[nn.Module, list[nn.Module]] = {}
+    if len(owner) == len(mine):
+        touched.extend(t for t, _ in mine)
+    else:
+        owner = {}
+        for t, m in mine:
+            o = owner.setdefault(id(t), m)
+            if o is m:
+                touched.append(t)
+            elif o not in ties.get(m, ()):
+                ties.setdefault(m, []).append(o)
+                ties.setdefault(o, []).append(m)
+    drop: dict[nn.Module, str] = {}
+    for label, o in others:
+        for t in o._parameters.values():
+            if t is not None and id(t) in owner:
+                drop.setdefault(owner[id(t)], label)
+    if not drop and not ties:
+        return ties
+    queue = list(drop)
+    while queue:  # a target tied to a dropped one shares with a module left alone, too
+        m = queue.pop()
+        for o in ties.pop(m, ()):
+            if o not in drop:
+                drop[o] = names[m]
+                queue.append(o)
+    for m, label in drop.items():
+        skipped.append(LayerInit(
+            names.pop(m), type(m).__name__, "skipped",
+            f"parameters shared with {label}, which data_init does not initialize"))
+        del is_wn[m]
+        ties.pop(m, None)
+    for m in ties:
+        ties[m] = [o for o in ties[m] if o not in drop]
+    return {m: os for m, os in ties.items() if os}
+
+
 def _positive_scale(value: Any) -> float:
     """``init_scale`` as a float: any real number (Python, NumPy, a 0-dim real tensor) that is
     positive and finite; a bool is refused (True is no scale anyone means)."""
@@ -489,6 +553,14 @@ def data_init(
     batch (a mean-only batch norm after it removes it). It is reported ``"initialized"`` with
     the note :data:`NO_BIAS_NOTE` (``"no bias: mean not removed"``).
 
+    Tied layers: the pass sets each target's ``g``, ``bias`` (and, with ``include_plain``, its
+    weight). Where one of these is shared with another module (a tie, e.g. from
+    :func:`wnorm.apply`), setting it for one layer would change the other after the fact, so:
+    among targets sharing it, the first the pass reaches is initialized and the others are
+    skipped (reason ``"parameters shared with <name>, initialized first"``); a target sharing
+    it with a module the pass does not initialize (e.g. a tied embedding) is skipped. Sharing
+    only ``v`` is no tie here: both layers are initialized.
+
     Args:
         model: the model, changed in place.
         batch: the input: a tensor, a tuple/list of positional arguments, or a mapping of
@@ -504,8 +576,9 @@ def data_init(
         An :class:`InitReport`: per layer, its name, the :math:`\mu[t]` and :math:`\sigma[t]`
         measured before the init, and whether it was initialized (with a ``note`` on what its
         init did not do) or skipped (and why). Layers that cannot be initialized (recurrent
-        ones, Embedding, grouped ConvTranspose, layers the pass did not reach; with
-        ``include_plain``, plain ones too) are skipped with a warning, never silently.
+        ones, Embedding, grouped ConvTranspose, tied ones as above, layers the pass did not
+        reach; with ``include_plain``, plain ones too) are skipped with a warning, never
+        silently.
 
     Raises:
         WnormError: ``init_scale`` is not a positive finite number, the batch is empty or
@@ -545,6 +618,7 @@ def data_init(
     report = InitReport()
     skipped: list[LayerInit] = []
     mobn: list[tuple[str, _MeanOnlyBatchNorm]] = []
+    others: list[tuple[str, nn.Module]] = []  # modules with parameters that are no target
     buffers: list[Tensor] = []  # the pass may change any buffer (BatchNorm's running stats...)
     # A tree of plain Sequentials over leaf modules, none of them hooked, one tensor in: the pass
     # can run each child in turn itself (what Sequential.forward does) and initialize each layer
@@ -562,20 +636,22 @@ def data_init(
             mobn.append((label, m))
         if not wn and not (include_plain and isinstance(m, _INIT_TYPES)
                            and m._parameters.get("weight") is not None):
+            if m._parameters:
+                others.append((label, m))
             continue
         why = _reason_cannot(m, wn)
         if why:  # a candidate (weight-normalized, or plain with include_plain) it cannot set
             skipped.append(LayerInit(label, type(m).__name__, "skipped", why))
+            others.append((label, m))
             continue
         names[m], is_wn[m] = label, wn
 
     # What the pass may change: g, biases and plain weights of the targets, and every buffer.
-    touched = [t for m in names for t in (m._parameters.get("weight_g"), m._parameters.get("bias"),
-                                          None if is_wn[m] else m._parameters.get("weight"))
-               if t is not None]
+    touched: list[Tensor] = []
+    ties = _shared_parameters(names, is_wn, others, touched, skipped)
     touched += buffers
 
-    init = _Initializer(names, is_wn, float(init_scale), process_group)
+    init = _Initializer(names, is_wn, float(init_scale), process_group, ties)
     drive = drive and not any(_has_hooks(m) for m in names) and not any(
         _has_hooks(m) for _, m in mobn)
     handles = []
