@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -140,3 +142,171 @@ def test_dim_none_passed_through():
     for _, m, _, dim in wnorm.normalized_weights(net):
         assert dim is None and m.weight_g.numel() == 1
         torch.testing.assert_close(m.weight.norm(), m.weight_g.detach().reshape(()))
+
+
+# ------------------------------------------------------------------------ tied weights
+class _Tied(nn.Module):
+    """Two Linears sharing one weight Parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Linear(4, 4)
+        self.dec = nn.Linear(4, 4)
+        self.dec.weight = self.enc.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dec(torch.tanh(self.enc(x)))
+
+
+class _TiedLM(nn.Module):
+    """Embedding and output layer sharing one weight Parameter (a tied language model)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+        self.out = nn.Linear(4, 10, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, i: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.emb(i)))
+
+
+@pytest.mark.parametrize("make, x, types, a, b", [
+    (_Tied, lambda: torch.randn(8, 4), wnorm.DEFAULT_TYPES, "enc", "dec"),
+    (_TiedLM, lambda: torch.randint(0, 10, (8,)), wnorm.DEFAULT_TYPES + (nn.Embedding,),
+     "emb", "out"),
+], ids=["linear-linear", "embedding-linear"])
+def test_tied_weight_stays_tied(make, x, types, a, b):
+    """A weight shared by two selected modules is normalized once: both hold the same g and v
+    (one entry each in parameters(), both names in the state dict, as torch shows a tie), and
+    training keeps them equal. Each module got its own g and v before: silently untied."""
+    torch.manual_seed(0)
+    model, inp = make(), x()
+    with torch.no_grad():
+        before = model(inp)
+    wnorm.apply(model, types=types)
+    ma, mb = getattr(model, a), getattr(model, b)
+    assert wnorm.is_weight_normalized(ma, "weight") and wnorm.is_weight_normalized(mb, "weight")
+    assert ma.weight_g is mb.weight_g and ma.weight_v is mb.weight_v
+    names = [n for n, _ in model.named_parameters()]
+    assert f"{a}.weight_v" in names and f"{b}.weight_v" not in names  # listed once
+    sd = model.state_dict()
+    assert sd[f"{a}.weight_v"].data_ptr() == sd[f"{b}.weight_v"].data_ptr()
+    with torch.no_grad():
+        torch.testing.assert_close(model(inp), before)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    model(inp).square().sum().backward()
+    opt.step()
+    assert torch.equal(ma.weight, mb.weight)
+    twin = copy.deepcopy(model)
+    assert getattr(twin, a).weight_g is getattr(twin, b).weight_g
+
+
+def test_tie_with_an_unselected_module_is_an_error_naming_both():
+    """The embedding is not in the default types: normalizing only the output layer would untie
+    it from the embedding (it did, silently)."""
+    model = _TiedLM()
+    w = model.emb.weight
+    with pytest.raises(WnormError, match=r"out \(Linear\): 'weight' is the same Parameter as "
+                                         r"'weight' of emb \(Embedding\), which is not selected"):
+        wnorm.apply(model)
+    assert model.out.weight is w and model.emb.weight is w
+    assert not wnorm.is_weight_normalized(model.out) and type(model.out) is nn.Linear
+
+
+def test_tie_along_different_axes_is_an_error():
+    """A Conv2d (units on axis 0) tied to a ConvTranspose2d (units on axis 1): one g cannot
+    serve both."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.ConvTranspose2d(4, 3, 3))
+    model[2].weight = model[0].weight
+    with pytest.raises(WnormError, match=r"0 \(Conv2d\): 'weight' is the same Parameter as "
+                                         r"'weight' of 2 \(ConvTranspose2d\), but .*dim 0 and 1"):
+        wnorm.apply(model)
+    assert model[0].weight is model[2].weight and not wnorm.is_weight_normalized(model[0])
+
+
+def test_weight_norm_on_one_holder_of_a_tie_unties_as_documented():
+    """wnorm.weight_norm sees one module: the other holder keeps the old Parameter."""
+    a, b = nn.Linear(3, 3), nn.Linear(3, 3)
+    b.weight = a.weight
+    w = a.weight
+    wnorm.weight_norm(b)
+    assert a.weight is w and not wnorm.is_weight_normalized(a)
+    torch.testing.assert_close(b.weight, w)
+    assert "Tied weights" in wnorm.weight_norm.__doc__
+
+
+# ------------------------------------------------------------------- all or nothing
+def _lstm_then_zero_row() -> nn.Module:
+    net = nn.Sequential(nn.Linear(3, 4), nn.LSTM(4, 4), nn.Linear(4, 2))
+    with torch.no_grad():
+        net[2].weight[1] = 0
+    return net
+
+
+@pytest.mark.parametrize("make, kw", [
+    (lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4, 2)), {"dim": 2}),
+    (_lstm_then_zero_row, {}),
+    (lambda: nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2), nn.Linear(2, 2)),
+     {"method": wnorm.centered_weight_norm}),
+], ids=["dim-out-of-range", "lstm-then-zero-row", "third-layer-constant"])
+def test_failed_apply_leaves_the_model_exactly_unchanged(make, kw):
+    """A weight failing after others were normalized: the earlier ones are put back, the same
+    Parameter objects under the same names and classes, and a corrected call then works (the
+    earlier layers stayed normalized, and the retry said 'already weight-normalized')."""
+    torch.manual_seed(0)
+    model = make()
+    if "method" in kw:  # a constant row has zero norm after centering
+        with torch.no_grad():
+            model[2].weight[0] = 1.0
+    params = list(model.named_parameters())
+    classes = [type(m) for m in model.modules()]
+    with pytest.raises(WnormError):
+        wnorm.apply(model, **kw)
+    assert [(n, id(p)) for n, p in model.named_parameters()] == [(n, id(p)) for n, p in params]
+    assert [type(m) for m in model.modules()] == classes
+    assert not any(wnorm.is_weight_normalized(m) for m in model.modules())
+    if isinstance(model[1], nn.LSTM):
+        assert all(a is b for a, b in zip(model[1]._flat_weights, model[1].parameters()))
+        model[1](torch.randn(5, 4))  # still runs
+    with torch.no_grad():
+        model[-1].weight.normal_()
+    wnorm.apply(model)  # the retry works
+
+
+# ------------------------------------------------------------------------- arguments
+def test_one_string_is_one_pattern():
+    """include="encoder.*" selected everything (its '*' character matched every name) and
+    exclude="head" excluded nothing: a string was iterated character by character."""
+    assert normalized(wnorm.apply(Net(), include="encoder.*")) == {"encoder.0.weight",
+                                                                    "encoder.3.weight"}
+    assert normalized(wnorm.apply(Net(), exclude="head")) == {
+        "encoder.0.weight", "encoder.3.weight", "decoder.0.weight"}
+    assert normalized(wnorm.apply(Net(), exclude=nn.Linear)) == {
+        "encoder.0.weight", "encoder.3.weight", "decoder.0.weight"}
+    with pytest.raises(WnormError, match=r"apply: no module of Net was selected .*"
+                                         r"include=\['encoder'\]"):
+        wnorm.apply(Net(), include="encoder")
+
+
+def test_a_pattern_that_is_not_a_string_is_an_error():
+    net = Net()
+    with pytest.raises(WnormError, match=r"apply: exclude takes glob patterns \(str\) or module "
+                                         r"types; got Linear"):
+        wnorm.apply(net, exclude=[net.head])  # a module, not its name: was silently ignored
+    with pytest.raises(WnormError, match=r"apply: include takes glob patterns \(str\); got 3"):
+        wnorm.apply(net, include=["head", 3])
+    assert not any(wnorm.is_weight_normalized(m) for m in net.modules())
+
+
+@pytest.mark.parametrize("make", [lambda: nn.LazyLinear(3), lambda: nn.LazyConv2d(3, 3)],
+                         ids=["LazyLinear", "LazyConv2d"])
+def test_lazy_module_before_its_first_forward_is_an_error_naming_it(make):
+    net = nn.Sequential(nn.Linear(2, 2), make())
+    kind = type(net[1]).__name__
+    with pytest.raises(WnormError, match=rf"1 \({kind}\): \['weight', 'bias'\] are not "
+                                         r"initialized yet .*run one forward pass"):
+        wnorm.apply(net)
+    assert not wnorm.is_weight_normalized(net[0])
+    with pytest.raises(WnormError, match=rf"{kind}: 'weight' is not initialized yet"):
+        wnorm.weight_norm(make())

@@ -4,6 +4,7 @@ init batch have per-unit mean 0 and standard deviation init_scale."""
 from __future__ import annotations
 
 import copy
+import re
 import sys
 
 import pytest
@@ -161,7 +162,8 @@ def test_lstm_skipped_and_unreached_reported_with_warning():
 
 def test_plain_unreached_layer_reported():
     model = WithLSTM()
-    report = wnorm.data_init(model, torch.randn(8, 5, 3), include_plain=True)
+    with pytest.warns(UserWarning, match=r"layers not initialized: unused \(not reached"):
+        report = wnorm.data_init(model, torch.randn(8, 5, 3), include_plain=True)
     by_name = {r.name: r for r in report}
     assert by_name["unused"].status == "skipped" and "not reached" in by_name["unused"].reason
     assert "rnn" not in by_name  # a plain LSTM is no candidate
@@ -837,3 +839,263 @@ def test_a_mean_only_bn_whose_bias_is_a_buffer_is_initialized_as_in_the_hooked_p
     wnorm.data_init(twin, x)
     for (k, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=k)
+
+
+# ------------------------------------------------------------------ third review (rev. C)
+@pytest.mark.parametrize("include_plain", [False, True], ids=["wn", "plain"])
+def test_layer_without_bias_is_initialized_with_a_note(path, include_plain):
+    """No bias to take the mean away: the layer is initialized (its spread is init_scale), and
+    its report entry says the mean stays; it said nothing before."""
+    from wnorm.data_init import NO_BIAS_NOTE
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 6, bias=False), nn.ReLU(), nn.Linear(6, 3))
+    if not include_plain:
+        wnorm.apply(net)
+    x = torch.randn(256, 5) + 2
+    report = wnorm.data_init(net, x, include_plain=include_plain)
+    assert [(r.name, r.status, r.reason, r.note) for r in report] == [
+        ("0", "initialized", "", NO_BIAS_NOTE), ("2", "initialized", "", "")]
+    assert report.initialized == list(report)
+    assert "initialized (no bias: mean not removed)" in str(report)
+    y = first_outputs(net, {"0": net[0]}, x)["0"]
+    mu, sd = unit_stats(y, net[0])
+    assert mu.abs().min() > 0.1 and (sd - 1).abs().max() < TOL  # the mean stayed
+    assert "mean" in wnorm.data_init.__doc__ and "bias" in wnorm.data_init.__doc__
+
+
+def _bias_free_then_linear() -> nn.Module:
+    """Layer 0 has no bias (PyTorch ops: the general path, never batch norm's kernel)."""
+    return nn.Sequential(nn.Linear(3, 4, bias=False), nn.ReLU(), nn.Linear(4, 2))
+
+
+
+@pytest.mark.parametrize("scale, word", [(1e300, "large"), (1e39, "large"), (1e-320, "small")])
+@pytest.mark.parametrize("make, dtype", [
+    (lambda: nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)), torch.float32),
+    (_bias_free_then_linear, torch.float32),
+    (lambda: nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)), torch.bfloat16),
+], ids=["bias", "no-bias", "bfloat16"])
+def test_init_scale_out_of_the_dtype_range_is_blamed_not_the_batch(path, scale, word, make,
+                                                                    dtype):
+    """sigma[t] is fine but g = init_scale/sigma[t] overflows or underflows the layer's dtype:
+    the error said 'sigma 0 ... needs a batch on which every unit varies'."""
+    torch.manual_seed(0)
+    model = wnorm.apply(make()).to(dtype)
+    sd = copy.deepcopy(model.state_dict())
+    dt = str(dtype).replace(".", r"\.")
+    s = re.escape(repr(scale))
+    with pytest.raises(WnormError, match=rf"^0 \(Linear\): init_scale={s} is too {word} for "
+                                         rf"this layer's {dt}: g = init_scale/sigma\[t\] "
+                                         r".*4 of 4 units .*init_scale 1 would fit"):
+        wnorm.data_init(model, torch.randn(64, 3).to(dtype), init_scale=scale)
+    assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())
+
+
+
+def test_g_that_overflows_float16_is_an_error_not_an_inf_g():
+    """A float16 layer: g = 1e5/sigma[t] was computed in float32 and stored as inf in the
+    float16 g, and the layer was reported 'initialized'."""
+    torch.manual_seed(0)
+    model = wnorm.apply(nn.Sequential(nn.Linear(3, 4))).half()
+    sd = copy.deepcopy(model.state_dict())
+    with pytest.raises(WnormError, match=r"^0 \(Linear\): init_scale=100000\.0 is too large for "
+                                         r"this layer's torch\.float16"):
+        wnorm.data_init(model, torch.randn(64, 3).half(), init_scale=1e5)
+    assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())
+
+
+
+def test_bias_that_overflows_blames_init_scale(path):
+    """g fits but b = -mu[t] g does not (a batch mean far from 0): init_scale is what to
+    change, and the message says so."""
+    torch.manual_seed(0)
+    model = wnorm.apply(nn.Sequential(nn.Linear(3, 4)))
+    x = torch.randn(64, 3) + 1e3  # |mu[t]| ~ 1e3, sigma[t] ~ 1: g ~ 1e37 fits, b ~ 1e40 not
+    with pytest.raises(WnormError, match=r"^0 \(Linear\): init_scale=1e\+37 is too large for this "
+                                         r"layer's torch\.float32: the bias b = "):
+        wnorm.data_init(model, x, init_scale=1e37)
+
+
+
+def test_init_scale_takes_numpy_numbers_and_0dim_tensors_not_bools():
+    """np.float32(0.5) and torch.tensor(0.5) were refused while np.float64 passed; True was
+    taken as 1.0."""
+    np = pytest.importorskip("numpy")
+    x = torch.randn(32, 3)
+
+    def g_after(scale):
+        torch.manual_seed(0)
+        model = wnorm.apply(nn.Sequential(nn.Linear(3, 4)))
+        wnorm.data_init(model, x, init_scale=scale)
+        return model[0].weight_g.detach()
+
+    ref = g_after(0.5)
+    for s in (np.float32(0.5), np.float64(0.5), torch.tensor(0.5), torch.tensor(0.5).double()):
+        assert torch.equal(g_after(s), ref), s
+    assert torch.equal(g_after(np.int64(2)), g_after(2)) and torch.equal(
+        g_after(torch.tensor(2)), g_after(2.0))
+    model = wnorm.apply(nn.Sequential(nn.Linear(3, 4)))
+    for bad in (True, False, np.bool_(True), torch.tensor(True), torch.tensor([0.5]),
+                torch.tensor(-1.0), np.float32("nan"), 10 ** 400, 1 + 0j):
+        with pytest.raises(WnormError, match=r"data_init: init_scale must be a positive finite "
+                                             r"number; got"):
+            wnorm.data_init(model, x, init_scale=bad)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_float32_mean_only_bn_in_a_bfloat16_model(train):
+    """The init pass's own mean-only BN step returned float32 for a float32 BN in a bfloat16
+    model, and the next bfloat16 layer failed."""
+    torch.manual_seed(0)
+    net = wnorm.apply(nn.Sequential(nn.Linear(4, 8, bias=False), MeanOnlyBatchNorm1d(8),
+                                    nn.ReLU(), nn.Linear(8, 2))).to(torch.bfloat16).train(train)
+    net[1].float()
+    x = torch.randn(64, 4, dtype=torch.bfloat16)
+    report = wnorm.data_init(net, x)
+    assert [r.status for r in report] == ["initialized", "initialized"]
+    with torch.no_grad():
+        assert net(x).dtype == torch.bfloat16
+
+
+class _Counter(nn.Module):
+    """A module with its own buffer that its forward changes (as BatchNorm's running stats)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return x
+
+
+
+class _Wrap(nn.Module):
+    """Not a Sequential: data_init uses hooks instead of running the children itself."""
+
+    def __init__(self, seq: nn.Module) -> None:
+        super().__init__()
+        self.seq = seq
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.seq(x)
+
+
+
+@pytest.mark.parametrize("wrap", [False, True], ids=["driven", "hooked"])
+def test_failure_restores_every_buffer_the_pass_changed(wrap):
+    """A failed init left nn.BatchNorm's running_mean, running_var and num_batches_tracked (and
+    any module's own buffers) changed, though the docstring promises an unchanged model."""
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), _Counter(), MeanOnlyBatchNorm1d(4),
+                        Zero(), nn.Linear(4, 2))
+    model = wnorm.apply(_Wrap(seq) if wrap else seq).train()
+    sd = copy.deepcopy(model.state_dict())
+    with pytest.raises(WnormError, match=r"5 \(Linear\): the pre-activations of 2 of 2 units"):
+        wnorm.data_init(model, torch.randn(8, 3) + 5)
+    after = model.state_dict()
+    changed = [k for k, v in sd.items() if not torch.equal(after[k], v)]
+    assert changed == []
+
+
+
+def test_include_plain_layer_it_cannot_set_is_reported_and_warned():
+    """A plain grouped ConvTranspose under include_plain was left as it was with no report
+    entry and no warning; a weight-normalized one was reported, with a warning."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(4, 4, 3), nn.ConvTranspose2d(4, 4, 3, groups=2))
+    w = net[1].weight.detach().clone()
+    with pytest.warns(UserWarning, match=r"layers not initialized: 1 \(ConvTranspose with "
+                                         r"groups > 1"):
+        report = wnorm.data_init(net, torch.randn(16, 4, 8, 8), include_plain=True)
+    assert [(r.name, r.status) for r in report] == [("0", "initialized"), ("1", "skipped")]
+    assert "groups > 1" in report[1].reason and report[1].mu is None
+    assert torch.equal(net[1].weight, w)
+
+
+# ------------------------------------------------------------------ tied layers
+class _TiedLMwn(nn.Module):
+    """As tests/test_optim.py::_TiedLM: embedding and output layer share weight_g and weight_v."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = wnorm.weight_norm(nn.Embedding(10, 4))
+        self.out = wnorm.weight_norm(nn.Linear(4, 10))
+        self.out.weight_g, self.out.weight_v = self.emb.weight_g, self.emb.weight_v
+
+    def forward(self, i: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.emb(i)))
+
+
+
+class _TiedV(nn.Module):
+    """Two layers sharing weight_v only, each with its own g: no tensor data_init sets is shared."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = wnorm.weight_norm(nn.Linear(5, 5))
+        self.b = wnorm.weight_norm(nn.Linear(5, 5))
+        self.b.weight_v = self.a.weight_v
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.tanh(self.a(x)))
+
+
+
+def test_layer_sharing_g_with_a_layer_left_alone_is_skipped():
+    """out's g is the embedding's g: setting it rescales the embedding, so out's own input
+    changes and its pre-activations were not standardized, though reported 'initialized'."""
+    torch.manual_seed(0)
+    model = _TiedLMwn()
+    sd = copy.deepcopy(model.state_dict())
+    with pytest.warns(UserWarning, match=r"out \(parameters shared with emb, which data_init "
+                                         r"does not initialize\)"):
+        report = wnorm.data_init(model, torch.randint(0, 10, (256,)))
+    assert {r.name: r.status for r in report} == {"emb": "skipped", "out": "skipped"}
+    assert not report.initialized
+    assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())
+
+
+
+def _tied_seq() -> nn.Module:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4))
+    model[2].weight = model[0].weight
+    return model
+
+
+
+@pytest.mark.parametrize("wrap", [False, True], ids=["driven", "hooked"])
+@pytest.mark.parametrize("how", ["plain", "apply"])
+def test_tied_targets_first_reached_initialized_the_others_skipped(path, wrap, how):
+    """Two targets sharing their weight (plain, include_plain) or their g and v (tied by
+    wnorm.apply): the second's init rescaled the first's weight after the fact, and both were
+    reported 'initialized'. Now the first is initialized (and stays standardized), the second
+    skipped with the reason and a warning."""
+    torch.manual_seed(0)
+    seq = _tied_seq()
+    if how == "apply":
+        wnorm.apply(seq)
+        assert seq[0].weight_g is seq[2].weight_g
+    model = _Wrap(seq) if wrap else seq
+    x = torch.randn(256, 4) * 3
+    pre = "seq." if wrap else ""
+    with pytest.warns(UserWarning, match=rf"{pre}2 \(parameters shared with {pre}0, initialized "
+                                         r"first\)"):
+        report = wnorm.data_init(model, x, include_plain=how == "plain")
+    assert [(r.name, r.status) for r in report] == [(pre + "0", "initialized"),
+                                                    (pre + "2", "skipped")]
+    outs = first_outputs(model, {"0": seq[0]}, x)
+    assert_standardized(outs, {"0": seq[0]}, 1.0)
+
+
+
+def test_shared_v_alone_is_no_tie_for_data_init():
+    """g and b are what data_init sets; layers sharing only v are both initialized."""
+    torch.manual_seed(0)
+    model = _TiedV()
+    x = torch.randn(256, 5)
+    report = wnorm.data_init(model, x)
+    assert [r.status for r in report] == ["initialized", "initialized"]
+    layers = {"a": model.a, "b": model.b}
+    assert_standardized(first_outputs(model, layers, x), layers, 1.0)

@@ -219,3 +219,33 @@ def test_torch_func_transforms_with_trainable_parameters():
         grads = torch.autograd.grad(loss(dict(net.named_parameters()), xb), list(net.parameters()))
         for (name, _), g in zip(net.named_parameters(), grads):
             torch.testing.assert_close(per_group[name][i], g, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("layer_dtype, x_dtype", [(torch.float32, torch.bfloat16),
+                                                  (torch.float64, torch.float32),
+                                                  (torch.float32, torch.float16)])
+@pytest.mark.parametrize("track", [True, False], ids=["running", "no-running"])
+def test_output_has_the_input_dtype_in_every_mode(layer_dtype, x_dtype, track):
+    """A norm layer kept in float32 inside a bfloat16 model (as nn.BatchNorm allows): the output
+    has the input's dtype in train and eval, with and without grad, like nn.BatchNorm's. Eval and
+    no-grad forwards returned the layer's dtype before, and the next layer failed."""
+    torch.manual_seed(0)
+    bn = MeanOnlyBatchNorm2d(3, track_running_stats=track).to(layer_dtype)
+    ref = nn.BatchNorm2d(3, track_running_stats=track).to(layer_dtype)
+    with torch.no_grad():
+        bn.bias.copy_(torch.tensor([0.5, -1.0, 2.0]))
+        if track:
+            bn.running_mean.copy_(torch.tensor([1.0, 2.0, -3.0]))
+    x = (torch.randn(4, 3, 2, 2) + 3).to(x_dtype)
+    for train in (True, False):
+        for grad in (True, False):
+            bn.train(train), ref.train(train)
+            with torch.set_grad_enabled(grad):
+                y = bn(x)
+                if layer_dtype == torch.float32:  # torch's CPU mixed-dtype batch norm: float32
+                    assert ref(x).dtype == x_dtype
+            assert y.dtype == x_dtype, (train, grad)
+            mean = (bn.running_mean if track and not train
+                    else x.to(layer_dtype).mean(dim=(0, 2, 3)))
+            expected = x.to(layer_dtype) + bcast(bn.bias.detach() - mean, x)
+            torch.testing.assert_close(y.to(layer_dtype), expected, rtol=1e-2, atol=2e-2)

@@ -622,3 +622,24 @@ def test_cached_inference_weight_follows_every_change_of_g_and_v(kind):
     check()
     w = m.weight  # with grad: the recorded weight, never the cache
     assert w.grad_fn is not None
+
+
+def test_zero_padding_row_error_names_padding_idx():
+    """nn.Embedding zeroes its padding_idx row: the zero-norm error says so (it listed the row
+    index only), and an embedding whose padding row was given a direction normalizes."""
+    with pytest.raises(WnormError, match=r"Embedding: 1 of 5 slices along dim 0 of 'weight' have "
+                                         r"zero norm \(indices \[1\]\).*row 1 is the "
+                                         r"padding_idx row"):
+        wnorm.weight_norm(nn.Embedding(5, 3, padding_idx=1))
+    emb = nn.Embedding(5, 3)
+    with torch.no_grad():
+        emb.weight[2] = 0
+    with pytest.raises(WnormError, match=r"indices \[2\]\); weight normalization needs a "
+                                         r"direction for every output unit$"):
+        wnorm.weight_norm(emb)  # no padding_idx: no hint
+
+
+def test_lazy_parameter_is_an_error_naming_it():
+    with pytest.raises(WnormError, match=r"^LazyLinear: 'weight' is not initialized yet .*"
+                                         r"forward pass"):
+        wnorm.weight_norm(nn.LazyLinear(3))

@@ -4,11 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from fnmatch import fnmatchcase
+from typing import Any
 
 from torch import nn
 
 from .errors import WnormError
-from .weight_norm import _DEFAULT, is_weight_normalized, weight_norm
+from .weight_norm import (
+    _DEFAULT,
+    _refresh_flat_weights,
+    default_dim,
+    is_weight_normalized,
+    weight_norm,
+)
 
 __all__ = ["apply", "DEFAULT_TYPES", "NORM_TYPES"]
 
@@ -52,12 +59,71 @@ def _matches(name: str, patterns: Iterable[str]) -> bool:
     return any(fnmatchcase(name, p) for p in patterns)
 
 
+def _pattern_list(arg: Any, what: str, types_ok: bool) -> list[Any]:
+    """``include``/``exclude`` as a list: one string (or type) is one pattern, not its
+    characters; anything else that is not a pattern is an error, never silently ignored."""
+    if arg is None:
+        return []
+    if isinstance(arg, (str, type)):
+        arg = [arg]
+    try:
+        items = list(arg)
+    except TypeError:
+        items = [arg]
+    wanted = "glob patterns (str) or module types" if types_ok else "glob patterns (str)"
+    for e in items:
+        if not (isinstance(e, str) or (types_ok and isinstance(e, type)
+                                       and issubclass(e, nn.Module))):
+            raise WnormError(f"apply: {what} takes {wanted}; got {e!r}")
+    return items
+
+
+def _label(mname: str, module: nn.Module) -> str:
+    return f"{mname or '<model>'} ({type(module).__name__})"
+
+
+def _resolved_dim(module: nn.Module, pname: str, dim: Any) -> Any:
+    return default_dim(module, pname) if dim is _DEFAULT else dim
+
+
+class _Undo:
+    """What :func:`apply` changed, to put back exactly when a later weight fails: each touched
+    module's class, its parameter dict (the same Parameter objects, in order) and wnorm's
+    records on it."""
+
+    _KEYS = ("_wn", "_flat_weights", "_flat_weight_refs")
+
+    def __init__(self) -> None:
+        self.saved: dict[int, tuple[nn.Module, type, dict[str, Any], dict[str, Any]]] = {}
+
+    def keep(self, module: nn.Module) -> None:
+        if id(module) not in self.saved:
+            d = module.__dict__
+            extra = {k: (dict(d[k]) if k == "_wn" else list(d[k])) for k in self._KEYS if k in d}
+            self.saved[id(module)] = (module, module.__class__, dict(module._parameters), extra)
+
+    def restore(self) -> None:
+        for module, cls, params, extra in reversed(self.saved.values()):
+            module._parameters.clear()
+            module._parameters.update(params)
+            module.__class__ = cls
+            d = module.__dict__
+            for k in self._KEYS:
+                if k not in extra:
+                    d.pop(k, None)
+                elif k == "_wn" and isinstance(d.get(k), dict):
+                    d[k].clear()  # the same dict object: keep what refers to it consistent
+                    d[k].update(extra[k])
+                else:
+                    d[k] = extra[k]
+
+
 def apply(
     model: nn.Module,
     *,
     types: tuple[type[nn.Module], ...] = DEFAULT_TYPES,
-    include: Iterable[str] | None = None,
-    exclude: Iterable[str | type[nn.Module]] = (),
+    include: str | Iterable[str] | None = None,
+    exclude: str | type[nn.Module] | Iterable[str | type[nn.Module]] = (),
     dim: int | None | object = _DEFAULT,
     filter: Callable[[str, nn.Module], bool] | None = None,
     method: Callable[..., nn.Module] = weight_norm,
@@ -69,14 +135,24 @@ def apply(
     Its ``weight`` is normalized, or for RNN/LSTM/GRU every ``weight_*`` of its flat weights
     (each gate row is an output unit).
 
+    Tied weights stay tied: a weight Parameter held by several selected modules (e.g. an
+    embedding and the output layer of a language model, both selected) is normalized once, and
+    every holder gets the same ``<name>_g`` and ``<name>_v`` Parameters (shown once by
+    ``parameters()``, under each holder's name in ``state_dict()``, as PyTorch shows a tie). A
+    tie that cannot be kept is an error naming both modules: one holder not selected, or the
+    holders normalizing along different axes (e.g. a Conv2d tied to a ConvTranspose2d).
+
+    The call is all or nothing: when it raises, the model is exactly as it was (the same
+    Parameter objects, classes and names).
+
     Args:
         model: the model, changed in place.
         types: the layer types to normalize (default :data:`DEFAULT_TYPES`: Linear, ConvNd,
             ConvTransposeNd, RNNBase).
-        include: glob patterns on module names (``"encoder.*"``); when given, only matching
-            modules are normalized.
-        exclude: glob patterns on module names, or module types, to leave alone
-            (e.g. ``["head"]``, ``[nn.ConvTranspose1d]``).
+        include: a glob pattern, or several, on module names (``"encoder.*"``); when given, only
+            matching modules are normalized.
+        exclude: glob patterns on module names, or module types, to leave alone (one, or
+            several: ``"head"``, ``["head", nn.ConvTranspose1d]``).
         dim: passed to :func:`weight_norm` (default: each layer type's output-unit axis).
         filter: ``(name, module) -> bool``, a last say on each eligible module.
         method: the reparameterization (default :func:`wnorm.weight_norm`; also
@@ -87,28 +163,36 @@ def apply(
         The same model.
 
     Raises:
-        WnormError: no module was selected, or a selected weight cannot be normalized
-            (already normalized, zero-norm rows, non-finite values); the message names it.
+        WnormError: no module was selected, a pattern is not a string (or type, for
+            ``exclude``), a selected weight cannot be normalized (already normalized, not
+            initialized yet by a lazy module's first forward, zero-norm rows, non-finite values)
+            or is tied to a weight that cannot share its g and v; the message names it.
 
     Example:
         >>> import torch, wnorm
         >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
-        >>> _ = wnorm.apply(net, exclude=["2"])
+        >>> _ = wnorm.apply(net, exclude="2")
         >>> [n for n, _ in net.named_parameters()]
         ['0.bias', '0.weight_g', '0.weight_v', '2.weight', '2.bias']
     """
-    patterns = [e for e in exclude if isinstance(e, str)]
-    ex_types = tuple(e for e in exclude if isinstance(e, type))
-    include = list(include) if include is not None else None
+    include_l = _pattern_list(include, "include", False) if include is not None else None
+    exclude_l = _pattern_list(exclude, "exclude", True)
+    patterns = [e for e in exclude_l if isinstance(e, str)]
+    ex_types = tuple(e for e in exclude_l if isinstance(e, type))
     chosen: list[tuple[str, nn.Module]] = []
+    # every (module name, module, parameter name) holding each Parameter: ties are found here
+    holders: dict[int, list[tuple[str, nn.Module, str]]] = {}
     for mname, module in model.named_modules(remove_duplicate=True):
+        for pname, p in module._parameters.items():
+            if p is not None:
+                holders.setdefault(id(p), []).append((mname, module, pname))
         if not isinstance(module, types) or isinstance(module, NORM_TYPES):
             continue
         if ex_types and isinstance(module, ex_types):
             continue
         if patterns and _matches(mname, patterns):
             continue
-        if include is not None and not _matches(mname, include):
+        if include_l is not None and not _matches(mname, include_l):
             continue
         if filter is not None and not filter(mname, module):
             continue
@@ -116,14 +200,86 @@ def apply(
     if not chosen:
         raise WnormError(
             f"apply: no module of {type(model).__name__} was selected "
-            f"(types={[t.__name__ for t in types]}, include={include}, exclude={list(exclude)})"
+            f"(types={[t.__name__ for t in types]}, include={include_l}, exclude={exclude_l})"
         )
+
+    # Check what can be checked before changing anything.
+    targets: list[tuple[str, nn.Module, str]] = []
     for mname, module in chosen:
+        lazy = [n for n, p in module._parameters.items()
+                if isinstance(p, nn.parameter.UninitializedParameter)]
+        if lazy:
+            raise WnormError(
+                f"{_label(mname, module)}: {lazy} are not initialized yet (a lazy module "
+                "materializes them at its first forward); run one forward pass on a batch "
+                "before wnorm.apply"
+            )
         for pname in _weight_names(module):
             if is_weight_normalized(module, pname):
                 raise WnormError(
-                    f"{mname or '<model>'} ({type(module).__name__}): '{pname}' is already "
-                    "weight-normalized by wnorm"
+                    f"{_label(mname, module)}: '{pname}' is already weight-normalized by wnorm"
                 )
+            targets.append((mname, module, pname))
+    selected = {(id(m), pn) for _, m, pn in targets}
+    for mname, module, pname in targets:
+        p = module._parameters.get(pname)
+        tied = holders.get(id(p), ()) if p is not None else ()
+        if len(tied) < 2:
+            continue
+        d = _resolved_dim(module, pname, dim)
+        for oname, other, opname in tied:
+            if (id(other), opname) not in selected:
+                raise WnormError(
+                    f"{_label(mname, module)}: '{pname}' is the same Parameter as "
+                    f"'{opname}' of {_label(oname, other)}, which is not selected; normalizing "
+                    "one of them would untie them. Select both (e.g. add its type to types=) "
+                    "so that they share one g and v, or exclude both"
+                )
+            od = _resolved_dim(other, opname, dim)
+            if od != d:
+                raise WnormError(
+                    f"{_label(mname, module)}: '{pname}' is the same Parameter as '{opname}' "
+                    f"of {_label(oname, other)}, but their output units lie along different "
+                    f"axes (dim {d} and {od}), so one g cannot serve both; exclude both, or "
+                    "untie them first"
+                )
+
+    undo = _Undo()
+    # id(tied Parameter) -> (the Parameter, kept alive; the first holder normalized)
+    leaders: dict[int, tuple[nn.Parameter, tuple[nn.Module, str]]] = {}
+    try:
+        for mname, module, pname in targets:
+            p = module._parameters.get(pname)
+            tied = p is not None and len(holders.get(id(p), ())) > 1
+            undo.keep(module)
             method(module, pname, dim, where=mname or "<model>")
+            if not tied:
+                continue
+            if id(p) not in leaders:
+                leaders[id(p)] = (p, (module, pname))
+                continue
+            _share(leaders[id(p)][1], module, pname)
+    except BaseException:
+        undo.restore()
+        raise
     return model
+
+
+def _share(leader: tuple[nn.Module, str], module: nn.Module, pname: str) -> None:
+    """Give ``module.<pname>`` (just normalized) the g and v of the first holder of its tie."""
+    lmod, lname = leader
+    lspec, spec = lmod.__dict__["_wn"][lname], module.__dict__["_wn"][pname]
+    what = ("kind", "dim", "eps", "gain", "radius")
+    if any(getattr(lspec, a) != getattr(spec, a) for a in what):
+        raise WnormError(
+            f"{spec.where}: '{pname}' is tied to '{lname}' of {lspec.where}, but they were "
+            "normalized differently ("
+            + ", ".join(f"{a} {getattr(lspec, a)!r} vs {getattr(spec, a)!r}" for a in what
+                        if getattr(lspec, a) != getattr(spec, a))
+            + "), so they cannot share g and v"
+        )
+    names = [(spec.gname, lspec.gname)] if spec.has_g else []
+    for mine, theirs in names + [(spec.vname, lspec.vname)]:
+        module.register_parameter(mine, lmod._parameters[theirs])
+    spec.clear()
+    _refresh_flat_weights(module)

@@ -14,6 +14,7 @@ batch, and the next layers see that standardized output in the same pass.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -33,7 +34,12 @@ from .mean_only_bn import (
 from .mean_only_fused import _global_state_allows, _has_hooks, _MeanOnlyFusedSequential
 from .weight_norm import WN, _Spec, default_dim
 
-__all__ = ["data_init", "InitReport", "LayerInit"]
+__all__ = ["data_init", "InitReport", "LayerInit", "NO_BIAS_NOTE"]
+
+#: :attr:`LayerInit.note` of an initialized layer without a bias: there is no bias to set to
+#: :math:`-\mu[t]\,g`, so its pre-activation keeps the mean :math:`\mu[t]\,g` on the batch
+#: (a mean-only batch norm after it removes it); only the spread is set to ``init_scale``.
+NO_BIAS_NOTE = "no bias: mean not removed"
 
 _INIT_TYPES = (nn.Linear, nn.modules.conv._ConvNd)
 _RAW_DTYPES = (torch.float32, torch.float64)
@@ -48,7 +54,9 @@ class LayerInit:
 
     ``mu`` and ``sigma`` are the per-unit mean and standard deviation of
     :math:`t = v\\cdot x/\\lVert v\\rVert` (of :math:`w\\cdot x` for a plain layer) on the batch,
-    before the init; ``None`` for a skipped layer, whose ``reason`` says why.
+    before the init; ``None`` for a skipped layer, whose ``reason`` says why. ``note``: what
+    an initialized layer's init did not do, e.g. :data:`NO_BIAS_NOTE` for a layer without a
+    bias (its pre-activation keeps the mean :math:`\\mu[t]\\,g`; only its spread is set).
     """
 
     name: str
@@ -57,6 +65,7 @@ class LayerInit:
     reason: str = ""
     mu: Tensor | None = field(default=None, repr=False)
     sigma: Tensor | None = field(default=None, repr=False)
+    note: str = ""
 
 
 class InitReport(list[LayerInit]):
@@ -75,7 +84,8 @@ class InitReport(list[LayerInit]):
         for r in self:
             mu = f"{float(r.mu.mean()):.4g}" if r.mu is not None else ""
             sd = f"{float(r.sigma.mean()):.4g}" if r.sigma is not None else ""
-            status = r.status + (f" ({r.reason})" if r.reason else "")
+            why = r.reason or r.note
+            status = r.status + (f" ({why})" if why else "")
             rows.append(f"{r.name} | {r.kind} | {status} | {mu} | {sd}")
         return "\n".join(rows)
 
@@ -107,7 +117,8 @@ def _reason_cannot(module: nn.Module, is_wn: bool) -> str:
         if specs["weight"].dim != default_dim(module):
             return f"g is not one per output unit (dim={specs['weight'].dim})"
     if isinstance(module, nn.modules.conv._ConvTransposeNd) and module.groups != 1:
-        return "ConvTranspose with groups > 1: one g serves several output channels"
+        what = "g" if is_wn else "weight slice"
+        return f"ConvTranspose with groups > 1: one {what} serves several output channels"
     return ""
 
 
@@ -130,8 +141,12 @@ class _Initializer:
     """Forward hooks that initialize each target layer at the first call that reaches it."""
 
     def __init__(self, names: dict[nn.Module, str], is_wn: dict[nn.Module, bool],
-                 init_scale: float, group: Any) -> None:
+                 init_scale: float, group: Any,
+                 ties: dict[nn.Module, list[nn.Module]] | None = None) -> None:
         self.names, self.is_wn = names, is_wn
+        # targets sharing a g, bias or plain weight with other targets: the first reached is
+        # initialized, the others are skipped (setting the shared tensor again would undo it)
+        self.ties = ties or {}
         self.init_scale, self.group = init_scale, group
         self.distributed = _distributed(group)
         self.done: dict[nn.Module, LayerInit] = {}
@@ -161,6 +176,15 @@ class _Initializer:
     def pre(self, module: nn.Module, args: Any) -> None:
         if module in self.done:
             return
+        if self.ties and module in self.ties:
+            first = next((o for o in self.ties[module] if o in self.done), None)
+            if first is not None:  # post() sees it done, and leaves it alone
+                how = ("initialized first" if self.done[first].status == "initialized"
+                       else "reached first")
+                self.done[module] = LayerInit(
+                    self.names[module], type(module).__name__, "skipped",
+                    f"parameters shared with {self.names[first]}, {how}")
+                return
         if self.is_wn[module]:
             spec = module.__dict__["_wn"]["weight"]
             g, v = module._parameters["weight_g"], module._parameters["weight_v"]
@@ -229,31 +253,40 @@ class _Initializer:
             scale = (c * c).sum(dim=dims, keepdim=True).rsqrt_().mul_(
                 self.init_scale * math.sqrt(n))
         shift = mu * scale  # the new bias is -shift
-        # one sum and one sync for the happy path: sigma 0 gives scale inf, then shift inf or
-        # NaN; NaN in the statistics reaches shift too (a sum that overflows is rechecked)
-        if not math.isfinite(float(shift.sum())):
-            sig = self.init_scale / scale if sigma is None else sigma
-            bad = (~((sig > 0) & torch.isfinite(sig) & torch.isfinite(mu))).flatten()
-            idx = bad.nonzero().flatten().tolist()
-        else:
-            idx = []
-        if idx:
-            self._fail(module, idx, units, n)
+        # g (a plain layer: its weight rows' factor) and b as they will be stored, in their
+        # dtypes: each must be finite, and g positive (a g that underflows to 0 kills the unit)
+        target = module.weight_g if self.is_wn[module] else module.weight
+        bias = module.bias
+        gs = scale if scale.dtype == target.dtype else scale.to(target.dtype)
+        bs = shift if bias is None or shift.dtype == bias.dtype else shift.to(bias.dtype)
+        # one sync for the happy path: sigma 0 gives scale inf, then shift inf or NaN; NaN in
+        # the statistics reaches shift too; g inf or 0 makes g + 1/g inf (a sum that merely
+        # overflows is rechecked unit by unit)
+        gw = gs if gs.dtype == wide else gs.to(wide)
+        if not math.isfinite(float(bs.sum(dtype=wide) + (gw + gw.reciprocal()).sum())):
+            sig = (c * c).mean(dim=dims, keepdim=True).sqrt() if sigma is None else sigma
+            ok = ((sig > 0) & torch.isfinite(sig) & torch.isfinite(mu) & torch.isfinite(gs)
+                  & (gs > 0) & torch.isfinite(bs))
+            idx = (~ok).flatten().nonzero().flatten().tolist()
+            if idx:
+                self._fail(module, idx, units, n, mu, sig, target.dtype,
+                           None if bias is None else bias.dtype)
         if self.is_wn[module]:
-            g = module.weight_g
-            g.copy_(scale.view(g.shape) if scale.is_contiguous() else scale.reshape(g.shape))
+            g = target
+            g.copy_(gs.view(g.shape) if gs.is_contiguous() else gs.reshape(g.shape))
         else:
-            w = module.weight
-            w.mul_(scale.reshape(_along(w.dim(), default_dim(module), units)).to(w.dtype))
+            w = target
+            w.mul_(gs.reshape(_along(w.dim(), default_dim(module), units)))
         out = c.mul_(scale)  # c is ours: standardize it in place
-        if module.bias is not None:
-            module.bias.copy_(shift.view(module.bias.shape)).neg_()
+        if bias is not None:
+            bias.copy_(bs.view(bias.shape)).neg_()
         else:
             out += shift  # no bias: the mean stays
         if sigma is None:
             sigma = self.init_scale / scale
         self.done[module] = LayerInit(name, type(module).__name__, "initialized", "",
-                                      mu.reshape(units).cpu(), sigma.reshape(units).cpu())
+                                      mu.reshape(units).cpu(), sigma.reshape(units).cpu(),
+                                      "" if module.bias is not None else NO_BIAS_NOTE)
         return out if out.dtype == y.dtype else out.to(y.dtype)
 
     def _post_kernel(self, module: nn.Module, y: Tensor, spec: _Spec,
@@ -287,9 +320,10 @@ class _Initializer:
         out, mu, sigma, bad = kern.data_init_layer(y, axis, v, spec.dim, g, bias, self.init_scale,
                                                    offset)
         if bad:  # nothing was written
-            self._fail(module, bad, y.shape[axis], y.numel() // y.shape[axis])
+            self._fail(module, bad, y.shape[axis], y.numel() // y.shape[axis], mu, sigma,
+                       g.dtype, None if bias is None else bias.dtype)
         self.done[module] = LayerInit(self.names[module], type(module).__name__, "initialized",
-                                      "", mu, sigma)
+                                      "", mu, sigma, "" if bias is not None else NO_BIAS_NOTE)
         # the mean a bias-less layer's output keeps: mu[t] g = mu[r] s/sigma[r]
         mean = None if bias is not None else torch.mul(mu, g.view(-1))
         if offset is not None:
@@ -308,29 +342,80 @@ class _Initializer:
             out = out.mul_(self.init_scale)
         bias, g = module.bias, module.weight_g
         shift = mu * scale if bias is None else torch.mul(mu, scale, out=bias.view(-1))
-        # batch norm's kernel gives scale 0 where sigma is 0; NaN statistics reach the shift
-        if not (math.isfinite(float(shift.sum())) and float(scale.min()) > 0):
-            sigma = self.init_scale / scale
-            bad = (~((sigma > 0) & torch.isfinite(sigma) & torch.isfinite(mu))).flatten()
-            self._fail(module, bad.nonzero().flatten().tolist(), y.shape[1],
-                       y.numel() // y.shape[1])
+        gflat = torch.mul(scale, vnorm, out=g.view(-1))  # g = s/sigma[t], as sigma[t] is
+        # batch norm's kernel gives scale 0 where sigma is 0; NaN statistics reach the shift;
+        # g inf or 0 (init_scale out of the dtype's range) makes g + 1/g inf. One sync.
+        sigma = torch.reciprocal(gflat)  # sigma[r]/||v||; so sigma[t] = s/g
+        if not math.isfinite(float(shift.sum() + (gflat + sigma).sum())):
+            dims = [0, *range(2, y.dim())]
+            sd = y.var(dim=dims, correction=0).sqrt()  # the error path: recomputed, exactly
+            ok = ((sd > 0) & torch.isfinite(sd) & torch.isfinite(mu) & torch.isfinite(shift)
+                  & torch.isfinite(gflat) & (gflat > 0))
+            idx = (~ok).nonzero().flatten().tolist()
+            if idx:  # else a sum of finite values overflowed
+                self._fail(module, idx, y.shape[1], y.numel() // y.shape[1], mu / vnorm,
+                           sd / vnorm, g.dtype, None if bias is None else bias.dtype)
         if bias is None:  # no bias to take the mean away: it stays, scaled (y * scale)
             out = out.add_(shift.view(_along(out.dim(), 1, out.shape[1])))
         else:
             bias.neg_()
-        gflat = torch.mul(scale, vnorm, out=g.view(-1))  # g = s/sigma[t], as sigma[t] is
-        sigma = torch.reciprocal(gflat)  # sigma[r]/||v||; so sigma[t] = s/g
         if self.init_scale != 1.0:
             sigma.mul_(self.init_scale)
         self.hand_on(out, None if bias is not None else shift.view(-1))  # the mean stayed
         mu = mu.div_(vnorm)  # mu[t] = mu[r]/||v||
         self.done[module] = LayerInit(self.names[module], type(module).__name__, "initialized",
-                                      "", mu.cpu(), sigma.cpu())
+                                      "", mu.cpu(), sigma.cpu(),
+                                      "" if bias is not None else NO_BIAS_NOTE)
         return out
 
-    def _fail(self, module: nn.Module, idx: list[int], units: int, n: int) -> None:
+    def _fail(self, module: nn.Module, idx: list[int], units: int, n: int,
+              mu: Tensor | None = None, sigma: Tensor | None = None,
+              gdtype: torch.dtype | None = None, bdtype: torch.dtype | None = None) -> None:
+        """Raise for the bad units ``idx``. With the per-unit ``mu`` and ``sigma`` of t: when
+        the batch is fine for them (sigma positive, both finite), what does not fit is
+        g = init_scale/sigma[t] or b = -mu[t] g in the layer's dtype, and the message says so."""
+        label = f"{self.names[module]} ({type(module).__name__})"
+        which = f"{len(idx)} of {units} units ({idx[:10]}{'...' if len(idx) > 10 else ''})"
+        if mu is not None and sigma is not None and gdtype is not None:
+            at = torch.tensor(idx, dtype=torch.long)
+            m = mu.detach().reshape(-1).cpu().double()[at]
+            sd = sigma.detach().reshape(-1).cpu().double()[at]
+            gi = torch.finfo(gdtype)
+            bi = torch.finfo(bdtype) if bdtype is not None else None
+
+            def fits(scale: float) -> tuple[bool, bool]:
+                """Whether g = scale/sigma[t] (finite, not 0) and b = -mu[t] g (finite) fit."""
+                g = scale / sd
+                g_ok = bool(((g <= gi.max) & (g.to(gdtype) != 0)).all())
+                b_ok = bi is None or bool(((m.abs() * g) <= bi.max).all())
+                return g_ok, b_ok
+
+            # the batch is fine for these units when the init with init_scale 1 would fit: then
+            # init_scale is what puts g (or b) out of the dtype's range
+            if (bool(((sd > 0) & torch.isfinite(sd) & torch.isfinite(m)).all())
+                    and all(fits(1.0))):
+                s = self.init_scale
+                g_ok, b_ok = fits(s)
+                seen = (f"sigma[t] on this batch is in [{float(sd.min()):.3g}, "
+                        f"{float(sd.max()):.3g}] for them, and init_scale 1 would fit")
+                if not g_ok:
+                    big = bool(((s / sd) > gi.max).any())
+                    raise WnormError(
+                        f"{label}: init_scale={s!r} is too {'large' if big else 'small'} for "
+                        f"this layer's {gdtype}: g = init_scale/sigma[t] "
+                        f"{'overflows it' if big else 'underflows it to 0'} for {which} "
+                        f"({seen}; {gdtype} holds normal magnitudes from "
+                        f"{gi.smallest_normal:.3g} to {gi.max:.3g}); use an init_scale nearer 1"
+                    )
+                if not b_ok:
+                    raise WnormError(
+                        f"{label}: init_scale={s!r} is too large for this layer's {bdtype}: the "
+                        f"bias b = -mu[t]*init_scale/sigma[t] overflows it for {which} ({seen}; "
+                        f"|mu[t]|/sigma[t] is up to {float((m.abs() / sd).max()):.3g}); use a "
+                        "smaller init_scale"
+                    )
         raise WnormError(
-            f"{self.names[module]} ({type(module).__name__}): the pre-activations of {len(idx)} "
+            f"{label}: the pre-activations of {len(idx)} "
             f"of {units} units have sigma 0 or non-finite statistics on the init batch "
             f"({int(n)} values per unit; units {idx[:10]}{'...' if len(idx) > 10 else ''}); "
             "data init needs a batch on which every unit varies (more than one example, "
@@ -350,8 +435,82 @@ def _mean_only_step(bn: _MeanOnlyBatchNorm, x: Tensor, apply: bool = True) -> Te
         bn.num_batches_tracked.add_(1)
     if not apply:
         return x
-    mean = bn.__dict__["_init_mean"]
-    return x + (bn.bias - mean).view((1, -1) + (1,) * (x.dim() - 2))
+    shift = bn.bias - bn.__dict__["_init_mean"]
+    if shift.dtype != x.dtype:  # the input's dtype out, as the layer's forward gives
+        shift = shift.to(x.dtype)
+    return x + shift.view((1, -1) + (1,) * (x.dim() - 2))
+
+
+def _shared_parameters(names: dict[nn.Module, str], is_wn: dict[nn.Module, bool],
+                       others: list[tuple[str, nn.Module]], touched: list[Tensor],
+                       skipped: list[LayerInit]) -> dict[nn.Module, list[nn.Module]]:
+    """Find the targets whose g, bias or plain weight another module holds too (tied layers),
+    appending the targets' such tensors to ``touched``. A target sharing one with a module the
+    pass does not initialize is dropped from ``names`` into ``skipped`` (setting it would change
+    that module too: the init's own input, for a module that ran before). Returns, for targets
+    sharing with other targets, those targets: the pass initializes the first it reaches."""
+    # the common case, nothing shared, costs a list and a dict (data_init is benchmarked)
+    mine = [(t, m) for m in names
+            for t in (m._parameters.get("weight_g"), m._parameters.get("bias"),
+                      None if is_wn[m] else m._parameters.get("weight"))
+            if t is not None]
+    owner = {id(t): m for t, m in mine}
+    ties: dict[nn.Module, list[nn.Module]] = {}
+    if len(owner) == len(mine):
+        touched.extend(t for t, _ in mine)
+    else:
+        owner = {}
+        for t, m in mine:
+            o = owner.setdefault(id(t), m)
+            if o is m:
+                touched.append(t)
+            elif o not in ties.get(m, ()):
+                ties.setdefault(m, []).append(o)
+                ties.setdefault(o, []).append(m)
+    drop: dict[nn.Module, str] = {}
+    for label, o in others:
+        for t in o._parameters.values():
+            if t is not None and id(t) in owner:
+                drop.setdefault(owner[id(t)], label)
+    if not drop and not ties:
+        return ties
+    queue = list(drop)
+    while queue:  # a target tied to a dropped one shares with a module left alone, too
+        m = queue.pop()
+        for o in ties.pop(m, ()):
+            if o not in drop:
+                drop[o] = names[m]
+                queue.append(o)
+    for m, label in drop.items():
+        skipped.append(LayerInit(
+            names.pop(m), type(m).__name__, "skipped",
+            f"parameters shared with {label}, which data_init does not initialize"))
+        del is_wn[m]
+        ties.pop(m, None)
+    for m in ties:
+        ties[m] = [o for o in ties[m] if o not in drop]
+    return {m: os for m, os in ties.items() if os}
+
+
+def _positive_scale(value: Any) -> float:
+    """``init_scale`` as a float: any real number (Python, NumPy, a 0-dim real tensor) that is
+    positive and finite; a bool is refused (True is no scale anyone means)."""
+    x: float | None = None
+    if type(value) is float:
+        x = value
+    elif isinstance(value, Tensor):
+        if value.dim() == 0 and not (value.is_complex() or value.dtype == torch.bool):
+            x = float(value)
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+        try:
+            x = float(value)
+        except (OverflowError, ValueError, TypeError):
+            x = math.inf
+    if x is None or not (math.isfinite(x) and x > 0):
+        raise WnormError(
+            f"data_init: init_scale must be a positive finite number; got {value!r} (a Python "
+            "or NumPy real number, or a 0-dim real tensor; not a bool)")
+    return x
 
 
 def _along(ndim: int, axis: int, size: int) -> tuple[int, ...]:
@@ -364,7 +523,7 @@ def data_init(
     model: nn.Module,
     batch: Tensor | tuple[Any, ...] | list[Any] | Mapping[str, Any],
     *,
-    init_scale: float = 1.0,
+    init_scale: float | Tensor = 1.0,
     include_plain: bool = False,
     process_group: Any = None,
 ) -> InitReport:
@@ -389,11 +548,25 @@ def data_init(
     one call of wnorm's C++ kernels (built on first use, like :mod:`wnorm.optim`'s; PyTorch
     ops where they cannot be built).
 
+    A layer without a bias has no :math:`b` to take the mean away: its ``g`` is set as above,
+    so its pre-activation has std ``init_scale`` but keeps the mean :math:`\mu[t]\,g` on the
+    batch (a mean-only batch norm after it removes it). It is reported ``"initialized"`` with
+    the note :data:`NO_BIAS_NOTE` (``"no bias: mean not removed"``).
+
+    Tied layers: the pass sets each target's ``g``, ``bias`` (and, with ``include_plain``, its
+    weight). Where one of these is shared with another module (a tie, e.g. from
+    :func:`wnorm.apply`), setting it for one layer would change the other after the fact, so:
+    among targets sharing it, the first the pass reaches is initialized and the others are
+    skipped (reason ``"parameters shared with <name>, initialized first"``); a target sharing
+    it with a module the pass does not initialize (e.g. a tied embedding) is skipped. Sharing
+    only ``v`` is no tie here: both layers are initialized.
+
     Args:
         model: the model, changed in place.
         batch: the input: a tensor, a tuple/list of positional arguments, or a mapping of
             keyword arguments. The paper used 500 training examples.
-        init_scale: :math:`s`, the std of every initialized pre-activation (default 1.0).
+        init_scale: :math:`s`, the std of every initialized pre-activation (default 1.0): a
+            positive finite real number (Python, NumPy, or a 0-dim real tensor; not a bool).
         include_plain: also initialize plain (not weight-normalized) Linear/Conv layers, by
             scaling each weight row by :math:`s/\sigma` and setting the bias to
             :math:`-\mu s/\sigma`: the paper's "normal parameterization" baseline.
@@ -401,14 +574,19 @@ def data_init(
 
     Returns:
         An :class:`InitReport`: per layer, its name, the :math:`\mu[t]` and :math:`\sigma[t]`
-        measured before the init, and whether it was initialized or skipped (and why).
-        Weight-normalized layers that cannot be initialized (recurrent ones, Embedding, layers
-        the pass did not reach) are skipped with a warning, never silently.
+        measured before the init, and whether it was initialized (with a ``note`` on what its
+        init did not do) or skipped (and why). Layers that cannot be initialized (recurrent
+        ones, Embedding, grouped ConvTranspose, tied ones as above, layers the pass did not
+        reach; with ``include_plain``, plain ones too) are skipped with a warning, never
+        silently.
 
     Raises:
         WnormError: ``init_scale`` is not a positive finite number, the batch is empty or
-            non-finite, or a layer's :math:`\sigma[t]` is 0 (e.g. one example through a Linear).
-            The model is left unchanged when this happens.
+            non-finite, a layer's :math:`\sigma[t]` is 0 (e.g. one example through a Linear),
+            or its :math:`g = s/\sigma[t]` or :math:`b` does not fit the layer's dtype (the
+            message says whether the batch or ``init_scale`` is at fault). The model is left
+            unchanged when this happens: parameters and every buffer (e.g. BatchNorm's running
+            statistics, which a train-mode pass updates) are restored.
 
     Example:
         >>> import torch, wnorm
@@ -419,9 +597,7 @@ def data_init(
         ['initialized', 'initialized']
         >>> y = net(torch.randn(64, 5))  # a fresh batch: close to standardized, not exactly
     """
-    if not (isinstance(init_scale, (int, float)) and math.isfinite(init_scale) and init_scale > 0):
-        raise WnormError(
-            f"data_init: init_scale must be a positive finite number; got {init_scale!r}")
+    init_scale = _positive_scale(init_scale)
     if isinstance(batch, Mapping):
         args, kwargs = (), dict(batch)
     elif isinstance(batch, (tuple, list)):
@@ -442,6 +618,8 @@ def data_init(
     report = InitReport()
     skipped: list[LayerInit] = []
     mobn: list[tuple[str, _MeanOnlyBatchNorm]] = []
+    others: list[tuple[str, nn.Module]] = []  # modules with parameters that are no target
+    buffers: list[Tensor] = []  # the pass may change any buffer (BatchNorm's running stats...)
     # A tree of plain Sequentials over leaf modules, none of them hooked, one tensor in: the pass
     # can run each child in turn itself (what Sequential.forward does) and initialize each layer
     # right after its call, without hooks; otherwise hooks on the layers do it.
@@ -452,19 +630,28 @@ def data_init(
         wn = bool(m.__dict__.get("_wn"))
         if drive and (_has_hooks(m) if type(m) in _SEQUENTIAL else bool(m._modules)):
             drive = False  # a container that is not a plain Sequential, or one run otherwise
+        if m._buffers:
+            buffers.extend(b for b in m._buffers.values() if b is not None)
         if isinstance(m, _MeanOnlyBatchNorm):
             mobn.append((label, m))
         if not wn and not (include_plain and isinstance(m, _INIT_TYPES)
                            and m._parameters.get("weight") is not None):
+            if m._parameters:
+                others.append((label, m))
             continue
         why = _reason_cannot(m, wn)
-        if why:
-            if wn:
-                skipped.append(LayerInit(label, type(m).__name__, "skipped", why))
+        if why:  # a candidate (weight-normalized, or plain with include_plain) it cannot set
+            skipped.append(LayerInit(label, type(m).__name__, "skipped", why))
+            others.append((label, m))
             continue
         names[m], is_wn[m] = label, wn
 
-    init = _Initializer(names, is_wn, float(init_scale), process_group)
+    # What the pass may change: g, biases and plain weights of the targets, and every buffer.
+    touched: list[Tensor] = []
+    ties = _shared_parameters(names, is_wn, others, touched, skipped)
+    touched += buffers
+
+    init = _Initializer(names, is_wn, float(init_scale), process_group, ties)
     drive = drive and not any(_has_hooks(m) for m in names) and not any(
         _has_hooks(m) for _, m in mobn)
     handles = []
@@ -514,7 +701,7 @@ def data_init(
         if module.track_running_stats:  # a train-mode forward moved it toward the local mean
             module.running_mean.copy_(mean.to(module.running_mean.dtype))
         x = inp[0]
-        return x + (module.bias - mean.to(x.dtype)).view((1, -1) + (1,) * (x.dim() - 2))
+        return x + (module.bias - mean).to(x.dtype).view((1, -1) + (1,) * (x.dim() - 2))
 
     # mean-only BNs whose forward may not follow the init protocol (_init_mean): a subclass's
     # or an instance's own forward; their output is corrected by mobn_post
@@ -563,12 +750,6 @@ def data_init(
                 x = m(x)
         return x
 
-    # What the pass may change: g, biases and plain weights of the targets, running means.
-    touched = [t for m in names for t in (m._parameters.get("weight_g"), m._parameters.get("bias"),
-                                          None if is_wn[m] else m._parameters.get("weight"))
-               if t is not None]
-    touched += [t for _, m in mobn for t in (m.running_mean, m.num_batches_tracked)
-                if t is not None]
     with torch.no_grad():
         saved = [t.clone() for t in touched]
     try:
@@ -593,16 +774,13 @@ def data_init(
     report.extend(init.done.values())  # in the order the pass reached them
     for m, label in names.items():
         if m not in init.done:
-            r = LayerInit(label, type(m).__name__, "skipped", "not reached by the forward pass")
-            if is_wn[m]:
-                skipped.append(r)
-            else:
-                report.append(r)
+            skipped.append(LayerInit(label, type(m).__name__, "skipped",
+                                     "not reached by the forward pass"))
     report.extend(skipped)
-    if skipped:
+    if report.skipped:
         warnings.warn(
-            "data_init: weight-normalized layers not initialized: "
-            + "; ".join(f"{r.name} ({r.reason})" for r in skipped),
+            "data_init: layers not initialized: "
+            + "; ".join(f"{r.name} ({r.reason})" for r in report.skipped),
             stacklevel=2,
         )
     return report

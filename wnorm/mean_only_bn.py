@@ -158,7 +158,12 @@ class _MeanOnlyBatchNorm(nn.Module):
                 return _SubtractMean.apply(x, self.bias, mean, dims)
         else:
             mean = self.running_mean
-        return x + (self.bias - mean).view(shape)
+        # the input's dtype out, in every mode, as nn.BatchNorm gives (a float32 layer in a
+        # bfloat16 model); the shift is C values, and no cast runs when the dtypes agree
+        shift = self.bias - mean
+        if shift.dtype != x.dtype:
+            shift = shift.to(x.dtype)
+        return x + shift.view(shape)
 
 
 class MeanOnlyBatchNorm1d(_MeanOnlyBatchNorm):

@@ -475,8 +475,16 @@ def weight_norm(
 
     Raises:
         WnormError: ``name`` is not a parameter of ``module``, is already weight-normalized
-            (by wnorm or PyTorch), ``dim`` is out of range, or the weight has non-finite
-            values or zero-norm slices.
+            (by wnorm or PyTorch), is not initialized yet (a lazy module before its first
+            forward), ``dim`` is out of range, or the weight has non-finite values or
+            zero-norm slices.
+
+    Tied weights: this function sees one module. If ``module.<name>`` is a Parameter that
+    another module holds too, only this module is reparameterized: the other keeps the old
+    Parameter as a plain weight and the two are no longer tied. To keep a tie, call
+    :func:`wnorm.apply` on the model that holds both (it gives every holder the same ``g`` and
+    ``v``, or raises), or tie by hand: ``weight_norm(a); weight_norm(b);
+    b.weight_g, b.weight_v = a.weight_g, a.weight_v``.
 
     Example:
         >>> import torch, wnorm
@@ -524,6 +532,11 @@ def _reparameterize(
             f"{label}: no parameter named '{name}' to weight-normalize; "
             f"its parameters are {have}"
         )
+    if isinstance(weight, nn.parameter.UninitializedParameter):
+        raise WnormError(
+            f"{label}: '{name}' is not initialized yet (a lazy module materializes it at its "
+            "first forward); run one forward pass on a batch before weight-normalizing it"
+        )
     if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.sparse:
         raise WnormError(
             f"{label}: sparse=True gives '{name}' a sparse gradient, and the gradients of g and "
@@ -564,10 +577,17 @@ def _reparameterize(
         if zero:
             where_txt = "" if dim is None else f" along dim {dim}"
             what = "zero norm" if kind in (WN, FORCED) else "zero norm after centering (constant)"
+            pad = getattr(module, "padding_idx", None)
+            hint = ""
+            if (isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and pad is not None
+                    and dim == 0 and pad in zero):
+                hint = (f"; row {pad} is the padding_idx row, which nn.Embedding sets to zeros "
+                        "and never trains: leave this embedding unnormalized (exclude it), or "
+                        "build it without padding_idx")
             raise WnormError(
                 f"{label}: {len(zero)} of {norm.numel()} slices{where_txt} of '{name}' have "
                 f"{what} (indices {zero[:10]}{'...' if len(zero) > 10 else ''}); weight "
-                "normalization needs a direction for every output unit"
+                "normalization needs a direction for every output unit" + hint
             )
         g = norm.to(w.dtype)
         v = w
