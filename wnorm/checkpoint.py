@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import WnormError
+from .weight_norm import _torch_weight_norms
 
 __all__ = [
     "FORMATS",
@@ -239,26 +240,14 @@ class _Slot:
 def _pair_dims(model: nn.Module) -> dict[str, int | None]:
     """Canonical key -> normalization axis of every weight-normalized parameter of ``model``
     (by wnorm, by ``torch.nn.utils.weight_norm`` or by its parametrization)."""
-    from torch.nn.utils.parametrizations import _WeightNorm
-    from torch.nn.utils.weight_norm import WeightNorm
-
     dims: dict[str, int | None] = {}
     for mname, module in model.named_modules(remove_duplicate=False):
         prefix = mname + "." if mname else ""
         for pname, spec in module.__dict__.get("_wn", {}).items():
             if spec.kind == "wn":  # other kinds (centered, ...) load only their own layout
                 dims[prefix + pname] = spec.dim
-        found: list[tuple[str, int | None, int]] = []
-        for hook in module._forward_pre_hooks.values():
-            if isinstance(hook, WeightNorm):
-                found.append((hook.name, hook.dim, module._parameters[hook.name + "_v"].dim()))
-        plist = module.__dict__.get("_modules", {}).get("parametrizations")
-        if plist is not None:
-            for pname, chain in plist.items():
-                if len(chain) == 1 and isinstance(chain[0], _WeightNorm):
-                    found.append((pname, chain[0].dim, chain.original1.dim()))
-        for pname, dim, ndim in found:  # PyTorch: -1 is the whole tensor, other negatives wrap
-            dims[prefix + pname] = None if dim is None or dim == -1 else dim % ndim
+        for pname, _, dim in _torch_weight_norms(module):
+            dims[prefix + pname] = dim
     return dims
 
 

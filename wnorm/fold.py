@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from .errors import WnormError
 from .mean_only_bn import _MeanOnlyBatchNorm
-from .weight_norm import normalized_weights, remove_weight_norm
+from .weight_norm import _torch_weight_norms, normalized_weights, remove_weight_norm
 
 __all__ = ["fold", "ChannelShift"]
 
@@ -81,20 +81,14 @@ def _remove_torch_weight_norm(model: nn.Module) -> None:
     """PyTorch's own weight norm (``torch.nn.utils.weight_norm`` hooks and
     ``parametrizations.weight_norm``) replaced by the plain weight it computes."""
     from torch.nn.utils import parametrize
-    from torch.nn.utils.parametrizations import _WeightNorm
-    from torch.nn.utils.weight_norm import WeightNorm
 
     for module in list(model.modules()):
-        for hook in list(module._forward_pre_hooks.values()):
-            if isinstance(hook, WeightNorm):
-                torch.nn.utils.remove_weight_norm(module, hook.name)
-        plist = module.__dict__.get("_modules", {}).get("parametrizations")
-        if plist is not None:
-            for pname, chain in list(plist.items()):
-                if len(chain) == 1 and isinstance(chain[0], _WeightNorm):
-                    with torch.no_grad():
-                        parametrize.remove_parametrizations(module, pname,
-                                                            leave_parametrized=True)
+        for pname, api, _ in _torch_weight_norms(module):
+            if api == "old":
+                torch.nn.utils.remove_weight_norm(module, pname)
+            else:
+                with torch.no_grad():
+                    parametrize.remove_parametrizations(module, pname, leave_parametrized=True)
 
 
 def fold(model: nn.Module) -> nn.Module:

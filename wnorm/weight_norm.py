@@ -151,6 +151,27 @@ def _compute(v: Tensor, g: Tensor, dim: int | None) -> Tensor:
     return torch._weight_norm(v, g, d)
 
 
+def _torch_weight_norms(module: nn.Module) -> list[tuple[str, str, int | None]]:
+    """PyTorch's own weight norm on ``module`` (not its children): ``(name, api, axis)`` per
+    normalized parameter, ``api`` "old" (``torch.nn.utils.weight_norm``'s hook) or "new"
+    (a ``parametrizations.weight_norm`` chain of one), ``axis`` made non-negative (None: the
+    whole tensor, which PyTorch also writes as -1)."""
+    from torch.nn.utils.parametrizations import _WeightNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    found: list[tuple[str, str, int | None, int]] = []
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, WeightNorm):
+            found.append((hook.name, "old", hook.dim, module._parameters[hook.name + "_v"].dim()))
+    plist = module.__dict__.get("_modules", {}).get("parametrizations")
+    if plist is not None:
+        for pname, chain in plist.items():
+            if len(chain) == 1 and isinstance(chain[0], _WeightNorm):
+                found.append((pname, "new", chain[0].dim, chain.original1.dim()))
+    return [(pname, api, None if dim is None or dim == -1 else dim % ndim)
+            for pname, api, dim, ndim in found]
+
+
 def _plain_compute(v: Tensor, g: Tensor, dim: int | None, out: Tensor | None = None) -> Tensor:
     """The plain weight of :mod:`wnorm.optim` (``dim`` 0): where its kernel takes the tensors,
     computed with the arithmetic its steps use to write ``w`` (into ``out`` when that fits), so
@@ -222,12 +243,13 @@ def _plain_weight(spec: _Spec, g: Tensor, v: Tensor) -> Tensor | None:
     if spec.pgver == g._version and spec.pvver == v._version:
         return w
     with torch.no_grad():  # g or v changed outside the optimizer (init, load, edit): recompute
-        new = _plain_compute(v, g, spec.dim, out=w)
-        if new is not w:
-            if (new.shape, new.dtype, new.device) == (w.shape, w.dtype, w.device):  # type: ignore[union-attr]
-                w.copy_(new)  # type: ignore[union-attr]
-            else:
-                w = spec.plain = new.requires_grad_(v.requires_grad)
+        new = _plain_compute(v, g, spec.dim, out=w)  # written into w where the kernel can
+        if new is w:
+            pass
+        elif (new.shape, new.dtype, new.device) == (w.shape, w.dtype, w.device):  # type: ignore[union-attr]
+            w.copy_(new)  # type: ignore[union-attr]
+        else:
+            w = spec.plain = new.requires_grad_(v.requires_grad)
     spec.mark_synced(g, v)
     return w
 
