@@ -1,0 +1,98 @@
+"""PyTorch's own weight norm on a module: find it, and take it off without touching other modules.
+
+PyTorch has two APIs: the old ``torch.nn.utils.weight_norm`` (a forward pre-hook and parameters
+``<name>_g``/``<name>_v``) and ``torch.nn.utils.parametrizations.weight_norm`` (a generated
+``Parametrized<Class>`` with ``parametrizations.<name>.original0`` = g and ``original1`` = v).
+``parametrize.remove_parametrizations`` deletes the property from the generated class, which a
+deep copy shares with its original, and registers the computed weight as a buffer; :func:`strip`
+does neither.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from torch import Tensor, nn
+
+__all__ = ["Found", "find", "strip"]
+
+
+class Found(NamedTuple):
+    """One weight normalized by PyTorch: its name, ``api`` ("old" or "new") and norm axis
+    (non-negative; None for one norm over the whole tensor, which PyTorch writes as -1)."""
+
+    name: str
+    api: str
+    dim: int | None
+
+
+def _axis(dim: int | None, ndim: int) -> int | None:
+    return None if dim is None or dim == -1 else dim % ndim
+
+
+def find(module: nn.Module) -> list[Found]:
+    """PyTorch's weight norm on ``module`` itself (not its children)."""
+    from torch.nn.utils.parametrizations import _WeightNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    found = []
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, WeightNorm):
+            ndim = module._parameters[hook.name + "_v"].dim()
+            found.append(Found(hook.name, "old", _axis(hook.dim, ndim)))
+    plist = module.__dict__.get("_modules", {}).get("parametrizations")
+    if plist is not None:
+        for pname, chain in plist.items():
+            if len(chain) == 1 and isinstance(chain[0], _WeightNorm):
+                found.append(Found(pname, "new", _axis(chain[0].dim, chain.original1.dim())))
+    return found
+
+
+def _remove_compat_hooks(module: nn.Module, name: str) -> None:
+    # parametrizations.weight_norm also registers a load_state_dict pre-hook that renames
+    # '<name>_g'/'<name>_v' keys to 'parametrizations.<name>.original0/1'; left behind, it would
+    # send a later wnorm checkpoint's g and v to keys nothing loads.
+    hooks = module._load_state_dict_pre_hooks
+    for key, hook in list(hooks.items()):
+        fn = getattr(hook, "hook", hook)
+        fn = getattr(fn, "func", fn)
+        if getattr(fn, "__name__", "") != "_weight_norm_compat_hook":
+            continue
+        cells = dict(zip(fn.__code__.co_freevars, fn.__closure__ or ()))
+        if "name" in cells and cells["name"].cell_contents == name:
+            del hooks[key]
+
+
+def strip(module: nn.Module, found: Found) -> tuple[Tensor, Tensor]:
+    """Take PyTorch's weight norm of ``found`` off ``module`` and return its ``(g, v)``
+    Parameters (the same objects, so optimizers and ties that hold them still do).
+    ``module.<name>`` is left unset: the caller registers what replaces it."""
+    name = found.name
+    if found.api == "old":
+        from torch.nn.utils.weight_norm import WeightNorm
+
+        for key, hook in list(module._forward_pre_hooks.items()):
+            if isinstance(hook, WeightNorm) and hook.name == name:
+                del module._forward_pre_hooks[key]
+        g = module._parameters.pop(name + "_g")
+        v = module._parameters.pop(name + "_v")
+        module.__dict__.pop(name, None)  # the hook's last computed weight, a plain attribute
+        return g, v
+    plist = module._modules["parametrizations"]
+    chain = plist[name]
+    g, v = chain.original0, chain.original1
+    del plist[name]
+    _remove_compat_hooks(module, name)
+    if len(plist) == 0:
+        # Leave the generated class alone (a deep copy shares it); move this module back to the
+        # class it was built as.
+        del module._modules["parametrizations"]
+        module.__class__ = type(module).__bases__[0]
+    else:
+        # other tensors stay parametrized: this module gets a class of its own, the generated
+        # one without the property of `name`
+        cls = type(module)
+        ns = {k: val for k, val in cls.__dict__.items()
+              if k not in (name, "__dict__", "__weakref__")}
+        module.__class__ = type(cls.__name__, cls.__bases__, ns)
+    return g, v
