@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrizations
 
+from conftest import normalized_weights
+
 import wnorm
 from wnorm import WnormError
 from wnorm.checkpoint import (
@@ -101,12 +103,12 @@ def test_vocoder_checkpoint_loads_into_wnorm_model_with_same_outputs(norm: Norm)
     with torch.no_grad():
         torch.testing.assert_close(target(X), source(X), rtol=1e-5, atol=1e-5)
     # every target g is ||w|| along wnorm's own axis (1 for ConvTranspose), whatever the source's
-    for _, module, pname, dim in wnorm.normalized_weights(target):
+    for _, module, pname, dim in normalized_weights(target):
         w = getattr(module, pname).detach()
         axes = [d for d in range(w.dim()) if d != dim]
         g = getattr(module, pname + "_g").detach()
         torch.testing.assert_close(g, w.norm(dim=axes, keepdim=True), rtol=1e-5, atol=1e-6)
-    assert [d for _, m, _, d in wnorm.normalized_weights(target) if
+    assert [d for _, m, _, d in normalized_weights(target) if
             isinstance(m, nn.ConvTranspose1d)] == [1, 1]
 
 

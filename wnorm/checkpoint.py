@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import WnormError
-from .weight_norm import _torch_weight_norms
+from ._pytorch_wn import find as _find_torch_wn
 
 __all__ = [
     "FORMATS",
@@ -244,9 +244,9 @@ def _pair_dims(model: nn.Module) -> dict[str, int | None]:
     for mname, module in model.named_modules(remove_duplicate=False):
         prefix = mname + "." if mname else ""
         for pname, spec in module.__dict__.get("_wn", {}).items():
-            if spec.kind == "wn":  # other kinds (centered, ...) load only their own layout
-                dims[prefix + pname] = spec.dim
-        for pname, _, dim in _torch_weight_norms(module):
+            if spec.map.kind == "wn":  # other kinds (centered, ...) load only their own layout
+                dims[prefix + pname] = spec.map.dim
+        for pname, _, dim in _find_torch_wn(module):
             dims[prefix + pname] = dim
     return dims
 
