@@ -321,23 +321,29 @@ def _load_from_state_dict(self: nn.Module, *args: Any, **kwargs: Any) -> None:
 
 
 def _reset_parameters(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    # The layer's own init runs on v, seen under the weight's name (the module is its own
-    # class for the call), then (g, v) = split(v): the weight is the layer's usual init.
+    # The layer's own init runs on v, seen under the weight's name in a plain layer's layout (the
+    # module is its own class for the call, and an RNN's parameters are in their usual order,
+    # as its init draws them), then (g, v) = split(v): the weight is the layer's usual init.
     cls = type(self)
     flush_all(self)
     specs, params = self.__dict__["_wn"], self._parameters
-    for pname, s in specs.items():
-        params[pname] = params[s.vname]
+    layout = {n: p for n, p in params.items()
+              if not any(n in (s.gname, s.vname) for s in specs.values())}
+    layout.update((pname, params[s.vname]) for pname, s in specs.items())
+    if isinstance(self, nn.RNNBase):
+        layout = {n: layout[n] for n in [*self._flat_weights_names, *layout] if n in layout}
+    self.__dict__["_parameters"] = layout
     self.__class__ = cls._wn_base
     try:
         out = cls._wn_base.reset_parameters(self, *args, **kwargs)
     finally:
         self.__class__ = cls
+        self.__dict__["_parameters"] = params
         with torch.no_grad():
             for pname, s in specs.items():
-                v, new = params[s.vname], params.pop(pname)
-                new_g, new_v = s.map.split(new.detach().clone())
-                v.copy_(new_v)  # `new` is v, or a tensor the init assigned instead
+                new_g, new_v = s.map.split(layout[pname].detach().clone())
+                v = params[s.vname]
+                v.copy_(new_v)  # layout[pname] is v, or a tensor the init assigned instead
                 g = params.get(s.gname)
                 if g is not None and new_g is not None:
                     g.copy_(new_g)
