@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import math
 import numbers
-
+import warnings
+import weakref
 from typing import Any
 
 import torch
@@ -15,6 +16,7 @@ from torch import nn
 
 from .errors import WnormError
 from .maps import CenteredWeightNorm, ForcedWeightNorm, WeightStandardization
+from .sphere import is_projected
 from .weight_norm import DEFAULT, reparameterize
 
 __all__ = ["centered_weight_norm", "weight_standardization", "forced_weight_norm"]
@@ -108,15 +110,17 @@ def forced_weight_norm(
     held fixed.
 
     Karras et al., "Analyzing and Improving the Training Dynamics of Diffusion Models" (EDM2),
-    CVPR 2024. Before every training forward (module in train mode, autograd recording) each
-    slice of ``v`` is renormalized in place to norm :math:`\sqrt{n}` (n = its size, so entries are
-    of order 1; ``radius`` sets another norm), which removes the growth of
-    :math:`\lVert v\rVert` that plain weight normalization relies on to lower its effective
-    learning rate (PAPER.md section 2); the forward still differentiates through
-    :math:`v/\lVert v\rVert`, so gradients are projected as in eq. 4. ``gain=None`` (default)
-    keeps a learned ``<name>_g`` per unit, starting at the weight's norm (the function is
-    unchanged at the start); a float fixes the gain, as EDM2 does, and there is no
-    ``<name>_g``.
+    CVPR 2024. The map is weight normalization's; what makes it forced is that every slice of
+    ``v`` is put back on the sphere of norm :math:`\sqrt{n}` (n = its size, so entries are of
+    order 1; ``radius`` sets another norm) after every optimizer step, by
+    :func:`wnorm.project_after_step` (``project_after_step(optimizer, model)``: register it once,
+    after building the optimizer). That removes the growth of :math:`\lVert v\rVert` that plain
+    weight normalization relies on to lower its effective learning rate (PAPER.md section 2).
+    Reading ``module.<name>`` and running a forward never change a parameter. A layer that runs a
+    training forward (train mode, autograd recording) while no projection holds its ``v`` warns
+    once: without one it trains as plain weight normalization. ``gain=None`` (default) keeps a
+    learned ``<name>_g`` per unit, starting at the weight's norm (the function is unchanged at
+    the start); a float fixes the gain, as EDM2 does, and there is no ``<name>_g``.
 
     Args:
         module: the module that owns the parameter.
@@ -138,28 +142,51 @@ def forced_weight_norm(
 
     Example:
         >>> import torch, wnorm
+        >>> from wnorm.sphere import project_after_step
         >>> layer = wnorm.forced_weight_norm(torch.nn.Linear(16, 4))
         >>> opt = torch.optim.SGD(layer.parameters(), lr=1.0)
+        >>> _ = project_after_step(opt, layer)  # v back on its sphere after every step
         >>> for _ in range(3):
         ...     opt.zero_grad(); layer(torch.randn(8, 16)).pow(2).sum().backward(); opt.step()
-        >>> _ = layer(torch.randn(8, 16))  # the training forward renormalizes v
         >>> torch.allclose(layer.weight_v.norm(dim=1), torch.full((4,), 4.0))  # sqrt(16)
         True
     """
     gain, radius = _positive("gain", gain), _positive("radius", radius)
     reparameterize(module, name, dim, lambda d: ForcedWeightNorm(d, gain, radius), where=where)
-    if not any(h is _project_forced for h in module._forward_pre_hooks.values()):
-        module.register_forward_pre_hook(_project_forced)
+    if not any(h is _check_projected for h in module._forward_pre_hooks.values()):
+        module.register_forward_pre_hook(_check_projected)
     return module
 
 
-def _project_forced(module: nn.Module, args: Any) -> None:
-    """Before a training forward that records gradients, put every forced v back on its sphere."""
-    if module.training and torch.is_grad_enabled():
-        params = module._parameters
-        for s in module.__dict__.get("_wn", {}).values():
-            if isinstance(s.map, ForcedWeightNorm):
-                s.map.project_(params[s.vname])
+# modules already warned about (once each): a weak set, so warning keeps nothing alive
+_WARNED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
+def _check_projected(module: nn.Module, args: Any) -> None:
+    """Before a training forward, warn (once per module) when a forced v is not projected after
+    optimizer steps. Reads Python state only: no parameter changes, no host sync."""
+    if not (module.training and torch.is_grad_enabled()) or torch.compiler.is_compiling():
+        return
+    if module in _WARNED:
+        return
+    params = module._parameters
+    for s in module.__dict__.get("_wn", {}).values():
+        if not isinstance(s.map, ForcedWeightNorm):
+            continue
+        v = params.get(s.vname)
+        if v is not None and v.requires_grad and not is_projected(module, s.vname):
+            _WARNED.add(module)
+            warnings.warn(
+                f"{s.where}: '{s.vname}' of forced_weight_norm is trained, but nothing puts it "
+                "back on its sphere after optimizer steps, so this layer trains as plain weight "
+                "normalization; after building the optimizer, call "
+                "wnorm.project_after_step(optimizer, model)", UserWarning, stacklevel=2)
+            return
+
+
+# the name the forward pre-hook had when it renormalized v itself: models pickled then keep
+# loading (the hook is looked up by name), and now only check
+_project_forced = _check_projected
 
 
 def _positive(what: str, value: object) -> float | None:

@@ -38,6 +38,10 @@ class Map:
 
     kind = ""
     has_g = True
+    #: ``weight(g, c * v) == weight(g, v)`` for every per-slice factor ``c > 0`` (weight
+    #: standardization: up to its eps): then rescaling the slices of v
+    #: (:func:`wnorm.sphere.project_`) leaves the weight as it is
+    scale_invariant = False
 
     def __init__(self, dim: int | None) -> None:
         self.dim = dim
@@ -78,6 +82,7 @@ class WeightNorm(Map):
     """
 
     kind = "wn"
+    scale_invariant = True
 
     def weight(self, g: Tensor | None, v: Tensor) -> Tensor:
         if v.dtype in _LOW:
@@ -106,6 +111,7 @@ class CenteredWeightNorm(Map):
     float32 for half-precision parameters."""
 
     kind = "centered"
+    scale_invariant = True
 
     def direction(self, v: Tensor) -> Tensor:
         axes = _axes(v, self.dim)
@@ -126,6 +132,7 @@ class WeightStandardization(Map):
     r""":math:`w = (v - \bar v)/\sqrt{\operatorname{var}(v) + \epsilon}` (Qiao et al., 2019); no g."""
 
     kind = "standardized"
+    scale_invariant = True
     has_g = False
 
     def __init__(self, dim: int | None, eps: float = 1e-10) -> None:
@@ -149,9 +156,11 @@ class WeightStandardization(Map):
 
 class ForcedWeightNorm(Map):
     r""":math:`w = s\,v/\lVert v\rVert` with :math:`\lVert v\rVert` held at ``radius`` (EDM2,
-    Karras et al., 2024); ``s`` is a learned g, or the fixed ``gain``."""
+    Karras et al., 2024); ``s`` is a learned g, or the fixed ``gain``. The map itself is weight
+    norm's; holding v on its sphere is :mod:`wnorm.sphere`'s job, after each optimizer step."""
 
     kind = "forced"
+    scale_invariant = True
 
     def __init__(self, dim: int | None, gain: float | None = None,
                  radius: float | None = None) -> None:
@@ -169,12 +178,6 @@ class ForcedWeightNorm(Map):
             return self.radius
         return (v.numel() // v.shape[self.dim] if self.dim is not None else v.numel()) ** 0.5
 
-    def project_(self, v: Tensor) -> None:
-        """Put every slice of ``v`` back on the sphere of :meth:`sphere`, in place."""
-        with torch.no_grad():
-            wide = v.float() if v.dtype in _LOW else v
-            v.mul_((self.sphere(v) / norm(wide, self.dim)).to(v.dtype))
-
     def weight(self, g: Tensor | None, v: Tensor) -> Tensor:
         x = v.float() if v.dtype in _LOW else v
         scale = g.to(x.dtype) if g is not None else self.gain
@@ -185,3 +188,4 @@ class ForcedWeightNorm(Map):
         n = norm(x, self.dim)
         v = (x * (self.sphere(w) / n)).to(w.dtype)
         return (n.to(w.dtype) if self.has_g else None), v
+

@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from wnorm import WnormError
+from wnorm.sphere import project_after_step
 
 from .datasets import ImageData
 from .models import MLP, MLP_VARIANTS, VARIANTS, build, initialize, weight_normalized_layers
@@ -206,6 +207,8 @@ def _train(cfg: SweepConfig, data: ImageData, device: torch.device, folder: Path
                                                      momentum=cfg.momentum)
     else:
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    if cfg.variant == "forced":
+        project_after_step(opt, model)  # forced WN: v back on its sphere after every step
     layers = weight_normalized_layers(model)
     batch = min(cfg.batch_size, n)
     steps = max(1, n // batch)

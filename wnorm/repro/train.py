@@ -48,6 +48,7 @@ from torch import Tensor, nn
 
 import wnorm
 from wnorm import WnormError
+from wnorm.sphere import project_after_step
 
 from .datasets import ImageData
 from .models import build, initialize
@@ -357,6 +358,8 @@ def _train(cfg: Config, data: ImageData, dist: Dist, device: torch.device, folde
             model, device_ids=[device.index] if device.type == "cuda" else None)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                            eps=cfg.eps)
+    if cfg.variant == "forced":
+        project_after_step(opt, net)  # forced WN: v back on its sphere after every step
 
     batch = min(cfg.batch_size, n)
     steps = max(1, n // batch)  # the authors' script drops the last partial batch
