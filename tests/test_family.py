@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 import wnorm
-from wnorm.maps import ForcedWeightNorm
+from wnorm.family import balanced_weight_norm
+from wnorm.maps import BalancedWeightNorm, ForcedWeightNorm
 from wnorm.sphere import project_after_step
 from wnorm.weight_norm import default_dim
 from wnorm import WnormError
@@ -22,6 +23,7 @@ METHODS = {
     "standardized": wnorm.weight_standardization,
     "forced": wnorm.forced_weight_norm,
     "forced-radius": functools.partial(wnorm.forced_weight_norm, radius=2.5),
+    "balanced": balanced_weight_norm,
 }
 LAYERS = {
     "linear": lambda: nn.Linear(7, 5),
@@ -78,6 +80,86 @@ def test_standardized_rows_have_mean_zero_and_std_one_after_training(layer):
     rows = _rows(m)
     assert rows.mean(1).abs().max() < 1e-12
     torch.testing.assert_close(rows.std(1, unbiased=False), torch.ones(rows.shape[0], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_balanced_rows_sum_to_zero_with_l1_norm_g_after_training(layer):
+    """Defazio & Bottou's balance: per unit, the positive weights sum to |g|/2 and the negative
+    ones to -|g|/2, whatever training did to g and v."""
+    m = balanced_weight_norm(LAYERS[layer]().double())
+    _train(m, _input(m))
+    rows = _rows(m)
+    g = m.weight_g.flatten().abs()
+    torch.testing.assert_close(rows.sum(1), torch.zeros_like(g), rtol=0, atol=1e-14)
+    torch.testing.assert_close(rows.abs().sum(1), g, rtol=1e-12, atol=0)
+    torch.testing.assert_close(rows.clamp(min=0).sum(1), g / 2, rtol=1e-12, atol=0)
+    torch.testing.assert_close(rows.clamp(max=0).sum(1), -g / 2, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("layer", ["linear", "conv2d"])
+def test_balanced_layer_maps_a_constant_input_to_its_bias(layer):
+    """Positive and negative contributions cancel for inputs of a common value: the output's
+    mean does not move with the weights (what batch norm's mean subtraction does, here without
+    a batch)."""
+    m = balanced_weight_norm(LAYERS[layer]().double())
+    _train(m, _input(m))
+    x = torch.full_like(_input(m), 3.7)
+    b = m.bias.view(-1, *([1] * (x.dim() - 2)))
+    torch.testing.assert_close(m(x), b.expand_as(m(x)), rtol=0, atol=1e-13)
+    plain = LAYERS[layer]().double()  # a plain layer's output moves with the input's level
+    assert not torch.allclose(plain(x), plain.bias.view_as(b).expand_as(plain(x)))
+
+
+@pytest.mark.parametrize("dim", [0, 1, None])
+def test_balanced_gradients_by_gradcheck(dim):
+    torch.manual_seed(1)
+    v = torch.randn(4, 5, 3, dtype=torch.float64, requires_grad=True)
+    m = BalancedWeightNorm(dim)
+    g = (m.split(v.detach())[0] * 1.3).requires_grad_(True)
+    assert torch.autograd.gradcheck(m.weight, (g, v))
+    lin = balanced_weight_norm(nn.Linear(5, 3).double())
+    x = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda x, g, v: torch.nn.functional.linear(x, BalancedWeightNorm(0).weight(g, v), lin.bias),
+        (x, lin.weight_g, lin.weight_v))
+
+
+def test_balanced_weight_is_the_formula_and_keeps_the_centered_function_at_the_start():
+    torch.manual_seed(2)
+    plain = nn.Linear(6, 4).double()
+    m = balanced_weight_norm(copy.deepcopy(plain))
+    w0 = plain.weight.detach()
+    torch.testing.assert_close(m.weight, w0 - w0.mean(1, keepdim=True))  # g starts at the L1 norm
+    with torch.no_grad():
+        m.weight_g.mul_(torch.linspace(-2, 3, 4, dtype=torch.float64).view(4, 1))
+        m.weight_v.add_(torch.randn_like(m.weight_v))
+    c = m.weight_v - m.weight_v.mean(1, keepdim=True)
+    torch.testing.assert_close(m.weight, m.weight_g * c / c.abs().sum(1, keepdim=True))
+
+
+def test_balanced_in_bfloat16_is_computed_in_float32():
+    m32 = balanced_weight_norm(nn.Linear(64, 8))
+    m16 = copy.deepcopy(m32).to(torch.bfloat16)
+    ref = BalancedWeightNorm(0).weight(m16.weight_g.float(), m16.weight_v.float())
+    torch.testing.assert_close(m16.weight, ref.to(torch.bfloat16), rtol=0, atol=0)
+
+
+def test_data_init_standardizes_balanced_layers():
+    torch.manual_seed(0)
+    net = wnorm.apply(nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 5)),
+                      method=balanced_weight_norm)
+    x = torch.randn(300, 6) * 2 + 1
+    report = wnorm.data_init(net, x, init_scale=0.5)
+    assert {r.name: r.status for r in report} == {"0": "initialized", "2": "initialized"}
+    with torch.no_grad():
+        y = net(x)
+        h = net[0](x)
+    for out, units in ((h, 8), (y, 5)):
+        torch.testing.assert_close(out.mean(0), torch.zeros(units), atol=1e-5, rtol=0)
+        torch.testing.assert_close(out.std(0, unbiased=False), torch.full((units,), 0.5),
+                                   atol=1e-5, rtol=0)
+    rows = net[2].weight
+    torch.testing.assert_close(rows.sum(1), torch.zeros(5), atol=1e-6, rtol=0)  # still balanced
 
 
 @pytest.mark.parametrize("layer", LAYERS)
@@ -178,7 +260,7 @@ def test_constant_rows_are_refused_by_centered_and_standardized():
     lin = nn.Linear(4, 2)
     with torch.no_grad():
         lin.weight[1] = 3.0
-    for fn in (wnorm.centered_weight_norm, wnorm.weight_standardization):
+    for fn in (wnorm.centered_weight_norm, wnorm.weight_standardization, balanced_weight_norm):
         with pytest.raises(WnormError, match=r"1 of 2 slices along dim 0 of 'weight' have zero norm after centering"):
             fn(copy.deepcopy(lin))
 

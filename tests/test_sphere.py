@@ -90,7 +90,7 @@ def test_projecting_v_leaves_every_wnorm_weight_as_it_is():
     """Every wnorm map is invariant to a positive rescaling of a slice of v."""
     torch.manual_seed(1)
     for method in (wnorm.weight_norm, wnorm.centered_weight_norm, wnorm.weight_standardization,
-                   wnorm.forced_weight_norm):
+                   wnorm.forced_weight_norm, wnorm.family.balanced_weight_norm):
         net = wnorm.apply(_net(), method=method)
         with torch.no_grad():
             for m in net.modules():

@@ -15,11 +15,12 @@ import torch
 from torch import nn
 
 from .errors import WnormError
-from .maps import CenteredWeightNorm, ForcedWeightNorm, WeightStandardization
+from .maps import BalancedWeightNorm, CenteredWeightNorm, ForcedWeightNorm, WeightStandardization
 from .sphere import is_projected
 from .weight_norm import DEFAULT, reparameterize
 
-__all__ = ["centered_weight_norm", "weight_standardization", "forced_weight_norm"]
+__all__ = ["centered_weight_norm", "weight_standardization", "forced_weight_norm",
+           "balanced_weight_norm"]
 
 
 def centered_weight_norm(
@@ -187,6 +188,51 @@ def _check_projected(module: nn.Module, args: Any) -> None:
 # the name the forward pre-hook had when it renormalized v itself: models pickled then keep
 # loading (the hook is looked up by name), and now only check
 _project_forced = _check_projected
+
+
+def balanced_weight_norm(
+    module: nn.Module, name: str = "weight", dim: int | None = DEFAULT, *, where: str = ""
+) -> nn.Module:
+    r"""Balanced normalization: :math:`w = g\,\frac{v - \bar v}{\lVert v - \bar v\rVert_1}`.
+
+    Defazio & Bottou, "Controlling Covariate Shift using Balanced Normalization of Weights",
+    2018 (https://arxiv.org/abs/1812.04549; revised as "... Equilibrium Normalization of
+    Weights"). Each slice along ``dim`` (each output unit) is centered, so its weights sum to 0,
+    and divided by its L1 norm, so :math:`\sum_j |w_j| = |g|`: the positive weights sum to
+    :math:`|g|/2` and the negative ones to :math:`-|g|/2`. Inputs of a common level (e.g. after a
+    ReLU) then meet balanced positive and negative contributions: a constant input gives exactly
+    the bias, whatever the weights, so the output's mean does not drift with them, without batch
+    statistics. Assumed, as only the paper's abstract and summaries were at hand (they say
+    centered, L1, balanced contributions): the mean and L1 norm run over every axis but ``dim``;
+    the scale is one learned ``<name>_g`` per unit, starting at the centered weight's L1 norm
+    (the layer then computes its centered weight: its function changes by the rows' means); no
+    fixed fan-in factor (g absorbs it; :func:`wnorm.data_init` sets g from data). Parameters
+    ``<name>_g`` and ``<name>_v``, like :func:`wnorm.centered_weight_norm`.
+
+    Args:
+        module: the module that owns the parameter.
+        name: the parameter's name (default ``"weight"``).
+        dim: the output-unit axis (default: the layer type's, as for ``weight_norm``);
+            ``None`` balances the whole tensor.
+        where: a name for the module in error messages.
+
+    Returns:
+        The same module, changed in place.
+
+    Raises:
+        WnormError: as :func:`wnorm.weight_norm`, and for a constant slice (zero after centering).
+
+    Example:
+        >>> import torch
+        >>> from wnorm.family import balanced_weight_norm
+        >>> layer = balanced_weight_norm(torch.nn.Linear(5, 3))
+        >>> w = layer.weight
+        >>> bool(w.sum(1).abs().max() < 1e-6)  # balanced: each row sums to 0
+        True
+        >>> torch.allclose(w.abs().sum(1), layer.weight_g.flatten())  # L1 norm g
+        True
+    """
+    return reparameterize(module, name, dim, BalancedWeightNorm, where=where)
 
 
 def _positive(what: str, value: object) -> float | None:

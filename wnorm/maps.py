@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["Map", "WeightNorm", "CenteredWeightNorm", "WeightStandardization", "ForcedWeightNorm",
-           "norm"]
+           "BalancedWeightNorm", "norm", "l1_norm"]
 
 _LOW = (torch.float16, torch.bfloat16)
 
@@ -25,6 +25,14 @@ def _axes(t: Tensor, dim: int | None) -> list[int]:
 def norm(v: Tensor, dim: int | None) -> Tensor:
     r""":math:`\lVert v\rVert` of every slice along ``dim``, kept-dim (the shape of g)."""
     return torch.norm_except_dim(v, 2, -1 if dim is None else dim)
+
+
+def l1_norm(v: Tensor, dim: int | None) -> Tensor:
+    r""":math:`\lVert v\rVert_1` of every slice along ``dim``, kept-dim (the shape of g)."""
+    axes = _axes(v, dim)
+    if dim is None:
+        return v.abs().sum()
+    return v.abs().sum(dim=axes, keepdim=True) if axes else v.abs()
 
 
 def _fusable(v: Tensor, dim: int | None) -> bool:
@@ -189,3 +197,23 @@ class ForcedWeightNorm(Map):
         v = (x * (self.sphere(w) / n)).to(w.dtype)
         return (n.to(w.dtype) if self.has_g else None), v
 
+
+class BalancedWeightNorm(Map):
+    r""":math:`w = g\,(v - \bar v)/\lVert v - \bar v\rVert_1` (balanced normalization of weights,
+    Defazio & Bottou, arXiv:1812.04549, as read in :func:`wnorm.balanced_weight_norm`): each slice
+    sums to 0 and has L1 norm ``|g|``; computed in float32 for half-precision parameters."""
+
+    kind = "balanced"
+    scale_invariant = True
+
+    direction = CenteredWeightNorm.direction
+
+    def weight(self, g: Tensor | None, v: Tensor) -> Tensor:
+        x = v.float() if v.dtype in _LOW else v
+        c = self.direction(x)
+        w = c * (g.to(c.dtype) / l1_norm(c, self.dim))  # type: ignore[union-attr]
+        return w.to(v.dtype)
+
+    def split(self, w: Tensor) -> tuple[Tensor, Tensor]:
+        x = w.float() if w.dtype in _LOW else w
+        return l1_norm(self.direction(x), self.dim).to(w.dtype), w
