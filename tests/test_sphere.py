@@ -299,6 +299,11 @@ def test_include_exclude_and_forced_layers_by_default():
     assert project_after_step(opt, net, radius="unit", exclude="5").names == \
         ["0.weight_v", "2.weight"]
     assert project_after_step(opt, net, radius="unit", include=["5"]).names == ["5.weight"]
+    two = nn.Sequential(nn.Linear(2, 2), nn.Conv1d(2, 2, 1))
+    lin = two[0].weight.detach().clone()
+    project_(two, 1.0, types=nn.Conv1d)  # one type, not a tuple of them
+    torch.testing.assert_close(two[1].weight.norm(dim=(1, 2)), torch.ones(2))
+    assert torch.equal(two[0].weight, lin)
     torch.testing.assert_close(net[5].weight, before / before.norm(dim=1, keepdim=True))
     _steps(net, opt, 2)
     torch.testing.assert_close(_rows(net[0].weight_v.detach(), 0).norm(dim=1),

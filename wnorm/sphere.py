@@ -186,7 +186,8 @@ def _select(fn: str, model: nn.Module, radius: Any, types: Any, include: Any, ex
             dim: Any) -> list[_Target]:
     if not isinstance(model, nn.Module):
         raise WnormError(f"{fn}: expects an nn.Module; got {type(model).__name__}")
-    types = default_types() if types is None else tuple(types)
+    types = default_types() if types is None else (
+        (types,) if isinstance(types, type) else tuple(types))
     inc = _patterns(include, f"{fn}: include", False) if include is not None else None
     exc = _patterns(exclude, f"{fn}: exclude", True)
     ex_pat = [e for e in exc if isinstance(e, str)]
