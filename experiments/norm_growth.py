@@ -11,7 +11,8 @@ grows. ``projected`` runs the same network with :func:`wnorm.sphere.project_afte
 the norm is flat and the decay is gone. Same data, init, batches and learning rates; only the
 projection differs.
 
-Run (from the repository root; about a minute on 2 CPU cores; writes results/norm_growth/)::
+Run (from the repository root; about a minute of 2 idle CPU cores, more on a shared machine: the
+committed log.txt says how long it took; writes results/norm_growth/)::
 
     python experiments/norm_growth.py
     python experiments/norm_growth.py --lrs 0.03,0.3,3 --epochs 10 --out runs/ng   # another
@@ -63,7 +64,7 @@ class Config:
     width: int = 256  # 784-256-256-10 ReLU MLP, every Linear weight-normalized
     depth: int = 2
     lrs: str = "0.01,0.03,0.1"  # plain SGD (no momentum: the section-2 derivation's setting)
-    epochs: int = 6
+    epochs: int = 4
     batch_size: int = 100
     init_examples: int = 500  # the paper's data-dependent init, the same for both variants
     seed: int = 0
