@@ -11,8 +11,8 @@ grows. ``projected`` runs the same network with :func:`wnorm.sphere.project_afte
 the norm is flat and the decay is gone. Same data, init, batches and learning rates; only the
 projection differs.
 
-Run (from the repository root; about a minute of 2 idle CPU cores, more on a shared machine: the
-committed log.txt says how long it took; writes results/norm_growth/)::
+Run (from the repository root; a few minutes on 2 CPU cores, the committed log.txt says how long
+it took; writes results/norm_growth/)::
 
     python experiments/norm_growth.py
     python experiments/norm_growth.py --lrs 0.03,0.3,3 --epochs 10 --out runs/ng   # another
