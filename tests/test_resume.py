@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import wnorm
-from wnorm.checkpoint import load_state_dict as wnorm_load_state_dict
+from wnorm.state_dict import load_state_dict as wnorm_load_state_dict
 
 N, K = 4, 4  # steps before the save, steps after it
 
