@@ -118,12 +118,12 @@ def check_output_folder(src: Path, dst: Path) -> None:
     if dst.exists() and not dst.is_dir():
         raise WnormError(f"{dst}: expected a new folder for the converted checkpoint (IN {src} "
                          "is a folder); got a file")
-    if dst.is_dir() and any(dst.iterdir()):
-        raise WnormError(f"{dst}: expected a new or empty folder; got a folder with files "
-                         "(nothing is overwritten: choose another name or empty it)")
     inside = Path(os.path.realpath(dst))
     if inside == Path(os.path.realpath(src)) or Path(os.path.realpath(src)) in inside.parents:
         raise WnormError(f"{dst}: expected a folder outside the input folder {src}")
+    if dst.is_dir() and any(dst.iterdir()):
+        raise WnormError(f"{dst}: expected a new or empty folder; got a folder with files "
+                         "(nothing is overwritten: choose another name or empty it)")
     if not dst.parent.is_dir():
         raise WnormError(f"{dst}: expected an existing directory '{dst.parent}' to write into; "
                          "got no such directory")
