@@ -293,8 +293,9 @@ def _as_written(now: Any, want: Any) -> bool:
     return torch.equal(now, want.to(device=now.device, dtype=now.dtype))
 
 
-def _owner(model: nn.Module, key: str) -> str:
-    """The module a state-dict key belongs to, and what in it may read keys its own way."""
+def _owner(model: nn.Module, key: str, method: str) -> str:
+    """The module a state-dict key belongs to, and what in it handles keys its own way: its
+    load_state_dict pre-hooks and the classes that override ``method``."""
     path = key.rpartition(".")[0]
     try:
         module = model.get_submodule(path) if path else model
@@ -302,14 +303,19 @@ def _owner(model: nn.Module, key: str) -> str:
         return ""
     cls = type(module)
     why = []
-    if module._load_state_dict_pre_hooks:
-        why.append(f"{len(module._load_state_dict_pre_hooks)} load_state_dict pre-hook(s)")
-    overrides = next((c for c in cls.__mro__ if "_load_from_state_dict" in c.__dict__), nn.Module)
-    if overrides is not nn.Module:
-        why.append(f"its own _load_from_state_dict ({overrides.__module__}."
-                   f"{overrides.__qualname__})")
-    where = f"'{path}' ({cls.__module__}.{cls.__qualname__})" if path else cls.__qualname__
-    return where + (": " + ", ".join(why) if why else "")
+    hooks = []
+    for hook in module._load_state_dict_pre_hooks.values():
+        fn = getattr(hook, "hook", hook)  # torch wraps hooks; partials hold the function
+        fn = getattr(fn, "func", fn)
+        hooks.append(getattr(fn, "__qualname__", type(fn).__name__))
+    if hooks and method == "_load_from_state_dict":
+        why.append(f"load_state_dict pre-hooks {hooks}")
+    owners = [f"{c.__module__}.{c.__qualname__}" for c in cls.__mro__
+              if method in c.__dict__ and c is not nn.Module]
+    if owners:
+        why.append(f"{method} of {', '.join(dict.fromkeys(owners))}")
+    where = f"'{path}' ({cls.__qualname__})" if path else cls.__qualname__
+    return where + (": " + "; ".join(why) if why else "")
 
 
 def _load_checked(model: nn.Module, values: dict[str, Any]) -> list[str]:
@@ -328,19 +334,15 @@ def load_state_dict(
 ) -> nn.Module:
     r"""Load a state dict saved in any weight-norm layout into ``model``: same outputs after.
 
-    Each weight is matched by name whatever its layout (plain ``w``; ``_g``/``_v``;
-    ``parametrizations.<name>.original0/1``). Where the checkpoint's ``(g, v)`` have the
-    model's shapes they are copied as they are (the training state is kept); otherwise
-    :math:`w = g\,v/\lVert v\rVert` is computed along the checkpoint's own axis (read off g's
-    shape), and a normalized target gets :math:`g = \lVert w\rVert` along its axis, ``v = w``;
-    a plain target gets ``w``. Values are computed in float64 and cast once, to the model's
-    dtype. DataParallel/DDP and ``torch.compile`` wrappers and their key prefixes are read past.
-
-    Every parameter and buffer is checked as written: after loading, the model's state is
-    compared bitwise with what was to be loaded, so a module that reads its keys its own way
-    (torch_geometric's ``Linear``) or a load pre-hook that renames them cannot leave a weight
-    unloaded silently. Everything is validated before the model is touched; on any error the
-    model is as it was.
+    Each weight is matched by name in any layout. Where the checkpoint's ``(g, v)`` have the
+    model's shapes they are copied as they are; otherwise :math:`w = g\,v/\lVert v\rVert` is
+    computed along the checkpoint's axis (read off g's shape) and the model gets
+    :math:`g = \lVert w\rVert`, ``v = w`` along its own axis (``w`` where it is plain), in
+    float64, cast once to the model's dtype. DDP/DataParallel and ``torch.compile`` wrappers
+    and their key prefixes are read past. After loading, the model's state is read back and
+    compared bitwise with what was loaded, so a module that reads its keys its own way or a
+    pre-hook that renames them cannot leave a weight unloaded silently. On any error the model
+    is as it was.
 
     Args:
         model: the model to load into (wnorm-normalized, PyTorch-normalized or plain layers).
@@ -379,7 +381,7 @@ def load_state_dict(
     if bad.unexpected_keys:
         problems.append(f"unexpected keys {bad.unexpected_keys}")
     if unreachable:
-        owners = sorted({_owner(inner, k) for k in unreachable} - {""})
+        owners = sorted({_owner(inner, k, "_save_to_state_dict") for k in unreachable} - {""})
         problems.append(f"parameters/buffers {unreachable} that the model's own state_dict "
                         f"leaves out, so no state dict can set them ({'; '.join(owners)})")
     if strict and problems:
@@ -395,7 +397,8 @@ def load_state_dict(
         _restore(saved)
         raise
     if refused:
-        owners = "; ".join(sorted({_owner(inner, k) for k in refused} - {""}))
+        owners = "; ".join(sorted({_owner(inner, k, "_load_from_state_dict") for k in refused}
+                                   - {""}))
         message = (f"load_state_dict into {name}: the model did not take {refused} as given "
                    f"(read back after loading, they differ or its loader skipped them)"
                    + (f"; they belong to {owners}" if owners else "") + note)
