@@ -706,3 +706,11 @@ def test_dim_normalizes_a_plain_state_dict_along_the_axis_asked_for() -> None:
 def test_bad_dims_are_errors_naming_what_was_expected(to: str, dim, match: str) -> None:
     with pytest.raises(WnormError, match=match):
         convert_state_dict(pos_conv(OLD).state_dict(), to, dim=dim)
+
+
+def test_a_model_on_the_meta_device_is_an_error_not_a_no_op() -> None:
+    # torch's own load_state_dict only warns: copying into a meta tensor does nothing
+    model = nn.Sequential(nn.Linear(3, 2, device="meta"))
+    with pytest.raises(WnormError, match=r"did not take \['0.weight', '0.bias'\].*on the meta "
+                                         r"device.*to_empty"), pytest.warns(UserWarning):
+        load_state_dict(model, nn.Sequential(nn.Linear(3, 2)).state_dict())

@@ -318,15 +318,17 @@ def _owner(model: nn.Module, key: str, method: str) -> str:
     return where + (": " + "; ".join(why) if why else "")
 
 
-def _load_checked(model: nn.Module, values: dict[str, Any]) -> list[str]:
-    """Load ``values`` with the model's own ``load_state_dict`` and return the keys it did not
-    take as given (read back bitwise, and by torch's own report)."""
+def _load_checked(model: nn.Module, values: dict[str, Any]) -> tuple[list[str], bool]:
+    """Load ``values`` with the model's own ``load_state_dict``; return the keys it did not
+    take as given (read back bitwise, and by torch's own report) and whether one of them is a
+    meta tensor (which holds no values: copying into it does nothing)."""
     with torch.no_grad():
         report = model.load_state_dict(values, strict=False)
     now = model.state_dict()
-    refused = set(report.missing_keys)
-    return [k for k, want in values.items()
-            if k in refused or k not in now or not _as_written(now[k], want)]
+    missing = set(report.missing_keys)
+    refused = [k for k, want in values.items()
+               if k in missing or k not in now or not _as_written(now[k], want)]
+    return refused, any(isinstance(now.get(k), Tensor) and now[k].is_meta for k in refused)
 
 
 def load_state_dict(
@@ -392,7 +394,7 @@ def load_state_dict(
                       f"{', '.join(problems)}{note}", stacklevel=2)
     saved = _snapshot(inner)  # to put back if the model's own loader fails or refuses
     try:
-        refused = _load_checked(inner, values)
+        refused, meta = _load_checked(inner, values)
     except BaseException:
         _restore(saved)
         raise
@@ -401,7 +403,9 @@ def load_state_dict(
                                    - {""}))
         message = (f"load_state_dict into {name}: the model did not take {refused} as given "
                    f"(read back after loading, they differ or its loader skipped them)"
-                   + (f"; they belong to {owners}" if owners else "") + note)
+                   + (f"; they belong to {owners}" if owners else "")
+                   + ("; some are on the meta device, which holds no values: give the model "
+                      "real storage first (model.to_empty(device=...))" if meta else "") + note)
         if strict:
             _restore(saved)
             raise WnormError(message + "; the model is as it was")
