@@ -22,8 +22,7 @@ from . import _layouts
 from .errors import WnormError
 
 __all__ = ["find_state_dicts", "convert_checkpoint", "load_checkpoint", "save_checkpoint",
-           "safetensors_module", "safetensors_metadata", "check_output", "temporary_beside",
-           "first_line", "write_atomically"]
+           "safetensors_module", "safetensors_metadata", "check_output", "first_line"]
 
 _NESTS = ("state_dict", "model", "model_state_dict", "generator", "net", "module", "ema")
 
@@ -134,6 +133,7 @@ def convert_checkpoint(
 
 
 def safetensors_module(path: Path) -> Any:
+    """``safetensors.torch``, or an error for ``path`` saying how to install it."""
     try:
         import safetensors.torch as st
     except ImportError:
@@ -227,7 +227,7 @@ def save_checkpoint(
         if metadata is not None:
             raise WnormError(f"{path}: metadata is written to .safetensors files only; got a "
                              f"{path.suffix or 'suffix-less'} file")
-        write_atomically(path, lambda tmp: torch.save(obj, tmp))
+        _write_atomically(path, lambda tmp: torch.save(obj, tmp))
         return
     st = safetensors_module(path)
     if not _is_state_dict(obj) or not all(isinstance(v, Tensor) for v in obj.values()):
@@ -245,7 +245,7 @@ def save_checkpoint(
         metadata = dict(metadata)
     # safetensors refuses shared or non-contiguous storage: give it one copy per tensor
     flat = {k: v.detach().contiguous().clone() for k, v in obj.items()}
-    write_atomically(path, lambda tmp: st.save_file(flat, tmp, metadata=metadata))
+    _write_atomically(path, lambda tmp: st.save_file(flat, tmp, metadata=metadata))
 
 
 def safetensors_metadata(path: str | Path) -> dict[str, str] | None:
@@ -310,7 +310,7 @@ def check_output(path: Path) -> None:
                          f"got {got}")
 
 
-def temporary_beside(dest: Path) -> Path:
+def _temporary_beside(dest: Path) -> Path:
     """Create an empty file with a new name in ``dest``'s directory (mode as the umask says)."""
     while True:
         tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(6)}.tmp")
@@ -321,7 +321,7 @@ def temporary_beside(dest: Path) -> Path:
             continue
 
 
-def write_atomically(path: Path, write: Callable[[str], None]) -> None:
+def _write_atomically(path: Path, write: Callable[[str], None]) -> None:
     """Run ``write(tmp)`` on a temporary file beside ``path``, then rename it to ``path``.
 
     On any failure the temporary file is removed and ``path`` is left as it was. Through a
@@ -329,7 +329,7 @@ def write_atomically(path: Path, write: Callable[[str], None]) -> None:
     """
     dest = Path(os.path.realpath(path))
     try:
-        tmp = temporary_beside(dest)
+        tmp = _temporary_beside(dest)
     except OSError as e:
         raise WnormError(f"{path}: cannot write a file there; got "
                          f"{e.strerror or first_line(e)}") from None
