@@ -137,8 +137,10 @@ def _flush(module: nn.Module, slot: Slot) -> None:
             f"'{slot.gname}'/'{slot.vname}' of shape {tuple(v.shape)}, {v.dtype} on {v.device}"
         )
     with torch.no_grad():
-        held = held.detach()
-        changed = _any_except(held != m.weight(g, v), m.dim)
+        held, now = held.detach(), m.weight(g, v)
+        if held.device.type == "cpu" and torch.equal(held, now):
+            return  # nothing written (on a CPU, asking costs no device sync)
+        changed = _any_except(held != now, m.dim)
         if not m.has_g and getattr(m, "gain", None) is None:
             if bool(changed.any()):  # a host sync, but only after a write from outside
                 raise WnormError(
