@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import wnorm
+from wnorm.weight_norm import default_dim
 from wnorm import WnormError
 
 METHODS = {
@@ -29,7 +30,7 @@ LAYERS = {
 
 def _rows(layer: nn.Module) -> torch.Tensor:
     w = layer.weight
-    return w.movedim(wnorm.default_dim(layer), 0).flatten(1)
+    return w.movedim(default_dim(layer), 0).flatten(1)
 
 
 def _train(model: nn.Module, x: torch.Tensor, steps: int = 5, lr: float = 0.5) -> list[torch.Tensor]:
@@ -44,7 +45,7 @@ def _train(model: nn.Module, x: torch.Tensor, steps: int = 5, lr: float = 0.5) -
 
 
 def _rows_v(layer: nn.Module) -> torch.Tensor:
-    return layer.weight_v.movedim(wnorm.default_dim(layer), 0).flatten(1)
+    return layer.weight_v.movedim(default_dim(layer), 0).flatten(1)
 
 
 def _input(layer: nn.Module) -> torch.Tensor:
@@ -120,14 +121,6 @@ def test_forced_radius_sets_how_far_an_adam_step_turns_the_weight():
         angles[radius] = torch.arccos(cos.clamp(-1, 1))
     ratio = angles[1.0] / angles[2.0]
     torch.testing.assert_close(ratio, torch.full_like(ratio, 2.0), rtol=0.02, atol=0.0)
-
-
-def test_weights_normalized_before_radius_existed_still_unpickle():
-    from wnorm.weight_norm import _Spec
-
-    spec = _Spec.__new__(_Spec)
-    spec.__setstate__(("weight", 0, "fc (Linear)", "forced", 0.0, None))  # the old 6-tuple
-    assert spec.radius is None and spec.kind == "forced" and spec.has_g
 
 
 def test_forced_with_fixed_gain_has_no_g_and_rows_of_norm_gain():

@@ -8,16 +8,20 @@ from __future__ import annotations
 import math
 import numbers
 
+from typing import Any
+
+import torch
 from torch import nn
 
 from .errors import WnormError
-from .weight_norm import _DEFAULT, CENTERED, FORCED, STANDARDIZED, _reparameterize
+from .maps import CenteredWeightNorm, ForcedWeightNorm, WeightStandardization
+from .weight_norm import DEFAULT, reparameterize
 
 __all__ = ["centered_weight_norm", "weight_standardization", "forced_weight_norm"]
 
 
 def centered_weight_norm(
-    module: nn.Module, name: str = "weight", dim: int | None | object = _DEFAULT, *, where: str = ""
+    module: nn.Module, name: str = "weight", dim: int | None = DEFAULT, *, where: str = ""
 ) -> nn.Module:
     r"""Centered weight normalization: :math:`w = g\,\frac{v - \bar v}{\lVert v - \bar v\rVert}`.
 
@@ -47,13 +51,13 @@ def centered_weight_norm(
         >>> bool(w.mean(1).abs().max() < 1e-6), torch.allclose(w.norm(dim=1), layer.weight_g.flatten())
         (True, True)
     """
-    return _reparameterize(module, name, dim, CENTERED, where=where)
+    return reparameterize(module, name, dim, CenteredWeightNorm, where=where)
 
 
 def weight_standardization(
     module: nn.Module,
     name: str = "weight",
-    dim: int | None | object = _DEFAULT,
+    dim: int | None = DEFAULT,
     *,
     eps: float = 1e-10,
     where: str = "",
@@ -87,13 +91,14 @@ def weight_standardization(
     """
     if not eps >= 0:
         raise WnormError(f"weight_standardization: eps must be >= 0; got {eps!r}")
-    return _reparameterize(module, name, dim, STANDARDIZED, where=where, eps=float(eps))
+    return reparameterize(module, name, dim, lambda d: WeightStandardization(d, float(eps)),
+                          where=where)
 
 
 def forced_weight_norm(
     module: nn.Module,
     name: str = "weight",
-    dim: int | None | object = _DEFAULT,
+    dim: int | None = DEFAULT,
     *,
     gain: float | None = None,
     radius: float | None = None,
@@ -141,8 +146,20 @@ def forced_weight_norm(
         >>> torch.allclose(layer.weight_v.norm(dim=1), torch.full((4,), 4.0))  # sqrt(16)
         True
     """
-    return _reparameterize(module, name, dim, FORCED, where=where,
-                           gain=_positive("gain", gain), radius=_positive("radius", radius))
+    gain, radius = _positive("gain", gain), _positive("radius", radius)
+    reparameterize(module, name, dim, lambda d: ForcedWeightNorm(d, gain, radius), where=where)
+    if not any(h is _project_forced for h in module._forward_pre_hooks.values()):
+        module.register_forward_pre_hook(_project_forced)
+    return module
+
+
+def _project_forced(module: nn.Module, args: Any) -> None:
+    """Before a training forward that records gradients, put every forced v back on its sphere."""
+    if module.training and torch.is_grad_enabled():
+        params = module._parameters
+        for s in module.__dict__.get("_wn", {}).values():
+            if isinstance(s.map, ForcedWeightNorm):
+                s.map.project_(params[s.vname])
 
 
 def _positive(what: str, value: object) -> float | None:
