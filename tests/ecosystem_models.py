@@ -7,6 +7,7 @@ factor so that g != ||v|| (a converter that dropped g would be caught). Call
 
     model = build("wav2vec2")
     y = output("wav2vec2", model)            # the main output tensor on a fixed example input
+    z = output("dac", build("dac"), continuous=True)  # a codec's encoder: before its argmin
 
 ``NAMES``: every model. ``APPLIES_WEIGHT_NORM``: the models whose weight norm is added by
 ``model.apply_weight_norm()`` after construction (DAC, SpeechT5HifiGan); their
@@ -84,11 +85,17 @@ def example(name: str, seed: int = 0) -> dict[str, Tensor]:
     raise KeyError(f"unknown model {name!r}; expected one of {NAMES}")
 
 
-def output(name: str, model: nn.Module, inputs: dict[str, Tensor] | None = None) -> Tensor:
+def output(name: str, model: nn.Module, inputs: dict[str, Tensor] | None = None,
+           continuous: bool = False) -> Tensor:
     """The main output tensor of ``model`` (no grad) on ``inputs`` (default: ``example(name)``):
-    the last hidden state, the decoded audio or the waveform."""
+    the last hidden state, the decoded audio or the waveform. ``continuous=True``: for the
+    codecs (EnCodec, DAC), the encoder's output instead, before the quantizer, whose argmin
+    turns a rounding difference into another code (compare with a tolerance only there)."""
+    inputs = example(name) if inputs is None else inputs
     with torch.no_grad():
-        out = model(**(example(name) if inputs is None else inputs))
+        if continuous and name in ("encodec", "dac"):
+            return model.encoder(inputs["input_values"])
+        out = model(**inputs)
     if name in ("wav2vec2", "hubert"):
         return out.last_hidden_state
     if name in ("encodec", "dac"):
