@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from .errors import WnormError
 from .maps import Map, norm
 
-__all__ = ["Slot", "CACHE", "attach", "detach", "slots", "slot", "flush", "flush_all",
+__all__ = ["Slot", "CACHE", "attach", "detach", "slots", "slot", "slots_of", "flush", "flush_all",
            "refresh_flat_weights", "base_class"]
 
 _is_compiling, _is_tracing = torch.compiler.is_compiling, torch._C._is_tracing
@@ -445,3 +445,8 @@ def slots(model: nn.Module) -> Iterator[tuple[str, nn.Module, Slot]]:
 def slot(module: nn.Module, name: str) -> Slot | None:
     """The slot of ``module.<name>``, or None when it is not attached."""
     return module.__dict__.get("_wn", {}).get(name)
+
+
+def slots_of(module: nn.Module) -> dict[str, Slot]:
+    """``{parameter name: slot}`` of ``module`` itself (empty when nothing is attached)."""
+    return module.__dict__.get("_wn", {})

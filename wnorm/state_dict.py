@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _layouts as lay
+from . import _reparam
 from ._pytorch_wn import find
 from .errors import WnormError
 
@@ -52,7 +53,7 @@ def _pair_dims(model: nn.Module) -> dict[str, int | None]:
     dims: dict[str, int | None] = {}
     for mname, module in model.named_modules(remove_duplicate=False):
         prefix = mname + "." if mname else ""
-        for pname, spec in module.__dict__.get("_wn", {}).items():
+        for pname, spec in _reparam.slots_of(module).items():
             if spec.kind == "wn":  # other kinds (centered, ...) load only their own layout
                 dims[prefix + pname] = spec.dim
         for found in find(module):
