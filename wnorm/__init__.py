@@ -7,23 +7,13 @@ weight-norm APIs. Importing wnorm imports torch and nothing else.
 
 from .apply import DEFAULT_TYPES, apply
 from .cache import cached
-from .checkpoint import (
-    FORMATS,
-    IncompatibleKeys,
-    convert_checkpoint,
-    convert_state_dict,
-    find_state_dicts,
-    incompatible_keys,
-    load_checkpoint,
-    load_state_dict,
-    save_checkpoint,
-)
 from .data_init import InitReport, data_init
 from .errors import WnormError
 from .family import centered_weight_norm, forced_weight_norm, weight_standardization
 from .fold import ChannelShift, fold
 from .init import arpit_init
 from .mean_only_bn import MeanOnlyBatchNorm1d, MeanOnlyBatchNorm2d, MeanOnlyBatchNorm3d
+from .state_dict import convert_state_dict, load_state_dict
 from .weight_norm import is_weight_normalized, remove_weight_norm, weight_norm
 
 __version__ = "0.2.0"
@@ -50,12 +40,4 @@ __all__ = [
     "load_state_dict",
     "convert_state_dict",
     "arpit_init",
-    # checkpoint files (moving beside the command line)
-    "IncompatibleKeys",
-    "incompatible_keys",
-    "convert_checkpoint",
-    "find_state_dicts",
-    "load_checkpoint",
-    "save_checkpoint",
-    "FORMATS",
 ]

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from .errors import WnormError
 from .maps import Map, norm
 
-__all__ = ["Slot", "CACHE", "attach", "detach", "slots", "slot", "flush", "flush_all",
+__all__ = ["Slot", "CACHE", "attach", "detach", "slots", "slot", "slots_of", "flush", "flush_all",
            "refresh_flat_weights", "base_class"]
 
 _is_compiling, _is_tracing = torch.compiler.is_compiling, torch._C._is_tracing
@@ -137,8 +137,10 @@ def _flush(module: nn.Module, slot: Slot) -> None:
             f"'{slot.gname}'/'{slot.vname}' of shape {tuple(v.shape)}, {v.dtype} on {v.device}"
         )
     with torch.no_grad():
-        held = held.detach()
-        changed = _any_except(held != m.weight(g, v), m.dim)
+        held, now = held.detach(), m.weight(g, v)
+        if held.device.type == "cpu" and torch.equal(held, now):
+            return  # nothing written (on a CPU, asking costs no device sync)
+        changed = _any_except(held != now, m.dim)
         if not m.has_g and getattr(m, "gain", None) is None:
             if bool(changed.any()):  # a host sync, but only after a write from outside
                 raise WnormError(
@@ -443,3 +445,8 @@ def slots(model: nn.Module) -> Iterator[tuple[str, nn.Module, Slot]]:
 def slot(module: nn.Module, name: str) -> Slot | None:
     """The slot of ``module.<name>``, or None when it is not attached."""
     return module.__dict__.get("_wn", {}).get(name)
+
+
+def slots_of(module: nn.Module) -> dict[str, Slot]:
+    """``{parameter name: slot}`` of ``module`` itself (empty when nothing is attached)."""
+    return module.__dict__.get("_wn", {})

@@ -52,7 +52,7 @@ def _weight_names(module: nn.Module) -> list[str]:
     if isinstance(module, nn.RNNBase):
         return [n for n in module._flat_weights_names if n.startswith("weight_")]
     p = module._parameters.get("weight")
-    already = "weight" in module.__dict__.get("_wn", ()) or any(
+    already = "weight" in _reparam.slots_of(module) or any(
         f.name == "weight" for f in _pytorch_wn.find(module))
     return ["weight"] if already or (p is not None and p.dim() >= 1) else []
 

@@ -45,7 +45,7 @@ def _shift_of(bn: _MeanOnlyBatchNorm, where: str) -> Tensor:
 
 def _absorb(layer: nn.Module, shift: Tensor) -> bool:
     """Add ``shift`` to ``layer``'s bias (creating one if needed); False if it cannot."""
-    if not isinstance(layer, _BIAS_TYPES) or layer.__dict__.get("_wn"):
+    if not isinstance(layer, _BIAS_TYPES) or _reparam.slots_of(layer):
         return False
     out = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
     if out != shift.numel():
@@ -87,7 +87,7 @@ def _plain_weights(model: nn.Module) -> None:
             with torch.no_grad():
                 w = WeightNorm(found.dim).weight(g, v).detach().clone()
             module.register_parameter(found.name, nn.Parameter(w, requires_grad=v.requires_grad))
-        for name in list(module.__dict__.get("_wn", ())):
+        for name in list(_reparam.slots_of(module)):
             _reparam.detach(module, name)
 
 

@@ -218,7 +218,7 @@ def remove_weight_norm(module: nn.Module, name: str = "weight") -> nn.Module:
 
 def is_weight_normalized(module: nn.Module, name: str | None = None) -> bool:
     """Whether wnorm normalizes ``module.<name>`` (any parameter of it when ``name`` is None)."""
-    specs = module.__dict__.get("_wn")
+    specs = _reparam.slots_of(module)
     if not specs:
         return False
     return True if name is None else name in specs
