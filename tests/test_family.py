@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import wnorm
+from wnorm._reparam import slots_of
 from wnorm.family import balanced_weight_norm
 from wnorm.maps import BalancedWeightNorm, ForcedWeightNorm
 from wnorm.sphere import project_after_step
@@ -39,7 +40,7 @@ def _rows(layer: nn.Module) -> torch.Tensor:
 
 def _train(model: nn.Module, x: torch.Tensor, steps: int = 5, lr: float = 0.5) -> list[torch.Tensor]:
     opt = torch.optim.SGD(model.parameters(), lr=lr)
-    if any(isinstance(s.map, ForcedWeightNorm) for s in model.__dict__.get("_wn", {}).values()):
+    if any(isinstance(s.map, ForcedWeightNorm) for s in slots_of(model).values()):
         project_after_step(opt, model)  # what makes forced WN forced: v back on its sphere
     norms = []
     for _ in range(steps):

@@ -13,6 +13,7 @@ from torch import nn
 
 import wnorm
 from wnorm import WnormError
+from wnorm._reparam import slot
 from wnorm.maps import norm
 from wnorm.sphere import Projection, is_projected, project_, project_after_step
 from wnorm.weight_norm import default_dim, reparameterize
@@ -47,7 +48,7 @@ def _weights(model: nn.Module) -> dict[str, tuple[torch.Tensor, int | None]]:
     out = {}
     for name, m in model.named_modules():
         if wnorm.is_weight_normalized(m, "weight"):
-            out[name] = (m.weight_v, m.__dict__["_wn"]["weight"].map.dim)
+            out[name] = (m.weight_v, slot(m, "weight").map.dim)
         elif isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
             out[name] = (m.weight, default_dim(m))
     return out
@@ -95,7 +96,7 @@ def test_projecting_v_leaves_every_wnorm_weight_as_it_is():
         with torch.no_grad():
             for m in net.modules():
                 if wnorm.is_weight_normalized(m):  # put v off every sphere first, per slice
-                    d = m.__dict__["_wn"]["weight"].map.dim
+                    d = slot(m, "weight").map.dim
                     m.weight_v.mul_(torch.rand_like(norm(m.weight_v, d)) + 0.5)
         before = {k: m.weight.detach().clone() for k, m in net.named_modules()
                   if wnorm.is_weight_normalized(m)}

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._reparam import slots_of
 from .errors import WnormError
 from .maps import BalancedWeightNorm, CenteredWeightNorm, ForcedWeightNorm, WeightStandardization
 from .sphere import is_projected
@@ -171,7 +172,7 @@ def _check_projected(module: nn.Module, args: Any) -> None:
     if module in _WARNED:
         return
     params = module._parameters
-    for s in module.__dict__.get("_wn", {}).values():
+    for s in slots_of(module).values():
         if not isinstance(s.map, ForcedWeightNorm):
             continue
         v = params.get(s.vname)

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._reparam import slots_of
 from .apply import NORM_TYPES, default_types
 from .errors import WnormError
 from .maps import ForcedWeightNorm, norm
@@ -215,7 +216,7 @@ def _select(fn: str, model: nn.Module, radius: Any, types: Any, include: Any, ex
             continue
         if inc is not None and not any(fnmatchcase(mname, e) for e in inc):
             continue
-        slots = module.__dict__.get("_wn", {})
+        slots = slots_of(module)
         for pname, s in slots.items():
             if isinstance(s.map, ForcedWeightNorm):  # held on its own sphere, whatever radius
                 v = module._parameters[s.vname]
