@@ -9,10 +9,16 @@ from .apply import DEFAULT_TYPES, apply
 from .cache import cached
 from .data_init import InitReport, data_init
 from .errors import WnormError
-from .family import centered_weight_norm, forced_weight_norm, weight_standardization
+from .family import (
+    balanced_weight_norm,
+    centered_weight_norm,
+    forced_weight_norm,
+    weight_standardization,
+)
 from .fold import ChannelShift, fold
 from .init import arpit_init
 from .mean_only_bn import MeanOnlyBatchNorm1d, MeanOnlyBatchNorm2d, MeanOnlyBatchNorm3d
+from .sphere import Projection, project_, project_after_step
 from .state_dict import convert_state_dict, load_state_dict
 from .weight_norm import is_weight_normalized, remove_weight_norm, weight_norm
 
@@ -27,6 +33,10 @@ __all__ = [
     "centered_weight_norm",
     "weight_standardization",
     "forced_weight_norm",
+    "balanced_weight_norm",
+    "project_after_step",
+    "project_",
+    "Projection",
     "apply",
     "DEFAULT_TYPES",
     "data_init",

@@ -432,6 +432,9 @@ def detach(module: nn.Module, name: str) -> None:
     if not specs:
         del module.__dict__["_wn"]
         module.__class__ = base_class(module)
+        for key, hook in list(module._forward_pre_hooks.items()):
+            if getattr(hook, "wnorm_owned", False):  # e.g. forced WN's check: ours, gone too
+                del module._forward_pre_hooks[key]
     refresh_flat_weights(module)
 
 

@@ -159,7 +159,8 @@ def apply(
         filter: ``(name, module) -> bool``, a last say on each eligible module.
         method: the reparameterization (default :func:`wnorm.weight_norm`; also
             :func:`wnorm.centered_weight_norm`, :func:`wnorm.weight_standardization`,
-            :func:`wnorm.forced_weight_norm`, or a ``functools.partial`` of one).
+            :func:`wnorm.forced_weight_norm`, :func:`wnorm.balanced_weight_norm`, or a
+            ``functools.partial`` of one).
 
     Returns:
         The same model.

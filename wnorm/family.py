@@ -144,10 +144,9 @@ def forced_weight_norm(
 
     Example:
         >>> import torch, wnorm
-        >>> from wnorm.sphere import project_after_step
         >>> layer = wnorm.forced_weight_norm(torch.nn.Linear(16, 4))
         >>> opt = torch.optim.SGD(layer.parameters(), lr=1.0)
-        >>> _ = project_after_step(opt, layer)  # v back on its sphere after every step
+        >>> _ = wnorm.project_after_step(opt, layer)  # v back on its sphere after every step
         >>> for _ in range(3):
         ...     opt.zero_grad(); layer(torch.randn(8, 16)).pow(2).sum().backward(); opt.step()
         >>> torch.allclose(layer.weight_v.norm(dim=1), torch.full((4,), 4.0))  # sqrt(16)
@@ -184,6 +183,9 @@ def _check_projected(module: nn.Module, args: Any) -> None:
                 "normalization; after building the optimizer, call "
                 "wnorm.project_after_step(optimizer, model)", UserWarning, stacklevel=2)
             return
+
+
+_check_projected.wnorm_owned = True  # type: ignore[attr-defined]  # removed with the last slot
 
 
 # the name the forward pre-hook had when it renormalized v itself: models pickled then keep
@@ -224,9 +226,8 @@ def balanced_weight_norm(
         WnormError: as :func:`wnorm.weight_norm`, and for a constant slice (zero after centering).
 
     Example:
-        >>> import torch
-        >>> from wnorm.family import balanced_weight_norm
-        >>> layer = balanced_weight_norm(torch.nn.Linear(5, 3))
+        >>> import torch, wnorm
+        >>> layer = wnorm.balanced_weight_norm(torch.nn.Linear(5, 3))
         >>> w = layer.weight
         >>> bool(w.sum(1).abs().max() < 1e-6)  # balanced: each row sums to 0
         True

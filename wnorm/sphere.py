@@ -307,8 +307,7 @@ def project_(
 
     Example:
         >>> import torch, wnorm
-        >>> from wnorm.sphere import project_
-        >>> net = project_(torch.nn.Linear(4, 3), radius="unit")
+        >>> net = wnorm.project_(torch.nn.Linear(4, 3), radius="unit")
         >>> torch.allclose(net.weight.norm(dim=1), torch.ones(3))
         True
     """
@@ -371,10 +370,9 @@ def project_after_step(
 
     Example:
         >>> import torch, wnorm
-        >>> from wnorm.sphere import project_after_step
         >>> net = wnorm.weight_norm(torch.nn.Linear(16, 4))
         >>> opt = torch.optim.Adam(net.parameters(), lr=0.1)
-        >>> proj = project_after_step(opt, net, radius="initial")
+        >>> proj = wnorm.project_after_step(opt, net, radius="initial")
         >>> start = net.weight_v.norm(dim=1).detach().clone()
         >>> for _ in range(3):
         ...     opt.zero_grad(); net(torch.randn(8, 16)).pow(2).sum().backward(); opt.step()
