@@ -21,14 +21,17 @@ from torch import Tensor, nn
 
 from .errors import WnormError
 
-__all__ = ["MeanOnlyBatchNorm1d", "MeanOnlyBatchNorm2d", "MeanOnlyBatchNorm3d", "_MeanOnlyBatchNorm"]
+__all__ = ["MeanOnlyBatchNorm1d", "MeanOnlyBatchNorm2d", "MeanOnlyBatchNorm3d",
+           "MeanOnlyBatchNormBase"]
 
 
 class _SubtractMean(torch.autograd.Function):
     """``x - mean + bias`` (per channel), ``mean`` being ``x``'s mean over ``dims`` computed by
     the caller, with the one-reduction backward (the mean's own gradient path is accounted for
-    in ``x``'s, so ``mean`` gets none). Forward-mode AD takes the tangent of ``mean`` as given;
-    torch.func transforms (``vmap``, ``grad``, ``jvp``) use the generated vmap rule."""
+    in ``x``'s, so ``mean`` gets none). torch.func transforms (``vmap``, ``grad``) use the
+    generated vmap rule. This class has no forward-mode rule, so that torch.compile traces it
+    whole (Dynamo breaks the graph at a Function with a custom ``jvp``); eager forwards use
+    :class:`_SubtractMeanJvp`."""
 
     generate_vmap_rule = True
 
@@ -50,6 +53,11 @@ class _SubtractMean(torch.autograd.Function):
         grad_x = grad - (total / ctx.count).to(grad.dtype).view(ctx.shape)
         return grad_x, total.to(ctx.bias_dtype), None, None
 
+
+class _SubtractMeanJvp(_SubtractMean):
+    """:class:`_SubtractMean` with its forward-mode rule (``torch.func.jvp``): the tangent of
+    ``x - mean + b`` is ``x_t - mean_t + b_t``, the tangent of ``mean`` taken as given."""
+
     @staticmethod
     def jvp(ctx: Any, x_t: Tensor | None, bias_t: Tensor | None, mean_t: Tensor | None,
             _dims: Any) -> Tensor:
@@ -63,7 +71,9 @@ class _SubtractMean(torch.autograd.Function):
         return shift.expand(ctx.out_shape).clone() if x_t is None else x_t + shift
 
 
-class _MeanOnlyBatchNorm(nn.Module):
+class MeanOnlyBatchNormBase(nn.Module):
+    """What the 1d, 2d and 3d layers share; they differ in the input ranks they take."""
+
     _ndims: tuple[int, ...] = ()
 
     def __init__(
@@ -149,7 +159,8 @@ class _MeanOnlyBatchNorm(nn.Module):
             if self.training and self.track_running_stats:
                 self._track(mean)
             if torch.is_grad_enabled() and (x.requires_grad or self.bias.requires_grad):
-                return _SubtractMean.apply(x, self.bias, mean, dims)
+                fn = _SubtractMean if torch.compiler.is_compiling() else _SubtractMeanJvp
+                return fn.apply(x, self.bias, mean, dims)
         else:
             mean = self.running_mean
         # the input's dtype out, in every mode, as nn.BatchNorm gives (a float32 layer in a
@@ -160,7 +171,7 @@ class _MeanOnlyBatchNorm(nn.Module):
         return x + shift.view(shape)
 
 
-class MeanOnlyBatchNorm1d(_MeanOnlyBatchNorm):
+class MeanOnlyBatchNorm1d(MeanOnlyBatchNormBase):
     r"""Mean-only batch norm over ``(N, C)`` or ``(N, C, L)``: :math:`\tilde t = t - \mu[t] + b`.
 
     Salimans & Kingma (2016), section 4, https://arxiv.org/abs/1602.07868. Subtracts the
@@ -188,7 +199,7 @@ class MeanOnlyBatchNorm1d(_MeanOnlyBatchNorm):
     _ndims = (2, 3)
 
 
-class MeanOnlyBatchNorm2d(_MeanOnlyBatchNorm):
+class MeanOnlyBatchNorm2d(MeanOnlyBatchNormBase):
     r"""Mean-only batch norm over ``(N, C, H, W)``: :math:`\tilde t = t - \mu[t] + b`.
 
     See :class:`MeanOnlyBatchNorm1d` for the arguments; the mean runs over N, H and W.
@@ -197,10 +208,14 @@ class MeanOnlyBatchNorm2d(_MeanOnlyBatchNorm):
     _ndims = (4,)
 
 
-class MeanOnlyBatchNorm3d(_MeanOnlyBatchNorm):
+class MeanOnlyBatchNorm3d(MeanOnlyBatchNormBase):
     r"""Mean-only batch norm over ``(N, C, D, H, W)``: :math:`\tilde t = t - \mu[t] + b`.
 
     See :class:`MeanOnlyBatchNorm1d` for the arguments; the mean runs over N, D, H and W.
     """
 
     _ndims = (5,)
+
+
+#: the former name, until wnorm.fold imports MeanOnlyBatchNormBase
+_MeanOnlyBatchNorm = MeanOnlyBatchNormBase
