@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from . import _reparam
 from .errors import WnormError
-from .mean_only_bn import _MeanOnlyBatchNorm
+from .mean_only_bn import MeanOnlyBatchNormBase
 from .weight_norm import default_dim
 
 __all__ = ["data_init", "InitReport", "LayerInit", "NO_BIAS_NOTE"]
@@ -37,11 +37,17 @@ __all__ = ["data_init", "InitReport", "LayerInit", "NO_BIAS_NOTE"]
 NO_BIAS_NOTE = "no bias: mean not removed"
 
 _INIT_TYPES = (nn.Linear, nn.modules.conv._ConvNd)
-#: torch_geometric convolutions whose output is linear in their weight-normalized Linears'
-#: outputs (plus their bias): scaling those g's by s scales the convolution's output by s, so
-#: the init standardizes the convolution's output, the pre-activation of the graph layer.
-_PYG_LINEAR_CONVS = {"GCNConv", "SAGEConv", "GraphConv", "ChebConv", "TAGConv", "SGConv",
-                     "ClusterGCNConv", "LEConv"}
+#: torch_geometric convolutions whose output scales with their Linears' outputs once the biases
+#: inside them are 0 (g of every Linear times c per output channel multiplies that channel of
+#: the output by c), and where the bias added after the aggregation lives: the convolution's
+#: own ``bias``, or that of the Linear named here.
+_PYG_CONVS = {"GCNConv": "", "ChebConv": "", "TAGConv": "", "SAGEConv": "lin_l",
+              "GraphConv": "lin_rel", "SGConv": "lin", "ClusterGCNConv": "lin_out",
+              "LEConv": "lin3"}
+#: those that aggregate their Linears' outputs (the others aggregate their inputs and apply the
+#: Linears after): their aggregation must commute with a positive scale per channel
+_AGGREGATE_OUTPUTS = {"GCNConv", "LEConv"}
+_SCALE_FREE_AGGR = {"SumAggregation", "MeanAggregation", "MaxAggregation", "MinAggregation"}
 
 
 @dataclass
@@ -86,30 +92,40 @@ class InitReport(list[LayerInit]):
 
 
 # --------------------------------------------------------------------------- targets
-def _mro_names(m: nn.Module) -> set[str]:
-    return {c.__name__ for c in type(m).__mro__}
-
-
 @dataclass
 class _Target:
-    """One pre-activation to standardize: ``module``'s output, along ``axis`` (-1: last), set
-    through the gains of ``gains`` (wnorm layers: g; plain layers: their weight rows) and the
-    bias ``bias`` (None: no bias to take the mean away)."""
+    """One pre-activation to standardize: ``module``'s output, set through the gains of
+    ``gains`` (wnorm layers: g; plain layers: their weight rows) and the bias ``bias`` (None: no
+    bias to take the mean away); ``zero``: other biases the output depends on, set to 0."""
 
     name: str
     module: nn.Module
     gains: list[nn.Module]
     bias: Tensor | None
-    zero: list[Tensor]  # biases the output depends on besides ``bias``: set to 0
+    zero: list[Tensor]
     note: str = ""
+
+
+def _is_pyg(module: nn.Module, name: str) -> bool:
+    """Whether ``module`` is torch_geometric's class ``name`` (or, for "Linear", a subclass):
+    by name, so that torch_geometric is never imported here."""
+    cls = _reparam.base_class(module)
+    if name == "Linear":
+        return any(c.__name__ == "Linear" and c.__module__.startswith("torch_geometric.")
+                   for c in cls.__mro__)
+    return cls.__name__ == name and cls.__module__.startswith("torch_geometric.")
+
+
+def _is_message_passing(module: nn.Module) -> bool:
+    return any(c.__name__ == "MessagePassing" and c.__module__.startswith("torch_geometric.")
+               for c in type(module).__mro__)
 
 
 def _reason_cannot(module: nn.Module, wn: bool) -> str:
     """Why the paper's init cannot set this layer's gain ("" when it can)."""
     if isinstance(module, nn.RNNBase):
         return "recurrent layer: the paper's init does not apply (section 3)"
-    if not (isinstance(module, _INIT_TYPES) or "Linear" in _mro_names(module)
-            and type(module).__module__.startswith("torch_geometric")):
+    if not (isinstance(module, _INIT_TYPES) or _is_pyg(module, "Linear")):
         return f"{type(module).__name__} has no per-unit pre-activation to standardize"
     if wn:
         s = _reparam.slot(module, "weight")
@@ -125,6 +141,33 @@ def _reason_cannot(module: nn.Module, wn: bool) -> str:
     return ""
 
 
+def _graph_conv(label: str, conv: nn.Module, lins: list[tuple[str, nn.Module]]
+                ) -> tuple[_Target | None, str]:
+    """The target standardizing a torch_geometric convolution's output through its Linears
+    ``lins`` (``(name, module)``, every Linear inside it), or None and why it cannot."""
+    kind = type(conv).__name__
+    if not any(_is_pyg(conv, n) for n in _PYG_CONVS):
+        return None, (f"{kind}'s output does not scale with its Linears' (attention weights or "
+                      "a nonlinear message computed from them)")
+    if kind == "SAGEConv" and (conv.project or conv.normalize):
+        what = "project" if conv.project else "normalize"
+        return None, (f"SAGEConv with {what}=True does not scale with its Linears' "
+                      f"({'a ReLU of a biased Linear before the aggregation' if conv.project else 'its output is L2-normalized'})")
+    aggr = type(getattr(conv, "aggr_module", None)).__name__
+    if kind in _AGGREGATE_OUTPUTS and aggr not in _SCALE_FREE_AGGR:
+        return None, (f"{kind} aggregates its Linears' outputs with {aggr}, which does not "
+                      "commute with a per-channel scale")
+    for name, m in lins:
+        why = _reason_cannot(m, bool(m.__dict__.get("_wn")))
+        if why or not m.__dict__.get("_wn"):
+            return None, f"its {name} cannot be set ({why or 'not weight-normalized'})"
+    where = _PYG_CONVS[type(conv).__name__]
+    bias = (conv if not where else getattr(conv, where))._parameters.get("bias")
+    zero = [b for _, m in lins if (b := m._parameters.get("bias")) is not None and b is not bias]
+    return _Target(label, conv, [m for _, m in lins], bias, zero,
+                   "" if bias is not None else NO_BIAS_NOTE), ""
+
+
 def _unit_axis(module: nn.Module, y: Tensor) -> int:
     if not isinstance(module, nn.modules.conv._ConvNd):
         return y.dim() - 1  # Linear (and graph layers): features last
@@ -137,32 +180,36 @@ def _gain_param(module: nn.Module) -> Tensor:
     return p["weight_g"] if "weight_g" in p else p["weight"]
 
 
-def _candidates(model: nn.Module, include_plain: bool) -> tuple[
+def _candidates(named: list[tuple[str, nn.Module]], include_plain: bool) -> tuple[
         list[_Target], list[LayerInit], list[tuple[str, nn.Module]]]:
     """The targets, the candidates skipped with a reason, and the other modules holding
     parameters (a tie with one of them makes a target unsafe to set)."""
     targets: list[_Target] = []
     skipped: list[LayerInit] = []
     others: list[tuple[str, nn.Module]] = []
-    in_group: set[int] = set()
-    named = list(model.named_modules())
-    parent = {id(c): p for _, p in named for c in p.children()}
+    grouped: set[int] = set()
+    inside: dict[int, str] = {}  # a Linear inside a convolution not initialized as a whole: why
+    for mname, m in named:
+        if not _is_message_passing(m):
+            continue
+        label = mname or "<model>"
+        lins = [(n, c) for n, c in m.named_modules() if c is not m
+                and (isinstance(c, nn.Linear) or _is_pyg(c, "Linear"))]
+        if not any(c.__dict__.get("_wn") for _, c in lins):
+            continue
+        t, why = _graph_conv(label, m, lins)
+        if t is not None:
+            targets.append(t)
+            grouped.update(id(c) for _, c in lins)
+            grouped.add(id(m))
+        else:
+            for _, c in lins:
+                inside.setdefault(id(c), f"inside {label} ({type(m).__name__}): {why}; this "
+                                         "layer's own output is standardized, not the "
+                                         "convolution's")
     for mname, m in named:
         label = mname or "<model>"
-        if "MessagePassing" in _mro_names(m) and type(m).__name__ in _PYG_LINEAR_CONVS:
-            lins = [c for c in m.children() if _reparam.slot(c, "weight") is not None]
-            if lins and all(not _reason_cannot(c, True) for c in lins):
-                bias = m._parameters.get("bias")
-                lin_biases = [c._parameters["bias"] for c in lins
-                              if c._parameters.get("bias") is not None]
-                if bias is None and lin_biases:  # the Linear applied after aggregation
-                    bias, lin_biases = lin_biases[0], lin_biases[1:]
-                targets.append(_Target(label, m, lins, bias, lin_biases,
-                                       "" if bias is not None else NO_BIAS_NOTE))
-                in_group.update(id(c) for c in lins)
-    for mname, m in named:
-        label = mname or "<model>"
-        if id(m) in in_group or any(t.module is m for t in targets):
+        if id(m) in grouped:
             continue
         wn = bool(m.__dict__.get("_wn"))
         plain = (include_plain and isinstance(m, _INIT_TYPES)
@@ -177,13 +224,8 @@ def _candidates(model: nn.Module, include_plain: bool) -> tuple[
             others.append((label, m))
             continue
         bias = m._parameters.get("bias")
-        note = "" if bias is not None else NO_BIAS_NOTE
-        up = parent.get(id(m))
-        if up is not None and "MessagePassing" in _mro_names(up):
-            note = (f"inside {type(up).__name__}, whose output is not linear in this "
-                    "layer's (attention or a nonlinear message): this layer's own output is "
-                    "standardized, not the convolution's") + (f"; {note}" if note else "")
-        targets.append(_Target(label, m, [m], bias, [], note))
+        notes = [inside.get(id(m), ""), "" if bias is not None else NO_BIAS_NOTE]
+        targets.append(_Target(label, m, [m], bias, [], "; ".join(n for n in notes if n)))
     return targets, skipped, others
 
 
@@ -229,17 +271,59 @@ def _distributed() -> bool:
     return bool(dist is not None and dist.is_available() and dist.is_initialized())
 
 
-def _sums(t: Tensor, dims: list[int], group: Any) -> tuple[Tensor, Tensor]:
-    """Per-unit sum and count of ``t`` over ``dims``, summed over the ranks when distributed."""
-    n = t.new_full((1,), float(math.prod(t.shape[d] for d in dims)))
-    s = t.sum(dims)
-    if _distributed():
+_LOCAL = object()  # the process group of a pass outside torch.distributed
+
+
+def _unit_sums(r: Tensor) -> Tensor:
+    """Per-unit sums of ``r`` viewed as (before, units, after). The contiguous inner axis is
+    reduced first: one strided reduction over batch and positions together is several times
+    slower on CPU."""
+    return r.sum(2).sum(0) if r.shape[2] > 1 else r.sum((0, 2))
+
+
+def _all_sum(t: Tensor, group: Any) -> Tensor:
+    """``t`` summed over the ranks of ``group`` (``t`` itself outside torch.distributed)."""
+    if group is not _LOCAL:
         import torch.distributed as dist
 
-        both = torch.cat([s.flatten(), n])
-        dist.all_reduce(both, group=group)
-        s, n = both[:-1].view(s.shape), both[-1:]
-    return s, n
+        dist.all_reduce(t, group=group)
+    return t
+
+
+def _mean(r: Tensor, group: Any) -> Tensor:
+    """Per-unit mean of ``r`` (before, units, after) over every rank's values (ranks may hold
+    batches of different sizes: the count travels with the sums)."""
+    n = r.shape[0] * r.shape[2]
+    if group is _LOCAL:
+        return _unit_sums(r) / n
+    s = _unit_sums(r)
+    both = _all_sum(torch.cat([s, s.new_full((1,), float(n))]), group)
+    return both[:-1] / both[-1]
+
+
+def _units_view(y: Tensor, axis: int) -> Tensor:
+    """``y`` as (before, units, after): a view where the layout allows (channels-last too)."""
+    return y.reshape(math.prod(y.shape[:axis]), y.shape[axis], math.prod(y.shape[axis + 1:]))
+
+
+def _wide(r: Tensor) -> Tensor:
+    """``r`` in float32 at least (a bfloat16 sum of a batch loses most of its digits)."""
+    wide = torch.promote_types(r.dtype, torch.float32)
+    return r if r.dtype == wide else r.to(wide)
+
+
+def _standardize(y: Tensor, axis: int, scale: float, group: Any
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    r"""``(out, mu, sigma, gain)``: per unit along ``axis``, the population :math:`\mu` and
+    :math:`\sigma` of ``y`` over every other axis (and every rank), ``gain`` = scale/sigma and
+    ``out = (y - mu) * gain`` as (before, units, after), in float32 at least. Two passes: the
+    centered sum of squares, not E[y^2] - mu^2, which cancels when |mu| >> sigma."""
+    r = _wide(_units_view(y.detach(), axis))
+    mu = _mean(r, group)
+    c = r - mu.view(1, -1, 1)
+    var = _mean(c * c, group)
+    gain = var.rsqrt().mul_(scale)
+    return c.mul_(gain.view(1, -1, 1)), mu, var.sqrt_(), gain
 
 
 class _Pass:
@@ -250,14 +334,14 @@ class _Pass:
         self.by_module = {t.module: t for t in targets}
         self.names = names
         self.scale, self.group = init_scale, group
-        self.done: dict[nn.Module, tuple[_Target, Tensor, Tensor, Tensor]] = {}  # mu, sigma, ok
-        self.count: dict[nn.Module, int] = {}  # values per unit on this rank
+        # module -> (target, mu, sigma, ok per unit, values per unit on this rank)
+        self.done: dict[nn.Module, tuple[_Target, Tensor, Tensor, Tensor, int]] = {}
         self.means: dict[nn.Module, Tensor] = {}
 
     def pre(self, module: nn.Module, args: Any) -> None:
-        t = self.by_module[module]
         if module in self.done:
             return
+        t = self.by_module[module]
         for m in t.gains:  # the layer now outputs t = v.x/||v|| (+ 0); a plain layer w.x
             if _reparam.slot(m, "weight") is not None:
                 m._parameters["weight_g"].fill_(1.0)
@@ -265,46 +349,41 @@ class _Pass:
             b.zero_()
 
     def post(self, module: nn.Module, args: Any, y: Any) -> Any:
-        t = self.by_module[module]
-        if module in self.done or not isinstance(y, Tensor):
+        if module in self.done:
             return None
+        t = self.by_module[module]
+        if not (isinstance(y, Tensor) and y.is_floating_point()):
+            what = f"a {y.dtype} tensor" if isinstance(y, Tensor) else type(y).__name__
+            raise WnormError(
+                f"{t.name} ({type(module).__name__}): its forward returned {what}; data_init "
+                "standardizes a layer's floating-point output tensor. Leave this layer "
+                "unnormalized (exclude it in wnorm.apply) or initialize it yourself")
         axis = _unit_axis(module, y) if t.gains == [module] else y.dim() - 1
-        units = y.shape[axis]
-        wide = torch.promote_types(y.dtype, torch.float32)
-        r = y.detach().to(wide)
-        dims = [d for d in range(r.dim()) if d != axis]
-        s, n = _sums(r, dims, self.group)
-        shape = [1] * r.dim()
-        shape[axis] = units
-        mu = (s / n).view(shape)
-        c = r - mu
-        var = _sums(c * c, dims, self.group)[0].view(shape) / n.view([1] * r.dim())
-        sigma = var.sqrt()
-        scale = self.scale / sigma
-        shift = mu * scale
-        flat_scale, flat_shift = scale.reshape(units), shift.reshape(units)
-        ok = (sigma.reshape(units) > 0) & torch.isfinite(flat_shift) & torch.isfinite(flat_scale)
+        out, mu, sigma, gain = _standardize(y, axis, self.scale, self.group)
+        shift = mu * gain  # the output's mean at g = gain
+        ok = None
         for m in t.gains:
             p = _gain_param(m)
-            gs = flat_scale.to(p.dtype)
-            ok &= torch.isfinite(gs) & (gs > 0)
+            gs = gain if gain.dtype == p.dtype else gain.to(p.dtype)
+            # g as stored must be positive and finite (NaN fails both); plain: rows scaled
+            fits = (gs > 0) & (gs < math.inf)
+            ok = fits if ok is None else ok & fits
             if p is m._parameters.get("weight_g"):
                 p.copy_(gs.view(p.shape))
-            else:  # a plain layer: scale each output unit's row of w
+            else:
                 d = default_dim(m)
-                p.mul_(gs.view([units if i == d else 1 for i in range(p.dim())]))
-        out = c * scale
+                p.mul_(gs.view([-1 if i == d else 1 for i in range(p.dim())]))
         if t.bias is not None:
-            bs = (-flat_shift).to(t.bias.dtype)
-            ok &= torch.isfinite(bs)
+            bs = shift.neg() if shift.dtype == t.bias.dtype else shift.neg().to(t.bias.dtype)
+            ok &= bs.abs() < math.inf  # type: ignore[operator]
             t.bias.copy_(bs.view(t.bias.shape))
         else:
-            out = out + shift  # no bias: the mean stays
-        self.done[module] = (t, mu.reshape(units), sigma.reshape(units), ok)
-        self.count[module] = r.numel() // max(units, 1)
-        return out.to(y.dtype)
+            ok &= shift.abs() < math.inf  # type: ignore[operator]
+            out += shift.view(1, -1, 1)  # no bias: the mean stays
+        self.done[module] = (t, mu, sigma, ok, out.shape[0] * out.shape[2])  # type: ignore[arg-type]
+        return out.reshape(y.shape).to(y.dtype)
 
-    def bn_pre(self, module: _MeanOnlyBatchNorm, args: Any) -> None:
+    def bn_pre(self, module: MeanOnlyBatchNormBase, args: Any) -> None:
         if module in self.means:
             return
         x = args[0]
@@ -314,22 +393,19 @@ class _Pass:
                 f"data_init: {self.names.get(module, '<model>')} ({type(module).__name__}) got "
                 f"an empty batch {tuple(x.shape)}; its running mean is the batch mean of its "
                 "input")
-        xw = x.detach().to(torch.promote_types(x.dtype, torch.float32))
-        dims = [0, *range(2, x.dim())]
-        s, n = _sums(xw, dims, self.group)
-        self.means[module] = s / n
+        self.means[module] = _mean(_wide(_units_view(x.detach(), 1)), self.group)
 
-    def bn_post(self, module: _MeanOnlyBatchNorm, args: Any, out: Any) -> Any:
-        # the batch mean over every rank, as running mean and as what is subtracted, so that
-        # the layers after it are initialized as one process on the union of the batches would
-        mean = self.means.get(module)
-        if mean is None:
-            return None
+    def bn_post(self, module: MeanOnlyBatchNormBase, args: Any, out: Any) -> Any:
+        # the batch mean over every rank, as running mean and as what is subtracted (by every
+        # call of a shared layer), so that the layers after it are initialized as one process
+        # on the union of the batches would be
+        mean = self.means[module]
         if module.track_running_stats:
             module.running_mean.copy_(mean.to(module.running_mean.dtype))
         x = args[0]
-        shift = (module.bias - mean).to(x.dtype) if module.bias is not None else -mean.to(x.dtype)
-        return x + shift.view((1, -1) + (1,) * (x.dim() - 2))
+        bias = getattr(module, "bias", None)
+        shift = (bias - mean) if bias is not None else -mean
+        return x + shift.to(x.dtype).view((1, -1) + (1,) * (x.dim() - 2))
 
 
 def _positive_scale(value: Any) -> float:
@@ -358,6 +434,9 @@ def _fail(t: _Target, mu: Tensor, sigma: Tensor, ok: Tensor, init_scale: float,
     idx = (~ok).nonzero().flatten().tolist()
     units = ok.numel()
     which = f"{len(idx)} of {units} units ({idx[:10]}{'...' if len(idx) > 10 else ''})"
+    if count == 0 and not bool(torch.isfinite(sigma).any()):
+        raise WnormError(f"{label}: an empty batch reached it (0 values per unit); data init "
+                         "needs a batch on which every unit varies")
     m, sd = mu.double().cpu()[idx], sigma.double().cpu()[idx]
     gdtype = _gain_param(t.gains[0]).dtype
     gi = torch.finfo(gdtype)
@@ -395,6 +474,13 @@ def _fail(t: _Target, mu: Tensor, sigma: Tensor, ok: Tensor, init_scale: float,
         f"non-finite statistics on the init batch ({count} values per unit; units "
         f"{idx[:10]}{'...' if len(idx) > 10 else ''}); data init needs a batch on which every "
         "unit varies (more than one example, finite inputs, no zero rows in the weight)")
+
+
+def _check_inputs(inputs: list[Tensor], cause: BaseException | None = None) -> None:
+    """Raise if a floating-point input of the batch has NaN or inf values."""
+    for i, a in enumerate(inputs):
+        if a.is_floating_point() and not bool(torch.isfinite(a).all()):
+            raise WnormError(f"data_init: input {i} of the batch has NaN or inf values") from cause
 
 
 def data_init(
@@ -465,50 +551,63 @@ def data_init(
         args, kwargs = tuple(batch), {}
     else:
         args, kwargs = (batch,), {}
-    for i, a in enumerate(list(args) + list(kwargs.values())):
-        if isinstance(a, Tensor):
-            if a.numel() == 0:
-                raise WnormError(
-                    f"data_init: the batch is empty (input {i} has shape {tuple(a.shape)})")
-            if a.is_floating_point() and not bool(torch.isfinite(a).all()):
-                raise WnormError(f"data_init: input {i} of the batch has NaN or inf values")
-    for mname, m in model.named_modules():
+    inputs = [a for a in list(args) + list(kwargs.values()) if isinstance(a, Tensor)]
+    for i, a in enumerate(inputs):
+        if a.numel() == 0:
+            raise WnormError(
+                f"data_init: the batch is empty (input {i} has shape {tuple(a.shape)})")
+    named = list(model.named_modules())
+    for mname, m in named:
         for pname, p in m._parameters.items():
             if p is not None and type(p.data).__name__ == "DTensor":
                 raise WnormError(
                     f"data_init: {mname or '<model>'}.{pname} is sharded (a DTensor, e.g. after "
                     "FSDP2's fully_shard); call wnorm.apply and wnorm.data_init on the unsharded "
                     "model, then fully_shard (or DDP)")
+    if _distributed():
+        group = process_group
+    elif process_group is not None:
+        raise WnormError(f"data_init: process_group={process_group!r} was given, but "
+                         "torch.distributed is not initialized (init_process_group first)")
+    else:
+        group = _LOCAL
 
-    targets, skipped, others = _candidates(model, include_plain)
+    targets, skipped, others = _candidates(named, include_plain)
     targets = _drop_shared(targets, others, skipped)
-    mobn = [m for m in model.modules() if isinstance(m, _MeanOnlyBatchNorm)]
+    mobn = [(n, m) for n, m in named if isinstance(m, MeanOnlyBatchNormBase)]
     touched = [x for t in targets for x in _tensors(t)]
-    touched += [b for m in model.modules() for b in m._buffers.values() if b is not None]
+    touched += [b for _, m in named for b in m._buffers.values() if b is not None]
     with torch.no_grad():
         saved = [x.clone() for x in touched]
-    p = _Pass(targets, init_scale, process_group,
-              {m: n or "<model>" for n, m in model.named_modules() if m in set(mobn)})
+        # a non-finite value makes its input's sum non-finite: checked with the layers, in the
+        # pass's one host sync (an overflowing sum of finite values is rechecked exactly)
+        finite = [torch.isfinite(a.sum(dtype=torch.promote_types(a.dtype, torch.float32)))
+                  for a in inputs if a.is_floating_point()]
+    p = _Pass(targets, init_scale, group, {m: n or "<model>" for n, m in mobn})
     handles = []
     for t in targets:
         handles.append(t.module.register_forward_pre_hook(p.pre))
         handles.append(t.module.register_forward_hook(p.post))
-    for m in mobn:
+    for _, m in mobn:
         handles.append(m.register_forward_pre_hook(p.bn_pre))
         handles.append(m.register_forward_hook(p.bn_post))
     try:
         with torch.no_grad():
             model(*args, **kwargs)
-            done = list(p.done.values())
-            # one host sync for the whole model: every unit of every layer fit
-            if done and not bool(torch.stack([ok.all() for *_, ok in done]).all()):
-                for t, mu, sigma, ok in done:
-                    if not bool(ok.all()):
-                        _fail(t, mu, sigma, ok, init_scale, p.count[t.module])
-    except BaseException:
+        done = list(p.done.values())
+        checks = finite + [ok.all() for *_, ok, _ in done]
+        if checks and not bool(torch.stack(checks).all()):  # the pass's one host sync
+            _check_inputs(inputs)
+            for t, mu, sigma, ok, count in done:
+                if not bool(ok.all()):
+                    _fail(t, mu, sigma, ok, init_scale, count)
+            # else every unit fits: a sum of finite inputs overflowed, nothing is wrong
+    except BaseException as e:
         with torch.no_grad():  # leave the model as it was: no half-initialized network
             for x, old in zip(touched, saved):
                 x.copy_(old)
+        if isinstance(e, Exception) and not isinstance(e, WnormError):
+            _check_inputs(inputs, e)  # a NaN input is the likelier cause of a failed forward
         raise
     finally:
         for h in handles:
@@ -516,9 +615,9 @@ def data_init(
 
     report = InitReport()
     if done:
-        flat = torch.cat([torch.cat([mu, sigma]) for _, mu, sigma, _ in done]).cpu()  # one sync
+        flat = torch.cat([torch.cat([mu, sigma]) for _, mu, sigma, _, _ in done]).cpu()
         at = 0
-        for t, mu, _, _ in done:
+        for t, mu, _, _, _ in done:
             u = mu.numel()
             report.append(LayerInit(t.name, type(t.module).__name__, "initialized", "",
                                     flat[at:at + u], flat[at + u:at + 2 * u], t.note))
