@@ -1,0 +1,241 @@
+"""wnorm under PyTorch's engines, checked on the CPU so that the GPU gets it by construction:
+
+- host syncs (``aten::_local_scalar_dense``, what ``.item()``, ``bool(tensor)`` and
+  ``.tolist()`` of a 0-dim tensor dispatch to, and the data-dependent ``nonzero``/``equal``/
+  ``masked_select``), counted with a ``TorchDispatchMode``: a training step (forward,
+  backward, torch.optim step) and an eval forward of a wnorm model, with and without mean-only
+  batch norm, make as many as the same plain model: none; ``data_init`` makes a number that
+  does not grow with the number of layers;
+- ``torch._dynamo.explain``: no graph break, train and eval;
+- ``torch.compile`` (``aot_eager``: Dynamo and AOTAutograd, no code generation) gives the
+  eager outputs and gradients;
+- a training step captured in a CUDA graph replays as the eager step does (with CUDA only).
+
+(A device-to-host copy, ``.cpu()`` of a CUDA tensor, is a sync this CPU count cannot see;
+``data_init`` makes one, for its report, whatever the depth.)
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import wnorm
+
+aten = torch.ops.aten
+SYNC_OPS = {aten._local_scalar_dense, aten.item, aten.is_nonzero, aten.nonzero,
+            aten.equal, aten.masked_select}
+
+
+class SyncCounter(TorchDispatchMode):
+    """Counts the ops that make the host wait for the device (see the module docstring)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in SYNC_OPS:
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def syncs(fn) -> list[str]:
+    with SyncCounter() as c:
+        fn()
+    return c.ops
+
+
+# --------------------------------------------------------------------------- models
+WIDTH = 16
+
+
+def mlp(variant: str, depth: int = 3) -> nn.Module:
+    """``depth`` hidden Linear layers (each followed by a mean-only BN in "wn+meanonly")."""
+    torch.manual_seed(0)
+    meanonly = variant == "wn+meanonly"
+    layers: list[nn.Module] = []
+    for _ in range(depth):
+        layers.append(nn.Linear(WIDTH, WIDTH, bias=not meanonly))
+        if meanonly:
+            layers.append(wnorm.MeanOnlyBatchNorm1d(WIDTH))
+        layers.append(nn.LeakyReLU(0.1))
+    net = nn.Sequential(*layers, nn.Linear(WIDTH, 4))
+    return net if variant == "plain" else wnorm.apply(net)
+
+
+def convnet(variant: str) -> nn.Module:
+    torch.manual_seed(0)
+    meanonly = variant == "wn+meanonly"
+
+    def block(cin: int, cout: int) -> list[nn.Module]:
+        norm = [wnorm.MeanOnlyBatchNorm2d(cout)] if meanonly else []
+        return [nn.Conv2d(cin, cout, 3, padding=1, bias=not meanonly), *norm, nn.LeakyReLU(0.1)]
+
+    net = nn.Sequential(*block(3, 8), *block(8, 8), nn.MaxPool2d(2), *block(8, 8),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    return net if variant == "plain" else wnorm.apply(net)
+
+
+def batch(model: str, n: int = 8, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn((n, 3, 8, 8) if model == "convnet" else (n, WIDTH), generator=gen)
+    return x, torch.randint(0, 4, (n,), generator=gen)
+
+
+MAKE = {"mlp": mlp, "convnet": convnet}
+OPTIMIZERS = {
+    "sgd-momentum": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+    "adam-fused": lambda p: torch.optim.Adam(p, lr=1e-3, fused=True),
+}
+
+
+# --------------------------------------------------------------------------- host syncs
+def test_the_counter_sees_syncs_in_forward_backward_and_steps():
+    """Positive control: the counts below are not zero because the counter is blind."""
+    x = torch.randn(4, 3, requires_grad=True)
+    assert len(syncs(lambda: x.sum().item())) == 1
+    assert len(syncs(lambda: bool(x.detach().abs().sum() > 0))) == 1
+    assert syncs(lambda: x.detach().nonzero())
+    y = x * 2
+    y.register_hook(lambda g: g * float(g.sum()))  # a sync inside backward
+    assert len(syncs(lambda: y.sum().backward())) == 1
+    # torch.optim's default (foreach) Adam reads each step count on the host
+    p = nn.Parameter(torch.randn(3))
+    opt = torch.optim.Adam([p])
+    p.grad = torch.ones(3)
+    assert syncs(opt.step)
+
+
+@pytest.mark.parametrize("opt", list(OPTIMIZERS))
+@pytest.mark.parametrize("model", list(MAKE))
+@pytest.mark.parametrize("variant", ["wn", "wn+meanonly"])
+def test_training_step_and_eval_forward_sync_as_often_as_plain_never(variant, model, opt):
+    counts = {}
+    for v in ("plain", variant):
+        net = MAKE[model](v).train()
+        optim = OPTIMIZERS[opt](net.parameters())
+        x, y = batch(model)
+
+        def step() -> None:
+            optim.zero_grad()
+            F.cross_entropy(net(x), y).backward()
+            optim.step()
+
+        step()  # the optimizer's state is created at its first step
+        train = syncs(step)
+        net.eval()
+        with torch.no_grad():
+            infer = syncs(lambda: net(x))
+        evalgrad = syncs(lambda: net(x).sum().backward())
+        counts[v] = (train, infer, evalgrad)
+    assert counts[variant] == counts["plain"] == ([], [], [])
+
+
+@pytest.mark.parametrize("variant", ["wn", "wn+meanonly"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_data_init_syncs_do_not_grow_with_depth(variant, train):
+    counts = []
+    for depth in (2, 8):
+        net = mlp(variant, depth).train(train)
+        x = batch("mlp", 64)[0]
+        ops = syncs(lambda: wnorm.data_init(net, x))
+        assert len(wnorm.data_init(net, x).initialized) == depth + 1  # it did initialize
+        counts.append(ops)
+    assert counts[0] == counts[1]
+    assert len(counts[0]) <= 1
+
+
+def test_data_init_syncs_do_not_grow_with_depth_on_a_convnet():
+    shallow = convnet("wn+meanonly")
+    deep = nn.Sequential(*shallow[:-3], *copy.deepcopy(shallow[3:6]),
+                         *copy.deepcopy(shallow[3:6]), *shallow[-3:])
+    x = batch("convnet", 16)[0]
+    assert syncs(lambda: wnorm.data_init(shallow, x)) == syncs(lambda: wnorm.data_init(deep, x))
+
+
+# --------------------------------------------------------------------------- torch.compile
+@pytest.mark.parametrize("model", list(MAKE))
+@pytest.mark.parametrize("variant", ["wn", "wn+meanonly"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_no_graph_break(variant, model, train):
+    net = MAKE[model](variant).train(train)
+    x = batch(model)[0]
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(net)(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
+@pytest.mark.parametrize("model", ["mlp", pytest.param("convnet", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("variant", ["wn", "wn+meanonly"])
+def test_compiled_model_gives_the_eager_outputs_gradients_and_steps(variant, model):
+    net = MAKE[model](variant).train()
+    twin = copy.deepcopy(net)
+    compiled = torch.compile(twin, backend="aot_eager", fullgraph=True)
+    opt, opt_c = (torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (net, twin))
+    for seed in (1, 2):
+        x, y = batch(model, seed=seed)
+        for m, o in ((net, opt), (compiled, opt_c)):
+            o.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+        for (name, a), b in zip(net.named_parameters(), twin.parameters()):
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
+        opt.step()
+        opt_c.step()
+    for (name, a), b in zip(net.state_dict().items(), twin.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6, msg=name)
+    net.eval(), twin.eval()
+    x = batch(model, seed=3)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), net(x), rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- CUDA graphs
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("variant", ["wn", "wn+meanonly"])
+def test_cuda_graph_capture_of_a_training_step(variant):
+    """PyTorch's whole-network capture recipe (warm-up on a side stream, then capture forward,
+    backward and optimizer step): replays train exactly as eager steps do."""
+    dev = torch.device("cuda")
+    net = convnet(variant).to(dev).train()
+    twin = copy.deepcopy(net)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    opt_e = torch.optim.SGD(twin.parameters(), lr=0.05, momentum=0.9)
+    static_x, static_y = (t.to(dev) for t in batch("convnet", 16, seed=0))
+
+    def step(model: nn.Module, o: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor
+             ) -> torch.Tensor:
+        o.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        o.step()
+        return loss
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step(net, opt, static_x, static_y)
+    torch.cuda.current_stream().wait_stream(side)
+    for _ in range(3):
+        step(twin, opt_e, static_x, static_y)
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        static_loss = step(net, opt, static_x, static_y)
+    for seed in (1, 2, 3):
+        x, y = (t.to(dev) for t in batch("convnet", 16, seed=seed))
+        static_x.copy_(x)
+        static_y.copy_(y)
+        graph.replay()
+        loss = step(twin, opt_e, x, y)
+        torch.testing.assert_close(static_loss, loss, rtol=1e-4, atol=1e-5)
+    torch.cuda.synchronize()
+    for (name, a), b in zip(twin.state_dict().items(), net.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
