@@ -1,9 +1,16 @@
 """Distributed guarantees, on 2 CPU processes over gloo (127.0.0.1 only).
 
+The order: ``wnorm.apply``, ``wnorm.data_init`` (each rank on its own batch), then DDP or FSDP2's
+``fully_shard``, then train.
+
 - ``wnorm.data_init`` all-reduces its statistics: every rank gets the same g and b, equal to one
-  process initializing on the union of the ranks' batches.
-- DDP training of a wnorm model keeps the parameters identical across ranks (bitwise) and equal
-  (float tolerance) to one process training on the same global batches.
+  process initializing on the union of the ranks' batches (also when the model is already
+  wrapped by DDP).
+- DDP and FSDP2 (``torch.distributed.fsdp.fully_shard``) training of a data-initialized wnorm
+  model keeps the parameters identical across ranks (bitwise) and equal (float tolerance) to one
+  process training on the same global batches.
+- After ``fully_shard`` (DTensor parameters), ``wnorm.apply``, ``wnorm.weight_norm`` and
+  ``wnorm.data_init`` raise a WnormError that says which order to use.
 
 One spawn serves the whole file (a module fixture): the workers write what they computed to
 files and the tests compare it with single-process references computed here.
@@ -12,6 +19,7 @@ files and the tests compare it with single-process references computed here.
 from __future__ import annotations
 
 import os
+import re
 import socket
 from pathlib import Path
 
@@ -76,27 +84,69 @@ def params_of(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 # --------------------------------------------------------------------------- the worker
+def _error(fn) -> str:
+    """The message of the WnormError ``fn`` raises ("" when it raises none)."""
+    try:
+        fn()
+    except wnorm.WnormError as e:
+        return str(e)
+    return ""
+
+
+def _train(model: nn.Module, kind: str, rank: int) -> None:
+    _, _, xs, ys = batches()
+    opt = optimizer(kind, model.parameters())
+    for x, y in zip(xs, ys):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(shard(x, rank)), shard(y, rank))
+        loss.backward()
+        opt.step()
+
+
+def _full(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The unsharded parameters of an FSDP2 model, by their unwrapped names."""
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+            for k, v in model.named_parameters()}
+
+
 def _worker(rank: int, port: int, out: str) -> None:
+    from torch.distributed.fsdp import fully_shard
+
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=WORLD)
     try:
-        x0, _, xs, ys = batches()
+        x0 = batches()[0]
         result: dict[str, object] = {}
         for mode in ("train", "eval"):
             net = convnet().train(mode == "train")
             wnorm.data_init(net, shard(x0, rank))
             result[f"init-{mode}"] = {k: v.clone() for k, v in net.state_dict().items()}
+        net = convnet()
+        wnorm.data_init(nn.parallel.DistributedDataParallel(net), shard(x0, rank))
+        result["init-in-ddp"] = {k: v.clone() for k, v in net.state_dict().items()}
         for kind in ("sgd", "adam"):
             net = convnet()
-            ddp = nn.parallel.DistributedDataParallel(net)
-            opt = optimizer(kind, ddp.parameters())
-            for x, y in zip(xs, ys):
-                opt.zero_grad()
-                loss = nn.functional.cross_entropy(ddp(shard(x, rank)), shard(y, rank))
-                loss.backward()
-                opt.step()
+            _train(nn.parallel.DistributedDataParallel(net), kind, rank)
             result[f"ddp-{kind}"] = params_of(net)
+        for kind in ("sgd", "adam"):
+            net = convnet()
+            wnorm.data_init(net, shard(x0, rank))
+            for layer in (net[0], net[3], net[7]):
+                fully_shard(layer)
+            fully_shard(net)
+            _train(net, kind, rank)
+            result[f"fsdp-{kind}"] = _full(net)
+        # after sharding: errors that say which order to use
+        sharded = convnet()
+        fully_shard(sharded)
+        plain = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+        fully_shard(plain)
+        result["errors"] = {
+            "data_init": _error(lambda: wnorm.data_init(sharded, shard(x0, rank))),
+            "apply": _error(lambda: wnorm.apply(plain)),
+            "weight_norm": _error(lambda: wnorm.weight_norm(plain[0])),
+        }
         torch.save(result, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -153,6 +203,11 @@ def test_data_init_train_mode_same_on_every_rank_and_equals_union(ranks) -> None
     _check_init(ranks, "train")
 
 
+def test_data_init_of_a_ddp_wrapped_model_equals_before_wrapping(ranks) -> None:
+    for r in ranks:
+        assert_same(r["init-in-ddp"], r["init-train"], rtol=1e-6, atol=1e-7)
+
+
 # --------------------------------------------------------------------------- DDP training
 def reference_training(kind: str) -> dict[str, torch.Tensor]:
     """One process, the same global batches: the loss is the mean of the ranks' losses (each
@@ -176,3 +231,39 @@ def test_ddp_training_identical_across_ranks_and_equals_one_process(ranks, kind:
     start = params_of(convnet())
     assert any(not torch.equal(got[0][k], start[k]) for k in start)  # it did train
     assert_same(got[0], reference_training(kind), rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- FSDP2
+def reference_init_training(kind: str) -> dict[str, torch.Tensor]:
+    """One process: data_init on the union of the ranks' init batches, then the same global
+    training batches (the loss is the mean of the ranks' losses, as FSDP2 averages gradients)."""
+    x0, _, xs, ys = batches()
+    net = convnet()
+    wnorm.data_init(net, x0)
+    opt = optimizer(kind, net.parameters())
+    for x, y in zip(xs, ys):
+        opt.zero_grad()
+        loss = sum(nn.functional.cross_entropy(net(shard(x, r)), shard(y, r))
+                   for r in range(WORLD)) / WORLD
+        loss.backward()
+        opt.step()
+    return params_of(net)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_fsdp2_training_identical_across_ranks_and_equals_one_process(ranks, kind: str) -> None:
+    got = [r[f"fsdp-{kind}"] for r in ranks]
+    assert_same(got[0], got[1])
+    assert any(k.endswith("weight_g") for k in got[0]) and any(k.endswith("weight_v")
+                                                               for k in got[0])
+    start = params_of(convnet())
+    assert any(not torch.equal(got[0][k], start[k]) for k in start)
+    assert_same(got[0], reference_init_training(kind), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("call", ["data_init", "apply", "weight_norm"])
+def test_wnorm_after_fully_shard_is_an_error_that_gives_the_order(ranks, call: str) -> None:
+    for r in ranks:
+        msg = r["errors"][call]
+        assert "sharded (a DTensor" in msg, msg
+        assert re.search(r"wnorm\.apply .*wnorm\.data_init.* then fully_shard", msg), msg
