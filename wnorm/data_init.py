@@ -117,6 +117,8 @@ def _is_pyg(module: nn.Module, name: str) -> bool:
 
 
 def _is_message_passing(module: nn.Module) -> bool:
+    if "torch_geometric" not in sys.modules:
+        return False
     return any(c.__name__ == "MessagePassing" and c.__module__.startswith("torch_geometric.")
                for c in type(module).__mro__)
 
@@ -274,30 +276,16 @@ def _distributed() -> bool:
 _LOCAL = object()  # the process group of a pass outside torch.distributed
 
 
-def _unit_sums(r: Tensor) -> Tensor:
-    """Per-unit sums of ``r`` viewed as (before, units, after). The contiguous inner axis is
-    reduced first: one strided reduction over batch and positions together is several times
-    slower on CPU."""
-    return r.sum(2).sum(0) if r.shape[2] > 1 else r.sum((0, 2))
-
-
-def _all_sum(t: Tensor, group: Any) -> Tensor:
-    """``t`` summed over the ranks of ``group`` (``t`` itself outside torch.distributed)."""
-    if group is not _LOCAL:
-        import torch.distributed as dist
-
-        dist.all_reduce(t, group=group)
-    return t
-
-
 def _mean(r: Tensor, group: Any) -> Tensor:
     """Per-unit mean of ``r`` (before, units, after) over every rank's values (ranks may hold
     batches of different sizes: the count travels with the sums)."""
-    n = r.shape[0] * r.shape[2]
     if group is _LOCAL:
-        return _unit_sums(r) / n
-    s = _unit_sums(r)
-    both = _all_sum(torch.cat([s, s.new_full((1,), float(n))]), group)
+        return r.mean((0, 2))
+    import torch.distributed as dist
+
+    s = r.sum((0, 2))
+    both = torch.cat([s, s.new_full((1,), float(r.shape[0] * r.shape[2]))])
+    dist.all_reduce(both, group=group)
     return both[:-1] / both[-1]
 
 
@@ -312,18 +300,45 @@ def _wide(r: Tensor) -> Tensor:
     return r if r.dtype == wide else r.to(wide)
 
 
-def _standardize(y: Tensor, axis: int, scale: float, group: Any
-                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    r"""``(out, mu, sigma, gain)``: per unit along ``axis``, the population :math:`\mu` and
-    :math:`\sigma` of ``y`` over every other axis (and every rank), ``gain`` = scale/sigma and
-    ``out = (y - mu) * gain`` as (before, units, after), in float32 at least. Two passes: the
-    centered sum of squares, not E[y^2] - mu^2, which cancels when |mu| >> sigma."""
-    r = _wide(_units_view(y.detach(), axis))
-    mu = _mean(r, group)
-    c = r - mu.view(1, -1, 1)
-    var = _mean(c * c, group)
-    gain = var.rsqrt().mul_(scale)
-    return c.mul_(gain.view(1, -1, 1)), mu, var.sqrt_(), gain
+def _standardize(y: Tensor, axis: int, scale: float, group: Any) -> tuple[Tensor, Tensor, Tensor]:
+    r"""``(out, mu, inv)``: per unit along ``axis``, the population mean :math:`\mu` of ``y``
+    over every other axis (and every rank), ``inv`` = 1/:math:`\sigma` and
+    ``out = scale (y - mu) inv`` shaped (before, units, after), in float32 at least. In one
+    process batch norm's kernel computes them in one call (inv is 0 where sigma is 0); across
+    ranks the sums are all-reduced, the spread from the centered sum of squares (not
+    E[y^2] - mu^2, which cancels when |mu| >> sigma)."""
+    r = _wide(_units_view(y, axis))
+    if group is _LOCAL:
+        out, mu, inv = torch.native_batch_norm(r, None, None, None, None, True, 0.0, 0.0)
+    else:
+        mu = _mean(r, group)
+        out = r - mu.view(1, -1, 1)
+        inv = _mean(out * out, group).rsqrt_()
+        out.mul_(inv.view(1, -1, 1))
+    if scale != 1.0:
+        out.mul_(scale)
+    return out, mu, inv
+
+
+@dataclass
+class _Done:
+    """A target the pass initialized: the mean and 1/sigma of its units, and what it wrote, for
+    the check after the pass (``gains`` as stored; ``shift``: the output's mean it moved into
+    the bias, as stored, or kept where there is no bias)."""
+
+    target: _Target
+    mu: Tensor
+    inv: Tensor  # 1/sigma
+    gains: list[Tensor]
+    shift: Tensor
+    count: int  # values per unit on this rank
+
+    def ok(self) -> Tensor:
+        """Per unit: every g positive and finite, the bias (or kept mean) finite."""
+        ok = self.shift.abs() < math.inf  # NaN fails every comparison
+        for g in self.gains:
+            ok &= (g > 0) & (g < math.inf)
+        return ok
 
 
 class _Pass:
@@ -334,8 +349,7 @@ class _Pass:
         self.by_module = {t.module: t for t in targets}
         self.names = names
         self.scale, self.group = init_scale, group
-        # module -> (target, mu, sigma, ok per unit, values per unit on this rank)
-        self.done: dict[nn.Module, tuple[_Target, Tensor, Tensor, Tensor, int]] = {}
+        self.done: dict[nn.Module, _Done] = {}
         self.means: dict[nn.Module, Tensor] = {}
 
     def pre(self, module: nn.Module, args: Any) -> None:
@@ -343,10 +357,13 @@ class _Pass:
             return
         t = self.by_module[module]
         for m in t.gains:  # the layer now outputs t = v.x/||v|| (+ 0); a plain layer w.x
-            if _reparam.slot(m, "weight") is not None:
-                m._parameters["weight_g"].fill_(1.0)
-        for b in t.zero + ([t.bias] if t.bias is not None else []):
+            g = m._parameters.get("weight_g")
+            if g is not None:
+                g.fill_(1.0)
+        for b in t.zero:
             b.zero_()
+        if t.bias is not None:
+            t.bias.zero_()
 
     def post(self, module: nn.Module, args: Any, y: Any) -> Any:
         if module in self.done:
@@ -359,29 +376,31 @@ class _Pass:
                 "standardizes a layer's floating-point output tensor. Leave this layer "
                 "unnormalized (exclude it in wnorm.apply) or initialize it yourself")
         axis = _unit_axis(module, y) if t.gains == [module] else y.dim() - 1
-        out, mu, sigma, gain = _standardize(y, axis, self.scale, self.group)
-        shift = mu * gain  # the output's mean at g = gain
-        ok = None
+        if y.numel() == 0 and self.group is _LOCAL:
+            raise WnormError(f"{t.name} ({type(module).__name__}): an empty batch reached it "
+                             f"(output shape {tuple(y.shape)}); data init needs a batch on "
+                             "which every unit varies")
+        out, mu, inv = _standardize(y, axis, self.scale, self.group)
+        gain = inv * self.scale if self.scale != 1.0 else inv
+        stored = []
         for m in t.gains:
             p = _gain_param(m)
             gs = gain if gain.dtype == p.dtype else gain.to(p.dtype)
-            # g as stored must be positive and finite (NaN fails both); plain: rows scaled
-            fits = (gs > 0) & (gs < math.inf)
-            ok = fits if ok is None else ok & fits
+            stored.append(gs)
             if p is m._parameters.get("weight_g"):
                 p.copy_(gs.view(p.shape))
-            else:
+            else:  # a plain layer: its rows scaled
                 d = default_dim(m)
                 p.mul_(gs.view([-1 if i == d else 1 for i in range(p.dim())]))
+        shift = mu * gain  # the output's mean at g = gain
         if t.bias is not None:
-            bs = shift.neg() if shift.dtype == t.bias.dtype else shift.neg().to(t.bias.dtype)
-            ok &= bs.abs() < math.inf  # type: ignore[operator]
-            t.bias.copy_(bs.view(t.bias.shape))
+            shift = shift if shift.dtype == t.bias.dtype else shift.to(t.bias.dtype)
+            torch.neg(shift.view(t.bias.shape), out=t.bias)
         else:
-            ok &= shift.abs() < math.inf  # type: ignore[operator]
             out += shift.view(1, -1, 1)  # no bias: the mean stays
-        self.done[module] = (t, mu, sigma, ok, out.shape[0] * out.shape[2])  # type: ignore[arg-type]
-        return out.reshape(y.shape).to(y.dtype)
+        self.done[module] = _Done(t, mu, inv, stored, shift, out.shape[0] * out.shape[2])
+        out = out.view(y.shape) if out.is_contiguous() else out.reshape(y.shape)
+        return out if out.dtype == y.dtype else out.to(y.dtype)
 
     def bn_pre(self, module: MeanOnlyBatchNormBase, args: Any) -> None:
         if module in self.means:
@@ -393,7 +412,7 @@ class _Pass:
                 f"data_init: {self.names.get(module, '<model>')} ({type(module).__name__}) got "
                 f"an empty batch {tuple(x.shape)}; its running mean is the batch mean of its "
                 "input")
-        self.means[module] = _mean(_wide(_units_view(x.detach(), 1)), self.group)
+        self.means[module] = _mean(_wide(_units_view(x, 1)), self.group)
 
     def bn_post(self, module: MeanOnlyBatchNormBase, args: Any, out: Any) -> Any:
         # the batch mean over every rank, as running mean and as what is subtracted (by every
@@ -401,7 +420,7 @@ class _Pass:
         # on the union of the batches would be
         mean = self.means[module]
         if module.track_running_stats:
-            module.running_mean.copy_(mean.to(module.running_mean.dtype))
+            module.running_mean.copy_(mean)
         x = args[0]
         bias = getattr(module, "bias", None)
         shift = (bias - mean) if bias is not None else -mean
@@ -434,9 +453,6 @@ def _fail(t: _Target, mu: Tensor, sigma: Tensor, ok: Tensor, init_scale: float,
     idx = (~ok).nonzero().flatten().tolist()
     units = ok.numel()
     which = f"{len(idx)} of {units} units ({idx[:10]}{'...' if len(idx) > 10 else ''})"
-    if count == 0 and not bool(torch.isfinite(sigma).any()):
-        raise WnormError(f"{label}: an empty batch reached it (0 values per unit); data init "
-                         "needs a batch on which every unit varies")
     m, sd = mu.double().cpu()[idx], sigma.double().cpu()[idx]
     gdtype = _gain_param(t.gains[0]).dtype
     gi = torch.finfo(gdtype)
@@ -557,9 +573,10 @@ def data_init(
             raise WnormError(
                 f"data_init: the batch is empty (input {i} has shape {tuple(a.shape)})")
     named = list(model.named_modules())
-    for mname, m in named:
+    dtensor = sys.modules.get("torch.distributed.tensor")  # none exists unless it is loaded
+    for mname, m in named if dtensor is not None else ():
         for pname, p in m._parameters.items():
-            if p is not None and type(p.data).__name__ == "DTensor":
+            if isinstance(p, dtensor.DTensor):
                 raise WnormError(
                     f"data_init: {mname or '<model>'}.{pname} is sharded (a DTensor, e.g. after "
                     "FSDP2's fully_shard); call wnorm.apply and wnorm.data_init on the unsharded "
@@ -595,13 +612,19 @@ def data_init(
         with torch.no_grad():
             model(*args, **kwargs)
         done = list(p.done.values())
-        checks = finite + [ok.all() for *_, ok, _ in done]
-        if checks and not bool(torch.stack(checks).all()):  # the pass's one host sync
-            _check_inputs(inputs)
-            for t, mu, sigma, ok, count in done:
-                if not bool(ok.all()):
-                    _fail(t, mu, sigma, ok, init_scale, count)
-            # else every unit fits: a sum of finite inputs overflowed, nothing is wrong
+        if finite or done:  # the pass's one host sync: every unit of every layer fits
+            checks = finite
+            if done:
+                g = torch.cat([x for d in done for x in d.gains])
+                b = torch.cat([d.shift for d in done])
+                checks = [*finite, ((g > 0) & (g < math.inf)).all() & (b.abs() < math.inf).all()]
+            if not bool(torch.stack(checks).all()):
+                _check_inputs(inputs)
+                for d in done:
+                    ok = d.ok()
+                    if not bool(ok.all()):
+                        _fail(d.target, d.mu, d.inv.reciprocal(), ok, init_scale, d.count)
+                # else every unit fits: a sum of finite inputs overflowed, nothing is wrong
     except BaseException as e:
         with torch.no_grad():  # leave the model as it was: no half-initialized network
             for x, old in zip(touched, saved):
@@ -614,14 +637,14 @@ def data_init(
             h.remove()
 
     report = InitReport()
-    if done:
-        flat = torch.cat([torch.cat([mu, sigma]) for _, mu, sigma, _, _ in done]).cpu()
-        at = 0
-        for t, mu, _, _, _ in done:
-            u = mu.numel()
+    if done:  # one device-to-host copy for every layer's statistics
+        mu = torch.cat([d.mu for d in done])
+        stats = torch.cat([mu, torch.cat([d.inv for d in done]).reciprocal_()]).cpu()
+        parts = stats.split([d.mu.numel() for d in done] * 2)
+        for i, d in enumerate(done):
+            t = d.target
             report.append(LayerInit(t.name, type(t.module).__name__, "initialized", "",
-                                    flat[at:at + u], flat[at + u:at + 2 * u], t.note))
-            at += 2 * u
+                                    parts[i], parts[len(done) + i], t.note))
     for t in targets:
         if t.module not in p.done:
             skipped.append(LayerInit(t.name, type(t.module).__name__, "skipped",
