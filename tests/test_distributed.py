@@ -42,10 +42,10 @@ PER_RANK = 8  # examples per rank; the global batch is WORLD * PER_RANK
 STEPS = 3
 
 
-def convnet() -> nn.Module:
-    """Conv -> mean-only BN -> conv -> pool -> linear, every weight normalized."""
+def plain_convnet() -> nn.Module:
+    """Conv -> mean-only BN -> conv -> pool -> linear."""
     torch.manual_seed(0)
-    net = nn.Sequential(
+    return nn.Sequential(
         nn.Conv2d(3, 6, 3, padding=1, bias=False),  # the mean-only BN's bias takes its place
         wnorm.MeanOnlyBatchNorm2d(6),
         nn.LeakyReLU(0.1),
@@ -55,7 +55,11 @@ def convnet() -> nn.Module:
         nn.Flatten(),
         nn.Linear(6, 4),
     )
-    return wnorm.apply(net)
+
+
+def convnet() -> nn.Module:
+    """:func:`plain_convnet`, every weight normalized."""
+    return wnorm.apply(plain_convnet())
 
 
 def batches() -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
@@ -84,6 +88,20 @@ def params_of(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 # --------------------------------------------------------------------------- the worker
+#: the README's example (``make_model`` returns the plain model, ``local_batch`` is this rank's)
+README_EXAMPLE = """
+import torch, wnorm
+from torch.distributed.fsdp import fully_shard
+
+model = wnorm.apply(make_model())    # 1. weight norm on the whole, unsharded model
+wnorm.data_init(model, local_batch)  # 2. each rank its own batch: the statistics are all-reduced
+for m in model.modules():            # 3. then shard with FSDP2 (or wrap in DDP)
+    if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+        fully_shard(m)
+fully_shard(model)
+"""
+
+
 def _error(fn) -> str:
     """The message of the WnormError ``fn`` raises ("" when it raises none)."""
     try:
@@ -130,11 +148,9 @@ def _worker(rank: int, port: int, out: str) -> None:
             _train(nn.parallel.DistributedDataParallel(net), kind, rank)
             result[f"ddp-{kind}"] = params_of(net)
         for kind in ("sgd", "adam"):
-            net = convnet()
-            wnorm.data_init(net, shard(x0, rank))
-            for layer in (net[0], net[3], net[7]):
-                fully_shard(layer)
-            fully_shard(net)
+            scope = {"make_model": plain_convnet, "local_batch": shard(x0, rank)}
+            exec(compile(README_EXAMPLE, "README FSDP2 example", "exec"), scope)
+            net = scope["model"]
             _train(net, kind, rank)
             result[f"fsdp-{kind}"] = _full(net)
         # after sharding: errors that say which order to use

@@ -311,3 +311,41 @@ def test_torch_compile_gives_the_eager_outputs_and_gradients(kind):
     torch.testing.assert_close(out_c, out_e, rtol=1e-5, atol=1e-6)
     for a, b in zip(grads_c, grads_e):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- the README's example
+README_EXAMPLE = '''
+import torch, wnorm
+from torch_geometric.nn import GCNConv
+
+class GCN(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = GCNConv(16, 32), GCNConv(32, 7)
+
+    def forward(self, x, edge_index):
+        return self.conv2(self.conv1(x, edge_index).relu(), edge_index)
+
+model = wnorm.apply(GCN())                        # selects PyG's Linear layers by default
+report = wnorm.data_init(model, (x, edge_index))  # each conv's output standardized on the graph
+print(report)
+torch.save(model.state_dict(), "gcn.pt")          # conv1.lin.weight_g, conv1.lin.weight_v, ...
+'''
+
+
+def test_readme_example(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    gen = torch.Generator().manual_seed(0)
+    scope = {"x": torch.randn(50, 16, generator=gen),
+             "edge_index": torch.randint(0, 50, (2, 200), generator=gen)}
+    exec(compile(README_EXAMPLE, "README torch_geometric example", "exec"), scope)
+    model, report = scope["model"], scope["report"]
+    assert [(r.name, r.status) for r in report] == [("conv1", "initialized"),
+                                                    ("conv2", "initialized")]
+    assert "conv1 | GCNConv | initialized" in capsys.readouterr().out
+    saved = torch.load(tmp_path / "gcn.pt")
+    assert {"conv1.lin.weight_g", "conv1.lin.weight_v", "conv1.bias"} <= set(saved)
+    outs = first_outputs(model, ["conv1", "conv2"], (scope["x"], scope["edge_index"]))
+    for y in outs.values():
+        mu, sd = per_channel(y)
+        assert mu.abs().max() < TOL and (sd - 1).abs().max() < TOL

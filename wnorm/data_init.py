@@ -517,15 +517,20 @@ def data_init(
     and std ``init_scale`` on the batch, and hands that standardized output on, so later layers
     are initialized on what they will see. Residual branches, shared modules and any container
     work, since the init follows the forward pass itself (forward hooks). Mean-only batch norms
-    get their input's batch mean as running mean. The number of host syncs does not grow with
-    the number of layers. Under ``torch.distributed`` the statistics are all-reduced: every
-    rank gets what one process gets on the union of the batches (call it before DDP or
-    ``fully_shard`` wraps the model).
+    get their input's batch mean as running mean. One host sync for the whole model (plus, on
+    an accelerator, one copy of the statistics to the host for the report), however many
+    layers. Under ``torch.distributed`` the statistics are all-reduced: every rank gets what
+    one process gets on the union of the batches. The order: ``wnorm.apply``, then
+    ``data_init``, then DDP or FSDP2's ``fully_shard`` (sharded weights are an error).
 
-    torch_geometric: in convolutions whose output is linear in their weight-normalized Linears
-    (GCNConv, SAGEConv, GraphConv, ChebConv, TAGConv, SGConv, ClusterGCNConv, LEConv), the
-    convolution's output is standardized through its Linears' g and its bias; in others (GAT,
-    GATv2, Transformer, GIN) each Linear's own output is, and the report's note says so.
+    torch_geometric: a convolution whose output scales with its Linears' (GCNConv, SAGEConv
+    without ``project``/``normalize``, GraphConv, ChebConv, TAGConv, SGConv, ClusterGCNConv,
+    LEConv; GCNConv and LEConv with a sum, mean, max or min aggregation) is initialized as a
+    whole, once every Linear inside it is weight-normalized: the same g for all of them and
+    the bias added after the aggregation standardize the convolution's output. In the others
+    (GAT, GATv2, Transformer, GIN, ...) each Linear's own output is standardized, and the
+    report's note says why: GAT's attention weights are computed from its Linear's output, so
+    no g standardizes the convolution's output in one pass.
 
     A layer without a bias keeps the mean :math:`\mu[t]\,g` (note :data:`NO_BIAS_NOTE`). Among
     targets sharing a g or bias (a tie), the first in model order is initialized and the others
