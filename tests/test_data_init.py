@@ -33,7 +33,8 @@ def unit_axis(module: nn.Module, y: torch.Tensor) -> int:
     return y.dim() - 1
 
 
-def first_outputs(model: nn.Module, modules: dict[str, nn.Module], batch) -> dict[str, torch.Tensor]:
+def first_outputs(model: nn.Module, modules: dict[str, nn.Module],
+                  batch) -> dict[str, torch.Tensor]:
     """Each module's output at its first call, from a fresh no-grad pass."""
     seen: dict[str, torch.Tensor] = {}
     handles = []

@@ -152,9 +152,9 @@ def _graph_conv(label: str, conv: nn.Module, lins: list[tuple[str, nn.Module]]
         return None, (f"{kind}'s output does not scale with its Linears' (attention weights or "
                       "a nonlinear message computed from them)")
     if kind == "SAGEConv" and (conv.project or conv.normalize):
-        what = "project" if conv.project else "normalize"
-        return None, (f"SAGEConv with {what}=True does not scale with its Linears' "
-                      f"({'a ReLU of a biased Linear before the aggregation' if conv.project else 'its output is L2-normalized'})")
+        what, why = (("project", "a ReLU of a biased Linear before the aggregation")
+                     if conv.project else ("normalize", "its output is L2-normalized"))
+        return None, f"SAGEConv with {what}=True does not scale with its Linears' ({why})"
     aggr = type(getattr(conv, "aggr_module", None)).__name__
     if kind in _AGGREGATE_OUTPUTS and aggr not in _SCALE_FREE_AGGR:
         return None, (f"{kind} aggregates its Linears' outputs with {aggr}, which does not "
