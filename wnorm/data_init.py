@@ -147,7 +147,7 @@ def _graph_conv(label: str, conv: nn.Module, lins: list[tuple[str, nn.Module]]
                 ) -> tuple[_Target | None, str]:
     """The target standardizing a torch_geometric convolution's output through its Linears
     ``lins`` (``(name, module)``, every Linear inside it), or None and why it cannot."""
-    kind = type(conv).__name__
+    kind = _reparam.base_class(conv).__name__
     if not any(_is_pyg(conv, n) for n in _PYG_CONVS):
         return None, (f"{kind}'s output does not scale with its Linears' (attention weights or "
                       "a nonlinear message computed from them)")
@@ -163,7 +163,7 @@ def _graph_conv(label: str, conv: nn.Module, lins: list[tuple[str, nn.Module]]
         why = _reason_cannot(m, bool(m.__dict__.get("_wn")))
         if why or not m.__dict__.get("_wn"):
             return None, f"its {name} cannot be set ({why or 'not weight-normalized'})"
-    where = _PYG_CONVS[type(conv).__name__]
+    where = _PYG_CONVS[kind]
     bias = (conv if not where else getattr(conv, where))._parameters.get("bias")
     zero = [b for _, m in lins if (b := m._parameters.get("bias")) is not None and b is not bias]
     return _Target(label, conv, [m for _, m in lins], bias, zero,
