@@ -160,8 +160,9 @@ def _graph_conv(label: str, conv: nn.Module, lins: list[tuple[str, nn.Module]]
         return None, (f"{kind} aggregates its Linears' outputs with {aggr}, which does not "
                       "commute with a per-channel scale")
     for name, m in lins:
-        why = _reason_cannot(m, bool(m.__dict__.get("_wn")))
-        if why or not m.__dict__.get("_wn"):
+        wn = bool(_reparam.slots_of(m))
+        why = _reason_cannot(m, wn)
+        if why or not wn:
             return None, f"its {name} cannot be set ({why or 'not weight-normalized'})"
     where = _PYG_CONVS[kind]
     bias = (conv if not where else getattr(conv, where))._parameters.get("bias")
@@ -197,7 +198,7 @@ def _candidates(named: list[tuple[str, nn.Module]], include_plain: bool) -> tupl
         label = mname or "<model>"
         lins = [(n, c) for n, c in m.named_modules() if c is not m
                 and (isinstance(c, nn.Linear) or _is_pyg(c, "Linear"))]
-        if not any(c.__dict__.get("_wn") for _, c in lins):
+        if not any(_reparam.slots_of(c) for _, c in lins):
             continue
         t, why = _graph_conv(label, m, lins)
         if t is not None:
@@ -213,7 +214,7 @@ def _candidates(named: list[tuple[str, nn.Module]], include_plain: bool) -> tupl
         label = mname or "<model>"
         if id(m) in grouped:
             continue
-        wn = bool(m.__dict__.get("_wn"))
+        wn = bool(_reparam.slots_of(m))
         plain = (include_plain and isinstance(m, _INIT_TYPES)
                  and m._parameters.get("weight") is not None)
         if not (wn or plain):
