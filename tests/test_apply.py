@@ -326,3 +326,35 @@ def test_lazy_module_before_its_first_forward_is_an_error_naming_it(make):
     assert not wnorm.is_weight_normalized(net[0])
     with pytest.raises(WnormError, match=rf"{kind}: 'weight' is not initialized yet"):
         wnorm.weight_norm(make())
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0,
+                            world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_apply_to_a_ddp_wrapped_model_is_refused_with_the_order(one_rank_group):
+    """DDP keeps all-reducing the weights it was built with: g and v would never be synced
+    and the ranks would drift apart (seen: g differing after one step on 2 ranks)."""
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    ddp = torch.nn.parallel.DistributedDataParallel(net)
+    with pytest.raises(WnormError, match=r"wrapped in DistributedDataParallel.*apply \(and "
+                                         r"data_init\) to the unwrapped model first"):
+        wnorm.apply(ddp)
+    assert not any(wnorm.is_weight_normalized(m) for m in net.modules())
+
+
+def test_fold_of_a_sharded_model_is_refused_before_changing_anything(one_rank_group):
+    from torch.distributed.fsdp import fully_shard
+
+    net = wnorm.apply(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)))
+    fully_shard(net)
+    names = [n for n, _ in net.named_parameters()]
+    with pytest.raises(WnormError, match=r"fold: 0.bias is sharded .* fold an unsharded copy"):
+        wnorm.fold(net)
+    assert [n for n, _ in net.named_parameters()] == names

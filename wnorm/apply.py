@@ -178,6 +178,13 @@ def apply(
         >>> [n for n, _ in net.named_parameters()]
         ['0.bias', '0.weight_g', '0.weight_v', '2.weight', '2.bias']
     """
+    ddp = sys.modules.get("torch.nn.parallel.distributed")
+    if ddp is not None and any(isinstance(m, ddp.DistributedDataParallel)
+                               for m in model.modules()):
+        raise WnormError(
+            "apply: the model is wrapped in DistributedDataParallel, which keeps all-reducing the "
+            "weights it was built with (not g and v), so the ranks would drift apart; apply "
+            "(and data_init) to the unwrapped model first, then wrap it in DDP")
     if types is None:
         types = default_types()
     include_l = _pattern_list(include, "include", False) if include is not None else None

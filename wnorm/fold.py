@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from . import _pytorch_wn, _reparam
 from .errors import WnormError
 from .maps import WeightNorm
-from .mean_only_bn import _MeanOnlyBatchNorm
+from .mean_only_bn import MeanOnlyBatchNormBase
 
 __all__ = ["fold", "ChannelShift"]
 
@@ -34,7 +34,7 @@ class ChannelShift(nn.Module):
         return f"{self.shift.numel()}"
 
 
-def _shift_of(bn: _MeanOnlyBatchNorm, where: str) -> Tensor:
+def _shift_of(bn: MeanOnlyBatchNormBase, where: str) -> Tensor:
     if not bn.track_running_stats:
         raise WnormError(
             f"{where} ({type(bn).__name__}): cannot fold: track_running_stats=False means it uses "
@@ -66,7 +66,7 @@ def _hooked(module: nn.Module) -> bool:
                 or module._backward_pre_hooks or "forward" in module.__dict__)
 
 
-def _shift_module(bn: _MeanOnlyBatchNorm, shift: Tensor) -> ChannelShift:
+def _shift_module(bn: MeanOnlyBatchNormBase, shift: Tensor) -> ChannelShift:
     """A :class:`ChannelShift` for ``bn`` that keeps its hooks: the hook dicts move over as they
     are, so handles the user holds still remove them."""
     out = ChannelShift(shift)
@@ -133,8 +133,16 @@ def fold(model: nn.Module) -> nn.Module:
         >>> torch.allclose(folded(x), before, atol=1e-6)
         True
     """
+    for mname, module in model.named_modules():
+        for pname, p in module._parameters.items():
+            if p is not None and type(p.data).__name__ == "DTensor":
+                raise WnormError(
+                    f"fold: {mname or '<model>'}.{pname} is sharded (a DTensor, e.g. after "
+                    "FSDP2's fully_shard); fold an unsharded copy of the model, loaded from a "
+                    "full state dict (torch.distributed.checkpoint.state_dict.get_model_state_dict"
+                    " with full_state_dict=True)")
     _plain_weights(model)
-    if isinstance(model, _MeanOnlyBatchNorm):
+    if isinstance(model, MeanOnlyBatchNormBase):
         if "forward" in model.__dict__:
             return model
         return _shift_module(model, _shift_of(model, "<model>"))
@@ -146,7 +154,7 @@ def fold(model: nn.Module) -> nn.Module:
         # then the module before a batch norm would not be the one that runs before it
         children = list(parent._modules.items())
         for i, (cname, child) in enumerate(children):
-            if not isinstance(child, _MeanOnlyBatchNorm):
+            if not isinstance(child, MeanOnlyBatchNormBase):
                 continue
             where = f"{pname}.{cname}" if pname else cname
             if "forward" in child.__dict__:

@@ -216,6 +216,3 @@ class MeanOnlyBatchNorm3d(MeanOnlyBatchNormBase):
 
     _ndims = (5,)
 
-
-#: the former name, until wnorm.fold imports MeanOnlyBatchNormBase
-_MeanOnlyBatchNorm = MeanOnlyBatchNormBase
