@@ -45,7 +45,7 @@ from .hifigan import HOP, Generator
 from .models import convnet, mlp
 
 __all__ = ["VARIANTS", "Sizes", "Case", "Step", "NotApplicable", "SIZES", "cases", "build",
-           "make_step", "inputs", "has_cache", "skip_reason"]
+           "make_step", "inputs", "skip_reason"]
 
 VARIANTS = ("plain", "wnorm", "torch-new", "torch-old", "batchnorm", "wn+meanonly")
 WN = ("wnorm", "wn+meanonly")
@@ -117,17 +117,10 @@ class NotApplicable(Exception):
     """A variant that cannot run a case (e.g. BatchNorm training at batch 1)."""
 
 
-def has_cache() -> bool:
-    """Whether this wnorm has the explicit inference cache ``wnorm.cached``."""
-    return hasattr(wnorm, "cached")
-
-
 def skip_reason(case: Case, device: str) -> str | None:
     """Why ``case`` cannot run on ``device`` at all (``None``: it can)."""
     if case.kind == "memory" and not device.startswith("cuda"):
         return "peak memory is measured with torch.cuda.max_memory_allocated: needs CUDA"
-    if case.kind == "infer-cached" and not has_cache():
-        return "this wnorm has no wnorm.cached"
     return None
 
 

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from . import harness, report
-from .cases import (SIZES, Case, NotApplicable, Sizes, Step, cases, has_cache, make_step,
+from .cases import (SIZES, Case, NotApplicable, Sizes, Step, cases, make_step,
                     skip_reason)
 
 CONFIG = {
@@ -251,7 +251,6 @@ def main(argv: list[str] | None = None) -> int:
 
     env = harness.environment(a.device)
     env["flush_denormal"] = flushed
-    env["wnorm_has_cached"] = has_cache()
     cfg.update(rows=rows, quick=a.quick, sizes=dataclasses.asdict(sizes), conv_width_reason=why,
                cases=a.cases, compile=a.compile, time_limit_s=a.time_limit,
                command="python -m bench.run " + shlex.join(argv if argv is not None
