@@ -71,7 +71,7 @@ def _cell(c: dict[str, Any], v: str) -> str:
         return "–"
     s = f"{c['ratio'][v]:.3f}"
     if v != "wnorm" and v in c.get("targets", {}):
-        s += f" (≤ {c['targets'][v]:g})"
+        s += f" (≤ {c['targets'][v]:.2f})"
     return s
 
 
@@ -86,7 +86,7 @@ def table(data: dict[str, Any]) -> list[str]:
              "verdict |", "|---|---:|---:|---:|" + "---:|" * len(OTHERS) + "---:|---|"]
     for c in data["cases"]:
         tg = c.get("targets", {})
-        tgt = f"≤ {tg['wnorm']:g}" if "wnorm" in tg else ""
+        tgt = f"≤ {tg['wnorm']:.2f}" if "wnorm" in tg else ""
         if "skipped" in c:
             lines.append(f"| {c['name']} | – | – | {tgt} | " + " | ".join("–" for _ in OTHERS)
                          + f" | – | skipped: {c['skipped']} |")
@@ -94,7 +94,7 @@ def table(data: dict[str, Any]) -> list[str]:
         vs = verdicts(c)
         status = "PASS" if vs and all(m for *_, m in vs) else ""
         if any(not m for *_, m in vs):
-            status = "MISS: " + ", ".join(f"{v} {r:.3f} > {t:g}" for v, r, t, m in vs if not m)
+            status = "MISS: " + ", ".join(f"{v} {r:.3f} > {t:.2f}" for v, r, t, m in vs if not m)
         lines.append(f"| {c['name']} | {_plain_cell(c)} | {_cell(c, 'wnorm')} | {tgt} | "
                      + " | ".join(_cell(c, v) for v in OTHERS)
                      + f" | {_spread(c)} | {status} |")
@@ -116,7 +116,7 @@ def _environment(data: dict[str, Any]) -> list[str]:
     return [
         f"Command: `{cfg['command']}` ({env.get('wall_s', math.nan):.0f} s)  ",
         f"Mode: {'quick (smoke run, numbers not meaningful)' if cfg['quick'] else 'full'}; "
-        f"{cfg['repeats']} interleaved rounds per row after {cfg['warmup']} warm-up calls, "
+        f"{cfg['repeats']} interleaved rounds per row after {cfg['warmup']} warm-up call(s), "
         f"blocks of about {cfg['block_s'] * 1e3:.0f} ms.  ",
         f"Device: {dev}; CPU: {env['cpu_model']}, {env['cpu_affinity']} cores usable, torch "
         f"threads {env['torch_threads']}"
@@ -151,13 +151,15 @@ def summary(folder: Path) -> str:
                 *_environment(data), "", *table(data), ""]
     missing = [d for d in ("cuda", "cpu") if not (folder / d / "bench.json").exists()]
     for d in missing:
-        out += [f"## {d.upper()}", "", f"Not run yet: `{_COMMAND[d]}`.", ""]
+        cmd, where = _COMMAND[d]
+        out += [f"## {d.upper()}", "", f"Not run yet: `{cmd}`{where}.", ""]
     out += [METHOD, ""]
     return "\n".join(out)
 
 
-_COMMAND = {"cuda": "bash bench/gpu.sh OUT (on a CUDA machine; results/bench/cuda/ from OUT/cuda)",
-            "cpu": "python -m bench.run --out results/bench/cpu"}
+_COMMAND = {"cuda": ("bash bench/gpu.sh OUT", " on a CUDA machine, then OUT/cuda/bench.json "
+                     "copied to results/bench/cuda/"),
+            "cpu": ("python -m bench.run --out results/bench/cpu", "")}
 
 
 def line(c: dict[str, Any]) -> str:

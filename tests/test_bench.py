@@ -234,7 +234,7 @@ def test_markdown_has_one_row_per_case_with_every_column_and_a_verdict(quick_cpu
         if "wnorm" in ratio and "wnorm" in c["targets"]:
             met = ratio["wnorm"] <= c["targets"]["wnorm"]
             assert (f"wnorm {ratio['wnorm']:.3f} > " in row) == (not met), row
-            assert f"| {ratio['wnorm']:.3f} | ≤ {c['targets']['wnorm']:g} |" in row
+            assert f"| {ratio['wnorm']:.3f} | ≤ {c['targets']['wnorm']:.2f} |" in row
 
 
 def test_report_rerenders_the_same_markdown_and_the_summary_holds_both_devices(
