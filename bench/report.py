@@ -108,6 +108,8 @@ def _environment(data: dict[str, Any]) -> list[str]:
                            if env.get("cuda_device") else "")
     tf32 = (f"TF32: matmul {env.get('cuda_matmul_allow_tf32')}, cuDNN "
             f"{env.get('cudnn_allow_tf32')}; cudnn.benchmark {env.get('cudnn_benchmark')}")
+    dirty = (" (modified: " + ", ".join(f.split()[-1] for f in env["dirty_files"]) + ")"
+             if env.get("dirty") else "")
     loads = [c["loadavg_before"][0] for c in data["cases"] if "loadavg_before" in c]
     load = (f"load average (1 min) {env['loadavg_start'][0]:.2f} at start, "
             f"{min(loads):.2f}–{max(loads):.2f} before the rows, "
@@ -123,8 +125,7 @@ def _environment(data: dict[str, Any]) -> list[str]:
         + ("; denormals flushed to zero" if env.get("flush_denormal") else "")
         + f"; {tf32}; {load}.  ",
         f"torch {env['torch']}, Python {env['python']}, wnorm {env['wnorm_version']} at "
-        f"{env['git_commit'][:10]}{' (modified: ' + ', '.join(f.split()[-1] for f in env['dirty_files']) + ')' if env.get('dirty') else ''}"
-        f", {env['date_utc']}.  ",
+        f"{env['git_commit'][:10]}{dirty}, {env['date_utc']}.  ",
         f"Sizes: convnet width {s['conv_width']:g} x the paper's channels ("
         f"{cfg['conv_width_reason']}); MLP 4 x {s['mlp_width']}; HiFi-GAN V1 width "
         f"{s['hifi_width']:g} x 512 channels, `bA x S` = batch A of S output samples.",
