@@ -10,8 +10,8 @@
 Defaults: CPU rows 25 interleaved repeats of ~80 ms blocks after 3 warm-up calls per variant;
 CUDA rows 15 repeats of ~60 ms blocks after 5 warm-up calls; ``--quick`` 3 repeats of ~5 ms
 blocks after 1 warm-up call, at the tiny sizes of ``bench.cases.SIZES``.
-The CPU convnet's width is the largest of 1, 1/2, 1/4, 1/8 whose plain train step takes under
-0.3 s (unless ``--conv-width`` is given); the CUDA rows use the full models.
+Sizes are fixed per row list (``bench.cases.SIZES``): the CUDA rows use the full models, the CPU
+rows the convnet at 1/4 width and HiFi-GAN at 1/4 width (``--conv-width`` overrides the convnet's).
 Threads: 1 on CPU unless ``--threads`` says otherwise. On a machine shared with other work,
 two OpenMP threads on two cores stall whenever another process preempts one of them; one thread
 gives ratios that measure wnorm, not the scheduler.
@@ -45,21 +45,6 @@ CONFIG = {
     "cuda": {"repeats": 15, "warmup": 5, "block_s": 0.06},
     "quick": {"repeats": 3, "warmup": 1, "block_s": 0.005},
 }
-CPU_STEP_BUDGET_S = 0.3
-
-
-def pick_width(sizes: Sizes, device: str) -> tuple[float, str]:
-    """The widest convnet of 1, 1/2, 1/4, 1/8 whose plain Adam train step at batch 100 is short."""
-    case = Case("probe", "convnet", "train", sizes.conv_train_batch, opt="adam-fused")
-    t = math.nan
-    for w in (1.0, 0.5, 0.25, 0.125):
-        step = make_step(case, "plain", dataclasses.replace(sizes, conv_width=w), device).fn
-        step()
-        t = min(harness.time_block(step, 1, device) for _ in range(2))
-        if t < CPU_STEP_BUDGET_S:
-            return w, (f"the widest of 1, 1/2, 1/4, 1/8 whose plain train step (batch "
-                       f"{case.batch}, Adam) took < {CPU_STEP_BUDGET_S} s ({t:.3f} s)")
-    return 0.125, f"even width 1/8 took {t:.3f} s per train step"
 
 
 def _free(device: str) -> None:
@@ -237,13 +222,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--cases {a.cases!r} matches no case; --list shows them")
     if a.conv_width is not None:
         sizes, why = dataclasses.replace(sizes, conv_width=a.conv_width), "set with --conv-width"
-    elif a.quick or rows == "cuda":
-        why = "quick mode" if a.quick else "the paper's full width"
-    elif any(c.model == "convnet" for c in todo):
-        w, why = pick_width(sizes, a.device)
-        sizes = dataclasses.replace(sizes, conv_width=w)
     else:
-        why = "no convnet row selected"
+        why = ("quick mode" if a.quick else "the paper's full width" if rows == "cuda"
+               else "a 1-thread CPU's share of the paper's width")
     if a.profile:
         profile(a.profile, todo, sizes=sizes, device=a.device,
                 variants=a.profile_variants.split(","), steps=a.profile_steps)
