@@ -316,3 +316,17 @@ def test_cached_inference_rows_run_the_plain_models_ops_after_the_first_call(mod
         assert len(ops) < len(uncached), v
         if v != "wn+meanonly":  # mean-only BN's eval-mode subtraction is its own op
             assert ops == plain, v
+
+
+def test_passes_reports_every_row_and_the_kernels_in_copy_passes():
+    from bench import passes
+
+    m = passes.measure(calls=2, rounds=1, rows=("mlp4x256.train.sgd.b1", "mlp4x256.infer.b1"))
+    assert m["weights_bytes"] == 4 * (3 * 256 * 256 + 10 * 256)
+    assert all(t > 0 for t in m["kernels_s"].values())
+    train, infer = m["rows"]["mlp4x256.train.sgd.b1"], m["rows"]["mlp4x256.infer.b1"]
+    # inference runs the forward kernel only; training both
+    assert infer["wn_kernels_s"] == m["kernels_s"]["wn_forward"]
+    assert train["wn_kernels_s"] == m["kernels_s"]["wn_forward"] + m["kernels_s"]["wn_backward"]
+    text = passes.render(m)
+    assert text.count("| mlp4x256.") == 2
