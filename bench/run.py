@@ -228,8 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.profile:
         args = shlex.join(argv if argv is not None else sys.argv[1:])
         print(f"Command: python -m bench.run {args} ({torch.get_num_threads()} thread(s), torch "
-              f"{torch.__version__}, load average {harness.loadavg()[0]:.2f}; self times move with the machine's load, the ops and "
-              "call counts do not)")
+              f"{torch.__version__}, load average {harness.loadavg()[0]:.2f}; self times move "
+              "with the machine's load, the ops and call counts do not)")
         profile(a.profile, todo, sizes=sizes, device=a.device,
                 variants=a.profile_variants.split(","), steps=a.profile_steps)
         return 0
