@@ -202,15 +202,6 @@ def main(argv: list[str] | None = None) -> int:
     rows = a.rows or ("cuda" if a.device.startswith("cuda") else "cpu")
     out = a.out or Path("results/bench") / rows
 
-    if a.threads or not a.device.startswith("cuda"):
-        torch.set_num_threads(a.threads or 1)
-    # Adam's second moments of near-zero gradients (batch 1) underflow into denormal floats,
-    # which x86 CPUs compute ~100x slower: that would time the hardware's denormal path, not
-    # the layers. Flush them, and say so.
-    flushed = torch.set_flush_denormal(True)
-    cfg: dict[str, Any] = dict(CONFIG["quick" if a.quick else rows])
-    if a.repeats:
-        cfg["repeats"] = a.repeats
     sizes = SIZES[f"quick-{rows}" if a.quick else rows]
     pats = a.cases.split(",")
     todo = [c for c in cases(rows, sizes, compile=a.compile)
@@ -220,6 +211,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not todo:
         p.error(f"--cases {a.cases!r} matches no case; --list shows them")
+
+    if a.threads or not a.device.startswith("cuda"):
+        torch.set_num_threads(a.threads or 1)
+    # Adam's second moments of near-zero gradients (batch 1) underflow into denormal floats,
+    # which x86 CPUs compute ~100x slower: that would time the hardware's denormal path, not
+    # the layers. Flush them, and say so.
+    flushed = torch.set_flush_denormal(True)
+    cfg: dict[str, Any] = dict(CONFIG["quick" if a.quick else rows])
+    if a.repeats:
+        cfg["repeats"] = a.repeats
     if a.conv_width is not None:
         sizes, why = dataclasses.replace(sizes, conv_width=a.conv_width), "set with --conv-width"
     else:

@@ -204,10 +204,12 @@ def _check(data: dict, rows: str) -> None:
             assert c["median_s"][v] == pytest.approx(sorted(raw)[len(raw) // 2])
 
 
+@pytest.mark.slow
 def test_quick_cpu_run_writes_every_cpu_row(quick_cpu: Path):
     _check(json.loads((quick_cpu / "bench.json").read_text()), "cpu")
 
 
+@pytest.mark.slow
 def test_gpu_script_runs_every_gpu_row_and_bf16_rows_run_under_autocast(quick_gpu_script: Path):
     data = json.loads((quick_gpu_script / "bench.json").read_text())
     _check(data, "cuda")
@@ -218,6 +220,7 @@ def test_gpu_script_runs_every_gpu_row_and_bf16_rows_run_under_autocast(quick_gp
     assert mem and all("needs CUDA" in c["skipped"] for c in mem)
 
 
+@pytest.mark.slow
 def test_markdown_has_one_row_per_case_with_every_column_and_a_verdict(quick_cpu: Path):
     data = json.loads((quick_cpu / "bench.json").read_text())
     md = (quick_cpu / "bench.md").read_text()
@@ -237,6 +240,7 @@ def test_markdown_has_one_row_per_case_with_every_column_and_a_verdict(quick_cpu
             assert f"| {ratio['wnorm']:.3f} | ≤ {c['targets']['wnorm']:.2f} |" in row
 
 
+@pytest.mark.slow
 def test_report_rerenders_the_same_markdown_and_the_summary_holds_both_devices(
         quick_cpu: Path, quick_gpu_script: Path, tmp_path: Path):
     report.main([str(quick_cpu / "bench.json"), "--out", str(tmp_path / "again.md")])
@@ -252,15 +256,19 @@ def test_report_rerenders_the_same_markdown_and_the_summary_holds_both_devices(
     assert both.index("## CUDA") < both.index("## CPU") and "Not run yet" not in both
 
 
-def test_bad_options_are_argparse_errors_naming_the_option():
-    for args, word in ((["--cases", "no-such-case*"], "--cases"), (["--threads", "0"], "--threads"),
-                       (["--repeats", "0"], "--repeats")):
-        proc = _run([sys.executable, "-m", "bench.run", "--quick", "--device", "cpu",
-                     "--out", os.devnull, *args])
-        assert proc.returncode == 2 and word in proc.stderr, (args, proc.stderr)
+def test_bad_options_are_argparse_errors_naming_the_option(capsys):
+    from bench import run
+
+    threads = torch.get_num_threads()
+    bad = [(["--cases", "no-such-case*"], "--cases"), (["--threads", "0"], "--threads"),
+           (["--repeats", "0"], "--repeats"), (["--rows", "tpu"], "--rows")]
     if not torch.cuda.is_available():
-        proc = _run([sys.executable, "-m", "bench.run", "--device", "cuda", "--list"])
-        assert proc.returncode == 2 and "--device cuda" in proc.stderr
+        bad.append((["--device", "cuda"], "--device cuda"))
+    for args, word in bad:
+        with pytest.raises(SystemExit) as e:
+            run.main(["--quick", "--device", "cpu", "--out", os.devnull, *args])
+        assert e.value.code == 2 and word in capsys.readouterr().err, args
+    assert torch.get_num_threads() == threads  # refused before touching the process
 
 
 @pytest.mark.slow
