@@ -1,32 +1,36 @@
-"""The models, the five variants and the benchmark cases.
+"""The variants, the cases (one table row each), their sizes and the issue's targets.
 
-Models:
-    convnet  the CIFAR-10 network of the paper's section 5 (3x conv3x3 96, pool, 3x conv3x3 192,
-             pool, conv3x3 192 valid, 2x NiN 1x1 192, global average pool, dense 10, leaky ReLU
-             0.1), without dropout and input noise; ``width`` scales the channel counts.
-    mlp      4 Linear layers, 256 -> 256 -> 256 -> 256 -> 10, leaky ReLU 0.1.
-
-Variants (one model each, same seed):
-    plain           no normalization
-    wnorm           ``wnorm.apply(model)``; training steps with ``wnorm.optim.SGD``/``Adam``
-                    (optimizer-side weight norm: plain-layer forward and backward)
-    wnorm-autograd  ``wnorm.apply(model)`` trained with ``torch.optim.SGD``/``Adam`` (the
-                    drop-in path: weight norm in the autograd graph); train cases only
-    plain-fused     the plain model with ``torch.optim.SGD``/``Adam(fused=True)``, PyTorch's own
-                    one-kernel CPU step: what plain training costs with the fastest torch
-                    optimizer (``plain`` uses torch's default per-parameter loop); train only
-    torch        ``torch.nn.utils.parametrizations.weight_norm`` on every Linear/Conv2d
+Variants (one model each, built from the same seed; layers followed by a normalization layer
+have no bias):
+    plain        no normalization
+    wnorm        ``wnorm.apply(model)`` (the drop-in path: weight norm in the autograd graph)
+    torch-new    ``torch.nn.utils.parametrizations.weight_norm`` on every Linear/Conv/ConvTranspose
+    torch-old    ``torch.nn.utils.weight_norm`` (the deprecated hook API) on the same layers
     batchnorm    BatchNorm after each conv / hidden linear
-    wn+meanonly  ``wnorm.apply`` + ``wnorm.MeanOnlyBatchNorm`` after each conv / hidden linear,
-                 each pair fused by ``wnorm.fuse_mean_only``, trained with ``wnorm.optim`` like
-                 ``wnorm``
+    wn+meanonly  ``wnorm.apply`` + ``wnorm.MeanOnlyBatchNorm1d/2d`` after each conv / hidden linear
 
-Layers followed by a normalizer have no bias (the normalizer has one), as in the paper's code.
+Every variant of a training case trains with the same ``torch.optim`` optimizer as plain:
+Adam with ``fused=True`` (torch's one-kernel step, on CPU and CUDA), and on the CPU MLP rows
+also SGD (momentum 0.9), with and without ``fused=True``. PyTorch's two weight norms take
+their default ``dim=0``, as users call them (for ConvTranspose that is the input-channel axis;
+wnorm normalizes per output unit): the cost is the same number of passes over the weight.
+
+Case kinds:
+    train         zero_grad, forward, loss, backward, optimizer step
+    infer         ``model.eval()`` forward under ``torch.no_grad`` (no fold, no cache)
+    infer-cached  the same inside one ``wnorm.cached()`` block held over all timed calls (and
+                  ``torch.nn.utils.parametrize.cached()`` for torch-new, PyTorch's equivalent)
+    data_init     ``wnorm.data_init(model, batch)``, as a multiple of one no_grad forward of
+                  the plain model on the same batch (the ``plain`` column)
+    memory        peak memory of one training step (CUDA only), ratio to plain
+Any case can run under ``torch.compile(model)`` (the optimizer step stays eager): ratios are
+then to the compiled plain model.
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,189 +41,293 @@ from torch import nn
 
 import wnorm
 
-VARIANTS = ("plain", "wnorm", "wnorm-autograd", "plain-fused", "torch", "batchnorm",
-            "wn+meanonly")
-#: variants of cases that do not train: the optimizer-only variants would repeat others there
-NO_TRAIN = tuple(v for v in VARIANTS if v not in ("wnorm-autograd", "plain-fused"))
-#: variants that train with wnorm.optim instead of torch.optim
-FUSED: tuple[str, ...] = ()  # wnorm.optim is gone: every variant trains with torch.optim
+from .hifigan import HOP, Generator
+from .models import convnet, mlp
 
-#: The issue's targets for wnorm's ratio to plain (CPU); GPU convnet training gets 1.03.
-TARGETS = {
-    "convnet.train": {"wnorm": 1.02, "wn+meanonly": 1.05},
-    "convnet.train.cuda": {"wnorm": 1.03, "wn+meanonly": 1.05},
-    "mlp.train": {"wnorm": 1.15},
-    "infer": {"wnorm": 1.03},
-    "data_init": {"wnorm": 3.0, "wn+meanonly": 3.0},
+__all__ = ["VARIANTS", "Sizes", "Case", "Step", "NotApplicable", "SIZES", "cases", "build",
+           "make_step", "inputs", "skip_reason"]
+
+VARIANTS = ("plain", "wnorm", "torch-new", "torch-old", "batchnorm", "wn+meanonly")
+WN = ("wnorm", "wn+meanonly")
+CACHED = ("plain", "wnorm", "torch-new", "wn+meanonly")
+DATA_INIT = ("plain", "wnorm", "wn+meanonly")
+COMPILED = ("plain", "wnorm", "torch-new")
+
+#: Issue 16's targets for the ratio to plain, by the device whose rows they are.
+TARGETS: dict[str, dict[str, dict[str, float]]] = {
+    "cuda": {
+        "train": {"wnorm": 1.02, "wn+meanonly": 1.10},
+        "infer": {"wnorm": 1.01},
+        "infer-cached": {"wnorm": 1.01},
+        "compile": {"wnorm": 1.02},
+        "memory": {"wnorm": 1.10},
+        "data_init": {"wnorm": 2.0, "wn+meanonly": 2.0},
+    },
+    "cpu": {
+        "mlp.train": {"wnorm": 1.10},
+        "convnet.train": {"wnorm": 1.02},
+        "infer": {"wnorm": 1.03},
+        "infer-cached": {"wnorm": 1.03},
+    },
 }
 
 
-# --------------------------------------------------------------------------- models
-def _norm_layer(norm: str, ch: int, dims: int) -> list[nn.Module]:
-    if norm == "bn":
-        return [nn.BatchNorm2d(ch) if dims == 2 else nn.BatchNorm1d(ch)]
-    if norm == "meanonly":
-        return [wnorm.MeanOnlyBatchNorm2d(ch) if dims == 2 else wnorm.MeanOnlyBatchNorm1d(ch)]
-    return []
+@dataclass(frozen=True)
+class Sizes:
+    """Model sizes and batches of one device's rows."""
+
+    conv_width: float  # x the paper's channels (96/192)
+    conv_train_batch: int
+    conv_infer_batches: tuple[int, ...]
+    mlp_width: int
+    mlp_train_batches: tuple[int, ...]
+    mlp_infer_batches: tuple[int, ...]
+    hifi_width: float  # x V1's 512 initial channels
+    hifi_train: tuple[int, int]  # (batch, mel frames); 256 samples per frame
+    hifi_infer: tuple[int, int]
 
 
-def convnet(width: float = 1.0, norm: str = "none") -> nn.Sequential:
-    """The paper's CIFAR-10 convnet (section 5) at ``width`` x its channel counts."""
-    c1, c2 = max(1, round(96 * width)), max(1, round(192 * width))
-    bias = norm == "none"
-    layers: list[nn.Module] = []
-
-    def conv(cin: int, cout: int, k: int, pad: int) -> None:
-        layers.extend([nn.Conv2d(cin, cout, k, padding=pad, bias=bias),
-                       *_norm_layer(norm, cout, 2), nn.LeakyReLU(0.1)])
-
-    conv(3, c1, 3, 1), conv(c1, c1, 3, 1), conv(c1, c1, 3, 1)
-    layers.append(nn.MaxPool2d(2))
-    conv(c1, c2, 3, 1), conv(c2, c2, 3, 1), conv(c2, c2, 3, 1)
-    layers.append(nn.MaxPool2d(2))
-    conv(c2, c2, 3, 0), conv(c2, c2, 1, 0), conv(c2, c2, 1, 0)
-    layers.extend([nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c2, 10)])
-    return nn.Sequential(*layers)
+#: Full sizes per device's rows (the CPU convnet width is chosen by bench.run unless given),
+#: and tiny ones for ``--quick``, which only checks that everything runs.
+SIZES = {
+    "cuda": Sizes(1.0, 100, (100,), 1024, (256,), (256,), 1.0, (16, 32), (1, 32)),
+    "cpu": Sizes(0.25, 100, (1, 32), 256, (1, 32), (1, 32), 0.25, (2, 16), (1, 16)),
+    "quick-cuda": Sizes(1 / 16, 100, (100,), 64, (256,), (256,), 1 / 16, (16, 2), (1, 2)),
+    "quick-cpu": Sizes(1 / 16, 100, (1, 32), 256, (1, 32), (1, 32), 1 / 16, (2, 2), (1, 2)),
+}
 
 
-def mlp(norm: str = "none", width: int = 256, depth: int = 4) -> nn.Sequential:
-    """``depth`` Linear layers: ``width`` inputs, ``width`` hidden units, 10 outputs."""
-    layers: list[nn.Module] = []
-    for _ in range(depth - 1):
-        layers.extend([nn.Linear(width, width, bias=norm == "none"),
-                       *_norm_layer(norm, width, 1), nn.LeakyReLU(0.1)])
-    layers.append(nn.Linear(width, 10))
-    return nn.Sequential(*layers)
-
-
-def build(model: str, variant: str, *, width: float = 1.0, device: str = "cpu") -> nn.Module:
-    """One model of ``model`` ("convnet"/"mlp") in ``variant``, seeded so variants start alike."""
-    norm = {"batchnorm": "bn", "wn+meanonly": "meanonly"}.get(variant, "none")
-    variant = "plain" if variant == "plain-fused" else variant
-    torch.manual_seed(0)
-    net = convnet(width, norm) if model == "convnet" else mlp(norm)
-    if variant in ("wnorm", "wnorm-autograd", "wn+meanonly"):
-        wnorm.apply(net)
-    if variant == "torch":
-        for m in net.modules():
-            if isinstance(m, (nn.Linear, nn.Conv2d)):
-                torch.nn.utils.parametrizations.weight_norm(m)
-    return net.to(device)
-
-
-def inputs(model: str, batch: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(1)
-    shape = (batch, 3, 32, 32) if model == "convnet" else (batch, 256)
-    x = torch.randn(shape, generator=g)
-    y = torch.randint(0, 10, (batch,), generator=g)
-    return x.to(device), y.to(device)
-
-
-# --------------------------------------------------------------------------- cases
 @dataclass
 class Case:
     """One row of the table: a model, a workload and the variants that run it."""
 
     name: str
-    model: str  # "convnet" | "mlp"
-    kind: str  # "train" | "infer" | "data_init"
+    model: str  # "convnet" | "mlp" | "hifigan"
+    kind: str  # "train" | "infer" | "infer-cached" | "data_init" | "memory"
     batch: int
-    opt: str = ""  # "sgd" | "adam" for train
+    frames: int = 0  # hifigan: mel frames per example
+    opt: str = ""  # "adam-fused" | "sgd" | "sgd-fused" (train, memory)
     bf16: bool = False
+    compile: bool = False
     variants: tuple[str, ...] = VARIANTS
     targets: dict[str, float] = field(default_factory=dict)
-    note: str = ""
-
-
-def cases(device: str) -> list[Case]:
-    cuda = device.startswith("cuda")
-    out = [
-        Case("convnet.train.adam.b100", "convnet", "train", 100, "adam",
-             targets=TARGETS["convnet.train.cuda" if cuda else "convnet.train"]),
-    ]
-    for opt in ("sgd", "adam"):
-        for b in (1, 32):
-            out.append(Case(f"mlp.train.{opt}.b{b}", "mlp", "train", b, opt,
-                            targets=TARGETS["mlp.train"]))
-    for model in ("mlp", "convnet"):
-        for b in (1, 32):
-            out.append(Case(f"{model}.infer.b{b}", model, "infer", b, variants=NO_TRAIN,
-                            targets=TARGETS["infer"]))
-    di = ("plain", "wnorm", "wn+meanonly")
-    note = "plain = one no_grad forward of the plain model; others = wnorm.data_init"
-    out += [
-        Case("mlp.data_init.b32", "mlp", "data_init", 32, variants=di,
-             targets=TARGETS["data_init"], note=note),
-        Case("mlp.data_init.b500", "mlp", "data_init", 500, variants=di,
-             targets=TARGETS["data_init"], note=note),
-        Case("convnet.data_init.b100", "convnet", "data_init", 100, variants=di,
-             targets=TARGETS["data_init"], note=note),
-    ]
-    if cuda:
-        out += [
-            Case("convnet.train.adam.b100.bf16", "convnet", "train", 100, "adam", bf16=True,
-                 targets=TARGETS["convnet.train.cuda"]),
-            Case("mlp.train.adam.b32.bf16", "mlp", "train", 32, "adam", bf16=True,
-                 targets=TARGETS["mlp.train"]),
-            Case("convnet.infer.b32.bf16", "convnet", "infer", 32, bf16=True, variants=NO_TRAIN,
-                 targets=TARGETS["infer"]),
-        ]
-    return out
-
-
-def make_step(case: Case, variant: str, *, width: float, device: str) -> tuple[Callable[[], Any], str]:
-    """The callable that one timed call runs, or raises ``NotApplicable`` with the reason."""
-    if case.kind == "train" and variant == "batchnorm" and case.batch == 1:
-        raise NotApplicable("BatchNorm cannot train on a batch of 1")
-    net = build(case.model, "plain" if case.kind == "data_init" and variant == "plain" else variant,
-                width=width, device=device)
-    x, y = inputs(case.model, case.batch, device)
-    amp = (torch.autocast("cuda", dtype=torch.bfloat16) if case.bf16
-           else contextlib.nullcontext())
-    if case.kind == "train":
-        net.train()
-        opt: torch.optim.Optimizer
-        optim: Any = torch.optim
-        params: Any = net if variant in FUSED else net.parameters()
-        extra: dict[str, Any] = {"fused": True} if variant == "plain-fused" else {}
-        if case.opt == "sgd":
-            opt = optim.SGD(params, lr=1e-3, momentum=0.9, **extra)
-        else:
-            opt = optim.Adam(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, **extra)
-
-        def step() -> None:
-            opt.zero_grad(set_to_none=True)
-            with amp:
-                loss = F.cross_entropy(net(x), y)
-            loss.backward()
-            opt.step()
-
-        how = (f"wnorm.optim.{type(opt).__name__}" if variant in FUSED
-               else f"torch.optim.{type(opt).__name__}" + ("(fused=True)" if extra else ""))
-        return step, f"train step ({how}): zero_grad, forward, cross-entropy, backward, step"
-    if case.kind == "infer":
-        net.eval()
-
-        def step() -> None:
-            with torch.no_grad(), amp:
-                net(x)
-
-        return step, "model.eval() forward under torch.no_grad (no fold)"
-    if case.kind == "data_init":
-        net.train()
-        if variant == "plain":
-            def step() -> None:
-                with torch.no_grad():
-                    net(x)
-
-            return step, "one forward pass (no_grad, train mode) of the plain model"
-
-        def step() -> None:
-            wnorm.data_init(net, x)
-
-        return step, "wnorm.data_init(model, batch)"
-    raise ValueError(f"unknown case kind {case.kind!r}")
 
 
 class NotApplicable(Exception):
     """A variant that cannot run a case (e.g. BatchNorm training at batch 1)."""
+
+
+def skip_reason(case: Case, device: str) -> str | None:
+    """Why ``case`` cannot run on ``device`` at all (``None``: it can)."""
+    if case.kind == "memory" and not device.startswith("cuda"):
+        return "peak memory is measured with torch.cuda.max_memory_allocated: needs CUDA"
+    return None
+
+
+def _label(model: str, sizes: Sizes) -> str:
+    return f"mlp4x{sizes.mlp_width}" if model == "mlp" else model
+
+
+def cases(rows: str, sizes: Sizes, *, compile: bool | None = None) -> list[Case]:
+    """The cases of ``rows`` ("cpu" or "cuda") at ``sizes``, in run order.
+
+    ``compile`` adds the ``torch.compile`` rows (default: on for CUDA rows, off for CPU).
+    """
+    cuda = rows == "cuda"
+    tg = TARGETS[rows]
+    compile = cuda if compile is None else compile
+    out: list[Case] = []
+    hb, hf = sizes.hifi_train
+    hifi = f"hifigan.train.adam-fused.b{hb}x{hf * HOP}"
+
+    def row(name: str, model: str, kind: str, batch: int, **kw: Any) -> None:
+        out.append(Case(name, model, kind, batch, **kw))
+
+    # training
+    cb = sizes.conv_train_batch
+    if cuda:
+        for bf16 in (False, True):
+            row(f"convnet.train.adam-fused.b{cb}" + ".bf16" * bf16, "convnet", "train", cb,
+                opt="adam-fused", bf16=bf16, targets=tg["train"])
+        row(hifi + ".bf16", "hifigan", "train", hb, frames=hf, opt="adam-fused", bf16=True,
+            targets=tg["train"])
+        for b in sizes.mlp_train_batches:
+            row(f"{_label('mlp', sizes)}.train.adam-fused.b{b}", "mlp", "train", b,
+                opt="adam-fused", targets=tg["train"])
+    else:
+        for opt in ("sgd", "sgd-fused", "adam-fused"):
+            for b in sizes.mlp_train_batches:
+                row(f"{_label('mlp', sizes)}.train.{opt}.b{b}", "mlp", "train", b, opt=opt,
+                    targets=tg["mlp.train"])
+        row(f"convnet.train.adam-fused.b{cb}", "convnet", "train", cb, opt="adam-fused",
+            targets=tg["convnet.train"])
+        row(hifi, "hifigan", "train", hb, frames=hf, opt="adam-fused")
+
+    # inference, then the same inside the explicit cache
+    ib, inf = sizes.hifi_infer
+    for kind, variants in (("infer", VARIANTS), ("infer-cached", CACHED)):
+        for b in sizes.mlp_infer_batches:
+            row(f"{_label('mlp', sizes)}.{kind}.b{b}", "mlp", kind, b, variants=variants,
+                targets=tg[kind])
+        for b in sizes.conv_infer_batches:
+            row(f"convnet.{kind}.b{b}", "convnet", kind, b, variants=variants, targets=tg[kind])
+        row(f"hifigan.{kind}.b{ib}x{inf * HOP}", "hifigan", kind, ib, frames=inf,
+            variants=variants, targets=tg[kind])
+
+    # data-dependent init, in units of one forward pass
+    di = tg.get("data_init", {})
+    row(f"{_label('mlp', sizes)}.data_init.b{max(sizes.mlp_train_batches)}", "mlp", "data_init",
+        max(sizes.mlp_train_batches), variants=DATA_INIT, targets=di)
+    row(f"convnet.data_init.b{cb}", "convnet", "data_init", cb, variants=DATA_INIT, targets=di)
+    row(f"hifigan.data_init.b{hb}x{hf * HOP}", "hifigan", "data_init", hb, frames=hf,
+        variants=DATA_INIT, targets=di)
+
+    # peak training memory (CUDA rows)
+    if cuda:
+        for c in [c for c in out if c.kind == "train"]:
+            row(c.name.replace(".train.", ".memory."), c.model, "memory", c.batch,
+                frames=c.frames, opt=c.opt, bf16=c.bf16, targets=tg["memory"])
+
+    # torch.compile(model) training, ratio to compiled plain
+    if compile:
+        ctg = tg.get("compile", {})
+        for bf16 in ((False, True) if cuda else (False,)):
+            row(f"convnet.train.adam-fused.b{cb}" + ".bf16" * bf16 + ".compile", "convnet",
+                "train", cb, opt="adam-fused", bf16=bf16, compile=True, variants=COMPILED,
+                targets=ctg)
+        b = max(sizes.mlp_train_batches)
+        row(f"{_label('mlp', sizes)}.train.adam-fused.b{b}.compile", "mlp", "train", b,
+            opt="adam-fused", compile=True, variants=COMPILED, targets=ctg)
+    return out
+
+
+# --------------------------------------------------------------------------- models
+def _reparameterized(net: nn.Module) -> list[nn.Module]:
+    kinds = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d)
+    return [m for m in net.modules() if isinstance(m, kinds)]
+
+
+def build(model: str, variant: str, sizes: Sizes, device: str) -> nn.Module:
+    """One ``model`` ("convnet"/"mlp"/"hifigan") in ``variant``, seeded so variants start alike."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}; got {variant!r}")
+    norm = {"batchnorm": "bn", "wn+meanonly": "meanonly"}.get(variant, "none")
+    torch.manual_seed(0)
+    if model == "convnet":
+        net: nn.Module = convnet(sizes.conv_width, norm)
+    elif model == "mlp":
+        net = mlp(sizes.mlp_width, 4, norm)
+    elif model == "hifigan":
+        net = Generator(sizes.hifi_width, norm)
+    else:
+        raise ValueError(f"model must be 'convnet', 'mlp' or 'hifigan'; got {model!r}")
+    if variant in WN:
+        wnorm.apply(net)
+    elif variant == "torch-new":
+        for m in _reparameterized(net):
+            torch.nn.utils.parametrizations.weight_norm(m)
+    elif variant == "torch-old":
+        with warnings.catch_warnings():  # deprecated in favour of parametrizations
+            warnings.simplefilter("ignore", FutureWarning)
+            for m in _reparameterized(net):
+                torch.nn.utils.weight_norm(m)
+    return net.to(device)
+
+
+def inputs(case: Case, sizes: Sizes, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed random batch and its target: labels, or for HiFi-GAN a waveform."""
+    g = torch.Generator().manual_seed(1)
+    b = case.batch
+    if case.model == "hifigan":
+        x = torch.randn(b, 80, case.frames, generator=g)
+        y = torch.rand(b, 1, case.frames * HOP, generator=g) * 2 - 1
+    else:
+        shape = (b, 3, 32, 32) if case.model == "convnet" else (b, sizes.mlp_width)
+        x = torch.randn(shape, generator=g)
+        y = torch.randint(0, 10, (b,), generator=g)
+    return x.to(device), y.to(device)
+
+
+def _optimizer(name: str, params: Any) -> torch.optim.Optimizer:
+    if name == "adam-fused":
+        return torch.optim.Adam(params, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, fused=True)
+    if name in ("sgd", "sgd-fused"):
+        return torch.optim.SGD(params, lr=1e-3, momentum=0.9, fused=name == "sgd-fused")
+    raise ValueError(f"optimizer must be 'adam-fused', 'sgd' or 'sgd-fused'; got {name!r}")
+
+
+def _cache_context(variant: str) -> contextlib.AbstractContextManager[Any]:
+    if variant in WN:
+        return wnorm.cached()
+    if variant == "torch-new":
+        return torch.nn.utils.parametrize.cached()
+    return contextlib.nullcontext()
+
+
+# --------------------------------------------------------------------------- steps
+@dataclass
+class Step:
+    """What one timed call runs, a description, and a context held around all timed calls."""
+
+    fn: Callable[[], Any]
+    what: str
+    context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
+
+
+def make_step(case: Case, variant: str, sizes: Sizes, device: str) -> Step:
+    """The callable one timed call runs, or raises :class:`NotApplicable` with the reason."""
+    train_like = case.kind in ("train", "memory")
+    if train_like and variant == "batchnorm" and case.batch == 1:
+        raise NotApplicable("BatchNorm cannot train on a batch of 1")
+    net = build(case.model, variant, sizes, device)
+    x, y = inputs(case, sizes, device)
+    amp: Callable[[], contextlib.AbstractContextManager[Any]] = (
+        (lambda: torch.autocast(device.split(":")[0], dtype=torch.bfloat16)) if case.bf16
+        else contextlib.nullcontext)
+    loss_fn = F.l1_loss if case.model == "hifigan" else F.cross_entropy
+    fwd: Callable[..., torch.Tensor] = torch.compile(net) if case.compile else net
+    prefix = "torch.compile(model); " if case.compile else ""
+    prefix += "bf16 autocast; " if case.bf16 else ""
+
+    if train_like:
+        net.train()
+        opt = _optimizer(case.opt, net.parameters())
+
+        def train() -> None:
+            opt.zero_grad(set_to_none=True)
+            with amp():
+                loss = loss_fn(fwd(x), y)
+            loss.backward()
+            opt.step()
+
+        how = f"torch.optim.{type(opt).__name__}" + ("(fused=True)" if "fused" in case.opt else "")
+        loss_name = "L1 to a waveform" if case.model == "hifigan" else "cross-entropy"
+        return Step(train, f"{prefix}train step ({how}): zero_grad, forward, {loss_name}, "
+                           "backward, step")
+    if case.kind in ("infer", "infer-cached"):
+        net.eval()
+
+        def infer() -> None:
+            with torch.no_grad(), amp():
+                fwd(x)
+
+        if case.kind == "infer":
+            return Step(infer, f"{prefix}model.eval() forward under torch.no_grad (no fold)")
+        ctx = {"torch-new": "torch.nn.utils.parametrize.cached()"}.get(variant, "wnorm.cached()")
+        return Step(infer, f"{prefix}model.eval() forward under torch.no_grad, all timed calls "
+                           f"inside one {ctx}", lambda: _cache_context(variant))
+    if case.kind == "data_init":
+        net.train()
+        if variant == "plain":
+            def forward() -> None:
+                with torch.no_grad():
+                    net(x)
+
+            return Step(forward, "one forward pass (no_grad, train mode) of the plain model")
+
+        def init() -> None:
+            wnorm.data_init(net, x)
+
+        return Step(init, "wnorm.data_init(model, batch)")
+    raise ValueError(f"unknown case kind {case.kind!r}")
+

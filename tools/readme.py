@@ -68,9 +68,12 @@ SECTIONS: dict[str, tuple[str, str, int]] = {
     ),
     "bench": (
         "results/bench/bench.md",
-        "Step time as a ratio to the same plain model, medians of interleaved repeats, one run "
-        "(`python -m bench.run --out results/bench`; `python -m bench.run --profile CASE` prints "
-        "where the time goes).",
+        "Cost of each variant as a ratio to the same plain model trained with the same "
+        "optimizer, medians of interleaved repeats, one run per device, beside issue 16's "
+        "targets. Made by `python -m bench.run --out results/bench/cpu` (CPU rows, 1 thread) "
+        "and `bash bench/gpu.sh OUT` on a CUDA machine (its `OUT/cuda/bench.json` copied to "
+        "`results/bench/cuda/`), then `python -m bench.report --summary results/bench`; "
+        "`python -m bench.run --profile CASE` prints where one row's time goes.",
         2,
     ),
     "how": ("docs/how_it_works.md", "", 0),
