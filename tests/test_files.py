@@ -132,13 +132,6 @@ def test_files_that_are_not_checkpoints_are_refused_naming_the_file(tmp_path: Pa
             load_checkpoint(path)
 
 
-def test_files_that_are_not_checkpoints_are_refused_naming_the_file(tmp_path: Path) -> None:
-    pytest.importorskip("safetensors")
-    for path, match in file_cases(tmp_path):
-        with pytest.raises(WnormError, match=match):
-            load_checkpoint(path)
-
-
 # --------------------------------------------------------------------------- writing files
 def test_save_into_an_unwritable_directory_names_the_file(tmp_path: Path, monkeypatch) -> None:
     import os
