@@ -81,7 +81,7 @@ def interleave(
 
 # --------------------------------------------------------------------------- environment
 def _cpu_model() -> str:
-    from wnorm.repro.train import cpu_name
+    from experiments.common import cpu_name
 
     return cpu_name()
 

@@ -1,4 +1,4 @@
-"""wnorm.repro.train's schedule: the authors' ``lr * min(2 - epoch / (0.5 * n_epochs), 1)``, so
+"""experiments.classify's schedule: the authors' ``lr * min(2 - epoch / (0.5 * n_epochs), 1)``, so
 with an odd number of epochs the last epoch still learns; and the report says what ran, read
 from each run's own config (old runs recorded ``decay_start = epochs // 2``)."""
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from wnorm.repro.report import report
-from wnorm.repro.train import Config, schedule
+from experiments.classify import Config, schedule
+from experiments.report import report
 
 
 @pytest.mark.parametrize("epochs", [1, 3, 15, 16, 200])
@@ -50,7 +50,7 @@ def test_report_states_the_schedule_that_ran_for_old_integer_decay_start(tmp_pat
 
 
 def test_report_states_the_new_float_schedule() -> None:
-    from wnorm.repro.report import schedule_text
+    from experiments.report import schedule_text
 
     c = {"epochs": 15, "lr": 0.001, "decay_start": 7.5, "beta1": 0.9, "beta1_late": 0.5}
     text = schedule_text(c)

@@ -1,4 +1,4 @@
-r"""The two image datasets of the reproduction, loaded into memory as float tensors.
+r"""The two image datasets of the experiments, loaded into memory as float tensors.
 
 - ``fashion-mnist``: the four IDX files (``train-images-idx3-ubyte[.gz]`` ...), looked for in
   ``--data-dir`` if given, else in ``/usr/share/datasets/fashion-mnist`` (Debian/Ubuntu:
@@ -50,6 +50,10 @@ __all__ = [
     "load_cifar10",
     "read_idx",
     "fit_zca",
+    "apply_zca",
+    "find_file",
+    "subset_indices",
+    "default_cache_dir",
     "DATASETS",
 ]
 
@@ -168,7 +172,8 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
 
 
-def _find(directory: Path, stem: str) -> Path | None:
+def find_file(directory: Path, stem: str) -> Path | None:
+    """``directory/stem.gz``, ``directory/stem`` or its dotted spelling, whichever exists."""
     for name in (stem + ".gz", stem, stem.replace("-idx", ".idx")):
         p = directory / name
         if p.is_file():
@@ -177,10 +182,11 @@ def _find(directory: Path, stem: str) -> Path | None:
 
 
 def _fashion_complete(directory: Path) -> bool:
-    return all(_find(directory, stem) is not None for stem in FASHION_FILES)
+    return all(find_file(directory, stem) is not None for stem in FASHION_FILES)
 
 
 def default_cache_dir() -> Path:
+    """``$WNORM_DATA``, else ``~/.cache/wnorm``: where downloads go."""
     env = os.environ.get("WNORM_DATA")
     return Path(env) if env else Path.home() / ".cache" / "wnorm"
 
@@ -190,7 +196,7 @@ def _download_fashion(target: Path, timeout: float = 30.0) -> None:
     target.mkdir(parents=True, exist_ok=True)
     for stem, (sha, size, _md5) in FASHION_FILES.items():
         dest = target / (stem + ".gz")
-        if _find(target, stem) is not None:
+        if find_file(target, stem) is not None:
             continue
         errors = []
         for base in FASHION_URLS:
@@ -253,7 +259,7 @@ def _scale(x: np.ndarray) -> Tensor:
     return (torch.from_numpy(x.astype(np.float32)) - 127.5) / 128.0
 
 
-def _subset(n: int, size: int | None, seed: int, option: str = "subset size",
+def subset_indices(n: int, size: int | None, seed: int, option: str = "subset size",
             where: str = "") -> np.ndarray | None:
     """Indices of a fixed random subset of ``size`` of ``n`` examples (None: all of them).
 
@@ -290,13 +296,14 @@ def load_fashion_mnist(
     d = _locate_fashion(data_dir, download)
     arrays = {}
     for stem in FASHION_FILES:
-        path = _find(d, stem)
+        path = find_file(d, stem)
         assert path is not None  # _locate_fashion checked
         arrays[stem] = read_idx(path)
     splits = {}
     for split, prefix, subset in (("train", "train", train_subset), ("test", "t10k", test_subset)):
         images, labels = arrays[f"{prefix}-images-idx3-ubyte"], arrays[f"{prefix}-labels-idx1-ubyte"]
-        ipath, lpath = _find(d, f"{prefix}-images-idx3-ubyte"), _find(d, f"{prefix}-labels-idx1-ubyte")
+        ipath = find_file(d, f"{prefix}-images-idx3-ubyte")
+        lpath = find_file(d, f"{prefix}-labels-idx1-ubyte")
         if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0] \
                 or images.shape[1:] != (28, 28):
             raise WnormError(f"fashion-mnist: {ipath} and {lpath}: {split} images {images.shape} "
@@ -304,7 +311,7 @@ def load_fashion_mnist(
         if labels.size and labels.max() > 9:
             raise WnormError(f"fashion-mnist: {lpath}: {split} labels must be 0..9; "
                              f"got max {labels.max()}")
-        idx = _subset(len(labels), subset, subset_seed, f"--{split}-subset",
+        idx = subset_indices(len(labels), subset, subset_seed, f"--{split}-subset",
                       f"the fashion-mnist {split} set in {d}")
         if idx is not None:
             images, labels = images[idx], labels[idx]
@@ -379,7 +386,7 @@ def load_cifar10(
     zca_fit = _scale(x_train) if zca else None
     for split, x, y, subset in (("train", x_train, y_train, train_subset),
                                 ("test", x_test, y_test, test_subset)):
-        idx = _subset(len(y), subset, subset_seed, f"--{split}-subset",
+        idx = subset_indices(len(y), subset, subset_seed, f"--{split}-subset",
                       f"the cifar10 {split} set in {d}")
         if idx is not None:
             x, y = x[idx], y[idx]

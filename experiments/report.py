@@ -1,8 +1,17 @@
-"""Run folders -> ``training_error.png`` (Figure 1's form) and ``report.md`` (Table 1's form).
+"""Run folders -> tables and plots: ``python -m experiments.report RUNS... --out DIR``.
 
 Usage::
 
-    python -m wnorm.repro report runs/fashion runs/more/fashion-mnist-normal-s3 --out results/
+    python -m experiments.report runs/fashion runs/more/fashion-mnist-normal-s3 --out results/x
+    python -m experiments.report results/lr-sweep/runs --out results/lr-sweep
+    python -m experiments.report results/vae results/seq results/dqn results/dqn-no-init \
+        --out results/others-report
+
+The kind of run is read from each ``config.json``: learning-rate sweep runs go to
+:mod:`experiments.report_sweep`, VAE/LSTM/DQN runs to :mod:`experiments.report_others`, and
+classification runs (:mod:`experiments.classify`, :mod:`experiments.classify_gpu`,
+:mod:`experiments.demo`) get ``training_error.png`` (Figure 1's form) and ``report.md`` (Table
+1's form), written here.
 
 Each argument is a run folder (it holds ``config.json``) or a folder of run folders (a folder
 named twice counts once; two folders with the same variant and seed in one setting are refused).
@@ -25,9 +34,11 @@ leaves that run incomplete.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import statistics
+import sys
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,9 +46,11 @@ from typing import Any
 
 from wnorm import WnormError
 
-from .models import VARIANTS
+from .common import (precision_text, read_run_files, refuse_duplicates, run_folders,
+                     setting_key)
+from .nets import VARIANTS
 
-__all__ = ["Run", "load_runs", "report", "is_sweep", "run_folders", "PAPER_TABLE1"]
+__all__ = ["Run", "load_runs", "report", "run_kind", "schedule_text", "PAPER_TABLE1", "main"]
 
 #: The paper's Table 1 (CIFAR-10 test error %, no augmentation); meanonly is approximate.
 PAPER_TABLE1: dict[str, tuple[float, bool]] = {
@@ -48,20 +61,23 @@ PAPER_TABLE1: dict[str, tuple[float, bool]] = {
     "meanonly": (8.52, True),
 }
 _SETTING = ("dataset", "epochs", "width", "train_subset", "test_subset", "batch_size", "lr")
-#: config fields that do not change what a run computes: left out of the grouping key
+#: config fields that do not change what a run computes: left out of the grouping key (the
+#: GPU harness's switches are summed up by its "precision" entry, see _setting)
 _NOT_SETTING = frozenset({"variant", "seed", "out", "progress", "threads", "device", "data_dir",
-                          "download"})
+                          "download", "compile", "channels_last", "bf16", "tf32", "procs",
+                          "stack", "precision", "stacked_seeds", "cudnn_benchmark"})
+
+
+def _setting(config: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    """What must match for runs to share a table: the config but :data:`_NOT_SETTING`, and of
+    its precision the arithmetic (autocast dtype, TF32); runs from before precision was
+    recorded count as float32 without TF32, as they ran."""
+    p = config.get("precision") or {}
+    arith = {"autocast": p.get("autocast"), "tf32": [p.get("tf32_matmul"), p.get("tf32_cudnn")]}
+    if arith == {"autocast": None, "tf32": [None, None]}:
+        return setting_key(config, _NOT_SETTING)
+    return setting_key(config | {"arithmetic": arith}, _NOT_SETTING)
 _OTHER_EXPERIMENTS = ("vae", "seq", "dqn")
-
-
-def setting_key(config: dict[str, Any], skip: frozenset[str] | set[str] = _NOT_SETTING
-                ) -> tuple[tuple[str, str], ...]:
-    """The whole config but ``skip``, hashable; 7 and 7.0 (old integer ``decay_start``) agree,
-    and a missing ``world_size`` (older runs) is 1."""
-    c = {"world_size": 1} | config
-    return tuple(sorted((k, json.dumps(float(v) if isinstance(v, int) and not isinstance(v, bool)
-                                       else v, sort_keys=True))
-                        for k, v in c.items() if k not in skip))
 
 
 @dataclass
@@ -96,7 +112,7 @@ class Run:
 
     @property
     def setting(self) -> tuple[tuple[str, str], ...]:
-        return setting_key(self.config)
+        return _setting(self.config)
 
     def note(self) -> str:
         """One line on why this run is left out of the numbers."""
@@ -111,120 +127,65 @@ class Run:
                 "epochs written (still running, or stopped)")
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The rows of a JSON-lines file (none if it does not exist); a bad line names its place.
-
-    A last line without its newline that does not parse is a line being written (or a run
-    killed while writing it): it is left out, not an error."""
-    if not path.is_file():
-        return []
-    text = path.read_text()
-    lines = text.split("\n")
-    rows = []
-    for i, line in enumerate(lines, 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                if i == len(lines):  # no newline after it: unfinished
-                    break
-                raise WnormError(f"{path}:{i}: not a JSON line ({e})") from e
-    return rows
-
-
-def read_run_files(folder: Path) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
-    """``(config, version, metrics)`` of a run folder, whatever experiment wrote it."""
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise WnormError(f"{folder}: config.json is not readable JSON ({e})") from e
-    vpath = folder / "version.json"
-    version = json.loads(vpath.read_text()) if vpath.is_file() else {}
-    return config, version, read_jsonl(folder / "metrics.jsonl")
-
-
 def _read_run(folder: Path) -> Run:
     return Run(folder, *read_run_files(folder))
 
 
-def run_folders(paths: list[str | Path], who: str = "report") -> list[Path]:
-    """The run folders (with ``config.json``) named in ``paths`` or directly inside them, each
-    once (a folder reached twice, by the same or another path, counts once).
+def _kind(config: dict[str, Any]) -> str:
+    if config.get("experiment") in _OTHER_EXPERIMENTS:
+        return "others"
+    return "lr-sweep" if config.get("kind") == "lr-sweep" else "classify"
+
+
+def _config(folder: Path) -> dict[str, Any]:
+    try:
+        return json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise WnormError(f"{folder}: config.json is not readable JSON ({e})") from e
+
+
+def run_kind(paths: list[str | Path]) -> str:
+    """``"classify"``, ``"lr-sweep"`` or ``"others"`` (vae/seq/dqn): the kind of every run
+    folder in ``paths``.
 
     Raises:
-        WnormError: a path does not exist.
+        WnormError: a path does not exist, no run folder is there, or the kinds are mixed.
     """
-    out: dict[Path, Path] = {}
-    for p in map(Path, paths):
-        if not p.exists():
-            raise WnormError(f"{who}: {p} does not exist")
-        found = [p] if (p / "config.json").is_file() else sorted(
-            d for d in p.iterdir() if (d / "config.json").is_file())
-        for d in found:
-            out.setdefault(d.resolve(), d)
-    return list(out.values())
-
-
-def refuse_duplicates(runs: list[Any], key: Any, what: str) -> None:
-    """Two different folders for the same ``key(run)`` (e.g. variant and seed) in one setting
-    would count one configuration twice: refuse, naming both."""
-    seen: dict[Any, Path] = {}
-    for r in runs:
-        k = (r.setting() if callable(r.setting) else r.setting, key(r))
-        if k in seen:
-            raise WnormError(f"report: {seen[k]} and {r.folder} are the same {what} "
-                             f"({', '.join(map(str, key(r)))}) with the same settings; report "
-                             "one of them")
-        seen[k] = r.folder
-
-
-def _refuse_other_experiments(folder: Path, config: dict[str, Any]) -> None:
-    exp = config.get("experiment")
-    if exp in _OTHER_EXPERIMENTS:
-        raise WnormError(f"report: {folder} is a {exp} run folder; report vae/seq/dqn runs "
-                         "with `python -m wnorm.repro others-report RUNS --out DIR`")
+    kinds: dict[str, Path] = {}
+    for d in run_folders(paths):
+        kinds.setdefault(_kind(_config(d)), d)
+    if not kinds:
+        raise WnormError(f"report: no run folder (a folder with config.json) in "
+                         f"{list(map(str, paths))}")
+    if len(kinds) > 1:
+        raise WnormError("report: the folders mix kinds of run (" + ", ".join(
+            f"{k} in {d}" for k, d in sorted(kinds.items())) + "); report each kind on its own")
+    return next(iter(kinds))
 
 
 def load_runs(paths: list[str | Path]) -> list[Run]:
-    """Every run folder named in ``paths`` or directly inside one of them (each once).
+    """Every classification run folder named in ``paths`` or directly inside one of them
+    (each once), with metrics.
 
     Raises:
         WnormError: a path does not exist, no run folder (with ``config.json``) was found, a
-            folder holds a vae/seq/dqn run, or two folders hold the same variant and seed of
+            folder holds another kind of run, or two folders hold the same variant and seed of
             one setting.
     """
     runs = [_read_run(d) for d in run_folders(paths)]
     if not runs:
-        raise WnormError(f"report: no run folder (a folder with config.json) in {list(map(str, paths))}")
+        raise WnormError(f"report: no run folder (a folder with config.json) in "
+                         f"{list(map(str, paths))}")
     for r in runs:
-        _refuse_other_experiments(r.folder, r.config)
+        if (kind := _kind(r.config)) != "classify":
+            raise WnormError(f"report: {r.folder} is a {kind} run folder, not a classification "
+                             "run; `python -m experiments.report` reports each kind on its own")
     runs = [r for r in runs if r.metrics]
     if not runs:
         raise WnormError(f"report: the run folders in {list(map(str, paths))} have no metrics yet")
     refuse_duplicates(runs, lambda r: (r.variant, f"seed {r.config.get('seed')}"),
                       "variant and seed")
     return runs
-
-
-def is_sweep(paths: list[str | Path]) -> bool:
-    """Whether the run folders in ``paths`` are learning-rate sweep runs (``"kind": "lr-sweep"``).
-
-    Raises:
-        WnormError: a path does not exist, sweep and classification runs are mixed, or a folder
-            holds a vae/seq/dqn run (those have their own report).
-    """
-    kinds = set()
-    for d in run_folders(paths):
-        try:
-            config = json.loads((d / "config.json").read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise WnormError(f"{d}: config.json is not readable JSON ({e})") from e
-        _refuse_other_experiments(d, config)
-        kinds.add(config.get("kind", "classify"))
-    if len(kinds) > 1:
-        raise WnormError(f"report: the folders mix run kinds {sorted(kinds)}; report them "
-                         "separately")
-    return kinds == {"lr-sweep"}
 
 
 # --------------------------------------------------------------------------- numbers
@@ -277,7 +238,7 @@ def _schedule(c: dict[str, Any]) -> list[tuple[float, float]]:
     recorded: older runs wrote ``epochs // 2``, newer ``epochs / 2``)."""
     from types import SimpleNamespace
 
-    from .train import schedule
+    from .classify import schedule
 
     cfg = SimpleNamespace(epochs=int(c["epochs"]), decay_start=c.get("decay_start"),
                           lr=float(c["lr"]), beta1=c.get("beta1", 0.9),
@@ -313,10 +274,11 @@ def _differs(c: dict[str, Any], groups: list[dict[str, list[Run]]]) -> str:
     if len(groups) < 2:
         return ""
     keys = [dict(next(r for rs in g.values() for r in rs).setting) for g in groups]
-    mine = dict(setting_key(c))
+    mine = dict(_setting(c))
     diff = sorted(k for k in set().union(*keys) if len({kk.get(k) for kk in keys}) > 1)
-    return "; ".join(f"{k} {c.get(k)}" if k != "data" else
-                     f"data {c.get('data', {}).get('source', '?')}" for k in diff if k in mine)
+    return "; ".join(f"data {c.get('data', {}).get('source', '?')}" if k == "data" else
+                     f"precision {precision_text(c.get('precision'))}" if k == "arithmetic" else
+                     f"{k} {c.get(k)}" for k in diff if k in mine)
 
 
 def _table(by_all: dict[str, list[Run]], target: float | None, command: str,
@@ -344,7 +306,9 @@ def _table(by_all: dict[str, list[Run]], target: float | None, command: str,
         f"- Training: batch {cfg['batch_size']}, {schedule_text(c)}; data init on "
         f"{c.get('init_examples', '?')} examples (init scale {c.get('init_scale', '?')}); "
         f"input noise std {c.get('noise', '?')}, dropout {c.get('dropout', '?')}",
-        f"- Hardware: {'; '.join(hardware)}",
+        f"- Hardware: {'; '.join(hardware)}; arithmetic: "
+        + "; ".join(sorted({precision_text(r.config.get('precision')) for r in every})),
+        *_shared_note(every),
         f"- Time: {len(every)} runs"
         + (f" ({len(every) - len(left_out)} complete)" if left_out else "") + ", "
         f"{sum(m.get('seconds', 0.0) + m.get('eval_seconds', 0.0) for r in every for m in r.metrics) / 60:.0f}"  # noqa: E501
@@ -412,12 +376,60 @@ def _table(by_all: dict[str, list[Run]], target: float | None, command: str,
                 verdict = f"{v} took {_epochs(r)} epochs, normal {_epochs(base)}: {cmp} epochs"
             lines.append(f"- {target:g}% training error: {verdict}.")
         lines.append("")
+    lines += _verdict(by_variant, reach, missed, target)
     if left_out:
         lines += ["Left out of the table and the plot (only runs with every configured epoch "
                   "count):", ""]
         lines += [f"- {r.note()}" for r in sorted(left_out, key=lambda r: str(r.folder))]
         lines.append("")
     return "\n".join(lines)
+
+
+def _shared_note(runs: list[Run]) -> list[str]:
+    """A line saying why the s/epoch column is not a cost, for runs that shared a device."""
+    stacks = {int(r.config.get("stack", 1)) for r in runs}
+    procs = {int(r.config.get("procs", 1)) for r in runs}
+    if max(stacks) == 1 and max(procs) == 1:
+        return []
+    return [f"- Seconds per epoch were measured with {max(stacks)} seeds trained as one network "
+            f"and up to {max(procs)} such processes sharing the device: the column is wall time "
+            "per epoch of a whole stack, not a per-variant cost (the harness's `--timing` mode "
+            "measures that)"]
+
+
+def _verdict(by_variant: dict[str, list[Run]], reach: dict[str, float | None],
+             missed: dict[str, tuple[int, int]], target: float | None) -> list[str]:
+    """What the table says, in two sentences: the lowest final test error (and whether the
+    next one is within the seeds' spread) and the order in which variants reached ``target``."""
+    tests = {v: [100 * r.metrics[-1]["test_error"] for r in rs]
+             for v, rs in by_variant.items() if rs}
+    if not tests:
+        return []
+    ranked = sorted(tests, key=lambda v: statistics.fmean(tests[v]))
+    best = ranked[0]
+    a = tests[best]
+    out = [f"- Lowest final test error: **{best}**, {_fmt(statistics.fmean(a), a)}% over "
+           f"{len(a)} seed{'s' if len(a) > 1 else ''}"]
+    if len(ranked) > 1:
+        nxt = ranked[1]
+        b = tests[nxt]
+        if len(a) < 2 or len(b) < 2:
+            spread = "one seed on a side, so there is no spread to judge the gap by"
+        elif max(a) < min(b):
+            spread = f"every seed of {best} is below every seed of {nxt}"
+        else:
+            spread = "their seed ranges overlap: the gap is within seed-to-seed spread"
+        out[0] += (f"; next {nxt}, {_fmt(statistics.fmean(b), b)}%: {spread}.")
+    else:
+        out[0] += "."
+    if target is not None and reach:
+        done = sorted((r, v) for v, r in reach.items() if r is not None)
+        order = ", ".join(f"{v} ({_epochs(r)})" for r, v in done)
+        text = f"- First to {target:g}% training error (mean epochs over seeds): {order or 'none'}"
+        late = [f"{v} (missed by {m} of {n} seeds)" for v, (m, n) in missed.items() if m]
+        out.append(text + (f"; not every seed got there: {', '.join(late)}" if late else "")
+                   + ".")
+    return out + [""]
 
 
 def _reached(variant: str, epochs: float | None, missed: int, seeds: int) -> str:
@@ -484,7 +496,7 @@ def report(paths: list[str | Path], out: str | Path, *, target_error: float | No
         groups[r.setting][r.variant].append(r)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    command = command or ("python -m wnorm.repro report " + " ".join(map(str, paths))
+    command = command or ("python -m experiments.report " + " ".join(map(str, paths))
                           + f" --out {out}")
     png = out / "training_error.png"
     _plot(groups, png)
@@ -500,3 +512,53 @@ def report(paths: list[str | Path], out: str | Path, *, target_error: float | No
     md = out / "report.md"
     md.write_text(text)
     return md, png, text
+
+
+# --------------------------------------------------------------------------- command line
+def main(argv: list[str] | None = None) -> int:
+    """``python -m experiments.report RUNS... --out DIR``; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(prog="python -m experiments.report",
+                                description="run folders -> report.md and plots, whatever "
+                                            "experiment wrote them")
+    p.add_argument("runs", nargs="+", help="run folders, or folders of run folders")
+    p.add_argument("--out", required=True, help="folder for report.md and the plots")
+    p.add_argument("--target-error", type=float, default=None,
+                   help="classification: X for the 'epochs to X%% training error' column "
+                        "(default: the lowest training error every variant reaches)")
+    p.add_argument("--tolerance", type=float, default=0.1,
+                   help="lr-sweep runs: a learning rate counts as good when its final training "
+                        "loss is within this of the variant's best (default: 0.1 nats)")
+    args = p.parse_args(argv)
+    if args.target_error is not None and not 0 < args.target_error < 100:
+        p.error(f"--target-error must be a percentage in (0, 100); got {args.target_error}")
+    if not (args.tolerance >= 0 and math.isfinite(args.tolerance)):
+        p.error(f"--tolerance must be a finite number >= 0; got {args.tolerance}")
+    command = "python -m experiments.report " + " ".join(argv)
+    try:
+        kind = run_kind(args.runs)
+        if kind == "lr-sweep":
+            from .report_sweep import report_sweep
+
+            md, pngs, text = report_sweep(args.runs, args.out, tolerance=args.tolerance,
+                                          command=command)
+        elif kind == "others":
+            from .report_others import report as report_others
+
+            text = report_others([Path(r) for r in args.runs], Path(args.out), command=command)
+            md = Path(args.out) / "report.md"
+            pngs = sorted(Path(args.out).glob("*.png"))
+        else:
+            md, png, text = report(args.runs, args.out, target_error=args.target_error,
+                                   command=command)
+            pngs = [png]
+    except WnormError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(text)
+    print(f"wrote {md} and {', '.join(map(str, pngs))}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,9 +1,8 @@
-"""wnorm.repro.vae: the bound is the Bernoulli/Gaussian ELBO, both variants start as the same
+"""experiments.vae: the bound is the Bernoulli/Gaussian ELBO, both variants start as the same
 function, and the command trains end to end into a run folder that others_report reads."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from pathlib import Path
@@ -12,10 +11,10 @@ import pytest
 import torch
 
 from wnorm import WnormError
-from wnorm.repro import vae
-from wnorm.repro.others_report import report
+from experiments import vae
+from experiments.report_others import report
 
-from test_repro_datasets import _write_fashion
+from fakes import write_fashion
 
 
 def test_neg_elbo_matches_torch_distributions() -> None:
@@ -60,13 +59,10 @@ def test_unknown_variant_is_refused() -> None:
 @pytest.mark.slow
 def test_quick_run_writes_run_folders_and_report(tmp_path: Path) -> None:
     data_dir, out = tmp_path / "fashion", tmp_path / "runs"
-    _write_fashion(data_dir, n_train=120, n_test=40)
-    p = argparse.ArgumentParser()
-    vae.add_arguments(p)
-    args = p.parse_args(["--quick", "--seeds", "0,1", "--data-dir", str(data_dir), "--out",
-                         str(out), "--epochs", "2", "--device", "cpu",
-                         "--train-subset", "120", "--test-subset", "40"])
-    assert vae.run(args) == 0
+    write_fashion(data_dir, n_train=120, n_test=40)
+    assert vae.main(["--quick", "--seeds", "0,1", "--data-dir", str(data_dir), "--out",
+                     str(out), "--epochs", "2", "--device", "cpu", "--no-progress",
+                     "--train-subset", "120", "--test-subset", "40"]) == 0
     folders = sorted(out.iterdir())
     assert [f.name for f in folders] == ["vae-normal-s0", "vae-normal-s1", "vae-weightnorm-s0",
                                          "vae-weightnorm-s1"]

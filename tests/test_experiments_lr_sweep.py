@@ -1,4 +1,4 @@
-"""wnorm.repro.sweep: the learning-rate sweep writes run folders with per-step ||v||, marks diverged
+"""experiments.lr_sweep: the learning-rate sweep writes run folders with per-step ||v||, marks diverged
 runs instead of dropping them, and its report draws both plots and says what the data show."""
 
 from __future__ import annotations
@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from wnorm import WnormError
-from wnorm.repro.__main__ import main
-from wnorm.repro.datasets import ImageData
-from wnorm.repro.sweep import SweepConfig, load_sweep, report_sweep, train_one
+from experiments.data import ImageData
+from experiments.lr_sweep import SweepConfig, main, train_one
+from experiments.report import main as report_main
+from experiments.report_sweep import load_sweep, report_sweep
 
-from test_repro_datasets import _write_fashion
+from fakes import write_fashion
 
 
 def _data(n: int = 60) -> ImageData:
@@ -95,8 +96,8 @@ def test_adam_and_the_paper_convnet(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_lr_sweep_command_line_end_to_end(tmp_path: Path, capsys) -> None:
     data_dir, runs = tmp_path / "fashion", tmp_path / "runs"
-    _write_fashion(data_dir, n_train=40, n_test=20)
-    argv = ["lr-sweep", "--data-dir", str(data_dir), "--variants", "normal,weightnorm,forced",
+    write_fashion(data_dir, n_train=40, n_test=20)
+    argv = ["--data-dir", str(data_dir), "--variants", "normal,weightnorm,forced",
             "--lrs", "0.01,1", "--seeds", "0,1", "--epochs", "2", "--hidden", "8",
             "--batch-size", "20", "--init-examples", "20", "--threads", "1", "--no-progress",
             "--train-subset", "40", "--test-subset", "20", "--out", str(runs)]
@@ -105,7 +106,7 @@ def test_lr_sweep_command_line_end_to_end(tmp_path: Path, capsys) -> None:
     assert len(names) == 12 and "fashion-mnist-mlp-forced-sgd-lr0.01-s1" in names
     assert len(load_sweep([runs])) == 12
     capsys.readouterr()
-    assert main(["report", str(runs), "--out", str(tmp_path / "rep")]) == 0
+    assert report_main([str(runs), "--out", str(tmp_path / "rep")]) == 0
     md = (tmp_path / "rep" / "report.md").read_text()
     assert (tmp_path / "rep" / "v_norm.png").is_file()
     for v in ("normal", "weightnorm", "forced"):
@@ -119,5 +120,5 @@ def test_report_refuses_mixed_kinds(tmp_path: Path) -> None:
     other = tmp_path / "b" / "fashion-mnist-normal-s0"
     other.mkdir(parents=True)
     (other / "config.json").write_text(json.dumps({"variant": "normal", "epochs": 1}))
-    assert main(["report", str(tmp_path / "a"), str(tmp_path / "b"), "--out",
-                 str(tmp_path / "o")]) == 2
+    assert report_main([str(tmp_path / "a"), str(tmp_path / "b"), "--out",
+                        str(tmp_path / "o")]) == 2

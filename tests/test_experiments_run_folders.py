@@ -4,20 +4,26 @@ and the demo, which replaces its own earlier runs, runs twice in a row."""
 
 from __future__ import annotations
 
-import argparse
+import importlib
 import json
 from pathlib import Path
 
 import pytest
 
-from wnorm.repro.__main__ import main
-
-from test_repro_datasets import _write_fashion
+from fakes import write_fashion
 
 pytestmark = pytest.mark.slow
 
 _TINY = ["--width", "0.04", "--batch-size", "10", "--init-examples", "10", "--threads", "1",
          "--no-progress", "--device", "cpu", "--epochs", "1"]
+
+
+def main(argv: list[str]) -> int:
+    """Exit status of ``python -m experiments.<argv[0]> argv[1:]``."""
+    try:
+        return importlib.import_module(f"experiments.{argv[0]}").main(argv[1:])
+    except SystemExit as e:
+        return int(e.code or 0)
 
 
 def _classify(data: Path, out: Path, *extra: str) -> int:
@@ -31,7 +37,7 @@ def _snapshot(folder: Path) -> dict[str, str]:
 
 def test_classify_refuses_a_folder_with_a_run_and_keeps_it_intact(tmp_path: Path, capsys) -> None:
     data, out = tmp_path / "fashion", tmp_path / "runs"
-    _write_fashion(data, n_train=20, n_test=10)
+    write_fashion(data, n_train=20, n_test=10)
     assert _classify(data, out) == 0
     folder = out / "fashion-mnist-normal-s0"
     before = _snapshot(folder)
@@ -54,7 +60,7 @@ def test_classify_refuses_a_folder_with_a_run_and_keeps_it_intact(tmp_path: Path
 
 def test_multi_variant_classify_checks_every_folder_before_training(tmp_path: Path) -> None:
     data, out = tmp_path / "fashion", tmp_path / "runs"
-    _write_fashion(data, n_train=20, n_test=10)
+    write_fashion(data, n_train=20, n_test=10)
     assert _classify(data, out) == 0  # normal s0 exists
     assert main(["classify", "--data-dir", str(data), "--variants", "weightnorm,normal",
                  "--seeds", "0", *_TINY, "--out", str(out)]) == 2
@@ -63,8 +69,8 @@ def test_multi_variant_classify_checks_every_folder_before_training(tmp_path: Pa
 
 def test_lr_sweep_refuses_a_folder_with_a_run(tmp_path: Path, capsys) -> None:
     data, out = tmp_path / "fashion", tmp_path / "runs"
-    _write_fashion(data, n_train=20, n_test=10)
-    argv = ["lr-sweep", "--data-dir", str(data), "--variants", "normal", "--lrs", "0.1",
+    write_fashion(data, n_train=20, n_test=10)
+    argv = ["lr_sweep", "--data-dir", str(data), "--variants", "normal", "--lrs", "0.1",
             "--seeds", "0", "--epochs", "1", "--hidden", "4", "--batch-size", "10",
             "--init-examples", "10", "--threads", "1", "--no-progress", "--train-subset", "20",
             "--test-subset", "10", "--out", str(out)]
@@ -79,31 +85,44 @@ def test_lr_sweep_refuses_a_folder_with_a_run(tmp_path: Path, capsys) -> None:
 
 
 def test_vae_refuses_a_folder_with_a_run(tmp_path: Path, capsys) -> None:
-    from wnorm.repro import vae
-
     data, out = tmp_path / "fashion", tmp_path / "runs"
-    _write_fashion(data, n_train=20, n_test=10)
-    p = argparse.ArgumentParser()
-    vae.add_arguments(p)
-    argv = ["--quick", "--variants", "normal", "--seeds", "0", "--epochs", "1", "--data-dir",
-            str(data), "--train-subset", "20", "--test-subset", "10", "--batch-size", "10",
-            "--init-examples", "10", "--device", "cpu", "--no-progress", "--out", str(out)]
-    assert vae.run(p.parse_args(argv)) == 0
+    write_fashion(data, n_train=20, n_test=10)
+    argv = ["vae", "--quick", "--variants", "normal", "--seeds", "0", "--epochs", "1",
+            "--data-dir", str(data), "--train-subset", "20", "--test-subset", "10",
+            "--batch-size", "10", "--init-examples", "10", "--device", "cpu", "--no-progress",
+            "--out", str(out)]
+    assert main(argv) == 0
     folder = out / "vae-normal-s0"
     before = _snapshot(folder)
     capsys.readouterr()
-    assert vae.run(p.parse_args(argv + ["--lr", "0.1"])) == 2
+    assert main(argv + ["--lr", "0.1"]) == 2
     assert str(folder) in capsys.readouterr().err
     assert _snapshot(folder) == before
-    assert vae.run(p.parse_args(argv + ["--batch-size", "0", "--overwrite"])) == 2
+    assert main(argv + ["--batch-size", "0", "--overwrite"]) == 2
     assert _snapshot(folder) == before
+
+
+def test_classify_gpu_refuses_a_folder_with_a_run(tmp_path: Path, capsys) -> None:
+    data, out = tmp_path / "fashion", tmp_path / "runs"
+    write_fashion(data, n_train=20, n_test=10)
+    argv = ["classify_gpu", "--data-dir", str(data), "--variants", "normal", "--seeds", "0,1",
+            "--width", "0.04", "--batch-size", "10", "--init-examples", "10", "--epochs", "1",
+            "--device", "cpu", "--procs", "1", "--eval-batch-size", "10", "--out", str(out)]
+    assert main(argv) == 0
+    before = {f.name: _snapshot(f) for f in out.iterdir() if f.is_dir() and f.name != "report"}
+    assert sorted(before) == ["fashion-mnist-normal-s0", "fashion-mnist-normal-s1"]
+    capsys.readouterr()
+    assert main(argv + ["--lr", "0.5"]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert {f: _snapshot(out / f) for f in before} == before
 
 
 def test_demo_runs_twice_in_a_row(tmp_path: Path, capsys) -> None:
     data, out = tmp_path / "fashion", tmp_path / "demo"
-    _write_fashion(data, n_train=20, n_test=10)
-    argv = ["demo", "--data-dir", str(data), "--variants", "normal,weightnorm",
-            "--train-subset", "20", "--test-subset", "10", *_TINY, "--out", str(out)]
+    write_fashion(data, n_train=20, n_test=10)
+    argv = ["demo", "--data-dir", str(data), "--variants", "normal,weightnorm", "--seeds", "0",
+            "--procs", "1", "--eval-batch-size", "10", "--train-subset", "20", "--test-subset",
+            "10", *_TINY, "--out", str(out)]
     assert main(argv) == 0
     assert main(argv) == 0
     assert "replacing the previous demo runs" in capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""wnorm.repro under torch.distributed (2 CPU processes, gloo): the data init on each rank's share
+"""experiments.nets under torch.distributed (2 CPU processes, gloo): the data init on each rank's share
 of the init batch gives every rank the model that one process gets on the whole batch."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from wnorm.repro.models import build, initialize
+from experiments.nets import build, initialize
 
 pytestmark = pytest.mark.slow
 

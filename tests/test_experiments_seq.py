@@ -1,9 +1,8 @@
-"""wnorm.repro.seq: the LSTM's weights are normalized and not data-initialized (reported as
+"""experiments.seq: the LSTM's weights are normalized and not data-initialized (reported as
 skipped), both variants start as the same function, and the command trains end to end."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import warnings
 from pathlib import Path
@@ -12,10 +11,10 @@ import pytest
 import torch
 
 import wnorm
-from wnorm.repro import seq
-from wnorm.repro.others_report import report
+from experiments import seq
+from experiments.report_others import report
 
-from test_repro_datasets import _write_fashion
+from fakes import write_fashion
 
 
 def test_weightnorm_normalizes_every_lstm_weight_and_starts_as_normal() -> None:
@@ -52,13 +51,10 @@ def test_rows_are_the_time_steps() -> None:
 @pytest.mark.slow
 def test_quick_run_writes_run_folders_and_report(tmp_path: Path) -> None:
     data_dir, out = tmp_path / "fashion", tmp_path / "runs"
-    _write_fashion(data_dir, n_train=100, n_test=30)
-    p = argparse.ArgumentParser()
-    seq.add_arguments(p)
-    args = p.parse_args(["--quick", "--variants", "normal,weightnorm", "--seeds", "3",
-                         "--data-dir", str(data_dir), "--out", str(out), "--device", "cpu",
-                         "--train-subset", "100", "--test-subset", "30"])
-    assert seq.run(args) == 0
+    write_fashion(data_dir, n_train=100, n_test=30)
+    assert seq.main(["--quick", "--variants", "normal,weightnorm", "--seeds", "3",
+                     "--data-dir", str(data_dir), "--out", str(out), "--device", "cpu",
+                     "--train-subset", "100", "--test-subset", "30", "--no-progress"]) == 0
     folders = sorted(out.iterdir())
     assert [f.name for f in folders] == ["seq-normal-s3", "seq-weightnorm-s3"]
     for f in folders:

@@ -17,12 +17,16 @@ Variants: ``normal`` = plain layers, PyTorch's default init (the usual DQN); ``w
 first ``init_examples`` states of the random-policy phase (the output layer's Q-values then
 start with mean 0, std 1 per action over those states). The target network is a copy.
 
-Run (the committed results)::
+Run (from the repository root; the committed results)::
 
-    python -m wnorm.repro.dqn --envs CartPole-v1,Acrobot-v1 --seeds 0,1,2,3,4 --out results/dqn
+    python -m experiments.dqn --envs CartPole-v1,Acrobot-v1 --seeds 0,1,2,3,4 --out results/dqn
     # the ablation: weight norm without the data-dependent init
-    python -m wnorm.repro.dqn --envs CartPole-v1,Acrobot-v1 --variant weightnorm \
+    python -m experiments.dqn --envs CartPole-v1,Acrobot-v1 --variant weightnorm \
         --no-data-init --seeds 0,1,2,3,4 --out results/dqn-no-init
+    # on a GPU: a wider Q-network and more steps (the environment still steps on the CPU, one
+    # transition at a time, so it sets the pace)
+    python -m experiments.dqn --device cuda --envs CartPole-v1,Acrobot-v1 --seeds 0,1,2,3,4 \
+        --hidden 256 --steps 100000 --out runs/dqn-gpu
 
 Each (env, variant, seed) writes ``<out>/dqn-<env>-<variant>-s<seed>/``; ``metrics.jsonl`` has
 one line per finished episode: ``episode``, ``env_steps`` (when it ended), ``return``,
@@ -38,6 +42,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -47,11 +52,10 @@ from torch import nn
 import wnorm
 from wnorm import WnormError
 
-from .others_report import (RunFolder, add_common_arguments, prepare_runs, resolve_device,
-                            split_list, variants_and_seeds)
-from .train import _progress
+from .common import (RunFolder, add_run_options, check_config, progress, refuse_existing,
+                     resolve_device, run_configs, split_list)
 
-__all__ = ["DQNConfig", "q_network", "add_arguments", "run", "train_one"]
+__all__ = ["DQNConfig", "Replay", "q_network", "parser", "train_one", "main"]
 
 
 # --------------------------------------------------------------------------- defaults
@@ -83,6 +87,8 @@ class DQNConfig:
     device: str = "auto"
 
 
+VARIANTS = ("normal", "weightnorm")
+#: --quick: tiny sizes that run in seconds (the tests)
 QUICK = {"steps": 600, "hidden": 16, "learning_starts": 200, "init_examples": 100,
          "batch_size": 32, "target_every": 100}
 
@@ -129,7 +135,7 @@ def run_name(cfg: DQNConfig) -> str:
 
 
 def train_one(cfg: DQNConfig, echo: bool = True, *, overwrite: bool = False,
-              progress: bool = False) -> RunFolder:
+              progress_bar: bool = False) -> RunFolder:
     """Train ``cfg.variant`` on ``cfg.env`` with ``cfg.seed``; writes and returns the run folder.
 
     Raises:
@@ -137,8 +143,6 @@ def train_one(cfg: DQNConfig, echo: bool = True, *, overwrite: bool = False,
             ``overwrite`` is False (before the folder is touched).
     """
     import gymnasium as gym
-
-    from .checks import check_config
 
     check_config(cfg)
     if cfg.variant not in ("normal", "weightnorm"):
@@ -168,8 +172,8 @@ def train_one(cfg: DQNConfig, echo: bool = True, *, overwrite: bool = False,
     thr = env.spec.reward_threshold if env.spec is not None else None
     extra = {"reward_threshold": thr, "obs_dim": obs_dim, "actions": n_act,
              "gymnasium": gym.__version__}
-    folder = RunFolder(cfg, name, device, extra, echo=echo, overwrite=overwrite)
-    with folder, _progress(cfg.steps, name, progress) as bar:
+    folder = RunFolder(Path(cfg.out) / name, cfg, device, extra, echo=echo, overwrite=overwrite)
+    with folder, progress(cfg.steps, name, progress_bar) as bar:
         log = folder.log
         log(f"{name}: {cfg.steps} env steps, Q-network {obs_dim}-"
             f"{'-'.join([str(cfg.hidden)] * cfg.layers)}-{n_act} "
@@ -234,38 +238,37 @@ def train_one(cfg: DQNConfig, echo: bool = True, *, overwrite: bool = False,
 
 
 # --------------------------------------------------------------------------- command line
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``dqn`` subcommand's options (``--envs`` runs several environments in turn)."""
-    add_common_arguments(parser, DQNConfig, seeds="0,1,2,3,4", out="runs/dqn")
-    parser.add_argument("--envs", default=None,
-                        help="comma-separated gymnasium ids (overrides --env), "
-                             "e.g. CartPole-v1,Acrobot-v1")
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m experiments.dqn",
+                                description=__doc__.split("\n")[0])
+    add_run_options(p, DQNConfig, variants=VARIANTS, seeds="0,1,2,3,4", out=DQNConfig.out)
+    p.add_argument("--envs", default=None,
+                   help="comma-separated gymnasium ids (overrides --env), "
+                        "e.g. CartPole-v1,Acrobot-v1")
+    return p
 
 
-def run(args: argparse.Namespace) -> int:
-    """Train every (env, variant, seed) asked for; returns the exit status (2 on a WnormError)."""
+def main(argv: list[str] | None = None) -> int:
+    """Train every (env, variant, seed) asked for; returns the exit status."""
+    p = parser()
+    args = p.parse_args(argv)
     try:
-        variants, seeds = variants_and_seeds(args)
         envs = (split_list(args.envs, str, "--envs") if args.envs is not None
                 else [args.env or DQNConfig.env])
-        configs = prepare_runs(DQNConfig, args, QUICK, run_name,
-                               [{"variant": v, "seed": s, "env": e}
-                                for e in envs for s in seeds for v in variants])
-        resolve_device(args.device)
+        configs = run_configs(DQNConfig, args, QUICK, VARIANTS,
+                              lambda v, s: [{"variant": v, "seed": s, "env": e} for e in envs])
+        configs.sort(key=lambda c: envs.index(c.env))  # one environment after the other
+    except WnormError as e:
+        p.error(str(e))
+    try:
+        refuse_existing([Path(c.out) / run_name(c) for c in configs], args.overwrite)
         for cfg in configs:
-            folder = train_one(cfg, overwrite=args.overwrite, progress=args.progress)
+            folder = train_one(cfg, overwrite=args.overwrite, progress_bar=args.progress)
             print(f"run folder: {folder.path}")
     except WnormError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m wnorm.repro.dqn",
-                                description=__doc__.split("\n")[0])
-    add_arguments(p)
-    return run(p.parse_args(argv))
 
 
 if __name__ == "__main__":

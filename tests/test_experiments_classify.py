@@ -1,6 +1,6 @@
-"""wnorm.repro end to end: the command line trains every variant (the paper's five and the four
-relatives) for two tiny epochs on fake Fashion-MNIST files, writes valid run folders, and the
-report turns them into a PNG and a table."""
+"""experiments.classify end to end: the command line trains every variant (the paper's five and
+the four relatives) for two tiny epochs on fake Fashion-MNIST files, writes valid run folders,
+and the report turns them into a PNG and a table."""
 
 from __future__ import annotations
 
@@ -9,19 +9,20 @@ from pathlib import Path
 
 import pytest
 
-from wnorm.repro.__main__ import main
-from wnorm.repro.models import RELATIVES, VARIANTS
-from wnorm.repro.report import report
+from experiments.classify import main
+from experiments.nets import RELATIVES, VARIANTS
+from experiments.report import main as report_main
+from experiments.report import report
 
-from test_repro_datasets import _write_fashion
+from fakes import write_fashion
 
 pytestmark = pytest.mark.slow
 
 
 def test_every_variant_trains_and_reports(tmp_path: Path, capsys) -> None:
     data_dir, out = tmp_path / "fashion", tmp_path / "runs"
-    _write_fashion(data_dir, n_train=40, n_test=20)
-    argv = ["classify", "--dataset", "fashion-mnist", "--data-dir", str(data_dir),
+    write_fashion(data_dir, n_train=40, n_test=20)
+    argv = ["--dataset", "fashion-mnist", "--data-dir", str(data_dir),
             "--variants", ",".join(VARIANTS), "--seeds", "0,1", "--epochs", "2",
             "--width", "0.04", "--batch-size", "20", "--init-examples", "20",
             "--threads", "1", "--no-progress", "--device", "cpu", "--out", str(out)]
@@ -33,6 +34,9 @@ def test_every_variant_trains_and_reports(tmp_path: Path, capsys) -> None:
         config = json.loads((f / "config.json").read_text())
         assert config["epochs"] == 2 and config["decay_start"] == 1 and config["zca"] is False
         assert config["data"]["train"] == 40
+        assert config["precision"] == {"params": "float32", "autocast": None, "tf32_matmul": None,
+                                       "tf32_cudnn": None, "channels_last": False,
+                                       "compile": "off"}
         version = json.loads((f / "version.json").read_text())
         assert {"git_commit", "wnorm", "torch", "hardware"} <= set(version)
         rows = [json.loads(line) for line in (f / "metrics.jsonl").read_text().splitlines()]
@@ -44,7 +48,7 @@ def test_every_variant_trains_and_reports(tmp_path: Path, capsys) -> None:
         assert "epoch 2/2" in (f / "log.txt").read_text()
 
     capsys.readouterr()
-    assert main(["report", str(out), "--out", str(tmp_path / "rep"), "--target-error", "95"]) == 0
+    assert report_main([str(out), "--out", str(tmp_path / "rep"), "--target-error", "95"]) == 0
     md = (tmp_path / "rep" / "report.md").read_text()
     png = (tmp_path / "rep" / "training_error.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
@@ -61,6 +65,7 @@ def test_every_variant_trains_and_reports(tmp_path: Path, capsys) -> None:
     assert "epochs to 95% train error" in md
     assert "training error: weightnorm" in md  # the WN-vs-normal sentence, from the data
     assert "width 0.04" in md and "2 epochs" in md
+    assert "- Lowest final test error: **" in md and "- First to 95% training error" in md
 
 
 def test_report_rejects_empty_folder(tmp_path: Path) -> None:
@@ -68,11 +73,11 @@ def test_report_rejects_empty_folder(tmp_path: Path) -> None:
 
     with pytest.raises(WnormError, match="no run folder"):
         report([tmp_path], tmp_path / "out")
-    assert main(["report", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert report_main([str(tmp_path), "--out", str(tmp_path / "o")]) == 2
 
 
 def test_missing_dataset_is_a_clean_cli_error(tmp_path: Path, capsys) -> None:
-    code = main(["classify", "--data-dir", str(tmp_path), "--epochs", "1", "--no-download",
+    code = main(["--data-dir", str(tmp_path), "--epochs", "1", "--no-download",
                  "--out", str(tmp_path / "runs")])
     assert code == 2
     assert "apt-get install dataset-fashion-mnist" in capsys.readouterr().err

@@ -48,7 +48,10 @@ dense layer with nothing after it would fix the logits' scale at :math:`\sqrt{\t
 (:math:`\sqrt{\text{fan-in}/\text{fan-out}}` for the classifier), from the weights alone.
 
 :class:`MLP` is a small fully connected network for the learning-rate sweep
-(:mod:`wnorm.repro.sweep`) in the variants that need no normalization layer.
+(:mod:`experiments.lr_sweep`) in the variants that need no normalization layer.
+
+Only wnorm's public API is used: ``wnorm.apply`` (and the relatives' functions), ``data_init``,
+``arpit_init``, the mean-only BN layers; training is then any torch.optim optimizer.
 """
 
 from __future__ import annotations
@@ -61,19 +64,21 @@ from torch import Tensor, nn
 import wnorm
 from wnorm import WnormError
 
-__all__ = ["VARIANTS", "PAPER_VARIANTS", "RELATIVES", "MLP_VARIANTS", "GaussianNoise", "MLP",
-           "PaperNet", "build", "initialize", "uses_data_init", "weight_normalized_layers"]
+__all__ = ["VARIANTS", "PAPER_VARIANTS", "RELATIVES", "MLP_VARIANTS", "METHODS", "GaussianNoise",
+           "MLP",
+           "PaperNet", "build", "initialize", "uses_data_init", "reparameterized_layers"]
 
 PAPER_VARIANTS = ("normal", "weightnorm", "batchnorm", "wn+meanonly", "meanonly")
 RELATIVES = ("centered", "ws+gn", "forced", "arpit")
 VARIANTS = PAPER_VARIANTS + RELATIVES
 #: The variants an :class:`MLP` comes in (those without a normalization layer).
 MLP_VARIANTS = ("normal", "weightnorm", "centered", "forced", "arpit")
-#: variant -> the reparameterization ``wnorm.apply`` uses for it (on every conv and dense layer).
-_METHOD = {
+#: variant -> the public wnorm function that reparameterizes its layers (via ``wnorm.apply``)
+METHODS = {
     "weightnorm": wnorm.weight_norm,
     "wn+meanonly": wnorm.weight_norm,
     "centered": wnorm.centered_weight_norm,
+    "ws+gn": wnorm.weight_standardization,
     "forced": wnorm.forced_weight_norm,
     "arpit": wnorm.weight_norm,
 }
@@ -191,10 +196,9 @@ def _init_and_normalize(model: nn.Module, variant: str) -> None:
                 m.weight.normal_(0.0, 0.05)
                 if m.bias is not None:
                     m.bias.zero_()
-    if variant in _METHOD:
-        wnorm.apply(model, method=_METHOD[variant])
-    elif variant == "ws+gn":
-        wnorm.apply(model, types=(nn.Conv2d,), method=wnorm.weight_standardization)
+    if variant in METHODS:  # ws+gn: the convs only (its dense layer stays plain)
+        types = (nn.Conv2d,) if variant == "ws+gn" else (nn.Conv2d, nn.Linear)
+        wnorm.apply(model, types=types, method=METHODS[variant])
 
 
 class MLP(nn.Sequential):
@@ -240,14 +244,15 @@ def build(variant: str, in_channels: int, width: float, **kwargs: float) -> Pape
     return PaperNet(variant, in_channels=in_channels, width=width, **kwargs)
 
 
-def weight_normalized_layers(model: nn.Module) -> dict[str, tuple[Tensor, int | None, str]]:
-    """``{layer name: (its v, the output-unit axis of v, the kind)}`` for every reparameterized
-    ``weight``; the kind is ``"wn"``, ``"centered"``, ``"standardized"`` or ``"forced"``."""
+def reparameterized_layers(model: nn.Module) -> dict[str, Tensor]:
+    """``{layer name: its v}`` for every conv or dense layer whose ``weight`` wnorm
+    reparameterizes (found through the public ``wnorm.is_weight_normalized`` and the
+    ``weight_v`` parameter every reparameterization keeps); the output units are along v's
+    first axis for these layers."""
     out = {}
     for name, m in model.named_modules():
-        spec = m.__dict__.get("_wn", {}).get("weight")
-        if spec is not None:
-            out[name or "<model>"] = (m._parameters[spec.vname], spec.dim, spec.kind)
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and wnorm.is_weight_normalized(m, "weight"):
+            out[name or "<model>"] = dict(m.named_parameters(recurse=False))["weight_v"]
     return out
 
 

@@ -1,15 +1,14 @@
-r"""The paper's other experiments (section 6), normal vs weight norm: run folders and the report.
+r"""The report of the paper's other experiments (section 6), normal vs weight norm.
 
-Usage::
+Usage (``python -m experiments.report`` calls :func:`report` for these runs)::
 
-    python -m wnorm.repro.others_report results/vae results/seq results/dqn \
-        results/dqn-no-init --out results/others-report
+    python -m experiments.report results/vae results/seq results/dqn results/dqn-no-init \
+        --out results/others-report
 
-The run folders of :mod:`wnorm.repro.vae`, :mod:`wnorm.repro.seq` and :mod:`wnorm.repro.dqn`
-share the classification runs' format (``config.json`` with an ``"experiment"`` field,
-``version.json``, ``metrics.jsonl``, ``log.txt``); this module writes them
-(:class:`RunFolder`) and reads them back (:func:`report`), so the two cannot drift apart.
-Every number and plot in the report is computed here from those files:
+The run folders of :mod:`experiments.vae`, :mod:`experiments.seq` and :mod:`experiments.dqn`
+(``config.json`` with an ``"experiment"`` field, ``version.json``, ``metrics.jsonl``,
+``log.txt``: :mod:`experiments.common`). Every number and plot in the report is computed here
+from those files:
 
 - ``vae.png``: test negative ELBO (nats per example) per epoch, mean over seeds, min-max band;
   and the training bound per logged step;
@@ -24,27 +23,20 @@ Every number and plot in the report is computed here from those files:
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import math
 import statistics
-import sys
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from wnorm import WnormError
 
-from .train import RunLog, version_info
+from .common import read_run_files, refuse_duplicates, run_folders
 
-__all__ = ["EXPERIMENTS", "VARIANTS", "RunFolder", "OtherRun", "load_other_runs", "report",
-           "add_common_arguments", "config_from_args", "variants_and_seeds", "resolve_device",
-           "prepare_runs", "split_list",
-           "DQN_WINDOW"]
+__all__ = ["EXPERIMENTS", "VARIANTS", "OtherRun", "load_other_runs", "report", "DQN_WINDOW",
+           "run_command"]
 
 EXPERIMENTS = ("vae", "seq", "dqn")
 VARIANTS = ("normal", "weightnorm")
@@ -52,143 +44,6 @@ DQN_WINDOW = 10  # episodes in the moving average of the DQN return curves
 NO_INIT = "weightnorm, no data init"  # dqn runs with --variant weightnorm --no-data-init
 _COLORS = {"normal": "tab:gray", "weightnorm": "tab:blue", NO_INIT: "tab:orange"}
 _COMMON = {"experiment", "variant", "seed", "out", "threads", "device"}
-
-
-# --------------------------------------------------------------------------- command line
-def add_common_arguments(p: argparse.ArgumentParser, config_cls: type, *, seeds: str,
-                         out: str) -> None:
-    """``--variant(s) --seeds --out --threads --device --quick`` and one option per field of
-    ``config_cls`` (``--train-subset``, ``--lr``, ...; default: the dataclass's, or the
-    ``--quick`` value when that flag is given)."""
-    p.add_argument("--variant", choices=VARIANTS, default=None,
-                   help="train one variant (overrides --variants)")
-    p.add_argument("--variants", default=",".join(VARIANTS),
-                   help="comma-separated (default: normal,weightnorm)")
-    p.add_argument("--seeds", default=seeds, help=f"comma-separated (default: {seeds})")
-    p.add_argument("--out", default=out, help=f"parent folder of the run folders (default: {out})")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default: 1; on 2 shared cores more ran slower)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
-    p.add_argument("--quick", action="store_true",
-                   help="tiny sizes that run in seconds (for tests); explicit options still win")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace run folders that already hold a run (default: refuse them)")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                   help="progress bars on stderr (default: on)")
-    defaults = config_cls()
-    for f in dataclasses.fields(config_cls):
-        if f.name in _COMMON:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        kind = {"int": int, "float": float, "str": str, "bool": bool}[
-            str(f.type).replace(" | None", "").strip()]
-        default = getattr(defaults, f.name)
-        if kind is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                           help=f"(default: {default})")
-        else:
-            p.add_argument(flag, type=kind, default=None, help=f"(default: {default})")
-
-
-def config_from_args(config_cls: type, args: argparse.Namespace, quick: dict[str, Any],
-                     **fixed: Any) -> Any:
-    """The dataclass's defaults, then ``quick`` (with ``--quick``), then the options given."""
-    values: dict[str, Any] = dict(quick) if args.quick else {}
-    for f in dataclasses.fields(config_cls):
-        v = getattr(args, f.name, None)
-        if f.name not in _COMMON and v is not None:
-            values[f.name] = v
-    values.update(out=args.out, threads=args.threads, device=args.device, **fixed)
-    return config_cls(**values)
-
-
-def split_list(text: str, kind: type, flag: str) -> list[Any]:
-    """A comma-separated option as a list: spaces ignored, at least one item, none twice."""
-    from .checks import no_repeats
-
-    try:
-        items = [kind(t.strip()) for t in text.split(",") if t.strip()]
-    except ValueError as e:
-        raise WnormError(f"{flag}: expected a comma-separated list of {kind.__name__}; "
-                         f"got {text!r}") from e
-    if not items:
-        raise WnormError(f"{flag}: expected at least one value; got {text!r}")
-    return no_repeats(items, flag)
-
-
-
-def variants_and_seeds(args: argparse.Namespace) -> tuple[list[str], list[int]]:
-    """The variants and seeds asked for. Raises :class:`WnormError` on an unknown variant."""
-    variants = [args.variant] if args.variant else split_list(args.variants, str, "--variants")
-    bad = [v for v in variants if v not in VARIANTS]
-    if bad:
-        raise WnormError(f"--variants: unknown {bad}; expected some of {list(VARIANTS)}")
-    return variants, split_list(args.seeds, int, "--seeds")
-
-
-def prepare_runs(config_cls: type, args: argparse.Namespace, quick: dict[str, Any],
-                 name: Any, grid: list[dict[str, Any]]) -> list[Any]:
-    """One config per entry of ``grid`` (its fixed fields), every one checked, and none of
-    their run folders (``<out>/<name(cfg)>``) holding a run unless ``--overwrite``: before any
-    data is loaded or any run trains.
-
-    Raises:
-        WnormError: the first bad option or taken folder, named.
-    """
-    from .checks import check_config, refuse_existing
-
-    configs = [config_from_args(config_cls, args, quick, **fixed) for fixed in grid]
-    for cfg in configs:
-        check_config(cfg)
-    refuse_existing([Path(cfg.out) / name(cfg) for cfg in configs], args.overwrite)
-    return configs
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda if available else cpu; a CUDA device this machine lacks is an error."""
-    from .checks import check_device
-
-    check_device(name)
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-# --------------------------------------------------------------------------- writing
-class RunFolder:
-    """``<out>/<name>/`` with ``config.json``, ``version.json``, ``log.txt``, ``metrics.jsonl``.
-
-    A context manager: ``log(msg)`` prints and appends to ``log.txt``, ``write(row)`` appends
-    one JSON line to ``metrics.jsonl``.
-    """
-
-    def __init__(self, cfg: Any, name: str, device: torch.device, extra: dict[str, Any],
-                 echo: bool = True, overwrite: bool = False) -> None:
-        from .checks import refuse_existing
-
-        self.path = Path(cfg.out) / name
-        refuse_existing([self.path], overwrite)  # before anything in it is touched
-        self.path.mkdir(parents=True, exist_ok=True)
-        config = asdict(cfg) | {"device": str(device)} | extra
-        (self.path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        (self.path / "version.json").write_text(
-            json.dumps(version_info(str(device)), indent=2) + "\n")
-        self.log = RunLog(self.path / "log.txt", echo=bool(echo))
-        self._metrics = (self.path / "metrics.jsonl").open("w")
-
-    def write(self, row: dict[str, Any]) -> None:
-        self._metrics.write(json.dumps(row) + "\n")
-        self._metrics.flush()
-
-    def close(self) -> None:
-        self._metrics.close()
-        self.log.close()
-
-    def __enter__(self) -> RunFolder:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 # --------------------------------------------------------------------------- reading
@@ -245,8 +100,6 @@ class OtherRun:
 
 
 def _read(folder: Path) -> OtherRun:
-    from .report import read_run_files
-
     return OtherRun(folder, *read_run_files(folder))
 
 
@@ -257,8 +110,6 @@ def load_other_runs(paths: list[Path]) -> list[OtherRun]:
     Raises:
         WnormError: a path does not exist, or none of them holds such a run folder.
     """
-    from .report import refuse_duplicates, run_folders
-
     runs = [_read(d) for d in run_folders(paths, "others_report")]
     runs = [r for r in runs if r.experiment in EXPERIMENTS and r.metrics]
     if not runs:
@@ -339,14 +190,16 @@ def _compare(name: str, normal: list[float], wn: list[float], unit: str, lower_b
             f"(difference {diff:+.{digits}f}{u}; better: **{who}**; {spread}).")
 
 
-def _run_command(argv: list[str] | None) -> str | None:
-    """The command line that made a run, from ``version.json``'s ``argv`` (``python -m ...``)."""
+def run_command(argv: list[str] | None) -> str | None:
+    """The command line that made a run, from ``version.json``'s ``argv`` (``python -m ...``;
+    runs made before the experiments moved out of the package name ``wnorm.repro``)."""
     if not argv:
         return None
     head = Path(argv[0])
     if head.parent.name == "repro" and head.parent.parent.name == "wnorm":
-        module = "wnorm.repro" + ("" if head.stem == "__main__" else f".{head.stem}")
-        head_txt = f"python -m {module}"
+        head_txt = "python -m wnorm.repro" + ("" if head.stem == "__main__" else f".{head.stem}")
+    elif head.parent.name == "experiments":
+        head_txt = f"python -m experiments.{head.stem}"
     else:
         head_txt = head.name
     return " ".join([head_txt, *argv[1:]])
@@ -363,7 +216,7 @@ def _setting_lines(runs: list[OtherRun], keys: list[str], command: str) -> list[
         lines.append(f"- Data: {data.get('name', '?')} from {data.get('source', '?')}, "
                      f"{data.get('train', '?')} train / {data.get('test', '?')} test "
                      f"examples; preprocessing {data.get('preprocessing', '?')}")
-    made = sorted({cmd for r in runs if (cmd := _run_command(r.version.get("argv")))})
+    made = sorted({cmd for r in runs if (cmd := run_command(r.version.get("argv")))})
     if made:
         lines.append("- Runs made by: " + "; ".join(f"`{m}`" for m in made))
     lines += [f"- Hardware: {'; '.join(hardware)}",
@@ -731,12 +584,12 @@ def report(run_dirs: list[Path], out_dir: Path, *, command: str | None = None) -
     runs = load_other_runs([Path(p) for p in run_dirs])
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    command = command or ("python -m wnorm.repro.others_report "
+    command = command or ("python -m experiments.report "
                           + " ".join(map(str, run_dirs)) + f" --out {out_dir}")
     parts = ["# Weight normalization: the paper's other experiments (Salimans & Kingma 2016, "
              "section 6), normal vs weight norm", "",
              "Small CPU-sized versions of the paper's experiments; every number below is "
-             "computed from the run folders' metrics.jsonl by `wnorm.repro.others_report`. "
+             "computed from the run folders' metrics.jsonl by `experiments.report_others`. "
              "'± x' is the standard deviation over seeds, '(a to b)' the range.", ""]
     makers = {"vae": _vae, "seq": _seq, "dqn": _dqn}
     summary = _Summary()
@@ -760,24 +613,3 @@ def report(run_dirs: list[Path], out_dir: Path, *, command: str | None = None) -
     text = "\n".join(parts + sections)
     (out_dir / "report.md").write_text(text)
     return text
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m wnorm.repro.others_report",
-                                description="run folders of vae/seq/dqn -> PNGs + report.md")
-    p.add_argument("runs", nargs="+", help="run folders, or folders of run folders")
-    p.add_argument("--out", required=True, help="folder for the PNGs and report.md")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = p.parse_args(argv)
-    try:
-        text = report([Path(r) for r in args.runs], Path(args.out),
-                      command="python -m wnorm.repro.others_report " + " ".join(argv))
-    except WnormError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(text)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

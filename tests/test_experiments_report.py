@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 
 from wnorm import WnormError
-from wnorm.repro.__main__ import main
-from wnorm.repro.report import report
+from experiments.classify import main as classify_main
+from experiments.report import main, report
+from experiments.report_others import report as others_report
 
-from test_repro_datasets import _write_fashion
+from fakes import write_fashion
 
 
 def _fake_run(root: Path, variant: str, seed: int, test_errors: list[float], epochs: int = 3,
@@ -123,27 +124,33 @@ def test_two_folders_with_the_same_variant_and_seed_are_refused(tmp_path: Path) 
         report([tmp_path / "a", tmp_path / "b"], tmp_path / "rep")
 
 
-def test_repeated_seeds_or_variants_are_refused(tmp_path: Path, capsys) -> None:
-    for argv in (["demo", "--seeds", "0,0"], ["classify", "--variants", "normal,normal"],
-                 ["lr-sweep", "--lrs", "0.1,0.1"], ["vae", "--seeds", "1,1"],
-                 ["dqn", "--envs", "CartPole-v1,CartPole-v1"]):
-        assert main(argv + ["--out", str(tmp_path / "x")]) == 2
-        assert "given twice" in capsys.readouterr().err
-    assert not (tmp_path / "x").exists()
-
-
 @pytest.mark.parametrize("exp", ["vae", "seq", "dqn"])
-def test_report_refuses_other_experiments(tmp_path: Path, exp: str, capsys) -> None:
+def test_the_classification_report_refuses_other_experiments(tmp_path: Path, exp: str) -> None:
     folder = tmp_path / f"{exp}-normal-s0"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"experiment": exp, "variant": "normal",
                                                     "seed": 0, "epochs": 1, "steps": 10}))
     (folder / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "test_error": 0.5,
                                                       "train_error": 0.5, "seconds": 1}) + "\n")
-    assert main(["report", str(tmp_path), "--out", str(tmp_path / "rep")]) == 2
-    err = capsys.readouterr().err
-    assert "others-report" in err and "Traceback" not in err
+    with pytest.raises(WnormError, match="is a others run folder, not a classification run"):
+        report([tmp_path], tmp_path / "rep")
     assert not (tmp_path / "rep").exists()
+
+
+def test_the_command_reports_each_kind_and_refuses_a_mix(tmp_path: Path, capsys) -> None:
+    """``python -m experiments.report`` sends vae/seq/dqn runs to their report and refuses
+    folders that mix kinds, naming both."""
+    _other(tmp_path / "vae", "vae", "normal", 0, 2)
+    _other(tmp_path / "vae", "vae", "weightnorm", 0, 2)
+    assert main([str(tmp_path / "vae"), "--out", str(tmp_path / "rep")]) == 0
+    assert "## Convolutional VAE" in (tmp_path / "rep" / "report.md").read_text()
+    _fake_run(tmp_path / "cls", "normal", 0, [0.5, 0.3, 0.2])
+    capsys.readouterr()
+    assert main([str(tmp_path / "vae"), str(tmp_path / "cls"), "--out",
+                 str(tmp_path / "rep2")]) == 2
+    err = capsys.readouterr().err
+    assert "mix kinds of run" in err and "classify in" in err and "others in" in err
+    assert not (tmp_path / "rep2").exists()
 
 
 def _other(root: Path, exp: str, variant: str, seed: int, n: int, epochs: int = 2,
@@ -162,8 +169,6 @@ def _other(root: Path, exp: str, variant: str, seed: int, n: int, epochs: int = 
 
 
 def test_others_report_leaves_incomplete_runs_out(tmp_path: Path) -> None:
-    from wnorm.repro.others_report import report as others_report
-
     for seed in (0, 1):
         _other(tmp_path, "vae", "normal", seed, 2)
         _other(tmp_path, "vae", "weightnorm", seed, 2)
@@ -175,8 +180,6 @@ def test_others_report_leaves_incomplete_runs_out(tmp_path: Path) -> None:
 
 
 def test_others_report_counts_a_folder_once(tmp_path: Path) -> None:
-    from wnorm.repro.others_report import report as others_report
-
     a = _other(tmp_path, "vae", "normal", 0, 2)
     _other(tmp_path, "vae", "weightnorm", 0, 2)
     md = others_report([tmp_path, a], tmp_path / "rep")
@@ -189,8 +192,8 @@ def test_a_diverging_variant_does_not_stop_the_others(tmp_path: Path, capsys) ->
     """lr 1e3: normal diverges; the later variants still train; the log and metrics say so;
     the report shows it."""
     data, out = tmp_path / "fashion", tmp_path / "runs"
-    _write_fashion(data, n_train=20, n_test=10)
-    assert main(["classify", "--data-dir", str(data), "--variants", "normal,weightnorm",
+    write_fashion(data, n_train=20, n_test=10)
+    assert classify_main(["--data-dir", str(data), "--variants", "normal,weightnorm",
                  "--seeds", "0", "--width", "0.04", "--batch-size", "10", "--init-examples",
                  "10", "--threads", "1", "--no-progress", "--device", "cpu", "--epochs", "2",
                  "--lr", "1e30", "--out", str(out)]) == 0
@@ -202,3 +205,44 @@ def test_a_diverging_variant_does_not_stop_the_others(tmp_path: Path, capsys) ->
     assert "diverged" in capsys.readouterr().err
     md = report([out], tmp_path / "rep")[2]
     assert _row(md, "normal")[1] == "diverged" and _row(md, "weightnorm")[1] == "diverged"
+
+
+def test_precision_splits_tables_and_old_runs_count_as_float32(tmp_path: Path) -> None:
+    """A bf16 run never shares a table with a float32 one; a run from before precision was
+    recorded shares one with a new CPU float32 run (that is how it ran)."""
+    fp32 = {"params": "float32", "autocast": None, "tf32_matmul": None, "tf32_cudnn": None,
+            "channels_last": False, "compile": "off"}
+    _fake_run(tmp_path, "normal", 0, [0.5, 0.3, 0.20])  # old: no precision recorded
+    _fake_run(tmp_path, "normal", 1, [0.5, 0.3, 0.22], precision=fp32)
+    _fake_run(tmp_path, "normal", 2, [0.5, 0.3, 0.24], precision=fp32 | {
+        "autocast": "bfloat16", "tf32_matmul": True, "tf32_cudnn": True, "channels_last": True,
+        "compile": "default"}, stack=3, procs=5)
+    md = report([tmp_path], tmp_path / "rep")[2]
+    rows = [line for line in md.splitlines() if line.startswith("| normal |")]
+    assert sorted(_row(r, "normal")[2] for r in rows) == ["1", "2"]
+    assert "Differs from the other tables: precision bfloat16 autocast, TF32 matmul on" in md
+    assert "arithmetic: bfloat16 autocast, TF32 matmul on, cuDNN on, channels-last, " \
+           "torch.compile (default)" in md
+    assert "3 seeds trained as one network and up to 5 such processes" in md
+
+
+def test_the_verdict_names_the_best_variant_and_whether_the_gap_beats_the_spread(
+        tmp_path: Path) -> None:
+    for seed, (a, b, c) in enumerate([(0.20, 0.30, 0.33), (0.21, 0.31, 0.32),
+                                      (0.22, 0.32, 0.34)]):  # (train = test error here)
+        _fake_run(tmp_path, "batchnorm", seed, [0.6, 0.4, a])
+        _fake_run(tmp_path, "normal", seed, [0.9, 0.6, b])
+        _fake_run(tmp_path, "weightnorm", seed, [0.8, 0.44, c])
+    md = report([tmp_path], tmp_path / "rep", target_error=45)[2]
+    assert ("- Lowest final test error: **batchnorm**, 21.00 ± 1.00% over 3 seeds; next "
+            "normal, 31.00 ± 1.00%: every seed of batchnorm is below every seed of "
+            "normal.") in md
+    assert ("- First to 45% training error (mean epochs over seeds): batchnorm (2), "
+            "weightnorm (2), normal (3).") in md
+    (tmp_path / "b").mkdir()
+    for seed, (n, w) in enumerate([(0.30, 0.29), (0.31, 0.32), (0.32, 0.30)]):
+        _fake_run(tmp_path / "b", "normal", seed, [0.9, 0.6, n])
+        _fake_run(tmp_path / "b", "weightnorm", seed, [0.9, 0.6, w])
+    md = report([tmp_path / "b"], tmp_path / "rep2")[2]
+    assert "**weightnorm**, 30.33 ± 1.53% over 3 seeds; next normal, 31.00 ± 1.00%: their " \
+           "seed ranges overlap: the gap is within seed-to-seed spread." in md

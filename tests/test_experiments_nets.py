@@ -1,4 +1,4 @@
-"""wnorm.repro.models: the section-5 network in every variant, for 1- and 3-channel inputs."""
+"""experiments.nets: the section-5 network in every variant, for 1- and 3-channel inputs."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from torch import nn
 
 import wnorm
 from wnorm import WnormError
-from wnorm.repro.models import (
+from experiments.nets import (
     MLP,
     MLP_VARIANTS,
     VARIANTS,
@@ -16,7 +16,7 @@ from wnorm.repro.models import (
     PaperNet,
     build,
     initialize,
-    weight_normalized_layers,
+    reparameterized_layers,
 )
 
 WIDTH = 0.05  # 5 / 10 channels
@@ -63,19 +63,38 @@ def test_normalizers_per_variant() -> None:
     assert sum(isinstance(m, nn.BatchNorm2d) for m in build("batchnorm", 1, WIDTH).modules()) == 9
 
 
-def test_relatives_reparameterize_every_layer_their_way() -> None:
-    def kinds(net: nn.Module) -> dict[str, str]:
-        return {n: kind for n, (_, _, kind) in weight_normalized_layers(net).items()}
+def _rows(w: torch.Tensor) -> torch.Tensor:
+    return w.detach().flatten(1)
 
-    for variant, kind in (("centered", "centered"), ("forced", "forced"), ("arpit", "wn")):
+
+def test_relatives_reparameterize_every_layer_their_way() -> None:
+    """Each relative's computed weights have its defining property on every conv and dense
+    layer: centered rows have mean 0 and norm g; forced v rows have norm sqrt(fan-in);
+    standardized rows mean 0, std 1 (convs only, the dense layer stays plain)."""
+    for variant in ("centered", "forced", "arpit"):
         net = build(variant, 1, WIDTH)
-        assert set(kinds(net).values()) == {kind}
-        assert len(kinds(net)) == 10  # 9 convs + the dense layer
+        layers = [m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        assert len(reparameterized_layers(net)) == len(layers) == 10  # 9 convs + dense
         assert not any(isinstance(m, nn.GroupNorm) for m in net.modules())
+        for m in layers:
+            w, g = _rows(m.weight), m.weight_g.detach().flatten()
+            torch.testing.assert_close(w.norm(dim=1), g, rtol=1e-5, atol=1e-6)
+            if variant == "centered":
+                assert w.mean(1).abs().max() < 1e-6
+    net = build("forced", 1, WIDTH).train()
+    net(torch.randn(2, 1, 28, 28))  # a training forward holds v at sqrt(fan-in)
+    for m in (m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))):
+        v = _rows(m.weight_v)
+        torch.testing.assert_close(v.norm(dim=1), torch.full((v.shape[0],), v.shape[1] ** 0.5))
     ws = build("ws+gn", 1, 1.0)
     convs = [m for m in ws if isinstance(m, nn.Conv2d)]
     gns = [m for m in ws if isinstance(m, nn.GroupNorm)]
-    assert set(kinds(ws).values()) == {"standardized"} and len(kinds(ws)) == 9
+    assert set(reparameterized_layers(ws)) == {str(i) for i, m in enumerate(ws)
+                                               if isinstance(m, nn.Conv2d)}
+    for c in convs:
+        w = _rows(c.weight)
+        assert w.mean(1).abs().max() < 1e-6
+        torch.testing.assert_close(w.std(1, unbiased=False), torch.ones(w.shape[0]))
     assert [g.num_channels for g in gns] == [c.out_channels for c in convs]
     assert {g.num_groups for g in gns} == {32}  # Qiao et al.'s 32 groups at full width
     assert all(c.bias is None for c in convs) and ws[-1].bias is not None  # plain dense layer
@@ -107,7 +126,7 @@ def test_mlp_variants(variant: str) -> None:
     initialize(net, x)
     out = net(x)
     assert out.shape == (64, 10) and bool(torch.isfinite(out).all())
-    assert len(weight_normalized_layers(net)) == (0 if variant == "normal" else 3)
+    assert len(reparameterized_layers(net)) == (0 if variant == "normal" else 3)
     if variant != "arpit":  # data init: the first layer's pre-activations are standardized
         with torch.no_grad():
             y = net[1](net[0](x))

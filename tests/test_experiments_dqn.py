@@ -1,9 +1,8 @@
-"""wnorm.repro.dqn end to end on CartPole, the replay buffer, and others_report on all three
+"""experiments.dqn end to end on CartPole, the replay buffer, and others_report on all three
 experiments: it detects each from config.json and answers from the numbers."""
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -13,8 +12,9 @@ import torch
 
 import wnorm
 from wnorm import WnormError
-from wnorm.repro import dqn
-from wnorm.repro.others_report import RunFolder, report
+from experiments import dqn
+from experiments.common import RunFolder
+from experiments.report_others import report, run_command
 
 pytest.importorskip("gymnasium")
 
@@ -42,11 +42,8 @@ def test_q_network_weightnorm() -> None:
 
 @pytest.mark.slow
 def test_quick_cartpole_runs_and_reports(tmp_path: Path) -> None:
-    p = argparse.ArgumentParser()
-    dqn.add_arguments(p)
-    args = p.parse_args(["--quick", "--seeds", "0", "--envs", "CartPole-v1", "--out",
-                         str(tmp_path / "runs"), "--device", "cpu"])
-    assert dqn.run(args) == 0
+    assert dqn.main(["--quick", "--seeds", "0", "--envs", "CartPole-v1", "--out",
+                     str(tmp_path / "runs"), "--device", "cpu", "--no-progress"]) == 0
     for v in ("normal", "weightnorm"):
         f = tmp_path / "runs" / f"dqn-CartPole-v1-{v}-s0"
         config = json.loads((f / "config.json").read_text())
@@ -67,15 +64,15 @@ def test_quick_cartpole_runs_and_reports(tmp_path: Path) -> None:
 
 
 def _fake(out: Path, cfg: object, name: str, rows: list[dict]) -> None:
-    with RunFolder(cfg, name, torch.device("cpu"), {"data": {"train": 10, "test": 5}},
+    with RunFolder(out / name, cfg, torch.device("cpu"), {"data": {"train": 10, "test": 5}},
                    echo=False) as f:
         for r in rows:
             f.write(r)
 
 
 def test_report_covers_all_three_experiments_and_answers_from_the_data(tmp_path: Path) -> None:
-    from wnorm.repro.seq import SeqConfig
-    from wnorm.repro.vae import VAEConfig
+    from experiments.seq import SeqConfig
+    from experiments.vae import VAEConfig
 
     out = tmp_path / "runs"
     for seed in range(3):
@@ -91,7 +88,7 @@ def test_report_covers_all_three_experiments_and_answers_from_the_data(tmp_path:
                                     for s in range(4 * e - 3, 4 * e + 1)]}
                    for e in (1, 2)])
             cfg = dqn.DQNConfig(variant=v, seed=seed, steps=1000, out=str(out))
-            f = RunFolder(cfg, f"dqn-CartPole-v1-{v}-s{seed}", torch.device("cpu"),
+            f = RunFolder(out / f"dqn-CartPole-v1-{v}-s{seed}", cfg, torch.device("cpu"),
                           {"reward_threshold": 475.0}, echo=False)
             with f:
                 for i in range(1, 21):
@@ -99,9 +96,9 @@ def test_report_covers_all_three_experiments_and_answers_from_the_data(tmp_path:
                              "length": 10, "seconds": 0.1 * i})
                 f.log("done: 20 episodes in 2s")
     # WN without data init is its own row beside the two variants, on the same plot
-    with RunFolder(dqn.DQNConfig(variant="weightnorm", seed=0, steps=1000, data_init=False,
-                                 out=str(out)), "dqn-no-init", torch.device("cpu"),
-                   {"reward_threshold": 475.0}, echo=False) as f:
+    with RunFolder(out / "dqn-no-init", dqn.DQNConfig(variant="weightnorm", seed=0, steps=1000,
+                                                      data_init=False, out=str(out)),
+                   torch.device("cpu"), {"reward_threshold": 475.0}, echo=False) as f:
         for i in range(1, 21):
             f.write({"episode": i, "env_steps": 50 * i, "return": 10.0 * i, "length": 10,
                      "seconds": 0.1 * i})
@@ -135,10 +132,11 @@ def test_report_refuses_folders_without_these_experiments(tmp_path: Path) -> Non
 
 
 def test_report_names_the_command_that_made_the_runs() -> None:
-    from wnorm.repro.others_report import _run_command
-
-    assert _run_command(["/x/wnorm/repro/dqn.py", "--seeds", "0"]) == \
+    """Runs made before the move name their old module; new ones the script."""
+    assert run_command(["/x/wnorm/repro/dqn.py", "--seeds", "0"]) == \
         "python -m wnorm.repro.dqn --seeds 0"
-    assert _run_command(["/x/wnorm/repro/__main__.py", "vae", "--quick"]) == \
+    assert run_command(["/x/wnorm/repro/__main__.py", "vae", "--quick"]) == \
         "python -m wnorm.repro vae --quick"
-    assert _run_command([]) is None
+    assert run_command(["/x/experiments/dqn.py", "--seeds", "0"]) == \
+        "python -m experiments.dqn --seeds 0"
+    assert run_command([]) is None

@@ -21,12 +21,17 @@ Variants: ``normal`` = plain layers, weights :math:`N(0, 0.05^2)`, then the data
 of the plain layers (``wnorm.data_init(..., include_plain=True)``, as the paper's baseline);
 ``weightnorm`` = the same, then ``wnorm.apply`` and ``wnorm.data_init``. Adam, batch 100.
 
-Run (the committed results; 5 to 20 s per epoch on one CPU thread, depending on load)::
+Run (from the repository root; the committed results: 5 to 20 s per epoch on one CPU thread,
+depending on load)::
 
-    python -m wnorm.repro.vae --seeds 0,1,2 --out results/vae
+    python -m experiments.vae --seeds 0,1,2 --out results/vae
+    # on a GPU, the whole training set and a wider network (every step stays on the device:
+    # no host sync until the epoch ends)
+    python -m experiments.vae --device cuda --seeds 0,1,2 --train-subset 60000 \
+        --test-subset 10000 --channels 64 --latent 32 --blocks 2 --epochs 30 --out runs/vae-gpu
+    python -m experiments.report results/vae results/seq results/dqn --out results/others-report
 
-Each (variant, seed) writes ``<out>/vae-<variant>-s<seed>/`` (see :mod:`wnorm.repro.train` for
-the format); ``metrics.jsonl`` has one line per epoch: ``epoch``, ``train_neg_elbo`` (mean over
+Each (variant, seed) writes ``<out>/vae-<variant>-s<seed>/`` (:mod:`experiments.common`); ``metrics.jsonl`` has one line per epoch: ``epoch``, ``train_neg_elbo`` (mean over
 the epoch's batches), ``test_neg_elbo``, ``test_recon``, ``test_kl`` (nats per image, one fixed
 draw of :math:`\epsilon` per test image), ``seconds``, ``eval_seconds``, ``steps`` (so far) and
 ``step_losses`` (``[step, batch -ELBO]`` every ``log_every`` steps).
@@ -40,6 +45,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -48,11 +54,10 @@ from torch import Tensor, nn
 import wnorm
 from wnorm import WnormError
 
-from .others_report import (RunFolder, add_common_arguments, prepare_runs, resolve_device,
-                            variants_and_seeds)
-from .train import _progress
+from .common import (RunFolder, add_run_options, check_config, progress, refuse_existing,
+                     resolve_device, run_configs)
 
-__all__ = ["VAEConfig", "ConvVAE", "neg_elbo", "add_arguments", "run", "train_one"]
+__all__ = ["VAEConfig", "ConvVAE", "neg_elbo", "parser", "train_one", "main"]
 
 
 # --------------------------------------------------------------------------- defaults
@@ -63,7 +68,7 @@ class VAEConfig:
     experiment: str = "vae"
     variant: str = "weightnorm"  # normal | weightnorm
     seed: int = 0
-    data_dir: str | None = None  # default: the system dir / cache (see wnorm.repro.datasets)
+    data_dir: str | None = None  # default: the system dir / cache (see experiments.data)
     train_subset: int | None = 10000
     test_subset: int | None = 2000
     epochs: int = 10
@@ -81,6 +86,8 @@ class VAEConfig:
     device: str = "auto"
 
 
+VARIANTS = ("normal", "weightnorm")
+#: --quick: tiny sizes that run in seconds (the tests)
 QUICK = {"train_subset": 200, "test_subset": 100, "epochs": 2, "channels": 4, "latent": 4,
          "batch_size": 50, "init_examples": 50, "log_every": 1}
 
@@ -153,7 +160,7 @@ def build(variant: str, cfg: VAEConfig) -> ConvVAE:
 # --------------------------------------------------------------------------- data
 def load_binarized(cfg: VAEConfig) -> tuple[Tensor, Tensor, dict[str, object]]:
     """Train and test images ``(N, 1, 28, 28)`` in {0, 1} (or [0, 1]) and a description."""
-    from .datasets import load_fashion_mnist
+    from .data import load_fashion_mnist
 
     data = load_fashion_mnist(cfg.data_dir, train_subset=cfg.train_subset,
                               test_subset=cfg.test_subset)
@@ -168,19 +175,18 @@ def load_binarized(cfg: VAEConfig) -> tuple[Tensor, Tensor, dict[str, object]]:
 
 
 # --------------------------------------------------------------------------- training
-def _evaluate(model: ConvVAE, x: Tensor, batch: int, device: torch.device
-              ) -> tuple[float, float, float]:
-    gen = torch.Generator().manual_seed(0)  # the same eps for every epoch, run and variant
-    recon_sum = kl_sum = 0.0
+def _evaluate(model: ConvVAE, x: Tensor, eps: Tensor, batch: int) -> tuple[float, float, float]:
+    """Mean -ELBO, reconstruction and KL (nats) on ``x`` with the fixed draws ``eps`` (both on
+    the model's device; one wait for the device at the end)."""
+    sums = torch.zeros(2, dtype=torch.float64, device=x.device)
     model.eval()
     with torch.no_grad():
         for i in range(0, x.shape[0], batch):
-            xb = x[i:i + batch].to(device)
-            eps = torch.randn(xb.shape[0], model.latent, generator=gen).to(device)
-            recon, kl = neg_elbo(xb, *model(xb, eps))
-            recon_sum += float(recon.sum())
-            kl_sum += float(kl.sum())
+            xb = x[i:i + batch]
+            recon, kl = neg_elbo(xb, *model(xb, eps[i:i + batch]))
+            sums += torch.stack([recon.sum(dtype=torch.float64), kl.sum(dtype=torch.float64)])
     model.train()
+    recon_sum, kl_sum = sums.tolist()
     n = max(x.shape[0], 1)
     return (recon_sum + kl_sum) / n, recon_sum / n, kl_sum / n
 
@@ -190,19 +196,19 @@ def run_name(cfg: VAEConfig) -> str:
 
 
 def train_one(cfg: VAEConfig, x_train: Tensor, x_test: Tensor, data_desc: dict[str, object],
-              echo: bool = True, *, overwrite: bool = False, progress: bool = False
+              echo: bool = True, *, overwrite: bool = False, progress_bar: bool = False
               ) -> RunFolder:
     """Train ``cfg.variant`` with ``cfg.seed``; writes and returns the run folder.
 
-    A bound that turns NaN/inf stops the run: its last metrics line is ``{"epoch": e,
-    "diverged": true, "step": s, "loss": "nan"}`` and the log says so.
+    The steps never wait for the device: the bounds stay on it until the epoch ends. A bound
+    that turns NaN/inf stops the run at the end of that epoch: its last metrics line is
+    ``{"epoch": e, "diverged": true, "step": s, "loss": "nan"}`` (s the first bad step) and
+    the log says so.
 
     Raises:
         WnormError: a bad setting, or the folder already holds a run and ``overwrite`` is
             False (before the folder is touched).
     """
-    from .checks import check_config
-
     check_config(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -212,9 +218,8 @@ def train_one(cfg: VAEConfig, x_train: Tensor, x_test: Tensor, data_desc: dict[s
         raise WnormError(f"vae: need at least 2 training images; got {n}")
     torch.manual_seed(cfg.seed)
     model = build(cfg.variant, cfg).to(device)  # before the folder is touched
-    folder = RunFolder(cfg, run_name(cfg), device, {"data": data_desc}, echo=echo,
-                       overwrite=overwrite)
-    with folder:
+    with RunFolder(Path(cfg.out) / run_name(cfg), cfg, device, {"data": data_desc},
+                   echo=echo, overwrite=overwrite) as folder:
         log = folder.log
         order = torch.Generator().manual_seed(cfg.seed)
         init_x = x_train[torch.randperm(n, generator=order)[:cfg.init_examples]].to(device)
@@ -230,42 +235,43 @@ def train_one(cfg: VAEConfig, x_train: Tensor, x_test: Tensor, data_desc: dict[s
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
         batch = min(cfg.batch_size, n)
         steps_per_epoch = max(1, n // batch)
-        x_dev = x_train.to(device)
+        x_dev, x_test_dev = x_train.to(device), x_test.to(device)
+        # the same eps for every epoch, run and variant
+        eps = torch.randn(x_test.shape[0], model.latent,
+                          generator=torch.Generator().manual_seed(0)).to(device)
         step = 0
         for epoch in range(1, cfg.epochs + 1):
             perm = torch.randperm(n, generator=order).to(device)
-            total, logged = 0.0, []
+            losses = torch.empty(steps_per_epoch, device=device)
             t0 = time.perf_counter()
-            diverged = False
-            with _progress(steps_per_epoch, f"vae {cfg.variant} s{cfg.seed} {epoch}/"
-                                            f"{cfg.epochs}", progress) as bar:
+            with progress(steps_per_epoch, f"vae {cfg.variant} s{cfg.seed} {epoch}/"
+                                           f"{cfg.epochs}", progress_bar) as bar:
                 for s in range(steps_per_epoch):
                     xb = x_dev[perm[s * batch:(s + 1) * batch]]
                     recon, kl = neg_elbo(xb, *model(xb))
                     loss = (recon + kl).mean()
-                    step += 1
-                    value = float(loss.detach())
-                    if not math.isfinite(value):
-                        diverged = True
-                        break
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
-                    total += value
-                    if step % cfg.log_every == 0:
-                        logged.append([step, value])
+                    losses[s] = loss.detach()
                     if bar is not None:
                         bar.update(1)
-            if diverged:
-                folder.write({"epoch": epoch, "diverged": True, "step": step,
-                              "loss": str(value), "steps": step})
-                log(f"epoch {epoch}/{cfg.epochs}: the bound became {value} at step {step} "
-                    f"(lr {cfg.lr:g}): diverged, stopping this run (a lower --lr may help)")
-                break
+            values = losses.tolist()  # the epoch's one wait for the device
             seconds = time.perf_counter() - t0
+            bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
+            if bad is not None:
+                folder.write({"epoch": epoch, "diverged": True, "step": step + bad + 1,
+                              "loss": str(values[bad]), "steps": step + bad + 1})
+                log(f"epoch {epoch}/{cfg.epochs}: the bound became {values[bad]} at step "
+                    f"{step + bad + 1} (lr {cfg.lr:g}): diverged, stopping this run (a lower "
+                    "--lr may help)")
+                break
+            logged = [[step + i + 1, v] for i, v in enumerate(values)
+                      if (step + i + 1) % cfg.log_every == 0]
+            step += steps_per_epoch
             t1 = time.perf_counter()
-            test, recon_t, kl_t = _evaluate(model, x_test, 500, device)
-            row = {"epoch": epoch, "train_neg_elbo": total / steps_per_epoch,
+            test, recon_t, kl_t = _evaluate(model, x_test_dev, eps, 500)
+            row = {"epoch": epoch, "train_neg_elbo": math.fsum(values) / steps_per_epoch,
                    "test_neg_elbo": test, "test_recon": recon_t, "test_kl": kl_t,
                    "seconds": seconds, "eval_seconds": time.perf_counter() - t1, "steps": step,
                    "step_losses": logged}
@@ -276,34 +282,33 @@ def train_one(cfg: VAEConfig, x_train: Tensor, x_test: Tensor, data_desc: dict[s
 
 
 # --------------------------------------------------------------------------- command line
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``vae`` subcommand's options."""
-    add_common_arguments(parser, VAEConfig, seeds="0,1,2", out="runs/vae")
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m experiments.vae",
+                                description=__doc__.split("\n")[0])
+    add_run_options(p, VAEConfig, variants=VARIANTS, seeds="0,1,2", out=VAEConfig.out)
+    return p
 
 
-def run(args: argparse.Namespace) -> int:
-    """Train every (variant, seed) asked for; returns the exit status (2 on a WnormError)."""
+def main(argv: list[str] | None = None) -> int:
+    """Train every (variant, seed) asked for; returns the exit status."""
+    p = parser()
+    args = p.parse_args(argv)
     try:
-        variants, seeds = variants_and_seeds(args)
-        configs = prepare_runs(VAEConfig, args, QUICK, run_name,
-                               [{"variant": v, "seed": s} for s in seeds for v in variants])
-        resolve_device(args.device)
+        configs = run_configs(VAEConfig, args, QUICK, VARIANTS,
+                              lambda v, s: [{"variant": v, "seed": s}])
+    except WnormError as e:
+        p.error(str(e))
+    try:
+        refuse_existing([Path(c.out) / run_name(c) for c in configs], args.overwrite)
         x_train, x_test, desc = load_binarized(configs[0])
         for cfg in configs:
             folder = train_one(cfg, x_train, x_test, desc, overwrite=args.overwrite,
-                               progress=args.progress)
+                               progress_bar=args.progress)
             print(f"run folder: {folder.path}")
     except WnormError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m wnorm.repro.vae",
-                                description=__doc__.split("\n")[0])
-    add_arguments(p)
-    return run(p.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""wnorm.repro.datasets: IDX and CIFAR-10 loaders on small format-true files, ZCA whitening."""
+"""experiments.data: IDX and CIFAR-10 loaders on small format-true files, ZCA whitening."""
 
 from __future__ import annotations
 
@@ -6,8 +6,6 @@ import gzip
 import hashlib
 import pickle
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,54 +13,14 @@ import pytest
 import torch
 
 from wnorm import WnormError
-from wnorm.repro import datasets
-
-
-def _idx_bytes(array: np.ndarray) -> bytes:
-    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim)
-    header += struct.pack(f">{array.ndim}I", *array.shape)
-    return header + array.astype(np.uint8).tobytes()
-
-
-def _write_fashion(d: Path, n_train: int = 30, n_test: int = 10, gz: bool = True,
-                   seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    arrays = {
-        "train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
-        "train-labels-idx1-ubyte": rng.integers(0, 10, n_train, dtype=np.uint8),
-        "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
-        "t10k-labels-idx1-ubyte": rng.integers(0, 10, n_test, dtype=np.uint8),
-    }
-    d.mkdir(parents=True, exist_ok=True)
-    for stem, a in arrays.items():
-        blob = _idx_bytes(a)
-        if gz:
-            (d / (stem + ".gz")).write_bytes(gzip.compress(blob))
-        else:
-            (d / stem).write_bytes(blob)
-    return arrays
-
-
-def _write_cifar(d: Path, per_batch: int = 8, n_test: int = 6, seed: int = 0) -> None:
-    rng = np.random.default_rng(seed)
-    d.mkdir(parents=True, exist_ok=True)
-    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
-    for name in names:
-        n = n_test if name == "test_batch" else per_batch
-        batch = {
-            b"batch_label": name.encode(),
-            b"labels": [int(v) for v in rng.integers(0, 10, n)],
-            b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-            b"filenames": [f"{i}.png".encode() for i in range(n)],
-        }
-        with open(d / name, "wb") as f:
-            pickle.dump(batch, f, protocol=2)
+from experiments import data as datasets
+from fakes import idx_bytes, write_cifar, write_fashion
 
 
 # --------------------------------------------------------------------------- IDX
 @pytest.mark.parametrize("gz", [True, False])
 def test_fashion_loader_reads_idx_values_and_scales(tmp_path: Path, gz: bool) -> None:
-    arrays = _write_fashion(tmp_path, gz=gz)
+    arrays = write_fashion(tmp_path, gz=gz)
     data = datasets.load("fashion-mnist", tmp_path, download=False)
     assert data.x_train.shape == (30, 1, 28, 28) and data.x_test.shape == (10, 1, 28, 28)
     expected = (torch.from_numpy(arrays["train-images-idx3-ubyte"]).float() - 127.5) / 128
@@ -73,7 +31,7 @@ def test_fashion_loader_reads_idx_values_and_scales(tmp_path: Path, gz: bool) ->
 
 
 def test_read_idx_rejects_bad_magic_and_truncation(tmp_path: Path) -> None:
-    good = _idx_bytes(np.zeros((4, 28, 28), np.uint8))
+    good = idx_bytes(np.zeros((4, 28, 28), np.uint8))
     (tmp_path / "trunc").write_bytes(good[:-5])
     with pytest.raises(WnormError, match="need .* bytes"):
         datasets.read_idx(tmp_path / "trunc")
@@ -86,7 +44,7 @@ def test_read_idx_rejects_bad_magic_and_truncation(tmp_path: Path) -> None:
 
 
 def test_fashion_subset_is_fixed_and_shared(tmp_path: Path) -> None:
-    _write_fashion(tmp_path, n_train=50)
+    write_fashion(tmp_path, n_train=50)
     a = datasets.load("fashion-mnist", tmp_path, train_subset=12, test_subset=4, download=False)
     b = datasets.load("fashion-mnist", tmp_path, train_subset=12, test_subset=4, download=False)
     assert a.x_train.shape[0] == 12 and a.x_test.shape[0] == 4
@@ -112,8 +70,8 @@ def test_download_checks_payload_checksum(tmp_path: Path, monkeypatch) -> None:
     """A mirror is accepted only when the decompressed payload has the recorded SHA-256 and
     size; a corrupt mirror is reported, with what it got."""
     src = tmp_path / "mirror"
-    arrays = _write_fashion(src, gz=True)
-    table = {stem: (hashlib.sha256(_idx_bytes(a)).hexdigest(), len(_idx_bytes(a)), "")
+    arrays = write_fashion(src, gz=True)
+    table = {stem: (hashlib.sha256(idx_bytes(a)).hexdigest(), len(idx_bytes(a)), "")
              for stem, a in arrays.items()}
     monkeypatch.setattr(datasets, "FASHION_SYSTEM_DIR", tmp_path / "sys")
     monkeypatch.setenv("WNORM_DATA", str(tmp_path / "cache"))
@@ -136,7 +94,7 @@ def test_download_checks_payload_checksum(tmp_path: Path, monkeypatch) -> None:
                     "not installed")
 def test_recorded_checksums_match_the_installed_files() -> None:
     for stem, (sha, size, _) in datasets.FASHION_FILES.items():
-        path = datasets._find(datasets.FASHION_SYSTEM_DIR, stem)
+        path = datasets.find_file(datasets.FASHION_SYSTEM_DIR, stem)
         assert path is not None, stem
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
         assert len(raw) == size, stem
@@ -145,7 +103,7 @@ def test_recorded_checksums_match_the_installed_files() -> None:
 
 # --------------------------------------------------------------------------- CIFAR-10
 def test_cifar_loader_layout_and_scaling(tmp_path: Path) -> None:
-    _write_cifar(tmp_path)
+    write_cifar(tmp_path)
     data = datasets.load("cifar10", tmp_path, zca=False)
     assert data.x_train.shape == (40, 3, 32, 32) and data.x_test.shape == (6, 3, 32, 32)
     with open(tmp_path / "data_batch_1", "rb") as f:
@@ -157,7 +115,7 @@ def test_cifar_loader_layout_and_scaling(tmp_path: Path) -> None:
 
 
 def test_cifar_finds_extracted_subfolder_and_applies_zca(tmp_path: Path) -> None:
-    _write_cifar(tmp_path / "cifar-10-batches-py")
+    write_cifar(tmp_path / "cifar-10-batches-py")
     data = datasets.load("cifar10", tmp_path, train_subset=10)
     assert data.x_train.shape == (10, 3, 32, 32)
     assert "ZCA" in data.preprocessing
@@ -172,7 +130,7 @@ def test_missing_cifar_names_the_url(tmp_path: Path) -> None:
 
 
 def test_cifar_rejects_a_malformed_batch(tmp_path: Path) -> None:
-    _write_cifar(tmp_path)
+    write_cifar(tmp_path)
     with open(tmp_path / "data_batch_3", "wb") as f:
         pickle.dump({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}, f)
     with pytest.raises(WnormError, match=r"data_batch_3: b'data' must be uint8 of shape \(N, 3072\)"):
@@ -195,12 +153,3 @@ def test_zca_whitened_training_data_has_identity_covariance() -> None:
     torch.testing.assert_close(cov, torch.eye(d, dtype=torch.float64), atol=2e-3, rtol=0)
     # ZCA is the symmetric whitening: W = W^T, and it is the closest whitening to the identity
     torch.testing.assert_close(w, w.T)
-
-
-def test_importing_wnorm_does_not_import_repro() -> None:
-    # torch itself may import tqdm (torch.hub); wnorm must add none of these
-    code = ("import sys, torch; before = set(sys.modules); import wnorm; "
-            "print(sorted(m for m in set(sys.modules) - before "
-            "if m.split('.')[0] in ('matplotlib', 'tqdm', 'numpy') or m.startswith('wnorm.repro')))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"

@@ -14,9 +14,12 @@ the plain-layer data init (``include_plain=True``); ``weightnorm`` = the same mo
 head is initialized, the LSTM is reported as skipped (the paper's init does not apply to
 recurrent layers). Both variants compute the same function at step 0. Adam, batch 100.
 
-Run (the committed results)::
+Run (from the repository root; the committed results)::
 
-    python -m wnorm.repro.seq --seeds 0,1,2 --out results/seq
+    python -m experiments.seq --seeds 0,1,2 --out results/seq
+    # on a GPU, the whole training set and a wider LSTM (no host sync until the epoch ends)
+    python -m experiments.seq --device cuda --seeds 0,1,2 --train-subset 60000 \
+        --test-subset 10000 --hidden 512 --epochs 20 --out runs/seq-gpu
 
 Each (variant, seed) writes ``<out>/seq-<variant>-s<seed>/``; ``metrics.jsonl`` has one line per
 epoch: ``epoch``, ``train_loss`` (mean over the epoch), ``train_error``, ``test_loss``,
@@ -32,6 +35,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -40,12 +44,11 @@ from torch import Tensor, nn
 import wnorm
 from wnorm import WnormError
 
-from .datasets import ImageData
-from .others_report import (RunFolder, add_common_arguments, prepare_runs, resolve_device,
-                            variants_and_seeds)
-from .train import _progress
+from .common import (RunFolder, add_run_options, check_config, progress, refuse_existing,
+                     resolve_device, run_configs)
+from .data import ImageData, load_fashion_mnist
 
-__all__ = ["SeqConfig", "RowLSTM", "add_arguments", "run", "train_one"]
+__all__ = ["SeqConfig", "RowLSTM", "build", "parser", "train_one", "main"]
 
 
 # --------------------------------------------------------------------------- defaults
@@ -70,6 +73,8 @@ class SeqConfig:
     device: str = "auto"
 
 
+VARIANTS = ("normal", "weightnorm")
+#: --quick: tiny sizes that run in seconds (the tests)
 QUICK = {"train_subset": 200, "test_subset": 100, "epochs": 2, "hidden": 8,
          "batch_size": 50, "init_examples": 50, "log_every": 1}
 
@@ -98,17 +103,18 @@ def build(variant: str, hidden: int) -> RowLSTM:
 
 
 # --------------------------------------------------------------------------- training
-def _evaluate(model: nn.Module, x: Tensor, y: Tensor, device: torch.device
-              ) -> tuple[float, float]:
+def _evaluate(model: nn.Module, x: Tensor, y: Tensor) -> tuple[float, float]:
+    """Mean loss and error on ``x, y`` (on the model's device; one wait at the end)."""
+    sums = torch.zeros(2, dtype=torch.float64, device=x.device)
     model.eval()
-    loss = wrong = 0.0
     with torch.no_grad():
         for i in range(0, x.shape[0], 500):
-            xb, yb = x[i:i + 500].to(device), y[i:i + 500].to(device)
+            xb, yb = x[i:i + 500], y[i:i + 500]
             logits = model(xb)
-            loss += float(F.cross_entropy(logits, yb, reduction="sum"))
-            wrong += float((logits.argmax(1) != yb).sum())
+            sums += torch.stack([F.cross_entropy(logits, yb, reduction="sum").double(),
+                                 (logits.argmax(1) != yb).sum().double()])
     model.train()
+    loss, wrong = sums.tolist()
     n = max(x.shape[0], 1)
     return loss / n, wrong / n
 
@@ -118,18 +124,18 @@ def run_name(cfg: SeqConfig) -> str:
 
 
 def train_one(cfg: SeqConfig, data: ImageData, echo: bool = True, *, overwrite: bool = False,
-              progress: bool = False) -> RunFolder:
+              progress_bar: bool = False) -> RunFolder:
     """Train ``cfg.variant`` with ``cfg.seed`` on ``data``; writes and returns the run folder.
 
-    A loss that turns NaN/inf stops the run: its last metrics line is ``{"epoch": e,
-    "diverged": true, "step": s, "loss": "nan"}`` and the log says so.
+    The steps never wait for the device: losses and errors stay on it until the epoch ends. A
+    loss that turns NaN/inf stops the run at the end of that epoch: its last metrics line is
+    ``{"epoch": e, "diverged": true, "step": s, "loss": "nan"}`` (s the first bad step) and the
+    log says so.
 
     Raises:
         WnormError: a bad setting, or the folder already holds a run and ``overwrite`` is
             False (before the folder is touched).
     """
-    from .checks import check_config
-
     check_config(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -148,10 +154,9 @@ def train_one(cfg: SeqConfig, data: ImageData, echo: bool = True, *, overwrite: 
         rep = wnorm.data_init(model, init_x, include_plain=cfg.variant == "normal")
     summary = (", ".join(f"{r.name} {r.status}" for r in rep)
                + ("; lstm: plain, PyTorch default init" if cfg.variant == "normal" else ""))
-    folder = RunFolder(cfg, name, device,
-                       {"data": data.describe(), "init_summary": summary},
-                       echo=echo, overwrite=overwrite)
-    with folder:
+    with RunFolder(Path(cfg.out) / name, cfg, device,
+                   {"data": data.describe(), "init_summary": summary},
+                   echo=echo, overwrite=overwrite) as folder:
         log = folder.log
         log(f"{name}: {n} train / {data.x_test.shape[0]} test sequences of 28 rows, "
             f"hidden {cfg.hidden}, {sum(p.numel() for p in model.parameters()):,} parameters, "
@@ -161,45 +166,43 @@ def train_one(cfg: SeqConfig, data: ImageData, echo: bool = True, *, overwrite: 
         batch = min(cfg.batch_size, n)
         steps_per_epoch = max(1, n // batch)
         xd, yd = x_train.to(device), y_train.to(device)
+        x_test, y_test = data.x_test.to(device), data.y_test.to(device)
         step = 0
         for epoch in range(1, cfg.epochs + 1):
             perm = torch.randperm(n, generator=order).to(device)
-            total = wrong = 0.0
-            logged = []
+            losses = torch.empty(steps_per_epoch, device=device)
+            errors = torch.empty(steps_per_epoch, device=device)
             t0 = time.perf_counter()
-            diverged = False
-            with _progress(steps_per_epoch, f"seq {cfg.variant} s{cfg.seed} {epoch}/"
-                                            f"{cfg.epochs}", progress) as bar:
+            with progress(steps_per_epoch, f"seq {cfg.variant} s{cfg.seed} {epoch}/"
+                                           f"{cfg.epochs}", progress_bar) as bar:
                 for s in range(steps_per_epoch):
                     idx = perm[s * batch:(s + 1) * batch]
                     logits = model(xd[idx])
                     loss = F.cross_entropy(logits, yd[idx])
-                    step += 1
-                    value = float(loss.detach())
-                    if not math.isfinite(value):
-                        diverged = True
-                        break
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
-                    total += value
-                    wrong += float((logits.argmax(1) != yd[idx]).float().mean())
-                    if step % cfg.log_every == 0:
-                        logged.append([step, value])
+                    losses[s] = loss.detach()
+                    errors[s] = (logits.detach().argmax(1) != yd[idx]).float().mean()
                     if bar is not None:
                         bar.update(1)
-            if diverged:
-                folder.write({"epoch": epoch, "diverged": True, "step": step,
-                              "loss": str(value), "steps": step})
-                log(f"epoch {epoch}/{cfg.epochs}: the training loss became {value} at step "
-                    f"{step} (lr {cfg.lr:g}): diverged, stopping this run (a lower --lr may "
-                    "help)")
-                break
+            values, errs = losses.tolist(), errors.tolist()  # the epoch's one wait
             seconds = time.perf_counter() - t0
+            bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
+            if bad is not None:
+                folder.write({"epoch": epoch, "diverged": True, "step": step + bad + 1,
+                              "loss": str(values[bad]), "steps": step + bad + 1})
+                log(f"epoch {epoch}/{cfg.epochs}: the training loss became {values[bad]} at "
+                    f"step {step + bad + 1} (lr {cfg.lr:g}): diverged, stopping this run (a "
+                    "lower --lr may help)")
+                break
+            logged = [[step + i + 1, v] for i, v in enumerate(values)
+                      if (step + i + 1) % cfg.log_every == 0]
+            step += steps_per_epoch
             t1 = time.perf_counter()
-            te_loss, te_err = _evaluate(model, data.x_test, data.y_test, device)
-            row = {"epoch": epoch, "train_loss": total / steps_per_epoch,
-                   "train_error": wrong / steps_per_epoch, "test_loss": te_loss,
+            te_loss, te_err = _evaluate(model, x_test, y_test)
+            row = {"epoch": epoch, "train_loss": math.fsum(values) / steps_per_epoch,
+                   "train_error": math.fsum(errs) / steps_per_epoch, "test_loss": te_loss,
                    "test_error": te_err, "seconds": seconds,
                    "eval_seconds": time.perf_counter() - t1, "steps": step,
                    "step_losses": logged}
@@ -211,37 +214,34 @@ def train_one(cfg: SeqConfig, data: ImageData, echo: bool = True, *, overwrite: 
 
 
 # --------------------------------------------------------------------------- command line
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``seq`` subcommand's options."""
-    add_common_arguments(parser, SeqConfig, seeds="0,1,2", out="runs/seq")
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m experiments.seq",
+                                description=__doc__.split("\n")[0])
+    add_run_options(p, SeqConfig, variants=VARIANTS, seeds="0,1,2", out=SeqConfig.out)
+    return p
 
 
-def run(args: argparse.Namespace) -> int:
-    """Train every (variant, seed) asked for; returns the exit status (2 on a WnormError)."""
-    from .datasets import load_fashion_mnist
-
+def main(argv: list[str] | None = None) -> int:
+    """Train every (variant, seed) asked for; returns the exit status."""
+    p = parser()
+    args = p.parse_args(argv)
     try:
-        variants, seeds = variants_and_seeds(args)
-        configs = prepare_runs(SeqConfig, args, QUICK, run_name,
-                               [{"variant": v, "seed": s} for s in seeds for v in variants])
-        resolve_device(args.device)
+        configs = run_configs(SeqConfig, args, QUICK, VARIANTS,
+                              lambda v, s: [{"variant": v, "seed": s}])
+    except WnormError as e:
+        p.error(str(e))
+    try:
+        refuse_existing([Path(c.out) / run_name(c) for c in configs], args.overwrite)
         base = configs[0]
         data = load_fashion_mnist(base.data_dir, train_subset=base.train_subset,
                                   test_subset=base.test_subset)
         for cfg in configs:
-            folder = train_one(cfg, data, overwrite=args.overwrite, progress=args.progress)
+            folder = train_one(cfg, data, overwrite=args.overwrite, progress_bar=args.progress)
             print(f"run folder: {folder.path}")
     except WnormError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m wnorm.repro.seq",
-                                description=__doc__.split("\n")[0])
-    add_arguments(p)
-    return run(p.parse_args(argv))
 
 
 if __name__ == "__main__":
