@@ -571,6 +571,8 @@ def run_all(configs: list[GPUConfig], *, overwrite: bool = False) -> dict[str, A
             if proc.returncode != 0:
                 failed.append(f"the worker for {'; '.join(names)} exited with "
                               f"{proc.returncode} (see {logf.name})")
+            elif os.path.getsize(logf.name) == 0:
+                os.remove(logf.name)  # nothing went to stderr: no file to keep
         if failed:
             raise WnormError("; ".join(failed))
     return {"wall_s": time.perf_counter() - t0, "processes_at_once": procs,

@@ -17,6 +17,9 @@ folders of an earlier demo under ``--out`` (``--no-overwrite`` refuses instead).
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -82,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(e))
     out = Path(args.out)
     t0 = time.perf_counter()
+    load_before = os.getloadavg()
     try:
         again = [c for c in configs if (out / f"{c.dataset}-{c.variant}-s{c.seed}" /
                                         "metrics.jsonl").is_file()]
@@ -96,9 +100,19 @@ def main(argv: list[str] | None = None) -> int:
     except WnormError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    used = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    info = {"command": "python -m experiments.demo " + " ".join(sys.argv[1:] if argv is None
+                                                                  else argv),
+            "wall_s": time.perf_counter() - t0, "train_wall_s": train_s,
+            "cpu_s": sum(u.ru_utime + u.ru_stime for u in used), "runs": len(configs),
+            "processes": min(configs[0].procs, len(configs)), "cpus": os.cpu_count(),
+            "load_average_1min": [load_before[0], os.getloadavg()[0]]}
+    (out / "demo.json").write_text(json.dumps(info, indent=2) + "\n")
     print(text)
-    print(f"demo: {train_s:.0f} s of training ({len(configs)} runs, {configs[0].procs} at "
-          f"once), {time.perf_counter() - t0:.0f} s in all; wrote {md} and {png}")
+    print(f"demo: {info['wall_s']:.0f} s ({train_s:.0f} s of training, {len(configs)} runs, "
+          f"{info['processes']} at once; {info['cpu_s']:.0f} s of CPU time; the machine's load "
+          f"average went from {load_before[0]:.1f} to {info['load_average_1min'][1]:.1f} on "
+          f"{info['cpus']} CPUs); wrote {md}, {png} and {out / 'demo.json'}")
     return 0
 
 

@@ -387,14 +387,14 @@ def _table(by_all: dict[str, list[Run]], target: float | None, command: str,
 
 def _shared_note(runs: list[Run]) -> list[str]:
     """A line saying why the s/epoch column is not a cost, for runs that shared a device."""
-    stacks = {int(r.config.get("stack", 1)) for r in runs}
-    procs = {int(r.config.get("procs", 1)) for r in runs}
-    if max(stacks) == 1 and max(procs) == 1:
+    stack = max(int(r.config.get("stack", 1)) for r in runs)
+    procs = max(int(r.config.get("procs", 1)) for r in runs)
+    if stack == 1 and procs == 1:
         return []
-    return [f"- Seconds per epoch were measured with {max(stacks)} seeds trained as one network "
-            f"and up to {max(procs)} such processes sharing the device: the column is wall time "
-            "per epoch of a whole stack, not a per-variant cost (the harness's `--timing` mode "
-            "measures that)"]
+    what = (f"{stack} seeds trained as one network, up to {procs} such processes"
+            if stack > 1 else f"up to {procs} runs")
+    return [f"- Seconds per epoch: wall time, with {what} sharing the machine; not a cost per "
+            "variant (`python -m experiments.classify_gpu --timing` measures that)"]
 
 
 def _verdict(by_variant: dict[str, list[Run]], reach: dict[str, float | None],
@@ -422,6 +422,19 @@ def _verdict(by_variant: dict[str, list[Run]], reach: dict[str, float | None],
         out[0] += (f"; next {nxt}, {_fmt(statistics.fmean(b), b)}%: {spread}.")
     else:
         out[0] += "."
+    if "normal" in tests and len(tests) > 1:
+        base = tests["normal"]
+        vs = []
+        for v in (v for v in ranked if v != "normal"):
+            if len(tests[v]) < 2 or len(base) < 2:
+                vs.append(f"{v} one seed on a side")
+            elif max(tests[v]) < min(base):
+                vs.append(f"{v} lower with every seed")
+            elif min(tests[v]) > max(base):
+                vs.append(f"{v} higher with every seed")
+            else:
+                vs.append(f"{v} within the seeds' spread")
+        out.append("- Final test error against normal: " + "; ".join(vs) + ".")
     if target is not None and reach:
         done = sorted((r, v) for v, r in reach.items() if r is not None)
         order = ", ".join(f"{v} ({_epochs(r)})" for r, v in done)

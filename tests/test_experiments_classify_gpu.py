@@ -171,7 +171,8 @@ def test_worker_processes(tmp_path: Path) -> None:
                          "--out", str(out)]) == 0
     for v in ("normal", "weightnorm"):
         assert len(read_jsonl(out / f"fashion-mnist-{v}-s0" / "metrics.jsonl")) == 1
-    assert sorted(p.name for p in out.glob("worker-*.log")) == ["worker-0.log", "worker-1.log"]
+    logs = sorted(p.name for p in out.glob("worker-*.log"))  # stderr, kept when not empty
+    assert all((out / name).stat().st_size > 0 for name in logs)
 
 
 @pytest.mark.slow

@@ -126,4 +126,8 @@ def test_demo_runs_twice_in_a_row(tmp_path: Path, capsys) -> None:
     assert main(argv) == 0
     assert main(argv) == 0
     assert "replacing the previous demo runs" in capsys.readouterr().out
+    info = json.loads((out / "demo.json").read_text())
+    assert info["runs"] == 2 and info["processes"] == 1 and info["cpu_s"] > 0
+    assert (out / "report" / "report.md").is_file() and (out / "report" /
+                                                         "training_error.png").is_file()
     assert main(argv + ["--no-overwrite"]) == 2
