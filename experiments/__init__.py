@@ -12,6 +12,8 @@ docstring gives its exact commands, and its defaults sit in one block at its top
 
 Shared: :mod:`experiments.common` (run folders and options), :mod:`experiments.data`
 (datasets), :mod:`experiments.nets` (the networks and variants), :mod:`experiments.seed_stack`
-(several seeds as one network), :mod:`experiments.report_sweep` and
+(several seeds as one network), :mod:`experiments.stack_trainer` (training such a stack
+without waiting for the device), :mod:`experiments.gpu_plan` and :mod:`experiments.gpu_timing`
+(classify_gpu's plan and timing mode), :mod:`experiments.report_sweep` and
 :mod:`experiments.report_others` (the reports of the sweep and of section 6).
 """

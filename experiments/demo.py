@@ -26,9 +26,10 @@ from pathlib import Path
 
 from wnorm import WnormError
 
-from .classify_gpu import GPUConfig, check_gpu, run_all
+from .classify_gpu import GPUConfig, run_all
 from .common import add_options, config_from_args, split_list
 from .report import report
+from .stack_trainer import check_gpu
 
 __all__ = ["DEMO", "main"]
 

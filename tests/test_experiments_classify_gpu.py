@@ -18,9 +18,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import experiments.classify_gpu as harness
 from experiments.classify import Config
 from experiments.classify import run as classify_run
-from experiments.classify_gpu import GPUConfig, StackTrainer, resolved
+from experiments.classify_gpu import PLAN, GPUConfig
 from experiments.common import read_jsonl
 from experiments.data import ImageData, load
+from experiments.gpu_plan import plan, plan_text
+from experiments.gpu_timing import time_variants, timing_text
+from experiments.stack_trainer import StackTrainer, resolved
 from fakes import write_fashion
 
 CPU = torch.device("cpu")
@@ -141,14 +144,14 @@ def test_the_command_writes_run_folders_harness_json_and_the_report(tmp_path: Pa
 
 def test_timing_mode_writes_the_table(tmp_path: Path) -> None:
     data = _data(tmp_path)
-    t = harness.time_variants(GPUConfig(**TINY), ["normal", "weightnorm", "batchnorm"], data,
+    t = time_variants(GPUConfig(**TINY), ["normal", "weightnorm", "batchnorm"], data,
                               modes=["off"], steps=2, rounds=3, log=lambda *a: None)
     rows = t["rows"]
     assert rows["normal | off"]["vs_normal"] == {"median": 1.0, "q25": 1.0, "q75": 1.0}
     assert len(rows["batchnorm | off"]["raw_step_s"]) == 3
     assert rows["weightnorm | off"]["epoch_s"] == pytest.approx(
         4 * rows["weightnorm | off"]["step_s"])
-    text = harness.timing_text(t, "a CPU", "python -m experiments.classify_gpu --timing")
+    text = timing_text(t, "a CPU", "python -m experiments.classify_gpu --timing")
     assert "| variant | eager s/epoch | eager vs normal |" in text
     assert "- eager: batchnorm " in text and "the paper, on its 2016 GPU" in text
 
@@ -156,7 +159,7 @@ def test_timing_mode_writes_the_table(tmp_path: Path) -> None:
 def test_the_docstring_plan_is_what_plan_computes() -> None:
     doc = harness.__doc__
     block = doc[doc.index(".. plan-begin") + len(".. plan-begin"):doc.index(".. plan-end")]
-    assert block.strip() == harness.plan_text(harness.plan(GPUConfig())).strip()
+    assert block.strip() == plan_text(plan(GPUConfig(), harness.VARIANTS, PLAN)).strip()
 
 
 @pytest.mark.slow
@@ -179,7 +182,7 @@ def test_worker_processes(tmp_path: Path) -> None:
 def test_compiled_steps(tmp_path: Path) -> None:
     """torch.compile of a weight-normalized training step (on the CPU: Inductor's C++), timed
     beside the eager one; it trains, so its timing row is a real one, not a fallback."""
-    t = harness.time_variants(dataclasses.replace(GPUConfig(**TINY), compile="default"),
+    t = time_variants(dataclasses.replace(GPUConfig(**TINY), compile="default"),
                               ["weightnorm"], _data(tmp_path), modes=["off", "default"],
                               steps=2, rounds=1, log=lambda *a: None)
     row = t["rows"]["weightnorm | default"]

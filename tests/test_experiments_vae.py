@@ -85,3 +85,22 @@ def test_quick_run_writes_run_folders_and_report(tmp_path: Path) -> None:
     assert (tmp_path / "rep" / "report.md").read_text() == md
     assert "| normal | 2 |" in md and "| weightnorm | 2 |" in md
     assert "**Answer.** Final test bound: weightnorm" in md
+
+
+def test_a_diverging_run_stops_at_the_end_of_its_epoch_naming_the_first_bad_step(
+        tmp_path: Path) -> None:
+    """The steps never wait for the device, so a NaN bound is found when the epoch ends; the
+    run stops there and its last metrics line names the first step whose bound was bad."""
+    data_dir, out = tmp_path / "fashion", tmp_path / "runs"
+    write_fashion(data_dir, n_train=60, n_test=20)
+    assert vae.main(["--quick", "--variants", "weightnorm", "--seeds", "0", "--lr", "1e30",
+                     "--epochs", "3", "--data-dir", str(data_dir), "--train-subset", "60",
+                     "--test-subset", "20", "--batch-size", "10", "--init-examples", "10",
+                     "--device", "cpu", "--no-progress", "--out", str(out)]) == 0
+    folder = out / "vae-weightnorm-s0"
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    last = rows[-1]
+    assert last["diverged"] is True and len(rows) == last["epoch"]
+    assert (last["epoch"] - 1) * 6 < last["step"] <= last["epoch"] * 6  # 6 steps an epoch
+    assert not math.isfinite(float(last["loss"]))
+    assert f"at step {last['step']}" in (folder / "log.txt").read_text()
