@@ -259,12 +259,13 @@ def hardware(device: str, world: int = 1) -> str:
 
 
 def version_info(device: str, world: int = 1) -> dict[str, Any]:
-    """The code version and machine of a run (for ``version.json``)."""
+    """The code version and machine of a run (for ``version.json``). Where the checkout has
+    no git (a copy sent to another machine), ``$EXPERIMENTS_GIT_COMMIT`` names the commit."""
     import numpy
 
     dirty = _git(["status", "--porcelain", "--untracked-files=no"])
     return {
-        "git_commit": _git(["rev-parse", "HEAD"]),
+        "git_commit": _git(["rev-parse", "HEAD"]) or os.environ.get("EXPERIMENTS_GIT_COMMIT"),
         "git_dirty": bool(dirty) if dirty is not None else None,
         "wnorm": wnorm.__version__,
         "torch": torch.__version__,

@@ -61,12 +61,21 @@ def check_gpu(cfg: Any) -> None:
 
 
 def set_backends(cfg: Any, device: torch.device) -> None:
+    """TF32 as ``cfg.tf32`` asks, cuDNN's autotuner on (fixed shapes), the thread count, and
+    room for one compiled graph per model when one process compiles several."""
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
         torch.backends.cudnn.allow_tf32 = cfg.tf32
-        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest
+        torch.backends.cudnn.benchmark = True
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if cfg.compile != "off":
+        from torch._dynamo import config
+
+        for name in ("recompile_limit", "cache_size_limit"):  # the newer name, the older
+            if hasattr(config, name):
+                setattr(config, name, max(64, getattr(config, name)))
+                break
 
 
 class StackTrainer:

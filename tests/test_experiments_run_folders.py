@@ -131,3 +131,13 @@ def test_demo_runs_twice_in_a_row(tmp_path: Path, capsys) -> None:
     assert (out / "report" / "report.md").is_file() and (out / "report" /
                                                          "training_error.png").is_file()
     assert main(argv + ["--no-overwrite"]) == 2
+
+
+def test_a_copy_without_git_names_its_commit_from_the_environment(monkeypatch) -> None:
+    """On a machine that gets the checkout without .git, the command line passes the commit."""
+    from experiments import common
+
+    monkeypatch.setattr(common, "_git", lambda args: None)
+    monkeypatch.setenv("EXPERIMENTS_GIT_COMMIT", "0123abc")
+    info = common.version_info("cpu")
+    assert info["git_commit"] == "0123abc" and info["git_dirty"] is None
