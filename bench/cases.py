@@ -42,7 +42,7 @@ VARIANTS = ("plain", "wnorm", "wnorm-autograd", "plain-fused", "torch", "batchno
 #: variants of cases that do not train: the optimizer-only variants would repeat others there
 NO_TRAIN = tuple(v for v in VARIANTS if v not in ("wnorm-autograd", "plain-fused"))
 #: variants that train with wnorm.optim instead of torch.optim
-FUSED = ("wnorm", "wn+meanonly")
+FUSED: tuple[str, ...] = ()  # wnorm.optim is gone: every variant trains with torch.optim
 
 #: The issue's targets for wnorm's ratio to plain (CPU); GPU convnet training gets 1.03.
 TARGETS = {
@@ -100,9 +100,7 @@ def build(model: str, variant: str, *, width: float = 1.0, device: str = "cpu") 
     net = convnet(width, norm) if model == "convnet" else mlp(norm)
     if variant in ("wnorm", "wnorm-autograd", "wn+meanonly"):
         wnorm.apply(net)
-    if variant == "wn+meanonly":
-        wnorm.fuse_mean_only(net)
-    elif variant == "torch":
+    if variant == "torch":
         for m in net.modules():
             if isinstance(m, (nn.Linear, nn.Conv2d)):
                 torch.nn.utils.parametrizations.weight_norm(m)
@@ -181,7 +179,7 @@ def make_step(case: Case, variant: str, *, width: float, device: str) -> tuple[C
     if case.kind == "train":
         net.train()
         opt: torch.optim.Optimizer
-        optim: Any = wnorm.optim if variant in FUSED else torch.optim
+        optim: Any = torch.optim
         params: Any = net if variant in FUSED else net.parameters()
         extra: dict[str, Any] = {"fused": True} if variant == "plain-fused" else {}
         if case.opt == "sgd":

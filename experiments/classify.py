@@ -63,6 +63,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import wnorm
 from wnorm import WnormError
 
 from .common import (RunFolder, RunLog, add_options, check_config, config_from_args,
@@ -273,6 +274,8 @@ def _train(cfg: Config, data: ImageData, dist: Dist, device: torch.device,
             model, device_ids=[device.index] if device.type == "cuda" else None)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                            eps=cfg.eps)
+    if cfg.variant == "forced":
+        wnorm.project_after_step(opt, net)  # forced WN: v back on its sphere after every step
 
     batch = min(cfg.batch_size, n)
     steps = max(1, n // batch)  # the authors' script drops the last partial batch

@@ -1,4 +1,4 @@
-"""The plan of :mod:`experiments.classify_gpu`, before any measurement: predicted step, epoch
+r"""The plan of :mod:`experiments.classify_gpu`, before any measurement: predicted step, epoch
 and run times from FLOPs counted by torch's FlopCounterMode and activations counted by forward
 hooks (both on the meta device: shapes only), and assumed rates.
 

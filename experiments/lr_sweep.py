@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import wnorm
 from wnorm import WnormError
 
 from .common import (RunFolder, add_options, check_config, config_from_args, no_repeats,
@@ -182,6 +183,8 @@ def _train(cfg: SweepConfig, data: ImageData, device: torch.device, folder: RunF
                                                      momentum=cfg.momentum)
     else:
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    if cfg.variant == "forced":
+        wnorm.project_after_step(opt, model)  # forced WN: v back on its sphere after every step
     layers = reparameterized_layers(model)
     batch = min(cfg.batch_size, n)
     steps = max(1, n // batch)

@@ -217,7 +217,7 @@ class MLP(nn.Sequential):
         slope: leaky ReLU negative slope (default 0.1).
 
     Example:
-        >>> MLP("forced", 784)(torch.randn(2, 1, 28, 28)).shape
+        >>> MLP("centered", 784)(torch.randn(2, 1, 28, 28)).shape
         torch.Size([2, 10])
     """
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+import wnorm
 from wnorm import WnormError
 
 from .classify import check, run_dir_name, schedule
@@ -116,6 +117,8 @@ class StackTrainer:
         # default keeps them on the host and reads them every step)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr,
                                     betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True)
+        if cfg.variant == "forced":  # v back on its sphere after every step, row by row
+            wnorm.project_after_step(self.opt, self.model)
         self.compile = cfg.compile
         self._loss_fn, self._eval_fn = self._losses, self._logits
         if cfg.compile != "off":

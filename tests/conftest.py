@@ -46,3 +46,11 @@ def copy_as(obj: Any, how: str) -> Any:
 def copied():
     """The :func:`copy_as` helper, as a fixture."""
     return copy_as
+
+
+def normalized_weights(model: torch.nn.Module):
+    """``(module name, module, parameter name, dim)`` of every weight wnorm normalizes."""
+    from wnorm._reparam import slots
+
+    for mname, module, s in slots(model):
+        yield mname, module, s.name, s.map.dim

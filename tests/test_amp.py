@@ -20,6 +20,8 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import normalized_weights
+
 import wnorm
 from nets import Tagger
 
@@ -68,7 +70,7 @@ def test_autocast_forward_backward_finite_with_float32_norm(kind, dtype, device)
     with torch.autocast(device, dtype=dtype):
         out = model(x)
         weights = {f"{m}.{p}": getattr(mod, p)
-                   for m, mod, p, _ in wnorm.normalized_weights(model)}
+                   for m, mod, p, _ in normalized_weights(model)}
     assert out.dtype == dtype  # the matmuls ran in the autocast dtype
     for name, w in weights.items():  # the normalized weight itself: float32
         assert w.dtype == torch.float32, name
@@ -105,7 +107,7 @@ def test_half_params_weight_has_their_dtype_computed_in_float32(dtype, device) -
     if dtype == torch.float16:  # the case is real: a float16 norm overflows here
         assert not torch.isfinite(lin.weight_v.norm(dim=1)).all()
         assert not torch.allclose(naive.double(), reference_weight(lin), atol=1e-3)
-    for mode in ("train", "eval"):  # the recorded path and the cached inference path
+    for mode in ("train", "eval"):  # the recorded path and the inference path
         lin.train(mode == "train")
         with torch.set_grad_enabled(mode == "train"):
             w = lin.weight

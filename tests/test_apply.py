@@ -8,6 +8,8 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import normalized_weights
+
 import wnorm
 from wnorm import WnormError
 
@@ -26,7 +28,7 @@ class Net(nn.Module):
 
 
 def normalized(model: nn.Module) -> set[str]:
-    return {f"{m}.{p}" if m else p for m, _, p, _ in wnorm.normalized_weights(model)}
+    return {f"{m}.{p}" if m else p for m, _, p, _ in normalized_weights(model)}
 
 
 def test_default_types():
@@ -108,16 +110,30 @@ def test_twice_on_lstm_is_an_error_naming_the_layer():
 
 
 
-@pytest.mark.parametrize("prepare, msg", [
-    (wnorm.weight_norm, "is already weight-normalized by wnorm"),
-    (torch.nn.utils.weight_norm, "is already weight-normalized .it has 'weight_g'/'weight_v'"),
-    (torch.nn.utils.parametrizations.weight_norm, "already has a PyTorch parametrization"),
-], ids=["wnorm", "torch-old", "torch-parametrizations"])
-def test_already_normalized_linear_is_an_error(prepare, msg):
+def test_already_normalized_by_wnorm_is_an_error():
     net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
-    prepare(net[2])
-    with pytest.raises(WnormError, match=rf"2 \((Parametrized)?Linear\): 'weight' {msg}"):
+    wnorm.weight_norm(net[2])
+    with pytest.raises(WnormError, match=r"2 \(Linear\): 'weight' is already weight-normalized "
+                                         r"by wnorm"):
         wnorm.apply(net)
+
+
+@pytest.mark.parametrize("prepare", [torch.nn.utils.weight_norm,
+                                     torch.nn.utils.parametrizations.weight_norm],
+                         ids=["torch-old", "torch-parametrizations"])
+def test_pytorch_weight_norm_is_adopted_not_refused(prepare):
+    """Issue 15 item 8: apply on a model that uses PyTorch's weight norm adopts those layers
+    (same g, v Parameters and axis, same outputs bit for bit) and normalizes the rest."""
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    prepare(net[2], dim=1)
+    x = torch.randn(5, 3)
+    y = net(x)
+    params = {id(p) for p in net[2].parameters()}
+    wnorm.apply(net)
+    assert wnorm.is_weight_normalized(net[0]) and wnorm.is_weight_normalized(net[2])
+    assert net[2]._wn["weight"].dim == 1 and type(net[2]).__mro__[1] is nn.Linear
+    assert params == {id(p) for p in net[2].parameters()}  # PyTorch's g and v kept, not copied
+    assert torch.equal(net(x), y)
 
 
 def test_error_names_module_path():
@@ -139,7 +155,7 @@ def test_shared_module_normalized_once():
 
 def test_dim_none_passed_through():
     net = wnorm.apply(nn.Sequential(nn.Linear(3, 4), nn.Conv1d(4, 2, 1)), dim=None)
-    for _, m, _, dim in wnorm.normalized_weights(net):
+    for _, m, _, dim in normalized_weights(net):
         assert dim is None and m.weight_g.numel() == 1
         torch.testing.assert_close(m.weight.norm(), m.weight_g.detach().reshape(()))
 

@@ -1,4 +1,5 @@
-"""The wnorm command line: convert files between layouts; errors are one line on stderr, exit 2."""
+"""The wnorm command line: convert files between layouts (keeping each weight's axis unless --dim
+says otherwise); errors are one line on stderr, exit 2. Folders: tests/test_pretrained.py."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import torch
 from torch import nn
 
 import wnorm
-from wnorm.checkpoint import load_checkpoint, load_state_dict
+from wnorm._files import load_checkpoint
+from wnorm.state_dict import load_state_dict
 from wnorm.cli import main
 
 
@@ -79,31 +81,50 @@ def test_bad_arguments_exit_2(capsys) -> None:
     assert main(["convert", "a.pt", "b.pt", "--to", "onnx"]) == 2
     assert "invalid choice: 'onnx'" in capsys.readouterr().err
     assert main([]) == 2
+    assert main(["repro", "demo"]) == 2  # the experiments moved out of the package
+    assert "invalid choice: 'repro'" in capsys.readouterr().err
+    for bad in ("-1", "two", "1.5"):
+        assert main(["convert", "a.pt", "b.pt", "--to", "torch-old", "--dim", bad]) == 2
+        assert f"expected 'keep', 'none' (one norm over the whole tensor) or an axis >= 0; got " \
+               f"'{bad}'" in capsys.readouterr().err
+    assert main(["convert", "a.pt", "b.pt", "--to", "plain", "--dim", "0"]) == 2
+    assert "--dim chooses the axis of g and v; --to plain writes w alone" in (
+        capsys.readouterr().err)
 
 
-def test_repro_forwards_its_arguments(monkeypatch, capsys) -> None:
-    import types
-
-    seen = []
-    fake_main = types.ModuleType("wnorm.repro.__main__")
-    fake_main.main = lambda argv: seen.append(argv) or 0  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "wnorm.repro", types.ModuleType("wnorm.repro"))
-    monkeypatch.setitem(sys.modules, "wnorm.repro.__main__", fake_main)
-    assert main(["repro", "demo", "--epochs", "1", "-h"]) == 0
-    assert seen == [["demo", "--epochs", "1", "-h"]]
+def pos_conv_checkpoint(path: Path) -> nn.Module:
+    """A Wav2Vec2-style positional conv (weight-normalized along dim 2) saved at ``path``."""
+    torch.manual_seed(0)
+    conv = nn.utils.parametrizations.weight_norm(nn.Conv1d(4, 4, 5, padding=2, groups=2), dim=2)
+    with torch.no_grad():
+        conv.parametrizations.weight.original0.mul_(1.5 + torch.rand(1, 1, 5))
+    torch.save({"model": conv.state_dict(), "step": 3}, path)
+    return conv.eval()
 
 
-def test_repro_help_reaches_the_real_module(capsys) -> None:
-    pytest.importorskip("wnorm.repro.__main__")
-    assert main(["repro", "--help"]) == 0
-    assert "usage:" in capsys.readouterr().out
-
-
-def test_repro_missing_is_a_clear_error(monkeypatch, capsys) -> None:
-    monkeypatch.setitem(sys.modules, "wnorm.repro", None)  # import fails as if absent
-    monkeypatch.setitem(sys.modules, "wnorm.repro.__main__", None)
-    assert main(["repro", "demo"]) == 2
-    assert "wnorm: error: the repro command needs wnorm.repro" in capsys.readouterr().err
+@pytest.mark.parametrize("to,api", [("torch-old", nn.utils.weight_norm),
+                                    ("torch-new", nn.utils.parametrizations.weight_norm)])
+def test_convert_keeps_each_weights_dim_unless_told(tmp_path: Path, capsys, to: str, api) -> None:
+    source = pos_conv_checkpoint(tmp_path / "in.pt")
+    x = torch.randn(1, 4, 9)
+    for dim, args in ((2, []), (2, ["--dim", "keep"]), (0, ["--dim", "0"]),
+                      (None, ["--dim", "none"])):
+        out = tmp_path / f"out{len(args)}{dim}.pt"
+        assert main(["convert", str(tmp_path / "in.pt"), str(out), "--to", to] + args) == 0
+        target = api(nn.Conv1d(4, 4, 5, padding=2, groups=2), dim=dim).eval()
+        ckpt = torch.load(out, weights_only=True)
+        target.load_state_dict(ckpt["model"])  # PyTorch's own strict loader
+        assert ckpt["step"] == 3
+        with torch.no_grad():
+            if dim == 2:  # kept: renamed, values untouched
+                assert torch.equal(target(x), source(x))
+            else:
+                torch.testing.assert_close(target(x), source(x), rtol=1e-5, atol=1e-6)
+    assert main(["convert", str(tmp_path / "in.pt"), str(tmp_path / "bad.pt"), "--to", to,
+                 "--dim", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "in.pt: checkpoint['model']: " in err and "dim 3 is out of range for a tensor of " \
+        "shape (4, 2, 5)" in err and not (tmp_path / "bad.pt").exists()
 
 
 def test_module_entry_point_in_a_subprocess(tmp_path: Path) -> None:
@@ -149,7 +170,7 @@ def test_out_that_is_in_is_refused_before_reading_or_writing(tmp_path: Path, cap
 
 
 @pytest.mark.parametrize("case", ["missing-dir-pt", "missing-dir-safetensors", "out-is-dir",
-                                  "in-is-dir"])
+                                  "in-is-a-folder-without-weights"])
 def test_path_errors_are_one_line_naming_the_path(tmp_path: Path, capsys, case: str) -> None:
     small_checkpoint(tmp_path / "net.pt")
     (tmp_path / "adir").mkdir()
@@ -159,13 +180,14 @@ def test_path_errors_are_one_line_naming_the_path(tmp_path: Path, capsys, case: 
         "missing-dir-safetensors": ("net.pt", "nodir/out.safetensors",
                                     "nodir/out.safetensors: expected an existing directory"),
         "out-is-dir": ("net.pt", "adir", "adir: expected a file name to write; got a directory"),
-        "in-is-dir": ("adir", "out.pt", "adir: expected a checkpoint file; got a directory"),
+        "in-is-a-folder-without-weights": ("adir", "out", "adir: expected a transformers "
+                                           "checkpoint folder (save_pretrained layout"),
     }[case]
     code = main(["convert", str(tmp_path / src), str(tmp_path / out), "--to", "plain"])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("wnorm: error: ") and match in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
-    assert not (tmp_path / "out.pt").exists()
+    assert not (tmp_path / "out.pt").exists() and not (tmp_path / "out").exists()
 
 
 def half_written():

@@ -22,6 +22,7 @@ from experiments.nets import (
 WIDTH = 0.05  # 5 / 10 channels
 
 
+@pytest.mark.filterwarnings("ignore:.*of forced_weight_norm is trained")  # no optimizer here
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize(("channels", "size"), [(1, 28), (3, 32)])
 def test_logits_shape_every_variant(variant: str, channels: int, size: int) -> None:
@@ -82,7 +83,10 @@ def test_relatives_reparameterize_every_layer_their_way() -> None:
             if variant == "centered":
                 assert w.mean(1).abs().max() < 1e-6
     net = build("forced", 1, WIDTH).train()
-    net(torch.randn(2, 1, 28, 28))  # a training forward holds v at sqrt(fan-in)
+    opt = torch.optim.SGD(net.parameters(), lr=1.0)
+    wnorm.project_after_step(opt, net)  # forced WN: its map plus this projection
+    net(torch.randn(2, 1, 28, 28)).square().sum().backward()
+    opt.step()  # v left its sphere, and was put back on it
     for m in (m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))):
         v = _rows(m.weight_v)
         torch.testing.assert_close(v.norm(dim=1), torch.full((v.shape[0],), v.shape[1] ** 0.5))
@@ -118,6 +122,7 @@ def test_arpit_gets_orthogonal_v_and_its_gains_without_data() -> None:
                if isinstance(m, (nn.Conv2d, nn.Linear)))
 
 
+@pytest.mark.filterwarnings("ignore:.*of forced_weight_norm is trained")  # no optimizer here
 @pytest.mark.parametrize("variant", MLP_VARIANTS)
 def test_mlp_variants(variant: str) -> None:
     torch.manual_seed(0)

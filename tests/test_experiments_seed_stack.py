@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import wnorm
 from wnorm import WnormError
 from experiments.nets import build, initialize
 from experiments.seed_stack import STACKABLE, seed_state_dict, stack, stack_inputs
@@ -49,6 +50,9 @@ def test_a_stack_trains_exactly_like_its_seeds(variant: str) -> None:
     # step, lr * sign(gradient), turns rounding in a near-zero gradient into a full step)
     opts = [torch.optim.SGD(n.parameters(), lr=0.1) for n in nets]
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    if variant == "forced":  # its rows go back on their spheres after the step, seed by seed
+        for o, n in zip([opt, *opts], [model, *nets]):
+            wnorm.project_after_step(o, n)
     out = model.train()(stack_inputs(xs[:, 20:]))  # (N, S, 10)
     losses = F.cross_entropy(out.permute(0, 2, 1), ys[:, 20:].T, reduction="none").mean(0)
     opt.zero_grad()

@@ -12,6 +12,11 @@ import torch
 from torch import nn
 
 import wnorm
+from wnorm._reparam import slots_of
+from wnorm.family import balanced_weight_norm
+from wnorm.maps import BalancedWeightNorm, ForcedWeightNorm
+from wnorm.sphere import project_after_step
+from wnorm.weight_norm import default_dim
 from wnorm import WnormError
 
 METHODS = {
@@ -19,6 +24,7 @@ METHODS = {
     "standardized": wnorm.weight_standardization,
     "forced": wnorm.forced_weight_norm,
     "forced-radius": functools.partial(wnorm.forced_weight_norm, radius=2.5),
+    "balanced": balanced_weight_norm,
 }
 LAYERS = {
     "linear": lambda: nn.Linear(7, 5),
@@ -29,11 +35,13 @@ LAYERS = {
 
 def _rows(layer: nn.Module) -> torch.Tensor:
     w = layer.weight
-    return w.movedim(wnorm.default_dim(layer), 0).flatten(1)
+    return w.movedim(default_dim(layer), 0).flatten(1)
 
 
 def _train(model: nn.Module, x: torch.Tensor, steps: int = 5, lr: float = 0.5) -> list[torch.Tensor]:
     opt = torch.optim.SGD(model.parameters(), lr=lr)
+    if any(isinstance(s.map, ForcedWeightNorm) for s in slots_of(model).values()):
+        project_after_step(opt, model)  # what makes forced WN forced: v back on its sphere
     norms = []
     for _ in range(steps):
         opt.zero_grad()
@@ -44,7 +52,7 @@ def _train(model: nn.Module, x: torch.Tensor, steps: int = 5, lr: float = 0.5) -
 
 
 def _rows_v(layer: nn.Module) -> torch.Tensor:
-    return layer.weight_v.movedim(wnorm.default_dim(layer), 0).flatten(1)
+    return layer.weight_v.movedim(default_dim(layer), 0).flatten(1)
 
 
 def _input(layer: nn.Module) -> torch.Tensor:
@@ -76,13 +84,92 @@ def test_standardized_rows_have_mean_zero_and_std_one_after_training(layer):
 
 
 @pytest.mark.parametrize("layer", LAYERS)
+def test_balanced_rows_sum_to_zero_with_l1_norm_g_after_training(layer):
+    """Defazio & Bottou's balance: per unit, the positive weights sum to |g|/2 and the negative
+    ones to -|g|/2, whatever training did to g and v."""
+    m = balanced_weight_norm(LAYERS[layer]().double())
+    _train(m, _input(m))
+    rows = _rows(m)
+    g = m.weight_g.flatten().abs()
+    torch.testing.assert_close(rows.sum(1), torch.zeros_like(g), rtol=0, atol=1e-14)
+    torch.testing.assert_close(rows.abs().sum(1), g, rtol=1e-12, atol=0)
+    torch.testing.assert_close(rows.clamp(min=0).sum(1), g / 2, rtol=1e-12, atol=0)
+    torch.testing.assert_close(rows.clamp(max=0).sum(1), -g / 2, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("layer", ["linear", "conv2d"])
+def test_balanced_layer_maps_a_constant_input_to_its_bias(layer):
+    """Positive and negative contributions cancel for inputs of a common value: the output's
+    mean does not move with the weights (what batch norm's mean subtraction does, here without
+    a batch)."""
+    m = balanced_weight_norm(LAYERS[layer]().double())
+    _train(m, _input(m))
+    x = torch.full_like(_input(m), 3.7)
+    b = m.bias.view(-1, *([1] * (x.dim() - 2)))
+    torch.testing.assert_close(m(x), b.expand_as(m(x)), rtol=0, atol=1e-13)
+    plain = LAYERS[layer]().double()  # a plain layer's output moves with the input's level
+    assert not torch.allclose(plain(x), plain.bias.view_as(b).expand_as(plain(x)))
+
+
+@pytest.mark.parametrize("dim", [0, 1, None])
+def test_balanced_gradients_by_gradcheck(dim):
+    torch.manual_seed(1)
+    v = torch.randn(4, 5, 3, dtype=torch.float64, requires_grad=True)
+    m = BalancedWeightNorm(dim)
+    g = (m.split(v.detach())[0] * 1.3).requires_grad_(True)
+    assert torch.autograd.gradcheck(m.weight, (g, v))
+    lin = balanced_weight_norm(nn.Linear(5, 3).double())
+    x = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda x, g, v: torch.nn.functional.linear(x, BalancedWeightNorm(0).weight(g, v), lin.bias),
+        (x, lin.weight_g, lin.weight_v))
+
+
+def test_balanced_weight_is_the_formula_and_keeps_the_centered_function_at_the_start():
+    torch.manual_seed(2)
+    plain = nn.Linear(6, 4).double()
+    m = balanced_weight_norm(copy.deepcopy(plain))
+    w0 = plain.weight.detach()
+    torch.testing.assert_close(m.weight, w0 - w0.mean(1, keepdim=True))  # g starts at the L1 norm
+    with torch.no_grad():
+        m.weight_g.mul_(torch.linspace(-2, 3, 4, dtype=torch.float64).view(4, 1))
+        m.weight_v.add_(torch.randn_like(m.weight_v))
+    c = m.weight_v - m.weight_v.mean(1, keepdim=True)
+    torch.testing.assert_close(m.weight, m.weight_g * c / c.abs().sum(1, keepdim=True))
+
+
+def test_balanced_in_bfloat16_is_computed_in_float32():
+    m32 = balanced_weight_norm(nn.Linear(64, 8))
+    m16 = copy.deepcopy(m32).to(torch.bfloat16)
+    ref = BalancedWeightNorm(0).weight(m16.weight_g.float(), m16.weight_v.float())
+    torch.testing.assert_close(m16.weight, ref.to(torch.bfloat16), rtol=0, atol=0)
+
+
+def test_data_init_standardizes_balanced_layers():
+    torch.manual_seed(0)
+    net = wnorm.apply(nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 5)),
+                      method=balanced_weight_norm)
+    x = torch.randn(300, 6) * 2 + 1
+    report = wnorm.data_init(net, x, init_scale=0.5)
+    assert {r.name: r.status for r in report} == {"0": "initialized", "2": "initialized"}
+    with torch.no_grad():
+        y = net(x)
+        h = net[0](x)
+    for out, units in ((h, 8), (y, 5)):
+        torch.testing.assert_close(out.mean(0), torch.zeros(units), atol=1e-5, rtol=0)
+        torch.testing.assert_close(out.std(0, unbiased=False), torch.full((units,), 0.5),
+                                   atol=1e-5, rtol=0)
+    rows = net[2].weight
+    torch.testing.assert_close(rows.sum(1), torch.zeros(5), atol=1e-6, rtol=0)  # still balanced
+
+
+@pytest.mark.parametrize("layer", LAYERS)
 def test_forced_keeps_norm_of_v_constant_across_steps(layer):
     m = wnorm.forced_weight_norm(LAYERS[layer]().double())
     size = _rows_v(m).shape[1]
     x = _input(m)
     norms = _train(m, x, steps=6, lr=2.0)
-    # each step's forward renormalized v to sqrt(size) before the update; plain WN would grow
-    m(x)
+    # the projection put v back at sqrt(size) after every step; plain WN would grow it
     torch.testing.assert_close(_rows_v(m).norm(dim=1), torch.full_like(norms[0], math.sqrt(size)))
     plain = wnorm.weight_norm(LAYERS[layer]().double())
     grown = _train(plain, x, steps=6, lr=2.0)
@@ -94,15 +181,16 @@ def test_forced_radius_holds_v_at_that_norm_and_starts_at_the_same_function(laye
     plain = LAYERS[layer]().double()
     m = wnorm.forced_weight_norm(copy.deepcopy(plain), radius=0.75)
     x = _input(m)
-    torch.testing.assert_close(m(x), plain(x))  # the function is unchanged at the start
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), plain(x))  # the function is unchanged at the start
     torch.testing.assert_close(_rows_v(m).norm(dim=1), torch.full((_rows_v(m).shape[0],), 0.75,
                                                                    dtype=torch.float64))
     _train(m, x, steps=4, lr=2.0)
-    m(x)  # the training forward renormalizes v
     torch.testing.assert_close(_rows_v(m).norm(dim=1), torch.full((_rows_v(m).shape[0],), 0.75,
                                                                    dtype=torch.float64))
 
 
+@pytest.mark.filterwarnings("ignore:.*of forced_weight_norm is trained:UserWarning")
 def test_forced_radius_sets_how_far_an_adam_step_turns_the_weight():
     """Adam's first step has the same size whatever the gradient's scale, so on a sphere of
     twice the radius it turns each weight row by half the angle."""
@@ -122,26 +210,19 @@ def test_forced_radius_sets_how_far_an_adam_step_turns_the_weight():
     torch.testing.assert_close(ratio, torch.full_like(ratio, 2.0), rtol=0.02, atol=0.0)
 
 
-def test_weights_normalized_before_radius_existed_still_unpickle():
-    from wnorm.weight_norm import _Spec
-
-    spec = _Spec.__new__(_Spec)
-    spec.__setstate__(("weight", 0, "fc (Linear)", "forced", 0.0, None))  # the old 6-tuple
-    assert spec.radius is None and spec.kind == "forced" and spec.has_g
-
-
 def test_forced_with_fixed_gain_has_no_g_and_rows_of_norm_gain():
     m = wnorm.forced_weight_norm(nn.Linear(6, 3), gain=0.5)
     assert "weight_g" not in dict(m.named_parameters())
     torch.testing.assert_close(m.weight.norm(dim=1), torch.full((3,), 0.5))
 
 
+@pytest.mark.filterwarnings("ignore:.*of forced_weight_norm is trained:UserWarning")
 @pytest.mark.parametrize("method", METHODS)
 def test_fold_deepcopy_pickle_and_checkpoint_keep_outputs(method):
     net = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.Conv2d(6, 4, 3), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
     wnorm.apply(net, method=METHODS[method])
     x = torch.randn(5, 3, 8, 8)
-    _ = net(x).sum().backward()  # a training forward (forced WN renormalizes here)
+    _ = net(x).sum().backward()  # a training forward
     net.eval()
     with torch.no_grad():
         ref = net(x)
@@ -180,7 +261,7 @@ def test_constant_rows_are_refused_by_centered_and_standardized():
     lin = nn.Linear(4, 2)
     with torch.no_grad():
         lin.weight[1] = 3.0
-    for fn in (wnorm.centered_weight_norm, wnorm.weight_standardization):
+    for fn in (wnorm.centered_weight_norm, wnorm.weight_standardization, balanced_weight_norm):
         with pytest.raises(WnormError, match=r"1 of 2 slices along dim 0 of 'weight' have zero norm after centering"):
             fn(copy.deepcopy(lin))
 

@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import unit_rows
+from conftest import unit_rows, normalized_weights
 from torch import nn
 
 import wnorm
@@ -88,7 +88,7 @@ def test_grid(kind, h):
         opt.step()
     assert torch.isfinite((model(x) - target).pow(2).mean())
 
-    specs = list(wnorm.normalized_weights(model))
+    specs = list(normalized_weights(model))
     assert len(specs) >= 2
     for name, module, pname, dim in specs:
         w = getattr(module, pname).detach()

@@ -26,8 +26,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 import wnorm
-from wnorm.checkpoint import FORMATS, convert_state_dict
-from wnorm.checkpoint import load_state_dict as wnorm_load_state_dict
+from wnorm._layouts import FORMATS
+from wnorm.state_dict import convert_state_dict
+from wnorm.state_dict import load_state_dict as wnorm_load_state_dict
 
 EXAMPLES = int(os.environ.get("WNORM_HYPOTHESIS_EXAMPLES", "60"))
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None,
@@ -166,11 +167,9 @@ def test_checkpoint_round_trip_through_every_format(case: Case, seed: int, fmt: 
     wnorm_load_state_dict(target, back if fmt == "torch-new" else sd)
     with torch.no_grad():
         torch.testing.assert_close(out(target, case.x), out(m, case.x), **TOL[case.dtype])
-    # the pairs were renamed, not recomputed: g and v come back bitwise ("wnorm" keeps every
-    # pair; "torch-old"/"torch-new" keep those PyTorch's weight_norm loads: dim 0 or None, and
-    # rewrite the others along dim 0, the same weight from new g and v)
-    torch_loads = all(axis(m, name) in (0, None) for name in case.names)
-    if fmt == "wnorm" or (fmt != "plain" and torch_loads):
+    # the pairs were renamed, not recomputed: every layout but "plain" keeps each pair on its
+    # own axis, so g and v come back bitwise
+    if fmt != "plain":
         for name in case.names:
             assert torch.equal(getattr(target, name + "_v"), getattr(m, name + "_v"))
             assert torch.equal(getattr(target, name + "_g"), getattr(m, name + "_g"))

@@ -8,10 +8,11 @@ import io
 
 import pytest
 import torch
-from conftest import unit_rows
+from conftest import unit_rows, normalized_weights
 from torch import nn
 
 import wnorm
+from wnorm.weight_norm import default_dim
 from wnorm import WnormError
 
 D = torch.float64
@@ -59,7 +60,7 @@ def _setup(factory, name, dim, shape):
     kw = {} if dim == "default" else {"dim": dim}
     wn = wnorm.weight_norm(copy.deepcopy(base), name, **kw)
     d = wn._wn[name].dim  # the resolved axis (int >= 0 or None)
-    expected_d = {"default": wnorm.default_dim(base, name), 1: 1, None: None}[dim]
+    expected_d = {"default": default_dim(base, name), 1: 1, None: None}[dim]
     assert d == expected_d
     g, v = getattr(wn, name + "_g"), getattr(wn, name + "_v")
     with torch.no_grad():  # move g away from ||v|| so that g and ||v|| play different roles
@@ -232,74 +233,69 @@ def test_isinstance_class_name_and_repr_kept():
     assert type(m) is nn.Conv2d and repr(m) == text
 
 
-class TestInferenceCache:
+class TestCached:
+    """wnorm.cached(): each weight computed once per block, recomputed when g or v changes."""
+
     def _layer(self):
         m = wnorm.weight_norm(nn.Linear(4, 3)).eval()
         return m, torch.randn(5, 4)
 
-    def test_reused_until_changed(self):
+    def test_outside_a_block_every_access_computes(self):
         m, x = self._layer()
         with torch.no_grad():
+            assert m.weight is not m.weight
+
+    def test_reused_inside_a_block_and_released_after(self):
+        m, x = self._layer()
+        with torch.no_grad(), wnorm.cached():
             w1 = m.weight
             y1 = m(x)
             assert m.weight is w1
             torch.testing.assert_close(m(x), y1, rtol=0, atol=0)
-            assert m.weight is w1
+        assert m._wn["weight"].cached is None  # released: no weight kept after the block
 
-    def test_optimizer_step_invalidates(self):
+    def test_optimizer_step_inside_a_block_is_seen(self):
         m, x = self._layer()
-        with torch.no_grad():
-            w1 = m.weight
         opt = torch.optim.SGD(m.parameters(), lr=0.1)
-        m(x).sum().backward()
-        opt.step()
-        with torch.no_grad():
+        with wnorm.cached():
+            w1 = m.weight.detach().clone()
+            m(x).sum().backward()
+            opt.step()
             w2 = m.weight
-            assert w2 is not w1 and not torch.equal(w2, w1)
+            assert not torch.equal(w2, w1)
             expected = m.weight_g * m.weight_v / m.weight_v.norm(dim=1, keepdim=True)
             torch.testing.assert_close(w2, expected)
 
-    def test_load_state_dict_invalidates(self):
+    def test_load_state_dict_inside_a_block_is_seen(self):
         m, _ = self._layer()
         other = wnorm.weight_norm(nn.Linear(4, 3))
-        with torch.no_grad():
+        with torch.no_grad(), wnorm.cached():
             w1 = m.weight
             m.load_state_dict(other.state_dict())
             assert m.weight is not w1
             torch.testing.assert_close(m.weight, other.weight)
 
-    def test_inplace_edit_under_no_grad_invalidates(self):
+    def test_nested_blocks_keep_the_cache_until_the_outer_ends(self):
         m, _ = self._layer()
-        with torch.no_grad():
-            w1 = m.weight.clone()
-            m.weight_g.mul_(2.0)
-            torch.testing.assert_close(m.weight, 2 * w1)
-            m.weight_v[0].mul_(-1.0)  # the direction of unit 0 flips
-            torch.testing.assert_close(m.weight[0], -2 * w1[0])
+        with torch.no_grad(), wnorm.cached():
+            with wnorm.cached():
+                w1 = m.weight
+            assert m.weight is w1
+        assert m.weight is not w1
 
-    def test_data_edit_needs_refresh(self):
-        m, _ = self._layer()
-        with torch.no_grad():
-            w1 = m.weight.clone()
-            m.weight_g.data.mul_(2.0)  # hidden from the version counter (documented)
-            wnorm.refresh(m)
-            torch.testing.assert_close(m.weight, 2 * w1)
-
-    def test_dtype_move_invalidates(self):
+    def test_zero_row_of_v_raises_naming_the_layer(self):
         m, x = self._layer()
         with torch.no_grad():
-            y32 = m(x)
-            m.double()
-            assert m.weight.dtype == D
-            torch.testing.assert_close(m(x.double()), y32.double(), rtol=1e-6, atol=1e-6)
-            m.float()
-            assert m.weight.dtype == torch.float32
-            torch.testing.assert_close(m(x), y32, rtol=1e-6, atol=1e-6)
+            m.weight_v[1].zero_()
+            with wnorm.cached(), pytest.raises(
+                    WnormError, match=r"Linear: the weight-normalized 'weight' has non-finite "
+                                      r"values in rows \[1\]"):
+                m(x)
 
-    def test_lstm_eval_reuses_weights(self):
+    def test_lstm_in_a_block_computes_each_weight_once(self):
         lstm = wnorm.apply(nn.LSTM(3, 4)).eval()
         x = torch.randn(5, 2, 3)
-        with torch.no_grad():
+        with torch.no_grad(), wnorm.cached():
             y1 = lstm(x)[0]
             w1 = lstm.weight_ih_l0
             y2 = lstm(x)[0]
@@ -384,7 +380,7 @@ def test_remove_weight_norm_restores_class_and_outputs(kind):
         before = _out(model, x)
     originals = {n: type(m).__mro__[1] for n, m in model.named_modules()
                  if wnorm.is_weight_normalized(m)}
-    for _, module, pname, _ in list(wnorm.normalized_weights(model)):
+    for _, module, pname, _ in list(normalized_weights(model)):
         wnorm.remove_weight_norm(module, pname)
     mods = dict(model.named_modules())
     for n, cls in originals.items():
@@ -501,16 +497,30 @@ def test_already_normalized_by_wnorm():
         wnorm.weight_norm(m)
 
 
-def test_already_normalized_by_torch_old_api():
-    m = torch.nn.utils.weight_norm(nn.Linear(3, 4))
-    with pytest.raises(WnormError, match=r"Linear: 'weight' is already weight-normalized .*torch"):
-        wnorm.weight_norm(m)
+@pytest.mark.parametrize("api", ["old", "new"])
+@pytest.mark.parametrize("dim", [0, 1, 2, None])
+def test_pytorch_weight_norm_is_adopted_with_its_parameters_and_axis(api, dim):
+    """Issue 15: a layer normalized by PyTorch (either API) becomes wnorm's, keeping the same g
+    and v Parameters (optimizers holding them still do) and the axis: same outputs bit for bit."""
+    conv = nn.Conv1d(3, 4, 5)
+    wn = torch.nn.utils.weight_norm if api == "old" else torch.nn.utils.parametrizations.weight_norm
+    m = wn(conv, dim=-1 if dim is None else dim)
+    x = torch.randn(2, 3, 9)
+    y = m(x)
+    g, v = ((m.weight_g, m.weight_v) if api == "old" else
+            (m.parametrizations.weight.original0, m.parametrizations.weight.original1))
+    wnorm.weight_norm(m)
+    assert type(m).__mro__[1] is nn.Conv1d and m._wn["weight"].dim == dim
+    assert m.weight_g is g and m.weight_v is v
+    assert torch.equal(m(x), y)
+    assert not m._forward_pre_hooks and "parametrizations" not in m._modules
 
 
-def test_already_normalized_by_torch_parametrizations():
+def test_adopting_with_another_dim_is_refused():
     m = torch.nn.utils.parametrizations.weight_norm(nn.Linear(3, 4))
-    with pytest.raises(WnormError, match=r"Linear: 'weight' already has a PyTorch parametrization"):
-        wnorm.weight_norm(m)
+    with pytest.raises(WnormError, match=r"Linear: 'weight' is weight-normalized by PyTorch "
+                                         r"along dim 0; adopting it keeps that axis"):
+        wnorm.weight_norm(m, dim=1)
 
 
 def test_zero_norm_rows_named():
@@ -558,15 +568,6 @@ def test_assigning_normalized_weight_parameter():
         m.weight = nn.Parameter(torch.randn(4, 3))
 
 
-def test_zero_v_row_at_inference_raises_not_nan():
-    m = wnorm.weight_norm(nn.Linear(3, 4)).eval()
-    with torch.no_grad():
-        m.weight_v[1].zero_()
-        with pytest.raises(WnormError, match=r"Linear: the weight-normalized 'weight' has "
-                                             r"non-finite values"):
-            m(torch.randn(2, 3))
-
-
 def test_remove_when_not_normalized():
     with pytest.raises(WnormError, match=r"Linear: 'weight' is not weight-normalized by wnorm"):
         wnorm.remove_weight_norm(nn.Linear(3, 4))
@@ -592,9 +593,9 @@ def _reference_weight(m: nn.Module, kind: str) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("kind", ["wn", "centered", "standardized", "forced", "forced-gain"])
-def test_cached_inference_weight_follows_every_change_of_g_and_v(kind):
-    """Without grad the weight is cached; it must be recomputed after any in-place edit of g
-    or v and after either is replaced, and reused (the same tensor) when nothing changed."""
+def test_weight_follows_every_change_of_g_and_v(kind):
+    """The weight is computed from g and v as they are at each access: after an in-place edit
+    of either, after either is replaced, with grad or without, in a cached block or not."""
     torch.manual_seed(0)
     make = {"wn": wnorm.weight_norm, "centered": wnorm.centered_weight_norm,
             "standardized": wnorm.weight_standardization, "forced": wnorm.forced_weight_norm,
@@ -605,12 +606,16 @@ def test_cached_inference_weight_follows_every_change_of_g_and_v(kind):
     def check() -> None:
         with torch.no_grad():
             w = m.weight
-            assert m.weight is w  # a cache hit returns the cached tensor itself
+            with wnorm.cached():
+                assert m.weight is m.weight  # a cache hit returns the cached tensor itself
+                torch.testing.assert_close(m.weight, w, rtol=0, atol=0)
         torch.testing.assert_close(w, _reference_weight(m, kind), rtol=1e-5, atol=1e-7)
 
     check()
     with torch.no_grad():
         m.weight_v.mul_(torch.linspace(0.5, 2.0, 5, dtype=D))  # in place: a version bump
+    check()
+    m.weight_v.data.mul_(1.5)  # .data: no version bump, still seen
     check()
     if has_g:
         with torch.no_grad():
@@ -620,7 +625,7 @@ def test_cached_inference_weight_follows_every_change_of_g_and_v(kind):
         check()
     m.weight_v = nn.Parameter(m.weight_v.detach().flip(1))
     check()
-    w = m.weight  # with grad: the recorded weight, never the cache
+    w = m.weight  # with grad: the recorded weight
     assert w.grad_fn is not None
 
 

@@ -5,36 +5,24 @@ mean-only batch normalization, folding for inference and checkpoint interop with
 weight-norm APIs. Importing wnorm imports torch and nothing else.
 """
 
-from .apply_model import DEFAULT_TYPES, NORM_TYPES, apply
-from .checkpoint import (
-    FORMATS,
-    IncompatibleKeys,
-    convert_checkpoint,
-    convert_state_dict,
-    find_state_dicts,
-    incompatible_keys,
-    load_checkpoint,
-    load_state_dict,
-    save_checkpoint,
-)
-from .data_init import InitReport, LayerInit, data_init
+from .apply import DEFAULT_TYPES, apply
+from .cache import cached
+from .data_init import InitReport, data_init
 from .errors import WnormError
-from .family import centered_weight_norm, forced_weight_norm, weight_standardization
+from .family import (
+    balanced_weight_norm,
+    centered_weight_norm,
+    forced_weight_norm,
+    weight_standardization,
+)
 from .fold import ChannelShift, fold
 from .init import arpit_init
-from . import optim
 from .mean_only_bn import MeanOnlyBatchNorm1d, MeanOnlyBatchNorm2d, MeanOnlyBatchNorm3d
-from .mean_only_fused import fuse_mean_only
-from .weight_norm import (
-    default_dim,
-    is_weight_normalized,
-    normalized_weights,
-    refresh,
-    remove_weight_norm,
-    weight_norm,
-)
+from .sphere import Projection, project_, project_after_step
+from .state_dict import convert_state_dict, load_state_dict
+from .weight_norm import is_weight_normalized, remove_weight_norm, weight_norm
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "__version__",
@@ -42,33 +30,24 @@ __all__ = [
     "weight_norm",
     "remove_weight_norm",
     "is_weight_normalized",
-    "normalized_weights",
-    "default_dim",
-    "refresh",
-    "apply",
-    "DEFAULT_TYPES",
-    "NORM_TYPES",
-    "data_init",
-    "InitReport",
-    "LayerInit",
-    "MeanOnlyBatchNorm1d",
-    "MeanOnlyBatchNorm2d",
-    "MeanOnlyBatchNorm3d",
-    "fuse_mean_only",
-    "fold",
-    "ChannelShift",
-    "load_state_dict",
-    "incompatible_keys",
-    "IncompatibleKeys",
-    "convert_state_dict",
-    "convert_checkpoint",
-    "find_state_dicts",
-    "load_checkpoint",
-    "save_checkpoint",
-    "FORMATS",
     "centered_weight_norm",
     "weight_standardization",
     "forced_weight_norm",
+    "balanced_weight_norm",
+    "project_after_step",
+    "project_",
+    "Projection",
+    "apply",
+    "DEFAULT_TYPES",
+    "data_init",
+    "InitReport",
+    "MeanOnlyBatchNorm1d",
+    "MeanOnlyBatchNorm2d",
+    "MeanOnlyBatchNorm3d",
+    "cached",
+    "fold",
+    "ChannelShift",
+    "load_state_dict",
+    "convert_state_dict",
     "arpit_init",
-    "optim",
 ]

@@ -1,9 +1,10 @@
 """The ``wnorm`` command line.
 
-    wnorm convert IN OUT --to {plain,torch-old,torch-new,wnorm} [--key KEY]
-    wnorm repro ...            (the paper's experiments: arguments go to ``wnorm.repro``)
+    wnorm convert IN OUT --to {plain,torch-old,torch-new,wnorm} [--dim AXIS] [--key KEY]
 
-Bad input prints ``wnorm: error: <message>`` to stderr and exits with status 2, no traceback.
+IN is a ``.pt``/``.pth`` or ``.safetensors`` file (OUT: a file), or a transformers checkpoint
+folder in the ``save_pretrained`` layout (OUT: a new folder). Bad input prints
+``wnorm: error: <message>`` to stderr and exits with status 2, no traceback.
 """
 
 from __future__ import annotations
@@ -13,10 +14,27 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+from ._layouts import FORMATS, KEEP
 from .errors import WnormError
 
 __all__ = ["main"]
+
+
+def _dim(text: str) -> Any:
+    """``--dim``: ``keep``, ``none`` or an axis >= 0."""
+    if text.lower() in (KEEP, "none"):
+        return KEEP if text.lower() == KEEP else None
+    try:
+        dim = int(text)
+    except ValueError:
+        dim = -1
+    if dim < 0:
+        raise argparse.ArgumentTypeError(
+            f"expected 'keep', 'none' (one norm over the whole tensor) or an axis >= 0; got "
+            f"{text!r}")
+    return dim
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -30,22 +48,26 @@ def _parser() -> argparse.ArgumentParser:
         help="rewrite a checkpoint in another weight-norm layout",
         description="Rewrite a checkpoint's weights in another weight-norm layout: plain w, "
         "PyTorch's old API (_g/_v), its new one (parametrizations.<name>.original0/1), or "
-        "wnorm's (the old API's names). Reads and writes .pt/.pth and .safetensors.",
+        "wnorm's (the old API's names). Reads and writes .pt/.pth and .safetensors files and "
+        "transformers checkpoint folders (save_pretrained layout).",
     )
-    conv.add_argument("input", metavar="IN", help="checkpoint to read")
-    conv.add_argument("output", metavar="OUT", help="file to write (.pt, .pth or .safetensors)")
-    conv.add_argument("--to", required=True, choices=["plain", "torch-old", "torch-new", "wnorm"])
+    conv.add_argument("input", metavar="IN", help="checkpoint file or folder to read")
+    conv.add_argument("output", metavar="OUT",
+                      help="file to write (.pt, .pth or .safetensors), or a new folder for a "
+                      "folder IN")
+    conv.add_argument("--to", required=True, choices=FORMATS)
+    conv.add_argument(
+        "--dim", type=_dim, default=KEEP, metavar="AXIS",
+        help="the axis of g and v in OUT: 'keep' (default: each weight's own, e.g. dim 2 of "
+        "Wav2Vec2's positional conv), an axis >= 0 for every weight, or 'none' (one norm over "
+        "the whole tensor)",
+    )
     conv.add_argument(
         "--key",
         default=None,
         help="convert only checkpoint[KEY] (default: every state dict found, e.g. under "
         "'state_dict', 'model', 'generator'); the other entries are kept, except in a "
         ".safetensors OUT, which holds checkpoint[KEY] alone",
-    )
-    sub.add_parser(
-        "repro",
-        add_help=False,
-        help="run the paper's experiments (all arguments go to wnorm.repro; try --help)",
     )
     return parser
 
@@ -77,24 +99,38 @@ def _one_state_dict_for(dst: Path, src: Path, paths: list[tuple[str, ...]]) -> N
     )
 
 
+def _convert_folder(args: argparse.Namespace, src: Path, dst: Path) -> int:
+    from ._pretrained import convert_folder
+
+    if args.key is not None:
+        raise WnormError(f"--key picks an entry of a .pt/.pth checkpoint; {src} is a folder, "
+                         "whose weights are converted whole")
+    n, notes = convert_folder(src, dst, args.to, args.dim)
+    print(f"{args.input} -> {args.output}: {n} weight(s) converted to {args.to} (folder)"
+          + "".join(f"; {note}" for note in notes))
+    return 0
+
+
 def _convert(args: argparse.Namespace) -> int:
-    from .checkpoint import (
-        _check_output,
-        _safetensors_metadata,
+    from ._files import (
+        check_output,
         convert_checkpoint,
         find_state_dicts,
         load_checkpoint,
+        safetensors_metadata,
         save_checkpoint,
     )
 
     src, dst = Path(args.input), Path(args.output)
+    if src.is_dir():
+        return _convert_folder(args, src, dst)
     _refuse_same_file(src, dst)
-    _check_output(dst)  # before reading a large input: fail fast
+    check_output(dst)  # before reading a large input: fail fast
     to_st = dst.suffix == ".safetensors"
     ckpt = load_checkpoint(src)
     try:
         paths = find_state_dicts(ckpt, args.key)
-        out, n = convert_checkpoint(ckpt, args.to, args.key)
+        out, n = convert_checkpoint(ckpt, args.to, args.key, args.dim)
     except WnormError as e:
         raise WnormError(f"{args.input}: {e}") from None
     if to_st and args.key is None:
@@ -105,7 +141,7 @@ def _convert(args: argparse.Namespace) -> int:
         if len(ckpt) > 1:
             notes.append(f"only checkpoint[{args.key!r}] written: a .safetensors file holds one "
                          "state dict")
-    metadata = _safetensors_metadata(src) if src.suffix == ".safetensors" else None
+    metadata = safetensors_metadata(src) if src.suffix == ".safetensors" else None
     if metadata and not to_st:
         notes.append(f"the input's safetensors metadata (keys {sorted(metadata)}) is not "
                      f"written: a {dst.suffix or 'suffix-less'} file has no place for it")
@@ -114,30 +150,6 @@ def _convert(args: argparse.Namespace) -> int:
     print(f"{args.input} -> {args.output}: {n} weight(s) converted to {args.to} ({where})"
           + "".join(f"; {note}" for note in notes))
     return 0
-
-
-def _repro(argv: list[str]) -> int:
-    try:
-        from .repro.__main__ import main as repro_main
-    except ModuleNotFoundError as e:
-        if e.name and (e.name == "wnorm.repro" or e.name.startswith("wnorm.repro.")):
-            print(
-                "wnorm: error: the repro command needs wnorm.repro (the paper's experiments), "
-                "which this installation does not have",
-                file=sys.stderr,
-            )
-        else:  # wnorm.repro is there, one of its optional dependencies is not
-            print(
-                f"wnorm: error: the repro command needs the package '{e.name}'; "
-                "pip install 'wnorm[repro]'",
-                file=sys.stderr,
-            )
-        return 2
-    try:
-        code = repro_main(argv)
-    except SystemExit as e:  # its argparse: --help (0) or a usage error (2)
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
-    return int(code or 0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -149,13 +161,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         2
     """
     argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
     try:
-        if argv[:1] == ["repro"]:  # everything after it belongs to wnorm.repro, options too
-            return _repro(argv[1:])
-        try:
-            args = _parser().parse_args(argv)
-        except SystemExit as e:  # argparse has printed its usage message
-            return e.code if isinstance(e.code, int) else 2
+        args = parser.parse_args(argv)
+        if args.dim != KEEP and args.to == "plain":
+            parser.error("--dim chooses the axis of g and v; --to plain writes w alone")
+    except SystemExit as e:  # argparse has printed its usage message
+        return e.code if isinstance(e.code, int) else 2
+    try:
         return _convert(args)
     except WnormError as e:
         print(f"wnorm: error: {e}", file=sys.stderr)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -23,16 +24,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._extension import kernels, readable
+from . import _reparam
 from .errors import WnormError
-from .mean_only_bn import (
-    MeanOnlyBatchNorm1d,
-    MeanOnlyBatchNorm2d,
-    MeanOnlyBatchNorm3d,
-    _MeanOnlyBatchNorm,
-)
-from .mean_only_fused import _global_state_allows, _has_hooks, _MeanOnlyFusedSequential
-from .weight_norm import WN, _Spec, default_dim
+from .mean_only_bn import _MeanOnlyBatchNorm
+from .weight_norm import default_dim
 
 __all__ = ["data_init", "InitReport", "LayerInit", "NO_BIAS_NOTE"]
 
@@ -42,10 +37,11 @@ __all__ = ["data_init", "InitReport", "LayerInit", "NO_BIAS_NOTE"]
 NO_BIAS_NOTE = "no bias: mean not removed"
 
 _INIT_TYPES = (nn.Linear, nn.modules.conv._ConvNd)
-_RAW_DTYPES = (torch.float32, torch.float64)
-#: containers whose forward is exactly "call each child in turn": data_init may run them itself
-_SEQUENTIAL = (nn.Sequential, _MeanOnlyFusedSequential)
-_MEAN_ONLY = (MeanOnlyBatchNorm1d, MeanOnlyBatchNorm2d, MeanOnlyBatchNorm3d)
+#: torch_geometric convolutions whose output is linear in their weight-normalized Linears'
+#: outputs (plus their bias): scaling those g's by s scales the convolution's output by s, so
+#: the init standardizes the convolution's output, the pre-activation of the graph layer.
+_PYG_LINEAR_CONVS = {"GCNConv", "SAGEConv", "GraphConv", "ChebConv", "TAGConv", "SGConv",
+                     "ClusterGCNConv", "LEConv"}
 
 
 @dataclass
@@ -55,8 +51,7 @@ class LayerInit:
     ``mu`` and ``sigma`` are the per-unit mean and standard deviation of
     :math:`t = v\\cdot x/\\lVert v\\rVert` (of :math:`w\\cdot x` for a plain layer) on the batch,
     before the init; ``None`` for a skipped layer, whose ``reason`` says why. ``note``: what
-    an initialized layer's init did not do, e.g. :data:`NO_BIAS_NOTE` for a layer without a
-    bias (its pre-activation keeps the mean :math:`\\mu[t]\\,g`; only its spread is set).
+    an initialized layer's init did not do, e.g. :data:`NO_BIAS_NOTE`.
     """
 
     name: str
@@ -90,415 +85,258 @@ class InitReport(list[LayerInit]):
         return "\n".join(rows)
 
 
-def _unit_axis(module: nn.Module, y: Tensor) -> int:
-    if isinstance(module, nn.Linear):
-        return y.dim() - 1
-    # ConvNd: (N, C, *spatial) has the weight's rank; unbatched (C, *spatial) one less
-    return 1 if y.dim() == _weight_ndim(module) else 0
+# --------------------------------------------------------------------------- targets
+def _mro_names(m: nn.Module) -> set[str]:
+    return {c.__name__ for c in type(m).__mro__}
 
 
-def _weight_ndim(module: nn.Module) -> int:
-    p = module._parameters.get("weight")
-    return (p if p is not None else module._parameters["weight_v"]).dim()
+@dataclass
+class _Target:
+    """One pre-activation to standardize: ``module``'s output, along ``axis`` (-1: last), set
+    through the gains of ``gains`` (wnorm layers: g; plain layers: their weight rows) and the
+    bias ``bias`` (None: no bias to take the mean away)."""
+
+    name: str
+    module: nn.Module
+    gains: list[nn.Module]
+    bias: Tensor | None
+    zero: list[Tensor]  # biases the output depends on besides ``bias``: set to 0
+    note: str = ""
 
 
-def _reason_cannot(module: nn.Module, is_wn: bool) -> str:
-    """Why the paper's init cannot set this layer ("" when it can)."""
+def _reason_cannot(module: nn.Module, wn: bool) -> str:
+    """Why the paper's init cannot set this layer's gain ("" when it can)."""
     if isinstance(module, nn.RNNBase):
         return "recurrent layer: the paper's init does not apply (section 3)"
-    if not isinstance(module, _INIT_TYPES):
+    if not (isinstance(module, _INIT_TYPES) or "Linear" in _mro_names(module)
+            and type(module).__module__.startswith("torch_geometric")):
         return f"{type(module).__name__} has no per-unit pre-activation to standardize"
-    if is_wn:
-        specs = module.__dict__["_wn"]
-        if "weight" not in specs:
+    if wn:
+        s = _reparam.slot(module, "weight")
+        if s is None:
             return "its 'weight' is not weight-normalized"
-        if not specs["weight"].has_g:
-            return f"no per-unit g to set ({specs['weight'].kind} weight)"
-        if specs["weight"].dim != default_dim(module):
-            return f"g is not one per output unit (dim={specs['weight'].dim})"
+        if not s.map.has_g:
+            return f"no per-unit g to set ({s.map.kind} weight)"
+        if s.map.dim != default_dim(module):
+            return f"g is not one per output unit (dim={s.map.dim})"
     if isinstance(module, nn.modules.conv._ConvTransposeNd) and module.groups != 1:
-        what = "g" if is_wn else "weight slice"
-        return f"ConvTranspose with groups > 1: one {what} serves several output channels"
+        return f"ConvTranspose with groups > 1: one {'g' if wn else 'weight slice'} serves " \
+               "several output channels"
     return ""
 
 
-def _distributed(group: Any) -> bool:
-    import torch.distributed as dist
+def _unit_axis(module: nn.Module, y: Tensor) -> int:
+    if not isinstance(module, nn.modules.conv._ConvNd):
+        return y.dim() - 1  # Linear (and graph layers): features last
+    # ConvNd: (N, C, *spatial) has the weight's rank; unbatched (C, *spatial) one less
+    return 1 if y.dim() == _gain_param(module).dim() else 0
 
-    return dist.is_available() and dist.is_initialized()
+
+def _gain_param(module: nn.Module) -> Tensor:
+    p = module._parameters
+    return p["weight_g"] if "weight_g" in p else p["weight"]
 
 
-def _reduce(t: Tensor, group: Any) -> Tensor:
-    """Sum ``t`` over the ranks when torch.distributed is running; ``t`` itself otherwise."""
-    if _distributed(group):
+def _candidates(model: nn.Module, include_plain: bool) -> tuple[
+        list[_Target], list[LayerInit], list[tuple[str, nn.Module]]]:
+    """The targets, the candidates skipped with a reason, and the other modules holding
+    parameters (a tie with one of them makes a target unsafe to set)."""
+    targets: list[_Target] = []
+    skipped: list[LayerInit] = []
+    others: list[tuple[str, nn.Module]] = []
+    in_group: set[int] = set()
+    named = list(model.named_modules())
+    parent = {id(c): p for _, p in named for c in p.children()}
+    for mname, m in named:
+        label = mname or "<model>"
+        if "MessagePassing" in _mro_names(m) and type(m).__name__ in _PYG_LINEAR_CONVS:
+            lins = [c for c in m.children() if _reparam.slot(c, "weight") is not None]
+            if lins and all(not _reason_cannot(c, True) for c in lins):
+                bias = m._parameters.get("bias")
+                lin_biases = [c._parameters["bias"] for c in lins
+                              if c._parameters.get("bias") is not None]
+                if bias is None and lin_biases:  # the Linear applied after aggregation
+                    bias, lin_biases = lin_biases[0], lin_biases[1:]
+                targets.append(_Target(label, m, lins, bias, lin_biases,
+                                       "" if bias is not None else NO_BIAS_NOTE))
+                in_group.update(id(c) for c in lins)
+    for mname, m in named:
+        label = mname or "<model>"
+        if id(m) in in_group or any(t.module is m for t in targets):
+            continue
+        wn = bool(m.__dict__.get("_wn"))
+        plain = (include_plain and isinstance(m, _INIT_TYPES)
+                 and m._parameters.get("weight") is not None)
+        if not (wn or plain):
+            if m._parameters:
+                others.append((label, m))
+            continue
+        why = _reason_cannot(m, wn)
+        if why:
+            skipped.append(LayerInit(label, type(m).__name__, "skipped", why))
+            others.append((label, m))
+            continue
+        bias = m._parameters.get("bias")
+        note = "" if bias is not None else NO_BIAS_NOTE
+        up = parent.get(id(m))
+        if up is not None and "MessagePassing" in _mro_names(up):
+            note = (f"inside {type(up).__name__}, whose output is not linear in this "
+                    "layer's (attention or a nonlinear message): this layer's own output is "
+                    "standardized, not the convolution's") + (f"; {note}" if note else "")
+        targets.append(_Target(label, m, [m], bias, [], note))
+    return targets, skipped, others
+
+
+def _tensors(t: _Target) -> list[Tensor]:
+    """What initializing ``t`` writes."""
+    out = [_gain_param(m) for m in t.gains] + t.zero
+    return out + ([t.bias] if t.bias is not None else [])
+
+
+def _drop_shared(targets: list[_Target], others: list[tuple[str, nn.Module]],
+                 skipped: list[LayerInit]) -> list[_Target]:
+    """Targets writing a tensor another target or module holds too (a tie) are unsafe: setting
+    it for one would change the other after the fact. Among targets sharing one, the first in
+    model order stays; a target sharing one with a module the init leaves alone is skipped."""
+    owner: dict[int, str] = {}
+    for label, o in others:
+        for p in o._parameters.values():
+            if p is not None:
+                owner.setdefault(id(p), label)
+    kept: list[_Target] = []
+    mine: dict[int, str] = {}
+    for t in targets:
+        ids = {id(x) for x in _tensors(t)}
+        clash = next((owner[i] for i in ids if i in owner), None)
+        if clash is not None:
+            skipped.append(LayerInit(t.name, type(t.module).__name__, "skipped",
+                                     f"parameters shared with {clash}, which data_init does "
+                                     "not initialize"))
+            continue
+        first = next((mine[i] for i in ids if i in mine), None)
+        if first is not None:
+            skipped.append(LayerInit(t.name, type(t.module).__name__, "skipped",
+                                     f"parameters shared with {first}, initialized first"))
+            continue
+        mine.update((i, t.name) for i in ids)
+        kept.append(t)
+    return kept
+
+
+# --------------------------------------------------------------------------- the pass
+def _distributed() -> bool:
+    dist = sys.modules.get("torch.distributed")
+    return bool(dist is not None and dist.is_available() and dist.is_initialized())
+
+
+def _sums(t: Tensor, dims: list[int], group: Any) -> tuple[Tensor, Tensor]:
+    """Per-unit sum and count of ``t`` over ``dims``, summed over the ranks when distributed."""
+    n = t.new_full((1,), float(math.prod(t.shape[d] for d in dims)))
+    s = t.sum(dims)
+    if _distributed():
         import torch.distributed as dist
 
-        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
-    return t
+        both = torch.cat([s.flatten(), n])
+        dist.all_reduce(both, group=group)
+        s, n = both[:-1].view(s.shape), both[-1:]
+    return s, n
 
 
-class _Initializer:
-    """Forward hooks that initialize each target layer at the first call that reaches it."""
+class _Pass:
+    """The hooks of one init pass: each target is initialized at the first call reaching it."""
 
-    def __init__(self, names: dict[nn.Module, str], is_wn: dict[nn.Module, bool],
-                 init_scale: float, group: Any,
-                 ties: dict[nn.Module, list[nn.Module]] | None = None) -> None:
-        self.names, self.is_wn = names, is_wn
-        # targets sharing a g, bias or plain weight with other targets: the first reached is
-        # initialized, the others are skipped (setting the shared tensor again would undo it)
-        self.ties = ties or {}
-        self.init_scale, self.group = init_scale, group
-        self.distributed = _distributed(group)
-        self.done: dict[nn.Module, LayerInit] = {}
-        # layers whose forward runs with w = v itself (raw), with their spec (its cache holds v)
-        self.raw: dict[nn.Module, _Spec] = {}
-        # the last output handed on with units on axis 1, its version, and its batch mean
-        # (None: 0, the layer has a bias)
-        self.handoff: tuple[Tensor, int, Tensor | None] | None = None
-        # the mean-only BN the last post() applied in its output, and its input's batch mean
-        self.folded: _MeanOnlyBatchNorm | None = None
-        self.folded_mean: Tensor | None = None
-
-    def hand_on(self, out: Tensor, mean: Tensor | None) -> None:
-        """Remember ``out``'s batch mean over every axis but 1 for the layer it goes to next
-        (not for inference tensors: they have no version counter to show an in-place edit)."""
-        self.handoff = None if out.is_inference() else (out, out._version, mean)
-
-    def mean_of(self, x: Tensor) -> Tensor | None:
-        """The mean of ``x`` over every axis but 1 when ``x`` is the (unchanged) output that
-        an initialized layer with units on axis 1 just handed on; None otherwise. It is known:
-        0 where the layer has a bias, else the scaled mean mu[r]*s/sigma[r] = mu[t]*g."""
-        h = self.handoff
-        if h is None or x is not h[0] or x._version != h[1]:
-            return None
-        return x.new_zeros(x.shape[1]) if h[2] is None else h[2]
+    def __init__(self, targets: list[_Target], init_scale: float, group: Any,
+                 names: dict[nn.Module, str]) -> None:
+        self.by_module = {t.module: t for t in targets}
+        self.names = names
+        self.scale, self.group = init_scale, group
+        self.done: dict[nn.Module, tuple[_Target, Tensor, Tensor, Tensor]] = {}  # mu, sigma, ok
+        self.count: dict[nn.Module, int] = {}  # values per unit on this rank
+        self.means: dict[nn.Module, Tensor] = {}
 
     def pre(self, module: nn.Module, args: Any) -> None:
+        t = self.by_module[module]
         if module in self.done:
             return
-        if self.ties and module in self.ties:
-            first = next((o for o in self.ties[module] if o in self.done), None)
-            if first is not None:  # post() sees it done, and leaves it alone
-                how = ("initialized first" if self.done[first].status == "initialized"
-                       else "reached first")
-                self.done[module] = LayerInit(
-                    self.names[module], type(module).__name__, "skipped",
-                    f"parameters shared with {self.names[first]}, {how}")
-                return
-        if self.is_wn[module]:
-            spec = module.__dict__["_wn"]["weight"]
-            g, v = module._parameters["weight_g"], module._parameters["weight_v"]
-            if (spec.kind == WN and spec.plain is None and v.dtype in _RAW_DTYPES
-                    and not (torch.compiler.is_compiling() or torch._C._is_tracing())):
-                # Raw: the layer computes r = v.x (+ 0), with v itself as its cached weight, so
-                # no weight is recomputed; t = r/||v|| is only ever needed through its
-                # statistics, which post() rescales. The cache entry is cleared in post().
-                # (A compiled or traced forward computes the weight, never the cache: not raw.)
-                spec.cache, spec.g, spec.v, spec.gver, spec.vver = v, g, v, g._version, v._version
-                self.raw[module] = spec
-            else:
-                g.fill_(1.0)  # the layer now outputs t = v.x/||v|| (+ 0)
-        bias = module._parameters.get("bias")
-        if bias is not None:
-            bias.zero_()
+        for m in t.gains:  # the layer now outputs t = v.x/||v|| (+ 0); a plain layer w.x
+            if _reparam.slot(m, "weight") is not None:
+                m._parameters["weight_g"].fill_(1.0)
+        for b in t.zero + ([t.bias] if t.bias is not None else []):
+            b.zero_()
 
-    def post(self, module: nn.Module, args: Any, y: Tensor,
-             fold: _MeanOnlyBatchNorm | None = None) -> Tensor | None:
-        """The forward hook (``fold``: see :meth:`_post_kernel`)."""
-        self.folded = None
-        if module in self.done:
+    def post(self, module: nn.Module, args: Any, y: Any) -> Any:
+        t = self.by_module[module]
+        if module in self.done or not isinstance(y, Tensor):
             return None
-        spec = self.raw.pop(module, None)
-        if spec is not None:
-            spec.clear()
-            if not self.distributed:
-                out = self._post_kernel(module, y, spec, fold)
-                if out is not None:
-                    return out
-            v = module._parameters["weight_v"]
-            vnorm = torch.linalg.vector_norm(v, dim=[d for d in range(v.dim()) if d != spec.dim])
-            if (not self.distributed and y.dim() >= 2 and y.dtype in _RAW_DTYPES
-                    and _unit_axis(module, y) == 1):
-                return self._post_fast(module, y, vnorm)
-        name = self.names[module]
-        axis = _unit_axis(module, y)
-        units = y.shape[axis] if y.dim() else 0
-        wide = torch.promote_types(y.dtype, torch.float32)  # float32 at least; float64 stays
-        t = y.detach()
-        if t.dtype != wide:
-            t = t.to(wide)
-        if spec is not None:  # raw output r = v.x: t = r/||v||
-            t = t / vnorm.to(wide).view(_along(t.dim(), axis, units))
-        dims = [d for d in range(t.dim()) if d != axis]  # reduce in place: no transposed copy
-        n = t.numel() // max(units, 1)
-        if self.distributed:
-            shape = _along(y.dim(), axis, units)
-            count = torch.tensor([float(n)], device=t.device)
-            total = _reduce(torch.cat([t.sum(dims), count]), self.group)
-            n = int(total[-1])
-            if n == 0:
-                raise WnormError(f"{name} ({type(module).__name__}): data init got an empty batch")
-            mu = (total[:-1] / n).view(shape)
-            c = t - mu
-            sigma = (_reduce(c.pow(2).sum(dims), self.group) / n).sqrt().view(shape)
-            scale = self.init_scale / sigma
+        axis = _unit_axis(module, y) if t.gains == [module] else y.dim() - 1
+        units = y.shape[axis]
+        wide = torch.promote_types(y.dtype, torch.float32)
+        r = y.detach().to(wide)
+        dims = [d for d in range(r.dim()) if d != axis]
+        s, n = _sums(r, dims, self.group)
+        shape = [1] * r.dim()
+        shape[axis] = units
+        mu = (s / n).view(shape)
+        c = r - mu
+        var = _sums(c * c, dims, self.group)[0].view(shape) / n.view([1] * r.dim())
+        sigma = var.sqrt()
+        scale = self.scale / sigma
+        shift = mu * scale
+        flat_scale, flat_shift = scale.reshape(units), shift.reshape(units)
+        ok = (sigma.reshape(units) > 0) & torch.isfinite(flat_shift) & torch.isfinite(flat_scale)
+        for m in t.gains:
+            p = _gain_param(m)
+            gs = flat_scale.to(p.dtype)
+            ok &= torch.isfinite(gs) & (gs > 0)
+            if p is m._parameters.get("weight_g"):
+                p.copy_(gs.view(p.shape))
+            else:  # a plain layer: scale each output unit's row of w
+                d = default_dim(m)
+                p.mul_(gs.view([units if i == d else 1 for i in range(p.dim())]))
+        out = c * scale
+        if t.bias is not None:
+            bs = (-flat_shift).to(t.bias.dtype)
+            ok &= torch.isfinite(bs)
+            t.bias.copy_(bs.view(t.bias.shape))
         else:
-            if n == 0:
-                raise WnormError(f"{name} ({type(module).__name__}): data init got an empty batch")
-            # population statistics, two passes (torch.var_mean is ~15x slower on CPU here)
-            mu = t.mean(dim=dims, keepdim=True)
-            c = t - mu
-            sigma = None  # computed for the report from scale, below
-            # init_scale / sqrt(mean(c^2)); (c*c).sum is 5x faster than vector_norm here
-            scale = (c * c).sum(dim=dims, keepdim=True).rsqrt_().mul_(
-                self.init_scale * math.sqrt(n))
-        shift = mu * scale  # the new bias is -shift
-        # g (a plain layer: its weight rows' factor) and b as they will be stored, in their
-        # dtypes: each must be finite, and g positive (a g that underflows to 0 kills the unit)
-        target = module.weight_g if self.is_wn[module] else module.weight
-        bias = module.bias
-        gs = scale if scale.dtype == target.dtype else scale.to(target.dtype)
-        bs = shift if bias is None or shift.dtype == bias.dtype else shift.to(bias.dtype)
-        # one sync for the happy path: sigma 0 gives scale inf, then shift inf or NaN; NaN in
-        # the statistics reaches shift too; g inf or 0 makes g + 1/g inf (a sum that merely
-        # overflows is rechecked unit by unit)
-        gw = gs if gs.dtype == wide else gs.to(wide)
-        if not math.isfinite(float(bs.sum(dtype=wide) + (gw + gw.reciprocal()).sum())):
-            sig = (c * c).mean(dim=dims, keepdim=True).sqrt() if sigma is None else sigma
-            ok = ((sig > 0) & torch.isfinite(sig) & torch.isfinite(mu) & torch.isfinite(gs)
-                  & (gs > 0) & torch.isfinite(bs))
-            idx = (~ok).flatten().nonzero().flatten().tolist()
-            if idx:
-                self._fail(module, idx, units, n, mu, sig, target.dtype,
-                           None if bias is None else bias.dtype)
-        if self.is_wn[module]:
-            g = target
-            g.copy_(gs.view(g.shape) if gs.is_contiguous() else gs.reshape(g.shape))
-        else:
-            w = target
-            w.mul_(gs.reshape(_along(w.dim(), default_dim(module), units)))
-        out = c.mul_(scale)  # c is ours: standardize it in place
-        if bias is not None:
-            bias.copy_(bs.view(bias.shape)).neg_()
-        else:
-            out += shift  # no bias: the mean stays
-        if sigma is None:
-            sigma = self.init_scale / scale
-        self.done[module] = LayerInit(name, type(module).__name__, "initialized", "",
-                                      mu.reshape(units).cpu(), sigma.reshape(units).cpu(),
-                                      "" if module.bias is not None else NO_BIAS_NOTE)
-        return out if out.dtype == y.dtype else out.to(y.dtype)
+            out = out + shift  # no bias: the mean stays
+        self.done[module] = (t, mu.reshape(units), sigma.reshape(units), ok)
+        self.count[module] = r.numel() // max(units, 1)
+        return out.to(y.dtype)
 
-    def _post_kernel(self, module: nn.Module, y: Tensor, spec: _Spec,
-                     fold: _MeanOnlyBatchNorm | None = None) -> Tensor | None:
-        """post() for a raw layer in one process as one C++ call (``csrc/data_init.cpp``): the
-        statistics of r = v.x, g, b and the standardized output; None where the kernel does not
-        apply (no kernels, another device or dtype, a non-contiguous tensor).
+    def bn_pre(self, module: _MeanOnlyBatchNorm, args: Any) -> None:
+        if module in self.means:
+            return
+        x = args[0]
+        module._check(x)
+        if x.numel() == 0:
+            raise WnormError(
+                f"data_init: {self.names.get(module, '<model>')} ({type(module).__name__}) got "
+                f"an empty batch {tuple(x.shape)}; its running mean is the batch mean of its "
+                "input")
+        xw = x.detach().to(torch.promote_types(x.dtype, torch.float32))
+        dims = [0, *range(2, x.dim())]
+        s, n = _sums(xw, dims, self.group)
+        self.means[module] = s / n
 
-        ``fold``: a standard mean-only BN the driven pass runs right after this layer. For a
-        layer without a bias, whose output keeps its (scaled) mean, the kernel returns that
-        BN's output instead, ``(r - mu[r])*s/sigma[r] + b_bn``; then ``self.folded`` is the BN
-        and ``self.folded_mean`` the mean it subtracted, for the pass to do its bookkeeping."""
-        if y.device.type != "cpu":
+    def bn_post(self, module: _MeanOnlyBatchNorm, args: Any, out: Any) -> Any:
+        # the batch mean over every rank, as running mean and as what is subtracted, so that
+        # the layers after it are initialized as one process on the union of the batches would
+        mean = self.means.get(module)
+        if mean is None:
             return None
-        kern = kernels()  # built on first use: not for a model on another device
-        p = module._parameters
-        v, g, bias = p["weight_v"], p["weight_g"], p.get("bias")
-        if (kern is None or not readable(y, v, g, bias) or y.dtype != v.dtype or y.dim() == 0
-                or not y.is_contiguous() or not v.is_contiguous() or g.dtype != v.dtype
-                or not g.is_contiguous()
-                or (bias is not None and (bias.dtype != v.dtype or not bias.is_contiguous()))):
-            return None
-        axis = _unit_axis(module, y)
-        offset = None
-        if (fold is not None and bias is None and axis == 1 and y.dim() in fold._ndims
-                and y.shape[1] == fold.num_features):  # else the BN runs, and says what is wrong
-            b = getattr(fold, "bias", None)  # as its forward reads it (a buffer, even)
-            if (isinstance(b, Tensor) and b.dtype == y.dtype and b.device == y.device
-                    and b.is_contiguous() and b.numel() == y.shape[1]):
-                offset = b
-        out, mu, sigma, bad = kern.data_init_layer(y, axis, v, spec.dim, g, bias, self.init_scale,
-                                                   offset)
-        if bad:  # nothing was written
-            self._fail(module, bad, y.shape[axis], y.numel() // y.shape[axis], mu, sigma,
-                       g.dtype, None if bias is None else bias.dtype)
-        self.done[module] = LayerInit(self.names[module], type(module).__name__, "initialized",
-                                      "", mu, sigma, "" if bias is not None else NO_BIAS_NOTE)
-        # the mean a bias-less layer's output keeps: mu[t] g = mu[r] s/sigma[r]
-        mean = None if bias is not None else torch.mul(mu, g.view(-1))
-        if offset is not None:
-            self.folded, self.folded_mean, self.handoff = fold, mean, None
-        elif axis == 1 and y.dim() >= 2:
-            self.hand_on(out, mean)
-        return out
-
-    def _post_fast(self, module: nn.Module, y: Tensor, vnorm: Tensor) -> Tensor:
-        """post() for a raw layer with units on axis 1, in one process: batch norm's kernel
-        gives the standardized output and the statistics of r = v.x in one call; g and b are
-        written in place (the rollback in data_init() restores them on an error)."""
-        out, mu, scale = torch.native_batch_norm(y, None, None, None, None, True, 0.0, 0.0)
-        if self.init_scale != 1.0:
-            scale = scale.mul_(self.init_scale)
-            out = out.mul_(self.init_scale)
-        bias, g = module.bias, module.weight_g
-        shift = mu * scale if bias is None else torch.mul(mu, scale, out=bias.view(-1))
-        gflat = torch.mul(scale, vnorm, out=g.view(-1))  # g = s/sigma[t], as sigma[t] is
-        # batch norm's kernel gives scale 0 where sigma is 0; NaN statistics reach the shift;
-        # g inf or 0 (init_scale out of the dtype's range) makes g + 1/g inf. One sync.
-        sigma = torch.reciprocal(gflat)  # sigma[r]/||v||; so sigma[t] = s/g
-        if not math.isfinite(float(shift.sum() + (gflat + sigma).sum())):
-            dims = [0, *range(2, y.dim())]
-            sd = y.var(dim=dims, correction=0).sqrt()  # the error path: recomputed, exactly
-            ok = ((sd > 0) & torch.isfinite(sd) & torch.isfinite(mu) & torch.isfinite(shift)
-                  & torch.isfinite(gflat) & (gflat > 0))
-            idx = (~ok).nonzero().flatten().tolist()
-            if idx:  # else a sum of finite values overflowed
-                self._fail(module, idx, y.shape[1], y.numel() // y.shape[1], mu / vnorm,
-                           sd / vnorm, g.dtype, None if bias is None else bias.dtype)
-        if bias is None:  # no bias to take the mean away: it stays, scaled (y * scale)
-            out = out.add_(shift.view(_along(out.dim(), 1, out.shape[1])))
-        else:
-            bias.neg_()
-        if self.init_scale != 1.0:
-            sigma.mul_(self.init_scale)
-        self.hand_on(out, None if bias is not None else shift.view(-1))  # the mean stayed
-        mu = mu.div_(vnorm)  # mu[t] = mu[r]/||v||
-        self.done[module] = LayerInit(self.names[module], type(module).__name__, "initialized",
-                                      "", mu.cpu(), sigma.cpu(),
-                                      "" if bias is not None else NO_BIAS_NOTE)
-        return out
-
-    def _fail(self, module: nn.Module, idx: list[int], units: int, n: int,
-              mu: Tensor | None = None, sigma: Tensor | None = None,
-              gdtype: torch.dtype | None = None, bdtype: torch.dtype | None = None) -> None:
-        """Raise for the bad units ``idx``. With the per-unit ``mu`` and ``sigma`` of t: when
-        the batch is fine for them (sigma positive, both finite), what does not fit is
-        g = init_scale/sigma[t] or b = -mu[t] g in the layer's dtype, and the message says so."""
-        label = f"{self.names[module]} ({type(module).__name__})"
-        which = f"{len(idx)} of {units} units ({idx[:10]}{'...' if len(idx) > 10 else ''})"
-        if mu is not None and sigma is not None and gdtype is not None:
-            at = torch.tensor(idx, dtype=torch.long)
-            m = mu.detach().reshape(-1).cpu().double()[at]
-            sd = sigma.detach().reshape(-1).cpu().double()[at]
-            gi = torch.finfo(gdtype)
-            bi = torch.finfo(bdtype) if bdtype is not None else None
-
-            def fits(scale: float) -> tuple[bool, bool]:
-                """Whether g = scale/sigma[t] (finite, not 0) and b = -mu[t] g (finite) fit."""
-                g = scale / sd
-                g_ok = bool(((g <= gi.max) & (g.to(gdtype) != 0)).all())
-                b_ok = bi is None or bool(((m.abs() * g) <= bi.max).all())
-                return g_ok, b_ok
-
-            # the batch is fine for these units when the init with init_scale 1 would fit: then
-            # init_scale is what puts g (or b) out of the dtype's range
-            if (bool(((sd > 0) & torch.isfinite(sd) & torch.isfinite(m)).all())
-                    and all(fits(1.0))):
-                s = self.init_scale
-                g_ok, b_ok = fits(s)
-                seen = (f"sigma[t] on this batch is in [{float(sd.min()):.3g}, "
-                        f"{float(sd.max()):.3g}] for them, and init_scale 1 would fit")
-                if not g_ok:
-                    big = bool(((s / sd) > gi.max).any())
-                    raise WnormError(
-                        f"{label}: init_scale={s!r} is too {'large' if big else 'small'} for "
-                        f"this layer's {gdtype}: g = init_scale/sigma[t] "
-                        f"{'overflows it' if big else 'underflows it to 0'} for {which} "
-                        f"({seen}; {gdtype} holds normal magnitudes from "
-                        f"{gi.smallest_normal:.3g} to {gi.max:.3g}); use an init_scale nearer 1"
-                    )
-                if not b_ok:
-                    raise WnormError(
-                        f"{label}: init_scale={s!r} is too large for this layer's {bdtype}: the "
-                        f"bias b = -mu[t]*init_scale/sigma[t] overflows it for {which} ({seen}; "
-                        f"|mu[t]|/sigma[t] is up to {float((m.abs() / sd).max()):.3g}); use a "
-                        "smaller init_scale"
-                    )
-        raise WnormError(
-            f"{label}: the pre-activations of {len(idx)} "
-            f"of {units} units have sigma 0 or non-finite statistics on the init batch "
-            f"({int(n)} values per unit; units {idx[:10]}{'...' if len(idx) > 10 else ''}); "
-            "data init needs a batch on which every unit varies (more than one example, "
-            "finite inputs, no zero rows in the weight)"
-        )
-
-
-def _mean_only_step(bn: _MeanOnlyBatchNorm, x: Tensor, apply: bool = True) -> Tensor:
-    """What ``bn(x)`` does during the init pass, without its own reduction: with ``_init_mean``
-    set (and the running mean set to it) the forward's output is x - mean + b in every mode; in
-    training its running-mean update moves the running mean from that mean to the same mean,
-    and counts the batch. ``apply=False``: ``x`` is that output already (folded into the
-    layer before); only the checks and the count."""
-    bn._check(x)
-    bn._check_batch(x)
-    if bn.training and bn.track_running_stats:
-        bn.num_batches_tracked.add_(1)
-    if not apply:
-        return x
-    shift = bn.bias - bn.__dict__["_init_mean"]
-    if shift.dtype != x.dtype:  # the input's dtype out, as the layer's forward gives
-        shift = shift.to(x.dtype)
-    return x + shift.view((1, -1) + (1,) * (x.dim() - 2))
-
-
-def _shared_parameters(names: dict[nn.Module, str], is_wn: dict[nn.Module, bool],
-                       others: list[tuple[str, nn.Module]], touched: list[Tensor],
-                       skipped: list[LayerInit]) -> dict[nn.Module, list[nn.Module]]:
-    """Find the targets whose g, bias or plain weight another module holds too (tied layers),
-    appending the targets' such tensors to ``touched``. A target sharing one with a module the
-    pass does not initialize is dropped from ``names`` into ``skipped`` (setting it would change
-    that module too: the init's own input, for a module that ran before). Returns, for targets
-    sharing with other targets, those targets: the pass initializes the first it reaches."""
-    # the common case, nothing shared, costs a list and a dict (data_init is benchmarked)
-    mine = [(t, m) for m in names
-            for t in (m._parameters.get("weight_g"), m._parameters.get("bias"),
-                      None if is_wn[m] else m._parameters.get("weight"))
-            if t is not None]
-    owner = {id(t): m for t, m in mine}
-    ties: dict[nn.Module, list[nn.Module]] = {}
-    if len(owner) == len(mine):
-        touched.extend(t for t, _ in mine)
-    else:
-        owner = {}
-        for t, m in mine:
-            o = owner.setdefault(id(t), m)
-            if o is m:
-                touched.append(t)
-            elif o not in ties.get(m, ()):
-                ties.setdefault(m, []).append(o)
-                ties.setdefault(o, []).append(m)
-    drop: dict[nn.Module, str] = {}
-    for label, o in others:
-        for t in o._parameters.values():
-            if t is not None and id(t) in owner:
-                drop.setdefault(owner[id(t)], label)
-    if not drop and not ties:
-        return ties
-    queue = list(drop)
-    while queue:  # a target tied to a dropped one shares with a module left alone, too
-        m = queue.pop()
-        for o in ties.pop(m, ()):
-            if o not in drop:
-                drop[o] = names[m]
-                queue.append(o)
-    for m, label in drop.items():
-        skipped.append(LayerInit(
-            names.pop(m), type(m).__name__, "skipped",
-            f"parameters shared with {label}, which data_init does not initialize"))
-        del is_wn[m]
-        ties.pop(m, None)
-    for m in ties:
-        ties[m] = [o for o in ties[m] if o not in drop]
-    return {m: os for m, os in ties.items() if os}
+        if module.track_running_stats:
+            module.running_mean.copy_(mean.to(module.running_mean.dtype))
+        x = args[0]
+        shift = (module.bias - mean).to(x.dtype) if module.bias is not None else -mean.to(x.dtype)
+        return x + shift.view((1, -1) + (1,) * (x.dim() - 2))
 
 
 def _positive_scale(value: Any) -> float:
     """``init_scale`` as a float: any real number (Python, NumPy, a 0-dim real tensor) that is
     positive and finite; a bool is refused (True is no scale anyone means)."""
     x: float | None = None
-    if type(value) is float:
-        x = value
-    elif isinstance(value, Tensor):
+    if isinstance(value, Tensor):
         if value.dim() == 0 and not (value.is_complex() or value.dtype == torch.bool):
             x = float(value)
     elif isinstance(value, numbers.Real) and not isinstance(value, bool):
@@ -513,10 +351,50 @@ def _positive_scale(value: Any) -> float:
     return x
 
 
-def _along(ndim: int, axis: int, size: int) -> tuple[int, ...]:
-    shape = [1] * ndim
-    shape[axis] = size
-    return tuple(shape)
+def _fail(t: _Target, mu: Tensor, sigma: Tensor, ok: Tensor, init_scale: float,
+          count: int) -> None:
+    """Raise for ``t``'s bad units, saying whether the batch or ``init_scale`` is at fault."""
+    label = f"{t.name} ({type(t.module).__name__})"
+    idx = (~ok).nonzero().flatten().tolist()
+    units = ok.numel()
+    which = f"{len(idx)} of {units} units ({idx[:10]}{'...' if len(idx) > 10 else ''})"
+    m, sd = mu.double().cpu()[idx], sigma.double().cpu()[idx]
+    gdtype = _gain_param(t.gains[0]).dtype
+    gi = torch.finfo(gdtype)
+    bi = torch.finfo(t.bias.dtype) if t.bias is not None else None
+
+    def fits(scale: float) -> tuple[bool, bool]:
+        """Whether g = scale/sigma[t] (finite, not 0) and b = -mu[t] g (finite) fit."""
+        g = scale / sd
+        return (bool(((g <= gi.max) & (g.to(gdtype) != 0)).all()),
+                bi is None or bool(((m.abs() * g) <= bi.max).all()))
+
+    # the batch is fine for these units when the init with init_scale 1 would fit: then
+    # init_scale is what puts g (or b) out of the dtype's range
+    if bool(((sd > 0) & torch.isfinite(sd) & torch.isfinite(m)).all()) and all(fits(1.0)):
+        g = init_scale / sd
+        g_ok, b_ok = fits(init_scale)
+        seen = (f"sigma[t] on this batch is in [{float(sd.min()):.3g}, {float(sd.max()):.3g}] "
+                "for them, and init_scale 1 would fit")
+        if not g_ok:
+            big = bool((g > gi.max).any())
+            raise WnormError(
+                f"{label}: init_scale={init_scale!r} is too {'large' if big else 'small'} for "
+                f"this layer's {gdtype}: g = init_scale/sigma[t] "
+                f"{'overflows it' if big else 'underflows it to 0'} for {which} ({seen}; "
+                f"{gdtype} holds normal magnitudes from {gi.smallest_normal:.3g} to "
+                f"{gi.max:.3g}); use an init_scale nearer 1")
+        if not b_ok:
+            raise WnormError(
+                f"{label}: init_scale={init_scale!r} is too large for this layer's "
+                f"{t.bias.dtype}: the bias b = -mu[t]*init_scale/sigma[t] overflows it for "
+                f"{which} ({seen}; |mu[t]|/sigma[t] is up to "
+                f"{float((m.abs() / sd).max()):.3g}); use a smaller init_scale")
+    raise WnormError(
+        f"{label}: the pre-activations of {len(idx)} of {units} units have sigma 0 or "
+        f"non-finite statistics on the init batch ({count} values per unit; units "
+        f"{idx[:10]}{'...' if len(idx) > 10 else ''}); data init needs a batch on which every "
+        "unit varies (more than one example, finite inputs, no zero rows in the weight)")
 
 
 def data_init(
@@ -531,62 +409,46 @@ def data_init(
 
     Salimans & Kingma (2016), section 3, https://arxiv.org/abs/1602.07868. Feeds ``batch``
     through ``model`` once (under ``no_grad``, in the model's current train/eval mode). Each
-    weight-normalized Linear/ConvNd/ConvTransposeNd layer, at the first call that reaches it,
-    computes :math:`t = v\cdot x/\lVert v\rVert` per output unit, sets ``g`` and ``bias`` so its
-    pre-activation is standardized to mean 0 and std ``init_scale`` on the batch, and hands that
-    standardized output on, so later layers are initialized on what they will see. Residual
-    branches, shared modules (initialized at their first call) and nested containers work,
-    because the init follows the forward pass itself. Statistics are computed in float32 at
-    least, over the batch and every spatial position; under ``torch.distributed`` they are
-    all-reduced, so every rank gets the same ``g`` and ``b`` as one process on the union of the
-    ranks' batches.
-    Mean-only batch norm layers get the batch mean of their input as their running mean.
-    The pass uses forward hooks on the layers; a model that is a tree of ``nn.Sequential``
-    containers over leaf modules, none of them hooked, is instead run child by child by
-    ``data_init`` itself (what ``Sequential.forward`` does), with the same result and less
-    overhead. On CPU each layer's statistics, ``g``, ``b`` and standardized output come from
-    one call of wnorm's C++ kernels (built on first use, like :mod:`wnorm.optim`'s; PyTorch
-    ops where they cannot be built).
+    weight-normalized layer with one g per output unit, at the first call that reaches it,
+    measures :math:`t = v\cdot x/\lVert v\rVert` per unit (over the batch and every spatial
+    position, in float32 at least), sets g and the bias so that its pre-activation has mean 0
+    and std ``init_scale`` on the batch, and hands that standardized output on, so later layers
+    are initialized on what they will see. Residual branches, shared modules and any container
+    work, since the init follows the forward pass itself (forward hooks). Mean-only batch norms
+    get their input's batch mean as running mean. The number of host syncs does not grow with
+    the number of layers. Under ``torch.distributed`` the statistics are all-reduced: every
+    rank gets what one process gets on the union of the batches (call it before DDP or
+    ``fully_shard`` wraps the model).
 
-    A layer without a bias has no :math:`b` to take the mean away: its ``g`` is set as above,
-    so its pre-activation has std ``init_scale`` but keeps the mean :math:`\mu[t]\,g` on the
-    batch (a mean-only batch norm after it removes it). It is reported ``"initialized"`` with
-    the note :data:`NO_BIAS_NOTE` (``"no bias: mean not removed"``).
+    torch_geometric: in convolutions whose output is linear in their weight-normalized Linears
+    (GCNConv, SAGEConv, GraphConv, ChebConv, TAGConv, SGConv, ClusterGCNConv, LEConv), the
+    convolution's output is standardized through its Linears' g and its bias; in others (GAT,
+    GATv2, Transformer, GIN) each Linear's own output is, and the report's note says so.
 
-    Tied layers: the pass sets each target's ``g``, ``bias`` (and, with ``include_plain``, its
-    weight). Where one of these is shared with another module (a tie, e.g. from
-    :func:`wnorm.apply`), setting it for one layer would change the other after the fact, so:
-    among targets sharing it, the first the pass reaches is initialized and the others are
-    skipped (reason ``"parameters shared with <name>, initialized first"``); a target sharing
-    it with a module the pass does not initialize (e.g. a tied embedding) is skipped. Sharing
-    only ``v`` is no tie here: both layers are initialized.
+    A layer without a bias keeps the mean :math:`\mu[t]\,g` (note :data:`NO_BIAS_NOTE`). Among
+    targets sharing a g or bias (a tie), the first in model order is initialized and the others
+    skipped; a target sharing one with a module the init leaves alone is skipped.
 
     Args:
         model: the model, changed in place.
         batch: the input: a tensor, a tuple/list of positional arguments, or a mapping of
             keyword arguments. The paper used 500 training examples.
-        init_scale: :math:`s`, the std of every initialized pre-activation (default 1.0): a
-            positive finite real number (Python, NumPy, or a 0-dim real tensor; not a bool).
-        include_plain: also initialize plain (not weight-normalized) Linear/Conv layers, by
-            scaling each weight row by :math:`s/\sigma` and setting the bias to
-            :math:`-\mu s/\sigma`: the paper's "normal parameterization" baseline.
+        init_scale: :math:`s`, the std of every initialized pre-activation (default 1.0).
+        include_plain: also initialize plain Linear/Conv layers (each weight row scaled by
+            :math:`s/\sigma`, bias :math:`-\mu s/\sigma`): the paper's "normal
+            parameterization" baseline.
         process_group: the ``torch.distributed`` group to reduce over (default: the world).
 
     Returns:
-        An :class:`InitReport`: per layer, its name, the :math:`\mu[t]` and :math:`\sigma[t]`
-        measured before the init, and whether it was initialized (with a ``note`` on what its
-        init did not do) or skipped (and why). Layers that cannot be initialized (recurrent
-        ones, Embedding, grouped ConvTranspose, tied ones as above, layers the pass did not
-        reach; with ``include_plain``, plain ones too) are skipped with a warning, never
-        silently.
+        An :class:`InitReport`: per layer its :math:`\mu[t]` and :math:`\sigma[t]` before the
+        init, and whether it was initialized (with a ``note``) or skipped (and why); skipped
+        layers also raise a warning.
 
     Raises:
         WnormError: ``init_scale`` is not a positive finite number, the batch is empty or
-            non-finite, a layer's :math:`\sigma[t]` is 0 (e.g. one example through a Linear),
-            or its :math:`g = s/\sigma[t]` or :math:`b` does not fit the layer's dtype (the
-            message says whether the batch or ``init_scale`` is at fault). The model is left
-            unchanged when this happens: parameters and every buffer (e.g. BatchNorm's running
-            statistics, which a train-mode pass updates) are restored.
+            non-finite, the model's weights are sharded (DTensor), a layer's
+            :math:`\sigma[t]` is 0, or its g or b does not fit its dtype. The model is then
+            left exactly as it was (parameters and buffers restored).
 
     Example:
         >>> import torch, wnorm
@@ -595,7 +457,6 @@ def data_init(
         >>> report = wnorm.data_init(net, torch.randn(64, 5))
         >>> [r.status for r in report]
         ['initialized', 'initialized']
-        >>> y = net(torch.randn(64, 5))  # a fresh batch: close to standardized, not exactly
     """
     init_scale = _positive_scale(init_scale)
     if isinstance(batch, Mapping):
@@ -609,178 +470,66 @@ def data_init(
             if a.numel() == 0:
                 raise WnormError(
                     f"data_init: the batch is empty (input {i} has shape {tuple(a.shape)})")
-            if (a.is_floating_point() and not math.isfinite(float(a.sum()))
-                    and not bool(torch.isfinite(a).all())):  # the sum may just overflow
+            if a.is_floating_point() and not bool(torch.isfinite(a).all()):
                 raise WnormError(f"data_init: input {i} of the batch has NaN or inf values")
-
-    names: dict[nn.Module, str] = {}
-    is_wn: dict[nn.Module, bool] = {}
-    report = InitReport()
-    skipped: list[LayerInit] = []
-    mobn: list[tuple[str, _MeanOnlyBatchNorm]] = []
-    others: list[tuple[str, nn.Module]] = []  # modules with parameters that are no target
-    buffers: list[Tensor] = []  # the pass may change any buffer (BatchNorm's running stats...)
-    # A tree of plain Sequentials over leaf modules, none of them hooked, one tensor in: the pass
-    # can run each child in turn itself (what Sequential.forward does) and initialize each layer
-    # right after its call, without hooks; otherwise hooks on the layers do it.
-    drive = (type(model) in _SEQUENTIAL and len(args) == 1 and not kwargs
-             and isinstance(args[0], Tensor) and _global_state_allows())
     for mname, m in model.named_modules():
-        label = mname or "<model>"
-        wn = bool(m.__dict__.get("_wn"))
-        if drive and (_has_hooks(m) if type(m) in _SEQUENTIAL else bool(m._modules)):
-            drive = False  # a container that is not a plain Sequential, or one run otherwise
-        if m._buffers:
-            buffers.extend(b for b in m._buffers.values() if b is not None)
-        if isinstance(m, _MeanOnlyBatchNorm):
-            mobn.append((label, m))
-        if not wn and not (include_plain and isinstance(m, _INIT_TYPES)
-                           and m._parameters.get("weight") is not None):
-            if m._parameters:
-                others.append((label, m))
-            continue
-        why = _reason_cannot(m, wn)
-        if why:  # a candidate (weight-normalized, or plain with include_plain) it cannot set
-            skipped.append(LayerInit(label, type(m).__name__, "skipped", why))
-            others.append((label, m))
-            continue
-        names[m], is_wn[m] = label, wn
+        for pname, p in m._parameters.items():
+            if p is not None and type(p.data).__name__ == "DTensor":
+                raise WnormError(
+                    f"data_init: {mname or '<model>'}.{pname} is sharded (a DTensor, e.g. after "
+                    "FSDP2's fully_shard); call wnorm.apply and wnorm.data_init on the unsharded "
+                    "model, then fully_shard (or DDP)")
 
-    # What the pass may change: g, biases and plain weights of the targets, and every buffer.
-    touched: list[Tensor] = []
-    ties = _shared_parameters(names, is_wn, others, touched, skipped)
-    touched += buffers
-
-    init = _Initializer(names, is_wn, float(init_scale), process_group, ties)
-    drive = drive and not any(_has_hooks(m) for m in names) and not any(
-        _has_hooks(m) for _, m in mobn)
-    handles = []
-    if not drive:
-        for m in names:
-            handles.append(m.register_forward_pre_hook(init.pre))
-            handles.append(m.register_forward_hook(init.post))
-    mobn_means: dict[nn.Module, Tensor] = {}
-    mobn_names = {m: label for label, m in mobn}
-
-    def mobn_pre(module: nn.Module, inp: tuple[Any, ...], mean: Tensor | None = None) -> None:
-        if module in mobn_means:
-            return
-        x = inp[0]
-        module._check(x)  # rank and width, with the layer's own message
-        if x.numel() == 0:
-            raise WnormError(
-                f"data_init: {mobn_names[module]} ({type(module).__name__}) got an empty batch "
-                f"{tuple(x.shape)}; its running mean is the batch mean of its input")
-        if mean is None:  # known when x is the standardized output of a layer just set
-            mean = init.mean_of(x)
-        if mean is None:
-            xw = x if x.dtype in _RAW_DTYPES else x.float()
-            dims = [0, *range(2, x.dim())]
-            if init.distributed:
-                total = _reduce(torch.cat([xw.sum(dim=dims), torch.tensor(
-                    [x.numel() / x.shape[1]], device=x.device)]), process_group)
-                mean = total[:-1] / total[-1]
-            else:
-                mean = xw.mean(dim=dims)
-        mobn_means[module] = mean
-        # Every call of this pass (a shared layer's later calls too, and under torch.distributed
-        # every rank) subtracts this mean, not its own batch mean, so that the layers after it
-        # are initialized on what one process on the union of the batches would see. Set before
-        # the layer runs: in eval mode it subtracts its running mean.
-        # (a plain instance attribute: the class declares it; no Module.__setattr__ needed)
-        module.__dict__["_init_mean"] = mean if mean.dtype == x.dtype else mean.to(x.dtype)
-        if module.track_running_stats:
-            rm = module.running_mean
-            rm.copy_(mean if mean.dtype == rm.dtype else mean.to(rm.dtype))
-
-    def mobn_post(module: nn.Module, inp: tuple[Any, ...], out: Tensor) -> Tensor | None:
-        # for a subclass whose own forward may not use _init_mean: the output it should give
-        mean = mobn_means.get(module)
-        if mean is None:
-            return None
-        if module.track_running_stats:  # a train-mode forward moved it toward the local mean
-            module.running_mean.copy_(mean.to(module.running_mean.dtype))
-        x = inp[0]
-        return x + (module.bias - mean).to(x.dtype).view((1, -1) + (1,) * (x.dim() - 2))
-
-    # mean-only BNs whose forward may not follow the init protocol (_init_mean): a subclass's
-    # or an instance's own forward; their output is corrected by mobn_post
-    own_forward = {m for _, m in mobn if type(m).forward is not _MeanOnlyBatchNorm.forward
-                   or "forward" in m.__dict__}
-    # the ones the driven pass may apply itself (_mean_only_step): wnorm's own classes,
-    # nothing of them overridden
-    standard = {m for _, m in mobn if type(m) in _MEAN_ONLY and not (
-        m.__dict__.keys() & {"forward", "_check", "_check_batch", "_track"})}
-    if not drive:
-        for _, m in mobn:
-            handles.append(m.register_forward_pre_hook(mobn_pre))
-            if m in own_forward:
-                handles.append(m.register_forward_hook(mobn_post))
-
-    def run(seq: nn.Module, x: Any) -> Any:
-        """``seq(x)`` for a Sequential of the driven tree: its children in turn, each target
-        layer and mean-only BN with what its hooks would have done around its call."""
-        mods = list(seq._modules.values())  # a None child fails as in Sequential.forward
-        i = 0
-        while i < len(mods):
-            m = mods[i]
-            i += 1
-            if type(m) in _SEQUENTIAL:
-                x = run(m, x)
-            elif m in names:
-                nxt = mods[i] if i < len(mods) else None
-                fold = nxt if nxt in standard and nxt not in mobn_means else None
-                init.pre(m, (x,))
-                y = m(x)
-                out = init.post(m, (x,), y, fold)
-                x = y if out is None else out
-                if fold is not None and init.folded is fold:  # x is the BN's output already
-                    mobn_pre(fold, (x,), init.folded_mean)
-                    _mean_only_step(fold, x, apply=False)
-                    i += 1
-            elif isinstance(m, _MeanOnlyBatchNorm):
-                mobn_pre(m, (x,))
-                if m in standard:
-                    x = _mean_only_step(m, x)
-                else:
-                    y = m(x)
-                    out = mobn_post(m, (x,), y) if m in own_forward else None
-                    x = y if out is None else out
-            else:
-                x = m(x)
-        return x
-
+    targets, skipped, others = _candidates(model, include_plain)
+    targets = _drop_shared(targets, others, skipped)
+    mobn = [m for m in model.modules() if isinstance(m, _MeanOnlyBatchNorm)]
+    touched = [x for t in targets for x in _tensors(t)]
+    touched += [b for m in model.modules() for b in m._buffers.values() if b is not None]
     with torch.no_grad():
-        saved = [t.clone() for t in touched]
+        saved = [x.clone() for x in touched]
+    p = _Pass(targets, init_scale, process_group,
+              {m: n or "<model>" for n, m in model.named_modules() if m in set(mobn)})
+    handles = []
+    for t in targets:
+        handles.append(t.module.register_forward_pre_hook(p.pre))
+        handles.append(t.module.register_forward_hook(p.post))
+    for m in mobn:
+        handles.append(m.register_forward_pre_hook(p.bn_pre))
+        handles.append(m.register_forward_hook(p.bn_post))
     try:
         with torch.no_grad():
-            if drive:
-                run(model, args[0])
-            else:
-                model(*args, **kwargs)
+            model(*args, **kwargs)
+            done = list(p.done.values())
+            # one host sync for the whole model: every unit of every layer fit
+            if done and not bool(torch.stack([ok.all() for *_, ok in done]).all()):
+                for t, mu, sigma, ok in done:
+                    if not bool(ok.all()):
+                        _fail(t, mu, sigma, ok, init_scale, p.count[t.module])
     except BaseException:
         with torch.no_grad():  # leave the model as it was: no half-initialized network
-            for t, old in zip(touched, saved):
-                t.copy_(old)
+            for x, old in zip(touched, saved):
+                x.copy_(old)
         raise
     finally:
         for h in handles:
             h.remove()
-        for spec in init.raw.values():  # reached by the pass, but it failed before post()
-            spec.clear()
-        for _, m in mobn:
-            m.__dict__.pop("_init_mean", None)
 
-    report.extend(init.done.values())  # in the order the pass reached them
-    for m, label in names.items():
-        if m not in init.done:
-            skipped.append(LayerInit(label, type(m).__name__, "skipped",
+    report = InitReport()
+    if done:
+        flat = torch.cat([torch.cat([mu, sigma]) for _, mu, sigma, _ in done]).cpu()  # one sync
+        at = 0
+        for t, mu, _, _ in done:
+            u = mu.numel()
+            report.append(LayerInit(t.name, type(t.module).__name__, "initialized", "",
+                                    flat[at:at + u], flat[at + u:at + 2 * u], t.note))
+            at += 2 * u
+    for t in targets:
+        if t.module not in p.done:
+            skipped.append(LayerInit(t.name, type(t.module).__name__, "skipped",
                                      "not reached by the forward pass"))
     report.extend(skipped)
     if report.skipped:
-        warnings.warn(
-            "data_init: layers not initialized: "
-            + "; ".join(f"{r.name} ({r.reason})" for r in report.skipped),
-            stacklevel=2,
-        )
+        warnings.warn("data_init: layers not initialized: "
+                      + "; ".join(f"{r.name} ({r.reason})" for r in report.skipped),
+                      stacklevel=2)
     return report

@@ -9,9 +9,10 @@ import warnings
 import torch
 from torch import Tensor, nn
 
+from . import _pytorch_wn, _reparam
 from .errors import WnormError
+from .maps import WeightNorm
 from .mean_only_bn import _MeanOnlyBatchNorm
-from .weight_norm import _torch_weight_norms, normalized_weights, remove_weight_norm
 
 __all__ = ["fold", "ChannelShift"]
 
@@ -44,7 +45,7 @@ def _shift_of(bn: _MeanOnlyBatchNorm, where: str) -> Tensor:
 
 def _absorb(layer: nn.Module, shift: Tensor) -> bool:
     """Add ``shift`` to ``layer``'s bias (creating one if needed); False if it cannot."""
-    if not isinstance(layer, _BIAS_TYPES) or layer.__dict__.get("_wn"):
+    if not isinstance(layer, _BIAS_TYPES) or _reparam.slots_of(layer):
         return False
     out = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
     if out != shift.numel():
@@ -77,18 +78,17 @@ def _shift_module(bn: _MeanOnlyBatchNorm, shift: Tensor) -> ChannelShift:
     return out
 
 
-def _remove_torch_weight_norm(model: nn.Module) -> None:
-    """PyTorch's own weight norm (``torch.nn.utils.weight_norm`` hooks and
-    ``parametrizations.weight_norm``) replaced by the plain weight it computes."""
-    from torch.nn.utils import parametrize
-
+def _plain_weights(model: nn.Module) -> None:
+    """Every weight normalized by wnorm or PyTorch (either API) becomes a plain Parameter
+    holding the weight, with v's ``requires_grad``; nothing outside ``model`` changes."""
     for module in list(model.modules()):
-        for pname, api, _ in _torch_weight_norms(module):
-            if api == "old":
-                torch.nn.utils.remove_weight_norm(module, pname)
-            else:
-                with torch.no_grad():
-                    parametrize.remove_parametrizations(module, pname, leave_parametrized=True)
+        for found in _pytorch_wn.find(module):
+            g, v = _pytorch_wn.strip(module, found)
+            with torch.no_grad():
+                w = WeightNorm(found.dim).weight(g, v).detach().clone()
+            module.register_parameter(found.name, nn.Parameter(w, requires_grad=v.requires_grad))
+        for name in list(_reparam.slots_of(module)):
+            _reparam.detach(module, name)
 
 
 def fold(model: nn.Module) -> nn.Module:
@@ -133,9 +133,7 @@ def fold(model: nn.Module) -> nn.Module:
         >>> torch.allclose(folded(x), before, atol=1e-6)
         True
     """
-    for _, module, pname, _ in list(normalized_weights(model)):
-        remove_weight_norm(module, pname)
-    _remove_torch_weight_norm(model)
+    _plain_weights(model)
     if isinstance(model, _MeanOnlyBatchNorm):
         if "forward" in model.__dict__:
             return model

@@ -9,6 +9,7 @@ from fnmatch import fnmatchcase
 import torch
 from torch import nn
 
+from . import _reparam
 from .errors import WnormError
 from .weight_norm import default_dim
 
@@ -75,7 +76,7 @@ def arpit_init(
         raise WnormError("arpit_init: block_last needs blocks_per_stage (N blocks per stage)")
     layers = []
     for mname, m in model.named_modules():
-        spec = m.__dict__.get("_wn", {}).get("weight")
+        spec = _reparam.slot(m, "weight")
         if spec is not None and spec.has_g and spec.dim == default_dim(m):
             layers.append((mname or "<model>", m, spec))
     if not layers:

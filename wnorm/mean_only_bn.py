@@ -65,10 +65,6 @@ class _SubtractMean(torch.autograd.Function):
 
 class _MeanOnlyBatchNorm(nn.Module):
     _ndims: tuple[int, ...] = ()
-    #: Set (on the instance) only while :func:`wnorm.data_init` runs: the init batch's mean of
-    #: this layer's input, used in place of the batch mean at every call of that pass (its
-    #: first call's mean, all-reduced under torch.distributed).
-    _init_mean: Tensor | None = None
 
     def __init__(
         self,
@@ -125,9 +121,9 @@ class _MeanOnlyBatchNorm(nn.Module):
         """Move the running mean toward this batch's ``mean`` (training with running stats).
         The buffers need no grad and ``mean`` is detached: no graph, no ``no_grad`` context."""
         self.num_batches_tracked.add_(1)
-        m = self.momentum
-        if m is None:  # cumulative average, as BatchNorm does
-            m = 1.0 / float(self.num_batches_tracked)
+        m: Any = self.momentum
+        if m is None:  # cumulative average, as BatchNorm does (a tensor weight: no host sync)
+            m = self.num_batches_tracked.reciprocal().to(self.running_mean.dtype)
         rm = self.running_mean
         mean = mean.detach()
         rm.lerp_(mean if mean.dtype == rm.dtype else mean.to(rm.dtype), m)
@@ -143,15 +139,13 @@ class _MeanOnlyBatchNorm(nn.Module):
         shape = (1, -1) + (1,) * (x.dim() - 2)
         if self.training or not self.track_running_stats:
             dims = [0] + list(range(2, x.dim()))
-            mean = self._init_mean
-            if mean is None:
-                # no graph (_SubtractMean's backward accounts for the mean), but not detached:
-                # forward-mode AD (torch.func.jvp) needs the mean's tangent
-                if torch.is_grad_enabled():
-                    with torch.no_grad():
-                        mean = x.mean(dim=dims)
-                else:
+            # no graph (_SubtractMean's backward accounts for the mean), but not detached:
+            # forward-mode AD (torch.func.jvp) needs the mean's tangent
+            if torch.is_grad_enabled():
+                with torch.no_grad():
                     mean = x.mean(dim=dims)
+            else:
+                mean = x.mean(dim=dims)
             if self.training and self.track_running_stats:
                 self._track(mean)
             if torch.is_grad_enabled() and (x.requires_grad or self.bias.requires_grad):

@@ -1,11 +1,11 @@
-"""Checkpoints from PyTorch's two weight-norm APIs, plain models and wnorm load and give the same
-outputs; conversions round-trip; every bad input is a WnormError and leaves the model as it was."""
+"""State dicts from PyTorch's two weight-norm APIs, plain models and wnorm load and give the same
+outputs; conversions round-trip and keep each pair's axis; every bad input is a WnormError and
+leaves the model as it was; a module that does not take what it is given is an error."""
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,16 +14,8 @@ from torch.nn.utils import parametrizations
 
 import wnorm
 from wnorm import WnormError
-from wnorm.checkpoint import (
-    FORMATS,
-    convert_checkpoint,
-    convert_state_dict,
-    find_state_dicts,
-    incompatible_keys,
-    load_checkpoint,
-    load_state_dict,
-    save_checkpoint,
-)
+from wnorm._layouts import FORMATS
+from wnorm.state_dict import convert_state_dict, load_state_dict
 
 Norm = Callable[[nn.Module], nn.Module]
 OLD: Norm = nn.utils.weight_norm
@@ -101,13 +93,15 @@ def test_vocoder_checkpoint_loads_into_wnorm_model_with_same_outputs(norm: Norm)
     with torch.no_grad():
         torch.testing.assert_close(target(X), source(X), rtol=1e-5, atol=1e-5)
     # every target g is ||w|| along wnorm's own axis (1 for ConvTranspose), whatever the source's
-    for _, module, pname, dim in wnorm.normalized_weights(target):
-        w = getattr(module, pname).detach()
+    layers = [m for m in target.modules() if isinstance(m, (nn.Conv1d, nn.ConvTranspose1d))]
+    assert len(layers) == 10
+    for module in layers:
+        dim = 1 if isinstance(module, nn.ConvTranspose1d) else 0
+        w = module.weight.detach()
         axes = [d for d in range(w.dim()) if d != dim]
-        g = getattr(module, pname + "_g").detach()
-        torch.testing.assert_close(g, w.norm(dim=axes, keepdim=True), rtol=1e-5, atol=1e-6)
-    assert [d for _, m, _, d in wnorm.normalized_weights(target) if
-            isinstance(m, nn.ConvTranspose1d)] == [1, 1]
+        assert module.weight_g.shape == w.norm(dim=axes, keepdim=True).shape
+        torch.testing.assert_close(module.weight_g.detach(), w.norm(dim=axes, keepdim=True),
+                                   rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("norm", [OLD, NEW, plain], ids=["torch-old", "torch-new", "plain"])
@@ -292,7 +286,6 @@ def test_strict_false_loads_what_matches_and_reports_the_rest() -> None:
     before = snapshot(model)
     sd = {k: v for k, v in sd.items() if k != "bias"}
     sd["extra"] = torch.zeros(1)
-    assert incompatible_keys(model, sd) == (["bias"], ["extra"])
     with pytest.warns(UserWarning, match=r"missing keys \['bias'\], unexpected keys \['extra'\]"):
         assert load_state_dict(model, sd, strict=False) is model
     assert torch.equal(model.bias, before["bias"])
@@ -301,8 +294,8 @@ def test_strict_false_loads_what_matches_and_reports_the_rest() -> None:
 
 def test_missing_pair_is_reported_with_the_models_keys() -> None:
     model = wnorm.weight_norm(nn.Linear(3, 2))
-    assert incompatible_keys(model, {"bias": torch.zeros(2)}).missing_keys == [
-        "weight_g", "weight_v"]
+    with pytest.raises(WnormError, match=r"missing keys \['weight_g', 'weight_v'\]$"):
+        load_state_dict(model, {"bias": torch.zeros(2)})
 
 
 # --------------------------------------------------------------------------- conversion
@@ -376,72 +369,12 @@ def test_convert_keeps_plain_layers_plain_when_some_are_normalized() -> None:
 def test_convert_errors() -> None:
     with pytest.raises(WnormError, match=r"expected 'to' in .*got 'onnx'"):
         convert_state_dict({"w": torch.ones(1)}, "onnx")  # type: ignore[arg-type]
-    with pytest.raises(WnormError, match=r"'0.weight': expected a nonzero norm in every row"):
+    with pytest.raises(WnormError, match=r"'0.weight': expected a nonzero norm in every slice "
+                                         r"along dim 0"):
         convert_state_dict({"0.weight": torch.zeros(2, 2)}, "torch-old")
     with pytest.raises(WnormError, match=r"'a.weight_v': expected finite values"):
         convert_state_dict({"a.weight_g": torch.ones(2, 1),
                             "a.weight_v": torch.full((2, 2), float("nan"))}, "plain")
-
-
-# --------------------------------------------------------------------------- files
-def test_nested_checkpoint_converts_the_state_dict_and_keeps_the_rest() -> None:
-    ckpt = {"generator": pure(OLD), "optim_g": {"lr": 0.1}, "steps": 12}
-    assert find_state_dicts(ckpt) == [("generator",)]
-    out, n = convert_checkpoint(ckpt, "plain")
-    assert n == 10 and out["steps"] == 12 and out["optim_g"] == {"lr": 0.1}
-    assert "pre.weight" in out["generator"] and "pre.weight_g" in ckpt["generator"]
-
-
-@pytest.mark.parametrize("suffix", [".pt", ".pth", ".safetensors"])
-def test_save_and_load_round_trip(tmp_path: Path, suffix: str) -> None:
-    pytest.importorskip("safetensors") if suffix == ".safetensors" else None
-    sd = pure(NEW)
-    save_checkpoint(sd, tmp_path / f"c{suffix}")
-    back = load_checkpoint(tmp_path / f"c{suffix}")
-    assert same_state(dict(back), sd) if suffix != ".safetensors" else (
-        sorted(back) == sorted(sd) and all(torch.equal(back[k], sd[k]) for k in sd))
-
-
-def test_file_errors(tmp_path: Path) -> None:
-    text = tmp_path / "notes.pt"
-    text.write_text("not a checkpoint")
-    with pytest.raises(WnormError, match=r"notes.pt: not a PyTorch checkpoint"):
-        load_checkpoint(text)
-    torch.save({"epoch": 3, "lr": 0.1}, tmp_path / "meta.pt")
-    with pytest.raises(WnormError, match=r"meta.pt: not a checkpoint: expected a state dict"):
-        load_checkpoint(tmp_path / "meta.pt")
-    with pytest.raises(WnormError, match=r"nope.pt: expected a checkpoint file; got no such"):
-        load_checkpoint(tmp_path / "nope.pt")
-    fake = tmp_path / "fake.safetensors"
-    fake.write_bytes(b"\x00" * 5)
-    pytest.importorskip("safetensors")
-    with pytest.raises(WnormError, match=r"fake.safetensors: not a readable safetensors file"):
-        load_checkpoint(fake)
-    with pytest.raises(WnormError, match=r"out.safetensors: a .safetensors file holds a flat"):
-        save_checkpoint({"model": pure(plain), "step": 1}, tmp_path / "out.safetensors")
-
-
-def test_safetensors_with_wrong_dtype_is_an_error_and_leaves_the_model_unchanged(
-    tmp_path: Path,
-) -> None:
-    pytest.importorskip("safetensors")
-    model, sd = linear_pair()
-    sd["weight_v"] = (sd["weight_v"] * 100).to(torch.int32)
-    save_checkpoint(sd, tmp_path / "int.safetensors")
-    before = snapshot(model)
-    with pytest.raises(WnormError, match=r"'weight_v': expected a tensor of dtype like "
-                                          r"torch.float32.*got torch.int32"):
-        load_state_dict(model, load_checkpoint(tmp_path / "int.safetensors"))
-    assert same_state(snapshot(model), before)
-
-
-def test_missing_safetensors_package_says_how_to_install(tmp_path: Path, monkeypatch) -> None:
-    import sys
-
-    monkeypatch.setitem(sys.modules, "safetensors", None)
-    monkeypatch.setitem(sys.modules, "safetensors.torch", None)
-    with pytest.raises(WnormError, match=r"x.safetensors: .*pip install safetensors"):
-        save_checkpoint({"w": torch.ones(1)}, tmp_path / "x.safetensors")
 
 
 # --------------------------------------------------------------------------- size-1 axes grid
@@ -511,9 +444,9 @@ def test_low_precision_checkpoint_into_float32_is_not_rounded_on_the_way(low, ma
     (lambda: nn.ConvTranspose1d(4, 1, 3), torch.randn(2, 4, 7)),  # one output channel: g (1,1,1)
 ], ids=["convT1d", "convT2d", "convT1d-1-out"])
 @pytest.mark.parametrize("to,api", [("torch-old", OLD), ("torch-new", NEW)])
-def test_torch_formats_load_into_torchs_default_weight_norm(make, x, to: str, api: Norm) -> None:
+def test_dim_0_loads_into_torchs_default_weight_norm(make, x, to: str, api: Norm) -> None:
     source = scramble(wnorm.weight_norm(make())).eval()  # wnorm: per output channel (dim 1)
-    sd = convert_state_dict(source.state_dict(), to)
+    sd = convert_state_dict(source.state_dict(), to, dim=0)
     target = api(make()).eval()  # PyTorch's default: dim 0, per input channel
     target.load_state_dict(sd)  # torch's own strict loader: keys and shapes are its layout
     with torch.no_grad():
@@ -525,18 +458,21 @@ def test_torch_formats_load_into_torchs_default_weight_norm(make, x, to: str, ap
         torch.testing.assert_close(back(x), source(x), rtol=1e-5, atol=1e-6)
 
 
-def test_other_axes_and_squeezed_g_become_dim_0_wnorm_format_keeps_them() -> None:
+def test_other_axes_are_kept_or_moved_by_dim_and_squeezed_g_gets_its_kept_dim_shape() -> None:
     source = scramble(wnorm.weight_norm(nn.Linear(3, 4), dim=1))  # g (1, 3)
     sd = dict(source.state_dict())
-    old = convert_state_dict(sd, "torch-old")
+    for to in ("torch-old", "torch-new", "wnorm"):  # each pair on its own axis, bitwise
+        kept = convert_state_dict(sd, to)
+        assert [torch.equal(a, b) for a, b in zip(kept.values(), sd.values())] == [True] * 3
+    old = convert_state_dict(sd, "torch-old", dim=0)  # moved: the same weight along dim 0
     assert old["weight_g"].shape == (4, 1)
     torch.testing.assert_close(old["weight_g"], old["weight_v"].norm(dim=1, keepdim=True))
     torch.testing.assert_close(old["weight_v"], source.weight.detach())
-    kept = convert_state_dict(sd, "wnorm")  # wnorm's own layout: as it is, bitwise
-    assert all(torch.equal(kept[k], sd[k]) for k in sd)
     squeezed = {"weight_g": torch.tensor([2.0, 3.0]), "weight_v": torch.randn(2, 3)}
     out = convert_state_dict(squeezed, "torch-new")
     assert out["parametrizations.weight.original0"].shape == (2, 1)
+    assert torch.equal(out["parametrizations.weight.original0"].flatten(), squeezed["weight_g"])
+    assert convert_state_dict(squeezed, "wnorm")["weight_g"].shape == (2,)  # wnorm reads it
     whole = {"weight_g": torch.tensor(2.0), "weight_v": torch.randn(2, 3)}  # torch's dim=None
     assert convert_state_dict(whole, "torch-old")["weight_g"].shape == ()
 
@@ -545,8 +481,10 @@ def test_a_zero_row_cannot_be_moved_to_dim_0() -> None:
     source = wnorm.weight_norm(nn.ConvTranspose1d(3, 2, 2))
     with torch.no_grad():
         source.weight_v[1] = 0.0  # input channel 1 is zero; every output channel is not
-    with pytest.raises(WnormError, match=r"'weight_v': expected a nonzero norm in every row"):
-        convert_state_dict(source.state_dict(), "torch-old")
+    convert_state_dict(source.state_dict(), "torch-old")  # kept along dim 1: fine
+    with pytest.raises(WnormError, match=r"'weight_v': expected a nonzero norm in every slice "
+                                         r"along dim 0"):
+        convert_state_dict(source.state_dict(), "torch-old", dim=0)
 
 
 # --------------------------------------------------------------------------- wrapper prefixes
@@ -585,7 +523,6 @@ def test_wrapper_prefixes_are_read_past_and_wrapped_models_unwrapped(case: str) 
     else:
         target = inner = Holder(target)  # its own keys start with 'module.'
     assert load_state_dict(target, sd) is target
-    assert incompatible_keys(target, sd) == ([], [])
     with torch.no_grad():
         torch.testing.assert_close(inner.eval()(X), source(X), rtol=1e-5, atol=1e-6)
 
@@ -600,3 +537,180 @@ def test_an_error_after_reading_past_a_prefix_says_so() -> None:
     with pytest.raises(WnormError, match=r"missing keys \['0.weight_g', '0.weight_v'\] \(the "
                                          r"state dict's keys were read without their 'module.'"):
         load_state_dict(wnorm.apply(small()), sd)
+
+
+# --------------------------------------------------------------------------- checked as written
+class SkipsWeight(nn.Linear):
+    """A Linear whose own loader takes its bias and drops its weight key (a module that reads
+    its keys its own way and gets it wrong)."""
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        state_dict.pop(prefix + "weight", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class LeavesOut(nn.Linear):
+    """A Linear whose state_dict leaves its weight out: no state dict can set it."""
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        del destination[prefix + "weight"]
+
+
+class Fails(nn.Linear):
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        raise RuntimeError("disk on fire")
+
+
+def loaded_or_refused(model: nn.Module, sd: dict, expected: dict[str, torch.Tensor]) -> bool:
+    """load_state_dict's contract: it returns with every value in place, or raises a WnormError
+    and leaves the model as it was. True when it loaded, False when it refused."""
+    before = snapshot(model)
+    try:
+        load_state_dict(model, sd)
+    except WnormError:
+        assert same_state(snapshot(model), before)
+        return False
+    now = model.state_dict()
+    for k, v in expected.items():
+        assert torch.equal(now[k], v), f"load_state_dict returned but '{k}' was not loaded"
+    return True
+
+
+def test_a_module_that_drops_its_weight_key_is_an_error_and_the_model_is_restored() -> None:
+    model = nn.Sequential(scramble(nn.Linear(3, 3), seed=1), SkipsWeight(3, 2))
+    sd = dict(scramble(nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2)), seed=2).state_dict())
+    before = snapshot(model)
+    with pytest.raises(WnormError, match=r"did not take \['1.weight'\] as given.*'1' "
+                                         r"\(SkipsWeight\): _load_from_state_dict of "
+                                         r"[\w.]*SkipsWeight; the model is as it was"):
+        load_state_dict(model, sd)
+    assert same_state(snapshot(model), before)  # 0.* and 1.bias had loaded: put back
+    with pytest.warns(UserWarning, match=r"did not take \['1.weight'\].*strict=False: the rest"):
+        load_state_dict(model, sd, strict=False)
+    assert torch.equal(model[0].weight, sd["0.weight"]) and torch.equal(model[1].bias,
+                                                                        sd["1.bias"])
+    assert torch.equal(model[1].weight, before["1.weight"])
+
+
+def test_a_parameter_the_state_dict_leaves_out_is_an_error_before_loading() -> None:
+    model = nn.Sequential(nn.Linear(3, 3), LeavesOut(3, 2))
+    sd = {k: v + 1 for k, v in model.state_dict().items()}
+    before = snapshot(model)
+    with pytest.raises(WnormError, match=r"parameters/buffers \['1.weight'\] that the model's own "
+                                         r"state_dict leaves out.*\('1' \(LeavesOut\): "
+                                         r"_save_to_state_dict of [\w.]*LeavesOut\)"):
+        load_state_dict(model, sd)
+    assert torch.equal(model[0].weight, before["0.weight"])  # nothing was touched
+    with pytest.warns(UserWarning, match=r"not loaded: parameters/buffers \['1.weight'\]"):
+        load_state_dict(model, sd, strict=False)
+    assert torch.equal(model[0].weight, sd["0.weight"])
+
+
+def test_an_exception_from_the_models_loader_leaves_the_model_as_it_was() -> None:
+    model = nn.Sequential(nn.Linear(3, 3), Fails(3, 2))
+    sd = {k: v + 1 for k, v in model.state_dict().items()}
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        load_state_dict(model, sd)
+    assert same_state(snapshot(model), before)
+
+
+def test_pytorchs_renaming_hook_left_after_removal_cannot_drop_g_and_v_silently() -> None:
+    # parametrizations.weight_norm registers a load_state_dict pre-hook that renames '_g'/'_v'
+    # keys; remove_parametrizations leaves it behind, and wnorm's g and v then use those names
+    conv = parametrizations.weight_norm(nn.Conv1d(2, 3, 3))
+    nn.utils.parametrize.remove_parametrizations(conv, "weight")
+    model = wnorm.weight_norm(conv)
+    source = scramble(wnorm.weight_norm(nn.Conv1d(2, 3, 3)), seed=7)
+    expected = {k: v.detach() for k, v in source.state_dict().items()}
+    loaded_or_refused(model, source.state_dict(), expected)
+
+
+def test_torch_geometric_linear_is_loaded_or_refused_never_skipped() -> None:
+    dense = pytest.importorskip("torch_geometric.nn.dense.linear")
+    source = scramble(dense.Linear(3, 2), seed=5)
+    model = wnorm.weight_norm(scramble(dense.Linear(3, 2), seed=6))
+    if loaded_or_refused(model, source.state_dict(), {}):
+        torch.testing.assert_close(model.weight, source.weight, rtol=1e-6, atol=1e-7)
+    back = scramble(dense.Linear(3, 2), seed=8)  # and the other way: into PyG's plain Linear
+    expected = {"weight": model.weight.detach().clone(), "bias": model.bias.detach().clone()}
+    if loaded_or_refused(back, model.state_dict(), {}):
+        torch.testing.assert_close(back.weight, expected["weight"], rtol=1e-6, atol=1e-7)
+        assert torch.equal(back.bias, expected["bias"])
+
+
+# --------------------------------------------------------------------------- each pair's axis
+def pos_conv(norm: Callable[..., nn.Module] = NEW, dim: int | None = 2) -> nn.Conv1d:
+    """Wav2Vec2/HuBERT's positional conv: grouped, weight-normalized along dim 2 (the kernel)."""
+    return scramble(norm(nn.Conv1d(8, 8, 5, padding=2, groups=2), name="weight", dim=dim))
+
+
+@pytest.mark.parametrize("to,api", [("torch-old", OLD), ("torch-new", NEW), ("wnorm", OLD)])
+def test_torch_formats_keep_dim_2_and_the_models_own_loader_reads_them(to: str, api) -> None:
+    source = pos_conv().eval()
+    sd = convert_state_dict(source.state_dict(), to)
+    g = sd["weight_g" if to != "torch-new" else "parametrizations.weight.original0"]
+    assert g.shape == (1, 1, 5) and torch.equal(g, source.parametrizations.weight.original0)
+    target = pos_conv(api, dim=2).eval()
+    target.load_state_dict(sd)  # PyTorch's own strict loader
+    x = torch.randn(2, 8, 11)
+    with torch.no_grad():
+        assert torch.equal(target(x), source(x))
+
+
+@pytest.mark.parametrize("start", [OLD, NEW, "wnorm"], ids=["torch-old", "torch-new", "wnorm"])
+def test_dim_2_state_dicts_round_trip_bitwise(start) -> None:
+    if start == "wnorm":
+        source = scramble(wnorm.weight_norm(nn.Conv1d(8, 8, 5, groups=2), dim=2))
+    else:
+        source = pos_conv(start)
+    sd = dict(source.state_dict())
+    out = sd
+    for to in ("wnorm", "torch-new", "torch-old", "torch-new", "wnorm", "torch-old"):
+        out = convert_state_dict(out, to)
+    back = convert_state_dict(out, "torch-new" if start is NEW else "torch-old")
+    assert list(back) == list(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
+
+
+@pytest.mark.parametrize("dim", [0, 1, None])
+@pytest.mark.parametrize("to,api", [("torch-old", OLD), ("torch-new", NEW)])
+def test_dim_moves_every_pair_to_the_axis_asked_for(dim, to: str, api) -> None:
+    source = pos_conv().eval()
+    sd = convert_state_dict(source.state_dict(), to, dim=dim)
+    target = pos_conv(api, dim=dim).eval()
+    target.load_state_dict(sd)
+    x = torch.randn(2, 8, 11)
+    with torch.no_grad():
+        torch.testing.assert_close(target(x), source(x), rtol=1e-5, atol=1e-6)
+    wn = wnorm.weight_norm(nn.Conv1d(8, 8, 5, padding=2, groups=2), dim=2).eval()
+    load_state_dict(wn, sd)  # and back onto dim 2
+    with torch.no_grad():
+        torch.testing.assert_close(wn(x), source(x), rtol=1e-5, atol=1e-6)
+
+
+def test_dim_normalizes_a_plain_state_dict_along_the_axis_asked_for() -> None:
+    plain_sd = scramble(nn.Conv1d(3, 4, 5)).state_dict()
+    out = convert_state_dict(plain_sd, "torch-old", dim=2)
+    assert out["weight_g"].shape == (1, 1, 5)
+    torch.testing.assert_close(out["weight_g"], plain_sd["weight"].norm(dim=(0, 1), keepdim=True))
+    assert convert_state_dict(plain_sd, "wnorm", dim=None)["weight_g"].shape == ()
+
+
+@pytest.mark.parametrize("to,dim,match", [
+    ("torch-old", 3, r"'weight_v': dim 3 is out of range for a tensor of shape \(8, 4, 5\)"),
+    ("torch-old", -1, r"expected dim 'keep', None .* or an axis >= 0; got -1"),
+    ("torch-new", "2", r"expected dim 'keep', None .* got '2'"),
+    ("plain", 0, r"dim=0 chooses the axis of g and v; 'plain' writes w alone"),
+])
+def test_bad_dims_are_errors_naming_what_was_expected(to: str, dim, match: str) -> None:
+    with pytest.raises(WnormError, match=match):
+        convert_state_dict(pos_conv(OLD).state_dict(), to, dim=dim)
+
+
+def test_a_model_on_the_meta_device_is_an_error_not_a_no_op() -> None:
+    # torch's own load_state_dict only warns: copying into a meta tensor does nothing
+    model = nn.Sequential(nn.Linear(3, 2, device="meta"))
+    with pytest.raises(WnormError, match=r"did not take \['0.weight', '0.bias'\].*on the meta "
+                                         r"device.*to_empty"), pytest.warns(UserWarning):
+        load_state_dict(model, nn.Sequential(nn.Linear(3, 2)).state_dict())

@@ -2,24 +2,21 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable
 from fnmatch import fnmatchcase
 from typing import Any
 
 from torch import nn
 
+from . import _pytorch_wn, _reparam
 from .errors import WnormError
-from .weight_norm import (
-    _DEFAULT,
-    _refresh_flat_weights,
-    default_dim,
-    is_weight_normalized,
-    weight_norm,
-)
+from .weight_norm import DEFAULT, default_dim, is_weight_normalized, weight_norm
 
-__all__ = ["apply", "DEFAULT_TYPES", "NORM_TYPES"]
+__all__ = ["apply", "DEFAULT_TYPES", "NORM_TYPES", "default_types"]
 
-#: The layer types :func:`apply` normalizes unless told otherwise. Embedding is eligible
+#: The layer types :func:`apply` normalizes unless told otherwise (plus torch_geometric's
+#: ``Linear`` when torch_geometric is loaded, see :func:`default_types`). Embedding is eligible
 #: (``types=wnorm.DEFAULT_TYPES + (nn.Embedding,)``) but not a default: fixed-norm embedding rows
 #: change what a lookup table can represent.
 DEFAULT_TYPES: tuple[type[nn.Module], ...] = (
@@ -43,15 +40,20 @@ NORM_TYPES: tuple[type[nn.Module], ...] = (
 )
 
 
+def default_types() -> tuple[type[nn.Module], ...]:
+    """:data:`DEFAULT_TYPES`, plus ``torch_geometric.nn.dense.linear.Linear`` (which GCN, GAT,
+    GraphSAGE and most of PyG's layers are built on) when torch_geometric has been imported: a
+    model holding PyG layers has imported it, and wnorm never imports it itself."""
+    pyg = sys.modules.get("torch_geometric.nn.dense.linear")
+    return DEFAULT_TYPES + ((pyg.Linear,) if pyg is not None else ())
+
+
 def _weight_names(module: nn.Module) -> list[str]:
     if isinstance(module, nn.RNNBase):
         return [n for n in module._flat_weights_names if n.startswith("weight_")]
     p = module._parameters.get("weight")
-    already = (
-        "weight" in module.__dict__.get("_wn", ())
-        or "weight_g" in module._parameters
-        or "weight" in getattr(module, "parametrizations", {})
-    )  # let weight_norm say what normalized it
+    already = "weight" in _reparam.slots_of(module) or any(
+        f.name == "weight" for f in _pytorch_wn.find(module))
     return ["weight"] if already or (p is not None and p.dim() >= 1) else []
 
 
@@ -83,15 +85,15 @@ def _label(mname: str, module: nn.Module) -> str:
 
 
 def _resolved_dim(module: nn.Module, pname: str, dim: Any) -> Any:
-    return default_dim(module, pname) if dim is _DEFAULT else dim
+    return default_dim(module, pname) if dim is DEFAULT else dim
 
 
 class _Undo:
     """What :func:`apply` changed, to put back exactly when a later weight fails: each touched
-    module's class, its parameter dict (the same Parameter objects, in order) and wnorm's
-    records on it."""
+    module's class, attributes and the dicts of parameters, submodules and hooks that adopting
+    PyTorch's weight norm edits (the same objects, in order)."""
 
-    _KEYS = ("_wn", "_flat_weights", "_flat_weight_refs")
+    _DICTS = ("_parameters", "_modules", "_forward_pre_hooks", "_load_state_dict_pre_hooks")
 
     def __init__(self) -> None:
         self.saved: dict[int, tuple[nn.Module, type, dict[str, Any], dict[str, Any]]] = {}
@@ -99,32 +101,30 @@ class _Undo:
     def keep(self, module: nn.Module) -> None:
         if id(module) not in self.saved:
             d = module.__dict__
-            extra = {k: (dict(d[k]) if k == "_wn" else list(d[k])) for k in self._KEYS if k in d}
-            self.saved[id(module)] = (module, module.__class__, dict(module._parameters), extra)
+            inner = {k: dict(d[k]) for k in self._DICTS if k in d}
+            if "_wn" in d:
+                inner["_wn"] = dict(d["_wn"])
+            self.saved[id(module)] = (module, module.__class__, dict(d), inner)
 
     def restore(self) -> None:
-        for module, cls, params, extra in reversed(self.saved.values()):
-            module._parameters.clear()
-            module._parameters.update(params)
-            module.__class__ = cls
+        for module, cls, attrs, inner in reversed(self.saved.values()):
             d = module.__dict__
-            for k in self._KEYS:
-                if k not in extra:
-                    d.pop(k, None)
-                elif k == "_wn" and isinstance(d.get(k), dict):
-                    d[k].clear()  # the same dict object: keep what refers to it consistent
-                    d[k].update(extra[k])
-                else:
-                    d[k] = extra[k]
+            d.clear()
+            d.update(attrs)
+            for k, content in inner.items():  # the same dict objects, their old contents
+                d[k].clear()
+                d[k].update(content)
+            module.__class__ = cls
+            _reparam.refresh_flat_weights(module)
 
 
 def apply(
     model: nn.Module,
     *,
-    types: tuple[type[nn.Module], ...] = DEFAULT_TYPES,
+    types: tuple[type[nn.Module], ...] | None = None,
     include: str | Iterable[str] | None = None,
     exclude: str | type[nn.Module] | Iterable[str | type[nn.Module]] = (),
-    dim: int | None | object = _DEFAULT,
+    dim: int | None | object = DEFAULT,
     filter: Callable[[str, nn.Module], bool] | None = None,
     method: Callable[..., nn.Module] = weight_norm,
 ) -> nn.Module:
@@ -147,8 +147,10 @@ def apply(
 
     Args:
         model: the model, changed in place.
-        types: the layer types to normalize (default :data:`DEFAULT_TYPES`: Linear, ConvNd,
-            ConvTransposeNd, RNNBase).
+        types: the layer types to normalize (default :func:`default_types`: Linear, ConvNd,
+            ConvTransposeNd, RNNBase, and torch_geometric's Linear). Layers already normalized
+            by PyTorch's ``weight_norm`` (either API) are adopted whatever their type: the
+            same g and v Parameters, the same axis, the same outputs bit for bit.
         include: a glob pattern, or several, on module names (``"encoder.*"``); when given, only
             matching modules are normalized.
         exclude: glob patterns on module names, or module types, to leave alone (one, or
@@ -157,7 +159,8 @@ def apply(
         filter: ``(name, module) -> bool``, a last say on each eligible module.
         method: the reparameterization (default :func:`wnorm.weight_norm`; also
             :func:`wnorm.centered_weight_norm`, :func:`wnorm.weight_standardization`,
-            :func:`wnorm.forced_weight_norm`, or a ``functools.partial`` of one).
+            :func:`wnorm.forced_weight_norm`, :func:`wnorm.balanced_weight_norm`, or a
+            ``functools.partial`` of one).
 
     Returns:
         The same model.
@@ -175,6 +178,8 @@ def apply(
         >>> [n for n, _ in net.named_parameters()]
         ['0.bias', '0.weight_g', '0.weight_v', '2.weight', '2.bias']
     """
+    if types is None:
+        types = default_types()
     include_l = _pattern_list(include, "include", False) if include is not None else None
     exclude_l = _pattern_list(exclude, "exclude", True)
     patterns = [e for e in exclude_l if isinstance(e, str)]
@@ -186,7 +191,8 @@ def apply(
         for pname, p in module._parameters.items():
             if p is not None:
                 holders.setdefault(id(p), []).append((mname, module, pname))
-        if not isinstance(module, types) or isinstance(module, NORM_TYPES):
+        if not (isinstance(module, types) or _pytorch_wn.find(module)) or isinstance(
+                module, NORM_TYPES):
             continue
         if ex_types and isinstance(module, ex_types):
             continue
@@ -268,18 +274,13 @@ def apply(
 def _share(leader: tuple[nn.Module, str], module: nn.Module, pname: str) -> None:
     """Give ``module.<pname>`` (just normalized) the g and v of the first holder of its tie."""
     lmod, lname = leader
-    lspec, spec = lmod.__dict__["_wn"][lname], module.__dict__["_wn"][pname]
-    what = ("kind", "dim", "eps", "gain", "radius")
-    if any(getattr(lspec, a) != getattr(spec, a) for a in what):
+    lslot, slot = _reparam.slot(lmod, lname), _reparam.slot(module, pname)
+    if lslot.map != slot.map:  # type: ignore[union-attr]
         raise WnormError(
-            f"{spec.where}: '{pname}' is tied to '{lname}' of {lspec.where}, but they were "
-            "normalized differently ("
-            + ", ".join(f"{a} {getattr(lspec, a)!r} vs {getattr(spec, a)!r}" for a in what
-                        if getattr(lspec, a) != getattr(spec, a))
-            + "), so they cannot share g and v"
-        )
-    names = [(spec.gname, lspec.gname)] if spec.has_g else []
-    for mine, theirs in names + [(spec.vname, lspec.vname)]:
+            f"{slot.where}: '{pname}' is tied to '{lname}' of {lslot.where}, but they were "  # type: ignore[union-attr]
+            f"normalized differently ({lslot.map!r} vs {slot.map!r}), so they cannot share "  # type: ignore[union-attr]
+            "g and v")
+    names = [(slot.gname, lslot.gname)] if slot.map.has_g else []  # type: ignore[union-attr]
+    for mine, theirs in names + [(slot.vname, lslot.vname)]:  # type: ignore[union-attr]
         module.register_parameter(mine, lmod._parameters[theirs])
-    spec.clear()
-    _refresh_flat_weights(module)
+    _reparam.refresh_flat_weights(module)

@@ -1,15 +1,13 @@
 """Bad checkpoints are refused with an error naming the key or the file, and a failed load leaves
 the model bitwise as it was (no half-loaded model, no stale inference cache).
 
-tests/test_checkpoint.py covers single faults on a Linear and a text file; this file covers a
-model with every kind of layer (conv, mean-only BN buffers, LSTM, linear), faults in every
-checkpoint layout and at every position, and the files that are not checkpoints at all.
+tests/test_state_dict.py covers single faults on a Linear; this file covers a model with every
+kind of layer (conv, mean-only BN buffers, LSTM, linear), faults in every checkpoint layout and
+at every position. Files that are not checkpoints: tests/test_files.py.
 """
 
 from __future__ import annotations
 
-import json
-import struct
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,7 +17,8 @@ from torch import nn
 
 import wnorm
 from wnorm import WnormError
-from wnorm.checkpoint import convert_state_dict, load_checkpoint, load_state_dict, save_checkpoint
+from wnorm._files import load_checkpoint, save_checkpoint
+from wnorm.state_dict import convert_state_dict, load_state_dict
 
 
 class Net(nn.Module):
@@ -185,51 +184,8 @@ def test_strict_false_still_refuses_invalid_values(fault) -> None:
     expect_refused(target(), sd, match, strict=False)
 
 
-# --------------------------------------------------------------------------- files
-def file_cases(tmp: Path) -> list[tuple[Path, str]]:
-    gen = torch.Generator().manual_seed(0)
-    noise = bytes(torch.randint(0, 256, (4096,), generator=gen, dtype=torch.uint8).tolist())
-    cases = []
-    for suffix in (".pt", ".safetensors"):
-        p = tmp / f"random{suffix}"
-        p.write_bytes(noise)
-        cases.append((p, "random" + suffix.replace(".", r"\.")))
-        p = tmp / f"empty{suffix}"
-        p.write_bytes(b"")
-        cases.append((p, "empty" + suffix.replace(".", r"\.")))
-        p = tmp / f"notes{suffix}"
-        p.write_text("epoch 3, loss 0.12\n")
-        cases.append((p, "notes" + suffix.replace(".", r"\.")))
-    whole = tmp / "whole.pt"
-    torch.save(source("wnorm"), whole)
-    truncated = tmp / "truncated.pt"
-    truncated.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
-    cases.append((truncated, r"truncated\.pt: not a PyTorch checkpoint"))
-    bare = tmp / "tensor.pt"
-    torch.save(torch.ones(3), bare)
-    cases.append((bare, r"tensor\.pt: not a checkpoint"))
-    listed = tmp / "list.pt"
-    torch.save([torch.ones(3)], listed)
-    cases.append((listed, r"list\.pt: not a checkpoint"))
-    pickled = tmp / "pickled_model.pt"
-    torch.save(target(), pickled)  # a whole module: not loadable with weights_only=True
-    cases.append((pickled, r"pickled_model\.pt: not a PyTorch checkpoint readable with "
-                           r"weights_only=True"))
-    header = json.dumps({"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 999]}})
-    bad_st = tmp / "bad_offsets.safetensors"
-    bad_st.write_bytes(struct.pack("<Q", len(header)) + header.encode() + b"\x00" * 16)
-    cases.append((bad_st, r"bad_offsets\.safetensors: not a readable safetensors file"))
-    return cases
-
-
-def test_files_that_are_not_checkpoints_are_refused_naming_the_file(tmp_path: Path) -> None:
-    pytest.importorskip("safetensors")
-    for path, match in file_cases(tmp_path):
-        with pytest.raises(WnormError, match=match):
-            load_checkpoint(path)
-
-
-@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.uint8])
+# --------------------------------------------------------------------------- dtypes
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.uint8])
 def test_safetensors_with_wrong_dtype_is_refused_and_model_unchanged(tmp_path: Path,
                                                                      dtype) -> None:
     pytest.importorskip("safetensors")
@@ -252,55 +208,6 @@ def test_other_float_dtype_loads_converted() -> None:
         model = target()
         load_state_dict(model, sd)
         assert all(p.dtype == torch.float32 for p in model.parameters())
-
-
-# --------------------------------------------------------------------------- writing files
-def test_save_into_an_unwritable_directory_names_the_file(tmp_path: Path, monkeypatch) -> None:
-    import os
-
-    real_open = os.open
-
-    def denied(path, *args, **kwargs):
-        if Path(path).parent == tmp_path:
-            raise PermissionError(13, "Permission denied", str(path))
-        return real_open(path, *args, **kwargs)
-
-    monkeypatch.setattr(os, "open", denied)
-    with pytest.raises(WnormError, match=r"out\.pt: cannot write a file there; got Permission "
-                                         r"denied"):
-        save_checkpoint(source("wnorm"), tmp_path / "out.pt")
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_save_over_a_file_keeps_its_permissions_and_a_symlink_stays_a_link(
-    tmp_path: Path,
-) -> None:
-    import os
-
-    target = tmp_path / "real.pt"
-    target.write_bytes(b"old")
-    os.chmod(target, 0o640)
-    link = tmp_path / "link.pt"
-    link.symlink_to(target)
-    save_checkpoint(source("wnorm"), link)
-    assert link.is_symlink() and os.stat(target).st_mode & 0o777 == 0o640
-    assert sorted(load_checkpoint(target)) == sorted(source("wnorm"))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.pt", "real.pt"]
-
-
-def test_load_names_a_directory_as_a_directory(tmp_path: Path) -> None:
-    with pytest.raises(WnormError, match=r"expected a checkpoint file; got a directory"):
-        load_checkpoint(tmp_path)
-
-
-def test_save_metadata_goes_to_safetensors_only(tmp_path: Path) -> None:
-    pytest.importorskip("safetensors")
-    with pytest.raises(WnormError, match=r"out\.pt: metadata is written to .safetensors files"):
-        save_checkpoint(source("wnorm"), tmp_path / "out.pt", metadata={"format": "pt"})
-    with pytest.raises(WnormError, match=r"out\.safetensors: expected metadata of names to "
-                                         r"strings"):
-        save_checkpoint(source("wnorm"), tmp_path / "out.safetensors", metadata={"step": 3})
-    assert list(tmp_path.iterdir()) == []
 
 
 # --------------------------------------------------------------------------- float16 range
@@ -380,8 +287,6 @@ def test_one_weight_in_two_layouts_is_refused_naming_both(case: str) -> None:
             load_state_dict(model, sd, strict=strict)
         assert all(f"'{k}'" in str(info.value) for k in keys)
         assert all(torch.equal(model.state_dict()[k], before[k]) for k in before)
-    with pytest.raises(WnormError, match=match):
-        wnorm.incompatible_keys(target(), sd)
     for to in ("plain", "torch-old", "torch-new", "wnorm"):
         with pytest.raises(WnormError, match=match):
             convert_state_dict(sd, to)

@@ -1,0 +1,135 @@
+"""Models nobody here wrote: transformers' audio models (small configs, random weights), which
+already use PyTorch's ``parametrizations.weight_norm`` (Wav2Vec2 and HuBERT along dim 2).
+
+For each: fold leaves Parameters and the same outputs and touches only the model it is given;
+adopting PyTorch's weight norm keeps outputs bit for bit and what the model's own
+save_pretrained/from_pretrained reads; every layer normalized + data_init + a training step;
+wnorm.load_state_dict both ways between the original and the wnorm model.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import wnorm
+from wnorm._pytorch_wn import find
+from wnorm._reparam import slots
+
+transformers = pytest.importorskip("transformers")
+from ecosystem_models import NAMES, build, example, output  # noqa: E402
+
+MODELS = NAMES
+
+
+def run(name: str, model: nn.Module) -> torch.Tensor:
+    """The model's main output, or a codec's encoder output (before the quantizer's argmin)."""
+    return output(name, model, continuous=True)
+
+
+def grad_output(name: str, model: nn.Module) -> torch.Tensor:
+    """The same output with autograd recording, for a training step."""
+    inputs = example(name)
+    if name in ("encodec", "dac"):
+        return model.encoder(inputs["input_values"])
+    out = model(**inputs)
+    return out.last_hidden_state if name in ("wav2vec2", "hubert") else out
+
+
+def pytorch_normalized(model: nn.Module) -> int:
+    return sum(len(find(m)) for m in model.modules())
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_fold_gives_parameters_and_the_same_outputs(name):
+    model = build(name)
+    assert pytorch_normalized(model) > 0
+    y = run(name, model)
+    plain_numel = sum(p.numel() for p in wnorm.fold(copy.deepcopy(model)).parameters())
+    folded = wnorm.fold(copy.deepcopy(model))
+    assert run(name, model).equal(y)  # the original still works, untouched
+    assert pytorch_normalized(folded) == 0
+    n_weights = sum(m.weight.numel() for m in folded.modules()
+                    if isinstance(m, nn.modules.conv._ConvNd))
+    assert plain_numel == sum(p.numel() for p in folded.parameters()) >= n_weights
+    assert all(not m._buffers.get("weight") for m in folded.modules())
+    torch.testing.assert_close(run(name, folded), y, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_adopting_pytorch_weight_norm_keeps_outputs_bit_for_bit(name):
+    model = build(name)
+    y = run(name, model)
+    before = pytorch_normalized(model)
+    dims = sorted(str(f.dim) for m in model.modules() for f in find(m))
+    wnorm.apply(model, types=())  # adopt only: no other layer is touched
+    assert pytorch_normalized(model) == 0 and sum(1 for _ in slots(model)) == before
+    assert sorted(str(s.map.dim) for _, _, s in slots(model)) == dims
+    assert run(name, model).equal(y)
+
+
+@pytest.mark.parametrize("name", ["wav2vec2", "hubert"])
+def test_the_models_own_save_and_load_read_an_adopted_model(name, tmp_path):
+    """After adopting, save_pretrained writes '<name>_g'/'<name>_v' keys (PyTorch's old API
+    names), which the original class's from_pretrained loads into its parametrized layers."""
+    model = build(name)
+    y = run(name, model)
+    wnorm.apply(model, types=())
+    model.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again = type(model).from_pretrained(tmp_path).eval()
+    assert pytorch_normalized(again) == sum(1 for _ in slots(model))
+    assert run(name, again).equal(y)
+
+
+def test_a_folded_hifigan_saves_what_its_own_from_pretrained_reads(tmp_path):
+    """SpeechT5HifiGan is built without weight norm (apply_weight_norm() adds it for
+    training): fold before save_pretrained, and from_pretrained gives the same vocoder."""
+    model = build("hifigan")
+    wnorm.apply(model)
+    wnorm.data_init(model, example("hifigan"))
+    y = run("hifigan", model)
+    wnorm.fold(model).save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again = type(model).from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(run("hifigan", again), y, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_every_layer_normalized_then_data_init_and_a_training_step(name):
+    model = build(name)
+    wnorm.apply(model)
+    assert pytorch_normalized(model) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # layers it cannot set (dim=2 pos conv) are reported
+        # a codec's decoder runs on quantized codes, which a random codebook can map to one
+        # code for the whole batch (sigma 0, an error): initialize the encoder on the audio
+        target = model.encoder if name in ("encodec", "dac") else model
+        report = wnorm.data_init(target.train(), (example(name)["input_values"],)
+                                 if name in ("encodec", "dac") else example(name))
+    assert report.initialized
+    for r in report.skipped:
+        assert r.reason
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss = grad_output(name, model).float().square().mean()
+    loss.backward()
+    opt.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_load_state_dict_both_ways_between_original_and_wnorm_model(name):
+    original, normalized = build(name, seed=1), build(name)
+    wnorm.apply(normalized)
+    y = run(name, original)
+    wnorm.load_state_dict(normalized, original.state_dict())
+    torch.testing.assert_close(run(name, normalized), y, rtol=1e-5, atol=1e-5)
+    fresh = build(name)
+    wnorm.load_state_dict(fresh, normalized.state_dict())
+    torch.testing.assert_close(run(name, fresh), y, rtol=1e-5, atol=1e-5)

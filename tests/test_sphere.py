@@ -1,0 +1,367 @@
+"""Training on the hypersphere (wnorm/sphere.py): row norms after steps for every mode, forced
+weight norm equal to its projection form, no host sync, any optimizer, and the errors."""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import wnorm
+from wnorm import WnormError
+from wnorm._reparam import slot
+from wnorm.maps import norm
+from wnorm.sphere import Projection, is_projected, project_, project_after_step
+from wnorm.weight_norm import default_dim, reparameterize
+
+D = torch.float64
+
+
+def _rows(t: torch.Tensor, dim: int | None) -> torch.Tensor:
+    return t.reshape(1, -1) if dim is None else t.movedim(dim, 0).reshape(t.shape[dim], -1)
+
+
+def _net() -> nn.Sequential:
+    """Linear, Conv1d and ConvTranspose1d (units along dim 1): every output-unit layout."""
+    return nn.Sequential(nn.Conv1d(3, 5, 3), nn.ReLU(), nn.ConvTranspose1d(5, 4, 3), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(4 * 8, 6)).to(D)
+
+
+def _x() -> torch.Tensor:
+    return torch.randn(8, 3, 8, dtype=D)
+
+
+def _steps(model: nn.Module, opt: torch.optim.Optimizer, n: int = 5, x=None) -> None:
+    x = _x() if x is None else x
+    for _ in range(n):
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+
+
+def _weights(model: nn.Module) -> dict[str, tuple[torch.Tensor, int | None]]:
+    """name -> (the tensor projection acts on, its slice axis)."""
+    out = {}
+    for name, m in model.named_modules():
+        if wnorm.is_weight_normalized(m, "weight"):
+            out[name] = (m.weight_v, slot(m, "weight").map.dim)
+        elif isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
+            out[name] = (m.weight, default_dim(m))
+    return out
+
+
+def _norms(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: _rows(t.detach(), d).norm(dim=1) for k, (t, d) in _weights(model).items()}
+
+
+@pytest.mark.parametrize("mode", ["unit", "sqrt_fan_in", "initial", 0.7])
+@pytest.mark.parametrize("wn", [False, True], ids=["plain", "weightnorm"])
+def test_row_norms_after_steps_for_every_mode(mode, wn):
+    net = _net()
+    if wn:
+        wnorm.apply(net)
+    start = _norms(net)
+    opt = torch.optim.SGD(net.parameters(), lr=0.5, momentum=0.9)
+    project_after_step(opt, net, radius=mode)
+    _steps(net, opt)
+    for name, n in _norms(net).items():
+        t, d = _weights(net)[name]
+        size = t.numel() // t.shape[d]
+        want = {"unit": torch.ones_like(n), "sqrt_fan_in": torch.full_like(n, math.sqrt(size)),
+                "initial": start[name], 0.7: torch.full_like(n, 0.7)}[mode]
+        torch.testing.assert_close(n, want, rtol=1e-12, atol=1e-12)
+    # the steps did move the directions: the projection is not a frozen model
+    assert not torch.allclose(net[5].weight, _net()[5].weight)
+
+
+def test_without_projection_plain_weight_norm_grows_v():
+    """The contrast: weight norm's gradient is orthogonal to v, so SGD only grows ||v||."""
+    net = wnorm.apply(_net())
+    start = _norms(net)
+    _steps(net, torch.optim.SGD(net.parameters(), lr=0.5))
+    for name, n in _norms(net).items():
+        assert (n > start[name]).all(), name
+
+
+def test_projecting_v_leaves_every_wnorm_weight_as_it_is():
+    """Every wnorm map is invariant to a positive rescaling of a slice of v."""
+    torch.manual_seed(1)
+    for method in (wnorm.weight_norm, wnorm.centered_weight_norm, wnorm.weight_standardization,
+                   wnorm.forced_weight_norm, wnorm.family.balanced_weight_norm):
+        net = wnorm.apply(_net(), method=method)
+        with torch.no_grad():
+            for m in net.modules():
+                if wnorm.is_weight_normalized(m):  # put v off every sphere first, per slice
+                    d = slot(m, "weight").map.dim
+                    m.weight_v.mul_(torch.rand_like(norm(m.weight_v, d)) + 0.5)
+        before = {k: m.weight.detach().clone() for k, m in net.named_modules()
+                  if wnorm.is_weight_normalized(m)}
+        project_(net, radius="unit")
+        # weight standardization's eps (1e-10, added to the variance) is the one departure
+        tol = 1e-7 if method is wnorm.weight_standardization else 1e-13
+        for k, m in net.named_modules():
+            if k in before:
+                torch.testing.assert_close(m.weight, before[k], rtol=tol, atol=tol)
+
+
+def test_embedding_lstm_and_ties_are_projected_once():
+    emb = nn.Embedding(10, 6).to(D)
+    head = nn.Linear(6, 10, bias=False).to(D)
+    head.weight = emb.weight  # tied: one Parameter, projected once, both holders covered
+    lstm = nn.LSTM(6, 6, num_layers=2).to(D)
+    model = nn.ModuleDict({"emb": emb, "lstm": lstm, "head": head})
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    proj = project_after_step(opt, model, radius="unit", types=(nn.Embedding, nn.LSTM, nn.Linear))
+    assert proj.names == ["emb.weight", "lstm.weight_ih_l0", "lstm.weight_hh_l0",
+                          "lstm.weight_ih_l1", "lstm.weight_hh_l1"]
+    assert is_projected(emb, "weight") and is_projected(head, "weight")
+    for _ in range(3):
+        opt.zero_grad()
+        h, _ = lstm(emb(torch.randint(0, 10, (5, 2))))
+        (head(h).pow(2).mean() + h.pow(2).mean()).backward()
+        opt.step()
+    for name in proj.names:
+        t = model.get_parameter(name)
+        torch.testing.assert_close(t.norm(dim=1), torch.ones(t.shape[0], dtype=D))
+
+
+class _HandWN(nn.Module):
+    """w = g v/||v|| written out, for the reference trajectory (no wnorm)."""
+
+    def __init__(self, lin: nn.Linear) -> None:
+        super().__init__()
+        w = lin.weight.detach()
+        self.g = nn.Parameter(w.norm(dim=1, keepdim=True).clone())
+        self.v = nn.Parameter(w * (math.sqrt(w.shape[1]) / w.norm(dim=1, keepdim=True)))
+        self.b = nn.Parameter(lin.bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.g * self.v / self.v.norm(dim=1, keepdim=True), self.b)
+
+
+@pytest.mark.parametrize("opt_name", ["sgd-momentum", "adam", "adamw-fused"])
+def test_forced_weight_norm_is_its_map_plus_the_projection(opt_name):
+    """forced_weight_norm + project_after_step trains exactly as w = g v/||v|| with v
+    renormalized to sqrt(fan-in) by hand after every step."""
+    make = {"sgd-momentum": lambda p: torch.optim.SGD(p, lr=0.3, momentum=0.9),
+            "adam": lambda p: torch.optim.Adam(p, lr=0.05),
+            "adamw-fused": lambda p: torch.optim.AdamW(p, lr=0.05, fused=True)}[opt_name]
+    dtype = torch.float32 if opt_name == "adamw-fused" else D
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-11, atol=1e-12)
+    torch.manual_seed(3)
+    layers = [nn.Linear(9, 7).to(dtype), nn.Linear(7, 3).to(dtype)]
+    hand = [_HandWN(lin) for lin in layers]
+    forced = nn.Sequential(*[wnorm.forced_weight_norm(copy.deepcopy(lin)) for lin in layers])
+    ref = nn.Sequential(*hand)
+    opt_f, opt_r = make(list(forced.parameters())), make([p for h in hand for p in
+                                                          (h.g, h.v, h.b)])
+    project_after_step(opt_f, forced)
+    x = torch.randn(16, 9, dtype=dtype)
+    for _ in range(6):
+        for model, opt in ((forced, opt_f), (ref, opt_r)):
+            opt.zero_grad()
+            torch.tanh(model(x)).pow(2).mean().backward()
+            opt.step()
+        with torch.no_grad():
+            for h in hand:
+                h.v.mul_(math.sqrt(h.v.shape[1]) / h.v.norm(dim=1, keepdim=True))
+        for f, h in zip(forced, hand):
+            torch.testing.assert_close(f.weight_v, h.v, **tol)
+            torch.testing.assert_close(f.weight_g, h.g, **tol)
+            torch.testing.assert_close(f.bias, h.b, **tol)
+
+
+def test_reading_the_weight_and_a_forward_never_change_a_parameter():
+    """Forced WN used to renormalize v in a forward pre-hook; now nothing but the projection
+    after a step writes v, so a forward or a read leaves every parameter bitwise as it was."""
+    layer = wnorm.forced_weight_norm(nn.Linear(6, 4)).train()
+    opt = torch.optim.SGD(layer.parameters(), lr=1.0)
+    project_after_step(opt, layer)
+    with torch.no_grad():
+        layer.weight_v.mul_(3.0)  # off its sphere, as between a write and the next step
+    before = {k: p.detach().clone() for k, p in layer.named_parameters()}
+    _ = layer.weight
+    layer(torch.randn(3, 6)).sum().backward()
+    with torch.no_grad():
+        layer(torch.randn(3, 6))
+    for k, p in layer.named_parameters():
+        assert torch.equal(p, before[k]), k
+
+
+def test_a_forced_layer_trained_without_projection_warns_once_and_with_one_does_not():
+    torch.manual_seed(0)
+    net = nn.Sequential(wnorm.forced_weight_norm(nn.Linear(4, 4)), nn.Linear(4, 2))
+    x = torch.randn(3, 4)
+    with pytest.warns(UserWarning, match=r"Linear: 'weight_v' of forced_weight_norm is "
+                                         r"trained, but nothing puts it back on its sphere"):
+        net(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        net(x)  # once per layer
+        fresh = nn.Sequential(wnorm.forced_weight_norm(nn.Linear(4, 4)))
+        opt = torch.optim.Adam(fresh.parameters())
+        fresh.eval()(x)  # eval, or no grad: not training, no warning
+        with torch.no_grad():
+            fresh.train()(x)
+        proj = project_after_step(opt, fresh)
+        fresh.train()(x)
+        assert is_projected(fresh[0], "weight_v")
+    proj.remove()
+    assert not is_projected(fresh[0], "weight_v")
+    with pytest.warns(UserWarning, match="nothing puts it back"):
+        fresh(x)
+
+
+def test_remove_stops_projecting():
+    net = wnorm.apply(_net())
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    proj = project_after_step(opt, net, radius="initial")
+    start = _norms(net)
+    proj.remove()
+    _steps(net, opt, 2)
+    assert all((n > start[k]).all() for k, n in _norms(net).items())
+
+
+def test_the_projection_does_no_host_sync(monkeypatch):
+    """No .item(), bool(), float(), int() or .tolist() on a tensor in the projection: any of them
+    would stall a CUDA stream every step."""
+    net = wnorm.apply(_net(), method=wnorm.forced_weight_norm)
+    net[5] = wnorm.remove_weight_norm(net[5])
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    projs = [project_after_step(opt, net, radius=r) for r in ("initial", "unit")]
+    _steps(net, opt, 1)
+
+    def sync(*a, **k):
+        raise AssertionError("host sync in the projection")
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, sync)
+    for p in projs:
+        p()
+    monkeypatch.undo()
+    torch.testing.assert_close(net[5].weight.norm(dim=1), torch.ones(6, dtype=D))
+
+
+@pytest.mark.parametrize("make", [
+    lambda p: torch.optim.SGD(p, lr=0.5, foreach=False),
+    lambda p: torch.optim.SGD(p, lr=0.5, momentum=0.9, fused=True),
+    lambda p: torch.optim.Adam(p, lr=0.05, foreach=True),
+    lambda p: torch.optim.Adam(p, lr=0.05, fused=True),
+    lambda p: torch.optim.RMSprop(p, lr=0.01),
+], ids=["sgd", "sgd-fused", "adam-foreach", "adam-fused", "rmsprop"])
+def test_any_optimizer(make):
+    net = _net().float()
+    opt = make(net.parameters())
+    project_after_step(opt, net, radius="unit")
+    _steps(net, opt, 3, _x().float())
+    for n in _norms(net).values():
+        torch.testing.assert_close(n, torch.ones_like(n))
+
+
+def test_bfloat16_rows_land_on_the_sphere_to_bfloat16_precision():
+    net = _net().to(torch.bfloat16)
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    project_after_step(opt, net, radius="sqrt_fan_in")
+    _steps(net, opt, 2, _x().to(torch.bfloat16))
+    for k, (t, d) in _weights(net).items():
+        n = _rows(t.detach().float(), d).norm(dim=1)
+        size = t.numel() // t.shape[d]
+        torch.testing.assert_close(n, torch.full_like(n, math.sqrt(size)), rtol=2e-2, atol=0)
+
+
+def test_one_projection_per_optimizer_covers_what_it_updates():
+    net = _net()
+    body = [p for n, p in net.named_parameters() if not n.startswith("5.")]
+    opt_a, opt_b = torch.optim.SGD(body, lr=0.5), torch.optim.Adam(net[5].parameters(), lr=0.1)
+    pa = project_after_step(opt_a, net, radius="unit")
+    pb = project_after_step(opt_b, net, radius=2.0)
+    assert pa.names == ["0.weight", "2.weight"] and pb.names == ["5.weight"]
+    x = _x()
+    for _ in range(3):
+        opt_a.zero_grad(), opt_b.zero_grad()
+        net(x).pow(2).mean().backward()
+        opt_a.step(), opt_b.step()
+    n = _norms(net)
+    torch.testing.assert_close(n["0"], torch.ones_like(n["0"]))
+    torch.testing.assert_close(n["5"], torch.full_like(n["5"], 2.0))
+    assert isinstance(pa, Projection) and "0.weight" in repr(pa)
+
+
+def test_include_exclude_and_forced_layers_by_default():
+    net = _net()
+    wnorm.forced_weight_norm(net[0], radius=1.5)
+    before = net[5].weight.detach().clone()
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    assert project_after_step(opt, net).names == ["0.weight_v"]  # radius None: forced only
+    assert project_after_step(opt, net, radius="unit", exclude="5").names == \
+        ["0.weight_v", "2.weight"]
+    assert project_after_step(opt, net, radius="unit", include=["5"]).names == ["5.weight"]
+    two = nn.Sequential(nn.Linear(2, 2), nn.Conv1d(2, 2, 1))
+    lin = two[0].weight.detach().clone()
+    project_(two, 1.0, types=nn.Conv1d)  # one type, not a tuple of them
+    torch.testing.assert_close(two[1].weight.norm(dim=(1, 2)), torch.ones(2))
+    assert torch.equal(two[0].weight, lin)
+    torch.testing.assert_close(net[5].weight, before / before.norm(dim=1, keepdim=True))
+    _steps(net, opt, 2)
+    torch.testing.assert_close(_rows(net[0].weight_v.detach(), 0).norm(dim=1),
+                               torch.full((5,), 1.5, dtype=D))
+
+
+def test_project_now_and_its_errors():
+    lin = nn.Linear(4, 3)
+    assert project_(lin, 2.0) is lin
+    torch.testing.assert_close(lin.weight.norm(dim=1), torch.full((3,), 2.0))
+    with pytest.raises(WnormError, match="radius='initial' holds each slice at its norm when "
+                                         "the projection starts"):
+        project_(lin, "initial")
+    for bad in (0, -1.0, math.nan, math.inf, "fan_in", True):
+        with pytest.raises(WnormError, match=r"radius must be None, one of \['unit', "
+                                             rf"'sqrt_fan_in', 'initial'\] or a finite number > "
+                                             rf"0; got {bad!r}"):
+            project_(lin, bad)
+    with pytest.raises(WnormError, match="has no forced_weight_norm layer, and radius=None"):
+        project_(lin)
+    with pytest.raises(WnormError, match=r"dim must be None or an axis 0..1 of 'weight' of "
+                                         r"shape \(3, 4\); got 2"):
+        project_(lin, "unit", dim=2)
+    with pytest.raises(WnormError, match="include: expected glob patterns"):
+        project_(lin, "unit", include=[3])
+    emb = nn.Embedding(5, 3, padding_idx=1)
+    with pytest.raises(WnormError, match=r"emb.weight: 1 of 5 slices have norm 0 \(indices "
+                                         r"\[1\]\).*padding_idx"):
+        project_(nn.ModuleDict({"emb": emb}), "unit", types=(nn.Embedding,))
+    opt = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)
+    with pytest.raises(WnormError, match=r"SGD updates none of the 1 selected weights \(weight\)"):
+        project_after_step(opt, lin, "unit")
+    with pytest.raises(WnormError, match="optimizer must be a torch.optim.Optimizer; got Linear"):
+        project_after_step(lin, opt, "unit")  # type: ignore[arg-type]
+
+
+def test_a_tie_projected_two_ways_is_an_error():
+    conv = nn.Conv2d(4, 4, 3)
+    convt = nn.ConvTranspose2d(4, 4, 3)
+    convt.weight = conv.weight  # dim 0 for one, dim 1 for the other
+    with pytest.raises(WnormError, match=r"b.weight is the same Parameter as a.weight, but they "
+                                         r"are projected differently \(dim 1 vs 0"):
+        project_(nn.ModuleDict({"a": conv, "b": convt}), "unit")
+
+
+def test_a_map_that_is_not_scale_invariant_is_refused():
+    class Raw(wnorm.maps.Map):
+        kind = "raw"
+
+        def weight(self, g, v):
+            return v
+
+        def split(self, w):
+            return None, w
+
+    lin = nn.Linear(3, 2)
+    reparameterize(lin, "weight", 0, Raw)
+    with pytest.raises(WnormError, match=r"Raw\(dim=0\), whose weight changes when slices of "
+                                         r"'weight_v' are rescaled"):
+        project_(lin, "unit")

@@ -1,0 +1,339 @@
+r"""Weight-norm layouts of a state dict: read :math:`(g, v)` pairs by key name, write them back.
+
+==============  =====================================================================
+``plain``       ``<module>.<name>`` holds :math:`w`
+``torch-old``   ``<module>.<name>_g`` and ``<module>.<name>_v`` (``torch.nn.utils.weight_norm``)
+``torch-new``   ``<module>.parametrizations.<name>.original0`` (g) and ``original1`` (v)
+                (``torch.nn.utils.parametrizations.weight_norm``)
+``wnorm``       the ``torch-old`` key names
+==============  =====================================================================
+
+g is stored kept-dim (``(out, 1, 1)`` for a Conv1d normalized along dim 0, ``(1, 1, K)`` for
+Wav2Vec2's positional conv along dim 2, a 0-dim scalar for one norm over the whole tensor), so
+the axis a pair was normalized along is read off g's shape: the one axis where g has v's size.
+Shared by :mod:`wnorm.state_dict` (loading into a model, converting) and :mod:`wnorm._files`
+(converting files for the command line).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .errors import WnormError
+
+__all__ = ["FORMATS", "KEEP", "Src", "read", "source_dim", "norm", "wide", "weight", "cast",
+           "check_finite", "base_and_role", "convert"]
+
+#: The layouts :func:`convert` writes.
+FORMATS: tuple[str, ...] = ("plain", "torch-old", "torch-new", "wnorm")
+
+#: ``dim`` of :func:`convert` that keeps each pair's own axis.
+KEEP = "keep"
+
+_NEW = ".parametrizations."  # torch-new: <prefix>parametrizations.<name>.original0 / original1
+
+
+@dataclass
+class Src:
+    """One weight of a state dict, whatever its layout: ``w`` alone, or the pair ``(g, v)``."""
+
+    keys: tuple[str, ...]  # its keys in the state dict (one, or g's then v's)
+    w: Any = None  # plain: the tensor (or, for _extra_state, any object)
+    g: Tensor | None = None
+    v: Tensor | None = None
+
+    @property
+    def pair(self) -> bool:
+        return self.v is not None
+
+
+def _split_new(key: str) -> tuple[str, str] | None:
+    """``a.parametrizations.weight.original0`` -> ``("a.weight", "0")``, else None."""
+    head, sep, rest = ("." + key).rpartition(_NEW)
+    if not sep:
+        return None
+    name, dot, last = rest.rpartition(".")
+    if not dot or "." in name or last not in ("original0", "original1"):
+        return None
+    prefix = head[1:] + "." if head else ""
+    return prefix + name, last[-1]
+
+
+def base_and_role(key: str) -> tuple[str, str]:
+    """The weight a key belongs to and its role, from the name alone: ``a.weight_g`` ->
+    ``("a.weight", "g")``, ``a.parametrizations.weight.original1`` -> ``("a.weight", "v")``,
+    ``a.bias`` -> ``("a.bias", "w")``."""
+    new = _split_new(key)
+    if new is not None:
+        return new[0], "g" if new[1] == "0" else "v"
+    if key.endswith(("_g", "_v")) and len(key) > 2:
+        return key[:-2], key[-1]
+    return key, "w"
+
+
+def read(state_dict: Mapping[str, Any]) -> dict[str, Src]:
+    """Group a state dict by weight: canonical key (``a.weight``) -> :class:`Src`, in order.
+
+    One weight held in two layouts (``a.weight`` beside ``a.weight_g``/``a.weight_v``, or
+    torch-old keys beside torch-new ones) is an error: which one is meant cannot be told."""
+    if not isinstance(state_dict, Mapping):
+        raise WnormError(f"expected a state dict (a mapping of names to tensors); got "
+                         f"{type(state_dict).__name__}")
+    out: dict[str, Src] = {}
+
+    def put(base: str, src: Src) -> None:
+        if base in out:
+            first, second = ("/".join(f"'{k}'" for k in s.keys) for s in (out[base], src))
+            raise WnormError(
+                f"{first} and {second} both hold the weight '{base}', in two layouts; expected "
+                "one layout per weight: keep the one you mean and drop the other"
+            )
+        out[base] = src
+
+    for key, value in state_dict.items():
+        if not isinstance(key, str):
+            raise WnormError(f"state dict keys must be strings; got {key!r}")
+        if not isinstance(value, Tensor) and not key.endswith("_extra_state"):
+            raise WnormError(
+                f"state dict entry '{key}' is a {type(value).__name__}, not a tensor; a nested "
+                f"checkpoint? pass the state dict inside it (e.g. checkpoint[{key!r}])"
+            )
+        new = _split_new(key)
+        if new is not None:
+            base, role = new
+            other = key[:-1] + ("1" if role == "0" else "0")
+            if other in state_dict:
+                if role == "0":
+                    put(base, Src((key, other), g=value, v=state_dict[other]))
+                continue
+        if key.endswith(("_g", "_v")) and len(key) > 2:
+            base, role = key[:-2], key[-1]
+            other = base + ("_v" if role == "g" else "_g")
+            if other in state_dict:
+                if role == "g":
+                    put(base, Src((key, other), g=value, v=state_dict[other]))
+                continue
+        put(key, Src((key,), w=value))
+    return out
+
+
+def source_dim(key: str, g: Tensor, v: Tensor) -> int | None:
+    """The axis ``(g, v)`` was normalized along, read off g's shape (None: the whole tensor)."""
+    gs, vs = tuple(g.shape), tuple(v.shape)
+    if g.numel() == 1:
+        # 0-dim (dim=None) or all-ones kept-dim: one slice, the whole tensor, whatever the axis.
+        return None
+    if len(gs) == len(vs):
+        axes = [d for d in range(len(vs)) if gs[d] != 1]
+        if len(axes) == 1 and gs[axes[0]] == vs[axes[0]]:
+            return axes[0]
+    elif len(gs) == 1 and vs:  # a squeezed g, shape (n,): accept it only when unambiguous
+        axes = [d for d in range(len(vs)) if vs[d] == gs[0]]
+        if len(axes) == 1:
+            return axes[0]
+    raise WnormError(
+        f"'{key}': cannot tell which axis this g normalizes: expected a kept-dim shape with v's "
+        f"size on one axis and 1 elsewhere (v has shape {vs}), or a scalar; got shape {gs}"
+    )
+
+
+def norm(w: Tensor, dim: int | None) -> Tensor:
+    """:math:`\\lVert w\\rVert` over every axis but ``dim``, kept-dim (a scalar for None)."""
+    if dim is None:
+        return torch.linalg.vector_norm(w)
+    axes = [d for d in range(w.dim()) if d != dim]
+    return torch.linalg.vector_norm(w, dim=axes, keepdim=True) if axes else w.abs()
+
+
+def wide(t: Tensor) -> Tensor:
+    """``t`` detached, in float64 (or wider: complex128 stays)."""
+    return t.detach().to(torch.promote_types(t.dtype, torch.float64))
+
+
+def weight(src: Src, dtype: torch.dtype | None = None, where: str = "") -> Tensor:
+    """:math:`w = g\\,v/\\lVert v\\rVert` of a pair, computed in float64 and returned in
+    ``dtype`` (default: v's), never through a narrower dtype on the way.
+
+    ``where`` says for what the weight is computed, for the overflow error."""
+    assert src.g is not None and src.v is not None
+    dim = source_dim(src.keys[0], src.g, src.v)
+    g, v = wide(src.g), wide(src.v)
+    n = norm(v, dim)
+    if bool((n == 0).any()):
+        zero = (n == 0).flatten().nonzero().flatten().tolist()
+        raise WnormError(
+            f"'{src.keys[1]}': {len(zero)} slices have zero norm (indices {zero[:10]}); "
+            "w = g * v / ||v|| is undefined there; expected a nonzero v in every slice"
+        )
+    g = g.reshape(n.shape) if g.numel() == n.numel() else g
+    return cast(src.keys[1], v * (g / n), dtype or src.v.dtype, f" of w = g * v / ||v||{where}")
+
+
+def cast(key: str, t: Any, dtype: torch.dtype, what: str = "") -> Any:
+    """``t`` in ``dtype``, refused (naming ``key``) where a finite value overflows it.
+
+    Anything but a floating-point or complex tensor is returned as it is."""
+    if not isinstance(t, Tensor) or not (t.is_floating_point() or t.is_complex()):
+        return t
+    out = t.detach().to(dtype)
+    if out.is_floating_point() or out.is_complex():
+        finite = torch.isfinite(out)
+        if not bool(finite.all()):
+            big = float(t.detach().abs().max())
+            raise WnormError(
+                f"'{key}': {int((~finite).sum())} of {t.numel()} values{what} overflow {dtype} "
+                f"(largest |value| {big:.3g}); expected values that fit {dtype}: use a wider "
+                "dtype (or rescale the weight)"
+            )
+    return out
+
+
+def check_finite(key: str, t: Any) -> None:
+    """Refuse NaN/inf in a floating-point or complex tensor, naming ``key``."""
+    if isinstance(t, Tensor) and (t.is_floating_point() or t.is_complex()):
+        if not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise WnormError(
+                f"'{key}': expected finite values; got {bad} NaN/inf of {t.numel()}"
+            )
+
+
+# --------------------------------------------------------------------------- writing layouts
+def _along(dim: int | None) -> str:
+    return "over the whole tensor" if dim is None else f"along dim {dim}"
+
+
+def _kept(v: Tensor, dim: int | None) -> tuple[int, ...]:
+    """g's shape for ``v`` normalized along ``dim``: v's size there, 1 elsewhere; () for None."""
+    if dim is None:
+        return ()
+    return tuple(v.shape[d] if d == dim else 1 for d in range(v.dim()))
+
+
+def _same_slices(shape: tuple[int, ...], a: int | None, b: int | None) -> bool:
+    """Whether norms along ``a`` and along ``b`` cut a tensor of ``shape`` into the same
+    slices (an axis of size 1 gives one slice: the whole tensor, as None does)."""
+    def canonical(d: int | None) -> int | None:
+        return None if d is None or shape[d] == 1 else d
+
+    return canonical(a) == canonical(b)
+
+
+def _normalized_g(key: str, w: Tensor, dim: int | None, g_dtype: torch.dtype) -> Tensor:
+    """g of ``w`` normalized along ``dim`` (kept-dim; 0-dim for None), computed in float64 and
+    cast to ``g_dtype``; refused when a slice is zero or its norm overflows."""
+    n = norm(wide(w), dim)
+    if bool((n == 0).any()):
+        raise WnormError(
+            f"'{key}': expected a nonzero norm in every slice {_along(dim)} to normalize it "
+            f"there; got {int((n == 0).sum())} zero slices"
+        )
+    return cast(key, n, g_dtype, f" of ||w|| {_along(dim)}")
+
+
+def _check_dim(key: str, t: Tensor, dim: int | None) -> None:
+    if dim is not None and dim >= t.dim():
+        raise WnormError(
+            f"'{key}': dim {dim} is out of range for a tensor of shape {tuple(t.shape)}; "
+            "expected an axis it has (or keep each pair's own axis)"
+        )
+
+
+def _relayout(src: Src, dim: int | None) -> tuple[Tensor, Tensor, bool]:
+    """``(g, v, changed)`` of a pair normalized along ``dim``: g reshaped when the source's
+    axis cuts the same slices, else the same weight from new ``g = ||w||``, ``v = w``."""
+    assert src.g is not None and src.v is not None
+    _check_dim(src.keys[1], src.v, dim)
+    have = source_dim(src.keys[0], src.g, src.v)
+    if _same_slices(tuple(src.v.shape), have, dim):
+        g = src.g.reshape(_kept(src.v, dim))
+        return g, src.v, tuple(g.shape) != tuple(src.g.shape)
+    w = weight(src)  # computed in float64, in v's dtype
+    return _normalized_g(src.keys[1], w, dim, src.g.dtype), w, True
+
+
+def _kept_dim(src: Src) -> tuple[Tensor, bool]:
+    """g with its kept-dim shape (what PyTorch's weight norm stores) and whether it changed:
+    a squeezed g ``(n,)`` of a multi-axis v becomes ``(1, .., n, .., 1)``."""
+    assert src.g is not None and src.v is not None
+    if src.g.dim() != 1 or src.v.dim() <= 1 or src.g.numel() == 1:
+        return src.g, False
+    g = src.g.reshape(_kept(src.v, source_dim(src.keys[0], src.g, src.v)))
+    return g, tuple(g.shape) != tuple(src.g.shape)
+
+
+def _normalizable(key: str, t: Any) -> bool:
+    last = key.rpartition(".")[2]
+    return isinstance(t, Tensor) and last.startswith("weight") and t.dim() >= 2
+
+
+def _pair_keys(ckey: str, to: str) -> tuple[str, str]:
+    if to == "torch-new":
+        head, dot, name = ckey.rpartition(".")
+        prefix = head + "." if dot else ""
+        return (f"{prefix}parametrizations.{name}.original0",
+                f"{prefix}parametrizations.{name}.original1")
+    return ckey + "_g", ckey + "_v"
+
+
+def _check_options(to: str, dim: Any) -> None:
+    if to not in FORMATS:
+        raise WnormError(f"convert: expected 'to' in {list(FORMATS)}; got {to!r}")
+    if dim == KEEP:
+        return
+    if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim < 0):
+        raise WnormError(
+            f"convert: expected dim {KEEP!r}, None (one norm over the whole tensor) or an axis "
+            f">= 0; got {dim!r} (a negative dim is refused: PyTorch reads -1 as the whole "
+            "tensor, Python as the last axis)"
+        )
+    if to == "plain":
+        raise WnormError(f"convert: dim={dim!r} chooses the axis of g and v; 'plain' writes w "
+                         "alone: leave dim at 'keep'")
+
+
+def convert(state_dict: Mapping[str, Any], to: str, dim: Any = KEEP) -> tuple[dict[str, Any], int]:
+    """``state_dict`` in layout ``to`` (see :func:`wnorm.convert_state_dict`), and how many
+    weights were rewritten (renamed, reshaped or recomputed)."""
+    _check_options(to, dim)
+    sources = read(state_dict)
+    for src in sources.values():
+        for key, t in zip(src.keys, (src.g, src.v) if src.pair else (src.w,)):
+            check_finite(key, t)
+    any_pair = any(src.pair for src in sources.values())
+    out: dict[str, Any] = {}
+    n = 0
+    for ckey, src in sources.items():
+        if to == "plain":
+            if src.pair:
+                out[ckey] = weight(src)
+                n += 1
+            else:
+                out[ckey] = src.w
+            continue
+        if src.pair:
+            source_dim(src.keys[0], src.g, src.v)  # reject a g no loader could read
+            g, v, changed = src.g, src.v, src.keys[0] != _pair_keys(ckey, to)[0]
+            if dim != KEEP:
+                g, v, rewritten = _relayout(src, dim)
+                changed = changed or rewritten
+            elif to != "wnorm":  # PyTorch's weight norm stores g kept-dim
+                g, reshaped = _kept_dim(src)
+                changed = changed or reshaped
+            n += changed
+        elif not any_pair and _normalizable(ckey, src.w):
+            along = 0 if dim == KEEP else dim
+            _check_dim(ckey, src.w, along)
+            g, v = _normalized_g(ckey, src.w, along, src.w.dtype), src.w
+            n += 1
+        else:
+            out[ckey] = src.w
+            continue
+        gk, vk = _pair_keys(ckey, to)
+        out[gk], out[vk] = g, v
+    return out, n

@@ -1,0 +1,455 @@
+r"""The mechanism that attaches a map (:mod:`wnorm.maps`) to a module's parameter.
+
+:func:`attach` removes ``<name>`` from the module's parameters, registers ``<name>_g`` and
+``<name>_v``, and moves the module to a generated subclass of its own class (``isinstance``,
+the class name and ``repr`` are unchanged) whose property ``<name>`` returns
+``map.weight(g, v)``, computed on every access: edits of g and v by any means are seen by the
+next forward. :func:`wnorm.cached` is the explicit way to compute each weight once.
+
+Writes to the computed weight. The weight handed to code outside the layer's own forward is
+kept until the next access, so that writes into it (``nn.init``, ``model.apply(init_fn)``,
+``.copy_``, ``.data`` edits) are not lost: then, or at ``state_dict()``, ``.to()``, pickling or
+``reset_parameters()``, the rows that differ from what g and v give are split back into g and v
+(:meth:`Map.split`), without a host sync. Inside the layer's forward nothing is kept.
+
+The module pickles, deep-copies and loads with ``torch.load(..., weights_only=False)``.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .errors import WnormError
+from .maps import Map, norm
+
+__all__ = ["Slot", "CACHE", "attach", "detach", "slots", "slot", "slots_of", "flush", "flush_all",
+           "refresh_flat_weights", "base_class"]
+
+_is_compiling, _is_tracing = torch.compiler.is_compiling, torch._C._is_tracing
+
+
+class _Depth:
+    """How many generated forwards are running: 0 means a weight is read from outside."""
+
+    n = 0
+
+
+_DEPTH = _Depth()
+
+
+class _Cache:
+    """State of :func:`wnorm.cached`: nesting depth and the slots holding a cached weight."""
+
+    on = 0
+    filled: list[Slot] = []
+
+
+CACHE = _Cache()
+
+
+class Slot:
+    """One reparameterized parameter: its map, a name for messages, the weight last handed to
+    code outside the layer's forward (``held``, with ``held_key``: the g and v it was computed
+    from and the versions of g, v and itself then) and the weight cached by
+    :func:`wnorm.cached` (``cached``, valid for ``key``)."""
+
+    __slots__ = ("name", "map", "where", "gname", "vname", "held", "held_key", "cached", "key")
+
+    def __init__(self, name: str, map: Map, where: str) -> None:
+        self.name, self.map, self.where = name, map, where
+        self.gname, self.vname = name + "_g", name + "_v"
+        self.held: Tensor | None = None
+        self.held_key: tuple[Any, ...] = ()
+        self.cached: Tensor | None = None
+        self.key: tuple[Any, ...] = ()
+
+    @property
+    def dim(self) -> int | None:
+        return self.map.dim
+
+    @property
+    def kind(self) -> str:
+        return self.map.kind
+
+    @property
+    def has_g(self) -> bool:
+        return self.map.has_g
+
+    def __getstate__(self) -> tuple[Any, ...]:
+        return (self.name, self.map, self.where)  # held and cached weights are derived
+
+    def __setstate__(self, state: tuple[Any, ...]) -> None:
+        self.__init__(*state)  # type: ignore[misc]
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Slot:
+        import copy
+
+        return Slot(self.name, copy.deepcopy(self.map, memo), self.where)
+
+
+def _any_except(t: Tensor, dim: int | None) -> Tensor:
+    """``t.any()`` over every axis but ``dim``, kept-dim (the shape of g)."""
+    if dim is None:
+        return t.any()
+    axes = tuple(d for d in range(t.dim()) if d != dim)
+    return t.any(dim=axes, keepdim=True) if axes else t
+
+
+def _key(g: Tensor | None, v: Tensor) -> tuple[Any, ...]:
+    return (g, v, None if g is None else g._version, v._version)
+
+
+def flush(module: nn.Module, slot: Slot) -> None:
+    """Split rows written into the held weight back into g and v (no host sync), outside any
+    graph being traced or compiled."""
+    if _is_compiling():  # torch._dynamo is loaded then; importing it ourselves would load numpy
+        sys.modules["torch._dynamo"].graph_break()  # run eagerly, once: nothing is held after
+    state = torch._C._get_tracing_state()
+    if state is None:
+        return _flush(module, slot)
+    torch._C._set_tracing_state(None)  # an eager update of g and v, not part of the trace
+    try:
+        return _flush(module, slot)
+    finally:
+        torch._C._set_tracing_state(state)
+
+
+def _flush(module: nn.Module, slot: Slot) -> None:
+    """A row counts as written when it differs from the weight g and v give now. When g or v
+    changed since the weight was handed out (an optimizer step) and the weight itself was not
+    written in place, it is only stale: it is dropped.
+    """
+    held, key = slot.held, slot.held_key
+    slot.held, slot.held_key = None, ()
+    params = module._parameters
+    m, g, v = slot.map, params.get(slot.gname), params[slot.vname]
+    if held is None or (_key(g, v) != key[:4] and held._version == key[4]):
+        return
+    if held.shape != v.shape or held.dtype != v.dtype or held.device != v.device:
+        raise WnormError(
+            f"{slot.where}: '{slot.name}' was replaced through .data by a tensor of shape "
+            f"{tuple(held.shape)}, {held.dtype} on {held.device}; it is computed from "
+            f"'{slot.gname}'/'{slot.vname}' of shape {tuple(v.shape)}, {v.dtype} on {v.device}"
+        )
+    with torch.no_grad():
+        held, now = held.detach(), m.weight(g, v)
+        if held.device.type == "cpu" and torch.equal(held, now):
+            return  # nothing written (on a CPU, asking costs no device sync)
+        changed = _any_except(held != now, m.dim)
+        if not m.has_g and getattr(m, "gain", None) is None:
+            if bool(changed.any()):  # a host sync, but only after a write from outside
+                raise WnormError(
+                    f"{slot.where}: '{slot.name}' was written in place, but a "
+                    f"{type(m).__name__} weight is determined by '{slot.vname}' alone and "
+                    "cannot take an arbitrary value; write into "
+                    f"'{slot.vname}' instead, or remove_weight_norm first"
+                )
+            return
+        new_g, new_v = m.split(held)
+        wide = held.float() if held.dtype in (torch.float16, torch.bfloat16) else held
+        zero = norm(m.direction(wide), m.dim) == 0  # no direction: keep v, g goes to 0
+        v.copy_(torch.where(changed & ~zero, new_v, v))
+        if g is not None and new_g is not None:
+            g.copy_(torch.where(changed, new_g, g))
+
+
+def flush_all(module: nn.Module) -> None:
+    for s in module.__dict__.get("_wn", {}).values():
+        if s.held is not None:
+            flush(module, s)
+
+
+def _check_finite(slot: Slot, w: Tensor) -> None:
+    """Refuse to cache a weight with NaN or inf (a zero row of v, a non-finite g): a host sync,
+    once per weight and :func:`wnorm.cached` block."""
+    if not bool(torch.isfinite(w).all()):
+        rows = (~torch.isfinite(w)).flatten(1).any(1) if slot.map.dim == 0 and w.dim() > 1 \
+            else None
+        which = "" if rows is None else f" in rows {rows.nonzero().flatten().tolist()[:10]}"
+        raise WnormError(
+            f"{slot.where}: the weight-normalized '{slot.name}' has non-finite values{which}: a "
+            f"zero row of '{slot.vname}' (no direction) or a non-finite '{slot.gname}' or "
+            f"'{slot.vname}'")
+
+
+def _property(pname: str) -> property:
+    def fget(self: nn.Module) -> Tensor:
+        slot = self.__dict__["_wn"].get(pname)
+        if slot is None:  # another instance of this class normalizes pname, this one does not
+            return nn.Module.__getattr__(self, pname)
+        if slot.held is not None:
+            flush(self, slot)
+        params = self._parameters
+        g, v = params.get(slot.gname), params[slot.vname]
+        if CACHE.on:
+            key = _key(g, v)
+            if slot.cached is not None and slot.key == key:
+                return slot.cached
+            w = slot.map.weight(g, v)
+            _check_finite(slot, w)
+            if slot.cached is None:
+                CACHE.filled.append(slot)
+            slot.cached, slot.key = w, key
+            return w
+        w = slot.map.weight(g, v)
+        if _DEPTH.n == 0 and not (_is_compiling() or _is_tracing()):
+            slot.held, slot.held_key = w, _key(g, v) + (w._version,)
+        return w
+
+    def fset(self: nn.Module, value: Any) -> None:
+        slot = self.__dict__["_wn"].get(pname)
+        if slot is not None:
+            raise WnormError(
+                f"{slot.where}: '{pname}' is weight-normalized and computed from "
+                f"'{pname}_g' and '{pname}_v'; assign those, write into it in place, or call "
+                f"wnorm.remove_weight_norm(module, {pname!r}) first"
+            )
+        self.__dict__[pname] = value
+
+    return property(fget, fset, doc=f"``{pname}`` computed from ``{pname}_g``, ``{pname}_v``")
+
+
+# --------------------------------------------------------------------------- generated classes
+_CLASSES: dict[type, type] = {}
+
+
+def _forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    base = type(self)._wn_base
+    if _is_compiling() or _is_tracing():
+        return base.forward(self, *args, **kwargs)
+    _DEPTH.n += 1
+    try:
+        return base.forward(self, *args, **kwargs)
+    finally:
+        _DEPTH.n -= 1
+
+
+def _rnn_forward(self: nn.RNNBase, *args: Any, **kwargs: Any) -> Any:
+    # RNNs run on the list self._flat_weights: fill it with the computed weights (with the graph
+    # to g and v when recording), run, then keep detached copies so that the module never holds
+    # a non-leaf tensor between calls (deepcopy needs that).
+    specs, params = self.__dict__["_wn"], self._parameters
+    _DEPTH.n += 1
+    try:
+        self.__dict__["_flat_weights"] = [
+            getattr(self, n) if n in specs else params.get(n) for n in self._flat_weights_names
+        ]
+        return type(self)._wn_base.forward(self, *args, **kwargs)
+    finally:
+        _DEPTH.n -= 1
+        self.__dict__["_flat_weights"] = [
+            None if t is None else t.detach() for t in self.__dict__["_flat_weights"]
+        ]
+
+
+def _rnn_weights_have_changed(self: nn.RNNBase) -> bool:
+    return False  # the generated forward refreshes the flat weights itself, every call
+
+
+def _rnn_init_flat_weights(self: nn.RNNBase) -> None:
+    with torch.no_grad():  # see _rnn_forward: no graph kept on the module
+        _DEPTH.n += 1
+        try:
+            type(self)._wn_base._init_flat_weights(self)
+        finally:
+            _DEPTH.n -= 1
+
+
+def refresh_flat_weights(module: nn.Module) -> None:
+    if isinstance(module, nn.RNNBase):
+        module._init_flat_weights()
+        module._flat_weight_refs = [None] * len(module._flat_weights)
+
+
+def _setattr(self: nn.Module, name: str, value: Any) -> None:
+    # nn.Module.__setattr__ registers Parameters itself (the property's setter never runs):
+    # refuse them here for a normalized name, with the same message.
+    if isinstance(value, nn.Parameter) and name in self.__dict__.get("_wn", ()):
+        type(self).__dict__[name].fset(self, value)
+    type(self)._wn_base.__setattr__(self, name, value)
+
+
+def _reduce_ex(self: nn.Module, protocol: int) -> tuple[Any, ...]:
+    # The generated class is not importable by name: rebuild it from the original class.
+    flush_all(self)
+    return (_rebuild, (type(self)._wn_base, self.__getstate__()))
+
+
+def _rebuild(base: type, state: dict[str, Any]) -> nn.Module:
+    cls = _class_for(base)
+    for pname in state.get("_wn", {}):
+        _ensure_property(cls, pname)
+    module = cls.__new__(cls)
+    module.__setstate__(state)
+    refresh_flat_weights(module)
+    return module
+
+
+def _extra_repr(self: nn.Module) -> str:
+    base = type(self)._wn_base.extra_repr(self)
+    wn = ", ".join(f"{p}: dim={s.map.dim}" + ("" if s.map.kind == "wn" else f", {s.map.kind}")
+                   for p, s in self.__dict__["_wn"].items())
+    return f"{base}, weight_norm=({wn})" if base else f"weight_norm=({wn})"
+
+
+def _apply(self: nn.Module, fn: Any, *args: Any, **kwargs: Any) -> nn.Module:
+    flush_all(self)  # a write into a held weight lands before .to()/.half() moves g and v
+    return type(self)._wn_base._apply(self, fn, *args, **kwargs)
+
+
+def _save_to_state_dict(self: nn.Module, destination: dict[str, Any], prefix: str,
+                        keep_vars: bool) -> None:
+    flush_all(self)
+    type(self)._wn_base._save_to_state_dict(self, destination, prefix, keep_vars)
+    # a class with its own _save_to_state_dict (torch_geometric's Linear) may have written the
+    # computed weight and not g and v: save the parameters instead
+    for pname, s in self.__dict__["_wn"].items():
+        destination.pop(prefix + pname, None)
+        for n in (s.gname, s.vname):
+            p = self._parameters.get(n)
+            if p is not None and prefix + n not in destination:
+                destination[prefix + n] = p if keep_vars else p.detach()
+
+
+def _load_from_state_dict(self: nn.Module, *args: Any, **kwargs: Any) -> None:
+    for s in self.__dict__["_wn"].values():
+        s.held = None  # the loaded g and v replace a write not yet split
+    type(self)._wn_base._load_from_state_dict(self, *args, **kwargs)
+
+
+def _reset_parameters(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    # The layer's own init runs on v, seen under the weight's name in a plain layer's layout (the
+    # module is its own class for the call, and an RNN's parameters are in their usual order,
+    # as its init draws them), then (g, v) = split(v): the weight is the layer's usual init.
+    cls = type(self)
+    flush_all(self)
+    specs, params = self.__dict__["_wn"], self._parameters
+    layout = {n: p for n, p in params.items()
+              if not any(n in (s.gname, s.vname) for s in specs.values())}
+    layout.update((pname, params[s.vname]) for pname, s in specs.items())
+    if isinstance(self, nn.RNNBase):
+        layout = {n: layout[n] for n in [*self._flat_weights_names, *layout] if n in layout}
+    self.__dict__["_parameters"] = layout
+    self.__class__ = cls._wn_base
+    try:
+        out = cls._wn_base.reset_parameters(self, *args, **kwargs)
+    finally:
+        self.__class__ = cls
+        self.__dict__["_parameters"] = params
+        with torch.no_grad():
+            for pname, s in specs.items():
+                new_g, new_v = s.map.split(layout[pname].detach().clone())
+                v = params[s.vname]
+                v.copy_(new_v)  # layout[pname] is v, or a tensor the init assigned instead
+                g = params.get(s.gname)
+                if g is not None and new_g is not None:
+                    g.copy_(new_g)
+    return out
+
+
+def _class_for(base: type) -> type:
+    if "_wn_base" in base.__dict__:
+        return base
+    cls = _CLASSES.get(base)
+    if cls is None:
+        ns: dict[str, Any] = {
+            "_wn_base": base,
+            "__reduce_ex__": _reduce_ex,
+            "__setattr__": _setattr,
+            "extra_repr": _extra_repr,
+            "_apply": _apply,
+            "_save_to_state_dict": _save_to_state_dict,
+            "_load_from_state_dict": _load_from_state_dict,
+            "forward": _forward,
+            "__module__": base.__module__,
+            "__qualname__": base.__qualname__,
+            "__doc__": base.__doc__,
+        }
+        if hasattr(base, "reset_parameters"):
+            ns["reset_parameters"] = _reset_parameters
+        if issubclass(base, nn.RNNBase):
+            ns["forward"] = _rnn_forward
+            ns["_weights_have_changed"] = _rnn_weights_have_changed
+            ns["_init_flat_weights"] = _rnn_init_flat_weights
+        cls = type(base.__name__, (base,), ns)
+        _CLASSES[base] = cls
+    return cls
+
+
+def _ensure_property(cls: type, pname: str) -> None:
+    if not isinstance(cls.__dict__.get(pname), property):
+        setattr(cls, pname, _property(pname))
+
+
+def base_class(module: nn.Module) -> type:
+    """The class ``module`` was built as (its own class when wnorm has not touched it)."""
+    return type(module).__dict__.get("_wn_base", type(module))
+
+
+# --------------------------------------------------------------------------- attach / detach
+def attach(module: nn.Module, name: str, map: Map, g: Tensor | None, v: Tensor,
+           where: str) -> None:
+    """Make ``module.<name>`` computed as ``map.weight(g, v)``; ``g`` and ``v`` are registered
+    as given when they are Parameters (kept by optimizers and ties), else wrapped."""
+    req = v.requires_grad
+    module._parameters.pop(name, None)
+
+    def param(t: Tensor) -> nn.Parameter:
+        return t if isinstance(t, nn.Parameter) else nn.Parameter(t, requires_grad=req)
+
+    if map.has_g:
+        module.register_parameter(name + "_g", param(g))  # type: ignore[arg-type]
+    module.register_parameter(name + "_v", param(v))
+    cls = _class_for(type(module))
+    _ensure_property(cls, name)
+    if "_wn" not in module.__dict__:
+        object.__setattr__(module, "_wn", {})
+    module.__dict__["_wn"][name] = Slot(name, map, where)
+    module.__class__ = cls
+    refresh_flat_weights(module)
+
+
+def detach(module: nn.Module, name: str) -> None:
+    """Undo :func:`attach`: ``module.<name>`` becomes a plain Parameter holding the weight
+    (``requires_grad`` as v's); the module gets its class back when nothing stays attached."""
+    specs = module.__dict__["_wn"]
+    s = specs[name]
+    if s.held is not None:
+        flush(module, s)
+    params = module._parameters
+    g, v = params.get(s.gname), params[s.vname]
+    with torch.no_grad():
+        w = s.map.weight(g, v).detach().clone()
+    del specs[name]
+    params.pop(s.gname, None)
+    del params[s.vname]
+    params[name] = nn.Parameter(w, requires_grad=v.requires_grad)
+    if not specs:
+        del module.__dict__["_wn"]
+        module.__class__ = base_class(module)
+        for key, hook in list(module._forward_pre_hooks.items()):
+            if getattr(hook, "wnorm_owned", False):  # e.g. forced WN's check: ours, gone too
+                del module._forward_pre_hooks[key]
+    refresh_flat_weights(module)
+
+
+def slots(model: nn.Module) -> Iterator[tuple[str, nn.Module, Slot]]:
+    """``(module name, module, slot)`` for every attached parameter in ``model``."""
+    for mname, module in model.named_modules():
+        for s in module.__dict__.get("_wn", {}).values():
+            yield mname, module, s
+
+
+def slot(module: nn.Module, name: str) -> Slot | None:
+    """The slot of ``module.<name>``, or None when it is not attached."""
+    return module.__dict__.get("_wn", {}).get(name)
+
+
+def slots_of(module: nn.Module) -> dict[str, Slot]:
+    """``{parameter name: slot}`` of ``module`` itself (empty when nothing is attached)."""
+    return module.__dict__.get("_wn", {})

@@ -1,0 +1,43 @@
+r"""An explicit inference cache: compute every normalized weight once, :math:`w = g\,v/\lVert v\rVert`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from ._reparam import CACHE
+
+__all__ = ["cached"]
+
+
+@contextmanager
+def cached() -> Iterator[None]:
+    r"""Inside the block, each normalized weight is computed at its first access and reused.
+
+    Outside it, wnorm computes every weight from g and v at every access, so that edits of g
+    and v by any means are seen. Inside, a weight is recomputed only when its g or v is
+    replaced or changed in place (their version counters move); an edit through ``.data``
+    inside the block is not seen. Use it for inference (a plain layer's cost per forward), or
+    to compute a weight once when a layer runs many times in one forward (an RNN cell over
+    time steps); the cached weights are released when the block ends. Like PyTorch's
+    ``torch.nn.utils.parametrize.cached``, it covers every model; blocks nest.
+
+    Example:
+        >>> import torch, wnorm
+        >>> net = wnorm.apply(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)))
+        >>> with torch.no_grad(), wnorm.cached():
+        ...     y = net(torch.randn(3, 4))
+        ...     net[0].weight is net[0].weight
+        True
+        >>> net[0].weight is net[0].weight  # outside the block: computed at every access
+        False
+    """
+    CACHE.on += 1
+    try:
+        yield
+    finally:
+        CACHE.on -= 1
+        if CACHE.on == 0:
+            for s in CACHE.filled:
+                s.cached, s.key = None, ()
+            CACHE.filled.clear()

@@ -1,0 +1,219 @@
+r"""The reparameterizations: small objects that map parameters :math:`(g, v)` to a weight :math:`w`.
+
+Each map normalizes every slice of ``v`` along ``dim`` (one slice per output unit; ``dim=None``:
+the whole tensor) and has an inverse, :meth:`split`, that turns a weight into parameters the
+map sends back to it (exactly where the map can represent the weight). Attaching a map to a
+module is :mod:`wnorm._reparam`'s job; the public functions are in :mod:`wnorm.weight_norm`
+and :mod:`wnorm.family`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["Map", "WeightNorm", "CenteredWeightNorm", "WeightStandardization", "ForcedWeightNorm",
+           "BalancedWeightNorm", "norm", "l1_norm"]
+
+_LOW = (torch.float16, torch.bfloat16)
+
+
+def _axes(t: Tensor, dim: int | None) -> list[int]:
+    return [d for d in range(t.dim()) if d != dim]
+
+
+def norm(v: Tensor, dim: int | None) -> Tensor:
+    r""":math:`\lVert v\rVert` of every slice along ``dim``, kept-dim (the shape of g)."""
+    return torch.norm_except_dim(v, 2, -1 if dim is None else dim)
+
+
+def l1_norm(v: Tensor, dim: int | None) -> Tensor:
+    r""":math:`\lVert v\rVert_1` of every slice along ``dim``, kept-dim (the shape of g)."""
+    axes = _axes(v, dim)
+    if dim is None:
+        return v.abs().sum()
+    return v.abs().sum(dim=axes, keepdim=True) if axes else v.abs()
+
+
+def _fusable(v: Tensor, dim: int | None) -> bool:
+    # torch._weight_norm runs one fused kernel forward and one backward in these cases
+    return (dim is not None and (dim == 0 or dim == v.dim() - 1) and v.dtype not in _LOW
+            and v.device.type in ("cpu", "cuda"))
+
+
+class Map:
+    """A reparameterization along ``dim``: ``weight(g, v)`` and its inverse ``split(w)``."""
+
+    kind = ""
+    has_g = True
+    #: ``weight(g, c * v) == weight(g, v)`` for every per-slice factor ``c > 0`` (weight
+    #: standardization: up to its eps): then rescaling the slices of v
+    #: (:func:`wnorm.sphere.project_`) leaves the weight as it is
+    scale_invariant = False
+
+    def __init__(self, dim: int | None) -> None:
+        self.dim = dim
+
+    def weight(self, g: Tensor | None, v: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def split(self, w: Tensor) -> tuple[Tensor | None, Tensor]:
+        """``(g, v)`` with ``weight(g, v) == w`` where the map can represent ``w``."""
+        raise NotImplementedError
+
+    def direction(self, v: Tensor) -> Tensor:
+        """What is normalized: ``v`` itself, or ``v`` centered."""
+        return v
+
+    def options(self) -> dict[str, object]:
+        """Settings beyond ``dim`` (compared when two holders of a tie share parameters)."""
+        return {}
+
+    def __eq__(self, other: object) -> bool:
+        return (type(other) is type(self) and other.dim == self.dim  # type: ignore[attr-defined]
+                and other.options() == self.options())  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash((type(self), self.dim))
+
+    def __repr__(self) -> str:
+        opts = "".join(f", {k}={v!r}" for k, v in self.options().items())
+        return f"{type(self).__name__}(dim={self.dim}{opts})"
+
+
+class WeightNorm(Map):
+    r""":math:`w = g\,v/\lVert v\rVert` (Salimans & Kingma, 2016, eq. 2).
+
+    Computed by ``torch._weight_norm``, as PyTorch's own weight norm is: one fused kernel
+    forward and one backward for ``dim`` 0 or the last axis, on CPU and CUDA, and the same bits
+    as PyTorch for the same g and v (float32 and float64 parameters).
+    """
+
+    kind = "wn"
+    scale_invariant = True
+
+    def weight(self, g: Tensor | None, v: Tensor) -> Tensor:
+        if v.dtype in _LOW:
+            # in float32 (a float16 sum of squares overflows), with the norm rounded to the
+            # parameters' dtype as g was: then the weight a layer starts with (g = its rounded
+            # norm) comes back bit for bit; a norm the dtype cannot hold is used unrounded
+            n = norm(v.float(), self.dim)
+            r = n.to(v.dtype).float()
+            n = torch.where(torch.isinf(r), n, r)
+            return (v.float() * (g.float() / n)).to(v.dtype)  # type: ignore[union-attr]
+        return torch._weight_norm(v, g, -1 if self.dim is None else self.dim)  # type: ignore[arg-type]
+
+    def split(self, w: Tensor) -> tuple[Tensor, Tensor]:
+        dim = self.dim
+        if _fusable(w, dim):
+            # the fused kernel's own norms: g / norm is then exactly 1 and w comes back
+            _, n = torch._weight_norm_interface(w, torch.ones_like(norm(w, dim)), dim)
+            return n.to(w.dtype).reshape(norm(w, dim).shape), w
+        if w.dtype in _LOW:
+            return norm(w.float(), dim).to(w.dtype), w
+        return norm(w, dim), w
+
+
+class CenteredWeightNorm(Map):
+    r""":math:`w = g\,(v - \bar v)/\lVert v - \bar v\rVert` (Huang et al., ICCV 2017), computed in
+    float32 for half-precision parameters."""
+
+    kind = "centered"
+    scale_invariant = True
+
+    def direction(self, v: Tensor) -> Tensor:
+        axes = _axes(v, self.dim)
+        return v - v.mean(dim=axes, keepdim=True) if axes else torch.zeros_like(v)
+
+    def weight(self, g: Tensor | None, v: Tensor) -> Tensor:
+        x = v.float() if v.dtype in _LOW else v
+        c = self.direction(x)
+        w = c * (g.to(c.dtype) / norm(c, self.dim))  # type: ignore[union-attr]
+        return w.to(v.dtype)
+
+    def split(self, w: Tensor) -> tuple[Tensor, Tensor]:
+        x = w.float() if w.dtype in _LOW else w
+        return norm(self.direction(x), self.dim).to(w.dtype), w
+
+
+class WeightStandardization(Map):
+    r""":math:`w = (v - \bar v)/\sqrt{\operatorname{var}(v) + \epsilon}` (Qiao et al., 2019); no g."""
+
+    kind = "standardized"
+    scale_invariant = True
+    has_g = False
+
+    def __init__(self, dim: int | None, eps: float = 1e-10) -> None:
+        super().__init__(dim)
+        self.eps = eps
+
+    def options(self) -> dict[str, object]:
+        return {"eps": self.eps}
+
+    direction = CenteredWeightNorm.direction
+
+    def weight(self, g: Tensor | None, v: Tensor) -> Tensor:
+        x = v.float() if v.dtype in _LOW else v
+        c = self.direction(x)
+        var = (c * c).mean(dim=_axes(x, self.dim), keepdim=True)
+        return (c * torch.rsqrt(var + self.eps)).to(v.dtype)
+
+    def split(self, w: Tensor) -> tuple[None, Tensor]:
+        return None, w
+
+
+class ForcedWeightNorm(Map):
+    r""":math:`w = s\,v/\lVert v\rVert` with :math:`\lVert v\rVert` held at ``radius`` (EDM2,
+    Karras et al., 2024); ``s`` is a learned g, or the fixed ``gain``. The map itself is weight
+    norm's; holding v on its sphere is :mod:`wnorm.sphere`'s job, after each optimizer step."""
+
+    kind = "forced"
+    scale_invariant = True
+
+    def __init__(self, dim: int | None, gain: float | None = None,
+                 radius: float | None = None) -> None:
+        super().__init__(dim)
+        self.gain, self.radius = gain, radius
+        self.has_g = gain is None
+
+    def options(self) -> dict[str, object]:
+        return {"gain": self.gain, "radius": self.radius}
+
+    def sphere(self, v: Tensor) -> float:
+        """The norm every slice of v is held at: ``radius``, by default (EDM2) the square root of
+        the slice size, so that entries are of order 1."""
+        if self.radius is not None:
+            return self.radius
+        return (v.numel() // v.shape[self.dim] if self.dim is not None else v.numel()) ** 0.5
+
+    def weight(self, g: Tensor | None, v: Tensor) -> Tensor:
+        x = v.float() if v.dtype in _LOW else v
+        scale = g.to(x.dtype) if g is not None else self.gain
+        return (x * (scale / norm(x, self.dim))).to(v.dtype)  # type: ignore[operator]
+
+    def split(self, w: Tensor) -> tuple[Tensor | None, Tensor]:
+        x = w.float() if w.dtype in _LOW else w
+        n = norm(x, self.dim)
+        v = (x * (self.sphere(w) / n)).to(w.dtype)
+        return (n.to(w.dtype) if self.has_g else None), v
+
+
+class BalancedWeightNorm(Map):
+    r""":math:`w = g\,(v - \bar v)/\lVert v - \bar v\rVert_1` (balanced normalization of weights,
+    Defazio & Bottou, arXiv:1812.04549, as read in :func:`wnorm.balanced_weight_norm`): each slice
+    sums to 0 and has L1 norm ``|g|``; computed in float32 for half-precision parameters."""
+
+    kind = "balanced"
+    scale_invariant = True
+
+    direction = CenteredWeightNorm.direction
+
+    def weight(self, g: Tensor | None, v: Tensor) -> Tensor:
+        x = v.float() if v.dtype in _LOW else v
+        c = self.direction(x)
+        w = c * (g.to(c.dtype) / l1_norm(c, self.dim))  # type: ignore[union-attr]
+        return w.to(v.dtype)
+
+    def split(self, w: Tensor) -> tuple[Tensor, Tensor]:
+        x = w.float() if w.dtype in _LOW else w
+        return l1_norm(self.direction(x), self.dim).to(w.dtype), w
