@@ -259,11 +259,14 @@ def hardware(device: str, world: int = 1) -> str:
 
 
 def version_info(device: str, world: int = 1) -> dict[str, Any]:
-    """The code version and machine of a run (for ``version.json``). Where the checkout has
-    no git (a copy sent to another machine), ``$EXPERIMENTS_GIT_COMMIT`` names the commit."""
+    """The code version and machine of a run (for ``version.json``): ``git_dirty`` says whether
+    wnorm/ or experiments/ differ from the commit. Where the checkout has no git (a copy sent
+    to another machine), ``$EXPERIMENTS_GIT_COMMIT`` names the commit."""
     import numpy
 
-    dirty = _git(["status", "--porcelain", "--untracked-files=no"])
+    # the code that runs: a run writing into results/ must not call its own tree dirty
+    dirty = _git(["status", "--porcelain", "--untracked-files=no", "--", ":(top)wnorm",
+                  ":(top)experiments"])
     return {
         "git_commit": _git(["rev-parse", "HEAD"]) or os.environ.get("EXPERIMENTS_GIT_COMMIT"),
         "git_dirty": bool(dirty) if dirty is not None else None,
