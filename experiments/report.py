@@ -427,14 +427,15 @@ def _verdict(by_variant: dict[str, list[Run]], reach: dict[str, float | None],
         vs = []
         for v in (v for v in ranked if v != "normal"):
             if len(tests[v]) < 2 or len(base) < 2:
-                vs.append(f"{v} one seed on a side")
-            elif max(tests[v]) < min(base):
+                continue
+            if max(tests[v]) < min(base):
                 vs.append(f"{v} lower with every seed")
             elif min(tests[v]) > max(base):
                 vs.append(f"{v} higher with every seed")
             else:
                 vs.append(f"{v} within the seeds' spread")
-        out.append("- Final test error against normal: " + "; ".join(vs) + ".")
+        out.append("- Final test error against normal: " + ("; ".join(vs) + "." if vs else
+                   "one seed on a side, so there is no spread to judge a gap by."))
     if target is not None and reach:
         done = sorted((r, v) for v, r in reach.items() if r is not None)
         order = ", ".join(f"{v} ({_epochs(r)})" for r, v in done)
