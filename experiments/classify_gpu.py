@@ -209,23 +209,27 @@ def _job_main(spec_text: str) -> int:
 
 
 # --------------------------------------------------------------------------- command line
-def _measured(configs: list[GPUConfig], p: dict[str, Any]) -> dict[str, Any]:
-    """Per variant, from the run folders: median seconds per epoch (training, and with
-    evaluation) over epochs 2 on, and per stacked step, beside the plan's."""
+def _measured(configs: list[GPUConfig], p: dict[str, Any], procs: int) -> dict[str, Any]:
+    """Per variant, from the run folders: median seconds per epoch over epochs 2 on (epoch 1
+    holds the compilation), with evaluation and without, and per stacked step. The plan's
+    times are for a variant alone on the GPU; ``procs`` processes time-sliced on it take, per
+    epoch of each, about the sum of their times alone: ``planned_epoch_s_shared``."""
+    shared = sum(r["epoch_s"] for r in p["variants"].values()) if procs > 1 else None
     out = {}
     for v in dict.fromkeys(c.variant for c in configs):
         c = next(c for c in configs if c.variant == v)
         rows = [r for r in read_jsonl(Path(c.out) / run_dir_name(c) / "metrics.jsonl")
                 if not r.get("diverged")]
-        rows = rows[1:] or rows  # epoch 1 holds the compilation
+        rows = rows[1:] or rows
         if not rows:
             continue
         train = statistics.median(r["seconds"] for r in rows)
-        epoch = statistics.median(r["seconds"] + r["eval_seconds"] for r in rows)
         planned = p["variants"].get(v, {})
-        out[v] = {"step_ms": 1e3 * train / p["steps_per_epoch"], "epoch_s": epoch,
-                  "planned_step_ms": planned.get("step_ms"),
-                  "planned_epoch_s": planned.get("epoch_s")}
+        out[v] = {"step_ms": 1e3 * train / p["steps_per_epoch"],
+                  "epoch_s": statistics.median(r["seconds"] + r["eval_seconds"] for r in rows),
+                  "planned_step_ms_alone": planned.get("step_ms"),
+                  "planned_epoch_s_alone": planned.get("epoch_s"),
+                  "planned_epoch_s_shared": shared}
     return out
 
 
@@ -294,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     base = resolved(configs[0])
     predicted = plan(base, tuple(variants), PLAN, train=_count(out, configs, "train"),
                      test=_count(out, configs, "test"))
-    result |= {"plan": predicted, "measured": _measured(configs, predicted),
+    result |= {"plan": predicted,
+               "measured": _measured(configs, predicted, result["processes_at_once"]),
                "command": command, "hardware": hardware(base.device)}
     (out / "harness.json").write_text(json.dumps(result, indent=2) + "\n")
     from .report import report
@@ -305,8 +310,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"classify_gpu: {result['wall_s']:.0f} s in all (plan: {predicted['total_s']:.0f} s); "
           f"wrote {out / 'harness.json'}, {md} and {png}")
     for v, m in result["measured"].items():
-        print(f"  {v}: {m['step_ms']:.2f} ms per stacked step (plan {m['planned_step_ms']:.2f}), "
-              f"{m['epoch_s']:.2f} s per epoch (plan {m['planned_epoch_s']:.2f})")
+        shared = m["planned_epoch_s_shared"]
+        print(f"  {v}: {m['epoch_s']:.2f} s per epoch (plan: {m['planned_epoch_s_alone']:.2f} "
+              "alone" + (f", {shared:.2f} sharing the GPU" if shared else "") + "), "
+              f"{m['step_ms']:.2f} ms per stacked step")
     return 0
 
 

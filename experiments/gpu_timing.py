@@ -33,16 +33,16 @@ def time_variants(cfg: Any, variants: list[str], data: ImageData, *, modes: list
                                     y_train=data.y_train.to(device),
                                     x_test=data.x_test.to(device), y_test=data.y_test.to(device))
     trainers: dict[tuple[str, str], StackTrainer] = {}
+    order = torch.randperm(data.x_train.shape[0], generator=torch.Generator().manual_seed(1))
+    order = order[None].to(device)  # the examples every block steps through, in turn
     for mode in modes:
         for v in variants:
             c = dataclasses.replace(cfg, variant=v, seed=0, compile=mode, stack=1)
             t = StackTrainer([c], on_device, device, log=log)
-            g = torch.Generator().manual_seed(1)
-            t.timing_idx = torch.randperm(t.n, generator=g)[None].to(device)
             sums = torch.zeros(2, 1, dtype=torch.float64, device=device)
             t0 = time.perf_counter()
             for k in range(steps):  # warm-up: compilation and cuDNN's choices happen here
-                (t.first_step if k == 0 else t.step)(_batch(t, k), sums)
+                (t.first_step if k == 0 else t.step)(_batch(order, t.batch, k), sums)
             sync(device)
             log(f"timing: {v} ({'eager' if mode == 'off' else 'compiled, ' + mode}) ready in "
                 f"{time.perf_counter() - t0:.1f} s" + (f"; {t.compile}" if t.compile != mode
@@ -50,15 +50,15 @@ def time_variants(cfg: Any, variants: list[str], data: ImageData, *, modes: list
             trainers[(v, mode)] = t
     per_step: dict[tuple[str, str], list[float]] = {k: [] for k in trainers}
     for r in range(rounds):
-        order = variants[r % len(variants):] + variants[:r % len(variants)]
-        for v in order:
+        turn = variants[r % len(variants):] + variants[:r % len(variants)]
+        for v in turn:
             for mode in modes:
                 t = trainers[(v, mode)]
                 sums = torch.zeros(2, 1, dtype=torch.float64, device=device)
                 sync(device)
                 t0 = time.perf_counter()
                 for k in range(steps):
-                    t.step(_batch(t, k + (r + 1) * steps), sums)
+                    t.step(_batch(order, t.batch, k + (r + 1) * steps), sums)
                 sync(device)
                 per_step[(v, mode)].append((time.perf_counter() - t0) / steps)
     epoch_steps = max(1, data.x_train.shape[0] // min(cfg.batch_size, data.x_train.shape[0]))
@@ -79,10 +79,10 @@ def time_variants(cfg: Any, variants: list[str], data: ImageData, *, modes: list
                                         compile=",".join(modes))}
 
 
-def _batch(t: StackTrainer, k: int) -> Tensor:
-    n = t.timing_idx.shape[1] // t.batch
-    j = k % n
-    return t.timing_idx[:, j * t.batch:(j + 1) * t.batch]
+def _batch(order: Tensor, batch: int, k: int) -> Tensor:
+    """The ``k``-th batch of indices ``(1, batch)`` from ``order``, around again at its end."""
+    j = k % (order.shape[1] // batch)
+    return order[:, j * batch:(j + 1) * batch]
 
 
 def _ratio(ts: list[float], base: list[float] | None) -> dict[str, float] | None:
