@@ -19,10 +19,10 @@ test: venv
 	$(PY) -m pytest -q
 
 demo: venv data
-	$(PY) -m wnorm.repro demo
+	$(PY) -m experiments.demo
 
-# Fashion-MNIST from Debian's package when we can install it; otherwise wnorm.repro downloads
-# the files (checksums checked) or says how to get them.
+# Fashion-MNIST from Debian's package when we can install it; otherwise the experiments download
+# the files (checksums checked) or say how to get them.
 data:
 	@test -d /usr/share/datasets/fashion-mnist || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
 	  { apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \

@@ -1,0 +1,561 @@
+"""Run folders and options, shared by every experiment script.
+
+A run writes one folder, ``<out>/<name>/``, and reports read nothing else:
+
+- ``config.json``   the resolved options, plus what the run actually used (data, device,
+  precision)
+- ``version.json``  git commit (and whether the tree was dirty), wnorm, torch, numpy, python,
+  platform, hardware, the command line
+- ``metrics.jsonl`` one JSON line per epoch (per episode for DQN); a run that diverged ends
+  with a line that says ``"diverged": true``
+- ``log.txt``       what was printed
+
+Options: each script keeps its defaults in one dataclass at its top; :func:`add_options` turns
+every field into ``--field-name`` and :func:`check_config` refuses a value outside
+:data:`RULES` with a message that names the option (``--batch-size must be an integer >= 1;
+got 0``), which the scripts hand to ``parser.error`` (exit status 2, before any data is loaded
+or any folder touched).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+
+import wnorm
+from wnorm import WnormError
+
+__all__ = ["RULES", "RunFolder", "RunLog", "add_options", "add_run_options", "check_config",
+           "check_device", "config_from_args", "cpu_name", "flag", "hardware", "has_metrics",
+           "no_repeats", "precision_info", "precision_text", "progress", "read_jsonl",
+           "read_run_files", "refuse_duplicates", "refuse_existing", "resolve_device",
+           "run_configs", "run_folders", "setting_key", "split_list", "version_info"]
+
+
+# --------------------------------------------------------------------------- option checks
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _int_at_least(k: int) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= k), \
+        f"an integer >= {k}"
+
+
+_POS = (lambda v: _finite(v) and v > 0), "a finite number > 0"
+_NONNEG = (lambda v: _finite(v) and v >= 0), "a finite number >= 0"
+_UNIT = (lambda v: _finite(v) and 0 <= v < 1), "in [0, 1)"
+_UNIT_CLOSED = (lambda v: _finite(v) and 0 <= v <= 1), "in [0, 1]"
+
+#: field name -> (test, what it must be); a field that is None (a "use the default") passes
+RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "epochs": _int_at_least(1),
+    "steps": _int_at_least(1),
+    "batch_size": _int_at_least(1),
+    "eval_batch_size": _int_at_least(1),
+    "init_examples": _int_at_least(1),
+    "threads": _int_at_least(1),
+    "train_subset": _int_at_least(1),
+    "test_subset": _int_at_least(1),
+    "hidden": _int_at_least(1),
+    "depth": _int_at_least(1),
+    "layers": _int_at_least(1),
+    "channels": _int_at_least(1),
+    "latent": _int_at_least(1),
+    "blocks": _int_at_least(0),
+    "log_every": _int_at_least(1),
+    "vnorm_every": _int_at_least(1),
+    "buffer": _int_at_least(1),
+    "learning_starts": _int_at_least(0),
+    "train_every": _int_at_least(1),
+    "target_every": _int_at_least(1),
+    "procs": _int_at_least(1),
+    "stack": _int_at_least(1),
+    "lr": _POS,
+    "width": _POS,
+    "eps": _POS,
+    "init_scale": _POS,
+    "noise": _NONNEG,
+    "momentum": _UNIT,
+    "decay_start": _NONNEG,
+    "dropout": _UNIT,
+    "beta1": _UNIT,
+    "beta1_late": _UNIT,
+    "beta2": _UNIT,
+    "gamma": _UNIT_CLOSED,
+    "eps_start": _UNIT_CLOSED,
+    "eps_end": _UNIT_CLOSED,
+    "eps_fraction": (lambda v: _finite(v) and 0 < v <= 1, "in (0, 1]"),
+}
+
+
+def flag(name: str) -> str:
+    """``batch_size`` -> ``--batch-size``."""
+    return "--" + name.replace("_", "-")
+
+
+def check_config(cfg: Any) -> None:
+    """Refuse a dataclass config with a value outside :data:`RULES` (and a bad ``device``).
+
+    Raises:
+        WnormError: ``--option must be ...; got value``.
+    """
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        rule = RULES.get(f.name)
+        if rule is None or value is None:
+            continue
+        ok, what = rule
+        if not ok(value):
+            raise WnormError(f"{flag(f.name)} must be {what}; got {value!r}")
+    if hasattr(cfg, "device"):
+        check_device(cfg.device)
+
+
+def check_device(name: str) -> None:
+    """``auto``, ``cpu``, or a CUDA device this machine has.
+
+    Raises:
+        WnormError: another name, or CUDA asked for where there is none.
+    """
+    if name in ("auto", "cpu"):
+        return
+    if name != "cuda" and not name.startswith("cuda:"):
+        raise WnormError(f"--device must be auto, cpu, cuda or cuda:N; got {name!r}")
+    index = 0
+    if name.startswith("cuda:"):
+        try:
+            index = int(name[5:])
+        except ValueError:
+            raise WnormError(f"--device must be auto, cpu, cuda or cuda:N; got {name!r}") from None
+    if not torch.cuda.is_available():
+        why = "no CUDA build" if torch.version.cuda is None else "no GPU found"
+        raise WnormError(f"--device {name}: CUDA is not available here (torch "
+                         f"{torch.__version__}, {why}); use --device cpu or auto")
+    if not 0 <= index < torch.cuda.device_count():
+        raise WnormError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA "
+                         "device(s)")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda if available else cpu; a CUDA device this machine lacks is an error."""
+    check_device(name)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def no_repeats(items: list[Any], option: str) -> list[Any]:
+    """``items``, refusing a value given twice (it would train or count one run twice)."""
+    seen = set()
+    for x in items:
+        if x in seen:
+            raise WnormError(f"{option}: {x!r} is given twice; each value once")
+        seen.add(x)
+    return items
+
+
+def split_list(text: str, kind: type, option: str) -> list[Any]:
+    """A comma-separated option as a list: spaces ignored, at least one item, none twice.
+
+    Example:
+        >>> split_list("0, 1,2", int, "--seeds")
+        [0, 1, 2]
+    """
+    try:
+        items = [kind(t.strip()) for t in text.split(",") if t.strip()]
+    except ValueError as e:
+        raise WnormError(f"{option}: expected a comma-separated list of {kind.__name__}; "
+                         f"got {text!r}") from e
+    if not items:
+        raise WnormError(f"{option}: expected at least one value; got {text!r}")
+    return no_repeats(items, option)
+
+
+# --------------------------------------------------------------------------- argparse
+def _field_type(f: dataclasses.Field) -> type:
+    return {"int": int, "float": float, "str": str, "bool": bool}[
+        str(f.type).replace(" | None", "").strip()]
+
+
+def add_options(p: argparse.ArgumentParser, config_cls: type, *, skip: set[str] = frozenset(),
+                defaults: dict[str, Any] | None = None) -> None:
+    """One ``--field-name`` per field of ``config_cls`` but ``skip`` (bools get ``--no-...``
+    too); the default shown is ``defaults[field]`` or the dataclass's own. An option not given
+    stays ``None`` so that :func:`config_from_args` can tell it from a default."""
+    shown = {f.name: f.default for f in dataclasses.fields(config_cls)} | (defaults or {})
+    for f in dataclasses.fields(config_cls):
+        if f.name in skip:
+            continue
+        kind = _field_type(f)
+        if kind is bool:
+            p.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=None,
+                           help=f"(default: {shown[f.name]})")
+        else:
+            p.add_argument(flag(f.name), type=kind, default=None,
+                           help=f"(default: {shown[f.name]})")
+
+
+def config_from_args(config_cls: type, args: argparse.Namespace,
+                     defaults: dict[str, Any] | None = None, **fixed: Any) -> Any:
+    """``config_cls`` from its own defaults, then ``defaults``, then the options given, then
+    ``fixed``; checked against :data:`RULES`.
+
+    Raises:
+        WnormError: a value outside :data:`RULES` (the scripts pass it to ``parser.error``).
+    """
+    values: dict[str, Any] = dict(defaults or {})
+    for f in dataclasses.fields(config_cls):
+        v = getattr(args, f.name, None)
+        if v is not None:
+            values[f.name] = v
+    cfg = config_cls(**(values | fixed))
+    check_config(cfg)
+    return cfg
+
+
+# --------------------------------------------------------------------------- versions
+def _git(args: list[str]) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def hardware(device: str, world: int = 1) -> str:
+    """One line: the accelerator (or CPU), thread count and process count."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        acc = torch.cuda.get_device_name(torch.device(device).index or 0)
+    else:
+        n = torch.get_num_threads()
+        acc = f"CPU {cpu_name()}, {n} torch thread{'s' if n > 1 else ''}"
+    return acc + (f" x{world} processes" if world > 1 else "")
+
+
+def version_info(device: str, world: int = 1) -> dict[str, Any]:
+    """The code version and machine of a run (for ``version.json``): ``git_dirty`` says whether
+    wnorm/ or experiments/ differ from the commit. Where the checkout has no git (a copy sent
+    to another machine), ``$EXPERIMENTS_GIT_COMMIT`` names the commit."""
+    import numpy
+
+    # the code that runs: a run writing into results/ must not call its own tree dirty
+    dirty = _git(["status", "--porcelain", "--untracked-files=no", "--", ":(top)wnorm",
+                  ":(top)experiments"])
+    return {
+        "git_commit": _git(["rev-parse", "HEAD"]) or os.environ.get("EXPERIMENTS_GIT_COMMIT"),
+        "git_dirty": bool(dirty) if dirty is not None else None,
+        "wnorm": wnorm.__version__,
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "hardware": hardware(device, world),
+        "cpu_count": os.cpu_count(),
+        "world_size": world,
+        "argv": sys.argv,
+    }
+
+
+def precision_info(device: torch.device, *, autocast: torch.dtype | None = None,
+                   channels_last: bool = False, compile: str = "off") -> dict[str, Any]:
+    """What arithmetic a run used (for ``config.json``): parameters stay float32; ``autocast``
+    is the autocast dtype or None; TF32 is what the CUDA backends allowed (None on a CPU)."""
+    cuda = device.type == "cuda"
+    return {
+        "params": "float32",
+        "autocast": None if autocast is None else str(autocast).removeprefix("torch."),
+        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32 if cuda else None,
+        "tf32_cudnn": torch.backends.cudnn.allow_tf32 if cuda else None,
+        "channels_last": channels_last,
+        "compile": compile,
+    }
+
+
+def precision_text(p: dict[str, Any] | None) -> str:
+    """How a run computed, in words, from its recorded :func:`precision_info` (runs that
+    recorded none ran in float32).
+
+    Example:
+        >>> precision_text({"autocast": "bfloat16", "tf32_matmul": True, "tf32_cudnn": True,
+        ...                 "channels_last": True, "compile": "default"})
+        'bfloat16 autocast, TF32 matmul on, cuDNN on, channels-last, torch.compile (default)'
+    """
+    p = p or {}
+    parts = [f"{p['autocast']} autocast" if p.get("autocast") else "float32"]
+    if p.get("tf32_matmul") is not None:
+        parts.append(f"TF32 matmul {'on' if p['tf32_matmul'] else 'off'}, cuDNN "
+                     f"{'on' if p.get('tf32_cudnn') else 'off'}")
+    if p.get("channels_last"):
+        parts.append("channels-last")
+    if p.get("compile") not in (None, "off"):
+        parts.append(f"torch.compile ({p['compile']})")
+    return ", ".join(parts)
+
+
+# --------------------------------------------------------------------------- writing
+class RunLog:
+    """Prints a line (through tqdm, so progress bars survive) and appends it to ``log.txt``."""
+
+    def __init__(self, path: Path | None, echo: TextIO | None | bool = True) -> None:
+        self.file = open(path, "w") if path is not None else None  # noqa: SIM115
+        self.echo = echo  # True: sys.stdout as it is when a line is printed
+
+    def __call__(self, msg: str) -> None:
+        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+        if self.echo is True:
+            _tqdm_write(line, sys.stdout)
+        elif self.echo not in (None, False):
+            _tqdm_write(line, self.echo)  # type: ignore[arg-type]
+        if self.file is not None:
+            self.file.write(line + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def _tqdm_write(line: str, stream: TextIO) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(line, file=stream)
+
+
+@contextlib.contextmanager
+def progress(total: int, desc: str, enabled: bool) -> Iterator[Any]:
+    """A tqdm bar on stderr (None when not ``enabled``)."""
+    if not enabled:
+        yield None
+        return
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
+def has_metrics(folder: Path) -> bool:
+    m = folder / "metrics.jsonl"
+    return m.is_file() and m.stat().st_size > 0
+
+
+def refuse_existing(folders: list[Path], overwrite: bool) -> None:
+    """Refuse to train into run folders that already hold metrics, unless ``overwrite``.
+
+    Raises:
+        WnormError: naming the first such folder (and how many there are).
+    """
+    if overwrite:
+        return
+    taken = [f for f in folders if has_metrics(f)]
+    if taken:
+        more = f" (and {len(taken) - 1} more)" if len(taken) > 1 else ""
+        raise WnormError(f"run folder {taken[0]}{more} already holds a run (metrics.jsonl); "
+                         "choose another --out, move it away, or pass --overwrite to replace it")
+
+
+class RunFolder:
+    """``<out>/<name>/`` with ``config.json``, ``version.json``, ``log.txt``, ``metrics.jsonl``.
+
+    A context manager: ``log(msg)`` prints and appends to ``log.txt``, ``write(row)`` appends
+    one JSON line to ``metrics.jsonl``. ``config`` is a dataclass (written with ``extra``
+    merged in) or a dict.
+
+    Raises:
+        WnormError: the folder already holds a run and ``overwrite`` is False (nothing in it is
+            touched).
+    """
+
+    def __init__(self, path: Path, config: Any, device: torch.device | str,
+                 extra: dict[str, Any] | None = None, *, echo: TextIO | bool = True,
+                 overwrite: bool = False, world: int = 1) -> None:
+        self.path = Path(path)
+        refuse_existing([self.path], overwrite)
+        self.path.mkdir(parents=True, exist_ok=True)
+        base = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
+        (self.path / "config.json").write_text(json.dumps(base | (extra or {}), indent=2) + "\n")
+        (self.path / "version.json").write_text(
+            json.dumps(version_info(str(device), world), indent=2) + "\n")
+        self.log = RunLog(self.path / "log.txt", echo=echo)
+        self._metrics = (self.path / "metrics.jsonl").open("w")
+
+    def write(self, row: dict[str, Any]) -> None:
+        self._metrics.write(json.dumps(row) + "\n")
+        self._metrics.flush()
+
+    def close(self) -> None:
+        self._metrics.close()
+        self.log.close()
+
+    def __enter__(self) -> RunFolder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------- reading
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The rows of a JSON-lines file (none if it does not exist); a bad line names its place.
+
+    A last line without its newline that does not parse is a line being written (or a run
+    killed while writing it): it is left out, not an error.
+
+    Raises:
+        WnormError: a line before the last is not JSON.
+    """
+    if not path.is_file():
+        return []
+    lines = path.read_text().split("\n")
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                if i == len(lines):  # no newline after it: unfinished
+                    break
+                raise WnormError(f"{path}:{i}: not a JSON line ({e})") from e
+    return rows
+
+
+def read_run_files(folder: Path) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
+    """``(config, version, metrics)`` of a run folder, whatever experiment wrote it.
+
+    Raises:
+        WnormError: ``config.json`` is missing or not JSON.
+    """
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise WnormError(f"{folder}: config.json is not readable JSON ({e})") from e
+    vpath = folder / "version.json"
+    version = json.loads(vpath.read_text()) if vpath.is_file() else {}
+    return config, version, read_jsonl(folder / "metrics.jsonl")
+
+
+def run_folders(paths: list[str | Path], who: str = "report") -> list[Path]:
+    """The run folders (with ``config.json``) named in ``paths`` or directly inside them, each
+    once (a folder reached twice, by the same or another path, counts once).
+
+    Raises:
+        WnormError: a path does not exist.
+    """
+    out: dict[Path, Path] = {}
+    for p in map(Path, paths):
+        if not p.exists():
+            raise WnormError(f"{who}: {p} does not exist")
+        found = [p] if (p / "config.json").is_file() else sorted(
+            d for d in p.iterdir() if (d / "config.json").is_file())
+        for d in found:
+            out.setdefault(d.resolve(), d)
+    return list(out.values())
+
+
+def refuse_duplicates(runs: list[Any], key: Callable[[Any], tuple[str, ...]], what: str) -> None:
+    """Two different folders for the same ``key(run)`` (e.g. variant and seed) in one setting
+    would count one configuration twice: refuse, naming both.
+
+    Raises:
+        WnormError: naming both folders.
+    """
+    seen: dict[Any, Path] = {}
+    for r in runs:
+        k = (r.setting() if callable(r.setting) else r.setting, key(r))
+        if k in seen:
+            raise WnormError(f"report: {seen[k]} and {r.folder} are the same {what} "
+                             f"({', '.join(map(str, key(r)))}) with the same settings; report "
+                             "one of them")
+        seen[k] = r.folder
+
+
+def setting_key(config: dict[str, Any], skip: frozenset[str] | set[str]
+                ) -> tuple[tuple[str, str], ...]:
+    """The whole config but ``skip``, hashable; 7 and 7.0 (old integer ``decay_start``) agree,
+    and a missing ``world_size`` (older runs) is 1.
+
+    Example:
+        >>> setting_key({"epochs": 7, "seed": 1}, {"seed"}) == setting_key({"epochs": 7.0}, set())
+        True
+    """
+    c = {"world_size": 1} | config
+    return tuple(sorted((k, json.dumps(float(v) if isinstance(v, int) and not isinstance(v, bool)
+                                       else v, sort_keys=True))
+                        for k, v in c.items() if k not in skip))
+
+
+# --------------------------------------------------------------------------- section-6 scripts
+#: options every vae/seq/dqn script has beside its config's own fields
+_RUN_OPTIONS = {"experiment", "variant", "seed", "out", "threads", "device"}
+
+
+def add_run_options(p: argparse.ArgumentParser, config_cls: type, *, variants: tuple[str, ...],
+                    seeds: str, out: str) -> None:
+    """``--variant(s) --seeds --out --threads --device --quick --overwrite --progress`` and one
+    option per other field of ``config_cls`` (default: the dataclass's, or the ``--quick``
+    value when that flag is given)."""
+    p.add_argument("--variant", choices=variants, default=None,
+                   help="train one variant (overrides --variants)")
+    p.add_argument("--variants", default=",".join(variants),
+                   help="comma-separated (default: %(default)s)")
+    p.add_argument("--seeds", default=seeds, help="comma-separated (default: %(default)s)")
+    p.add_argument("--out", default=out, help="parent folder of the run folders "
+                                              "(default: %(default)s)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default: 1; on 2 shared cores more ran slower)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny sizes that run in seconds (for tests); explicit options still win")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace run folders that already hold a run (default: refuse them)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="progress bars on stderr (default: on)")
+    add_options(p, config_cls, skip=_RUN_OPTIONS)
+
+
+def run_configs(config_cls: type, args: argparse.Namespace, quick: dict[str, Any],
+                variants: tuple[str, ...], grid: Callable[[str, int], list[dict[str, Any]]]
+                ) -> list[Any]:
+    """One checked config per entry of ``grid(variant, seed)`` for the variants and seeds
+    asked for: the dataclass's defaults, then ``quick`` (with ``--quick``), then the options
+    given, then the entry's fixed fields.
+
+    Raises:
+        WnormError: an unknown variant or a bad value, named (for ``parser.error``).
+    """
+    chosen = [args.variant] if args.variant else split_list(args.variants, str, "--variants")
+    bad = [v for v in chosen if v not in variants]
+    if bad:
+        raise WnormError(f"--variants: unknown {bad}; expected some of {list(variants)}")
+    seeds = split_list(args.seeds, int, "--seeds")
+    base = {"out": args.out, "threads": args.threads, "device": args.device}
+    return [config_from_args(config_cls, args, quick if args.quick else None, **(base | fixed))
+            for s in seeds for v in chosen for fixed in grid(v, s)]

@@ -1,0 +1,275 @@
+r"""Deep Q-learning on CartPole-v1 and Acrobot-v1, normal vs weight norm (paper, section 6).
+
+DQN (Mnih et al., 2015) with a replay buffer and a target network :math:`\bar\theta` copied
+from the online network every ``target_every`` environment steps; every ``train_every`` steps
+one Adam step on the Huber loss of
+
+.. math::
+    Q_\theta(s, a) - \big(r + \gamma\,(1 - \text{terminated})\,\max_{a'} Q_{\bar\theta}(s', a')\big)
+
+over a batch from the buffer (gradients clipped to norm 10). Acting is
+:math:`\epsilon`-greedy, :math:`\epsilon` linear from ``eps_start`` to ``eps_end`` over the
+first ``eps_fraction`` of the steps; the first ``learning_starts`` steps act uniformly at
+random. The Q-network is an MLP (``layers`` hidden layers of ``hidden`` ReLU units).
+
+Variants: ``normal`` = plain layers, PyTorch's default init (the usual DQN); ``weightnorm`` =
+``wnorm.apply`` on the Q-network and, with ``data_init`` (default), ``wnorm.data_init`` on the
+first ``init_examples`` states of the random-policy phase (the output layer's Q-values then
+start with mean 0, std 1 per action over those states). The target network is a copy.
+
+Run (from the repository root; the committed results)::
+
+    python -m experiments.dqn --envs CartPole-v1,Acrobot-v1 --seeds 0,1,2,3,4 --out results/dqn
+    # the ablation: weight norm without the data-dependent init
+    python -m experiments.dqn --envs CartPole-v1,Acrobot-v1 --variant weightnorm \
+        --no-data-init --seeds 0,1,2,3,4 --out results/dqn-no-init
+    # on a GPU: a wider Q-network and more steps (the environment still steps on the CPU, one
+    # transition at a time, so it sets the pace)
+    python -m experiments.dqn --device cuda --envs CartPole-v1,Acrobot-v1 --seeds 0,1,2,3,4 \
+        --hidden 256 --steps 100000 --out runs/dqn-gpu
+
+Each (env, variant, seed) writes ``<out>/dqn-<env>-<variant>-s<seed>/``; ``metrics.jsonl`` has
+one line per finished episode: ``episode``, ``env_steps`` (when it ended), ``return``,
+``length``, ``epsilon``, ``loss`` (mean TD loss of the updates during the episode, or null),
+``seconds`` (since the start of the run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import wnorm
+from wnorm import WnormError
+
+from .common import (RunFolder, add_run_options, check_config, progress, refuse_existing,
+                     resolve_device, run_configs, split_list)
+
+__all__ = ["DQNConfig", "Replay", "q_network", "parser", "train_one", "main"]
+
+
+# --------------------------------------------------------------------------- defaults
+@dataclass
+class DQNConfig:
+    """One DQN run; the defaults are the committed CPU-sized run."""
+
+    experiment: str = "dqn"
+    variant: str = "weightnorm"  # normal | weightnorm
+    seed: int = 0
+    env: str = "CartPole-v1"
+    steps: int = 30000
+    hidden: int = 64
+    layers: int = 2
+    lr: float = 0.001
+    gamma: float = 0.99
+    batch_size: int = 64
+    buffer: int = 50000
+    learning_starts: int = 1000
+    train_every: int = 2  # env steps per gradient step
+    target_every: int = 500  # env steps per target-network copy
+    eps_start: float = 1.0
+    eps_end: float = 0.05
+    eps_fraction: float = 0.2
+    data_init: bool = True  # weightnorm: data init on the random-policy states
+    init_examples: int = 500
+    out: str = "runs/dqn"
+    threads: int | None = 1
+    device: str = "auto"
+
+
+VARIANTS = ("normal", "weightnorm")
+#: --quick: tiny sizes that run in seconds (the tests)
+QUICK = {"steps": 600, "hidden": 16, "learning_starts": 200, "init_examples": 100,
+         "batch_size": 32, "target_every": 100}
+
+
+# --------------------------------------------------------------------------- model
+def q_network(obs_dim: int, actions: int, hidden: int, layers: int) -> nn.Sequential:
+    """MLP ``obs_dim -> [hidden, ReLU] x layers -> actions``."""
+    mods: list[nn.Module] = []
+    d = obs_dim
+    for _ in range(layers):
+        mods += [nn.Linear(d, hidden), nn.ReLU()]
+        d = hidden
+    mods.append(nn.Linear(d, actions))
+    return nn.Sequential(*mods)
+
+
+class Replay:
+    """A ring buffer of transitions (numpy arrays)."""
+
+    def __init__(self, size: int, obs_dim: int) -> None:
+        self.obs = np.zeros((size, obs_dim), np.float32)
+        self.next = np.zeros((size, obs_dim), np.float32)
+        self.act = np.zeros(size, np.int64)
+        self.rew = np.zeros(size, np.float32)
+        self.done = np.zeros(size, np.float32)
+        self.size, self.n, self.i = size, 0, 0
+
+    def add(self, o: np.ndarray, a: int, r: float, o2: np.ndarray, terminated: bool) -> None:
+        self.obs[self.i], self.act[self.i], self.rew[self.i] = o, a, r
+        self.next[self.i], self.done[self.i] = o2, float(terminated)
+        self.i = (self.i + 1) % self.size
+        self.n = min(self.n + 1, self.size)
+
+    def sample(self, rng: np.random.Generator, k: int, device: torch.device
+               ) -> tuple[torch.Tensor, ...]:
+        j = rng.integers(0, self.n, k)
+        return tuple(torch.from_numpy(a[j]).to(device)
+                     for a in (self.obs, self.act, self.rew, self.next, self.done))
+
+
+# --------------------------------------------------------------------------- training
+def run_name(cfg: DQNConfig) -> str:
+    return f"dqn-{cfg.env}-{cfg.variant}-s{cfg.seed}"
+
+
+def train_one(cfg: DQNConfig, echo: bool = True, *, overwrite: bool = False,
+              progress_bar: bool = False) -> RunFolder:
+    """Train ``cfg.variant`` on ``cfg.env`` with ``cfg.seed``; writes and returns the run folder.
+
+    Raises:
+        WnormError: a bad setting or environment, or the folder already holds a run and
+            ``overwrite`` is False (before the folder is touched).
+    """
+    import gymnasium as gym
+
+    check_config(cfg)
+    if cfg.variant not in ("normal", "weightnorm"):
+        raise WnormError(f"dqn: unknown variant {cfg.variant!r}; expected 'normal' or 'weightnorm'")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    try:
+        env = gym.make(cfg.env)
+    except gym.error.Error as e:
+        raise WnormError(f"dqn: gymnasium cannot make {cfg.env!r} ({e})") from e
+    if not isinstance(env.action_space, gym.spaces.Discrete):
+        raise WnormError(f"dqn: {cfg.env} needs a discrete action space; got {env.action_space}")
+    obs_dim = int(np.prod(env.observation_space.shape))
+    n_act = int(env.action_space.n)
+    name = run_name(cfg)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    online = q_network(obs_dim, n_act, cfg.hidden, cfg.layers)
+    if cfg.variant == "weightnorm":
+        wnorm.apply(online)
+    online.to(device)
+    target = copy.deepcopy(online)
+    target.requires_grad_(False)
+    opt = torch.optim.Adam(online.parameters(), lr=cfg.lr)
+    replay = Replay(min(cfg.buffer, cfg.steps), obs_dim)
+    thr = env.spec.reward_threshold if env.spec is not None else None
+    extra = {"reward_threshold": thr, "obs_dim": obs_dim, "actions": n_act,
+             "gymnasium": gym.__version__}
+    folder = RunFolder(Path(cfg.out) / name, cfg, device, extra, echo=echo, overwrite=overwrite)
+    with folder, progress(cfg.steps, name, progress_bar) as bar:
+        log = folder.log
+        log(f"{name}: {cfg.steps} env steps, Q-network {obs_dim}-"
+            f"{'-'.join([str(cfg.hidden)] * cfg.layers)}-{n_act} "
+            f"({sum(p.numel() for p in online.parameters()):,} parameters), device {device}")
+        obs, _ = env.reset(seed=cfg.seed)
+        env.action_space.seed(cfg.seed)
+        ep_return, ep_len, episode = 0.0, 0, 0
+        losses: list[float] = []
+        t0 = time.perf_counter()
+        decay = max(1, int(cfg.eps_fraction * cfg.steps))
+        eps = cfg.eps_start
+        for step in range(1, cfg.steps + 1):
+            if bar is not None and step % 100 == 0:
+                bar.update(100)
+            eps = cfg.eps_start + (cfg.eps_end - cfg.eps_start) * min(1.0, (step - 1) / decay)
+            if step <= cfg.learning_starts or rng.random() < eps:
+                action = int(rng.integers(n_act))
+            else:
+                with torch.no_grad():
+                    q = online(torch.as_tensor(obs, dtype=torch.float32, device=device)[None])
+                action = int(q.argmax(1))
+            obs2, reward, terminated, truncated, _ = env.step(action)
+            replay.add(obs, action, float(reward), obs2, bool(terminated))
+            ep_return += float(reward)
+            ep_len += 1
+            obs = obs2
+            if terminated or truncated:
+                episode += 1
+                folder.write({"episode": episode, "env_steps": step, "return": ep_return,
+                              "length": ep_len, "epsilon": eps,
+                              "loss": float(np.mean(losses)) if losses else None,
+                              "seconds": time.perf_counter() - t0})
+                if episode % 20 == 0:
+                    log(f"step {step}/{cfg.steps}  episode {episode}  return {ep_return:g}  "
+                        f"eps {eps:.3f}  {time.perf_counter() - t0:.0f}s")
+                obs, _ = env.reset()
+                ep_return, ep_len, losses = 0.0, 0, []
+            if step == cfg.learning_starts and cfg.variant == "weightnorm" and cfg.data_init:
+                states = torch.from_numpy(replay.obs[:min(replay.n, cfg.init_examples)].copy())
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    rep = wnorm.data_init(online, states.to(device))
+                target.load_state_dict(online.state_dict())
+                log(f"data init on {states.shape[0]} random-policy states: "
+                    f"{len(rep.initialized)} layers initialized, {len(rep.skipped)} skipped")
+            if step > cfg.learning_starts and step % cfg.train_every == 0:
+                o, a, r, o2, d = replay.sample(rng, cfg.batch_size, device)
+                with torch.no_grad():
+                    y = r + cfg.gamma * (1.0 - d) * target(o2).max(1).values
+                qa = online(o).gather(1, a[:, None]).squeeze(1)
+                loss = F.smooth_l1_loss(qa, y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                nn.utils.clip_grad_norm_(online.parameters(), 10.0)
+                opt.step()
+                losses.append(float(loss.detach()))
+            if step % cfg.target_every == 0:
+                target.load_state_dict(online.state_dict())
+        log(f"done: {episode} episodes in {time.perf_counter() - t0:.0f}s")
+    env.close()
+    return folder
+
+
+# --------------------------------------------------------------------------- command line
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m experiments.dqn",
+                                description=__doc__.split("\n")[0])
+    add_run_options(p, DQNConfig, variants=VARIANTS, seeds="0,1,2,3,4", out=DQNConfig.out)
+    p.add_argument("--envs", default=None,
+                   help="comma-separated gymnasium ids (overrides --env), "
+                        "e.g. CartPole-v1,Acrobot-v1")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Train every (env, variant, seed) asked for; returns the exit status."""
+    p = parser()
+    args = p.parse_args(argv)
+    try:
+        envs = (split_list(args.envs, str, "--envs") if args.envs is not None
+                else [args.env or DQNConfig.env])
+        configs = run_configs(DQNConfig, args, QUICK, VARIANTS,
+                              lambda v, s: [{"variant": v, "seed": s, "env": e} for e in envs])
+        configs.sort(key=lambda c: envs.index(c.env))  # one environment after the other
+    except WnormError as e:
+        p.error(str(e))
+    try:
+        refuse_existing([Path(c.out) / run_name(c) for c in configs], args.overwrite)
+        for cfg in configs:
+            folder = train_one(cfg, overwrite=args.overwrite, progress_bar=args.progress)
+            print(f"run folder: {folder.path}")
+    except WnormError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""Run folders are never silently overwritten or mixed: a second run into the same folder is
+refused (naming it) unless --overwrite, a bad option is refused before the folder is touched,
+and the demo, which replaces its own earlier runs, runs twice in a row."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import pytest
+
+from fakes import write_fashion
+
+pytestmark = pytest.mark.slow
+
+_TINY = ["--width", "0.04", "--batch-size", "10", "--init-examples", "10", "--threads", "1",
+         "--no-progress", "--device", "cpu", "--epochs", "1"]
+
+
+def main(argv: list[str]) -> int:
+    """Exit status of ``python -m experiments.<argv[0]> argv[1:]``."""
+    try:
+        return importlib.import_module(f"experiments.{argv[0]}").main(argv[1:])
+    except SystemExit as e:
+        return int(e.code or 0)
+
+
+def _classify(data: Path, out: Path, *extra: str) -> int:
+    return main(["classify", "--data-dir", str(data), "--variants", "normal", "--seeds", "0",
+                 *_TINY, "--out", str(out), *extra])
+
+
+def _snapshot(folder: Path) -> dict[str, str]:
+    return {p.name: p.read_text() for p in sorted(folder.iterdir())}
+
+
+def test_classify_refuses_a_folder_with_a_run_and_keeps_it_intact(tmp_path: Path, capsys) -> None:
+    data, out = tmp_path / "fashion", tmp_path / "runs"
+    write_fashion(data, n_train=20, n_test=10)
+    assert _classify(data, out) == 0
+    folder = out / "fashion-mnist-normal-s0"
+    before = _snapshot(folder)
+    capsys.readouterr()
+    assert _classify(data, out, "--lr", "0.5") == 2
+    err = capsys.readouterr().err
+    assert str(folder) in err and "--overwrite" in err and "Traceback" not in err
+    assert _snapshot(folder) == before
+    # a failing invocation (a bad --width) does not touch it either, even with --overwrite
+    assert _classify(data, out, "--width", "-1", "--overwrite") == 2
+    assert "--width must be" in capsys.readouterr().err
+    assert _snapshot(folder) == before
+    # --epochs 0 used to empty metrics.jsonl
+    assert _classify(data, out, "--epochs", "0", "--overwrite") == 2
+    assert _snapshot(folder) == before
+    # asked for, it is replaced
+    assert _classify(data, out, "--lr", "0.5", "--overwrite") == 0
+    assert json.loads((folder / "config.json").read_text())["lr"] == 0.5
+
+
+def test_multi_variant_classify_checks_every_folder_before_training(tmp_path: Path) -> None:
+    data, out = tmp_path / "fashion", tmp_path / "runs"
+    write_fashion(data, n_train=20, n_test=10)
+    assert _classify(data, out) == 0  # normal s0 exists
+    assert main(["classify", "--data-dir", str(data), "--variants", "weightnorm,normal",
+                 "--seeds", "0", *_TINY, "--out", str(out)]) == 2
+    assert not (out / "fashion-mnist-weightnorm-s0").exists()  # refused before it trained
+
+
+def test_lr_sweep_refuses_a_folder_with_a_run(tmp_path: Path, capsys) -> None:
+    data, out = tmp_path / "fashion", tmp_path / "runs"
+    write_fashion(data, n_train=20, n_test=10)
+    argv = ["lr_sweep", "--data-dir", str(data), "--variants", "normal", "--lrs", "0.1",
+            "--seeds", "0", "--epochs", "1", "--hidden", "4", "--batch-size", "10",
+            "--init-examples", "10", "--threads", "1", "--no-progress", "--train-subset", "20",
+            "--test-subset", "10", "--out", str(out)]
+    assert main(argv) == 0
+    folder = next(out.iterdir())
+    before = _snapshot(folder)
+    capsys.readouterr()
+    assert main(argv) == 2
+    assert str(folder) in capsys.readouterr().err
+    assert _snapshot(folder) == before
+    assert main(argv + ["--overwrite"]) == 0
+
+
+def test_vae_refuses_a_folder_with_a_run(tmp_path: Path, capsys) -> None:
+    data, out = tmp_path / "fashion", tmp_path / "runs"
+    write_fashion(data, n_train=20, n_test=10)
+    argv = ["vae", "--quick", "--variants", "normal", "--seeds", "0", "--epochs", "1",
+            "--data-dir", str(data), "--train-subset", "20", "--test-subset", "10",
+            "--batch-size", "10", "--init-examples", "10", "--device", "cpu", "--no-progress",
+            "--out", str(out)]
+    assert main(argv) == 0
+    folder = out / "vae-normal-s0"
+    before = _snapshot(folder)
+    capsys.readouterr()
+    assert main(argv + ["--lr", "0.1"]) == 2
+    assert str(folder) in capsys.readouterr().err
+    assert _snapshot(folder) == before
+    assert main(argv + ["--batch-size", "0", "--overwrite"]) == 2
+    assert _snapshot(folder) == before
+
+
+def test_classify_gpu_refuses_a_folder_with_a_run(tmp_path: Path, capsys) -> None:
+    data, out = tmp_path / "fashion", tmp_path / "runs"
+    write_fashion(data, n_train=20, n_test=10)
+    argv = ["classify_gpu", "--data-dir", str(data), "--variants", "normal", "--seeds", "0,1",
+            "--width", "0.04", "--batch-size", "10", "--init-examples", "10", "--epochs", "1",
+            "--device", "cpu", "--procs", "1", "--eval-batch-size", "10", "--out", str(out)]
+    assert main(argv) == 0
+    before = {f.name: _snapshot(f) for f in out.iterdir() if f.is_dir() and f.name != "report"}
+    assert sorted(before) == ["fashion-mnist-normal-s0", "fashion-mnist-normal-s1"]
+    capsys.readouterr()
+    assert main(argv + ["--lr", "0.5"]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert {f: _snapshot(out / f) for f in before} == before
+
+
+def test_demo_runs_twice_in_a_row(tmp_path: Path, capsys) -> None:
+    data, out = tmp_path / "fashion", tmp_path / "demo"
+    write_fashion(data, n_train=20, n_test=10)
+    argv = ["demo", "--data-dir", str(data), "--variants", "normal,weightnorm", "--seeds", "0",
+            "--procs", "1", "--eval-batch-size", "10", "--train-subset", "20", "--test-subset",
+            "10", *_TINY, "--out", str(out)]
+    assert main(argv) == 0
+    assert main(argv) == 0
+    assert "replacing the previous demo runs" in capsys.readouterr().out
+    info = json.loads((out / "demo.json").read_text())
+    assert info["runs"] == 2 and info["processes"] == 1 and info["cpu_s"] > 0
+    assert (out / "report" / "report.md").is_file() and (out / "report" /
+                                                         "training_error.png").is_file()
+    assert main(argv + ["--no-overwrite"]) == 2
+
+
+def test_a_copy_without_git_names_its_commit_from_the_environment(monkeypatch) -> None:
+    """On a machine that gets the checkout without .git, the command line passes the commit."""
+    from experiments import common
+
+    monkeypatch.setattr(common, "_git", lambda args: None)
+    monkeypatch.setenv("EXPERIMENTS_GIT_COMMIT", "0123abc")
+    info = common.version_info("cpu")
+    assert info["git_commit"] == "0123abc" and info["git_dirty"] is None

@@ -1,0 +1,96 @@
+"""experiments.seed_stack: S seeds side by side compute exactly what the S networks compute,
+through the data-dependent init, the forward (train and eval), the gradients and an Adam step,
+for every variant it accepts; and it refuses what it cannot stack."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import wnorm
+from wnorm import WnormError
+from experiments.nets import build, initialize
+from experiments.seed_stack import STACKABLE, seed_state_dict, stack, stack_inputs
+
+WIDTH, SEEDS = 0.05, (0, 1, 2)
+
+
+def _nets(variant: str) -> list:
+    """The seeds' networks in float64: in float32 the other summation order moves a few
+    pre-activations across the leaky ReLU's kink, and their gradients by 10x."""
+    nets = []
+    for s in SEEDS:  # noise and dropout off: the stack draws its own random numbers
+        torch.manual_seed(s)
+        nets.append(build(variant, 1, WIDTH, noise=0.0, dropout=0.0).double())
+    return nets
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=what)
+
+
+@pytest.mark.parametrize("variant", STACKABLE)
+def test_a_stack_trains_exactly_like_its_seeds(variant: str) -> None:
+    g = torch.Generator().manual_seed(5)
+    xs = torch.randn(len(SEEDS), 40, 1, 16, 16, generator=g, dtype=torch.float64)
+    ys = torch.randint(0, 10, (len(SEEDS), 40), generator=g)
+    nets = _nets(variant)
+    model = stack(nets)
+    assert model.variant == variant and model.seeds == len(SEEDS)
+    # the data-dependent init, each seed on its own batch
+    for net, x in zip(nets, xs):
+        initialize(net, x[:20])
+    initialize(model, stack_inputs(xs[:, :20]))
+    for i, net in enumerate(nets):
+        for k, v in seed_state_dict(model, i, net).items():
+            _close(v, net.state_dict()[k], f"{variant} seed {i} after init: {k}")
+    # a training step: forward, per-seed losses summed, backward: each seed's gradient is its
+    # own network's (an SGD step then moves both alike; Adam is elementwise, but its first
+    # step, lr * sign(gradient), turns rounding in a near-zero gradient into a full step)
+    opts = [torch.optim.SGD(n.parameters(), lr=0.1) for n in nets]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    if variant == "forced":  # its rows go back on their spheres after the step, seed by seed
+        for o, n in zip([opt, *opts], [model, *nets]):
+            wnorm.project_after_step(o, n)
+    out = model.train()(stack_inputs(xs[:, 20:]))  # (N, S, 10)
+    losses = F.cross_entropy(out.permute(0, 2, 1), ys[:, 20:].T, reduction="none").mean(0)
+    opt.zero_grad()
+    losses.sum().backward()
+    grads = {k: p.grad for k, p in model.named_parameters()}
+    opt.step()
+    for i, (net, o) in enumerate(zip(nets, opts)):
+        logits = net.train()(xs[i, 20:])
+        _close(out[:, i], logits, f"{variant} seed {i}: training logits")
+        o.zero_grad()
+        F.cross_entropy(logits, ys[i, 20:]).backward()
+        for k, p in net.named_parameters():
+            _close(grads[k].chunk(len(SEEDS))[i].reshape(p.shape), p.grad,
+                   f"{variant} seed {i}: d{k}")
+        o.step()
+        for k, v in seed_state_dict(model, i, net).items():
+            _close(v, net.state_dict()[k], f"{variant} seed {i} after a step: {k}")
+    # eval mode (running statistics) on one batch shared by all seeds
+    x = xs[0, :8]
+    out = model.eval()(stack_inputs(x.expand(len(SEEDS), *x.shape)))
+    for i, net in enumerate(nets):
+        _close(out[:, i], net.eval()(x), f"{variant} seed {i}: eval logits")
+
+
+def test_the_stack_is_one_network_of_grouped_layers() -> None:
+    model = stack(_nets("wn+meanonly"))
+    convs = [m for m in model if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 10 and {c.groups for c in convs} == {3}  # 9 convs + the dense layer
+    assert convs[1].weight_v.shape == (3 * 5, 5, 3, 3)  # width 0.05: 5 channels a seed
+    assert convs[1].weight_v.dtype == torch.float64  # the seeds' dtype
+
+
+def test_what_cannot_be_stacked_is_refused() -> None:
+    with pytest.raises(WnormError, match="'arpit' cannot be stacked"):
+        stack([build("arpit", 1, WIDTH)])
+    with pytest.raises(WnormError, match="same variant and shape"):
+        stack([build("normal", 1, WIDTH), build("weightnorm", 1, WIDTH)])
+    with pytest.raises(WnormError, match="same variant and shape"):
+        stack([build("normal", 1, WIDTH), build("normal", 1, 2 * WIDTH)])
+    with pytest.raises(WnormError, match="no networks"):
+        stack([])
