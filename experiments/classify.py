@@ -12,7 +12,7 @@ Commands (from the repository root; ``python -m experiments.report`` makes the t
         --out results/classify-fashion-cpu/report
 
     # weight norm's relatives beside the paper's variants (results/family-demo)
-    python -m experiments.classify --variants normal,weightnorm,centered,ws+gn,forced,arpit \
+    python -m experiments.classify --variants normal,weightnorm,centered,ws+gn,forced,balanced,arpit \
         --seeds 0 --epochs 8 --width 0.125 --train-subset 3000 --test-subset 1000 --lr 0.002 \
         --beta1-late 0.9 --threads 1 --no-progress --out results/family-demo/runs
 

@@ -14,7 +14,7 @@ relatives (PAPER.md section 8).
 size >= 12 works: 28 -> 14 -> 7 -> 5, 32 -> 16 -> 8 -> 6 before the global pool).
 
 Variants (``VARIANTS``), "every layer gets the chosen normalizer"; the first five are the
-paper's, the last four (``RELATIVES``) weight normalization's relatives:
+paper's, the last five (``RELATIVES``) weight normalization's relatives:
 
 ============== ============================================= ==========================
 variant        layers                                        init (on 500 examples)
@@ -31,6 +31,8 @@ ws+gn          ``wnorm.weight_standardization`` on each conv none (GN standardiz
                dense layer
 forced         ``wnorm.forced_weight_norm``, learned g       data init
                (EDM2, Karras et al.)
+balanced       ``wnorm.balanced_weight_norm`` (Defazio &     data init
+               Bottou)
 arpit          ``wnorm.apply`` (weight norm)                 ``wnorm.arpit_init``: no data
 ============== ============================================= ==========================
 
@@ -69,10 +71,10 @@ __all__ = ["VARIANTS", "PAPER_VARIANTS", "RELATIVES", "MLP_VARIANTS", "METHODS",
            "PaperNet", "build", "initialize", "uses_data_init", "reparameterized_layers"]
 
 PAPER_VARIANTS = ("normal", "weightnorm", "batchnorm", "wn+meanonly", "meanonly")
-RELATIVES = ("centered", "ws+gn", "forced", "arpit")
+RELATIVES = ("centered", "ws+gn", "forced", "balanced", "arpit")
 VARIANTS = PAPER_VARIANTS + RELATIVES
 #: The variants an :class:`MLP` comes in (those without a normalization layer).
-MLP_VARIANTS = ("normal", "weightnorm", "centered", "forced", "arpit")
+MLP_VARIANTS = ("normal", "weightnorm", "centered", "forced", "balanced", "arpit")
 #: variant -> the public wnorm function that reparameterizes its layers (via ``wnorm.apply``)
 METHODS = {
     "weightnorm": wnorm.weight_norm,
@@ -80,9 +82,11 @@ METHODS = {
     "centered": wnorm.centered_weight_norm,
     "ws+gn": wnorm.weight_standardization,
     "forced": wnorm.forced_weight_norm,
+    "balanced": wnorm.balanced_weight_norm,
     "arpit": wnorm.weight_norm,
 }
-_DATA_INIT = {"normal", "weightnorm", "wn+meanonly", "meanonly", "centered", "forced"}
+_DATA_INIT = {"normal", "weightnorm", "wn+meanonly", "meanonly", "centered", "forced",
+              "balanced"}
 _PLAIN = {"normal", "meanonly"}  # data init scales the plain weights (include_plain)
 
 
@@ -99,6 +103,7 @@ _NORM: dict[str, tuple[type[nn.Module] | object, type[nn.Module] | None] | None]
     "centered": None,
     "ws+gn": (_group_norm, None),  # None: the dense layer keeps its bias and no normalizer
     "forced": None,
+    "balanced": None,
     "arpit": None,
 }
 

@@ -27,7 +27,7 @@ __all__ = ["SweepRun", "load_sweep", "report_sweep"]
 _SWEEP_NOT_SETTING = frozenset({"variant", "lr", "seed", "out", "progress", "threads", "device",
                                 "data_dir", "download"})
 _SWEEP_COLORS = {"normal": "tab:gray", "weightnorm": "tab:blue", "forced": "tab:pink",
-                 "centered": "tab:purple", "arpit": "tab:olive"}
+                 "centered": "tab:purple", "balanced": "tab:brown", "arpit": "tab:olive"}
 
 
 @dataclass

@@ -70,17 +70,19 @@ def _rows(w: torch.Tensor) -> torch.Tensor:
 
 def test_relatives_reparameterize_every_layer_their_way() -> None:
     """Each relative's computed weights have its defining property on every conv and dense
-    layer: centered rows have mean 0 and norm g; forced v rows have norm sqrt(fan-in);
-    standardized rows mean 0, std 1 (convs only, the dense layer stays plain)."""
-    for variant in ("centered", "forced", "arpit"):
+    layer: centered rows have mean 0 and norm g; balanced rows sum to 0 with L1 norm g; forced
+    v rows have norm sqrt(fan-in); standardized rows mean 0, std 1 (convs only, the dense layer
+    stays plain)."""
+    for variant in ("centered", "forced", "balanced", "arpit"):
         net = build(variant, 1, WIDTH)
         layers = [m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
         assert len(reparameterized_layers(net)) == len(layers) == 10  # 9 convs + dense
         assert not any(isinstance(m, nn.GroupNorm) for m in net.modules())
         for m in layers:
             w, g = _rows(m.weight), m.weight_g.detach().flatten()
-            torch.testing.assert_close(w.norm(dim=1), g, rtol=1e-5, atol=1e-6)
-            if variant == "centered":
+            norm = w.abs().sum(1) if variant == "balanced" else w.norm(dim=1)
+            torch.testing.assert_close(norm, g, rtol=1e-5, atol=1e-6)
+            if variant in ("centered", "balanced"):
                 assert w.mean(1).abs().max() < 1e-6
     net = build("forced", 1, WIDTH).train()
     opt = torch.optim.SGD(net.parameters(), lr=1.0)
@@ -141,7 +143,7 @@ def test_mlp_variants(variant: str) -> None:
 
 
 @pytest.mark.parametrize("variant", ["normal", "weightnorm", "wn+meanonly", "meanonly",
-                                     "centered", "forced"])
+                                     "centered", "forced", "balanced"])
 def test_data_init_standardizes_the_first_layer(variant: str) -> None:
     """After the init the first conv's pre-activations have mean 0, std 1 on the init batch
     (the noise layer is on during the init pass, so we compare on the noisy batch it saw)."""
