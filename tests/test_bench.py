@@ -272,23 +272,25 @@ def test_bad_options_are_argparse_errors_naming_the_option(capsys):
 
 
 @pytest.mark.slow
-def test_compiled_rows_compile_every_variant_afresh_in_every_row(monkeypatch):
+def test_compiled_rows_compile_every_variant_afresh_in_every_row():
     """Each compiled row resets dynamo: without it, Sequential.forward's compiled entries pile
     up over rows until dynamo's recompile limit, and later variants silently ran eagerly
     against a compiled plain (seen: a 0.63x "ratio"). The limit is lowered to one row's worth."""
     from bench import run
 
     torch._dynamo.reset()
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 3)
     sizes = SIZES["quick-cpu"]
     case = next(c for c in cases("cpu", sizes, compile=True)
                 if c.compile and c.model == "mlp")
     cfg = dict(run.CONFIG["quick"])
-    for _ in range(2):  # the second row would find the limit reached
-        r = run.run_case(case, sizes=sizes, device="cpu", cfg=cfg)
-        assert set(r["ratio"]) == {"plain", "wnorm", "torch-new"}
-        for v, first in r["first_call"].items():
-            assert first["graphs"] >= 1, (v, first)
+    # config.patch, not monkeypatch: undoing a monkeypatch deletes the setting from dynamo's
+    # config module, and every later compile in the process fails
+    with torch._dynamo.config.patch(recompile_limit=3):
+        for _ in range(2):  # the second row would find the limit reached
+            r = run.run_case(case, sizes=sizes, device="cpu", cfg=cfg)
+            assert set(r["ratio"]) == {"plain", "wnorm", "torch-new"}
+            for v, first in r["first_call"].items():
+                assert first["graphs"] >= 1, (v, first)
 
 
 def _aten_ops(fn) -> list[str]:
