@@ -54,3 +54,15 @@ def normalized_weights(model: torch.nn.Module):
 
     for mname, module, s in slots(model):
         yield mname, module, s.name, s.map.dim
+
+
+def readme_example(name: str) -> str:
+    """The README's code block marked ``<!-- example: NAME -->``: the tests run what it says."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    m = re.search(rf"<!-- example: {re.escape(name)} -->\n```python\n(.*?)```", text, re.S)
+    if m is None:
+        raise LookupError(f"README.md has no example marked {name!r}")
+    return m.group(1)

@@ -30,6 +30,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import wnorm
+from conftest import readme_example
 
 pytestmark = [
     pytest.mark.slow,
@@ -89,17 +90,7 @@ def params_of(model: nn.Module) -> dict[str, torch.Tensor]:
 
 # --------------------------------------------------------------------------- the worker
 #: the README's example (``make_model`` returns the plain model, ``local_batch`` is this rank's)
-README_EXAMPLE = """
-import torch, wnorm
-from torch.distributed.fsdp import fully_shard
-
-model = wnorm.apply(make_model())    # 1. weight norm on the whole, unsharded model
-wnorm.data_init(model, local_batch)  # 2. each rank its own batch: the statistics are all-reduced
-for m in model.modules():            # 3. then shard with FSDP2 (or wrap in DDP)
-    if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
-        fully_shard(m)
-fully_shard(model)
-"""
+README_EXAMPLE = readme_example("fsdp2")
 
 
 def _error(fn) -> str:

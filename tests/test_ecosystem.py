@@ -133,3 +133,20 @@ def test_load_state_dict_both_ways_between_original_and_wnorm_model(name):
     fresh = build(name)
     wnorm.load_state_dict(fresh, normalized.state_dict())
     torch.testing.assert_close(run(name, fresh), y, rtol=1e-5, atol=1e-5)
+
+
+def test_readme_transformers_example(tmp_path, monkeypatch):
+    from conftest import readme_example
+
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exec(compile(readme_example("transformers"), "README transformers example", "exec"),
+             scope)
+    model, again = scope["model"].eval(), scope["again"].eval()
+    assert sum(1 for _ in slots(model)) == 1 and pytorch_normalized(model) == 0
+    assert pytorch_normalized(again) == 1  # the class's own parametrized pos_conv_embed
+    x = torch.randn(2, 800, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(x).last_hidden_state, again(x).last_hidden_state)

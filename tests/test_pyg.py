@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 import wnorm
+from conftest import readme_example
 from wnorm.data_init import NO_BIAS_NOTE
 
 gnn = pytest.importorskip("torch_geometric.nn")
@@ -314,23 +315,7 @@ def test_torch_compile_gives_the_eager_outputs_and_gradients(kind):
 
 
 # --------------------------------------------------------------------------- the README's example
-README_EXAMPLE = '''
-import torch, wnorm
-from torch_geometric.nn import GCNConv
-
-class GCN(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1, self.conv2 = GCNConv(16, 32), GCNConv(32, 7)
-
-    def forward(self, x, edge_index):
-        return self.conv2(self.conv1(x, edge_index).relu(), edge_index)
-
-model = wnorm.apply(GCN())                        # selects PyG's Linear layers by default
-report = wnorm.data_init(model, (x, edge_index))  # each conv's output standardized on the graph
-print(report)
-torch.save(model.state_dict(), "gcn.pt")          # conv1.lin.weight_g, conv1.lin.weight_v, ...
-'''
+README_EXAMPLE = readme_example("torch_geometric")
 
 
 def test_readme_example(tmp_path, monkeypatch, capsys):

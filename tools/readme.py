@@ -1,70 +1,75 @@
-"""Regenerate the README's generated sections from committed files; never type a figure by hand.
+"""Regenerate the generated sections of README.md and docs/experiments.md from committed files.
 
-    python tools/readme.py           # rewrite README.md in place
-    python tools/readme.py --check   # exit 1 if README.md is out of date (the tests run this)
+    python tools/readme.py           # rewrite them in place
+    python tools/readme.py --check   # exit 1 if one is out of date (the tests run this)
 
 Each section sits between ``<!-- BEGIN generated: NAME -->`` and ``<!-- END generated: NAME -->``
-and is copied from the file a command wrote (the section says which command). Headings are
-demoted to fit under the README's own, and relative links are rewritten from the source file's
-folder to the repository root.
+and is copied from the file a command wrote (the lead text says which command): a figure is
+never typed by hand. Headings are demoted to fit under the page's own, and relative links are
+rewritten from the source file's folder to the page's.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+PAGES = ("README.md", "docs/experiments.md")
 
 # name: (source, lead text with the command that wrote the source, heading levels to add)
 SECTIONS: dict[str, tuple[str, str, int]] = {
-    "repro": (
+    "demo": (
+        "results/demo/report/report.md",
+        "`make demo` (`python -m experiments.demo --out results/demo`): the paper's five "
+        "variants x 3 seeds, its network at 1/8 width, 2,000 Fashion-MNIST images, 6 epochs, "
+        "on the CPU; its wall and CPU time and the machine's load are in "
+        "`results/demo/demo.json`.",
+        2,
+    ),
+    "classify": (
         "results/classify-fashion-cpu/report/report.md",
-        "The committed CPU run (no GPU was lent to this work): five variants x 3 seeds on a "
-        "20,000-example Fashion-MNIST subset, the paper's network at 1/8 width, 15 epochs, the "
-        "paper's optimizer and schedule (Adam, lr 0.001, beta1 0.9 then 0.5), one run per CPU core "
-        "(the time it took is in the report's header). Made by the command below, its runs split "
-        "over processes (each run folder's `version.json` records its own command line):\n\n"
-        "    python -m wnorm.repro classify --dataset fashion-mnist "
+        "Five variants x 3 seeds on a 20,000-example Fashion-MNIST subset, the paper's network "
+        "at 1/8 width, 15 epochs, the paper's optimizer and schedule, on the CPU:\n\n"
+        "    python -m experiments.classify --dataset fashion-mnist "
         "--variants normal,weightnorm,batchnorm,wn+meanonly,meanonly --seeds 0,1,2 --epochs 15 "
         "--width 0.125 --train-subset 20000 --threads 1 --out results/classify-fashion-cpu\n"
-        "    python -m wnorm.repro report results/classify-fashion-cpu "
-        "--out results/classify-fashion-cpu/report\n\n"
-        "The full-size run for a GPU (all 60,000 examples, full width, 3 seeds, 100 epochs) is "
-        "`python -m wnorm.repro classify --dataset fashion-mnist --variants "
-        "normal,weightnorm,batchnorm,wn+meanonly,meanonly --seeds 0,1,2 --epochs 100 --device cuda "
-        "--out runs/fashion-full` (not run here).\n\n"
-        "The seconds-per-epoch column below is wall time on a shared machine whose load changed "
-        "during the runs (other jobs ran beside them), so it says little about cost: the "
-        "Performance section measures that, interleaved.",
-        2,
+        "    python -m experiments.report results/classify-fashion-cpu "
+        "--out results/classify-fashion-cpu/report",
+        1,
     ),
     "family": (
         "results/family-demo/report.md",
-        "Weight normalization's relatives (`wnorm.centered_weight_norm`, "
-        "`wnorm.weight_standardization`, `wnorm.forced_weight_norm`, `wnorm.arpit_init`) as "
-        "variants of the same harness, one seed, demo-sized; the command is in the table's "
-        "header. Forced WN holds each row of v at norm sqrt(fan-in) (EDM2's choice), far above "
-        "the paper's N(0, 0.05^2) start, so at the same Adam learning rate its relative steps on "
-        "v are much smaller than weight norm's: the sweep below shows its good learning rates "
-        "sit higher. Its row here is under-trained at this learning rate rather than broken. "
-        "`forced_weight_norm(layer, radius=r)` holds v at another norm (these runs use the "
-        "default): a smaller radius takes larger relative steps at the same learning rate.",
-        2,
+        "Weight normalization's relatives as variants of the same harness, one seed, "
+        "demo-sized; the command is in the report's header.",
+        1,
+    ),
+    "graph": (
+        "results/graph/report.md",
+        "Graph networks (torch_geometric): normal vs weight norm, with and without data init; "
+        "the command is in the report's header.",
+        1,
     ),
     "lr-sweep": (
         "results/lr-sweep/report.md",
         "The learning-rate robustness claim (PAPER.md section 2) and the growth of ||v||; the "
         "command is in the report's header.",
-        2,
+        1,
+    ),
+    "norm-growth": (
+        "results/norm_growth/summary.md",
+        "The effective learning rate: ||v|| grows under weight norm and stays put under "
+        "`wnorm.project_after_step`; made by `python experiments/norm_growth.py`.",
+        1,
     ),
     "others": (
         "results/others-report/report.md",
         "The paper's other experiments (convolutional VAE, LSTM, deep Q-learning), normal vs "
         "weight norm; the commands are in the report.",
-        2,
+        1,
     ),
     "bench": (
         "results/bench/bench.md",
@@ -76,21 +81,20 @@ SECTIONS: dict[str, tuple[str, str, int]] = {
         "`python -m bench.run --profile CASE` prints where one row's time goes.",
         2,
     ),
-    "how": ("docs/how_it_works.md", "", 0),
-    "guarantees": ("docs/guarantees.md", "", 1),
 }
 
 _LINK = re.compile(r"(!?\[[^\]]*\]\()([^)#:\s]+)(\))")
 
 
-def _rewrite(text: str, source: Path, demote: int) -> str:
-    folder = source.parent.relative_to(ROOT)
-
+def _rewrite(text: str, source: Path, page: Path, demote: int) -> str:
     def link(m: re.Match[str]) -> str:
         target = m.group(2)
-        if target.startswith(("http", "/", "#")) or (ROOT / target).exists():
+        if target.startswith(("http", "/", "#")):
             return m.group(0)
-        return f"{m.group(1)}{(folder / target).as_posix()}{m.group(3)}"
+        found = source.parent / target
+        if not found.exists() and (ROOT / target).exists():
+            found = ROOT / target  # a link already relative to the repository root
+        return f"{m.group(1)}{Path(os.path.relpath(found, page.parent)).as_posix()}{m.group(3)}"
 
     out, fence = [], False
     for line in text.splitlines():
@@ -104,42 +108,46 @@ def _rewrite(text: str, source: Path, demote: int) -> str:
     return "\n".join(out).strip() + "\n"
 
 
-def render(name: str) -> str:
+def render(name: str, page: Path) -> str:
     source, lead, demote = SECTIONS[name]
     path = ROOT / source
     if not path.exists():
-        body = f"Not generated yet: `{source}` is missing (see the command below).\n"
+        body = f"Not generated yet: `{source}` is missing (see the command above).\n"
     else:
-        body = _rewrite(path.read_text(), path, demote)
+        body = _rewrite(path.read_text(), path, page, demote)
     lead = f"{lead}\n\n" if lead else ""
     return f"{lead}{body}"
 
 
-def update(readme: str) -> str:
+def update(text: str, page: Path) -> str:
     for name in SECTIONS:
         begin, end = f"<!-- BEGIN generated: {name} -->", f"<!-- END generated: {name} -->"
-        if begin not in readme:
+        if begin not in text:
             continue
-        head, rest = readme.split(begin, 1)
+        head, rest = text.split(begin, 1)
         _, tail = rest.split(end, 1)
         src = SECTIONS[name][0]
-        readme = f"{head}{begin}\n<!-- from {src} by tools/readme.py: edit the source -->\n{render(name)}{end}{tail}"
-    return readme
+        text = (f"{head}{begin}\n<!-- from {src} by tools/readme.py: edit the source -->\n"
+                f"{render(name, page)}{end}{tail}")
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="exit 1 if README.md is stale")
+    parser.add_argument("--check", action="store_true", help="exit 1 if a page is stale")
     args = parser.parse_args(argv)
-    path = ROOT / "README.md"
-    old = path.read_text()
-    new = update(old)
-    if args.check:
+    stale = []
+    for name in PAGES:
+        path = ROOT / name
+        old = path.read_text()
+        new = update(old, path)
         if new != old:
-            print("README.md is out of date: run `python tools/readme.py`", file=sys.stderr)
-            return 1
-        return 0
-    path.write_text(new)
+            stale.append(name)
+            if not args.check:
+                path.write_text(new)
+    if args.check and stale:
+        print(f"{', '.join(stale)} out of date: run `python tools/readme.py`", file=sys.stderr)
+        return 1
     return 0
 
 
