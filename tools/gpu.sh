@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Every GPU check, benchmark and run this project needs, as the device calls of one session.
+# Each stage fits one 10-minute call; a session has 15 device minutes, start-up included, so
+# run `classify` (issue 18) in one session's first call and `checks` (issues 15-16) next, or in
+# the next session lent a GPU. Nothing here needs the network or a venv (the device machine has
+# its own PyTorch): data travels in .data/ (ignored by git, named in the call's carry).
+#
+# Once, here, before the first call:
+#   mkdir -p .data/fashion-mnist && cp /usr/share/datasets/fashion-mnist/*.gz .data/fashion-mnist/
+#   grep -qx '/.data/' .git/info/exclude || echo /.data/ >> .git/info/exclude
+# Then one device call per stage (timeout_s=600, carry=[".data"]):
+#   COMMIT=$(git rev-parse HEAD) bash tools/gpu.sh classify "$OUT"   # ~7 min by its plan
+#   COMMIT=$(git rev-parse HEAD) bash tools/gpu.sh timing "$OUT"     # ~3-4 min (estimate)
+#   COMMIT=$(git rev-parse HEAD) bash tools/gpu.sh checks "$OUT"     # ~5 min: CUDA tests + bench
+# Each stage writes at most 4 files under OUT (logs and one .tgz), within the device's limits.
+# Back here: tar xzf the .tgz into results/ (classify-gpu, classify-gpu-timing) or copy
+# OUT/bench/cuda/bench.json to results/bench/cuda/, then regenerate the reports:
+#   python -m experiments.report results/classify-gpu --out results/classify-gpu/report
+#   python -m bench.report results/bench/cuda/bench.json && python -m bench.report --summary results/bench
+#   python tools/readme.py
+set -uo pipefail
+usage="usage: bash tools/gpu.sh classify|timing|checks OUT_DIR [options of the stage's command]"
+stage=${1:?$usage}
+out=${2:?$usage}
+shift 2  # the rest goes to the stage's python command (the tests run it on a CPU at tiny sizes)
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+cd "$(dirname "$0")/.."
+export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export EXPERIMENTS_GIT_COMMIT=${COMMIT:-} BENCH_GIT_COMMIT=${COMMIT:-}
+py=${PYTHON:-python3}
+data=${DATA:-.data/fashion-mnist}
+work=$(mktemp -d)
+
+case "$stage" in
+  classify)  # issue 18: 5 variants x 3 seeds x 30 epochs, full width, all of Fashion-MNIST
+    { nvidia-smi || echo "nvidia-smi: not found"; } >"$out/nvidia-smi.txt" 2>&1
+    timeout -k 10 560 "$py" -m experiments.classify_gpu --data-dir "$data" \
+      --out "$work/classify-gpu" "$@" >"$out/classify-gpu.log" 2>&1
+    status=$?
+    tar czf "$out/classify-gpu.tgz" -C "$work" classify-gpu
+    tail -25 "$out/classify-gpu.log"
+    ;;
+  timing)  # issue 18: seconds per epoch per variant relative to normal, eager and compiled
+    timeout -k 10 500 "$py" -m experiments.classify_gpu --timing --data-dir "$data" \
+      --out "$work/classify-gpu-timing" "$@" >"$out/timing.log" 2>&1
+    status=$?
+    tar czf "$out/classify-gpu-timing.tgz" -C "$work" classify-gpu-timing
+    tail -25 "$out/timing.log"
+    ;;
+  checks)  # issues 15-16: the CUDA tests (CUDA graphs, autocast, syncs), then the benchmark
+    timeout -k 10 150 "$py" -m pytest -q -p no:cacheprovider -x tests/test_engines.py \
+      tests/test_amp.py tests/test_weight_norm.py tests/test_edits.py tests/test_mean_only_bn.py \
+      >"$out/cuda-tests.log" 2>&1
+    status=$?
+    tail -5 "$out/cuda-tests.log"
+    bash bench/gpu.sh "$work/bench" "$@" || status=$?
+    tar czf "$out/bench.tgz" -C "$work" bench
+    tail -40 "$work/bench/cuda/bench.md" 2>/dev/null
+    ;;
+  *)
+    echo "unknown stage '$stage': expected classify, timing or checks" >&2
+    exit 2
+    ;;
+esac
+rm -rf "$work"
+exit "$status"
