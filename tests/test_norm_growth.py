@@ -58,7 +58,7 @@ def test_run_folder_has_config_log_metrics_plot_and_summary(run: Path) -> None:
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["kind"] == "norm-growth" and cfg["lrs"] == [0.3, 3.0]
     assert cfg["config"]["width"] == 8 and cfg["data"]["train"] == 60
-    assert set(cfg["version"]) >= {"commit", "dirty", "wnorm", "torch", "command"}
+    assert set(cfg["version"]) >= {"git_commit", "git_dirty", "wnorm", "torch", "argv"}
     assert "weightnorm lr 0.3 epoch 2" in (run / "log.txt").read_text()
     assert (run / "norm_growth.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = (run / "summary.md").read_text()

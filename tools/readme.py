@@ -62,7 +62,7 @@ SECTIONS: dict[str, tuple[str, str, int]] = {
     "norm-growth": (
         "results/norm_growth/summary.md",
         "The effective learning rate: ||v|| grows under weight norm and stays put under "
-        "`wnorm.project_after_step`; made by `python experiments/norm_growth.py`.",
+        "`wnorm.project_after_step`; made by `python -m experiments.norm_growth`.",
         1,
     ),
     "others": (
