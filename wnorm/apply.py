@@ -130,20 +130,12 @@ def apply(
 ) -> nn.Module:
     r"""Apply :func:`wnorm.weight_norm` (:math:`w = g\,v/\lVert v\rVert`) to every eligible weight.
 
-    A module is eligible when it is an instance of one of ``types``, is not a normalization layer
-    (BatchNorm, GroupNorm, LayerNorm, ..., never touched), and passes the name and type filters.
-    Its ``weight`` is normalized, or for RNN/LSTM/GRU every ``weight_*`` of its flat weights
-    (each gate row is an output unit).
-
-    Tied weights stay tied: a weight Parameter held by several selected modules (e.g. an
-    embedding and the output layer of a language model, both selected) is normalized once, and
-    every holder gets the same ``<name>_g`` and ``<name>_v`` Parameters (shown once by
-    ``parameters()``, under each holder's name in ``state_dict()``, as PyTorch shows a tie). A
-    tie that cannot be kept is an error naming both modules: one holder not selected, or the
-    holders normalizing along different axes (e.g. a Conv2d tied to a ConvTranspose2d).
-
-    The call is all or nothing: when it raises, the model is exactly as it was (the same
-    Parameter objects, classes and names).
+    A module is eligible when it is one of ``types``, is no normalization layer and passes
+    the name and type filters; its ``weight`` is normalized (an RNN's every ``weight_*``).
+    Layers PyTorch's ``weight_norm`` (either API) already holds are adopted, whatever their
+    type: the same g and v Parameters and axis, the same outputs bit for bit. Tied weights
+    stay tied (every holder gets the same g and v) or the call raises naming both holders;
+    it is all or nothing: when it raises, the model is exactly as it was.
 
     Args:
         model: the model, changed in place.

@@ -511,31 +511,17 @@ def data_init(
     r"""Data-dependent init, :math:`g \leftarrow s/\sigma[t]`, :math:`b \leftarrow -\mu[t]\,g`.
 
     Salimans & Kingma (2016), section 3, https://arxiv.org/abs/1602.07868. Feeds ``batch``
-    through ``model`` once (under ``no_grad``, in the model's current train/eval mode). Each
-    weight-normalized layer with one g per output unit, at the first call that reaches it,
-    measures :math:`t = v\cdot x/\lVert v\rVert` per unit (over the batch and every spatial
-    position, in float32 at least), sets g and the bias so that its pre-activation has mean 0
-    and std ``init_scale`` on the batch, and hands that standardized output on, so later layers
-    are initialized on what they will see. Residual branches, shared modules and any container
-    work, since the init follows the forward pass itself (forward hooks). Mean-only batch norms
-    get their input's batch mean as running mean. One host sync for the whole model (plus, on
-    an accelerator, one copy of the statistics to the host for the report), however many
-    layers. Under ``torch.distributed`` the statistics are all-reduced: every rank gets what
-    one process gets on the union of the batches. The order: ``wnorm.apply``, then
-    ``data_init``, then DDP or FSDP2's ``fully_shard`` (sharded weights are an error).
-
-    torch_geometric: a convolution whose output scales with its Linears' (GCNConv, SAGEConv
-    without ``project``/``normalize``, GraphConv, ChebConv, TAGConv, SGConv, ClusterGCNConv,
-    LEConv; GCNConv and LEConv with a sum, mean, max or min aggregation) is initialized as a
-    whole, once every Linear inside it is weight-normalized: the same g for all of them and
-    the bias added after the aggregation standardize the convolution's output. In the others
-    (GAT, GATv2, Transformer, GIN, ...) each Linear's own output is standardized, and the
-    report's note says why: GAT's attention weights are computed from its Linear's output, so
-    no g standardizes the convolution's output in one pass.
-
-    A layer without a bias keeps the mean :math:`\mu[t]\,g` (note :data:`NO_BIAS_NOTE`). Among
-    targets sharing a g or bias (a tie), the first in model order is initialized and the others
-    skipped; a target sharing one with a module the init leaves alone is skipped.
+    through ``model`` once (``no_grad``, the model's train/eval mode as it is); each
+    weight-normalized layer, at the first call reaching it, gets g and a bias that give its
+    pre-activation :math:`t = v\cdot x/\lVert v\rVert` mean 0 and std ``init_scale`` per unit
+    on the batch, and hands that output on, so later layers are initialized on what they will
+    see. Forward hooks follow any container, residual or shared module; one host sync in all;
+    under ``torch.distributed`` every rank gets what one process gets on the union of the
+    batches (order: ``apply``, ``data_init``, then DDP or ``fully_shard``). Mean-only batch
+    norms get their input's batch mean as running mean. torch_geometric convolutions whose
+    output is linear in their Linears (GCN, GraphSAGE, ...) are standardized as a whole, others
+    (GAT, ...) Linear by Linear, with the reason in the report. A layer without a bias keeps
+    its mean (:data:`NO_BIAS_NOTE`); of targets sharing a g or bias only the first is set.
 
     Args:
         model: the model, changed in place.
