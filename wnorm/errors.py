@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-__all__ = ["WnormError"]
+import math
+import numbers
+
+__all__ = ["WnormError", "finite_positive"]
 
 
 class WnormError(ValueError):
@@ -10,3 +13,11 @@ class WnormError(ValueError):
 
     A subclass of :class:`ValueError`, so ``except ValueError`` keeps working.
     """
+
+
+def finite_positive(value: object) -> float | None:
+    """``value`` as a float when it is a real number (not a bool), finite and > 0; else None:
+    the check behind every "must be a finite number > 0" message."""
+    x = float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) \
+        else math.nan
+    return x if 0 < x < math.inf else None

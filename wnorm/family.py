@@ -5,8 +5,6 @@ r"""Weight normalization's relatives (PAPER.md section 8), usable wherever ``wei
 
 from __future__ import annotations
 
-import math
-import numbers
 import warnings
 import weakref
 from typing import Any
@@ -15,7 +13,7 @@ import torch
 from torch import nn
 
 from ._reparam import slots_of
-from .errors import WnormError
+from .errors import WnormError, finite_positive
 from .maps import BalancedWeightNorm, CenteredWeightNorm, ForcedWeightNorm, WeightStandardization
 from .sphere import is_projected
 from .weight_norm import DEFAULT, reparameterize
@@ -241,9 +239,8 @@ def _positive(what: str, value: object) -> float | None:
     """``value`` as a float when it is a finite number > 0; None stays None."""
     if value is None:
         return None
-    x = float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) \
-        else math.nan
-    if not 0 < x < math.inf:
+    x = finite_positive(value)
+    if x is None:
         raise WnormError(f"forced_weight_norm: {what} must be a finite number > 0 or None; "
                          f"got {value!r}")
     return x

@@ -125,15 +125,17 @@ class CenteredWeightNorm(Map):
         axes = _axes(v, self.dim)
         return v - v.mean(dim=axes, keepdim=True) if axes else torch.zeros_like(v)
 
+    length = staticmethod(norm)  # what g is: the centered slice's L2 norm
+
     def weight(self, g: Tensor | None, v: Tensor) -> Tensor:
         x = v.float() if v.dtype in _LOW else v
         c = self.direction(x)
-        w = c * (g.to(c.dtype) / norm(c, self.dim))  # type: ignore[union-attr]
+        w = c * (g.to(c.dtype) / self.length(c, self.dim))  # type: ignore[union-attr]
         return w.to(v.dtype)
 
     def split(self, w: Tensor) -> tuple[Tensor, Tensor]:
         x = w.float() if w.dtype in _LOW else w
-        return norm(self.direction(x), self.dim).to(w.dtype), w
+        return self.length(self.direction(x), self.dim).to(w.dtype), w
 
 
 class WeightStandardization(Map):
@@ -198,22 +200,10 @@ class ForcedWeightNorm(Map):
         return (n.to(w.dtype) if self.has_g else None), v
 
 
-class BalancedWeightNorm(Map):
+class BalancedWeightNorm(CenteredWeightNorm):
     r""":math:`w = g\,(v - \bar v)/\lVert v - \bar v\rVert_1` (balanced normalization of weights,
     Defazio & Bottou, arXiv:1812.04549, as read in :func:`wnorm.balanced_weight_norm`): each slice
     sums to 0 and has L1 norm ``|g|``; computed in float32 for half-precision parameters."""
 
     kind = "balanced"
-    scale_invariant = True
-
-    direction = CenteredWeightNorm.direction
-
-    def weight(self, g: Tensor | None, v: Tensor) -> Tensor:
-        x = v.float() if v.dtype in _LOW else v
-        c = self.direction(x)
-        w = c * (g.to(c.dtype) / l1_norm(c, self.dim))  # type: ignore[union-attr]
-        return w.to(v.dtype)
-
-    def split(self, w: Tensor) -> tuple[Tensor, Tensor]:
-        x = w.float() if w.dtype in _LOW else w
-        return l1_norm(self.direction(x), self.dim).to(w.dtype), w
+    length = staticmethod(l1_norm)  # centered weight norm with the L1 norm

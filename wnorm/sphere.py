@@ -23,7 +23,6 @@ It does no host sync (no ``.item()``): a slice of norm 0 is left as it is.
 from __future__ import annotations
 
 import math
-import numbers
 import weakref
 from collections.abc import Iterable
 from fnmatch import fnmatchcase
@@ -34,7 +33,7 @@ from torch import Tensor, nn
 
 from ._reparam import slots_of
 from .apply import NORM_TYPES, default_types
-from .errors import WnormError
+from .errors import WnormError, finite_positive
 from .maps import ForcedWeightNorm, norm
 from .weight_norm import DEFAULT, default_dim
 
@@ -159,9 +158,8 @@ def _patterns(arg: Any, what: str, types_ok: bool) -> list[Any]:
 def _check_radius(fn: str, radius: Any) -> Any:
     if radius is None or radius in RADII:
         return radius
-    x = float(radius) if isinstance(radius, numbers.Real) and not isinstance(radius, bool) \
-        else math.nan
-    if not 0 < x < math.inf:
+    x = finite_positive(radius)
+    if x is None:
         raise WnormError(f"{fn}: radius must be None, one of {list(RADII)} or a finite number "
                          f"> 0; got {radius!r}")
     return x
@@ -329,6 +327,7 @@ def project_(
     return model
 
 
+# the same selection options as project_: both are public, so each spells out its signature
 def project_after_step(
     optimizer: torch.optim.Optimizer,
     model: nn.Module,
