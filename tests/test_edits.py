@@ -220,3 +220,16 @@ def test_weight_norm_leaves_a_float32_weight_bit_for_bit(dim):
         w = conv.weight.detach().clone()
         wnorm.weight_norm(conv, dim=dim)
         assert torch.equal(conv.weight, w), seed
+
+
+def test_a_parameter_replaced_after_a_read_or_inside_a_cached_block():
+    """The held and cached weights are keyed on g and v by identity: replacing either (another
+    Parameter of the same shape) is seen, and never compares tensors by value."""
+    m, x = layer_and_twin()
+    _ = m.weight  # held
+    m.weight_v = nn.Parameter(torch.randn(4, 6))
+    torch.testing.assert_close(m(x), expected(m, x))
+    with torch.no_grad(), wnorm.cached():
+        m(x)
+        m.weight_g = nn.Parameter(m.weight_g.detach() * 2)
+        torch.testing.assert_close(m(x), expected(m, x))

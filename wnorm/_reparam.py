@@ -104,6 +104,13 @@ def _key(g: Tensor | None, v: Tensor) -> tuple[Any, ...]:
     return (g, v, None if g is None else g._version, v._version)
 
 
+def _same(key: tuple[Any, ...], g: Tensor | None, v: Tensor) -> bool:
+    """Whether ``key`` was taken from these very g and v, at their current versions (tensors
+    compared by identity: ``==`` on a tensor compares its values)."""
+    return (bool(key) and key[0] is g and key[1] is v
+            and key[2] == (None if g is None else g._version) and key[3] == v._version)
+
+
 def flush(module: nn.Module, slot: Slot) -> None:
     """Split rows written into the held weight back into g and v (no host sync), outside any
     graph being traced or compiled."""
@@ -128,7 +135,7 @@ def _flush(module: nn.Module, slot: Slot) -> None:
     slot.held, slot.held_key = None, ()
     params = module._parameters
     m, g, v = slot.map, params.get(slot.gname), params[slot.vname]
-    if held is None or (_key(g, v) != key[:4] and held._version == key[4]):
+    if held is None or (not _same(key, g, v) and held._version == key[4]):
         return
     if held.shape != v.shape or held.dtype != v.dtype or held.device != v.device:
         raise WnormError(
@@ -187,14 +194,13 @@ def _property(pname: str) -> property:
         params = self._parameters
         g, v = params.get(slot.gname), params[slot.vname]
         if CACHE.on:
-            key = _key(g, v)
-            if slot.cached is not None and slot.key == key:
+            if slot.cached is not None and _same(slot.key, g, v):
                 return slot.cached
             w = slot.map.weight(g, v)
             _check_finite(slot, w)
             if slot.cached is None:
                 CACHE.filled.append(slot)
-            slot.cached, slot.key = w, key
+            slot.cached, slot.key = w, _key(g, v)
             return w
         w = slot.map.weight(g, v)
         if _DEPTH.n == 0 and not (_is_compiling() or _is_tracing()):
