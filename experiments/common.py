@@ -39,10 +39,11 @@ import wnorm
 from wnorm import WnormError
 
 __all__ = ["RULES", "RunFolder", "RunLog", "add_options", "add_run_options", "check_config",
-           "check_device", "config_from_args", "cpu_name", "flag", "hardware", "has_metrics",
-           "no_repeats", "precision_info", "precision_text", "progress", "read_jsonl",
-           "read_run_files", "refuse_duplicates", "refuse_existing", "resolve_device",
-           "run_configs", "run_folders", "setting_key", "split_list", "version_info"]
+           "check_device", "cli_main", "config_from_args", "cpu_name", "flag", "hardware",
+           "has_metrics", "no_repeats", "precision_info", "precision_text", "progress",
+           "read_jsonl", "read_run_files", "refuse_duplicates", "refuse_existing",
+           "resolve_device", "run_configs", "run_folders", "run_main", "setting_key",
+           "split_list", "version_info"]
 
 
 # --------------------------------------------------------------------------- option checks
@@ -542,11 +543,12 @@ def add_run_options(p: argparse.ArgumentParser, config_cls: type, *, variants: t
 
 
 def run_configs(config_cls: type, args: argparse.Namespace, quick: dict[str, Any],
-                variants: tuple[str, ...], grid: Callable[[str, int], list[dict[str, Any]]]
-                ) -> list[Any]:
-    """One checked config per entry of ``grid(variant, seed)`` for the variants and seeds
-    asked for: the dataclass's defaults, then ``quick`` (with ``--quick``), then the options
-    given, then the entry's fixed fields.
+                variants: tuple[str, ...],
+                grid: Callable[[str, int], list[dict[str, Any]]] | None = None) -> list[Any]:
+    """One checked config per entry of ``grid(variant, seed)`` (default: the one entry
+    ``{"variant": variant, "seed": seed}``) for the variants and seeds asked for: the
+    dataclass's defaults, then ``quick`` (with ``--quick``), then the options given, then the
+    entry's fixed fields.
 
     Raises:
         WnormError: an unknown variant or a bad value, named (for ``parser.error``).
@@ -557,5 +559,51 @@ def run_configs(config_cls: type, args: argparse.Namespace, quick: dict[str, Any
         raise WnormError(f"--variants: unknown {bad}; expected some of {list(variants)}")
     seeds = split_list(args.seeds, int, "--seeds")
     base = {"out": args.out, "threads": args.threads, "device": args.device}
+    grid = grid or (lambda v, s: [{"variant": v, "seed": s}])
     return [config_from_args(config_cls, args, quick if args.quick else None, **(base | fixed))
             for s in seeds for v in chosen for fixed in grid(v, s)]
+
+
+def cli_main(p: argparse.ArgumentParser, argv: list[str] | None,
+             configs_from: Callable[[argparse.Namespace], list[Any]],
+             train_all: Callable[[list[Any], argparse.Namespace], object]) -> int:
+    """A training script's ``main``: parse ``argv``, build the configs, train them.
+
+    A WnormError from ``configs_from(args)`` (a bad option) goes to ``p.error``: exit status 2
+    before any data is loaded or any folder touched. One from ``train_all(configs, args)``
+    (data, a taken run folder) is printed as ``error: ...`` on stderr.
+
+    Returns:
+        0, or 2 when training raised a WnormError.
+    """
+    args = p.parse_args(argv)
+    try:
+        configs = configs_from(args)
+    except WnormError as e:
+        p.error(str(e))
+    try:
+        train_all(configs, args)
+    except WnormError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run_main(p: argparse.ArgumentParser, argv: list[str] | None,
+             configs_from: Callable[[argparse.Namespace], list[Any]],
+             run_name: Callable[[Any], str], load: Callable[[Any], tuple[Any, ...]],
+             train_one: Callable[..., RunFolder]) -> int:
+    """:func:`cli_main` for a script with one run folder per config (vae, seq, dqn).
+
+    Run folders that already hold a run are refused (without ``--overwrite``) before
+    ``load(configs[0])`` reads the data, once; then ``train_one(cfg, *data, overwrite=...,
+    progress_bar=...)`` trains each config and its folder is printed.
+    """
+    def train_all(configs: list[Any], args: argparse.Namespace) -> None:
+        refuse_existing([Path(c.out) / run_name(c) for c in configs], args.overwrite)
+        data = load(configs[0])
+        for cfg in configs:
+            folder = train_one(cfg, *data, overwrite=args.overwrite, progress_bar=args.progress)
+            print(f"run folder: {folder.path}")
+
+    return cli_main(p, argv, configs_from, train_all)

@@ -52,8 +52,8 @@ from torch import nn
 import wnorm
 from wnorm import WnormError
 
-from .common import (RunFolder, add_run_options, check_config, progress, refuse_existing,
-                     resolve_device, run_configs, split_list)
+from .common import (RunFolder, add_run_options, check_config, progress, resolve_device,
+                     run_configs, run_main, split_list)
 
 __all__ = ["DQNConfig", "Replay", "q_network", "parser", "train_one", "main"]
 
@@ -248,27 +248,23 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def configs_from(args: argparse.Namespace) -> list[DQNConfig]:
+    """One checked config per (env, variant, seed), one environment after the other.
+
+    Raises:
+        WnormError: a bad option, named (for ``parser.error``).
+    """
+    envs = (split_list(args.envs, str, "--envs") if args.envs is not None
+            else [args.env or DQNConfig.env])
+    configs = run_configs(DQNConfig, args, QUICK, VARIANTS,
+                          lambda v, s: [{"variant": v, "seed": s, "env": e} for e in envs])
+    configs.sort(key=lambda c: envs.index(c.env))
+    return configs
+
+
 def main(argv: list[str] | None = None) -> int:
     """Train every (env, variant, seed) asked for; returns the exit status."""
-    p = parser()
-    args = p.parse_args(argv)
-    try:
-        envs = (split_list(args.envs, str, "--envs") if args.envs is not None
-                else [args.env or DQNConfig.env])
-        configs = run_configs(DQNConfig, args, QUICK, VARIANTS,
-                              lambda v, s: [{"variant": v, "seed": s, "env": e} for e in envs])
-        configs.sort(key=lambda c: envs.index(c.env))  # one environment after the other
-    except WnormError as e:
-        p.error(str(e))
-    try:
-        refuse_existing([Path(c.out) / run_name(c) for c in configs], args.overwrite)
-        for cfg in configs:
-            folder = train_one(cfg, overwrite=args.overwrite, progress_bar=args.progress)
-            print(f"run folder: {folder.path}")
-    except WnormError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_main(parser(), argv, configs_from, run_name, lambda cfg: (), train_one)
 
 
 if __name__ == "__main__":

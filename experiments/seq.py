@@ -44,8 +44,8 @@ from torch import Tensor, nn
 import wnorm
 from wnorm import WnormError
 
-from .common import (RunFolder, add_run_options, check_config, progress, refuse_existing,
-                     resolve_device, run_configs)
+from .common import (RunFolder, add_run_options, check_config, progress, resolve_device,
+                     run_configs, run_main)
 from .data import ImageData, load_fashion_mnist
 
 __all__ = ["SeqConfig", "RowLSTM", "build", "parser", "train_one", "main"]
@@ -221,27 +221,15 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _load(cfg: SeqConfig) -> tuple[ImageData]:
+    return (load_fashion_mnist(cfg.data_dir, train_subset=cfg.train_subset,
+                               test_subset=cfg.test_subset),)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Train every (variant, seed) asked for; returns the exit status."""
-    p = parser()
-    args = p.parse_args(argv)
-    try:
-        configs = run_configs(SeqConfig, args, QUICK, VARIANTS,
-                              lambda v, s: [{"variant": v, "seed": s}])
-    except WnormError as e:
-        p.error(str(e))
-    try:
-        refuse_existing([Path(c.out) / run_name(c) for c in configs], args.overwrite)
-        base = configs[0]
-        data = load_fashion_mnist(base.data_dir, train_subset=base.train_subset,
-                                  test_subset=base.test_subset)
-        for cfg in configs:
-            folder = train_one(cfg, data, overwrite=args.overwrite, progress_bar=args.progress)
-            print(f"run folder: {folder.path}")
-    except WnormError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_main(parser(), argv, lambda args: run_configs(SeqConfig, args, QUICK, VARIANTS),
+                    run_name, _load, train_one)
 
 
 if __name__ == "__main__":

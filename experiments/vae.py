@@ -54,8 +54,8 @@ from torch import Tensor, nn
 import wnorm
 from wnorm import WnormError
 
-from .common import (RunFolder, add_run_options, check_config, progress, refuse_existing,
-                     resolve_device, run_configs)
+from .common import (RunFolder, add_run_options, check_config, progress, resolve_device,
+                     run_configs, run_main)
 
 __all__ = ["VAEConfig", "ConvVAE", "neg_elbo", "parser", "train_one", "main"]
 
@@ -291,24 +291,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Train every (variant, seed) asked for; returns the exit status."""
-    p = parser()
-    args = p.parse_args(argv)
-    try:
-        configs = run_configs(VAEConfig, args, QUICK, VARIANTS,
-                              lambda v, s: [{"variant": v, "seed": s}])
-    except WnormError as e:
-        p.error(str(e))
-    try:
-        refuse_existing([Path(c.out) / run_name(c) for c in configs], args.overwrite)
-        x_train, x_test, desc = load_binarized(configs[0])
-        for cfg in configs:
-            folder = train_one(cfg, x_train, x_test, desc, overwrite=args.overwrite,
-                               progress_bar=args.progress)
-            print(f"run folder: {folder.path}")
-    except WnormError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_main(parser(), argv, lambda args: run_configs(VAEConfig, args, QUICK, VARIANTS),
+                    run_name, load_binarized, train_one)
 
 
 if __name__ == "__main__":
