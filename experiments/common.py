@@ -40,10 +40,10 @@ from wnorm import WnormError
 
 __all__ = ["RULES", "RunFolder", "RunLog", "add_options", "add_run_options", "check_config",
            "check_device", "cli_main", "config_from_args", "cpu_name", "flag", "hardware",
-           "has_metrics", "no_repeats", "precision_info", "precision_text", "progress",
-           "read_jsonl", "read_run_files", "refuse_duplicates", "refuse_existing",
-           "resolve_device", "run_configs", "run_folders", "run_main", "setting_key",
-           "split_list", "version_info"]
+           "has_metrics", "logged_steps", "no_repeats", "precision_info", "precision_text",
+           "prepare", "progress", "read_jsonl", "read_run_files", "refuse_duplicates",
+           "refuse_existing", "resolve_device", "run_configs", "run_folders", "run_main",
+           "setting_key", "split_list", "stop_if_diverged", "train_epoch", "version_info"]
 
 
 # --------------------------------------------------------------------------- option checks
@@ -421,6 +421,73 @@ class RunFolder:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# --------------------------------------------------------------------------- training
+def prepare(cfg: Any) -> torch.device:
+    """Check ``cfg`` (:func:`check_config`), set its torch CPU ``threads`` (when given) and
+    return its resolved ``device``.
+
+    Raises:
+        WnormError: a bad option, named.
+    """
+    check_config(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    return resolve_device(cfg.device)
+
+
+def train_epoch(opt: torch.optim.Optimizer, step_loss: Callable[[torch.Tensor], tuple[Any, ...]],
+                perm: torch.Tensor, batch: int, steps: int, desc: str, progress_bar: bool
+                ) -> tuple[list[list[float]], float]:
+    """``steps`` optimizer steps on the batches ``perm[s * batch:(s + 1) * batch]``.
+
+    ``step_loss(idx)`` returns the scalar loss to minimize, then any other per-step scalars to
+    record. They stay on the device until the epoch ends (one wait, not one per step).
+
+    Returns:
+        Each recorded series as a list of floats (the loss first), and the epoch's seconds.
+    """
+    rows = []
+    t0 = time.perf_counter()
+    with progress(steps, desc, progress_bar) as bar:
+        for s in range(steps):
+            loss, *others = step_loss(perm[s * batch:(s + 1) * batch])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            rows.append(torch.stack([loss.detach().float(), *(o.float() for o in others)]))
+            if bar is not None:
+                bar.update(1)
+    series = torch.stack(rows).T.tolist()  # the epoch's one wait for the device
+    return series, time.perf_counter() - t0
+
+
+def stop_if_diverged(folder: RunFolder, values: list[float], step: int, epoch: int, cfg: Any,
+                     what: str) -> bool:
+    """Whether the epoch's per-step ``values`` (steps ``step + 1`` on) hold a NaN or inf; if
+    so, the run's last metrics line ``{"epoch", "diverged": true, "step", "loss", "steps"}``
+    names the first bad step and the log says that ``what`` diverged."""
+    bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
+    if bad is None:
+        return False
+    at = step + bad + 1
+    folder.write({"epoch": epoch, "diverged": True, "step": at, "loss": str(values[bad]),
+                  "steps": at})
+    folder.log(f"epoch {epoch}/{cfg.epochs}: {what} became {values[bad]} at step {at} (lr "
+               f"{cfg.lr:g}): diverged, stopping this run (a lower --lr may help)")
+    return True
+
+
+def logged_steps(values: list[float], step: int, every: int) -> list[list[Any]]:
+    """``[step, value]`` for each of the epoch's steps (numbered from ``step + 1``) that is a
+    multiple of ``every``.
+
+    Example:
+        >>> logged_steps([0.5, 0.4, 0.3], 10, 2)
+        [[12, 0.4]]
+    """
+    return [[step + i + 1, v] for i, v in enumerate(values) if (step + i + 1) % every == 0]
 
 
 # --------------------------------------------------------------------------- reading

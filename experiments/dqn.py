@@ -52,8 +52,8 @@ from torch import nn
 import wnorm
 from wnorm import WnormError
 
-from .common import (RunFolder, add_run_options, check_config, progress, resolve_device,
-                     run_configs, run_main, split_list)
+from .common import (RunFolder, add_run_options, prepare, progress, run_configs, run_main,
+                     split_list)
 
 __all__ = ["DQNConfig", "Replay", "q_network", "parser", "train_one", "main"]
 
@@ -144,12 +144,9 @@ def train_one(cfg: DQNConfig, echo: bool = True, *, overwrite: bool = False,
     """
     import gymnasium as gym
 
-    check_config(cfg)
     if cfg.variant not in ("normal", "weightnorm"):
         raise WnormError(f"dqn: unknown variant {cfg.variant!r}; expected 'normal' or 'weightnorm'")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
+    device = prepare(cfg)
     try:
         env = gym.make(cfg.env)
     except gym.error.Error as e:
