@@ -38,11 +38,11 @@ import torch
 import wnorm
 from wnorm import WnormError
 
-__all__ = ["RULES", "RunFolder", "RunLog", "add_options", "add_run_options", "check_config",
-           "check_device", "cli_main", "config_from_args", "cpu_name", "flag", "hardware",
-           "has_metrics", "logged_steps", "no_repeats", "precision_info", "precision_text",
-           "prepare", "progress", "read_jsonl", "read_run_files", "refuse_duplicates",
-           "refuse_existing", "resolve_device", "run_configs", "run_folders", "run_main",
+__all__ = ["RULES", "RunFolder", "RunLog", "add_options", "check_config", "check_device",
+           "cli_main", "config_from_args", "cpu_name", "flag", "hardware", "has_metrics",
+           "logged_steps", "no_repeats", "precision_info", "precision_text", "prepare",
+           "progress", "read_jsonl", "read_run_files", "refuse_duplicates", "refuse_existing",
+           "resolve_device", "run_configs", "run_folders", "run_main", "run_parser",
            "setting_key", "split_list", "stop_if_diverged", "train_epoch", "version_info"]
 
 
@@ -585,18 +585,21 @@ def setting_key(config: dict[str, Any], skip: frozenset[str] | set[str]
 _RUN_OPTIONS = {"experiment", "variant", "seed", "out", "threads", "device"}
 
 
-def add_run_options(p: argparse.ArgumentParser, config_cls: type, *, variants: tuple[str, ...],
-                    seeds: str, out: str) -> None:
-    """``--variant(s) --seeds --out --threads --device --quick --overwrite --progress`` and one
+def run_parser(script: str, doc: str, config_cls: type, *, variants: tuple[str, ...],
+               seeds: str) -> argparse.ArgumentParser:
+    """The parser of ``python -m experiments.<script>`` (described by ``doc``'s first line):
+    ``--variant(s) --seeds --out --threads --device --quick --overwrite --progress`` and one
     option per other field of ``config_cls`` (default: the dataclass's, or the ``--quick``
     value when that flag is given)."""
+    p = argparse.ArgumentParser(prog=f"python -m experiments.{script}",
+                                description=doc.split("\n")[0])
     p.add_argument("--variant", choices=variants, default=None,
                    help="train one variant (overrides --variants)")
     p.add_argument("--variants", default=",".join(variants),
                    help="comma-separated (default: %(default)s)")
     p.add_argument("--seeds", default=seeds, help="comma-separated (default: %(default)s)")
-    p.add_argument("--out", default=out, help="parent folder of the run folders "
-                                              "(default: %(default)s)")
+    p.add_argument("--out", default=config_cls.out, help="parent folder of the run folders "
+                                                         "(default: %(default)s)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default: 1; on 2 shared cores more ran slower)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
@@ -607,6 +610,7 @@ def add_run_options(p: argparse.ArgumentParser, config_cls: type, *, variants: t
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                    help="progress bars on stderr (default: on)")
     add_options(p, config_cls, skip=_RUN_OPTIONS)
+    return p
 
 
 def run_configs(config_cls: type, args: argparse.Namespace, quick: dict[str, Any],

@@ -52,13 +52,14 @@ from torch import nn
 import wnorm
 from wnorm import WnormError
 
-from .common import (RunFolder, add_run_options, prepare, progress, run_configs, run_main,
+from .common import (RunFolder, prepare, progress, run_configs, run_main, run_parser,
                      split_list)
 
 __all__ = ["DQNConfig", "Replay", "q_network", "parser", "train_one", "main"]
 
 
 # --------------------------------------------------------------------------- defaults
+# fields shared with vae.py and seq.py stay here: each script's defaults read as one block
 @dataclass
 class DQNConfig:
     """One DQN run; the defaults are the committed CPU-sized run."""
@@ -236,9 +237,7 @@ def train_one(cfg: DQNConfig, echo: bool = True, *, overwrite: bool = False,
 
 # --------------------------------------------------------------------------- command line
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m experiments.dqn",
-                                description=__doc__.split("\n")[0])
-    add_run_options(p, DQNConfig, variants=VARIANTS, seeds="0,1,2,3,4", out=DQNConfig.out)
+    p = run_parser("dqn", __doc__, DQNConfig, variants=VARIANTS, seeds="0,1,2,3,4")
     p.add_argument("--envs", default=None,
                    help="comma-separated gymnasium ids (overrides --env), "
                         "e.g. CartPole-v1,Acrobot-v1")

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 import wnorm
 from wnorm import WnormError
 
-from .common import (RunFolder, add_run_options, logged_steps, prepare, run_configs, run_main,
+from .common import (RunFolder, logged_steps, prepare, run_configs, run_main, run_parser,
                      stop_if_diverged, train_epoch)
 from .data import ImageData, load_fashion_mnist
 
@@ -52,6 +52,7 @@ __all__ = ["SeqConfig", "RowLSTM", "build", "parser", "train_one", "main"]
 
 
 # --------------------------------------------------------------------------- defaults
+# fields shared with vae.py and dqn.py stay here: each script's defaults read as one block
 @dataclass
 class SeqConfig:
     """One LSTM run; the defaults are the committed CPU-sized run."""
@@ -196,10 +197,7 @@ def train_one(cfg: SeqConfig, data: ImageData, echo: bool = True, *, overwrite: 
 
 # --------------------------------------------------------------------------- command line
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m experiments.seq",
-                                description=__doc__.split("\n")[0])
-    add_run_options(p, SeqConfig, variants=VARIANTS, seeds="0,1,2", out=SeqConfig.out)
-    return p
+    return run_parser("seq", __doc__, SeqConfig, variants=VARIANTS, seeds="0,1,2")
 
 
 def _load(cfg: SeqConfig) -> tuple[ImageData]:

@@ -54,7 +54,7 @@ from torch import Tensor, nn
 import wnorm
 from wnorm import WnormError
 
-from .common import (RunFolder, add_run_options, logged_steps, prepare, run_configs, run_main,
+from .common import (RunFolder, logged_steps, prepare, run_configs, run_main, run_parser,
                      stop_if_diverged, train_epoch)
 
 __all__ = ["VAEConfig", "ConvVAE", "neg_elbo", "parser", "train_one", "main"]
@@ -266,10 +266,7 @@ def train_one(cfg: VAEConfig, x_train: Tensor, x_test: Tensor, data_desc: dict[s
 
 # --------------------------------------------------------------------------- command line
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m experiments.vae",
-                                description=__doc__.split("\n")[0])
-    add_run_options(p, VAEConfig, variants=VARIANTS, seeds="0,1,2", out=VAEConfig.out)
-    return p
+    return run_parser("vae", __doc__, VAEConfig, variants=VARIANTS, seeds="0,1,2")
 
 
 def main(argv: list[str] | None = None) -> int:
