@@ -38,7 +38,7 @@ import torch
 import wnorm
 from wnorm import WnormError
 
-__all__ = ["RULES", "RunFolder", "RunLog", "add_options", "check_config", "check_device",
+__all__ = ["RULES", "RunFolder", "RunLog", "RunRecord", "add_options", "check_config", "check_device",
            "cli_main", "config_from_args", "cpu_name", "flag", "hardware", "has_metrics",
            "logged_steps", "no_repeats", "precision_info", "precision_text", "prepare",
            "progress", "read_jsonl", "read_run_files", "refuse_duplicates", "refuse_existing",
@@ -528,6 +528,30 @@ def read_run_files(folder: Path) -> tuple[dict[str, Any], dict[str, Any], list[d
     vpath = folder / "version.json"
     version = json.loads(vpath.read_text()) if vpath.is_file() else {}
     return config, version, read_jsonl(folder / "metrics.jsonl")
+
+
+@dataclasses.dataclass
+class RunRecord:
+    """A run folder as the reports read it back: its config, version and metrics rows."""
+
+    folder: Path
+    config: dict[str, Any]
+    version: dict[str, Any]
+    metrics: list[dict[str, Any]]
+
+    @classmethod
+    def read(cls, folder: Path) -> Any:
+        """The run in ``folder`` (see :func:`read_run_files`)."""
+        return cls(folder, *read_run_files(folder))
+
+    @property
+    def variant(self) -> str:
+        return str(self.config["variant"])
+
+    @property
+    def diverged(self) -> bool:
+        """The run stopped on a NaN/inf loss (its last metrics line says so)."""
+        return bool(self.metrics and self.metrics[-1].get("diverged"))
 
 
 def run_folders(paths: list[str | Path], who: str = "report") -> list[Path]:
