@@ -59,7 +59,7 @@ __all__ = ["DQNConfig", "Replay", "q_network", "parser", "train_one", "main"]
 
 
 # --------------------------------------------------------------------------- defaults
-# fields shared with vae.py and seq.py stay here: each script's defaults read as one block
+# as in vae.py and seq.py, on purpose: the script's defaults (fields, VARIANTS, QUICK) in one block
 @dataclass
 class DQNConfig:
     """One DQN run; the defaults are the committed CPU-sized run."""

@@ -52,7 +52,7 @@ __all__ = ["SeqConfig", "RowLSTM", "build", "parser", "train_one", "main"]
 
 
 # --------------------------------------------------------------------------- defaults
-# fields shared with vae.py and dqn.py stay here: each script's defaults read as one block
+# as in vae.py and dqn.py, on purpose: the script's defaults (fields, VARIANTS, QUICK) in one block
 @dataclass
 class SeqConfig:
     """One LSTM run; the defaults are the committed CPU-sized run."""
