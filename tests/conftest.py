@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import io
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -56,10 +58,25 @@ def normalized_weights(model: torch.nn.Module):
         yield mname, module, s.name, s.map.dim
 
 
+def spawn_ranks(worker: Callable[[int, int, str], None], world: int, out: Path) -> list[dict]:
+    """Run ``worker(rank, port, out)`` in ``world`` processes (``port``: a free one on
+    127.0.0.1 for gloo) and load what each rank saved to ``out/rank<r>.pt``."""
+    import os
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    mp.spawn(worker, args=(port, str(out)), nprocs=world, join=True)
+    return [torch.load(Path(out) / f"rank{r}.pt", weights_only=True) for r in range(world)]
+
+
 def readme_example(name: str) -> str:
     """The README's code block marked ``<!-- example: NAME -->``: the tests run what it says."""
     import re
-    from pathlib import Path
 
     text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     m = re.search(rf"<!-- example: {re.escape(name)} -->\n```python\n(.*?)```", text, re.S)

@@ -20,17 +20,15 @@ from __future__ import annotations
 
 import os
 import re
-import socket
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import wnorm
-from conftest import readme_example
+from conftest import readme_example, spawn_ranks
+from nets import mean_only_convnet
 
 pytestmark = [
     pytest.mark.slow,
@@ -44,18 +42,9 @@ STEPS = 3
 
 
 def plain_convnet() -> nn.Module:
-    """Conv -> mean-only BN -> conv -> pool -> linear."""
+    """Conv -> mean-only BN -> conv -> pool -> linear, from seed 0."""
     torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 6, 3, padding=1, bias=False),  # the mean-only BN's bias takes its place
-        wnorm.MeanOnlyBatchNorm2d(6),
-        nn.LeakyReLU(0.1),
-        nn.Conv2d(6, 6, 3),
-        nn.LeakyReLU(0.1),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(6, 4),
-    )
+    return mean_only_convnet(6, 4)
 
 
 def convnet() -> nn.Module:
@@ -159,18 +148,9 @@ def _worker(rank: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
-    out = tmp_path_factory.mktemp("dist")
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
-    return [torch.load(Path(out) / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    return spawn_ranks(_worker, WORLD, tmp_path_factory.mktemp("dist"))
 
 
 def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], **tol) -> None:
@@ -216,11 +196,14 @@ def test_data_init_of_a_ddp_wrapped_model_equals_before_wrapping(ranks) -> None:
 
 
 # --------------------------------------------------------------------------- DDP training
-def reference_training(kind: str) -> dict[str, torch.Tensor]:
+def reference_training(kind: str, init: bool = False) -> dict[str, torch.Tensor]:
     """One process, the same global batches: the loss is the mean of the ranks' losses (each
-    rank's mean-only BN uses its own batch mean, as it does under DDP)."""
-    _, _, xs, ys = batches()
+    rank's mean-only BN uses its own batch mean, as it does under DDP; FSDP2 averages gradients
+    the same way). ``init``: data_init on the union of the ranks' init batches first."""
+    x0, _, xs, ys = batches()
     net = convnet()
+    if init:
+        wnorm.data_init(net, x0)
     opt = optimizer(kind, net.parameters())
     for x, y in zip(xs, ys):
         opt.zero_grad()
@@ -241,22 +224,6 @@ def test_ddp_training_identical_across_ranks_and_equals_one_process(ranks, kind:
 
 
 # --------------------------------------------------------------------------- FSDP2
-def reference_init_training(kind: str) -> dict[str, torch.Tensor]:
-    """One process: data_init on the union of the ranks' init batches, then the same global
-    training batches (the loss is the mean of the ranks' losses, as FSDP2 averages gradients)."""
-    x0, _, xs, ys = batches()
-    net = convnet()
-    wnorm.data_init(net, x0)
-    opt = optimizer(kind, net.parameters())
-    for x, y in zip(xs, ys):
-        opt.zero_grad()
-        loss = sum(nn.functional.cross_entropy(net(shard(x, r)), shard(y, r))
-                   for r in range(WORLD)) / WORLD
-        loss.backward()
-        opt.step()
-    return params_of(net)
-
-
 @pytest.mark.parametrize("kind", ["sgd", "adam"])
 def test_fsdp2_training_identical_across_ranks_and_equals_one_process(ranks, kind: str) -> None:
     got = [r[f"fsdp-{kind}"] for r in ranks]
@@ -265,7 +232,7 @@ def test_fsdp2_training_identical_across_ranks_and_equals_one_process(ranks, kin
                                                                for k in got[0])
     start = params_of(convnet())
     assert any(not torch.equal(got[0][k], start[k]) for k in start)
-    assert_same(got[0], reference_init_training(kind), rtol=1e-5, atol=1e-6)
+    assert_same(got[0], reference_training(kind, init=True), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("call", ["data_init", "apply", "weight_norm"])
