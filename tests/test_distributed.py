@@ -18,7 +18,6 @@ files and the tests compare it with single-process references computed here.
 
 from __future__ import annotations
 
-import os
 import re
 
 import pytest
@@ -107,45 +106,39 @@ def _full(model: nn.Module) -> dict[str, torch.Tensor]:
             for k, v in model.named_parameters()}
 
 
-def _worker(rank: int, port: int, out: str) -> None:
+def _worker(rank: int) -> dict[str, object]:
     from torch.distributed.fsdp import fully_shard
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=WORLD)
-    try:
-        x0 = batches()[0]
-        result: dict[str, object] = {}
-        for mode in ("train", "eval"):
-            net = convnet().train(mode == "train")
-            wnorm.data_init(net, shard(x0, rank))
-            result[f"init-{mode}"] = {k: v.clone() for k, v in net.state_dict().items()}
+    x0 = batches()[0]
+    result: dict[str, object] = {}
+    for mode in ("train", "eval"):
+        net = convnet().train(mode == "train")
+        wnorm.data_init(net, shard(x0, rank))
+        result[f"init-{mode}"] = {k: v.clone() for k, v in net.state_dict().items()}
+    net = convnet()
+    wnorm.data_init(nn.parallel.DistributedDataParallel(net), shard(x0, rank))
+    result["init-in-ddp"] = {k: v.clone() for k, v in net.state_dict().items()}
+    for kind in ("sgd", "adam"):
         net = convnet()
-        wnorm.data_init(nn.parallel.DistributedDataParallel(net), shard(x0, rank))
-        result["init-in-ddp"] = {k: v.clone() for k, v in net.state_dict().items()}
-        for kind in ("sgd", "adam"):
-            net = convnet()
-            _train(nn.parallel.DistributedDataParallel(net), kind, rank)
-            result[f"ddp-{kind}"] = params_of(net)
-        for kind in ("sgd", "adam"):
-            scope = {"make_model": plain_convnet, "local_batch": shard(x0, rank)}
-            exec(compile(README_EXAMPLE, "README FSDP2 example", "exec"), scope)
-            net = scope["model"]
-            _train(net, kind, rank)
-            result[f"fsdp-{kind}"] = _full(net)
-        # after sharding: errors that say which order to use
-        sharded = convnet()
-        fully_shard(sharded)
-        plain = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
-        fully_shard(plain)
-        result["errors"] = {
-            "data_init": _error(lambda: wnorm.data_init(sharded, shard(x0, rank))),
-            "apply": _error(lambda: wnorm.apply(plain)),
-            "weight_norm": _error(lambda: wnorm.weight_norm(plain[0])),
-        }
-        torch.save(result, os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+        _train(nn.parallel.DistributedDataParallel(net), kind, rank)
+        result[f"ddp-{kind}"] = params_of(net)
+    for kind in ("sgd", "adam"):
+        scope = {"make_model": plain_convnet, "local_batch": shard(x0, rank)}
+        exec(compile(README_EXAMPLE, "README FSDP2 example", "exec"), scope)
+        net = scope["model"]
+        _train(net, kind, rank)
+        result[f"fsdp-{kind}"] = _full(net)
+    # after sharding: errors that say which order to use
+    sharded = convnet()
+    fully_shard(sharded)
+    plain = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    fully_shard(plain)
+    result["errors"] = {
+        "data_init": _error(lambda: wnorm.data_init(sharded, shard(x0, rank))),
+        "apply": _error(lambda: wnorm.apply(plain)),
+        "weight_norm": _error(lambda: wnorm.weight_norm(plain[0])),
+    }
+    return result
 
 
 @pytest.fixture(scope="module")
