@@ -161,7 +161,7 @@ def loadavg() -> list[float]:
         return [math.nan] * 3
 
 
-def _cpu_model() -> str:
+def _cpu_model() -> str:  # experiments.common.cpu_name's twin: bench imports nothing from there
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

@@ -66,7 +66,7 @@ from torch import Tensor, nn
 import wnorm
 from wnorm import WnormError
 
-from .common import (RunFolder, RunLog, add_options, check_config, config_from_args,
+from .common import (RunFolder, RunLog, add_options, check_config, cli_main, config_from_args,
                      precision_info, progress, read_jsonl, refuse_existing, split_list)
 from .data import DATASETS, ImageData, load
 from .nets import VARIANTS, build, initialize
@@ -421,18 +421,8 @@ def train_all(configs: list[Config], overwrite: bool) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     """Train variants x seeds; returns the exit status (2: bad option or data)."""
-    p = parser()
-    args = p.parse_args(argv)
-    try:
-        configs = configs_from(args)
-    except WnormError as e:
-        p.error(str(e))
-    try:
-        train_all(configs, args.overwrite)
-    except WnormError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return cli_main(parser(), argv, configs_from,
+                    lambda configs, args: train_all(configs, args.overwrite))
 
 
 if __name__ == "__main__":

@@ -38,11 +38,12 @@ import torch
 import wnorm
 from wnorm import WnormError
 
-__all__ = ["RULES", "RunFolder", "RunLog", "add_options", "add_run_options", "check_config",
-           "check_device", "config_from_args", "cpu_name", "flag", "hardware", "has_metrics",
-           "no_repeats", "precision_info", "precision_text", "progress", "read_jsonl",
-           "read_run_files", "refuse_duplicates", "refuse_existing", "resolve_device",
-           "run_configs", "run_folders", "setting_key", "split_list", "version_info"]
+__all__ = ["RULES", "RunFolder", "RunLog", "RunRecord", "add_options", "check_config", "check_device",
+           "cli_main", "config_from_args", "cpu_name", "flag", "hardware", "has_metrics",
+           "logged_steps", "no_repeats", "precision_info", "precision_text", "prepare",
+           "progress", "read_jsonl", "read_run_files", "refuse_duplicates", "refuse_existing",
+           "resolve_device", "run_configs", "run_folders", "run_main", "run_parser",
+           "setting_key", "split_list", "stop_if_diverged", "train_epoch", "version_info"]
 
 
 # --------------------------------------------------------------------------- option checks
@@ -422,6 +423,73 @@ class RunFolder:
         self.close()
 
 
+# --------------------------------------------------------------------------- training
+def prepare(cfg: Any) -> torch.device:
+    """Check ``cfg`` (:func:`check_config`), set its torch CPU ``threads`` (when given) and
+    return its resolved ``device``.
+
+    Raises:
+        WnormError: a bad option, named.
+    """
+    check_config(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    return resolve_device(cfg.device)
+
+
+def train_epoch(opt: torch.optim.Optimizer, step_loss: Callable[[torch.Tensor], tuple[Any, ...]],
+                perm: torch.Tensor, batch: int, steps: int, desc: str, progress_bar: bool
+                ) -> tuple[list[list[float]], float]:
+    """``steps`` optimizer steps on the batches ``perm[s * batch:(s + 1) * batch]``.
+
+    ``step_loss(idx)`` returns the scalar loss to minimize, then any other per-step scalars to
+    record. They stay on the device until the epoch ends (one wait, not one per step).
+
+    Returns:
+        Each recorded series as a list of floats (the loss first), and the epoch's seconds.
+    """
+    rows = []
+    t0 = time.perf_counter()
+    with progress(steps, desc, progress_bar) as bar:
+        for s in range(steps):
+            loss, *others = step_loss(perm[s * batch:(s + 1) * batch])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            rows.append(torch.stack([loss.detach().float(), *(o.float() for o in others)]))
+            if bar is not None:
+                bar.update(1)
+    series = torch.stack(rows).T.tolist()  # the epoch's one wait for the device
+    return series, time.perf_counter() - t0
+
+
+def stop_if_diverged(folder: RunFolder, values: list[float], step: int, epoch: int, cfg: Any,
+                     what: str) -> bool:
+    """Whether the epoch's per-step ``values`` (steps ``step + 1`` on) hold a NaN or inf; if
+    so, the run's last metrics line ``{"epoch", "diverged": true, "step", "loss", "steps"}``
+    names the first bad step and the log says that ``what`` diverged."""
+    bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
+    if bad is None:
+        return False
+    at = step + bad + 1
+    folder.write({"epoch": epoch, "diverged": True, "step": at, "loss": str(values[bad]),
+                  "steps": at})
+    folder.log(f"epoch {epoch}/{cfg.epochs}: {what} became {values[bad]} at step {at} (lr "
+               f"{cfg.lr:g}): diverged, stopping this run (a lower --lr may help)")
+    return True
+
+
+def logged_steps(values: list[float], step: int, every: int) -> list[list[Any]]:
+    """``[step, value]`` for each of the epoch's steps (numbered from ``step + 1``) that is a
+    multiple of ``every``.
+
+    Example:
+        >>> logged_steps([0.5, 0.4, 0.3], 10, 2)
+        [[12, 0.4]]
+    """
+    return [[step + i + 1, v] for i, v in enumerate(values) if (step + i + 1) % every == 0]
+
+
 # --------------------------------------------------------------------------- reading
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """The rows of a JSON-lines file (none if it does not exist); a bad line names its place.
@@ -460,6 +528,30 @@ def read_run_files(folder: Path) -> tuple[dict[str, Any], dict[str, Any], list[d
     vpath = folder / "version.json"
     version = json.loads(vpath.read_text()) if vpath.is_file() else {}
     return config, version, read_jsonl(folder / "metrics.jsonl")
+
+
+@dataclasses.dataclass
+class RunRecord:
+    """A run folder as the reports read it back: its config, version and metrics rows."""
+
+    folder: Path
+    config: dict[str, Any]
+    version: dict[str, Any]
+    metrics: list[dict[str, Any]]
+
+    @classmethod
+    def read(cls, folder: Path) -> Any:
+        """The run in ``folder`` (see :func:`read_run_files`)."""
+        return cls(folder, *read_run_files(folder))
+
+    @property
+    def variant(self) -> str:
+        return str(self.config["variant"])
+
+    @property
+    def diverged(self) -> bool:
+        """The run stopped on a NaN/inf loss (its last metrics line says so)."""
+        return bool(self.metrics and self.metrics[-1].get("diverged"))
 
 
 def run_folders(paths: list[str | Path], who: str = "report") -> list[Path]:
@@ -517,18 +609,21 @@ def setting_key(config: dict[str, Any], skip: frozenset[str] | set[str]
 _RUN_OPTIONS = {"experiment", "variant", "seed", "out", "threads", "device"}
 
 
-def add_run_options(p: argparse.ArgumentParser, config_cls: type, *, variants: tuple[str, ...],
-                    seeds: str, out: str) -> None:
-    """``--variant(s) --seeds --out --threads --device --quick --overwrite --progress`` and one
+def run_parser(script: str, doc: str, config_cls: type, *, variants: tuple[str, ...],
+               seeds: str) -> argparse.ArgumentParser:
+    """The parser of ``python -m experiments.<script>`` (described by ``doc``'s first line):
+    ``--variant(s) --seeds --out --threads --device --quick --overwrite --progress`` and one
     option per other field of ``config_cls`` (default: the dataclass's, or the ``--quick``
     value when that flag is given)."""
+    p = argparse.ArgumentParser(prog=f"python -m experiments.{script}",
+                                description=doc.split("\n")[0])
     p.add_argument("--variant", choices=variants, default=None,
                    help="train one variant (overrides --variants)")
     p.add_argument("--variants", default=",".join(variants),
                    help="comma-separated (default: %(default)s)")
     p.add_argument("--seeds", default=seeds, help="comma-separated (default: %(default)s)")
-    p.add_argument("--out", default=out, help="parent folder of the run folders "
-                                              "(default: %(default)s)")
+    p.add_argument("--out", default=config_cls.out, help="parent folder of the run folders "
+                                                         "(default: %(default)s)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default: 1; on 2 shared cores more ran slower)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
@@ -539,14 +634,16 @@ def add_run_options(p: argparse.ArgumentParser, config_cls: type, *, variants: t
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                    help="progress bars on stderr (default: on)")
     add_options(p, config_cls, skip=_RUN_OPTIONS)
+    return p
 
 
 def run_configs(config_cls: type, args: argparse.Namespace, quick: dict[str, Any],
-                variants: tuple[str, ...], grid: Callable[[str, int], list[dict[str, Any]]]
-                ) -> list[Any]:
-    """One checked config per entry of ``grid(variant, seed)`` for the variants and seeds
-    asked for: the dataclass's defaults, then ``quick`` (with ``--quick``), then the options
-    given, then the entry's fixed fields.
+                variants: tuple[str, ...],
+                grid: Callable[[str, int], list[dict[str, Any]]] | None = None) -> list[Any]:
+    """One checked config per entry of ``grid(variant, seed)`` (default: the one entry
+    ``{"variant": variant, "seed": seed}``) for the variants and seeds asked for: the
+    dataclass's defaults, then ``quick`` (with ``--quick``), then the options given, then the
+    entry's fixed fields.
 
     Raises:
         WnormError: an unknown variant or a bad value, named (for ``parser.error``).
@@ -557,5 +654,51 @@ def run_configs(config_cls: type, args: argparse.Namespace, quick: dict[str, Any
         raise WnormError(f"--variants: unknown {bad}; expected some of {list(variants)}")
     seeds = split_list(args.seeds, int, "--seeds")
     base = {"out": args.out, "threads": args.threads, "device": args.device}
+    grid = grid or (lambda v, s: [{"variant": v, "seed": s}])
     return [config_from_args(config_cls, args, quick if args.quick else None, **(base | fixed))
             for s in seeds for v in chosen for fixed in grid(v, s)]
+
+
+def cli_main(p: argparse.ArgumentParser, argv: list[str] | None,
+             configs_from: Callable[[argparse.Namespace], list[Any]],
+             train_all: Callable[[list[Any], argparse.Namespace], object]) -> int:
+    """A training script's ``main``: parse ``argv``, build the configs, train them.
+
+    A WnormError from ``configs_from(args)`` (a bad option) goes to ``p.error``: exit status 2
+    before any data is loaded or any folder touched. One from ``train_all(configs, args)``
+    (data, a taken run folder) is printed as ``error: ...`` on stderr.
+
+    Returns:
+        0, or 2 when training raised a WnormError.
+    """
+    args = p.parse_args(argv)
+    try:
+        configs = configs_from(args)
+    except WnormError as e:
+        p.error(str(e))
+    try:
+        train_all(configs, args)
+    except WnormError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run_main(p: argparse.ArgumentParser, argv: list[str] | None,
+             configs_from: Callable[[argparse.Namespace], list[Any]],
+             run_name: Callable[[Any], str], load: Callable[[Any], tuple[Any, ...]],
+             train_one: Callable[..., RunFolder]) -> int:
+    """:func:`cli_main` for a script with one run folder per config (vae, seq, dqn).
+
+    Run folders that already hold a run are refused (without ``--overwrite``) before
+    ``load(configs[0])`` reads the data, once; then ``train_one(cfg, *data, overwrite=...,
+    progress_bar=...)`` trains each config and its folder is printed.
+    """
+    def train_all(configs: list[Any], args: argparse.Namespace) -> None:
+        refuse_existing([Path(c.out) / run_name(c) for c in configs], args.overwrite)
+        data = load(configs[0])
+        for cfg in configs:
+            folder = train_one(cfg, *data, overwrite=args.overwrite, progress_bar=args.progress)
+            print(f"run folder: {folder.path}")
+
+    return cli_main(p, argv, configs_from, train_all)

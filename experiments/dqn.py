@@ -52,13 +52,14 @@ from torch import nn
 import wnorm
 from wnorm import WnormError
 
-from .common import (RunFolder, add_run_options, check_config, progress, refuse_existing,
-                     resolve_device, run_configs, split_list)
+from .common import (RunFolder, prepare, progress, run_configs, run_main, run_parser,
+                     split_list)
 
 __all__ = ["DQNConfig", "Replay", "q_network", "parser", "train_one", "main"]
 
 
 # --------------------------------------------------------------------------- defaults
+# as in vae.py and seq.py, on purpose: the script's defaults (fields, VARIANTS, QUICK) in one block
 @dataclass
 class DQNConfig:
     """One DQN run; the defaults are the committed CPU-sized run."""
@@ -144,12 +145,9 @@ def train_one(cfg: DQNConfig, echo: bool = True, *, overwrite: bool = False,
     """
     import gymnasium as gym
 
-    check_config(cfg)
     if cfg.variant not in ("normal", "weightnorm"):
         raise WnormError(f"dqn: unknown variant {cfg.variant!r}; expected 'normal' or 'weightnorm'")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
+    device = prepare(cfg)
     try:
         env = gym.make(cfg.env)
     except gym.error.Error as e:
@@ -239,36 +237,30 @@ def train_one(cfg: DQNConfig, echo: bool = True, *, overwrite: bool = False,
 
 # --------------------------------------------------------------------------- command line
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m experiments.dqn",
-                                description=__doc__.split("\n")[0])
-    add_run_options(p, DQNConfig, variants=VARIANTS, seeds="0,1,2,3,4", out=DQNConfig.out)
+    p = run_parser("dqn", __doc__, DQNConfig, variants=VARIANTS, seeds="0,1,2,3,4")
     p.add_argument("--envs", default=None,
                    help="comma-separated gymnasium ids (overrides --env), "
                         "e.g. CartPole-v1,Acrobot-v1")
     return p
 
 
+def configs_from(args: argparse.Namespace) -> list[DQNConfig]:
+    """One checked config per (env, variant, seed), one environment after the other.
+
+    Raises:
+        WnormError: a bad option, named (for ``parser.error``).
+    """
+    envs = (split_list(args.envs, str, "--envs") if args.envs is not None
+            else [args.env or DQNConfig.env])
+    configs = run_configs(DQNConfig, args, QUICK, VARIANTS,
+                          lambda v, s: [{"variant": v, "seed": s, "env": e} for e in envs])
+    configs.sort(key=lambda c: envs.index(c.env))
+    return configs
+
+
 def main(argv: list[str] | None = None) -> int:
     """Train every (env, variant, seed) asked for; returns the exit status."""
-    p = parser()
-    args = p.parse_args(argv)
-    try:
-        envs = (split_list(args.envs, str, "--envs") if args.envs is not None
-                else [args.env or DQNConfig.env])
-        configs = run_configs(DQNConfig, args, QUICK, VARIANTS,
-                              lambda v, s: [{"variant": v, "seed": s, "env": e} for e in envs])
-        configs.sort(key=lambda c: envs.index(c.env))  # one environment after the other
-    except WnormError as e:
-        p.error(str(e))
-    try:
-        refuse_existing([Path(c.out) / run_name(c) for c in configs], args.overwrite)
-        for cfg in configs:
-            folder = train_one(cfg, overwrite=args.overwrite, progress_bar=args.progress)
-            print(f"run folder: {folder.path}")
-    except WnormError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_main(parser(), argv, configs_from, run_name, lambda cfg: (), train_one)
 
 
 if __name__ == "__main__":

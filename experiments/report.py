@@ -40,14 +40,12 @@ import math
 import statistics
 import sys
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from wnorm import WnormError
 
-from .common import (precision_text, read_run_files, refuse_duplicates, run_folders,
-                     setting_key)
+from .common import RunRecord, precision_text, refuse_duplicates, run_folders, setting_key
 from .nets import VARIANTS
 
 __all__ = ["Run", "load_runs", "report", "run_kind", "schedule_text", "PAPER_TABLE1", "main"]
@@ -80,21 +78,8 @@ def _setting(config: dict[str, Any]) -> tuple[tuple[str, str], ...]:
 _OTHER_EXPERIMENTS = ("vae", "seq", "dqn")
 
 
-@dataclass
-class Run:
-    folder: Path
-    config: dict[str, Any]
-    version: dict[str, Any]
-    metrics: list[dict[str, float]]
-
-    @property
-    def variant(self) -> str:
-        return str(self.config["variant"])
-
-    @property
-    def diverged(self) -> bool:
-        """The run stopped on a NaN/inf training loss (its last metrics line says so)."""
-        return bool(self.metrics and self.metrics[-1].get("diverged"))
+class Run(RunRecord):
+    """A classification run as read back from its folder."""
 
     @property
     def epochs_done(self) -> int:
@@ -128,7 +113,7 @@ class Run:
 
 
 def _read_run(folder: Path) -> Run:
-    return Run(folder, *read_run_files(folder))
+    return Run.read(folder)
 
 
 def _kind(config: dict[str, Any]) -> str:

@@ -27,13 +27,12 @@ import json
 import math
 import statistics
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from wnorm import WnormError
 
-from .common import read_run_files, refuse_duplicates, run_folders
+from .common import RunRecord, refuse_duplicates, run_folders
 
 __all__ = ["EXPERIMENTS", "VARIANTS", "OtherRun", "load_other_runs", "report", "DQN_WINDOW",
            "run_command"]
@@ -47,12 +46,8 @@ _COMMON = {"experiment", "variant", "seed", "out", "threads", "device"}
 
 
 # --------------------------------------------------------------------------- reading
-@dataclass
-class OtherRun:
-    folder: Path
-    config: dict[str, Any]
-    version: dict[str, Any]
-    metrics: list[dict[str, Any]]
+class OtherRun(RunRecord):
+    """A vae, seq or dqn run as read back from its folder."""
 
     @property
     def experiment(self) -> str:
@@ -65,11 +60,6 @@ class OtherRun:
         if self.experiment == "dqn" and v == "weightnorm" and self.config.get("data_init") is False:
             return NO_INIT
         return v
-
-    @property
-    def diverged(self) -> bool:
-        """The run stopped on a NaN/inf loss (its last metrics line says so)."""
-        return bool(self.metrics and self.metrics[-1].get("diverged"))
 
     @property
     def complete(self) -> bool:
@@ -100,7 +90,7 @@ class OtherRun:
 
 
 def _read(folder: Path) -> OtherRun:
-    return OtherRun(folder, *read_run_files(folder))
+    return OtherRun.read(folder)
 
 
 def load_other_runs(paths: list[Path]) -> list[OtherRun]:

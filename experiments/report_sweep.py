@@ -18,7 +18,8 @@ from typing import Any
 
 from wnorm import WnormError
 
-from .common import read_jsonl, read_run_files, refuse_duplicates, run_folders, setting_key
+from .common import (RunRecord, read_jsonl, read_run_files, refuse_duplicates, run_folders,
+                     setting_key)
 from .nets import VARIANTS
 
 __all__ = ["SweepRun", "load_sweep", "report_sweep"]
@@ -31,24 +32,14 @@ _SWEEP_COLORS = {"normal": "tab:gray", "weightnorm": "tab:blue", "forced": "tab:
 
 
 @dataclass
-class SweepRun:
-    folder: Path
-    config: dict[str, Any]
-    version: dict[str, Any]
-    metrics: list[dict[str, Any]]
-    vnorm: list[dict[str, Any]]
+class SweepRun(RunRecord):
+    """An lr-sweep run as read back from its folder, with its ``vnorm.jsonl`` rows."""
 
-    @property
-    def variant(self) -> str:
-        return str(self.config["variant"])
+    vnorm: list[dict[str, Any]]
 
     @property
     def lr(self) -> float:
         return float(self.config["lr"])
-
-    @property
-    def diverged(self) -> bool:
-        return bool(self.metrics and self.metrics[-1].get("diverged"))
 
     @property
     def complete(self) -> bool:

@@ -44,14 +44,15 @@ from torch import Tensor, nn
 import wnorm
 from wnorm import WnormError
 
-from .common import (RunFolder, add_run_options, check_config, progress, refuse_existing,
-                     resolve_device, run_configs)
+from .common import (RunFolder, logged_steps, prepare, run_configs, run_main, run_parser,
+                     stop_if_diverged, train_epoch)
 from .data import ImageData, load_fashion_mnist
 
 __all__ = ["SeqConfig", "RowLSTM", "build", "parser", "train_one", "main"]
 
 
 # --------------------------------------------------------------------------- defaults
+# as in vae.py and dqn.py, on purpose: the script's defaults (fields, VARIANTS, QUICK) in one block
 @dataclass
 class SeqConfig:
     """One LSTM run; the defaults are the committed CPU-sized run."""
@@ -136,10 +137,7 @@ def train_one(cfg: SeqConfig, data: ImageData, echo: bool = True, *, overwrite: 
         WnormError: a bad setting, or the folder already holds a run and ``overwrite`` is
             False (before the folder is touched).
     """
-    check_config(cfg)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
+    device = prepare(cfg)
     x_train, y_train = data.x_train, data.y_train
     n = x_train.shape[0]
     if n < 2:
@@ -167,37 +165,21 @@ def train_one(cfg: SeqConfig, data: ImageData, echo: bool = True, *, overwrite: 
         steps_per_epoch = max(1, n // batch)
         xd, yd = x_train.to(device), y_train.to(device)
         x_test, y_test = data.x_test.to(device), data.y_test.to(device)
+
+        def step_loss(idx: Tensor) -> tuple[Tensor, Tensor]:
+            logits = model(xd[idx])
+            error = (logits.detach().argmax(1) != yd[idx]).float().mean()
+            return F.cross_entropy(logits, yd[idx]), error
+
         step = 0
         for epoch in range(1, cfg.epochs + 1):
             perm = torch.randperm(n, generator=order).to(device)
-            losses = torch.empty(steps_per_epoch, device=device)
-            errors = torch.empty(steps_per_epoch, device=device)
-            t0 = time.perf_counter()
-            with progress(steps_per_epoch, f"seq {cfg.variant} s{cfg.seed} {epoch}/"
-                                           f"{cfg.epochs}", progress_bar) as bar:
-                for s in range(steps_per_epoch):
-                    idx = perm[s * batch:(s + 1) * batch]
-                    logits = model(xd[idx])
-                    loss = F.cross_entropy(logits, yd[idx])
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    losses[s] = loss.detach()
-                    errors[s] = (logits.detach().argmax(1) != yd[idx]).float().mean()
-                    if bar is not None:
-                        bar.update(1)
-            values, errs = losses.tolist(), errors.tolist()  # the epoch's one wait
-            seconds = time.perf_counter() - t0
-            bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
-            if bad is not None:
-                folder.write({"epoch": epoch, "diverged": True, "step": step + bad + 1,
-                              "loss": str(values[bad]), "steps": step + bad + 1})
-                log(f"epoch {epoch}/{cfg.epochs}: the training loss became {values[bad]} at "
-                    f"step {step + bad + 1} (lr {cfg.lr:g}): diverged, stopping this run (a "
-                    "lower --lr may help)")
+            (values, errs), seconds = train_epoch(
+                opt, step_loss, perm, batch, steps_per_epoch,
+                f"seq {cfg.variant} s{cfg.seed} {epoch}/{cfg.epochs}", progress_bar)
+            if stop_if_diverged(folder, values, step, epoch, cfg, "the training loss"):
                 break
-            logged = [[step + i + 1, v] for i, v in enumerate(values)
-                      if (step + i + 1) % cfg.log_every == 0]
+            logged = logged_steps(values, step, cfg.log_every)
             step += steps_per_epoch
             t1 = time.perf_counter()
             te_loss, te_err = _evaluate(model, x_test, y_test)
@@ -215,33 +197,18 @@ def train_one(cfg: SeqConfig, data: ImageData, echo: bool = True, *, overwrite: 
 
 # --------------------------------------------------------------------------- command line
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m experiments.seq",
-                                description=__doc__.split("\n")[0])
-    add_run_options(p, SeqConfig, variants=VARIANTS, seeds="0,1,2", out=SeqConfig.out)
-    return p
+    return run_parser("seq", __doc__, SeqConfig, variants=VARIANTS, seeds="0,1,2")
+
+
+def _load(cfg: SeqConfig) -> tuple[ImageData]:
+    return (load_fashion_mnist(cfg.data_dir, train_subset=cfg.train_subset,
+                               test_subset=cfg.test_subset),)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Train every (variant, seed) asked for; returns the exit status."""
-    p = parser()
-    args = p.parse_args(argv)
-    try:
-        configs = run_configs(SeqConfig, args, QUICK, VARIANTS,
-                              lambda v, s: [{"variant": v, "seed": s}])
-    except WnormError as e:
-        p.error(str(e))
-    try:
-        refuse_existing([Path(c.out) / run_name(c) for c in configs], args.overwrite)
-        base = configs[0]
-        data = load_fashion_mnist(base.data_dir, train_subset=base.train_subset,
-                                  test_subset=base.test_subset)
-        for cfg in configs:
-            folder = train_one(cfg, data, overwrite=args.overwrite, progress_bar=args.progress)
-            print(f"run folder: {folder.path}")
-    except WnormError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_main(parser(), argv, lambda args: run_configs(SeqConfig, args, QUICK, VARIANTS),
+                    run_name, _load, train_one)
 
 
 if __name__ == "__main__":

@@ -54,8 +54,8 @@ from torch import Tensor, nn
 import wnorm
 from wnorm import WnormError
 
-from .common import (RunFolder, add_run_options, check_config, progress, refuse_existing,
-                     resolve_device, run_configs)
+from .common import (RunFolder, logged_steps, prepare, run_configs, run_main, run_parser,
+                     stop_if_diverged, train_epoch)
 
 __all__ = ["VAEConfig", "ConvVAE", "neg_elbo", "parser", "train_one", "main"]
 
@@ -209,10 +209,7 @@ def train_one(cfg: VAEConfig, x_train: Tensor, x_test: Tensor, data_desc: dict[s
         WnormError: a bad setting, or the folder already holds a run and ``overwrite`` is
             False (before the folder is touched).
     """
-    check_config(cfg)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
+    device = prepare(cfg)
     n = x_train.shape[0]
     if n < 2:
         raise WnormError(f"vae: need at least 2 training images; got {n}")
@@ -239,35 +236,21 @@ def train_one(cfg: VAEConfig, x_train: Tensor, x_test: Tensor, data_desc: dict[s
         # the same eps for every epoch, run and variant
         eps = torch.randn(x_test.shape[0], model.latent,
                           generator=torch.Generator().manual_seed(0)).to(device)
+
+        def step_loss(idx: Tensor) -> tuple[Tensor]:
+            xb = x_dev[idx]
+            recon, kl = neg_elbo(xb, *model(xb))
+            return ((recon + kl).mean(),)
+
         step = 0
         for epoch in range(1, cfg.epochs + 1):
             perm = torch.randperm(n, generator=order).to(device)
-            losses = torch.empty(steps_per_epoch, device=device)
-            t0 = time.perf_counter()
-            with progress(steps_per_epoch, f"vae {cfg.variant} s{cfg.seed} {epoch}/"
-                                           f"{cfg.epochs}", progress_bar) as bar:
-                for s in range(steps_per_epoch):
-                    xb = x_dev[perm[s * batch:(s + 1) * batch]]
-                    recon, kl = neg_elbo(xb, *model(xb))
-                    loss = (recon + kl).mean()
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    losses[s] = loss.detach()
-                    if bar is not None:
-                        bar.update(1)
-            values = losses.tolist()  # the epoch's one wait for the device
-            seconds = time.perf_counter() - t0
-            bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
-            if bad is not None:
-                folder.write({"epoch": epoch, "diverged": True, "step": step + bad + 1,
-                              "loss": str(values[bad]), "steps": step + bad + 1})
-                log(f"epoch {epoch}/{cfg.epochs}: the bound became {values[bad]} at step "
-                    f"{step + bad + 1} (lr {cfg.lr:g}): diverged, stopping this run (a lower "
-                    "--lr may help)")
+            (values,), seconds = train_epoch(
+                opt, step_loss, perm, batch, steps_per_epoch,
+                f"vae {cfg.variant} s{cfg.seed} {epoch}/{cfg.epochs}", progress_bar)
+            if stop_if_diverged(folder, values, step, epoch, cfg, "the bound"):
                 break
-            logged = [[step + i + 1, v] for i, v in enumerate(values)
-                      if (step + i + 1) % cfg.log_every == 0]
+            logged = logged_steps(values, step, cfg.log_every)
             step += steps_per_epoch
             t1 = time.perf_counter()
             test, recon_t, kl_t = _evaluate(model, x_test_dev, eps, 500)
@@ -283,32 +266,13 @@ def train_one(cfg: VAEConfig, x_train: Tensor, x_test: Tensor, data_desc: dict[s
 
 # --------------------------------------------------------------------------- command line
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m experiments.vae",
-                                description=__doc__.split("\n")[0])
-    add_run_options(p, VAEConfig, variants=VARIANTS, seeds="0,1,2", out=VAEConfig.out)
-    return p
+    return run_parser("vae", __doc__, VAEConfig, variants=VARIANTS, seeds="0,1,2")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Train every (variant, seed) asked for; returns the exit status."""
-    p = parser()
-    args = p.parse_args(argv)
-    try:
-        configs = run_configs(VAEConfig, args, QUICK, VARIANTS,
-                              lambda v, s: [{"variant": v, "seed": s}])
-    except WnormError as e:
-        p.error(str(e))
-    try:
-        refuse_existing([Path(c.out) / run_name(c) for c in configs], args.overwrite)
-        x_train, x_test, desc = load_binarized(configs[0])
-        for cfg in configs:
-            folder = train_one(cfg, x_train, x_test, desc, overwrite=args.overwrite,
-                               progress_bar=args.progress)
-            print(f"run folder: {folder.path}")
-    except WnormError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_main(parser(), argv, lambda args: run_configs(VAEConfig, args, QUICK, VARIANTS),
+                    run_name, load_binarized, train_one)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import io
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -56,10 +58,37 @@ def normalized_weights(model: torch.nn.Module):
         yield mname, module, s.name, s.map.dim
 
 
+def spawn_ranks(worker: Callable[[int], dict], world: int, out: Path) -> list[dict]:
+    """``worker(rank)`` in each of ``world`` processes, one gloo group on 127.0.0.1 (a free
+    port, one thread each); returns each rank's dict (saved to ``out/rank<r>.pt``, loaded)."""
+    import os
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    mp.spawn(_rank, args=(worker, world, port, str(out)), nprocs=world, join=True)
+    return [torch.load(Path(out) / f"rank{r}.pt", weights_only=True) for r in range(world)]
+
+
+def _rank(rank: int, worker: Callable[[int], dict], world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    try:
+        torch.save(worker(rank), Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
 def readme_example(name: str) -> str:
     """The README's code block marked ``<!-- example: NAME -->``: the tests run what it says."""
     import re
-    from pathlib import Path
 
     text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     m = re.search(rf"<!-- example: {re.escape(name)} -->\n```python\n(.*?)```", text, re.S)

@@ -5,6 +5,24 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+import wnorm
+
+
+def mean_only_convnet(width: int = 8, classes: int = 5, *, second_bn: bool = False
+                      ) -> nn.Sequential:
+    """Plain layers on 3-channel images: conv -> mean-only BN -> LeakyReLU -> conv (-> mean-only
+    BN with ``second_bn``) -> LeakyReLU -> global average pool -> linear."""
+    layers = [
+        nn.Conv2d(3, width, 3, padding=1, bias=False),  # the mean-only BN's bias takes its place
+        wnorm.MeanOnlyBatchNorm2d(width),
+        nn.LeakyReLU(0.1),
+        nn.Conv2d(width, width, 3),
+    ]
+    if second_bn:
+        layers.append(wnorm.MeanOnlyBatchNorm2d(width))
+    layers += [nn.LeakyReLU(0.1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, classes)]
+    return nn.Sequential(*layers)
+
 
 class Tagger(nn.Module):
     """A two-layer LSTM over a sequence, then a linear head per step."""

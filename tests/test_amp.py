@@ -23,7 +23,7 @@ from torch import nn
 from conftest import normalized_weights
 
 import wnorm
-from nets import Tagger
+from nets import Tagger, mean_only_convnet
 
 LOW = [torch.bfloat16, torch.float16]
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
@@ -31,17 +31,7 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
 
 
 def convnet() -> nn.Module:
-    net = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1, bias=False),
-        wnorm.MeanOnlyBatchNorm2d(8),
-        nn.LeakyReLU(0.1),
-        nn.Conv2d(8, 8, 3),
-        nn.LeakyReLU(0.1),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(8, 5),
-    )
-    return wnorm.apply(net)
+    return wnorm.apply(mean_only_convnet())
 
 
 def _cpu_fp16_lstm_works() -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import re
+from typing import Any
 
 import pytest
 import torch
@@ -76,6 +77,15 @@ def same_state(a: dict, b: dict) -> bool:
 
 def snapshot(model: nn.Module) -> dict:
     return copy.deepcopy(model.state_dict())
+
+
+def assert_refused(model: nn.Module, batch: Any, match: str, **kwargs: Any) -> None:
+    """``data_init(model, batch, **kwargs)`` raises a WnormError matching ``match`` and leaves
+    the state dict bitwise as it was."""
+    sd = snapshot(model)
+    with pytest.raises(WnormError, match=match):
+        wnorm.data_init(model, batch, **kwargs)
+    assert same_state(model.state_dict(), sd)
 
 
 # --------------------------------------------------------------------------- models
@@ -566,11 +576,8 @@ def test_empty_batch():
 
 def test_one_example_through_linear_has_sigma_zero():
     model = wnorm.apply(nn.Sequential(nn.Linear(3, 4)))
-    sd = snapshot(model)
-    with pytest.raises(WnormError, match=r"0 \(Linear\): the pre-activations of 4 of 4 units "
-                                         r"have sigma 0"):
-        wnorm.data_init(model, torch.randn(1, 3))
-    assert same_state(model.state_dict(), sd)
+    assert_refused(model, torch.randn(1, 3),
+                   r"0 \(Linear\): the pre-activations of 4 of 4 units have sigma 0")
 
 
 @pytest.mark.parametrize("scale", [0, -1.0, float("nan"), float("inf"), "1"])
@@ -608,12 +615,9 @@ def test_init_scale_takes_numpy_numbers_and_0dim_tensors_not_bools():
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_batch(bad):
     model = wnorm.apply(nn.Sequential(nn.Linear(3, 4)))
-    sd = snapshot(model)
     x = torch.randn(8, 3)
     x[2, 1] = bad
-    with pytest.raises(WnormError, match=r"data_init: input 0 of the batch has NaN or inf"):
-        wnorm.data_init(model, x)
-    assert same_state(model.state_dict(), sd)
+    assert_refused(model, x, r"data_init: input 0 of the batch has NaN or inf")
 
 
 class Explode(nn.Module):
@@ -627,10 +631,7 @@ def test_a_forward_failing_on_a_nan_input_blames_the_input():
     model = wnorm.apply(nn.Sequential(nn.Linear(3, 4), Explode()))
     x = torch.randn(8, 3)
     x[0, 0] = float("nan")
-    sd = snapshot(model)
-    with pytest.raises(WnormError, match=r"input 0 of the batch has NaN"):
-        wnorm.data_init(model, x)
-    assert same_state(model.state_dict(), sd)
+    assert_refused(model, x, r"input 0 of the batch has NaN")
 
 
 class Shrink(nn.Module):
@@ -665,12 +666,8 @@ def test_failure_midway_leaves_state_dict_bitwise_unchanged():
     model = wnorm.apply(nn.Sequential(nn.Linear(3, 4), MeanOnlyBatchNorm1d(4), Zero(),
                                       nn.Linear(4, 2))).train()
     params = dict(model.named_parameters())
-    sd = snapshot(model)
     x = torch.randn(8, 3)
-    with pytest.raises(WnormError, match=r"^3 \(Linear\): the pre-activations of 2 of 2 units "
-                                         r"have sigma 0"):
-        wnorm.data_init(model, x)
-    assert same_state(model.state_dict(), sd)
+    assert_refused(model, x, r"^3 \(Linear\): the pre-activations of 2 of 2 units have sigma 0")
     assert all(p is params[k] for k, p in model.named_parameters())  # the same Parameters
     assert not model[0]._forward_hooks and not model[0]._forward_pre_hooks  # hooks removed
     assert not model[1]._forward_hooks and not model[1]._forward_pre_hooks
@@ -694,20 +691,16 @@ def test_failure_restores_every_buffer_the_pass_changed():
     torch.manual_seed(0)
     model = wnorm.apply(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), _Counter(),
                                       MeanOnlyBatchNorm1d(4), Zero(), nn.Linear(4, 2))).train()
-    sd = snapshot(model)
-    with pytest.raises(WnormError, match=r"5 \(Linear\): the pre-activations of 2 of 2 units"):
-        wnorm.data_init(model, torch.randn(8, 3) + 5)
-    assert same_state(model.state_dict(), sd)
+    assert_refused(model, torch.randn(8, 3) + 5,
+                   r"5 \(Linear\): the pre-activations of 2 of 2 units")
 
 
 def test_zero_row_of_v_is_an_error_naming_the_layer():
     model = wnorm.apply(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)))
     with torch.no_grad():
         model[2].weight_v[1].zero_()
-    sd = snapshot(model)
-    with pytest.raises(WnormError, match=r"^2 \(Linear\): the pre-activations of 1 of 2 units"):
-        wnorm.data_init(model, torch.randn(16, 3))
-    assert same_state(model.state_dict(), sd)
+    assert_refused(model, torch.randn(16, 3),
+                   r"^2 \(Linear\): the pre-activations of 1 of 2 units")
 
 
 def test_a_norm_of_v_that_underflows_is_an_error():
@@ -716,20 +709,14 @@ def test_a_norm_of_v_that_underflows_is_an_error():
     model = wnorm.apply(nn.Sequential(nn.Linear(3, 4)))
     with torch.no_grad():
         model[0].weight_v.mul_(1e-23 / model[0].weight_v.abs().max())
-    sd = snapshot(model)
-    with pytest.raises(WnormError, match=r"^0 \(Linear\): the pre-activations of 4 of 4"):
-        wnorm.data_init(model, torch.randn(64, 3))
-    assert same_state(model.state_dict(), sd)
+    assert_refused(model, torch.randn(64, 3), r"^0 \(Linear\): the pre-activations of 4 of 4")
 
 
 def test_g_that_overflows_is_an_error_and_nothing_is_written():
     """sigma[t] is positive but s/sigma[t] overflows float32: an error, not an inf g."""
     model = wnorm.apply(nn.Sequential(nn.Linear(3, 4)))
-    sd = snapshot(model)
     x = torch.randn(16, 3) * 1e-41  # subnormal inputs: sigma[t] ~ 1e-41
-    with pytest.raises(WnormError, match=r"^0 \(Linear\): the pre-activations of 4 of 4 units"):
-        wnorm.data_init(model, x)
-    assert same_state(model.state_dict(), sd)
+    assert_refused(model, x, r"^0 \(Linear\): the pre-activations of 4 of 4 units")
 
 
 def _bias_free_then_linear() -> nn.Module:
@@ -747,24 +734,20 @@ def test_init_scale_out_of_the_dtype_range_is_blamed_not_the_batch(scale, word, 
     the message blames init_scale, not the batch."""
     torch.manual_seed(0)
     model = wnorm.apply(make()).to(dtype)
-    sd = snapshot(model)
     dt = str(dtype).replace(".", r"\.")
     s = re.escape(repr(scale))
-    with pytest.raises(WnormError, match=rf"^0 \(Linear\): init_scale={s} is too {word} for "
-                                         rf"this layer's {dt}: g = init_scale/sigma\[t\] "
-                                         r".*4 of 4 units .*init_scale 1 would fit"):
-        wnorm.data_init(model, torch.randn(64, 3).to(dtype), init_scale=scale)
-    assert same_state(model.state_dict(), sd)
+    assert_refused(model, torch.randn(64, 3).to(dtype),
+                   rf"^0 \(Linear\): init_scale={s} is too {word} for this layer's {dt}: "
+                   r"g = init_scale/sigma\[t\] .*4 of 4 units .*init_scale 1 would fit",
+                   init_scale=scale)
 
 
 def test_g_that_overflows_float16_is_an_error_not_an_inf_g():
     torch.manual_seed(0)
     model = wnorm.apply(nn.Sequential(nn.Linear(3, 4))).half()
-    sd = snapshot(model)
-    with pytest.raises(WnormError, match=r"^0 \(Linear\): init_scale=100000\.0 is too large for "
-                                         r"this layer's torch\.float16"):
-        wnorm.data_init(model, torch.randn(64, 3).half(), init_scale=1e5)
-    assert same_state(model.state_dict(), sd)
+    assert_refused(model, torch.randn(64, 3).half(),
+                   r"^0 \(Linear\): init_scale=100000\.0 is too large for this layer's "
+                   r"torch\.float16", init_scale=1e5)
 
 
 def test_bias_that_overflows_blames_init_scale():
@@ -772,12 +755,9 @@ def test_bias_that_overflows_blames_init_scale():
     change, and the message says so."""
     torch.manual_seed(0)
     model = wnorm.apply(nn.Sequential(nn.Linear(3, 4)))
-    sd = snapshot(model)
     x = torch.randn(64, 3) + 1e3  # |mu[t]| ~ 1e3, sigma[t] ~ 1: g ~ 1e37 fits, b ~ 1e40 not
-    with pytest.raises(WnormError, match=r"^0 \(Linear\): init_scale=1e\+37 is too large for this "
-                                         r"layer's torch\.float32: the bias b = "):
-        wnorm.data_init(model, x, init_scale=1e37)
-    assert same_state(model.state_dict(), sd)
+    assert_refused(model, x, r"^0 \(Linear\): init_scale=1e\+37 is too large for this "
+                             r"layer's torch\.float32: the bias b = ", init_scale=1e37)
 
 
 class KeepLarge(nn.Module):
@@ -791,19 +771,13 @@ def test_an_empty_batch_reaching_a_mean_only_bn_is_an_error(train):
     the model unchanged."""
     model = wnorm.apply(nn.Sequential(nn.Linear(5, 6), nn.Tanh(), KeepLarge(),
                                       MeanOnlyBatchNorm1d(6))).train(train)
-    sd = snapshot(model)
-    with pytest.raises(WnormError, match=r"^data_init: 3 \(MeanOnlyBatchNorm1d\) got an "
-                                         r"empty batch \(0, 6\)"):
-        wnorm.data_init(model, torch.randn(32, 5))
-    assert same_state(model.state_dict(), sd)
+    assert_refused(model, torch.randn(32, 5),
+                   r"^data_init: 3 \(MeanOnlyBatchNorm1d\) got an empty batch \(0, 6\)")
 
 
 def test_an_empty_batch_reaching_a_layer_says_so():
     model = wnorm.apply(nn.Sequential(nn.Linear(5, 6), nn.Tanh(), KeepLarge(), nn.Linear(6, 2)))
-    sd = snapshot(model)
-    with pytest.raises(WnormError, match=r"^3 \(Linear\): an empty batch reached it"):
-        wnorm.data_init(model, torch.randn(32, 5))
-    assert same_state(model.state_dict(), sd)
+    assert_refused(model, torch.randn(32, 5), r"^3 \(Linear\): an empty batch reached it")
 
 
 @pytest.mark.parametrize("make", [
@@ -814,10 +788,7 @@ def test_a_mean_only_bn_of_the_wrong_width_says_so(make):
     """A BN of the wrong width raises its own error, as model(x) does; model unchanged."""
     model = wnorm.apply(make())
     x = torch.randn(8, 3, 6, 6) if isinstance(model[0], nn.Conv2d) else torch.randn(8, 3)
-    sd = snapshot(model)
-    with pytest.raises(WnormError, match=r"MeanOnlyBatchNorm[12]d: expected [57] channels"):
-        wnorm.data_init(model, x)
-    assert same_state(model.state_dict(), sd)
+    assert_refused(model, x, r"MeanOnlyBatchNorm[12]d: expected [57] channels")
 
 
 class Pair(nn.Module):
@@ -842,11 +813,8 @@ def test_a_layer_returning_a_tuple_is_an_error_not_a_silent_g_of_one():
     model = wnorm.apply(nn.Sequential(nn.Linear(5, 3)))
     model.append(TupleLinear(3, 2))
     wnorm.weight_norm(model[1])
-    sd = snapshot(model)
-    with pytest.raises(WnormError, match=r"^1 \(TupleLinear\): its forward returned tuple; "
-                                         r"data_init standardizes"):
-        wnorm.data_init(model, torch.randn(16, 5))
-    assert same_state(model.state_dict(), sd)
+    assert_refused(model, torch.randn(16, 5),
+                   r"^1 \(TupleLinear\): its forward returned tuple; data_init standardizes")
 
 
 def test_a_none_child_fails_as_the_forward_does():

@@ -18,19 +18,16 @@ files and the tests compare it with single-process references computed here.
 
 from __future__ import annotations
 
-import os
 import re
-import socket
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import wnorm
-from conftest import readme_example
+from conftest import readme_example, spawn_ranks
+from nets import mean_only_convnet
 
 pytestmark = [
     pytest.mark.slow,
@@ -44,18 +41,9 @@ STEPS = 3
 
 
 def plain_convnet() -> nn.Module:
-    """Conv -> mean-only BN -> conv -> pool -> linear."""
+    """Conv -> mean-only BN -> conv -> pool -> linear, from seed 0."""
     torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 6, 3, padding=1, bias=False),  # the mean-only BN's bias takes its place
-        wnorm.MeanOnlyBatchNorm2d(6),
-        nn.LeakyReLU(0.1),
-        nn.Conv2d(6, 6, 3),
-        nn.LeakyReLU(0.1),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(6, 4),
-    )
+    return mean_only_convnet(6, 4)
 
 
 def convnet() -> nn.Module:
@@ -118,59 +106,44 @@ def _full(model: nn.Module) -> dict[str, torch.Tensor]:
             for k, v in model.named_parameters()}
 
 
-def _worker(rank: int, port: int, out: str) -> None:
+def _worker(rank: int) -> dict[str, object]:
     from torch.distributed.fsdp import fully_shard
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=WORLD)
-    try:
-        x0 = batches()[0]
-        result: dict[str, object] = {}
-        for mode in ("train", "eval"):
-            net = convnet().train(mode == "train")
-            wnorm.data_init(net, shard(x0, rank))
-            result[f"init-{mode}"] = {k: v.clone() for k, v in net.state_dict().items()}
+    x0 = batches()[0]
+    result: dict[str, object] = {}
+    for mode in ("train", "eval"):
+        net = convnet().train(mode == "train")
+        wnorm.data_init(net, shard(x0, rank))
+        result[f"init-{mode}"] = {k: v.clone() for k, v in net.state_dict().items()}
+    net = convnet()
+    wnorm.data_init(nn.parallel.DistributedDataParallel(net), shard(x0, rank))
+    result["init-in-ddp"] = {k: v.clone() for k, v in net.state_dict().items()}
+    for kind in ("sgd", "adam"):
         net = convnet()
-        wnorm.data_init(nn.parallel.DistributedDataParallel(net), shard(x0, rank))
-        result["init-in-ddp"] = {k: v.clone() for k, v in net.state_dict().items()}
-        for kind in ("sgd", "adam"):
-            net = convnet()
-            _train(nn.parallel.DistributedDataParallel(net), kind, rank)
-            result[f"ddp-{kind}"] = params_of(net)
-        for kind in ("sgd", "adam"):
-            scope = {"make_model": plain_convnet, "local_batch": shard(x0, rank)}
-            exec(compile(README_EXAMPLE, "README FSDP2 example", "exec"), scope)
-            net = scope["model"]
-            _train(net, kind, rank)
-            result[f"fsdp-{kind}"] = _full(net)
-        # after sharding: errors that say which order to use
-        sharded = convnet()
-        fully_shard(sharded)
-        plain = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
-        fully_shard(plain)
-        result["errors"] = {
-            "data_init": _error(lambda: wnorm.data_init(sharded, shard(x0, rank))),
-            "apply": _error(lambda: wnorm.apply(plain)),
-            "weight_norm": _error(lambda: wnorm.weight_norm(plain[0])),
-        }
-        torch.save(result, os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        _train(nn.parallel.DistributedDataParallel(net), kind, rank)
+        result[f"ddp-{kind}"] = params_of(net)
+    for kind in ("sgd", "adam"):
+        scope = {"make_model": plain_convnet, "local_batch": shard(x0, rank)}
+        exec(compile(README_EXAMPLE, "README FSDP2 example", "exec"), scope)
+        net = scope["model"]
+        _train(net, kind, rank)
+        result[f"fsdp-{kind}"] = _full(net)
+    # after sharding: errors that say which order to use
+    sharded = convnet()
+    fully_shard(sharded)
+    plain = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    fully_shard(plain)
+    result["errors"] = {
+        "data_init": _error(lambda: wnorm.data_init(sharded, shard(x0, rank))),
+        "apply": _error(lambda: wnorm.apply(plain)),
+        "weight_norm": _error(lambda: wnorm.weight_norm(plain[0])),
+    }
+    return result
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
-    out = tmp_path_factory.mktemp("dist")
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
-    return [torch.load(Path(out) / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    return spawn_ranks(_worker, WORLD, tmp_path_factory.mktemp("dist"))
 
 
 def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], **tol) -> None:
@@ -216,11 +189,14 @@ def test_data_init_of_a_ddp_wrapped_model_equals_before_wrapping(ranks) -> None:
 
 
 # --------------------------------------------------------------------------- DDP training
-def reference_training(kind: str) -> dict[str, torch.Tensor]:
+def reference_training(kind: str, init: bool = False) -> dict[str, torch.Tensor]:
     """One process, the same global batches: the loss is the mean of the ranks' losses (each
-    rank's mean-only BN uses its own batch mean, as it does under DDP)."""
-    _, _, xs, ys = batches()
+    rank's mean-only BN uses its own batch mean, as it does under DDP; FSDP2 averages gradients
+    the same way). ``init``: data_init on the union of the ranks' init batches first."""
+    x0, _, xs, ys = batches()
     net = convnet()
+    if init:
+        wnorm.data_init(net, x0)
     opt = optimizer(kind, net.parameters())
     for x, y in zip(xs, ys):
         opt.zero_grad()
@@ -241,22 +217,6 @@ def test_ddp_training_identical_across_ranks_and_equals_one_process(ranks, kind:
 
 
 # --------------------------------------------------------------------------- FSDP2
-def reference_init_training(kind: str) -> dict[str, torch.Tensor]:
-    """One process: data_init on the union of the ranks' init batches, then the same global
-    training batches (the loss is the mean of the ranks' losses, as FSDP2 averages gradients)."""
-    x0, _, xs, ys = batches()
-    net = convnet()
-    wnorm.data_init(net, x0)
-    opt = optimizer(kind, net.parameters())
-    for x, y in zip(xs, ys):
-        opt.zero_grad()
-        loss = sum(nn.functional.cross_entropy(net(shard(x, r)), shard(y, r))
-                   for r in range(WORLD)) / WORLD
-        loss.backward()
-        opt.step()
-    return params_of(net)
-
-
 @pytest.mark.parametrize("kind", ["sgd", "adam"])
 def test_fsdp2_training_identical_across_ranks_and_equals_one_process(ranks, kind: str) -> None:
     got = [r[f"fsdp-{kind}"] for r in ranks]
@@ -265,7 +225,7 @@ def test_fsdp2_training_identical_across_ranks_and_equals_one_process(ranks, kin
                                                                for k in got[0])
     start = params_of(convnet())
     assert any(not torch.equal(got[0][k], start[k]) for k in start)
-    assert_same(got[0], reference_init_training(kind), rtol=1e-5, atol=1e-6)
+    assert_same(got[0], reference_training(kind, init=True), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("call", ["data_init", "apply", "weight_norm"])

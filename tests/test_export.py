@@ -15,7 +15,7 @@ from torch import nn
 from conftest import normalized_weights
 
 import wnorm
-from nets import Tagger
+from nets import Tagger, mean_only_convnet
 
 pytestmark = pytest.mark.slow  # ~20 s: exporters and ONNX Runtime sessions
 
@@ -26,18 +26,7 @@ ATOL = 1e-5
 
 
 def convnet() -> nn.Module:
-    net = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1, bias=False),
-        wnorm.MeanOnlyBatchNorm2d(8),
-        nn.LeakyReLU(0.1),
-        nn.Conv2d(8, 8, 3),
-        wnorm.MeanOnlyBatchNorm2d(8),
-        nn.LeakyReLU(0.1),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(8, 5),
-    )
-    return wnorm.apply(net)
+    return wnorm.apply(mean_only_convnet(second_bn=True))
 
 
 def trained(kind: str) -> tuple[nn.Module, torch.Tensor]:

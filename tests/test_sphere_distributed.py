@@ -10,15 +10,13 @@
 
 from __future__ import annotations
 
-import os
-import socket
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
+
+from conftest import spawn_ranks
 
 import wnorm
 from wnorm.sphere import project_after_step
@@ -62,56 +60,41 @@ def _train(net: nn.Module, opt: torch.optim.Optimizer, rank: int) -> None:
         opt.step()
 
 
-def _worker(rank: int, port: int, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=WORLD)
+def _worker(rank: int) -> dict[str, object]:
+    result: dict[str, object] = {}
+    net = model()
+    ddp = nn.parallel.DistributedDataParallel(net)
+    opt = torch.optim.Adam(ddp.parameters(), lr=0.05)
+    result["ddp-names"] = project_after_step(opt, ddp, radius="initial").names
+    _train(ddp, opt, rank)
+    result["ddp"] = {k: p.detach().clone() for k, p in net.named_parameters()}
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    net = model()
+    for i in (0, 2, 4):
+        fully_shard(net[i], mesh=mesh)
+    fully_shard(net, mesh=mesh)
+    opt = torch.optim.Adam(net.parameters(), lr=0.05)
+    result["fsdp-names"] = project_after_step(opt, net, radius="initial").names
+    _train(net, opt, rank)
+    result["fsdp"] = {k: p.detach().full_tensor().clone() for k, p in net.named_parameters()}
+
+    convt = wnorm.forced_weight_norm(nn.ConvTranspose1d(4, 6, 3))  # units along dim 1
+    fully_shard(convt, mesh=mesh)
     try:
-        result: dict[str, object] = {}
-        net = model()
-        ddp = nn.parallel.DistributedDataParallel(net)
-        opt = torch.optim.Adam(ddp.parameters(), lr=0.05)
-        result["ddp-names"] = project_after_step(opt, ddp, radius="initial").names
-        _train(ddp, opt, rank)
-        result["ddp"] = {k: p.detach().clone() for k, p in net.named_parameters()}
-
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-
-        mesh = init_device_mesh("cpu", (WORLD,))
-        net = model()
-        for i in (0, 2, 4):
-            fully_shard(net[i], mesh=mesh)
-        fully_shard(net, mesh=mesh)
-        opt = torch.optim.Adam(net.parameters(), lr=0.05)
-        result["fsdp-names"] = project_after_step(opt, net, radius="initial").names
-        _train(net, opt, rank)
-        result["fsdp"] = {k: p.detach().full_tensor().clone() for k, p in net.named_parameters()}
-
-        convt = wnorm.forced_weight_norm(nn.ConvTranspose1d(4, 6, 3))  # units along dim 1
-        fully_shard(convt, mesh=mesh)
-        try:
-            project_after_step(torch.optim.SGD(convt.parameters(), lr=0.1), convt)
-            result["fsdp-convT-error"] = ""
-        except wnorm.WnormError as e:
-            result["fsdp-convT-error"] = str(e)
-        torch.save(result, os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        project_after_step(torch.optim.SGD(convt.parameters(), lr=0.1), convt)
+        result["fsdp-convT-error"] = ""
+    except wnorm.WnormError as e:
+        result["fsdp-convT-error"] = str(e)
+    return result
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
-    out = tmp_path_factory.mktemp("sphere-dist")
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
-    return [torch.load(Path(out) / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    return spawn_ranks(_worker, WORLD, tmp_path_factory.mktemp("sphere-dist"))
 
 
 def reference() -> dict[str, torch.Tensor]:
