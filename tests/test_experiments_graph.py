@@ -120,6 +120,8 @@ def test_split_is_disjoint_complete_balanced_and_seeded() -> None:
                                                                 "noise"),
     ({0: 70.0, 1: 71.0, 2: 72.0}, {0: 60.0, 1: 61.0, 2: 62.0}, "worse on every seed, the seed "
                                                                 "ranges apart"),
+    ({0: 7.0, 1: 8.0, 2: 9.0}, {0: 8.0, 1: 8.0, 2: 9.0}, "better on 1 seed, tied on 2: within "
+                                                          "noise"),
 ])
 def test_paired_verdicts(base, other, verdict) -> None:
     text, said = G._paired(base, other, higher_better=True, digits=2)
@@ -164,7 +166,7 @@ def test_quick_run_writes_run_folders_report_and_plot(tmp_path: Path) -> None:
         for v in G.VARIANTS:
             assert f"| {v} | 2 |" in md
     assert "200 Fashion-MNIST training images as nodes" in md and "Ran `python -m " in md
-    assert "same side of normal on every seed 50% of the time" in md  # 2 seeds
+    assert "(either side) with 2 seeds (GCN, SAGE, GAT), 50% of the time" in md
     session = json.loads((out / "sessions.jsonl").read_text())
     assert session["runs"] == 24 and session["wall_s"] > 0
 
@@ -175,6 +177,9 @@ def test_quick_run_writes_run_folders_report_and_plot(tmp_path: Path) -> None:
     before = (out / names[0] / "metrics.jsonl").read_bytes()
     assert G.main(args) == 2
     assert (out / names[0] / "metrics.jsonl").read_bytes() == before
+    # new seeds with another setting would be averaged with these: refused before training
+    assert G.main(args[:4] + ["2", *args[5:], "--epochs", "5"]) == 2
+    assert not (out / "graph-gcn-normal-s2").exists()
 
 
 @pytest.mark.parametrize("bad, says", [
