@@ -102,7 +102,8 @@ class GraphConfig:
     heads: int = 4  # GAT only
     dropout: float = 0.5  # on the input features and the hidden layer (Kipf & Welling)
     lr: float = 0.01
-    weight_decay: float = 0.0  # off: on v it only changes the effective step, not the function
+    weight_decay: float = 0.0  # off: it acts differently on w and on (g, v) (on v it only
+    #                             changes the effective step size), a comparison of its own
     epochs: int = 60  # validation accuracy was flat after epoch ~30 in trial runs of 100-200
     init_scale: float = 1.0
     log_every: int = 10  # epochs between host syncs, log lines and metrics writes
@@ -591,6 +592,8 @@ def _paired(base: dict[int, float], other: dict[int, float], higher_better: bool
         verdict = "better on every seed, but the seed ranges overlap"
     elif worse == len(diffs):
         verdict = "worse on every seed, but the seed ranges overlap"
+    elif better == worse == 0:
+        verdict = "tied on every seed: no difference measured"
     elif worse == 0 or better == 0:  # the rest are ties (epoch counts are integers)
         some = better or worse
         verdict = (f"{'better' if worse == 0 else 'worse'} on {some} seed{'s' * (some > 1)}, "

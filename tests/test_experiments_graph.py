@@ -122,12 +122,13 @@ def test_split_is_disjoint_complete_balanced_and_seeded() -> None:
                                                                 "ranges apart"),
     ({0: 7.0, 1: 8.0, 2: 9.0}, {0: 8.0, 1: 8.0, 2: 9.0}, "better on 1 seed, tied on 2: within "
                                                           "noise"),
+    ({0: 7.0, 1: 8.0}, {0: 7.0, 1: 8.0}, "tied on every seed: no difference measured"),
 ])
 def test_paired_verdicts(base, other, verdict) -> None:
     text, said = G._paired(base, other, higher_better=True, digits=2)
     assert said == verdict
     diffs = [other[s] - base[s] for s in base]
-    assert text.startswith(f"{sum(diffs) / 3:+.2f}")
+    assert text.startswith(f"{sum(diffs) / len(diffs):+.2f}")
     # lower-is-better measures flip better and worse
     flipped = G._paired(base, other, higher_better=False, digits=2)[1]
     assert flipped == verdict.replace("better", "WORSE").replace("worse", "better").replace(
