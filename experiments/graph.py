@@ -748,12 +748,18 @@ def report(paths: list[Path], out: Path) -> str:
                      f"{s['cpu_s']:.0f} s CPU, machine load average "
                      f"{s['load_average_1min'][0]:.1f} -> {s['load_average_1min'][1]:.1f} on "
                      f"{s['cpus']} CPUs.")
-    lines.append(f"- Hardware: {first.version.get('hardware')}; code: wnorm "
-                 f"{first.version.get('wnorm')}, torch {first.version.get('torch')}, git "
-                 f"{str(first.version.get('git_commit'))[:10]}"
-                 + (" (dirty)" if first.version.get("git_dirty") else ""))
+    code: dict[str, list[str]] = defaultdict(list)  # code version -> the models run with it
+    for r in sorted(runs, key=lambda r: MODELS.index(r.config["model"])):
+        v = r.version
+        key = (f"{v.get('hardware')}; wnorm {v.get('wnorm')}, torch {v.get('torch')}, git "
+               f"{str(v.get('git_commit'))[:10]}" + (" (dirty)" if v.get("git_dirty") else ""))
+        if r.config["model"].upper() not in code[key]:
+            code[key].append(r.config["model"].upper())
+    for key, models in code.items():
+        lines.append(f"- Hardware and code ({', '.join(models)}): {key}")
     sections: list[str] = []
     answers: list[str] = []
+    short: dict[tuple[str, str], str] = {}  # (model, variant) -> the overview table's cell
     summary = ["| model | variant | measure | variant - normal, per seed | verdict |",
                "|---|---|---|---|---|"]
     for model, by_variant in groups.items():
@@ -794,6 +800,8 @@ def report(paths: list[Path], out: Path) -> str:
                 "bestep": {r.config["seed"]: float(r.best()["epoch"]) for r in rs},
             }
             measures[variant] = m
+            short[model, variant] = (f"{_ms(list(m['test'].values()), 1).split(' (')[0]} / "
+                                     f"{_ms(list(m['early'].values()), 3).split(' (')[0]}")
             gone = left_out.get((model, variant))
             note = f" (left out: {', '.join(gone)})" if gone else ""
             sec = statistics.fmean(r.seconds_per_epoch() for r in rs)
@@ -831,11 +839,24 @@ def report(paths: list[Path], out: Path) -> str:
                 for what, rows in found.items()]
         answers += [f"- {a}" for a in said]
         lines += [""] + [f"- {a}" for a in said]
-    head = lines[:lines.index(sections[0])] if sections else lines
+    cut = lines.index(sections[0]) if sections else len(lines)
+    head = lines[:cut]
+    shown = [v for v in VARIANTS if any((m, v) in short for m in groups)]
+    overview = ["| model (seeds) | " + " | ".join(shown) + " |",
+                "|---|" + "---|" * len(shown)]
+    for model, by_variant in groups.items():
+        if by_variant:
+            seeds = min(len(rs) for rs in by_variant.values())
+            overview.append(f"| {model.upper()} ({seeds}) | "
+                            + " | ".join(short.get((model, v), "n/a") for v in shown) + " |")
+    early_note = sorted({line.split("train loss at epoch ")[1].split(" |")[0]
+                         for line in lines if line.startswith("| variant | seeds |")})
+    head += ["Test accuracy (%) at the best validation epoch / training loss at epoch "
+             f"{', '.join(early_note)}, mean ± std over seeds:", ""] + overview + [""]
     text = "\n".join(head + ["![training loss and validation accuracy](graph.png)", "",
                              "## What the data say (each variant against normal, paired by seed)",
                              "", _chance_note(groups), ""] + answers + ["", "## Summary", ""]
-                     + summary + [""] + lines[len(head):]) + "\n"
+                     + summary + [""] + lines[cut:]) + "\n"
     (out / "report.md").write_text(text)
     return text
 

@@ -162,11 +162,14 @@ def test_quick_run_writes_run_folders_report_and_plot(tmp_path: Path) -> None:
         assert ("data init on all 200 nodes" in log) == name.rsplit("-s", 1)[0].endswith("-init")
     md = (out / "report.md").read_text()
     assert (out / "graph.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| model (seeds) | normal | normal-init | weightnorm | weightnorm-init |" in md
     for model in ("GCN", "SAGE", "GAT"):
+        assert f"| {model} (2) | " in md
         assert f"## {model}" in md and f"**{model}, test accuracy at the best validation" in md
         for v in G.VARIANTS:
             assert f"| {v} | 2 |" in md
     assert "200 Fashion-MNIST training images as nodes" in md and "Ran `python -m " in md
+    assert "Hardware and code (GCN, SAGE, GAT): " in md
     assert "(either side) with 2 seeds (GCN, SAGE, GAT), 50% of the time" in md
     session = json.loads((out / "sessions.jsonl").read_text())
     assert session["runs"] == 24 and session["wall_s"] > 0
