@@ -1,0 +1,966 @@
+r"""Graph networks on a k-nearest-neighbour graph of Fashion-MNIST: normal vs weight norm.
+
+Semi-supervised node classification. The nodes are ``nodes`` Fashion-MNIST training images (a
+fixed random draw); each node's features are its pixels' first ``pca`` principal components
+(centered, not whitened); each node is joined to its ``k`` nearest neighbours in that feature
+space (Euclidean), made undirected (an edge if either end is among the other's ``k``). Per
+seed, ``labels_per_class`` labelled nodes per class train the network, ``val_nodes`` others
+validate, every other node is test. A two-layer network, full batch,
+
+.. math::
+    \text{logits} = \mathrm{conv}_2\big(\mathrm{drop}(\phi(\mathrm{conv}_1(\mathrm{drop}(X),
+    A))), A\big),
+
+with GCNConv (:math:`\hat A = D^{-1/2}(A+I)D^{-1/2}`, ReLU), SAGEConv (mean of the neighbours
+plus a root weight, ReLU) or GATConv (``heads`` attention heads, ELU) from torch_geometric,
+Adam, cross-entropy on the labelled nodes. Variants (same seed: same split, same starting
+weights, same dropout draws):
+
+- ``normal``: the convolutions as torch_geometric initializes them;
+- ``normal-init``: the paper's normal-parameterization baseline, the same weights rescaled by
+  the data-dependent init, :math:`w = s\,w_0/\sigma[w_0\cdot x]`, bias :math:`-\mu s/\sigma`,
+  then trained as plain weights. Made by ``wnorm.apply``, ``wnorm.data_init`` and
+  ``wnorm.fold`` (v starts as :math:`w_0`, so :math:`g\,v/\lVert v\rVert` after the init is
+  that w): ``data_init(include_plain=True)`` leaves torch_geometric's plain Linears alone;
+- ``weightnorm``: ``wnorm.apply(model)``, :math:`w = g\,v/\lVert v\rVert` on every Linear inside
+  the convolutions, starting as the same function as ``normal``, no data init;
+- ``weightnorm-init``: the same, then ``wnorm.data_init(model, (x, edge_index))`` on the whole
+  graph: GCN's and SAGE's outputs are standardized as a whole, GAT's per Linear.
+
+The init pass runs in eval mode (no dropout) on every node's features (the graph is
+transductive: every node is seen, only the training labels are used). Training passes the
+adjacency as a sparse CSR matrix (several times faster on a CPU than ``edge_index`` without
+torch-scatter); the init pass passes ``edge_index`` (``data_init`` checks its inputs for NaN,
+which a sparse tensor does not support); both compute the same function (tested).
+
+Run (from the repository root; the committed results, whose ``sessions.jsonl`` says how long
+they took)::
+
+    python -m experiments.graph --out results/graph
+    python -m experiments.graph --models gat --seeds 0,1,2 --out results/graph  # GAT: ~6x slower
+    python -m experiments.graph --report-only --out results/graph   # redraw the report
+
+Each (model, variant, seed) writes ``<out>/graph-<model>-<variant>-s<seed>/`` (``config.json``
+with the graph's statistics, ``version.json``, ``log.txt``, ``metrics.jsonl``: one line per
+epoch with ``train_loss`` (the step's loss, dropout on), ``val_loss``, ``train_acc``,
+``val_acc``, ``test_acc`` (eval mode, after the step); the last line of each ``--log-every``
+chunk also has ``seconds``, the training time so far; a run whose loss stops being finite
+ends with ``{"epoch": e, "diverged": true}``). Then ``<out>/report.md`` and ``<out>/graph.png``
+are generated from every graph run folder under ``<out>``, and ``<out>/sessions.jsonl`` gets
+the invocation's command, wall time, CPU time and the machine's load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import statistics
+import sys
+import time
+import warnings
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import wnorm
+from wnorm import WnormError
+
+from .common import (RunFolder, add_options, check_config, config_from_args, precision_info,
+                     progress, read_jsonl, read_run_files, refuse_existing, resolve_device,
+                     run_folders, setting_key, split_list)
+from .data import load_fashion_mnist
+
+__all__ = ["GraphConfig", "Graph", "GraphNet", "MODELS", "VARIANTS", "QUICK", "knn_graph",
+           "build_graph", "build_model", "split_nodes", "train_one", "report", "main"]
+
+
+# --------------------------------------------------------------------------- defaults
+@dataclass
+class GraphConfig:
+    """One run; the defaults are the committed run (sessions.jsonl says how long it took)."""
+
+    experiment: str = "graph"
+    model: str = "gcn"  # gcn | sage | gat
+    variant: str = "weightnorm"  # normal | normal-init | weightnorm | weightnorm-init
+    seed: int = 0  # the split (which nodes are labelled), the weights, the dropout draws
+    data_dir: str | None = None  # default: /usr/share/datasets/fashion-mnist, then the cache
+    nodes: int = 10000  # Fashion-MNIST training images, one fixed draw for every seed
+    pca: int = 64  # features: the first principal components of the pixels (0: raw pixels)
+    k: int = 10  # neighbours per node before the graph is made undirected
+    labels_per_class: int = 20  # labelled training nodes per class (Planetoid's count)
+    val_nodes: int = 1000
+    hidden: int = 64  # GAT: heads x hidden/heads
+    heads: int = 4  # GAT only
+    dropout: float = 0.5  # on the input features and the hidden layer (Kipf & Welling)
+    lr: float = 0.01
+    weight_decay: float = 0.0  # off: it acts differently on w and on (g, v) (on v it only
+    #                             changes the effective step size), a comparison of its own
+    epochs: int = 60  # validation accuracy was flat after epoch ~30 in trial runs of 100-200
+    init_scale: float = 1.0
+    log_every: int = 10  # epochs between host syncs, log lines and metrics writes
+    out: str = "runs/graph"
+    threads: int | None = 1  # on 2 shared cores, 2 threads ran several times slower
+    device: str = "auto"
+
+
+MODELS = ("gcn", "sage", "gat")
+VARIANTS = ("normal", "normal-init", "weightnorm", "weightnorm-init")
+DEFAULT_MODELS = "gcn,sage"  # GAT's attention softmax is several times slower on a CPU
+DEFAULT_SEEDS = "0,1,2,3,4"  # with 3, no effect at all looks "consistent" one time in four
+#: --quick: tiny sizes that run in seconds (for tests)
+QUICK = {"nodes": 200, "pca": 16, "k": 5, "labels_per_class": 2, "val_nodes": 40, "hidden": 8,
+         "heads": 2, "epochs": 6, "log_every": 4}
+CLASSES = 10
+TARGET_FRACTION = 0.9  # report: "epochs to" this fraction of the lowest mean best val accuracy
+# ---------------------------------------------------------------------------------------------
+
+# the fields common.RULES does not know: (test, what it must be)
+_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "nodes": (lambda v: isinstance(v, int) and v >= 2, "an integer >= 2"),
+    "pca": (lambda v: isinstance(v, int) and 0 <= v <= 784, "an integer in [0, 784]"),
+    "k": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+    "labels_per_class": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+    "val_nodes": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+    "heads": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+    "weight_decay": (lambda v: isinstance(v, float) and math.isfinite(v) and v >= 0,
+                     "a finite number >= 0"),
+}
+
+
+def check_graph_config(cfg: GraphConfig) -> None:
+    """:func:`experiments.common.check_config` plus this experiment's fields and their sizes.
+
+    Raises:
+        WnormError: ``--option must be ...; got value`` (or which two options disagree).
+    """
+    check_config(cfg)
+    for name, (ok, what) in _RULES.items():
+        value = getattr(cfg, name)
+        if not ok(value):
+            raise WnormError(f"--{name.replace('_', '-')} must be {what}; got {value!r}")
+    if cfg.model not in MODELS:
+        raise WnormError(f"--models: unknown {cfg.model!r}; expected some of {list(MODELS)}")
+    if cfg.variant not in VARIANTS:
+        raise WnormError(f"--variants: unknown {cfg.variant!r}; expected some of "
+                         f"{list(VARIANTS)}")
+    labelled = cfg.labels_per_class * CLASSES
+    if labelled + cfg.val_nodes >= cfg.nodes:
+        raise WnormError(f"--labels-per-class {cfg.labels_per_class} x {CLASSES} classes + "
+                         f"--val-nodes {cfg.val_nodes} leave no test node of --nodes "
+                         f"{cfg.nodes}")
+    if cfg.k >= cfg.nodes:
+        raise WnormError(f"--k {cfg.k} must be smaller than --nodes {cfg.nodes}")
+    if cfg.pca > cfg.nodes:
+        raise WnormError(f"--pca {cfg.pca} components need at least as many --nodes; got "
+                         f"{cfg.nodes}")
+    if cfg.model == "gat" and cfg.hidden % cfg.heads:
+        raise WnormError(f"--hidden {cfg.hidden} must be a multiple of --heads {cfg.heads} "
+                         "(GAT's hidden layer is heads x hidden/heads)")
+
+
+# --------------------------------------------------------------------------- the graph
+def knn_graph(x: Tensor, k: int, block: int = 1024) -> Tensor:
+    r"""The undirected k-nearest-neighbour graph of the rows of ``x`` (Euclidean), as an
+    ``edge_index`` ``(2, E)``: :math:`\{i, j\}` is an edge when j is among i's k nearest rows
+    or i among j's; no self-loops; both directions listed, sorted by target then source.
+
+    Distances are computed ``block`` rows at a time (memory ``block x N``), so a 10k-node graph
+    needs no pyg-lib or torch-cluster (which ``torch_geometric.nn.knn_graph`` requires). Among
+    equal distances, ``torch.topk`` chooses.
+
+    Raises:
+        WnormError: ``k`` is not in [1, N).
+
+    Example:
+        >>> knn_graph(torch.tensor([[0.0], [1.0], [3.0], [7.0]]), k=1).tolist()
+        [[1, 0, 2, 1, 3, 2], [0, 1, 1, 2, 2, 3]]
+    """
+    n = x.shape[0]
+    if not 1 <= k < n:
+        raise WnormError(f"knn_graph: k must be in [1, {n}) for {n} nodes; got {k}")
+    nbrs = []
+    for start in range(0, n, block):
+        d = torch.cdist(x[start:start + block], x)
+        rows = torch.arange(d.shape[0], device=x.device)
+        d[rows, rows + start] = math.inf  # not one's own neighbour
+        nbrs.append(d.topk(k, dim=1, largest=False).indices)
+    src = torch.cat(nbrs).reshape(-1)
+    dst = torch.arange(n, device=x.device).repeat_interleave(k)
+    both = torch.cat([torch.stack([src, dst]), torch.stack([dst, src])], dim=1)
+    key = torch.unique(both[1] * n + both[0])  # dedupe and sort by (target, source)
+    return torch.stack([key % n, key // n])
+
+
+@dataclass
+class Graph:
+    """The node features ``x`` (N, F), labels ``y`` (N,), the ``edge_index`` of
+    :func:`knn_graph`, its adjacency ``adj`` (sparse CSR, ones) and the GCN-normalized
+    :math:`\\hat A` both as ``gcn_adj`` (sparse CSR) and as ``gcn_edge_index`` +
+    ``gcn_edge_weight`` (with the self-loops); ``info`` describes them for config.json."""
+
+    x: Tensor
+    y: Tensor
+    edge_index: Tensor
+    adj: Tensor
+    gcn_edge_index: Tensor
+    gcn_edge_weight: Tensor
+    gcn_adj: Tensor
+    info: dict[str, Any]
+
+    def to(self, device: torch.device) -> Graph:
+        moved = {f.name: getattr(self, f.name).to(device) for f in fields(self)
+                 if isinstance(getattr(self, f.name), Tensor)}
+        return Graph(**moved, info=self.info)
+
+    def inputs(self, model: str, sparse: bool) -> tuple[Tensor, ...]:
+        """The model's positional inputs: sparse adjacency (the fast path for training) or
+        edge_index (what ``wnorm.data_init`` takes: it checks its inputs for NaN, which a
+        sparse tensor does not support)."""
+        if model == "gcn":
+            return ((self.x, self.gcn_adj) if sparse
+                    else (self.x, self.gcn_edge_index, self.gcn_edge_weight))
+        return (self.x, self.adj) if sparse else (self.x, self.edge_index)
+
+
+def build_graph(cfg: GraphConfig, *, echo: Callable[[str], None] = print) -> Graph:
+    """Load ``cfg.nodes`` Fashion-MNIST training images and build :class:`Graph` from them.
+
+    Raises:
+        WnormError: the data is missing or malformed (the message says how to get it).
+    """
+    from torch_geometric.nn.conv.gcn_conv import gcn_norm
+    from torch_geometric.utils import to_torch_csr_tensor
+
+    t0 = time.perf_counter()
+    data = load_fashion_mnist(cfg.data_dir, train_subset=cfg.nodes, test_subset=1)
+    if data.x_train.shape[0] != cfg.nodes:
+        raise WnormError(f"graph: --nodes {cfg.nodes} but the training set has "
+                         f"{data.x_train.shape[0]} images")
+    pixels = data.x_train.flatten(1).double()  # float64: the covariance sums 10k rows
+    centered = pixels - pixels.mean(0)
+    if cfg.pca:
+        evals, evecs = torch.linalg.eigh(centered.T @ centered / len(centered))
+        x = (centered @ evecs[:, -cfg.pca:].flip(1)).float()  # largest component first
+        explained = float(evals[-cfg.pca:].sum() / evals.sum())
+    else:
+        x, explained = data.x_train.flatten(1), 1.0
+    y = data.y_train
+    n = len(y)
+    edge_index = knn_graph(x, cfg.k)
+    adj = to_torch_csr_tensor(edge_index, size=(n, n))
+    gcn_ei, gcn_w = gcn_norm(edge_index, None, n, add_self_loops=True)
+    gcn_adj = to_torch_csr_tensor(gcn_ei, gcn_w, size=(n, n))
+    degree = torch.bincount(edge_index[1], minlength=n).float()
+    info = {
+        "data": data.describe() | {"test": 0},  # the test images are not used
+        "nodes": n, "features": int(x.shape[1]),
+        "features_from": f"the first {cfg.pca} principal components of the pixels "
+                         f"((x - 127.5)/128), {100 * explained:.1f}% of their variance"
+                         if cfg.pca else "the pixels, (x - 127.5)/128",
+        "edges_undirected": int(edge_index.shape[1]) // 2,
+        "degree_mean": float(degree.mean()), "degree_max": int(degree.max()),
+        # the fraction of edges joining two nodes of the same class
+        "edge_homophily": float((y[edge_index[0]] == y[edge_index[1]]).float().mean()),
+        "build_seconds": round(time.perf_counter() - t0, 2),
+    }
+    echo(f"graph: {n} nodes, {info['edges_undirected']} undirected edges (k {cfg.k}, mean "
+         f"degree {info['degree_mean']:.1f}), {info['features']} features, edge homophily "
+         f"{info['edge_homophily']:.3f}; built in {info['build_seconds']:.1f} s")
+    return Graph(x, y, edge_index, adj, gcn_ei, gcn_w, gcn_adj, info)
+
+
+def split_nodes(y: Tensor, labels_per_class: int, val_nodes: int, seed: int
+                ) -> tuple[Tensor, Tensor, Tensor]:
+    """``(train, val, test)`` node indices: the first ``labels_per_class`` nodes of each class
+    in a seeded random order, then the next ``val_nodes`` of that order, then the rest.
+
+    Raises:
+        WnormError: a class has fewer than ``labels_per_class`` nodes, or no node is left to
+            test.
+    """
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    train = []
+    for c in range(CLASSES):
+        of_c = order[y[order] == c]
+        if len(of_c) < labels_per_class:
+            raise WnormError(f"graph: class {c} has {len(of_c)} nodes, fewer than "
+                             f"--labels-per-class {labels_per_class}")
+        train.append(of_c[:labels_per_class])
+    train_t = torch.cat(train)
+    rest = order[~torch.isin(order, train_t)]
+    if len(rest) <= val_nodes:
+        raise WnormError(f"graph: {len(rest)} unlabelled nodes leave none to test after "
+                         f"--val-nodes {val_nodes}")
+    return train_t, rest[:val_nodes], rest[val_nodes:]
+
+
+# --------------------------------------------------------------------------- the network
+class GraphNet(nn.Module):
+    """``conv2(drop(act(conv1(drop(x), A))), A)``: two torch_geometric convolutions."""
+
+    def __init__(self, model: str, in_dim: int, hidden: int, classes: int, heads: int = 4,
+                 dropout: float = 0.5) -> None:
+        from torch_geometric.nn import GATConv, GCNConv, SAGEConv
+
+        super().__init__()
+        self.dropout = dropout
+        self.act: Callable[[Tensor], Tensor] = F.elu if model == "gat" else F.relu
+        if model == "gcn":  # Â is computed once (Graph.gcn_adj), not in every forward
+            self.conv1 = GCNConv(in_dim, hidden, normalize=False)
+            self.conv2 = GCNConv(hidden, classes, normalize=False)
+        elif model == "sage":
+            self.conv1, self.conv2 = SAGEConv(in_dim, hidden), SAGEConv(hidden, classes)
+        elif model == "gat":
+            self.conv1 = GATConv(in_dim, hidden // heads, heads=heads)
+            self.conv2 = GATConv(hidden, classes, heads=1)
+        else:
+            raise WnormError(f"graph: unknown model {model!r}; expected one of {list(MODELS)}")
+
+    def forward(self, x: Tensor, adj: Tensor, edge_weight: Tensor | None = None) -> Tensor:
+        extra = () if edge_weight is None else (edge_weight,)
+        h = self.drop(x)
+        h = self.drop(self.act(self.conv1(h, adj, *extra)))
+        return self.conv2(h, adj, *extra)
+
+    def drop(self, h: Tensor) -> Tensor:
+        """Inverted dropout, :math:`h\\,m/(1-p)` with :math:`m \\sim` Bernoulli(1-p) per
+        element, drawn as ``rand >= p``: on a CPU this took half of ``F.dropout``'s time
+        (``bernoulli_``), a third of an epoch."""
+        if not self.training or self.dropout == 0:
+            return h
+        return h * (torch.rand_like(h) >= self.dropout) / (1 - self.dropout)
+
+
+def build_model(cfg: GraphConfig, graph: Graph) -> tuple[GraphNet, str]:
+    """The network of ``cfg.variant`` (seeded by ``cfg.seed``, on ``graph``'s device) and the
+    data init's report (``""`` for the variants without one)."""
+    torch.manual_seed(cfg.seed)  # the same starting weights for every variant of a seed
+    net = GraphNet(cfg.model, graph.x.shape[1], cfg.hidden, CLASSES, cfg.heads, cfg.dropout)
+    net = net.to(graph.x.device)
+    if cfg.variant == "normal":
+        return net, ""
+    wnorm.apply(net)  # torch_geometric's Linear is among the default types
+    rep = ""
+    if cfg.variant.endswith("-init"):
+        net.eval()  # the init pass without dropout
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # torch_geometric's jit use
+            rep = str(wnorm.data_init(net, graph.inputs(cfg.model, sparse=False),
+                                      init_scale=cfg.init_scale))
+        net.train()
+    if cfg.variant == "normal-init":
+        wnorm.fold(net)  # plain weights again, holding the initialized w = g v/||v||
+    return net, rep
+
+
+# --------------------------------------------------------------------------- training
+def run_name(cfg: GraphConfig) -> str:
+    return f"graph-{cfg.model}-{cfg.variant}-s{cfg.seed}"
+
+
+def train_one(cfg: GraphConfig, graph: Graph, echo: bool = True, *, overwrite: bool = False,
+              progress_bar: bool = False) -> RunFolder:
+    """Train ``cfg.model``/``cfg.variant`` with ``cfg.seed`` on ``graph``; writes and returns
+    the run folder. The device is waited for once every ``cfg.log_every`` epochs.
+
+    Raises:
+        WnormError: a bad setting, or the folder already holds a run and ``overwrite`` is
+            False (before the folder is touched).
+    """
+    check_graph_config(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    g = graph.to(device)
+    train, val, test = (t.to(device) for t in split_nodes(
+        graph.y, cfg.labels_per_class, cfg.val_nodes, cfg.seed))
+    net, init_report = build_model(cfg, g)
+    inputs = g.inputs(cfg.model, sparse=True)
+    n_params = sum(p.numel() for p in net.parameters())
+    name = run_name(cfg)
+    extra = {"graph": graph.info, "split": {"train": len(train), "val": len(val),
+                                            "test": len(test)},
+             "parameters": n_params, "precision": precision_info(device)}
+    with RunFolder(Path(cfg.out) / name, cfg, device, extra, echo=echo,
+                   overwrite=overwrite) as folder:
+        log = folder.log
+        log(f"{name}: {len(train)} labelled / {len(val)} val / {len(test)} test nodes, "
+            f"{n_params:,} parameters, device {device}")
+        if init_report:
+            log(f"data init on all {g.x.shape[0]} nodes (eval mode):\n{init_report}")
+        opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        # per epoch: train loss, val loss, train acc, val acc, test acc (on the device)
+        stats = torch.zeros(cfg.epochs, 5, device=device)
+        keys = ("train_loss", "val_loss", "train_acc", "val_acc", "test_acc")
+        t0, done = time.perf_counter(), 0
+        with progress(cfg.epochs, f"{name}", progress_bar) as bar:
+            for epoch in range(cfg.epochs):
+                net.train()
+                loss = F.cross_entropy(net(*inputs)[train], g.y[train])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                net.eval()
+                with torch.no_grad():
+                    logits = net(*inputs)
+                    right = logits.argmax(1) == g.y
+                    stats[epoch] = torch.stack([
+                        loss.detach(), F.cross_entropy(logits[val], g.y[val]),
+                        right[train].float().mean(), right[val].float().mean(),
+                        right[test].float().mean()])
+                if bar is not None:
+                    bar.update(1)
+                if (epoch + 1) % cfg.log_every and epoch + 1 < cfg.epochs:
+                    continue
+                rows = stats[done:epoch + 1].tolist()  # the chunk's one wait
+                seconds = time.perf_counter() - t0
+                for i, r in enumerate(rows, done + 1):
+                    if not all(math.isfinite(v) for v in r):
+                        folder.write({"epoch": i, "diverged": True})
+                        log(f"epoch {i}: a loss became non-finite ({r}); diverged, stopping "
+                            f"this run (a lower --lr may help)")
+                        return folder
+                    row = {"epoch": i} | dict(zip(keys, r))
+                    if i == epoch + 1:
+                        row["seconds"] = round(seconds, 3)
+                    folder.write(row)
+                done = epoch + 1
+                last = dict(zip(keys, rows[-1]))
+                log(f"epoch {done}/{cfg.epochs}  train loss {last['train_loss']:.4f}  val loss "
+                    f"{last['val_loss']:.4f}  acc train {100 * last['train_acc']:.1f}% val "
+                    f"{100 * last['val_acc']:.2f}% test {100 * last['test_acc']:.2f}%  "
+                    f"{seconds:.1f}s")
+    return folder
+
+
+# --------------------------------------------------------------------------- report
+@dataclass
+class _Run:
+    folder: Path
+    config: dict[str, Any]
+    version: dict[str, Any]
+    rows: list[dict[str, Any]]
+
+    @property
+    def diverged(self) -> bool:
+        return any(r.get("diverged") for r in self.rows)
+
+    @property
+    def finished(self) -> bool:
+        """Trained every epoch of its config (not diverged, not stopped half-way)."""
+        return not self.diverged and self.rows[-1].get("epoch") == self.config["epochs"]
+
+    def curve(self, key: str) -> list[float]:
+        return [r[key] for r in self.rows if not r.get("diverged")]
+
+    def best(self) -> dict[str, Any]:
+        """The epoch of the best validation accuracy (the first, among ties)."""
+        ok = [r for r in self.rows if not r.get("diverged")]
+        return max(ok, key=lambda r: (r["val_acc"], -r["epoch"]))
+
+    def seconds_per_epoch(self) -> float:
+        timed = [r for r in self.rows if "seconds" in r]
+        return timed[-1]["seconds"] / timed[-1]["epoch"] if timed else math.nan
+
+
+#: the options that may differ between the runs of one comparison (they do not change what
+#: is trained, or they are what is compared)
+_PER_RUN = frozenset({"variant", "seed", "out", "threads", "device", "data_dir", "log_every"})
+
+
+def _setting(config: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    """What must agree between the runs of one model in one report: the options but
+    :data:`_PER_RUN`."""
+    return setting_key({f.name: config.get(f.name) for f in fields(GraphConfig)}, _PER_RUN)
+
+
+def _refuse_mixed(runs: list[tuple[dict[str, Any], Path]]) -> None:
+    """Refuse two runs of one model with different settings (one report would average them).
+
+    Raises:
+        WnormError: naming both folders and the options that differ.
+    """
+    first: dict[str, tuple[dict[str, Any], Path]] = {}
+    for config, folder in runs:
+        model = config["model"]
+        if model not in first:
+            first[model] = (config, folder)
+        elif _setting(config) != _setting(first[model][0]):
+            other, where = first[model]
+            differ = [f"--{f.name.replace('_', '-')} {other.get(f.name)} vs "
+                      f"{config.get(f.name)}" for f in fields(GraphConfig)
+                      if f.name not in _PER_RUN and other.get(f.name) != config.get(f.name)]
+            raise WnormError(f"graph: {where} and {folder} are {model} runs with different "
+                             f"settings ({', '.join(differ)}); use another --out for one of "
+                             "them")
+
+
+def _existing_runs(out: Path) -> list[_Run]:
+    """The graph run folders already in ``out`` (none if it does not exist)."""
+    if not out.is_dir():
+        return []
+    found = []
+    for folder in run_folders([out], "graph"):
+        config, version, rows = read_run_files(folder)
+        if config.get("experiment") == "graph":
+            found.append(_Run(folder, config, version, rows))
+    return found
+
+
+def _load_runs(paths: list[Path]) -> list[_Run]:
+    runs = []
+    for folder in run_folders(paths, "graph report"):
+        config, version, rows = read_run_files(folder)
+        if config.get("experiment") != "graph":
+            continue
+        if not rows:
+            raise WnormError(f"graph report: {folder} has no metrics (an unfinished run?); "
+                             "finish or remove it")
+        runs.append(_Run(folder, config, version, rows))
+    if not runs:
+        raise WnormError(f"graph report: no graph run folders in {', '.join(map(str, paths))}")
+    seen: dict[tuple[str, str, int], Path] = {}
+    for r in runs:
+        key = (r.config["model"], r.config["variant"], r.config["seed"])
+        if key in seen:
+            raise WnormError(f"graph report: {seen[key]} and {r.folder} are both {key}; report "
+                             "one of them")
+        seen[key] = r.folder
+    return runs
+
+
+def _ms(values: list[float], digits: int = 2) -> str:
+    """``mean ± std (min to max)`` over seeds."""
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return "n/a"
+    m = statistics.fmean(values)
+    if len(values) < 2:
+        return f"{m:.{digits}f}"
+    return (f"{m:.{digits}f} ± {statistics.stdev(values):.{digits}f} "
+            f"({min(values):.{digits}f} to {max(values):.{digits}f})")
+
+
+def _first_epoch(curve: list[float], target: float) -> float:
+    """The first epoch (1-based) at which ``curve`` reaches ``target``; NaN if it never does."""
+    return next((i + 1.0 for i, v in enumerate(curve) if v >= target), math.nan)
+
+
+def _reached(values: list[float], digits: int = 1) -> str:
+    """:func:`_ms` over the seeds that reached the target, saying how many did not."""
+    missed = sum(math.isnan(v) for v in values)
+    if missed == len(values):
+        return f"not reached ({missed}/{len(values)} seeds)"
+    return _ms(values, digits) + (f"; {missed}/{len(values)} seeds never" if missed else "")
+
+
+def _paired(base: dict[int, float], other: dict[int, float], higher_better: bool,
+            digits: int) -> tuple[str, str]:
+    """The per-seed difference other - base (``mean ± std``, seeds better) and a verdict."""
+    seeds = [s for s in sorted(set(base) & set(other))
+             if not (math.isnan(other[s]) or math.isnan(base[s]))]
+    diffs = [other[s] - base[s] for s in seeds]
+    if not diffs:
+        return "n/a", "no seed measured on both sides"
+    better = sum((d > 0) == higher_better and d != 0 for d in diffs)
+    worse = sum((d < 0) == higher_better and d != 0 for d in diffs)
+    m = statistics.fmean(diffs)
+    sd = statistics.stdev(diffs) if len(diffs) > 1 else math.nan
+    left = len(set(base) | set(other)) - len(diffs)
+    text = (f"{m:+.{digits}f}" + (f" ± {sd:.{digits}f}" if not math.isnan(sd) else "")
+            + f" ({better}/{len(diffs)} seeds better"
+            + (f"; {left} seed(s) not measured on both sides" if left else "") + ")")
+    b = [base[s] for s in seeds]
+    o = [other[s] for s in seeds]
+    apart = max(o) < min(b) or max(b) < min(o)
+    if len(diffs) < 2:
+        verdict = "one seed: no spread to judge by"
+    elif better == len(diffs) and apart:
+        verdict = "better on every seed, the seed ranges apart"
+    elif worse == len(diffs) and apart:
+        verdict = "worse on every seed, the seed ranges apart"
+    elif better == len(diffs):
+        verdict = "better on every seed, but the seed ranges overlap"
+    elif worse == len(diffs):
+        verdict = "worse on every seed, but the seed ranges overlap"
+    elif better == worse == 0:
+        verdict = "tied on every seed: no difference measured"
+    elif worse == 0 or better == 0:  # the rest are ties (epoch counts are integers)
+        some = better or worse
+        verdict = (f"{'better' if worse == 0 else 'worse'} on {some} seed{'s' * (some > 1)}, "
+                   f"tied on {len(diffs) - some}: within noise")
+    else:
+        verdict = "mixed across seeds: within noise"
+    return text, verdict
+
+
+def _chance_note(groups: dict[str, dict[str, list[_Run]]]) -> str:
+    """How often chance alone puts a variant on one side of normal on every seed."""
+    by_n: dict[int, list[str]] = defaultdict(list)
+    for model, by_variant in groups.items():
+        if by_variant:
+            by_n[min(len(rs) for rs in by_variant.values())].append(model.upper())
+    said = [f"with {n} seeds ({', '.join(models)}), {2 * 0.5 ** n:.0%} of the time"
+            for n, models in sorted(by_n.items(), reverse=True)]
+    return ("A variant with no real effect comes out on the same side of normal on every seed "
+            f"(either side) {'; '.join(said)}; the seed ranges lying apart is the stronger "
+            "sign.")
+
+
+def _answer(rows: list[tuple[str, str, str]]) -> str:
+    """One sentence from ``(variant, paired difference, verdict)`` rows: the variants that are
+    better or worse than normal on every seed, and those within noise, each with its spread."""
+    def listed(rs: list[tuple[str, str, str]]) -> str:
+        return ", ".join(f"{v} {t.split(' (')[0]}" for v, t, _ in rs)
+
+    better = [r for r in rows if r[2].startswith("better on every seed")]
+    worse = [r for r in rows if r[2].startswith("worse on every seed")]
+    rest = [r for r in rows if r not in better and r not in worse]
+    parts = []
+    for group, word in ((better, "better than normal on every seed"),
+                        (worse, "worse than normal on every seed")):
+        if group:
+            apart = [v for v, _, verdict in group if "apart" in verdict]
+            how = ("the seed ranges apart" if len(apart) == len(group) else
+                   "the seed ranges overlapping" if not apart else
+                   f"the seed ranges apart for {', '.join(apart)} only")
+            parts.append(f"{word}: {listed(group)} ({how})")
+    if rest:
+        each = ", ".join(f"{v} {t.split(' (')[0]} ({verdict.split(':')[0]})"
+                         for v, t, verdict in rest)
+        parts.append(("no variant differs from normal beyond the seed-to-seed noise"
+                      if len(rest) == len(rows) else "within noise") + f": {each}")
+    return "; ".join(parts) + "."
+
+
+def _plot(groups: dict[str, dict[str, list[_Run]]], png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"normal": "tab:gray", "normal-init": "tab:green", "weightnorm": "tab:blue",
+              "weightnorm-init": "tab:orange"}
+    models = [m for m in groups if groups[m]]
+    fig, axes = plt.subplots(len(models), 2, figsize=(12, 3.6 * len(models)), squeeze=False)
+    for row, model in enumerate(models):
+        for variant, runs in groups[model].items():
+            for col, key, scale in ((0, "train_loss", 1.0), (1, "val_acc", 100.0)):
+                curves = [[scale * v for v in r.curve(key)] for r in runs]
+                n = min(len(c) for c in curves)
+                cols = [[c[i] for c in curves] for i in range(n)]
+                x = list(range(1, n + 1))
+                mean = [statistics.fmean(c) for c in cols]
+                ax = axes[row][col]
+                ax.plot(x, mean, color=colors.get(variant), label=f"{variant} ({len(runs)} "
+                                                                   "seeds)")
+                ax.fill_between(x, [min(c) for c in cols], [max(c) for c in cols],
+                                color=colors.get(variant), alpha=0.18, linewidth=0)
+        axes[row][0].set(title=f"{model.upper()}: training loss (labelled nodes, dropout on)",
+                         xlabel="epoch (one full-batch step)", yscale="log")
+        axes[row][1].set(title=f"{model.upper()}: validation accuracy (%)",
+                         xlabel="epoch (log scale: the first epochs are where they differ)",
+                         xscale="log")
+        for ax in axes[row]:
+            ax.grid(alpha=0.3)
+        axes[row][1].legend(fontsize=8, loc="lower right")
+    fig.suptitle("mean over seeds; band: min to max over seeds", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def _sessions(out: Path, runs: list[_Run]) -> list[dict[str, Any]]:
+    """The invocations in ``out/sessions.jsonl`` that made at least one of ``runs`` (a run
+    trained again with ``--overwrite`` belongs to the later invocation only)."""
+    rows = read_jsonl(out / "sessions.jsonl")
+    latest = {name: i for i, s in enumerate(rows) for name in s.get("run_names", [])}
+    present = {r.folder.name for r in runs}
+    return [s for i, s in enumerate(rows)
+            if any(latest.get(n) == i and n in present for n in s.get("run_names", []))]
+
+
+def report(paths: list[Path], out: Path) -> str:
+    """``out/report.md`` and ``out/graph.png`` from the graph run folders in ``paths``;
+    returns the markdown.
+
+    Raises:
+        WnormError: no graph run folder, one without metrics, or two for one (model, variant,
+            seed).
+    """
+    runs = _load_runs(paths)
+    # the numbers and curves come from the finished runs; the others are counted
+    groups: dict[str, dict[str, list[_Run]]] = defaultdict(lambda: defaultdict(list))
+    left_out: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for r in sorted(runs, key=lambda r: (MODELS.index(r.config["model"]),
+                                         VARIANTS.index(r.config["variant"]),
+                                         r.config["seed"])):
+        key = (r.config["model"], r.config["variant"])
+        if r.finished:
+            groups[key[0]][key[1]].append(r)
+        else:
+            left_out[key].append(f"seed {r.config['seed']} "
+                                 + ("diverged" if r.diverged else "unfinished"))
+    _refuse_mixed([(r.config, r.folder) for r in runs])
+    for (model, variant), why in left_out.items():
+        if not groups[model][variant]:
+            del groups[model][variant]
+    if not any(groups.values()):
+        raise WnormError(f"graph report: no finished run in {', '.join(map(str, paths))} "
+                         f"({'; '.join(w for ws in left_out.values() for w in ws)})")
+    out.mkdir(parents=True, exist_ok=True)
+    _plot(groups, out / "graph.png")
+    first = runs[0]
+    info = first.config["graph"]
+    lines = [
+        "# Weight normalization on graph networks: a kNN graph of Fashion-MNIST",
+        "",
+        f"Generated by `python -m experiments.graph --report-only --out {out}` from the run "
+        "folders' metrics.jsonl; '± x' is the standard deviation over seeds, '(a to b)' the "
+        "range.",
+        "",
+        f"- Graph: {info['nodes']} Fashion-MNIST training images as nodes "
+        f"({info['data']['source']}); features: {info['features_from']}; each node joined to "
+        f"its {first.config['k']} nearest neighbours (Euclidean, in feature space), "
+        f"undirected: {info['edges_undirected']} edges, mean degree "
+        f"{info['degree_mean']:.1f} (max {info['degree_max']}); "
+        f"{100 * info['edge_homophily']:.1f}% of the edges join two images of the same class.",
+        f"- Split (per seed): {first.config['split']['train']} labelled nodes "
+        f"({first.config['labels_per_class']} per class), {first.config['split']['val']} "
+        f"validation, {first.config['split']['test']} test.",
+        "- Variants: `normal` (torch_geometric's init), `normal-init` (the same weights "
+        "rescaled by the paper's data-dependent init, then plain again), `weightnorm` "
+        "(`wnorm.apply`, same starting function as normal), `weightnorm-init` (`wnorm.apply` + "
+        "`wnorm.data_init(model, (x, edge_index))`). Same seed: same split, same starting "
+        "weights, same dropout draws.",
+    ]
+    for s in _sessions(out, runs):
+        lines.append(f"- Ran `{s['command']}`: {s['runs']} runs in {s['wall_s']:.0f} s wall, "
+                     f"{s['cpu_s']:.0f} s CPU, machine load average "
+                     f"{s['load_average_1min'][0]:.1f} -> {s['load_average_1min'][1]:.1f} on "
+                     f"{s['cpus']} CPUs.")
+    code: dict[str, list[str]] = defaultdict(list)  # code version -> the models run with it
+    for r in sorted(runs, key=lambda r: MODELS.index(r.config["model"])):
+        v = r.version
+        key = (f"{v.get('hardware')}; wnorm {v.get('wnorm')}, torch {v.get('torch')}, git "
+               f"{str(v.get('git_commit'))[:10]}" + (" (dirty)" if v.get("git_dirty") else ""))
+        if r.config["model"].upper() not in code[key]:
+            code[key].append(r.config["model"].upper())
+    for key, models in code.items():
+        lines.append(f"- Hardware and code ({', '.join(models)}): {key}")
+    sections: list[str] = []
+    answers: list[str] = []
+    short: dict[tuple[str, str], str] = {}  # (model, variant) -> the overview table's cell
+    summary = ["| model | variant | measure | variant - normal, per seed | verdict |",
+               "|---|---|---|---|---|"]
+    for model, by_variant in groups.items():
+        if not by_variant:
+            continue
+        cfg = next(iter(by_variant.values()))[0].config
+        setting = {k: cfg[k] for k in ("hidden", "heads", "dropout", "lr", "weight_decay",
+                                       "epochs", "pca", "k") if model == "gat" or k != "heads"}
+        # the convergence target: on the steep part of every variant's curve (a target near
+        # the plateau is reached or not by the plateau's noise)
+        best_means = [statistics.fmean(100 * r.best()["val_acc"] for r in rs)
+                      for rs in by_variant.values()]
+        target = float(math.floor(TARGET_FRACTION * min(best_means)))
+        early = min(20, min(len(r.curve("train_loss")) for rs in by_variant.values()
+                            for r in rs))
+        sections.append(f"## {model.upper()}")
+        lines += ["", sections[-1], "",
+                  "- Settings: " + ", ".join(f"{k} {v}" for k, v in setting.items())
+                  + "; Adam, full batch (one step per epoch)",
+                  f"- Epochs to {target:.0f}% validation accuracy: {target:.0f}% is "
+                  f"{TARGET_FRACTION:.0%} of the lowest variant's mean best validation accuracy, "
+                  "rounded down.",
+                  "",
+                  f"| variant | seeds | test acc % at best val epoch | best val acc % | "
+                  f"final test acc % | epochs to {target:.0f}% val | train loss at epoch "
+                  f"{early} | final train loss | best val epoch | s / epoch |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        measures: dict[str, dict[str, dict[int, float]]] = {}
+        for variant, rs in by_variant.items():
+            m = {
+                "test": {r.config["seed"]: 100 * r.best()["test_acc"] for r in rs},
+                "bestval": {r.config["seed"]: 100 * r.best()["val_acc"] for r in rs},
+                "final": {r.config["seed"]: 100 * r.curve("test_acc")[-1] for r in rs},
+                "reach": {r.config["seed"]: _first_epoch([100 * v for v in r.curve("val_acc")],
+                                                         target) for r in rs},
+                "early": {r.config["seed"]: r.curve("train_loss")[early - 1] for r in rs},
+                "last": {r.config["seed"]: r.curve("train_loss")[-1] for r in rs},
+                "bestep": {r.config["seed"]: float(r.best()["epoch"]) for r in rs},
+            }
+            measures[variant] = m
+            short[model, variant] = (f"{_ms(list(m['test'].values()), 1).split(' (')[0]} / "
+                                     f"{_ms(list(m['early'].values()), 3).split(' (')[0]}")
+            gone = left_out.get((model, variant))
+            note = f" (left out: {', '.join(gone)})" if gone else ""
+            sec = statistics.fmean(r.seconds_per_epoch() for r in rs)
+            lines.append(
+                f"| {variant}{note} | {len(rs)} | {_ms(list(m['test'].values()))} | "
+                f"{_ms(list(m['bestval'].values()))} | {_ms(list(m['final'].values()))} | "
+                f"{_reached(list(m['reach'].values()))} | {_ms(list(m['early'].values()), 3)} | "
+                f"{_ms(list(m['last'].values()), 4)} | {_ms(list(m['bestep'].values()), 0)} | "
+                f"{1000 * sec:.0f} ms |")
+        for variant in VARIANTS:
+            if (model, variant) in left_out and variant not in by_variant:
+                lines.append(f"| {variant} (left out: {', '.join(left_out[model, variant])}) "
+                             "| 0 |" + " n/a |" * 8)
+        if "normal" not in measures:
+            continue
+        lines += ["", "Against `normal`, seed by seed (variant - normal):", "",
+                  f"| variant | test acc at best val (points) | epochs to {target:.0f}% val | "
+                  f"train loss at epoch {early} |", "|---|---|---|---|"]
+        found: dict[str, list[tuple[str, str, str]]] = defaultdict(list)
+        for variant, m in measures.items():
+            if variant == "normal":
+                continue
+            base = measures["normal"]
+            cells = []
+            for key, higher, digits, what in (
+                    ("test", True, 2, "test accuracy at the best validation epoch"),
+                    ("reach", False, 1, f"epochs to {target:.0f}% validation accuracy"),
+                    ("early", False, 3, f"training loss at epoch {early}")):
+                text, verdict = _paired(base[key], m[key], higher, digits)
+                cells.append(f"{text}: {verdict}")
+                summary.append(f"| {model.upper()} | {variant} | {what} | {text} | {verdict} |")
+                found[what].append((variant, text, verdict))
+            lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+        said = [f"**{model.upper()}, {what}** (variant - normal): {_answer(rows)}"
+                for what, rows in found.items()]
+        answers += [f"- {a}" for a in said]
+        lines += [""] + [f"- {a}" for a in said]
+    cut = lines.index(sections[0]) if sections else len(lines)
+    head = lines[:cut]
+    shown = [v for v in VARIANTS if any((m, v) in short for m in groups)]
+    overview = ["| model (seeds) | " + " | ".join(shown) + " |",
+                "|---|" + "---|" * len(shown)]
+    for model, by_variant in groups.items():
+        if by_variant:
+            seeds = min(len(rs) for rs in by_variant.values())
+            overview.append(f"| {model.upper()} ({seeds}) | "
+                            + " | ".join(short.get((model, v), "n/a") for v in shown) + " |")
+    early_note = sorted({line.split("train loss at epoch ")[1].split(" |")[0]
+                         for line in lines if line.startswith("| variant | seeds |")})
+    head += ["Test accuracy (%) at the best validation epoch / training loss at epoch "
+             f"{', '.join(early_note)}, mean ± std over seeds:", ""] + overview + [""]
+    text = "\n".join(head + ["![training loss and validation accuracy](graph.png)", "",
+                             "## What the data say (each variant against normal, paired by seed)",
+                             "", _chance_note(groups), ""] + answers + ["", "## Summary", ""]
+                     + summary + [""] + lines[cut:]) + "\n"
+    (out / "report.md").write_text(text)
+    return text
+
+
+# --------------------------------------------------------------------------- command line
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m experiments.graph",
+                                description=__doc__.split("\n")[0])
+    p.add_argument("--models", default=DEFAULT_MODELS,
+                   help=f"comma-separated, of {', '.join(MODELS)} (default: %(default)s)")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help="comma-separated (default: %(default)s)")
+    p.add_argument("--seeds", default=DEFAULT_SEEDS,
+                   help="comma-separated (default: %(default)s)")
+    p.add_argument("--out", default=GraphConfig.out,
+                   help="parent folder of the run folders and of the report "
+                        "(default: %(default)s)")
+    p.add_argument("--threads", type=int, default=GraphConfig.threads,
+                   help="torch CPU threads (default: %(default)s)")
+    p.add_argument("--device", default=GraphConfig.device,
+                   help="auto | cpu | cuda | cuda:N (default: %(default)s)")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny sizes that run in seconds (for tests); explicit options still win")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace run folders that already hold a run (default: refuse them)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=False,
+                   help="progress bars on stderr (default: off)")
+    p.add_argument("--report-only", action="store_true",
+                   help="redraw report.md and graph.png from the run folders under --out")
+    add_options(p, GraphConfig, skip={"experiment", "model", "variant", "seed", "out",
+                                      "threads", "device"})
+    return p
+
+
+def _configs(args: argparse.Namespace) -> list[GraphConfig]:
+    models = split_list(args.models, str, "--models")
+    bad = [m for m in models if m not in MODELS]
+    if bad:
+        raise WnormError(f"--models: unknown {bad}; expected some of {list(MODELS)}")
+    variants = split_list(args.variants, str, "--variants")
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad:
+        raise WnormError(f"--variants: unknown {bad}; expected some of {list(VARIANTS)}")
+    seeds = split_list(args.seeds, int, "--seeds")
+    base = {"out": args.out, "threads": args.threads, "device": args.device}
+    configs = [config_from_args(GraphConfig, args, QUICK if args.quick else None,
+                                **(base | {"model": m, "variant": v, "seed": s}))
+               for m in models for s in seeds for v in variants]
+    for c in configs:
+        check_graph_config(c)
+    return configs
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Train every (model, variant, seed) asked for, then write the report; returns the exit
+    status."""
+    p = parser()
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    if args.report_only:
+        try:
+            print(report([out], out), end="")
+        except WnormError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
+    try:
+        configs = _configs(args)
+    except WnormError as e:
+        p.error(str(e))
+    t0, load0 = time.perf_counter(), os.getloadavg()[0]
+    try:
+        refuse_existing([out / run_name(c) for c in configs], args.overwrite)
+        # before training: a report of these runs beside the ones already in --out must not
+        # average two settings
+        replaced = {run_name(c) for c in configs}
+        kept = [(r.config, r.folder) for r in _existing_runs(out) if r.folder.name not in replaced]
+        _refuse_mixed(kept + [(asdict(c), out / run_name(c)) for c in configs])
+        if configs[0].threads:
+            torch.set_num_threads(configs[0].threads)
+        graph = build_graph(configs[0])
+        for cfg in configs:
+            folder = train_one(cfg, graph, overwrite=args.overwrite,
+                               progress_bar=args.progress)
+            print(f"run folder: {folder.path}")
+        wall = time.perf_counter() - t0
+        used = resource.getrusage(resource.RUSAGE_SELF)
+        session = {"command": "python -m experiments.graph " + " ".join(
+                       sys.argv[1:] if argv is None else argv),
+                   "runs": len(configs), "run_names": [run_name(c) for c in configs],
+                   "wall_s": round(wall, 1),
+                   "cpu_s": round(used.ru_utime + used.ru_stime, 1),
+                   "cpus": os.cpu_count(), "threads": configs[0].threads,
+                   "load_average_1min": [round(load0, 2), round(os.getloadavg()[0], 2)]}
+        with (out / "sessions.jsonl").open("a") as f:
+            f.write(json.dumps(session) + "\n")
+        print(report([out], out), end="")
+    except WnormError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"graph: {len(configs)} runs in {wall:.0f} s; wrote {out / 'report.md'} and "
+          f"{out / 'graph.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
