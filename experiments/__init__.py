@@ -7,6 +7,8 @@ docstring gives its exact commands, and its defaults sit in one block at its top
 - :mod:`experiments.classify`      the classification experiment (section 5), any device
 - :mod:`experiments.classify_gpu`  the same at full scale on one GPU, fast; ``--timing``
 - :mod:`experiments.lr_sweep`      learning-rate robustness and the growth of ||v||
+- :mod:`experiments.norm_growth`   ||v|| under weight norm and under projection on the sphere
+- :mod:`experiments.graph`         graph networks (torch_geometric) on a kNN graph of images
 - :mod:`experiments.vae`, :mod:`experiments.seq`, :mod:`experiments.dqn`  section 6
 - :mod:`experiments.report`        run folders -> tables and plots (any of the above)
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPTS = ["demo", "classify", "classify_gpu", "lr_sweep", "vae", "seq", "dqn", "report"]
+SCRIPTS = ["demo", "classify", "classify_gpu", "lr_sweep", "vae", "seq", "dqn", "report",
+           "graph"]
 
 
 def test_the_wheel_holds_the_library_alone(tmp_path: Path) -> None:

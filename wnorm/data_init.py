@@ -143,8 +143,8 @@ def _reason_cannot(module: nn.Module, wn: bool) -> str:
     return ""
 
 
-def _graph_conv(label: str, conv: nn.Module, lins: list[tuple[str, nn.Module]]
-                ) -> tuple[_Target | None, str]:
+def _graph_conv(label: str, conv: nn.Module, lins: list[tuple[str, nn.Module]],
+                include_plain: bool = False) -> tuple[_Target | None, str]:
     """The target standardizing a torch_geometric convolution's output through its Linears
     ``lins`` (``(name, module)``, every Linear inside it), or None and why it cannot."""
     kind = _reparam.base_class(conv).__name__
@@ -162,7 +162,7 @@ def _graph_conv(label: str, conv: nn.Module, lins: list[tuple[str, nn.Module]]
     for name, m in lins:
         wn = bool(_reparam.slots_of(m))
         why = _reason_cannot(m, wn)
-        if why or not wn:
+        if why or not (wn or include_plain):
             return None, f"its {name} cannot be set ({why or 'not weight-normalized'})"
     where = _PYG_CONVS[kind]
     bias = (conv if not where else getattr(conv, where))._parameters.get("bias")
@@ -198,9 +198,9 @@ def _candidates(named: list[tuple[str, nn.Module]], include_plain: bool) -> tupl
         label = mname or "<model>"
         lins = [(n, c) for n, c in m.named_modules() if c is not m
                 and (isinstance(c, nn.Linear) or _is_pyg(c, "Linear"))]
-        if not any(_reparam.slots_of(c) for _, c in lins):
+        if not (include_plain or any(_reparam.slots_of(c) for _, c in lins)):
             continue
-        t, why = _graph_conv(label, m, lins)
+        t, why = _graph_conv(label, m, lins, include_plain)
         if t is not None:
             targets.append(t)
             grouped.update(id(c) for _, c in lins)
@@ -215,7 +215,7 @@ def _candidates(named: list[tuple[str, nn.Module]], include_plain: bool) -> tupl
         if id(m) in grouped:
             continue
         wn = bool(_reparam.slots_of(m))
-        plain = (include_plain and isinstance(m, _INIT_TYPES)
+        plain = (include_plain and (isinstance(m, _INIT_TYPES) or _is_pyg(m, "Linear"))
                  and m._parameters.get("weight") is not None)
         if not (wn or plain):
             if m._parameters:
@@ -493,10 +493,17 @@ def _fail(t: _Target, mu: Tensor, sigma: Tensor, ok: Tensor, init_scale: float,
         "unit varies (more than one example, finite inputs, no zero rows in the weight)")
 
 
+def _values(a: Tensor) -> Tensor:
+    """The stored values of ``a`` (a sparse adjacency, as torch_geometric accepts, too)."""
+    if a.layout == torch.strided:
+        return a
+    return a._values() if a.layout == torch.sparse_coo else a.values()  # uncoalesced is fine
+
+
 def _check_inputs(inputs: list[Tensor], cause: BaseException | None = None) -> None:
     """Raise if a floating-point input of the batch has NaN or inf values."""
     for i, a in enumerate(inputs):
-        if a.is_floating_point() and not bool(torch.isfinite(a).all()):
+        if a.is_floating_point() and not bool(torch.isfinite(_values(a)).all()):
             raise WnormError(f"data_init: input {i} of the batch has NaN or inf values") from cause
 
 
@@ -590,7 +597,8 @@ def data_init(
         saved = [x.clone() for x in touched]
         # a non-finite value makes its input's sum non-finite: checked with the layers, in the
         # pass's one host sync (an overflowing sum of finite values is rechecked exactly)
-        finite = [torch.isfinite(a.sum(dtype=torch.promote_types(a.dtype, torch.float32)))
+        finite = [torch.isfinite(_values(a).sum(dtype=torch.promote_types(a.dtype,
+                                                                          torch.float32)))
                   for a in inputs if a.is_floating_point()]
     p = _Pass(targets, init_scale, group, {m: n or "<model>" for n, m in mobn})
     handles = []
