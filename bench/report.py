@@ -147,7 +147,9 @@ def summary(folder: Path) -> str:
     out = ["# wnorm benchmark", ""]
     for path in runs:
         data = json.loads(path.read_text())
-        out += [f"## {data['config']['rows'].upper()}"
+        # a folder holding only the torch.compile rows says so in its heading
+        what = ", torch.compile rows" if data["config"].get("cases") == "*.compile" else ""
+        out += [f"## {data['config']['rows'].upper()}{what}"
                 f" ([{path.parent.name}/bench.json]({path.parent.name}/bench.json))", "",
                 *_environment(data), "", *table(data), ""]
     missing = [d for d in ("cuda", "cpu") if not (folder / d / "bench.json").exists()]
