@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -75,13 +76,13 @@ def measure(*, calls: int = 100, rounds: int = 15, rows: tuple[str, ...] = ROWS)
             "loadavg": harness.loadavg()}
 
 
-def render(m: dict[str, Any]) -> str:
+def render(m: dict[str, Any], command: str = "python -m bench.passes") -> str:
     k, mib = m["kernels_s"], m["weights_bytes"] / 2**20
     copy = k["copy_pass"]
     us = 1e6
     lines = [
         "# Weight norm's extra work on the CPU MLP rows, in passes over the weights", "",
-        f"Command: `python -m bench.passes` ({m['threads']} thread; load average "
+        f"Command: `{command}` ({m['threads']} thread; load average "
         f"{m['loadavg'][0]:.2f} at the end; medians of interleaved repeats).", "",
         f"- weights: {mib:.2f} MiB (MLP 4 x 256, fp32)",
         f"- one copy pass (read + write) over them: {copy * us:.1f} us "
@@ -100,6 +101,13 @@ def render(m: dict[str, Any]) -> str:
             f"{r['wnorm_s'] / r['plain_s']:.3f} | {r['extra_s'] * us:.0f} us | "
             f"{r['wn_kernels_s'] * us:.0f} us | {(r['extra_s'] - r['wn_kernels_s']) * us:.0f} us "
             f"| {r['plain_s'] / copy:.1f} |")
+    train = [r["plain_s"] / copy for n, r in m["rows"].items() if ".train." in n]
+    if train:
+        # what a 1.10x target leaves, against what the two kernels alone cost
+        lines += ["", f"A 1.10x training target leaves 10% of plain's step: "
+                  f"{0.1 * min(train):.1f}-{0.1 * max(train):.1f} copy passes; weight norm's "
+                  f"forward and backward kernels alone take "
+                  f"{(k['wn_forward'] + k['wn_backward']) / copy:.1f}."]
     return "\n".join(lines) + "\n"
 
 
@@ -113,7 +121,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--calls and --rounds must be at least 1; got {a.calls}, {a.rounds}")
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
-    text = render(measure(calls=a.calls, rounds=a.rounds))
+    command = "python -m bench.passes" + "".join(f" {x}" for x in (argv if argv is not None
+                                                                   else sys.argv[1:]))
+    text = render(measure(calls=a.calls, rounds=a.rounds), command)
     print(text, end="")
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)

@@ -340,3 +340,8 @@ def test_passes_reports_every_row_and_the_kernels_in_copy_passes():
     assert train["wn_kernels_s"] == m["kernels_s"]["wn_forward"] + m["kernels_s"]["wn_backward"]
     text = passes.render(m)
     assert text.count("| mlp4x256.") == 2
+    # the budget line is computed from the same numbers
+    copy = m["kernels_s"]["copy_pass"]
+    kernels = (m["kernels_s"]["wn_forward"] + m["kernels_s"]["wn_backward"]) / copy
+    assert f"kernels alone take {kernels:.1f}." in text
+    assert f"{0.1 * train['plain_s'] / copy:.1f}-" in text
