@@ -26,6 +26,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -41,7 +42,7 @@ from wnorm import WnormError
 __all__ = ["RULES", "RunFolder", "RunLog", "RunRecord", "add_options", "check_config", "check_device",
            "cli_main", "config_from_args", "cpu_name", "flag", "hardware", "has_metrics",
            "logged_steps", "no_repeats", "precision_info", "precision_text", "prepare",
-           "progress", "read_jsonl", "read_run_files", "refuse_duplicates", "refuse_existing",
+           "progress", "mean_std_range", "read_jsonl", "read_run_files", "refuse_duplicates", "refuse_existing",
            "resolve_device", "run_configs", "run_folders", "run_main", "run_parser",
            "setting_key", "split_list", "stop_if_diverged", "train_epoch", "version_info"]
 
@@ -570,6 +571,18 @@ def run_folders(paths: list[str | Path], who: str = "report") -> list[Path]:
         for d in found:
             out.setdefault(d.resolve(), d)
     return list(out.values())
+
+
+def mean_std_range(values: list[float], digits: int = 2) -> str:
+    """``mean ± std (min to max)`` over seeds, NaNs left out ("n/a" when nothing is left)."""
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return "n/a"
+    m = statistics.fmean(values)
+    if len(values) < 2:
+        return f"{m:.{digits}f}"
+    return (f"{m:.{digits}f} ± {statistics.stdev(values):.{digits}f} "
+            f"({min(values):.{digits}f} to {max(values):.{digits}f})")
 
 
 def refuse_duplicates(runs: list[Any], key: Callable[[Any], tuple[str, ...]], what: str) -> None:

@@ -74,9 +74,9 @@ from torch import Tensor, nn
 import wnorm
 from wnorm import WnormError
 
-from .common import (RunFolder, add_options, check_config, config_from_args, precision_info,
-                     progress, read_jsonl, read_run_files, refuse_existing, resolve_device,
-                     run_folders, setting_key, split_list)
+from .common import (RunFolder, RunRecord, add_options, check_config, config_from_args,
+                     mean_std_range as _ms, precision_info, progress, read_jsonl,
+                     refuse_existing, resolve_device, run_folders, setting_key, split_list)
 from .data import load_fashion_mnist
 
 __all__ = ["GraphConfig", "Graph", "GraphNet", "MODELS", "VARIANTS", "QUICK", "knn_graph",
@@ -443,32 +443,28 @@ def train_one(cfg: GraphConfig, graph: Graph, echo: bool = True, *, overwrite: b
 
 
 # --------------------------------------------------------------------------- report
-@dataclass
-class _Run:
-    folder: Path
-    config: dict[str, Any]
-    version: dict[str, Any]
-    rows: list[dict[str, Any]]
+class _Run(RunRecord):
+    """A graph run folder: config, version and its metrics rows (one per epoch)."""
 
     @property
     def diverged(self) -> bool:
-        return any(r.get("diverged") for r in self.rows)
+        return any(r.get("diverged") for r in self.metrics)
 
     @property
     def finished(self) -> bool:
         """Trained every epoch of its config (not diverged, not stopped half-way)."""
-        return not self.diverged and self.rows[-1].get("epoch") == self.config["epochs"]
+        return not self.diverged and self.metrics[-1].get("epoch") == self.config["epochs"]
 
     def curve(self, key: str) -> list[float]:
-        return [r[key] for r in self.rows if not r.get("diverged")]
+        return [r[key] for r in self.metrics if not r.get("diverged")]
 
     def best(self) -> dict[str, Any]:
         """The epoch of the best validation accuracy (the first, among ties)."""
-        ok = [r for r in self.rows if not r.get("diverged")]
+        ok = [r for r in self.metrics if not r.get("diverged")]
         return max(ok, key=lambda r: (r["val_acc"], -r["epoch"]))
 
     def seconds_per_epoch(self) -> float:
-        timed = [r for r in self.rows if "seconds" in r]
+        timed = [r for r in self.metrics if "seconds" in r]
         return timed[-1]["seconds"] / timed[-1]["epoch"] if timed else math.nan
 
 
@@ -510,22 +506,22 @@ def _existing_runs(out: Path) -> list[_Run]:
         return []
     found = []
     for folder in run_folders([out], "graph"):
-        config, version, rows = read_run_files(folder)
-        if config.get("experiment") == "graph":
-            found.append(_Run(folder, config, version, rows))
+        run = _Run.read(folder)
+        if run.config.get("experiment") == "graph":
+            found.append(run)
     return found
 
 
 def _load_runs(paths: list[Path]) -> list[_Run]:
     runs = []
     for folder in run_folders(paths, "graph report"):
-        config, version, rows = read_run_files(folder)
-        if config.get("experiment") != "graph":
+        run = _Run.read(folder)
+        if run.config.get("experiment") != "graph":
             continue
-        if not rows:
+        if not run.metrics:
             raise WnormError(f"graph report: {folder} has no metrics (an unfinished run?); "
                              "finish or remove it")
-        runs.append(_Run(folder, config, version, rows))
+        runs.append(run)
     if not runs:
         raise WnormError(f"graph report: no graph run folders in {', '.join(map(str, paths))}")
     seen: dict[tuple[str, str, int], Path] = {}
@@ -536,18 +532,6 @@ def _load_runs(paths: list[Path]) -> list[_Run]:
                              "one of them")
         seen[key] = r.folder
     return runs
-
-
-def _ms(values: list[float], digits: int = 2) -> str:
-    """``mean ± std (min to max)`` over seeds."""
-    values = [v for v in values if not math.isnan(v)]
-    if not values:
-        return "n/a"
-    m = statistics.fmean(values)
-    if len(values) < 2:
-        return f"{m:.{digits}f}"
-    return (f"{m:.{digits}f} ± {statistics.stdev(values):.{digits}f} "
-            f"({min(values):.{digits}f} to {max(values):.{digits}f})")
 
 
 def _first_epoch(curve: list[float], target: float) -> float:

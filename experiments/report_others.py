@@ -32,7 +32,7 @@ from typing import Any
 
 from wnorm import WnormError
 
-from .common import RunRecord, refuse_duplicates, run_folders
+from .common import RunRecord, mean_std_range as _ms, refuse_duplicates, run_folders
 
 __all__ = ["EXPERIMENTS", "VARIANTS", "OtherRun", "load_other_runs", "report", "DQN_WINDOW",
            "run_command"]
@@ -111,18 +111,6 @@ def load_other_runs(paths: list[Path]) -> list[OtherRun]:
 
 
 # --------------------------------------------------------------------------- numbers
-def _ms(values: list[float], digits: int = 2) -> str:
-    """``mean ± std (min to max)`` over seeds ("n/a" when nothing was measured)."""
-    values = [v for v in values if not math.isnan(v)]
-    if not values:
-        return "n/a"
-    m = statistics.fmean(values)
-    if len(values) < 2:
-        return f"{m:.{digits}f}"
-    return (f"{m:.{digits}f} ± {statistics.stdev(values):.{digits}f} "
-            f"({min(values):.{digits}f} to {max(values):.{digits}f})")
-
-
 def _band(curves: list[list[float]]) -> tuple[list[float], list[float], list[float]]:
     n = min(len(c) for c in curves)
     cols = [[c[i] for c in curves] for i in range(n)]
