@@ -150,3 +150,18 @@ def test_readme_transformers_example(tmp_path, monkeypatch):
     x = torch.randn(2, 800, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(model(x).last_hidden_state, again(x).last_hidden_state)
+
+
+def test_layers_a_training_forward_drops_are_reported_with_the_way_to_reach_them():
+    # wav2vec2's LayerDrop skips encoder layers at random in training mode (here always)
+    model = build("wav2vec2")
+    model.config.layerdrop = 1.0
+    wnorm.apply(model)
+    with pytest.warns(UserWarning, match=r"encoder\.layers\.0\..*model\.eval\(\)"):
+        report = wnorm.data_init(model.train(), example("wav2vec2"))
+    dropped = [r for r in report.skipped if r.name.startswith("encoder.layers.")]
+    assert dropped and all("LayerDrop" in r.reason for r in dropped)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the dim=2 pos conv is still reported
+        report = wnorm.data_init(model.eval(), example("wav2vec2"))
+    assert not [r for r in report.skipped if r.name.startswith("encoder.layers.")]
