@@ -714,3 +714,36 @@ def test_a_model_on_the_meta_device_is_an_error_not_a_no_op() -> None:
     with pytest.raises(WnormError, match=r"did not take \['0.weight', '0.bias'\].*on the meta "
                                          r"device.*to_empty"), pytest.warns(UserWarning):
         load_state_dict(model, nn.Sequential(nn.Linear(3, 2)).state_dict())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("make, dim", [
+    (lambda: nn.Linear(37, 5), 0), (lambda: nn.Conv1d(3, 4, 5), 0),
+    (lambda: nn.ConvTranspose1d(4, 3, 5), 1), (lambda: nn.Linear(6, 7), None),
+], ids=["linear", "conv", "convT", "linear-dim-None"])
+@pytest.mark.parametrize("how", ["load", "convert"])
+def test_a_plain_weight_comes_back_bit_for_bit_through_a_normalized_layer(make, dim, dtype, how):
+    # g = ||w|| must be the norm the layer's forward divides by, or w moves by an ulp
+    torch.manual_seed(0)
+    source = scramble(make()).to(dtype)
+    sd = source.state_dict()
+    if how == "convert":
+        sd = convert_state_dict(sd, "wnorm", dim=dim)
+    target = wnorm.weight_norm(make().to(dtype), dim=dim)
+    load_state_dict(target, sd)
+    assert torch.equal(target.weight, source.weight)
+
+
+@pytest.mark.parametrize("to, api", [("torch-new", NEW), ("torch-old", OLD)])
+@pytest.mark.parametrize("make, dim", [
+    (lambda: nn.Linear(37, 5), 0), (lambda: nn.ConvTranspose1d(4, 3, 5), 1),
+], ids=["linear", "convT"])
+def test_a_plain_weight_converted_for_pytorchs_weight_norm_comes_back_bit_for_bit(
+        make, dim, to, api):
+    torch.manual_seed(0)
+    source = scramble(make())
+    target = api(make(), dim=dim)
+    target.load_state_dict(convert_state_dict(source.state_dict(), to, dim=dim))
+    if api is OLD:
+        target(torch.randn(2, *(37,) if isinstance(source, nn.Linear) else (4, 9)))
+    assert torch.equal(target.weight, source.weight)

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from .errors import WnormError
+from .maps import WeightNorm
 
 __all__ = ["FORMATS", "KEEP", "Src", "read", "source_dim", "norm", "wide", "weight", "cast",
            "check_finite", "base_and_role", "convert"]
@@ -225,15 +226,25 @@ def _same_slices(shape: tuple[int, ...], a: int | None, b: int | None) -> bool:
 
 
 def _normalized_g(key: str, w: Tensor, dim: int | None, g_dtype: torch.dtype) -> Tensor:
-    """g of ``w`` normalized along ``dim`` (kept-dim; 0-dim for None), computed in float64 and
-    cast to ``g_dtype``; refused when a slice is zero or its norm overflows."""
+    """g of ``w`` normalized along ``dim`` (kept-dim; 0-dim for None), as :func:`gain` gives it;
+    refused when a slice is zero or its norm overflows."""
     n = norm(wide(w), dim)
     if bool((n == 0).any()):
         raise WnormError(
             f"'{key}': expected a nonzero norm in every slice {_along(dim)} to normalize it "
             f"there; got {int((n == 0).sum())} zero slices"
         )
-    return cast(key, n, g_dtype, f" of ||w|| {_along(dim)}")
+    return gain(key, w, dim, g_dtype, f" of ||w|| {_along(dim)}")
+
+
+def gain(key: str, v: Tensor, dim: int | None, g_dtype: torch.dtype, what: str = "") -> Tensor:
+    """g = ||v|| along ``dim`` (kept-dim), refused when it overflows ``g_dtype``. When g and v
+    share a dtype, the forward's own norm (:meth:`WeightNorm.split`): g/||v|| is then exactly 1
+    and the layer gives v back bit for bit; else the norm in float64, cast once."""
+    g = cast(key, norm(wide(v), dim), g_dtype, what)
+    if g_dtype == v.dtype and v.is_floating_point():
+        g = WeightNorm(dim).split(v.detach())[0].reshape(g.shape)
+    return g
 
 
 def _check_dim(key: str, t: Tensor, dim: int | None) -> None:

@@ -246,7 +246,7 @@ def _plan_aligned(
             else:
                 v = lay.cast(src.keys[0], src.w, want.dtype, into)
             norm = lay.norm(lay.wide(v), slot.dim)
-            g = lay.cast(src.keys[-1], norm, g_want.dtype,
+            g = lay.gain(src.keys[-1], v, slot.dim, g_want.dtype,
                          f" of ||w|| for the model's '{slot.keys[0]}'")
         zero = (norm == 0).flatten().nonzero().flatten().tolist()
         if zero:
