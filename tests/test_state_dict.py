@@ -747,3 +747,19 @@ def test_a_plain_weight_converted_for_pytorchs_weight_norm_comes_back_bit_for_bi
     if api is OLD:
         target(torch.randn(2, *(37,) if isinstance(source, nn.Linear) else (4, 9)))
     assert torch.equal(target.weight, source.weight)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("make, dim", [
+    (lambda: nn.Linear(37, 5), 0), (lambda: nn.ConvTranspose1d(4, 3, 5), 1),
+    (lambda: nn.Conv1d(6, 6, 5, groups=2), 2), (lambda: nn.Linear(6, 7), None),
+], ids=["linear", "convT", "conv-dim-2", "linear-dim-None"])
+@pytest.mark.parametrize("api", [NEW, OLD, wnorm.weight_norm], ids=["torch-new", "torch-old",
+                                                                     "wnorm"])
+def test_a_pair_converted_to_plain_is_the_weight_the_layer_computes_bit_for_bit(
+        make, dim, dtype, api):
+    # the same bits as the model's own forward and as fold, not a float64 w rounded once
+    torch.manual_seed(0)
+    layer = scramble(api(make().to(dtype), dim=dim))
+    sd = convert_state_dict(layer.state_dict(), "plain")
+    assert torch.equal(sd["weight"], wnorm.fold(layer).weight)

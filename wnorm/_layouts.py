@@ -157,8 +157,9 @@ def wide(t: Tensor) -> Tensor:
 
 
 def weight(src: Src, dtype: torch.dtype | None = None, where: str = "") -> Tensor:
-    """:math:`w = g\\,v/\\lVert v\\rVert` of a pair, computed in float64 and returned in
-    ``dtype`` (default: v's), never through a narrower dtype on the way.
+    """:math:`w = g\\,v/\\lVert v\\rVert` of a pair in ``dtype`` (default: v's): the bits a
+    weight-normalized layer's forward gives when g, v and ``dtype`` are all float32 or all
+    float64, else computed in float64, never through a narrower dtype on the way.
 
     ``where`` says for what the weight is computed, for the overflow error."""
     assert src.g is not None and src.v is not None
@@ -172,7 +173,12 @@ def weight(src: Src, dtype: torch.dtype | None = None, where: str = "") -> Tenso
             "w = g * v / ||v|| is undefined there; expected a nonzero v in every slice"
         )
     g = g.reshape(n.shape) if g.numel() == n.numel() else g
-    return cast(src.keys[1], v * (g / n), dtype or src.v.dtype, f" of w = g * v / ||v||{where}")
+    w = cast(src.keys[1], v * (g / n), dtype or src.v.dtype, f" of w = g * v / ||v||{where}")
+    if w.dtype == src.g.dtype == src.v.dtype and w.dtype in (torch.float32, torch.float64):
+        # the very bits a weight-normalized layer computes from this pair (the kernel PyTorch's
+        # and wnorm's forwards share): a plain checkpoint then matches the model and fold
+        return WeightNorm(dim).weight(src.g.detach().reshape(g.shape), src.v.detach())
+    return w
 
 
 def cast(key: str, t: Any, dtype: torch.dtype, what: str = "") -> Any:
