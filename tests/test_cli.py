@@ -170,7 +170,7 @@ def test_out_that_is_in_is_refused_before_reading_or_writing(tmp_path: Path, cap
 
 
 @pytest.mark.parametrize("case", ["missing-dir-pt", "missing-dir-safetensors", "out-is-dir",
-                                  "in-is-a-folder-without-weights"])
+                                  "in-is-a-folder-without-weights", "folder-in-file-out"])
 def test_path_errors_are_one_line_naming_the_path(tmp_path: Path, capsys, case: str) -> None:
     small_checkpoint(tmp_path / "net.pt")
     (tmp_path / "adir").mkdir()
@@ -182,6 +182,8 @@ def test_path_errors_are_one_line_naming_the_path(tmp_path: Path, capsys, case: 
         "out-is-dir": ("net.pt", "adir", "adir: expected a file name to write; got a directory"),
         "in-is-a-folder-without-weights": ("adir", "out", "adir: expected a transformers "
                                            "checkpoint folder (save_pretrained layout"),
+        "folder-in-file-out": ("adir", "out.pt", "out.pt: " + str(tmp_path / "adir") + " is a "
+                               "folder, converted into a new folder; expected a folder name"),
     }[case]
     code = main(["convert", str(tmp_path / src), str(tmp_path / out), "--to", "plain"])
     err = capsys.readouterr().err

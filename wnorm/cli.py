@@ -99,12 +99,18 @@ def _one_state_dict_for(dst: Path, src: Path, paths: list[tuple[str, ...]]) -> N
     )
 
 
+_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+
+
 def _convert_folder(args: argparse.Namespace, src: Path, dst: Path) -> int:
     from ._pretrained import convert_folder
 
     if args.key is not None:
         raise WnormError(f"--key picks an entry of a .pt/.pth checkpoint; {src} is a folder, "
                          "whose weights are converted whole")
+    if dst.suffix in _FILE_SUFFIXES:  # a folder named like a file would surprise everyone
+        raise WnormError(f"{dst}: {src} is a folder, converted into a new folder; "
+                         f"expected a folder name for OUT, got a {dst.suffix} file name")
     n, notes = convert_folder(src, dst, args.to, args.dim)
     print(f"{args.input} -> {args.output}: {n} weight(s) converted to {args.to} (folder)"
           + "".join(f"; {note}" for note in notes))
