@@ -275,6 +275,24 @@ class TestCached:
             assert m.weight is not w1
             torch.testing.assert_close(m.weight, other.weight)
 
+    @pytest.mark.parametrize("make", [lambda: wnorm.weight_norm(nn.Linear(4, 3)),
+                                      lambda: wnorm.apply(nn.LSTM(4, 3))], ids=["linear", "lstm"])
+    def test_gradient_accumulation_in_a_block_equals_it_outside(self, make):
+        # the first backward frees a cached weight's graph: the next forward computes it again
+        m, x = make(), torch.randn(5, 2, 4)
+        def run():
+            for p in m.parameters():
+                p.grad = None
+            for i in range(3):
+                out = m(x * (i + 1))
+                (out[0] if isinstance(out, tuple) else out).square().sum().backward()
+            return [p.grad.clone() for p in m.parameters()]
+        expected = run()
+        with wnorm.cached():
+            got = run()
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
     def test_nested_blocks_keep_the_cache_until_the_outer_ends(self):
         m, _ = self._layer()
         with torch.no_grad(), wnorm.cached():

@@ -184,6 +184,20 @@ def _check_finite(slot: Slot, w: Tensor) -> None:
             f"'{slot.vname}'")
 
 
+class _Release:
+    """A gradient hook on a cached weight: mark it stale once a backward reaches it."""
+
+    __slots__ = ("slot", "ident")
+
+    def __init__(self, slot: Slot, ident: int) -> None:
+        self.slot, self.ident = slot, ident
+
+    def __call__(self, grad: Tensor) -> None:
+        s = self.slot
+        if s.cached is not None and id(s.cached) == self.ident:
+            s.key = ()  # stale: recomputed (and replaced) at the next access
+
+
 def _property(pname: str) -> property:
     def fget(self: nn.Module) -> Tensor:
         slot = self.__dict__["_wn"].get(pname)
@@ -201,6 +215,10 @@ def _property(pname: str) -> property:
             if slot.cached is None:
                 CACHE.filled.append(slot)
             slot.cached, slot.key = w, _key(g, v)
+            if w.requires_grad and not (_is_compiling() or _is_tracing()):
+                # a backward through w frees its graph: the next access computes it again
+                # (gradient accumulation in a block), while the forward keeps reusing it
+                w.register_hook(_Release(slot, id(w)))
             return w
         w = slot.map.weight(g, v)
         if _DEPTH.n == 0 and not (_is_compiling() or _is_tracing()):

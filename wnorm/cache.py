@@ -19,8 +19,10 @@ def cached() -> Iterator[None]:
     replaced or changed in place (their version counters move); an edit through ``.data``
     inside the block is not seen. Use it for inference (a plain layer's cost per forward), or
     to compute a weight once when a layer runs many times in one forward (an RNN cell over
-    time steps); the cached weights are released when the block ends. Like PyTorch's
-    ``torch.nn.utils.parametrize.cached``, it covers every model; blocks nest.
+    time steps); with grad enabled, a backward through a cached weight makes the next access
+    compute it again, so several backward passes in one block (gradient accumulation) give the
+    gradients they give outside it. The cached weights are released when the block ends. Like
+    PyTorch's ``torch.nn.utils.parametrize.cached``, it covers every model; blocks nest.
 
     Example:
         >>> import torch, wnorm
