@@ -358,3 +358,27 @@ def test_fold_of_a_sharded_model_is_refused_before_changing_anything(one_rank_gr
     with pytest.raises(WnormError, match=r"fold: 0.bias is sharded .* fold an unsharded copy"):
         wnorm.fold(net)
     assert [n for n, _ in net.named_parameters()] == names
+
+
+def test_a_model_built_on_the_meta_device_is_normalized_then_materialized():
+    # the FSDP2 / large-model habit: build on meta, apply, to_empty, then init or load
+    def make():
+        return nn.Sequential(nn.Conv1d(2, 4, 3), nn.ReLU(), nn.ConvTranspose1d(4, 3, 3),
+                             nn.Flatten(), nn.Linear(3 * 9, 5))
+    with torch.device("meta"):
+        model = wnorm.apply(make())
+    assert len(list(normalized_weights(model))) == 3
+    model.to_empty(device="cpu")
+    torch.manual_seed(0)
+    for m in model.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    torch.manual_seed(0)
+    plain = make()  # the same init, in the same order
+    for a, b in zip(model.modules(), plain.modules()):
+        if hasattr(b, "weight"):
+            assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
+    x = torch.randn(4, 2, 9)
+    torch.testing.assert_close(model(x), plain(x), rtol=0, atol=0)
+    wnorm.load_state_dict(model, plain.state_dict())  # or a checkpoint, after to_empty
+    torch.testing.assert_close(model(x), plain(x), rtol=0, atol=0)

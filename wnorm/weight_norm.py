@@ -50,7 +50,11 @@ def _check_dim(label: str, name: str, dim: Any, shape: tuple[int, ...]) -> None:
 
 
 def _check_weight(label: str, name: str, module: nn.Module, w: torch.Tensor, m: Map) -> None:
-    """Refuse a weight the map cannot represent: non-finite, overflowing or zero-norm slices."""
+    """Refuse a weight the map cannot represent: non-finite, overflowing or zero-norm slices.
+    A weight on the meta device has no values to check (a model built there for FSDP2 or a
+    large checkpoint gets its values after ``to_empty``)."""
+    if w.is_meta:
+        return
     with torch.no_grad():
         if not bool(torch.isfinite(w).all()):
             bad = int((~torch.isfinite(w)).sum())
