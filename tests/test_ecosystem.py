@@ -165,3 +165,27 @@ def test_layers_a_training_forward_drops_are_reported_with_the_way_to_reach_them
         warnings.simplefilter("ignore")  # the dim=2 pos conv is still reported
         report = wnorm.data_init(model.eval(), example("wav2vec2"))
     assert not [r for r in report.skipped if r.name.startswith("encoder.layers.")]
+
+
+@pytest.mark.parametrize("how", ["adopt", "apply"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_a_model_the_class_builds_takes_the_trained_weights_for_save_pretrained(
+        name, how, tmp_path):
+    """The README's recipe for a checkpoint the stock class reads, whatever wnorm normalized:
+    load the trained state dict into a model the class builds, then save_pretrained. (Saving
+    the wnorm model itself works only for adopt-only models: from_pretrained would re-init
+    the Linears saved as g and v, and fold drops wav2vec2's parametrized pos conv.)"""
+    model = build(name)
+    wnorm.apply(model, types=()) if how == "adopt" else wnorm.apply(model)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    grad_output(name, model).float().square().mean().backward()
+    opt.step()
+    model.eval()
+    y = run(name, model)
+    stock = type(model)(model.config)
+    wnorm.load_state_dict(stock, model.state_dict())
+    stock.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again = type(model).from_pretrained(tmp_path).eval()
+    assert run(name, again).equal(y)
