@@ -27,8 +27,8 @@ from torch import Tensor
 from .errors import WnormError
 from .maps import WeightNorm
 
-__all__ = ["FORMATS", "KEEP", "Src", "read", "source_dim", "norm", "wide", "weight", "cast",
-           "check_finite", "base_and_role", "convert"]
+__all__ = ["FORMATS", "KEEP", "Src", "read", "source_dim", "norm", "wide", "weight", "gain",
+           "cast", "check_finite", "base_and_role", "convert"]
 
 #: The layouts :func:`convert` writes.
 FORMATS: tuple[str, ...] = ("plain", "torch-old", "torch-new", "wnorm")
