@@ -233,3 +233,29 @@ def test_a_parameter_replaced_after_a_read_or_inside_a_cached_block():
         m(x)
         m.weight_g = nn.Parameter(m.weight_g.detach() * 2)
         torch.testing.assert_close(m(x), expected(m, x))
+
+
+def test_a_write_from_one_thread_is_kept_while_another_thread_runs_a_forward():
+    # "inside a layer's forward" is per thread: an inference thread (or nn.DataParallel's
+    # replicas) running a forward must not make another thread's nn.init write a no-op
+    import threading
+
+    entered, release = threading.Event(), threading.Event()
+
+    class SlowLinear(nn.Linear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            entered.set()
+            assert release.wait(10)
+            return super().forward(x)
+
+    slow = wnorm.weight_norm(SlowLinear(3, 3))
+    layer = wnorm.weight_norm(nn.Linear(4, 2))
+    other = threading.Thread(target=slow, args=(torch.zeros(1, 3),))
+    other.start()
+    try:
+        assert entered.wait(10)
+        nn.init.constant_(layer.weight, 0.5)  # while the other thread is inside a forward
+    finally:
+        release.set()
+        other.join()
+    torch.testing.assert_close(layer(torch.ones(1, 4)), torch.full((1, 2), 2.0) + layer.bias)

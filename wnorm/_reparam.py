@@ -18,6 +18,7 @@ The module pickles, deep-copies and loads with ``torch.load(..., weights_only=Fa
 from __future__ import annotations
 
 import sys
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -33,8 +34,10 @@ __all__ = ["Slot", "CACHE", "attach", "detach", "slots", "slot", "slots_of", "fl
 _is_compiling, _is_tracing = torch.compiler.is_compiling, torch._C._is_tracing
 
 
-class _Depth:
-    """How many generated forwards are running: 0 means a weight is read from outside."""
+class _Depth(threading.local):
+    """How many generated forwards this thread is running: 0 means a weight is read from
+    outside. Per thread: a forward in another thread (a server's, nn.DataParallel's replicas)
+    must not turn this thread's writes into the weight into no-ops."""
 
     n = 0
 
@@ -221,7 +224,7 @@ def _property(pname: str) -> property:
                 w.register_hook(_Release(slot, id(w)))
             return w
         w = slot.map.weight(g, v)
-        if _DEPTH.n == 0 and not (_is_compiling() or _is_tracing()):
+        if not (_is_compiling() or _is_tracing()) and _DEPTH.n == 0:
             slot.held, slot.held_key = w, _key(g, v) + (w._version,)
         return w
 
