@@ -293,6 +293,46 @@ class TestCached:
         for a, b in zip(got, expected):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
 
+    def test_a_forward_recording_a_graph_after_a_no_grad_one_gets_its_gradients(self):
+        m, x = self._layer()
+        with wnorm.cached():
+            with torch.no_grad():
+                m(x)
+            m(x).sum().backward()
+        assert m.weight_g.grad is not None and m.weight_v.grad is not None
+        expected = copy.deepcopy(m)
+        for p in expected.parameters():
+            p.grad = None
+        expected(x).sum().backward()
+        torch.testing.assert_close(m.weight_g.grad, expected.weight_g.grad, rtol=0, atol=0)
+        torch.testing.assert_close(m.weight_v.grad, expected.weight_v.grad, rtol=0, atol=0)
+
+    def test_a_block_covers_its_own_thread_only(self):
+        # another thread (training, or serving without a block) keeps computing every weight,
+        # so its edits through .data are seen as outside a block
+        import threading
+
+        m, x = self._layer()
+        inside, done = threading.Event(), threading.Event()
+
+        def serve() -> None:
+            with torch.no_grad(), wnorm.cached():
+                m(x)
+                inside.set()
+                assert done.wait(10)
+
+        other = threading.Thread(target=serve)
+        other.start()
+        try:
+            assert inside.wait(10)
+            assert m.weight is not m.weight
+            with torch.no_grad():
+                m.weight_g.data.mul_(2)
+                torch.testing.assert_close(m.weight.norm(dim=1, keepdim=True), m.weight_g)
+        finally:
+            done.set()
+            other.join()
+
     def test_nested_blocks_keep_the_cache_until_the_outer_ends(self):
         m, _ = self._layer()
         with torch.no_grad(), wnorm.cached():

@@ -45,11 +45,13 @@ class _Depth(threading.local):
 _DEPTH = _Depth()
 
 
-class _Cache:
-    """State of :func:`wnorm.cached`: nesting depth and the slots holding a cached weight."""
+class _Cache(threading.local):
+    """State of :func:`wnorm.cached` in this thread: nesting depth and the slots it filled. A
+    block covers the thread that opened it: other threads keep computing every weight."""
 
-    on = 0
-    filled: list[Slot] = []
+    def __init__(self) -> None:
+        self.on = 0
+        self.filled: list[Slot] = []
 
 
 CACHE = _Cache()
@@ -211,8 +213,12 @@ def _property(pname: str) -> property:
         params = self._parameters
         g, v = params.get(slot.gname), params[slot.vname]
         if CACHE.on:
-            if slot.cached is not None and _same(slot.key, g, v):
-                return slot.cached
+            w = slot.cached
+            # a weight cached under no_grad has no graph: a forward recording one computes it
+            if w is not None and _same(slot.key, g, v) and (
+                    w.requires_grad or not torch.is_grad_enabled()
+                    or not (v.requires_grad or (g is not None and g.requires_grad))):
+                return w
             w = slot.map.weight(g, v)
             _check_finite(slot, w)
             if slot.cached is None:

@@ -21,8 +21,10 @@ def cached() -> Iterator[None]:
     to compute a weight once when a layer runs many times in one forward (an RNN cell over
     time steps); with grad enabled, a backward through a cached weight makes the next access
     compute it again, so several backward passes in one block (gradient accumulation) give the
-    gradients they give outside it. The cached weights are released when the block ends. Like
-    PyTorch's ``torch.nn.utils.parametrize.cached``, it covers every model; blocks nest.
+    gradients they give outside it, and a weight cached under ``no_grad`` is computed again for
+    a forward that records a graph. The cached weights are released when the block ends. Like
+    PyTorch's ``torch.nn.utils.parametrize.cached``, it covers every model; blocks nest; unlike
+    it, a block covers only the thread that opened it.
 
     Example:
         >>> import torch, wnorm
