@@ -65,6 +65,15 @@ def test_to_dtype_and_back_is_seen():
 
 
 # ------------------------------------------------------------------ item 6: writes into w
+@pytest.fixture(params=["cpu", "as on a GPU"])
+def compare(request, monkeypatch):
+    """Flush as on a CPU (asks whether a held weight was written) and as on a GPU (does not:
+    no host sync), both run here."""
+    if request.param != "cpu":
+        monkeypatch.setattr("wnorm._reparam._COMPARE_ON", ())
+    return request.param
+
+
 WRITES = {
     "nn.init.zeros_": lambda w: nn.init.zeros_(w),
     "nn.init.kaiming_uniform_": lambda w: nn.init.kaiming_uniform_(w, a=5 ** 0.5),
@@ -75,7 +84,7 @@ WRITES = {
 
 
 @pytest.mark.parametrize("write", list(WRITES))
-def test_a_write_into_the_weight_takes_effect_in_training_and_eval(write):
+def test_a_write_into_the_weight_takes_effect_in_training_and_eval(write, compare):
     """Before, nn.init on layer.weight was silently ignored in training and applied to the
     eval path only."""
     m, x = layer_and_twin()
@@ -110,7 +119,7 @@ def test_model_apply_with_an_init_function_initializes_every_layer():
         assert torch.equal(m.weight_v.detach(), w)  # v took the written rows, g their norms
 
 
-def test_a_write_lands_before_state_dict_and_pickling():
+def test_a_write_lands_before_state_dict_and_pickling(compare):
     m, _ = layer_and_twin()
     nn.init.constant_(m.weight, 0.5)
     sd = m.state_dict()
@@ -120,7 +129,7 @@ def test_a_write_lands_before_state_dict_and_pickling():
     torch.testing.assert_close(copied.weight, torch.full((4, 6), 0.25))
 
 
-def test_a_stale_read_does_not_undo_an_optimizer_step():
+def test_a_stale_read_does_not_undo_an_optimizer_step(compare):
     """A weight read outside the forward (logging) and not written must not be written back
     over the step that followed."""
     m, x = layer_and_twin()
@@ -259,3 +268,20 @@ def test_a_write_from_one_thread_is_kept_while_another_thread_runs_a_forward():
         release.set()
         other.join()
     torch.testing.assert_close(layer(torch.ones(1, 4)), torch.full((1, 2), 2.0) + layer.bias)
+
+
+def test_a_read_between_two_forwards_leaves_their_backward_valid(compare):
+    # logging a weight between the forwards of an accumulated loss: the flush at the second
+    # forward must not invalidate what the first one saved for backward
+    layer = wnorm.weight_norm(nn.Linear(4, 3))
+    x1, x2 = torch.randn(5, 4), torch.randn(5, 4)
+    expected = copy.deepcopy(layer)
+    (expected(x1).square().sum() + expected(x2).square().sum()).backward()
+    y1 = layer(x1)
+    with torch.no_grad():
+        layer.weight.norm()  # a read from outside the layer's forward
+    y2 = layer(x2)
+    (y1.square().sum() + y2.square().sum()).backward()
+    for name in ("weight_g", "weight_v", "bias"):
+        torch.testing.assert_close(getattr(layer, name).grad, getattr(expected, name).grad)
+

@@ -131,6 +131,10 @@ def flush(module: nn.Module, slot: Slot) -> None:
         torch._C._set_tracing_state(state)
 
 
+#: devices where asking whether a held weight was written costs no host sync
+_COMPARE_ON = ("cpu",)
+
+
 def _flush(module: nn.Module, slot: Slot) -> None:
     """A row counts as written when it differs from the weight g and v give now. When g or v
     changed since the weight was handed out (an optimizer step) and the weight itself was not
@@ -150,7 +154,8 @@ def _flush(module: nn.Module, slot: Slot) -> None:
         )
     with torch.no_grad():
         held, now = held.detach(), m.weight(g, v)
-        if held.device.type == "cpu" and torch.equal(held, now):
+        asked = held.device.type in _COMPARE_ON
+        if asked and torch.equal(held, now):
             return  # nothing written (on a CPU, asking costs no device sync)
         changed = _any_except(held != now, m.dim)
         if not m.has_g and getattr(m, "gain", None) is None:
@@ -165,9 +170,15 @@ def _flush(module: nn.Module, slot: Slot) -> None:
         new_g, new_v = m.split(held)
         wide = held.float() if held.dtype in (torch.float16, torch.bfloat16) else held
         zero = norm(m.direction(wide), m.dim) == 0  # no direction: keep v, g goes to 0
-        v.copy_(torch.where(changed & ~zero, new_v, v))
-        if g is not None and new_g is not None:
-            g.copy_(torch.where(changed, new_g, g))
+        # Not asked (no host sync): the rows may all be unchanged, and are then rewritten with
+        # their own values, through .data so that a graph that saved v or g (a forward still
+        # awaiting its backward) stays valid; the cache, keyed on versions, is told by hand.
+        tv, tg = (v, g) if asked else (v.data, None if g is None else g.data)
+        tv.copy_(torch.where(changed & ~zero, new_v, v))
+        if tg is not None and new_g is not None:
+            tg.copy_(torch.where(changed, new_g, g))
+        if not asked:
+            slot.key = ()
 
 
 def flush_all(module: nn.Module) -> None:
