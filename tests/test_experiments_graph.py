@@ -15,6 +15,7 @@ import torch
 
 import wnorm
 from experiments import graph as G
+from experiments import report_graph as R
 
 from fakes import write_fashion
 
@@ -125,12 +126,12 @@ def test_split_is_disjoint_complete_balanced_and_seeded() -> None:
     ({0: 7.0, 1: 8.0}, {0: 7.0, 1: 8.0}, "tied on every seed: no difference measured"),
 ])
 def test_paired_verdicts(base, other, verdict) -> None:
-    text, said = G._paired(base, other, higher_better=True, digits=2)
+    text, said = R._paired(base, other, higher_better=True, digits=2)
     assert said == verdict
     diffs = [other[s] - base[s] for s in base]
     assert text.startswith(f"{sum(diffs) / len(diffs):+.2f}")
     # lower-is-better measures flip better and worse
-    flipped = G._paired(base, other, higher_better=False, digits=2)[1]
+    flipped = R._paired(base, other, higher_better=False, digits=2)[1]
     assert flipped == verdict.replace("better", "WORSE").replace("worse", "better").replace(
         "WORSE", "worse")
 
@@ -219,7 +220,7 @@ def test_report_leaves_out_diverged_and_unfinished_runs_and_says_so(tmp_path: Pa
                  "graph-sage-weightnorm-init-s1"):
         path = out / name / "metrics.jsonl"
         path.write_text(first + "\n" + json.dumps({"epoch": 2, "diverged": True}) + "\n")
-    md = G.report([out], out)
+    md = R.report([out], out)
     assert "| weightnorm (left out: seed 1 diverged) | 1 |" in md
     assert "| normal-init (left out: seed 0 unfinished, seed 1 diverged) | 0 |" in md
     assert "| weightnorm-init (left out: seed 0 diverged, seed 1 diverged) | 0 |" in md
