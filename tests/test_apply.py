@@ -382,3 +382,22 @@ def test_a_model_built_on_the_meta_device_is_normalized_then_materialized():
     torch.testing.assert_close(model(x), plain(x), rtol=0, atol=0)
     wnorm.load_state_dict(model, plain.state_dict())  # or a checkpoint, after to_empty
     torch.testing.assert_close(model(x), plain(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: wnorm.apply(None), r"apply: expects an nn.Module; got NoneType"),
+    (lambda: wnorm.apply(nn.Linear(2, 2), types="Linear"),
+     r"apply: types takes nn.Module classes \(e.g. torch.nn.Linear\); got 'Linear'"),
+    (lambda: wnorm.apply(nn.Linear(2, 2), types=[nn.Linear, int]),
+     r"types takes nn.Module classes .*got <class 'int'>"),
+    (lambda: wnorm.fold("model.pt"), r"fold: expects an nn.Module; got str"),
+])
+def test_a_wrong_argument_is_a_wnorm_error_saying_what_was_expected(call, match):
+    with pytest.raises(WnormError, match=match):
+        call()
+
+
+def test_apply_takes_one_type_as_well_as_a_tuple():
+    net = wnorm.apply(nn.Sequential(nn.Linear(2, 2), nn.Conv1d(2, 2, 1)), types=nn.Conv1d)
+    assert [n for n, _ in net.named_parameters()] == ["0.weight", "0.bias", "1.bias",
+                                                      "1.weight_g", "1.weight_v"]

@@ -956,3 +956,13 @@ def test_a_graph_that_saw_the_old_g_or_b_cannot_backpropagate(saved):
     wnorm.data_init(model, x)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.backward()
+
+
+def test_a_model_with_nothing_to_initialize_is_an_error_not_a_no_op():
+    plain = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.raises(WnormError, match=r"data_init: Sequential has no weight-normalized layer "
+                                         r".*wnorm.apply\(model\) first \(or pass include_plain"):
+        wnorm.data_init(plain, torch.randn(8, 3))
+    with pytest.raises(WnormError, match=r"nothing to initialize; call wnorm.apply\(model\) "
+                                         r"first$"):
+        wnorm.data_init(nn.Sequential(nn.ReLU()), torch.randn(8, 3), include_plain=True)

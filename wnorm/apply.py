@@ -170,6 +170,8 @@ def apply(
         >>> [n for n, _ in net.named_parameters()]
         ['0.bias', '0.weight_g', '0.weight_v', '2.weight', '2.bias']
     """
+    if not isinstance(model, nn.Module):
+        raise WnormError(f"apply: expects an nn.Module; got {type(model).__name__}")
     ddp = sys.modules.get("torch.nn.parallel.distributed")
     if ddp is not None and any(isinstance(m, ddp.DistributedDataParallel)
                                for m in model.modules()):
@@ -179,6 +181,14 @@ def apply(
             "(and data_init) to the unwrapped model first, then wrap it in DDP")
     if types is None:
         types = default_types()
+    elif isinstance(types, (type, str)):
+        types = (types,)
+    else:
+        types = tuple(types)
+    bad = [t for t in types if not (isinstance(t, type) and issubclass(t, nn.Module))]
+    if bad:
+        raise WnormError(f"apply: types takes nn.Module classes (e.g. torch.nn.Linear); got "
+                         f"{bad[0]!r}")
     include_l = _pattern_list(include, "include", False) if include is not None else None
     exclude_l = _pattern_list(exclude, "exclude", True)
     patterns = [e for e in exclude_l if isinstance(e, str)]

@@ -591,6 +591,12 @@ def data_init(
     targets, skipped, others = _candidates(named, include_plain)
     targets = _drop_shared(targets, others, skipped)
     mobn = [(n, m) for n, m in named if isinstance(m, MeanOnlyBatchNormBase)]
+    if not (targets or skipped or mobn):
+        raise WnormError(
+            f"data_init: {type(model).__name__} has no weight-normalized layer and no mean-only "
+            "batch norm, so there is nothing to initialize; call wnorm.apply(model) first"
+            + ("" if include_plain else
+               " (or pass include_plain=True to initialize its plain Linear/Conv layers)"))
     touched = [x for t in targets for x in _tensors(t)]
     touched += [b for _, m in named for b in m._buffers.values() if b is not None]
     with torch.no_grad():

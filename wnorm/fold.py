@@ -133,6 +133,8 @@ def fold(model: nn.Module) -> nn.Module:
         >>> torch.allclose(folded(x), before, atol=1e-6)
         True
     """
+    if not isinstance(model, nn.Module):
+        raise WnormError(f"fold: expects an nn.Module; got {type(model).__name__}")
     for mname, module in model.named_modules():
         for pname, p in module._parameters.items():
             if p is not None and type(p.data).__name__ == "DTensor":
