@@ -391,6 +391,13 @@ def test_a_model_built_on_the_meta_device_is_normalized_then_materialized():
     (lambda: wnorm.apply(nn.Linear(2, 2), types=[nn.Linear, int]),
      r"types takes nn.Module classes .*got <class 'int'>"),
     (lambda: wnorm.fold("model.pt"), r"fold: expects an nn.Module; got str"),
+    (lambda: wnorm.apply(nn.Linear(2, 2), filter=3), r"apply: filter must be callable; got int"),
+    (lambda: wnorm.apply(nn.Linear(2, 2), method="wn"), r"apply: method must be callable"),
+    (lambda: wnorm.data_init(None, torch.randn(2, 2)), r"data_init: expects an nn.Module"),
+    (lambda: wnorm.load_state_dict("model.pt", {}), r"load_state_dict: expects an nn.Module"),
+    (lambda: wnorm.remove_weight_norm(None), r"remove_weight_norm: expects an nn.Module"),
+    (lambda: wnorm.is_weight_normalized(None), r"is_weight_normalized: expects an nn.Module"),
+    (lambda: wnorm.arpit_init(None), r"arpit_init: expects an nn.Module"),
 ])
 def test_a_wrong_argument_is_a_wnorm_error_saying_what_was_expected(call, match):
     with pytest.raises(WnormError, match=match):

@@ -10,7 +10,7 @@ from typing import Any
 from torch import nn
 
 from . import _pytorch_wn, _reparam
-from .errors import WnormError
+from .errors import WnormError, expect_module
 from .weight_norm import DEFAULT, default_dim, is_weight_normalized, weight_norm
 
 __all__ = ["apply", "DEFAULT_TYPES", "NORM_TYPES", "default_types"]
@@ -170,8 +170,10 @@ def apply(
         >>> [n for n, _ in net.named_parameters()]
         ['0.bias', '0.weight_g', '0.weight_v', '2.weight', '2.bias']
     """
-    if not isinstance(model, nn.Module):
-        raise WnormError(f"apply: expects an nn.Module; got {type(model).__name__}")
+    expect_module("apply", model)
+    for what, fn in (("filter", filter), ("method", method)):
+        if fn is not None and not callable(fn):
+            raise WnormError(f"apply: {what} must be callable; got {type(fn).__name__}")
     ddp = sys.modules.get("torch.nn.parallel.distributed")
     if ddp is not None and any(isinstance(m, ddp.DistributedDataParallel)
                                for m in model.modules()):

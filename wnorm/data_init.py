@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _reparam
-from .errors import WnormError
+from .errors import WnormError, expect_module
 from .mean_only_bn import MeanOnlyBatchNormBase
 from .weight_norm import default_dim
 
@@ -559,6 +559,7 @@ def data_init(
         >>> [r.status for r in report]
         ['initialized', 'initialized']
     """
+    expect_module("data_init", model)
     init_scale = _positive_scale(init_scale)
     if isinstance(batch, Mapping):
         args, kwargs = (), dict(batch)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 
-__all__ = ["WnormError", "finite_positive"]
+__all__ = ["WnormError", "finite_positive", "expect_module"]
 
 
 class WnormError(ValueError):
@@ -21,3 +21,11 @@ def finite_positive(value: object) -> float | None:
     x = float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) \
         else math.nan
     return x if 0 < x < math.inf else None
+
+
+def expect_module(fn: str, obj: object) -> None:
+    """Refuse anything but an ``nn.Module`` as ``fn``'s model or layer argument."""
+    from torch import nn
+
+    if not isinstance(obj, nn.Module):
+        raise WnormError(f"{fn}: expects an nn.Module; got {type(obj).__name__}")

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _pytorch_wn, _reparam
-from .errors import WnormError
+from .errors import WnormError, expect_module
 from .maps import WeightNorm
 from .mean_only_bn import MeanOnlyBatchNormBase
 
@@ -133,8 +133,7 @@ def fold(model: nn.Module) -> nn.Module:
         >>> torch.allclose(folded(x), before, atol=1e-6)
         True
     """
-    if not isinstance(model, nn.Module):
-        raise WnormError(f"fold: expects an nn.Module; got {type(model).__name__}")
+    expect_module("fold", model)
     for mname, module in model.named_modules():
         for pname, p in module._parameters.items():
             if p is not None and type(p.data).__name__ == "DTensor":

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from . import _reparam
-from .errors import WnormError
+from .errors import WnormError, expect_module
 from .weight_norm import default_dim
 
 __all__ = ["arpit_init"]
@@ -71,6 +71,7 @@ def arpit_init(
         >>> {k: round(v, 3) for k, v in gains.items()}
         {'0': 2.0, '2': 1.789}
     """
+    expect_module("arpit_init", model)
     block_last, shortcuts = list(block_last), list(shortcuts)
     if block_last and not blocks_per_stage:
         raise WnormError("arpit_init: block_last needs blocks_per_stage (N blocks per stage)")

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from ._reparam import slots_of
 from .apply import NORM_TYPES, default_types
-from .errors import WnormError, finite_positive
+from .errors import WnormError, expect_module, finite_positive
 from .maps import ForcedWeightNorm, norm
 from .weight_norm import DEFAULT, default_dim
 
@@ -183,8 +183,7 @@ def _plain_dim(fn: str, label: str, module: nn.Module, pname: str, p: Tensor, di
 
 def _select(fn: str, model: nn.Module, radius: Any, types: Any, include: Any, exclude: Any,
             dim: Any) -> list[_Target]:
-    if not isinstance(model, nn.Module):
-        raise WnormError(f"{fn}: expects an nn.Module; got {type(model).__name__}")
+    expect_module(fn, model)
     types = default_types() if types is None else (
         (types,) if isinstance(types, type) else tuple(types))
     inc = _patterns(include, f"{fn}: include", False) if include is not None else None

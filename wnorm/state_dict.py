@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from . import _layouts as lay
 from . import _reparam
 from ._pytorch_wn import find
-from .errors import WnormError
+from .errors import WnormError, expect_module
 
 __all__ = ["load_state_dict", "convert_state_dict"]
 
@@ -340,8 +340,9 @@ def load_state_dict(
     Each weight is matched by name in any layout. Where the checkpoint's ``(g, v)`` have the
     model's shapes they are copied as they are; otherwise :math:`w = g\,v/\lVert v\rVert` is
     computed along the checkpoint's axis (read off g's shape) and the model gets
-    :math:`g = \lVert w\rVert`, ``v = w`` along its own axis (``w`` where it is plain), in
-    float64, cast once to the model's dtype. DDP/DataParallel and ``torch.compile`` wrappers
+    :math:`g = \lVert w\rVert`, ``v = w`` along its own axis (``w`` where it is plain): g is the
+    norm the layer's forward divides by, so that ``w`` comes back bit for bit; where the dtypes
+    differ, values are computed in float64 and cast once to the model's. DDP/DataParallel and ``torch.compile`` wrappers
     and their key prefixes are read past. After loading, the model's state is read back and
     compared bitwise with what was loaded, so a module that reads its keys its own way or a
     pre-hook that renames them cannot leave a weight unloaded silently. On any error the model
@@ -373,6 +374,7 @@ def load_state_dict(
         >>> torch.allclose(new(x), old(x), atol=1e-6)
         True
     """
+    expect_module("load_state_dict", model)
     inner = _unwrap(model)
     name = type(inner).__name__
     values, bad, note = _plan(inner, state_dict)

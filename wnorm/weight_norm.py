@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from . import _pytorch_wn, _reparam
-from .errors import WnormError
+from .errors import WnormError, expect_module
 from .maps import Map, WeightNorm, norm
 
 __all__ = ["weight_norm", "remove_weight_norm", "is_weight_normalized", "default_dim",
@@ -214,6 +214,7 @@ def remove_weight_norm(module: nn.Module, name: str = "weight") -> nn.Module:
     Raises:
         WnormError: ``module.<name>`` is not weight-normalized by wnorm.
     """
+    expect_module("remove_weight_norm", module)
     if _reparam.slot(module, name) is None:
         raise WnormError(f"{_label(module, '')}: '{name}' is not weight-normalized by wnorm")
     _reparam.detach(module, name)
@@ -222,6 +223,7 @@ def remove_weight_norm(module: nn.Module, name: str = "weight") -> nn.Module:
 
 def is_weight_normalized(module: nn.Module, name: str | None = None) -> bool:
     """Whether wnorm normalizes ``module.<name>`` (any parameter of it when ``name`` is None)."""
+    expect_module("is_weight_normalized", module)
     specs = _reparam.slots_of(module)
     if not specs:
         return False
