@@ -355,6 +355,7 @@ def project_after_step(
     Args:
         optimizer: any ``torch.optim.Optimizer``, built on the parameters as they are now (after
             ``wnorm.apply``/``forced_weight_norm``, and after ``fully_shard`` under FSDP2).
+            Register after loading a checkpoint: ``"initial"`` remembers the norms of now.
         model: the model (or a DDP/FSDP2 wrapper of it) that holds the weights.
         radius, types, include, exclude, dim: as :func:`project_`, plus ``"initial"``.
 
