@@ -249,3 +249,22 @@ def test_pytorchs_own_weight_norm_is_folded_too(api):
                                            "4.bias", "4.weight"]
     assert not any(m._forward_pre_hooks for m in folded.modules())
     torch.testing.assert_close(torch.jit.script(folded)(x), folded(x))
+
+
+@pytest.mark.parametrize("tie", ["two modules", "one module in two slots"])
+def test_a_tied_weight_stays_one_parameter_after_fold(tie):
+    # an encoder/decoder or a shared block: one (g, v) for every holder, then one w
+    a = nn.Linear(4, 4)
+    b = nn.Linear(4, 4) if tie == "two modules" else a
+    b.weight = a.weight
+    net = wnorm.apply(nn.Sequential(a, nn.Tanh(), b)).eval()
+    x = torch.randn(3, 4)
+    y = net(x)
+    wnorm.fold(net)
+    assert net[0].weight is net[2].weight
+    assert sum(p.numel() for p in net.parameters()) == 16 + 4 + (4 if tie == "two modules" else 0)
+    torch.testing.assert_close(net(x), y, rtol=0, atol=0)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)  # and it trains as one weight
+    net(x).sum().backward()
+    opt.step()
+    assert net[0].weight is net[2].weight

@@ -458,21 +458,31 @@ def attach(module: nn.Module, name: str, map: Map, g: Tensor | None, v: Tensor,
     refresh_flat_weights(module)
 
 
-def detach(module: nn.Module, name: str) -> None:
+def detach(module: nn.Module, name: str,
+           tied: dict[int, tuple[Tensor, nn.Parameter]] | None = None) -> None:
     """Undo :func:`attach`: ``module.<name>`` becomes a plain Parameter holding the weight
-    (``requires_grad`` as v's); the module gets its class back when nothing stays attached."""
+    (``requires_grad`` as v's); the module gets its class back when nothing stays attached.
+    ``tied``, shared across calls, maps a ``v`` already detached elsewhere to its Parameter, so
+    that holders of one (g, v) keep one weight."""
     specs = module.__dict__["_wn"]
     s = specs[name]
     if s.held is not None:
         flush(module, s)
     params = module._parameters
     g, v = params.get(s.gname), params[s.vname]
-    with torch.no_grad():
-        w = s.map.weight(g, v).detach().clone()
+    seen = None if tied is None else tied.get(id(v))
+    if seen is not None and seen[0] is v:
+        w_param = seen[1]
+    else:
+        with torch.no_grad():
+            w = s.map.weight(g, v).detach().clone()
+        w_param = nn.Parameter(w, requires_grad=v.requires_grad)
+        if tied is not None:
+            tied[id(v)] = (v, w_param)  # v kept alive: its id names it until fold ends
     del specs[name]
     params.pop(s.gname, None)
     del params[s.vname]
-    params[name] = nn.Parameter(w, requires_grad=v.requires_grad)
+    params[name] = w_param
     if not specs:
         del module.__dict__["_wn"]
         module.__class__ = base_class(module)

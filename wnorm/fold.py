@@ -80,15 +80,20 @@ def _shift_module(bn: MeanOnlyBatchNormBase, shift: Tensor) -> ChannelShift:
 
 def _plain_weights(model: nn.Module) -> None:
     """Every weight normalized by wnorm or PyTorch (either API) becomes a plain Parameter
-    holding the weight, with v's ``requires_grad``; nothing outside ``model`` changes."""
+    holding the weight, with v's ``requires_grad``, one per (g, v) however many modules hold it
+    (a tie stays a tie); nothing outside ``model`` changes."""
+    tied: dict[int, tuple[Tensor, nn.Parameter]] = {}  # v -> its weight: ties stay tied
     for module in list(model.modules()):
         for found in _pytorch_wn.find(module):
             g, v = _pytorch_wn.strip(module, found)
-            with torch.no_grad():
-                w = WeightNorm(found.dim).weight(g, v).detach().clone()
-            module.register_parameter(found.name, nn.Parameter(w, requires_grad=v.requires_grad))
+            seen = tied.get(id(v))
+            if seen is None or seen[0] is not v:
+                with torch.no_grad():
+                    w = WeightNorm(found.dim).weight(g, v).detach().clone()
+                seen = tied[id(v)] = (v, nn.Parameter(w, requires_grad=v.requires_grad))
+            module.register_parameter(found.name, seen[1])
         for name in list(_reparam.slots_of(module)):
-            _reparam.detach(module, name)
+            _reparam.detach(module, name, tied)
 
 
 def fold(model: nn.Module) -> nn.Module:
@@ -96,7 +101,8 @@ def fold(model: nn.Module) -> nn.Module:
 
     Every weight-normalized weight (by wnorm, or by PyTorch's ``torch.nn.utils.weight_norm`` or
     ``torch.nn.utils.parametrizations.weight_norm``) becomes a plain parameter holding
-    :math:`w = g\,v/\lVert v\rVert` (a wnorm module gets its original class back), and every
+    :math:`w = g\,v/\lVert v\rVert` (a wnorm module gets its original class back; modules
+    sharing one g and v share the one weight), and every
     mean-only batch norm folds its eval-mode affine map :math:`x \mapsto x - \mu_{\text{running}}
     + b` into the bias of the layer right before it in an ``nn.Sequential`` (Linear or ConvNd
     with the same channel count, used nowhere else, without hooks); where there is no such layer
