@@ -343,10 +343,10 @@ def load_state_dict(
     :math:`g = \lVert w\rVert`, ``v = w`` along its own axis (``w`` where it is plain): g is the
     norm the layer's forward divides by, so that ``w`` comes back bit for bit; where the dtypes
     differ, values are computed in float64 and cast once to the model's. DDP/DataParallel and
-    ``torch.compile`` wrappers and their key prefixes are read past. After loading, the model's state is read back and
-    compared bitwise with what was loaded, so a module that reads its keys its own way or a
-    pre-hook that renames them cannot leave a weight unloaded silently. On any error the model
-    is as it was.
+    ``torch.compile`` wrappers and their key prefixes are read past. After loading, the model's
+    state is read back and compared bitwise with what was loaded, so a module that reads its
+    keys its own way or a pre-hook that renames them cannot leave a weight unloaded silently.
+    On any error the model is as it was.
 
     Args:
         model: the model to load into (wnorm-normalized, PyTorch-normalized or plain layers).
