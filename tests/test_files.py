@@ -179,3 +179,30 @@ def test_save_metadata_goes_to_safetensors_only(tmp_path: Path) -> None:
                                          r"strings"):
         save_checkpoint(sample(), tmp_path / "out.safetensors", metadata={"step": 3})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_plain_state_dict_beside_a_normalized_one_stays_plain():
+    # a GAN checkpoint: converting the generator's layout must leave the plain discriminator
+    # loadable by its own model
+    gen = nn.Sequential(parametrizations.weight_norm(nn.Conv1d(2, 3, 3)))
+    disc = nn.Sequential(nn.Conv1d(3, 4, 3), nn.Flatten(), nn.Linear(4, 1))
+    ckpt = {"generator": gen.state_dict(), "discriminator": disc.state_dict(), "steps": 10}
+    for to in ("torch-old", "wnorm", "torch-new"):
+        out, n = convert_checkpoint(ckpt, to)
+        assert n == (0 if to == "torch-new" else 1)
+        other = nn.Sequential(nn.Conv1d(3, 4, 3), nn.Flatten(), nn.Linear(4, 1))
+        other.load_state_dict(out["discriminator"])  # strict: still plain keys
+        assert out["steps"] == 10
+    plain_only, n = convert_checkpoint({"discriminator": disc.state_dict()}, "torch-old")
+    assert n == 2 and "0.weight_g" in plain_only["discriminator"]  # nothing normalized: do it
+
+
+@pytest.mark.parametrize("drop", ["0.weight_g", "0.parametrizations.weight.original0"])
+def test_half_a_pair_is_an_error_naming_the_missing_key(drop):
+    api = nn.utils.weight_norm if drop.endswith("_g") else parametrizations.weight_norm
+    sd = dict(nn.Sequential(api(nn.Conv1d(2, 3, 3))).state_dict())
+    del sd[drop]
+    for to in ("plain", "torch-old", "torch-new", "wnorm"):
+        with pytest.raises(WnormError, match=rf"is half of a weight-norm pair: '{drop}' is "
+                                             "missing"):
+            wnorm.convert_state_dict(sd, to)

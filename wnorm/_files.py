@@ -121,10 +121,14 @@ def convert_checkpoint(
         (['bias', 'weight'], 3, 1)
     """
     out, total = checkpoint, 0
-    for path in find_state_dicts(checkpoint, key):
+    paths = find_state_dicts(checkpoint, key)
+    # plain weights are normalized only when no state dict here holds a pair: a plain
+    # discriminator beside a weight-normalized generator stays plain
+    plain_only = not any(_layouts.has_pair(_get(checkpoint, p)) for p in paths)
+    for path in paths:
         where = "".join(f"[{p!r}]" for p in path)
         try:
-            sd, n = _layouts.convert(_get(checkpoint, path), to, dim)
+            sd, n = _layouts.convert(_get(checkpoint, path), to, dim, normalize_plain=plain_only)
         except WnormError as e:
             raise WnormError(f"checkpoint{where}: {e}") from None
         out = _with(out, path, sd)

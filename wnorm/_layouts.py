@@ -28,7 +28,7 @@ from .errors import WnormError
 from .maps import WeightNorm
 
 __all__ = ["FORMATS", "KEEP", "Src", "read", "source_dim", "norm", "wide", "weight", "gain",
-           "cast", "check_finite", "base_and_role", "convert"]
+           "cast", "check_finite", "base_and_role", "has_pair", "convert"]
 
 #: The layouts :func:`convert` writes.
 FORMATS: tuple[str, ...] = ("plain", "torch-old", "torch-new", "wnorm")
@@ -314,15 +314,40 @@ def _check_options(to: str, dim: Any) -> None:
                          "alone: leave dim at 'keep'")
 
 
-def convert(state_dict: Mapping[str, Any], to: str, dim: Any = KEEP) -> tuple[dict[str, Any], int]:
+def _half_pair(key: str) -> str | None:
+    """The missing partner's key when ``key`` reads as one half of a weight-norm pair (a
+    torch-new ``original0``/``original1``, or ``weight.._g``/``weight.._v``), else None."""
+    new = _split_new(key)
+    if new is not None:
+        return key[:-1] + ("1" if new[1] == "0" else "0")
+    head, dot, last = key.rpartition(".")
+    if last.startswith("weight") and last.endswith(("_g", "_v")) and len(last) > len("weight_"):
+        return head + dot + last[:-2] + ("_v" if last.endswith("_g") else "_g")
+    return None
+
+
+def has_pair(state_dict: Mapping[str, Any]) -> bool:
+    """Whether ``state_dict`` holds a weight-norm pair in any layout."""
+    return any(src.pair for src in read(state_dict).values())
+
+
+def convert(state_dict: Mapping[str, Any], to: str, dim: Any = KEEP,
+            normalize_plain: bool | None = None) -> tuple[dict[str, Any], int]:
     """``state_dict`` in layout ``to`` (see :func:`wnorm.convert_state_dict`), and how many
-    weights were rewritten (renamed, reshaped or recomputed)."""
+    weights were rewritten (renamed, reshaped or recomputed). Plain weights are normalized when
+    ``normalize_plain`` (default: when the state dict holds no pair)."""
     _check_options(to, dim)
     sources = read(state_dict)
     for src in sources.values():
         for key, t in zip(src.keys, (src.g, src.v) if src.pair else (src.w,)):
             check_finite(key, t)
+        missing = None if src.pair else _half_pair(src.keys[0])
+        if missing is not None:
+            raise WnormError(f"'{src.keys[0]}' is half of a weight-norm pair: '{missing}' is "
+                             "missing; expected both halves (or a plain weight)")
     any_pair = any(src.pair for src in sources.values())
+    if normalize_plain is not None:
+        any_pair = not normalize_plain
     out: dict[str, Any] = {}
     n = 0
     for ckey, src in sources.items():
