@@ -763,3 +763,37 @@ def test_a_pair_converted_to_plain_is_the_weight_the_layer_computes_bit_for_bit(
     layer = scramble(api(make().to(dtype), dim=dim))
     sd = convert_state_dict(layer.state_dict(), "plain")
     assert torch.equal(sd["weight"], wnorm.fold(layer).weight)
+
+
+def test_a_refused_strict_load_puts_extra_state_back_too():
+    class Scaler(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = 1.0
+
+        def get_extra_state(self):
+            return {"scale": self.scale}
+
+        def set_extra_state(self, state) -> None:
+            self.scale = state["scale"]
+
+    class Doubling(nn.Linear):  # its loader does not take its weight as given
+        def _load_from_state_dict(self, sd, prefix, *args, **kwargs):
+            super()._load_from_state_dict(sd, prefix, *args, **kwargs)
+            with torch.no_grad():
+                self.weight.mul_(2)
+
+    model = nn.Sequential(Scaler(), wnorm.weight_norm(nn.Linear(3, 3)), Doubling(3, 3))
+    sd = {k: v.clone() if isinstance(v, torch.Tensor) else v
+          for k, v in model.state_dict().items()}
+    sd["0._extra_state"] = {"scale": 1000.0}
+    with pytest.raises(WnormError, match="the model is as it was"):
+        load_state_dict(model, sd)
+    assert model[0].scale == 1.0
+
+
+def test_a_lazy_module_is_an_error_naming_the_key_before_anything_loads():
+    model = nn.Sequential(nn.LazyLinear(4), nn.Linear(4, 2))
+    sd = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)).state_dict()
+    with pytest.raises(WnormError, match=r"'0.weight' of the model is not initialized yet"):
+        load_state_dict(model, sd)

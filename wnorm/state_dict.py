@@ -9,6 +9,7 @@ Files and the ``wnorm convert`` command live in :mod:`wnorm.cli`.
 
 from __future__ import annotations
 
+import copy
 import sys
 import warnings
 from collections.abc import Iterable, Mapping
@@ -207,6 +208,10 @@ def _plan_aligned(
             lay.check_finite(key, t)
         want = slot.tensors[-1]  # the weight's shape is v's (pairs) or the tensor's (plain)
         got = src.v if src.pair else src.w
+        if isinstance(want, Tensor) and nn.parameter.is_lazy(want):
+            raise WnormError(
+                f"'{slot.keys[-1]}' of the model is not initialized yet (a lazy module "
+                "materializes it at its first forward); run one forward pass first, then load")
         if not isinstance(want, Tensor) or not isinstance(got, Tensor):
             values[slot.keys[0]] = got  # _extra_state: passed through as is
             continue
@@ -261,26 +266,37 @@ def _plan_aligned(
 
 
 # --------------------------------------------------------------------------- loading, checked
-def _snapshot(model: nn.Module) -> list[tuple[dict, str, Tensor, Tensor]]:
-    """Every parameter and buffer of ``model``: (its module's dict, name, object, a CPU copy).
-    The copies live on the CPU: a GPU model need not fit twice in GPU memory."""
+class _Snapshot(NamedTuple):
+    """What a failed load puts back: every parameter and buffer as (its module's dict, name,
+    object, a CPU copy), and the extra state of every module that keeps one."""
+
+    tensors: list[tuple[dict, str, Tensor, Tensor]]
+    extra: list[tuple[nn.Module, Any]]
+
+
+def _snapshot(model: nn.Module) -> _Snapshot:
+    """The copies live on the CPU: a GPU model need not fit twice in GPU memory."""
     seen: set[int] = set()
-    out = []
+    out = _Snapshot([], [])
     for module in model.modules():
         for store in (module._parameters, module._buffers):
             for name, t in store.items():
                 if t is None or id(t) in seen or t.is_meta:
                     continue
                 seen.add(id(t))
-                out.append((store, name, t, t.detach().to("cpu", copy=True)))
+                out.tensors.append((store, name, t, t.detach().to("cpu", copy=True)))
+        if type(module).get_extra_state is not nn.Module.get_extra_state:
+            out.extra.append((module, copy.deepcopy(module.get_extra_state())))
     return out
 
 
-def _restore(saved: list[tuple[dict, str, Tensor, Tensor]]) -> None:
+def _restore(saved: _Snapshot) -> None:
     with torch.no_grad():
-        for store, name, t, old in saved:
+        for store, name, t, old in saved.tensors:
             store[name] = t  # a load that replaced the object: put the original back
             t.copy_(old)
+    for module, state in saved.extra:
+        module.set_extra_state(state)
 
 
 def _as_written(now: Any, want: Any) -> bool:
