@@ -206,3 +206,22 @@ def test_half_a_pair_is_an_error_naming_the_missing_key(drop):
         with pytest.raises(WnormError, match=rf"is half of a weight-norm pair: '{drop}' is "
                                              "missing"):
             wnorm.convert_state_dict(sd, to)
+
+
+@pytest.mark.parametrize("data", [b"just some notes\n", bytes(range(256)) * 4],
+                         ids=["text", "random bytes"])
+def test_a_file_that_is_no_pickle_gets_no_advice_to_unpickle_it(tmp_path: Path, data):
+    path = tmp_path / "junk.pt"
+    path.write_bytes(data)
+    with pytest.raises(WnormError, match=r"junk.pt: not a PyTorch checkpoint") as e:
+        load_checkpoint(path)
+    assert "weights_only=False" not in str(e.value) and "set to `False`" not in str(e.value)
+
+
+def test_a_nested_checkpoint_passed_as_a_state_dict_names_the_entry_that_holds_one():
+    sd = nn.Linear(2, 2).state_dict()
+    opt = {"state": {}, "param_groups": [{"lr": 0.1}]}
+    for ckpt in ({"epoch": 3, "model": sd, "optimizer": opt}, {"optimizer": opt, "model": sd}):
+        with pytest.raises(WnormError, match=r"not a tensor; a nested checkpoint\? pass the "
+                                             r"state dict inside it \(checkpoint\['model'\]\)"):
+            wnorm.convert_state_dict(ckpt, "plain")

@@ -269,3 +269,17 @@ def test_a_failed_write_leaves_no_folder_and_no_temporary(tmp_path: Path, capsys
     err = refused(capsys, src, tmp_path / "out", "out: writing the folder failed (nothing "
                                                  "written); got [Errno 28] No space left")
     assert len(calls) == 2 and "Errno 28" in err
+
+
+def test_a_bad_tensor_in_a_sharded_folder_names_the_folder_and_its_shard(tmp_path: Path,
+                                                                         capsys) -> None:
+    src = folder(tmp_path / "in", sharded=True)
+    shard = src / "model-00002-of-00002.safetensors"
+    sd = st.load_file(str(shard))
+    sd["conv.parametrizations.weight.original1"][0, 0, 0] = float("nan")
+    st.save_file(sd, str(shard), metadata={"format": "pt"})
+    assert main(["convert", str(src), str(tmp_path / "out"), "--to", "plain"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"wnorm: error: {src}: 'conv.parametrizations.weight.original1'")
+    assert err.strip().endswith("(in model-00002-of-00002.safetensors)")
+    assert not (tmp_path / "out").exists()

@@ -191,9 +191,11 @@ def load_checkpoint(path: str | Path) -> Any:
                     f"torch.load({str(path)!r}, weights_only=False), torch.save only its state "
                     f"dict (e.g. checkpoint['model']) and convert that file"
                 ) from None
+            reason = re.search(r"WeightsUnpickler error:\s*([^\n]+)", _ANSI.sub("", str(e)))
             raise WnormError(
                 f"{path}: not a PyTorch checkpoint readable with weights_only=True; got "
-                f"{first_line(e)}"
+                + (f"no pickle torch can read ({reason.group(1).strip()})" if reason
+                   else first_line(e))
             ) from None
     try:
         find_state_dicts(obj)
@@ -281,11 +283,10 @@ def _weights_only_blocker(e: BaseException) -> str | None:
     text = _ANSI.sub("", str(e))
     if "Weights only load failed" not in text:
         return None
-    found = re.search(r"Unsupported global: GLOBAL [\w.]+", text)
-    if found:
-        return found.group(0)
-    found = re.search(r"WeightsUnpickler error: ([^\n]+)", text)
-    return found.group(1).strip().rstrip(".") if found else "torch names no type"
+    found = re.search(r"Unsupported (?:global|class): (?:GLOBAL )?[\w.]+", text)
+    # anything else ("Unsupported operand", a bad load key) is a file that is no pickle at all:
+    # advice to unpickle it without weights_only would be wrong, and unsafe
+    return found.group(0) if found else None
 
 
 def _check_input(path: Path) -> None:

@@ -100,9 +100,14 @@ def read(state_dict: Mapping[str, Any]) -> dict[str, Src]:
         if not isinstance(key, str):
             raise WnormError(f"state dict keys must be strings; got {key!r}")
         if not isinstance(value, Tensor) and not key.endswith("_extra_state"):
+            inner = [k for k, v in state_dict.items() if isinstance(v, Mapping) and v
+                     and all(isinstance(t, Tensor) for t in v.values())]
+            where = ", ".join(f"checkpoint[{k!r}]" for k in inner)
+            hint = "pass the state dict inside it" + (f" ({where})" if inner else "")
+            kind = type(value).__name__
             raise WnormError(
-                f"state dict entry '{key}' is a {type(value).__name__}, not a tensor; a nested "
-                f"checkpoint? pass the state dict inside it (e.g. checkpoint[{key!r}])"
+                f"state dict entry '{key}' is {'an' if kind[0] in 'aeiou' else 'a'} {kind}, not "
+                f"a tensor; a nested checkpoint? {hint}"
             )
         new = _split_new(key)
         if new is not None:

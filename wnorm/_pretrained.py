@@ -142,7 +142,11 @@ def convert_folder(
     Returns ``(weights_converted, notes)``: the notes name the files not copied."""
     check_output_folder(src, dst)
     state, shard_of, index, meta = _read(src)
-    out, n = _layouts.convert(state, to, dim)
+    try:
+        out, n = _layouts.convert(state, to, dim)
+    except WnormError as e:  # say which folder (and shard) holds the key named
+        shard = next((f" (in {shard_of[k]})" for k in shard_of if f"'{k}'" in str(e)), "")
+        raise WnormError(f"{src}: {e}{shard}") from None
     st = safetensors_module(src / WEIGHTS)
     skipped = sorted(p.name for p in src.iterdir() if _other_weights(p.name))
     weights = {WEIGHTS, INDEX} | set(shard_of.values())
