@@ -285,3 +285,26 @@ def test_a_read_between_two_forwards_leaves_their_backward_valid(compare):
     for name in ("weight_g", "weight_v", "bias"):
         torch.testing.assert_close(getattr(layer, name).grad, getattr(expected, name).grad)
 
+
+
+def test_an_edit_of_g_and_v_through_data_after_a_read_of_the_weight_is_kept(compare):
+    # EMA updates through .data, with nn.MultiheadAttention reading out_proj.weight in its own
+    # forward (outside the Linear's): the held weight must not be taken for a write
+    mha = wnorm.apply(nn.MultiheadAttention(8, 2))
+    x = torch.randn(3, 2, 8)
+    with torch.no_grad():
+        mha(x, x, x)  # holds out_proj.weight
+        mha.out_proj.weight_g.data.mul_(0.5)
+        mha.out_proj.weight_v.data.add_(0.1)
+        g, v = mha.out_proj.weight_g.clone(), mha.out_proj.weight_v.clone()
+        mha(x, x, x)
+    assert torch.equal(mha.out_proj.weight_g, g) and torch.equal(mha.out_proj.weight_v, v)
+    layer = wnorm.weight_norm(nn.Linear(4, 3))
+    w = layer.weight  # read, then both: g edited through .data and one row written
+    layer.weight_g.data.mul_(2)
+    with torch.no_grad():
+        w[1].fill_(0.5)
+    expected = layer.weight_g.detach().clone()
+    expected[1] = 0.5 * 2  # the written row: its norm
+    torch.testing.assert_close(layer.weight[1], torch.full((4,), 0.5))  # this access splits
+    torch.testing.assert_close(layer.weight_g, expected)

@@ -60,7 +60,7 @@ CACHE = _Cache()
 class Slot:
     """One reparameterized parameter: its map, a name for messages, the weight last handed to
     code outside the layer's forward (``held``, with ``held_key``: the g and v it was computed
-    from and the versions of g, v and itself then) and the weight cached by
+    from, the versions of g, v and itself then, and a copy of it) and the weight cached by
     :func:`wnorm.cached` (``cached``, valid for ``key``)."""
 
     __slots__ = ("name", "map", "where", "gname", "vname", "held", "held_key", "cached", "key")
@@ -136,9 +136,10 @@ _COMPARE_ON = ("cpu",)
 
 
 def _flush(module: nn.Module, slot: Slot) -> None:
-    """A row counts as written when it differs from the weight g and v give now. When g or v
-    changed since the weight was handed out (an optimizer step) and the weight itself was not
-    written in place, it is only stale: it is dropped.
+    """A row counts as written when it differs from the copy taken as the weight was handed
+    out; other rows keep g and v as they are now (edited through .data or not). When g or v
+    changed since (an optimizer step) and the weight itself was not written in place, it is
+    only stale: it is dropped.
     """
     held, key = slot.held, slot.held_key
     slot.held, slot.held_key = None, ()
@@ -153,11 +154,15 @@ def _flush(module: nn.Module, slot: Slot) -> None:
             f"'{slot.gname}'/'{slot.vname}' of shape {tuple(v.shape)}, {v.dtype} on {v.device}"
         )
     with torch.no_grad():
-        held, now = held.detach(), m.weight(g, v)
+        # written rows are those that differ from the weight as it was handed out (a copy kept
+        # then): an edit of g or v through .data since, which moves no version, is no write
+        held, snap = held.detach(), key[5]
+        if held.shape != snap.shape or held.dtype != snap.dtype or held.device != snap.device:
+            snap = m.weight(g, v)  # the weight tensor itself was swapped through .data
         asked = held.device.type in _COMPARE_ON
-        if asked and torch.equal(held, now):
+        if asked and torch.equal(held, snap):
             return  # nothing written (on a CPU, asking costs no device sync)
-        changed = _any_except(held != now, m.dim)
+        changed = _any_except(held != snap, m.dim)
         if not m.has_g and getattr(m, "gain", None) is None:
             if bool(changed.any()):  # a host sync, but only after a write from outside
                 raise WnormError(
@@ -242,7 +247,7 @@ def _property(pname: str) -> property:
             return w
         w = slot.map.weight(g, v)
         if not (_is_compiling() or _is_tracing()) and _DEPTH.n == 0:
-            slot.held, slot.held_key = w, _key(g, v) + (w._version,)
+            slot.held, slot.held_key = w, _key(g, v) + (w._version, w.detach().clone())
         return w
 
     def fset(self: nn.Module, value: Any) -> None:
