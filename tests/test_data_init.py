@@ -966,3 +966,23 @@ def test_a_model_with_nothing_to_initialize_is_an_error_not_a_no_op():
     with pytest.raises(WnormError, match=r"nothing to initialize; call wnorm.apply\(model\) "
                                          r"first$"):
         wnorm.data_init(nn.Sequential(nn.ReLU()), torch.randn(8, 3), include_plain=True)
+
+
+def test_a_write_into_the_weight_just_before_data_init_is_taken_then_standardized():
+    # model.apply(init_fn) leaves the written weights held until their next access: they land
+    # before the pass, not in it (where they undid g = 1 and every std came out scaled)
+    model = wnorm.apply(nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 4))).to(D)
+    model.apply(lambda m: nn.init.normal_(m.weight, std=0.7) if isinstance(m, nn.Linear)
+                else None)
+    x = torch.randn(64, 6, dtype=D)
+    report = wnorm.data_init(model, x)
+    assert_standardized(model, report, x)
+
+
+def test_a_failed_data_init_keeps_the_write_into_the_weight_made_before_it():
+    model = wnorm.apply(nn.Sequential(nn.Linear(6, 4))).to(D)
+    nn.init.normal_(model[0].weight, std=0.7)
+    written = model[0].weight.detach().clone()
+    with pytest.raises(WnormError):
+        wnorm.data_init(model, torch.ones(8, 6, dtype=D))  # constant input: sigma 0
+    torch.testing.assert_close(model[0].weight, written, rtol=0, atol=1e-12)

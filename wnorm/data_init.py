@@ -589,6 +589,8 @@ def data_init(
     else:
         group = _LOCAL
 
+    for _, m in named:  # a write into a weight still held (nn.init, model.apply) lands first:
+        _reparam.flush_all(m)  # else it would land mid-pass, undoing g = 1 before the layer runs
     targets, skipped, others = _candidates(named, include_plain)
     targets = _drop_shared(targets, others, skipped)
     mobn = [(n, m) for n, m in named if isinstance(m, MeanOnlyBatchNormBase)]
