@@ -408,3 +408,11 @@ def test_apply_takes_one_type_as_well_as_a_tuple():
     net = wnorm.apply(nn.Sequential(nn.Linear(2, 2), nn.Conv1d(2, 2, 1)), types=nn.Conv1d)
     assert [n for n, _ in net.named_parameters()] == ["0.weight", "0.bias", "1.bias",
                                                       "1.weight_g", "1.weight_v"]
+
+
+def test_selected_modules_without_a_weight_are_an_error_not_a_no_op():
+    mha = nn.MultiheadAttention(8, 2)
+    with pytest.raises(WnormError, match=r"hold no parameter 'weight' to normalize .*"
+                                         r"MultiheadAttention.*in_proj_weight"):
+        wnorm.apply(mha, types=(nn.MultiheadAttention,))
+    assert not wnorm.is_weight_normalized(mha.out_proj)

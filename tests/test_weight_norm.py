@@ -307,6 +307,15 @@ class TestCached:
         torch.testing.assert_close(m.weight_g.grad, expected.weight_g.grad, rtol=0, atol=0)
         torch.testing.assert_close(m.weight_v.grad, expected.weight_v.grad, rtol=0, atol=0)
 
+    def test_to_and_double_inside_a_block_are_seen(self):
+        m, x = self._layer()
+        with torch.no_grad(), wnorm.cached():
+            m(x)
+            m.double()  # swaps param.data: no version moves
+            assert m.weight.dtype == torch.float64 and m(x.double()).dtype == torch.float64
+            expected = m.weight_g * m.weight_v / m.weight_v.norm(dim=1, keepdim=True)
+            torch.testing.assert_close(m.weight, expected)
+
     def test_a_block_covers_its_own_thread_only(self):
         # another thread (training, or serving without a block) keeps computing every weight,
         # so its edits through .data are seen as outside a block

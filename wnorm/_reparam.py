@@ -348,6 +348,8 @@ def _extra_repr(self: nn.Module) -> str:
 
 def _apply(self: nn.Module, fn: Any, *args: Any, **kwargs: Any) -> nn.Module:
     flush_all(self)  # a write into a held weight lands before .to()/.half() moves g and v
+    for s in self.__dict__["_wn"].values():
+        s.key = ()  # .to() swaps param.data, moving no version: a cached weight is stale
     return type(self)._wn_base._apply(self, fn, *args, **kwargs)
 
 

@@ -237,6 +237,13 @@ def apply(
                     f"{_label(mname, module)}: '{pname}' is already weight-normalized by wnorm"
                 )
             targets.append((mname, module, pname))
+    if not targets:  # e.g. types=(nn.MultiheadAttention,): selected, but nothing to normalize
+        mname, module = chosen[0]
+        have = [n for n, p in module._parameters.items() if p is not None]
+        raise WnormError(
+            f"apply: the {len(chosen)} selected module(s) hold no parameter 'weight' to "
+            f"normalize (e.g. {_label(mname, module)}, whose parameters are {have}); name "
+            "another with wnorm.weight_norm(module, name), or select their submodules")
     selected = {(id(m), pn) for _, m, pn in targets}
     for mname, module, pname in targets:
         p = module._parameters.get(pname)
