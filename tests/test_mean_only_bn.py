@@ -246,3 +246,26 @@ def test_output_has_the_input_dtype_in_every_mode(layer_dtype, x_dtype, track):
                     else x.to(layer_dtype).mean(dim=(0, 2, 3)))
             expected = x.to(layer_dtype) + bcast(bn.bias.detach() - mean, x)
             torch.testing.assert_close(y.to(layer_dtype), expected, rtol=1e-2, atol=2e-2)
+
+
+
+def test_the_gradient_of_a_jvp_with_respect_to_its_tangent_is_autograds():
+    # reverse over forward (Jacobian and consistency regularizers): the tangent's own mean must
+    # be subtracted with a graph, or d/dt of |J t|^2 misses it
+    from torch.func import grad, jvp
+
+    torch.manual_seed(0)
+    bn = MeanOnlyBatchNorm1d(3, dtype=torch.float64, track_running_stats=False)
+    x, t = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+
+    def f(y):
+        return bn(y) ** 2
+
+    def reference(y):
+        return (y - y.mean(0, keepdim=True) + bn.bias) ** 2
+
+    def tangent_loss(fn):
+        return lambda tt: jvp(fn, (x,), (tt,))[1].pow(2).sum()
+
+    torch.testing.assert_close(grad(tangent_loss(f))(t), grad(tangent_loss(reference))(t),
+                               rtol=0, atol=1e-12)

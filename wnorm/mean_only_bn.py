@@ -61,6 +61,10 @@ class _SubtractMeanJvp(_SubtractMean):
     @staticmethod
     def jvp(ctx: Any, x_t: Tensor | None, bias_t: Tensor | None, mean_t: Tensor | None,
             _dims: Any) -> Tensor:
+        if x_t is not None:
+            # the mean's tangent from x_t itself: the one passed in was computed under no_grad
+            # and has no graph back to x_t, which a backward through this tangent needs
+            mean_t = x_t.mean(dim=ctx.dims)
         shift = None
         for t, sign in ((bias_t, 1.0), (mean_t, -1.0)):
             if t is not None:
