@@ -316,6 +316,13 @@ class TestCached:
             expected = m.weight_g * m.weight_v / m.weight_v.norm(dim=1, keepdim=True)
             torch.testing.assert_close(m.weight, expected)
 
+    def test_a_compiled_forward_inside_a_block_has_no_graph_break(self):
+        net = wnorm.apply(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))).eval()
+        torch._dynamo.reset()
+        with torch.no_grad(), wnorm.cached():
+            explained = torch._dynamo.explain(net)(torch.randn(3, 4))
+        assert explained.graph_break_count == 0
+
     def test_a_block_covers_its_own_thread_only(self):
         # another thread (training, or serving without a block) keeps computing every weight,
         # so its edits through .data are seen as outside a block

@@ -236,7 +236,8 @@ def _property(pname: str) -> property:
                     or not (v.requires_grad or (g is not None and g.requires_grad))):
                 return w
             w = slot.map.weight(g, v)
-            _check_finite(slot, w)
+            if not (_is_compiling() or _is_tracing()):  # a host sync: no graph break for it
+                _check_finite(slot, w)
             if slot.cached is None:
                 CACHE.filled.append(slot)
             slot.cached, slot.key = w, _key(g, v)
