@@ -268,3 +268,20 @@ def test_a_tied_weight_stays_one_parameter_after_fold(tie):
     net(x).sum().backward()
     opt.step()
     assert net[0].weight is net[2].weight
+
+
+def test_a_bias_another_layer_shares_does_not_take_the_shift():
+    # the shift goes into a ChannelShift instead: added to the shared bias it would move the
+    # other layer's output too
+    p = nn.Linear(4, 3)
+    q = nn.Linear(4, 3)
+    q.bias = p.bias
+    net = nn.ModuleDict({"p": nn.Sequential(p, MeanOnlyBatchNorm1d(3)), "q": q})
+    with torch.no_grad():
+        net["p"][1].running_mean.fill_(0.3)
+    net.eval()
+    x = torch.randn(5, 4)
+    before = net["p"](x), net["q"](x)
+    wnorm.fold(net)
+    torch.testing.assert_close(net["p"](x), before[0])
+    torch.testing.assert_close(net["q"](x), before[1])

@@ -153,9 +153,13 @@ def fold(model: nn.Module) -> nn.Module:
         if "forward" in model.__dict__:
             return model
         return _shift_module(model, _shift_of(model, "<model>"))
-    uses: dict[int, int] = {}
+    uses: dict[int, int] = {}  # modules by id, and bias Parameters by id (a shared bias)
     for m in model.modules(remove_duplicate=False):
         uses[id(m)] = uses.get(id(m), 0) + 1
+    for m in model.modules():
+        b = m._parameters.get("bias")
+        if b is not None:
+            uses[id(b)] = uses.get(id(b), 0) + 1
     for pname, parent in list(model.named_modules()):
         # every slot, duplicates included: named_children() skips a module's second slot, and
         # then the module before a batch norm would not be the one that runs before it
@@ -170,10 +174,13 @@ def fold(model: nn.Module) -> nn.Module:
                 continue
             shift = _shift_of(child, where)
             prev = children[i - 1][1] if isinstance(parent, nn.Sequential) and i > 0 else None
-            # a layer used elsewhere too would carry the shift into its other uses; a hook on
-            # it (or on the batch norm) would see the output before the shift
+            # a layer used elsewhere too (or whose bias another layer shares) would carry the
+            # shift into its other uses; a hook on it (or on the batch norm) would see the output
+            # before the shift
+            bias = None if prev is None else prev._parameters.get("bias")
             if (prev is not None and uses[id(prev)] == 1 and not _hooked(prev)
-                    and not _hooked(child) and _absorb(prev, shift)):
+                    and not _hooked(child) and (bias is None or uses[id(bias)] == 1)
+                    and _absorb(prev, shift)):
                 parent._modules[cname] = nn.Identity()
             else:
                 parent._modules[cname] = _shift_module(child, shift)
