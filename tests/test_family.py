@@ -342,3 +342,13 @@ def test_arpit_init_residual_gains():
         wnorm.arpit_init(net, block_last=["b2"])
     with pytest.raises(WnormError, match="call wnorm.apply"):
         wnorm.arpit_init(nn.Linear(3, 2))
+
+
+def test_a_forced_weight_with_a_fixed_gain_takes_a_written_direction_and_refuses_zero_rows():
+    layer = wnorm.forced_weight_norm(nn.Linear(4, 3), gain=1.0)
+    nn.init.constant_(layer.weight, 2.0)  # the direction is taken; every row keeps norm 1
+    torch.testing.assert_close(layer.weight, torch.full((3, 4), 0.5))
+    nn.init.zeros_(layer.weight)
+    with pytest.raises(WnormError, match=r"written with rows of norm 0, but a ForcedWeightNorm "
+                                         r"with a fixed gain has norm 1.0"):
+        layer(torch.randn(2, 4))

@@ -175,6 +175,11 @@ def _flush(module: nn.Module, slot: Slot) -> None:
         new_g, new_v = m.split(held)
         wide = held.float() if held.dtype in (torch.float16, torch.bfloat16) else held
         zero = norm(m.direction(wide), m.dim) == 0  # no direction: keep v, g goes to 0
+        if not m.has_g and bool((changed & zero).any()):  # host sync, after a write only
+            raise WnormError(
+                f"{slot.where}: '{slot.name}' was written with rows of norm 0, but a "
+                f"{type(m).__name__} with a fixed gain has norm {getattr(m, 'gain', None)} in "
+                "every row and takes only a written row's direction; write rows that have one")
         # Not asked (no host sync): the rows may all be unchanged, and are then rewritten with
         # their own values, through .data so that a graph that saved v or g (a forward still
         # awaiting its backward) stays valid; the cache, keyed on versions, is told by hand.
