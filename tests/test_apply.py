@@ -416,3 +416,17 @@ def test_selected_modules_without_a_weight_are_an_error_not_a_no_op():
                                          r"MultiheadAttention.*in_proj_weight"):
         wnorm.apply(mha, types=(nn.MultiheadAttention,))
     assert not wnorm.is_weight_normalized(mha.out_proj)
+
+
+def test_a_failed_apply_gives_back_pytorchs_weight_norm_it_had_adopted():
+    first = nn.utils.parametrizations.weight_norm(nn.Linear(4, 4))
+    bad = nn.Linear(4, 3)
+    with torch.no_grad():
+        bad.weight[1].zero_()  # refused: after the first layer was already adopted
+    net = nn.Sequential(first, bad)
+    x = torch.randn(2, 4)
+    y, keys = net(x), list(net.state_dict())
+    with pytest.raises(WnormError, match="zero norm"):
+        wnorm.apply(net)
+    assert list(net[0].parametrizations) == ["weight"] and list(net.state_dict()) == keys
+    assert torch.equal(net(x), y)

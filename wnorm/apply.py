@@ -99,6 +99,9 @@ class _Undo:
         self.saved: dict[int, tuple[nn.Module, type, dict[str, Any], dict[str, Any]]] = {}
 
     def keep(self, module: nn.Module) -> None:
+        plist = module.__dict__.get("_modules", {}).get("parametrizations")
+        if plist is not None:  # adopting PyTorch's weight norm deletes an entry of it
+            self.keep(plist)
         if id(module) not in self.saved:
             d = module.__dict__
             inner = {k: dict(d[k]) for k in self._DICTS if k in d}
