@@ -352,3 +352,26 @@ def test_a_forced_weight_with_a_fixed_gain_takes_a_written_direction_and_refuses
     with pytest.raises(WnormError, match=r"written with rows of norm 0, but a ForcedWeightNorm "
                                          r"with a fixed gain has norm 1.0"):
         layer(torch.randn(2, 4))
+
+
+@pytest.mark.parametrize("conv", [
+    lambda: nn.Conv2d(16, 32, 3, padding=1, groups=4),
+    lambda: nn.Conv2d(16, 32, 4, stride=2, padding=1),
+], ids=["grouped", "strided"])
+def test_arpit_init_energy_ratio_holds_for_grouped_and_strided_convs(conv):
+    # |relu'(y)|^2 / |x|^2 = 2 for a layer followed by ReLU: y = conv(x) with gain sqrt(2 fan_in
+    # / fan_out), where fan_out counts the outputs one input entry reaches
+    torch.manual_seed(0)
+    layer = wnorm.apply(nn.Sequential(conv(), nn.Identity(), nn.Conv2d(32, 2, 1)))
+    wnorm.arpit_init(layer, linear=["2"])
+    x = torch.randn(64, 16, 16, 16)
+    with torch.no_grad():
+        y = layer[0](x)
+    assert abs(y.square().sum().item() / x.square().sum().item() - 2.0) < 0.35
+
+
+@pytest.mark.parametrize("method", [wnorm.centered_weight_norm, wnorm.balanced_weight_norm])
+def test_arpit_init_refuses_maps_its_gains_do_not_hold_for(method):
+    net = wnorm.apply(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)), method=method)
+    with pytest.raises(WnormError, match=r"arpit_init: 0 \(Linear\) is reparameterized by"):
+        wnorm.arpit_init(net)

@@ -78,6 +78,11 @@ def arpit_init(
     layers = []
     for mname, m in model.named_modules():
         spec = _reparam.slot(m, "weight")
+        if spec is not None and spec.has_g and spec.kind != "wn":
+            raise WnormError(
+                f"arpit_init: {mname or '<model>'} ({type(m).__name__}) is reparameterized by "
+                f"{spec.map!r}; Arpit et al.'s gains hold for weight norm's map alone (its "
+                "orthogonal v and gain g would not give the claimed energy); exclude it")
         if spec is not None and spec.has_g and spec.dim == default_dim(m):
             layers.append((mname or "<model>", m, spec))
     if not layers:
@@ -97,7 +102,10 @@ def arpit_init(
             # a conv's output unit repeats over positions: each input entry reaches
             # kernel-size outputs, so fan_out counts them (as torch.nn.init does)
             kernel = math.prod(m.kernel_size) if isinstance(m, nn.modules.conv._ConvNd) else 1
-            fan_out = units * kernel
+            # a group's inputs reach its own units only, and a stride skips positions
+            strides = (math.prod(m.stride) if isinstance(m, nn.modules.conv._ConvNd)
+                       and not m.transposed else 1)
+            fan_out = units * kernel / (getattr(m, "groups", 1) * strides)
             q = torch.empty_like(flat, dtype=torch.float32)
             nn.init.orthogonal_(q)
             v.copy_(q.reshape(v.movedim(spec.dim, 0).shape).movedim(0, spec.dim))
