@@ -269,3 +269,18 @@ def test_the_gradient_of_a_jvp_with_respect_to_its_tangent_is_autograds():
 
     torch.testing.assert_close(grad(tangent_loss(f))(t), grad(tangent_loss(reference))(t),
                                rtol=0, atol=1e-12)
+
+
+def test_a_bfloat16_batch_gets_batch_norms_accuracy_in_the_mean_and_running_mean():
+    # a float32 layer in a bfloat16 model: the mean is taken in float32 and the shift added per
+    # element in float32 (rounding the shift first biased a whole channel by up to |mu|/256)
+    torch.manual_seed(0)
+    x = (torch.randn(512, 4) + torch.tensor([100.0, 37.2, -250.0, 1000.0])).bfloat16()
+    bn = MeanOnlyBatchNorm1d(4)
+    with torch.no_grad():
+        bn.bias.fill_(0.5)
+    y = bn(x)
+    ref = nn.BatchNorm1d(4, affine=False)
+    ref(x.float())  # the same momentum step from zeros
+    torch.testing.assert_close(bn.running_mean, ref.running_mean, rtol=1e-6, atol=1e-5)
+    assert (y.float().mean(0) - 0.5).abs().max() < 0.01

@@ -25,6 +25,24 @@ __all__ = ["MeanOnlyBatchNorm1d", "MeanOnlyBatchNorm2d", "MeanOnlyBatchNorm3d",
            "MeanOnlyBatchNormBase"]
 
 
+_LOW = (torch.float16, torch.bfloat16)
+
+
+def _wide_mean(x: Tensor, dims: list[int]) -> Tensor:
+    """The batch mean, in float32 at least: a bfloat16 mean of values near 100 is off by 0.25."""
+    return x.mean(dim=dims, dtype=torch.float32) if x.dtype in _LOW else x.mean(dim=dims)
+
+
+def _shifted(x: Tensor, shift: Tensor) -> Tensor:
+    """``x + shift`` per channel, in x's dtype. For half-precision x the sum is taken in float32
+    and rounded once per element: rounding the shift itself first would bias every element of
+    a channel the same way (nn.BatchNorm does not)."""
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    if x.dtype in _LOW:
+        return (x.float() + shift.float().view(shape)).to(x.dtype)
+    return x + (shift if shift.dtype == x.dtype else shift.to(x.dtype)).view(shape)
+
+
 class _SubtractMean(torch.autograd.Function):
     """``x - mean + bias`` (per channel), ``mean`` being ``x``'s mean over ``dims`` computed by
     the caller, with the one-reduction backward (the mean's own gradient path is accounted for
@@ -37,8 +55,7 @@ class _SubtractMean(torch.autograd.Function):
 
     @staticmethod
     def forward(x: Tensor, bias: Tensor, mean: Tensor, dims: list[int]) -> Tensor:
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        return x + (bias - mean).to(x.dtype).view(shape)
+        return _shifted(x, bias - mean)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
@@ -150,16 +167,15 @@ class MeanOnlyBatchNormBase(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         self._check(x)
         self._check_batch(x)
-        shape = (1, -1) + (1,) * (x.dim() - 2)
         if self.training or not self.track_running_stats:
             dims = [0] + list(range(2, x.dim()))
             # no graph (_SubtractMean's backward accounts for the mean), but not detached:
             # forward-mode AD (torch.func.jvp) needs the mean's tangent
             if torch.is_grad_enabled():
                 with torch.no_grad():
-                    mean = x.mean(dim=dims)
+                    mean = _wide_mean(x, dims)
             else:
-                mean = x.mean(dim=dims)
+                mean = _wide_mean(x, dims)
             if self.training and self.track_running_stats:
                 self._track(mean)
             if torch.is_grad_enabled() and (x.requires_grad or self.bias.requires_grad):
@@ -168,11 +184,8 @@ class MeanOnlyBatchNormBase(nn.Module):
         else:
             mean = self.running_mean
         # the input's dtype out, in every mode, as nn.BatchNorm gives (a float32 layer in a
-        # bfloat16 model); the shift is C values, and no cast runs when the dtypes agree
-        shift = self.bias - mean
-        if shift.dtype != x.dtype:
-            shift = shift.to(x.dtype)
-        return x + shift.view(shape)
+        # bfloat16 model)
+        return _shifted(x, self.bias - mean)
 
 
 class MeanOnlyBatchNorm1d(MeanOnlyBatchNormBase):
