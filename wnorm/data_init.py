@@ -524,7 +524,8 @@ def data_init(
     on the batch, and hands that output on, so later layers are initialized on what they will
     see. Forward hooks follow any container, residual or shared module; one host sync in all;
     under ``torch.distributed`` every rank gets what one process gets on the union of the
-    batches (order: ``apply``, ``data_init``, then DDP or ``fully_shard``). Mean-only batch
+    batches (order: ``apply``, ``data_init``, then DDP or ``fully_shard``; every rank must reach
+    the same layers in the same order, so no data-dependent routing). Mean-only batch
     norms get their input's batch mean as running mean. torch_geometric convolutions whose
     output is linear in their Linears (GCN, GraphSAGE, ...) are standardized as a whole, others
     (GAT, ...) Linear by Linear, with the reason in the report. A layer without a bias keeps
