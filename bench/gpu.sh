@@ -32,7 +32,7 @@ smi() {
 # --time-limit: no row starts after 300 s, so a slow machine still ends inside the lease with
 # every finished row written; timeout is the backstop.
 status=0
-timeout -k 10 540 "${PYTHON:-python3}" -m bench.run --device cuda --out "$out/cuda" \
+timeout -k 10 "${BENCH_TIMEOUT:-540}" "${PYTHON:-python3}" -m bench.run --device cuda --out "$out/cuda" \
   --time-limit 300 "$@" 2>&1 | tee -a "$log" || status=$?
 { echo "== nvidia-smi after"; smi; } >>"$log" 2>&1
 exit "$status"
