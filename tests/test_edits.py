@@ -308,3 +308,27 @@ def test_an_edit_of_g_and_v_through_data_after_a_read_of_the_weight_is_kept(comp
     expected[1] = 0.5 * 2  # the written row: its norm
     torch.testing.assert_close(layer.weight[1], torch.full((4,), 0.5))  # this access splits
     torch.testing.assert_close(layer.weight_g, expected)
+
+
+def test_a_write_through_one_holder_of_a_tie_is_seen_by_the_other(compare):
+    # GPT-2 style: the LM head shares the embedding's weight; nn.init through the head must
+    # reach the embedding's next forward, and a training step must not see it land mid-graph
+    class LM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.head = nn.Embedding(10, 6), nn.Linear(6, 10, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.tanh(self.emb(ids)))
+
+    torch.manual_seed(0)
+    lm = wnorm.apply(LM(), types=wnorm.DEFAULT_TYPES + (nn.Embedding,))
+    plain = LM()
+    nn.init.normal_(lm.head.weight, std=0.02)
+    with torch.no_grad():
+        plain.emb.weight.copy_(lm.head.weight)
+    ids = torch.tensor([[1, 2, 3]])
+    torch.testing.assert_close(lm(ids), plain(ids))
+    nn.init.normal_(lm.head.weight, std=0.02)
+    lm(ids).sum().backward()  # the write lands before the embedding's forward saves g and v

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -224,6 +225,19 @@ class _Release:
             s.key = ()  # stale: recomputed (and replaced) at the next access
 
 
+#: id(v) -> (module, name) of every holder of v that holds a weight handed out: an access
+#: through any holder of that v (a tie: an embedding and an LM head) lands their writes first
+_HELD: dict[int, list[tuple[Any, str]]] = {}  # weak: a dropped model leaves nothing behind
+
+
+def _flush_holders(v: Tensor) -> None:
+    for ref, pname in _HELD.pop(id(v), ()):
+        module = ref()
+        s = None if module is None else module.__dict__.get("_wn", {}).get(pname)
+        if s is not None and s.held is not None and module._parameters.get(s.vname) is v:
+            flush(module, s)
+
+
 def _property(pname: str) -> property:
     def fget(self: nn.Module) -> Tensor:
         slot = self.__dict__["_wn"].get(pname)
@@ -233,6 +247,8 @@ def _property(pname: str) -> property:
             flush(self, slot)
         params = self._parameters
         g, v = params.get(slot.gname), params[slot.vname]
+        if not _is_compiling() and _HELD and id(v) in _HELD:  # another holder's write lands
+            _flush_holders(v)
         if CACHE.on:
             w = slot.cached
             # a weight cached under no_grad has no graph: a forward recording one computes it
@@ -254,6 +270,7 @@ def _property(pname: str) -> property:
         w = slot.map.weight(g, v)
         if not (_is_compiling() or _is_tracing()) and _DEPTH.n == 0:
             slot.held, slot.held_key = w, _key(g, v) + (w._version, w.detach().clone())
+            _HELD.setdefault(id(v), []).append((weakref.ref(self), pname))
         return w
 
     def fset(self: nn.Module, value: Any) -> None:
