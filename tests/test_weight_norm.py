@@ -722,3 +722,27 @@ def test_lazy_parameter_is_an_error_naming_it():
     with pytest.raises(WnormError, match=r"^LazyLinear: 'weight' is not initialized yet .*"
                                          r"forward pass"):
         wnorm.weight_norm(nn.LazyLinear(3))
+
+
+def test_pytorch_parametrize_and_wnorm_on_one_module_are_refused_not_corrupted():
+    from torch.nn.utils import parametrize
+
+    class Double(nn.Module):
+        def forward(self, b: torch.Tensor) -> torch.Tensor:
+            return 2 * b
+
+    first = nn.Linear(3, 3)  # a parametrized bias, then wnorm: refused, the layer untouched
+    parametrize.register_parametrization(first, "bias", Double())
+    with pytest.raises(WnormError, match=r"\['bias'\] already have a PyTorch parametrization"):
+        wnorm.weight_norm(first)
+    assert not wnorm.is_weight_normalized(first)
+    adopted = nn.utils.parametrizations.weight_norm(nn.Linear(3, 3))  # the same when adopting
+    parametrize.register_parametrization(adopted, "bias", Double())
+    with pytest.raises(WnormError, match=r"\['bias'\] already have"):
+        wnorm.weight_norm(adopted)
+    then = wnorm.weight_norm(nn.Linear(3, 3))  # wnorm, then a parametrization on top of it
+    parametrize.register_parametrization(then, "bias", Double())
+    with pytest.raises(WnormError, match=r"were registered on top of wnorm's weight norm"):
+        wnorm.remove_weight_norm(then)
+    with pytest.raises(WnormError, match=r"were registered on top of wnorm's weight norm"):
+        wnorm.fold(then)

@@ -465,6 +465,16 @@ def base_class(module: nn.Module) -> type:
     return type(module).__dict__.get("_wn_base", type(module))
 
 
+def _check_own_class(module: nn.Module) -> None:
+    """Refuse a module whose class another mechanism (PyTorch's parametrize) has subclassed on
+    top of wnorm's: giving it its class back would drop that mechanism's class with it."""
+    if "_wn" in module.__dict__ and "_wn_base" not in type(module).__dict__:
+        raise WnormError(
+            f"{type(module).__name__}: PyTorch parametrizations "
+            f"({list(getattr(module, 'parametrizations', {}))}) were registered on top of wnorm's "
+            "weight norm; remove them first (torch.nn.utils.parametrize.remove_parametrizations)")
+
+
 # --------------------------------------------------------------------------- attach / detach
 def attach(module: nn.Module, name: str, map: Map, g: Tensor | None, v: Tensor,
            where: str) -> None:
@@ -494,6 +504,7 @@ def detach(module: nn.Module, name: str,
     (``requires_grad`` as v's); the module gets its class back when nothing stays attached.
     ``tied``, shared across calls, maps a ``v`` already detached elsewhere to its Parameter, so
     that holders of one (g, v) keep one weight."""
+    _check_own_class(module)
     specs = module.__dict__["_wn"]
     s = specs[name]
     if s.held is not None:

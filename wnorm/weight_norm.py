@@ -95,11 +95,14 @@ def reparameterize(module: nn.Module, name: str, dim: Any, make: Any, *,
     if _reparam.slot(module, name) is not None:
         raise WnormError(f"{label}: '{name}' is already weight-normalized by wnorm")
     torch_wn = next((f for f in _pytorch_wn.find(module) if f.name == name), None)
-    if torch_wn is not None:
+    others = [n for n in getattr(module, "parametrizations", {})
+              if torch_wn is None or n != torch_wn.name]
+    if torch_wn is not None and not others:
         return _adopt(module, torch_wn, dim, make, label, where)
-    if name in getattr(module, "parametrizations", {}):
-        raise WnormError(f"{label}: '{name}' already has a PyTorch parametrization "
-                         "(torch.nn.utils.parametrize) other than weight norm; remove it first")
+    if others:  # wnorm's class and parametrize's generated class cannot be stacked safely
+        raise WnormError(f"{label}: {others} already have a PyTorch parametrization "
+                         "(torch.nn.utils.parametrize) other than weight norm; wnorm cannot "
+                         "share a module with one: remove it first")
     weight = module._parameters.get(name)
     if weight is None:
         have = [n for n, p in module._parameters.items() if p is not None]
