@@ -245,14 +245,16 @@ def _normalized_g(key: str, w: Tensor, dim: int | None, g_dtype: torch.dtype) ->
             f"'{key}': expected a nonzero norm in every slice {_along(dim)} to normalize it "
             f"there; got {int((n == 0).sum())} zero slices"
         )
-    return gain(key, w, dim, g_dtype, f" of ||w|| {_along(dim)}")
+    return gain(key, w, dim, g_dtype, f" of ||w|| {_along(dim)}", n)
 
 
-def gain(key: str, v: Tensor, dim: int | None, g_dtype: torch.dtype, what: str = "") -> Tensor:
+def gain(key: str, v: Tensor, dim: int | None, g_dtype: torch.dtype, what: str = "",
+         n: Tensor | None = None) -> Tensor:
     """g = ||v|| along ``dim`` (kept-dim), refused when it overflows ``g_dtype``. When g and v
     share a dtype, the forward's own norm (:meth:`WeightNorm.split`): g/||v|| is then exactly 1
-    and the layer gives v back bit for bit; else the norm in float64, cast once."""
-    g = cast(key, norm(wide(v), dim), g_dtype, what)
+    and the layer gives v back bit for bit; else the norm in float64 (``n``, when the caller has
+    it), cast once."""
+    g = cast(key, norm(wide(v), dim) if n is None else n, g_dtype, what)
     if g_dtype == v.dtype and v.is_floating_point():
         g = WeightNorm(dim).split(v.detach())[0].reshape(g.shape)
     return g
@@ -350,9 +352,8 @@ def convert(state_dict: Mapping[str, Any], to: str, dim: Any = KEEP,
         if missing is not None:
             raise WnormError(f"'{src.keys[0]}' is half of a weight-norm pair: '{missing}' is "
                              "missing; expected both halves (or a plain weight)")
-    any_pair = any(src.pair for src in sources.values())
-    if normalize_plain is not None:
-        any_pair = not normalize_plain
+    if normalize_plain is None:
+        normalize_plain = not any(src.pair for src in sources.values())
     out: dict[str, Any] = {}
     n = 0
     for ckey, src in sources.items():
@@ -373,7 +374,7 @@ def convert(state_dict: Mapping[str, Any], to: str, dim: Any = KEEP,
                 g, reshaped = _kept_dim(src)
                 changed = changed or reshaped
             n += changed
-        elif not any_pair and _normalizable(ckey, src.w):
+        elif normalize_plain and _normalizable(ckey, src.w):
             along = 0 if dim == KEEP else dim
             _check_dim(ckey, src.w, along)
             g, v = _normalized_g(ckey, src.w, along, src.w.dtype), src.w

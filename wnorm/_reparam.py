@@ -29,8 +29,8 @@ from torch import Tensor, nn
 from .errors import WnormError
 from .maps import Map, norm
 
-__all__ = ["Slot", "CACHE", "attach", "detach", "slots", "slot", "slots_of", "flush", "flush_all",
-           "refresh_flat_weights", "base_class"]
+__all__ = ["Slot", "CACHE", "attach", "detach", "plain_weight", "slots", "slot", "slots_of",
+           "flush", "flush_all", "refresh_flat_weights", "base_class"]
 
 _is_compiling, _is_tracing = torch.compiler.is_compiling, torch._C._is_tracing
 
@@ -498,6 +498,19 @@ def attach(module: nn.Module, name: str, map: Map, g: Tensor | None, v: Tensor,
     refresh_flat_weights(module)
 
 
+def plain_weight(map: Map, g: Tensor | None, v: Tensor,
+                 tied: dict[int, tuple[Tensor, nn.Parameter]]) -> nn.Parameter:
+    """The Parameter holding ``map.weight(g, v)`` (``requires_grad`` as v's): the one ``tied``
+    already has for this ``v`` (a tie stays one weight), else a new one, recorded there."""
+    seen = tied.get(id(v))
+    if seen is not None and seen[0] is v:
+        return seen[1]
+    with torch.no_grad():
+        w = nn.Parameter(map.weight(g, v).detach().clone(), requires_grad=v.requires_grad)
+    tied[id(v)] = (v, w)  # v kept alive: its id names it while ``tied`` lives
+    return w
+
+
 def detach(module: nn.Module, name: str,
            tied: dict[int, tuple[Tensor, nn.Parameter]] | None = None) -> None:
     """Undo :func:`attach`: ``module.<name>`` becomes a plain Parameter holding the weight
@@ -511,15 +524,7 @@ def detach(module: nn.Module, name: str,
         flush(module, s)
     params = module._parameters
     g, v = params.get(s.gname), params[s.vname]
-    seen = None if tied is None else tied.get(id(v))
-    if seen is not None and seen[0] is v:
-        w_param = seen[1]
-    else:
-        with torch.no_grad():
-            w = s.map.weight(g, v).detach().clone()
-        w_param = nn.Parameter(w, requires_grad=v.requires_grad)
-        if tied is not None:
-            tied[id(v)] = (v, w_param)  # v kept alive: its id names it until fold ends
+    w_param = plain_weight(s.map, g, v, {} if tied is None else tied)
     del specs[name]
     params.pop(s.gname, None)
     del params[s.vname]

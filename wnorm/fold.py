@@ -86,12 +86,8 @@ def _plain_weights(model: nn.Module) -> None:
     for module in list(model.modules()):
         for found in _pytorch_wn.find(module):
             g, v = _pytorch_wn.strip(module, found)
-            seen = tied.get(id(v))
-            if seen is None or seen[0] is not v:
-                with torch.no_grad():
-                    w = WeightNorm(found.dim).weight(g, v).detach().clone()
-                seen = tied[id(v)] = (v, nn.Parameter(w, requires_grad=v.requires_grad))
-            module.register_parameter(found.name, seen[1])
+            module.register_parameter(found.name,
+                                      _reparam.plain_weight(WeightNorm(found.dim), g, v, tied))
         for name in list(_reparam.slots_of(module)):
             _reparam.detach(module, name, tied)
 

@@ -252,7 +252,7 @@ def _plan_aligned(
                 v = lay.cast(src.keys[0], src.w, want.dtype, into)
             norm = lay.norm(lay.wide(v), slot.dim)
             g = lay.gain(src.keys[-1], v, slot.dim, g_want.dtype,
-                         f" of ||w|| for the model's '{slot.keys[0]}'")
+                         f" of ||w|| for the model's '{slot.keys[0]}'", norm)
         zero = (norm == 0).flatten().nonzero().flatten().tolist()
         if zero:
             along = "" if slot.dim is None else f" along dim {slot.dim}"

@@ -89,8 +89,7 @@ def reparameterize(module: nn.Module, name: str, dim: Any, make: Any, *,
     A weight normalized by PyTorch (either API) is adopted when ``make`` is weight norm: its g
     and v Parameters are kept as they are, and so is its axis unless ``dim`` names another.
     """
-    if not isinstance(module, nn.Module):
-        raise WnormError(f"wnorm expects an nn.Module; got {type(module).__name__}")
+    expect_module("wnorm", module)
     label = _label(module, where)
     if _reparam.slot(module, name) is not None:
         raise WnormError(f"{label}: '{name}' is already weight-normalized by wnorm")
