@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import re
+import warnings
 from typing import Any
 
 import pytest
@@ -351,6 +352,19 @@ def test_lstm_skipped_and_unreached_reported_with_warning():
     assert [r.name for r in report.initialized] == ["inp", "out"]
     # Linear on (N, T, F): units along the last axis, stats over batch and time
     assert_standardized(model, report, x)
+
+
+def test_the_skip_warning_raised_as_an_error_leaves_the_model_as_it_was():
+    # under -W error the warning is an exception: the caller sees data_init fail, so the model
+    # must not have been initialized behind it
+    model = wnorm.apply(WithLSTM().to(D))
+    before = copy.deepcopy(model.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(UserWarning, match="layers not initialized"):
+            wnorm.data_init(model, torch.randn(8, 5, 3, dtype=D))
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_plain_unreached_layer_reported():

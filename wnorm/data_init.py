@@ -635,6 +635,29 @@ def data_init(
                     if not bool(ok.all()):
                         _fail(d.target, d.mu, d.inv.reciprocal(), ok, init_scale, d.count)
                 # else every unit fits: a sum of finite inputs overflowed, nothing is wrong
+        # in the try: under warnings-as-errors the warning below raises, and the model must then
+        # be as it was, not initialized behind an error
+        report = InitReport()
+        if done:  # one device-to-host copy for every layer's statistics
+            mu = torch.cat([d.mu for d in done])
+            stats = torch.cat([mu, torch.cat([d.inv for d in done]).reciprocal_()]).cpu()
+            parts = stats.split([d.mu.numel() for d in done] * 2)
+            for i, d in enumerate(done):
+                t = d.target
+                report.append(LayerInit(t.name, type(t.module).__name__, "initialized", "",
+                                        parts[i], parts[len(done) + i], t.note))
+        # in training mode a model may skip layers at random (LayerDrop in wav2vec2/HuBERT)
+        unreached = ("not reached by the forward pass" + (
+            " (the model is in training mode, where some models skip layers at random, e.g. "
+            "LayerDrop: data_init with model.eval() reaches every layer)" if model.training else ""))
+        for t in targets:
+            if t.module not in p.done:
+                skipped.append(LayerInit(t.name, type(t.module).__name__, "skipped", unreached))
+        report.extend(skipped)
+        if report.skipped:
+            warnings.warn("data_init: layers not initialized: "
+                          + "; ".join(f"{r.name} ({r.reason})" for r in report.skipped),
+                          stacklevel=2)
     except BaseException as e:
         with torch.no_grad():  # leave the model as it was: no half-initialized network
             for x, old in zip(touched, saved):
@@ -646,25 +669,4 @@ def data_init(
         for h in handles:
             h.remove()
 
-    report = InitReport()
-    if done:  # one device-to-host copy for every layer's statistics
-        mu = torch.cat([d.mu for d in done])
-        stats = torch.cat([mu, torch.cat([d.inv for d in done]).reciprocal_()]).cpu()
-        parts = stats.split([d.mu.numel() for d in done] * 2)
-        for i, d in enumerate(done):
-            t = d.target
-            report.append(LayerInit(t.name, type(t.module).__name__, "initialized", "",
-                                    parts[i], parts[len(done) + i], t.note))
-    # in training mode a model may skip layers at random (LayerDrop in wav2vec2/HuBERT)
-    unreached = ("not reached by the forward pass" + (
-        " (the model is in training mode, where some models skip layers at random, e.g. "
-        "LayerDrop: data_init with model.eval() reaches every layer)" if model.training else ""))
-    for t in targets:
-        if t.module not in p.done:
-            skipped.append(LayerInit(t.name, type(t.module).__name__, "skipped", unreached))
-    report.extend(skipped)
-    if report.skipped:
-        warnings.warn("data_init: layers not initialized: "
-                      + "; ".join(f"{r.name} ({r.reason})" for r in report.skipped),
-                      stacklevel=2)
     return report
