@@ -649,7 +649,8 @@ def data_init(
         # in training mode a model may skip layers at random (LayerDrop in wav2vec2/HuBERT)
         unreached = ("not reached by the forward pass" + (
             " (the model is in training mode, where some models skip layers at random, e.g. "
-            "LayerDrop: data_init with model.eval() reaches every layer)" if model.training else ""))
+            "LayerDrop: data_init with model.eval() reaches every layer)"
+            if model.training else ""))
         for t in targets:
             if t.module not in p.done:
                 skipped.append(LayerInit(t.name, type(t.module).__name__, "skipped", unreached))
