@@ -153,9 +153,12 @@ class MeanOnlyBatchNormBase(nn.Module):
         The buffers need no grad and ``mean`` is detached: no graph, no ``no_grad`` context."""
         self.num_batches_tracked.add_(1)
         m: Any = self.momentum
-        if m is None:  # cumulative average, as BatchNorm does (a tensor weight: no host sync)
-            m = self.num_batches_tracked.reciprocal().to(self.running_mean.dtype)
         rm = self.running_mean
+        if m is None:  # cumulative average, as BatchNorm does (a tensor weight: no host sync);
+            # 1/n in float32 at least, float64 for a float64 mean (an integer's reciprocal
+            # is float32, which left a float64 running mean off by 5e-9)
+            n = self.num_batches_tracked.to(torch.promote_types(rm.dtype, torch.float32))
+            m = n.reciprocal().to(rm.dtype)
         mean = mean.detach()
         rm.lerp_(mean if mean.dtype == rm.dtype else mean.to(rm.dtype), m)
 
