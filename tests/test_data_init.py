@@ -681,7 +681,9 @@ def test_failure_midway_leaves_state_dict_bitwise_unchanged():
                                       nn.Linear(4, 2))).train()
     params = dict(model.named_parameters())
     x = torch.randn(8, 3)
-    assert_refused(model, x, r"^3 \(Linear\): the pre-activations of 2 of 2 units have sigma 0")
+    assert_refused(model, x, r"^3 \(Linear\): every one of its 2 units has the same "
+                   r"pre-activation for the whole init batch \(8 values per unit, sigma 0\), so "
+                   r"its input does not vary on the batch: a module before it")
     assert all(p is params[k] for k, p in model.named_parameters())  # the same Parameters
     assert not model[0]._forward_hooks and not model[0]._forward_pre_hooks  # hooks removed
     assert not model[1]._forward_hooks and not model[1]._forward_pre_hooks
@@ -706,7 +708,7 @@ def test_failure_restores_every_buffer_the_pass_changed():
     model = wnorm.apply(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), _Counter(),
                                       MeanOnlyBatchNorm1d(4), Zero(), nn.Linear(4, 2))).train()
     assert_refused(model, torch.randn(8, 3) + 5,
-                   r"5 \(Linear\): the pre-activations of 2 of 2 units")
+                   r"5 \(Linear\): every one of its 2 units has the same pre-activation")
 
 
 def test_zero_row_of_v_is_an_error_naming_the_layer():

@@ -152,6 +152,18 @@ def test_readme_transformers_example(tmp_path, monkeypatch):
         assert torch.equal(model(x).last_hidden_state, again(x).last_hidden_state)
 
 
+def test_a_codec_decoder_fed_one_code_is_blamed_on_what_feeds_it_not_the_batch():
+    # a fresh EnCodec's quantizer maps the whole batch to one code, so its decoder's first conv
+    # sees a constant input: the error says so and how to go on, and leaves the model as it was
+    model = wnorm.apply(build("encodec"))
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(wnorm.WnormError, match=r"^decoder\.layers\.0\.conv \(Conv1d\): every "
+                       r"one of its 16 units has the same pre-activation .* a module before it "
+                       r"makes its input constant .*data_init\(model\.encoder"):
+        wnorm.data_init(model.train(), example("encodec"))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_layers_a_training_forward_drops_are_reported_with_the_way_to_reach_them():
     # wav2vec2's LayerDrop skips encoder layers at random in training mode (here always)
     model = build("wav2vec2")

@@ -448,8 +448,9 @@ def _positive_scale(value: Any) -> float:
 
 
 def _fail(t: _Target, mu: Tensor, sigma: Tensor, ok: Tensor, init_scale: float,
-          count: int) -> None:
-    """Raise for ``t``'s bad units, saying whether the batch or ``init_scale`` is at fault."""
+          count: int, after_others: bool = False) -> None:
+    """Raise for ``t``'s bad units, saying whether the batch, ``init_scale`` or (for a layer
+    the pass reached ``after_others``) a layer before it is at fault."""
     label = f"{t.name} ({type(t.module).__name__})"
     idx = (~ok).nonzero().flatten().tolist()
     units = ok.numel()
@@ -486,6 +487,18 @@ def _fail(t: _Target, mu: Tensor, sigma: Tensor, ok: Tensor, init_scale: float,
                 f"{t.bias.dtype}: the bias b = -mu[t]*init_scale/sigma[t] overflows it for "
                 f"{which} ({seen}; |mu[t]|/sigma[t] is up to "
                 f"{float((m.abs() / sd).max()):.3g}); use a smaller init_scale")
+    # no unit varies at all (batch norm's kernel gives 1/sigma = 0 there, so sigma reads inf
+    # in one process and 0 across ranks): the layer's input is one constant over the batch,
+    # which a varying batch gives only through a layer before this one (a codec's quantizer
+    # that maps the whole batch to one code)
+    if after_others and count > 1 and len(idx) == units and bool(
+            (((sd == 0) | (sd == math.inf)) & torch.isfinite(m)).all()):
+        raise WnormError(
+            f"{label}: every one of its {units} units has the same pre-activation for the whole "
+            f"init batch ({count} values per unit, sigma 0), so its input does not vary on the "
+            "batch: a module before it makes its input constant (e.g. a quantizer mapping every "
+            "example to one code); initialize the part of the model before that module "
+            "(data_init(model.encoder, ...)), or use a batch on which this layer's input varies")
     raise WnormError(
         f"{label}: the pre-activations of {len(idx)} of {units} units have sigma 0 or "
         f"non-finite statistics on the init batch ({count} values per unit; units "
@@ -630,10 +643,11 @@ def data_init(
                 checks = [*finite, ((g > 0) & (g < math.inf)).all() & (b.abs() < math.inf).all()]
             if not bool(torch.stack(checks).all()):
                 _check_inputs(inputs)
-                for d in done:
+                for i, d in enumerate(done):
                     ok = d.ok()
                     if not bool(ok.all()):
-                        _fail(d.target, d.mu, d.inv.reciprocal(), ok, init_scale, d.count)
+                        _fail(d.target, d.mu, d.inv.reciprocal(), ok, init_scale, d.count,
+                              after_others=i > 0)
                 # else every unit fits: a sum of finite inputs overflowed, nothing is wrong
         # in the try: under warnings-as-errors the warning below raises, and the model must then
         # be as it was, not initialized behind an error
