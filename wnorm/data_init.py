@@ -324,8 +324,8 @@ def _standardize(y: Tensor, axis: int, scale: float, group: Any) -> tuple[Tensor
 @dataclass
 class _Done:
     """A target the pass initialized: the mean and 1/sigma of its units, and what it wrote, for
-    the check after the pass (``gains`` as stored; ``shift``: the output's mean it moved into
-    the bias, as stored, or kept where there is no bias)."""
+    the check after the pass (``gains`` as stored; ``shift``: the bias it wrote, minus the
+    output's mean as stored, or that mean, kept where there is no bias)."""
 
     target: _Target
     mu: Tensor
@@ -393,11 +393,11 @@ class _Pass:
             else:  # a plain layer: its rows scaled
                 d = default_dim(m)
                 p.mul_(gs.view([-1 if i == d else 1 for i in range(p.dim())]))
-        shift = mu * gain  # the output's mean at g = gain
-        if t.bias is not None:
-            shift = shift if shift.dtype == t.bias.dtype else shift.to(t.bias.dtype)
-            torch.neg(shift.view(t.bias.shape), out=t.bias)
+        if t.bias is not None:  # zeroed by pre: b = 0 - mu g, one kernel, rounded once
+            shape = t.bias.shape
+            shift = t.bias.addcmul_(mu.view(shape), gain.view(shape), value=-1).view(-1)
         else:
+            shift = mu * gain  # the output's mean at g = gain
             out += shift.view(1, -1, 1)  # no bias: the mean stays
         self.done[module] = _Done(t, mu, inv, stored, shift, out.shape[0] * out.shape[2])
         out = out.view(y.shape) if out.is_contiguous() else out.reshape(y.shape)
@@ -617,12 +617,14 @@ def data_init(
     touched = [x for t in targets for x in _tensors(t)]
     touched += [b for _, m in named for b in m._buffers.values() if b is not None]
     with torch.no_grad():
-        saved = [x.clone() for x in touched]
+        # one batched copy (one kernel on a GPU) instead of a clone per tensor
+        saved = [torch.empty_like(x) for x in touched]
+        if touched:
+            torch._foreach_copy_(saved, touched)
         # a non-finite value makes its input's sum non-finite: checked with the layers, in the
         # pass's one host sync (an overflowing sum of finite values is rechecked exactly)
-        finite = [torch.isfinite(_values(a).sum(dtype=torch.promote_types(a.dtype,
-                                                                          torch.float32)))
-                  for a in inputs if a.is_floating_point()]
+        sums = [_values(a).sum(dtype=torch.promote_types(a.dtype, torch.float32))
+                for a in inputs if a.is_floating_point()]
     p = _Pass(targets, init_scale, group, {m: n or "<model>" for n, m in mobn})
     handles = []
     for t in targets:
@@ -635,13 +637,12 @@ def data_init(
         with torch.no_grad():
             model(*args, **kwargs)
         done = list(p.done.values())
-        if finite or done:  # the pass's one host sync: every unit of every layer fits
-            checks = finite
-            if done:
-                g = torch.cat([x for d in done for x in d.gains])
-                b = torch.cat([d.shift for d in done])
-                checks = [*finite, ((g > 0) & (g < math.inf)).all() & (b.abs() < math.inf).all()]
-            if not bool(torch.stack(checks).all()):
+        if done:  # every g is in (0, inf) exactly when its log is finite, every b when it is
+            sums.append(torch.cat([x for d in done for x in d.gains]).log().sum())
+            sums.append(torch.cat([d.shift for d in done]).sum())
+        if sums:  # the pass's one host sync: one sum of them all is finite (x - x is 0)
+            total = torch.stack(sums).sum() if len(sums) > 1 else sums[0]
+            if not bool((total - total) == 0):
                 _check_inputs(inputs)
                 for i, d in enumerate(done):
                     ok = d.ok()
@@ -653,8 +654,8 @@ def data_init(
         # be as it was, not initialized behind an error
         report = InitReport()
         if done:  # one device-to-host copy for every layer's statistics
-            mu = torch.cat([d.mu for d in done])
-            stats = torch.cat([mu, torch.cat([d.inv for d in done]).reciprocal_()]).cpu()
+            stats = torch.cat([d.mu for d in done] + [d.inv for d in done]).cpu()
+            stats[len(stats) // 2:].reciprocal_()  # sigma, on the host
             parts = stats.split([d.mu.numel() for d in done] * 2)
             for i, d in enumerate(done):
                 t = d.target
@@ -675,8 +676,8 @@ def data_init(
                           stacklevel=2)
     except BaseException as e:
         with torch.no_grad():  # leave the model as it was: no half-initialized network
-            for x, old in zip(touched, saved):
-                x.copy_(old)
+            if touched:
+                torch._foreach_copy_(touched, saved)
         if isinstance(e, Exception) and not isinstance(e, WnormError):
             _check_inputs(inputs, e)  # a NaN input is the likelier cause of a failed forward
         raise
