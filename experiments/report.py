@@ -22,7 +22,8 @@ from ``metrics.jsonl``, ``config.json`` and ``version.json``, and only from comp
 the configured epochs written): runs still in progress or stopped early, and runs that
 diverged (their last metrics line says ``"diverged": true``), are listed under the table and
 left out of its numbers. A half-written last metrics line (a killed run) is ignored, which
-leaves that run incomplete.
+leaves that run incomplete. Runs a time limit stopped before their last epoch can be compared
+at an epoch they reached, ``--at-epoch N`` (the report then says so in bold).
 
 - the plot: training error (and test error) per epoch, mean over seeds, min-max band;
 - the table: final test error, mean ± std over seeds (n), with the paper's CIFAR-10 Table 1
@@ -81,14 +82,22 @@ _OTHER_EXPERIMENTS = ("vae", "seq", "dqn")
 class Run(RunRecord):
     """A classification run as read back from its folder."""
 
+    #: the epoch every run is compared at (``--at-epoch``; None: the last configured one)
+    at_epoch: int | None = None
+
     @property
     def epochs_done(self) -> int:
         return sum(1 for m in self.metrics if not m.get("diverged"))
 
     @property
+    def last_epoch(self) -> int:
+        """The epoch its final values are taken from."""
+        return self.at_epoch or int(self.config["epochs"])
+
+    @property
     def complete(self) -> bool:
-        """Every configured epoch written, and no divergence."""
-        return not self.diverged and self.epochs_done >= int(self.config["epochs"])
+        """Every configured epoch (or every one up to ``at_epoch``) written, no divergence."""
+        return not self.diverged and self.epochs_done >= self.last_epoch
 
     @property
     def status(self) -> str:
@@ -108,7 +117,7 @@ class Run(RunRecord):
             return (f"`{self.folder}`: diverged ({what} in "
                     f"epoch {last.get('epoch', '?')} of {self.config.get('epochs')}, lr "
                     f"{last.get('lr', '?')})")
-        return (f"`{self.folder}`: incomplete, {self.epochs_done} of {self.config.get('epochs')} "
+        return (f"`{self.folder}`: incomplete, {self.epochs_done} of {self.last_epoch} "
                 "epochs written (still running, or stopped)")
 
 
@@ -283,6 +292,11 @@ def _table(by_all: dict[str, list[Run]], target: float | None, command: str,
         f"{data.get('train', '?')} train / {data.get('test', '?')} test examples",
         "",
     ]
+    if any_run.at_epoch is not None:
+        lines += [f"- **Compared at epoch {any_run.at_epoch} of {cfg['epochs']}** (`--at-epoch "
+                  f"{any_run.at_epoch}`): the runs were stopped before their last epoch, so the "
+                  "final values below are that epoch's, before the learning rate finished its "
+                  "schedule"]
     if differs:
         lines += [f"- Differs from the other tables: {differs}"]
     lines += [
@@ -477,19 +491,38 @@ def _plot(groups: dict[tuple[Any, ...], dict[str, list[Run]]], path: Path) -> No
     fig.savefig(path, dpi=110)
 
 
+def _cut(runs: list[Run], at_epoch: int) -> None:
+    """Compare every run at ``at_epoch``: its metrics after it are set aside (a divergence
+    later than it too: the run was sound up to there)."""
+    if isinstance(at_epoch, bool) or not isinstance(at_epoch, int) or at_epoch < 1:
+        raise WnormError(f"--at-epoch must be a positive whole number; got {at_epoch!r}")
+    for r in runs:
+        if at_epoch > int(r.config["epochs"]):
+            raise WnormError(f"--at-epoch {at_epoch} is beyond the {r.config['epochs']} epochs "
+                             f"{r.folder} was configured for")
+        r.metrics = [m for m in r.metrics if int(m.get("epoch", 0)) <= at_epoch]
+        r.at_epoch = at_epoch
+
+
 def report(paths: list[str | Path], out: str | Path, *, target_error: float | None = None,
-           command: str | None = None) -> tuple[Path, Path, str]:
-    """Write ``report.md`` and ``training_error.png`` into ``out`` from the runs in ``paths``.
+           command: str | None = None, at_epoch: int | None = None) -> tuple[Path, Path, str]:
+    """Write ``report.md`` and ``training_error.png`` into ``out`` from the runs in ``paths``;
+    with ``at_epoch``, the runs are compared at that epoch (runs a time limit stopped before
+    their last epoch), and the report says so.
 
     Returns:
         ``(markdown path, png path, markdown text)``.
 
     Raises:
-        WnormError: no usable run folder in ``paths``, or a ``target_error`` outside (0, 100).
+        WnormError: no usable run folder in ``paths``, a ``target_error`` outside (0, 100), or
+            an ``at_epoch`` that is not a whole number from 1 to the runs' epochs.
     """
     if target_error is not None and not 0 < target_error < 100:
         raise WnormError(f"--target-error must be a percentage in (0, 100); got {target_error}")
     runs = load_runs(paths)
+    if at_epoch is not None:
+        _cut(runs, at_epoch)
+        runs = [r for r in runs if r.metrics]
     groups: dict[tuple[Any, ...], dict[str, list[Run]]] = defaultdict(lambda: defaultdict(list))
     for r in runs:
         groups[r.setting][r.variant].append(r)
@@ -525,6 +558,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target-error", type=float, default=None,
                    help="classification: X for the 'epochs to X%% training error' column "
                         "(default: the lowest training error every variant reaches)")
+    p.add_argument("--at-epoch", type=int, default=None, metavar="N",
+                   help="classification: compare the runs at epoch N (runs a time limit "
+                        "stopped before their last epoch); the report says so")
     p.add_argument("--tolerance", type=float, default=0.1,
                    help="lr-sweep runs: a learning rate counts as good when its final training "
                         "loss is within this of the variant's best (default: 0.1 nats)")
@@ -536,6 +572,8 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m experiments.report " + " ".join(argv)
     try:
         kind = run_kind(args.runs)
+        if args.at_epoch is not None and kind != "classify":
+            raise WnormError(f"--at-epoch is for classification runs; these are {kind} runs")
         if kind == "lr-sweep":
             from .report_sweep import report_sweep
 
@@ -549,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
             pngs = sorted(Path(args.out).glob("*.png"))
         else:
             md, png, text = report(args.runs, args.out, target_error=args.target_error,
-                                   command=command)
+                                   command=command, at_epoch=args.at_epoch)
             pngs = [png]
     except WnormError as e:
         print(f"error: {e}", file=sys.stderr)

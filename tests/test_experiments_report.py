@@ -58,6 +58,28 @@ def test_incomplete_runs_are_left_out_of_final_values_and_listed(tmp_path: Path)
     assert f"`{cut}`: incomplete, 1 of 3 epochs" in md
 
 
+def test_runs_a_time_limit_stopped_are_compared_at_an_epoch_they_all_reached(
+        tmp_path: Path, capsys) -> None:
+    # five variants stopped one epoch short: no complete run, unless compared at epoch 2
+    for v in ("normal", "weightnorm"):
+        for seed in (0, 1):
+            _fake_run(tmp_path, v, seed, [0.5, 0.3 if v == "normal" else 0.2])
+    late = _fake_run(tmp_path, "weightnorm", 2, [0.5, 0.1, 0.05], diverged_at=3)
+    early = _fake_run(tmp_path, "normal", 2, [0.9])
+    md = report([tmp_path], tmp_path / "all")[2]
+    assert "Compared at epoch" not in md and _row(md, "normal")[1] == "no complete run"
+    md = report([tmp_path], tmp_path / "at2", at_epoch=2)[2]
+    assert "**Compared at epoch 2 of 3** (`--at-epoch 2`)" in md
+    assert _row(md, "normal")[1] == "30.00 ± 0.00"  # epoch 2's errors of the two that got there
+    assert _row(md, "weightnorm")[1] == "16.67 ± 5.77"  # a divergence after epoch 2 set aside
+    assert f"`{early}`: incomplete, 1 of 2 epochs" in md and str(late) not in md.split("Left")[-1]
+    for bad, why in ((4, "beyond the 3 epochs"), (0, "positive whole number")):
+        with pytest.raises(WnormError, match=why):
+            report([tmp_path], tmp_path / "bad", at_epoch=bad)
+    assert main([str(tmp_path), "--out", str(tmp_path / "cli"), "--at-epoch", "2"]) == 0
+    assert "--at-epoch 2" in (tmp_path / "cli" / "report.md").read_text()
+
+
 def test_a_killed_runs_half_written_line_marks_it_incomplete(tmp_path: Path) -> None:
     _fake_run(tmp_path, "normal", 0, [0.5, 0.3, 0.20])
     killed = _fake_run(tmp_path, "normal", 1, [0.5, 0.3], partial_tail=True)

@@ -19,6 +19,7 @@
 # Back here: tar xzf the .tgz into results/ (classify-gpu, classify-gpu-timing) or copy
 # OUT/bench/cuda/bench.json to results/bench/cuda/, then regenerate the reports:
 #   python -m experiments.report results/classify-gpu --out results/classify-gpu/report
+#   (add --at-epoch N if the time limit stopped the runs: they are then compared at epoch N)
 #   python -m bench.report results/bench/cuda/bench.json && python -m bench.report --summary results/bench
 #   python tools/readme.py
 set -uo pipefail
@@ -50,6 +51,10 @@ case "$stage" in
     status=$?
     tar czf "$out/classify-gpu.tgz" -C "$work" classify-gpu
     tail -25 "$out/classify-gpu.log"
+    if [ "$status" = 124 ]; then  # every run writes each epoch: what they all reached is kept
+      echo "classify: stopped by its time limit; compare the runs at an epoch all of them" \
+        "reached: python -m experiments.report results/classify-gpu --at-epoch N --out ..."
+    fi
     ;;
   timing)  # issue 18: seconds per epoch per variant relative to normal, eager and compiled
     timeout -k 10 500 "$py" -m experiments.classify_gpu --timing --data-dir "$data" \
