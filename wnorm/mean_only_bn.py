@@ -92,6 +92,21 @@ class _SubtractMeanJvp(_SubtractMean):
         return shift.expand(ctx.out_shape).clone() if x_t is None else x_t + shift
 
 
+class _SubtractMeanEager(torch.autograd.Function):
+    """:class:`_SubtractMeanJvp` in the ``forward(ctx, ...)`` style, for eager calls outside
+    torch.func transforms: ``Function.apply`` binds the arguments of a ``setup_context``-style
+    Function through ``inspect.signature``, which cost 17 us per call, as much as the layer's
+    own kernels on a (32, 256) batch. torch.func transforms need that style (and get it)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, bias: Tensor, mean: Tensor, dims: list[int]) -> Tensor:
+        _SubtractMean.setup_context(ctx, (x, bias, mean, dims), None)  # type: ignore[arg-type]
+        return _shifted(x, bias - mean)
+
+    backward = _SubtractMean.backward
+    jvp = _SubtractMeanJvp.jvp
+
+
 class MeanOnlyBatchNormBase(nn.Module):
     """What the 1d, 2d and 3d layers share; they differ in the input ranks they take."""
 
@@ -182,7 +197,8 @@ class MeanOnlyBatchNormBase(nn.Module):
             if self.training and self.track_running_stats:
                 self._track(mean)
             if torch.is_grad_enabled() and (x.requires_grad or self.bias.requires_grad):
-                fn = _SubtractMean if torch.compiler.is_compiling() else _SubtractMeanJvp
+                fn = (_SubtractMean if torch.compiler.is_compiling() else _SubtractMeanJvp
+                      if torch._C._are_functorch_transforms_active() else _SubtractMeanEager)
                 return fn.apply(x, self.bias, mean, dims)
         else:
             mean = self.running_mean
