@@ -683,10 +683,57 @@ def test_failure_midway_leaves_state_dict_bitwise_unchanged():
     x = torch.randn(8, 3)
     assert_refused(model, x, r"^3 \(Linear\): every one of its 2 units has the same "
                    r"pre-activation for the whole init batch \(8 values per unit, sigma 0\), so "
-                   r"its input does not vary on the batch: a module before it")
+                   r"its input, computed by the model, does not vary on the batch")
     assert all(p is params[k] for k, p in model.named_parameters())  # the same Parameters
     assert not model[0]._forward_hooks and not model[0]._forward_pre_hooks  # hooks removed
     assert not model[1]._forward_hooks and not model[1]._forward_pre_hooks
+
+
+class _TwoInputs(nn.Module):
+    """``a`` reads batch input 0, ``b`` batch input 1 directly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(3, 8)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return self.a(x) + self.b(c)
+
+
+def test_constant_units_are_blamed_on_what_feeds_the_layer_only_when_that_is_the_cause():
+    """The 'input computed by the model does not vary' message only for such an input: a
+    constant batch input the layer reads itself, or a zero weight row of a plain layer, gets
+    the message about the batch and the weight."""
+    generic = "the pre-activations of 8 of 8 units have sigma 0 or non-finite statistics"
+    assert_refused(wnorm.apply(_TwoInputs()), (torch.randn(32, 4), torch.zeros(32, 3)),
+                   r"^b \(Linear\): " + generic)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8))
+    nn.init.zeros_(net[2].weight)  # a zero-initialized head, initialized as a plain layer
+    assert_refused(net, torch.randn(32, 4), r"^2 \(Linear\): " + generic, include_plain=True)
+    const = wnorm.apply(nn.Sequential(nn.Linear(4, 8), Zero(), nn.Linear(8, 8)))
+    assert_refused(const, torch.randn(32, 4), r"^2 \(Linear\): every one of its 8 units")
+
+
+class _FailsAfter(nn.Module):
+    """A Linear, then an error, with a buffer that is a conjugate view."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.register_buffer("phase", torch.polar(torch.ones(4), torch.rand(4)).conj())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.lin(x)
+        raise RuntimeError("the model's own error")
+
+
+def test_a_buffer_that_is_a_conjugate_view_is_restored_with_the_rest():
+    # the batched copy refuses tensors with the conj or neg bit: they are copied on their own
+    model = wnorm.apply(_FailsAfter())
+    sd = snapshot(model)
+    with pytest.raises(RuntimeError, match="the model's own error"):
+        wnorm.data_init(model, torch.randn(16, 4))
+    assert same_state(model.state_dict(), sd)
 
 
 class _Counter(nn.Module):

@@ -158,8 +158,9 @@ def test_a_codec_decoder_fed_one_code_is_blamed_on_what_feeds_it_not_the_batch()
     model = wnorm.apply(build("encodec"))
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(wnorm.WnormError, match=r"^decoder\.layers\.0\.conv \(Conv1d\): every "
-                       r"one of its 16 units has the same pre-activation .* a module before it "
-                       r"makes its input constant .*data_init\(model\.encoder"):
+                       r"one of its 16 units has the same pre-activation .* its input, computed by "
+                       r"the model, does not vary on the batch: what comes before this layer "
+                       r"makes it constant .*data_init\(model\.encoder"):
         wnorm.data_init(model.train(), example("encodec"))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 

@@ -301,6 +301,22 @@ def _wide(r: Tensor) -> Tensor:
     return r if r.dtype == wide else r.to(wide)
 
 
+def _copy_all(dst: list[Tensor], src: list[Tensor]) -> None:
+    """``d.copy_(s)`` for every pair, batched (one kernel per dtype on a GPU); a tensor with
+    its conj or neg bit set (a ``.conj()`` view kept as a buffer) is copied on its own, since
+    the batched copy refuses those without copying anything."""
+    lone = [i for i, (d, s) in enumerate(zip(dst, src))
+            if d.is_conj() or d.is_neg() or s.is_conj() or s.is_neg()]
+    if lone:
+        for i in lone:
+            dst[i].copy_(src[i])
+        skip = set(lone)
+        dst = [d for i, d in enumerate(dst) if i not in skip]
+        src = [s for i, s in enumerate(src) if i not in skip]
+    if dst:
+        torch._foreach_copy_(dst, src)
+
+
 def _standardize(y: Tensor, axis: int, scale: float, group: Any) -> tuple[Tensor, Tensor, Tensor]:
     r"""``(out, mu, inv)``: per unit along ``axis``, the population mean :math:`\mu` of ``y``
     over every other axis (and every rank), ``inv`` = 1/:math:`\sigma` and
@@ -346,17 +362,22 @@ class _Pass:
     """The hooks of one init pass: each target is initialized at the first call reaching it."""
 
     def __init__(self, targets: list[_Target], init_scale: float, group: Any,
-                 names: dict[nn.Module, str]) -> None:
+                 names: dict[nn.Module, str], inputs: list[Tensor]) -> None:
         self.by_module = {t.module: t for t in targets}
         self.names = names
         self.scale, self.group = init_scale, group
         self.done: dict[nn.Module, _Done] = {}
         self.means: dict[nn.Module, Tensor] = {}
+        self.inputs = inputs
+        #: per target: whether its input was computed by the model, not a tensor of the batch
+        self.computed: dict[nn.Module, bool] = {}
 
     def pre(self, module: nn.Module, args: Any) -> None:
         if module in self.done:
             return
         t = self.by_module[module]
+        fed = [a for a in args if isinstance(a, Tensor)]
+        self.computed[module] = bool(fed) and not any(a is b for a in fed for b in self.inputs)
         for m in t.gains:  # the layer now outputs t = v.x/||v|| (+ 0); a plain layer w.x
             g = m._parameters.get("weight_g")
             if g is not None:
@@ -447,10 +468,22 @@ def _positive_scale(value: Any) -> float:
     return x
 
 
+def _zero_row(t: _Target) -> bool:
+    """Whether a plain layer of ``t`` has a weight row of norm 0 (a zero-initialized head),
+    seen after the pass scaled it by 1/sigma = inf: a row that is not positive and finite."""
+    for m in t.gains:
+        w = m._parameters.get("weight")
+        if m._parameters.get("weight_g") is None and w is not None:
+            n = torch.norm_except_dim(w.detach(), 2, default_dim(m) or 0)
+            if not bool(((n > 0) & (n < math.inf)).all()):
+                return True
+    return False
+
+
 def _fail(t: _Target, mu: Tensor, sigma: Tensor, ok: Tensor, init_scale: float,
-          count: int, after_others: bool = False) -> None:
+          count: int, computed_input: bool = False) -> None:
     """Raise for ``t``'s bad units, saying whether the batch, ``init_scale`` or (for a layer
-    the pass reached ``after_others``) a layer before it is at fault."""
+    reached after others, whose input the model computed) what comes before it is at fault."""
     label = f"{t.name} ({type(t.module).__name__})"
     idx = (~ok).nonzero().flatten().tolist()
     units = ok.numel()
@@ -488,16 +521,18 @@ def _fail(t: _Target, mu: Tensor, sigma: Tensor, ok: Tensor, init_scale: float,
                 f"{which} ({seen}; |mu[t]|/sigma[t] is up to "
                 f"{float((m.abs() / sd).max()):.3g}); use a smaller init_scale")
     # no unit varies at all (batch norm's kernel gives 1/sigma = 0 there, so sigma reads inf
-    # in one process and 0 across ranks): the layer's input is one constant over the batch,
-    # which a varying batch gives only through a layer before this one (a codec's quantizer
-    # that maps the whole batch to one code)
-    if after_others and count > 1 and len(idx) == units and bool(
-            (((sd == 0) | (sd == math.inf)) & torch.isfinite(m)).all()):
+    # in one process and 0 across ranks; it does so too for a variance beyond float32, which
+    # takes pre-activations near 1e19): with no zero weight row, the layer's input is one
+    # constant over the batch, which a varying batch gives through what the model computes
+    # before it (a codec's quantizer that maps the whole batch to one code)
+    if computed_input and count > 1 and len(idx) == units and bool(
+            (((sd == 0) | (sd == math.inf)) & torch.isfinite(m)).all()) and not _zero_row(t):
         raise WnormError(
             f"{label}: every one of its {units} units has the same pre-activation for the whole "
-            f"init batch ({count} values per unit, sigma 0), so its input does not vary on the "
-            "batch: a module before it makes its input constant (e.g. a quantizer mapping every "
-            "example to one code); initialize the part of the model before that module "
+            f"init batch ({count} values per unit, sigma 0), so its input, computed by the "
+            "model, does not vary on the batch: what comes before this layer makes it constant "
+            "(e.g. a quantizer mapping every example to one code), or the part of the batch it "
+            "depends on does not vary; initialize the part of the model before that point "
             "(data_init(model.encoder, ...)), or use a batch on which this layer's input varies")
     raise WnormError(
         f"{label}: the pre-activations of {len(idx)} of {units} units have sigma 0 or "
@@ -619,13 +654,12 @@ def data_init(
     with torch.no_grad():
         # one batched copy (one kernel on a GPU) instead of a clone per tensor
         saved = [torch.empty_like(x) for x in touched]
-        if touched:
-            torch._foreach_copy_(saved, touched)
+        _copy_all(saved, touched)
         # a non-finite value makes its input's sum non-finite: checked with the layers, in the
         # pass's one host sync (an overflowing sum of finite values is rechecked exactly)
         sums = [_values(a).sum(dtype=torch.promote_types(a.dtype, torch.float32))
                 for a in inputs if a.is_floating_point()]
-    p = _Pass(targets, init_scale, group, {m: n or "<model>" for n, m in mobn})
+    p = _Pass(targets, init_scale, group, {m: n or "<model>" for n, m in mobn}, inputs)
     handles = []
     for t in targets:
         handles.append(t.module.register_forward_pre_hook(p.pre))
@@ -648,7 +682,7 @@ def data_init(
                     ok = d.ok()
                     if not bool(ok.all()):
                         _fail(d.target, d.mu, d.inv.reciprocal(), ok, init_scale, d.count,
-                              after_others=i > 0)
+                              computed_input=i > 0 and p.computed.get(d.target.module, False))
                 # else every unit fits: a sum of finite inputs overflowed, nothing is wrong
         # in the try: under warnings-as-errors the warning below raises, and the model must then
         # be as it was, not initialized behind an error
@@ -676,8 +710,7 @@ def data_init(
                           stacklevel=2)
     except BaseException as e:
         with torch.no_grad():  # leave the model as it was: no half-initialized network
-            if touched:
-                torch._foreach_copy_(touched, saved)
+            _copy_all(touched, saved)
         if isinstance(e, Exception) and not isinstance(e, WnormError):
             _check_inputs(inputs, e)  # a NaN input is the likelier cause of a failed forward
         raise
