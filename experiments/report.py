@@ -377,8 +377,9 @@ def _table(by_all: dict[str, list[Run]], target: float | None, command: str,
         lines.append("")
     lines += _verdict(by_variant, reach, missed, target)
     if left_out:
-        lines += ["Left out of the table and the plot (only runs with every configured epoch "
-                  "count):", ""]
+        upto = (f"every epoch up to {any_run.at_epoch}" if any_run.at_epoch is not None
+                else "every configured epoch")
+        lines += [f"Left out of the table and the plot (only runs with {upto} count):", ""]
         lines += [f"- {r.note()}" for r in sorted(left_out, key=lambda r: str(r.folder))]
         lines.append("")
     return "\n".join(lines)
@@ -492,16 +493,18 @@ def _plot(groups: dict[tuple[Any, ...], dict[str, list[Run]]], path: Path) -> No
 
 
 def _cut(runs: list[Run], at_epoch: int) -> None:
-    """Compare every run at ``at_epoch``: its metrics after it are set aside (a divergence
-    later than it too: the run was sound up to there)."""
+    """Compare every run configured for more epochs at ``at_epoch``: its metrics after it
+    are set aside (a divergence later than it too: the run was sound up to there)."""
     if isinstance(at_epoch, bool) or not isinstance(at_epoch, int) or at_epoch < 1:
         raise WnormError(f"--at-epoch must be a positive whole number; got {at_epoch!r}")
-    for r in runs:
-        if at_epoch > int(r.config["epochs"]):
-            raise WnormError(f"--at-epoch {at_epoch} is beyond the {r.config['epochs']} epochs "
-                             f"{r.folder} was configured for")
-        r.metrics = [m for m in r.metrics if int(m.get("epoch", 0)) <= at_epoch]
-        r.at_epoch = at_epoch
+    if all(at_epoch >= int(r.config["epochs"]) for r in runs):
+        raise WnormError(f"--at-epoch {at_epoch} is not before the last epoch of any run (they "
+                         f"were configured for {sorted({int(r.config['epochs']) for r in runs})} "
+                         "epochs): there is nothing to cut")
+    for r in runs:  # a run configured for at most at_epoch epochs is compared at its end
+        if at_epoch < int(r.config["epochs"]):
+            r.metrics = [m for m in r.metrics if int(m.get("epoch", 0)) <= at_epoch]
+            r.at_epoch = at_epoch
 
 
 def report(paths: list[str | Path], out: str | Path, *, target_error: float | None = None,

@@ -73,9 +73,15 @@ def test_runs_a_time_limit_stopped_are_compared_at_an_epoch_they_all_reached(
     assert _row(md, "normal")[1] == "30.00 ± 0.00"  # epoch 2's errors of the two that got there
     assert _row(md, "weightnorm")[1] == "16.67 ± 5.77"  # a divergence after epoch 2 set aside
     assert f"`{early}`: incomplete, 1 of 2 epochs" in md and str(late) not in md.split("Left")[-1]
-    for bad, why in ((4, "beyond the 3 epochs"), (0, "positive whole number")):
+    for bad, why in ((3, "not before the last epoch of any run"), (0, "positive whole")):
         with pytest.raises(WnormError, match=why):
             report([tmp_path], tmp_path / "bad", at_epoch=bad)
+    assert "only runs with every epoch up to 2 count" in md
+    # a table of runs configured for no more epochs than that is compared at its end, as is
+    longer = tmp_path / "longer"
+    _fake_run(longer, "normal", 0, [0.5, 0.3, 0.2, 0.1], epochs=4)
+    md = report([tmp_path / "fashion-mnist-normal-s0", longer], tmp_path / "mixed", at_epoch=3)[2]
+    assert md.count("Compared at epoch") == 1 and "**Compared at epoch 3 of 4**" in md
     assert main([str(tmp_path), "--out", str(tmp_path / "cli"), "--at-epoch", "2"]) == 0
     assert "--at-epoch 2" in (tmp_path / "cli" / "report.md").read_text()
 
