@@ -137,6 +137,8 @@ def _worker(rank: int) -> dict[str, object]:
         "data_init": _error(lambda: wnorm.data_init(sharded, shard(x0, rank))),
         "apply": _error(lambda: wnorm.apply(plain)),
         "weight_norm": _error(lambda: wnorm.weight_norm(plain[0])),
+        "load_state_dict": _error(lambda: wnorm.load_state_dict(sharded,
+                                                                convnet().state_dict())),
     }
     return result
 
@@ -234,3 +236,12 @@ def test_wnorm_after_fully_shard_is_an_error_that_gives_the_order(ranks, call: s
         msg = r["errors"][call]
         assert "sharded (a DTensor" in msg, msg
         assert re.search(r"wnorm\.apply .*wnorm\.data_init.* then fully_shard", msg), msg
+
+
+def test_loading_into_a_sharded_model_is_an_error_that_gives_the_order(ranks) -> None:
+    # was PyTorch's "aten.copy_.default got mixed torch.Tensor and DTensor"
+    for r in ranks:
+        msg = r["errors"]["load_state_dict"]
+        assert "sharded (a DTensor" in msg, msg
+        assert "wnorm.apply, wnorm.load_state_dict, then fully_shard" in msg, msg
+        assert "set_model_state_dict" in msg, msg
