@@ -288,3 +288,30 @@ def test_a_bfloat16_batch_gets_batch_norms_accuracy_in_the_mean_and_running_mean
     ref(x.float())  # the same momentum step from zeros
     torch.testing.assert_close(bn.running_mean, ref.running_mean, rtol=1e-6, atol=1e-5)
     assert (y.float().mean(0) - 0.5).abs().max() < 0.01
+
+
+def test_update_bn_recomputes_mean_only_running_means_that_pytorchs_leaves_stale():
+    """SWA: wnorm.update_bn sets every mean-only layer's running mean to the average of its
+    input's batch means over the loader (PyTorch's update_bn finds BatchNorm layers only),
+    and BatchNorm layers' statistics as PyTorch's does; momenta and the mode come back."""
+    import copy
+
+    from torch.optim.swa_utils import AveragedModel
+    from torch.optim.swa_utils import update_bn as torch_update_bn
+
+    torch.manual_seed(0)
+    net = wnorm.apply(nn.Sequential(nn.Linear(3, 4), MeanOnlyBatchNorm1d(4, momentum=0.3),
+                                    nn.Tanh(), nn.Linear(4, 5), nn.BatchNorm1d(5))).to(D)
+    swa = AveragedModel(net).eval()
+    batches = [(torch.randn(6, 3, dtype=D) + i, torch.zeros(6)) for i in range(3)]
+    ref = copy.deepcopy(swa)
+    torch_update_bn(batches, ref)
+    wnorm.update_bn(batches, swa)
+    m = swa.module
+    with torch.no_grad():
+        expected = torch.stack([m[0](x).mean(0) for x, _ in batches]).mean(0)
+    torch.testing.assert_close(m[1].running_mean, expected, rtol=1e-12, atol=1e-12)
+    assert not torch.equal(ref.module[1].running_mean, expected)  # PyTorch's: left as it was
+    assert torch.equal(m[4].running_mean, ref.module[4].running_mean)
+    assert torch.equal(m[4].running_var, ref.module[4].running_var)
+    assert m[1].momentum == 0.3 and m[4].momentum == 0.1 and not swa.training

@@ -17,7 +17,12 @@ from .family import (
 )
 from .fold import ChannelShift, fold
 from .init import arpit_init
-from .mean_only_bn import MeanOnlyBatchNorm1d, MeanOnlyBatchNorm2d, MeanOnlyBatchNorm3d
+from .mean_only_bn import (
+    MeanOnlyBatchNorm1d,
+    MeanOnlyBatchNorm2d,
+    MeanOnlyBatchNorm3d,
+    update_bn,
+)
 from .sphere import Projection, project_, project_after_step
 from .state_dict import convert_state_dict, load_state_dict
 from .weight_norm import is_weight_normalized, remove_weight_norm, weight_norm
@@ -44,6 +49,7 @@ __all__ = [
     "MeanOnlyBatchNorm1d",
     "MeanOnlyBatchNorm2d",
     "MeanOnlyBatchNorm3d",
+    "update_bn",
     "cached",
     "fold",
     "ChannelShift",

@@ -14,6 +14,7 @@ mean gradient and adds it in extra sweeps over the activations.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -22,7 +23,7 @@ from torch import Tensor, nn
 from .errors import WnormError
 
 __all__ = ["MeanOnlyBatchNorm1d", "MeanOnlyBatchNorm2d", "MeanOnlyBatchNorm3d",
-           "MeanOnlyBatchNormBase"]
+           "MeanOnlyBatchNormBase", "update_bn"]
 
 
 _LOW = (torch.float16, torch.bfloat16)
@@ -252,3 +253,50 @@ class MeanOnlyBatchNorm3d(MeanOnlyBatchNormBase):
 
     _ndims = (5,)
 
+
+def update_bn(loader: Iterable[Any], model: nn.Module,
+              device: torch.device | str | int | None = None) -> None:
+    r"""Running means :math:`\mu = \frac1K\sum_k \mu_k[t]` over the loader's K batches, for
+    every :class:`MeanOnlyBatchNorm1d`/``2d``/``3d`` and ``nn.BatchNorm`` layer of ``model``.
+
+    :func:`torch.optim.swa_utils.update_bn` with mean-only batch norms included: PyTorch's
+    finds ``nn.BatchNorm`` layers only, and leaves the running means of mean-only ones as the
+    trained model had them (an SWA model then runs on statistics of other weights). Each
+    layer's running statistics are reset and recomputed as a cumulative average over one pass
+    of ``loader`` in training mode (no grad); momenta and the model's mode are put back.
+
+    Args:
+        loader: batches: tensors, or lists/tuples whose first element is the model's input.
+        model: the model (an ``AveragedModel`` too).
+        device: where to move each batch first (default: leave it).
+
+    Example:
+        >>> import torch, wnorm
+        >>> from torch.optim.swa_utils import AveragedModel
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), wnorm.MeanOnlyBatchNorm1d(4))
+        >>> swa = AveragedModel(net)
+        >>> wnorm.update_bn([torch.randn(8, 3) + 1], swa)
+        >>> bool(swa.module[1].running_mean.abs().sum() > 0)
+        True
+    """
+    momenta = {}
+    for m in model.modules():
+        if isinstance(m, (nn.modules.batchnorm._BatchNorm, MeanOnlyBatchNormBase)) and \
+                m.track_running_stats:
+            m.reset_running_stats()
+            momenta[m] = m.momentum
+    if not momenta:
+        return
+    was_training = model.training
+    model.train()
+    try:
+        for m in momenta:
+            m.momentum = None
+        with torch.no_grad():
+            for batch in loader:
+                x = batch[0] if isinstance(batch, (list, tuple)) else batch
+                model(x if device is None else x.to(device))
+    finally:
+        for m, momentum in momenta.items():
+            m.momentum = momentum
+        model.train(was_training)
