@@ -6,6 +6,7 @@ touches nothing but the model it is given, and a half-precision weight survives 
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -285,6 +286,28 @@ def test_a_read_between_two_forwards_leaves_their_backward_valid(compare):
     for name in ("weight_g", "weight_v", "bias"):
         torch.testing.assert_close(getattr(layer, name).grad, getattr(expected, name).grad)
 
+
+
+def test_g_and_v_written_in_place_after_a_write_into_the_weight_are_kept_with_a_warning(
+        compare):
+    # torch.distributed.checkpoint loads in place into the tensors of a state dict taken
+    # earlier: an nn.init write into the weight between the two used to overwrite the loaded
+    # g and v at the next access, silently
+    torch.manual_seed(0)
+    src, dst = wnorm.apply(nn.Linear(4, 3)), wnorm.apply(nn.Linear(4, 3))
+    sd = dst.state_dict()
+    nn.init.zeros_(dst.weight)
+    with torch.no_grad():
+        for k, t in sd.items():
+            t.copy_(src.state_dict()[k])
+    with pytest.warns(UserWarning, match=r"'weight' was written in place after it was read, "
+                      r"and 'weight_g'/'weight_v' were changed in place too; the write into "
+                      r"'weight' is dropped"):
+        w = dst.weight
+    assert torch.equal(w, src.weight)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once: the write is gone
+        assert torch.equal(dst(torch.ones(2, 4)), src(torch.ones(2, 4)))
 
 
 def test_an_edit_of_g_and_v_through_data_after_a_read_of_the_weight_is_kept(compare):

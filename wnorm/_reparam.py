@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import warnings
 import weakref
 from collections.abc import Iterator
 from typing import Any
@@ -147,6 +148,17 @@ def _flush(module: nn.Module, slot: Slot) -> None:
     params = module._parameters
     m, g, v = slot.map, params.get(slot.gname), params[slot.vname]
     if held is None or (not _same(key, g, v) and held._version == key[4]):
+        return
+    if not _same(key, g, v):
+        # both written since the weight was handed out: which came last is not recorded, and
+        # g or v written in place (a checkpoint loaded into state_dict() tensors, as
+        # torch.distributed.checkpoint does) is the deliberate write of the two
+        warnings.warn(
+            f"{slot.where}: '{slot.name}' was written in place after it was read, and "
+            f"'{slot.gname}'/'{slot.vname}' were changed in place too; the write into "
+            f"'{slot.name}' is dropped and their values are kept. To have the weight's write "
+            f"win, make it after changing them (or read '{slot.name}' again first)",
+            stacklevel=4)
         return
     if held.shape != v.shape or held.dtype != v.dtype or held.device != v.device:
         raise WnormError(
