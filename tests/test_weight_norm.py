@@ -123,6 +123,19 @@ def test_gradcheck_float64(case):
     assert torch.autograd.gradcheck(f, (g0, v0), eps=1e-6, atol=1e-6)
 
 
+def test_functional_call_with_the_weight_itself_is_refused_with_the_two_ways_that_work():
+    import copy
+
+    net = wnorm.apply(nn.Sequential(nn.Linear(4, 3)))
+    w, x = torch.randn(3, 4), torch.randn(2, 4)
+    with pytest.raises(WnormError, match=r"torch\.func\.functional_call: pass 'weight_g' and "
+                       r"'weight_v', or call it on wnorm\.fold\(copy\.deepcopy\(model\)\)"):
+        torch.func.functional_call(net, {"0.weight": w}, (x,))
+    folded = wnorm.fold(copy.deepcopy(net))
+    torch.testing.assert_close(torch.func.functional_call(folded, {"0.weight": w}, (x,)),
+                               nn.functional.linear(x, w, net[0].bias))
+
+
 @pytest.mark.parametrize("opt_cls", [torch.optim.SGD, torch.optim.Adam])
 def test_norm_of_w_equals_g_after_training(opt_cls):
     torch.manual_seed(0)

@@ -291,7 +291,9 @@ def _property(pname: str) -> property:
             raise WnormError(
                 f"{slot.where}: '{pname}' is weight-normalized and computed from "
                 f"'{pname}_g' and '{pname}_v'; assign those, write into it in place, or call "
-                f"wnorm.remove_weight_norm(module, {pname!r}) first"
+                f"wnorm.remove_weight_norm(module, {pname!r}) first (torch.func.functional_call: "
+                f"pass '{pname}_g' and '{pname}_v', or call it on "
+                "wnorm.fold(copy.deepcopy(model)) to pass the weight itself)"
             )
         self.__dict__[pname] = value
 
