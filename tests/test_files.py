@@ -50,6 +50,22 @@ def test_nested_checkpoint_converts_the_state_dict_and_keeps_the_rest() -> None:
     assert out["generator"]["3.weight"] is ckpt["generator"]["3.weight"]  # plain: untouched
 
 
+def test_an_optimizer_state_beside_the_model_is_neither_converted_nor_listed() -> None:
+    # DCP's dcp_to_torch_save writes {"model": ..., "optim": ...}: the optimizer's per-parameter
+    # dicts of tensors (exp_avg, ...) were listed as converted state dicts, though unchanged
+    net = wnorm.apply(nn.Sequential(nn.Linear(3, 4)))
+    opt = torch.optim.Adam(net.parameters())
+    net(torch.randn(2, 3)).sum().backward()
+    opt.step()
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    ckpt = {"model": net.state_dict(), "optim": get_optimizer_state_dict(net, opt)}
+    assert "0.weight_g" in ckpt["optim"]["state"]  # keyed by name, as DCP keys it
+    assert find_state_dicts(ckpt) == [("model",)]
+    out, n = convert_checkpoint(ckpt, "plain")
+    assert n == 1 and "0.weight" in out["model"] and out["optim"] is ckpt["optim"]
+
+
 @pytest.mark.parametrize("suffix", [".pt", ".pth", ".safetensors"])
 def test_save_and_load_round_trip(tmp_path: Path, suffix: str) -> None:
     pytest.importorskip("safetensors") if suffix == ".safetensors" else None

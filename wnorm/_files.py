@@ -40,8 +40,8 @@ def find_state_dicts(checkpoint: Any, key: str | None = None) -> list[tuple[str,
     """Where the state dicts are in a checkpoint: a list of key paths (``()`` for a bare one).
 
     A checkpoint is a state dict (names to tensors) or a dict nesting some, e.g. under
-    ``"state_dict"``, ``"model"`` or ``"generator"`` (searched two levels deep); ``key`` picks one
-    top-level entry.
+    ``"state_dict"``, ``"model"`` or ``"generator"`` (searched three levels deep, optimizer
+    state dicts left out); ``key`` picks one top-level entry.
 
     Raises:
         WnormError: ``key`` is not in the checkpoint or is not a state dict, or there is no
@@ -51,7 +51,8 @@ def find_state_dicts(checkpoint: Any, key: str | None = None) -> list[tuple[str,
         >>> import torch
         >>> from wnorm._files import find_state_dicts
         >>> sd = torch.nn.Linear(2, 2).state_dict()
-        >>> find_state_dicts({"epoch": 3, "model": sd, "opt": {"lr": 0.1}})
+        >>> opt = torch.optim.Adam(torch.nn.Linear(2, 2).parameters()).state_dict()
+        >>> find_state_dicts({"epoch": 3, "model": sd, "opt": opt})
         [('model',)]
     """
     if key is not None:
@@ -69,7 +70,9 @@ def find_state_dicts(checkpoint: Any, key: str | None = None) -> list[tuple[str,
     found: list[tuple[str, ...]] = []
 
     def walk(obj: Any, path: tuple[str, ...]) -> None:
-        if not isinstance(obj, Mapping) or len(path) > 2:
+        # an optimizer's state dict holds per-parameter dicts of tensors (exp_avg, ...), not
+        # a model's weights: nothing in it is converted
+        if not isinstance(obj, Mapping) or len(path) > 2 or {"state", "param_groups"} <= set(obj):
             return
         for k, v in obj.items():
             if not isinstance(k, str):
