@@ -340,9 +340,39 @@ def test_passes_reports_every_row_and_the_kernels_in_copy_passes():
     assert infer["wn_kernels_s"] == m["kernels_s"]["wn_forward"]
     assert train["wn_kernels_s"] == m["kernels_s"]["wn_forward"] + m["kernels_s"]["wn_backward"]
     text = passes.render(m)
-    assert text.count("| mlp4x256.") == 2
+    assert text.count("| mlp4x256.") == 3  # the two rows, and the training one's forms
+    assert list(m["forms"]) == ["mlp4x256.train.sgd.b1"]
+    assert "| row | plain | wnorm | same kernels | output-scaled | output-scaled fn |" in text
     # the budget line is computed from the same numbers
     copy = m["kernels_s"]["copy_pass"]
     kernels = (m["kernels_s"]["wn_forward"] + m["kernels_s"]["wn_backward"]) / copy
     assert f"kernels alone take {kernels:.1f}." in text
     assert f"{0.1 * train['plain_s'] / copy:.1f}-" in text
+
+
+def test_the_forms_passes_compares_compute_wnorms_outputs_gradients_and_composed_backward():
+    """Every way of computing the layer in bench.passes is the same function as wnorm's, with
+    the same gradients, so their times compare like for like."""
+    from bench import passes
+
+    x = torch.randn(8, 256, dtype=torch.float64)
+    y = torch.randint(0, 10, (8,))
+    ref = passes.formulation("wnorm", torch.float64)
+    torch.nn.functional.cross_entropy(ref(x), y).backward()
+    ref_grads = [p.grad for n, p in ref.named_parameters()]
+    for form in passes.FORMS:
+        net = passes.formulation(form, torch.float64)
+        out = net(x)
+        torch.testing.assert_close(out, ref(x), rtol=1e-12, atol=1e-12)
+        torch.nn.functional.cross_entropy(out, y).backward()
+        grads = [p.grad for p in net.parameters()]  # per layer (g, v, b), as wnorm's (b, g, v)
+        for got, want in zip(grads, [g for i in range(0, len(ref_grads), 3)
+                                     for g in (ref_grads[i + 1], ref_grads[i + 2],
+                                               ref_grads[i])]):
+            torch.testing.assert_close(got.view_as(want), want, rtol=1e-10, atol=1e-12)
+    v, dw = torch.randn(5, 7, dtype=torch.float64), torch.randn(5, 7, dtype=torch.float64)
+    g = torch.rand(5, 1, dtype=torch.float64) + 0.5
+    _, n = torch.ops.aten._weight_norm_interface(v, g, 0)
+    for got, want in zip(passes._composed_backward(dw, v, g, n),
+                         torch.ops.aten._weight_norm_interface_backward(dw, v, g, n, 0)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
