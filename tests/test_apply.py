@@ -430,3 +430,32 @@ def test_a_failed_apply_gives_back_pytorchs_weight_norm_it_had_adopted():
         wnorm.apply(net)
     assert list(net[0].parametrizations) == ["weight"] and list(net.state_dict()) == keys
     assert torch.equal(net(x), y)
+
+
+class _CellDecoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm, self.gru, self.rnn = nn.LSTMCell(4, 6), nn.GRUCell(6, 5), nn.RNNCell(5, 3)
+        self.out = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.rnn(self.gru(self.lstm(x)[0])))
+
+
+def test_rnn_cells_are_normalized_like_rnns_not_left_plain():
+    # LSTMCell/GRUCell/RNNCell derive from RNNCellBase, not RNNBase: apply left them plain
+    import copy
+
+    torch.manual_seed(0)
+    plain, x = _CellDecoder(), torch.randn(7, 4)
+    model = wnorm.apply(copy.deepcopy(plain))
+    for cell in (model.lstm, model.gru, model.rnn):
+        assert sorted(n for n, _ in cell.named_parameters()) == [
+            "bias_hh", "bias_ih", "weight_hh_g", "weight_hh_v", "weight_ih_g", "weight_ih_v"]
+    assert torch.equal(model(x), plain(x))
+    model(x).square().sum().backward()
+    assert all(p.grad is not None for p in model.parameters())  # weight_hh's are 0: h0 = 0
+    assert torch.equal(wnorm.fold(copy.deepcopy(model))(x), model(x))
+    with pytest.warns(UserWarning, match="recurrent layer"):
+        report = wnorm.data_init(model, x)
+    assert [r.name for r in report.initialized] == ["out"]

@@ -28,6 +28,7 @@ DEFAULT_TYPES: tuple[type[nn.Module], ...] = (
     nn.ConvTranspose2d,
     nn.ConvTranspose3d,
     nn.RNNBase,
+    nn.RNNCellBase,
 )
 
 #: Normalization layers: never weight-normalized, whatever ``types`` says.
@@ -51,6 +52,10 @@ def default_types() -> tuple[type[nn.Module], ...]:
 def _weight_names(module: nn.Module) -> list[str]:
     if isinstance(module, nn.RNNBase):
         return [n for n in module._flat_weights_names if n.startswith("weight_")]
+    if isinstance(module, nn.RNNCellBase):  # LSTMCell, GRUCell, RNNCell: gate rows, as RNNs
+        have = set(_reparam.slots_of(module)) | {f.name for f in _pytorch_wn.find(module)}
+        return [n for n in ("weight_ih", "weight_hh")
+                if n in have or module._parameters.get(n) is not None]
     p = module._parameters.get("weight")
     already = "weight" in _reparam.slots_of(module) or any(
         f.name == "weight" for f in _pytorch_wn.find(module))
@@ -143,9 +148,9 @@ def apply(
     Args:
         model: the model, changed in place.
         types: the layer types to normalize (default :func:`default_types`: Linear, ConvNd,
-            ConvTransposeNd, RNNBase, and torch_geometric's Linear). Layers already normalized
-            by PyTorch's ``weight_norm`` (either API) are adopted whatever their type: the
-            same g and v Parameters, the same axis, the same outputs bit for bit.
+            ConvTransposeNd, RNNs and RNN cells, and torch_geometric's Linear). Layers already
+            normalized by PyTorch's ``weight_norm`` (either API) are adopted whatever their
+            type: the same g and v Parameters, the same axis, the same outputs bit for bit.
         include: a glob pattern, or several, on module names (``"encoder.*"``); when given, only
             matching modules are normalized.
         exclude: glob patterns on module names, or module types, to leave alone (one, or

@@ -125,7 +125,7 @@ def _is_message_passing(module: nn.Module) -> bool:
 
 def _reason_cannot(module: nn.Module, wn: bool) -> str:
     """Why the paper's init cannot set this layer's gain ("" when it can)."""
-    if isinstance(module, nn.RNNBase):
+    if isinstance(module, (nn.RNNBase, nn.RNNCellBase)):
         return "recurrent layer: the paper's init does not apply (section 3)"
     if not (isinstance(module, _INIT_TYPES) or _is_pyg(module, "Linear")):
         return f"{type(module).__name__} has no per-unit pre-activation to standardize"

@@ -169,6 +169,8 @@ def _plain_names(module: nn.Module) -> list[str]:
     if isinstance(module, nn.RNNBase):
         return [n for n in module._flat_weights_names if n.startswith("weight_")
                 and module._parameters.get(n) is not None]
+    if isinstance(module, nn.RNNCellBase):
+        return [n for n in ("weight_ih", "weight_hh") if module._parameters.get(n) is not None]
     p = module._parameters.get("weight")
     return ["weight"] if p is not None and p.dim() >= 1 else []
 
