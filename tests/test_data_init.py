@@ -354,6 +354,23 @@ def test_lstm_skipped_and_unreached_reported_with_warning():
     assert_standardized(model, report, x)
 
 
+def test_a_frozen_layer_is_left_as_it_is_and_the_next_initialized_on_its_output():
+    # a frozen pretrained backbone under a new head: data_init used to overwrite its g and bias
+    torch.manual_seed(0)
+    model = wnorm.apply(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)))
+    model[0].requires_grad_(False)
+    frozen = {k: v.clone() for k, v in model[0].state_dict().items()}
+    x = torch.randn(64, 4) * 5 + 3
+    with pytest.warns(UserWarning, match=r"0 \(frozen \(g/bias with requires_grad=False\)"):
+        report = wnorm.data_init(model, x)
+    assert [r.name for r in report.initialized] == ["2"]
+    assert all(torch.equal(v, model[0].state_dict()[k]) for k, v in frozen.items())
+    with torch.no_grad():
+        t = model(x)
+    torch.testing.assert_close(t.mean(0), torch.zeros(3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(t.std(0, unbiased=False), torch.ones(3), atol=1e-4, rtol=0)
+
+
 def test_the_skip_warning_raised_as_an_error_leaves_the_model_as_it_was():
     # under -W error the warning is an exception: the caller sees data_init fail, so the model
     # must not have been initialized behind it

@@ -143,6 +143,18 @@ def _reason_cannot(module: nn.Module, wn: bool) -> str:
     return ""
 
 
+def _reason_frozen(module: nn.Module) -> str:
+    """Why a frozen layer is left as it is ("" when nothing the init writes is frozen): a
+    pretrained backbone frozen under a new head keeps its function."""
+    written = (("g" if "weight_g" in module._parameters else "weight", _gain_param(module)),
+               ("bias", module._parameters.get("bias")))
+    frozen = [n for n, p in written if p is not None and not p.requires_grad]
+    if frozen:
+        return (f"frozen ({'/'.join(frozen)} with requires_grad=False): left as it is; "
+                "unfreeze it to initialize it")
+    return ""
+
+
 def _graph_conv(label: str, conv: nn.Module, lins: list[tuple[str, nn.Module]],
                 include_plain: bool = False) -> tuple[_Target | None, str]:
     """The target standardizing a torch_geometric convolution's output through its Linears
@@ -221,7 +233,7 @@ def _candidates(named: list[tuple[str, nn.Module]], include_plain: bool) -> tupl
             if m._parameters:
                 others.append((label, m))
             continue
-        why = _reason_cannot(m, wn)
+        why = _reason_cannot(m, wn) or _reason_frozen(m)
         if why:
             skipped.append(LayerInit(label, type(m).__name__, "skipped", why))
             others.append((label, m))
