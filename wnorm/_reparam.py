@@ -31,7 +31,7 @@ from .errors import WnormError
 from .maps import Map, norm
 
 __all__ = ["Slot", "CACHE", "attach", "detach", "plain_weight", "slots", "slot", "slots_of",
-           "flush", "flush_all", "refresh_flat_weights", "base_class"]
+           "pair", "flush", "flush_all", "refresh_flat_weights", "base_class"]
 
 _is_compiling, _is_tracing = torch.compiler.is_compiling, torch._C._is_tracing
 
@@ -118,6 +118,23 @@ def _same(key: tuple[Any, ...], g: Tensor | None, v: Tensor) -> bool:
             and key[2] == (None if g is None else g._version) and key[3] == v._version)
 
 
+def pair(module: nn.Module, slot: Slot) -> tuple[Tensor | None, Tensor]:
+    """``(g, v)`` of ``slot`` (g None for a map without one), or an error naming what took
+    them away: ``torch.nn.utils.prune`` and ``register_parametrization`` on ``<name>_v`` move
+    it out of the module's parameters."""
+    params = module._parameters
+    g, v = params.get(slot.gname), params.get(slot.vname)
+    if v is None or (g is None and slot.map.has_g):
+        gone = slot.vname if v is None else slot.gname
+        raise WnormError(
+            f"{slot.where}: '{gone}' is no longer a parameter of this layer (torch.nn.utils."
+            f"prune or a parametrization registered on it moves it away), but '{slot.name}' is "
+            f"computed from '{slot.gname}' and '{slot.vname}'; remove that first (prune."
+            f"remove / parametrize.remove_parametrizations), or prune the plain weight of "
+            f"wnorm.fold(model)")
+    return g, v
+
+
 def flush(module: nn.Module, slot: Slot) -> None:
     """Split rows written into the held weight back into g and v (no host sync), outside any
     graph being traced or compiled."""
@@ -145,9 +162,10 @@ def _flush(module: nn.Module, slot: Slot) -> None:
     """
     held, key = slot.held, slot.held_key
     slot.held, slot.held_key = None, ()
-    params = module._parameters
-    m, g, v = slot.map, params.get(slot.gname), params[slot.vname]
-    if held is None or (not _same(key, g, v) and held._version == key[4]):
+    if held is None:
+        return
+    m, (g, v) = slot.map, pair(module, slot)
+    if not _same(key, g, v) and held._version == key[4]:
         return
     if not _same(key, g, v):
         # both written since the weight was handed out: which came last is not recorded, and
@@ -257,8 +275,7 @@ def _property(pname: str) -> property:
             return nn.Module.__getattr__(self, pname)
         if slot.held is not None:
             flush(self, slot)
-        params = self._parameters
-        g, v = params.get(slot.gname), params[slot.vname]
+        g, v = pair(self, slot)
         if not _is_compiling() and _HELD and id(v) in _HELD:  # another holder's write lands
             _flush_holders(v)
         if CACHE.on:
@@ -537,7 +554,7 @@ def detach(module: nn.Module, name: str,
     if s.held is not None:
         flush(module, s)
     params = module._parameters
-    g, v = params.get(s.gname), params[s.vname]
+    g, v = pair(module, s)
     w_param = plain_weight(s.map, g, v, {} if tied is None else tied)
     del specs[name]
     params.pop(s.gname, None)
