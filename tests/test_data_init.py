@@ -371,6 +371,19 @@ def test_a_frozen_layer_is_left_as_it_is_and_the_next_initialized_on_its_output(
     torch.testing.assert_close(t.std(0, unbiased=False), torch.ones(3), atol=1e-4, rtol=0)
 
 
+def test_a_parametrized_bias_is_reported_as_such_not_as_no_bias():
+    import torch.nn.utils.parametrize as P
+
+    class Positive(nn.Module):
+        def forward(self, b: torch.Tensor) -> torch.Tensor:
+            return b.exp()
+
+    layer = wnorm.weight_norm(nn.Linear(6, 3))
+    P.register_parametrization(layer, "bias", Positive())
+    (r,) = wnorm.data_init(layer, torch.randn(64, 6) + 2)
+    assert r.status == "initialized" and r.note == "bias parametrized: not set, mean not removed"
+
+
 def test_the_skip_warning_raised_as_an_error_leaves_the_model_as_it_was():
     # under -W error the warning is an exception: the caller sees data_init fail, so the model
     # must not have been initialized behind it

@@ -239,7 +239,10 @@ def _candidates(named: list[tuple[str, nn.Module]], include_plain: bool) -> tupl
             others.append((label, m))
             continue
         bias = m._parameters.get("bias")
-        notes = [inside.get(id(m), ""), "" if bias is not None else NO_BIAS_NOTE]
+        # a parametrized bias is no parameter of the layer: it is left as it is, as none is
+        held = "parametrizations" in m._modules and "bias" in m._modules["parametrizations"]
+        notes = [inside.get(id(m), ""), "" if bias is not None else
+                 "bias parametrized: not set, mean not removed" if held else NO_BIAS_NOTE]
         targets.append(_Target(label, m, [m], bias, [], "; ".join(n for n in notes if n)))
     return targets, skipped, others
 
