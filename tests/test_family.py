@@ -375,3 +375,20 @@ def test_arpit_init_refuses_maps_its_gains_do_not_hold_for(method):
     net = wnorm.apply(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)), method=method)
     with pytest.raises(WnormError, match=r"arpit_init: 0 \(Linear\) is reparameterized by"):
         wnorm.arpit_init(net)
+
+
+def test_arpit_init_says_which_recurrent_weights_it_leaves_as_they_are():
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn, self.fc = nn.LSTM(4, 6), nn.Linear(6, 2)
+
+    net = wnorm.apply(Net())
+    g = net.rnn.weight_hh_l0_g.clone()
+    with pytest.warns(UserWarning, match=r"left as they are: \['rnn\.weight_ih_l0', "
+                      r"'rnn\.weight_hh_l0'\] \(Arpit et al\.'s gains are for feed-forward"):
+        assert list(wnorm.arpit_init(net)) == ["fc"]
+    assert torch.equal(net.rnn.weight_hh_l0_g, g)
+    with pytest.raises(WnormError, match=r"no weight-normalized layer with a per-unit g in LSTM; "
+                       r"left as they are"):  # not 'call wnorm.apply first': it was
+        wnorm.arpit_init(wnorm.apply(nn.LSTM(4, 6)))

@@ -3,6 +3,7 @@ r"""Initialization without data for weight-normalized networks (Arpit, Campos & 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable
 from fnmatch import fnmatchcase
 
@@ -75,8 +76,9 @@ def arpit_init(
     block_last, shortcuts = list(block_last), list(shortcuts)
     if block_last and not blocks_per_stage:
         raise WnormError("arpit_init: block_last needs blocks_per_stage (N blocks per stage)")
-    layers = []
+    layers, other = [], []
     for mname, m in model.named_modules():
+        other += [f"{mname or '<model>'}.{n}" for n in _reparam.slots_of(m) if n != "weight"]
         spec = _reparam.slot(m, "weight")
         if spec is not None and spec.has_g and spec.kind != "wn":
             raise WnormError(
@@ -85,11 +87,15 @@ def arpit_init(
                 "orthogonal v and gain g would not give the claimed energy); exclude it")
         if spec is not None and spec.has_g and spec.dim == default_dim(m):
             layers.append((mname or "<model>", m, spec))
+    # its gains are for a feed-forward layer's 'weight': a recurrent layer's gate weights are
+    # left as they are, and said to be
+    why = f"left as they are: {other} (Arpit et al.'s gains are for feed-forward layers)"
     if not layers:
         raise WnormError(
             "arpit_init: no weight-normalized layer with a per-unit g in "
-            f"{type(model).__name__}; call wnorm.apply(model) first"
-        )
+            f"{type(model).__name__}; " + (why if other else "call wnorm.apply(model) first"))
+    if other:
+        warnings.warn(f"arpit_init: {why}", stacklevel=2)
     linear = [layers[-1][0]] if linear is None else list(linear)
     gains: dict[str, float] = {}
     with torch.no_grad():
