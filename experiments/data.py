@@ -239,6 +239,14 @@ def _locate_fashion(data_dir: str | os.PathLike[str] | None, download: bool) -> 
         d = Path(data_dir)
         if _fashion_complete(d):
             return d
+        if d.exists() and not d.is_dir():
+            raise WnormError(f"fashion-mnist: --data-dir {d} is a file; expected the folder "
+                             "that holds the four IDX files")
+        have = [stem for stem in FASHION_FILES if find_file(d, stem) is not None]
+        if have:  # some are there: name the others
+            lack = [s + "[.gz]" for s in FASHION_FILES if s not in have]
+            raise WnormError(f"fashion-mnist: {d} lacks {', '.join(lack)} (it has "
+                             f"{', '.join(have)})")
         raise _missing_fashion([d], None)
     cache = default_cache_dir() / "fashion-mnist"
     searched = [FASHION_SYSTEM_DIR, cache]
@@ -308,7 +316,9 @@ def load_fashion_mnist(
                 or images.shape[1:] != (28, 28):
             raise WnormError(f"fashion-mnist: {ipath} and {lpath}: {split} images {images.shape} "
                              f"and labels {labels.shape}; expected (N, 28, 28) and (N,)")
-        if labels.size and labels.max() > 9:
+        if labels.size == 0:  # an empty test set would read as 0% error
+            raise WnormError(f"fashion-mnist: {ipath} and {lpath} hold no {split} examples")
+        if labels.max() > 9:
             raise WnormError(f"fashion-mnist: {lpath}: {split} labels must be 0..9; "
                              f"got max {labels.max()}")
         idx = subset_indices(len(labels), subset, subset_seed, f"--{split}-subset",
@@ -328,19 +338,23 @@ def _cifar_dir(data_dir: str | os.PathLike[str] | None) -> Path:
     if data_dir is None:
         raise WnormError(f"cifar10: no --data-dir given. {hint}")
     d = Path(data_dir)
-    for cand in (d, d / "cifar-10-batches-py"):
-        if all((cand / f).is_file() for f in CIFAR_TRAIN + (CIFAR_TEST,)):
+    files = CIFAR_TRAIN + (CIFAR_TEST,)
+    cands = (d, d / "cifar-10-batches-py")
+    for cand in cands:
+        if all((cand / f).is_file() for f in files):
             return cand
-    missing = [f for f in CIFAR_TRAIN + (CIFAR_TEST,) if not (d / f).is_file()]
-    raise WnormError(f"cifar10: {d} lacks {', '.join(missing)}. {hint}")
+    # name the folder that holds most of them (the extracted one, when there is one)
+    best = max(cands, key=lambda c: sum((c / f).is_file() for f in files))
+    missing = [f for f in files if not (best / f).is_file()]
+    raise WnormError(f"cifar10: {best} lacks {', '.join(missing)}. {hint}")
 
 
 def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         with open(path, "rb") as f:
             batch = pickle.load(f, encoding="bytes")
-    except (pickle.UnpicklingError, EOFError, OSError) as e:
-        raise WnormError(f"{path}: not a CIFAR-10 python batch ({e})") from e
+    except Exception as e:  # unpickling can raise anything its input names (a missing module)
+        raise WnormError(f"{path}: not a CIFAR-10 python batch ({type(e).__name__}: {e})") from e
     if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
         keys = list(batch) if isinstance(batch, dict) else type(batch).__name__
         raise WnormError(f"{path}: a CIFAR-10 batch is a dict with b'data' and b'labels'; "
@@ -361,6 +375,8 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
                          f"got {data.dtype} {data.shape}")
     if labels.shape != (data.shape[0],):
         raise WnormError(f"{path}: {data.shape[0]} images but labels of shape {labels.shape}")
+    if data.shape[0] == 0:  # an empty test batch would read as 0% error
+        raise WnormError(f"{path}: holds no images")
     return data, labels
 
 

@@ -64,3 +64,39 @@ def test_fashion_zca_is_fit_on_the_full_training_set_and_says_so(tmp_path: Path)
     idx = datasets.subset_indices(40, 10, 0)
     torch.testing.assert_close(sub.x_train, full.x_train[torch.from_numpy(idx)])
     torch.testing.assert_close(sub.x_test, full.x_test)
+
+
+def test_an_empty_test_set_is_an_error_not_zero_percent_error(tmp_path: Path) -> None:
+    write_fashion(tmp_path / "fm", n_test=0)
+    with pytest.raises(WnormError, match=r"t10k-images-idx3-ubyte.gz and .*t10k-labels-idx1-"
+                       r"ubyte.gz hold no test examples"):
+        datasets.load("fashion-mnist", tmp_path / "fm", download=False)
+    write_cifar(tmp_path / "c", n_test=0)
+    with pytest.raises(WnormError, match=r"test_batch: holds no images"):
+        datasets.load("cifar10", tmp_path / "c", zca=False)
+
+
+def test_fashion_errors_name_the_missing_file_or_the_file_given_as_a_folder(
+        tmp_path: Path) -> None:
+    write_fashion(tmp_path)
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(WnormError, match=r"lacks t10k-labels-idx1-ubyte\[\.gz\] \(it has "
+                       r"train-images"):
+        datasets.load("fashion-mnist", tmp_path, download=False)
+    with pytest.raises(WnormError, match=r"is a file; expected the folder"):
+        datasets.load("fashion-mnist", tmp_path / "train-images-idx3-ubyte.gz", download=False)
+
+
+def test_a_cifar_batch_that_cannot_be_unpickled_is_a_one_line_error(tmp_path: Path) -> None:
+    write_cifar(tmp_path)
+    (tmp_path / "test_batch").write_bytes(b"cnosuchmod\nThing\n.")  # GLOBAL of a missing module
+    with pytest.raises(WnormError, match=r"test_batch: not a CIFAR-10 python batch "
+                       r"\(ModuleNotFoundError"):
+        datasets.load("cifar10", tmp_path, zca=False)
+
+
+def test_a_cifar_folder_missing_a_batch_names_the_extracted_folder(tmp_path: Path) -> None:
+    write_cifar(tmp_path / "cifar-10-batches-py")
+    (tmp_path / "cifar-10-batches-py" / "test_batch").unlink()
+    with pytest.raises(WnormError, match=r"cifar10: .*cifar-10-batches-py lacks test_batch\."):
+        datasets.load("cifar10", tmp_path, zca=False)
