@@ -174,9 +174,9 @@ def load_runs(paths: list[str | Path]) -> list[Run]:
         if (kind := _kind(r.config)) != "classify":
             raise WnormError(f"report: {r.folder} is a {kind} run folder, not a classification "
                              "run; `python -m experiments.report` reports each kind on its own")
-    runs = [r for r in runs if r.metrics]
-    if not runs:
+    if not any(r.metrics for r in runs):
         raise WnormError(f"report: the run folders in {list(map(str, paths))} have no metrics yet")
+    # a run with none yet is kept: it is listed as incomplete, not dropped without a word
     refuse_duplicates(runs, lambda r: (r.variant, f"seed {r.config.get('seed')}"),
                       "variant and seed")
     return runs
@@ -525,7 +525,6 @@ def report(paths: list[str | Path], out: str | Path, *, target_error: float | No
     runs = load_runs(paths)
     if at_epoch is not None:
         _cut(runs, at_epoch)
-        runs = [r for r in runs if r.metrics]
     groups: dict[tuple[Any, ...], dict[str, list[Run]]] = defaultdict(lambda: defaultdict(list))
     for r in runs:
         groups[r.setting][r.variant].append(r)

@@ -86,6 +86,15 @@ def test_runs_a_time_limit_stopped_are_compared_at_an_epoch_they_all_reached(
     assert "--at-epoch 2" in (tmp_path / "cli" / "report.md").read_text()
 
 
+def test_a_run_with_no_metrics_yet_is_listed_as_incomplete_not_dropped(tmp_path: Path) -> None:
+    _fake_run(tmp_path, "normal", 0, [0.5, 0.3, 0.20])
+    _fake_run(tmp_path, "weightnorm", 0, [0.5, 0.3, 0.10])
+    empty = _fake_run(tmp_path, "normal", 1, [])
+    md = report([tmp_path], tmp_path / "rep")[2]
+    assert f"`{empty}`: incomplete, 0 of 3 epochs" in md
+    assert _row(md, "normal")[1] == "20.00"
+
+
 def test_a_killed_runs_half_written_line_marks_it_incomplete(tmp_path: Path) -> None:
     _fake_run(tmp_path, "normal", 0, [0.5, 0.3, 0.20])
     killed = _fake_run(tmp_path, "normal", 1, [0.5, 0.3], partial_tail=True)
