@@ -56,7 +56,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -235,6 +235,8 @@ def run(cfg: Config, data: ImageData, dist: Dist | None = None, *,
                          f"processes {dist.world}")
     if data.x_train.shape[0] == 0:
         raise WnormError(f"{data.name}: the training set is empty")
+    if cfg.init_examples > data.x_train.shape[0]:  # the init batch is at most the training
+        cfg = replace(cfg, init_examples=data.x_train.shape[0])  # set: record what ran
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = torch.device(f"cuda:{dist.local_rank}" if cfg.device == "cuda" and dist.world > 1
