@@ -27,7 +27,7 @@ from pathlib import Path
 from wnorm import WnormError
 
 from .classify_gpu import GPUConfig, run_all
-from .common import add_options, config_from_args, split_list
+from .common import add_options, config_from_args, run_folders, split_list
 from .report import report
 from .stack_trainer import check_gpu
 
@@ -95,9 +95,16 @@ def main(argv: list[str] | None = None) -> int:
                   "--no-overwrite refuses instead)")
         run_all(configs, overwrite=args.overwrite)
         train_s = time.perf_counter() - t0
-        md, png, text = report([out], out / "report",
-                               command=f"python -m experiments.report {out} --out "
-                                       f"{out / 'report'}")
+        # this demo's runs only: run folders of an earlier demo with other seeds or variants
+        # stay where they are, out of this report
+        mine = [out / f"{c.dataset}-{c.variant}-s{c.seed}" for c in configs]
+        others = sorted(set(run_folders([out])) - set(mine))
+        if others:
+            print(f"demo: {len(others)} other run folder(s) in {out} (an earlier demo's) are "
+                  f"left out of this report: {', '.join(f.name for f in others)}")
+        md, png, text = report(mine, out / "report",
+                               command=f"python -m experiments.report "
+                                       f"{' '.join(map(str, mine))} --out {out / 'report'}")
     except WnormError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

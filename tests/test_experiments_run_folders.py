@@ -131,6 +131,12 @@ def test_demo_runs_twice_in_a_row(tmp_path: Path, capsys) -> None:
     assert (out / "report" / "report.md").is_file() and (out / "report" /
                                                          "training_error.png").is_file()
     assert main(argv + ["--no-overwrite"]) == 2
+    # a demo with another seed reports its own runs, not the earlier demo's beside them
+    assert main([a if a != "0" else "1" for a in argv]) == 0
+    assert "2 other run folder(s)" in capsys.readouterr().out
+    md = (out / "report" / "report.md").read_text()
+    assert "-s1" in md and "fashion-mnist-normal-s0" not in md
+    assert "| normal |" in md and "| 1 |" in md.split("| normal |")[1].split("\n")[0]
 
 
 def test_a_copy_without_git_names_its_commit_from_the_environment(monkeypatch) -> None:
