@@ -375,6 +375,12 @@ def refuse_existing(folders: list[Path], overwrite: bool) -> None:
     Raises:
         WnormError: naming the first such folder (and how many there are).
     """
+    for f in folders:
+        for up in (f, *f.parents):  # --out naming a file: a one-line error before any work
+            if up.exists() and not up.is_dir():
+                raise WnormError(f"{up} is a file; expected a folder for the runs (--out)")
+            if up.exists():
+                break
     if overwrite:
         return
     taken = [f for f in folders if has_metrics(f)]

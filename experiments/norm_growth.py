@@ -45,6 +45,7 @@ from torch import Tensor, nn
 # the repository's wnorm, whatever is installed: the run records this checkout's commit
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import wnorm  # noqa: E402
+from wnorm import WnormError  # noqa: E402
 from wnorm.sphere import project_after_step  # noqa: E402
 
 # --------------------------------------------------------------------------- defaults
@@ -294,9 +295,14 @@ def main(argv: list[str] | None = None) -> Path:
                          "replace it, or another --out")
     from experiments.data import load_fashion_mnist
 
+    if folder.exists() and not folder.is_dir():
+        raise SystemExit(f"norm_growth: --out {folder} is a file; expected a folder")
     torch.set_num_threads(cfg.threads)
-    data = load_fashion_mnist(cfg.data_dir, train_subset=cfg.train_subset,
-                              test_subset=cfg.test_subset, subset_seed=cfg.seed)
+    try:  # a missing or corrupt data file: one line, as every other entry point says it
+        data = load_fashion_mnist(cfg.data_dir, train_subset=cfg.train_subset,
+                                  test_subset=cfg.test_subset, subset_seed=cfg.seed)
+    except WnormError as e:
+        raise SystemExit(f"norm_growth: {e}") from None
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(
         {"kind": "norm-growth", "config": asdict(cfg), "lrs": lrs, "variants": list(VARIANTS),

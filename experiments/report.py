@@ -529,6 +529,8 @@ def report(paths: list[str | Path], out: str | Path, *, target_error: float | No
     for r in runs:
         groups[r.setting][r.variant].append(r)
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise WnormError(f"--out {out} is a file; expected a folder for the report")
     out.mkdir(parents=True, exist_ok=True)
     command = command or ("python -m experiments.report " + " ".join(map(str, paths))
                           + f" --out {out}")

@@ -147,3 +147,21 @@ def test_a_copy_without_git_names_its_commit_from_the_environment(monkeypatch) -
     monkeypatch.setenv("EXPERIMENTS_GIT_COMMIT", "0123abc")
     info = common.version_info("cpu")
     assert info["git_commit"] == "0123abc" and info["git_dirty"] is None
+
+
+@pytest.mark.parametrize("script", ["classify", "lr_sweep", "seq", "graph"])
+def test_an_out_that_names_a_file_is_a_one_line_error(tmp_path: Path, capsys,
+                                                      script: str) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    data = tmp_path / "fashion"
+    write_fashion(data, n_train=20, n_test=10)
+    import importlib
+
+    mod = importlib.import_module(f"experiments.{script}")
+    with pytest.raises(SystemExit) as e:
+        code = mod.main(["--data-dir", str(data), "--out", str(afile), "--epochs", "1"])
+        raise SystemExit(code)
+    assert e.value.code == 2 or "is a file" in str(e.value.code)
+    assert "afile is a file; expected a folder" in capsys.readouterr().err + str(e.value.code)
+    assert afile.read_text() == "not a folder"
