@@ -125,17 +125,35 @@ def _read_run(folder: Path) -> Run:
     return Run.read(folder)
 
 
+#: run folders whose experiment writes its own report: the command that does
+_OWN_REPORT = {"graph": "python -m experiments.graph --report-only --out DIR",
+               "norm-growth": "python -m experiments.norm_growth --report-only --out DIR"}
+
+
 def _kind(config: dict[str, Any]) -> str:
     if config.get("experiment") in _OTHER_EXPERIMENTS:
         return "others"
+    if config.get("experiment") == "graph" or config.get("kind") == "norm-growth":
+        return config.get("experiment") or config["kind"]
     return "lr-sweep" if config.get("kind") == "lr-sweep" else "classify"
 
 
 def _config(folder: Path) -> dict[str, Any]:
     try:
-        return json.loads((folder / "config.json").read_text())
+        config = json.loads((folder / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise WnormError(f"{folder}: config.json is not readable JSON ({e})") from e
+    if not isinstance(config, dict):
+        raise WnormError(f"{folder}: config.json holds a {type(config).__name__}, not a run's "
+                         "config")
+    kind = _kind(config)
+    if kind in _OWN_REPORT:
+        raise WnormError(f"{folder}: a {kind} run, which experiments.report does not read; "
+                         f"its own report: {_OWN_REPORT[kind]}")
+    if kind == "classify" and not {"variant", "dataset", "epochs"} <= set(config):
+        raise WnormError(f"{folder}: config.json is not a run's config (no "
+                         f"{sorted({'variant', 'dataset', 'epochs'} - set(config))})")
+    return config
 
 
 def run_kind(paths: list[str | Path]) -> str:
@@ -166,7 +184,7 @@ def load_runs(paths: list[str | Path]) -> list[Run]:
             folder holds another kind of run, or two folders hold the same variant and seed of
             one setting.
     """
-    runs = [_read_run(d) for d in run_folders(paths)]
+    runs = [_read_run(d) for d in run_folders(paths) if _config(d)]  # _config refuses others
     if not runs:
         raise WnormError(f"report: no run folder (a folder with config.json) in "
                          f"{list(map(str, paths))}")

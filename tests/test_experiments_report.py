@@ -5,6 +5,7 @@ not theirs."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -286,3 +287,23 @@ def test_the_verdict_names_the_best_variant_and_whether_the_gap_beats_the_spread
     assert "**weightnorm**, 30.33 ± 1.53% over 3 seeds; next normal, 31.00 ± 1.00%: their " \
            "seed ranges overlap: the gap is within seed-to-seed spread." in md
     assert "- Final test error against normal: weightnorm within the seeds' spread." in md
+
+
+@pytest.mark.parametrize("config, why", [
+    ({"experiment": "graph", "variant": "gcn"}, r"a graph run, which experiments\.report does "
+                                                 r"not read; its own report: python -m "
+                                                 r"experiments\.graph --report-only"),
+    ({"kind": "norm-growth", "config": {}}, r"a norm-growth run, .*norm_growth --report-only"),
+    ([1, 2], r"config\.json holds a list, not a run's config"),
+    ({}, r"config\.json is not a run's config \(no \['dataset', 'epochs', 'variant'\]\)"),
+])
+def test_folders_the_report_cannot_read_are_one_line_errors(tmp_path: Path, capsys,
+                                                            config: object, why: str) -> None:
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "metrics.jsonl").write_text(json.dumps({"epoch": 1}) + "\n")
+    with pytest.raises(WnormError, match=why):
+        report([tmp_path], tmp_path / "rep")
+    assert main([str(tmp_path), "--out", str(tmp_path / "rep")]) == 2
+    assert re.search(why, capsys.readouterr().err)
