@@ -352,4 +352,6 @@ def _timing(cfg: GPUConfig, variants: list[str], args: argparse.Namespace,
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .common import entry_point
+
+    entry_point(main)

@@ -32,19 +32,20 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 
 import torch
 
 import wnorm
 from wnorm import WnormError
 
-__all__ = ["RULES", "RunFolder", "RunLog", "RunRecord", "add_options", "check_config", "check_device",
-           "cli_main", "config_from_args", "cpu_name", "flag", "hardware", "has_metrics",
-           "logged_steps", "no_repeats", "precision_info", "precision_text", "prepare",
-           "progress", "mean_std_range", "read_jsonl", "read_run_files", "refuse_duplicates", "refuse_existing",
-           "resolve_device", "run_configs", "run_folders", "run_main", "run_parser",
-           "setting_key", "split_list", "stop_if_diverged", "train_epoch", "version_info"]
+__all__ = ["RULES", "RunFolder", "RunLog", "RunRecord", "add_options", "check_config",
+           "check_device", "cli_main", "config_from_args", "entry_point", "cpu_name", "flag",
+           "hardware", "has_metrics", "logged_steps", "no_repeats", "precision_info",
+           "precision_text", "prepare", "progress", "mean_std_range", "read_jsonl",
+           "read_run_files", "refuse_duplicates", "refuse_existing", "resolve_device",
+           "run_configs", "run_folders", "run_main", "run_parser", "setting_key", "split_list",
+           "stop_if_diverged", "train_epoch", "version_info"]
 
 
 # --------------------------------------------------------------------------- option checks
@@ -367,6 +368,18 @@ def progress(total: int, desc: str, enabled: bool) -> Iterator[Any]:
 def has_metrics(folder: Path) -> bool:
     m = folder / "metrics.jsonl"
     return m.is_file() and m.stat().st_size > 0
+
+
+def entry_point(main: Callable[[], Any]) -> NoReturn:
+    """``sys.exit(main())`` for an entry point, with Ctrl-C said in one line (no traceback):
+    each run folder keeps the epochs it wrote."""
+    try:
+        code = main()
+    except KeyboardInterrupt:
+        print("interrupted: each run folder keeps the epochs it wrote (reports list such runs "
+              "as incomplete; --overwrite runs them again)", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 def refuse_existing(folders: list[Path], overwrite: bool) -> None:

@@ -324,4 +324,6 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    from experiments.common import entry_point
+
+    entry_point(main)

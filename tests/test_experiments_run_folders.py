@@ -165,3 +165,19 @@ def test_an_out_that_names_a_file_is_a_one_line_error(tmp_path: Path, capsys,
     assert e.value.code == 2 or "is a file" in str(e.value.code)
     assert "afile is a file; expected a folder" in capsys.readouterr().err + str(e.value.code)
     assert afile.read_text() == "not a folder"
+
+
+def test_ctrl_c_in_an_entry_point_is_one_line_and_exit_status_130(capsys) -> None:
+    from experiments.common import entry_point
+
+    def interrupted() -> int:
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as e:
+        entry_point(interrupted)
+    assert e.value.code == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("interrupted: each run folder keeps")
+    with pytest.raises(SystemExit) as e:
+        entry_point(lambda: 2)
+    assert e.value.code == 2
