@@ -255,6 +255,10 @@ def configs_from(args: argparse.Namespace) -> list[DQNConfig]:
     configs = run_configs(DQNConfig, args, QUICK, VARIANTS,
                           lambda v, s: [{"variant": v, "seed": s, "env": e} for e in envs])
     configs.sort(key=lambda c: envs.index(c.env))
+    c = configs[0]
+    if min(c.buffer, c.steps) < c.batch_size:  # else training samples one transition per batch
+        raise WnormError(f"--buffer {c.buffer} holds fewer transitions than a batch (--batch-size "
+                         f"{c.batch_size}); give a buffer of at least the batch size")
     return configs
 
 

@@ -50,6 +50,7 @@ _BAD = [
     ("seq", ["--threads", "0"], "--threads must be"),
     ("dqn", ["--train-every", "0"], "--train-every must be"),
     ("dqn", ["--buffer", "0"], "--buffer must be"),
+    ("dqn", ["--buffer", "1"], "holds fewer transitions than a batch"),
     ("dqn", ["--envs", ","], "--envs: expected at least one value"),
     ("dqn", ["--envs", "CartPole-v1,CartPole-v1"], "given twice"),
     ("report", ["--target-error", "100"], "--target-error must be a percentage in (0, 100)"),
