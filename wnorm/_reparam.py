@@ -275,7 +275,10 @@ def _property(pname: str) -> property:
             return nn.Module.__getattr__(self, pname)
         if slot.held is not None:
             flush(self, slot)
-        g, v = pair(self, slot)
+        params = self._parameters
+        g, v = params.get(slot.gname), params.get(slot.vname)
+        if v is None or (g is None and slot.map.has_g):
+            pair(self, slot)  # raises, naming what took them away
         if not _is_compiling() and _HELD and id(v) in _HELD:  # another holder's write lands
             _flush_holders(v)
         if CACHE.on:
