@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _reparam
-from .errors import WnormError, expect_module
+from .errors import WnormError, expect_module, refuse_sharded
 from .mean_only_bn import MeanOnlyBatchNormBase
 from .weight_norm import default_dim
 
@@ -637,14 +637,8 @@ def data_init(
             raise WnormError(
                 f"data_init: the batch is empty (input {i} has shape {tuple(a.shape)})")
     named = list(model.named_modules())
-    dtensor = sys.modules.get("torch.distributed.tensor")  # none exists unless it is loaded
-    for mname, m in named if dtensor is not None else ():
-        for pname, p in m._parameters.items():
-            if isinstance(p, dtensor.DTensor):
-                raise WnormError(
-                    f"data_init: {mname or '<model>'}.{pname} is sharded (a DTensor, e.g. after "
-                    "FSDP2's fully_shard); call wnorm.apply and wnorm.data_init on the unsharded "
-                    "model, then fully_shard (or DDP)")
+    refuse_sharded("data_init", model, "call wnorm.apply and wnorm.data_init on the unsharded "
+                   "model, then fully_shard (or DDP)")
     if _distributed():
         group = process_group
     elif process_group is not None:

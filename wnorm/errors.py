@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 
-__all__ = ["WnormError", "finite_positive", "expect_module"]
+__all__ = ["WnormError", "finite_positive", "expect_module", "refuse_sharded"]
 
 
 class WnormError(ValueError):
@@ -29,3 +29,13 @@ def expect_module(fn: str, obj: object) -> None:
 
     if not isinstance(obj, nn.Module):
         raise WnormError(f"{fn}: expects an nn.Module; got {type(obj).__name__}")
+
+
+def refuse_sharded(who: str, model: object, then: str) -> None:
+    """Refuse a model whose parameters are sharded (DTensors, after FSDP2's ``fully_shard``):
+    ``who`` names the call, ``then`` says what to do instead."""
+    for mname, module in model.named_modules():  # type: ignore[attr-defined]
+        for pname, p in module._parameters.items():
+            if p is not None and type(p.data).__name__ == "DTensor":
+                raise WnormError(f"{who}: {mname or '<model>'}.{pname} is sharded (a DTensor, "
+                                 f"e.g. after FSDP2's fully_shard); {then}")

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _pytorch_wn, _reparam
-from .errors import WnormError, expect_module
+from .errors import WnormError, expect_module, refuse_sharded
 from .maps import WeightNorm
 from .mean_only_bn import MeanOnlyBatchNormBase
 
@@ -136,14 +136,9 @@ def fold(model: nn.Module) -> nn.Module:
         True
     """
     expect_module("fold", model)
-    for mname, module in model.named_modules():
-        for pname, p in module._parameters.items():
-            if p is not None and type(p.data).__name__ == "DTensor":
-                raise WnormError(
-                    f"fold: {mname or '<model>'}.{pname} is sharded (a DTensor, e.g. after "
-                    "FSDP2's fully_shard); fold an unsharded copy of the model, loaded from a "
-                    "full state dict (torch.distributed.checkpoint.state_dict.get_model_state_dict"
-                    " with full_state_dict=True)")
+    refuse_sharded("fold", model, "fold an unsharded copy of the model, loaded from a full "
+                   "state dict (torch.distributed.checkpoint.state_dict.get_model_state_dict "
+                   "with full_state_dict=True)")
     _plain_weights(model)
     if isinstance(model, MeanOnlyBatchNormBase):
         if "forward" in model.__dict__:

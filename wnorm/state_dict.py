@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from . import _layouts as lay
 from . import _reparam
 from ._pytorch_wn import find
-from .errors import WnormError, expect_module
+from .errors import WnormError, expect_module, refuse_sharded
 
 __all__ = ["load_state_dict", "convert_state_dict"]
 
@@ -393,16 +393,11 @@ def load_state_dict(
     expect_module("load_state_dict", model)
     inner = _unwrap(model)
     name = type(inner).__name__
-    for mname, module in inner.named_modules():
-        for pname, p in module._parameters.items():
-            if p is not None and type(p.data).__name__ == "DTensor":
-                raise WnormError(
-                    f"load_state_dict into {name}: {mname or '<model>'}.{pname} is sharded (a "
-                    "DTensor, e.g. after FSDP2's fully_shard); load before sharding (wnorm.apply, "
-                    "wnorm.load_state_dict, then fully_shard), or give torch.distributed."
-                    "checkpoint.state_dict.set_model_state_dict a full state dict in the model's "
-                    "own layout (wnorm.convert_state_dict(sd, 'wnorm') for a model wnorm.apply "
-                    "normalized throughout)")
+    refuse_sharded(f"load_state_dict into {name}", inner,
+                   "load before sharding (wnorm.apply, wnorm.load_state_dict, then fully_shard), "
+                   "or give torch.distributed.checkpoint.state_dict.set_model_state_dict a full "
+                   "state dict in the model's own layout (wnorm.convert_state_dict(sd, 'wnorm') "
+                   "for a model wnorm.apply normalized throughout)")
     values, bad, note = _plan(inner, state_dict)
     note = f" ({note})" if note else ""
     unreachable = _unreachable(inner)
