@@ -326,7 +326,9 @@ _CLASSES: dict[type, type] = {}
 
 def _forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     base = type(self)._wn_base
-    if _is_compiling() or _is_tracing():
+    if CACHE.on or _is_compiling() or _is_tracing():
+        # no depth to keep: a weight read in a cached() block is never held, nor one read by a
+        # compiled or traced forward
         return base.forward(self, *args, **kwargs)
     _DEPTH.n += 1
     try:
