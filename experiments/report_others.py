@@ -95,14 +95,15 @@ def _read(folder: Path) -> OtherRun:
 
 def load_other_runs(paths: list[Path]) -> list[OtherRun]:
     """Run folders named in ``paths`` or directly inside them, with an ``experiment`` of
-    :data:`EXPERIMENTS` and at least one metrics line.
+    :data:`EXPERIMENTS` (at least one of them with a metrics line).
 
     Raises:
         WnormError: a path does not exist, or none of them holds such a run folder.
     """
     runs = [_read(d) for d in run_folders(paths, "others_report")]
-    runs = [r for r in runs if r.experiment in EXPERIMENTS and r.metrics]
-    if not runs:
+    # a run with no metrics yet is kept: listed as incomplete, not dropped without a word
+    runs = [r for r in runs if r.experiment in EXPERIMENTS]
+    if not any(r.metrics for r in runs):
         raise WnormError(f"others_report: no run folder of the experiments {list(EXPERIMENTS)} "
                          f"with metrics in {[str(p) for p in paths]}")
     refuse_duplicates(runs, lambda r: (r.experiment, r.variant, f"seed {r.config.get('seed')}"),

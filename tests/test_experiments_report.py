@@ -211,10 +211,12 @@ def test_others_report_leaves_incomplete_runs_out(tmp_path: Path) -> None:
         _other(tmp_path, "vae", "normal", seed, 2)
         _other(tmp_path, "vae", "weightnorm", seed, 2)
     cut = _other(tmp_path, "vae", "weightnorm", 2, 1)  # 1 of 2 epochs
+    empty = _other(tmp_path, "vae", "normal", 3, 0)  # no metrics yet: listed, not dropped
     md = others_report([tmp_path], tmp_path / "rep")
     row = next(line for line in md.splitlines() if line.startswith("| weightnorm |"))
     assert row.split("|")[2].strip() == "2"  # two complete seeds
     assert f"`{cut}`: incomplete, 1 of 2 epochs" in md
+    assert f"`{empty}`: incomplete, 0 of 2 epochs" in md
 
 
 def test_others_report_counts_a_folder_once(tmp_path: Path) -> None:
