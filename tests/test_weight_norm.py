@@ -737,6 +737,34 @@ def test_lazy_parameter_is_an_error_naming_it():
         wnorm.weight_norm(nn.LazyLinear(3))
 
 
+def test_pruning_or_parametrizing_g_or_v_is_an_error_naming_it_until_it_is_removed():
+    # prune and register_parametrization move 'weight_v' (or 'weight_g') out of the layer's
+    # parameters: a raw KeyError / TypeError from inside the property before
+    import torch.nn.utils.parametrize as P
+    import torch.nn.utils.prune as prune
+
+    x = torch.randn(2, 6)
+    layer = wnorm.weight_norm(nn.Linear(6, 3))
+    prune.l1_unstructured(layer, "weight_v", amount=0.5)
+    for call in (lambda: layer(x), lambda: wnorm.fold(layer),
+                 lambda: wnorm.remove_weight_norm(layer)):
+        with pytest.raises(WnormError, match=r"Linear: 'weight_v' is no longer a parameter of "
+                           r"this layer \(torch\.nn\.utils\.prune or a parametrization"):
+            call()
+    prune.remove(layer, "weight_v")  # the pruned v is a Parameter again: the layer works
+    assert torch.equal(layer(x), nn.functional.linear(x, layer.weight, layer.bias))
+    assert (layer.weight == 0).sum() == 9
+
+    class Twice(nn.Module):
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return 2 * t
+
+    other = wnorm.weight_norm(nn.Linear(6, 3))
+    P.register_parametrization(other, "weight_g", Twice())
+    with pytest.raises(WnormError, match=r"'weight_g' is no longer a parameter"):
+        other(x)
+
+
 def test_pytorch_parametrize_and_wnorm_on_one_module_are_refused_not_corrupted():
     from torch.nn.utils import parametrize
 
