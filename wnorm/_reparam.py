@@ -168,16 +168,15 @@ def _flush(module: nn.Module, slot: Slot) -> None:
     if not _same(key, g, v) and held._version == key[4]:
         return
     if not _same(key, g, v):
-        # both written since the weight was handed out: which came last is not recorded, and
-        # g or v written in place (a checkpoint loaded into state_dict() tensors, as
-        # torch.distributed.checkpoint does) is the deliberate write of the two
+        # both written since the weight was handed out, which came last is not recorded: the
+        # weight's write lands (a write made after backward, before the step, is meant), and a
+        # warning says g and v's own change (a checkpoint loaded in place) is overwritten
         warnings.warn(
             f"{slot.where}: '{slot.name}' was written in place after it was read, and "
-            f"'{slot.gname}'/'{slot.vname}' were changed in place too; the write into "
-            f"'{slot.name}' is dropped and their values are kept. To have the weight's write "
-            f"win, make it after changing them (or read '{slot.name}' again first)",
-            stacklevel=4)
-        return
+            f"'{slot.gname}'/'{slot.vname}' were changed in place since; the write into "
+            f"'{slot.name}' lands over their change. If theirs should win (a checkpoint "
+            f"loaded in place), read '{slot.name}' again (or call state_dict()) before "
+            "changing them", stacklevel=4)
     if held.shape != v.shape or held.dtype != v.dtype or held.device != v.device:
         raise WnormError(
             f"{slot.where}: '{slot.name}' was replaced through .data by a tensor of shape "
