@@ -459,3 +459,18 @@ def test_rnn_cells_are_normalized_like_rnns_not_left_plain():
     with pytest.warns(UserWarning, match="recurrent layer"):
         report = wnorm.data_init(model, x)
     assert [r.name for r in report.initialized] == ["out"]
+
+
+@pytest.mark.parametrize("make, name", [(lambda: nn.GRUCell(4, 5), "weight_hh"),
+                                        (lambda: nn.LSTM(4, 5), "weight_hh_l0")])
+def test_a_recurrent_layer_with_pytorchs_weight_norm_on_one_weight_is_adopted(make, name):
+    # PyTorch's parametrization on weight_hh was taken for 'another parametrization' when apply
+    # came to weight_ih, and apply refused the layer
+    torch.manual_seed(0)
+    layer = torch.nn.utils.parametrizations.weight_norm(make(), name)
+    x = torch.randn(3, 4)
+    first = lambda out: out[0] if isinstance(out, tuple) else out  # noqa: E731
+    ref = first(layer(x))
+    wnorm.apply(layer)
+    assert torch.equal(first(layer(x)), ref)
+    assert {name + "_g", name + "_v"} <= {n for n, _ in layer.named_parameters()}
