@@ -184,7 +184,10 @@ def load_runs(paths: list[str | Path]) -> list[Run]:
             folder holds another kind of run, or two folders hold the same variant and seed of
             one setting.
     """
-    runs = [_read_run(d) for d in run_folders(paths) if _config(d)]  # _config refuses others
+    folders = run_folders(paths)
+    for d in folders:
+        _config(d)  # refuses a folder that holds no classification run, naming it
+    runs = [_read_run(d) for d in folders]
     if not runs:
         raise WnormError(f"report: no run folder (a folder with config.json) in "
                          f"{list(map(str, paths))}")

@@ -165,9 +165,10 @@ def _flush(module: nn.Module, slot: Slot) -> None:
     if held is None:
         return
     m, (g, v) = slot.map, pair(module, slot)
-    if not _same(key, g, v) and held._version == key[4]:
+    same = _same(key, g, v)
+    if not same and held._version == key[4]:
         return
-    if not _same(key, g, v):
+    if not same:
         # both written since the weight was handed out, which came last is not recorded: the
         # weight's write lands (a write made after backward, before the step, is meant), and a
         # warning says g and v's own change (a checkpoint loaded in place) is overwritten

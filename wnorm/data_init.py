@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from . import _reparam
 from .errors import WnormError, expect_module, refuse_sharded
@@ -240,9 +241,9 @@ def _candidates(named: list[tuple[str, nn.Module]], include_plain: bool) -> tupl
             continue
         bias = m._parameters.get("bias")
         # a parametrized bias is no parameter of the layer: it is left as it is, as none is
-        held = "parametrizations" in m._modules and "bias" in m._modules["parametrizations"]
         notes = [inside.get(id(m), ""), "" if bias is not None else
-                 "bias parametrized: not set, mean not removed" if held else NO_BIAS_NOTE]
+                 "bias parametrized: not set, mean not removed"
+                 if parametrize.is_parametrized(m, "bias") else NO_BIAS_NOTE]
         targets.append(_Target(label, m, [m], bias, [], "; ".join(n for n in notes if n)))
     return targets, skipped, others
 
@@ -489,7 +490,7 @@ def _zero_row(t: _Target) -> bool:
     for m in t.gains:
         w = m._parameters.get("weight")
         if m._parameters.get("weight_g") is None and w is not None:
-            n = torch.norm_except_dim(w.detach(), 2, default_dim(m) or 0)
+            n = torch.norm_except_dim(w.detach(), 2, default_dim(m))
             if not bool(((n > 0) & (n < math.inf)).all()):
                 return True
     return False

@@ -93,11 +93,12 @@ def reparameterize(module: nn.Module, name: str, dim: Any, make: Any, *,
     label = _label(module, where)
     if _reparam.slot(module, name) is not None:
         raise WnormError(f"{label}: '{name}' is already weight-normalized by wnorm")
-    torch_wn = next((f for f in _pytorch_wn.find(module) if f.name == name), None)
+    found = _pytorch_wn.find(module)
+    torch_wn = next((f for f in found if f.name == name), None)
     # PyTorch's weight norm on another tensor of the module (an RNN cell's other weight) is
     # adopted in its own turn: only other parametrizations are refused
-    wn_names = {f.name for f in _pytorch_wn.find(module)}
-    others = [n for n in getattr(module, "parametrizations", {}) if n not in wn_names]
+    others = [n for n in getattr(module, "parametrizations", {})
+              if n not in {f.name for f in found}]
     if torch_wn is not None and not others:
         return _adopt(module, torch_wn, dim, make, label, where)
     if others:  # wnorm's class and parametrize's generated class cannot be stacked safely
