@@ -366,3 +366,33 @@ def test_include_plain_initializes_a_plain_pyg_model(kind):
         y = conv(x, ei)
     assert y.mean(0).abs().max() < 1e-4
     torch.testing.assert_close(y.std(0, unbiased=False), torch.ones(4), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["gcn", "sage"])
+def test_a_frozen_convolution_is_left_as_it_is_and_the_next_initialized_on_its_output(kind):
+    # a frozen pretrained first convolution under a new head: data_init used to overwrite its
+    # Linears' g and its bias, and report it initialized
+    model = wnorm.apply(net(kind))
+    x, ei = graph()
+    model.c1.requires_grad_(False)
+    frozen = {k: v.clone() for k, v in model.c1.state_dict().items()}
+    with pytest.warns(UserWarning, match=r"frozen"):
+        report = wnorm.data_init(model, (x, ei))
+    assert all(torch.equal(v, model.c1.state_dict()[k]) for k, v in frozen.items())
+    status = {r.name: r.status for r in report}
+    assert status["c2"] == status["head"] == "initialized"
+    assert all(s == "skipped" for n, s in status.items() if n.startswith("c1"))
+    mu, sd = per_channel(first_outputs(model, ["c2"], (x, ei))["c2"])
+    assert mu.abs().max() < TOL and (sd - 1).abs().max() < TOL
+
+
+def test_a_convolution_whose_bias_alone_is_frozen_is_not_set_as_a_whole():
+    model = wnorm.apply(net("gcn"))
+    x, ei = graph()
+    model.c1.bias.requires_grad_(False)
+    bias = model.c1.bias.detach().clone()
+    report = wnorm.data_init(model, (x, ei))
+    assert torch.equal(model.c1.bias, bias)
+    # its Linear is standardized on its own, and the report says why
+    notes = {r.name: r.note for r in report if r.status == "initialized"}
+    assert "c1" not in notes and "bias is frozen" in notes["c1.lin"]

@@ -174,11 +174,13 @@ def _graph_conv(label: str, conv: nn.Module, lins: list[tuple[str, nn.Module]],
                       "commute with a per-channel scale")
     for name, m in lins:
         wn = bool(_reparam.slots_of(m))
-        why = _reason_cannot(m, wn)
+        why = _reason_cannot(m, wn) or _reason_frozen(m)
         if why or not (wn or include_plain):
             return None, f"its {name} cannot be set ({why or 'not weight-normalized'})"
     where = _PYG_CONVS[kind]
     bias = (conv if not where else getattr(conv, where))._parameters.get("bias")
+    if bias is not None and not bias.requires_grad:  # a frozen pretrained convolution
+        return None, "its bias is frozen (requires_grad=False)"
     zero = [b for _, m in lins if (b := m._parameters.get("bias")) is not None and b is not bias]
     return _Target(label, conv, [m for _, m in lins], bias, zero,
                    "" if bias is not None else NO_BIAS_NOTE), ""
