@@ -1079,3 +1079,30 @@ def test_a_failed_data_init_keeps_the_write_into_the_weight_made_before_it():
     with pytest.raises(WnormError):
         wnorm.data_init(model, torch.ones(8, 6, dtype=D))  # constant input: sigma 0
     torch.testing.assert_close(model[0].weight, written, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_a_constant_batch_is_refused_in_every_unit_not_given_a_huge_g(dtype):
+    # every example the same: the rounded batch mean left a spread of about eps*|mu|, so most
+    # units got sigma ~1e-7 and g ~1e7 on the CPU, and data_init passed when no unit happened
+    # to round to exactly 0
+    torch.manual_seed(0)
+    model = wnorm.apply(nn.Sequential(nn.Linear(5, 64), nn.ReLU(), nn.Linear(64, 3))).to(dtype)
+    sd = snapshot(model)
+    x = torch.randn(1, 5, dtype=dtype).expand(256, 5).contiguous()
+    with pytest.raises(WnormError, match=r"^0 \(Linear\): the pre-activations of 64 of 64 units "
+                                         r"have sigma 0"):
+        wnorm.data_init(model, x)
+    assert same_state(model.state_dict(), sd)
+
+
+def test_a_layer_fed_one_constant_by_the_model_is_blamed_on_what_feeds_it_whatever_the_mean():
+    # the message for a computed constant input needs every unit seen as constant: with a
+    # nonzero constant, the rounded mean made that a matter of chance
+    class Const(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.full_like(x, 0.37)
+
+    model = wnorm.apply(nn.Sequential(nn.Linear(4, 16), Const(), nn.Linear(16, 32))).float()
+    with pytest.raises(WnormError, match=r"^2 \(Linear\): every one of its 32 units"):
+        wnorm.data_init(model, torch.randn(300, 4))

@@ -338,18 +338,27 @@ def _copy_all(dst: list[Tensor], src: list[Tensor]) -> None:
 def _standardize(y: Tensor, axis: int, scale: float, group: Any) -> tuple[Tensor, Tensor, Tensor]:
     r"""``(out, mu, inv)``: per unit along ``axis``, the population mean :math:`\mu` of ``y``
     over every other axis (and every rank), ``inv`` = 1/:math:`\sigma` and
-    ``out = scale (y - mu) inv`` shaped (before, units, after), in float32 at least. In one
-    process batch norm's kernel computes them in one call (inv is 0 where sigma is 0); across
-    ranks the sums are all-reduced, the spread from the centered sum of squares (not
-    E[y^2] - mu^2, which cancels when |mu| >> sigma)."""
+    ``out = scale (y - mu) inv`` shaped (before, units, after), in float32 at least; inv is 0
+    where every value of a unit is equal. In one process batch norm's kernel computes them in
+    one call; across ranks the sums are all-reduced, the spread from the centered sum of
+    squares (not E[y^2] - mu^2, which cancels when |mu| >> sigma)."""
     r = _wide(_units_view(y, axis))
+    # a unit whose values are all equal has sigma 0, but the rounded mean leaves a spread of
+    # about eps*|mu| (a constant batch gave g ~ 1e7 on the CPU): its range says so exactly
+    top, low = r.amax((0, 2)), r.amin((0, 2))
     if group is _LOCAL:
         out, mu, inv = torch.native_batch_norm(r, None, None, None, None, True, 0.0, 0.0)
     else:
+        import torch.distributed as dist
+
+        ends = torch.cat([top, -low])
+        dist.all_reduce(ends, op=dist.ReduceOp.MAX, group=group)
+        top, low = ends[:len(top)], -ends[len(top):]
         mu = _mean(r, group)
         out = r - mu.view(1, -1, 1)
         inv = _mean(out * out, group).rsqrt_()
         out.mul_(inv.view(1, -1, 1))
+    inv.masked_fill_(top == low, 0.0)  # as batch norm's kernel gives for sigma 0
     if scale != 1.0:
         out.mul_(scale)
     return out, mu, inv
