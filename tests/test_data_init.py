@@ -1106,3 +1106,17 @@ def test_a_layer_fed_one_constant_by_the_model_is_blamed_on_what_feeds_it_whatev
     model = wnorm.apply(nn.Sequential(nn.Linear(4, 16), Const(), nn.Linear(16, 32))).float()
     with pytest.raises(WnormError, match=r"^2 \(Linear\): every one of its 32 units"):
         wnorm.data_init(model, torch.randn(300, 4))
+
+
+def test_a_layer_called_with_a_keyword_input_is_blamed_on_what_feeds_it_too():
+    # the pre-hook saw positional inputs only, so layer(input=h) read as fed nothing computed
+    class Keyword(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(input=self.a(x) * 0)
+
+    with pytest.raises(WnormError, match=r"^b \(Linear\): every one of its 8 units"):
+        wnorm.data_init(wnorm.apply(Keyword()), torch.randn(32, 4))

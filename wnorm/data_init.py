@@ -399,11 +399,11 @@ class _Pass:
         #: per target: whether its input was computed by the model, not a tensor of the batch
         self.computed: dict[nn.Module, bool] = {}
 
-    def pre(self, module: nn.Module, args: Any) -> None:
+    def pre(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
         if module in self.done:
             return
         t = self.by_module[module]
-        fed = [a for a in args if isinstance(a, Tensor)]
+        fed = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]  # layer(input=h)
         self.computed[module] = bool(fed) and not any(a is b for a in fed for b in self.inputs)
         for m in t.gains:  # the layer now outputs t = v.x/||v|| (+ 0); a plain layer w.x
             g = m._parameters.get("weight_g")
@@ -683,7 +683,7 @@ def data_init(
     p = _Pass(targets, init_scale, group, {m: n or "<model>" for n, m in mobn}, inputs)
     handles = []
     for t in targets:
-        handles.append(t.module.register_forward_pre_hook(p.pre))
+        handles.append(t.module.register_forward_pre_hook(p.pre, with_kwargs=True))
         handles.append(t.module.register_forward_hook(p.post))
     for _, m in mobn:
         handles.append(m.register_forward_pre_hook(p.bn_pre))
