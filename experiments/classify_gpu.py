@@ -77,8 +77,8 @@ from typing import Any
 from wnorm import WnormError
 
 from .classify import Config, run_dir_name
-from .common import (add_options, config_from_args, hardware, read_jsonl, refuse_existing,
-                     split_list)
+from .common import (add_options, check_out, config_from_args, hardware, read_jsonl,
+                     refuse_existing, split_list)
 from .data import ImageData, load
 from .gpu_plan import plan, plan_text
 from .gpu_timing import time_variants, timing_text
@@ -326,7 +326,7 @@ def _count(out: Path, configs: list[GPUConfig], split: str) -> int:
 
 def _timing(cfg: GPUConfig, variants: list[str], args: argparse.Namespace,
             command: str) -> int:
-    out = Path(args.out)
+    out = check_out(args.out, "timing.json")
     out.mkdir(parents=True, exist_ok=True)
     r = resolved(cfg)
     machine = hardware(r.device)

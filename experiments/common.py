@@ -40,8 +40,8 @@ import wnorm
 from wnorm import WnormError
 
 __all__ = ["RULES", "RunFolder", "RunLog", "RunRecord", "add_options", "check_config",
-           "check_device", "cli_main", "config_from_args", "entry_point", "cpu_name", "flag",
-           "hardware", "has_metrics", "logged_steps", "no_repeats", "precision_info",
+           "check_device", "check_out", "cli_main", "config_from_args", "entry_point", "cpu_name",
+           "flag", "hardware", "has_metrics", "logged_steps", "no_repeats", "precision_info",
            "precision_text", "prepare", "progress", "mean_std_range", "read_jsonl",
            "read_run_files", "refuse_duplicates", "refuse_existing", "resolve_device",
            "run_configs", "run_folders", "run_main", "run_parser", "setting_key", "split_list",
@@ -382,18 +382,37 @@ def entry_point(main: Callable[[], Any]) -> NoReturn:
     sys.exit(code if isinstance(code, int) else 0)
 
 
+def check_out(folder: str | Path, what: str) -> Path:
+    """``folder`` as a Path, checked to be a folder or one that ``mkdir(parents=True)`` can make.
+
+    Checked before any work: otherwise ``mkdir`` fails after training or loading, with a
+    traceback, on a regular file at ``folder`` or above it, or on a dangling symlink (which
+    ``exists()`` calls absent, yet ``mkdir`` cannot replace).
+
+    Raises:
+        WnormError: naming the first such path and saying a folder for ``what`` was expected.
+    """
+    folder = Path(folder)
+    for up in (folder, *folder.parents):
+        if up.is_symlink() and not up.exists():
+            raise WnormError(f"{up} is a symlink to {os.readlink(up)}, which does not exist; "
+                             f"expected a folder for {what} (--out)")
+        if up.exists():
+            if not up.is_dir():
+                raise WnormError(f"{up} is a file; expected a folder for {what} (--out)")
+            break
+    return folder
+
+
 def refuse_existing(folders: list[Path], overwrite: bool) -> None:
-    """Refuse to train into run folders that already hold metrics, unless ``overwrite``.
+    """Refuse to train into run folders that are not folders (:func:`check_out`), or that
+    already hold metrics, unless ``overwrite``.
 
     Raises:
         WnormError: naming the first such folder (and how many there are).
     """
     for f in folders:
-        for up in (f, *f.parents):  # --out naming a file: a one-line error before any work
-            if up.exists() and not up.is_dir():
-                raise WnormError(f"{up} is a file; expected a folder for the runs (--out)")
-            if up.exists():
-                break
+        check_out(f, "the runs")
     if overwrite:
         return
     taken = [f for f in folders if has_metrics(f)]

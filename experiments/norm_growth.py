@@ -290,13 +290,16 @@ def main(argv: list[str] | None = None) -> Path:
     if report_only:
         print(report(folder), end="")
         return folder
+    from experiments.common import check_out
+    from experiments.data import load_fashion_mnist
+
+    try:
+        check_out(folder, "the run")
+    except WnormError as e:
+        raise SystemExit(f"norm_growth: {e}") from None
     if (folder / "metrics.jsonl").exists() and not cfg.overwrite:
         raise SystemExit(f"norm_growth: {folder} already holds a run; pass --overwrite to "
                          "replace it, or another --out")
-    from experiments.data import load_fashion_mnist
-
-    if folder.exists() and not folder.is_dir():
-        raise SystemExit(f"norm_growth: --out {folder} is a file; expected a folder")
     torch.set_num_threads(cfg.threads)
     try:  # a missing or corrupt data file: one line, as every other entry point says it
         data = load_fashion_mnist(cfg.data_dir, train_subset=cfg.train_subset,

@@ -46,7 +46,8 @@ from typing import Any
 
 from wnorm import WnormError
 
-from .common import RunRecord, precision_text, refuse_duplicates, run_folders, setting_key
+from .common import (RunRecord, check_out, precision_text, refuse_duplicates, run_folders,
+                     setting_key)
 from .nets import VARIANTS
 
 __all__ = ["Run", "load_runs", "report", "run_kind", "schedule_text", "PAPER_TABLE1", "main"]
@@ -543,15 +544,13 @@ def report(paths: list[str | Path], out: str | Path, *, target_error: float | No
     """
     if target_error is not None and not 0 < target_error < 100:
         raise WnormError(f"--target-error must be a percentage in (0, 100); got {target_error}")
+    out = check_out(out, "the report")
     runs = load_runs(paths)
     if at_epoch is not None:
         _cut(runs, at_epoch)
     groups: dict[tuple[Any, ...], dict[str, list[Run]]] = defaultdict(lambda: defaultdict(list))
     for r in runs:
         groups[r.setting][r.variant].append(r)
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise WnormError(f"--out {out} is a file; expected a folder for the report")
     out.mkdir(parents=True, exist_ok=True)
     command = command or ("python -m experiments.report " + " ".join(map(str, paths))
                           + f" --out {out}")

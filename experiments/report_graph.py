@@ -15,7 +15,8 @@ from typing import Any
 
 from wnorm import WnormError
 
-from .common import RunRecord, mean_std_range as _ms, read_jsonl, run_folders, setting_key
+from .common import (RunRecord, check_out, mean_std_range as _ms, read_jsonl, run_folders,
+                     setting_key)
 from .graph import MODELS, VARIANTS, GraphConfig
 
 __all__ = ["report", "existing_runs", "refuse_mixed", "TARGET_FRACTION"]
@@ -261,6 +262,7 @@ def report(paths: list[Path], out: Path) -> str:
         WnormError: no graph run folder, one without metrics, or two for one (model, variant,
             seed).
     """
+    out = check_out(out, "the report")
     runs = _load_runs(paths)
     # the numbers and curves come from the finished runs; the others are counted
     groups: dict[str, dict[str, list[_Run]]] = defaultdict(lambda: defaultdict(list))

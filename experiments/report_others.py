@@ -32,7 +32,7 @@ from typing import Any
 
 from wnorm import WnormError
 
-from .common import RunRecord, mean_std_range as _ms, refuse_duplicates, run_folders
+from .common import RunRecord, check_out, mean_std_range as _ms, refuse_duplicates, run_folders
 
 __all__ = ["EXPERIMENTS", "VARIANTS", "OtherRun", "load_other_runs", "report", "DQN_WINDOW",
            "run_command"]
@@ -560,8 +560,8 @@ def report(run_dirs: list[Path], out_dir: Path, *, command: str | None = None) -
     Raises:
         WnormError: no run folder of :data:`EXPERIMENTS` with metrics in ``run_dirs``.
     """
+    out_dir = check_out(out_dir, "the report")
     runs = load_other_runs([Path(p) for p in run_dirs])
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     command = command or ("python -m experiments.report "
                           + " ".join(map(str, run_dirs)) + f" --out {out_dir}")

@@ -18,8 +18,8 @@ from typing import Any
 
 from wnorm import WnormError
 
-from .common import (RunRecord, read_jsonl, read_run_files, refuse_duplicates, run_folders,
-                     setting_key)
+from .common import (RunRecord, check_out, read_jsonl, read_run_files, refuse_duplicates,
+                     run_folders, setting_key)
 from .nets import VARIANTS
 
 __all__ = ["SweepRun", "load_sweep", "report_sweep"]
@@ -395,11 +395,11 @@ def report_sweep(paths: list[str | Path], out: str | Path, *, tolerance: float =
     """
     if not tolerance >= 0:
         raise WnormError(f"report: tolerance must be >= 0; got {tolerance!r}")
+    out = check_out(out, "the report")
     runs = load_sweep(paths)
     groups: dict[tuple[Any, ...], list[SweepRun]] = {}
     for r in runs:
         groups.setdefault(r.setting, []).append(r)
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     command = command or ("python -m experiments.report " + " ".join(map(str, paths))
                           + f" --out {out}")

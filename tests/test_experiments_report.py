@@ -309,3 +309,41 @@ def test_folders_the_report_cannot_read_are_one_line_errors(tmp_path: Path, caps
         report([tmp_path], tmp_path / "rep")
     assert main([str(tmp_path), "--out", str(tmp_path / "rep")]) == 2
     assert re.search(why, capsys.readouterr().err)
+
+
+def _sweep_run(root: Path) -> Path:
+    import torch
+
+    from experiments.data import ImageData
+    from experiments.lr_sweep import SweepConfig, train_one
+
+    x, y = torch.randn(20, 1, 8, 8), torch.arange(20) % 10
+    cfg = SweepConfig(hidden=4, depth=1, epochs=1, batch_size=10, init_examples=10,
+                      out=str(root), threads=1, train_subset=None, test_subset=None)
+    return train_one(cfg, ImageData("fake", x, y, x, y, "memory", "none"), echo=False)
+
+
+@pytest.mark.parametrize("where", ["afile/rep", "dangling", "dangling/rep"])
+@pytest.mark.parametrize("kind", ["classify", "lr-sweep", "others"])
+def test_an_out_inside_a_file_or_through_a_dangling_symlink_is_a_one_line_error(
+        tmp_path: Path, capsys, kind: str, where: str) -> None:
+    """Each kind of report says it in one line naming the path (mkdir cannot make either),
+    with exit status 2 and nothing written, instead of a traceback."""
+    runs = tmp_path / "runs"
+    if kind == "classify":
+        _fake_run(runs, "normal", 0, [0.5, 0.3, 0.2])
+    elif kind == "lr-sweep":
+        _sweep_run(runs)
+    else:
+        _other(runs, "vae", "normal", 0, 2)
+    (tmp_path / "afile").write_text("not a folder")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    capsys.readouterr()  # the sweep run's progress bar
+    assert main([str(runs), "--out", str(tmp_path / where)]) == 2
+    err = capsys.readouterr().err
+    bad = tmp_path / where.split("/")[0]
+    what = ("is a file" if where.startswith("afile") else
+            f"is a symlink to {tmp_path / 'nowhere'}, which does not exist")
+    assert err == f"error: {bad} {what}; expected a folder for the report (--out)\n"
+    assert (tmp_path / "afile").read_text() == "not a folder"
+    assert not (tmp_path / "nowhere").exists()

@@ -167,6 +167,48 @@ def test_an_out_that_names_a_file_is_a_one_line_error(tmp_path: Path, capsys,
     assert afile.read_text() == "not a folder"
 
 
+# every entry point that writes under --out, with options that would train for a moment
+_WRITERS = {
+    "classify": ["--variants", "normal", "--seeds", "0", *_TINY],
+    "classify_gpu": ["--variants", "normal", "--seeds", "0", "--device", "cpu", "--epochs", "1"],
+    "classify_gpu --timing": ["--variants", "normal", "--device", "cpu", "--timing"],
+    "demo": ["--variants", "normal", "--seeds", "0", "--device", "cpu", "--epochs", "1"],
+    "lr_sweep": ["--variants", "normal", "--lrs", "0.1", "--seeds", "0", "--epochs", "1"],
+    "vae": ["--quick", "--variants", "normal", "--seeds", "0", "--device", "cpu"],
+    "seq": ["--quick", "--variants", "normal", "--seeds", "0", "--device", "cpu"],
+    "dqn": ["--quick", "--variants", "normal", "--seeds", "0", "--device", "cpu"],
+    "graph": ["--quick", "--variants", "normal", "--seeds", "0", "--device", "cpu"],
+    "graph --report-only": ["--report-only"],
+    "norm_growth": ["--epochs", "1"],
+}
+
+
+@pytest.mark.parametrize("where", ["afile/sub", "dangling", "dangling/sub"])
+@pytest.mark.parametrize("script", list(_WRITERS))
+def test_an_out_inside_a_file_or_through_a_dangling_symlink_is_a_one_line_error(
+        tmp_path: Path, capsys, script: str, where: str) -> None:
+    """mkdir cannot make either folder: said in one line naming the path, before any work,
+    not as a traceback after it (a dangling symlink is neither there nor absent to mkdir)."""
+    (tmp_path / "afile").write_text("not a folder")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    name, *flags = script.split()
+    argv = [*flags, *_WRITERS[script], "--out", str(tmp_path / where)]
+    if name not in ("dqn", "graph"):
+        argv += ["--data-dir", str(tmp_path / "no-data")]  # refused before the data is read
+    mod = importlib.import_module(f"experiments.{name}")
+    with pytest.raises(SystemExit) as e:
+        raise SystemExit(mod.main(argv))
+    err = capsys.readouterr().err + (e.value.code if isinstance(e.value.code, str) else "")
+    bad = tmp_path / where.split("/")[0]
+    what = ("is a file" if where.startswith("afile") else
+            f"is a symlink to {tmp_path / 'nowhere'}, which does not exist")
+    assert e.value.code == 2 or name == "norm_growth"  # norm_growth exits with its message
+    assert f"{bad} {what}; expected a folder for" in err and "(--out)" in err
+    assert err.strip().count("\n") == 0 and "Traceback" not in err
+    assert (tmp_path / "afile").read_text() == "not a folder"
+    assert not (tmp_path / "nowhere").exists()
+
+
 def test_ctrl_c_in_an_entry_point_is_one_line_and_exit_status_130(capsys) -> None:
     from experiments.common import entry_point
 
