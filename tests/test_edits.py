@@ -139,8 +139,46 @@ def test_a_stale_read_does_not_undo_an_optimizer_step(compare):
     m(x).square().sum().backward()
     opt.step()
     after = (m.weight_g.detach().clone(), m.weight_v.detach().clone())
-    m(x)  # the next access
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing was written: nothing to say
+        m(x)  # the next access
     assert torch.equal(m.weight_g, after[0]) and torch.equal(m.weight_v, after[1])
+
+
+DATA_WRITES = {
+    "data[0] = 3": lambda w: w.data.__setitem__(0, 3.0),
+    "data.mul_(2)": lambda w: w.data.mul_(2),
+}
+
+
+@pytest.mark.parametrize("write", list(DATA_WRITES))
+def test_a_write_through_data_after_backward_and_before_the_step_lands(write, compare):
+    """A .data write moves no version: before, the optimizer step that followed made the held
+    weight look stale and the write was dropped without a word. Written rows land over the
+    step, as a write through autograd's view does; the others keep it. On a CPU a warning
+    says so; on a GPU telling would be a host sync, so the write lands unannounced."""
+    m, x = layer_and_twin()
+    opt = torch.optim.SGD(m.parameters(), lr=0.5)
+    loss = m(x).square().sum()
+    w = m.weight  # read after the forward (logging), kept
+    loss.backward()
+    DATA_WRITES[write](w)
+    written = w.detach().clone()
+    opt.step()
+    g, v = m.weight_g.detach(), m.weight_v.detach()
+    stepped = g * v / v.norm(dim=1, keepdim=True)  # the weight the step gave
+    wanted = written.clone()
+    if write == "data[0] = 3":
+        wanted[1:] = stepped[1:]  # unwritten rows: the step
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = m(x)
+    said = [str(c.message) for c in caught]
+    assert (said != []) == (compare == "cpu"), said
+    assert all("'weight' was written in place after it was read" in s for s in said)
+    torch.testing.assert_close(m.weight.detach(), wanted, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out.detach(), nn.functional.linear(x, wanted, m.bias),
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_writes_into_a_standardized_weight_are_refused_naming_the_layer():

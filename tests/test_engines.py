@@ -159,6 +159,34 @@ def test_data_init_syncs_do_not_grow_with_depth_on_a_convnet():
     assert syncs(lambda: wnorm.data_init(shallow, x)) == syncs(lambda: wnorm.data_init(deep, x))
 
 
+MAPS = {"wn": wnorm.weight_norm, "centered": wnorm.centered_weight_norm,
+        "forced-fixed-gain": lambda m: wnorm.forced_weight_norm(m, gain=1.0),
+        "standardized": wnorm.weight_standardization}
+
+
+@pytest.mark.parametrize("kind", list(MAPS))
+def test_a_weight_read_every_step_syncs_never_as_on_a_gpu(kind, monkeypatch):
+    """A weight read for logging is held, and at the next forward compared with its copy for
+    writes (a .data write may land over the step): on a GPU, where nothing is asked
+    (``_COMPARE_ON``), that costs no host sync, whatever the map."""
+    monkeypatch.setattr("wnorm._reparam._COMPARE_ON", ())
+    layer = MAPS[kind](nn.Linear(WIDTH, 4))
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    if kind.startswith("forced"):
+        wnorm.project_after_step(opt, layer)
+    x = batch("mlp")[0]
+    logged = []
+
+    def step() -> None:
+        opt.zero_grad()
+        layer(x).square().sum().backward()
+        logged.append(layer.weight.detach().norm())  # kept on the device, as logging should
+        opt.step()
+
+    step()
+    assert syncs(step) == []
+
+
 # --------------------------------------------------------------------------- torch.compile
 @pytest.mark.parametrize("model", list(MAKE))
 @pytest.mark.parametrize("variant", ["wn", "wn+meanonly"])

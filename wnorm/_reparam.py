@@ -154,21 +154,33 @@ def flush(module: nn.Module, slot: Slot) -> None:
 _COMPARE_ON = ("cpu",)
 
 
+def _alike(a: Tensor, b: Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+
+
 def _flush(module: nn.Module, slot: Slot) -> None:
     """A row counts as written when it differs from the copy taken as the weight was handed
-    out; other rows keep g and v as they are now (edited through .data or not). When g or v
-    changed since (an optimizer step) and the weight itself was not written in place, it is
-    only stale: it is dropped.
+    out; other rows keep g and v as they are now (edited through .data or stepped since).
     """
     held, key = slot.held, slot.held_key
     slot.held, slot.held_key = None, ()
     if held is None:
         return
     m, (g, v) = slot.map, pair(module, slot)
-    same = _same(key, g, v)
-    if not same and held._version == key[4]:
-        return
-    if not same:
+    held, snap = held.detach(), key[5]
+    bumped, swapped = held._version != key[4], not _alike(held, snap)
+    if not (bumped or swapped) and not _alike(v, snap):
+        return  # g and v were replaced by tensors of another shape, dtype or device
+    asked = held.device.type in _COMPARE_ON
+    if asked and not swapped and torch.equal(held, snap):
+        return  # nothing written (on a CPU, asking costs no device sync)
+    # A write through .data (w.data[0] = 3, w.data.mul_(2)) moves no version: only the copy
+    # tells it, so g or v changed since (an optimizer step after the write) do not make the
+    # held weight stale. Whether anything was written is known unless the device was not
+    # asked; then (a GPU, after a step) written rows still land below, without a host sync.
+    known = bumped or swapped or asked
+    stale = not _same(key, g, v)
+    if stale and known:
         # both written since the weight was handed out, which came last is not recorded: the
         # weight's write lands (a write made after backward, before the step, is meant), and a
         # warning says g and v's own change (a checkpoint loaded in place) is overwritten
@@ -178,24 +190,21 @@ def _flush(module: nn.Module, slot: Slot) -> None:
             f"'{slot.name}' lands over their change. If theirs should win (a checkpoint "
             f"loaded in place), read '{slot.name}' again (or call state_dict()) before "
             "changing them", stacklevel=4)
-    if held.shape != v.shape or held.dtype != v.dtype or held.device != v.device:
+    if not _alike(held, v):
         raise WnormError(
             f"{slot.where}: '{slot.name}' was replaced through .data by a tensor of shape "
             f"{tuple(held.shape)}, {held.dtype} on {held.device}; it is computed from "
             f"'{slot.gname}'/'{slot.vname}' of shape {tuple(v.shape)}, {v.dtype} on {v.device}"
         )
+    # the refusals below read the device on the host: not for a read (logging) followed by a
+    # step on a GPU, the common case there, where no write is known
+    check = known or not stale
     with torch.no_grad():
-        # written rows are those that differ from the weight as it was handed out (a copy kept
-        # then): an edit of g or v through .data since, which moves no version, is no write
-        held, snap = held.detach(), key[5]
-        if held.shape != snap.shape or held.dtype != snap.dtype or held.device != snap.device:
-            snap = m.weight(g, v)  # the weight tensor itself was swapped through .data
-        asked = held.device.type in _COMPARE_ON
-        if asked and torch.equal(held, snap):
-            return  # nothing written (on a CPU, asking costs no device sync)
+        if swapped:
+            snap = m.weight(g, v)  # compared with what g and v give now
         changed = _any_except(held != snap, m.dim)
         if not m.has_g and getattr(m, "gain", None) is None:
-            if bool(changed.any()):  # a host sync, but only after a write from outside
+            if check and bool(changed.any()):  # a host sync, as a write from outside may be
                 raise WnormError(
                     f"{slot.where}: '{slot.name}' was written in place, but a "
                     f"{type(m).__name__} weight is determined by '{slot.vname}' alone and "
@@ -206,7 +215,7 @@ def _flush(module: nn.Module, slot: Slot) -> None:
         new_g, new_v = m.split(held)
         wide = held.float() if held.dtype in (torch.float16, torch.bfloat16) else held
         zero = norm(m.direction(wide), m.dim) == 0  # no direction: keep v, g goes to 0
-        if not m.has_g and bool((changed & zero).any()):  # host sync, after a write only
+        if not m.has_g and check and bool((changed & zero).any()):  # as above
             raise WnormError(
                 f"{slot.where}: '{slot.name}' was written with rows of norm 0, but a "
                 f"{type(m).__name__} with a fixed gain has norm {getattr(m, 'gain', None)} in "
