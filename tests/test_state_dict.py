@@ -292,6 +292,26 @@ def test_strict_false_loads_what_matches_and_reports_the_rest() -> None:
     assert torch.equal(model.weight_v, sd["weight_v"])
 
 
+def test_pytorchs_strict_false_load_keeps_a_write_into_a_layer_it_does_not_load() -> None:
+    """A write into a weight is split into g and v at the next access; before, PyTorch's own
+    load_state_dict(strict=False) dropped it in every layer, loaded or not. A layer whose g
+    and v are loaded takes them; the others keep the write."""
+    torch.manual_seed(0)
+    net = wnorm.apply(nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)))
+    other = wnorm.apply(nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)))
+    nn.init.constant_(net[0].weight, 0.5)  # not loaded below: lands
+    nn.init.constant_(net[1].weight, 0.25)  # loaded below: replaced
+    only_b = {k: t for k, t in other.state_dict().items() if k.startswith("1.")}
+    report = net.load_state_dict(only_b, strict=False)
+    assert sorted(report.missing_keys) == ["0.bias", "0.weight_g", "0.weight_v"]
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(net[0](x), nn.functional.linear(x, torch.full((3, 4), 0.5),
+                                                                   net[0].bias))
+        torch.testing.assert_close(net(x), other[1](net[0](x)))
+        torch.testing.assert_close(net[1].weight, other[1].weight, rtol=0, atol=0)
+
+
 def test_missing_pair_is_reported_with_the_models_keys() -> None:
     model = wnorm.weight_norm(nn.Linear(3, 2))
     with pytest.raises(WnormError, match=r"missing keys \['weight_g', 'weight_v'\]$"):

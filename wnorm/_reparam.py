@@ -21,7 +21,7 @@ import sys
 import threading
 import warnings
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -435,10 +435,18 @@ def _save_to_state_dict(self: nn.Module, destination: dict[str, Any], prefix: st
                 destination[prefix + n] = p if keep_vars else p.detach()
 
 
-def _load_from_state_dict(self: nn.Module, *args: Any, **kwargs: Any) -> None:
+def _load_from_state_dict(self: nn.Module, state_dict: Mapping[str, Any], prefix: str,
+                          *args: Any, **kwargs: Any) -> None:
     for s in self.__dict__["_wn"].values():
-        s.held = None  # the loaded g and v replace a write not yet split
-    type(self)._wn_base._load_from_state_dict(self, *args, **kwargs)
+        if s.held is None:
+            continue
+        if all(prefix + n in state_dict for n in (s.gname, s.vname) if n in self._parameters):
+            s.held, s.held_key = None, ()  # the loaded g and v replace a write not yet split
+        else:
+            # not loaded here (strict=False, a state dict of other layers): the write lands,
+            # and a key given for g or v alone then replaces its part
+            flush(self, s)
+    type(self)._wn_base._load_from_state_dict(self, state_dict, prefix, *args, **kwargs)
 
 
 def _reset_parameters(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
