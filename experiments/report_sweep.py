@@ -78,7 +78,8 @@ class SweepRun(RunRecord):
 
 
 def load_sweep(paths: list[str | Path]) -> list[SweepRun]:
-    """The sweep run folders named in ``paths`` or directly inside them (those with metrics).
+    """The sweep run folders named in ``paths`` or directly inside them (at least one of them
+    with metrics).
 
     Raises:
         WnormError: a folder is not a sweep run, none has metrics, or two are the same run.
@@ -90,10 +91,10 @@ def load_sweep(paths: list[str | Path]) -> list[SweepRun]:
         if config.get("kind") != "lr-sweep":
             raise WnormError(f"{d}: not an lr-sweep run folder (config kind "
                              f"{config.get('kind', 'classify')!r})")
-        run = SweepRun(d, config, version, metrics, read_jsonl(d / "vnorm.jsonl"))
-        if run.metrics:
-            runs.append(run)
-    if not runs:
+        runs.append(SweepRun(d, config, version, metrics, read_jsonl(d / "vnorm.jsonl")))
+    # a run with no metrics yet is kept: counted as incomplete in its cell, as the other
+    # reports list it, not dropped so that its cell reads blank
+    if not any(r.metrics for r in runs):
         raise WnormError(f"report: no lr-sweep run folder with metrics in {list(map(str, paths))}")
     refuse_duplicates(runs, lambda r: (r.variant, f"lr {r.lr:g}", f"seed {r.config.get('seed')}"),
                       "variant, learning rate and seed")

@@ -122,3 +122,22 @@ def test_report_refuses_mixed_kinds(tmp_path: Path) -> None:
     (other / "config.json").write_text(json.dumps({"variant": "normal", "epochs": 1}))
     assert report_main([str(tmp_path / "a"), str(tmp_path / "b"), "--out",
                         str(tmp_path / "o")]) == 2
+
+
+def test_a_run_with_no_metrics_yet_is_listed_as_incomplete_not_a_blank_cell(
+        tmp_path: Path) -> None:
+    """As the other reports do: a run folder that holds no epoch yet (just started, or killed
+    in its first epoch) is counted as incomplete, not dropped so that its cell reads blank."""
+    data, runs = _data(), tmp_path / "runs"
+    for variant in ("normal", "weightnorm"):
+        train_one(_cfg(runs, variant=variant, lr=0.01), data, echo=False)
+    train_one(_cfg(runs, variant="normal", lr=0.1), data, echo=False)
+    started = train_one(_cfg(runs, variant="weightnorm", lr=0.1), data, echo=False)
+    for name in ("metrics.jsonl", "vnorm.jsonl"):
+        (started / name).write_text("")  # what RunFolder leaves before the first epoch ends
+    md, pngs, text = report_sweep([runs], tmp_path / "rep")
+    rows = [line for line in text.splitlines() if line.startswith("| 0.1 |")]
+    assert len(rows) == 3  # training loss, test error, ||v|| growth
+    assert all(row.endswith("| incomplete (1/1) |") for row in rows), rows
+    assert "| 0.1 |  |" not in text and "|  |" not in text
+    assert "Runs: 4 = 2 variants x 2 learning rates x 1 seed" in text
