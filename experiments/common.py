@@ -598,12 +598,15 @@ def run_folders(paths: list[str | Path], who: str = "report") -> list[Path]:
     once (a folder reached twice, by the same or another path, counts once).
 
     Raises:
-        WnormError: a path does not exist.
+        WnormError: a path does not exist or is not a folder.
     """
     out: dict[Path, Path] = {}
     for p in map(Path, paths):
         if not p.exists():
             raise WnormError(f"{who}: {p} does not exist")
+        if not p.is_dir():  # a metrics.jsonl or config.json named by mistake
+            raise WnormError(f"{who}: {p} is a file; expected a run folder (with config.json) "
+                             "or a folder of run folders")
         found = [p] if (p / "config.json").is_file() else sorted(
             d for d in p.iterdir() if (d / "config.json").is_file())
         for d in found:

@@ -347,3 +347,13 @@ def test_an_out_inside_a_file_or_through_a_dangling_symlink_is_a_one_line_error(
     assert err == f"error: {bad} {what}; expected a folder for the report (--out)\n"
     assert (tmp_path / "afile").read_text() == "not a folder"
     assert not (tmp_path / "nowhere").exists()
+
+
+def test_runs_naming_a_file_is_a_one_line_error(tmp_path: Path, capsys) -> None:
+    # a run's metrics.jsonl named by mistake ended in run_folders' iterdir() traceback
+    _fake_run(tmp_path / "runs", "normal", 0, [0.5, 0.3])
+    metrics = next((tmp_path / "runs").glob("*/metrics.jsonl"))
+    assert main([str(metrics), "--out", str(tmp_path / "rep")]) == 2
+    assert capsys.readouterr().err == (
+        f"error: report: {metrics} is a file; expected a run folder (with config.json) or a "
+        "folder of run folders\n")
