@@ -151,8 +151,9 @@ def _summary(variant: str, cells: dict[float, Cell], tolerance: float) -> str:
         if all(cells[lr]["diverged"] for lr in lrs):
             parts.append(f"diverged at every learning rate ({len(lrs)}).")
         else:
+            n = sum(cells[lr]["incomplete"] for lr in lrs)
             parts.append(f"no learning rate with every seed complete and none diverged ("
-                         f"{sum(cells[lr]['incomplete'] for lr in lrs)} runs incomplete).")
+                         f"{n} run{'' if n == 1 else 's'} incomplete).")
         return " ".join(parts)
     span = math.log10(max(good) / min(good)) if good else 0.0
     contiguous = good == [lr for lr in lrs if min(good) <= lr <= max(good)]
