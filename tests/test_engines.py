@@ -224,6 +224,56 @@ def test_compiled_model_gives_the_eager_outputs_gradients_and_steps(variant, mod
         torch.testing.assert_close(compiled(x), net(x), rtol=1e-5, atol=1e-6)
 
 
+class TwiceLinear(nn.Linear):
+    """Reads its weight twice in one forward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight) + F.linear(x, self.weight, self.bias)
+
+
+class TiedLM(nn.Module):
+    """GPT-2's tie: the LM head holds the embedding's weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.head = nn.Embedding(10, WIDTH), nn.Linear(WIDTH, 10, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.emb(ids)))
+
+
+READ_TWICE = {
+    "twice": (lambda: wnorm.apply(nn.Sequential(TwiceLinear(WIDTH, WIDTH), nn.Tanh(),
+                                                nn.Linear(WIDTH, 4))),
+              lambda: batch("mlp")[0]),
+    "tied": (lambda: wnorm.apply(TiedLM(), types=wnorm.DEFAULT_TYPES + (nn.Embedding,)),
+             lambda: torch.tensor([[1, 2, 3], [4, 5, 1]])),
+}
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+@pytest.mark.parametrize("model", list(READ_TWICE))
+def test_a_weight_read_twice_compiles_inside_a_cached_block(model, grad):
+    """Before, the block's check of a cached weight read its version counter, data-dependent
+    under Dynamo: a graph break, and an error under fullgraph=True. Compiled, the block
+    caches nothing (each access is computed in the graph) and gives the eager outputs."""
+    make, inputs = READ_TWICE[model]
+    torch.manual_seed(0)
+    net, x = make(), inputs()
+    with torch.no_grad():
+        eager = net(x)
+    torch._dynamo.reset()
+    with torch.set_grad_enabled(grad), wnorm.cached():
+        explanation = torch._dynamo.explain(net)(x)
+        assert explanation.graph_break_count == 0, explanation.break_reasons
+        assert explanation.graph_count == 1
+        torch._dynamo.reset()
+        out = torch.compile(net, backend="aot_eager", fullgraph=True)(x)
+        torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(net(x), eager, rtol=1e-5, atol=1e-6)  # eager in the block
+
+
 # --------------------------------------------------------------------------- CUDA graphs
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 @pytest.mark.parametrize("variant", ["wn", "wn+meanonly"])

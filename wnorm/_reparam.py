@@ -290,7 +290,9 @@ def _property(pname: str) -> property:
             pair(self, slot)  # raises, naming what took them away
         if not _is_compiling() and _HELD and id(v) in _HELD:  # another holder's write lands
             _flush_holders(v)
-        if CACHE.on:
+        # compiled, the graph is the cache (and a version counter read in it is data-
+        # dependent: a graph break, an error under fullgraph): each access is computed
+        if CACHE.on and not _is_compiling():
             w = slot.cached
             # a weight cached under no_grad has no graph: a forward recording one computes it
             if w is not None and _same(slot.key, g, v) and (

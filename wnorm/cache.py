@@ -24,7 +24,9 @@ def cached() -> Iterator[None]:
     gradients they give outside it, and a weight cached under ``no_grad`` is computed again for
     a forward that records a graph. The cached weights are released when the block ends. Like
     PyTorch's ``torch.nn.utils.parametrize.cached``, it covers every model; blocks nest; unlike
-    it, a block covers only the thread that opened it.
+    it, a block covers only the thread that opened it. A forward compiled by ``torch.compile``
+    caches nothing in the block: its graph computes a weight at each access, as outside it
+    (the check of a cached weight reads version counters, which a graph cannot branch on).
 
     Example:
         >>> import torch, wnorm
