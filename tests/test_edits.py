@@ -346,6 +346,28 @@ def test_a_write_into_the_weight_and_an_in_place_change_of_g_and_v_warn_and_the_
         m(torch.ones(2, 4))
 
 
+ACCESSES = {
+    "forward": lambda m: m(torch.ones(2, 4)),
+    "layer.weight": lambda m: m[0].weight,
+    "state_dict": lambda m: m.state_dict(),
+}
+
+
+@pytest.mark.parametrize("access", list(ACCESSES))
+def test_the_warning_of_a_write_landing_over_a_step_names_the_users_line(access):
+    # before, a fixed stacklevel named a line inside torch's Module call or wnorm itself
+    torch.manual_seed(0)
+    m = wnorm.apply(nn.Sequential(nn.Linear(4, 3)))
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    m(torch.randn(2, 4)).sum().backward()
+    with torch.no_grad():
+        m[0].weight.zero_()
+    opt.step()
+    with pytest.warns(UserWarning, match="was written in place after it was read") as said:
+        ACCESSES[access](m)
+    assert [w.filename for w in said] == [__file__]
+
+
 def test_an_edit_of_g_and_v_through_data_after_a_read_of_the_weight_is_kept(compare):
     # EMA updates through .data, with nn.MultiheadAttention reading out_proj.weight in its own
     # forward (outside the Linear's): the held weight must not be taken for a write

@@ -17,6 +17,7 @@ The module pickles, deep-copies and loads with ``torch.load(..., weights_only=Fa
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import warnings
@@ -150,6 +151,21 @@ def flush(module: nn.Module, slot: Slot) -> None:
         torch._C._set_tracing_state(state)
 
 
+#: the frames a warning skips to name the user's line: reached from a forward or state_dict(),
+#: the flush runs under torch's frames as well as wnorm's (Python 3.12's skip_file_prefixes
+#: does this, but wnorm supports 3.10)
+_INTERNAL = tuple(os.path.dirname(f) + os.sep for f in (__file__, torch.__file__))
+
+
+def _user_level() -> int:
+    """The ``stacklevel`` at which the caller of this function's ``warnings.warn`` names the
+    first frame outside wnorm and torch."""
+    f, level = sys._getframe(1), 1
+    while f.f_back is not None and f.f_code.co_filename.startswith(_INTERNAL):
+        f, level = f.f_back, level + 1
+    return level
+
+
 #: devices where asking whether a held weight was written costs no host sync
 _COMPARE_ON = ("cpu",)
 
@@ -189,7 +205,7 @@ def _flush(module: nn.Module, slot: Slot) -> None:
             f"'{slot.gname}'/'{slot.vname}' were changed in place since; the write into "
             f"'{slot.name}' lands over their change. If theirs should win (a checkpoint "
             f"loaded in place), read '{slot.name}' again (or call state_dict()) before "
-            "changing them", stacklevel=4)
+            "changing them", stacklevel=_user_level())
     if not _alike(held, v):
         raise WnormError(
             f"{slot.where}: '{slot.name}' was replaced through .data by a tensor of shape "
