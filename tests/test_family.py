@@ -6,6 +6,7 @@ import copy
 import functools
 import io
 import math
+import re
 
 import pytest
 import torch
@@ -368,6 +369,39 @@ def test_arpit_init_energy_ratio_holds_for_grouped_and_strided_convs(conv):
     with torch.no_grad():
         y = layer[0](x)
     assert abs(y.square().sum().item() / x.square().sum().item() - 2.0) < 0.35
+
+
+def test_arpit_init_warns_naming_each_layer_it_leaves_as_it_is():
+    torch.manual_seed(0)
+    net = nn.Sequential(*[m for _ in range(5) for m in (nn.Linear(16, 16), nn.ReLU())],
+                        nn.Linear(16, 4))
+    wnorm.weight_norm(net[0])
+    wnorm.weight_norm(net[2], dim=None)
+    wnorm.weight_norm(net[4], dim=1)
+    wnorm.weight_standardization(net[6])
+    wnorm.forced_weight_norm(net[8], gain=1.0)
+    wnorm.weight_norm(net[10])
+    kept = {i: {k: t.clone() for k, t in net[i].state_dict().items()} for i in (2, 4, 6, 8)}
+    with pytest.warns(UserWarning, match=re.escape(
+            "arpit_init: layers not initialized: 2 (g is not one per output unit (dim=None)); "
+            "4 (g is not one per output unit (dim=1)); 6 (no per-unit g to set (standardized "
+            "weight)); 8 (no per-unit g to set (forced weight))")):
+        gains = wnorm.arpit_init(net)
+    assert gains == pytest.approx({"0": math.sqrt(2.0), "10": math.sqrt(16 / 4)})
+    for i, state in kept.items():  # left as they are, as the warning says
+        for k, t in net[i].state_dict().items():
+            assert torch.equal(t, state[k]), (i, k)
+    # the classifier left out keeps its role: the layer before it, followed by a ReLU, gets
+    # the ReLU gain, not the linear one
+    net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    wnorm.weight_norm(net[0])
+    wnorm.weight_norm(net[2], dim=None)
+    with pytest.warns(UserWarning, match="layers not initialized: 2"):
+        assert wnorm.arpit_init(net) == pytest.approx({"0": math.sqrt(2.0)})
+    with pytest.raises(WnormError, match=re.escape(
+            "no weight-normalized layer with a per-unit g in Linear; layers not initialized: "
+            "<model> (g is not one per output unit (dim=None))")):
+        wnorm.arpit_init(wnorm.weight_norm(nn.Linear(3, 2), dim=None))
 
 
 @pytest.mark.parametrize("method", [wnorm.centered_weight_norm, wnorm.balanced_weight_norm])

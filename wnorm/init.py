@@ -21,6 +21,16 @@ def _match(name: str, patterns: Iterable[str]) -> bool:
     return any(fnmatchcase(name, p) for p in patterns)
 
 
+def _reason_skipped(module: nn.Module, spec: _reparam.Slot) -> str:
+    """Why arpit_init leaves this weight-normalized layer as it is ("" when it sets it), in
+    data_init's words where the cause is the same: the init sets one g per output unit."""
+    if not spec.has_g:
+        return f"no per-unit g to set ({spec.kind} weight)"
+    if spec.dim != default_dim(module):
+        return f"g is not one per output unit (dim={spec.dim})"
+    return ""
+
+
 def arpit_init(
     model: nn.Module,
     *,
@@ -47,6 +57,9 @@ def arpit_init(
     ``torch.nn.init``: each input entry reaches kernel-size output positions, so a conv with
     orthonormal rows scales the squared norm of the whole feature map by
     :math:`g^2\,\mathrm{out}/\mathrm{in} = g^2\,\mathrm{fan_{out}}/\mathrm{fan_{in}}`.
+    A weight-normalized layer it cannot set (no learned g: weight standardization, a forced
+    weight norm with a fixed gain; or g not one per output unit: ``dim=None`` or another axis)
+    is left as it is, with a warning naming it and why.
 
     Args:
         model: a model with weight-normalized layers (``wnorm.apply`` first); changed in place.
@@ -76,27 +89,42 @@ def arpit_init(
     block_last, shortcuts = list(block_last), list(shortcuts)
     if block_last and not blocks_per_stage:
         raise WnormError("arpit_init: block_last needs blocks_per_stage (N blocks per stage)")
-    layers, other = [], []
+    layers, other, skipped, last = [], [], [], None
     for mname, m in model.named_modules():
         other += [f"{mname or '<model>'}.{n}" for n in _reparam.slots_of(m) if n != "weight"]
         spec = _reparam.slot(m, "weight")
-        if spec is not None and spec.has_g and spec.kind != "wn":
+        if spec is None:
+            continue
+        if spec.has_g and spec.kind != "wn":
             raise WnormError(
                 f"arpit_init: {mname or '<model>'} ({type(m).__name__}) is reparameterized by "
                 f"{spec.map!r}; Arpit et al.'s gains hold for weight norm's map alone (its "
                 "orthogonal v and gain g would not give the claimed energy); exclude it")
-        if spec is not None and spec.has_g and spec.dim == default_dim(m):
-            layers.append((mname or "<model>", m, spec))
+        last = mname or "<model>"
+        # a layer left out is said to be: its v and bias keep values the init was asked to
+        # replace, and the layers after it get activations of a scale the gains did not plan for
+        reason = _reason_skipped(m, spec)
+        if reason:
+            skipped.append(f"{last} ({reason})")
+        else:
+            layers.append((last, m, spec))
     # its gains are for a feed-forward layer's 'weight': a recurrent layer's gate weights are
     # left as they are, and said to be
     why = f"left as they are: {other} (Arpit et al.'s gains are for feed-forward layers)"
+    not_set = "layers not initialized: " + "; ".join(skipped)
     if not layers:
         raise WnormError(
             "arpit_init: no weight-normalized layer with a per-unit g in "
-            f"{type(model).__name__}; " + (why if other else "call wnorm.apply(model) first"))
+            f"{type(model).__name__}; " + ("; ".join(said for said, on in
+                                                     ((why, other), (not_set, skipped)) if on)
+                                           or "call wnorm.apply(model) first"))
     if other:
         warnings.warn(f"arpit_init: {why}", stacklevel=2)
-    linear = [layers[-1][0]] if linear is None else list(linear)
+    if skipped:
+        warnings.warn(f"arpit_init: {not_set}", stacklevel=2)
+    # the default is the last weight-normalized layer even when it is left out: another layer,
+    # followed by a ReLU, would otherwise get the linear gain
+    linear = [last] if linear is None else list(linear)
     gains: dict[str, float] = {}
     with torch.no_grad():
         for mname, m, spec in layers:
