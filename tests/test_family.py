@@ -404,6 +404,21 @@ def test_arpit_init_warns_naming_each_layer_it_leaves_as_it_is():
         wnorm.arpit_init(wnorm.weight_norm(nn.Linear(3, 2), dim=None))
 
 
+@pytest.mark.parametrize("table", [nn.Embedding, nn.EmbeddingBag])
+def test_arpit_init_leaves_embeddings_as_they_are(table):
+    # an embedding's input is an index, not an activation whose scale the gains would keep:
+    # the ReLU gain sqrt(2 * 32 / 1000) gave every row norm 0.25
+    net = nn.Sequential(table(1000, 32), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))
+    wnorm.apply(net, types=wnorm.DEFAULT_TYPES + (table,))
+    rows = net[0].weight.detach().clone()
+    with pytest.warns(UserWarning, match=re.escape(
+            "arpit_init: layers not initialized: 0 (a lookup table: its input is an index, not "
+            "an activation whose scale the gains keep)")):
+        gains = wnorm.arpit_init(net)
+    assert gains == pytest.approx({"1": math.sqrt(2.0), "3": math.sqrt(32 / 10)})
+    assert torch.equal(net[0].weight, rows)
+
+
 @pytest.mark.parametrize("method", [wnorm.centered_weight_norm, wnorm.balanced_weight_norm])
 def test_arpit_init_refuses_maps_its_gains_do_not_hold_for(method):
     net = wnorm.apply(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)), method=method)

@@ -24,6 +24,12 @@ def _match(name: str, patterns: Iterable[str]) -> bool:
 def _reason_skipped(module: nn.Module, spec: _reparam.Slot) -> str:
     """Why arpit_init leaves this weight-normalized layer as it is ("" when it sets it), in
     data_init's words where the cause is the same: the init sets one g per output unit."""
+    if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+        # the gains keep the scale of an activation through the layer; an embedding's input is
+        # an index (a one-hot vector), so there is none to keep, and a ReLU gain would only
+        # shrink its rows (to norm 0.25 for a 1000 x 32 table): their scale is the model's choice
+        return ("a lookup table: its input is an index, not an activation whose scale the "
+                "gains keep")
     if not spec.has_g:
         return f"no per-unit g to set ({spec.kind} weight)"
     if spec.dim != default_dim(module):
@@ -59,7 +65,8 @@ def arpit_init(
     :math:`g^2\,\mathrm{out}/\mathrm{in} = g^2\,\mathrm{fan_{out}}/\mathrm{fan_{in}}`.
     A weight-normalized layer it cannot set (no learned g: weight standardization, a forced
     weight norm with a fixed gain; or g not one per output unit: ``dim=None`` or another axis)
-    is left as it is, with a warning naming it and why.
+    is left as it is, with a warning naming it and why; so is an embedding (``nn.Embedding``,
+    ``nn.EmbeddingBag``): its input is an index, not an activation whose scale the gains keep.
 
     Args:
         model: a model with weight-normalized layers (``wnorm.apply`` first); changed in place.
