@@ -291,7 +291,7 @@ class TestCached:
     @pytest.mark.parametrize("make", [lambda: wnorm.weight_norm(nn.Linear(4, 3)),
                                       lambda: wnorm.apply(nn.LSTM(4, 3))], ids=["linear", "lstm"])
     def test_gradient_accumulation_in_a_block_equals_it_outside(self, make):
-        # the first backward frees a cached weight's graph: the next forward computes it again
+        # each backward reaches the one cached weight's node, which keeps what it needs
         m, x = make(), torch.randn(5, 2, 4)
         def run():
             for p in m.parameters():
@@ -305,6 +305,128 @@ class TestCached:
             got = run()
         for a, b in zip(got, expected):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+    MAPS = {"wn": wnorm.weight_norm, "centered": wnorm.centered_weight_norm,
+            "standardized": wnorm.weight_standardization, "forced": wnorm.forced_weight_norm,
+            "balanced": wnorm.balanced_weight_norm}
+
+    @staticmethod
+    def _grads(m: nn.Module, run) -> list[torch.Tensor]:
+        for p in m.parameters():
+            p.grad = None
+        run()
+        return [p.grad.clone() for p in m.parameters()]
+
+    @pytest.mark.filterwarnings("ignore:.*nothing puts it back on its sphere")
+    @pytest.mark.parametrize("kind", list(MAPS))
+    def test_two_forwards_then_two_backward_passes_equal_it_outside(self, kind):
+        # the 1F1B microbatch order: both forwards shared one graph from w to g and v, which
+        # the first backward freed ("backward through the graph a second time")
+        torch.manual_seed(0)
+        m, x1, x2 = self.MAPS[kind](nn.Linear(4, 3)).to(D), torch.randn(5, 4, dtype=D), \
+            torch.randn(5, 4, dtype=D)
+
+        def run() -> None:
+            l1, l2 = m(x1).square().sum(), m(x2).sin().sum()
+            l1.backward()
+            l2.backward()
+
+        expected = self._grads(m, run)
+        with wnorm.cached():
+            got = self._grads(m, run)
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-14)
+
+    @pytest.mark.parametrize("reentrant", [False, True])
+    def test_activation_checkpointing_in_a_block_equals_it_outside(self, reentrant):
+        # non-reentrant checkpointing counts the tensors a forward saves: its recomputation
+        # read the cache, saved fewer, and raised CheckpointError
+        from torch.utils.checkpoint import checkpoint
+
+        torch.manual_seed(0)
+        net = wnorm.apply(nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))).to(D)
+        x = torch.randn(6, 4, dtype=D, requires_grad=True)
+
+        def run() -> None:
+            checkpoint(net, x, use_reentrant=reentrant).square().sum().backward()
+
+        expected = self._grads(net, run)
+        with wnorm.cached():
+            got = self._grads(net, run)
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-14)
+
+    def test_a_gradient_penalty_in_a_block_equals_it_outside(self):
+        # double backward through the cached weight: its backward keeps the graph to g and v
+        torch.manual_seed(0)
+        net = wnorm.apply(nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1, bias=False)))
+        net, x = net.to(D), torch.randn(6, 4, dtype=D, requires_grad=True)
+
+        def run() -> None:
+            (gx,) = torch.autograd.grad(net(x).sum(), x, create_graph=True)
+            gx.square().sum().backward()
+
+        expected = self._grads(net, run)
+        with wnorm.cached():
+            got = self._grads(net, run)
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-14)
+
+    def test_a_step_between_a_forward_and_its_backward_is_an_error_as_outside(self):
+        m, x = self._layer()
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        with wnorm.cached():
+            loss = m(x).sum()
+            m(x).sum().backward()
+            opt.step()
+            with pytest.raises(RuntimeError, match=r"Linear: .*modified by an inplace operation"):
+                loss.backward()
+
+    def test_training_in_a_block_adds_no_host_sync(self):
+        # the finiteness check of a cached weight read the device once per weight and again
+        # after every backward; in training it is left out, as outside a block
+        from test_engines import syncs
+
+        torch.manual_seed(0)
+        net = wnorm.apply(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)))
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        x = torch.randn(6, 4)
+
+        def step() -> None:
+            with wnorm.cached():
+                for _ in range(3):  # gradient accumulation
+                    net(x).square().sum().backward()
+                opt.step()
+                opt.zero_grad()
+
+        assert syncs(step) == []
+
+    def test_vmap_over_stacked_models_in_a_block_equals_it_outside(self):
+        # torch.func swaps in its own g and v: the check of a cached weight branched on them
+        from torch.func import functional_call, stack_module_state
+
+        models = [wnorm.weight_norm(nn.Linear(4, 3)) for _ in range(3)]
+        params, buffers = stack_module_state(models)
+        x = torch.randn(5, 4)
+
+        def run() -> torch.Tensor:
+            return torch.vmap(lambda p, b: functional_call(models[0], (p, b), (x,)))(
+                params, buffers)
+
+        expected = run()
+        with wnorm.cached():
+            torch.testing.assert_close(run(), expected, rtol=0, atol=0)
+
+    def test_parameters_assigned_through_data_in_a_block_are_seen(self):
+        # vector_to_parameters assigns param.data = ..., which moves no version
+        m, x = self._layer()
+        vec = torch.randn(sum(p.numel() for p in m.parameters()))
+        with torch.no_grad(), wnorm.cached():
+            m(x)
+            nn.utils.vector_to_parameters(vec, m.parameters())
+            got = m(x)
+        with torch.no_grad():
+            torch.testing.assert_close(got, m(x), rtol=0, atol=0)
 
     def test_a_forward_recording_a_graph_after_a_no_grad_one_gets_its_gradients(self):
         m, x = self._layer()

@@ -266,18 +266,44 @@ def _check_finite(slot: Slot, w: Tensor) -> None:
             f"'{slot.vname}'")
 
 
-class _Release:
-    """A gradient hook on a cached weight: mark it stale once a backward reaches it."""
+class _Cached(torch.autograd.Function):
+    r"""The cached weight :math:`w = \mathrm{map}(g, v)`, one node for every forward of a
+    :func:`wnorm.cached` block that reads it. Its backward recomputes the map's
+    vector-Jacobian product from g and v, which the node holds itself, not as saved tensors:
+    those a backward frees, so a second forward's backward (two forwards, then two backward
+    passes) would find them gone, and activation checkpointing counts them, so a recomputed
+    forward that reads the cache would not match the first."""
 
-    __slots__ = ("slot", "ident")
+    @staticmethod
+    def forward(ctx: Any, map: Map, where: str, g: Tensor | None, v: Tensor) -> Tensor:
+        ctx.map, ctx.where, ctx.g, ctx.v = map, where, g, v
+        ctx.versions = (None if g is None else g._version, v._version)
+        return map.weight(g, v)
 
-    def __init__(self, slot: Slot, ident: int) -> None:
-        self.slot, self.ident = slot, ident
+    @staticmethod
+    def backward(ctx: Any, grad_w: Tensor) -> tuple[Any, ...]:
+        g, v = ctx.g, ctx.v
+        if ctx.versions != (None if g is None else g._version, v._version):
+            raise RuntimeError(  # what autograd says of a saved tensor changed in place
+                f"{ctx.where}: one of the variables needed for gradient computation has been "
+                "modified by an inplace operation: its g or v changed (an optimizer step?) "
+                "between the forward that read the cached weight and this backward")
+        create = torch.is_grad_enabled()  # double backward: keep the graph to g and v
+        with torch.enable_grad():
+            ins = [t if create else t.detach().requires_grad_(t.requires_grad)
+                   for t in ((v,) if g is None else (g, v))]
+            want = [t for t in ins if t.requires_grad]
+            grads = iter(torch.autograd.grad(ctx.map.weight(*(([None] if g is None else [])
+                                                                + ins)), want, grad_w,
+                                             create_graph=create) if want else ())
+        got = [next(grads) if t.requires_grad else None for t in ins]
+        return (None, None, *([None] if g is None else []), *got)
 
-    def __call__(self, grad: Tensor) -> None:
-        s = self.slot
-        if s.cached is not None and id(s.cached) == self.ident:
-            s.key = ()  # stale: recomputed (and replaced) at the next access
+
+def _cache_key(g: Tensor | None, v: Tensor) -> tuple[Any, ...]:
+    """What a cached weight is valid for: g and v, their versions and their storage (a
+    ``param.data = ...`` assignment, as ``vector_to_parameters`` makes, moves no version)."""
+    return _key(g, v) + (v.data_ptr(), None if g is None else g.data_ptr())
 
 
 #: id(v) -> (module, name) of every holder of v that holds a weight handed out: an access
@@ -310,21 +336,24 @@ def _property(pname: str) -> property:
         # dependent: a graph break, an error under fullgraph): each access is computed
         if CACHE.on and not _is_compiling():
             w = slot.cached
+            grad = torch.is_grad_enabled() and (
+                v.requires_grad or (g is not None and g.requires_grad))
             # a weight cached under no_grad has no graph: a forward recording one computes it
-            if w is not None and _same(slot.key, g, v) and (
-                    w.requires_grad or not torch.is_grad_enabled()
-                    or not (v.requires_grad or (g is not None and g.requires_grad))):
+            if w is not None and (w.requires_grad or not grad) and _same(slot.key, g, v) \
+                    and slot.key[4:] == (v.data_ptr(), None if g is None else g.data_ptr()):
                 return w
-            w = slot.map.weight(g, v)
-            if not (_is_compiling() or _is_tracing()):  # a host sync: no graph break for it
+            if _is_tracing() or torch._C._are_functorch_transforms_active():
+                # a traced graph records the weight itself; under torch.func (vmap over
+                # stacked models, grad) g and v are the transform's: nothing is cached
+                return slot.map.weight(g, v)
+            if grad:
+                w = _Cached.apply(slot.map, slot.where, g, v)
+            else:  # inference: refused once per block if not finite (a host sync, as reads
+                w = slot.map.weight(g, v)  # in a training step never are)
                 _check_finite(slot, w)
             if slot.cached is None:
                 CACHE.filled.append(slot)
-            slot.cached, slot.key = w, _key(g, v)
-            if w.requires_grad and not (_is_compiling() or _is_tracing()):
-                # a backward through w frees its graph: the next access computes it again
-                # (gradient accumulation in a block), while the forward keeps reusing it
-                w.register_hook(_Release(slot, id(w)))
+            slot.cached, slot.key = w, _cache_key(g, v)
             return w
         w = slot.map.weight(g, v)
         if not (_is_compiling() or _is_tracing()) and _DEPTH.n == 0:

@@ -16,13 +16,17 @@ def cached() -> Iterator[None]:
 
     Outside it, wnorm computes every weight from g and v at every access, so that edits of g
     and v by any means are seen. Inside, a weight is recomputed only when its g or v is
-    replaced or changed in place (their version counters move); an edit through ``.data``
-    inside the block is not seen. Use it for inference (a plain layer's cost per forward), or
-    to compute a weight once when a layer runs many times in one forward (an RNN cell over
-    time steps); with grad enabled, a backward through a cached weight makes the next access
-    compute it again, so several backward passes in one block (gradient accumulation) give the
-    gradients they give outside it, and a weight cached under ``no_grad`` is computed again for
-    a forward that records a graph. The cached weights are released when the block ends. Like
+    replaced, assigned through ``.data`` or changed in place (their version counters move); an
+    in-place edit through ``.data`` inside the block is not seen. Use it for inference (a
+    plain layer's cost per forward), or to compute a weight once when a layer runs many times
+    (an RNN cell over time steps, gradient accumulation). With grad enabled, every forward
+    reading a cached weight shares one autograd node whose backward recomputes the weight's
+    vector-Jacobian product from g and v, so backward passes in any order (two forwards, then
+    two backward passes), double backward and activation checkpointing give the gradients
+    they give outside the block, with no host sync; a weight cached under ``no_grad`` is
+    computed again for a forward that records a graph, and is checked for NaN and inf once (a
+    host sync per weight and block). Under ``torch.func`` transforms nothing is cached. The
+    cached weights are released when the block ends. Like
     PyTorch's ``torch.nn.utils.parametrize.cached``, it covers every model; blocks nest; unlike
     it, a block covers only the thread that opened it. A forward compiled by ``torch.compile``
     caches nothing in the block: its graph computes a weight at each access, as outside it
