@@ -419,6 +419,23 @@ def test_arpit_init_leaves_embeddings_as_they_are(table):
     assert torch.equal(net[0].weight, rows)
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("groups", [1, 2, 4])
+def test_arpit_init_energy_ratio_holds_for_grouped_and_strided_transposed_convs(groups, stride):
+    # as for convs above; a transposed conv's weight is (in, out/groups, *k), so its units are
+    # already one group's (dividing fan_out by groups again gave a ratio of 2 * groups).
+    # padding 0: every input entry reaches all of its outputs
+    torch.manual_seed(0)
+    layer = wnorm.apply(nn.Sequential(nn.ConvTranspose2d(16, 32, 4, stride=stride,
+                                                         groups=groups),
+                                      nn.Identity(), nn.Conv2d(32, 2, 1)))
+    wnorm.arpit_init(layer, linear=["2"])
+    x = torch.randn(64, 16, 16, 16)
+    with torch.no_grad():
+        y = layer[0](x)
+    assert abs(y.square().sum().item() / x.square().sum().item() - 2.0) < 0.1
+
+
 @pytest.mark.parametrize("method", [wnorm.centered_weight_norm, wnorm.balanced_weight_norm])
 def test_arpit_init_refuses_maps_its_gains_do_not_hold_for(method):
     net = wnorm.apply(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)), method=method)

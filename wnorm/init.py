@@ -58,11 +58,14 @@ def arpit_init(
     a fan_in-dimensional input of squared norm :math:`\lVert x\rVert^2` to an output of expected
     squared norm :math:`g^2\,\mathrm{fan_{out}}/\mathrm{fan_{in}}\,\lVert x\rVert^2`; the gains
     above keep activations' scale through ReLU (which halves it) and through N residual blocks
-    per stage. For convolutions, fan_in is ``in_channels/groups * kernel size`` (the slice of
-    ``v`` per output unit) and fan_out is ``out_channels * kernel size``, as in
-    ``torch.nn.init``: each input entry reaches kernel-size output positions, so a conv with
-    orthonormal rows scales the squared norm of the whole feature map by
-    :math:`g^2\,\mathrm{out}/\mathrm{in} = g^2\,\mathrm{fan_{out}}/\mathrm{fan_{in}}`.
+    per stage. For convolutions, fan_in is the length of ``v``'s slice per g, and fan_out the
+    number of outputs one input entry reaches: ``in_channels/groups * kernel size`` and
+    ``out_channels/groups * kernel size / stride`` for a conv; ``in_channels * kernel size``
+    and ``out_channels/groups * kernel size`` for a transposed conv, whose weight is stored
+    ``(in, out/groups, *kernel)`` (one g serves one output channel of each group) and whose
+    stride spaces its outputs without dropping any. A conv with orthonormal rows then scales
+    the expected squared norm of the whole feature map by
+    :math:`g^2\,\mathrm{fan_{out}}/\mathrm{fan_{in}}`.
     A weight-normalized layer it cannot set (no learned g: weight standardization, a forced
     weight norm with a fixed gain; or g not one per output unit: ``dim=None`` or another axis)
     is left as it is, with a warning naming it and why; so is an embedding (``nn.Embedding``,
@@ -140,13 +143,15 @@ def arpit_init(
             units = v.shape[spec.dim]
             flat = v.movedim(spec.dim, 0).reshape(units, -1)
             fan_in = flat.shape[1]
-            # a conv's output unit repeats over positions: each input entry reaches
-            # kernel-size outputs, so fan_out counts them (as torch.nn.init does)
+            # fan_out: the outputs one input entry reaches. A conv's output unit repeats over
+            # positions, so each input entry reaches kernel-size of them, in its group's units
+            # only, and a stride skips positions. A transposed conv's units (dim 1 of its
+            # (in, out/groups, *k) weight) are already one group's, and its stride skips none
             kernel = math.prod(m.kernel_size) if isinstance(m, nn.modules.conv._ConvNd) else 1
-            # a group's inputs reach its own units only, and a stride skips positions
-            strides = (math.prod(m.stride) if isinstance(m, nn.modules.conv._ConvNd)
-                       and not m.transposed else 1)
-            fan_out = units * kernel / (getattr(m, "groups", 1) * strides)
+            if isinstance(m, nn.modules.conv._ConvNd) and not m.transposed:
+                fan_out = units * kernel / (m.groups * math.prod(m.stride))
+            else:
+                fan_out = units * kernel
             q = torch.empty_like(flat, dtype=torch.float32)
             nn.init.orthogonal_(q)
             v.copy_(q.reshape(v.movedim(spec.dim, 0).shape).movedim(0, spec.dim))
