@@ -474,3 +474,16 @@ def test_a_recurrent_layer_with_pytorchs_weight_norm_on_one_weight_is_adopted(ma
     wnorm.apply(layer)
     assert torch.equal(first(layer(x)), ref)
     assert {name + "_g", name + "_v"} <= {n for n, _ in layer.named_parameters()}
+
+
+@pytest.mark.parametrize("cls", [nn.LSTMCell, nn.GRUCell, nn.RNNCell])
+def test_reset_parameters_of_a_normalized_rnn_cell_draws_a_plain_cells_weights(cls):
+    # its init draws weight_ih, weight_hh, bias_ih, bias_hh in that order; the normalized
+    # cell's parameters came biases first, so the same seed gave other weights
+    plain, cell = cls(3, 4), wnorm.apply(cls(3, 4))
+    torch.manual_seed(1)
+    plain.reset_parameters()
+    torch.manual_seed(1)
+    cell.reset_parameters()
+    for name, p in plain.named_parameters():
+        torch.testing.assert_close(getattr(cell, name), p, rtol=0, atol=1e-6)

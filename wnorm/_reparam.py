@@ -508,6 +508,8 @@ def _reset_parameters(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     layout.update((pname, params[s.vname]) for pname, s in specs.items())
     if isinstance(self, nn.RNNBase):
         layout = {n: layout[n] for n in [*self._flat_weights_names, *layout] if n in layout}
+    elif isinstance(self, nn.RNNCellBase):  # its init draws its four tensors in this order
+        layout = {n: layout[n] for n in ["weight_ih", "weight_hh", *layout] if n in layout}
     self.__dict__["_parameters"] = layout
     self.__class__ = cls._wn_base
     try:
