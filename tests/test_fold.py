@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -285,3 +286,30 @@ def test_a_bias_another_layer_shares_does_not_take_the_shift():
     wnorm.fold(net)
     torch.testing.assert_close(net["p"](x), before[0])
     torch.testing.assert_close(net["q"](x), before[1])
+
+
+def test_a_channel_shift_keeps_the_input_dtype_and_refuses_another_channel_count():
+    """Mean-only BN returns its input's dtype; the ChannelShift replacing it added a float32
+    shift, so the folded model returned float32 under bfloat16 autocast. And a 1-channel input
+    broadcast silently to every channel, where the batch norm raised."""
+    model = wnorm.apply(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), MeanOnlyBatchNorm2d(4)))
+    x = torch.randn(4, 3, 6, 6)
+    train_a_little(model, x)
+    model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        before = model(x)
+    folded = wnorm.fold(model)
+    assert isinstance(folded[2], ChannelShift)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        after = folded(x)
+    assert before.dtype == after.dtype == torch.bfloat16
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+    for bad in (torch.randn(2, 1, 6, 6), torch.randn(2, 5, 6), torch.randn(4)):
+        with pytest.raises(WnormError, match=re.escape(
+                "ChannelShift (folded from 2, MeanOnlyBatchNorm2d): expected 4 channels in "
+                f"dim 1; got shape {list(bad.shape)}")):
+            folded[2](bad)
+    bn = MeanOnlyBatchNorm1d(3).eval()
+    with pytest.raises(WnormError, match=re.escape("ChannelShift (folded from <model>, "
+                                                   "MeanOnlyBatchNorm1d): expected 3 channels")):
+        wnorm.fold(bn)(torch.randn(2, 1))

@@ -21,14 +21,35 @@ _BIAS_TYPES = (nn.Linear, nn.modules.conv._ConvNd)
 
 class ChannelShift(nn.Module):
     r"""Add a constant per channel, :math:`y = x + c` along dim 1: a folded mean-only batch norm
-    (:math:`c = b - \mu_{\text{running}}`) where no preceding layer could take it as a bias."""
+    (:math:`c = b - \mu_{\text{running}}`) where no preceding layer could take it as a bias.
 
-    def __init__(self, shift: Tensor) -> None:
+    As the batch norm did, it returns the input's dtype (a bfloat16 input under autocast stays
+    bfloat16; a half-precision sum is taken in float32 and rounded once) and refuses an input
+    whose dim 1 is not its channel count. ``origin`` names the batch norm in its errors.
+
+    Raises:
+        WnormError: an input with fewer than 2 dims, or not ``shift.numel()`` channels in dim 1.
+    """
+
+    def __init__(self, shift: Tensor, origin: str = "") -> None:
         super().__init__()
         self.register_buffer("shift", shift.detach().clone())
+        self.origin = origin
 
     def forward(self, x: Tensor) -> Tensor:
-        return x + self.shift.view((1, -1) + (1,) * (x.dim() - 2))
+        # shapes are known on the host (no sync); without the check a 1-channel input broadcast
+        # silently to every channel, where the batch norm replaced raised. A trace records no
+        # Python branch (and warns at each size compared), so it is skipped there
+        if not torch.jit.is_tracing() and (x.dim() < 2 or x.shape[1] != self.shift.numel()):
+            where = f" (folded from {self.origin})" if self.origin else ""
+            raise WnormError(f"ChannelShift{where}: expected {self.shift.numel()} channels in "
+                             f"dim 1; got shape {list(x.shape)}")
+        # in x's dtype, as mean_only_bn._shifted gives (the same sum, rounded once), written
+        # out here since TorchScript compiles no comparison with a module-level tuple of dtypes
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        if x.dtype == torch.float16 or x.dtype == torch.bfloat16:
+            return (x.float() + self.shift.float().view(shape)).to(x.dtype)
+        return x + self.shift.to(x.dtype).view(shape)
 
     def extra_repr(self) -> str:
         return f"{self.shift.numel()}"
@@ -66,10 +87,10 @@ def _hooked(module: nn.Module) -> bool:
                 or module._backward_pre_hooks or "forward" in module.__dict__)
 
 
-def _shift_module(bn: MeanOnlyBatchNormBase, shift: Tensor) -> ChannelShift:
-    """A :class:`ChannelShift` for ``bn`` that keeps its hooks: the hook dicts move over as they
-    are, so handles the user holds still remove them."""
-    out = ChannelShift(shift)
+def _shift_module(bn: MeanOnlyBatchNormBase, shift: Tensor, where: str) -> ChannelShift:
+    """A :class:`ChannelShift` for ``bn`` (at ``where``) that keeps its hooks: the hook dicts
+    move over as they are, so handles the user holds still remove them."""
+    out = ChannelShift(shift, f"{where}, {type(bn).__name__}")
     for attr in ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
                  "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
                  "_backward_pre_hooks"):
@@ -143,7 +164,7 @@ def fold(model: nn.Module) -> nn.Module:
     if isinstance(model, MeanOnlyBatchNormBase):
         if "forward" in model.__dict__:
             return model
-        return _shift_module(model, _shift_of(model, "<model>"))
+        return _shift_module(model, _shift_of(model, "<model>"), "<model>")
     uses: dict[int, int] = {}  # modules by id, and bias Parameters by id (a shared bias)
     for m in model.modules(remove_duplicate=False):
         uses[id(m)] = uses.get(id(m), 0) + 1
@@ -174,5 +195,5 @@ def fold(model: nn.Module) -> nn.Module:
                     and _absorb(prev, shift)):
                 parent._modules[cname] = nn.Identity()
             else:
-                parent._modules[cname] = _shift_module(child, shift)
+                parent._modules[cname] = _shift_module(child, shift, where)
     return model
