@@ -4,6 +4,8 @@ leaves the model as it was; a module that does not take what it is given is an e
 
 from __future__ import annotations
 
+import copy
+import io
 import itertools
 from collections.abc import Callable
 
@@ -817,3 +819,55 @@ def test_a_lazy_module_is_an_error_naming_the_key_before_anything_loads():
     sd = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)).state_dict()
     with pytest.raises(WnormError, match=r"'0.weight' of the model is not initialized yet"):
         load_state_dict(model, sd)
+
+
+def _mlp(method):
+    torch.manual_seed(1)
+    return wnorm.apply(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), method=method)
+
+
+@pytest.mark.filterwarnings("ignore:.*nothing puts it back on its sphere")
+@pytest.mark.parametrize("method", [wnorm.centered_weight_norm, wnorm.balanced_weight_norm])
+def test_a_checkpoint_of_another_map_is_refused_not_loaded_into_other_outputs(method):
+    # a weight norm's (g, v) have a centered model's shapes: they loaded without a word, and
+    # the outputs moved by up to 0.44
+    src, x = _mlp(wnorm.weight_norm), torch.randn(5, 4)
+    sd = src.state_dict()
+    buf = io.BytesIO()
+    torch.save(sd, buf)  # the map kind travels with the file
+    buf.seek(0)
+    for saved in (sd, torch.load(buf)):
+        dst = _mlp(method)
+        before = copy.deepcopy(dst.state_dict())
+        with pytest.raises(RuntimeError, match=r"0 \(Linear\): '0\.weight' was saved by "
+                           r"wnorm\.weight_norm, the model's is wnorm\." + method.__name__):
+            dst.load_state_dict(saved)
+        with pytest.raises(WnormError, match=r"'0\.weight' was saved by wnorm\.weight_norm.*"
+                                             r"\(the model is as it was\)"):
+            wnorm.load_state_dict(dst, saved)
+        assert all(torch.equal(v, dst.state_dict()[k]) for k, v in before.items())
+    # the other way round, into a plain model or through convert: read as a weight norm's
+    back = _mlp(method).state_dict()
+    with pytest.raises(WnormError, match=r"'0\.weight' was saved by wnorm\." + method.__name__
+                       + r", the model's is plain or PyTorch's weight norm"):
+        wnorm.load_state_dict(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), back)
+    with pytest.raises(WnormError, match=r"convert_state_dict: '0\.weight' was saved by wnorm\."
+                       + method.__name__):
+        wnorm.convert_state_dict(back, "plain")
+
+
+@pytest.mark.filterwarnings("ignore:.*nothing puts it back on its sphere")
+def test_a_checkpoint_of_a_map_with_the_same_weight_loads_to_identical_outputs():
+    # a forced weight norm computes w = g v/||v|| as weight norm does; a checkpoint without
+    # wnorm's metadata (PyTorch's, a plain dict) is read as before
+    src, x = _mlp(wnorm.weight_norm), torch.randn(5, 4)
+    for sd in (src.state_dict(), dict(src.state_dict())):
+        for dst in (_mlp(wnorm.forced_weight_norm), _mlp(wnorm.weight_norm)):
+            dst.load_state_dict(sd)
+            torch.testing.assert_close(dst(x), src(x), rtol=0, atol=1e-6)
+    dst = _mlp(wnorm.centered_weight_norm)
+    dst.load_state_dict(dict(src.state_dict()))  # no metadata: nothing to tell it by
+    ddp_like = nn.Sequential()
+    ddp_like.module = _mlp(wnorm.centered_weight_norm)  # keys with a wrapper prefix
+    with pytest.raises(WnormError, match=r"'module\.0\.weight' was saved by wnorm\.centered"):
+        wnorm.load_state_dict(src, ddp_like.state_dict())

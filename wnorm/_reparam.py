@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import WnormError
-from .maps import Map, norm
+from .maps import METHODS, Map, norm, same_weight
 
 __all__ = ["Slot", "CACHE", "attach", "detach", "plain_weight", "slots", "slot", "slots_of",
            "pair", "flush", "flush_all", "refresh_flat_weights", "base_class"]
@@ -472,6 +472,11 @@ def _save_to_state_dict(self: nn.Module, destination: dict[str, Any], prefix: st
                         keep_vars: bool) -> None:
     flush_all(self)
     type(self)._wn_base._save_to_state_dict(self, destination, prefix, keep_vars)
+    meta = getattr(destination, "_metadata", None)
+    if meta is not None:  # what g and v mean: a centered (g, v) loaded into a weight norm of
+        # the same shapes would load without a word and give other outputs
+        meta.setdefault(prefix[:-1], {})["wnorm"] = {p: s.kind for p, s in
+                                                     self.__dict__["_wn"].items()}
     # a class with its own _save_to_state_dict (torch_geometric's Linear) may have written the
     # computed weight and not g and v: save the parameters instead
     for pname, s in self.__dict__["_wn"].items():
@@ -482,8 +487,40 @@ def _save_to_state_dict(self: nn.Module, destination: dict[str, Any], prefix: st
                 destination[prefix + n] = p if keep_vars else p.detach()
 
 
+def kind_mismatch(saved: Any, slots: Mapping[str, Any] | None, state_dict: Mapping[str, Any],
+                  prefix: str) -> str:
+    """What is wrong with loading the (g, v) that a state dict's metadata says the maps
+    ``saved`` (``{name: kind}``) saved into ``slots`` (``{name: kind}``; a name not in it is a
+    plain or PyTorch-normalized weight, which reads (g, v) as a weight norm's; None: no model,
+    read as weight norm's): "" when nothing is. wnorm's layers write that metadata in
+    ``state_dict``."""
+    if not isinstance(saved, Mapping):
+        return ""
+    bad = [f"'{prefix}{p}' was saved by wnorm.{METHODS.get(k, k)}" + (
+           "" if slots is None else ", the model's is " + (
+               f"wnorm.{METHODS.get(slots[p], slots[p])}" if p in slots else
+               "plain or PyTorch's weight norm"))
+           for p, k in saved.items() if prefix + p + "_v" in state_dict
+           and not same_weight(str(k), (slots or {}).get(p, "wn"))]
+    return "; ".join(bad)
+
+
+#: what to do about a kind_mismatch
+OTHER_MAP = ("the same g and v give another weight under another map; load it into a model built "
+             "with the same method (wnorm.apply(model, method=...)), or save wnorm.fold of the "
+             "model and load that into a plain one")
+
+
 def _load_from_state_dict(self: nn.Module, state_dict: Mapping[str, Any], prefix: str,
-                          *args: Any, **kwargs: Any) -> None:
+                          local_metadata: Mapping[str, Any], strict: bool, missing: list[str],
+                          unexpected: list[str], error_msgs: list[str]) -> None:
+    specs = self.__dict__["_wn"]
+    why = kind_mismatch(local_metadata.get("wnorm"), {p: s.kind for p, s in specs.items()},
+                        state_dict, prefix)
+    if why:  # as PyTorch does for a shape that differs: named, and raised after the load
+        error_msgs.append(f"{next(iter(specs.values())).where}: {why}: {OTHER_MAP} (nothing "
+                          "of this layer was loaded)")
+        return
     for s in self.__dict__["_wn"].values():
         if s.held is None:
             continue
@@ -493,7 +530,8 @@ def _load_from_state_dict(self: nn.Module, state_dict: Mapping[str, Any], prefix
             # not loaded here (strict=False, a state dict of other layers): the write lands,
             # and a key given for g or v alone then replaces its part
             flush(self, s)
-    type(self)._wn_base._load_from_state_dict(self, state_dict, prefix, *args, **kwargs)
+    type(self)._wn_base._load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
+                                              missing, unexpected, error_msgs)
 
 
 def _reset_parameters(self: nn.Module, *args: Any, **kwargs: Any) -> Any:

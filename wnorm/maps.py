@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["Map", "WeightNorm", "CenteredWeightNorm", "WeightStandardization", "ForcedWeightNorm",
-           "BalancedWeightNorm", "norm", "l1_norm"]
+           "BalancedWeightNorm", "norm", "l1_norm", "METHODS", "same_weight"]
 
 _LOW = (torch.float16, torch.bfloat16)
 
@@ -39,6 +39,18 @@ def _fusable(v: Tensor, dim: int | None) -> bool:
     # torch._weight_norm runs one fused kernel forward and one backward in these cases
     return (dim is not None and (dim == 0 or dim == v.dim() - 1) and v.dtype not in _LOW
             and v.device.type in ("cpu", "cuda"))
+
+
+#: the public function behind each map kind (for messages)
+METHODS = {"wn": "weight_norm", "centered": "centered_weight_norm",
+           "standardized": "weight_standardization", "forced": "forced_weight_norm",
+           "balanced": "balanced_weight_norm"}
+
+
+def same_weight(a: str, b: str) -> bool:
+    """Whether (g, v) saved under map kind ``a`` give the same weight under kind ``b``: a forced
+    weight norm computes w = g v/||v|| as weight norm does (its v is only held on a sphere)."""
+    return a == b or {a, b} <= {"wn", "forced"}
 
 
 class Map:

@@ -165,6 +165,29 @@ def _align_prefix(
 
 
 # --------------------------------------------------------------------------- planning
+def _check_kinds(model: nn.Module, state_dict: Mapping[str, Any], keys: Iterable[str]) -> None:
+    """Refuse (g, v) that the state dict's metadata says another map saved (a centered weight
+    norm's, into a weight norm): the same shapes, another weight."""
+    meta = getattr(state_dict, "_metadata", None)
+    if not isinstance(meta, Mapping):
+        return  # saved by PyTorch, an older wnorm, or rebuilt as a plain dict: nothing to read
+    have, want = _wrapper_prefix(state_dict), _wrapper_prefix(keys)
+    modules = dict(model.named_modules(remove_duplicate=False))
+    for path, entry in meta.items():
+        full = f"{path}." if path else ""
+        if not (isinstance(entry, Mapping) and "wnorm" in entry and full.startswith(have)):
+            continue
+        module = modules.get((want + full[len(have):])[:-1])
+        if module is None:
+            continue  # a key the model lacks: named with the others
+        why = _reparam.kind_mismatch(entry["wnorm"], {p: s.kind for p, s in
+                                                      _reparam.slots_of(module).items()},
+                                     state_dict, full)
+        if why:
+            raise WnormError(f"load_state_dict into {type(model).__name__}: {why}: "
+                             f"{_reparam.OTHER_MAP} (the model is as it was)")
+
+
 def _plan(
     model: nn.Module, state_dict: Mapping[str, Any]
 ) -> tuple[dict[str, Any], _Incompatible, str]:
@@ -175,7 +198,9 @@ def _plan(
     Returns ``(values, incompatible, note)``, the note saying how the keys were read (""
     when as they are); touches nothing on the model.
     """
-    state_dict, note = _align_prefix(state_dict, model.state_dict().keys())
+    keys = model.state_dict().keys()
+    _check_kinds(model, state_dict, keys)
+    state_dict, note = _align_prefix(state_dict, keys)
     try:
         values, bad = _plan_aligned(model, state_dict)
     except WnormError as e:
@@ -481,4 +506,12 @@ def convert_state_dict(
         >>> tuple(convert_state_dict(conv.state_dict(), "torch-old", dim=0)["weight_g"].shape)
         (4, 1, 1)
     """
+    meta = getattr(state_dict, "_metadata", None)
+    for path, entry in (meta.items() if isinstance(meta, Mapping) else ()):
+        why = _reparam.kind_mismatch(entry.get("wnorm") if isinstance(entry, Mapping) else None,
+                                     None, state_dict, f"{path}." if path else "")
+        if why:  # every pair is read as a weight norm's
+            raise WnormError(f"convert_state_dict: {why}: convert reads every (g, v) as a "
+                             "weight norm's, which gives another weight under another map; save "
+                             "wnorm.fold of the model instead")
     return lay.convert(state_dict, to, dim)[0]
