@@ -167,11 +167,20 @@ def test_wrong_rank(cls, shape):
         cls(3)(torch.randn(shape))
 
 
-def test_empty_batch():
-    bn = MeanOnlyBatchNorm1d(3)
-    with pytest.raises(WnormError, match=r"MeanOnlyBatchNorm1d: got an empty batch \(0, 3\)"):
-        bn(torch.randn(0, 3))
-    assert int(bn.num_batches_tracked) == 0 and torch.equal(bn.running_mean, torch.zeros(3))
+@pytest.mark.parametrize("track", [True, False])
+@pytest.mark.parametrize("shape", [(0, 3), (0, 3, 5), (2, 3, 0)])
+def test_an_empty_batch_gives_an_empty_output_as_batch_norm_does(shape, track):
+    # a detection head with no region: nn.BatchNorm returns an empty output, this raised
+    bn = MeanOnlyBatchNorm1d(3, track_running_stats=track).train()
+    ref = nn.BatchNorm1d(3, track_running_stats=track).train()
+    x = torch.randn(shape, requires_grad=True)
+    y = bn(x)
+    assert y.shape == ref(x).shape == x.shape and y.dtype == x.dtype
+    y.sum().backward()
+    assert x.grad.shape == x.shape and torch.equal(bn.bias.grad, torch.zeros(3))
+    if track:  # nothing to average: the running mean stays as it was, not NaN
+        assert int(bn.num_batches_tracked) == 0 and torch.equal(bn.running_mean, torch.zeros(3))
+    assert bn.eval()(torch.randn(shape)).shape == x.shape
 
 
 @pytest.mark.parametrize("kwargs, msg", [({"num_features": 0}, "num_features must be a positive"),

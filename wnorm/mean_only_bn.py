@@ -178,14 +178,13 @@ class MeanOnlyBatchNormBase(nn.Module):
         mean = mean.detach()
         rm.lerp_(mean if mean.dtype == rm.dtype else mean.to(rm.dtype), m)
 
-    def _check_batch(self, x: Tensor) -> None:
-        """A batch mean needs a batch (training, or eval without running stats)."""
-        if (self.training or not self.track_running_stats) and (x.numel() == 0 or x.shape[0] == 0):
-            raise WnormError(f"{type(self).__name__}: got an empty batch {tuple(x.shape)}")
-
     def forward(self, x: Tensor) -> Tensor:
         self._check(x)
-        self._check_batch(x)
+        if x.numel() == 0:
+            # an empty batch (a detection head with no region) has no mean: an empty output,
+            # as nn.BatchNorm gives, and the running mean left as it is, not made NaN
+            return _shifted(x, self.bias - self.running_mean
+                            if self.running_mean is not None else self.bias)
         if self.training or not self.track_running_stats:
             dims = [0] + list(range(2, x.dim()))
             # no graph (_SubtractMean's backward accounts for the mean), but not detached:
@@ -223,7 +222,7 @@ class MeanOnlyBatchNorm1d(MeanOnlyBatchNormBase):
             batch means too.
 
     Raises:
-        WnormError: wrong input rank or channel count, or an empty training batch.
+        WnormError: wrong input rank or channel count.
 
     Example:
         >>> import torch, wnorm
