@@ -317,3 +317,29 @@ def test_cuda_graph_capture_of_a_training_step(variant):
     torch.cuda.synchronize()
     for (name, a), b in zip(twin.state_dict().items(), net.state_dict().values()):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("in_block", [True, False])
+def test_a_weight_read_every_step_in_a_cached_block_keeps_a_compiled_forward_whole(in_block):
+    # a weight read outside the forward is held until the next access, and the compiled
+    # forward splits it back behind a graph break (in_block=False: the documented cost);
+    # read inside cached(), it is never held
+    import contextlib
+
+    from torch._dynamo.utils import counters
+
+    net = mlp("wn")
+    compiled, x = torch.compile(net), batch("mlp")[0]
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    lins = [m for m in net if isinstance(m, nn.Linear)]
+    torch._dynamo.reset()
+    counters.clear()
+    for _ in range(3):
+        loss = compiled(x).square().mean()
+        with wnorm.cached() if in_block else contextlib.nullcontext():
+            loss = loss + 1e-4 * sum(m.weight.square().sum() for m in lins)  # an L2 penalty
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    breaks = sum(counters["graph_break"].values())
+    assert (breaks == 0 and counters["stats"]["unique_graphs"] == 1) if in_block else breaks > 0
