@@ -214,7 +214,8 @@ def test_failed_write_keeps_the_previous_out_and_leaves_no_temporary_file(
         monkeypatch.setattr(torch, "save", half_written())
     else:
         monkeypatch.setattr(st, "save_file", half_written())
-    assert main(["convert", str(tmp_path / "net.pt"), str(out), "--to", "torch-new"]) == 2
+    assert main(["convert", str(tmp_path / "net.pt"), str(out), "--to", "torch-new",
+                 "--force"]) == 2
     err = capsys.readouterr().err
     assert f"{out}: writing failed (the file there before is kept)" in err
     assert "No space left on device" in err and "Traceback" not in err
@@ -304,3 +305,28 @@ def test_safetensors_metadata_is_kept_or_its_loss_is_said(tmp_path: Path, capsys
                  "--to", "torch-old"]) == 0
     assert "safetensors metadata (keys ['format', 'step']) is not written" in (
         capsys.readouterr().out)
+
+
+def test_an_existing_out_file_is_replaced_only_with_force(tmp_path: Path, capsys) -> None:
+    # OUT may be another checkpoint, perhaps its only copy: it was replaced without a word
+    small_checkpoint(tmp_path / "net.pt")
+    other = tmp_path / "other.pt"
+    torch.save({"precious": torch.ones(3)}, other)
+    before = other.read_bytes()
+    assert main(["convert", str(tmp_path / "net.pt"), str(other), "--to", "plain"]) == 2
+    assert capsys.readouterr().err == f"wnorm: error: {other}: exists; pass --force to replace it\n"
+    assert other.read_bytes() == before
+    assert main(["convert", str(tmp_path / "net.pt"), str(other), "--to", "plain",
+                 "--force"]) == 0
+    assert "precious" not in torch.load(other)
+
+
+def test_an_out_ending_in_a_slash_for_a_file_in_is_refused_not_made_a_file(
+        tmp_path: Path, capsys) -> None:
+    small_checkpoint(tmp_path / "net.pt")
+    out = str(tmp_path / "newdir") + "/"
+    assert main(["convert", str(tmp_path / "net.pt"), out, "--to", "plain"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"wnorm: error: {out}: ") and "expected a file name for OUT" in err
+    assert f"(e.g. {tmp_path / 'newdir' / 'net.pt'})" in err
+    assert not (tmp_path / "newdir").exists()

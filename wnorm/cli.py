@@ -53,8 +53,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     conv.add_argument("input", metavar="IN", help="checkpoint file or folder to read")
     conv.add_argument("output", metavar="OUT",
-                      help="file to write (.pt, .pth or .safetensors), or a new folder for a "
-                      "folder IN")
+                      help="file to write (.pt, .pth or .safetensors; an existing file only "
+                      "with --force), or a new folder for a folder IN")
+    conv.add_argument("--force", action="store_true",
+                      help="replace an existing OUT file (never IN itself)")
     conv.add_argument("--to", required=True, choices=FORMATS)
     conv.add_argument(
         "--dim", type=_dim, default=KEEP, metavar="AXIS",
@@ -130,8 +132,13 @@ def _convert(args: argparse.Namespace) -> int:
     src, dst = Path(args.input), Path(args.output)
     if src.is_dir():
         return _convert_folder(args, src, dst)
+    if args.output.endswith(("/", os.sep)):  # Path() drops the slash: it would become a file
+        raise WnormError(f"{args.output}: {src} is a file, converted into a file; expected a "
+                         f"file name for OUT, got a folder (e.g. {dst / src.name})")
     _refuse_same_file(src, dst)
     check_output(dst)  # before reading a large input: fail fast
+    if dst.exists() and not args.force:  # another checkpoint, perhaps the only copy
+        raise WnormError(f"{dst}: exists; pass --force to replace it")
     to_st = dst.suffix == ".safetensors"
     ckpt = load_checkpoint(src)
     try:
