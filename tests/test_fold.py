@@ -8,6 +8,7 @@ import re
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import parametrize, prune
 
 import wnorm
 from wnorm import ChannelShift, MeanOnlyBatchNorm1d, MeanOnlyBatchNorm2d, WnormError
@@ -313,3 +314,90 @@ def test_a_channel_shift_keeps_the_input_dtype_and_refuses_another_channel_count
     with pytest.raises(WnormError, match=re.escape("ChannelShift (folded from <model>, "
                                                    "MeanOnlyBatchNorm1d): expected 3 channels")):
         wnorm.fold(bn)(torch.randn(2, 1))
+
+
+class _Abs(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.abs()
+
+
+def _untracked_bn(net: nn.Sequential) -> nn.Sequential:
+    return net.append(MeanOnlyBatchNorm1d(4, track_running_stats=False))
+
+
+def _parametrized_bias(net: nn.Sequential) -> nn.Sequential:
+    parametrize.register_parametrization(net[2], "bias", _Abs())
+    return net
+
+
+def _pruned_v(net: nn.Sequential) -> nn.Sequential:
+    prune.l1_unstructured(net[2], "weight_v", 0.5)
+    return net
+
+
+def _weight_swapped_through_data(net: nn.Sequential) -> nn.Sequential:
+    net[2].weight.data = torch.zeros(5, 5)  # held: refused when split back into g and v
+    return net
+
+
+_UNTRACKED = r"3 \(MeanOnlyBatchNorm1d\): cannot fold: track_running_stats=False"
+_PRUNED = r"2 \(Linear\): .*'weight_v'.* no longer"
+
+
+# runs: whether the spoiled model still gives outputs (wnorm refuses a pruned v, and a weight
+# of another shape, in the forward too)
+@pytest.mark.parametrize("normalize, spoil, runs, message", [
+    ("wnorm", _untracked_bn, True, _UNTRACKED),
+    ("pytorch", _untracked_bn, True, _UNTRACKED),
+    ("wnorm", _parametrized_bias, True,
+     r"2 \(Linear\): PyTorch parametrizations \(\['bias'\]\) were registered on top of wnorm's"),
+    ("wnorm", _pruned_v, False, _PRUNED),
+    ("pytorch", _pruned_v, True, _PRUNED),
+    ("wnorm", _weight_swapped_through_data, False, r"2 \(Linear\): 'weight' was replaced through"),
+], ids=["untracked mean-only BN", "untracked mean-only BN, PyTorch's weight norms",
+        "parametrized bias", "pruned v", "pruned v, PyTorch's weight norms", "weight swapped"])
+def test_a_refused_fold_leaves_the_model_as_it_was(normalize, spoil, runs, message):
+    """fold raised only after the layers before the bad one were folded: their g and v, which
+    an optimizer holds, were gone, and a parametrized layer's error named its class only."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 4))
+    if normalize == "wnorm":
+        wnorm.apply(net)
+    else:
+        net[0] = torch.nn.utils.parametrizations.weight_norm(net[0])
+        with pytest.warns(FutureWarning):
+            net[2] = torch.nn.utils.weight_norm(net[2])
+    net = spoil(net).eval()
+    x = torch.randn(5, 3)
+    params = dict(net.named_parameters())
+    values = {n: p.detach().clone() for n, p in params.items()}
+    normalized = [wnorm.is_weight_normalized(m) for m in net.modules()]
+    classes = [type(m) for m in net.modules()]
+    with torch.no_grad():
+        before = net(x) if runs else None
+    with pytest.raises(WnormError, match=message):
+        wnorm.fold(net)
+    assert dict(net.named_parameters()).keys() == params.keys()
+    for n, p in net.named_parameters():
+        assert p is params[n]
+        torch.testing.assert_close(p.detach(), values[n], rtol=0, atol=0)
+    assert [wnorm.is_weight_normalized(m) for m in net.modules()] == normalized
+    assert [type(m) for m in net.modules()] == classes
+    if before is not None:
+        with torch.no_grad():
+            torch.testing.assert_close(net(x), before, rtol=0, atol=0)
+
+
+def test_a_parametrized_bias_before_the_batch_norm_does_not_lose_the_shift():
+    """The bias is computed on each access: the shift added into it was thrown away, silently
+    changing the outputs. It becomes a ChannelShift instead."""
+    net = nn.Sequential(nn.Linear(3, 4), MeanOnlyBatchNorm1d(4))
+    parametrize.register_parametrization(net[0], "bias", _Abs())
+    with torch.no_grad():
+        net[1].running_mean.fill_(0.7)
+    net.eval()
+    x = torch.randn(5, 3)
+    before = net(x)
+    wnorm.fold(net)
+    assert isinstance(net[1], ChannelShift)
+    torch.testing.assert_close(net(x), before)

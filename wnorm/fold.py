@@ -8,6 +8,7 @@ import warnings
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from . import _pytorch_wn, _reparam
 from .errors import WnormError, expect_module, refuse_sharded
@@ -66,7 +67,9 @@ def _shift_of(bn: MeanOnlyBatchNormBase, where: str) -> Tensor:
 
 def _absorb(layer: nn.Module, shift: Tensor) -> bool:
     """Add ``shift`` to ``layer``'s bias (creating one if needed); False if it cannot."""
-    if not isinstance(layer, _BIAS_TYPES) or _reparam.slots_of(layer):
+    # a parametrized bias is computed on each access: an add into it would be lost
+    if (not isinstance(layer, _BIAS_TYPES) or _reparam.slots_of(layer)
+            or parametrize.is_parametrized(layer, "bias")):
         return False
     out = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
     if out != shift.numel():
@@ -97,6 +100,46 @@ def _shift_module(bn: MeanOnlyBatchNormBase, shift: Tensor, where: str) -> Chann
         if hasattr(bn, attr):
             setattr(out, attr, getattr(bn, attr))
     return out
+
+
+def _check(model: nn.Module) -> None:
+    """Raise, naming the layer, whatever fold would otherwise raise part-way through, when
+    some layers were already folded (an optimizer holding their g and v cut off): nothing of
+    ``model`` has changed when this raises. Writes into a held weight land in g and v here, as
+    ``state_dict()`` lands them, so that none is refused in the middle of the fold."""
+    from torch.nn.utils.weight_norm import WeightNorm as TorchWeightNorm
+
+    for mname, module in model.named_modules():
+        where = mname or "<model>"
+        label = f"{where} ({parametrize.type_before_parametrizations(module).__name__})"
+        for hook in module._forward_pre_hooks.values():
+            if not isinstance(hook, TorchWeightNorm):
+                continue
+            gone = [n for n in (hook.name + "_g", hook.name + "_v") if n not in module._parameters]
+            if gone:  # _pytorch_wn.find would fail with a bare KeyError
+                raise WnormError(
+                    f"{label}: {gone} of torch.nn.utils.weight_norm are no longer parameters of "
+                    "this layer (torch.nn.utils.prune moves them away); remove that first "
+                    "(prune.remove)")
+        slots = _reparam.slots_of(module)
+        for s in slots.values():
+            _reparam.pair(module, s)  # raises, naming what took g or v away
+        if slots:
+            # _reparam.detach refuses a class parametrize subclassed on top of wnorm's; the
+            # class it sees is this one after PyTorch's weight norms are stripped off
+            new = {f.name for f in _pytorch_wn.find(module) if f.api == "new"}
+            others = [n for n in module._modules.get("parametrizations") or {} if n not in new]
+            after = type(module).__bases__[0] if new and not others else type(module)
+            if "_wn_base" not in after.__dict__:
+                raise WnormError(
+                    f"{label}: PyTorch parametrizations ({others}) were registered on top of "
+                    "wnorm's weight norm, and fold gives the layer its own class back, which "
+                    "would drop theirs; remove them first (torch.nn.utils.parametrize."
+                    "remove_parametrizations)")
+        if isinstance(module, MeanOnlyBatchNormBase) and "forward" not in module.__dict__:
+            _shift_of(module, where)  # raises for track_running_stats=False
+    for module in model.modules():
+        _reparam.flush_all(module)
 
 
 def _plain_weights(model: nn.Module) -> None:
@@ -139,7 +182,9 @@ def fold(model: nn.Module) -> nn.Module:
         :class:`ChannelShift`).
 
     Raises:
-        WnormError: a mean-only batch norm has ``track_running_stats=False``.
+        WnormError: a mean-only batch norm has ``track_running_stats=False``; a parametrization
+            or pruning stacked on a weight norm; sharded parameters. Raised before anything
+            changes: the model is left as it was.
 
     Example:
         >>> import torch, wnorm
@@ -160,6 +205,7 @@ def fold(model: nn.Module) -> nn.Module:
     refuse_sharded("fold", model, "fold an unsharded copy of the model, loaded from a full "
                    "state dict (torch.distributed.checkpoint.state_dict.get_model_state_dict "
                    "with full_state_dict=True)")
+    _check(model)
     _plain_weights(model)
     if isinstance(model, MeanOnlyBatchNormBase):
         if "forward" in model.__dict__:
