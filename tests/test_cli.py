@@ -330,3 +330,15 @@ def test_an_out_ending_in_a_slash_for_a_file_in_is_refused_not_made_a_file(
     assert err.startswith(f"wnorm: error: {out}: ") and "expected a file name for OUT" in err
     assert f"(e.g. {tmp_path / 'newdir' / 'net.pt'})" in err
     assert not (tmp_path / "newdir").exists()
+
+
+def test_a_checkpoint_of_another_map_is_refused_not_converted_as_a_weight_norms(
+        tmp_path: Path, capsys) -> None:
+    # the command line converted a centered model's (g, v) as a weight norm's, exit status 0
+    model = wnorm.apply(torch.nn.Sequential(torch.nn.Linear(4, 8)),
+                        method=wnorm.centered_weight_norm)
+    torch.save({"model": model.state_dict(), "step": 3}, tmp_path / "c.pt")
+    assert main(["convert", str(tmp_path / "c.pt"), str(tmp_path / "p.pt"), "--to", "plain"]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint['model']: '0.weight' was saved by wnorm.centered_weight_norm" in err
+    assert not (tmp_path / "p.pt").exists()

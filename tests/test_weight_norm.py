@@ -417,6 +417,24 @@ class TestCached:
         with wnorm.cached():
             torch.testing.assert_close(run(), expected, rtol=0, atol=0)
 
+    def test_forward_ad_in_a_block_equals_it_outside(self):
+        # the cached weight's node has no jvp: under a dual level nothing is cached
+        import torch.autograd.forward_ad as fwAD
+        from torch.func import functional_call
+
+        m, x = wnorm.centered_weight_norm(nn.Linear(4, 3)).to(D), torch.randn(5, 4, dtype=D)
+        params = dict(m.named_parameters())
+        tangents = {k: torch.randn_like(p) for k, p in params.items()}
+
+        def run() -> torch.Tensor:
+            with fwAD.dual_level():
+                duals = {k: fwAD.make_dual(p, tangents[k]) for k, p in params.items()}
+                return fwAD.unpack_dual(functional_call(m, duals, (x,))).tangent
+
+        expected = run()
+        with wnorm.cached():
+            torch.testing.assert_close(run(), expected, rtol=0, atol=0)
+
     def test_parameters_assigned_through_data_in_a_block_are_seen(self):
         # vector_to_parameters assigns param.data = ..., which moves no version
         m, x = self._layer()

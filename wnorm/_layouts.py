@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from .errors import WnormError
-from .maps import WeightNorm
+from .maps import WeightNorm, kind_mismatch
 
 __all__ = ["FORMATS", "KEEP", "Src", "read", "source_dim", "norm", "wide", "weight", "gain",
            "cast", "check_finite", "base_and_role", "has_pair", "convert"]
@@ -344,6 +344,14 @@ def convert(state_dict: Mapping[str, Any], to: str, dim: Any = KEEP,
     weights were rewritten (renamed, reshaped or recomputed). Plain weights are normalized when
     ``normalize_plain`` (default: when the state dict holds no pair)."""
     _check_options(to, dim)
+    meta = getattr(state_dict, "_metadata", None)  # which map saved each pair (wnorm's)
+    for path, entry in (meta.items() if isinstance(meta, Mapping) else ()):
+        why = kind_mismatch(entry.get("wnorm") if isinstance(entry, Mapping) else None, None,
+                            state_dict, f"{path}." if path else "")
+        if why:
+            raise WnormError(f"{why}: converting reads every (g, v) as a weight norm's, which "
+                             "gives another weight under another map; save wnorm.fold of the "
+                             "model instead")
     sources = read(state_dict)
     for src in sources.values():
         for key, t in zip(src.keys, (src.g, src.v) if src.pair else (src.w,)):

@@ -27,9 +27,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.autograd import forward_ad as _forward_ad
 
 from .errors import WnormError
-from .maps import METHODS, Map, norm, same_weight
+from .maps import OTHER_MAP, Map, kind_mismatch, norm
 
 __all__ = ["Slot", "CACHE", "attach", "detach", "plain_weight", "slots", "slot", "slots_of",
            "pair", "flush", "flush_all", "refresh_flat_weights", "base_class"]
@@ -301,9 +302,10 @@ class _Cached(torch.autograd.Function):
 
 
 def _cache_key(g: Tensor | None, v: Tensor) -> tuple[Any, ...]:
-    """What a cached weight is valid for: g and v, their versions and their storage (a
-    ``param.data = ...`` assignment, as ``vector_to_parameters`` makes, moves no version)."""
-    return _key(g, v) + (v.data_ptr(), None if g is None else g.data_ptr())
+    """What a cached weight is valid for: g and v, their versions and v's storage (a
+    ``param.data = ...`` assignment, as ``vector_to_parameters`` and ``.to()`` make to every
+    parameter, moves no version)."""
+    return _key(g, v) + (v.data_ptr(),)
 
 
 #: id(v) -> (module, name) of every holder of v that holds a weight handed out: an access
@@ -335,17 +337,20 @@ def _property(pname: str) -> property:
         # compiled, the graph is the cache (and a version counter read in it is data-
         # dependent: a graph break, an error under fullgraph): each access is computed
         if CACHE.on and not _is_compiling():
-            w = slot.cached
+            w, key = slot.cached, slot.key
+            # a weight cached under no_grad has no graph: a forward recording one computes it
+            if w is not None and _same(key, g, v) and key[4] == v.data_ptr() and (
+                    w.requires_grad or not torch.is_grad_enabled()
+                    or not (v.requires_grad or (g is not None and g.requires_grad))):
+                return w
+            if _is_tracing() or torch._C._are_functorch_transforms_active() \
+                    or _forward_ad._current_level >= 0:
+                # a traced graph records the weight itself; under torch.func (vmap over
+                # stacked models, grad) g and v are the transform's, and forward AD needs the
+                # weight's tangent: nothing is cached
+                return slot.map.weight(g, v)
             grad = torch.is_grad_enabled() and (
                 v.requires_grad or (g is not None and g.requires_grad))
-            # a weight cached under no_grad has no graph: a forward recording one computes it
-            if w is not None and (w.requires_grad or not grad) and _same(slot.key, g, v) \
-                    and slot.key[4:] == (v.data_ptr(), None if g is None else g.data_ptr()):
-                return w
-            if _is_tracing() or torch._C._are_functorch_transforms_active():
-                # a traced graph records the weight itself; under torch.func (vmap over
-                # stacked models, grad) g and v are the transform's: nothing is cached
-                return slot.map.weight(g, v)
             if grad:
                 w = _Cached.apply(slot.map, slot.where, g, v)
             else:  # inference: refused once per block if not finite (a host sync, as reads
@@ -487,33 +492,11 @@ def _save_to_state_dict(self: nn.Module, destination: dict[str, Any], prefix: st
                 destination[prefix + n] = p if keep_vars else p.detach()
 
 
-def kind_mismatch(saved: Any, slots: Mapping[str, Any] | None, state_dict: Mapping[str, Any],
-                  prefix: str) -> str:
-    """What is wrong with loading the (g, v) that a state dict's metadata says the maps
-    ``saved`` (``{name: kind}``) saved into ``slots`` (``{name: kind}``; a name not in it is a
-    plain or PyTorch-normalized weight, which reads (g, v) as a weight norm's; None: no model,
-    read as weight norm's): "" when nothing is. wnorm's layers write that metadata in
-    ``state_dict``."""
-    if not isinstance(saved, Mapping):
-        return ""
-    bad = [f"'{prefix}{p}' was saved by wnorm.{METHODS.get(k, k)}" + (
-           "" if slots is None else ", the model's is " + (
-               f"wnorm.{METHODS.get(slots[p], slots[p])}" if p in slots else
-               "plain or PyTorch's weight norm"))
-           for p, k in saved.items() if prefix + p + "_v" in state_dict
-           and not same_weight(str(k), (slots or {}).get(p, "wn"))]
-    return "; ".join(bad)
-
-
-#: what to do about a kind_mismatch
-OTHER_MAP = ("the same g and v give another weight under another map; load it into a model built "
-             "with the same method (wnorm.apply(model, method=...)), or save wnorm.fold of the "
-             "model and load that into a plain one")
-
-
 def _load_from_state_dict(self: nn.Module, state_dict: Mapping[str, Any], prefix: str,
-                          local_metadata: Mapping[str, Any], strict: bool, missing: list[str],
-                          unexpected: list[str], error_msgs: list[str]) -> None:
+                          local_metadata: Mapping[str, Any], strict: bool,
+                          missing_keys: list[str], unexpected_keys: list[str],
+                          error_msgs: list[str]) -> None:
+    # PyTorch's parameter names: callers pass them as keywords (Lightning's DeepSpeed restore)
     specs = self.__dict__["_wn"]
     why = kind_mismatch(local_metadata.get("wnorm"), {p: s.kind for p, s in specs.items()},
                         state_dict, prefix)
@@ -531,7 +514,7 @@ def _load_from_state_dict(self: nn.Module, state_dict: Mapping[str, Any], prefix
             # and a key given for g or v alone then replaces its part
             flush(self, s)
     type(self)._wn_base._load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
-                                              missing, unexpected, error_msgs)
+                                              missing_keys, unexpected_keys, error_msgs)
 
 
 def _reset_parameters(self: nn.Module, *args: Any, **kwargs: Any) -> Any:

@@ -22,8 +22,8 @@ def cached() -> Iterator[None]:
     (an RNN cell over time steps, gradient accumulation). With grad enabled, every forward
     reading a cached weight shares one autograd node whose backward recomputes the weight's
     vector-Jacobian product from g and v, so backward passes in any order (two forwards, then
-    two backward passes), double backward and activation checkpointing give the gradients
-    they give outside the block, with no host sync; a weight cached under ``no_grad`` is
+    two backward passes), double backward and activation checkpointing (its forward and
+    backward both in the block) give the gradients they give outside it, with no host sync; a weight cached under ``no_grad`` is
     computed again for a forward that records a graph, and is checked for NaN and inf once (a
     host sync per weight and block). Under ``torch.func`` transforms nothing is cached. The
     cached weights are released when the block ends. Like

@@ -9,11 +9,15 @@ and :mod:`wnorm.family`.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from torch import Tensor
 
 __all__ = ["Map", "WeightNorm", "CenteredWeightNorm", "WeightStandardization", "ForcedWeightNorm",
-           "BalancedWeightNorm", "norm", "l1_norm", "METHODS", "same_weight"]
+           "BalancedWeightNorm", "norm", "l1_norm", "METHODS", "same_weight", "kind_mismatch",
+           "OTHER_MAP"]
 
 _LOW = (torch.float16, torch.bfloat16)
 
@@ -51,6 +55,30 @@ def same_weight(a: str, b: str) -> bool:
     """Whether (g, v) saved under map kind ``a`` give the same weight under kind ``b``: a forced
     weight norm computes w = g v/||v|| as weight norm does (its v is only held on a sphere)."""
     return a == b or {a, b} <= {"wn", "forced"}
+
+
+def kind_mismatch(saved: Any, slots: Mapping[str, Any] | None, state_dict: Mapping[str, Any],
+                  prefix: str) -> str:
+    """What is wrong with loading the (g, v) that a state dict's metadata says the maps
+    ``saved`` (``{name: kind}``) saved into ``slots`` (``{name: kind}``; a name not in it is a
+    plain or PyTorch-normalized weight, which reads (g, v) as a weight norm's; None: no model,
+    read as weight norm's): "" when nothing is. wnorm's layers write that metadata in
+    ``state_dict``."""
+    if not isinstance(saved, Mapping):
+        return ""
+    bad = [f"'{prefix}{p}' was saved by wnorm.{METHODS.get(k, k)}" + (
+           "" if slots is None else ", the model's is " + (
+               f"wnorm.{METHODS.get(slots[p], slots[p])}" if p in slots else
+               "plain or PyTorch's weight norm"))
+           for p, k in saved.items() if prefix + p + "_v" in state_dict
+           and not same_weight(str(k), (slots or {}).get(p, "wn"))]
+    return "; ".join(bad)
+
+
+#: what to do about a kind_mismatch
+OTHER_MAP = ("the same g and v give another weight under another map; load it into a model "
+             "built with the same method (wnorm.apply(model, method=...)), or save wnorm.fold of "
+             "the model and load that into a plain one")
 
 
 class Map:

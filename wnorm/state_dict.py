@@ -23,6 +23,7 @@ from . import _layouts as lay
 from . import _reparam
 from ._pytorch_wn import find
 from .errors import WnormError, expect_module, refuse_sharded
+from .maps import OTHER_MAP, kind_mismatch
 
 __all__ = ["load_state_dict", "convert_state_dict"]
 
@@ -180,12 +181,12 @@ def _check_kinds(model: nn.Module, state_dict: Mapping[str, Any], keys: Iterable
         module = modules.get((want + full[len(have):])[:-1])
         if module is None:
             continue  # a key the model lacks: named with the others
-        why = _reparam.kind_mismatch(entry["wnorm"], {p: s.kind for p, s in
+        why = kind_mismatch(entry["wnorm"], {p: s.kind for p, s in
                                                       _reparam.slots_of(module).items()},
                                      state_dict, full)
         if why:
             raise WnormError(f"load_state_dict into {type(model).__name__}: {why}: "
-                             f"{_reparam.OTHER_MAP} (the model is as it was)")
+                             f"{OTHER_MAP} (the model is as it was)")
 
 
 def _plan(
@@ -506,12 +507,4 @@ def convert_state_dict(
         >>> tuple(convert_state_dict(conv.state_dict(), "torch-old", dim=0)["weight_g"].shape)
         (4, 1, 1)
     """
-    meta = getattr(state_dict, "_metadata", None)
-    for path, entry in (meta.items() if isinstance(meta, Mapping) else ()):
-        why = _reparam.kind_mismatch(entry.get("wnorm") if isinstance(entry, Mapping) else None,
-                                     None, state_dict, f"{path}." if path else "")
-        if why:  # every pair is read as a weight norm's
-            raise WnormError(f"convert_state_dict: {why}: convert reads every (g, v) as a "
-                             "weight norm's, which gives another weight under another map; save "
-                             "wnorm.fold of the model instead")
     return lay.convert(state_dict, to, dim)[0]
