@@ -458,3 +458,25 @@ def test_arpit_init_says_which_recurrent_weights_it_leaves_as_they_are():
     with pytest.raises(WnormError, match=r"no weight-normalized layer with a per-unit g in LSTM; "
                        r"left as they are"):  # not 'call wnorm.apply first': it was
         wnorm.arpit_init(wnorm.apply(nn.LSTM(4, 6)))
+
+
+def test_arpit_init_leaves_a_layer_tied_to_one_it_leaves_as_it_is():
+    # an LM head tied to its embedding: the embedding was said to be left as it is, and then
+    # changed through the head
+    class TiedLM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.hidden, self.head = nn.Embedding(10, 8), nn.Linear(8, 8), \
+                nn.Linear(8, 10, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, i: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.relu(self.hidden(self.emb(i))))
+
+    model = wnorm.apply(TiedLM(), types=wnorm.DEFAULT_TYPES + (nn.Embedding,))
+    before = {k: p.clone() for k, p in model.emb.named_parameters()}
+    with pytest.warns(UserWarning, match=r"head \(shares its weight with emb, which is left as "
+                                         r"it is\)"):
+        gains = wnorm.arpit_init(model)
+    assert list(gains) == ["hidden"]
+    assert all(torch.equal(p, before[k]) for k, p in model.emb.named_parameters())

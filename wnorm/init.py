@@ -69,7 +69,8 @@ def arpit_init(
     A weight-normalized layer it cannot set (no learned g: weight standardization, a forced
     weight norm with a fixed gain; or g not one per output unit: ``dim=None`` or another axis)
     is left as it is, with a warning naming it and why; so is an embedding (``nn.Embedding``,
-    ``nn.EmbeddingBag``): its input is an index, not an activation whose scale the gains keep.
+    ``nn.EmbeddingBag``): its input is an index, not an activation whose scale the gains keep;
+    and so is a layer tied to one left as it is (an LM head sharing its embedding's weight).
 
     Args:
         model: a model with weight-normalized layers (``wnorm.apply`` first); changed in place.
@@ -100,6 +101,7 @@ def arpit_init(
     if block_last and not blocks_per_stage:
         raise WnormError("arpit_init: block_last needs blocks_per_stage (N blocks per stage)")
     layers, other, skipped, last = [], [], [], None
+    left: dict[int, str] = {}  # id of a parameter of a layer left as it is -> its name
     for mname, m in model.named_modules():
         other += [f"{mname or '<model>'}.{n}" for n in _reparam.slots_of(m) if n != "weight"]
         spec = _reparam.slot(m, "weight")
@@ -116,8 +118,16 @@ def arpit_init(
         reason = _reason_skipped(m, spec)
         if reason:
             skipped.append(f"{last} ({reason})")
+            left.update((id(p), last) for p in m._parameters.values() if p is not None)
         else:
             layers.append((last, m, spec))
+    # a layer tied to one left as it is (an LM head sharing its embedding's weight) is left too,
+    # as data_init does: setting it would change the other after all
+    for entry in list(layers):
+        tie = next((left[id(p)] for p in entry[1]._parameters.values() if id(p) in left), None)
+        if tie is not None:
+            layers.remove(entry)
+            skipped.append(f"{entry[0]} (shares its weight with {tie}, which is left as it is)")
     # its gains are for a feed-forward layer's 'weight': a recurrent layer's gate weights are
     # left as they are, and said to be
     why = f"left as they are: {other} (Arpit et al.'s gains are for feed-forward layers)"
