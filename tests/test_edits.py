@@ -350,6 +350,9 @@ ACCESSES = {
     "forward": lambda m: m(torch.ones(2, 4)),
     "layer.weight": lambda m: m[0].weight,
     "state_dict": lambda m: m.state_dict(),
+    # torch.compile's frame evaluation adds frames a computed stacklevel counted: it named
+    # torch/_dynamo/eval_frame.py
+    "compiled forward": lambda m: torch.compile(m, backend="eager")(torch.ones(2, 4)),
 }
 
 

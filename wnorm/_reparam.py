@@ -158,13 +158,18 @@ def flush(module: nn.Module, slot: Slot) -> None:
 _INTERNAL = tuple(os.path.dirname(f) + os.sep for f in (__file__, torch.__file__))
 
 
-def _user_level() -> int:
-    """The ``stacklevel`` at which the caller of this function's ``warnings.warn`` names the
-    first frame outside wnorm and torch."""
-    f, level = sys._getframe(1), 1
+def _warn_at_user(message: str) -> None:
+    """A UserWarning naming the first frame outside wnorm and torch (a computed stacklevel
+    would count frames torch.compile's frame evaluation adds, and name torch's)."""
+    if _is_compiling():  # Dynamo cannot trace frame access: it names a line of its own
+        warnings.warn(message, UserWarning, stacklevel=2)
+        return
+    f = sys._getframe(1)
     while f.f_back is not None and f.f_code.co_filename.startswith(_INTERNAL):
-        f, level = f.f_back, level + 1
-    return level
+        f = f.f_back
+    warnings.warn_explicit(message, UserWarning, f.f_code.co_filename, f.f_lineno,
+                           module=f.f_globals.get("__name__"),
+                           registry=f.f_globals.setdefault("__warningregistry__", {}))
 
 
 #: devices where asking whether a held weight was written costs no host sync
@@ -201,12 +206,12 @@ def _flush(module: nn.Module, slot: Slot) -> None:
         # both written since the weight was handed out, which came last is not recorded: the
         # weight's write lands (a write made after backward, before the step, is meant), and a
         # warning says g and v's own change (a checkpoint loaded in place) is overwritten
-        warnings.warn(
+        _warn_at_user(
             f"{slot.where}: '{slot.name}' was written in place after it was read, and "
             f"'{slot.gname}'/'{slot.vname}' were changed in place since; the write into "
             f"'{slot.name}' lands over their change. If theirs should win (a checkpoint "
             f"loaded in place), read '{slot.name}' again (or call state_dict()) before "
-            "changing them", stacklevel=_user_level())
+            "changing them")
     if not _alike(held, v):
         raise WnormError(
             f"{slot.where}: '{slot.name}' was replaced through .data by a tensor of shape "
