@@ -55,6 +55,33 @@ def test_exclude_glob_and_type():
     assert normalized(net) == {"decoder.0.weight", "head.weight"}
 
 
+def _encoder_then_head() -> nn.Module:
+    return nn.Sequential(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), nn.Linear(8, 3))
+
+
+@pytest.mark.parametrize("exclude, left", [
+    (nn.TransformerEncoderLayer, {"1.weight"}),
+    ("0", {"1.weight"}),
+    (nn.MultiheadAttention, {"0.linear1.weight", "0.linear2.weight", "1.weight"}),
+    ("0.self_attn", {"0.linear1.weight", "0.linear2.weight", "1.weight"}),
+], ids=["block-type", "block-name", "attention-type", "attention-name"])
+def test_excluding_a_module_excludes_the_layers_inside_it(exclude, left):
+    """Only each layer's own type and name were tested: excluding the encoder block or its
+    attention left their Linears normalized."""
+    assert normalized(wnorm.apply(_encoder_then_head(), exclude=exclude)) == left
+
+
+@pytest.mark.parametrize("exclude, what", [("haed", "'haed'"), (nn.Conv2d, "Conv2d"),
+                                           (["1", "0.linaer1"], "'0.linaer1'")])
+def test_an_exclude_entry_matching_no_module_is_an_error_naming_it(exclude, what):
+    """A typo excluded nothing and normalized the layer it meant to leave alone, silently."""
+    model = _encoder_then_head()
+    with pytest.raises(WnormError, match=rf"apply: exclude entry {what} matches no module of "
+                                         r"Sequential .*'0.self_attn.out_proj'"):
+        wnorm.apply(model, exclude=exclude)
+    assert not any(wnorm.is_weight_normalized(m) for m in model.modules())
+
+
 def test_types_and_filter():
     net = wnorm.apply(Net(), types=(nn.Linear, nn.Embedding))
     assert normalized(net) == {"head.weight", "emb.weight"}
@@ -85,7 +112,8 @@ def test_only_norm_layers_selected_is_an_error():
 
 def test_nothing_selected_is_an_error():
     with pytest.raises(WnormError, match=r"apply: no module of Net was selected .*"
-                                         r"include=\['nothing\*'\]"):
+                                         r"include=\['nothing\*'\].*modules are e.g. "
+                                         r"\['encoder', 'encoder.0', .*'encoder.\*' selects"):
         wnorm.apply(Net(), include=["nothing*"])
 
 

@@ -85,6 +85,40 @@ def _pattern_list(arg: Any, what: str, types_ok: bool) -> list[Any]:
     return items
 
 
+def _some_names(model: nn.Module, n: int = 6) -> list[str]:
+    names = [m for m, _ in model.named_modules() if m]
+    return names[:n] + (["..."] if len(names) > n else [])
+
+
+def _first(model: nn.Module) -> str:
+    return next((m for m, _ in model.named_modules() if m), "0")
+
+
+def _excluded(model: nn.Module, exclude: list[Any]) -> set[int]:
+    """The ids of the modules ``exclude`` names (by glob on any of their names, or by type) and
+    of every module inside one: excluding an attention block leaves its projections alone too.
+    An entry matching no module is an error: a typo would otherwise exclude nothing, silently."""
+    out: set[int] = set()
+    out_names: set[str] = set()
+    used: set[int] = set()
+    # every path of a shared module: it is excluded when any path to it is
+    for mname, module in model.named_modules(remove_duplicate=False):
+        hits = [i for i, e in enumerate(exclude)
+                if (isinstance(module, e) if isinstance(e, type) else fnmatchcase(mname, e))]
+        used.update(hits)
+        parent = mname.rpartition(".")[0] if mname else None  # yielded before its children
+        if hits or parent in out_names:
+            out.add(id(module))
+            out_names.add(mname)
+    for i, e in enumerate(exclude):
+        if i not in used:
+            what = e.__name__ if isinstance(e, type) else repr(e)
+            raise WnormError(
+                f"apply: exclude entry {what} matches no module of {type(model).__name__} "
+                f"(a typo?); its modules are e.g. {_some_names(model)}")
+    return out
+
+
 def _label(mname: str, module: nn.Module) -> str:
     return f"{mname or '<model>'} ({type(module).__name__})"
 
@@ -152,9 +186,11 @@ def apply(
             normalized by PyTorch's ``weight_norm`` (either API) are adopted whatever their
             type: the same g and v Parameters, the same axis, the same outputs bit for bit.
         include: a glob pattern, or several, on module names (``"encoder.*"``); when given, only
-            matching modules are normalized.
+            matching modules are normalized. A pattern matches a whole name: ``"encoder"``
+            names the container, ``"encoder.*"`` the modules inside it.
         exclude: glob patterns on module names, or module types, to leave alone (one, or
-            several: ``"head"``, ``["head", nn.ConvTranspose1d]``).
+            several: ``"head"``, ``["head", nn.ConvTranspose1d]``), with every module inside
+            them (``nn.MultiheadAttention`` leaves its ``out_proj`` alone too).
         dim: passed to :func:`weight_norm` (default: each layer type's output-unit axis).
         filter: ``(name, module) -> bool``, a last say on each eligible module.
         method: the reparameterization (default :func:`wnorm.weight_norm`; also
@@ -167,9 +203,10 @@ def apply(
 
     Raises:
         WnormError: no module was selected, a pattern is not a string (or type, for
-            ``exclude``), a selected weight cannot be normalized (already normalized, not
-            initialized yet by a lazy module's first forward, zero-norm rows, non-finite values)
-            or is tied to a weight that cannot share its g and v; the message names it.
+            ``exclude``), an ``exclude`` entry matches no module (a typo), a selected weight
+            cannot be normalized (already normalized, not initialized yet by a lazy module's
+            first forward, zero-norm rows, non-finite values) or is tied to a weight that
+            cannot share its g and v; the message names it.
 
     Example:
         >>> import torch, wnorm
@@ -201,8 +238,7 @@ def apply(
                          f"{bad[0]!r}")
     include_l = _pattern_list(include, "include", False) if include is not None else None
     exclude_l = _pattern_list(exclude, "exclude", True)
-    patterns = [e for e in exclude_l if isinstance(e, str)]
-    ex_types = tuple(e for e in exclude_l if isinstance(e, type))
+    excluded = _excluded(model, exclude_l)
     chosen: list[tuple[str, nn.Module]] = []
     # every (module name, module, parameter name) holding each Parameter: ties are found here
     holders: dict[int, list[tuple[str, nn.Module, str]]] = {}
@@ -213,9 +249,7 @@ def apply(
         if not (isinstance(module, types) or _pytorch_wn.find(module)) or isinstance(
                 module, NORM_TYPES):
             continue
-        if ex_types and isinstance(module, ex_types):
-            continue
-        if patterns and _matches(mname, patterns):
+        if id(module) in excluded:
             continue
         if include_l is not None and not _matches(mname, include_l):
             continue
@@ -225,7 +259,9 @@ def apply(
     if not chosen:
         raise WnormError(
             f"apply: no module of {type(model).__name__} was selected "
-            f"(types={[t.__name__ for t in types]}, include={include_l}, exclude={exclude_l})"
+            f"(types={[t.__name__ for t in types]}, include={include_l}, exclude={exclude_l}); "
+            f"its modules are e.g. {_some_names(model)}; a pattern matches a whole name, so "
+            f"'{_first(model)}.*' selects the modules inside '{_first(model)}'"
         )
 
     # Check what can be checked before changing anything.
