@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -430,6 +431,39 @@ def test_a_model_built_on_the_meta_device_is_normalized_then_materialized():
 def test_a_wrong_argument_is_a_wnorm_error_saying_what_was_expected(call, match):
     with pytest.raises(WnormError, match=match):
         call()
+
+
+def test_a_partial_fixing_dim_is_a_method_whose_dim_serves_for_every_layer():
+    """The docstring offers partials, but apply passed dim positionally as well: a raw
+    TypeError 'got multiple values for argument dim'."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Unflatten(1, (4, 1)), nn.ConvTranspose1d(4, 2, 3))
+    plain, x = copy.deepcopy(model), torch.randn(2, 3)
+    wnorm.apply(model, method=functools.partial(wnorm.weight_norm, dim=None))
+    assert model[0].weight_g.shape == model[2].weight_g.shape == ()  # one norm per tensor
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), plain(x))
+    with pytest.raises(WnormError, match=r"apply: dim=0, but method fixes dim=None"):
+        wnorm.apply(nn.Linear(3, 4), dim=0, method=functools.partial(wnorm.weight_norm, dim=None))
+
+
+@pytest.mark.parametrize("method", [torch.nn.utils.parametrizations.weight_norm,
+                                    lambda module, name: module], ids=["pytorch", "two-args"])
+def test_a_method_without_wnorms_signature_is_an_error_saying_what_it_must_accept(method):
+    """PyTorch's own weight_norm failed with a raw TypeError about 'where'."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    params = [(n, id(p)) for n, p in model.named_parameters()]
+    with pytest.raises(WnormError, match=r"apply: method must accept \(module, name, dim=\.\.\., "
+                                         r"\*, where=\.\.\.\) .*got .*\(module"):
+        wnorm.apply(model, method=method)
+    assert [(n, id(p)) for n, p in model.named_parameters()] == params
+
+
+def test_a_method_that_leaves_the_weight_plain_is_an_error_and_undone():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    with pytest.raises(WnormError, match=r"0 \(Linear\): method .* left 'weight' not "
+                                         r"reparameterized by wnorm"):
+        wnorm.apply(model, method=lambda module, name, dim, where: module)
 
 
 def test_apply_takes_one_type_as_well_as_a_tuple():

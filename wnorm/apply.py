@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import sys
 from collections.abc import Callable, Iterable
 from fnmatch import fnmatchcase
@@ -119,6 +121,32 @@ def _excluded(model: nn.Module, exclude: list[Any]) -> set[int]:
     return out
 
 
+def _method_dim(method: Callable[..., nn.Module], dim: Any) -> Any:
+    """``dim``, or the one a ``functools.partial`` of ``method`` fixes: apply passes ``dim`` by
+    keyword, which would override the partial's silently, and checks ties along it."""
+    name = f"{method.__module__}.{method.__qualname__}" if hasattr(method, "__qualname__") \
+        else repr(method)
+    try:
+        sig = inspect.signature(method)
+    except (TypeError, ValueError):  # a callable without a signature: the call itself tells
+        sig = None
+    if sig is not None:
+        try:
+            sig.bind(nn.Module(), "weight", dim=None, where="")
+        except TypeError as e:
+            raise WnormError(
+                f"apply: method must accept (module, name, dim=..., *, where=...) and "
+                f"reparameterize module.<name> with wnorm, as wnorm.weight_norm does; got "
+                f"{name}{sig} ({e})") from None
+    fixed = method.keywords.get("dim", DEFAULT) if isinstance(method, functools.partial) \
+        else DEFAULT
+    if fixed is DEFAULT:
+        return dim
+    if dim is not DEFAULT and dim != fixed:
+        raise WnormError(f"apply: dim={dim!r}, but method fixes dim={fixed!r}; give it once")
+    return fixed
+
+
 def _label(mname: str, module: nn.Module) -> str:
     return f"{mname or '<model>'} ({type(module).__name__})"
 
@@ -196,14 +224,16 @@ def apply(
         method: the reparameterization (default :func:`wnorm.weight_norm`; also
             :func:`wnorm.centered_weight_norm`, :func:`wnorm.weight_standardization`,
             :func:`wnorm.forced_weight_norm`, :func:`wnorm.balanced_weight_norm`, or a
-            ``functools.partial`` of one).
+            ``functools.partial`` of one, whose ``dim`` serves as ``dim``), called as
+            ``method(module, name, dim=dim, where=module_name)``.
 
     Returns:
         The same model.
 
     Raises:
         WnormError: no module was selected, a pattern is not a string (or type, for
-            ``exclude``), an ``exclude`` entry matches no module (a typo), a selected weight
+            ``exclude``), an ``exclude`` entry matches no module (a typo), ``method`` does not
+            take that call or fixes another ``dim`` than the one given, a selected weight
             cannot be normalized (already normalized, not initialized yet by a lazy module's
             first forward, zero-norm rows, non-finite values) or is tied to a weight that
             cannot share its g and v; the message names it.
@@ -226,6 +256,7 @@ def apply(
             "apply: the model is wrapped in DistributedDataParallel, which keeps all-reducing the "
             "weights it was built with (not g and v), so the ranks would drift apart; apply "
             "(and data_init) to the unwrapped model first, then wrap it in DDP")
+    dim = _method_dim(method, dim)
     if types is None:
         types = default_types()
     elif isinstance(types, (type, str)):
@@ -320,7 +351,12 @@ def apply(
             p = module._parameters.get(pname)
             tied = p is not None and len(holders.get(id(p), ())) > 1
             undo.keep(module)
-            method(module, pname, dim, where=mname or "<model>")
+            method(module, pname, dim=dim, where=mname or "<model>")
+            if _reparam.slot(module, pname) is None:  # ties and undo rely on wnorm's slots
+                raise WnormError(
+                    f"{_label(mname, module)}: method {method!r} left '{pname}' not "
+                    "reparameterized by wnorm; method must be wnorm.weight_norm or one of its "
+                    "family (or a functools.partial of one)")
             if not tied:
                 continue
             if id(p) not in leaders:
