@@ -619,6 +619,53 @@ def test_remove_weight_norm_restores_class_and_outputs(kind):
     assert all(p.grad is not None for p in model.parameters())
 
 
+class _TiedLM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+        self.head = nn.Linear(4, 10, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, i: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.emb(i)))
+
+
+def _tied_lm_after_a_step() -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    model, ids = _TiedLM(), torch.randint(0, 10, (8,))
+    wnorm.apply(model, types=wnorm.DEFAULT_TYPES + (nn.Embedding,))
+    model(ids).square().sum().backward()
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    return model, ids
+
+
+def test_removing_weight_norm_from_each_holder_of_a_tie_keeps_them_tied():
+    """Each removal made its own Parameter: the head and the embedding trained apart after."""
+    model, ids = _tied_lm_after_a_step()
+    with torch.no_grad():
+        before = model(ids)
+    wnorm.remove_weight_norm(model.emb)
+    wnorm.remove_weight_norm(model.head)
+    assert model.head.weight is model.emb.weight
+    assert [n for n, _ in model.named_parameters()] == ["emb.weight"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), before, rtol=0, atol=0)
+
+
+def test_a_tie_changed_between_removals_is_left_apart_with_a_warning():
+    model, ids = _tied_lm_after_a_step()
+    wnorm.remove_weight_norm(model.emb)
+    with torch.no_grad():
+        model.emb.weight.mul_(2)  # trained apart before the other holder's removal
+        before = model.head(torch.ones(4))
+    with pytest.warns(UserWarning, match=r"head \(Linear\): 'weight' shared g and v with a "
+                                         r"weight whose weight norm was removed earlier"):
+        wnorm.remove_weight_norm(model.head)
+    assert model.head.weight is not model.emb.weight
+    with torch.no_grad():
+        torch.testing.assert_close(model.head(torch.ones(4)), before, rtol=0, atol=0)
+
+
 def test_remove_keeps_other_normalized_weights():
     lstm = wnorm.apply(nn.LSTM(3, 4))
     x = torch.randn(4, 2, 3)

@@ -2,6 +2,8 @@ r"""Weight normalization of one parameter: :math:`w = g\,v/\lVert v\rVert`, and 
 
 from __future__ import annotations
 
+import warnings
+import weakref
 from typing import Any
 
 import torch
@@ -198,7 +200,8 @@ def weight_norm(module: nn.Module, name: str = "weight", dim: int | None = DEFAU
 
     Tied weights: this function sees one module; a Parameter another module holds too is
     untied (the other keeps it as a plain weight). :func:`wnorm.apply` on the model that holds
-    both keeps the tie (one g and v for every holder) or raises.
+    both keeps the tie (one g and v for every holder) or raises, and
+    :func:`remove_weight_norm` on each holder keeps it too.
 
     Example:
         >>> import torch, wnorm
@@ -211,19 +214,54 @@ def weight_norm(module: nn.Module, name: str = "weight", dim: int | None = DEFAU
     return reparameterize(module, name, dim, WeightNorm, where=where)
 
 
+#: id(v) -> (v, the plain weight its first removal made), both weakly: a tie's other holders
+#: still hold v then, and their removal reuses that Parameter. An entry goes when v does.
+_removed: dict[int, tuple[weakref.ref[torch.Tensor], weakref.ref[torch.Tensor]]] = {}
+
+
 def remove_weight_norm(module: nn.Module, name: str = "weight") -> nn.Module:
     r"""Undo :func:`weight_norm` (or any wnorm reparameterization): ``module.<name>`` becomes a
     plain Parameter holding the computed weight (``requires_grad`` kept); ``<name>_g`` and
     ``<name>_v`` go away, and the module gets its class back once nothing stays normalized.
 
+    Tied weights (one g and v for several modules, as :func:`wnorm.apply` makes them) stay
+    tied: removing it from each holder in turn gives them all the Parameter the first removal
+    made. Between removals they are apart; if one side changed meanwhile, a later holder keeps
+    its own weight (its outputs unchanged) and a warning says the tie is lost.
+
     Raises:
         WnormError: ``module.<name>`` is not weight-normalized by wnorm.
     """
     expect_module("remove_weight_norm", module)
-    if _reparam.slot(module, name) is None:
+    s = _reparam.slot(module, name)
+    if s is None:
         raise WnormError(f"{_label(module, '')}: '{name}' is not weight-normalized by wnorm")
-    _reparam.detach(module, name)
+    if s.held is not None:  # rows written into the weight count before comparing it
+        _reparam.flush(module, s)
+    g, v = _reparam.pair(module, s)
+    _reparam.detach(module, name, _earlier_weight(module, s, g, v))
+    _removed[id(v)] = (weakref.ref(v, lambda _, k=id(v): _removed.pop(k, None)),
+                       weakref.ref(module._parameters[name]))
     return module
+
+
+def _earlier_weight(module: nn.Module, s: _reparam.Slot, g: Any, v: torch.Tensor) -> dict:
+    """``detach``'s tie map: v's weight from an earlier removal, if that still equals this one."""
+    refs = _removed.get(id(v))
+    w = refs[1]() if refs is not None and refs[0]() is v else None
+    if w is None:
+        return {}
+    with torch.no_grad():
+        mine = s.map.weight(g, v)
+        if (w.shape, w.dtype, w.device) == (mine.shape, mine.dtype, mine.device) and bool(
+                torch.equal(w, mine)):
+            return {id(v): (v, w)}
+    warnings.warn(
+        f"{s.where or _label(module, '')}: '{s.name}' shared g and v with a weight whose "
+        "weight norm was removed earlier, and one of them changed since; it keeps its own "
+        "weight, no longer tied: remove weight norm from every holder of a tie before training "
+        "on", stacklevel=3)
+    return {}
 
 
 def is_weight_normalized(module: nn.Module, name: str | None = None) -> bool:
