@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import io
+import warnings
 
 import pytest
 import torch
@@ -664,6 +665,49 @@ def test_a_tie_changed_between_removals_is_left_apart_with_a_warning():
     assert model.head.weight is not model.emb.weight
     with torch.no_grad():
         torch.testing.assert_close(model.head(torch.ones(4)), before, rtol=0, atol=0)
+
+
+def test_gpt2s_conv1d_gets_one_g_per_output_unit_and_the_same_outputs():
+    """transformers' Conv1D stores its weight (in, out): dim 0 gave one g per input feature."""
+    tf = pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    model = tf.GPT2Model(tf.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50,
+                                       n_positions=16, bos_token_id=0, eos_token_id=0)).eval()
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    with torch.no_grad():
+        before = model(ids).last_hidden_state
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a known type: no "dim=0 assumed" warning
+        wnorm.apply(model, types=(Conv1D,))
+    convs = [m for m in model.modules() if isinstance(m, Conv1D)]
+    assert len(convs) == 4
+    for c in convs:
+        assert c.weight_g.shape == (1, c.nf)  # one g per output unit
+        torch.testing.assert_close(c.weight.norm(dim=0), c.weight_g.squeeze(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).last_hidden_state, before)
+
+
+def test_a_type_without_a_known_output_axis_warns_once_that_dim_0_was_assumed():
+    def fresh() -> type[nn.Module]:  # a new type each time: never warned about before
+        class Mine(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.weight = nn.Parameter(torch.randn(3, 5))
+        return Mine
+
+    mine = fresh()
+    with pytest.warns(UserWarning, match=r"Mine is no layer type whose output-unit axis wnorm "
+                                         r"knows; it assumed dim=0 .*pass dim="):
+        wnorm.weight_norm(mine())
+    other = fresh()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        wnorm.weight_norm(mine())  # once per type
+        wnorm.weight_norm(other(), dim=1)  # and never when dim is given
+        wnorm.apply(nn.Sequential(other()), types=(other,), dim=0)
 
 
 def test_remove_keeps_other_normalized_weights():

@@ -22,12 +22,50 @@ DEFAULT: Any = object()
 _LOW = (torch.float16, torch.bfloat16)
 
 
+#: layer types whose output units lie along dim 0 (rows, gate rows, output channels)
+_ROWS = (nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd, nn.Embedding, nn.EmbeddingBag,
+         nn.RNNBase, nn.RNNCellBase, nn.MultiheadAttention)
+
+_warned: set[type] = set()  # the layer types already told that dim 0 was assumed
+
+
+def _is_class(module: nn.Module, name: str, where: str) -> bool:
+    """Whether ``module`` is (a subclass of) ``where``'s class ``name``, found by name so that
+    the library defining it is never imported here."""
+    return any(c.__name__ == name and c.__module__.startswith(where)
+               for c in type(module).__mro__)
+
+
 def default_dim(module: nn.Module, name: str = "weight") -> int:
     """The output-unit axis of ``module.<name>``: 1 for ConvTransposeNd weights (stored
-    ``(in, out/groups, *k)``), 0 otherwise (Linear, ConvNd, Embedding rows, RNN gate rows)."""
+    ``(in, out/groups, *k)``) and transformers' ``Conv1D`` (GPT-2's Linear, stored
+    ``(in, out)``), 0 otherwise (Linear, ConvNd, Embedding rows, RNN gate rows)."""
     if isinstance(module, nn.modules.conv._ConvTransposeNd) and name == "weight":
         return 1
+    if name == "weight" and _is_conv1d(module):
+        return 1
     return 0
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return _is_class(module, "Conv1D", "transformers.") and hasattr(module, "nf")
+
+
+def _assumed_dim(module: nn.Module, name: str) -> int:
+    """:func:`default_dim`, with a warning (once per type) when the type is not one whose
+    output-unit axis is known: dim 0 is the input axis of a weight stored (in, out)."""
+    dim = default_dim(module, name)
+    cls = _reparam.base_class(module)
+    known = isinstance(module, _ROWS) or _is_conv1d(module) or _is_class(
+        module, "Linear", "torch_geometric.")
+    if not known and cls not in _warned:
+        _warned.add(cls)
+        warnings.warn(
+            f"wnorm: {cls.__module__}.{cls.__qualname__} is no layer type whose output-unit axis "
+            f"wnorm knows; it assumed dim=0 for '{name}' (one g per slice along axis 0). If the "
+            "output units lie along another axis, pass dim= (wnorm.apply(model, dim=...) or "
+            "wnorm.weight_norm(module, dim=...))", stacklevel=3)
+    return dim
 
 
 def _label(module: nn.Module, where: str) -> str:
@@ -123,7 +161,7 @@ def reparameterize(module: nn.Module, name: str, dim: Any, make: Any, *,
             "v (eqs. 3-4) need every row's dot product with it densely (PyTorch's backward "
             "fails on it); build the embedding with sparse=False to weight-normalize it")
     if dim is DEFAULT:
-        dim = default_dim(module, name)
+        dim = _assumed_dim(module, name)
     _check_dim(label, name, dim, tuple(weight.shape))
     m = make(dim)
     w = weight.detach()
@@ -186,7 +224,8 @@ def weight_norm(module: nn.Module, name: str = "weight", dim: int | None = DEFAU
         module: the module that owns the parameter.
         name: the parameter's name (default ``"weight"``; for RNNs e.g. ``"weight_hh_l0"``).
         dim: the output-unit axis. Default: 0 for Linear, ConvNd, Embedding and RNN weights,
-            1 for ConvTransposeNd. ``None``: one norm, and one g, for the whole tensor.
+            1 for ConvTransposeNd and transformers' Conv1D; 0, with a warning, for other
+            types. ``None``: one norm, and one g, for the whole tensor.
             Negative values are refused: PyTorch reads -1 as "whole tensor", Python as "last".
         where: a name for the module in error messages (``wnorm.apply`` passes its path).
 
