@@ -202,3 +202,32 @@ def test_a_model_the_class_builds_takes_the_trained_weights_for_save_pretrained(
         warnings.simplefilter("ignore")
         again = type(model).from_pretrained(tmp_path).eval()
     assert run(name, again).equal(y)
+
+
+def test_gpt2s_conv1d_layers_are_initialized_by_data_init():
+    # transformers' Conv1D (GPT-2's Linear, weight stored (in, out)) was skipped as having "no
+    # per-unit pre-activation to standardize"; its features are last, as a Linear's
+    tf = pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    model = tf.GPT2Model(tf.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50,
+                                       n_positions=16, bos_token_id=0, eos_token_id=0,
+                                       attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)).eval()
+    wnorm.apply(model, types=(Conv1D,))
+    ids = torch.randint(1, 50, (8, 12))
+    report = wnorm.data_init(model, ids)
+    assert sorted(r.name for r in report.initialized) == [
+        "h.0.attn.c_attn", "h.0.attn.c_proj", "h.0.mlp.c_fc", "h.0.mlp.c_proj"]
+    mods = dict(model.named_modules())
+    seen = {}
+    hooks = [mods[n].register_forward_hook(lambda m, a, y, n=n: seen.setdefault(n, y))
+             for n in ("h.0.attn.c_attn", "h.0.mlp.c_fc")]
+    with torch.no_grad():
+        model(ids)
+    for h in hooks:
+        h.remove()
+    for name, y in seen.items():  # standardized per output unit over the batch
+        flat = y.reshape(-1, y.shape[-1]).double()
+        assert flat.mean(0).abs().max() < 1e-4 and (flat.std(0, correction=0) - 1).abs().max() \
+            < 1e-4, name

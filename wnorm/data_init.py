@@ -28,7 +28,7 @@ from torch.nn.utils import parametrize
 from . import _reparam
 from .errors import WnormError, expect_module, refuse_sharded
 from .mean_only_bn import MeanOnlyBatchNormBase
-from .weight_norm import default_dim
+from .weight_norm import _is_conv1d, default_dim
 
 __all__ = ["data_init", "InitReport", "LayerInit", "NO_BIAS_NOTE"]
 
@@ -128,7 +128,7 @@ def _reason_cannot(module: nn.Module, wn: bool) -> str:
     """Why the paper's init cannot set this layer's gain ("" when it can)."""
     if isinstance(module, (nn.RNNBase, nn.RNNCellBase)):
         return "recurrent layer: the paper's init does not apply (section 3)"
-    if not (isinstance(module, _INIT_TYPES) or _is_pyg(module, "Linear")):
+    if not (isinstance(module, _INIT_TYPES) or _is_pyg(module, "Linear") or _is_conv1d(module)):
         return f"{type(module).__name__} has no per-unit pre-activation to standardize"
     if wn:
         s = _reparam.slot(module, "weight")
@@ -230,7 +230,8 @@ def _candidates(named: list[tuple[str, nn.Module]], include_plain: bool) -> tupl
         if id(m) in grouped:
             continue
         wn = bool(_reparam.slots_of(m))
-        plain = (include_plain and (isinstance(m, _INIT_TYPES) or _is_pyg(m, "Linear"))
+        plain = (include_plain and (isinstance(m, _INIT_TYPES) or _is_pyg(m, "Linear")
+                                    or _is_conv1d(m))
                  and m._parameters.get("weight") is not None)
         if not (wn or plain):
             if m._parameters:
