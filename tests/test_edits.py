@@ -326,10 +326,8 @@ def test_a_read_between_two_forwards_leaves_their_backward_valid(compare):
 
 
 
-def test_a_write_into_the_weight_and_an_in_place_change_of_g_and_v_warn_and_the_write_lands(
-        compare):
-    # which came last is not recorded: a write after backward and before the step is meant to
-    # land; a checkpoint loaded in place after an nn.init write is said to be overwritten
+def _written_then_stepped() -> nn.Module:
+    """A layer whose weight was written in place after backward, then stepped."""
     torch.manual_seed(0)
     m = wnorm.apply(nn.Sequential(nn.Linear(4, 3)))
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
@@ -337,6 +335,14 @@ def test_a_write_into_the_weight_and_an_in_place_change_of_g_and_v_warn_and_the_
     with torch.no_grad():
         m[0].weight.zero_()
     opt.step()
+    return m
+
+
+def test_a_write_into_the_weight_and_an_in_place_change_of_g_and_v_warn_and_the_write_lands(
+        compare):
+    # which came last is not recorded: a write after backward and before the step is meant to
+    # land; a checkpoint loaded in place after an nn.init write is said to be overwritten
+    m = _written_then_stepped()
     with pytest.warns(UserWarning, match=r"'weight' was written in place after it was read, "
                       r"and 'weight_g'/'weight_v' were changed in place since; the write into "
                       r"'weight' lands"):
@@ -359,13 +365,7 @@ ACCESSES = {
 @pytest.mark.parametrize("access", list(ACCESSES))
 def test_the_warning_of_a_write_landing_over_a_step_names_the_users_line(access):
     # before, a fixed stacklevel named a line inside torch's Module call or wnorm itself
-    torch.manual_seed(0)
-    m = wnorm.apply(nn.Sequential(nn.Linear(4, 3)))
-    opt = torch.optim.SGD(m.parameters(), lr=0.1)
-    m(torch.randn(2, 4)).sum().backward()
-    with torch.no_grad():
-        m[0].weight.zero_()
-    opt.step()
+    m = _written_then_stepped()
     with pytest.warns(UserWarning, match="was written in place after it was read") as said:
         ACCESSES[access](m)
     assert [w.filename for w in said] == [__file__]

@@ -318,6 +318,13 @@ class TestCached:
         run()
         return [p.grad.clone() for p in m.parameters()]
 
+    def _same_grads_in_a_block(self, m: nn.Module, run) -> None:
+        expected = self._grads(m, run)
+        with wnorm.cached():
+            got = self._grads(m, run)
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-14)
+
     @pytest.mark.filterwarnings("ignore:.*nothing puts it back on its sphere")
     @pytest.mark.parametrize("kind", list(MAPS))
     def test_two_forwards_then_two_backward_passes_equal_it_outside(self, kind):
@@ -332,11 +339,7 @@ class TestCached:
             l1.backward()
             l2.backward()
 
-        expected = self._grads(m, run)
-        with wnorm.cached():
-            got = self._grads(m, run)
-        for a, b in zip(got, expected):
-            torch.testing.assert_close(a, b, rtol=0, atol=1e-14)
+        self._same_grads_in_a_block(m, run)
 
     @pytest.mark.parametrize("reentrant", [False, True])
     def test_activation_checkpointing_in_a_block_equals_it_outside(self, reentrant):
@@ -351,11 +354,7 @@ class TestCached:
         def run() -> None:
             checkpoint(net, x, use_reentrant=reentrant).square().sum().backward()
 
-        expected = self._grads(net, run)
-        with wnorm.cached():
-            got = self._grads(net, run)
-        for a, b in zip(got, expected):
-            torch.testing.assert_close(a, b, rtol=0, atol=1e-14)
+        self._same_grads_in_a_block(net, run)
 
     def test_a_gradient_penalty_in_a_block_equals_it_outside(self):
         # double backward through the cached weight: its backward keeps the graph to g and v
@@ -367,11 +366,7 @@ class TestCached:
             (gx,) = torch.autograd.grad(net(x).sum(), x, create_graph=True)
             gx.square().sum().backward()
 
-        expected = self._grads(net, run)
-        with wnorm.cached():
-            got = self._grads(net, run)
-        for a, b in zip(got, expected):
-            torch.testing.assert_close(a, b, rtol=0, atol=1e-14)
+        self._same_grads_in_a_block(net, run)
 
     def test_a_step_between_a_forward_and_its_backward_is_an_error_as_outside(self):
         m, x = self._layer()
