@@ -401,3 +401,13 @@ def test_a_parametrized_bias_before_the_batch_norm_does_not_lose_the_shift():
     wnorm.fold(net)
     assert isinstance(net[1], ChannelShift)
     torch.testing.assert_close(net(x), before)
+
+
+def test_a_channel_shift_pickled_before_it_named_its_origin_still_refuses_clearly():
+    import pickle
+
+    old = ChannelShift(torch.zeros(4))
+    del old.__dict__["origin"]  # as one pickled before ChannelShift had the attribute
+    back = pickle.loads(pickle.dumps(old))
+    with pytest.raises(WnormError, match=r"^ChannelShift: expected 4 channels in dim 1"):
+        back(torch.zeros(2, 3))

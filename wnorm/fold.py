@@ -55,6 +55,10 @@ class ChannelShift(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.shift.numel()}"
 
+    def __setstate__(self, state: dict) -> None:
+        state.setdefault("origin", "")  # a ChannelShift pickled before it named its origin
+        super().__setstate__(state)
+
 
 def _shift_of(bn: MeanOnlyBatchNormBase, where: str) -> Tensor:
     if not bn.track_running_stats:
