@@ -480,3 +480,15 @@ def test_arpit_init_leaves_a_layer_tied_to_one_it_leaves_as_it_is():
         gains = wnorm.arpit_init(model)
     assert list(gains) == ["hidden"]
     assert all(torch.equal(p, before[k]) for k, p in model.emb.named_parameters())
+
+
+def test_arpit_init_leaves_a_layer_it_has_no_gains_for_as_it_is():
+    # a Bilinear given through types= got a ReLU layer's gain the paper does not derive
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    model.bi = nn.Bilinear(3, 3, 2)
+    wnorm.apply(model, types=wnorm.DEFAULT_TYPES + (nn.Bilinear,))
+    before = model.bi.weight_v.detach().clone()
+    with pytest.warns(UserWarning, match=r"bi \(Bilinear: Arpit et al\. derive gains for "
+                                         r"Linear and convolution layers only\)"):
+        gains = wnorm.arpit_init(model, linear=["2"])
+    assert list(gains) == ["0", "2"] and torch.equal(model.bi.weight_v, before)

@@ -12,7 +12,7 @@ from torch import nn
 
 from . import _reparam
 from .errors import WnormError, expect_module
-from .weight_norm import default_dim
+from .weight_norm import _is_class, _is_conv1d, default_dim
 
 __all__ = ["arpit_init"]
 
@@ -30,6 +30,12 @@ def _reason_skipped(module: nn.Module, spec: _reparam.Slot) -> str:
         # shrink its rows (to norm 0.25 for a 1000 x 32 table): their scale is the model's choice
         return ("a lookup table: its input is an index, not an activation whose scale the "
                 "gains keep")
+    if not (isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) or _is_conv1d(module)
+            or _is_class(module, "Linear", "torch_geometric.")):
+        # the fans and gains are derived for a Linear or a convolution feeding a ReLU: another
+        # layer (a Bilinear's product of two inputs) gets no gain the paper vouches for
+        return (f"{type(module).__name__}: Arpit et al. derive gains for Linear and "
+                "convolution layers only")
     if not spec.has_g:
         return f"no per-unit g to set ({spec.kind} weight)"
     if spec.dim != default_dim(module):
@@ -70,7 +76,9 @@ def arpit_init(
     weight norm with a fixed gain; or g not one per output unit: ``dim=None`` or another axis)
     is left as it is, with a warning naming it and why; so is an embedding (``nn.Embedding``,
     ``nn.EmbeddingBag``): its input is an index, not an activation whose scale the gains keep;
-    and so is a layer tied to one left as it is (an LM head sharing its embedding's weight).
+    a layer other than a Linear or a convolution (an ``nn.Bilinear`` given through ``types=``),
+    whose gains the paper does not derive; and a layer tied to one left as it is (an LM head
+    sharing its embedding's weight).
 
     Args:
         model: a model with weight-normalized layers (``wnorm.apply`` first); changed in place.
