@@ -549,3 +549,20 @@ def test_reset_parameters_of_a_normalized_rnn_cell_draws_a_plain_cells_weights(c
     cell.reset_parameters()
     for name, p in plain.named_parameters():
         torch.testing.assert_close(getattr(cell, name), p, rtol=0, atol=1e-6)
+
+
+def test_apply_without_exclude_does_not_walk_every_path_of_a_cyclic_model():
+    # a child holding its parent (self.owner = parent) made the exclude walk recurse forever
+    class Child(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+
+    class Parent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c = Child()
+            self.c.owner = self
+
+    model = wnorm.apply(Parent())
+    assert wnorm.is_weight_normalized(model.c.lin)

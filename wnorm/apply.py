@@ -100,6 +100,8 @@ def _excluded(model: nn.Module, exclude: list[Any]) -> set[int]:
     """The ids of the modules ``exclude`` names (by glob on any of their names, or by type) and
     of every module inside one: excluding an attention block leaves its projections alone too.
     An entry matching no module is an error: a typo would otherwise exclude nothing, silently."""
+    if not exclude:  # the walk below visits every path of a shared module: only when asked
+        return set()
     out: set[int] = set()
     out_names: set[str] = set()
     used: set[int] = set()
