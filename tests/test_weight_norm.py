@@ -695,8 +695,12 @@ def test_a_type_without_a_known_output_axis_warns_once_that_dim_0_was_assumed():
 
     mine = fresh()
     with pytest.warns(UserWarning, match=r"Mine is no layer type whose output-unit axis wnorm "
-                                         r"knows; it assumed dim=0 .*pass dim="):
+                                         r"knows; it assumed dim=0 .*pass dim=") as said:
         wnorm.weight_norm(mine())
+    assert [w.filename for w in said] == [__file__]  # the user's line, not wnorm's
+    with pytest.warns(UserWarning, match="assumed dim=0") as said:
+        wnorm.apply(nn.Sequential(fresh()()), types=(nn.Module,))
+    assert [w.filename for w in said] == [__file__]
     other = fresh()
     with warnings.catch_warnings():
         warnings.simplefilter("error")

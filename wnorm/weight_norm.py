@@ -26,7 +26,8 @@ _LOW = (torch.float16, torch.bfloat16)
 _ROWS = (nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd, nn.Embedding, nn.EmbeddingBag,
          nn.RNNBase, nn.RNNCellBase, nn.MultiheadAttention)
 
-_warned: set[type] = set()  # the layer types already told that dim 0 was assumed
+#: the layer types already told that dim 0 was assumed (weak: a class made at run time goes)
+_warned: weakref.WeakSet[type] = weakref.WeakSet()
 
 
 def _is_class(module: nn.Module, name: str, where: str) -> bool:
@@ -60,11 +61,11 @@ def _assumed_dim(module: nn.Module, name: str) -> int:
         module, "Linear", "torch_geometric.")
     if not known and cls not in _warned:
         _warned.add(cls)
-        warnings.warn(
+        _reparam._warn_at_user(  # the user's call, not wnorm's line (from apply or here)
             f"wnorm: {cls.__module__}.{cls.__qualname__} is no layer type whose output-unit axis "
             f"wnorm knows; it assumed dim=0 for '{name}' (one g per slice along axis 0). If the "
             "output units lie along another axis, pass dim= (wnorm.apply(model, dim=...) or "
-            "wnorm.weight_norm(module, dim=...))", stacklevel=3)
+            "wnorm.weight_norm(module, dim=...))")
     return dim
 
 
