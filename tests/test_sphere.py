@@ -311,6 +311,24 @@ def test_include_exclude_and_forced_layers_by_default():
                                torch.full((5,), 1.5, dtype=D))
 
 
+def test_exclude_covers_the_layers_inside_a_module_and_refuses_a_typo_as_apply_does():
+    # the docs say "as in wnorm.apply", but excluding a block projected its layers anyway and a
+    # pattern matching nothing excluded nothing without a word
+    net = nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), nn.Linear(4, 2))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    assert project_after_step(opt, net, radius="unit", exclude="0").names == ["1.weight"]
+    with pytest.raises(WnormError, match="no weight of Sequential was selected"):
+        project_after_step(opt, net, radius="unit", exclude=nn.Sequential)  # the root too
+    inner = net[0][0].weight.detach().clone()
+    project_(net, 1.0, exclude=["0"])
+    assert torch.equal(net[0][0].weight, inner)
+    for fn in (lambda: project_(net, 1.0, exclude="O"),
+               lambda: project_after_step(opt, net, radius="unit", exclude=[nn.Conv2d])):
+        with pytest.raises(WnormError, match=r"exclude entry ('O'|Conv2d) matches no module of "
+                                             r"Sequential \(a typo\?\)"):
+            fn()
+
+
 def test_project_now_and_its_errors():
     lin = nn.Linear(4, 3)
     assert project_(lin, 2.0) is lin

@@ -96,7 +96,7 @@ def _first(model: nn.Module) -> str:
     return next((m for m, _ in model.named_modules() if m), "0")
 
 
-def _excluded(model: nn.Module, exclude: list[Any]) -> set[int]:
+def _excluded(model: nn.Module, exclude: list[Any], fn: str = "apply") -> set[int]:
     """The ids of the modules ``exclude`` names (by glob on any of their names, or by type) and
     of every module inside one: excluding an attention block leaves its projections alone too.
     An entry matching no module is an error: a typo would otherwise exclude nothing, silently."""
@@ -118,7 +118,7 @@ def _excluded(model: nn.Module, exclude: list[Any]) -> set[int]:
         if i not in used:
             what = e.__name__ if isinstance(e, type) else repr(e)
             raise WnormError(
-                f"apply: exclude entry {what} matches no module of {type(model).__name__} "
+                f"{fn}: exclude entry {what} matches no module of {type(model).__name__} "
                 f"(a typo?); its modules are e.g. {_some_names(model)}")
     return out
 

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from ._reparam import slots_of
-from .apply import NORM_TYPES, default_types
+from .apply import NORM_TYPES, _excluded, default_types
 from .errors import WnormError, expect_module, finite_positive
 from .maps import ForcedWeightNorm, norm
 from .weight_norm import DEFAULT, default_dim
@@ -189,9 +189,8 @@ def _select(fn: str, model: nn.Module, radius: Any, types: Any, include: Any, ex
     types = default_types() if types is None else (
         (types,) if isinstance(types, type) else tuple(types))
     inc = _patterns(include, f"{fn}: include", False) if include is not None else None
-    exc = _patterns(exclude, f"{fn}: exclude", True)
-    ex_pat = [e for e in exc if isinstance(e, str)]
-    ex_types = tuple(e for e in exc if isinstance(e, type))
+    # apply's rule: an excluded module's children are excluded too, and a typo is an error
+    excluded = _excluded(model, _patterns(exclude, f"{fn}: exclude", True), fn)
     found: dict[int, _Target] = {}
     order: list[_Target] = []
 
@@ -210,8 +209,7 @@ def _select(fn: str, model: nn.Module, radius: Any, types: Any, include: Any, ex
         t.holders.append((module, pname))
 
     for mname, module in model.named_modules():
-        if (ex_types and isinstance(module, ex_types)) or any(fnmatchcase(mname, e)
-                                                              for e in ex_pat):
+        if id(module) in excluded:
             continue
         if inc is not None and not any(fnmatchcase(mname, e) for e in inc):
             continue
