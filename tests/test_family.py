@@ -482,6 +482,42 @@ def test_arpit_init_leaves_a_layer_tied_to_one_it_leaves_as_it_is():
     assert all(torch.equal(p, before[k]) for k, p in model.emb.named_parameters())
 
 
+def _twin(roles_differ: bool) -> nn.Module:
+    """Two Linears sharing one weight (and so one g and v), then a classifier."""
+    class Twin(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.out = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 2)
+            self.b.weight = self.a.weight
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.b(torch.relu(self.a(x)))
+            return self.out(h if roles_differ else torch.relu(h))
+
+    return wnorm.apply(Twin())
+
+
+def test_arpit_init_refuses_tied_layers_whose_roles_ask_for_two_gains():
+    # the second write won without a word: the report said 2.0 for 'a', whose g held 1.0
+    model = _twin(True)
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(WnormError, match=r"arpit_init: a and b share one g and v, but their "
+                                         r"roles ask for gains 1\.414 and 1"):
+        wnorm.arpit_init(model, linear=["b", "out"])
+    assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())
+
+
+def test_arpit_init_sets_tied_layers_of_one_role_once_and_reports_the_gain_they_hold():
+    model = _twin(False)
+    gains = wnorm.arpit_init(model)
+    assert model.a.weight_g is model.b.weight_g
+    assert gains["a"] == gains["b"] == pytest.approx(math.sqrt(2.0))
+    torch.testing.assert_close(model.a.weight_g, torch.full_like(model.a.weight_g, gains["a"]))
+    v = model.a.weight_v.detach()
+    torch.testing.assert_close(v @ v.T, torch.eye(6), atol=1e-5, rtol=0)  # drawn orthogonal
+    assert torch.equal(model.b.bias, torch.zeros(6))
+
+
 def test_arpit_init_leaves_a_layer_it_has_no_gains_for_as_it_is():
     # a Bilinear given through types= got a ReLU layer's gain the paper does not derive
     model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))

@@ -43,6 +43,29 @@ def _reason_skipped(module: nn.Module, spec: _reparam.Slot) -> str:
     return ""
 
 
+def _gain(mname: str, m: nn.Module, spec: _reparam.Slot, linear: list[str],
+          block_last: list[str], shortcuts: list[str], blocks_per_stage: int | None) -> float:
+    """The layer's g for its role: sqrt(c fan_in / fan_out), c = 2 before a ReLU, 1/N for a
+    block's last conv, 1 for shortcuts and linear outputs."""
+    v = m._parameters[spec.vname]
+    units = v.shape[spec.dim]
+    fan_in = v.numel() // units
+    # fan_out: the outputs one input entry reaches. A conv's output unit repeats over
+    # positions, so each input entry reaches kernel-size of them, in its group's units
+    # only, and a stride skips positions. A transposed conv's units (dim 1 of its
+    # (in, out/groups, *k) weight) are already one group's, and its stride skips none
+    kernel = math.prod(m.kernel_size) if isinstance(m, nn.modules.conv._ConvNd) else 1
+    if isinstance(m, nn.modules.conv._ConvNd) and not m.transposed:
+        fan_out = units * kernel / (m.groups * math.prod(m.stride))
+    else:
+        fan_out = units * kernel
+    if _match(mname, shortcuts) or _match(mname, linear):
+        return math.sqrt(fan_in / fan_out)
+    if _match(mname, block_last):
+        return math.sqrt(fan_in / (blocks_per_stage * fan_out))  # type: ignore[operator]
+    return math.sqrt(2.0 * fan_in / fan_out)
+
+
 def arpit_init(
     model: nn.Module,
     *,
@@ -93,7 +116,8 @@ def arpit_init(
 
     Raises:
         WnormError: no weight-normalized layer with a learned per-unit g, ``block_last`` without
-            ``blocks_per_stage``, or a layer with more units than fan_in can't have orthonormal
+            ``blocks_per_stage``, tied layers (one g and v) whose roles ask for two gains
+            (checked before anything is written), or a layer with more units than fan_in can't have orthonormal
             rows (it then gets orthonormal columns; reported only if the shape is degenerate).
 
     Example:
@@ -153,34 +177,33 @@ def arpit_init(
     # the default is the last weight-normalized layer even when it is left out: another layer,
     # followed by a ReLU, would otherwise get the linear gain
     linear = [last] if linear is None else list(linear)
+    plan = [(mname, m, spec, _gain(mname, m, spec, linear, block_last, shortcuts,
+                                   blocks_per_stage)) for mname, m, spec in layers]
+    # tied layers (one g and v held by two modules) get one gain: refused before anything is
+    # written when their roles ask for two, since the last write would win without a word
+    first: dict[int, tuple[str, float]] = {}
+    for mname, m, spec, gain in plan:
+        seen = first.setdefault(id(m._parameters[spec.gname]), (mname, gain))
+        if not math.isclose(seen[1], gain, rel_tol=1e-12):
+            raise WnormError(
+                f"arpit_init: {seen[0]} and {mname} share one g and v, but their roles ask for "
+                f"gains {seen[1]:.4g} and {gain:.4g}; one g cannot hold both: give both the "
+                "same role (linear=, block_last=, shortcuts=), or untie them")
     gains: dict[str, float] = {}
+    done: set[int] = set()
     with torch.no_grad():
-        for mname, m, spec in layers:
+        for mname, m, spec, gain in plan:
+            gains[mname] = gain
+            if getattr(m, "bias", None) is not None:
+                m.bias.zero_()
             v = m._parameters[spec.vname]
-            g = m._parameters[spec.gname]
+            if id(v) in done:  # a tie: its v is drawn once
+                continue
+            done.add(id(v))
             units = v.shape[spec.dim]
             flat = v.movedim(spec.dim, 0).reshape(units, -1)
-            fan_in = flat.shape[1]
-            # fan_out: the outputs one input entry reaches. A conv's output unit repeats over
-            # positions, so each input entry reaches kernel-size of them, in its group's units
-            # only, and a stride skips positions. A transposed conv's units (dim 1 of its
-            # (in, out/groups, *k) weight) are already one group's, and its stride skips none
-            kernel = math.prod(m.kernel_size) if isinstance(m, nn.modules.conv._ConvNd) else 1
-            if isinstance(m, nn.modules.conv._ConvNd) and not m.transposed:
-                fan_out = units * kernel / (m.groups * math.prod(m.stride))
-            else:
-                fan_out = units * kernel
             q = torch.empty_like(flat, dtype=torch.float32)
             nn.init.orthogonal_(q)
             v.copy_(q.reshape(v.movedim(spec.dim, 0).shape).movedim(0, spec.dim))
-            if _match(mname, shortcuts) or _match(mname, linear):
-                gain = math.sqrt(fan_in / fan_out)
-            elif _match(mname, block_last):
-                gain = math.sqrt(fan_in / (blocks_per_stage * fan_out))  # type: ignore[operator]
-            else:
-                gain = math.sqrt(2.0 * fan_in / fan_out)
-            g.fill_(gain)
-            if getattr(m, "bias", None) is not None:
-                m.bias.zero_()
-            gains[mname] = gain
+            m._parameters[spec.gname].fill_(gain)
     return gains
