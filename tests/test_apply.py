@@ -566,3 +566,34 @@ def test_apply_without_exclude_does_not_walk_every_path_of_a_cyclic_model():
 
     model = wnorm.apply(Parent())
     assert wnorm.is_weight_normalized(model.c.lin)
+
+
+def _nested_sharing(depth: int) -> nn.Module:
+    """Each level holds the next twice: 2**depth paths to the innermost Linear."""
+    inner: nn.Module = nn.Sequential(nn.Linear(3, 3))
+    for _ in range(depth):
+        level = nn.Module()
+        level.a = level.b = inner
+        inner = level
+    root = nn.Module()
+    root.body, root.head = inner, nn.Linear(3, 2)
+    return root
+
+
+def test_exclude_on_a_model_with_nested_sharing_is_walked_in_bounded_time():
+    # every path of a shared module was walked: 2**depth names, minutes at depth 22
+    model = _nested_sharing(22)
+    with pytest.warns(UserWarning, match=r"more than 100,000 paths .* first name only") as rec:
+        wnorm.apply(model, exclude="head")
+    assert rec[0].filename == __file__
+    assert not wnorm.is_weight_normalized(model.head)
+    assert wnorm.is_weight_normalized(model.body.a.a.a.a.a.a.a.a.a.a.a.a.a.a.a.a.a.a.a.a.a.a[0])
+
+
+def test_exclude_by_any_path_of_a_cyclic_or_shared_model_still_works():
+    # a child holding its parent is not followed; a shared module excluded by its second name
+    model = _nested_sharing(2)
+    model.body.owner = model
+    wnorm.apply(model, exclude="body.b.a")  # the Linear's parent, reached as body.a.a first
+    assert not wnorm.is_weight_normalized(model.body.a.a[0])
+    assert wnorm.is_weight_normalized(model.head)

@@ -96,6 +96,40 @@ def _first(model: nn.Module) -> str:
     return next((m for m, _ in model.named_modules() if m), "0")
 
 
+class _TooMany(Exception):
+    pass
+
+
+def _paths(model: nn.Module, fn: str, budget: int = 100_000) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` for every path to every module, parents first, as
+    ``named_modules(remove_duplicate=False)`` gives them, but a child holding a module on its
+    own path (``self.owner = parent``) is not followed (that recursed forever), and a model
+    whose shared modules nest so deep that their paths pass ``budget`` (their number doubles
+    at each level) gets each module once, under its first name, with a warning."""
+    out: list[tuple[str, nn.Module]] = []
+    on_path: set[int] = set()
+
+    def walk(prefix: str, module: nn.Module) -> None:
+        out.append((prefix, module))
+        if len(out) > budget:
+            raise _TooMany
+        on_path.add(id(module))
+        for cname, child in module._modules.items():
+            if child is not None and id(child) not in on_path:
+                walk(f"{prefix}.{cname}" if prefix else cname, child)
+        on_path.discard(id(module))
+
+    try:
+        walk("", model)
+    except _TooMany:
+        _reparam._warn_at_user(
+            f"{fn}: {type(model).__name__} reaches its modules by more than {budget:,} paths "
+            "(shared modules inside shared modules); exclude patterns are matched against each "
+            "module's first name only")
+        return list(model.named_modules())
+    return out
+
+
 def _excluded(model: nn.Module, exclude: list[Any], fn: str = "apply") -> set[int]:
     """The ids of the modules ``exclude`` names (by glob on any of their names, or by type) and
     of every module inside one: excluding an attention block leaves its projections alone too.
@@ -106,7 +140,7 @@ def _excluded(model: nn.Module, exclude: list[Any], fn: str = "apply") -> set[in
     out_names: set[str] = set()
     used: set[int] = set()
     # every path of a shared module: it is excluded when any path to it is
-    for mname, module in model.named_modules(remove_duplicate=False):
+    for mname, module in _paths(model, fn):
         hits = [i for i, e in enumerate(exclude)
                 if (isinstance(module, e) if isinstance(e, type) else fnmatchcase(mname, e))]
         used.update(hits)
