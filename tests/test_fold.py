@@ -411,3 +411,24 @@ def test_a_channel_shift_pickled_before_it_named_its_origin_still_refuses_clearl
     back = pickle.loads(pickle.dumps(old))
     with pytest.raises(WnormError, match=r"^ChannelShift: expected 4 channels in dim 1"):
         back(torch.zeros(2, 3))
+
+
+def test_a_linear_on_length_inputs_before_a_batch_norm_keeps_the_shift_on_the_channels():
+    # a Linear's bias adds along the last axis; the batch norm's shift, along dim 1 of its
+    # (N, C, L) input: folded into the bias, eval outputs moved by 0.04 without a word
+    torch.manual_seed(0)
+    model = wnorm.apply(nn.Sequential(nn.Linear(4, 4), wnorm.MeanOnlyBatchNorm1d(4)))
+    x = torch.randn(8, 4, 4)
+    for _ in range(3):
+        model(x)
+    with torch.no_grad():
+        model[1].bias.uniform_(-1, 1)
+    model.eval()
+    before = model(x)
+    wnorm.fold(model)
+    assert isinstance(model[1], wnorm.ChannelShift)
+    torch.testing.assert_close(model(x), before, rtol=0, atol=1e-6)
+    # the usual (N, C) input still folds into the Linear's bias
+    flat = wnorm.apply(nn.Sequential(nn.Linear(4, 4), wnorm.MeanOnlyBatchNorm1d(4)))
+    flat(torch.randn(8, 4))
+    assert isinstance(wnorm.fold(flat.eval())[1], nn.Identity)

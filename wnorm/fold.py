@@ -172,9 +172,10 @@ def fold(model: nn.Module) -> nn.Module:
     with the same channel count, used nowhere else, without hooks); where there is no such layer
     it becomes a :class:`ChannelShift` adding the constant (and keeping the batch norm's hooks).
     A Linear takes the shift as its bias: it adds along the last axis, which is the batch norm's
-    channel axis for the usual (N, C) input (a Linear on (N, C, L) input followed by a mean-only
-    BN over its dim 1 would differ: keep that BN out of the Sequential's direct successor, or
-    fold before adding it). Eval outputs are unchanged (float32, to ~1e-6); train-mode mean-only
+    channel axis for the usual (N, C) input; a batch norm that has run on (N, C, L) input in
+    this process (eagerly) becomes a :class:`ChannelShift` instead. One that never ran in this
+    process (loaded from a checkpoint) or ran only compiled is taken to follow (N, C): fold
+    such a model after one eager forward of a typical batch. Eval outputs are unchanged (float32, to ~1e-6); train-mode mean-only
     BN used batch means, which no folded model reproduces, so fold is for eval use. A mean-only
     batch norm whose ``forward`` was replaced on the instance is left as it is, with a warning.
 
@@ -240,7 +241,10 @@ def fold(model: nn.Module) -> nn.Module:
             # shift into its other uses; a hook on it (or on the batch norm) would see the output
             # before the shift
             bias = None if prev is None else prev._parameters.get("bias")
-            if (prev is not None and uses[id(prev)] == 1 and not _hooked(prev)
+            # a Linear's bias adds along the last axis: after (N, C, L) input it is not this
+            # batch norm's channel axis, and the shift must stay a ChannelShift along dim 1
+            lengthwise = isinstance(prev, nn.Linear) and child.__dict__.get("_saw_length", False)
+            if (prev is not None and not lengthwise and uses[id(prev)] == 1 and not _hooked(prev)
                     and not _hooked(child) and (bias is None or uses[id(bias)] == 1)
                     and _absorb(prev, shift)):
                 parent._modules[cname] = nn.Identity()

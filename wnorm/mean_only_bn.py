@@ -180,6 +180,12 @@ class MeanOnlyBatchNormBase(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check(x)
+        if x.dim() > 2 and not torch.compiler.is_compiling() and "_saw_length" not in \
+                self.__dict__:
+            # for fold: a Linear before this layer adds along the last axis, which is this
+            # layer's channel axis only for (N, C) input (an eager record; a compiled forward
+            # makes none, and fold then trusts the Sequential as before)
+            self.__dict__["_saw_length"] = True
         if x.numel() == 0:
             # an empty batch (a detection head with no region) has no mean: an empty output,
             # as nn.BatchNorm gives, and the running mean left as it is, not made NaN; the batch
