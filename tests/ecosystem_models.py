@@ -13,7 +13,9 @@ factor so that g != ||v|| (a converter that dropped g would be caught). Call
 ``model.apply_weight_norm()`` after construction (DAC, SpeechT5HifiGan); their
 ``from_pretrained`` builds and reads plain weights. The others (Wav2Vec2, HuBERT, EnCodec)
 build weight norm in ``__init__`` (Wav2Vec2/HuBERT's ``pos_conv_embed`` along dim 2), so
-``from_pretrained`` reads g and v.
+``from_pretrained`` reads g and v. ``OWN_REMOVAL``: the models with a ``remove_weight_norm()``
+method of their own (DAC, SpeechT5HifiGan), which calls ``torch.nn.utils.remove_weight_norm``
+on each layer ``apply_weight_norm()`` normalized (PyTorch's old API, whichever API put it on).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from torch import Tensor, nn
 
 NAMES = ("wav2vec2", "hubert", "encodec", "dac", "hifigan")
 APPLIES_WEIGHT_NORM = frozenset({"dac", "hifigan"})
+OWN_REMOVAL = frozenset({"dac", "hifigan"})
 
 
 def config(name: str) -> Any:

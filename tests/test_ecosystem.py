@@ -3,8 +3,9 @@ already use PyTorch's ``parametrizations.weight_norm`` (Wav2Vec2 and HuBERT alon
 
 For each: fold leaves Parameters and the same outputs and touches only the model it is given;
 adopting PyTorch's weight norm keeps outputs bit for bit and what the model's own
-save_pretrained/from_pretrained reads; every layer normalized + data_init + a training step;
-wnorm.load_state_dict both ways between the original and the wnorm model.
+save_pretrained/from_pretrained reads, and lets the model's own remove_weight_norm() take it off;
+every layer normalized + data_init + a training step; wnorm.load_state_dict both ways between
+the original and the wnorm model.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from wnorm._pytorch_wn import find
 from wnorm._reparam import slots
 
 transformers = pytest.importorskip("transformers")
-from ecosystem_models import NAMES, build, example, output  # noqa: E402
+from ecosystem_models import NAMES, OWN_REMOVAL, build, example, model_class, output  # noqa: E402
 
 MODELS = NAMES
 
@@ -70,6 +71,37 @@ def test_adopting_pytorch_weight_norm_keeps_outputs_bit_for_bit(name):
     assert pytorch_normalized(model) == 0 and sum(1 for _ in slots(model)) == before
     assert sorted(str(s.map.dim) for _, _, s in slots(model)) == dims
     assert run(name, model).equal(y)
+
+
+def test_the_models_with_their_own_removal_are_the_ones_tested():
+    assert OWN_REMOVAL == {n for n in MODELS if hasattr(model_class(n), "remove_weight_norm")}
+
+
+@pytest.mark.parametrize("adopt_only", [True, False], ids=["adopted", "all"])
+@pytest.mark.parametrize("name", sorted(OWN_REMOVAL))
+def test_the_models_own_remove_weight_norm_leaves_plain_layers_with_the_same_outputs(
+        name, adopt_only):
+    """HiFi-GAN recipes call model.remove_weight_norm() before export: after adoption and a
+    training step it leaves plain layers (no g, v, hook or parametrization) computing what the
+    normalized model computed, bit for bit. (Every layer wnorm.apply selects in these models
+    is one their apply_weight_norm() normalized.)"""
+    model = build(name)
+    held = {mname for mname, m in model.named_modules() if find(m)}
+    wnorm.apply(model, types=()) if adopt_only else wnorm.apply(model)
+    assert {mname for mname, _, _ in slots(model)} == held
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)  # g and v move apart from PyTorch's
+    grad_output(name, model).float().square().mean().backward()
+    opt.step()
+    y, z = output(name, model), run(name, model)
+    model.remove_weight_norm()
+    assert output(name, model).equal(y) and run(name, model).equal(z)
+    for mname in held:
+        m = model.get_submodule(mname)
+        assert type(m) in (nn.Conv1d, nn.ConvTranspose1d), mname
+        assert not m._forward_pre_hooks and not wnorm.is_weight_normalized(m), mname
+        assert sorted(n for n, _ in m.named_parameters()) == ["bias", "weight"], mname
+    assert not any(k.endswith(("_g", "_v")) or "parametrizations" in k
+                   for k in model.state_dict())
 
 
 @pytest.mark.parametrize("name", ["wav2vec2", "hubert"])

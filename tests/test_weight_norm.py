@@ -13,6 +13,7 @@ from conftest import unit_rows, normalized_weights
 from torch import nn
 
 import wnorm
+from wnorm._pytorch_wn import Adopted, find
 from wnorm.weight_norm import default_dim
 from wnorm import WnormError
 
@@ -830,7 +831,83 @@ def test_pytorch_weight_norm_is_adopted_with_its_parameters_and_axis(api, dim):
     assert type(m).__mro__[1] is nn.Conv1d and m._wn["weight"].dim == dim
     assert m.weight_g is g and m.weight_v is v
     assert torch.equal(m(x), y)
-    assert not m._forward_pre_hooks and "parametrizations" not in m._modules
+    # what is left of PyTorch's is the hook through which its remove_weight_norm finds wnorm's
+    assert [type(h) for h in m._forward_pre_hooks.values()] == [Adopted]
+    assert "parametrizations" not in m._modules and not find(m)
+
+
+def _pytorch_normalized(api: str, module: nn.Module, name: str = "weight",
+                        dim: int | None = 0) -> nn.Module:
+    wn = torch.nn.utils.weight_norm if api == "old" else torch.nn.utils.parametrizations.weight_norm
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the old API is deprecated
+        return wn(module, name, dim=-1 if dim is None else dim)
+
+
+@pytest.mark.parametrize("copied", ["same", "deepcopy", "torch.load"])
+@pytest.mark.parametrize("api", ["old", "new"])
+@pytest.mark.parametrize("dim", [0, 2, None])
+def test_pytorchs_remove_weight_norm_takes_an_adopted_weight_norm_off(api, dim, copied):
+    """Code written for PyTorch's weight norm (transformers' remove_weight_norm() methods call
+    torch.nn.utils.remove_weight_norm, whichever API put it on) removes wnorm's once adopted:
+    a plain layer, outputs bit for bit, after a step and through a copy."""
+    m = wnorm.weight_norm(_pytorch_normalized(api, nn.Conv1d(3, 4, 5), dim=dim))
+    x = torch.randn(2, 3, 9)
+    m(x).square().sum().backward()
+    torch.optim.SGD(m.parameters(), lr=0.1).step()  # g and v move apart from PyTorch's
+    if copied == "deepcopy":
+        m = copy.deepcopy(m)
+    elif copied == "torch.load":
+        buf = io.BytesIO()
+        torch.save(m, buf)
+        buf.seek(0)
+        m = torch.load(buf, weights_only=False)
+    y = m(x)
+    assert torch.nn.utils.remove_weight_norm(m) is m
+    assert type(m) is nn.Conv1d and not m._forward_pre_hooks
+    assert sorted(n for n, _ in m.named_parameters()) == ["bias", "weight"]
+    assert isinstance(m._parameters["weight"], nn.Parameter) and torch.equal(m(x), y)
+
+
+@pytest.mark.parametrize("api", ["old", "new"])
+def test_pytorchs_remove_weight_norm_takes_each_adopted_weight_of_a_cell_off(api):
+    cell = nn.LSTMCell(3, 4)
+    for name in ("weight_ih", "weight_hh"):
+        _pytorch_normalized(api, cell, name)
+    wnorm.apply(cell, types=())
+    x = torch.randn(2, 3)
+    y = cell(x)[0]
+    torch.nn.utils.remove_weight_norm(cell, "weight_ih")
+    assert not wnorm.is_weight_normalized(cell, "weight_ih")
+    assert wnorm.is_weight_normalized(cell, "weight_hh")
+    torch.nn.utils.remove_weight_norm(cell, "weight_hh")
+    assert not wnorm.is_weight_normalized(cell) and not cell._forward_pre_hooks
+    assert torch.equal(cell(x)[0], y)
+
+
+@pytest.mark.parametrize("how", ["remove_weight_norm", "fold"])
+def test_wnorms_own_removal_takes_the_hook_pytorchs_removal_finds_off_too(how):
+    net = nn.Sequential(_pytorch_normalized("new", nn.Conv1d(3, 4, 5)))
+    wnorm.apply(net, types=())
+    wnorm.remove_weight_norm(net[0]) if how == "remove_weight_norm" else wnorm.fold(net)
+    assert type(net[0]) is nn.Conv1d and not net[0]._forward_pre_hooks
+    with pytest.raises(ValueError, match="weight_norm of 'weight' not found"):
+        torch.nn.utils.remove_weight_norm(net[0])  # nothing left to remove: PyTorch says so
+
+
+def test_pytorchs_removal_of_what_it_never_held_is_its_error_and_changes_nothing():
+    """A weight wnorm normalized itself has no PyTorch hook (no per-forward cost), and
+    parametrize.remove_parametrizations sees no parametrization on an adopted one: PyTorch's
+    own error, naming the layer (its repr says weight_norm=...), and the layer unchanged."""
+    own = wnorm.weight_norm(nn.Conv1d(3, 4, 5))
+    adopted = wnorm.weight_norm(_pytorch_normalized("new", nn.Conv1d(3, 4, 5)))
+    x = torch.randn(2, 3, 9)
+    for m, remove in ((own, torch.nn.utils.remove_weight_norm),
+                      (adopted, torch.nn.utils.parametrize.remove_parametrizations)):
+        y = m(x)
+        with pytest.raises(ValueError, match=r"Conv1d\(3, 4, .*weight_norm=\(weight: dim=0\)"):
+            remove(m, "weight")
+        assert wnorm.is_weight_normalized(m, "weight") and torch.equal(m(x), y)
 
 
 def test_adopting_with_another_dim_is_refused():

@@ -1,4 +1,5 @@
-"""PyTorch's own weight norm on a module: find it, and take it off without touching other modules.
+"""PyTorch's own weight norm on a module: find it, take it off without touching other modules,
+and leave what PyTorch's removal looks for once wnorm has adopted it.
 
 PyTorch has two APIs: the old ``torch.nn.utils.weight_norm`` (a forward pre-hook and parameters
 ``<name>_g``/``<name>_v``) and ``torch.nn.utils.parametrizations.weight_norm`` (a generated
@@ -6,6 +7,10 @@ PyTorch has two APIs: the old ``torch.nn.utils.weight_norm`` (a forward pre-hook
 ``parametrize.remove_parametrizations`` deletes the property from the generated class, which a
 deep copy shares with its original, and registers the computed weight as a buffer; :func:`strip`
 does neither.
+
+Code written for PyTorch's weight norm takes it off with ``torch.nn.utils.remove_weight_norm``
+(transformers' ``remove_weight_norm()`` methods do, whichever API put it on): an adopted
+weight keeps an :class:`Adopted` hook there, through which that call removes wnorm's.
 """
 
 from __future__ import annotations
@@ -13,8 +18,9 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from torch import Tensor, nn
+from torch.nn.utils.weight_norm import WeightNorm as TorchWeightNorm
 
-__all__ = ["Found", "find", "strip"]
+__all__ = ["Found", "Adopted", "find", "strip", "drop_adopted"]
 
 
 class Found(NamedTuple):
@@ -30,14 +36,46 @@ def _axis(dim: int | None, ndim: int) -> int | None:
     return None if dim is None or dim == -1 else dim % ndim
 
 
+class Adopted(TorchWeightNorm):
+    r"""The forward pre-hook left on a module whose PyTorch weight norm of ``name`` wnorm adopted
+    (:math:`w = g\,v/\lVert v\rVert` is then wnorm's, computed at every access).
+
+    ``torch.nn.utils.remove_weight_norm(module, name)`` looks for a ``WeightNorm`` hook of that
+    name and calls its :meth:`remove`: here that is :func:`wnorm.remove_weight_norm`, so a
+    model's own ``remove_weight_norm()`` leaves plain layers with the same outputs. The hook
+    does nothing at forward; wnorm takes it off with the weight norm.
+    """
+
+    def __call__(self, module: nn.Module, inputs: object) -> None:
+        return None  # wnorm's property computes the weight; PyTorch's hook would assign it
+
+    def remove(self, module: nn.Module) -> None:
+        from .weight_norm import remove_weight_norm
+
+        hooks = module._forward_pre_hooks
+        key = next((k for k, h in hooks.items() if h is self), None)
+        remove_weight_norm(module, self.name)  # its detach takes this hook off too
+        if key is not None:
+            # torch.nn.utils.remove_weight_norm deletes this entry itself once remove() returns
+            hooks[key] = self
+
+
+def drop_adopted(module: nn.Module, name: str) -> None:
+    """Take the :class:`Adopted` hook of ``name`` off ``module`` (none: nothing to do)."""
+    hooks = module._forward_pre_hooks
+    for key, hook in list(hooks.items()):
+        if isinstance(hook, Adopted) and hook.name == name:
+            del hooks[key]
+
+
 def find(module: nn.Module) -> list[Found]:
-    """PyTorch's weight norm on ``module`` itself (not its children)."""
+    """PyTorch's weight norm on ``module`` itself (not its children); an :class:`Adopted`
+    hook is wnorm's, not PyTorch's."""
     from torch.nn.utils.parametrizations import _WeightNorm
-    from torch.nn.utils.weight_norm import WeightNorm
 
     found = []
     for hook in module._forward_pre_hooks.values():
-        if isinstance(hook, WeightNorm):
+        if isinstance(hook, TorchWeightNorm) and not isinstance(hook, Adopted):
             ndim = module._parameters[hook.name + "_v"].dim()
             found.append(Found(hook.name, "old", _axis(hook.dim, ndim)))
     plist = module.__dict__.get("_modules", {}).get("parametrizations")
@@ -69,10 +107,8 @@ def strip(module: nn.Module, found: Found) -> tuple[Tensor, Tensor]:
     ``module.<name>`` is left unset: the caller registers what replaces it."""
     name = found.name
     if found.api == "old":
-        from torch.nn.utils.weight_norm import WeightNorm
-
         for key, hook in list(module._forward_pre_hooks.items()):
-            if isinstance(hook, WeightNorm) and hook.name == name:
+            if isinstance(hook, TorchWeightNorm) and hook.name == name:
                 del module._forward_pre_hooks[key]
         g = module._parameters.pop(name + "_g")
         v = module._parameters.pop(name + "_v")

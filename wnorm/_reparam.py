@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd import forward_ad as _forward_ad
 
+from . import _pytorch_wn
 from .errors import WnormError
 from .maps import OTHER_MAP, Map, kind_mismatch, norm
 
@@ -657,6 +658,7 @@ def detach(module: nn.Module, name: str,
     params.pop(s.gname, None)
     del params[s.vname]
     params[name] = w_param
+    _pytorch_wn.drop_adopted(module, name)  # a plain weight: PyTorch's removal has nothing left
     if not specs:
         del module.__dict__["_wn"]
         module.__class__ = base_class(module)

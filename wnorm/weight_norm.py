@@ -199,6 +199,8 @@ def _adopt(module: nn.Module, found: _pytorch_wn.Found, dim: Any, make: Any, lab
     _check_dtensor(label, found.name, g0[1])
     g, v = _pytorch_wn.strip(module, found)
     _reparam.attach(module, found.name, WeightNorm(found.dim), g, v, where=label)
+    # code written for PyTorch's weight norm (a model's own remove_weight_norm()) still finds it
+    module.register_forward_pre_hook(_pytorch_wn.Adopted(found.name, found.dim))
     return module
 
 
