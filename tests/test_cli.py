@@ -85,8 +85,11 @@ def test_bad_arguments_exit_2(capsys) -> None:
     assert "invalid choice: 'repro'" in capsys.readouterr().err
     for bad in ("-1", "two", "1.5"):
         assert main(["convert", "a.pt", "b.pt", "--to", "torch-old", "--dim", bad]) == 2
-        assert f"expected 'keep', 'none' (one norm over the whole tensor) or an axis >= 0; got " \
-               f"'{bad}'" in capsys.readouterr().err
+        assert f"expected 'keep', 'none' (one norm over the whole tensor), an axis >= 0 or " \
+               f"KEY=AXIS,... (those weights only); got '{bad}'" in capsys.readouterr().err
+    for bad in ("1.weight=-1", "=0", "1.weight=keep"):
+        assert main(["convert", "a.pt", "b.pt", "--to", "wnorm", "--dim", bad]) == 2
+        assert "got '" in capsys.readouterr().err
     assert main(["convert", "a.pt", "b.pt", "--to", "plain", "--dim", "0"]) == 2
     assert "--dim chooses the axis of g and v; --to plain writes w alone" in (
         capsys.readouterr().err)
@@ -125,6 +128,45 @@ def test_convert_keeps_each_weights_dim_unless_told(tmp_path: Path, capsys, to: 
     err = capsys.readouterr().err
     assert "in.pt: checkpoint['model']: " in err and "dim 3 is out of range for a tensor of " \
         "shape (4, 2, 5)" in err and not (tmp_path / "bad.pt").exists()
+
+
+class Tagger(nn.Module):
+    """Embedding (padding row all zeros), ConvTranspose1d, Linear: left plain, normalized along
+    dim 1 and along dim 0 by wnorm.apply, and indistinguishable in a state dict."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 4, padding_idx=0)
+        self.up = nn.ConvTranspose1d(4, 3, 3)
+        self.out = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.up(self.emb(x).transpose(1, 2)).transpose(1, 2))
+
+
+def test_a_plain_checkpoint_to_wnorm_loads_into_the_applied_model_with_the_same_outputs(
+        tmp_path: Path, capsys) -> None:
+    torch.manual_seed(0)
+    source = Tagger().eval()
+    torch.save(source.state_dict(), tmp_path / "in.pt")
+    x = torch.tensor([[0, 3, 0, 7, 9]])
+    # without axes: plain weights stay plain (wnorm.load_state_dict reads them), and it says so
+    assert main(["convert", str(tmp_path / "in.pt"), str(tmp_path / "a.pt"), "--to", "wnorm"]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("wnorm: warning: convert to 'wnorm': 3 plain weight(s) ") and \
+        "--dim emb.weight=AXIS" in err and err.count("\n") == 1
+    target = wnorm.apply(Tagger()).eval()
+    load_state_dict(target, torch.load(tmp_path / "a.pt", weights_only=True))
+    with torch.no_grad():
+        assert torch.equal(target(x), source(x))
+    # with apply's axes named: the applied model's own strict loader takes the file
+    assert main(["convert", str(tmp_path / "in.pt"), str(tmp_path / "b.pt"), "--to", "wnorm",
+                 "--dim", "up.weight=1,out.weight=0"]) == 0
+    assert "2 weight(s) converted to wnorm" in capsys.readouterr().out
+    target = wnorm.apply(Tagger()).eval()
+    target.load_state_dict(torch.load(tmp_path / "b.pt", weights_only=True))
+    with torch.no_grad():
+        assert torch.equal(target(x), source(x))
 
 
 def test_module_entry_point_in_a_subprocess(tmp_path: Path) -> None:

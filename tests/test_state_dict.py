@@ -388,6 +388,72 @@ def test_convert_keeps_plain_layers_plain_when_some_are_normalized() -> None:
     assert "1.weight" in new and "0.parametrizations.weight.original0" in new
 
 
+class Tagger(nn.Module):
+    """An Embedding with a padding row (all zeros), a ConvTranspose and a Linear: three layers
+    wnorm.apply treats three ways (plain, dim 1, dim 0) whose weights a state dict cannot tell
+    apart by name or shape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 4, padding_idx=0)
+        self.up = nn.ConvTranspose1d(4, 3, 3)
+        self.out = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.up(self.emb(x).transpose(1, 2)).transpose(1, 2))
+
+
+TAGGER_AXES = {"up.weight": 1, "out.weight": 0}  # what wnorm.apply(Tagger()) normalizes
+
+
+def test_a_plain_checkpoint_converted_to_wnorm_loads_into_the_applied_model_unchanged() -> None:
+    # the padding row is zero: normalizing the Embedding (which apply leaves plain) along dim 0
+    # would abort, and a ConvTranspose normalized along dim 0 is not apply's layout
+    torch.manual_seed(0)
+    source = Tagger().eval()
+    with pytest.warns(UserWarning, match=r"convert to 'wnorm': 3 plain weight\(s\) "
+                                         r"\['emb.weight', 'up.weight', 'out.weight'\] left plain"):
+        sd = convert_state_dict(source.state_dict(), "wnorm")
+    target = wnorm.apply(Tagger()).eval()
+    for key in sd:  # no g or v on an axis (or a layer) that wnorm.apply does not use
+        if key.endswith(("_g", "_v")):
+            assert tuple(sd[key].shape) == tuple(target.state_dict()[key].shape), key
+    load_state_dict(target, sd)
+    x = torch.tensor([[0, 3, 0, 7, 9]])
+    with torch.no_grad():
+        assert torch.equal(target(x), source(x)) and bool(torch.isfinite(target(x)).all())
+
+
+def test_dims_naming_each_weight_write_the_applied_models_own_layout() -> None:
+    torch.manual_seed(0)
+    source = Tagger().eval()
+    sd = convert_state_dict(source.state_dict(), "wnorm", dim=TAGGER_AXES)
+    target = wnorm.apply(Tagger()).eval()
+    target.load_state_dict(sd)  # PyTorch's own strict loader: exactly the model's keys and shapes
+    x = torch.tensor([[0, 3, 0, 7, 9]])
+    with torch.no_grad():
+        assert torch.equal(target(x), source(x))
+    # a mapping moves only the pairs it names; the others keep their axis
+    moved = convert_state_dict(sd, "torch-old", dim={"out.weight": None})
+    assert moved["out.weight_g"].shape == () and moved["up.weight_g"].shape == (1, 3, 1)
+    with pytest.raises(WnormError, match=r"dim names 'emb', which is no weight of the state "
+                                         r"dict; expected weight keys .*'emb.weight'"):
+        convert_state_dict(source.state_dict(), "wnorm", dim={"emb": 0})
+    with pytest.raises(WnormError, match=r"expected dim as a mapping of weight keys to an axis "
+                                         r">= 0 or None .*got \{'out.weight': -1\}"):
+        convert_state_dict(source.state_dict(), "wnorm", dim={"out.weight": -1})
+
+
+def test_a_zero_row_to_normalize_is_refused_naming_the_key_and_how_to_keep_it_plain() -> None:
+    sd = Tagger().state_dict()  # PyTorch's weight_norm default (dim 0 for every weight)
+    with pytest.raises(WnormError, match=r"'emb.weight': expected a nonzero norm in every slice "
+                                         r"along dim 0 .*indices \[0\].*NaN.*if 'emb.weight' is "
+                                         r"to stay plain .*--dim KEY=AXIS"):
+        convert_state_dict(sd, "torch-old")
+    out = convert_state_dict(sd, "torch-old", dim={"up.weight": 0, "out.weight": 0})
+    assert out["emb.weight"] is sd["emb.weight"] and "up.weight_g" in out
+
+
 def test_convert_errors() -> None:
     with pytest.raises(WnormError, match=r"expected 'to' in .*got 'onnx'"):
         convert_state_dict({"w": torch.ones(1)}, "onnx")  # type: ignore[arg-type]

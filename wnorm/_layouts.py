@@ -17,6 +17,7 @@ Shared by :mod:`wnorm.state_dict` (loading into a model, converting) and :mod:`w
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -236,14 +237,17 @@ def _same_slices(shape: tuple[int, ...], a: int | None, b: int | None) -> bool:
     return canonical(a) == canonical(b)
 
 
-def _normalized_g(key: str, w: Tensor, dim: int | None, g_dtype: torch.dtype) -> Tensor:
+def _normalized_g(key: str, w: Tensor, dim: int | None, g_dtype: torch.dtype,
+                  hint: str = "") -> Tensor:
     """g of ``w`` normalized along ``dim`` (kept-dim; 0-dim for None), as :func:`gain` gives it;
-    refused when a slice is zero or its norm overflows."""
+    refused when a slice is zero or its norm overflows (``hint`` says what to do instead)."""
     n = norm(wide(w), dim)
     if bool((n == 0).any()):
+        zero = (n == 0).flatten().nonzero().flatten().tolist()
         raise WnormError(
             f"'{key}': expected a nonzero norm in every slice {_along(dim)} to normalize it "
-            f"there; got {int((n == 0).sum())} zero slices"
+            f"there; got {len(zero)} zero slices (indices {zero[:10]}), which have no direction "
+            f"(w = g * v / ||v|| would be NaN there){hint}"
         )
     return gain(key, w, dim, g_dtype, f" of ||w|| {_along(dim)}", n)
 
@@ -305,16 +309,26 @@ def _pair_keys(ckey: str, to: str) -> tuple[str, str]:
     return ckey + "_g", ckey + "_v"
 
 
+def _bad_axis(dim: Any) -> bool:
+    return dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim < 0)
+
+
 def _check_options(to: str, dim: Any) -> None:
     if to not in FORMATS:
         raise WnormError(f"convert: expected 'to' in {list(FORMATS)}; got {to!r}")
-    if dim == KEEP:
+    if isinstance(dim, str) and dim == KEEP:
         return
-    if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim < 0):
+    if isinstance(dim, Mapping):
+        bad = {k: d for k, d in dim.items() if not isinstance(k, str) or _bad_axis(d)}
+        if bad:
+            raise WnormError(
+                f"convert: expected dim as a mapping of weight keys to an axis >= 0 or None "
+                f"(one norm over the whole tensor); got {bad!r}")
+    elif _bad_axis(dim):
         raise WnormError(
-            f"convert: expected dim {KEEP!r}, None (one norm over the whole tensor) or an axis "
-            f">= 0; got {dim!r} (a negative dim is refused: PyTorch reads -1 as the whole "
-            "tensor, Python as the last axis)"
+            f"convert: expected dim {KEEP!r}, None (one norm over the whole tensor), a mapping "
+            f"of weight keys to axes, or an axis >= 0; got {dim!r} (a negative dim is refused: "
+            "PyTorch reads -1 as the whole tensor, Python as the last axis)"
         )
     if to == "plain":
         raise WnormError(f"convert: dim={dim!r} chooses the axis of g and v; 'plain' writes w "
@@ -338,11 +352,26 @@ def has_pair(state_dict: Mapping[str, Any]) -> bool:
     return any(src.pair for src in read(state_dict).values())
 
 
+#: Why a plain weight's axis is not guessed for the ``wnorm`` layout, and what to do instead.
+_APPLY_AXES = (
+    "a state dict does not record layer types, and wnorm.apply's choice depends on them (a "
+    "Linear's or ConvNd's weight along dim 0, a ConvTransposeNd's along dim 1, an Embedding's "
+    "not at all)")
+
+
+def _name_them(example: str = "KEY") -> str:
+    quoted = "KEY" if example == "KEY" else f"'{example}'"
+    return (f"name only the weights to normalize, with their axes: dim={{{quoted}: AXIS, ...}} "
+            f"(wnorm convert --dim {example}=AXIS,...)")
+
+
 def convert(state_dict: Mapping[str, Any], to: str, dim: Any = KEEP,
             normalize_plain: bool | None = None) -> tuple[dict[str, Any], int]:
     """``state_dict`` in layout ``to`` (see :func:`wnorm.convert_state_dict`), and how many
     weights were rewritten (renamed, reshaped or recomputed). Plain weights are normalized when
-    ``normalize_plain`` (default: when the state dict holds no pair)."""
+    ``normalize_plain`` (default: when the state dict holds no pair), along ``dim`` or, for
+    ``dim="keep"``, along dim 0 (PyTorch's weight norm's default) for the torch layouts and not
+    at all for ``wnorm``; a mapping ``dim`` normalizes or moves exactly the weights it names."""
     _check_options(to, dim)
     meta = getattr(state_dict, "_metadata", None)  # which map saved each pair (wnorm's)
     for path, entry in (meta.items() if isinstance(meta, Mapping) else ()):
@@ -360,8 +389,32 @@ def convert(state_dict: Mapping[str, Any], to: str, dim: Any = KEEP,
         if missing is not None:
             raise WnormError(f"'{src.keys[0]}' is half of a weight-norm pair: '{missing}' is "
                              "missing; expected both halves (or a plain weight)")
+    per_key = dim if isinstance(dim, Mapping) else None
+    if per_key is not None:
+        for key in per_key:
+            t = None if key not in sources else (
+                sources[key].v if sources[key].pair else sources[key].w)
+            if not isinstance(t, Tensor) or not (t.is_floating_point() or t.is_complex()):
+                weights = [k for k, s in sources.items() if s.pair or _normalizable(k, s.w)]
+                raise WnormError(
+                    f"convert: dim names '{key}', which is no weight of the state dict; "
+                    f"expected weight keys as the plain layout names them (e.g. {weights[:5]})")
     if normalize_plain is None:
         normalize_plain = not any(src.pair for src in sources.values())
+    # the plain weights that become pairs, and their axes
+    plain_axes: dict[str, int | None] = {}
+    if per_key is not None:
+        plain_axes = {k: d for k, d in per_key.items() if not sources[k].pair}
+    elif normalize_plain:
+        weights = [k for k, s in sources.items() if not s.pair and _normalizable(k, s.w)]
+        if dim != KEEP or to != "wnorm":
+            along = 0 if dim == KEEP else dim  # PyTorch's weight_norm(module) default: dim 0
+            plain_axes = dict.fromkeys(weights, along)
+        elif weights:  # not guessed: the wrong guess gives no g and v wnorm.apply's model takes
+            warnings.warn(
+                f"convert to 'wnorm': {len(weights)} plain weight(s) {weights[:5]} left plain: "
+                f"{_APPLY_AXES}; wnorm.load_state_dict(wnorm.apply(model), sd) loads them as "
+                f"they are; for g and v in the file, {_name_them(weights[0])}", stacklevel=3)
     out: dict[str, Any] = {}
     n = 0
     for ckey, src in sources.items():
@@ -372,20 +425,25 @@ def convert(state_dict: Mapping[str, Any], to: str, dim: Any = KEEP,
             else:
                 out[ckey] = src.w
             continue
+        along = dim if per_key is None else per_key.get(ckey, KEEP)
         if src.pair:
             source_dim(src.keys[0], src.g, src.v)  # reject a g no loader could read
             g, v, changed = src.g, src.v, src.keys[0] != _pair_keys(ckey, to)[0]
-            if dim != KEEP:
-                g, v, rewritten = _relayout(src, dim)
+            if along != KEEP:
+                g, v, rewritten = _relayout(src, along)
                 changed = changed or rewritten
             elif to != "wnorm":  # PyTorch's weight norm stores g kept-dim
                 g, reshaped = _kept_dim(src)
                 changed = changed or reshaped
             n += changed
-        elif normalize_plain and _normalizable(ckey, src.w):
-            along = 0 if dim == KEEP else dim
+        elif ckey in plain_axes:
+            along = plain_axes[ckey]
             _check_dim(ckey, src.w, along)
-            g, v = _normalized_g(ckey, src.w, along, src.w.dtype), src.w
+            # an all-zero row (an Embedding's padding row, a pruned unit) has no direction:
+            # only the caller knows whether this weight is one to normalize at all
+            hint = "" if per_key is not None else (
+                f"; if '{ckey}' is to stay plain (an Embedding's padding row?), {_name_them()}")
+            g, v = _normalized_g(ckey, src.w, along, src.w.dtype, hint), src.w
             n += 1
         else:
             out[ckey] = src.w

@@ -1,6 +1,6 @@
 """The ``wnorm`` command line.
 
-    wnorm convert IN OUT --to {plain,torch-old,torch-new,wnorm} [--dim AXIS] [--key KEY]
+    wnorm convert IN OUT --to {plain,torch-old,torch-new,wnorm} [--dim DIM] [--key KEY]
 
 IN is a ``.pt``/``.pth`` or ``.safetensors`` file (OUT: a file), or a transformers checkpoint
 folder in the ``save_pretrained`` layout (OUT: a new folder). Bad input prints
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,8 @@ from .errors import WnormError
 __all__ = ["main"]
 
 
-def _dim(text: str) -> Any:
-    """``--dim``: ``keep``, ``none`` or an axis >= 0."""
+def _axis(text: str) -> Any:
+    """``none`` or an axis >= 0; ``keep`` too where ``text`` is all of ``--dim``."""
     if text.lower() in (KEEP, "none"):
         return KEEP if text.lower() == KEEP else None
     try:
@@ -32,9 +33,23 @@ def _dim(text: str) -> Any:
         dim = -1
     if dim < 0:
         raise argparse.ArgumentTypeError(
-            f"expected 'keep', 'none' (one norm over the whole tensor) or an axis >= 0; got "
-            f"{text!r}")
+            f"expected 'keep', 'none' (one norm over the whole tensor), an axis >= 0 or "
+            f"KEY=AXIS,... (those weights only); got {text!r}")
     return dim
+
+
+def _dim(text: str) -> Any:
+    """``--dim``: ``keep``, ``none``, an axis >= 0, or ``KEY=AXIS,...`` (per weight)."""
+    if "=" not in text:
+        return _axis(text)
+    dims = {}
+    for item in text.split(","):
+        key, eq, axis = item.strip().rpartition("=")
+        dims[key] = _axis(axis) if eq and key else KEEP
+        if dims[key] == KEEP:
+            raise argparse.ArgumentTypeError(
+                f"expected KEY=AXIS,... with AXIS 'none' or an axis >= 0; got {item!r}")
+    return dims
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -59,10 +74,12 @@ def _parser() -> argparse.ArgumentParser:
                       help="replace an existing OUT file (never IN itself)")
     conv.add_argument("--to", required=True, choices=FORMATS)
     conv.add_argument(
-        "--dim", type=_dim, default=KEEP, metavar="AXIS",
+        "--dim", type=_dim, default=KEEP, metavar="DIM",
         help="the axis of g and v in OUT: 'keep' (default: each weight's own, e.g. dim 2 of "
-        "Wav2Vec2's positional conv), an axis >= 0 for every weight, or 'none' (one norm over "
-        "the whole tensor)",
+        "Wav2Vec2's positional conv), an axis >= 0 for every weight, 'none' (one norm over "
+        "the whole tensor), or KEY=AXIS,... for the weights named only (e.g. 1.weight=0,"
+        "2.weight=1: a plain checkpoint's Linear and ConvTranspose for --to wnorm, which "
+        "otherwise leaves plain weights plain: a checkpoint does not say which layer is which)",
     )
     conv.add_argument(
         "--key",
@@ -182,7 +199,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # argparse has printed its usage message
         return e.code if isinstance(e.code, int) else 2
     try:
-        return _convert(args)
+        with warnings.catch_warnings():  # one line each, like the errors: no source line
+            warnings.showwarning = lambda message, *_, **__: print(
+                f"wnorm: warning: {message}", file=sys.stderr)
+            return _convert(args)
     except WnormError as e:
         print(f"wnorm: error: {e}", file=sys.stderr)
         return 2

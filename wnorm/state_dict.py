@@ -422,8 +422,9 @@ def load_state_dict(
     refuse_sharded(f"load_state_dict into {name}", inner,
                    "load before sharding (wnorm.apply, wnorm.load_state_dict, then fully_shard), "
                    "or give torch.distributed.checkpoint.state_dict.set_model_state_dict a full "
-                   "state dict in the model's own layout (wnorm.convert_state_dict(sd, 'wnorm') "
-                   "for a model wnorm.apply normalized throughout)")
+                   "state dict in the model's own layout (for a plain sd: "
+                   "wnorm.convert_state_dict(sd, 'wnorm', dim={key: axis, ...}) naming each "
+                   "weight wnorm.apply normalized and its axis)")
     values, bad, note = _plan(inner, state_dict)
     note = f" ({note})" if note else ""
     unreachable = _unreachable(inner)
@@ -465,7 +466,8 @@ def load_state_dict(
 
 # --------------------------------------------------------------------------- converting
 def convert_state_dict(
-    state_dict: Mapping[str, Any], to: Format, dim: int | None | Literal["keep"] = "keep"
+    state_dict: Mapping[str, Any], to: Format,
+    dim: int | None | Literal["keep"] | Mapping[str, int | None] = "keep",
 ) -> dict[str, Any]:
     r"""Rewrite a state dict in another weight-norm layout, without the model's code.
 
@@ -476,9 +478,20 @@ def convert_state_dict(
     - ``"torch-old"``, ``"torch-new"``, ``"wnorm"``: each pair renamed, values untouched, on
       its own axis (Wav2Vec2's ``pos_conv_embed`` keeps ``dim=2``, so the model's own loader
       reads the result); ``dim`` moves every pair to another axis (same weight, new
-      :math:`g = \lVert w\rVert`, ``v = w``; ``None``: one norm over the whole tensor). A state
-      dict with no pair at all gets every weight of 2 or more axes normalized (along dim 0
-      unless ``dim`` says otherwise); biases and 1-D norm-layer weights stay plain.
+      :math:`g = \lVert w\rVert`, ``v = w``; ``None``: one norm over the whole tensor).
+    - A state dict with no pair at all: for ``"torch-old"``/``"torch-new"`` every weight of 2
+      or more axes is normalized along dim 0 (PyTorch's ``weight_norm`` default) unless ``dim``
+      says otherwise; biases and 1-D norm-layer weights stay plain. For ``"wnorm"`` they stay
+      plain (with a warning) unless ``dim`` names an axis: the axis :func:`wnorm.apply` uses
+      depends on the layer type (dim 0 for Linear and ConvNd, 1 for ConvTransposeNd, an
+      Embedding not at all), which a state dict does not record.
+    - ``dim`` as a mapping ``{weight key: axis or None}`` normalizes (plain) or moves (pairs)
+      exactly the weights it names, the rest as they are: ``{"up.weight": 1, "out.weight": 0}``
+      gives the layout of ``wnorm.apply(model)``, which the model's own ``load_state_dict``
+      takes.
+
+    A weight to normalize with an all-zero slice (an Embedding's padding row) is refused: it has
+    no direction, and ``w = g v / ||v||`` would be NaN there.
 
     Norms and weights are computed in float64 and written in the state dict's own dtypes;
     the input is not changed (untouched tensors are shared, not copied).
@@ -486,16 +499,18 @@ def convert_state_dict(
     Args:
         state_dict: names to tensors.
         to: ``"plain"``, ``"torch-old"``, ``"torch-new"`` or ``"wnorm"``.
-        dim: ``"keep"`` (default), an axis >= 0, or None.
+        dim: ``"keep"`` (default), an axis >= 0, None, or a mapping of weight keys (as the
+            plain layout names them) to an axis >= 0 or None.
 
     Returns:
         A new dict.
 
     Raises:
-        WnormError: ``to`` or ``dim`` is unknown or out of range for a weight, a value is not
-            a tensor or has NaN/inf, a g's axis cannot be read off its shape, a slice to
-            normalize is zero, a computed g or w overflows its dtype, or one weight is held in
-            two layouts; the message names the key.
+        WnormError: ``to`` or ``dim`` is unknown or out of range for a weight (or names a key
+            that is no weight of the state dict), a value is not a tensor or has NaN/inf, a g's
+            axis cannot be read off its shape, a slice to normalize is zero, a computed g or w
+            overflows its dtype, or one weight is held in two layouts; the message names the
+            key.
 
     Example:
         >>> import torch
