@@ -353,9 +353,13 @@ _PRUNED = r"2 \(Linear\): .*'weight_v'.* no longer"
      r"2 \(Linear\): PyTorch parametrizations \(\['bias'\]\) were registered on top of wnorm's"),
     ("wnorm", _pruned_v, False, _PRUNED),
     ("pytorch", _pruned_v, True, _PRUNED),
+    # PyTorch's removal hook left on an adopted layer is wnorm's: its message, not PyTorch's
+    ("adopted", _pruned_v, False, r"2 \(Linear\): 'weight_v' is no longer a parameter of this "
+                                  r"layer \(torch\.nn\.utils\.prune or a parametrization"),
     ("wnorm", _weight_swapped_through_data, False, r"2 \(Linear\): 'weight' was replaced through"),
 ], ids=["untracked mean-only BN", "untracked mean-only BN, PyTorch's weight norms",
-        "parametrized bias", "pruned v", "pruned v, PyTorch's weight norms", "weight swapped"])
+        "parametrized bias", "pruned v", "pruned v, PyTorch's weight norms", "pruned v, adopted",
+        "weight swapped"])
 def test_a_refused_fold_leaves_the_model_as_it_was(normalize, spoil, runs, message):
     """fold raised only after the layers before the bad one were folded: their g and v, which
     an optimizer holds, were gone, and a parametrized layer's error named its class only."""
@@ -367,6 +371,8 @@ def test_a_refused_fold_leaves_the_model_as_it_was(normalize, spoil, runs, messa
         net[0] = torch.nn.utils.parametrizations.weight_norm(net[0])
         with pytest.warns(FutureWarning):
             net[2] = torch.nn.utils.weight_norm(net[2])
+        if normalize == "adopted":
+            wnorm.apply(net)
     net = spoil(net).eval()
     x = torch.randn(5, 3)
     params = dict(net.named_parameters())

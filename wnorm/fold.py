@@ -117,8 +117,8 @@ def _check(model: nn.Module) -> None:
         where = mname or "<model>"
         label = f"{where} ({parametrize.type_before_parametrizations(module).__name__})"
         for hook in module._forward_pre_hooks.values():
-            if not isinstance(hook, TorchWeightNorm):
-                continue
+            if not isinstance(hook, TorchWeightNorm) or isinstance(hook, _pytorch_wn.Adopted):
+                continue  # an Adopted hook is wnorm's: its g and v are checked as wnorm's
             gone = [n for n in (hook.name + "_g", hook.name + "_v") if n not in module._parameters]
             if gone:  # _pytorch_wn.find would fail with a bare KeyError
                 raise WnormError(
