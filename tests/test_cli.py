@@ -167,6 +167,17 @@ def test_a_plain_checkpoint_to_wnorm_loads_into_the_applied_model_with_the_same_
     target.load_state_dict(torch.load(tmp_path / "b.pt", weights_only=True))
     with torch.no_grad():
         assert torch.equal(target(x), source(x))
+    # the keys name one state dict's weights: a checkpoint holding several needs --key
+    torch.save({"tagger": source.state_dict(), "head": nn.Linear(2, 2).state_dict()},
+               tmp_path / "two.pt")
+    args = ["convert", str(tmp_path / "two.pt"), str(tmp_path / "c.pt"), "--to", "wnorm",
+            "--dim", "up.weight=1,out.weight=0"]
+    assert main(args) == 2
+    assert "names the weights of one state dict; got several, at checkpoint['tagger'], " \
+        "checkpoint['head']: pick the one they belong to with --key" in capsys.readouterr().err
+    assert main(args + ["--key", "tagger"]) == 0
+    target = wnorm.apply(Tagger()).eval()
+    target.load_state_dict(torch.load(tmp_path / "c.pt", weights_only=True)["tagger"])
 
 
 def test_module_entry_point_in_a_subprocess(tmp_path: Path) -> None:

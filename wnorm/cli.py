@@ -160,6 +160,11 @@ def _convert(args: argparse.Namespace) -> int:
     ckpt = load_checkpoint(src)
     try:
         paths = find_state_dicts(ckpt, args.key)
+        if isinstance(args.dim, dict) and len(paths) > 1:  # keys are one state dict's names
+            where = ", ".join("checkpoint" + "".join(f"[{p!r}]" for p in path)
+                              for path in paths)
+            raise WnormError(f"--dim KEY=AXIS,... names the weights of one state dict; got "
+                             f"several, at {where}: pick the one they belong to with --key")
         out, n = convert_checkpoint(ckpt, args.to, args.key, args.dim)
     except WnormError as e:
         raise WnormError(f"{args.input}: {e}") from None
