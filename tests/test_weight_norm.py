@@ -1094,3 +1094,45 @@ def test_pytorch_parametrize_and_wnorm_on_one_module_are_refused_not_corrupted()
         wnorm.remove_weight_norm(then)
     with pytest.raises(WnormError, match=r"were registered on top of wnorm's weight norm"):
         wnorm.fold(then)
+
+
+def test_adopting_pytorchs_weight_norm_on_two_weights_of_a_cell_leaves_no_generated_class():
+    # the second strip dropped wnorm's class and kept parametrize's: torch.save(cell) failed,
+    # and after both removals the cell was a ParametrizedLSTMCell
+    torch.manual_seed(0)
+    cell = nn.LSTMCell(3, 4)
+    for n in ("weight_ih", "weight_hh"):
+        nn.utils.parametrizations.weight_norm(cell, n)
+    x = torch.randn(2, 3)
+    before = cell(x)[0].detach()
+    wnorm.apply(cell)
+    assert not any(c.__name__.startswith("Parametrized") for c in type(cell).__mro__)
+    torch.testing.assert_close(cell(x)[0], before, rtol=0, atol=1e-6)
+    buf = io.BytesIO()
+    torch.save(cell, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    torch.testing.assert_close(loaded(x)[0], before, rtol=0, atol=1e-6)
+    for n in ("weight_ih", "weight_hh"):
+        wnorm.remove_weight_norm(cell, n)
+    assert type(cell) is nn.LSTMCell
+    torch.testing.assert_close(cell(x)[0], before, rtol=0, atol=1e-6)
+
+
+def test_wnorm_on_one_weight_of_a_module_pytorch_normalizes_elsewhere_is_refused_or_adopted():
+    # wnorm's class went on parametrize's: the GRU's forward then failed with a TypeError
+    torch.manual_seed(0)
+    gru = nn.GRU(4, 5)
+    nn.utils.parametrizations.weight_norm(gru, "weight_hh_l0")
+    x = torch.randn(2, 3, 4)
+    before = gru(x)[0].detach()
+    with pytest.raises(WnormError, match=r"\['weight_hh_l0'\] of this module are weight-normalized "
+                                         r"by PyTorch .* normalize them with wnorm first"):
+        wnorm.weight_norm(gru, "weight_ih_l0")
+    torch.testing.assert_close(gru(x)[0], before, rtol=0, atol=0)  # untouched
+    wnorm.apply(gru)  # adopts weight_hh_l0 first, then normalizes weight_ih_l0
+    assert wnorm.is_weight_normalized(gru, "weight_ih_l0")
+    assert wnorm.is_weight_normalized(gru, "weight_hh_l0")
+    assert not any(c.__name__.startswith("Parametrized") for c in type(gru).__mro__)
+    torch.testing.assert_close(gru(x)[0], before, rtol=0, atol=1e-6)
+    torch.save(gru, io.BytesIO())

@@ -119,16 +119,27 @@ def strip(module: nn.Module, found: Found) -> tuple[Tensor, Tensor]:
     g, v = chain.original0, chain.original1
     del plist[name]
     _remove_compat_hooks(module, name)
+    # wnorm's class may sit on the generated one already (an LSTMCell's second adopted weight):
+    # the generated class is then the one under it, and wnorm's goes back on top of what
+    # replaces it (dropping it lost wnorm's class, and the generated one stayed)
+    top = type(module)
+    cls = top.__dict__.get("_wn_base", top)
     if len(plist) == 0:
         # Leave the generated class alone (a deep copy shares it); move this module back to the
         # class it was built as.
         del module._modules["parametrizations"]
-        module.__class__ = type(module).__bases__[0]
+        new = cls.__bases__[0]
     else:
         # other tensors stay parametrized: this module gets a class of its own, the generated
         # one without the property of `name`
-        cls = type(module)
         ns = {k: val for k, val in cls.__dict__.items()
               if k not in (name, "__dict__", "__weakref__")}
-        module.__class__ = type(cls.__name__, cls.__bases__, ns)
+        new = type(cls.__name__, cls.__bases__, ns)
+    if cls is not top:
+        from ._reparam import _class_for, _ensure_property
+
+        new = _class_for(new)
+        for slot_name in module.__dict__.get("_wn", {}):  # the weights wnorm computes already
+            _ensure_property(new, slot_name)
+    module.__class__ = new
     return g, v

@@ -342,7 +342,10 @@ def apply(
                 "materializes them at its first forward); run one forward pass on a batch "
                 "before wnorm.apply"
             )
-        for pname in _weight_names(module):
+        # PyTorch's weight norms of the module are adopted first: wnorm's class then goes on
+        # the module's own, never under or over parametrize's generated one
+        adopt = {f.name for f in _pytorch_wn.find(module)}
+        for pname in sorted(_weight_names(module), key=lambda n: n not in adopt):
             if is_weight_normalized(module, pname):
                 raise WnormError(
                     f"{_label(mname, module)}: '{pname}' is already weight-normalized by wnorm"

@@ -146,6 +146,12 @@ def reparameterize(module: nn.Module, name: str, dim: Any, make: Any, *,
         raise WnormError(f"{label}: {others} already have a PyTorch parametrization "
                          "(torch.nn.utils.parametrize) other than weight norm; wnorm cannot "
                          "share a module with one: remove it first")
+    pending = [f.name for f in found if f.api == "new"]
+    if pending:  # wnorm's class would go on parametrize's (an RNN's forward then failed)
+        raise WnormError(
+            f"{label}: {pending} of this module are weight-normalized by PyTorch "
+            "(torch.nn.utils.parametrizations.weight_norm); normalize them with wnorm first "
+            f"(wnorm.weight_norm adopts each), then '{name}', or let wnorm.apply do all of them")
     weight = module._parameters.get(name)
     if weight is None:
         have = [n for n, p in module._parameters.items() if p is not None]
