@@ -301,8 +301,8 @@ def _earlier_weight(module: nn.Module, s: _reparam.Slot, g: Any, v: torch.Tensor
         return {}
     with torch.no_grad():
         mine = s.map.weight(g, v)
-        if (w.shape, w.dtype, w.device) == (mine.shape, mine.dtype, mine.device) and bool(
-                torch.equal(w, mine)):
+        if (w.shape, w.dtype, w.device) == (mine.shape, mine.dtype, mine.device) and (
+                bool(torch.equal(w, mine)) or _rounding_apart(w, mine)):
             return {id(v): (v, w)}
     warnings.warn(
         f"{s.where or _label(module, '')}: '{s.name}' shared g and v with a weight whose "
@@ -310,6 +310,17 @@ def _earlier_weight(module: nn.Module, s: _reparam.Slot, g: Any, v: torch.Tensor
         "weight, no longer tied: remove weight norm from every holder of a tie before training "
         "on", stacklevel=3)
     return {}
+
+
+def _rounding_apart(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` differ by no more than a few roundings (in float32 at least): a
+    model cast between two removals (``.double()``, ``.to(torch.bfloat16)``) recomputes the
+    weight in the new dtype, which is no change of either side."""
+    if not a.is_floating_point():
+        return False
+    eps = max(torch.finfo(a.dtype).eps, torch.finfo(torch.float32).eps)
+    scale = a.abs().amax() if a.numel() else a.new_zeros(())
+    return bool(torch.allclose(a, b, rtol=8 * eps, atol=float(8 * eps * scale)))
 
 
 def is_weight_normalized(module: nn.Module, name: str | None = None) -> bool:
