@@ -1149,3 +1149,11 @@ def test_wnorm_on_one_weight_of_a_module_pytorch_normalizes_elsewhere_is_refused
     assert not any(c.__name__.startswith("Parametrized") for c in type(gru).__mro__)
     torch.testing.assert_close(gru(x)[0], before, rtol=0, atol=1e-6)
     torch.save(gru, io.BytesIO())
+
+
+def test_fold_after_removing_weight_norm_from_one_holder_of_a_tie_keeps_the_tie():
+    # fold, not a second remove_weight_norm, took the other holder off: it made its own weight
+    model, _ = _tied_lm_after_a_step()
+    wnorm.remove_weight_norm(model.emb)
+    wnorm.fold(model)
+    assert model.head.weight is model.emb.weight

@@ -14,6 +14,7 @@ from . import _pytorch_wn, _reparam
 from .errors import WnormError, expect_module, refuse_sharded
 from .maps import WeightNorm
 from .mean_only_bn import MeanOnlyBatchNormBase
+from .weight_norm import _earlier_weight
 
 __all__ = ["fold", "ChannelShift"]
 
@@ -157,6 +158,10 @@ def _plain_weights(model: nn.Module) -> None:
             module.register_parameter(found.name,
                                       _reparam.plain_weight(WeightNorm(found.dim), g, v, tied))
         for name in list(_reparam.slots_of(module)):
+            s = _reparam.slot(module, name)
+            g, v = _reparam.pair(module, s)
+            if id(v) not in tied:  # a holder of a tie wnorm.remove_weight_norm took apart
+                tied.update(_earlier_weight(module, s, g, v))
             _reparam.detach(module, name, tied)
 
 
