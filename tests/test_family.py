@@ -518,6 +518,19 @@ def test_arpit_init_sets_tied_layers_of_one_role_once_and_reports_the_gain_they_
     assert torch.equal(model.b.bias, torch.zeros(6))
 
 
+def test_arpit_init_fills_each_g_of_layers_sharing_only_v():
+    # drawing a shared v once skipped the second layer's own g: its report said 1.414, its g
+    # held what it held before
+    net = wnorm.apply(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(),
+                                    nn.Linear(8, 2)))
+    net[2].weight_v = net[0].weight_v
+    with torch.no_grad():
+        net[2].weight_g.fill_(123.0)
+    gains = wnorm.arpit_init(net)
+    for i in (0, 2):
+        torch.testing.assert_close(net[i].weight_g, torch.full_like(net[i].weight_g, gains[str(i)]))
+
+
 def test_arpit_init_leaves_a_layer_it_has_no_gains_for_as_it_is():
     # a Bilinear given through types= got a ReLU layer's gain the paper does not derive
     model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))

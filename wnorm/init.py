@@ -197,13 +197,12 @@ def arpit_init(
             if getattr(m, "bias", None) is not None:
                 m.bias.zero_()
             v = m._parameters[spec.vname]
-            if id(v) in done:  # a tie: its v is drawn once
-                continue
-            done.add(id(v))
-            units = v.shape[spec.dim]
-            flat = v.movedim(spec.dim, 0).reshape(units, -1)
-            q = torch.empty_like(flat, dtype=torch.float32)
-            nn.init.orthogonal_(q)
-            v.copy_(q.reshape(v.movedim(spec.dim, 0).shape).movedim(0, spec.dim))
+            if id(v) not in done:  # a tie: its v is drawn once (each g of its own is filled)
+                done.add(id(v))
+                units = v.shape[spec.dim]
+                flat = v.movedim(spec.dim, 0).reshape(units, -1)
+                q = torch.empty_like(flat, dtype=torch.float32)
+                nn.init.orthogonal_(q)
+                v.copy_(q.reshape(v.movedim(spec.dim, 0).shape).movedim(0, spec.dim))
             m._parameters[spec.gname].fill_(gain)
     return gains
