@@ -301,6 +301,15 @@ def test_a_bfloat16_batch_gets_batch_norms_accuracy_in_the_mean_and_running_mean
     assert (y.float().mean(0) - 0.5).abs().max() < 0.01
 
 
+def test_update_bn_averages_the_batch_means_whatever_empty_batches_the_loader_yields():
+    # an empty batch counted in the cumulative average weighed the later batches wrongly:
+    # (2 mu_1 + mu_2) / 3 where the docstring promises (mu_1 + mu_2) / 2
+    bn = MeanOnlyBatchNorm1d(4)
+    b1, b2 = torch.randn(8, 4) + 3, torch.randn(8, 4) - 1
+    wnorm.update_bn([b1, torch.zeros(0, 4), b2], bn)
+    torch.testing.assert_close(bn.running_mean, (b1.mean(0) + b2.mean(0)) / 2)
+
+
 def test_update_bn_recomputes_mean_only_running_means_that_pytorchs_leaves_stale():
     """SWA: wnorm.update_bn sets every mean-only layer's running mean to the average of its
     input's batch means over the loader (PyTorch's update_bn finds BatchNorm layers only),

@@ -189,8 +189,10 @@ class MeanOnlyBatchNormBase(nn.Module):
         if x.numel() == 0:
             # an empty batch (a detection head with no region) has no mean: an empty output,
             # as nn.BatchNorm gives, and the running mean left as it is, not made NaN; the batch
-            # is counted, as nn.BatchNorm counts it (a checkpoint's num_batches_tracked agrees)
-            if self.training and self.track_running_stats:
+            # is counted, as nn.BatchNorm counts it (a checkpoint's num_batches_tracked agrees),
+            # except in a cumulative average (momentum None, as update_bn runs), where the count
+            # weighs the next batch: an empty batch would skew the average toward the earlier
+            if self.training and self.track_running_stats and self.momentum is not None:
                 self.num_batches_tracked.add_(1)
             return _shifted(x, self.bias - self.running_mean
                             if self.running_mean is not None else self.bias)
