@@ -438,3 +438,24 @@ def test_a_linear_on_length_inputs_before_a_batch_norm_keeps_the_shift_on_the_ch
     flat = wnorm.apply(nn.Sequential(nn.Linear(4, 4), wnorm.MeanOnlyBatchNorm1d(4)))
     flat(torch.randn(8, 4))
     assert isinstance(wnorm.fold(flat.eval())[1], nn.Identity)
+
+
+
+@pytest.mark.parametrize("bn, shape", [(wnorm.MeanOnlyBatchNorm2d, (6, 4, 3, 4)),
+                                       (wnorm.MeanOnlyBatchNorm3d, (6, 4, 2, 3, 4))])
+def test_a_linear_before_a_2d_or_3d_batch_norm_never_takes_its_shift_even_after_a_load(bn, shape):
+    # its bias adds along the last axis, never the batch norm's dim 1: a model loaded from a
+    # checkpoint (no forward in this process) folded to outputs off by 1.0
+    torch.manual_seed(0)
+    trained = wnorm.apply(nn.Sequential(nn.Linear(4, 4), bn(4)))
+    x = torch.randn(shape)
+    for _ in range(3):
+        trained(x)
+    with torch.no_grad():
+        trained[1].bias.uniform_(-1, 1)
+    fresh = wnorm.apply(nn.Sequential(nn.Linear(4, 4), bn(4)))
+    fresh.load_state_dict(trained.state_dict())
+    before = trained.eval()(x)  # the fresh model runs nothing before its fold
+    wnorm.fold(fresh.eval())
+    assert isinstance(fresh[1], wnorm.ChannelShift)
+    torch.testing.assert_close(fresh(x), before, rtol=0, atol=1e-6)

@@ -248,7 +248,9 @@ def fold(model: nn.Module) -> nn.Module:
             bias = None if prev is None else prev._parameters.get("bias")
             # a Linear's bias adds along the last axis: after (N, C, L) input it is not this
             # batch norm's channel axis, and the shift must stay a ChannelShift along dim 1
-            lengthwise = isinstance(prev, nn.Linear) and child.__dict__.get("_saw_length", False)
+            # (a 2d/3d batch norm's input always has axes after its channels)
+            lengthwise = isinstance(prev, nn.Linear) and (
+                child.__dict__.get("_saw_length", False) or 2 not in child._ndims)
             if (prev is not None and not lengthwise and uses[id(prev)] == 1 and not _hooked(prev)
                     and not _hooked(child) and (bias is None or uses[id(bias)] == 1)
                     and _absorb(prev, shift)):
