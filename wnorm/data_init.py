@@ -346,10 +346,11 @@ def _standardize(y: Tensor, axis: int, scale: float, group: Any) -> tuple[Tensor
     r = _wide(_units_view(y, axis))
     # a unit whose values are all equal has sigma 0, but the rounded mean leaves a spread of
     # about eps*|mu| (a constant batch gave g ~ 1e7 on the CPU), and a GEMM may round equal
-    # rows apart by a few ulps (float64 on AMD CPUs): a range within a few roundings of the
-    # unit's magnitude is no variation. bf16/fp16 outputs absorb the wider accumulator's noise.
+    # rows apart (float64 on AMD CPUs): a range within a few roundings is no variation. The
+    # rounding is of the summed terms, which a unit whose output cancels to near 0 hides: the
+    # layer's largest magnitude (one input for all units) measures it. bf16/fp16 outputs
+    # absorb the wider accumulator's noise but for one ulp of their own, per unit.
     top, low = r.amax((0, 2)), r.amin((0, 2))
-    ulps = 2.0 if y.element_size() <= 2 else 64.0
     if group is _LOCAL:
         out, mu, inv = torch.native_batch_norm(r, None, None, None, None, True, 0.0, 0.0)
     else:
@@ -362,7 +363,11 @@ def _standardize(y: Tensor, axis: int, scale: float, group: Any) -> tuple[Tensor
         out = r - mu.view(1, -1, 1)
         inv = _mean(out * out, group).rsqrt_()
         out.mul_(inv.view(1, -1, 1))
-    level = torch.maximum(top.abs(), low.abs()).mul_(ulps * torch.finfo(y.dtype).eps)
+    level = torch.maximum(top, -low)  # |top| and |low| at most, as top >= low
+    if y.element_size() > 2:
+        level = level.amax().mul_(64.0 * torch.finfo(y.dtype).eps)
+    else:
+        level = level.mul_(torch.finfo(y.dtype).eps)
     inv.masked_fill_(top - low <= level, 0.0)  # as batch norm's kernel gives for sigma 0
     if scale != 1.0:
         out.mul_(scale)
