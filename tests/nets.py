@@ -34,3 +34,21 @@ class Tagger(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.lstm(x)[0])
+
+
+class ThreeWays(nn.Module):
+    """An Embedding with a padding row (all zeros), a ConvTranspose and a Linear: three layers
+    wnorm.apply treats three ways (plain, dim 1, dim 0) whose weights a state dict cannot tell
+    apart by name or shape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 4, padding_idx=0)
+        self.up = nn.ConvTranspose1d(4, 3, 3)
+        self.out = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.up(self.emb(x).transpose(1, 2)).transpose(1, 2))
+
+
+THREE_WAYS_AXES = {"up.weight": 1, "out.weight": 0}  # what wnorm.apply(ThreeWays()) normalizes

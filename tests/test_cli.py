@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from nets import ThreeWays
 from torch import nn
 
 import wnorm
@@ -130,24 +131,10 @@ def test_convert_keeps_each_weights_dim_unless_told(tmp_path: Path, capsys, to: 
         "shape (4, 2, 5)" in err and not (tmp_path / "bad.pt").exists()
 
 
-class Tagger(nn.Module):
-    """Embedding (padding row all zeros), ConvTranspose1d, Linear: left plain, normalized along
-    dim 1 and along dim 0 by wnorm.apply, and indistinguishable in a state dict."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(10, 4, padding_idx=0)
-        self.up = nn.ConvTranspose1d(4, 3, 3)
-        self.out = nn.Linear(3, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(self.up(self.emb(x).transpose(1, 2)).transpose(1, 2))
-
-
 def test_a_plain_checkpoint_to_wnorm_loads_into_the_applied_model_with_the_same_outputs(
         tmp_path: Path, capsys) -> None:
     torch.manual_seed(0)
-    source = Tagger().eval()
+    source = ThreeWays().eval()
     torch.save(source.state_dict(), tmp_path / "in.pt")
     x = torch.tensor([[0, 3, 0, 7, 9]])
     # without axes: plain weights stay plain (wnorm.load_state_dict reads them), and it says so
@@ -155,7 +142,7 @@ def test_a_plain_checkpoint_to_wnorm_loads_into_the_applied_model_with_the_same_
     err = capsys.readouterr().err
     assert err.startswith("wnorm: warning: convert to 'wnorm': 3 plain weight(s) ") and \
         "--dim emb.weight=AXIS" in err and err.count("\n") == 1
-    target = wnorm.apply(Tagger()).eval()
+    target = wnorm.apply(ThreeWays()).eval()
     load_state_dict(target, torch.load(tmp_path / "a.pt", weights_only=True))
     with torch.no_grad():
         assert torch.equal(target(x), source(x))
@@ -163,7 +150,7 @@ def test_a_plain_checkpoint_to_wnorm_loads_into_the_applied_model_with_the_same_
     assert main(["convert", str(tmp_path / "in.pt"), str(tmp_path / "b.pt"), "--to", "wnorm",
                  "--dim", "up.weight=1,out.weight=0"]) == 0
     assert "2 weight(s) converted to wnorm" in capsys.readouterr().out
-    target = wnorm.apply(Tagger()).eval()
+    target = wnorm.apply(ThreeWays()).eval()
     target.load_state_dict(torch.load(tmp_path / "b.pt", weights_only=True))
     with torch.no_grad():
         assert torch.equal(target(x), source(x))
@@ -176,7 +163,7 @@ def test_a_plain_checkpoint_to_wnorm_loads_into_the_applied_model_with_the_same_
     assert "names the weights of one state dict; got several, at checkpoint['tagger'], " \
         "checkpoint['head']: pick the one they belong to with --key" in capsys.readouterr().err
     assert main(args + ["--key", "tagger"]) == 0
-    target = wnorm.apply(Tagger()).eval()
+    target = wnorm.apply(ThreeWays()).eval()
     target.load_state_dict(torch.load(tmp_path / "c.pt", weights_only=True)["tagger"])
 
 

@@ -12,6 +12,7 @@ from collections.abc import Callable
 import pytest
 import torch
 from torch import nn
+from nets import THREE_WAYS_AXES, ThreeWays
 from torch.nn.utils import parametrizations
 
 import wnorm
@@ -388,33 +389,17 @@ def test_convert_keeps_plain_layers_plain_when_some_are_normalized() -> None:
     assert "1.weight" in new and "0.parametrizations.weight.original0" in new
 
 
-class Tagger(nn.Module):
-    """An Embedding with a padding row (all zeros), a ConvTranspose and a Linear: three layers
-    wnorm.apply treats three ways (plain, dim 1, dim 0) whose weights a state dict cannot tell
-    apart by name or shape."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(10, 4, padding_idx=0)
-        self.up = nn.ConvTranspose1d(4, 3, 3)
-        self.out = nn.Linear(3, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(self.up(self.emb(x).transpose(1, 2)).transpose(1, 2))
-
-
-TAGGER_AXES = {"up.weight": 1, "out.weight": 0}  # what wnorm.apply(Tagger()) normalizes
 
 
 def test_a_plain_checkpoint_converted_to_wnorm_loads_into_the_applied_model_unchanged() -> None:
     # the padding row is zero: normalizing the Embedding (which apply leaves plain) along dim 0
     # would abort, and a ConvTranspose normalized along dim 0 is not apply's layout
     torch.manual_seed(0)
-    source = Tagger().eval()
+    source = ThreeWays().eval()
     with pytest.warns(UserWarning, match=r"convert to 'wnorm': 3 plain weight\(s\) "
                                          r"\['emb.weight', 'up.weight', 'out.weight'\] left plain"):
         sd = convert_state_dict(source.state_dict(), "wnorm")
-    target = wnorm.apply(Tagger()).eval()
+    target = wnorm.apply(ThreeWays()).eval()
     for key in sd:  # no g or v on an axis (or a layer) that wnorm.apply does not use
         if key.endswith(("_g", "_v")):
             assert tuple(sd[key].shape) == tuple(target.state_dict()[key].shape), key
@@ -426,9 +411,9 @@ def test_a_plain_checkpoint_converted_to_wnorm_loads_into_the_applied_model_unch
 
 def test_dims_naming_each_weight_write_the_applied_models_own_layout() -> None:
     torch.manual_seed(0)
-    source = Tagger().eval()
-    sd = convert_state_dict(source.state_dict(), "wnorm", dim=TAGGER_AXES)
-    target = wnorm.apply(Tagger()).eval()
+    source = ThreeWays().eval()
+    sd = convert_state_dict(source.state_dict(), "wnorm", dim=THREE_WAYS_AXES)
+    target = wnorm.apply(ThreeWays()).eval()
     target.load_state_dict(sd)  # PyTorch's own strict loader: exactly the model's keys and shapes
     x = torch.tensor([[0, 3, 0, 7, 9]])
     with torch.no_grad():
@@ -445,7 +430,7 @@ def test_dims_naming_each_weight_write_the_applied_models_own_layout() -> None:
 
 
 def test_a_zero_row_to_normalize_is_refused_naming_the_key_and_how_to_keep_it_plain() -> None:
-    sd = Tagger().state_dict()  # PyTorch's weight_norm default (dim 0 for every weight)
+    sd = ThreeWays().state_dict()  # PyTorch's weight_norm default (dim 0 for every weight)
     with pytest.raises(WnormError, match=r"'emb.weight': expected a nonzero norm in every slice "
                                          r"along dim 0 .*indices \[0\].*NaN.*if 'emb.weight' is "
                                          r"to stay plain .*--dim KEY=AXIS"):
