@@ -264,7 +264,8 @@ def weight_norm(module: nn.Module, name: str = "weight", dim: int | None = DEFAU
 
 #: id(v) -> (v, the plain weight its first removal made), both weakly: a tie's other holders
 #: still hold v then, and their removal reuses that Parameter. An entry goes when v does.
-_removed: dict[int, tuple[weakref.ref[torch.Tensor], weakref.ref[torch.Tensor]]] = {}
+#: id(v) -> (v, the weight its first removal made, that weight's dtype then), held weakly
+_removed: dict[int, tuple[weakref.ref[torch.Tensor], weakref.ref[torch.Tensor], torch.dtype]] = {}
 
 
 def remove_weight_norm(module: nn.Module, name: str = "weight") -> nn.Module:
@@ -288,8 +289,9 @@ def remove_weight_norm(module: nn.Module, name: str = "weight") -> nn.Module:
         _reparam.flush(module, s)
     g, v = _reparam.pair(module, s)
     _reparam.detach(module, name, _earlier_weight(module, s, g, v))
+    w = module._parameters[name]
     _removed[id(v)] = (weakref.ref(v, lambda _, k=id(v): _removed.pop(k, None)),
-                       weakref.ref(module._parameters[name]))
+                       weakref.ref(w), w.dtype)
     return module
 
 
@@ -302,7 +304,8 @@ def _earlier_weight(module: nn.Module, s: _reparam.Slot, g: Any, v: torch.Tensor
     with torch.no_grad():
         mine = s.map.weight(g, v)
         if (w.shape, w.dtype, w.device) == (mine.shape, mine.dtype, mine.device) and (
-                bool(torch.equal(w, mine)) or _rounding_apart(w, mine)):
+                bool(torch.equal(w, mine)) or (w.dtype != refs[2]
+                                               and _rounding_apart(w, mine, refs[2]))):
             return {id(v): (v, w)}
     warnings.warn(
         f"{s.where or _label(module, '')}: '{s.name}' shared g and v with a weight whose "
@@ -312,15 +315,17 @@ def _earlier_weight(module: nn.Module, s: _reparam.Slot, g: Any, v: torch.Tensor
     return {}
 
 
-def _rounding_apart(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether ``a`` and ``b`` differ by no more than a few roundings (in float32 at least): a
-    model cast between two removals (``.double()``, ``.to(torch.bfloat16)``) recomputes the
-    weight in the new dtype, which is no change of either side."""
-    if not a.is_floating_point():
-        return False
-    eps = max(torch.finfo(a.dtype).eps, torch.finfo(torch.float32).eps)
-    scale = a.abs().amax() if a.numel() else a.new_zeros(())
-    return bool(torch.allclose(a, b, rtol=8 * eps, atol=float(8 * eps * scale)))
+def _rounding_apart(a: torch.Tensor, b: torch.Tensor, was: torch.dtype) -> bool:
+    """Whether ``a`` (a weight cast from ``was``) and ``b`` (recomputed in ``a``'s dtype)
+    differ by no more than the casts' rounding: 2.5 ulps of the coarser dtype, relative to
+    each entry (plus a thousandth of the largest, for entries near 0). A model cast between
+    two removals (``.double()``, ``.to(torch.bfloat16)``, bf16 back to float32) is no change
+    of either side; without a cast, only equal weights are."""
+    if not a.is_floating_point() or not a.numel():
+        return bool(torch.equal(a, b))
+    eps = max(torch.finfo(a.dtype).eps, torch.finfo(was).eps)
+    room = a.abs() + 1e-3 * a.abs().amax()
+    return bool(((a - b).abs() <= 2.5 * eps * room).all())
 
 
 def is_weight_normalized(module: nn.Module, name: str | None = None) -> bool:
