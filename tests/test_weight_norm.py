@@ -1186,3 +1186,13 @@ def test_fold_after_removing_weight_norm_from_one_holder_of_a_tie_keeps_the_tie(
     wnorm.remove_weight_norm(model.emb)
     wnorm.fold(model)
     assert model.head.weight is model.emb.weight
+
+
+def test_adopting_the_old_apis_weight_norm_keeps_the_parameter_order():
+    # putting adoptions first reordered an LSTM's parameters when only the new API needs it:
+    # an optimizer checkpoint, which maps by position, then swapped the gates' Adam moments
+    with pytest.warns(FutureWarning):
+        lstm = nn.utils.weight_norm(nn.LSTM(4, 4), "weight_hh_l0")
+    wnorm.apply(lstm)
+    names = [n for n, _ in lstm.named_parameters()]
+    assert names.index("weight_ih_l0_g") < names.index("weight_hh_l0_g")

@@ -342,9 +342,10 @@ def apply(
                 "materializes them at its first forward); run one forward pass on a batch "
                 "before wnorm.apply"
             )
-        # PyTorch's weight norms of the module are adopted first: wnorm's class then goes on
-        # the module's own, never under or over parametrize's generated one
-        adopt = {f.name for f in _pytorch_wn.find(module)}
+        # the weights PyTorch's parametrizations normalize are adopted first: wnorm's class
+        # then goes on the module's own, never on parametrize's generated one (the old API has
+        # no class, and its order is kept: optimizer checkpoints map parameters by position)
+        adopt = {f.name for f in _pytorch_wn.find(module) if f.api == "new"}
         for pname in sorted(_weight_names(module), key=lambda n: n not in adopt):
             if is_weight_normalized(module, pname):
                 raise WnormError(
