@@ -597,3 +597,20 @@ def test_exclude_by_any_path_of_a_cyclic_or_shared_model_still_works():
     wnorm.apply(model, exclude="body.b.a")  # the Linear's parent, reached as body.a.a first
     assert not wnorm.is_weight_normalized(model.body.a.a[0])
     assert wnorm.is_weight_normalized(model.head)
+
+
+def test_a_failed_apply_leaves_a_pytorch_normalized_rnn_as_it_was():
+    # the GRU was restored before its parametrizations list: refreshing its flat weights raised
+    # KeyError, hiding the real error and breaking every later forward (found by review)
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.rnn = nn.utils.parametrizations.weight_norm(nn.GRU(3, 4), "weight_hh_l0")
+    model.head = nn.Linear(4, 2)
+    with torch.no_grad():
+        model.head.weight[1] = 0
+    x = torch.randn(2, 5, 3)
+    before = model.rnn(x)[0].detach()
+    with pytest.raises(WnormError, match=r"head \(Linear\): 1 of 2 slices"):
+        wnorm.apply(model)
+    assert not wnorm.is_weight_normalized(model.rnn)
+    torch.testing.assert_close(model.rnn(x)[0], before, rtol=0, atol=0)

@@ -221,6 +221,9 @@ class _Undo:
                 d[k].clear()
                 d[k].update(content)
             module.__class__ = cls
+        # an RNN's flat weights read its parametrized properties: only once every module (its
+        # parametrizations list too, restored after it) is back (a KeyError left it broken)
+        for module, *_ in self.saved.values():
             _reparam.refresh_flat_weights(module)
 
 
