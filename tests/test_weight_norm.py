@@ -1196,3 +1196,19 @@ def test_adopting_the_old_apis_weight_norm_keeps_the_parameter_order():
     wnorm.apply(lstm)
     names = [n for n, _ in lstm.named_parameters()]
     assert names.index("weight_ih_l0_g") < names.index("weight_hh_l0_g")
+
+
+def test_adopting_one_of_a_grus_pytorch_normalized_weights_adopts_them_all():
+    # adopting weight_ih_l0 alone left wnorm's class on parametrize's: the GRU's forward failed
+    # with a TypeError until weight_hh_l0 was adopted too (found by review)
+    torch.manual_seed(0)
+    gru = nn.GRU(3, 4)
+    for n in ("weight_ih_l0", "weight_hh_l0"):
+        nn.utils.parametrizations.weight_norm(gru, n)
+    x = torch.randn(2, 5, 3)
+    before = gru(x)[0].detach()
+    wnorm.weight_norm(gru, "weight_ih_l0")
+    assert wnorm.is_weight_normalized(gru, "weight_hh_l0")
+    assert not any(c.__name__.startswith("Parametrized") for c in type(gru).__mro__)
+    torch.testing.assert_close(gru(x)[0], before, rtol=0, atol=1e-6)
+    torch.save(gru, io.BytesIO())

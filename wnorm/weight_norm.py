@@ -141,7 +141,15 @@ def reparameterize(module: nn.Module, name: str, dim: Any, make: Any, *,
     others = [n for n in getattr(module, "parametrizations", {})
               if n not in {f.name for f in found}]
     if torch_wn is not None and not others:
-        return _adopt(module, torch_wn, dim, make, label, where)
+        _adopt(module, torch_wn, dim, make, label, where)
+        if torch_wn.api == "new":
+            # the module's other weights that PyTorch's parametrizations normalize come along:
+            # until the last is adopted, wnorm's class sits on parametrize's generated one (an
+            # RNN's forward fails there); their g, v and axes are kept, as for this one
+            for f in _pytorch_wn.find(module):
+                if f.api == "new":
+                    _adopt(module, f, DEFAULT, make, label, where)
+        return module
     if others:  # wnorm's class and parametrize's generated class cannot be stacked safely
         raise WnormError(f"{label}: {others} already have a PyTorch parametrization "
                          "(torch.nn.utils.parametrize) other than weight norm; wnorm cannot "
@@ -151,7 +159,8 @@ def reparameterize(module: nn.Module, name: str, dim: Any, make: Any, *,
         raise WnormError(
             f"{label}: {pending} of this module are weight-normalized by PyTorch "
             "(torch.nn.utils.parametrizations.weight_norm); normalize them with wnorm first "
-            f"(wnorm.weight_norm adopts each), then '{name}', or let wnorm.apply do all of them")
+            f"(wnorm.weight_norm on one of them adopts them all), then '{name}', or let "
+            "wnorm.apply do all of them")
     weight = module._parameters.get(name)
     if weight is None:
         have = [n for n, p in module._parameters.items() if p is not None]
