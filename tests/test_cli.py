@@ -91,6 +91,9 @@ def test_bad_arguments_exit_2(capsys) -> None:
     for bad in ("1.weight=-1", "=0", "1.weight=keep"):
         assert main(["convert", "a.pt", "b.pt", "--to", "wnorm", "--dim", bad]) == 2
         assert "got '" in capsys.readouterr().err
+    # a key named twice: the last axis won without a word
+    assert main(["convert", "a.pt", "b.pt", "--to", "wnorm", "--dim", "0.weight=0,0.weight=1"]) == 2
+    assert "'0.weight' is named twice" in capsys.readouterr().err
     assert main(["convert", "a.pt", "b.pt", "--to", "plain", "--dim", "0"]) == 2
     assert "--dim chooses the axis of g and v; --to plain writes w alone" in (
         capsys.readouterr().err)

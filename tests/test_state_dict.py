@@ -935,3 +935,12 @@ def test_load_from_state_dict_takes_pytorchs_keyword_names():
                                  unexpected_keys=unexpected, error_msgs=errors)
     assert (missing, unexpected, errors) == ([], [], [])
     assert torch.equal(dst[0].weight_g, src[0].weight_g)
+
+
+
+def test_a_bias_named_in_dims_is_refused_not_split_into_g_and_v():
+    # '0.bias' became bias_g/bias_v, a layout no wnorm model has (found by review)
+    sd = nn.Sequential(nn.Linear(3, 2)).state_dict()
+    with pytest.raises(WnormError, match=r"dim names '0\.bias', which is no weight of the state "
+                                         r"dict; expected weight keys .*\['0\.weight'\]"):
+        convert_state_dict(sd, "wnorm", dim={"0.bias": 0})

@@ -45,6 +45,8 @@ def _dim(text: str) -> Any:
     dims = {}
     for item in text.split(","):
         key, eq, axis = item.strip().rpartition("=")
+        if key in dims:  # the last would win without a word
+            raise argparse.ArgumentTypeError(f"{key!r} is named twice; got {text!r}")
         dims[key] = _axis(axis) if eq and key else KEEP
         if dims[key] == KEEP:
             raise argparse.ArgumentTypeError(
