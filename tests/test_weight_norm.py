@@ -1136,23 +1136,57 @@ def test_adopting_pytorchs_weight_norm_on_two_weights_of_a_cell_leaves_no_genera
     torch.testing.assert_close(cell(x)[0], before, rtol=0, atol=1e-6)
 
 
-def test_wnorm_on_one_weight_of_a_module_pytorch_normalizes_elsewhere_is_refused_or_adopted():
+def test_wnorm_on_one_weight_of_a_module_pytorch_normalizes_elsewhere_adopts_that_too():
     # wnorm's class went on parametrize's: the GRU's forward then failed with a TypeError
     torch.manual_seed(0)
     gru = nn.GRU(4, 5)
     nn.utils.parametrizations.weight_norm(gru, "weight_hh_l0")
     x = torch.randn(2, 3, 4)
     before = gru(x)[0].detach()
-    with pytest.raises(WnormError, match=r"\['weight_hh_l0'\] of this module are weight-normalized "
-                                         r"by PyTorch .* normalize them with wnorm first"):
-        wnorm.weight_norm(gru, "weight_ih_l0")
-    torch.testing.assert_close(gru(x)[0], before, rtol=0, atol=0)  # untouched
-    wnorm.apply(gru)  # adopts weight_hh_l0 first, then normalizes weight_ih_l0
-    assert wnorm.is_weight_normalized(gru, "weight_ih_l0")
-    assert wnorm.is_weight_normalized(gru, "weight_hh_l0")
+    hh = gru.parametrizations.weight_hh_l0.original1
+    wnorm.weight_norm(gru, "weight_ih_l0")
+    assert wnorm.is_weight_normalized(gru, "weight_hh_l0") and gru.weight_hh_l0_v is hh
     assert not any(c.__name__.startswith("Parametrized") for c in type(gru).__mro__)
     torch.testing.assert_close(gru(x)[0], before, rtol=0, atol=1e-6)
     torch.save(gru, io.BytesIO())
+    wnorm.weight_norm(gru, "weight_hh_l0")  # adopted along: asking for it is no error
+    with pytest.raises(WnormError, match="already weight-normalized by wnorm"):
+        wnorm.weight_norm(gru, "weight_hh_l0")  # asking twice is
+
+
+def test_weight_norm_on_each_parametrized_weight_in_turn_works():
+    # the loop the refusal's message suggested raised 'already weight-normalized' at the
+    # second weight, which the first had adopted along (found by review)
+    cell = nn.LSTMCell(3, 4)
+    for n in ("weight_ih", "weight_hh"):
+        nn.utils.parametrizations.weight_norm(cell, n)
+    for n in ("weight_ih", "weight_hh"):
+        wnorm.weight_norm(cell, n)
+    assert wnorm.is_weight_normalized(cell, "weight_ih")
+    assert wnorm.is_weight_normalized(cell, "weight_hh")
+
+
+def test_apply_with_a_dim_a_parametrized_sibling_does_not_have_is_refused_untouched():
+    # the sibling adopted along kept its own axis without a word (found by review)
+    gru = nn.GRU(3, 4)
+    nn.utils.parametrizations.weight_norm(gru, "weight_ih_l0", dim=1)
+    nn.utils.parametrizations.weight_norm(gru, "weight_hh_l0", dim=0)
+    keys = list(gru.state_dict())
+    with pytest.raises(WnormError, match=r"'weight_hh_l0' is weight-normalized by PyTorch along "
+                                         r"dim 0; adopting it keeps that axis \(got dim=1\)"):
+        wnorm.apply(gru, dim=1)
+    assert not wnorm.is_weight_normalized(gru) and list(gru.state_dict()) == keys
+
+
+def test_a_module_with_both_apis_keeps_its_weights_order():
+    # adopting the new API's weights first put weight_hh before weight_ih (found by review)
+    gru = nn.GRU(4, 4)
+    with pytest.warns(FutureWarning):
+        nn.utils.weight_norm(gru, "weight_ih_l0")
+    nn.utils.parametrizations.weight_norm(gru, "weight_hh_l0")
+    wnorm.apply(gru)
+    names = [n for n, _ in gru.named_parameters()]
+    assert names.index("weight_ih_l0_g") < names.index("weight_hh_l0_g")
 
 
 @pytest.mark.parametrize("dtype, cast, factor", [(torch.bfloat16, None, 1.02),

@@ -649,6 +649,9 @@ def detach(module: nn.Module, name: str,
     _check_own_class(module)
     specs = module.__dict__["_wn"]
     s = specs[name]
+    along = module.__dict__.get("_wn_along")
+    if along and name in along:  # adopted with a sibling: a fresh weight_norm is one again
+        module.__dict__["_wn_along"] = along - {name}
     if s.held is not None:
         flush(module, s)
     params = module._parameters

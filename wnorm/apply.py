@@ -336,7 +336,6 @@ def apply(
 
     # Check what can be checked before changing anything.
     targets: list[tuple[str, nn.Module, str]] = []
-    together: dict[int, set[str]] = {}  # weights adopted all at once (wnorm.weight_norm does)
     for mname, module in chosen:
         lazy = [n for n, p in module._parameters.items()
                 if isinstance(p, nn.parameter.UninitializedParameter)]
@@ -346,12 +345,7 @@ def apply(
                 "materializes them at its first forward); run one forward pass on a batch "
                 "before wnorm.apply"
             )
-        # the weights PyTorch's parametrizations normalize are adopted first: wnorm's class
-        # then goes on the module's own, never on parametrize's generated one (the old API has
-        # no class, and its order is kept: optimizer checkpoints map parameters by position)
-        adopt = {f.name for f in _pytorch_wn.find(module) if f.api == "new"}
-        together[id(module)] = adopt
-        for pname in sorted(_weight_names(module), key=lambda n: n not in adopt):
+        for pname in _weight_names(module):
             if is_weight_normalized(module, pname):
                 raise WnormError(
                     f"{_label(mname, module)}: '{pname}' is already weight-normalized by wnorm"
@@ -396,8 +390,6 @@ def apply(
             p = module._parameters.get(pname)
             tied = p is not None and len(holders.get(id(p), ())) > 1
             undo.keep(module)
-            if pname in together.get(id(module), ()) and _reparam.slot(module, pname):
-                continue  # adopted with a sibling weight of its module
             method(module, pname, dim=dim, where=mname or "<model>")
             if _reparam.slot(module, pname) is None:  # ties and undo rely on wnorm's slots
                 raise WnormError(

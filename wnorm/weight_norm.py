@@ -132,35 +132,34 @@ def reparameterize(module: nn.Module, name: str, dim: Any, make: Any, *,
     """
     expect_module("wnorm", module)
     label = _label(module, where)
+    along = module.__dict__.get("_wn_along", frozenset())
     if _reparam.slot(module, name) is not None:
+        if name in along and make is WeightNorm:  # adopted with a sibling, as asked now
+            module.__dict__["_wn_along"] = along - {name}
+            axis = _reparam.slot(module, name).map.dim
+            if dim is not DEFAULT and dim != axis:
+                raise WnormError(_axis_kept(label, name, axis, dim))
+            return module
         raise WnormError(f"{label}: '{name}' is already weight-normalized by wnorm")
     found = _pytorch_wn.find(module)
     torch_wn = next((f for f in found if f.name == name), None)
-    # PyTorch's weight norm on another tensor of the module (an RNN cell's other weight) is
-    # adopted in its own turn: only other parametrizations are refused
     others = [n for n in getattr(module, "parametrizations", {})
               if n not in {f.name for f in found}]
-    if torch_wn is not None and not others:
-        _adopt(module, torch_wn, dim, make, label, where)
-        if torch_wn.api == "new":
-            # the module's other weights that PyTorch's parametrizations normalize come along:
-            # until the last is adopted, wnorm's class sits on parametrize's generated one (an
-            # RNN's forward fails there); their g, v and axes are kept, as for this one
-            for f in _pytorch_wn.find(module):
-                if f.api == "new":
-                    _adopt(module, f, DEFAULT, make, label, where)
-        return module
     if others:  # wnorm's class and parametrize's generated class cannot be stacked safely
         raise WnormError(f"{label}: {others} already have a PyTorch parametrization "
                          "(torch.nn.utils.parametrize) other than weight norm; wnorm cannot "
                          "share a module with one: remove it first")
-    pending = [f.name for f in found if f.api == "new"]
-    if pending:  # wnorm's class would go on parametrize's (an RNN's forward then failed)
-        raise WnormError(
-            f"{label}: {pending} of this module are weight-normalized by PyTorch "
-            "(torch.nn.utils.parametrizations.weight_norm); normalize them with wnorm first "
-            f"(wnorm.weight_norm on one of them adopts them all), then '{name}', or let "
-            "wnorm.apply do all of them")
+    # the module's other weights that PyTorch's parametrizations normalize are adopted with
+    # this one (their g, v and axes kept): wnorm's class on parametrize's generated one fails
+    # (an RNN's forward raised a TypeError); wnorm.apply's call for each then finds it done
+    siblings = [f for f in found if f.api == "new" and f.name != name]
+    for f in siblings:  # checked before anything changes
+        if dim is not DEFAULT and dim != f.dim:
+            raise WnormError(_axis_kept(label, f.name, f.dim, dim))
+    if torch_wn is not None:
+        _adopt(module, torch_wn, dim, make, label, where)
+        _adopt_along(module, siblings, label, where)
+        return module
     weight = module._parameters.get(name)
     if weight is None:
         have = [n for n, p in module._parameters.items() if p is not None]
@@ -185,6 +184,7 @@ def reparameterize(module: nn.Module, name: str, dim: Any, make: Any, *,
     with torch.no_grad():
         g, v = m.split(w.clone())
     req = weight.requires_grad
+    _adopt_along(module, siblings, label, where)
     _reparam.attach(module, name, m,
                     None if g is None else nn.Parameter(g, requires_grad=req),
                     nn.Parameter(v, requires_grad=req), where=label)
@@ -207,9 +207,7 @@ def _adopt(module: nn.Module, found: _pytorch_wn.Found, dim: Any, make: Any, lab
                          f"(torch.nn.utils{'.parametrizations' if found.api == 'new' else ''}"
                          ".weight_norm); wnorm.fold(model) first to reparameterize it otherwise")
     if dim is not DEFAULT and dim != found.dim:
-        raise WnormError(f"{label}: '{found.name}' is weight-normalized by PyTorch along dim "
-                         f"{found.dim}; adopting it keeps that axis (got dim={dim!r}); "
-                         "wnorm.fold(model) first to normalize along another")
+        raise WnormError(_axis_kept(label, found.name, found.dim, dim))
     g0 = _pytorch_params(module, found)
     _check_dtensor(label, found.name, g0[1])
     g, v = _pytorch_wn.strip(module, found)
@@ -217,6 +215,23 @@ def _adopt(module: nn.Module, found: _pytorch_wn.Found, dim: Any, make: Any, lab
     # code written for PyTorch's weight norm (a model's own remove_weight_norm()) still finds it
     module.register_forward_pre_hook(_pytorch_wn.Adopted(found.name, found.dim))
     return module
+
+
+def _axis_kept(label: str, name: str, axis: Any, dim: Any) -> str:
+    return (f"{label}: '{name}' is weight-normalized by PyTorch along dim {axis}; adopting it "
+            f"keeps that axis (got dim={dim!r}); wnorm.fold(model) first to normalize along "
+            "another")
+
+
+def _adopt_along(module: nn.Module, siblings: list[_pytorch_wn.Found], label: str,
+                 where: str) -> None:
+    """Adopt ``siblings`` (PyTorch's parametrize weight norms of ``module``), noting them as
+    adopted along: a later ``weight_norm`` of one of them is then done, not an error."""
+    for f in siblings:
+        _adopt(module, f, DEFAULT, WeightNorm, label, where)
+    if siblings:  # a new set: apply's undo puts the old one back
+        module.__dict__["_wn_along"] = module.__dict__.get("_wn_along", frozenset()) | {
+            f.name for f in siblings}
 
 
 def _pytorch_params(module: nn.Module, found: _pytorch_wn.Found) -> tuple[Any, Any]:
