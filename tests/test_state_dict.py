@@ -944,3 +944,24 @@ def test_a_bias_named_in_dims_is_refused_not_split_into_g_and_v():
     with pytest.raises(WnormError, match=r"dim names '0\.bias', which is no weight of the state "
                                          r"dict; expected weight keys .*\['0\.weight'\]"):
         convert_state_dict(sd, "wnorm", dim={"0.bias": 0})
+
+
+
+def test_dims_may_name_a_weight_of_any_name_wnorm_normalizes():
+    # the check that refuses a bias refused in_proj_weight and a custom 2-D W too, which
+    # wnorm.weight_norm(module, name) normalizes (found by review)
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mha = nn.MultiheadAttention(4, 2)
+            self.W = nn.Parameter(torch.randn(4, 3))
+
+    torch.manual_seed(0)
+    source = M()
+    out = convert_state_dict(source.state_dict(), "wnorm", dim={"mha.in_proj_weight": 0, "W": 0})
+    target = M()
+    wnorm.weight_norm(target.mha, "in_proj_weight")
+    wnorm.weight_norm(target, "W")
+    target.load_state_dict(out)
+    torch.testing.assert_close(target.W, source.W)
+    torch.testing.assert_close(target.mha.in_proj_weight, source.mha.in_proj_weight)

@@ -394,9 +394,11 @@ def convert(state_dict: Mapping[str, Any], to: str, dim: Any = KEEP,
         for key in per_key:
             t = None if key not in sources else (
                 sources[key].v if sources[key].pair else sources[key].w)
-            # a bias or a norm layer's 1-D weight split into g and v is no layout wnorm has
+            # a bias (or a scalar) split into g and v is no layout wnorm has; any other tensor
+            # may be a weight wnorm.weight_norm(module, name) normalizes (in_proj_weight, W)
             if not isinstance(t, Tensor) or not (t.is_floating_point() or t.is_complex()) or (
-                    not sources[key].pair and not _normalizable(key, t)):
+                    not sources[key].pair and (key.rpartition(".")[2].startswith("bias")
+                                               or t.dim() == 0)):
                 weights = [k for k, s in sources.items() if s.pair or _normalizable(k, s.w)]
                 raise WnormError(
                     f"convert: dim names '{key}', which is no weight of the state dict; "
