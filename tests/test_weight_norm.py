@@ -1246,3 +1246,16 @@ def test_adopting_one_of_a_grus_pytorch_normalized_weights_adopts_them_all():
     assert not any(c.__name__.startswith("Parametrized") for c in type(gru).__mro__)
     torch.testing.assert_close(gru(x)[0], before, rtol=0, atol=1e-6)
     torch.save(gru, io.BytesIO())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_model_moved_to_the_gpu_between_removals_keeps_the_tie_without_a_warning():
+    # CUDA's kernels round the recomputed weight otherwise than the CPU's: a device move with no
+    # cast compared exactly, and the tie was lost with a warning that blamed a change
+    model, _ = _tied_lm_after_a_step()
+    wnorm.remove_weight_norm(model.emb)
+    model.cuda()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        wnorm.remove_weight_norm(model.head)
+    assert model.head.weight is model.emb.weight

@@ -288,8 +288,10 @@ def weight_norm(module: nn.Module, name: str = "weight", dim: int | None = DEFAU
 
 #: id(v) -> (v, the plain weight its first removal made), both weakly: a tie's other holders
 #: still hold v then, and their removal reuses that Parameter. An entry goes when v does.
-#: id(v) -> (v, the weight its first removal made, that weight's dtype then), held weakly
-_removed: dict[int, tuple[weakref.ref[torch.Tensor], weakref.ref[torch.Tensor], torch.dtype]] = {}
+#: id(v) -> (v, the weight its first removal made, that weight's dtype and device then),
+#: held weakly
+_removed: dict[int, tuple[weakref.ref[torch.Tensor], weakref.ref[torch.Tensor], torch.dtype,
+                          torch.device]] = {}
 
 
 def remove_weight_norm(module: nn.Module, name: str = "weight") -> nn.Module:
@@ -315,7 +317,7 @@ def remove_weight_norm(module: nn.Module, name: str = "weight") -> nn.Module:
     _reparam.detach(module, name, _earlier_weight(module, s, g, v))
     w = module._parameters[name]
     _removed[id(v)] = (weakref.ref(v, lambda _, k=id(v): _removed.pop(k, None)),
-                       weakref.ref(w), w.dtype)
+                       weakref.ref(w), w.dtype, w.device)
     return module
 
 
@@ -328,7 +330,7 @@ def _earlier_weight(module: nn.Module, s: _reparam.Slot, g: Any, v: torch.Tensor
     with torch.no_grad():
         mine = s.map.weight(g, v)
         if (w.shape, w.dtype, w.device) == (mine.shape, mine.dtype, mine.device) and (
-                bool(torch.equal(w, mine)) or (w.dtype != refs[2]
+                bool(torch.equal(w, mine)) or ((w.dtype, w.device) != refs[2:]
                                                and _rounding_apart(w, mine, refs[2]))):
             return {id(v): (v, w)}
     warnings.warn(
@@ -342,9 +344,10 @@ def _earlier_weight(module: nn.Module, s: _reparam.Slot, g: Any, v: torch.Tensor
 def _rounding_apart(a: torch.Tensor, b: torch.Tensor, was: torch.dtype) -> bool:
     """Whether ``a`` (a weight cast from ``was``) and ``b`` (recomputed in ``a``'s dtype)
     differ by no more than the casts' rounding: 2.5 ulps of the coarser dtype, relative to
-    each entry (plus a thousandth of the largest, for entries near 0). A model cast between
-    two removals (``.double()``, ``.to(torch.bfloat16)``, bf16 back to float32) is no change
-    of either side; without a cast, only equal weights are."""
+    each entry (plus a thousandth of the largest, for entries near 0). A model cast or moved
+    between two removals (``.double()``, ``.to(torch.bfloat16)``, ``.cuda()``, whose kernels
+    round otherwise) is no change of either side; without a cast or move, only equal weights
+    are."""
     if not a.is_floating_point() or not a.numel():
         return bool(torch.equal(a, b))
     eps = max(torch.finfo(a.dtype).eps, torch.finfo(was).eps)
