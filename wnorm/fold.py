@@ -180,8 +180,9 @@ def fold(model: nn.Module) -> nn.Module:
     channel axis for the usual (N, C) input; a batch norm that has run on (N, C, L) input in
     this process (eagerly) becomes a :class:`ChannelShift` instead. One that never ran in this
     process (loaded from a checkpoint) or ran only compiled is taken to follow (N, C): fold
-    such a model after one eager forward of a typical batch. Eval outputs are unchanged (float32, to ~1e-6); train-mode mean-only
-    BN used batch means, which no folded model reproduces, so fold is for eval use. A mean-only
+    such a model after one eager forward of a typical batch. Eval outputs are unchanged
+    (float32, to ~1e-6); train-mode mean-only BN used batch means, which no folded model
+    reproduces, so fold is for eval use. A mean-only
     batch norm whose ``forward`` was replaced on the instance is left as it is, with a warning.
 
     Args:

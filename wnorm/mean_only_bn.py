@@ -180,11 +180,12 @@ class MeanOnlyBatchNormBase(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check(x)
-        if x.dim() > 2 and not torch.compiler.is_compiling() and "_saw_length" not in \
+        if x.dim() == 3 and not torch.compiler.is_compiling() and "_saw_length" not in \
                 self.__dict__:
-            # for fold: a Linear before this layer adds along the last axis, which is this
+            # for fold: a Linear before this layer adds along the last axis, which is a 1d
             # layer's channel axis only for (N, C) input (an eager record; a compiled forward
-            # makes none, and fold then trusts the Sequential as before)
+            # makes none, and fold then trusts the Sequential as before). 2d/3d layers, whose
+            # input always has axes after its channels, need none
             self.__dict__["_saw_length"] = True
         if x.numel() == 0:
             # an empty batch (a detection head with no region) has no mean: an empty output,

@@ -286,10 +286,9 @@ def weight_norm(module: nn.Module, name: str = "weight", dim: int | None = DEFAU
     return reparameterize(module, name, dim, WeightNorm, where=where)
 
 
-#: id(v) -> (v, the plain weight its first removal made), both weakly: a tie's other holders
-#: still hold v then, and their removal reuses that Parameter. An entry goes when v does.
-#: id(v) -> (v, the weight its first removal made, that weight's dtype and device then),
-#: held weakly
+#: id(v) -> (v, the plain weight its first removal made, both weakly; that weight's dtype and
+#: device then): a tie's other holders still hold v, and their removal reuses that Parameter
+#: (across a cast or move made since, within its rounding). An entry goes when v does.
 _removed: dict[int, tuple[weakref.ref[torch.Tensor], weakref.ref[torch.Tensor], torch.dtype,
                           torch.device]] = {}
 
