@@ -25,6 +25,7 @@ from .mean_only_bn import (
 )
 from .sphere import Projection, project_, project_after_step
 from .state_dict import convert_state_dict, load_state_dict
+from .sync_mean_only_bn import SyncMeanOnlyBatchNorm
 from .weight_norm import is_weight_normalized, remove_weight_norm, weight_norm
 
 __version__ = "0.2.0"
@@ -49,6 +50,7 @@ __all__ = [
     "MeanOnlyBatchNorm1d",
     "MeanOnlyBatchNorm2d",
     "MeanOnlyBatchNorm3d",
+    "SyncMeanOnlyBatchNorm",
     "update_bn",
     "cached",
     "fold",

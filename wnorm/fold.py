@@ -13,7 +13,7 @@ from torch.nn.utils import parametrize
 from . import _pytorch_wn, _reparam
 from .errors import WnormError, expect_module, refuse_sharded
 from .maps import WeightNorm
-from .mean_only_bn import MeanOnlyBatchNormBase
+from .mean_only_bn import MeanOnlyBatchNormBase, move_hooks
 from .weight_norm import _earlier_weight
 
 __all__ = ["fold", "ChannelShift"]
@@ -99,11 +99,7 @@ def _shift_module(bn: MeanOnlyBatchNormBase, shift: Tensor, where: str) -> Chann
     """A :class:`ChannelShift` for ``bn`` (at ``where``) that keeps its hooks: the hook dicts
     move over as they are, so handles the user holds still remove them."""
     out = ChannelShift(shift, f"{where}, {type(bn).__name__}")
-    for attr in ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
-                 "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
-                 "_backward_pre_hooks"):
-        if hasattr(bn, attr):
-            setattr(out, attr, getattr(bn, attr))
+    move_hooks(bn, out)
     return out
 
 

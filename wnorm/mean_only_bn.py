@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from .errors import WnormError
 
-__all__ = ["MeanOnlyBatchNorm1d", "MeanOnlyBatchNorm2d", "MeanOnlyBatchNorm3d",
+__all__ = ["MeanOnlyBatchNorm1d", "MeanOnlyBatchNorm2d", "MeanOnlyBatchNorm3d", "move_hooks",
            "MeanOnlyBatchNormBase", "update_bn"]
 
 
@@ -108,6 +108,20 @@ class _SubtractMeanEager(torch.autograd.Function):
     jvp = _SubtractMeanJvp.jvp
 
 
+#: the hook dicts of an nn.Module (the later ones exist in newer PyTorch versions only)
+_HOOKS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+          "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
+          "_backward_pre_hooks")
+
+
+def move_hooks(src: nn.Module, dst: nn.Module) -> None:
+    """Give ``dst`` the hooks of ``src`` (the module it replaces): the hook dicts move over as
+    they are, so handles the user holds still remove them."""
+    for attr in _HOOKS:
+        if hasattr(src, attr):
+            setattr(dst, attr, getattr(src, attr))
+
+
 class MeanOnlyBatchNormBase(nn.Module):
     """What the 1d, 2d and 3d layers share; they differ in the input ranks they take."""
 
@@ -164,6 +178,15 @@ class MeanOnlyBatchNormBase(nn.Module):
                 f"got shape {tuple(x.shape)}"
             )
 
+    def _record_length(self, x: Tensor) -> None:
+        if x.dim() > 2 and 2 in self._ndims and not torch.compiler.is_compiling() and \
+                "_saw_length" not in self.__dict__:
+            # for fold: a Linear before this layer adds along the last axis, which is a layer's
+            # channel axis only for (N, C) input (an eager record; a compiled forward makes
+            # none, and fold then trusts the Sequential as before). 2d/3d layers, whose input
+            # always has axes after its channels, need none
+            self.__dict__["_saw_length"] = True
+
     def _track(self, mean: Tensor) -> None:
         """Move the running mean toward this batch's ``mean`` (training with running stats).
         The buffers need no grad and ``mean`` is detached: no graph, no ``no_grad`` context."""
@@ -180,13 +203,7 @@ class MeanOnlyBatchNormBase(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check(x)
-        if x.dim() == 3 and not torch.compiler.is_compiling() and "_saw_length" not in \
-                self.__dict__:
-            # for fold: a Linear before this layer adds along the last axis, which is a 1d
-            # layer's channel axis only for (N, C) input (an eager record; a compiled forward
-            # makes none, and fold then trusts the Sequential as before). 2d/3d layers, whose
-            # input always has axes after its channels, need none
-            self.__dict__["_saw_length"] = True
+        self._record_length(x)
         if x.numel() == 0:
             # an empty batch (a detection head with no region) has no mean: an empty output,
             # as nn.BatchNorm gives, and the running mean left as it is, not made NaN; the batch
