@@ -385,3 +385,13 @@ def test_a_checkpoint_of_another_map_is_refused_not_converted_as_a_weight_norms(
     err = capsys.readouterr().err
     assert "checkpoint['model']: '0.weight' was saved by wnorm.centered_weight_norm" in err
     assert not (tmp_path / "p.pt").exists()
+
+
+def test_a_missing_in_is_named_as_missing_whatever_out_looks_like(tmp_path: Path, capsys) -> None:
+    # IN that does not exist, OUT ending in a slash: the error said "IN is a file"
+    for out in (str(tmp_path / "newdir") + "/", str(tmp_path / "new.pt")):
+        assert main(["convert", str(tmp_path / "nodir"), out, "--to", "plain"]) == 2
+        err = capsys.readouterr().err
+        assert err == f"wnorm: error: {tmp_path / 'nodir'}: expected a checkpoint file; got no " \
+                      "such file\n"
+    assert sorted(tmp_path.iterdir()) == []

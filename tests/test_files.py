@@ -241,3 +241,16 @@ def test_a_nested_checkpoint_passed_as_a_state_dict_names_the_entry_that_holds_o
         with pytest.raises(WnormError, match=r"not a tensor; a nested checkpoint\? pass the "
                                              r"state dict inside it \(checkpoint\['model'\]\)"):
             wnorm.convert_state_dict(ckpt, "plain")
+
+
+def test_a_safetensors_target_names_the_entry_that_is_no_tensor(tmp_path: Path) -> None:
+    # a module's _extra_state (any object) in a flat state dict: the error listed the first
+    # ten keys, none of them the culprit, and advised --key, which picks nothing in a flat one
+    pytest.importorskip("safetensors")
+    sd = {**{f"{i}.weight": torch.ones(2, 2) for i in range(12)}, "12._extra_state": {"step": 3}}
+    with pytest.raises(WnormError) as info:
+        save_checkpoint(sd, tmp_path / "out.safetensors")
+    message = str(info.value)
+    assert "'12._extra_state'" in message and "dict" in message and ".pt file" in message
+    assert "--key" not in message
+    assert list(tmp_path.iterdir()) == []

@@ -22,7 +22,8 @@ from . import _layouts
 from .errors import WnormError
 
 __all__ = ["find_state_dicts", "convert_checkpoint", "load_checkpoint", "save_checkpoint",
-           "safetensors_module", "safetensors_metadata", "check_output", "first_line"]
+           "safetensors_module", "safetensors_metadata", "check_input", "check_output",
+           "first_line"]
 
 _NESTS = ("state_dict", "model", "model_state_dict", "generator", "net", "module", "ema")
 
@@ -174,7 +175,7 @@ def load_checkpoint(path: str | Path) -> Any:
         ['bias', 'weight']
     """
     path = Path(path)
-    _check_input(path)
+    check_input(path)
     if path.suffix == ".safetensors":
         st = safetensors_module(path)
         try:
@@ -239,7 +240,14 @@ def save_checkpoint(
         _write_atomically(path, lambda tmp: torch.save(obj, tmp))
         return
     st = safetensors_module(path)
-    if not _is_state_dict(obj) or not all(isinstance(v, Tensor) for v in obj.values()):
+    if _is_state_dict(obj):  # flat, but a module's _extra_state may be any object
+        others = [f"'{k}' ({type(v).__name__})" for k, v in obj.items()
+                  if not isinstance(v, Tensor)]
+        if others:
+            raise WnormError(
+                f"{path}: a .safetensors file holds tensors only; got {', '.join(others[:10])} "
+                "(a module's extra state, which only torch.save stores): write a .pt file")
+    if not _is_state_dict(obj):
         raise WnormError(
             f"{path}: a .safetensors file holds a flat state dict (names to tensors); got "
             f"{type(obj).__name__}"
@@ -292,7 +300,7 @@ def _weights_only_blocker(e: BaseException) -> str | None:
     return found.group(0) if found else None
 
 
-def _check_input(path: Path) -> None:
+def check_input(path: Path) -> None:
     """Refuse a checkpoint path that is not a readable regular file, naming it."""
     if path.is_dir():
         raise WnormError(f"{path}: expected a checkpoint file; got a directory")

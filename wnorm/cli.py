@@ -140,6 +140,7 @@ def _convert_folder(args: argparse.Namespace, src: Path, dst: Path) -> int:
 
 def _convert(args: argparse.Namespace) -> int:
     from ._files import (
+        check_input,
         check_output,
         convert_checkpoint,
         find_state_dicts,
@@ -151,6 +152,7 @@ def _convert(args: argparse.Namespace) -> int:
     src, dst = Path(args.input), Path(args.output)
     if src.is_dir():
         return _convert_folder(args, src, dst)
+    check_input(src)  # a missing IN first: what OUT should look like depends on what IN is
     if args.output.endswith(("/", os.sep)):  # Path() drops the slash: it would become a file
         raise WnormError(f"{args.output}: {src} is a file, converted into a file; expected a "
                          f"file name for OUT, got a folder (e.g. {dst / src.name})")
