@@ -46,7 +46,9 @@ training mode, noise and dropout on, as in the paper's Figure 1), ``test_loss``,
 
 Under ``torchrun`` (``WORLD_SIZE`` set) every rank builds the same model, runs the data init on
 its share of the init examples (:func:`wnorm.data_init` all-reduces the statistics), then trains
-under DistributedDataParallel on its share of each batch; rank 0 writes the folder.
+under DistributedDataParallel on its share of each batch, with the batch norms' means (and
+variances) taken over the whole batch (:class:`wnorm.SyncMeanOnlyBatchNorm`; ``nn.SyncBatchNorm``
+on GPUs only); rank 0 writes the folder.
 """
 
 from __future__ import annotations
@@ -272,6 +274,13 @@ def _train(cfg: Config, data: ImageData, dist: Dist, device: torch.device,
     torch.manual_seed(cfg.seed * 1000 + dist.rank + 1)  # noise and dropout differ per rank
     net: nn.Module = model
     if dist.world > 1:
+        # batch statistics of the paper's minibatch, not of each rank's share of it
+        wnorm.SyncMeanOnlyBatchNorm.convert_sync_batchnorm(model)
+        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+            if device.type == "cuda":
+                nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            else:
+                log("batch norm statistics are per rank: nn.SyncBatchNorm needs a GPU")
         net = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),

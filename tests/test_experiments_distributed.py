@@ -3,6 +3,7 @@ of the init batch gives every rank the model that one process gets on the whole 
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -40,3 +41,42 @@ def test_sharded_data_init_matches_one_process(tmp_path: Path) -> None:
     for key, value in ref.state_dict().items():
         for state in states:
             torch.testing.assert_close(state[key], value, atol=1e-5, rtol=1e-5, msg=key)
+
+
+def _classify_rank(rank: int, world: int, port: int, argv: list[str]) -> None:
+    # what torchrun sets; experiments.classify joins the group itself
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world),
+                      RANK=str(rank), LOCAL_RANK=str(rank), GLOO_SOCKET_IFNAME="lo")
+    from experiments.classify import main
+
+    if main(argv) != 0:
+        raise SystemExit(1)
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
+def test_classify_on_two_ranks_equals_one_process_on_the_whole_batches(tmp_path: Path) -> None:
+    # the mean-only batch norms take the mean of the whole batch, not of each rank's share:
+    # without noise and dropout, two ranks train the model one process trains
+    import socket
+
+    from fakes import write_fashion
+
+    write_fashion(tmp_path / "data", n_train=40, n_test=20)
+    argv = ["--data-dir", str(tmp_path / "data"), "--variants", "wn+meanonly", "--seeds", "0",
+            "--epochs", "2", "--width", "0.04", "--batch-size", "20", "--init-examples", "20",
+            "--noise", "0", "--dropout", "0", "--threads", "1", "--no-progress",
+            "--device", "cpu"]
+    from experiments.classify import main
+
+    assert main(argv + ["--out", str(tmp_path / "one")]) == 0
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_classify_rank, args=(2, port, argv + ["--out", str(tmp_path / "two")]), nprocs=2)
+    name = "fashion-mnist-wn+meanonly-s0"
+    one, two = ([json.loads(line) for line in (tmp_path / d / name / "metrics.jsonl")
+                 .read_text().splitlines()] for d in ("one", "two"))
+    assert len(one) == len(two) == 2
+    for a, b in zip(one, two):
+        for k in ("train_loss", "test_loss", "test_error"):
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (k, a, b)
