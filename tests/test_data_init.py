@@ -407,6 +407,43 @@ def test_plain_unreached_layer_reported():
     assert "rnn" not in by_name  # a plain LSTM is no candidate
 
 
+class _FastPath(nn.Linear):
+    """A layer whose kernel refuses large batches, for a model that falls back on another."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > 16:
+            raise RuntimeError("fast kernel: batch too large")
+        return super().forward(x)
+
+
+class _Fallback(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.fast, self.slow = nn.Linear(4, 6), _FastPath(6, 3), nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.a(x))
+        try:
+            return self.fast(h)
+        except RuntimeError:
+            return self.slow(h)
+
+
+def test_a_layer_whose_forward_raised_inside_a_caught_error_is_left_as_it_was():
+    # its pre hook had set g to 1 and the bias to 0; the report said "not reached", and the
+    # layer kept g = 1 and b = 0
+    torch.manual_seed(0)
+    model = wnorm.apply(_Fallback())
+    before = copy.deepcopy(model.fast.state_dict())
+    x = torch.randn(64, 4)
+    with pytest.warns(UserWarning, match=r"fast \(its forward raised an error that the model "
+                                         r"caught"):
+        report = wnorm.data_init(model, x)
+    assert [r.name for r in report.initialized] == ["a", "slow"]
+    assert same_state(model.fast.state_dict(), before)
+    assert_standardized(model, report, x)
+
+
 def test_dim_none_and_grouped_convT_skipped():
     model = nn.Sequential(nn.Linear(3, 4), nn.Unflatten(1, (4, 1)),
                           nn.ConvTranspose1d(4, 4, 1, groups=2))

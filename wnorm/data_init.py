@@ -404,6 +404,9 @@ class _Pass:
         self.names = names
         self.scale, self.group = init_scale, group
         self.done: dict[nn.Module, _Done] = {}
+        #: targets whose pre hook ran (g set to 1, biases to 0): one the model then left
+        #: through an exception it caught is restored after the pass
+        self.entered: set[nn.Module] = set()
         self.means: dict[nn.Module, Tensor] = {}
         self.inputs = inputs
         #: per target: whether its input was computed by the model, not a tensor of the batch
@@ -413,6 +416,7 @@ class _Pass:
         if module in self.done:
             return
         t = self.by_module[module]
+        self.entered.add(module)
         fed = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]  # layer(input=h)
         self.computed[module] = bool(fed) and not any(a is b for a in fed for b in self.inputs)
         for m in t.gains:  # the layer now outputs t = v.x/||v|| (+ 0); a plain layer w.x
@@ -701,6 +705,13 @@ def data_init(
     try:
         with torch.no_grad():
             model(*args, **kwargs)
+            # a layer whose forward raised, caught by the model (a fallback path), never
+            # reached its post hook: its g of 1 and zeroed biases are put back
+            left = [t for t in targets if t.module in p.entered and t.module not in p.done]
+            if left:
+                at = {id(x): i for i, x in enumerate(touched)}
+                back = [at[id(x)] for t in left for x in _tensors(t)]
+                _copy_all([touched[i] for i in back], [saved[i] for i in back])
         done = list(p.done.values())
         if done:  # every g is in (0, inf) exactly when its log is finite, every b when it is
             sums.append(torch.cat([x for d in done for x in d.gains]).log().sum())
@@ -731,9 +742,12 @@ def data_init(
             " (the model is in training mode, where some models skip layers at random, e.g. "
             "LayerDrop: data_init with model.eval() reaches every layer)"
             if model.training else ""))
+        raised = ("its forward raised an error that the model caught, every time it was "
+                  "called: left as it is")
         for t in targets:
             if t.module not in p.done:
-                skipped.append(LayerInit(t.name, type(t.module).__name__, "skipped", unreached))
+                skipped.append(LayerInit(t.name, type(t.module).__name__, "skipped",
+                                         raised if t.module in p.entered else unreached))
         report.extend(skipped)
         if report.skipped:
             warnings.warn("data_init: layers not initialized: "
