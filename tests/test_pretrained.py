@@ -6,6 +6,7 @@ outputs; folders are written whole or not at all, and bad folders are errors nam
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -283,3 +284,27 @@ def test_a_bad_tensor_in_a_sharded_folder_names_the_folder_and_its_shard(tmp_pat
     assert err.startswith(f"wnorm: error: {src}: 'conv.parametrizations.weight.original1'")
     assert err.strip().endswith("(in model-00002-of-00002.safetensors)")
     assert not (tmp_path / "out").exists()
+
+
+def test_out_given_as_the_empty_current_folder_is_filled_in_place(tmp_path: Path, capsys,
+                                                                  monkeypatch) -> None:
+    # `mkdir out && cd out && wnorm convert ../in . --to wnorm` crashed with a traceback (Path(".")
+    # has no name to put a temporary beside); renaming a new folder over the empty one would
+    # leave the shell in a deleted folder that shows no files
+    src = folder(tmp_path / "in", sharded=True)
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.chdir(out)
+    convert(src, Path("."), "torch-old")
+    assert listing(Path(".")) == listing(src)  # seen from inside the very folder
+    assert os.path.samefile(".", out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out"]  # no temporary left
+    v = tensors(src)["conv.parametrizations.weight.original1"]
+    assert torch.equal(tensors(out)["conv.weight_v"], v)
+    # a failure while filling it leaves it empty
+    (tmp_path / "out2").mkdir()
+    monkeypatch.chdir(tmp_path / "out2")
+    monkeypatch.setattr(st, "save_file", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "full")))
+    refused(capsys, src, Path("."), "writing the folder failed (nothing written)")
+    assert list(Path(".").iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out", "out2"]

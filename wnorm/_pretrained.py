@@ -5,7 +5,8 @@ A folder holds ``model.safetensors``, or shards named by ``model.safetensors.ind
 saved. A weight's g and v may sit in different shards, so the folder is read whole, converted
 as one state dict, and written back with each key in the shard its source key was in; every
 other file is copied as it is. The new folder is written under a temporary name beside OUT
-and renamed into place, so a failed write leaves nothing behind.
+and renamed into place (into an empty OUT, its files are moved: a shell may be in it), so a
+failed write leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -150,7 +151,10 @@ def convert_folder(
     st = safetensors_module(src / WEIGHTS)
     skipped = sorted(p.name for p in src.iterdir() if _other_weights(p.name))
     weights = {WEIGHTS, INDEX} | set(shard_of.values())
-    tmp = dst.with_name(f".{dst.name}.{secrets.token_hex(6)}.tmp")
+    # "." or "out/..": a name to put the temporary beside
+    tmp = Path(os.path.abspath(dst))
+    tmp = tmp.with_name(f".{tmp.name}.{secrets.token_hex(6)}.tmp")
+    moved: list[Path] = []
     try:
         tmp.mkdir()
         for entry in src.iterdir():
@@ -177,8 +181,21 @@ def convert_folder(
             index["weight_map"] = {k: f for f, ts in shards.items() for k in ts}
             (tmp / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
             _fsync(tmp / INDEX)
-        os.rename(tmp, dst)  # replaces an empty folder; refuses one that gained files
+        if dst.is_dir():  # empty (checked): filled, not replaced, as a shell may be in it
+            for entry in sorted(tmp.iterdir()):
+                if os.path.lexists(dst / entry.name):  # it gained files meanwhile
+                    raise FileExistsError(17, "File exists", str(dst / entry.name))
+                os.rename(entry, dst / entry.name)
+                moved.append(dst / entry.name)
+            tmp.rmdir()
+        else:
+            os.rename(tmp, dst)
     except BaseException as e:
+        for entry in moved:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, Exception) and not isinstance(e, WnormError):
             raise WnormError(f"{dst}: writing the folder failed (nothing written); got "
