@@ -541,3 +541,42 @@ def test_arpit_init_leaves_a_layer_it_has_no_gains_for_as_it_is():
                                          r"Linear and convolution layers only\)"):
         gains = wnorm.arpit_init(model, linear=["2"])
     assert list(gains) == ["0", "2"] and torch.equal(model.bi.weight_v, before)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"linear": "fc"},
+    {"linear": ["fc"]},  # a typo: the classifier is called head
+    {"shortcuts": ["short*"]},
+    {"block_last": ["blk.*.conv2"], "blocks_per_stage": 2},
+], ids=["str", "list", "shortcuts", "block_last"])
+def test_arpit_init_refuses_a_pattern_naming_no_layer_before_writing_anything(kwargs):
+    # each was ignored without a word: the layer meant kept the ReLU gain
+    net = wnorm.apply(nn.Sequential(nn.Linear(64, 32), nn.ReLU()))
+    net.head = nn.Linear(32, 10)
+    wnorm.apply(net.head)
+    before = copy.deepcopy(net.state_dict())
+    with pytest.raises(WnormError, match=r"arpit_init: (linear|shortcuts|block_last) pattern "
+                                         r"'[^']+' matches no weight-normalized layer of "
+                                         r"Sequential \(a typo\?\)"):
+        wnorm.arpit_init(net, **kwargs)
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())
+
+
+def test_arpit_init_takes_one_str_as_one_pattern():
+    from collections import OrderedDict
+
+    net = wnorm.apply(nn.Sequential(OrderedDict(
+        body=nn.Linear(64, 32), act=nn.ReLU(), mid=nn.Linear(32, 32), head=nn.Linear(32, 10))))
+    # a str was read as one pattern per character ('m', 'i', 'd'), matching no layer: mid got
+    # the ReLU gain sqrt(2), and the head, no longer the default, too
+    gains = wnorm.arpit_init(net, linear="mid")
+    assert gains["mid"] == pytest.approx(1.0)
+    assert gains["head"] == pytest.approx(math.sqrt(2 * 32 / 10))
+
+
+@pytest.mark.parametrize("n", [0, -2, 2.5, True])
+def test_arpit_init_refuses_blocks_per_stage_that_is_no_count(n):
+    # -2 raised Python's "math domain error" naming nothing; 2.5 was taken as 2.5 blocks
+    net = wnorm.apply(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)))
+    with pytest.raises(WnormError, match="blocks_per_stage"):
+        wnorm.arpit_init(net, block_last=["0"], blocks_per_stage=n)

@@ -3,6 +3,7 @@ r"""Initialization without data for weight-normalized networks (Arpit, Campos & 
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Iterable
 from fnmatch import fnmatchcase
@@ -19,6 +20,17 @@ __all__ = ["arpit_init"]
 
 def _match(name: str, patterns: Iterable[str]) -> bool:
     return any(fnmatchcase(name, p) for p in patterns)
+
+
+def _patterns(what: str, arg: Iterable[str] | str) -> list[str]:
+    """``arg`` as a list of glob patterns: one string is one pattern (``list("head")`` would be
+    the patterns 'h', 'e', 'a', 'd', which match no layer)."""
+    items = [arg] if isinstance(arg, str) else list(arg)
+    for e in items:
+        if not isinstance(e, str):
+            raise WnormError(f"arpit_init: {what} expects glob patterns of layer names (str); "
+                             f"got {e!r}")
+    return items
 
 
 def _reason_skipped(module: nn.Module, spec: _reparam.Slot) -> str:
@@ -106,7 +118,7 @@ def arpit_init(
     Args:
         model: a model with weight-normalized layers (``wnorm.apply`` first); changed in place.
         linear: glob patterns of layers not followed by a ReLU (default: the last
-            weight-normalized layer in module order, the classifier).
+            weight-normalized layer in module order, the classifier); a str is one pattern.
         block_last: glob patterns of each residual block's last conv (needs ``blocks_per_stage``).
         shortcuts: glob patterns of shortcut (projection) layers.
         blocks_per_stage: N, residual blocks per stage.
@@ -116,7 +128,8 @@ def arpit_init(
 
     Raises:
         WnormError: no weight-normalized layer with a learned per-unit g, ``block_last`` without
-            ``blocks_per_stage``, tied layers (one g and v) whose roles ask for two gains
+            ``blocks_per_stage`` (or one that is not a whole number > 0), a pattern matching no
+            weight-normalized layer (a typo would leave that layer the ReLU gain), tied layers (one g and v) whose roles ask for two gains
             (checked before anything is written), or a layer with more units than fan_in
             can't have orthonormal rows (it then gets orthonormal columns; reported only if the
             shape is degenerate).
@@ -130,10 +143,16 @@ def arpit_init(
         {'0': 2.0, '2': 1.789}
     """
     expect_module("arpit_init", model)
-    block_last, shortcuts = list(block_last), list(shortcuts)
+    block_last, shortcuts = _patterns("block_last", block_last), _patterns("shortcuts", shortcuts)
+    if blocks_per_stage is not None and not (isinstance(blocks_per_stage, numbers.Integral)
+                                             and not isinstance(blocks_per_stage, bool)
+                                             and blocks_per_stage > 0):
+        raise WnormError("arpit_init: blocks_per_stage must be a whole number > 0 (N residual "
+                         f"blocks per stage); got {blocks_per_stage!r}")
     if block_last and not blocks_per_stage:
         raise WnormError("arpit_init: block_last needs blocks_per_stage (N blocks per stage)")
     layers, other, skipped, last = [], [], [], None
+    names: list[str] = []  # every weight-normalized layer's, for the patterns' typo check
     left: dict[int, str] = {}  # id of a parameter of a layer left as it is -> its name
     for mname, m in model.named_modules():
         other += [f"{mname or '<model>'}.{n}" for n in _reparam.slots_of(m) if n != "weight"]
@@ -146,6 +165,7 @@ def arpit_init(
                 f"{spec.map!r}; Arpit et al.'s gains hold for weight norm's map alone (its "
                 "orthogonal v and gain g would not give the claimed energy); exclude it")
         last = mname or "<model>"
+        names.append(last)
         # a layer left out is said to be: its v and bias keep values the init was asked to
         # replace, and the layers after it get activations of a scale the gains did not plan for
         reason = _reason_skipped(m, spec)
@@ -171,13 +191,22 @@ def arpit_init(
             f"{type(model).__name__}; " + ("; ".join(said for said, on in
                                                      ((why, other), (not_set, skipped)) if on)
                                            or "call wnorm.apply(model) first"))
+    # the default is the last weight-normalized layer even when it is left out: another layer,
+    # followed by a ReLU, would otherwise get the linear gain
+    linear = [last] if linear is None else _patterns("linear", linear)
+    # a pattern naming no weight-normalized layer (a typo) would leave the layer it meant with
+    # the ReLU gain, silently
+    for what, pats in (("linear", linear), ("block_last", block_last), ("shortcuts", shortcuts)):
+        for pat in pats:
+            if not any(fnmatchcase(n, pat) for n in names):
+                raise WnormError(
+                    f"arpit_init: {what} pattern {pat!r} matches no weight-normalized layer of "
+                    f"{type(model).__name__} (a typo?); its weight-normalized layers are e.g. "
+                    f"{names[:8]}")
     if other:
         warnings.warn(f"arpit_init: {why}", stacklevel=2)
     if skipped:
         warnings.warn(f"arpit_init: {not_set}", stacklevel=2)
-    # the default is the last weight-normalized layer even when it is left out: another layer,
-    # followed by a ReLU, would otherwise get the linear gain
-    linear = [last] if linear is None else list(linear)
     plan = [(mname, m, spec, _gain(mname, m, spec, linear, block_last, shortcuts,
                                    blocks_per_stage)) for mname, m, spec in layers]
     # tied layers (one g and v held by two modules) get one gain: refused before anything is
