@@ -321,6 +321,33 @@ def test_missing_pair_is_reported_with_the_models_keys() -> None:
         load_state_dict(model, {"bias": torch.zeros(2)})
 
 
+def test_half_a_pair_is_named_as_such_not_as_both_missing_and_unexpected() -> None:
+    # the report said missing ['0.weight_g', '0.weight_v'] and unexpected ['0.weight_g']: the
+    # checkpoint's g named as both, its absent v never named as the cause
+    torch.manual_seed(0)
+    src = wnorm.apply(nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2)))
+    sd = dict(src.state_dict())
+    del sd["0.weight_v"]
+    new = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+    for m in (new[0], new[2]):
+        parametrizations.weight_norm(m)
+    for model in (wnorm.apply(nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))), new):
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(WnormError) as info:
+            load_state_dict(model, sd)
+        message = str(info.value)
+        assert "'0.weight_g' without its other half '0.weight_v'" in message, message
+        assert "unexpected" not in message and "missing keys" not in message, message
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+        with pytest.warns(UserWarning) as caught:
+            load_state_dict(model, sd, strict=False)
+        message = str(caught[0].message)
+        assert "'0.weight_g' without its other half '0.weight_v'" in message, message
+        assert "unexpected" not in message and "missing keys" not in message, message
+        x = torch.randn(3, 4)
+        assert torch.equal(model[2](x), src[2](x))  # the rest is loaded
+
+
 # --------------------------------------------------------------------------- conversion
 def pure(norm: Norm) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)

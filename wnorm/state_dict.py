@@ -33,6 +33,7 @@ Format = Literal["plain", "torch-old", "torch-new", "wnorm"]
 class _Incompatible(NamedTuple):
     missing_keys: list[str]
     unexpected_keys: list[str]
+    halves: list[str]  # "'a.weight_g' without its other half 'a.weight_v' (...)"
 
 
 # --------------------------------------------------------------------------- the target model
@@ -223,9 +224,22 @@ def _plan_aligned(
             del sources[ckey]
             for key, t in zip(src.keys, (src.g, src.v)):
                 sources[key] = lay.Src((key,), w=t)
+    # half of a pair (g without v, or v without g) of a weight the model has: that weight is
+    # not loaded (w = g v/||v|| needs both), and the key is named with its missing half
+    halves: dict[str, list[str]] = {}
+    for ckey, src in sources.items():
+        base, role = lay.base_and_role(ckey)
+        if ckey not in slots and role != "w" and base in slots and base not in sources:
+            other = (ckey[:-1] + ("1" if ckey[-1] == "0" else "0") if ckey != base + "_" + role
+                     else base + ("_v" if role == "g" else "_g"))
+            halves.setdefault(base, []).append(f"'{ckey}' without its other half '{other}'")
     values: dict[str, Any] = {}
-    missing = [k for ckey, slot in slots.items() if ckey not in sources for k in slot.keys]
-    unexpected = [k for ckey, src in sources.items() if ckey not in slots for k in src.keys]
+    missing = [k for ckey, slot in slots.items() if ckey not in sources and ckey not in halves
+               for k in slot.keys]
+    unexpected = [k for ckey, src in sources.items() if ckey not in slots
+                  and lay.base_and_role(ckey)[0] not in halves for k in src.keys]
+    half_report = [f"{' and '.join(h)} (so the model's {list(slots[base].keys)} are not loaded)"
+                   for base, h in halves.items()]
     for ckey, slot in slots.items():
         src = sources.get(ckey)
         if src is None:
@@ -288,7 +302,7 @@ def _plan_aligned(
                 "nonzero direction in every slice"
             )
         values[slot.keys[0]], values[slot.keys[1]] = g, v
-    return values, _Incompatible(missing, unexpected)
+    return values, _Incompatible(missing, unexpected, half_report)
 
 
 # --------------------------------------------------------------------------- loading, checked
@@ -433,6 +447,8 @@ def load_state_dict(
         problems.append(f"missing keys {bad.missing_keys}")
     if bad.unexpected_keys:
         problems.append(f"unexpected keys {bad.unexpected_keys}")
+    if bad.halves:
+        problems.append(f"half of a weight-norm pair: {'; '.join(bad.halves)}")
     if unreachable:
         owners = sorted({_owner(inner, k, "_save_to_state_dict") for k in unreachable} - {""})
         problems.append(f"parameters/buffers {unreachable} that the model's own state_dict "
