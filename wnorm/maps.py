@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad as _forward_ad
 
 __all__ = ["Map", "WeightNorm", "CenteredWeightNorm", "WeightStandardization", "ForcedWeightNorm",
            "BalancedWeightNorm", "norm", "l1_norm", "METHODS", "same_weight", "kind_mismatch",
@@ -37,6 +38,33 @@ def l1_norm(v: Tensor, dim: int | None) -> Tensor:
     if dim is None:
         return v.abs().sum()
     return v.abs().sum(dim=axes, keepdim=True) if axes else v.abs()
+
+
+def _exact_above_first_order() -> bool:
+    """Whether the weight must be differentiable beyond PyTorch's fused kernel: forward-mode AD
+    (``torch.func.jvp``/``hessian``) and ``torch.func`` transforms (``jacrev(jacrev(...))``)."""
+    return _forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active()
+
+
+class _SecondOrder:
+    """A post-hook on the fused kernel's node: its backward run with ``create_graph=True``
+    (Hessian-vector products, MAML) differentiates eq. 2 written out. The kernel's own double
+    backward holds ``||v||`` constant, which gives wrong second derivatives in v; a first-order
+    backward (grad mode off) keeps the kernel's result."""
+
+    __slots__ = ("v", "g", "dim")
+
+    def __init__(self, v: Tensor, g: Tensor, dim: int) -> None:
+        self.v, self.g, self.dim = v, g, dim
+
+    def __call__(self, grad_inputs: tuple[Any, ...], grad_outputs: tuple[Any, ...]) -> Any:
+        if not torch.is_grad_enabled() or grad_outputs[0] is None:
+            return None
+        ins = [t for t, gi in zip((self.v, self.g), grad_inputs) if gi is not None]
+        n = norm(self.v, self.dim)
+        w = self.v * (self.g.reshape(n.shape) / n)
+        got = iter(torch.autograd.grad(w, ins, grad_outputs[0], create_graph=True))
+        return tuple(None if gi is None else next(got) for gi in grad_inputs)
 
 
 def _fusable(v: Tensor, dim: int | None) -> bool:
@@ -126,7 +154,10 @@ class WeightNorm(Map):
 
     Computed by ``torch._weight_norm``, as PyTorch's own weight norm is: one fused kernel
     forward and one backward for ``dim`` 0 or the last axis, on CPU and CUDA, and the same bits
-    as PyTorch for the same g and v (float32 and float64 parameters).
+    as PyTorch for the same g and v (float32 and float64 parameters). Derivatives of every
+    order are eq. 2's: a backward that records a graph, forward-mode AD and ``torch.func``
+    transforms differentiate the formula written out (the kernel's own double backward holds
+    :math:`\lVert v\rVert` constant, and it has no forward-mode rule).
     """
 
     kind = "wn"
@@ -141,7 +172,16 @@ class WeightNorm(Map):
             r = n.to(v.dtype).float()
             n = torch.where(torch.isinf(r), n, r)
             return (v.float() * (g.float() / n)).to(v.dtype)  # type: ignore[union-attr]
-        return torch._weight_norm(v, g, -1 if self.dim is None else self.dim)  # type: ignore[arg-type]
+        dim = -1 if self.dim is None else self.dim
+        if torch.compiler.is_compiling() or torch._C._is_tracing():
+            return torch._weight_norm(v, g, dim)  # type: ignore[arg-type]
+        if _exact_above_first_order():
+            n = norm(v, self.dim)
+            return v * (g.reshape(n.shape) / n)  # type: ignore[union-attr]
+        w = torch._weight_norm(v, g, dim)  # type: ignore[arg-type]
+        if w.grad_fn is not None and dim in (0, v.dim() - 1):
+            w.grad_fn.register_hook(_SecondOrder(v, g, dim))  # type: ignore[arg-type]
+        return w
 
     def split(self, w: Tensor) -> tuple[Tensor, Tensor]:
         dim = self.dim
