@@ -348,6 +348,26 @@ def test_half_a_pair_is_named_as_such_not_as_both_missing_and_unexpected() -> No
         assert torch.equal(model[2](x), src[2](x))  # the rest is loaded
 
 
+def test_a_batchnorm_checkpoint_from_before_num_batches_tracked_loads_as_in_pytorch() -> None:
+    # PyTorch < 0.4.1 saved no num_batches_tracked (and no version 2 in the metadata);
+    # torch's load_state_dict takes such a checkpoint (BatchNorm's loader keeps the count),
+    # wnorm's refused it as missing a key
+    torch.manual_seed(0)
+    src = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).train()
+    src(torch.randn(8, 3))
+    old = {k: v for k, v in src.state_dict().items() if k != "1.num_batches_tracked"}
+    model = wnorm.apply(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)))
+    load_state_dict(model, old)
+    x = torch.randn(5, 3)
+    assert torch.equal(model.eval()(x), src.eval()(x))
+    assert int(model[1].num_batches_tracked) == 0
+    # saved at version 2 and the key dropped since: missing, as in torch
+    newer = copy.copy(src.state_dict())
+    del newer["1.num_batches_tracked"]
+    with pytest.raises(WnormError, match=r"missing keys \['1.num_batches_tracked'\]"):
+        load_state_dict(wnorm.apply(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))), newer)
+
+
 # --------------------------------------------------------------------------- conversion
 def pure(norm: Norm) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)

@@ -81,6 +81,23 @@ def _target(model: nn.Module) -> dict[str, _Slot]:
     return slots
 
 
+def _filled_by_loader(model: nn.Module, key: str, metadata: Any) -> bool:
+    """Whether ``key`` is a BatchNorm's ``num_batches_tracked`` that a checkpoint saved before
+    PyTorch 0.4.1 lacks (no version 2 in its metadata): the layer's own loader keeps its count
+    then, and torch's ``load_state_dict`` reports nothing missing."""
+    path, _, name = key.rpartition(".")
+    if name != "num_batches_tracked":
+        return False
+    try:
+        module = model.get_submodule(path) if path else model
+    except AttributeError:
+        return False
+    entry = metadata.get(path) if isinstance(metadata, Mapping) else None
+    version = entry.get("version") if isinstance(entry, Mapping) else None
+    return isinstance(module, nn.modules.batchnorm._NormBase) and (
+        not isinstance(version, int) or version < 2)
+
+
 def _same_kind(want: Tensor, got: Tensor) -> bool:
     def kind(t: Tensor) -> str:
         if t.is_complex():
@@ -234,8 +251,9 @@ def _plan_aligned(
                      else base + ("_v" if role == "g" else "_g"))
             halves.setdefault(base, []).append(f"'{ckey}' without its other half '{other}'")
     values: dict[str, Any] = {}
+    meta = getattr(state_dict, "_metadata", None)
     missing = [k for ckey, slot in slots.items() if ckey not in sources and ckey not in halves
-               for k in slot.keys]
+               for k in slot.keys if not _filled_by_loader(model, k, meta)]
     unexpected = [k for ckey, src in sources.items() if ckey not in slots
                   and lay.base_and_role(ckey)[0] not in halves for k in src.keys]
     half_report = [f"{' and '.join(h)} (so the model's {list(slots[base].keys)} are not loaded)"
