@@ -470,6 +470,37 @@ def test_include_plain_layer_it_cannot_set_is_reported_and_warned():
     assert torch.equal(net[1].weight, w)
 
 
+@pytest.mark.parametrize("how, why", [
+    ("spectral", r"computed by a parametrization \(_SpectralNorm\)"),
+    ("parametrize_wn", r"computed by PyTorch's weight norm: call wnorm.apply\(model\) first"),
+    ("old_wn", r"computed by PyTorch's weight norm: call wnorm.apply\(model\) first"),
+])
+def test_include_plain_reports_a_layer_whose_weight_is_computed(how, why):
+    # include_plain asks for every Linear/Conv: one whose weight a parametrization computes was
+    # neither initialized nor in the report nor in a warning
+    from torch.nn.utils import parametrizations
+
+    torch.manual_seed(0)
+    first = nn.Linear(4, 6)
+    if how == "spectral":
+        parametrizations.spectral_norm(first)
+    elif how == "parametrize_wn":
+        parametrizations.weight_norm(first)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # the old API is deprecated
+            torch.nn.utils.weight_norm(first)
+    # eval: spectral norm's power iteration would change layer 0's output from pass to pass
+    net = nn.Sequential(first, nn.ReLU(), nn.Linear(6, 3)).eval()
+    before = {k: p.detach().clone() for k, p in first.named_parameters()}
+    x = torch.randn(64, 4) * 3 + 2
+    with pytest.warns(UserWarning, match=r"layers not initialized: 0 \(its 'weight' is " + why):
+        report = wnorm.data_init(net, x, include_plain=True)
+    assert {(r.name, r.status) for r in report} == {("0", "skipped"), ("2", "initialized")}
+    assert all(torch.equal(p, before[k]) for k, p in first.named_parameters())
+    assert_standardized(net, report, x)
+
+
 # --------------------------------------------------------------------------- mean-only BN
 def _mobn_batch_means(model, x) -> dict[str, torch.Tensor]:
     """Each mean-only BN's input batch mean at its first call (a fresh pass on a copy)."""

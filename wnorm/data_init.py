@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from . import _reparam
+from . import _pytorch_wn, _reparam
 from .errors import WnormError, expect_module, refuse_sharded
 from .mean_only_bn import MeanOnlyBatchNormBase
 from .weight_norm import _is_conv1d, default_dim
@@ -144,6 +144,19 @@ def _reason_cannot(module: nn.Module, wn: bool) -> str:
     return ""
 
 
+def _reason_computed(module: nn.Module) -> str:
+    """Why a plain-type layer whose 'weight' is no parameter of its own (computed by PyTorch's
+    weight norm or another parametrization) cannot be initialized ("" when its weight is one)."""
+    if any(f.name == "weight" for f in _pytorch_wn.find(module)):
+        return ("its 'weight' is computed by PyTorch's weight norm: call wnorm.apply(model) "
+                "first, which adopts it, so that data_init sets its g")
+    if parametrize.is_parametrized(module, "weight"):
+        chain = [type(p).__name__ for p in module.parametrizations["weight"]]
+        return (f"its 'weight' is computed by a parametrization ({', '.join(chain)}), whose "
+                "rows data_init cannot scale")
+    return ""
+
+
 def _reason_frozen(module: nn.Module) -> str:
     """Why a frozen layer is left as it is ("" when nothing the init writes is frozen): a
     pretrained backbone frozen under a new head keeps its function."""
@@ -234,7 +247,12 @@ def _candidates(named: list[tuple[str, nn.Module]], include_plain: bool) -> tupl
                                     or _is_conv1d(m))
                  and m._parameters.get("weight") is not None)
         if not (wn or plain):
-            if m._parameters:
+            # a Linear/Conv whose weight is computed: asked for, so said to be left as it is
+            why = (include_plain and (isinstance(m, _INIT_TYPES) or _is_pyg(m, "Linear")
+                                      or _is_conv1d(m)) and _reason_computed(m))
+            if why:
+                skipped.append(LayerInit(label, type(m).__name__, "skipped", why))
+            if m._parameters or why:
                 others.append((label, m))
             continue
         why = _reason_cannot(m, wn) or _reason_frozen(m)
