@@ -580,3 +580,24 @@ def test_arpit_init_refuses_blocks_per_stage_that_is_no_count(n):
     net = wnorm.apply(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)))
     with pytest.raises(WnormError, match="blocks_per_stage"):
         wnorm.arpit_init(net, block_last=["0"], blocks_per_stage=n)
+
+
+@pytest.mark.parametrize("radius", [None, 2.5])
+def test_arpit_init_sets_a_forced_weight_norm_with_a_learned_g_as_weight_norm(radius):
+    # its map is weight norm's, w = g v/||v||, yet it was refused as a map the gains do not
+    # hold for; its v is put on the sphere forced_weight_norm holds it on
+    torch.manual_seed(0)
+    net = wnorm.apply(nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)),
+                      method=functools.partial(wnorm.forced_weight_norm, radius=radius))
+    gains = wnorm.arpit_init(net)
+    assert gains == pytest.approx({"0": 2.0, "2": math.sqrt(32 / 10)})
+    for i, fan_in in ((0, 64), (2, 32)):
+        layer = net[i]
+        w = layer.weight.detach()
+        torch.testing.assert_close(w.norm(dim=1), torch.full((w.shape[0],), gains[str(i)]))
+        rows = w / w.norm(dim=1, keepdim=True)  # orthonormal rows, as for weight_norm
+        torch.testing.assert_close(rows @ rows.T, torch.eye(w.shape[0]), atol=1e-5, rtol=0)
+        sphere = math.sqrt(fan_in) if radius is None else radius
+        torch.testing.assert_close(layer.weight_v.detach().norm(dim=1),
+                                   torch.full((w.shape[0],), sphere))
+        assert not layer.bias.any()

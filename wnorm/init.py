@@ -13,6 +13,7 @@ from torch import nn
 
 from . import _reparam
 from .errors import WnormError, expect_module
+from .maps import ForcedWeightNorm, same_weight
 from .weight_norm import _is_class, _is_conv1d, default_dim
 
 __all__ = ["arpit_init"]
@@ -106,7 +107,9 @@ def arpit_init(
     ``(in, out/groups, *kernel)`` (one g serves one output channel of each group) and whose
     stride spaces its outputs without dropping any. A conv with orthonormal rows then scales
     the expected squared norm of the whole feature map by
-    :math:`g^2\,\mathrm{fan_{out}}/\mathrm{fan_{in}}`.
+    :math:`g^2\,\mathrm{fan_{out}}/\mathrm{fan_{in}}`. A forced weight norm with a learned g
+    computes weight norm's map: it is set alike, its orthogonal rows of ``v`` scaled to the
+    sphere it holds them on.
     A weight-normalized layer it cannot set (no learned g: weight standardization, a forced
     weight norm with a fixed gain; or g not one per output unit: ``dim=None`` or another axis)
     is left as it is, with a warning naming it and why; so is an embedding (``nn.Embedding``,
@@ -159,7 +162,7 @@ def arpit_init(
         spec = _reparam.slot(m, "weight")
         if spec is None:
             continue
-        if spec.has_g and spec.kind != "wn":
+        if spec.has_g and not same_weight(spec.kind, "wn"):
             raise WnormError(
                 f"arpit_init: {mname or '<model>'} ({type(m).__name__}) is reparameterized by "
                 f"{spec.map!r}; Arpit et al.'s gains hold for weight norm's map alone (its "
@@ -233,6 +236,8 @@ def arpit_init(
                 flat = v.movedim(spec.dim, 0).reshape(units, -1)
                 q = torch.empty_like(flat, dtype=torch.float32)
                 nn.init.orthogonal_(q)
+                if isinstance(spec.map, ForcedWeightNorm):  # its rows on the sphere it holds
+                    q.mul_(spec.map.sphere(v) / q.norm(dim=1, keepdim=True))
                 v.copy_(q.reshape(v.movedim(spec.dim, 0).shape).movedim(0, spec.dim))
             m._parameters[spec.gname].fill_(gain)
     return gains
