@@ -333,6 +333,20 @@ def test_key_picks_the_state_dict_a_safetensors_out_holds(tmp_path: Path, capsys
         torch.testing.assert_close(target(X), model(X), rtol=1e-5, atol=1e-6)
 
 
+def test_a_safetensors_suffix_in_capitals_is_read_and_written_as_safetensors(
+        tmp_path: Path) -> None:
+    # it was read as a pickle (refused) and, as OUT, written as a pickle under its name
+    st = pytest.importorskip("safetensors.torch")
+    model = source()
+    st.save_file(model.state_dict(), str(tmp_path / "IN.SAFETENSORS"))
+    out = tmp_path / "OUT.SafeTensors"
+    assert main(["convert", str(tmp_path / "IN.SAFETENSORS"), str(out), "--to", "plain"]) == 0
+    target = net().eval()
+    target.load_state_dict(st.load_file(str(out)))  # a safetensors file, not a pickle
+    with torch.no_grad():
+        torch.testing.assert_close(target(X), model(X), rtol=1e-5, atol=1e-6)
+
+
 def test_safetensors_metadata_is_kept_or_its_loss_is_said(tmp_path: Path, capsys) -> None:
     st = pytest.importorskip("safetensors.torch")
     from safetensors import safe_open

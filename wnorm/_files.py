@@ -176,7 +176,7 @@ def load_checkpoint(path: str | Path) -> Any:
     """
     path = Path(path)
     check_input(path)
-    if path.suffix == ".safetensors":
+    if path.suffix.lower() == ".safetensors":
         st = safetensors_module(path)
         try:
             obj: Any = st.load_file(str(path), device="cpu")
@@ -233,7 +233,7 @@ def save_checkpoint(
     """
     path = Path(path)
     check_output(path)
-    if path.suffix != ".safetensors":
+    if path.suffix.lower() != ".safetensors":
         if metadata is not None:
             raise WnormError(f"{path}: metadata is written to .safetensors files only; got a "
                              f"{path.suffix or 'suffix-less'} file")

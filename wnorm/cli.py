@@ -129,7 +129,7 @@ def _convert_folder(args: argparse.Namespace, src: Path, dst: Path) -> int:
     if args.key is not None:
         raise WnormError(f"--key picks an entry of a .pt/.pth checkpoint; {src} is a folder, "
                          "whose weights are converted whole")
-    if dst.suffix in _FILE_SUFFIXES:  # a folder named like a file would surprise everyone
+    if dst.suffix.lower() in _FILE_SUFFIXES:  # a folder named like a file would surprise everyone
         raise WnormError(f"{dst}: {src} is a folder, converted into a new folder; "
                          f"expected a folder name for OUT, got a {dst.suffix} file name")
     n, notes = convert_folder(src, dst, args.to, args.dim)
@@ -160,7 +160,7 @@ def _convert(args: argparse.Namespace) -> int:
     check_output(dst)  # before reading a large input: fail fast
     if dst.exists() and not args.force:  # another checkpoint, perhaps the only copy
         raise WnormError(f"{dst}: exists; pass --force to replace it")
-    to_st = dst.suffix == ".safetensors"
+    to_st = dst.suffix.lower() == ".safetensors"
     ckpt = load_checkpoint(src)
     try:
         paths = find_state_dicts(ckpt, args.key)
@@ -180,7 +180,7 @@ def _convert(args: argparse.Namespace) -> int:
         if len(ckpt) > 1:
             notes.append(f"only checkpoint[{args.key!r}] written: a .safetensors file holds one "
                          "state dict")
-    metadata = safetensors_metadata(src) if src.suffix == ".safetensors" else None
+    metadata = safetensors_metadata(src) if src.suffix.lower() == ".safetensors" else None
     if metadata and not to_st:
         notes.append(f"the input's safetensors metadata (keys {sorted(metadata)}) is not "
                      f"written: a {dst.suffix or 'suffix-less'} file has no place for it")
