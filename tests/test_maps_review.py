@@ -78,3 +78,37 @@ def test_torch_func_hessian_and_jvp_in_g_and_v():
         for a in params:
             for b in params:
                 torch.testing.assert_close(got[a][b], want[a][b], msg=f"{a}, {b}")
+
+
+# --------------------------------------------------------------------------- _layouts
+def _spectral_and_weight_norm() -> nn.Module:
+    from torch.nn.utils import spectral_norm, weight_norm
+
+    torch.manual_seed(0)
+    net = nn.Sequential(spectral_norm(nn.Conv1d(2, 4, 3)), weight_norm(nn.Conv1d(4, 4, 3)),
+                        nn.Conv1d(4, 3, 1))
+    net(torch.randn(1, 2, 9))  # one power iteration: weight_u and weight_v hold values
+    return net
+
+
+@pytest.mark.parametrize("to", ["plain", "torch-old", "torch-new", "wnorm"])
+def test_convert_keeps_a_spectral_norm_layer_as_it_is(to):
+    # torch.nn.utils.spectral_norm saves weight_orig, weight_u and weight_v (HiFi-GAN's and
+    # SN-GAN's discriminators): its weight_v was refused as half of a weight-norm pair
+    sd = _spectral_and_weight_norm().state_dict()
+    out = wnorm.convert_state_dict(sd, to=to)
+    for k in ("0.weight_orig", "0.weight_u", "0.weight_v"):
+        assert torch.equal(out[k], sd[k]), k
+    assert not any(k.startswith("0.") and k not in sd for k in out)
+
+
+def test_convert_of_plain_weights_leaves_a_spectral_norm_layers_weight_plain():
+    # with no pair in the state dict, every plain weight is normalized: weight_orig became a
+    # pair that no model has (0.parametrizations.weight_orig.original0)
+    net = _spectral_and_weight_norm()
+    torch.nn.utils.remove_weight_norm(net[1])
+    sd = net.state_dict()
+    out = wnorm.convert_state_dict(sd, to="torch-new")
+    assert {k for k in out if k.startswith("0.")} == {"0.bias", "0.weight_orig", "0.weight_u",
+                                                     "0.weight_v"}
+    assert "1.parametrizations.weight.original0" in out

@@ -347,6 +347,19 @@ def _half_pair(key: str) -> str | None:
     return None
 
 
+def _spectral(state_dict: Mapping[str, Any]) -> set[str]:
+    """The keys of layers normalized by ``torch.nn.utils.spectral_norm``: ``<w>_orig`` beside
+    the buffers ``<w>_u`` and ``<w>_v`` (a GAN discriminator's, HiFi-GAN's). Its ``<w>_v`` is
+    no half of a weight-norm pair, nor is ``<w>_orig`` a plain weight to normalize."""
+    out: set[str] = set()
+    for key in state_dict:
+        if isinstance(key, str) and key.endswith("_orig"):
+            trio = (key, key[:-5] + "_u", key[:-5] + "_v")
+            if all(k in state_dict for k in trio):
+                out.update(trio)
+    return out
+
+
 def has_pair(state_dict: Mapping[str, Any]) -> bool:
     """Whether ``state_dict`` holds a weight-norm pair in any layout."""
     return any(src.pair for src in read(state_dict).values())
@@ -382,10 +395,11 @@ def convert(state_dict: Mapping[str, Any], to: str, dim: Any = KEEP,
                              "gives another weight under another map; save wnorm.fold of the "
                              "model instead")
     sources = read(state_dict)
+    spectral = _spectral(state_dict)
     for src in sources.values():
         for key, t in zip(src.keys, (src.g, src.v) if src.pair else (src.w,)):
             check_finite(key, t)
-        missing = None if src.pair else _half_pair(src.keys[0])
+        missing = None if src.pair or src.keys[0] in spectral else _half_pair(src.keys[0])
         if missing is not None:
             raise WnormError(f"'{src.keys[0]}' is half of a weight-norm pair: '{missing}' is "
                              "missing; expected both halves (or a plain weight)")
@@ -410,7 +424,8 @@ def convert(state_dict: Mapping[str, Any], to: str, dim: Any = KEEP,
     if per_key is not None:
         plain_axes = {k: d for k, d in per_key.items() if not sources[k].pair}
     elif normalize_plain:
-        weights = [k for k, s in sources.items() if not s.pair and _normalizable(k, s.w)]
+        weights = [k for k, s in sources.items()
+                   if not s.pair and _normalizable(k, s.w) and k not in spectral]
         if dim != KEEP or to != "wnorm":
             along = 0 if dim == KEEP else dim  # PyTorch's weight_norm(module) default: dim 0
             plain_axes = dict.fromkeys(weights, along)
