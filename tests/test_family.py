@@ -274,8 +274,16 @@ def test_bad_arguments():
         with pytest.raises(WnormError, match=f"radius must be a finite number > 0 or None; "
                                              f"got {bad!r}"):
             wnorm.forced_weight_norm(nn.Linear(3, 2), radius=bad)
-    with pytest.raises(WnormError, match="eps must be >= 0"):
-        wnorm.weight_standardization(nn.Linear(3, 2), eps=-1.0)
+    # math.inf gave an all-zero weight, silently; "1e-5" a TypeError; True an eps of 1
+    for bad in (-1.0, math.nan, math.inf, "1e-5", True, torch.ones(2)):
+        layer = nn.Linear(3, 2)
+        with pytest.raises(WnormError, match=r"weight_standardization: eps must be a finite "
+                                             r"number >= 0; got "):
+            wnorm.weight_standardization(layer, eps=bad)
+        assert not wnorm.is_weight_normalized(layer)
+    for ok in (0.0, 1e-5, torch.tensor(1e-5)):
+        layer = wnorm.weight_standardization(nn.Linear(3, 2), eps=ok)
+        assert slots_of(layer)["weight"].map.eps == pytest.approx(float(ok))
     with pytest.raises(WnormError, match="already weight-normalized by wnorm"):
         wnorm.centered_weight_norm(wnorm.weight_norm(nn.Linear(3, 2)))
 

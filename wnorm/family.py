@@ -5,6 +5,8 @@ r"""Weight normalization's relatives (PAPER.md section 8), usable wherever ``wei
 
 from __future__ import annotations
 
+import math
+import numbers
 import warnings
 import weakref
 from typing import Any
@@ -82,7 +84,8 @@ def weight_standardization(
         The same module, changed in place.
 
     Raises:
-        WnormError: as :func:`wnorm.weight_norm`, for a constant slice, or ``eps < 0``.
+        WnormError: as :func:`wnorm.weight_norm`, for a constant slice, or an ``eps`` that is not
+            a finite number >= 0.
 
     Example:
         >>> import torch, wnorm
@@ -91,10 +94,15 @@ def weight_standardization(
         >>> bool(w.mean(1).abs().max() < 1e-6), bool((w.std(1, unbiased=False) - 1).abs().max() < 1e-5)
         (True, True)
     """
-    if not eps >= 0:
-        raise WnormError(f"weight_standardization: eps must be >= 0; got {eps!r}")
-    return reparameterize(module, name, dim, lambda d: WeightStandardization(d, float(eps)),
-                          where=where)
+    x = math.nan
+    if isinstance(eps, numbers.Real) and not isinstance(eps, bool):
+        x = float(eps)
+    elif isinstance(eps, torch.Tensor) and eps.dim() == 0 and eps.is_floating_point():
+        x = float(eps)
+    if not 0 <= x < math.inf:  # an infinite eps gave an all-zero weight, silently
+        raise WnormError("weight_standardization: eps must be a finite number >= 0; "
+                         f"got {eps!r}")
+    return reparameterize(module, name, dim, lambda d: WeightStandardization(d, x), where=where)
 
 
 def forced_weight_norm(
