@@ -609,3 +609,19 @@ def test_arpit_init_sets_a_forced_weight_norm_with_a_learned_g_as_weight_norm(ra
         torch.testing.assert_close(layer.weight_v.detach().norm(dim=1),
                                    torch.full((w.shape[0],), sphere))
         assert not layer.bias.any()
+
+
+def test_arpit_init_says_it_leaves_a_parametrized_bias_as_it_is():
+    # zero_() went to the tensor the parametrization computed: b = 0 was not set, without a word
+    import torch.nn.utils.parametrize as P
+
+    class Scaled(nn.Module):
+        def forward(self, b: torch.Tensor) -> torch.Tensor:
+            return 2 * b
+
+    net = wnorm.apply(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)))
+    P.register_parametrization(net[0], "bias", Scaled())
+    with pytest.warns(UserWarning, match=r"arpit_init: biases left as they are, not set to 0: "
+                                         r"\['0'\]"):
+        wnorm.arpit_init(net)
+    assert not net[2].bias.any()

@@ -10,6 +10,7 @@ from fnmatch import fnmatchcase
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from . import _reparam
 from .errors import WnormError, expect_module
@@ -116,7 +117,8 @@ def arpit_init(
     ``nn.EmbeddingBag``): its input is an index, not an activation whose scale the gains keep;
     a layer other than a Linear or a convolution (an ``nn.Bilinear`` given through ``types=``),
     whose gains the paper does not derive; and a layer tied to one left as it is (an LM head
-    sharing its embedding's weight).
+    sharing its embedding's weight). A bias computed by a parametrization keeps its value, with
+    a warning naming its layer.
 
     Args:
         model: a model with weight-normalized layers (``wnorm.apply`` first); changed in place.
@@ -210,6 +212,11 @@ def arpit_init(
         warnings.warn(f"arpit_init: {why}", stacklevel=2)
     if skipped:
         warnings.warn(f"arpit_init: {not_set}", stacklevel=2)
+    # zero_() on the tensor a parametrization computes would change nothing
+    kept = [n for n, m, _ in layers if parametrize.is_parametrized(m, "bias")]
+    if kept:
+        warnings.warn(f"arpit_init: biases left as they are, not set to 0: {kept} (computed by "
+                      "a parametrization)", stacklevel=2)
     plan = [(mname, m, spec, _gain(mname, m, spec, linear, block_last, shortcuts,
                                    blocks_per_stage)) for mname, m, spec in layers]
     # tied layers (one g and v held by two modules) get one gain: refused before anything is
@@ -227,8 +234,9 @@ def arpit_init(
     with torch.no_grad():
         for mname, m, spec, gain in plan:
             gains[mname] = gain
-            if getattr(m, "bias", None) is not None:
-                m.bias.zero_()
+            bias = m._parameters.get("bias")  # a parametrized bias is computed: none here
+            if bias is not None:
+                bias.zero_()
             v = m._parameters[spec.vname]
             if id(v) not in done:  # a tie: its v is drawn once (each g of its own is filled)
                 done.add(id(v))
