@@ -1012,3 +1012,59 @@ def test_dims_may_name_a_weight_of_any_name_wnorm_normalizes():
     target.load_state_dict(out)
     torch.testing.assert_close(target.W, source.W)
     torch.testing.assert_close(target.mha.in_proj_weight, source.mha.in_proj_weight)
+
+
+class _TiedLM(nn.Module):
+    """An embedding and an LM head sharing one weight (GPT-2's habit)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(11, 6)
+        self.mid = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 11, bias=False)
+        self.head.weight = self.wte.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.mid(self.wte(ids))))
+
+
+@pytest.mark.parametrize("normalized", [True, False])
+def test_a_tie_written_once_loads_through_either_name(normalized: bool) -> None:
+    # safetensors' save_model and transformers' save_pretrained write shared tensors once;
+    # the other name of the tie was reported missing and the load refused
+    def make(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        m = _TiedLM()
+        return wnorm.apply(m, types=(nn.Linear, nn.Embedding)) if normalized else m
+
+    src, ids = make(0), torch.randint(0, 11, (3, 5))
+    full = src.state_dict()
+    for drop in ("head.", "wte."):
+        sd = {k: v for k, v in full.items() if not k.startswith(drop)}
+        dst = make(1)
+        load_state_dict(dst, sd)  # strict
+        assert torch.equal(dst(ids), src(ids))
+    # a weight that is not tied is still missing
+    sd = {k: v for k, v in full.items() if not k.startswith("mid.")}
+    with pytest.raises(wnorm.WnormError, match=r"missing keys \['mid\."):
+        load_state_dict(make(1), sd)
+
+
+def test_a_tied_transformers_model_reloads_from_its_save_pretrained_file(tmp_path) -> None:
+    tf = pytest.importorskip("transformers")
+    st = pytest.importorskip("safetensors.torch")
+
+    def make(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        cfg = tf.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=40, n_positions=16,
+                            bos_token_id=0, eos_token_id=0)
+        return wnorm.apply(tf.GPT2LMHeadModel(cfg).eval(),
+                           types=(*wnorm.DEFAULT_TYPES, nn.Embedding))
+
+    model, ids = make(0), torch.randint(0, 40, (2, 7))
+    model.save_pretrained(tmp_path)
+    sd = st.load_file(str(tmp_path / "model.safetensors"))
+    assert "lm_head.weight_v" not in sd  # written once, under the embedding's name
+    fresh = make(1)
+    load_state_dict(fresh, sd)
+    assert torch.equal(fresh(ids).logits, model(ids).logits)

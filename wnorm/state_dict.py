@@ -252,7 +252,12 @@ def _plan_aligned(
             halves.setdefault(base, []).append(f"'{ckey}' without its other half '{other}'")
     values: dict[str, Any] = {}
     meta = getattr(state_dict, "_metadata", None)
+    # a tie (an embedding and an LM head sharing g and v) is loaded through whichever of its
+    # names the state dict holds: safetensors' save_model and transformers' save_pretrained
+    # write shared tensors once
+    loaded = {id(t) for ckey, slot in slots.items() if ckey in sources for t in slot.tensors}
     missing = [k for ckey, slot in slots.items() if ckey not in sources and ckey not in halves
+               and not all(isinstance(t, Tensor) and id(t) in loaded for t in slot.tensors)
                for k in slot.keys if not _filled_by_loader(model, k, meta)]
     unexpected = [k for ckey, src in sources.items() if ckey not in slots
                   and lay.base_and_role(ckey)[0] not in halves for k in src.keys]
