@@ -135,9 +135,9 @@ def arpit_init(
         WnormError: no weight-normalized layer with a learned per-unit g, ``block_last`` without
             ``blocks_per_stage`` (or one that is not a whole number > 0), a pattern matching no
             weight-normalized layer (a typo would leave that layer the ReLU gain), tied layers
-            (one g and v) whose roles ask for two gains (checked before anything is written), or a layer with more units than fan_in
-            can't have orthonormal rows (it then gets orthonormal columns; reported only if the
-            shape is degenerate).
+            (one g and v) whose roles ask for two gains (checked before anything is written), or
+            a layer with more units than fan_in can't have orthonormal rows (it then gets
+            orthonormal columns; reported only if the shape is degenerate).
 
     Example:
         >>> import torch, wnorm
