@@ -14,6 +14,7 @@ import warnings
 
 import pytest
 import torch
+import torch._dynamo
 import torch.distributed as dist
 from torch import nn
 
@@ -77,14 +78,20 @@ def _worker(rank: int) -> dict[str, object]:
         (out * share(c, sizes, rank)).sum().backward()
         result[case] = {"out": out.detach(), "x.grad": xr.grad, "grads": _grads(net),
                         "buffers": _buffers(net)}
+    # bfloat16 activations (autocast's): sums and counts travel in float32
+    x, _, c = inputs(8)
+    bn = wnorm.SyncMeanOnlyBatchNorm(3)
+    xr = share(x, SPLITS["uneven"], rank).to(torch.bfloat16).requires_grad_()
+    out = bn(xr)
+    (out.float() * share(c, SPLITS["uneven"], rank)[:, :, None, None]
+     .expand(-1, -1, 6, 6)[:, :3]).sum().backward()
+    result["bf16"] = {"out": out.detach(), "x.grad": xr.grad, "running_mean": bn.running_mean}
     # a training forward and backward make no host sync (the collectives wait on the device)
     from test_engines import syncs
 
     net, x = synced_net(), share(inputs(16)[0], SPLITS["even"], rank)
     result["syncs"] = syncs(lambda: net(x).sum().backward())
     # compiled: no graph break (the collectives are traced), the eager outputs and gradients
-    import torch._dynamo
-
     eager, net = synced_net(), synced_net()
     result["graph breaks"] = torch._dynamo.explain(synced_net())(x).graph_break_count
     out, want = torch.compile(net)(x), eager(x)
@@ -160,6 +167,25 @@ def test_shares_of_a_batch_compute_what_one_process_computes_on_the_whole(ranks,
         local = plain_net()
         local(share(x.detach(), sizes, 0))
         assert not torch.allclose(local[1].running_mean, ranks[0][case]["buffers"]["1.running_mean"])
+
+
+@pytest.mark.slow
+def test_bfloat16_shares_compute_what_one_process_computes_in_bfloat16(ranks) -> None:
+    x, _, c = inputs(8)
+    bn = wnorm.MeanOnlyBatchNorm2d(3)
+    xb = x.to(torch.bfloat16).requires_grad_()
+    out = bn(xb)
+    (out.float() * c[:, :, None, None].expand(-1, -1, 6, 6)[:, :3]).sum().backward()
+    sizes = SPLITS["uneven"]
+    for r in range(WORLD):
+        got = ranks[r]["bf16"]
+        assert got["out"].dtype == torch.bfloat16
+        # one rounding apart at most (the sums are taken in another order)
+        torch.testing.assert_close(got["out"], share(out.detach(), sizes, r), rtol=1e-2,
+                                   atol=2e-2)
+        torch.testing.assert_close(got["x.grad"], share(xb.grad, sizes, r), rtol=1e-2,
+                                   atol=2e-2)
+        torch.testing.assert_close(got["running_mean"], bn.running_mean, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow
