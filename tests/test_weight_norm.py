@@ -443,6 +443,25 @@ class TestCached:
         with torch.no_grad():
             torch.testing.assert_close(got, m(x), rtol=0, atol=0)
 
+    def test_g_alone_assigned_through_data_in_a_block_is_seen(self):
+        m, x = self._layer()
+        with torch.no_grad(), wnorm.cached():
+            w0 = m.weight.clone()
+            m.weight_g.data = m.weight_g.data * 2
+            torch.testing.assert_close(m.weight, 2 * w0, rtol=0, atol=0)
+
+    def test_v_assigned_through_data_at_the_address_of_the_storage_cached_from_is_seen(self):
+        # .data = b frees v's first storage; the allocator hands its address to c (glibc's
+        # malloc does, for a block of the same size): the address alone cannot tell them apart
+        m, x = wnorm.weight_norm(nn.Linear(64, 64)).eval(), torch.randn(5, 64)
+        with torch.no_grad(), wnorm.cached():
+            m(x)
+            m.weight_v.data = torch.randn(64, 64)
+            m.weight_v.data = torch.randn(64, 64)
+            got = m(x)
+        with torch.no_grad():
+            torch.testing.assert_close(got, m(x), rtol=0, atol=0)
+
     def test_a_forward_recording_a_graph_after_a_no_grad_one_gets_its_gradients(self):
         m, x = self._layer()
         with wnorm.cached():

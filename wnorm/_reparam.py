@@ -307,11 +307,16 @@ class _Cached(torch.autograd.Function):
         return (None, None, *([None] if g is None else []), *got)
 
 
+def _addresses(g: Tensor | None, v: Tensor) -> tuple[int | None, int]:
+    return (None if g is None else g.data_ptr(), v.data_ptr())
+
+
 def _cache_key(g: Tensor | None, v: Tensor) -> tuple[Any, ...]:
-    """What a cached weight is valid for: g and v, their versions and v's storage (a
-    ``param.data = ...`` assignment, as ``vector_to_parameters`` and ``.to()`` make to every
-    parameter, moves no version)."""
-    return _key(g, v) + (v.data_ptr(),)
+    """What a cached weight is valid for: g and v, their versions and the addresses of their
+    data (a ``param.data = ...`` assignment, as ``vector_to_parameters`` and ``.to()`` make to
+    every parameter, moves no version). Aliases of g and v pin that data while the key lives:
+    freed, its address could be handed to the next assignment's data."""
+    return _key(g, v) + (_addresses(g, v), None if g is None else g.detach(), v.detach())
 
 
 #: id(v) -> (module, name) of every holder of v that holds a weight handed out: an access
@@ -345,7 +350,7 @@ def _property(pname: str) -> property:
         if CACHE.on and not _is_compiling():
             w, key = slot.cached, slot.key
             # a weight cached under no_grad has no graph: a forward recording one computes it
-            if w is not None and _same(key, g, v) and key[4] == v.data_ptr() and (
+            if w is not None and _same(key, g, v) and key[4] == _addresses(g, v) and (
                     w.requires_grad or not torch.is_grad_enabled()
                     or not (v.requires_grad or (g is not None and g.requires_grad))):
                 return w
