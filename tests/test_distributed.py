@@ -135,6 +135,9 @@ def _worker(rank: int) -> dict[str, object]:
     fully_shard(plain)
     result["errors"] = {
         "data_init": _error(lambda: wnorm.data_init(sharded, shard(x0, rank))),
+        # rank 1's batch is empty: both ranks raise (rank 0 waited in an all-reduce for good)
+        "empty on rank 1": _error(lambda: wnorm.data_init(
+            convnet(), x0[:0] if rank == 1 else shard(x0, rank))),
         "apply": _error(lambda: wnorm.apply(plain)),
         "weight_norm": _error(lambda: wnorm.weight_norm(plain[0])),
         "load_state_dict": _error(lambda: wnorm.load_state_dict(sharded,
@@ -245,3 +248,11 @@ def test_loading_into_a_sharded_model_is_an_error_that_gives_the_order(ranks) ->
         assert "sharded (a DTensor" in msg, msg
         assert "wnorm.apply, wnorm.load_state_dict, then fully_shard" in msg, msg
         assert "set_model_state_dict" in msg, msg
+
+
+def test_an_empty_batch_on_one_rank_is_an_error_on_every_rank(ranks) -> None:
+    for r in ranks:
+        msg = r["errors"]["empty on rank 1"]
+        assert "the batch is empty on rank 1 of the process group" in msg, msg
+    assert "(here input 0 has shape (0, 3, 6, 6))" in ranks[1]["errors"]["empty on rank 1"]
+    assert "(here" not in ranks[0]["errors"]["empty on rank 1"]

@@ -614,6 +614,28 @@ def _check_inputs(inputs: list[Tensor], cause: BaseException | None = None) -> N
             raise WnormError(f"data_init: input {i} of the batch has NaN or inf values") from cause
 
 
+def _refuse_empty_anywhere(empty: str | None, inputs: list[Tensor], model: nn.Module,
+                           group: Any) -> None:
+    """Raise on every rank when any rank's batch is empty: a rank raising alone would leave
+    the others waiting in the pass's first all-reduce for good. One all-reduce of a flag per
+    rank, read on the host."""
+    import torch.distributed as dist
+
+    where = inputs[0].device if inputs else next(
+        (p.device for p in model.parameters()), torch.device("cpu"))
+    flags = torch.zeros(dist.get_world_size(group), device=where)
+    if empty is not None:
+        flags[dist.get_rank(group)] = 1.0
+    dist.all_reduce(flags, group=group)
+    ranks = flags.nonzero().flatten().tolist()
+    if ranks:
+        mine = f" (here {empty})" if empty is not None else ""
+        raise WnormError(
+            f"data_init: the batch is empty on rank{'s' if len(ranks) > 1 else ''} "
+            f"{', '.join(map(str, ranks))} of the process group{mine}; every rank needs a "
+            "non-empty batch (the ranks' batches are initialized on as one)")
+
+
 def data_init(
     model: nn.Module,
     batch: Tensor | tuple[Any, ...] | list[Any] | Mapping[str, Any],
@@ -630,8 +652,8 @@ def data_init(
     pre-activation :math:`t = v\cdot x/\lVert v\rVert` mean 0 and std ``init_scale`` per unit
     on the batch, and hands that output on, so later layers are initialized on what they will
     see. Forward hooks follow any container, residual or shared module; one host sync in all;
-    under ``torch.distributed`` every rank gets what one process gets on the union of the
-    batches (order: ``apply``, ``data_init``, then DDP or ``fully_shard``; every rank must reach
+    under ``torch.distributed`` (one more: the ranks agree that no batch is empty) every rank
+    gets what one process gets on the union of the batches (order: ``apply``, ``data_init``, then DDP or ``fully_shard``; every rank must reach
     the same layers in the same order, so no data-dependent routing). Mean-only batch
     norms get their input's batch mean as running mean. torch_geometric convolutions whose
     output is linear in their Linears (GCN, GraphSAGE, ...) are standardized as a whole, others
@@ -654,8 +676,8 @@ def data_init(
         layers also raise a warning.
 
     Raises:
-        WnormError: ``init_scale`` is not a positive finite number, the batch is empty or
-            non-finite, the model's weights are sharded (DTensor), a layer's
+        WnormError: ``init_scale`` is not a positive finite number, the batch is empty (on
+            any rank: every rank raises) or non-finite, the model's weights are sharded (DTensor), a layer's
             :math:`\sigma[t]` is 0, or its g or b does not fit its dtype. The model is then
             left exactly as it was (parameters and buffers restored).
 
@@ -676,20 +698,21 @@ def data_init(
     else:
         args, kwargs = (batch,), {}
     inputs = [a for a in list(args) + list(kwargs.values()) if isinstance(a, Tensor)]
-    for i, a in enumerate(inputs):
-        if a.numel() == 0:
-            raise WnormError(
-                f"data_init: the batch is empty (input {i} has shape {tuple(a.shape)})")
+    empty = next((f"input {i} has shape {tuple(a.shape)}" for i, a in enumerate(inputs)
+                  if a.numel() == 0), None)
     named = list(model.named_modules())
-    refuse_sharded("data_init", model, "call wnorm.apply and wnorm.data_init on the unsharded "
-                   "model, then fully_shard (or DDP)")
     if _distributed():
         group = process_group
+        _refuse_empty_anywhere(empty, inputs, model, group)
     elif process_group is not None:
         raise WnormError(f"data_init: process_group={process_group!r} was given, but "
                          "torch.distributed is not initialized (init_process_group first)")
     else:
         group = _LOCAL
+        if empty is not None:
+            raise WnormError(f"data_init: the batch is empty ({empty})")
+    refuse_sharded("data_init", model, "call wnorm.apply and wnorm.data_init on the unsharded "
+                   "model, then fully_shard (or DDP)")
 
     for _, m in named:  # a write into a weight still held (nn.init, model.apply) lands first:
         _reparam.flush_all(m)  # else it would land mid-pass, undoing g = 1 before the layer runs
