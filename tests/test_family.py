@@ -427,6 +427,22 @@ def test_arpit_init_leaves_embeddings_as_they_are(table):
     assert torch.equal(net[0].weight, rows)
 
 
+@pytest.mark.parametrize("frozen", ["weight_v", "weight_g", "bias"])
+def test_arpit_init_leaves_a_frozen_layer_as_it_is(frozen):
+    # a pretrained backbone frozen under a new head keeps what it learned, as data_init keeps it
+    net = wnorm.apply(nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
+                                    nn.Linear(16, 4)))
+    getattr(net[0], frozen).requires_grad_(False)
+    state = {k: t.clone() for k, t in net[0].state_dict().items()}
+    with pytest.warns(UserWarning, match=re.escape(
+            f"arpit_init: layers not initialized: 0 (frozen ({frozen} with requires_grad=False)"
+            ": it keeps what it learned; unfreeze it to initialize it)")):
+        gains = wnorm.arpit_init(net)
+    assert gains == pytest.approx({"2": math.sqrt(2.0), "4": math.sqrt(16 / 4)})
+    for k, t in net[0].state_dict().items():
+        assert torch.equal(t, state[k]), k
+
+
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("groups", [1, 2, 4])
 def test_arpit_init_energy_ratio_holds_for_grouped_and_strided_transposed_convs(groups, stride):

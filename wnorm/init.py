@@ -54,6 +54,12 @@ def _reason_skipped(module: nn.Module, spec: _reparam.Slot) -> str:
         return f"no per-unit g to set ({spec.kind} weight)"
     if spec.dim != default_dim(module):
         return f"g is not one per output unit (dim={spec.dim})"
+    # a pretrained backbone frozen under a new head keeps its function (data_init leaves it too)
+    frozen = [n for n in (spec.vname, spec.gname, "bias")
+              if (p := module._parameters.get(n)) is not None and not p.requires_grad]
+    if frozen:
+        return (f"frozen ({'/'.join(frozen)} with requires_grad=False): it keeps what it "
+                "learned; unfreeze it to initialize it")
     return ""
 
 
@@ -117,8 +123,9 @@ def arpit_init(
     ``nn.EmbeddingBag``): its input is an index, not an activation whose scale the gains keep;
     a layer other than a Linear or a convolution (an ``nn.Bilinear`` given through ``types=``),
     whose gains the paper does not derive; and a layer tied to one left as it is (an LM head
-    sharing its embedding's weight). A bias computed by a parametrization keeps its value, with
-    a warning naming its layer.
+    sharing its embedding's weight). So is a frozen layer (its v, g or bias with
+    ``requires_grad=False``: a pretrained backbone under a new head). A bias computed by a
+    parametrization keeps its value, with a warning naming its layer.
 
     Args:
         model: a model with weight-normalized layers (``wnorm.apply`` first); changed in place.
