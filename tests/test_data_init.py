@@ -1211,3 +1211,33 @@ def test_a_layer_called_with_a_keyword_input_is_blamed_on_what_feeds_it_too():
 
     with pytest.raises(WnormError, match=r"^b \(Linear\): every one of its 8 units"):
         wnorm.data_init(wnorm.apply(Keyword()), torch.randn(32, 4))
+
+
+class _To(nn.Module):
+    """Moves the activation to another device: a model split into pipeline stages."""
+
+    def __init__(self, device: str) -> None:
+        super().__init__()
+        self.device = device
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.device)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_model_split_across_devices_is_initialized_as_on_one():
+    # the pass's one check concatenated every layer's statistics on whichever device: a
+    # RuntimeError for layers on the CPU and on the GPU
+    torch.manual_seed(0)
+    one = wnorm.apply(nn.Sequential(nn.Linear(8, 16), _To("cpu"), nn.ReLU(), nn.Linear(16, 4)))
+    split = copy.deepcopy(one)
+    split[0].cuda()
+    split[1].device = "cpu"
+    split[3].cpu()
+    x = torch.randn(64, 8)
+    wnorm.data_init(one, x)
+    report = wnorm.data_init(split, x.cuda())
+    assert [r.status for r in report] == ["initialized", "initialized"]
+    for k, t in one.state_dict().items():
+        torch.testing.assert_close(split.state_dict()[k].cpu(), t, rtol=1e-4, atol=1e-5,
+                                   msg=lambda m, k=k: f"{k}: {m}")

@@ -600,6 +600,13 @@ def _fail(t: _Target, mu: Tensor, sigma: Tensor, ok: Tensor, init_scale: float,
         "unit varies (more than one example, finite inputs, no zero rows in the weight)")
 
 
+def _gather(ts: list[Tensor]) -> list[Tensor]:
+    """``ts`` on the first one's device: a model split across devices (pipeline stages) has
+    its layers' statistics there, and the pass's one check and copy read them at once."""
+    at = ts[0].device
+    return [t if t.device == at else t.to(at) for t in ts]
+
+
 def _values(a: Tensor) -> Tensor:
     """The stored values of ``a`` (a sparse adjacency, as torch_geometric accepts, too)."""
     if a.layout == torch.strided:
@@ -755,10 +762,10 @@ def data_init(
                 _copy_all([touched[i] for i in back], [saved[i] for i in back])
         done = list(p.done.values())
         if done:  # every g is in (0, inf) exactly when its log is finite, every b when it is
-            sums.append(torch.cat([x for d in done for x in d.gains]).log().sum())
-            sums.append(torch.cat([d.shift for d in done]).sum())
+            sums.append(torch.cat(_gather([x for d in done for x in d.gains])).log().sum())
+            sums.append(torch.cat(_gather([d.shift for d in done])).sum())
         if sums:  # the pass's one host sync: one sum of them all is finite (x - x is 0)
-            total = torch.stack(sums).sum() if len(sums) > 1 else sums[0]
+            total = torch.stack(_gather(sums)).sum() if len(sums) > 1 else sums[0]
             if not bool((total - total) == 0):
                 _check_inputs(inputs)
                 for i, d in enumerate(done):
@@ -771,7 +778,7 @@ def data_init(
         # be as it was, not initialized behind an error
         report = InitReport()
         if done:  # one device-to-host copy for every layer's statistics
-            stats = torch.cat([d.mu for d in done] + [d.inv for d in done]).cpu()
+            stats = torch.cat(_gather([d.mu for d in done] + [d.inv for d in done])).cpu()
             stats[len(stats) // 2:].reciprocal_()  # sigma, on the host
             parts = stats.split([d.mu.numel() for d in done] * 2)
             for i, d in enumerate(done):
