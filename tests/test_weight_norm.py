@@ -452,15 +452,34 @@ class TestCached:
 
     def test_v_assigned_through_data_at_the_address_of_the_storage_cached_from_is_seen(self):
         # .data = b frees v's first storage; the allocator hands its address to c (glibc's
-        # malloc does, for a block of the same size): the address alone cannot tell them apart
+        # malloc does, for a block of the same size, often not always: several tries)
         m, x = wnorm.weight_norm(nn.Linear(64, 64)).eval(), torch.randn(5, 64)
+        for _ in range(10):
+            with torch.no_grad(), wnorm.cached():
+                m(x)
+                m.weight_v.data = torch.randn(64, 64)
+                m.weight_v.data = torch.randn(64, 64)
+                got = m(x)
+            with torch.no_grad():
+                torch.testing.assert_close(got, m(x), rtol=0, atol=0)
+
+    def test_v_transposed_through_data_at_the_same_address_is_seen(self):
+        m, x = wnorm.weight_norm(nn.Linear(4, 4)).eval(), torch.randn(5, 4)
         with torch.no_grad(), wnorm.cached():
             m(x)
-            m.weight_v.data = torch.randn(64, 64)
-            m.weight_v.data = torch.randn(64, 64)
+            m.weight_v.data = m.weight_v.data.t()
             got = m(x)
         with torch.no_grad():
             torch.testing.assert_close(got, m(x), rtol=0, atol=0)
+
+    def test_a_meta_model_is_cached_and_sees_a_new_meta_v(self):
+        # every meta tensor has address 0, and has no values to check for NaN
+        m = wnorm.weight_norm(nn.Linear(4, 4, device="meta"))
+        with torch.no_grad(), wnorm.cached():
+            assert m.weight.shape == (4, 4)
+            m.weight_v.data = torch.empty(4, 6, device="meta")
+            m.weight_g.data = torch.empty(4, 1, device="meta")
+            assert m.weight.shape == (4, 6)
 
     def test_a_forward_recording_a_graph_after_a_no_grad_one_gets_its_gradients(self):
         m, x = self._layer()

@@ -263,6 +263,8 @@ def flush_all(module: nn.Module) -> None:
 def _check_finite(slot: Slot, w: Tensor) -> None:
     """Refuse to cache a weight with NaN or inf (a zero row of v, a non-finite g): a host sync,
     once per weight and :func:`wnorm.cached` block."""
+    if w.is_meta:  # no values to check (a model built on the meta device)
+        return
     if not bool(torch.isfinite(w).all()):
         rows = (~torch.isfinite(w)).flatten(1).any(1) if slot.map.dim == 0 and w.dim() > 1 \
             else None
@@ -307,15 +309,22 @@ class _Cached(torch.autograd.Function):
         return (None, None, *([None] if g is None else []), *got)
 
 
-def _addresses(g: Tensor | None, v: Tensor) -> tuple[int | None, int]:
-    return (None if g is None else g.data_ptr(), v.data_ptr())
+def _layout(t: Tensor) -> tuple[Any, ...]:
+    """Where ``t``'s data is and how it is read: ``v.data = v.data.t()`` keeps the address of a
+    square weight, and every meta tensor has address 0 (the address includes the offset, and
+    data on another device has another address)."""
+    return (t.data_ptr(), t.dtype, t.shape, t.stride())
+
+
+def _addresses(g: Tensor | None, v: Tensor) -> tuple[Any, ...]:
+    return (None if g is None else _layout(g), _layout(v))
 
 
 def _cache_key(g: Tensor | None, v: Tensor) -> tuple[Any, ...]:
-    """What a cached weight is valid for: g and v, their versions and the addresses of their
-    data (a ``param.data = ...`` assignment, as ``vector_to_parameters`` and ``.to()`` make to
-    every parameter, moves no version). Aliases of g and v pin that data while the key lives:
-    freed, its address could be handed to the next assignment's data."""
+    """What a cached weight is valid for: g and v, their versions and the addresses and layouts
+    of their data (a ``param.data = ...`` assignment, as ``vector_to_parameters`` and ``.to()``
+    make to every parameter, moves no version). Aliases of g and v pin that data while the key
+    lives: freed, its address could be handed to the next assignment's data."""
     return _key(g, v) + (_addresses(g, v), None if g is None else g.detach(), v.detach())
 
 
