@@ -133,11 +133,15 @@ def _worker(rank: int) -> dict[str, object]:
     fully_shard(sharded)
     plain = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
     fully_shard(plain)
+    only_rank_1 = dist.new_group([1])  # every rank takes part in creating it
     result["errors"] = {
         "data_init": _error(lambda: wnorm.data_init(sharded, shard(x0, rank))),
         # rank 1's batch is empty: both ranks raise (rank 0 waited in an all-reduce for good)
         "empty on rank 1": _error(lambda: wnorm.data_init(
             convnet(), x0[:0] if rank == 1 else shard(x0, rank))),
+        # a group without this rank: named, not a RuntimeError from a world size of -1
+        "not in the group": _error(lambda: wnorm.data_init(
+            convnet(), shard(x0, rank), process_group=only_rank_1)) if rank == 0 else "",
         "apply": _error(lambda: wnorm.apply(plain)),
         "weight_norm": _error(lambda: wnorm.weight_norm(plain[0])),
         "load_state_dict": _error(lambda: wnorm.load_state_dict(sharded,
@@ -253,6 +257,11 @@ def test_loading_into_a_sharded_model_is_an_error_that_gives_the_order(ranks) ->
 def test_an_empty_batch_on_one_rank_is_an_error_on_every_rank(ranks) -> None:
     for r in ranks:
         msg = r["errors"]["empty on rank 1"]
-        assert "the batch is empty on rank 1 of the process group" in msg, msg
+        assert "the batch is empty on rank 1 of the process group (ranks within it)" in msg, msg
     assert "(here input 0 has shape (0, 3, 6, 6))" in ranks[1]["errors"]["empty on rank 1"]
     assert "(here" not in ranks[0]["errors"]["empty on rank 1"]
+
+
+def test_a_rank_outside_the_process_group_is_told_so(ranks) -> None:
+    msg = ranks[0]["errors"]["not in the group"]
+    assert "this process (global rank 0) is not in the process_group given" in msg, msg

@@ -625,22 +625,28 @@ def _refuse_empty_anywhere(empty: str | None, inputs: list[Tensor], model: nn.Mo
                            group: Any) -> None:
     """Raise on every rank when any rank's batch is empty: a rank raising alone would leave
     the others waiting in the pass's first all-reduce for good. One all-reduce of a flag per
-    rank, read on the host."""
+    rank, read on the host, on the device of the model's parameters, where the pass's own
+    all-reduces run (NCCL takes no CPU tensor: a batch may hold CPU lengths)."""
     import torch.distributed as dist
 
-    where = inputs[0].device if inputs else next(
-        (p.device for p in model.parameters()), torch.device("cpu"))
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise WnormError(
+            f"data_init: this process (global rank {dist.get_rank()}) is not in the "
+            "process_group given; call data_init with that group on its ranks only")
+    where = next((p.device for p in model.parameters()),
+                 inputs[0].device if inputs else torch.device("cpu"))
     flags = torch.zeros(dist.get_world_size(group), device=where)
     if empty is not None:
-        flags[dist.get_rank(group)] = 1.0
+        flags[rank] = 1.0
     dist.all_reduce(flags, group=group)
     ranks = flags.nonzero().flatten().tolist()
     if ranks:
         mine = f" (here {empty})" if empty is not None else ""
         raise WnormError(
             f"data_init: the batch is empty on rank{'s' if len(ranks) > 1 else ''} "
-            f"{', '.join(map(str, ranks))} of the process group{mine}; every rank needs a "
-            "non-empty batch (the ranks' batches are initialized on as one)")
+            f"{', '.join(map(str, ranks))} of the process group (ranks within it){mine}; every "
+            "rank needs a non-empty batch (the ranks' batches are initialized on as one)")
 
 
 def data_init(
@@ -660,12 +666,13 @@ def data_init(
     on the batch, and hands that output on, so later layers are initialized on what they will
     see. Forward hooks follow any container, residual or shared module; one host sync in all;
     under ``torch.distributed`` (one more: the ranks agree that no batch is empty) every rank
-    gets what one process gets on the union of the batches (order: ``apply``, ``data_init``, then DDP or ``fully_shard``; every rank must reach
-    the same layers in the same order, so no data-dependent routing). Mean-only batch
-    norms get their input's batch mean as running mean. torch_geometric convolutions whose
-    output is linear in their Linears (GCN, GraphSAGE, ...) are standardized as a whole, others
-    (GAT, ...) Linear by Linear, with the reason in the report. A layer without a bias keeps
-    its mean (:data:`NO_BIAS_NOTE`); of targets sharing a g or bias only the first is set.
+    gets what one process gets on the union of the batches (order: ``apply``, ``data_init``,
+    then DDP or ``fully_shard``; every rank must reach the same layers in the same order, so no
+    data-dependent routing). Mean-only batch norms get their input's batch mean as running
+    mean. torch_geometric convolutions whose output is linear in their Linears (GCN,
+    GraphSAGE, ...) are standardized as a whole, others (GAT, ...) Linear by Linear, with the
+    reason in the report. A layer without a bias keeps its mean (:data:`NO_BIAS_NOTE`); of
+    targets sharing a g or bias only the first is set.
 
     Args:
         model: the model, changed in place.
@@ -684,8 +691,9 @@ def data_init(
 
     Raises:
         WnormError: ``init_scale`` is not a positive finite number, the batch is empty (on
-            any rank: every rank raises) or non-finite, the model's weights are sharded (DTensor), a layer's
-            :math:`\sigma[t]` is 0, or its g or b does not fit its dtype. The model is then
+            any rank: every rank raises) or non-finite, this rank is not in ``process_group``,
+            the model's weights are sharded (DTensor), a layer's :math:`\sigma[t]` is 0, or its
+            g or b does not fit its dtype. The model is then
             left exactly as it was (parameters and buffers restored).
 
     Example:
