@@ -407,8 +407,8 @@ def test_arpit_init_warns_naming_each_layer_it_leaves_as_it_is():
     with pytest.warns(UserWarning, match="layers not initialized: 2"):
         assert wnorm.arpit_init(net) == pytest.approx({"0": math.sqrt(2.0)})
     with pytest.raises(WnormError, match=re.escape(
-            "no weight-normalized layer with a per-unit g in Linear; layers not initialized: "
-            "<model> (g is not one per output unit (dim=None))")):
+            "no weight-normalized layer it can set (a learned per-unit g, not frozen) in Linear; "
+            "layers not initialized: <model> (g is not one per output unit (dim=None))")):
         wnorm.arpit_init(wnorm.weight_norm(nn.Linear(3, 2), dim=None))
 
 
@@ -441,6 +441,12 @@ def test_arpit_init_leaves_a_frozen_layer_as_it_is(frozen):
     assert gains == pytest.approx({"2": math.sqrt(2.0), "4": math.sqrt(16 / 4)})
     for k, t in net[0].state_dict().items():
         assert torch.equal(t, state[k]), k
+    for p in net.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(WnormError, match=re.escape(
+            "no weight-normalized layer it can set (a learned per-unit g, not frozen) in "
+            "Sequential; layers not initialized: 0 (frozen (weight_v/weight_g/bias with")):
+        wnorm.arpit_init(net)
 
 
 @pytest.mark.parametrize("stride", [1, 2])
@@ -479,8 +485,9 @@ def test_arpit_init_says_which_recurrent_weights_it_leaves_as_they_are():
                       r"'rnn\.weight_hh_l0'\] \(Arpit et al\.'s gains are for feed-forward"):
         assert list(wnorm.arpit_init(net)) == ["fc"]
     assert torch.equal(net.rnn.weight_hh_l0_g, g)
-    with pytest.raises(WnormError, match=r"no weight-normalized layer with a per-unit g in LSTM; "
-                       r"left as they are"):  # not 'call wnorm.apply first': it was
+    # not 'call wnorm.apply first': it was
+    with pytest.raises(WnormError, match=r"no weight-normalized layer it can set \(a learned "
+                       r"per-unit g, not frozen\) in LSTM; left as they are"):
         wnorm.arpit_init(wnorm.apply(nn.LSTM(4, 6)))
 
 

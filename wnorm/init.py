@@ -199,8 +199,8 @@ def arpit_init(
     not_set = "layers not initialized: " + "; ".join(skipped)
     if not layers:
         raise WnormError(
-            "arpit_init: no weight-normalized layer with a per-unit g in "
-            f"{type(model).__name__}; " + ("; ".join(said for said, on in
+            "arpit_init: no weight-normalized layer it can set (a learned per-unit g, not "
+            f"frozen) in {type(model).__name__}; " + ("; ".join(said for said, on in
                                                      ((why, other), (not_set, skipped)) if on)
                                            or "call wnorm.apply(model) first"))
     # the default is the last weight-normalized layer even when it is left out: another layer,
