@@ -309,15 +309,11 @@ class _Cached(torch.autograd.Function):
         return (None, None, *([None] if g is None else []), *got)
 
 
-def _layout(t: Tensor) -> tuple[Any, ...]:
-    """Where ``t``'s data is and how it is read: ``v.data = v.data.t()`` keeps the address of a
-    square weight, and every meta tensor has address 0 (the address includes the offset, and
-    data on another device has another address)."""
-    return (t.data_ptr(), t.dtype, t.shape, t.stride())
-
-
 def _addresses(g: Tensor | None, v: Tensor) -> tuple[Any, ...]:
-    return (None if g is None else _layout(g), _layout(v))
+    """Where g's and v's data are, and how v's is read: ``v.data = v.data.t()`` keeps a square
+    weight's address, and a meta tensor is always at 0, its strides following its shape (g is
+    a vector: its address says it all). Checked at every cached access: kept to three reads."""
+    return (None if g is None else g.data_ptr(), v.data_ptr(), v.stride())
 
 
 def _cache_key(g: Tensor | None, v: Tensor) -> tuple[Any, ...]:
@@ -352,14 +348,18 @@ def _property(pname: str) -> property:
         g, v = params.get(slot.gname), params.get(slot.vname)
         if v is None or (g is None and slot.map.has_g):
             pair(self, slot)  # raises, naming what took them away
-        if not _is_compiling() and _HELD and id(v) in _HELD:  # another holder's write lands
+        compiling = _is_compiling()
+        if not compiling and _HELD and id(v) in _HELD:  # another holder's write lands
             _flush_holders(v)
         # compiled, the graph is the cache (and a version counter read in it is data-
         # dependent: a graph break, an error under fullgraph): each access is computed
-        if CACHE.on and not _is_compiling():
+        if CACHE.on and not compiling:
             w, key = slot.cached, slot.key
             # a weight cached under no_grad has no graph: a forward recording one computes it
-            if w is not None and _same(key, g, v) and key[4] == _addresses(g, v) and (
+            # (_same inlined: this is every cached access)
+            if w is not None and key and key[0] is g and key[1] is v and (
+                    key[3] == v._version and key[2] == (None if g is None else g._version)) and (
+                    key[4] == _addresses(g, v)) and (
                     w.requires_grad or not torch.is_grad_enabled()
                     or not (v.requires_grad or (g is not None and g.requires_grad))):
                 return w
