@@ -459,3 +459,22 @@ def test_a_linear_before_a_2d_or_3d_batch_norm_never_takes_its_shift_even_after_
     wnorm.fold(fresh.eval())
     assert isinstance(fresh[1], wnorm.ChannelShift)
     torch.testing.assert_close(fresh(x), before, rtol=0, atol=1e-6)
+
+
+def test_a_zero_row_of_v_from_structured_pruning_is_refused_not_folded_into_nan():
+    # ln_structured on weight_v zeroes whole rows: g v/||v|| is NaN there, and fold wrote it
+    # into the plain model for good
+    torch.manual_seed(0)
+    net = wnorm.apply(nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 2)))
+    prune.ln_structured(net[0], "weight_v", amount=0.4, n=2, dim=0)
+    prune.remove(net[0], "weight_v")
+    rows = (net[0].weight_v == 0).all(1).nonzero().flatten().tolist()
+    assert len(rows) == 2
+    before = {k: t.clone() for k, t in net.state_dict().items()}
+    with pytest.raises(WnormError, match=re.escape(
+            f"has non-finite values in rows {rows}: a zero row of 'weight_v' (no direction; "
+            "structured pruning of 'weight_v' makes those: prune the unit's 'weight_g' instead)")):
+        wnorm.fold(net)
+    assert type(net[0]) is not nn.Linear  # nothing folded
+    for k, t in net.state_dict().items():
+        assert torch.equal(t, before[k]), k

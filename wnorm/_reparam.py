@@ -271,8 +271,9 @@ def _check_finite(slot: Slot, w: Tensor) -> None:
         which = "" if rows is None else f" in rows {rows.nonzero().flatten().tolist()[:10]}"
         raise WnormError(
             f"{slot.where}: the weight-normalized '{slot.name}' has non-finite values{which}: a "
-            f"zero row of '{slot.vname}' (no direction) or a non-finite '{slot.gname}' or "
-            f"'{slot.vname}'")
+            f"zero row of '{slot.vname}' (no direction; structured pruning of "
+            f"'{slot.vname}' makes those: prune the unit's '{slot.gname}' instead) or a "
+            f"non-finite '{slot.gname}' or '{slot.vname}'")
 
 
 class _Cached(torch.autograd.Function):

@@ -141,6 +141,13 @@ def _check(model: nn.Module) -> None:
             _shift_of(module, where)  # raises for track_running_stats=False
     for module in model.modules():
         _reparam.flush_all(module)
+    # a zero row of v (structured pruning of weight_v) gives NaN rows, which the plain model
+    # would hold for good: refused, naming the layer and rows (a host sync per weight: fold is
+    # no training step)
+    with torch.no_grad():
+        for module in model.modules():
+            for s in _reparam.slots_of(module).values():
+                _reparam._check_finite(s, s.map.weight(*_reparam.pair(module, s)))
 
 
 def _plain_weights(model: nn.Module) -> None:
@@ -190,7 +197,8 @@ def fold(model: nn.Module) -> nn.Module:
 
     Raises:
         WnormError: a mean-only batch norm has ``track_running_stats=False``; a parametrization
-            or pruning stacked on a weight norm; sharded parameters. Raised before anything
+            or pruning stacked on a weight norm; a weight with NaN or inf rows (a zero row of v,
+            as structured pruning of ``weight_v`` makes); sharded parameters. Raised before anything
             changes: the model is left as it was.
 
     Example:
