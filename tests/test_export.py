@@ -15,6 +15,7 @@ from torch import nn
 from conftest import normalized_weights
 
 import wnorm
+from wnorm import WnormError
 from nets import Tagger, mean_only_convnet
 
 pytestmark = pytest.mark.slow  # ~20 s: exporters and ONNX Runtime sessions
@@ -131,11 +132,16 @@ def test_wnorm_model_in_eval_torch_export_without_folding(kind: str) -> None:
     torch.testing.assert_close(reference(module, x), reference(model, x), rtol=1e-5, atol=1e-6)
 
 
-def test_torchscript_script_needs_folding() -> None:
-    """``torch.jit.script`` cannot compile wnorm's generated classes; fold first (documented)."""
+def test_torchscript_script_is_refused_naming_the_layer_and_fold() -> None:
+    """``torch.jit.script`` cannot compile wnorm's generated classes nor a mean-only batch norm:
+    a WnormError naming the layer and the way out (its own error pointed at ``*args``)."""
     model, _ = trained("convnet")
-    with pytest.raises(Exception):
+    with pytest.raises(WnormError, match=r"^\S+ \(Conv2d\): torch\.jit\.script cannot compile "
+                       r"a weight-normalized layer .*wnorm\.fold\(copy\.deepcopy\(model\)\)"):
         torch.jit.script(model)
+    with pytest.raises(WnormError, match=r"^MeanOnlyBatchNorm2d: torch\.jit\.script cannot "
+                       r"compile a mean-only batch norm; script wnorm\.fold"):
+        torch.jit.script(wnorm.MeanOnlyBatchNorm2d(4))
 
 
 def test_wnorm_model_in_eval_jit_trace_without_folding() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import io
+import re
 import warnings
 
 import pytest
@@ -1125,6 +1126,27 @@ def test_pruning_or_parametrizing_g_or_v_is_an_error_naming_it_until_it_is_remov
     P.register_parametrization(other, "weight_g", Twice())
     with pytest.raises(WnormError, match=r"'weight_g' is no longer a parameter"):
         other(x)
+
+
+def test_pruning_the_computed_weight_is_an_error_naming_the_layer_and_what_to_prune():
+    # prune registers getattr(layer, 'weight') as 'weight_orig': PyTorch's TypeError named no
+    # layer and no way out
+    import torch.nn.utils.prune as prune
+
+    net = wnorm.apply(nn.Sequential(nn.Linear(6, 3), nn.ReLU(), nn.Linear(3, 2)))
+    state = {k: t.clone() for k, t in net.state_dict().items()}
+    for call in (lambda: prune.l1_unstructured(net[0], "weight", amount=0.5),
+                 lambda: prune.global_unstructured([(net[0], "weight"), (net[2], "weight")],
+                                                   pruning_method=prune.L1Unstructured,
+                                                   amount=0.3)):
+        with pytest.raises(WnormError, match=re.escape(
+                "0 (Linear): torch.nn.utils.prune cannot prune 'weight', which wnorm computes "
+                "from 'weight_g' and 'weight_v'; prune 'weight_v' (entries of a direction) or "
+                "'weight_g' (whole units)")):
+            call()
+    # the layers are as they were: no hook, no weight_orig, the same values
+    assert not net[0]._forward_pre_hooks and "weight_orig" not in net[0]._parameters
+    assert all(torch.equal(t, state[k]) for k, t in net.state_dict().items())
 
 
 def test_pytorch_parametrize_and_wnorm_on_one_module_are_refused_not_corrupted():

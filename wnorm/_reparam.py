@@ -570,6 +570,35 @@ def _reset_parameters(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     return out
 
 
+def _label(module: nn.Module) -> str:
+    """The layer as wnorm's errors name it (its first normalized weight's ``where``)."""
+    slots = module.__dict__.get("_wn") or {}
+    return next((s.where for s in slots.values()), type(module).__name__)
+
+
+def _prepare_scriptable(self: nn.Module) -> nn.Module:
+    # torch.jit.script calls this on every submodule first: its own error points at
+    # _forward's *args, which says nothing of what to do
+    raise WnormError(
+        f"{_label(self)}: torch.jit.script cannot compile a weight-normalized layer (its weight "
+        "is a Python property computed from g and v); script wnorm.fold(copy.deepcopy(model)) "
+        "for inference, or use torch.export, torch.compile or torch.jit.trace")
+
+
+def _register_parameter(self: nn.Module, name: str, param: Any) -> None:
+    slots = self.__dict__.get("_wn") or {}
+    if name.endswith("_orig") and name[:-5] in slots and not isinstance(param, nn.Parameter) \
+            and param is not None:
+        # torch.nn.utils.prune on the computed weight: it would register the weight computed
+        # from g and v as '<name>_orig' (PyTorch raises a TypeError that names no layer)
+        s = slots[name[:-5]]
+        raise WnormError(
+            f"{_label(self)}: torch.nn.utils.prune cannot prune '{s.name}', which wnorm computes "
+            f"from '{s.gname}' and '{s.vname}'; prune '{s.vname}' (entries of a direction) or "
+            f"'{s.gname}' (whole units), or prune the plain model wnorm.fold gives")
+    self._wn_base.register_parameter(self, name, param)
+
+
 def _class_for(base: type) -> type:
     if "_wn_base" in base.__dict__:
         return base
@@ -584,6 +613,8 @@ def _class_for(base: type) -> type:
             "_save_to_state_dict": _save_to_state_dict,
             "_load_from_state_dict": _load_from_state_dict,
             "forward": _forward,
+            "__prepare_scriptable__": _prepare_scriptable,
+            "register_parameter": _register_parameter,
             "__module__": base.__module__,
             "__qualname__": base.__qualname__,
             "__doc__": base.__doc__,

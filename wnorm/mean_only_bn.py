@@ -161,6 +161,14 @@ class MeanOnlyBatchNormBase(nn.Module):
             f"track_running_stats={self.track_running_stats}"
         )
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        # torch.jit.script calls this first; its own error ("no attribute '_ndims'") says
+        # nothing of what to do
+        raise WnormError(
+            f"{type(self).__name__}: torch.jit.script cannot compile a mean-only batch norm; "
+            "script wnorm.fold(copy.deepcopy(model)) for inference (each becomes a bias or a "
+            "ChannelShift), or use torch.export, torch.compile or torch.jit.trace")
+
     def reset_running_stats(self) -> None:
         if self.track_running_stats:
             self.running_mean.zero_()
