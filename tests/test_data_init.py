@@ -1241,3 +1241,20 @@ def test_a_model_split_across_devices_is_initialized_as_on_one():
     for k, t in one.state_dict().items():
         torch.testing.assert_close(split.state_dict()[k].cpu(), t, rtol=1e-4, atol=1e-5,
                                    msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_a_model_on_the_meta_device_is_refused_naming_a_parameter():
+    # deferred init (build on meta, apply, then to_empty): data_init before to_empty raised
+    # "Tensor.item() cannot be called on meta tensors" or a device mismatch
+    with torch.device("meta"):
+        net = wnorm.apply(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)))
+    for x in (torch.randn(16, 4), torch.randn(16, 4, device="meta")):
+        with pytest.raises(WnormError, match=re.escape(
+                "data_init: 0.bias is on the meta device (it has no values); materialize the "
+                "model first: model.to_empty(device=...)")):
+            wnorm.data_init(net, x)
+    net.to_empty(device="cpu")
+    for m in net.modules():
+        if isinstance(m, nn.Linear):
+            m.reset_parameters()
+    assert [r.status for r in wnorm.data_init(net, torch.randn(16, 4))] == ["initialized"] * 2

@@ -716,6 +716,11 @@ def data_init(
     empty = next((f"input {i} has shape {tuple(a.shape)}" for i, a in enumerate(inputs)
                   if a.numel() == 0), None)
     named = list(model.named_modules())
+    meta = next((n for n, p in model.named_parameters() if p.is_meta), None)
+    if meta is not None:  # its forward would fail deep inside, on .item() or a device mismatch
+        raise WnormError(
+            f"data_init: {meta} is on the meta device (it has no values); materialize the model "
+            "first: model.to_empty(device=...), then reset_parameters() or a checkpoint load")
     if _distributed():
         group = process_group
         _refuse_empty_anywhere(empty, inputs, model, group)
