@@ -80,6 +80,52 @@ def test_torch_func_hessian_and_jvp_in_g_and_v():
                 torch.testing.assert_close(got[a][b], want[a][b], msg=f"{a}, {b}")
 
 
+@pytest.mark.parametrize("make", [wnorm.weight_norm, wnorm.centered_weight_norm,
+                                  wnorm.forced_weight_norm])
+def test_jvp_with_one_g_for_the_whole_weight_matches_finite_differences(make):
+    # dim=None: norm_except_dim's forward-mode rule gave a tangent of shape [] for a norm of
+    # shape [1, 1], and torch.func.jvp/hessian raised
+    torch.manual_seed(0)
+    net = make(nn.Linear(4, 3).to(D), dim=None)
+    x = torch.randn(5, 4, dtype=D)
+    params = {k: p.detach() for k, p in net.named_parameters()}
+
+    def loss(v: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(net, {**params, "weight_v": v}, (x,)).square().sum()
+
+    v, t = params["weight_v"], torch.randn_like(params["weight_v"])
+    _, jv = torch.func.jvp(loss, (v,), (t,))
+    fd = (loss(v + 1e-6 * t) - loss(v - 1e-6 * t)) / 2e-6
+    torch.testing.assert_close(jv, fd, rtol=1e-6, atol=1e-8)
+    assert torch.func.hessian(loss)(v).shape == (3, 4, 3, 4)
+
+
+def test_fast_weights_are_not_kept_alive_by_a_graph_kept_after_its_backward():
+    # MAML: g and v computed from the parameters (not leaves). A hook holding them kept every
+    # step's fast weights alive for as long as the user kept that step's loss (a log list)
+    import weakref
+
+    torch.manual_seed(0)
+    net = wnorm.apply(nn.Linear(16, 16)).to(D)
+    x = torch.randn(8, 16, dtype=D)
+    params = dict(net.named_parameters())
+    fast = {k: p * 1.0 for k, p in params.items()}  # one inner step's weights, in the graph
+    alive = weakref.ref(fast["weight_v"])
+    loss = torch.func.functional_call(net, fast, (x,)).square().sum()
+    grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
+    sum(gr.sum() for gr in grads).backward()
+    kept = [loss]  # noqa: F841  the graph outlives its backward
+    del fast
+    assert alive() is None
+    # and the second derivatives through them are eq. 2's
+    ps = {k: p.detach().clone().requires_grad_() for k, p in params.items()}
+    y = x @ _by_hand(ps["weight_g"] * 1.0, ps["weight_v"] * 1.0, 0).T + ps["bias"]
+    gr = torch.autograd.grad(y.square().sum(), list(ps.values()), create_graph=True)
+    sum(g_.sum() for g_ in gr).backward()
+    for k in params:
+        torch.testing.assert_close(params[k].grad, ps[k].grad, msg=k)
+
+
 # --------------------------------------------------------------------------- _layouts
 def _spectral_and_weight_norm() -> nn.Module:
     from torch.nn.utils import spectral_norm, weight_norm

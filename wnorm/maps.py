@@ -29,7 +29,11 @@ def _axes(t: Tensor, dim: int | None) -> list[int]:
 
 def norm(v: Tensor, dim: int | None) -> Tensor:
     r""":math:`\lVert v\rVert` of every slice along ``dim``, kept-dim (the shape of g)."""
-    return torch.norm_except_dim(v, 2, -1 if dim is None else dim)
+    if dim is None:
+        # norm_except_dim(v, 2, -1) gives the same value, but its forward-mode rule gives a
+        # tangent of another shape, which made torch.func.jvp/hessian raise for dim=None
+        return torch.linalg.vector_norm(v)
+    return torch.norm_except_dim(v, 2, dim)
 
 
 def l1_norm(v: Tensor, dim: int | None) -> Tensor:
@@ -50,7 +54,8 @@ class _SecondOrder:
     """A post-hook on the fused kernel's node: its backward run with ``create_graph=True``
     (Hessian-vector products, MAML) differentiates eq. 2 written out. The kernel's own double
     backward holds ``||v||`` constant, which gives wrong second derivatives in v; a first-order
-    backward (grad mode off) keeps the kernel's result."""
+    backward (grad mode off) keeps the kernel's result. It holds g and v, which are leaves (a
+    layer's parameters, alive anyway); computed ones take the formula without a hook."""
 
     __slots__ = ("v", "g", "dim")
 
@@ -175,7 +180,12 @@ class WeightNorm(Map):
         dim = -1 if self.dim is None else self.dim
         if torch.compiler.is_compiling() or torch._C._is_tracing():
             return torch._weight_norm(v, g, dim)  # type: ignore[arg-type]
-        if _exact_above_first_order():
+        if _exact_above_first_order() or v.grad_fn is not None or (
+                g is not None and g.grad_fn is not None):
+            # computed g or v (MAML's fast weights, functional_call with tensors of a graph):
+            # the hook below would hold them, and their graphs, for as long as the user keeps
+            # this graph (a list of logged losses); autograd's own saved tensors are freed by
+            # the backward
             n = norm(v, self.dim)
             return v * (g.reshape(n.shape) / n)  # type: ignore[union-attr]
         w = torch._weight_norm(v, g, dim)  # type: ignore[arg-type]
