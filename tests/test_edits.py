@@ -416,3 +416,20 @@ def test_a_write_through_one_holder_of_a_tie_is_seen_by_the_other(compare):
     torch.testing.assert_close(lm(ids), plain(ids))
     nn.init.normal_(lm.head.weight, std=0.02)
     lm(ids).sum().backward()  # the write lands before the embedding's forward saves g and v
+
+
+def test_a_dropped_model_whose_weight_was_read_leaves_no_entry_behind():
+    # a weight read outside forward (logging) is registered so that a tie's other holders
+    # see writes into it; a dropped model's entry stayed for good
+    import gc
+
+    from wnorm import _reparam
+
+    gc.collect()
+    before = len(_reparam._HELD)
+    for _ in range(50):
+        m = wnorm.weight_norm(nn.Linear(4, 3))
+        m.weight.sum()  # read outside forward: held
+        del m
+    gc.collect()
+    assert len(_reparam._HELD) == before

@@ -22,7 +22,7 @@ import sys
 import threading
 import warnings
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -330,6 +330,17 @@ def _cache_key(g: Tensor | None, v: Tensor) -> tuple[Any, ...]:
 _HELD: dict[int, list[tuple[Any, str]]] = {}  # weak: a dropped model leaves nothing behind
 
 
+def _forgetter(key: int) -> Callable[[Any], None]:
+    """The weakref callback that drops a dropped module's entry from :data:`_HELD`."""
+    def forget(ref: Any) -> None:
+        refs = _HELD.get(key)
+        if refs is not None:
+            refs[:] = [e for e in refs if e[0] is not ref]
+            if not refs:
+                del _HELD[key]
+    return forget
+
+
 def _flush_holders(v: Tensor) -> None:
     for ref, pname in _HELD.pop(id(v), ()):
         module = ref()
@@ -384,7 +395,7 @@ def _property(pname: str) -> property:
         w = slot.map.weight(g, v)
         if not (_is_compiling() or _is_tracing()) and _DEPTH.n == 0:
             slot.held, slot.held_key = w, _key(g, v) + (w._version, w.detach().clone())
-            _HELD.setdefault(id(v), []).append((weakref.ref(self), pname))
+            _HELD.setdefault(id(v), []).append((weakref.ref(self, _forgetter(id(v))), pname))
         return w
 
     def fset(self: nn.Module, value: Any) -> None:
