@@ -376,10 +376,13 @@ def _property(pname: str) -> property:
                     or not (v.requires_grad or (g is not None and g.requires_grad))):
                 return w
             if _is_tracing() or torch._C._are_functorch_transforms_active() \
-                    or _forward_ad._current_level >= 0:
+                    or _forward_ad._current_level >= 0 or v.grad_fn is not None \
+                    or (g is not None and g.grad_fn is not None):
                 # a traced graph records the weight itself; under torch.func (vmap over
                 # stacked models, grad) g and v are the transform's, and forward AD needs the
-                # weight's tangent: nothing is cached
+                # weight's tangent; computed g or v (MAML's fast weights through
+                # functional_call) would be held by the cached weight's node, with their
+                # graphs, for as long as the user keeps the loss: nothing is cached
                 return slot.map.weight(g, v)
             grad = torch.is_grad_enabled() and (
                 v.requires_grad or (g is not None and g.requires_grad))
