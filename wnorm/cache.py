@@ -25,7 +25,8 @@ def cached() -> Iterator[None]:
     two backward passes), double backward and activation checkpointing (its forward and
     backward both in the block) give the gradients they give outside it, with no host sync; a weight cached under ``no_grad`` is
     computed again for a forward that records a graph, and is checked for NaN and inf once (a
-    host sync per weight and block). Under ``torch.func`` transforms nothing is cached. The
+    host sync per weight and block). Under ``torch.func`` transforms, and for a g or v computed
+    in the graph (MAML's fast weights), nothing is cached. The
     cached weights are released when the block ends. Like
     PyTorch's ``torch.nn.utils.parametrize.cached``, it covers every model; blocks nest; unlike
     it, a block covers only the thread that opened it. A forward compiled by ``torch.compile``
