@@ -75,11 +75,11 @@ def spawn_ranks(worker: Callable[[int], dict], world: int, out: Path) -> list[di
 
 
 def _rank(rank: int, worker: Callable[[int], dict], world: int, port: int, out: str) -> None:
+    import datetime
+
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    import datetime
-
     # a collective one rank never reaches fails in 2 minutes rather than gloo's 30
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=120))

@@ -27,11 +27,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.autograd import forward_ad as _forward_ad
 
 from . import _pytorch_wn
 from .errors import WnormError
-from .maps import OTHER_MAP, Map, kind_mismatch, norm
+from .maps import OTHER_MAP, Map, formula_only, kind_mismatch, norm
 
 __all__ = ["Slot", "CACHE", "attach", "detach", "plain_weight", "slots", "slot", "slots_of",
            "pair", "flush", "flush_all", "refresh_flat_weights", "base_class"]
@@ -368,21 +367,15 @@ def _property(pname: str) -> property:
         if CACHE.on and not compiling:
             w, key = slot.cached, slot.key
             # a weight cached under no_grad has no graph: a forward recording one computes it
-            # (_same inlined: this is every cached access)
-            if w is not None and key and key[0] is g and key[1] is v and (
-                    key[3] == v._version and key[2] == (None if g is None else g._version)) and (
-                    key[4] == _addresses(g, v)) and (
+            if w is not None and _same(key, g, v) and key[4] == _addresses(g, v) and (
                     w.requires_grad or not torch.is_grad_enabled()
                     or not (v.requires_grad or (g is not None and g.requires_grad))):
                 return w
-            if _is_tracing() or torch._C._are_functorch_transforms_active() \
-                    or _forward_ad._current_level >= 0 or v.grad_fn is not None \
-                    or (g is not None and g.grad_fn is not None):
+            if _is_tracing() or formula_only(g, v):
                 # a traced graph records the weight itself; under torch.func (vmap over
-                # stacked models, grad) g and v are the transform's, and forward AD needs the
-                # weight's tangent; computed g or v (MAML's fast weights through
-                # functional_call) would be held by the cached weight's node, with their
-                # graphs, for as long as the user keeps the loss: nothing is cached
+                # stacked models, grad) g and v are the transform's, forward AD needs the
+                # weight's tangent, and computed g or v would be held by the cached weight's
+                # node: nothing is cached
                 return slot.map.weight(g, v)
             grad = torch.is_grad_enabled() and (
                 v.requires_grad or (g is not None and g.requires_grad))

@@ -44,10 +44,15 @@ def l1_norm(v: Tensor, dim: int | None) -> Tensor:
     return v.abs().sum(dim=axes, keepdim=True) if axes else v.abs()
 
 
-def _exact_above_first_order() -> bool:
-    """Whether the weight must be differentiable beyond PyTorch's fused kernel: forward-mode AD
-    (``torch.func.jvp``/``hessian``) and ``torch.func`` transforms (``jacrev(jacrev(...))``)."""
-    return _forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active()
+def formula_only(g: Tensor | None, v: Tensor) -> bool:
+    """Whether the weight is computed by eq. 2 written out, with nothing held beside autograd's
+    saved tensors: under forward-mode AD (``torch.func.jvp``/``hessian``) and ``torch.func``
+    transforms (``jacrev(jacrev(...))``), which need every order of derivative; and for a g or
+    v computed in the graph (MAML's fast weights, ``functional_call`` with tensors of a graph),
+    which a hook or a cached weight's node would keep alive, with their graphs, for as long as
+    the user keeps the loss (a list of logged losses)."""
+    return (_forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active()
+            or v.grad_fn is not None or (g is not None and g.grad_fn is not None))
 
 
 class _SecondOrder:
@@ -180,12 +185,7 @@ class WeightNorm(Map):
         dim = -1 if self.dim is None else self.dim
         if torch.compiler.is_compiling() or torch._C._is_tracing():
             return torch._weight_norm(v, g, dim)  # type: ignore[arg-type]
-        if _exact_above_first_order() or v.grad_fn is not None or (
-                g is not None and g.grad_fn is not None):
-            # computed g or v (MAML's fast weights, functional_call with tensors of a graph):
-            # the hook below would hold them, and their graphs, for as long as the user keeps
-            # this graph (a list of logged losses); autograd's own saved tensors are freed by
-            # the backward
+        if formula_only(g, v):
             n = norm(v, self.dim)
             return v * (g.reshape(n.shape) / n)  # type: ignore[union-attr]
         w = torch._weight_norm(v, g, dim)  # type: ignore[arg-type]
