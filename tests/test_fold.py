@@ -101,6 +101,23 @@ def test_not_in_sequential_becomes_channel_shift():
     assert "bn.shift" in folded.state_dict()
 
 
+class ResidualSequential(nn.Sequential):
+    """A Sequential whose own forward reuses the Linear's output (a skip around the BN)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self[0](x)
+        return self[1](h) + h
+
+
+def test_a_sequential_subclass_with_its_own_forward_keeps_a_channel_shift():
+    # the shift moved into the Linear's bias would reach the skip path too
+    model = wnorm.apply(ResidualSequential(nn.Linear(4, 4), MeanOnlyBatchNorm1d(4)))
+    x = torch.randn(16, 4) + 3
+    train_a_little(model, x)
+    folded = check_fold(model, x)
+    assert isinstance(folded[1], ChannelShift)
+
+
 def test_conv_without_bias_gets_one():
     model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), MeanOnlyBatchNorm2d(4), nn.ReLU())
     wnorm.apply(model)

@@ -95,6 +95,14 @@ def _hooked(module: nn.Module) -> bool:
                 or module._backward_pre_hooks or "forward" in module.__dict__)
 
 
+def _chains(parent: nn.Module) -> bool:
+    """Whether ``parent`` runs its children one after the other and nothing else: an
+    ``nn.Sequential`` with Sequential's own forward. A subclass with its own (a residual block
+    built on Sequential) may use a child's output again, which the shift must not reach."""
+    return (isinstance(parent, nn.Sequential) and type(parent).forward is nn.Sequential.forward
+            and "forward" not in parent.__dict__)
+
+
 def _shift_module(bn: MeanOnlyBatchNormBase, shift: Tensor, where: str) -> ChannelShift:
     """A :class:`ChannelShift` for ``bn`` (at ``where``) that keeps its hooks: the hook dicts
     move over as they are, so handles the user holds still remove them."""
@@ -177,7 +185,8 @@ def fold(model: nn.Module) -> nn.Module:
     sharing one g and v share the one weight), and every
     mean-only batch norm folds its eval-mode affine map :math:`x \mapsto x - \mu_{\text{running}}
     + b` into the bias of the layer right before it in an ``nn.Sequential`` (Linear or ConvNd
-    with the same channel count, used nowhere else, without hooks); where there is no such layer
+    with the same channel count, used nowhere else, without hooks; a subclass with a forward of
+    its own, which may reuse that layer's output, does not count); where there is no such layer
     it becomes a :class:`ChannelShift` adding the constant (and keeping the batch norm's hooks).
     A Linear takes the shift as its bias: it adds along the last axis, which is the batch norm's
     channel axis for the usual (N, C) input; a batch norm that has run on (N, C, L) input in
@@ -246,7 +255,7 @@ def fold(model: nn.Module) -> nn.Module:
                               "on the instance; it is left unfolded", stacklevel=2)
                 continue
             shift = _shift_of(child, where)
-            prev = children[i - 1][1] if isinstance(parent, nn.Sequential) and i > 0 else None
+            prev = children[i - 1][1] if _chains(parent) and i > 0 else None
             # a layer used elsewhere too (or whose bias another layer shares) would carry the
             # shift into its other uses; a hook on it (or on the batch norm) would see the output
             # before the shift
