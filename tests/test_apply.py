@@ -111,11 +111,21 @@ def test_only_norm_layers_selected_is_an_error():
         wnorm.apply(net, types=(nn.BatchNorm1d, nn.LayerNorm))
 
 
-def test_nothing_selected_is_an_error():
-    with pytest.raises(WnormError, match=r"apply: no module of Net was selected .*"
-                                         r"include=\['nothing\*'\].*modules are e.g. "
+def test_an_include_entry_matching_no_module_is_an_error():
+    # a typo among several entries left its layer plain, silently
+    with pytest.raises(WnormError, match=r"apply: include entry 'nothing\*' matches no module of "
+                                         r"Net \(a typo\?\); its modules are e.g. "
                                          r"\['encoder', 'encoder.0', .*'encoder.\*' selects"):
-        wnorm.apply(Net(), include=["nothing*"])
+        wnorm.apply(Net(), include=["encoder.*", "nothing*"])
+
+
+def test_a_shared_module_is_included_by_any_of_its_names():
+    # include matched only the first name of a shared layer: 'dec.*' left dec.0 plain
+    lin = nn.Linear(3, 3)
+    net = nn.Module()
+    net.enc, net.dec = nn.Sequential(lin), nn.Sequential(lin, nn.Linear(3, 2))
+    wnorm.apply(net, include="dec.*")
+    assert wnorm.is_weight_normalized(net.dec[0]) and wnorm.is_weight_normalized(net.dec[1])
 
 
 def test_every_lstm_weight_normalized():

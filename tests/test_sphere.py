@@ -311,6 +311,16 @@ def test_include_exclude_and_forced_layers_by_default():
                                torch.full((5,), 1.5, dtype=D))
 
 
+def test_include_takes_any_name_of_a_shared_layer_and_refuses_a_typo_as_apply_does():
+    lin = nn.Linear(3, 3)
+    net = nn.Module()
+    net.enc, net.dec = nn.Sequential(lin), nn.Sequential(lin)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    assert project_after_step(opt, net, radius="unit", include="dec.*").names == ["enc.0.weight"]
+    with pytest.raises(WnormError, match=r"project_: include entry 'dex\.\*' matches no module"):
+        project_(net, "unit", include=["dec.*", "dex.*"])
+
+
 def test_exclude_covers_the_layers_inside_a_module_and_refuses_a_typo_as_apply_does():
     # the docs say "as in wnorm.apply", but excluding a block projected its layers anyway and a
     # pattern matching nothing excluded nothing without a word

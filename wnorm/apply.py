@@ -64,10 +64,6 @@ def _weight_names(module: nn.Module) -> list[str]:
     return ["weight"] if already or (p is not None and p.dim() >= 1) else []
 
 
-def _matches(name: str, patterns: Iterable[str]) -> bool:
-    return any(fnmatchcase(name, p) for p in patterns)
-
-
 def _pattern_list(arg: Any, what: str, types_ok: bool) -> list[Any]:
     """``include``/``exclude`` as a list: one string (or type) is one pattern, not its
     characters; anything else that is not a pattern is an error, never silently ignored."""
@@ -154,6 +150,27 @@ def _excluded(model: nn.Module, exclude: list[Any], fn: str = "apply") -> set[in
             raise WnormError(
                 f"{fn}: exclude entry {what} matches no module of {type(model).__name__} "
                 f"(a typo?); its modules are e.g. {_some_names(model)}")
+    return out
+
+
+def _included(model: nn.Module, include: list[str], fn: str = "apply") -> set[int]:
+    """The ids of the modules ``include`` names by glob on any of their names: a shared module
+    is included when any path to it matches, as :func:`_excluded` excludes it. An entry
+    matching no module is an error, as it is for ``exclude``."""
+    out: set[int] = set()
+    used: set[int] = set()
+    for mname, module in _paths(model, fn):
+        hits = [i for i, e in enumerate(include) if fnmatchcase(mname, e)]
+        if hits:
+            used.update(hits)
+            out.add(id(module))
+    for i, e in enumerate(include):
+        if i not in used:
+            raise WnormError(
+                f"{fn}: include entry {e!r} matches no module of {type(model).__name__} "
+                f"(a typo?); its modules are e.g. {_some_names(model)}; a pattern matches a "
+                f"whole name, so '{_first(model)}.*' selects the modules inside "
+                f"'{_first(model)}'")
     return out
 
 
@@ -254,7 +271,8 @@ def apply(
             type: the same g and v Parameters, the same axis, the same outputs bit for bit.
         include: a glob pattern, or several, on module names (``"encoder.*"``); when given, only
             matching modules are normalized. A pattern matches a whole name: ``"encoder"``
-            names the container, ``"encoder.*"`` the modules inside it.
+            names the container, ``"encoder.*"`` the modules inside it. A module shared under
+            several names is matched on each; an entry matching no module is an error.
         exclude: glob patterns on module names, or module types, to leave alone (one, or
             several: ``"head"``, ``["head", nn.ConvTranspose1d]``), with every module inside
             them (``nn.MultiheadAttention`` leaves its ``out_proj`` alone too).
@@ -309,6 +327,7 @@ def apply(
     include_l = _pattern_list(include, "include", False) if include is not None else None
     exclude_l = _pattern_list(exclude, "exclude", True)
     excluded = _excluded(model, exclude_l)
+    included = _included(model, include_l) if include_l is not None else None
     chosen: list[tuple[str, nn.Module]] = []
     # every (module name, module, parameter name) holding each Parameter: ties are found here
     holders: dict[int, list[tuple[str, nn.Module, str]]] = {}
@@ -321,7 +340,7 @@ def apply(
             continue
         if id(module) in excluded:
             continue
-        if include_l is not None and not _matches(mname, include_l):
+        if included is not None and id(module) not in included:
             continue
         if filter is not None and not filter(mname, module):
             continue

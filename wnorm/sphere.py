@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from ._reparam import slots_of
-from .apply import NORM_TYPES, _excluded, default_types
+from .apply import NORM_TYPES, _excluded, _included, default_types
 from .errors import WnormError, expect_module, finite_positive
 from .maps import ForcedWeightNorm, norm
 from .weight_norm import DEFAULT, default_dim
@@ -191,6 +191,7 @@ def _select(fn: str, model: nn.Module, radius: Any, types: Any, include: Any, ex
     inc = _patterns(include, f"{fn}: include", False) if include is not None else None
     # apply's rule: an excluded module's children are excluded too, and a typo is an error
     excluded = _excluded(model, _patterns(exclude, f"{fn}: exclude", True), fn)
+    included = _included(model, inc, fn) if inc is not None else None
     found: dict[int, _Target] = {}
     order: list[_Target] = []
 
@@ -211,7 +212,7 @@ def _select(fn: str, model: nn.Module, radius: Any, types: Any, include: Any, ex
     for mname, module in model.named_modules():
         if id(module) in excluded:
             continue
-        if inc is not None and not any(fnmatchcase(mname, e) for e in inc):
+        if included is not None and id(module) not in included:
             continue
         slots = slots_of(module)
         for pname, s in slots.items():
