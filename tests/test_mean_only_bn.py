@@ -335,3 +335,33 @@ def test_update_bn_recomputes_mean_only_running_means_that_pytorchs_leaves_stale
     assert torch.equal(m[4].running_mean, ref.module[4].running_mean)
     assert torch.equal(m[4].running_var, ref.module[4].running_var)
     assert m[1].momentum == 0.3 and m[4].momentum == 0.1 and not swa.training
+
+
+def test_update_bn_puts_back_every_modules_own_mode():
+    # model.train(was_training) set a Dropout or frozen BatchNorm kept in eval to train mode
+    net = nn.Sequential(nn.Linear(3, 4), MeanOnlyBatchNorm1d(4), nn.Dropout(0.5),
+                        nn.BatchNorm1d(4))
+    net[2].eval()
+    net[3].eval()
+    before = [m.training for m in net.modules()]
+    wnorm.update_bn([torch.randn(8, 3) for _ in range(2)], net)
+    assert [m.training for m in net.modules()] == before
+
+
+def test_update_bn_leaves_the_statistics_as_they_were_when_the_loader_raises():
+    # the running statistics were reset first and left half-recomputed
+    net = nn.Sequential(nn.Linear(3, 4), MeanOnlyBatchNorm1d(4), nn.BatchNorm1d(4))
+    net.train()
+    for _ in range(3):
+        net(torch.randn(8, 3) + 2)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+
+    def loader():
+        yield torch.randn(8, 3)
+        raise OSError("a corrupt shard")
+
+    with pytest.raises(OSError, match="corrupt shard"):
+        wnorm.update_bn(loader(), net)
+    after = net.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert net[1].momentum == 0.1 and net.training

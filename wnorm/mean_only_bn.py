@@ -299,7 +299,8 @@ def update_bn(loader: Iterable[Any], model: nn.Module,
     finds ``nn.BatchNorm`` layers only, and leaves the running means of mean-only ones as the
     trained model had them (an SWA model then runs on statistics of other weights). Each
     layer's running statistics are reset and recomputed as a cumulative average over one pass
-    of ``loader`` in training mode (no grad); momenta and the model's mode are put back.
+    of ``loader`` in training mode (no grad); momenta and every module's mode are put back,
+    and a pass that raises part-way leaves the running statistics as they were.
 
     Args:
         loader: batches: tensors, or lists/tuples whose first element is the model's input.
@@ -315,24 +316,37 @@ def update_bn(loader: Iterable[Any], model: nn.Module,
         >>> bool(swa.module[1].running_mean.abs().sum() > 0)
         True
     """
-    momenta = {}
-    for m in model.modules():
-        if isinstance(m, (nn.modules.batchnorm._BatchNorm, MeanOnlyBatchNormBase)) and \
-                m.track_running_stats:
-            m.reset_running_stats()
-            momenta[m] = m.momentum
-    if not momenta:
+    layers = [m for m in model.modules()
+              if isinstance(m, (nn.modules.batchnorm._BatchNorm, MeanOnlyBatchNormBase))
+              and m.track_running_stats]
+    if not layers:
         return
-    was_training = model.training
+    momenta = {m: m.momentum for m in layers}
+    # each module's own mode (a Dropout or a frozen BatchNorm kept in eval inside a training
+    # model): model.train(was_training) would set every one to the root's
+    modes = {m: m.training for m in model.modules()}
+    # put back if the pass fails part-way (a loader raising): the trained statistics, not
+    # reset ones or an average of the batches seen so far
+    saved = {m: {k: b.clone() for k, b in m._buffers.items() if b is not None} for m in layers}
+    for m in layers:
+        m.reset_running_stats()
     model.train()
+    done = False
     try:
-        for m in momenta:
+        for m in layers:
             m.momentum = None
         with torch.no_grad():
             for batch in loader:
                 x = batch[0] if isinstance(batch, (list, tuple)) else batch
                 model(x if device is None else x.to(device))
+        done = True
     finally:
         for m, momentum in momenta.items():
             m.momentum = momentum
-        model.train(was_training)
+        for m, mode in modes.items():
+            m.training = mode
+        if not done:
+            with torch.no_grad():
+                for m, bufs in saved.items():
+                    for k, b in bufs.items():
+                        m._buffers[k].copy_(b)
