@@ -1068,3 +1068,62 @@ def test_a_tied_transformers_model_reloads_from_its_save_pretrained_file(tmp_pat
     fresh = make(1)
     load_state_dict(fresh, sd)
     assert torch.equal(fresh(ids).logits, model(ids).logits)
+
+
+# ------------------------------------------------- PyTorch's own load_state_dict, other layouts
+def _trained_stock_conv() -> tuple[nn.Module, nn.Module]:
+    """A Conv1d under PyTorch's parametrized weight norm (as transformers builds its audio
+    models) and a 'fine-tuned' copy of it."""
+    torch.manual_seed(0)
+    stock = parametrizations.weight_norm(nn.Conv1d(2, 4, 3))
+    trained = copy.deepcopy(stock)
+    with torch.no_grad():
+        trained.parametrizations.weight.original1.mul_(2).add_(0.1)
+        trained.parametrizations.weight.original0.mul_(1.5)
+    return stock, trained
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_an_adopted_layer_reads_its_own_pytorch_checkpoints_with_pytorchs_loader(strict) -> None:
+    # adoption removed PyTorch's renaming hook: strict=True raised PyTorch's missing/unexpected
+    # keys error, and strict=False (transformers' Trainer) left the layer as it was, silently
+    stock, trained = _trained_stock_conv()
+    layer = wnorm.weight_norm(copy.deepcopy(stock))
+    result = layer.load_state_dict(trained.state_dict(), strict=strict)
+    assert not result.missing_keys and not result.unexpected_keys
+    x = torch.randn(2, 2, 9)
+    assert torch.equal(layer(x), trained(x))
+
+
+def test_pytorchs_loader_reads_a_plain_weight_into_a_weight_normalized_layer() -> None:
+    _, trained = _trained_stock_conv()
+    plain = {"weight": trained.weight.detach().clone(), "bias": trained.bias.detach().clone()}
+    layer = wnorm.weight_norm(nn.Conv1d(2, 4, 3))
+    result = layer.load_state_dict(plain, strict=False)
+    assert not result.missing_keys and not result.unexpected_keys
+    x = torch.randn(2, 2, 9)
+    assert torch.equal(layer(x), trained(x))
+
+
+def test_pytorchs_loader_moves_a_pair_saved_along_another_axis() -> None:
+    torch.manual_seed(0)
+    other = parametrizations.weight_norm(nn.Linear(3, 5), dim=1)
+    layer = wnorm.weight_norm(nn.Linear(3, 5))  # dim 0
+    layer.load_state_dict(other.state_dict())
+    torch.testing.assert_close(layer.weight, other.weight, rtol=1e-6, atol=1e-7)
+
+
+def test_pytorchs_loader_refuses_a_plain_zero_row_and_other_maps_naming_the_layer() -> None:
+    w = torch.randn(4, 3)
+    w[2] = 0
+    layer = wnorm.weight_norm(nn.Linear(3, 4))
+    before = copy.deepcopy(layer.state_dict())
+    with pytest.raises(RuntimeError, match=r"Linear: 'weight': expected a nonzero norm in every "
+                                           r"slice .*\(indices \[2\]\).*nothing of this layer"):
+        layer.load_state_dict({"weight": w, "bias": torch.zeros(4)})
+    assert all(torch.equal(layer.state_dict()[k], v) for k, v in before.items())
+    centered = wnorm.centered_weight_norm(nn.Linear(3, 4))
+    with pytest.raises(RuntimeError, match=r"holds its 'weight' as 'weight', which a "
+                                           r"wnorm.centered_weight_norm weight cannot be loaded"):
+        centered.load_state_dict({"weight": torch.randn(4, 3), "bias": torch.zeros(4)},
+                                 strict=False)

@@ -28,9 +28,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import _pytorch_wn
+from . import _layouts, _pytorch_wn
 from .errors import WnormError
-from .maps import OTHER_MAP, Map, formula_only, kind_mismatch, norm
+from .maps import METHODS, OTHER_MAP, Map, formula_only, kind_mismatch, norm
 
 __all__ = ["Slot", "CACHE", "attach", "detach", "plain_weight", "slots", "slot", "slots_of",
            "pair", "flush", "flush_all", "refresh_flat_weights", "base_class"]
@@ -532,6 +532,11 @@ def _load_from_state_dict(self: nn.Module, state_dict: Mapping[str, Any], prefix
         error_msgs.append(f"{next(iter(specs.values())).where}: {why}: {OTHER_MAP} (nothing "
                           "of this layer was loaded)")
         return
+    for pname, s in specs.items():
+        why = _read_other_layout(self, s, pname, state_dict, prefix)
+        if why:
+            error_msgs.append(f"{s.where}: {why} (nothing of this layer was loaded)")
+            return
     for s in self.__dict__["_wn"].values():
         if s.held is None:
             continue
@@ -543,6 +548,56 @@ def _load_from_state_dict(self: nn.Module, state_dict: Mapping[str, Any], prefix
             flush(self, s)
     type(self)._wn_base._load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
                                               missing_keys, unexpected_keys, error_msgs)
+
+
+def _read_other_layout(module: nn.Module, s: Slot, pname: str, state_dict: Any,
+                       prefix: str) -> str:
+    """Put this weight's (g, v) into ``state_dict`` under wnorm's keys where it holds them in
+    another layout only: PyTorch's parametrization (``parametrizations.<name>.original0/1``,
+    the keys of a model's own checkpoints before wnorm.apply adopted its layers, which
+    PyTorch's hook renamed on load) or a plain weight. Without this a ``strict=False`` load
+    (transformers' Trainer, a backbone under a new head) left the layer as it was, silently.
+    ``state_dict`` is ``nn.Module.load_state_dict``'s own copy, which PyTorch's hooks rewrite
+    too. Returns why it cannot ("" when done or nothing to do)."""
+    gk, vk = prefix + s.gname, prefix + s.vname
+    if gk in state_dict or vk in state_dict or not isinstance(state_dict, dict):
+        return ""
+    o0, o1 = (f"{prefix}parametrizations.{pname}.original{i}" for i in (0, 1))
+    pair = o0 in state_dict and o1 in state_dict
+    if not (pair or prefix + pname in state_dict):
+        return ""
+    key = o1 if pair else prefix + pname
+    if s.kind != "wn":
+        return (f"the state dict holds its '{pname}' as '{key}', which a "
+                f"wnorm.{METHODS.get(s.kind, s.kind)} weight cannot be loaded from (its (g, v) "
+                "come only from a checkpoint of the same method); load it into a model built "
+                "with wnorm.weight_norm or without weight norm")
+    g, v = module._parameters.get(s.gname), module._parameters[s.vname]
+    try:
+        if pair:
+            src = _layouts.Src((o0, o1), g=state_dict[o0], v=state_dict[o1])
+            if g is not None and tuple(src.g.shape) == tuple(g.shape):
+                new_g, new_v = src.g, src.v  # the same axis: the pair as it is
+            else:
+                new_v = _layouts.weight(src, v.dtype, f" for '{vk}'")
+                new_g = _layouts._normalized_g(o1, new_v, s.map.dim, g.dtype if g is not None
+                                               else v.dtype)
+        else:
+            w = state_dict[key]
+            if not isinstance(w, Tensor) or tuple(w.shape) != tuple(v.shape):
+                return ""  # PyTorch's loader names the key as unexpected
+            _layouts.check_finite(key, w)
+            new_v = _layouts.cast(key, w, v.dtype, f" for '{vk}'")
+            new_g = _layouts._normalized_g(key, new_v, s.map.dim, g.dtype if g is not None
+                                           else v.dtype)
+    except WnormError as e:
+        return str(e)
+    for k in ((o0, o1) if pair else (key,)):
+        del state_dict[k]
+    if g is not None:
+        state_dict[gk] = new_g.reshape(g.shape) if new_g.numel() == g.numel() else new_g
+    state_dict[vk] = new_v
+    return ""
 
 
 def _reset_parameters(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
