@@ -1023,6 +1023,17 @@ def test_remove_when_not_normalized():
         wnorm.remove_weight_norm(nn.Linear(3, 4))
 
 
+def test_remove_refuses_a_weight_with_nan_rows_and_leaves_the_layer_as_it_was():
+    # a zero row of v became a plain Parameter with a NaN row for good, where fold refuses
+    m = wnorm.weight_norm(nn.Linear(3, 4))
+    with torch.no_grad():
+        m.weight_v[1] = 0
+    with pytest.raises(WnormError, match=r"Linear: the weight-normalized 'weight' has non-finite "
+                                         r"values in rows \[1\]: a zero row of 'weight_v'"):
+        wnorm.remove_weight_norm(m)
+    assert wnorm.is_weight_normalized(m) and m.weight_v[1].abs().sum() == 0
+
+
 def test_not_a_module():
     with pytest.raises(WnormError, match=r"expects an nn.Module; got Tensor"):
         wnorm.weight_norm(torch.randn(3))

@@ -304,7 +304,8 @@ def remove_weight_norm(module: nn.Module, name: str = "weight") -> nn.Module:
     its own weight (its outputs unchanged) and a warning says the tie is lost.
 
     Raises:
-        WnormError: ``module.<name>`` is not weight-normalized by wnorm.
+        WnormError: ``module.<name>`` is not weight-normalized by wnorm, or its weight has NaN
+            or inf values (a zero row of v, a non-finite g); the module is then unchanged.
     """
     expect_module("remove_weight_norm", module)
     s = _reparam.slot(module, name)
@@ -313,6 +314,8 @@ def remove_weight_norm(module: nn.Module, name: str = "weight") -> nn.Module:
     if s.held is not None:  # rows written into the weight count before comparing it
         _reparam.flush(module, s)
     g, v = _reparam.pair(module, s)
+    with torch.no_grad():  # a NaN row would stay in the plain Parameter for good, as fold refuses
+        _reparam._check_finite(s, s.map.weight(g, v))
     _reparam.detach(module, name, _earlier_weight(module, s, g, v))
     w = module._parameters[name]
     _removed[id(v)] = (weakref.ref(v, lambda _, k=id(v): _removed.pop(k, None)),
