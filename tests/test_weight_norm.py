@@ -1034,6 +1034,22 @@ def test_remove_refuses_a_weight_with_nan_rows_and_leaves_the_layer_as_it_was():
     assert wnorm.is_weight_normalized(m) and m.weight_v[1].abs().sum() == 0
 
 
+@pytest.mark.filterwarnings("ignore:Complex modules")
+@pytest.mark.parametrize("dim", [0, 1, None])
+def test_a_complex_weight_is_normalized_with_a_real_g(dim):
+    # the fused kernel has no complex version: dim 0 and 1 raised NotImplementedError naming
+    # no layer, at apply
+    torch.manual_seed(0)
+    plain = nn.Linear(3, 4).to(torch.complex64)
+    m = wnorm.weight_norm(copy.deepcopy(plain), dim=dim)
+    x = torch.randn(2, 3, dtype=torch.complex64)
+    assert not m.weight_g.is_complex()
+    torch.testing.assert_close(m(x), plain(x))
+    m(x).abs().sum().backward()
+    assert m.weight_g.grad is not None and m.weight_v.grad is not None
+    torch.testing.assert_close(wnorm.fold(copy.deepcopy(m))(x), m(x))
+
+
 def test_not_a_module():
     with pytest.raises(WnormError, match=r"expects an nn.Module; got Tensor"):
         wnorm.weight_norm(torch.randn(3))

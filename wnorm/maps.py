@@ -80,7 +80,7 @@ class _SecondOrder:
 def _fusable(v: Tensor, dim: int | None) -> bool:
     # torch._weight_norm runs one fused kernel forward and one backward in these cases
     return (dim is not None and (dim == 0 or dim == v.dim() - 1) and v.dtype not in _LOW
-            and v.device.type in ("cpu", "cuda"))
+            and not v.is_complex() and v.device.type in ("cpu", "cuda"))
 
 
 #: the public function behind each map kind (for messages)
@@ -185,7 +185,7 @@ class WeightNorm(Map):
         dim = -1 if self.dim is None else self.dim
         if torch.compiler.is_compiling() or torch._C._is_tracing():
             return torch._weight_norm(v, g, dim)  # type: ignore[arg-type]
-        if formula_only(g, v):
+        if formula_only(g, v) or v.is_complex():  # the fused kernel has no complex version
             n = norm(v, self.dim)
             return v * (g.reshape(n.shape) / n)  # type: ignore[union-attr]
         w = torch._weight_norm(v, g, dim)  # type: ignore[arg-type]
