@@ -186,7 +186,12 @@ def test_an_empty_batch_gives_an_empty_output_as_batch_norm_does(shape, track):
 
 
 @pytest.mark.parametrize("kwargs, msg", [({"num_features": 0}, "num_features must be a positive"),
+                                         ({"num_features": True}, "num_features must be a positive"),
                                          ({"num_features": 3, "momentum": 1.5},
+                                          r"momentum must be in \[0, 1\]"),
+                                         ({"num_features": 3, "momentum": True},  # read as 1
+                                          r"momentum must be in \[0, 1\]"),
+                                         ({"num_features": 3, "momentum": "0.1"},  # a TypeError
                                           r"momentum must be in \[0, 1\]")])
 def test_bad_constructor_arguments(kwargs, msg):
     with pytest.raises(WnormError, match=rf"MeanOnlyBatchNorm1d: {msg}"):

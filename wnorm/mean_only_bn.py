@@ -14,6 +14,7 @@ mean gradient and adds it in extra sweeps over the activations.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable
 from typing import Any
 
@@ -136,11 +137,13 @@ class MeanOnlyBatchNormBase(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(num_features, int) or num_features <= 0:
+        if not isinstance(num_features, int) or isinstance(num_features, bool) or \
+                num_features <= 0:
             raise WnormError(
                 f"{type(self).__name__}: num_features must be a positive int; got {num_features!r}"
             )
-        if momentum is not None and not 0.0 <= momentum <= 1.0:
+        if momentum is not None and (isinstance(momentum, bool) or not isinstance(
+                momentum, numbers.Real) or not 0.0 <= momentum <= 1.0):
             raise WnormError(
                 f"{type(self).__name__}: momentum must be in [0, 1] or None; got {momentum!r}"
             )
