@@ -600,21 +600,25 @@ class SharedBN(nn.Module):
         return self.l3(self.bn(3 * torch.relu(self.l2(h))))
 
 
-def test_shared_mean_only_bn_keeps_its_first_call_mean_in_train_mode():
-    """The init mean is the first call's; later calls subtract it too, as one process on the
-    union of the ranks' batches does under torch.distributed."""
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_a_shared_mean_only_bn_subtracts_what_its_forward_would_at_each_call(train):
+    """The running mean is the first call's. A later call subtracts its own batch mean in
+    training mode, as the layer's forward does (it subtracted the first call's, and the layer
+    after it was left with a mean of up to 1 on the batch), and the running mean in eval."""
     torch.manual_seed(0)
-    model = wnorm.apply(SharedBN()).to(D).train()
+    model = wnorm.apply(SharedBN()).to(D).train(train)
     x = torch.randn(64, 4, dtype=D)
     seen = []
     model.bn.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()),
                                        prepend=True)
     model.l3.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()),
                                        prepend=True)
-    wnorm.data_init(model, x)
+    report = wnorm.data_init(model, x)
     first, second, into_l3 = seen[:3]
     torch.testing.assert_close(model.bn.running_mean, first.mean(0))
-    torch.testing.assert_close(into_l3, second - first.mean(0) + model.bn.bias)
+    subtracted = second.mean(0) if train else first.mean(0)
+    torch.testing.assert_close(into_l3, second - subtracted + model.bn.bias)
+    assert_standardized(model, report, x)
 
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])

@@ -425,7 +425,8 @@ class _Pass:
         #: targets whose pre hook ran (g set to 1, biases to 0): one the model then left
         #: through an exception it caught is restored after the pass
         self.entered: set[nn.Module] = set()
-        self.means: dict[nn.Module, Tensor] = {}
+        self.means: dict[nn.Module, Tensor] = {}  # each mean-only BN's first call's mean
+        self.call_means: dict[nn.Module, Tensor] = {}  # what its current call subtracts
         self.inputs = inputs
         #: per target: whether its input was computed by the model, not a tensor of the batch
         self.computed: dict[nn.Module, bool] = {}
@@ -484,7 +485,11 @@ class _Pass:
         return out if out.dtype == y.dtype else out.to(y.dtype)
 
     def bn_pre(self, module: MeanOnlyBatchNormBase, args: Any) -> None:
-        if module in self.means:
+        # a shared layer's later calls: in training mode (or without running statistics) its
+        # forward subtracts each call's own batch mean, which the layers after it are then
+        # initialized on; in eval mode the running mean, which is the first call's
+        batch = module.training or not module.track_running_stats
+        if module in self.means and not batch:
             return
         x = args[0]
         module._check(x)
@@ -493,15 +498,17 @@ class _Pass:
                 f"data_init: {self.names.get(module, '<model>')} ({type(module).__name__}) got "
                 f"an empty batch {tuple(x.shape)}; its running mean is the batch mean of its "
                 "input")
-        self.means[module] = _mean(_wide(_units_view(x, 1)), self.group)
+        mean = _mean(_wide(_units_view(x, 1)), self.group)
+        self.means.setdefault(module, mean)
+        self.call_means[module] = mean
 
     def bn_post(self, module: MeanOnlyBatchNormBase, args: Any, out: Any) -> Any:
-        # the batch mean over every rank, as running mean and as what is subtracted (by every
-        # call of a shared layer), so that the layers after it are initialized as one process
-        # on the union of the batches would be
-        mean = self.means[module]
+        # the batch mean over every rank, as running mean (the first call's) and as what is
+        # subtracted, so that the layers after it are initialized as one process on the union
+        # of the batches would be
+        mean = self.call_means[module]
         if module.track_running_stats:
-            module.running_mean.copy_(mean)
+            module.running_mean.copy_(self.means[module])
         x = args[0]
         bias = getattr(module, "bias", None)
         shift = (bias - mean) if bias is not None else -mean
