@@ -33,7 +33,18 @@ def norm(v: Tensor, dim: int | None) -> Tensor:
         # norm_except_dim(v, 2, -1) gives the same value, but its forward-mode rule gives a
         # tangent of another shape, which made torch.func.jvp/hessian raise for dim=None
         return torch.linalg.vector_norm(v)
+    # PyTorch's weight norm computes this norm (outside its fused cases): the same bits
     return torch.norm_except_dim(v, 2, dim)
+
+
+def _graph_norm(v: Tensor, dim: int | None) -> Tensor:
+    """:func:`norm` by ``linalg.vector_norm``, for graphs: norm_except_dim has no vmap rule
+    (a model ensemble under ``torch.func.vmap`` ran a slow per-sample loop) and no legacy ONNX
+    symbolic. It may round differently from :func:`norm`, which eager layers use."""
+    if dim is None:
+        return torch.linalg.vector_norm(v)
+    axes = _axes(v, dim)
+    return torch.linalg.vector_norm(v, dim=axes, keepdim=True) if axes else v.abs()
 
 
 def l1_norm(v: Tensor, dim: int | None) -> Tensor:
@@ -183,8 +194,14 @@ class WeightNorm(Map):
             n = torch.where(torch.isinf(r), n, r)
             return (v.float() * (g.float() / n)).to(v.dtype)  # type: ignore[union-attr]
         dim = -1 if self.dim is None else self.dim
-        if torch.compiler.is_compiling() or torch._C._is_tracing():
-            return torch._weight_norm(v, g, dim)  # type: ignore[arg-type]
+        if (torch.compiler.is_compiling() or torch._C._is_tracing()
+                or torch._C._are_functorch_transforms_active()):
+            # eq. 2 written out: its derivatives of every order are exact. A compiled, traced
+            # or exported graph has no hook, and the fused kernel's double backward holds ||v||
+            # constant (torch.compile of jacrev(jacrev(f)) and a traced HVP were wrong);
+            # Inductor decomposes the kernel into this formula anyway
+            n = _graph_norm(v, self.dim)
+            return v * (g.reshape(n.shape) / n)  # type: ignore[union-attr]
         if formula_only(g, v) or v.is_complex():  # the fused kernel has no complex version
             n = norm(v, self.dim)
             return v * (g.reshape(n.shape) / n)  # type: ignore[union-attr]

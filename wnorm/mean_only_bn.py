@@ -227,6 +227,14 @@ class MeanOnlyBatchNormBase(nn.Module):
                             if self.running_mean is not None else self.bias)
         if self.training or not self.track_running_stats:
             dims = [0] + list(range(2, x.dim()))
+            if torch.compiler.is_exporting():
+                # torch.export traces a Function's forward, not its backward (the layers before
+                # this one got wrong gradients, or none): the mean keeps its graph, and
+                # autograd's derivative of x - mean + b is the exact one
+                mean = _wide_mean(x, dims)
+                if self.training and self.track_running_stats:
+                    self._track(mean.detach())
+                return _shifted(x, self.bias - mean)
             # no graph (_SubtractMean's backward accounts for the mean), but not detached:
             # forward-mode AD (torch.func.jvp) needs the mean's tangent
             if torch.is_grad_enabled():
