@@ -181,6 +181,22 @@ def test_a_write_through_data_after_backward_and_before_the_step_lands(write, co
                                rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("read_again_inside", [False, True])
+def test_a_weight_read_and_written_under_inference_mode(read_again_inside):
+    # an inference tensor has no version counter: reading layer.weight there raised
+    # "Inference tensors do not track version counter", naming no layer
+    torch.manual_seed(0)
+    m = wnorm.weight_norm(nn.Linear(4, 3))
+    w0 = m.weight.detach().clone()
+    with torch.inference_mode():
+        m.weight.mul_(2)
+        if read_again_inside:
+            torch.testing.assert_close(m.weight, 2 * w0)
+    torch.testing.assert_close(m.weight, 2 * w0)
+    m(torch.randn(2, 4)).sum().backward()  # trains as before
+    assert m.weight_v.grad is not None and m.weight_g.grad is not None
+
+
 def test_writes_into_a_standardized_weight_are_refused_naming_the_layer():
     m = wnorm.weight_standardization(nn.Linear(6, 4))
     nn.init.constant_(m.weight, 1.0)

@@ -180,6 +180,12 @@ def _alike(a: Tensor, b: Tensor) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
 
 
+def _version_of(w: Tensor) -> int:
+    """``w``'s version, or -1 for a weight read under ``torch.inference_mode``, which has no
+    version counter: a write into it (only possible in that mode) is then told by the copy."""
+    return -1 if w.is_inference() else w._version
+
+
 def _flush(module: nn.Module, slot: Slot) -> None:
     """A row counts as written when it differs from the copy taken as the weight was handed
     out; other rows keep g and v as they are now (edited through .data or stepped since).
@@ -190,7 +196,7 @@ def _flush(module: nn.Module, slot: Slot) -> None:
         return
     m, (g, v) = slot.map, pair(module, slot)
     held, snap = held.detach(), key[5]
-    bumped, swapped = held._version != key[4], not _alike(held, snap)
+    bumped, swapped = _version_of(held) != key[4], not _alike(held, snap)
     if not (bumped or swapped) and not _alike(v, snap):
         return  # g and v were replaced by tensors of another shape, dtype or device
     asked = held.device.type in _COMPARE_ON
@@ -390,7 +396,7 @@ def _property(pname: str) -> property:
             return w
         w = slot.map.weight(g, v)
         if not (_is_compiling() or _is_tracing()) and _DEPTH.n == 0:
-            slot.held, slot.held_key = w, _key(g, v) + (w._version, w.detach().clone())
+            slot.held, slot.held_key = w, _key(g, v) + (_version_of(w), w.detach().clone())
             _HELD.setdefault(id(v), []).append((weakref.ref(self, _forgetter(id(v))), pname))
         return w
 
