@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import wnorm
@@ -1262,3 +1263,24 @@ def test_a_model_on_the_meta_device_is_refused_naming_a_parameter():
         if isinstance(m, nn.Linear):
             m.reset_parameters()
     assert [r.status for r in wnorm.data_init(net, torch.randn(16, 4))] == ["initialized"] * 2
+
+
+class ReadsItsChildsWeight(nn.Module):
+    """Hands its projection's weight to a function itself, as WavLM's attention does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj, self.head = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.linear(x, self.proj.weight, self.proj.bias))
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_a_layer_whose_weight_its_parent_reads_is_skipped_saying_so(train):
+    # it was said to be unreached, with advice to use eval mode, which reached it no better
+    model = wnorm.apply(ReadsItsChildsWeight()).train(train)
+    with pytest.warns(UserWarning, match=r"proj \(its weight is read by the model outside the "
+                                         r"layer's own forward"):
+        report = wnorm.data_init(model, torch.randn(32, 4))
+    assert [r.name for r in report.initialized] == ["head"]

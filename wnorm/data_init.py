@@ -812,10 +812,19 @@ def data_init(
             if model.training else ""))
         raised = ("its forward raised an error that the model caught, every time it was "
                   "called: left as it is")
+        # a weight read while its layer's forward never ran: the parent hands it to a function
+        # itself (WavLM's attention passes q_proj.weight to F.multi_head_attention_forward),
+        # in any mode; a read outside a layer's forward is held (flushed before the pass)
+        elsewhere = ("its weight is read by the model outside the layer's own forward (e.g. "
+                     "passed to F.multi_head_attention_forward by its parent), so it has no "
+                     "output of its own to standardize: left as it is")
         for t in targets:
             if t.module not in p.done:
+                read = any(s.held is not None for m in t.gains
+                           for s in _reparam.slots_of(m).values())
                 skipped.append(LayerInit(t.name, type(t.module).__name__, "skipped",
-                                         raised if t.module in p.entered else unreached))
+                                         raised if t.module in p.entered else
+                                         elsewhere if read else unreached))
         report.extend(skipped)
         if report.skipped:
             warnings.warn("data_init: layers not initialized: "
