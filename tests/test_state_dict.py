@@ -1127,3 +1127,15 @@ def test_pytorchs_loader_refuses_a_plain_zero_row_and_other_maps_naming_the_laye
                                            r"wnorm.centered_weight_norm weight cannot be loaded"):
         centered.load_state_dict({"weight": torch.randn(4, 3), "bias": torch.zeros(4)},
                                  strict=False)
+
+
+@pytest.mark.parametrize("method", [wnorm.centered_weight_norm, wnorm.forced_weight_norm])
+def test_a_plain_checkpoint_into_another_maps_layer_says_why_it_cannot_load(method) -> None:
+    # it read only "expected the model's keys (in any weight-norm layout)", which every
+    # layout of the file seemed to contradict
+    model = nn.Sequential(method(nn.Linear(3, 4)))
+    sd = nn.Sequential(nn.Linear(3, 4)).state_dict()
+    name = method.__name__
+    with pytest.raises(WnormError, match=rf"the model's '0.weight' is a wnorm.{name} weight, "
+                                         r"which cannot be loaded from '0.weight'"):
+        load_state_dict(model, sd)

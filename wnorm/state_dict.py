@@ -23,7 +23,7 @@ from . import _layouts as lay
 from . import _reparam
 from ._pytorch_wn import find
 from .errors import WnormError, expect_module, refuse_sharded
-from .maps import OTHER_MAP, kind_mismatch
+from .maps import METHODS, OTHER_MAP, kind_mismatch
 
 __all__ = ["load_state_dict", "convert_state_dict"]
 
@@ -398,6 +398,27 @@ def _owner(model: nn.Module, key: str, method: str) -> str:
     return where + (": " + "; ".join(why) if why else "")
 
 
+def _other_maps(model: nn.Module, bad: _Incompatible) -> list[str]:
+    """Why a weight of a map other than weight norm's (centered, ...) is missing while the
+    state dict holds it in another layout: its (g, v) come only from its own method's."""
+    missing, unexpected = set(bad.missing_keys), set(bad.unexpected_keys)
+    out = []
+    for mname, module in model.named_modules():
+        prefix = mname + "." if mname else ""
+        for pname, spec in _reparam.slots_of(module).items():
+            if spec.kind == "wn" or prefix + spec.vname not in missing:
+                continue
+            held = [k for k in (prefix + pname, f"{prefix}parametrizations.{pname}.original1")
+                    if k in unexpected]
+            if held:
+                out.append(f"(the model's '{prefix}{pname}' is a wnorm."
+                           f"{METHODS.get(spec.kind, spec.kind)} weight, which cannot be loaded "
+                           f"from '{held[0]}': its (g, v) come only from a checkpoint of the "
+                           "same method; load that one into a model built with "
+                           "wnorm.weight_norm or without weight norm)")
+    return out
+
+
 def _load_checked(model: nn.Module, values: dict[str, Any]) -> tuple[list[str], bool]:
     """Load ``values`` with the model's own ``load_state_dict``; return the keys it did not
     take as given (read back bitwise, and by torch's own report) and whether one of them is a
@@ -472,6 +493,7 @@ def load_state_dict(
         problems.append(f"unexpected keys {bad.unexpected_keys}")
     if bad.halves:
         problems.append(f"half of a weight-norm pair: {'; '.join(bad.halves)}")
+    problems += _other_maps(inner, bad)
     if unreachable:
         owners = sorted({_owner(inner, k, "_save_to_state_dict") for k in unreachable} - {""})
         problems.append(f"parameters/buffers {unreachable} that the model's own state_dict "
