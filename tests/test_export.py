@@ -148,3 +148,14 @@ def test_wnorm_model_in_eval_jit_trace_without_folding() -> None:
     model, x = trained("convnet")
     traced = torch.jit.trace(model, (x,))
     torch.testing.assert_close(reference(traced, x), reference(model, x), rtol=1e-5, atol=1e-6)
+
+
+def test_jit_trace_of_mean_only_batch_norm_gives_no_tracer_warning() -> None:
+    # its shape checks read traced sizes: four TracerWarnings per trace, where nn.BatchNorm
+    # gives none
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), wnorm.MeanOnlyBatchNorm2d(4)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", torch.jit.TracerWarning)
+        traced = torch.jit.trace(model, (torch.randn(2, 3, 8, 8),))
+    x = torch.randn(5, 3, 8, 8)
+    torch.testing.assert_close(traced(x), model(x))

@@ -35,6 +35,20 @@ def _wide_mean(x: Tensor, dims: list[int]) -> Tensor:
     return x.mean(dim=dims, dtype=torch.float32) if x.dtype in _LOW else x.mean(dim=dims)
 
 
+def _shape(x: Tensor) -> tuple[int, ...]:
+    """``x``'s shape as Python ints, also under ``torch.jit.trace``, whose traced sizes made
+    every check here a TracerWarning (nn.BatchNorm's own checks give none): a trace is of
+    one input's shape anyway."""
+    state = torch._C._get_tracing_state()
+    if state is None:
+        return tuple(x.shape)
+    torch._C._set_tracing_state(None)
+    try:
+        return tuple(x.shape)
+    finally:
+        torch._C._set_tracing_state(state)
+
+
 def _shifted(x: Tensor, shift: Tensor) -> Tensor:
     """``x + shift`` per channel, in x's dtype. For half-precision x the sum is taken in float32
     and rounded once per element: rounding the shift itself first would bias every element of
@@ -178,12 +192,13 @@ class MeanOnlyBatchNormBase(nn.Module):
             self.num_batches_tracked.zero_()
 
     def _check(self, x: Tensor) -> None:
-        if x.dim() not in self._ndims:
+        shape = _shape(x)
+        if len(shape) not in self._ndims:
             raise WnormError(
                 f"{type(self).__name__}: expected a {' or '.join(f'{d}D' for d in self._ndims)} "
                 f"input (N, C, ...); got shape {tuple(x.shape)}"
             )
-        if x.shape[1] != self.num_features:
+        if shape[1] != self.num_features:
             raise WnormError(
                 f"{type(self).__name__}: expected {self.num_features} channels in dim 1; "
                 f"got shape {tuple(x.shape)}"
@@ -215,7 +230,7 @@ class MeanOnlyBatchNormBase(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         self._check(x)
         self._record_length(x)
-        if x.numel() == 0:
+        if 0 in _shape(x):
             # an empty batch (a detection head with no region) has no mean: an empty output,
             # as nn.BatchNorm gives, and the running mean left as it is, not made NaN; the batch
             # is counted, as nn.BatchNorm counts it (a checkpoint's num_batches_tracked agrees),
