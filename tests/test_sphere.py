@@ -393,3 +393,16 @@ def test_a_map_that_is_not_scale_invariant_is_refused():
     with pytest.raises(WnormError, match=r"Raw\(dim=0\), whose weight changes when slices of "
                                          r"'weight_v' are rescaled"):
         project_(lin, "unit")
+
+
+def test_weight_standardization_with_a_larger_eps_is_refused():
+    # (v - mean)/sqrt(var + eps) is not scale invariant: eps=1e-5 moved a conv's weight by 3%
+    # (outputs by up to 6) when project_ rescaled v, which "leaves its weight as it is"
+    conv = wnorm.weight_standardization(nn.Conv2d(16, 4, 3), eps=1e-5)
+    with pytest.raises(WnormError, match=r"WeightStandardization\(dim=0, eps=1e-05\), whose "
+                                         r"weight changes when slices of 'weight_v' are rescaled"):
+        project_(conv, "unit")
+    small = wnorm.weight_standardization(nn.Conv2d(16, 4, 3))  # the default eps, 1e-10
+    before = small.weight.detach().clone()
+    project_(small, "unit")
+    torch.testing.assert_close(small.weight, before, rtol=1e-5, atol=1e-6)
