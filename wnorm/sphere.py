@@ -347,7 +347,9 @@ def project_after_step(
     one projection per optimizer. The weights are projected once now, so the constraint holds
     from the first step, then by a step post-hook (``Optimizer.register_step_post_hook``) after
     each step, with no host sync. A step skipped by ``torch.amp.GradScaler`` (inf gradients)
-    does not call ``step()`` and changes nothing.
+    does not call ``step()`` and changes nothing; with a fused optimizer (``fused=True``) the
+    scaler calls ``step()``, which skips on the device, and the projection then runs on rows
+    already on their sphere (moving them by a rounding, ~1e-7).
 
     Modes: ``"unit"`` (nGPT, SimbaV2), ``"sqrt_fan_in"`` (EDM2), ``"initial"`` (NaP: each slice
     at its norm now), a number. Forced weight normalization is this projection plus its map:
