@@ -449,3 +449,16 @@ def test_a_dropped_model_whose_weight_was_read_leaves_no_entry_behind():
         del m
     gc.collect()
     assert len(_reparam._HELD) == before
+
+
+def test_a_layer_built_under_inference_mode_reads_and_folds():
+    # its g and v are inference tensors: reading layer.weight raised "Inference tensors do
+    # not track version counter", where a plain or PyTorch-normalized layer reads fine
+    with torch.inference_mode():
+        m = wnorm.weight_norm(nn.Linear(3, 4))
+        x = torch.randn(2, 3)
+        w = m.weight
+        torch.testing.assert_close(m(x), x @ w.t() + m.bias)
+        assert len(m.state_dict()) == 3
+        folded = wnorm.fold(m)
+        torch.testing.assert_close(folded.weight, w)

@@ -109,15 +109,23 @@ def _any_except(t: Tensor, dim: int | None) -> Tensor:
     return t.any(dim=axes, keepdim=True) if axes else t
 
 
+def _version_of(t: Tensor) -> int:
+    """``t``'s version, or -1 for an inference tensor (a weight read, or a layer built, under
+    ``torch.inference_mode``), which has no version counter: a write into a held weight is
+    then told by the copy taken at the read; a write into g or v built there, inside a
+    :func:`wnorm.cached` block, is not seen, as one through ``.data`` is not."""
+    return -1 if t.is_inference() else t._version
+
+
 def _key(g: Tensor | None, v: Tensor) -> tuple[Any, ...]:
-    return (g, v, None if g is None else g._version, v._version)
+    return (g, v, None if g is None else _version_of(g), _version_of(v))
 
 
 def _same(key: tuple[Any, ...], g: Tensor | None, v: Tensor) -> bool:
     """Whether ``key`` was taken from these very g and v, at their current versions (tensors
     compared by identity: ``==`` on a tensor compares its values)."""
     return (bool(key) and key[0] is g and key[1] is v
-            and key[2] == (None if g is None else g._version) and key[3] == v._version)
+            and key[2] == (None if g is None else _version_of(g)) and key[3] == _version_of(v))
 
 
 def pair(module: nn.Module, slot: Slot) -> tuple[Tensor | None, Tensor]:
@@ -178,12 +186,6 @@ _COMPARE_ON = ("cpu",)
 
 def _alike(a: Tensor, b: Tensor) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
-
-
-def _version_of(w: Tensor) -> int:
-    """``w``'s version, or -1 for a weight read under ``torch.inference_mode``, which has no
-    version counter: a write into it (only possible in that mode) is then told by the copy."""
-    return -1 if w.is_inference() else w._version
 
 
 def _flush(module: nn.Module, slot: Slot) -> None:
