@@ -1139,3 +1139,24 @@ def test_a_plain_checkpoint_into_another_maps_layer_says_why_it_cannot_load(meth
     with pytest.raises(WnormError, match=rf"the model's '0.weight' is a wnorm.{name} weight, "
                                          r"which cannot be loaded from '0.weight'"):
         load_state_dict(model, sd)
+
+
+@pytest.mark.parametrize("layout", ["plain", "torch-new"])
+def test_pytorchs_loader_with_assign_keeps_the_checkpoints_dtype_and_device(layout) -> None:
+    # (g, v) were cast to the model's float32 while the bias took the checkpoint's bfloat16:
+    # the forward then failed on mixed dtypes; a meta checkpoint raised from .item()
+    torch.manual_seed(0)
+    src = nn.Linear(3, 4)
+    if layout == "torch-new":
+        src = parametrizations.weight_norm(src)
+    src = src.to(torch.bfloat16)
+    with torch.device("meta"):
+        layer = wnorm.weight_norm(nn.Linear(3, 4))
+    layer.load_state_dict(src.state_dict(), assign=True)
+    assert {p.dtype for p in layer.parameters()} == {torch.bfloat16}
+    x = torch.randn(2, 3, dtype=torch.bfloat16)
+    torch.testing.assert_close(layer(x), src(x))
+    with torch.device("meta"):
+        meta_src, meta_layer = nn.Linear(3, 4), wnorm.weight_norm(nn.Linear(3, 4))
+    meta_layer.load_state_dict(meta_src.state_dict(), assign=True)
+    assert meta_layer.weight_v.is_meta and meta_layer.weight_g.shape == (4, 1)

@@ -541,7 +541,8 @@ def _load_from_state_dict(self: nn.Module, state_dict: Mapping[str, Any], prefix
                           "of this layer was loaded)")
         return
     for pname, s in specs.items():
-        why = _read_other_layout(self, s, pname, state_dict, prefix)
+        why = _read_other_layout(self, s, pname, state_dict, prefix,
+                                 bool(local_metadata.get("assign_to_params_buffers", False)))
         if why:
             error_msgs.append(f"{s.where}: {why} (nothing of this layer was loaded)")
             return
@@ -559,14 +560,16 @@ def _load_from_state_dict(self: nn.Module, state_dict: Mapping[str, Any], prefix
 
 
 def _read_other_layout(module: nn.Module, s: Slot, pname: str, state_dict: Any,
-                       prefix: str) -> str:
+                       prefix: str, assign: bool = False) -> str:
     """Put this weight's (g, v) into ``state_dict`` under wnorm's keys where it holds them in
     another layout only: PyTorch's parametrization (``parametrizations.<name>.original0/1``,
     the keys of a model's own checkpoints before wnorm.apply adopted its layers, which
     PyTorch's hook renamed on load) or a plain weight. Without this a ``strict=False`` load
     (transformers' Trainer, a backbone under a new head) left the layer as it was, silently.
     ``state_dict`` is ``nn.Module.load_state_dict``'s own copy, which PyTorch's hooks rewrite
-    too. Returns why it cannot ("" when done or nothing to do)."""
+    too. With ``assign=True`` (g, v) keep the checkpoint's dtype, as the layer's other
+    tensors do; a meta checkpoint gives meta (g, v), unchecked. Returns why it cannot ("" when
+    done or nothing to do)."""
     gk, vk = prefix + s.gname, prefix + s.vname
     if gk in state_dict or vk in state_dict or not isinstance(state_dict, dict):
         return ""
@@ -581,23 +584,32 @@ def _read_other_layout(module: nn.Module, s: Slot, pname: str, state_dict: Any,
                 "come only from a checkpoint of the same method); load it into a model built "
                 "with wnorm.weight_norm or without weight norm")
     g, v = module._parameters.get(s.gname), module._parameters[s.vname]
+    got = state_dict[key]
+    if not isinstance(got, Tensor) or (pair and not isinstance(state_dict[o0], Tensor)):
+        return ""  # PyTorch's loader says what is wrong
+    dtype = got.dtype if assign else v.dtype
+    g_dtype = dtype if assign or g is None else g.dtype
     try:
         if pair:
-            src = _layouts.Src((o0, o1), g=state_dict[o0], v=state_dict[o1])
+            src = _layouts.Src((o0, o1), g=state_dict[o0], v=got)
             if g is not None and tuple(src.g.shape) == tuple(g.shape):
                 new_g, new_v = src.g, src.v  # the same axis: the pair as it is
+            elif got.is_meta:  # no values to check: the same weight's pair, on meta
+                n = norm(got, _layouts.source_dim(o0, src.g, got))
+                new_v = got * (src.g.reshape(n.shape) / n)
+                new_g = norm(new_v, s.map.dim)
             else:
-                new_v = _layouts.weight(src, v.dtype, f" for '{vk}'")
-                new_g = _layouts._normalized_g(o1, new_v, s.map.dim, g.dtype if g is not None
-                                               else v.dtype)
+                new_v = _layouts.weight(src, dtype, f" for '{vk}'")
+                new_g = _layouts._normalized_g(o1, new_v, s.map.dim, g_dtype)
         else:
-            w = state_dict[key]
-            if not isinstance(w, Tensor) or tuple(w.shape) != tuple(v.shape):
-                return ""  # PyTorch's loader names the key as unexpected
-            _layouts.check_finite(key, w)
-            new_v = _layouts.cast(key, w, v.dtype, f" for '{vk}'")
-            new_g = _layouts._normalized_g(key, new_v, s.map.dim, g.dtype if g is not None
-                                           else v.dtype)
+            if tuple(got.shape) != tuple(v.shape):
+                return ""  # PyTorch's loader names the size mismatch
+            if got.is_meta:
+                new_v, new_g = got, norm(got, s.map.dim)
+            else:
+                _layouts.check_finite(key, got)
+                new_v = _layouts.cast(key, got, dtype, f" for '{vk}'")
+                new_g = _layouts._normalized_g(key, new_v, s.map.dim, g_dtype)
     except WnormError as e:
         return str(e)
     for k in ((o0, o1) if pair else (key,)):
