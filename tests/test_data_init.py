@@ -1284,3 +1284,25 @@ def test_a_layer_whose_weight_its_parent_reads_is_skipped_saying_so(train):
                                          r"layer's own forward"):
         report = wnorm.data_init(model, torch.randn(32, 4))
     assert [r.name for r in report.initialized] == ["head"]
+
+
+class SharedBNLaterCallEmpty(nn.Module):
+    """A head run on several selections, a later one empty (a level with no proposals)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.bn, self.head = nn.Linear(4, 4), MeanOnlyBatchNorm1d(4), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.head(self.bn(self.lin(x))), self.head(self.bn(self.lin(x[:0])))])
+
+
+def test_a_shared_mean_only_bn_whose_later_call_is_empty_is_initialized():
+    # the later call's own (empty) batch mean was asked for, and refused as an empty batch
+    torch.manual_seed(0)
+    model = wnorm.apply(SharedBNLaterCallEmpty()).train()
+    x = torch.randn(16, 4)
+    report = wnorm.data_init(model, x)
+    assert [r.status for r in report] == ["initialized", "initialized"]
+    torch.testing.assert_close(model.bn.running_mean, model.lin(x).mean(0).detach(),
+                               rtol=1e-5, atol=1e-6)

@@ -502,7 +502,14 @@ class _Pass:
             return
         x = args[0]
         module._check(x)
-        if x.numel() == 0:
+        if x.numel() == 0 and module in self.means:
+            # a later call on nothing (its forward gives an empty output): the first call's
+            # mean is subtracted from no value; across ranks this one still takes part in the
+            # all-reduce of the others' means (it sends a count of 0)
+            if self.group is _LOCAL:
+                self.call_means[module] = self.means[module]
+                return
+        elif x.numel() == 0:
             raise WnormError(
                 f"data_init: {self.names.get(module, '<model>')} ({type(module).__name__}) got "
                 f"an empty batch {tuple(x.shape)}; its running mean is the batch mean of its "
