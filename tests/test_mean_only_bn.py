@@ -185,6 +185,10 @@ def test_an_empty_batch_gives_an_empty_output_as_batch_norm_does(shape, track):
     assert bn.eval()(torch.randn(shape)).shape == x.shape
 
 
+def test_a_0_dim_tensor_momentum_is_taken_as_nn_batchnorm_takes_it():
+    assert MeanOnlyBatchNorm1d(3, momentum=torch.tensor(0.25)).momentum == 0.25
+
+
 @pytest.mark.parametrize("kwargs, msg", [({"num_features": 0}, "num_features must be a positive"),
                                          ({"num_features": True}, "num_features must be a positive"),
                                          ({"num_features": 3, "momentum": 1.5},

@@ -156,6 +156,8 @@ class MeanOnlyBatchNormBase(nn.Module):
             raise WnormError(
                 f"{type(self).__name__}: num_features must be a positive int; got {num_features!r}"
             )
+        if isinstance(momentum, Tensor) and momentum.dim() == 0 and momentum.is_floating_point():
+            momentum = float(momentum)  # as nn.BatchNorm takes it
         if momentum is not None and (isinstance(momentum, bool) or not isinstance(
                 momentum, numbers.Real) or not 0.0 <= momentum <= 1.0):
             raise WnormError(
