@@ -175,10 +175,11 @@ class WeightNorm(Map):
 
     Computed by ``torch._weight_norm``, as PyTorch's own weight norm is: one fused kernel
     forward and one backward for ``dim`` 0 or the last axis, on CPU and CUDA, and the same bits
-    as PyTorch for the same g and v (float32 and float64 parameters). Derivatives of every
-    order are eq. 2's: a backward that records a graph, forward-mode AD and ``torch.func``
-    transforms differentiate the formula written out (the kernel's own double backward holds
-    :math:`\lVert v\rVert` constant, and it has no forward-mode rule).
+    as PyTorch for the same g and v (float32 and float64 parameters, eager mode). Derivatives
+    of every order are eq. 2's: a backward that records a graph, forward-mode AD, ``torch.func``
+    transforms and compiled, traced or exported graphs differentiate the formula written out
+    (the kernel's own double backward holds :math:`\lVert v\rVert` constant, and it has no
+    forward-mode rule); in a graph the values differ from eager ones by a few ulps.
     """
 
     kind = "wn"
