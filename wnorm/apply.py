@@ -120,8 +120,8 @@ def _paths(model: nn.Module, fn: str, budget: int = 100_000) -> list[tuple[str, 
     except _TooMany:
         _reparam._warn_at_user(
             f"{fn}: {type(model).__name__} reaches its modules by more than {budget:,} paths "
-            "(modules reached on several paths are walked on each); exclude patterns are "
-            "matched against each module's first name only")
+            "(modules reached on several paths are walked on each); include and exclude "
+            "patterns are matched against each module's first name only")
         return list(model.named_modules())
     return out
 
