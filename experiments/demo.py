@@ -10,7 +10,8 @@ Command (from the repository root; the committed output is results/demo)::
 It is :mod:`experiments.classify_gpu`'s harness with the defaults below (on the CPU, one run
 per process per core, no compilation), so its run folders are the same as every other
 classification run's and ``python -m experiments.report`` reads them. It replaces the run
-folders of an earlier demo under ``--out`` (``--no-overwrite`` refuses instead). Any option of
+folders of an earlier demo under ``--out`` (``--no-overwrite`` refuses instead); a folder
+holding run folders that no demo wrote (no ``demo.json``) is refused. Any option of
 ``classify_gpu`` can be given (``--seeds 0,1,2,3,4``, ``--epochs 10``, ``--device cuda`` ...).
 """
 
@@ -27,7 +28,7 @@ from pathlib import Path
 from wnorm import WnormError
 
 from .classify_gpu import GPUConfig, run_all
-from .common import add_options, config_from_args, run_folders, split_list
+from .common import add_options, check_out, config_from_args, run_folders, split_list
 from .report import report
 from .stack_trainer import check_gpu
 
@@ -87,12 +88,25 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     t0 = time.perf_counter()
     load_before = os.getloadavg()
+    marker = out / "demo.json"
     try:
-        again = [c for c in configs if (out / f"{c.dataset}-{c.variant}-s{c.seed}" /
-                                        "metrics.jsonl").is_file()]
+        again = [c for c in configs if (out / f"{c.dataset}-{c.variant}-s{c.seed}").exists()]
+        if again and args.overwrite and not marker.is_file():
+            # replace only what a demo wrote: another experiment's runs (classify's 15-epoch
+            # comparison) would be lost to a 1-minute demo under the same folder names
+            raise WnormError(
+                f"demo: {out} holds run folders that no demo wrote (no {marker.name} there): "
+                f"{', '.join(f'{c.dataset}-{c.variant}-s{c.seed}' for c in again[:5])}"
+                f"{'...' if len(again) > 5 else ''}; give the demo another --out")
         if again and args.overwrite:
             print(f"demo: replacing the previous demo runs in {out} ({len(again)} run folders; "
                   "--no-overwrite refuses instead)")
+        check_out(out, "the demo's run folders")
+        out.mkdir(parents=True, exist_ok=True)
+        if not marker.is_file():  # this folder is a demo's from now on, even if cut short
+            marker.write_text(json.dumps({"command": "python -m experiments.demo "
+                                          + " ".join(sys.argv[1:] if argv is None else argv),
+                                          "finished": False}, indent=2) + "\n")
         run_all(configs, overwrite=args.overwrite)
         train_s = time.perf_counter() - t0
         # this demo's runs only: run folders of an earlier demo with other seeds or variants

@@ -139,6 +139,23 @@ def test_demo_runs_twice_in_a_row(tmp_path: Path, capsys) -> None:
     assert "| normal |" in md and "| 1 |" in md.split("| normal |")[1].split("\n")[0]
 
 
+def test_demo_refuses_a_folder_of_runs_no_demo_wrote(tmp_path: Path, capsys) -> None:
+    # the demo's default --overwrite replaced a 15-epoch classify run of the same name with a
+    # 1-epoch one, and the report beside it, calling them an earlier demo's
+    data, out = tmp_path / "fashion", tmp_path / "runs"
+    write_fashion(data, n_train=20, n_test=10)
+    common = ["--data-dir", str(data), "--variants", "normal", "--seeds", "0", "--procs", "1",
+              "--eval-batch-size", "10", "--device", "cpu", "--out", str(out)]
+    assert main(["classify_gpu", *common, "--width", "0.04", "--batch-size", "10",
+                 "--init-examples", "10", "--epochs", "1"]) == 0
+    before = _snapshot(out / "fashion-mnist-normal-s0")
+    capsys.readouterr()
+    assert main(["demo", *common, "--train-subset", "20", "--test-subset", "10", *_TINY]) == 2
+    assert "holds run folders that no demo wrote" in capsys.readouterr().err
+    assert _snapshot(out / "fashion-mnist-normal-s0") == before
+    assert not (out / "demo.json").exists()
+
+
 def test_a_copy_without_git_names_its_commit_from_the_environment(monkeypatch) -> None:
     """On a machine that gets the checkout without .git, the command line passes the commit."""
     from experiments import common

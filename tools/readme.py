@@ -24,7 +24,8 @@ PAGES = ("README.md", "docs/experiments.md")
 SECTIONS: dict[str, tuple[str, str, int]] = {
     "demo": (
         "results/demo/report/report.md",
-        "`make demo` (`python -m experiments.demo --out results/demo`): the paper's five "
+        "`make demo` (`python -m experiments.demo`, writing `runs/demo`; this committed run: "
+        "`python -m experiments.demo --out results/demo`): the paper's five "
         "variants x 3 seeds, its network at 1/8 width, 2,000 Fashion-MNIST images, 6 epochs, "
         "on the CPU; its wall and CPU time and the machine's load are in "
         "`results/demo/demo.json`.",
