@@ -132,6 +132,23 @@ def _environment(data: dict[str, Any]) -> list[str]:
     ]
 
 
+class BadBench(Exception):
+    """A bench.json that cannot be read: truncated, empty, or not the bench's."""
+
+
+def load(path: Path) -> dict[str, Any]:
+    """A bench.json, rendered once to check it holds what :func:`render` reads."""
+    try:
+        data = json.loads(path.read_text())
+        render(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadBench(f"{path}: not a bench.json (truncated or corrupt: {e})") from None
+    except (KeyError, TypeError, AttributeError, IndexError) as e:
+        raise BadBench(f"{path}: not a bench.json written by python -m bench.run "
+                       f"(missing or wrong {e!s}); rerun the bench") from None
+    return data
+
+
 def render(data: dict[str, Any]) -> str:
     """bench.md of one run: where and how it ran, the table, the method."""
     rows = data["config"]["rows"]
@@ -146,7 +163,7 @@ def summary(folder: Path) -> str:
         raise SystemExit(f"{folder}: no */bench.json (run python -m bench.run first)")
     out = ["# wnorm benchmark", ""]
     for path in runs:
-        data = json.loads(path.read_text())
+        data = load(path)
         # a folder holding only the torch.compile rows says so in its heading
         what = ", torch.compile rows" if data["config"].get("cases") == "*.compile" else ""
         out += [f"## {data['config']['rows'].upper()}{what}"
@@ -174,20 +191,24 @@ def line(c: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.splitlines()[0])
     p.add_argument("path", type=Path, help="a bench.json, or with --summary a results folder")
     p.add_argument("--summary", action="store_true",
                    help="write PATH/bench.md from every PATH/*/bench.json")
     p.add_argument("--out", type=Path, default=None, help="default: bench.md beside the json")
     a = p.parse_args(argv)
-    if a.summary:
-        out = a.out or a.path / "bench.md"
-        out.write_text(summary(a.path))
-    else:
-        if not a.path.is_file():
-            p.error(f"{a.path}: no such bench.json")
-        out = a.out or a.path.with_name("bench.md")
-        out.write_text(render(json.loads(a.path.read_text())))
+    try:
+        if a.summary:
+            out = a.out or a.path / "bench.md"
+            text = summary(a.path)
+        else:
+            if not a.path.is_file():
+                p.error(f"{a.path}: no such bench.json")
+            out = a.out or a.path.with_name("bench.md")
+            text = render(load(a.path))
+    except BadBench as e:
+        p.error(str(e))
+    out.write_text(text)
     print(out)
 
 

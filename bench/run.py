@@ -4,6 +4,7 @@
     python -m bench.run --device cuda --out results/bench/cuda # GPU rows (bench/gpu.sh)
     python -m bench.run --quick --out /tmp/b                   # tiny sizes: checks that all runs
     python -m bench.run --device cpu --rows cuda --quick       # the GPU rows' logic, on the CPU
+                                                               # (into runs/bench/cuda)
     python -m bench.run --profile mlp4x256.train.sgd.b1        # torch.profiler, plain vs wnorm
     python -m bench.report --summary results/bench             # results/bench/bench.md
 
@@ -28,6 +29,7 @@ import fnmatch
 import gc
 import json
 import math
+import os
 import shlex
 import sys
 import time
@@ -141,11 +143,13 @@ def profile(name: str, todo: list[Case], *, sizes: Sizes, device: str, variants:
         raise SystemExit(f"--profile: no case named {name!r}; cases: "
                          + ", ".join(c.name for c in todo))
     case = match[0]
+    unknown = [v for v in variants if v not in case.variants]
+    if unknown:  # a typo printed nothing and exited 0
+        raise SystemExit(f"--profile-variants: {case.name} has no variant {unknown[0]!r}; its "
+                         f"variants: {', '.join(case.variants)}")
     cuda = device.startswith("cuda")
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     for v in variants:
-        if v not in case.variants:
-            continue
         s = make_step(case, v, sizes, device)
         with s.context():
             for _ in range(5):
@@ -164,19 +168,25 @@ def profile(name: str, todo: list[Case], *, sizes: Sizes, device: str, variants:
 
 
 def _write(out: Path, data: dict[str, Any]) -> None:
+    """bench.json and bench.md, each written whole or not at all (a temporary file, then
+    renamed): a run killed while writing keeps the rows of the last write."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps(data, indent=1) + "\n")
-    (out / "bench.md").write_text(report.render(data))
+    for name, text in (("bench.json", json.dumps(data, indent=1) + "\n"),
+                       ("bench.md", report.render(data))):
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, out / name)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--rows", choices=("cpu", "cuda"), default=None,
                    help="whose case list and targets (default: the device's)")
     p.add_argument("--quick", action="store_true", help="tiny sizes and repeats: a smoke run")
     p.add_argument("--out", type=Path, default=None,
-                   help="folder for bench.json and bench.md (default results/bench/<rows>)")
+                   help="folder for bench.json and bench.md (default runs/bench/<rows>: the "
+                        "committed results/bench/<rows> is replaced only when named)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: 1 on CPU, torch's default on CUDA)")
     p.add_argument("--conv-width", type=float, default=None,
@@ -200,17 +210,25 @@ def main(argv: list[str] | None = None) -> int:
     if a.repeats is not None and a.repeats < 1:
         p.error(f"--repeats must be at least 1; got {a.repeats}")
     rows = a.rows or ("cuda" if a.device.startswith("cuda") else "cpu")
-    out = a.out or Path("results/bench") / rows
+    # not results/: a smoke run (--quick, --rows cuda on a CPU) written there replaced the
+    # committed table, which the README is generated from
+    out = a.out or Path("runs/bench") / rows
+    if a.conv_width is not None and not a.conv_width > 0:
+        p.error(f"--conv-width must be > 0; got {a.conv_width}")
+    if a.profile_steps < 1:
+        p.error(f"--profile-steps must be at least 1; got {a.profile_steps}")
 
     sizes = SIZES[f"quick-{rows}" if a.quick else rows]
     pats = a.cases.split(",")
     todo = [c for c in cases(rows, sizes, compile=a.compile)
             if any(fnmatch.fnmatchcase(c.name, q) for q in pats)]
+    if not todo:
+        p.error(f"--cases {a.cases!r} matches no case; --list shows them")
     if a.list:
         print("\n".join(c.name for c in todo))
         return 0
-    if not todo:
-        p.error(f"--cases {a.cases!r} matches no case; --list shows them")
+    if a.profile is None and out.exists() and not out.is_dir():  # found after the first case
+        p.error(f"--out {out} is a file; expected a folder for bench.json and bench.md")
 
     if a.threads or not a.device.startswith("cuda"):
         torch.set_num_threads(a.threads or 1)

@@ -262,7 +262,9 @@ def test_bad_options_are_argparse_errors_naming_the_option(capsys):
 
     threads = torch.get_num_threads()
     bad = [(["--cases", "no-such-case*"], "--cases"), (["--threads", "0"], "--threads"),
-           (["--repeats", "0"], "--repeats"), (["--rows", "tpu"], "--rows")]
+           (["--repeats", "0"], "--repeats"), (["--rows", "tpu"], "--rows"),
+           (["--conv-width", "-1"], "--conv-width"), (["--profile-steps", "0"], "--profile-steps"),
+           (["--list", "--cases", "no-such-case*"], "--cases")]
     if not torch.cuda.is_available():
         bad.append((["--device", "cuda"], "--device cuda"))
     for args, word in bad:
@@ -376,3 +378,36 @@ def test_the_forms_passes_compares_compute_wnorms_outputs_gradients_and_composed
     for got, want in zip(passes._composed_backward(dw, v, g, n),
                          torch.ops.aten._weight_norm_interface_backward(dw, v, g, n, 0)):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_the_default_out_and_an_out_that_is_a_file_leave_results_alone(tmp_path, monkeypatch,
+                                                                        capsys):
+    # without --out a smoke run replaced results/bench/<rows>, the committed table the README
+    # is generated from; an --out naming a file failed after the first case had run
+    from bench import run
+
+    monkeypatch.chdir(tmp_path)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    with pytest.raises(SystemExit) as e:
+        run.main(["--quick", "--device", "cpu", "--cases", "mlp4x256.infer.b1", "--out",
+                  str(a_file)])
+    assert e.value.code == 2 and "is a file; expected a folder" in capsys.readouterr().err
+    assert run.main(["--quick", "--device", "cpu", "--cases", "mlp4x256.infer.b1"]) == 0
+    assert (tmp_path / "runs" / "bench" / "cpu" / "bench.json").is_file()
+    assert not (tmp_path / "results").exists()
+    assert not list((tmp_path / "runs" / "bench" / "cpu").glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("text", ["", '{"cases": [', '{"cases": []}'],
+                         ids=["empty", "truncated", "foreign"])
+def test_report_on_a_bench_json_it_cannot_read_is_one_line_naming_the_file(tmp_path, capsys,
+                                                                           text):
+    path = tmp_path / "cpu" / "bench.json"
+    path.parent.mkdir()
+    path.write_text(text)
+    for argv in ([str(path)], ["--summary", str(tmp_path)]):
+        with pytest.raises(SystemExit) as e:
+            report.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"{path}: not a bench.json" in err and "Traceback" not in err
