@@ -170,18 +170,22 @@ def _compare(name: str, normal: list[float], wn: list[float], unit: str, lower_b
 
 
 def run_command(argv: list[str] | None) -> str | None:
-    """The command line that made a run, from ``version.json``'s ``argv`` (``python -m ...``;
-    runs made before the experiments moved out of the package name ``wnorm.repro``)."""
+    """The command line that made a run, from ``version.json``'s ``argv`` (``python -m ...``),
+    as it runs today: runs made before the experiments moved out of the package (as
+    ``wnorm.repro.X``) name ``experiments.X``, which runs that experiment today."""
     if not argv:
         return None
-    head = Path(argv[0])
+    head, rest = Path(argv[0]), list(argv[1:])
     if head.parent.name == "repro" and head.parent.parent.name == "wnorm":
-        head_txt = "python -m wnorm.repro" + ("" if head.stem == "__main__" else f".{head.stem}")
+        # the package has moved: the command that runs the experiment today (its __main__
+        # took the experiment's name first)
+        name = rest.pop(0) if head.stem == "__main__" and rest else head.stem
+        head_txt = f"python -m experiments.{name}"
     elif head.parent.name == "experiments":
         head_txt = f"python -m experiments.{head.stem}"
     else:
         head_txt = head.name
-    return " ".join([head_txt, *argv[1:]])
+    return " ".join([head_txt, *rest])
 
 
 def _setting_lines(runs: list[OtherRun], keys: list[str], command: str) -> list[str]:

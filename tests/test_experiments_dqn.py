@@ -132,11 +132,12 @@ def test_report_refuses_folders_without_these_experiments(tmp_path: Path) -> Non
 
 
 def test_report_names_the_command_that_made_the_runs() -> None:
-    """Runs made before the move name their old module; new ones the script."""
+    """Runs made before the experiments moved out of the package (wnorm.repro, which no
+    longer exists) name the command that runs the same code today; new ones the script."""
     assert run_command(["/x/wnorm/repro/dqn.py", "--seeds", "0"]) == \
-        "python -m wnorm.repro.dqn --seeds 0"
+        "python -m experiments.dqn --seeds 0"
     assert run_command(["/x/wnorm/repro/__main__.py", "vae", "--quick"]) == \
-        "python -m wnorm.repro vae --quick"
+        "python -m experiments.vae --quick"
     assert run_command(["/x/experiments/dqn.py", "--seeds", "0"]) == \
         "python -m experiments.dqn --seeds 0"
     assert run_command([]) is None
