@@ -1,4 +1,4 @@
-r"""Learning-rate robustness (PAPER.md section 2): train ``normal``, ``weightnorm`` and ``forced``
+r"""Learning-rate robustness (Salimans & Kingma 2016, section 2.1): train ``normal``, ``weightnorm`` and ``forced``
 over learning rates spanning orders of magnitude, and record :math:`\lVert v\rVert` as it grows.
 
 The claim. Under plain SGD each weight-norm step is orthogonal to :math:`v`, so

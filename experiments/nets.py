@@ -1,5 +1,5 @@
 r"""The paper's CIFAR-10 network (section 5), in the paper's five normalizer variants and four
-relatives (PAPER.md section 8).
+relatives.
 
 .. code-block:: text
 

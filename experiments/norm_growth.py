@@ -2,7 +2,7 @@ r"""The effective learning rate of weight normalization: :math:`\lVert v\rVert` 
 projected back onto its sphere after every step.
 
 Under plain SGD the gradient of :math:`w = g\,v/\lVert v\rVert` with respect to v is orthogonal
-to v (PAPER.md section 2), so every step grows the norm, :math:`\lVert v'\rVert^2 = \lVert
+to v (Salimans & Kingma 2016, section 2.1), so every step grows the norm, :math:`\lVert v'\rVert^2 = \lVert
 v\rVert^2 + \lVert\Delta v\rVert^2`, and the direction :math:`v/\lVert v\rVert` turns by
 :math:`\Delta v_\perp/\lVert v\rVert`, a step on v scaled by :math:`g/\lVert v\rVert^2`: the
 effective learning rate of the direction, :math:`\eta\,g/\lVert v\rVert^2`, decays as the norm
