@@ -40,7 +40,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -157,6 +157,8 @@ def train_one(cfg: SweepConfig, data: ImageData, echo: bool = True, *,
     _check(cfg)
     if data.x_train.shape[0] == 0:
         raise WnormError(f"{data.name}: the training set is empty")
+    if cfg.batch_size > data.x_train.shape[0]:  # a batch is at most the training set: record
+        cfg = replace(cfg, batch_size=data.x_train.shape[0])  # what runs
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = torch.device(cfg.device)
@@ -268,6 +270,15 @@ def check_all(base: SweepConfig, variants: list[str], lrs: list[float], seeds: l
     configs = _configs(base, variants, lrs, seeds)
     for cfg in configs:
         _check(cfg)
+    # learning rates that print alike (0.01 and 0.0100000001) would share a run folder: one
+    # run would replace the other, or the sweep stop after training the first
+    first: dict[str, float] = {}
+    for c in configs:
+        other = first.setdefault(run_dir_name(c), c.lr)
+        if other != c.lr:
+            raise WnormError(f"lr-sweep: --lrs {other!r} and {c.lr!r} would share the run folder "
+                             f"{run_dir_name(c)}; give learning rates that differ in their "
+                             "first 6 significant digits")
     refuse_existing([Path(c.out) / run_dir_name(c) for c in configs], overwrite)
 
 

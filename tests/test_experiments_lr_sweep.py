@@ -115,6 +115,16 @@ def test_lr_sweep_command_line_end_to_end(tmp_path: Path, capsys) -> None:
     assert "12 = 3 variants x 2 learning rates x 2 seeds" in md
 
 
+def test_learning_rates_that_print_alike_are_refused_before_any_run(tmp_path: Path,
+                                                                    capsys) -> None:
+    # they shared one run folder: one run replaced the other, or the sweep stopped midway
+    argv = ["--data-dir", str(tmp_path / "no-data"), "--variants", "normal", "--lrs",
+            "0.01,0.0100000001", "--seeds", "0", "--no-progress", "--out", str(tmp_path / "r")]
+    assert main(argv) == 2
+    assert "would share the run folder" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
 def test_report_refuses_mixed_kinds(tmp_path: Path) -> None:
     train_one(_cfg(tmp_path / "a", variant="normal", lr=0.1), _data(), echo=False)
     other = tmp_path / "b" / "fashion-mnist-normal-s0"
