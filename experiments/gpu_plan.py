@@ -51,7 +51,7 @@ def plan(cfg: Any, variants: tuple[str, ...], assumptions: dict[str, float], tra
     efficiencies in ``assumptions`` (see ``experiments.classify_gpu.PLAN``)."""
     a = assumptions
     s, b = cfg.stack, cfg.batch_size
-    steps = train // b
+    steps = max(1, train // b)  # a batch larger than the training set runs as one step
     rate = a["bf16_flops_per_s"] * a["conv_efficiency"]
     bw = a["bytes_per_s"] * a["memory_efficiency"]
     rows, gpu_s, conv_s = {}, 0.0, 0.0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -266,7 +267,9 @@ def train_stack(cfgs: list[Any], data: ImageData, *, overwrite: bool = False,
         WnormError: a bad setting, or a run folder already holds a run (before any is
             touched).
     """
-    cfgs = [resolved(c) for c in cfgs]
+    n = data.x_train.shape[0]  # a batch is at most the training set: record what runs
+    cfgs = [resolved(c) if not 0 < n < c.batch_size else
+            replace(resolved(c), batch_size=n) for c in cfgs]
     for c in cfgs:
         check_gpu(c)
     base = cfgs[0]

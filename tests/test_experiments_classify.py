@@ -80,6 +80,24 @@ def test_the_config_records_the_init_batch_that_ran_not_a_larger_request(tmp_pat
     assert "data init on 40 examples" in (folder / "log.txt").read_text()
 
 
+@pytest.mark.parametrize("module", ["classify", "classify_gpu"])
+def test_the_config_records_the_batch_that_ran_not_a_larger_request(tmp_path: Path,
+                                                                     module: str) -> None:
+    # batches of 40 ran while config.json and the report said 100
+    import importlib
+
+    data_dir, out = tmp_path / "fashion", tmp_path / "runs"
+    write_fashion(data_dir, n_train=40, n_test=20)
+    run = importlib.import_module(f"experiments.{module}").main
+    extra = ["--procs", "1", "--eval-batch-size", "20"] if module == "classify_gpu" else []
+    assert run(["--data-dir", str(data_dir), "--variants", "normal", "--seeds", "0",
+                "--epochs", "1", "--width", "0.04", "--batch-size", "100", "--threads", "1",
+                "--init-examples", "20", "--no-progress", "--device", "cpu", "--out", str(out),
+                *extra]) == 0
+    config = json.loads((out / "fashion-mnist-normal-s0" / "config.json").read_text())
+    assert config["batch_size"] == 40
+
+
 def test_report_rejects_empty_folder(tmp_path: Path) -> None:
     from wnorm import WnormError
 
