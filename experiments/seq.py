@@ -34,7 +34,7 @@ import math
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -142,6 +142,8 @@ def train_one(cfg: SeqConfig, data: ImageData, echo: bool = True, *, overwrite: 
     n = x_train.shape[0]
     if n < 2:
         raise WnormError(f"seq: need at least 2 training images; got {n}")
+    if 0 < n < cfg.batch_size:  # a batch is at most the training set: record what runs
+        cfg = replace(cfg, batch_size=n)
     name = run_name(cfg)
     torch.manual_seed(cfg.seed)
     model = build(cfg.variant, cfg.hidden).to(device)

@@ -44,7 +44,7 @@ import math
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -213,6 +213,8 @@ def train_one(cfg: VAEConfig, x_train: Tensor, x_test: Tensor, data_desc: dict[s
     n = x_train.shape[0]
     if n < 2:
         raise WnormError(f"vae: need at least 2 training images; got {n}")
+    if cfg.batch_size > n:  # a batch is at most the training set: record what runs
+        cfg = replace(cfg, batch_size=n)
     torch.manual_seed(cfg.seed)
     model = build(cfg.variant, cfg).to(device)  # before the folder is touched
     with RunFolder(Path(cfg.out) / run_name(cfg), cfg, device, {"data": data_desc},
