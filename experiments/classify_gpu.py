@@ -77,8 +77,8 @@ from typing import Any
 from wnorm import WnormError
 
 from .classify import Config, run_dir_name
-from .common import (add_options, check_out, config_from_args, hardware, read_jsonl,
-                     refuse_existing, split_list)
+from .common import (add_options, check_out, config_from_args, hardware, keep_earlier,
+                     read_jsonl, refuse_existing, split_list)
 from .data import ImageData, load
 from .gpu_plan import plan, plan_text
 from .gpu_timing import time_variants, timing_text
@@ -301,6 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     result |= {"plan": predicted,
                "measured": _measured(configs, predicted, result["processes_at_once"]),
                "command": command, "hardware": hardware(base.device)}
+    aside = keep_earlier(out / "harness.json")  # an earlier invocation's record into --out
+    if aside is not None:
+        print(f"classify_gpu: the earlier {out / 'harness.json'} is kept as {aside}")
     (out / "harness.json").write_text(json.dumps(result, indent=2) + "\n")
     from .report import report
 
@@ -331,6 +334,10 @@ def _timing(cfg: GPUConfig, variants: list[str], args: argparse.Namespace,
     r = resolved(cfg)
     machine = hardware(r.device)
     data = _load(cfg)
+    for name in ("timing.json", "timing.md"):  # an earlier measurement is kept, not replaced
+        aside = keep_earlier(out / name)
+        if aside is not None:
+            print(f"classify_gpu: the earlier {out / name} is kept as {aside}")
 
     def write(t: dict[str, Any]) -> str:
         (out / "timing.json").write_text(json.dumps(t | {"hardware": machine, "command": command},

@@ -41,8 +41,8 @@ from wnorm import WnormError
 
 __all__ = ["RULES", "RunFolder", "RunLog", "RunRecord", "add_options", "check_config",
            "check_device", "check_out", "cli_main", "config_from_args", "entry_point", "cpu_name",
-           "flag", "hardware", "has_metrics", "logged_steps", "no_repeats", "precision_info",
-           "precision_text", "prepare", "progress", "mean_std_range", "read_jsonl",
+           "flag", "hardware", "has_metrics", "keep_earlier", "logged_steps", "no_repeats",
+           "precision_info", "precision_text", "prepare", "progress", "mean_std_range", "read_jsonl",
            "read_run_files", "refuse_duplicates", "refuse_existing", "resolve_device",
            "run_configs", "run_folders", "run_main", "run_parser", "setting_key", "split_list",
            "stop_if_diverged", "train_epoch", "version_info"]
@@ -402,6 +402,19 @@ def check_out(folder: str | Path, what: str) -> Path:
                 raise WnormError(f"{up} is a file; expected a folder for {what} (--out)")
             break
     return folder
+
+
+def keep_earlier(path: Path) -> Path | None:
+    """Move an existing ``path`` aside to ``<stem>-<k><suffix>`` (the first free k) before it
+    is written again: an earlier invocation's record (classify_gpu's harness.json, measured
+    timings) into the same folder is kept, not replaced. Returns where it went."""
+    if not path.exists():
+        return None
+    k = 1
+    while (aside := path.with_name(f"{path.stem}-{k}{path.suffix}")).exists():
+        k += 1
+    path.rename(aside)
+    return aside
 
 
 def refuse_existing(folders: list[Path], overwrite: bool) -> None:

@@ -142,6 +142,11 @@ def test_the_command_writes_run_folders_harness_json_and_the_report(tmp_path: Pa
     md = (out / "report" / "report.md").read_text()
     assert "| normal | " in md and "| wn+meanonly | " in md and "bfloat16 autocast" in md
     assert "normal s0,1 epoch 2/2" in capsys.readouterr().out
+    # a second invocation into the same --out keeps the first one's record
+    first = (out / "harness.json").read_text()
+    assert harness.main([a if a != "normal,wn+meanonly" else "weightnorm" for a in argv]) == 0
+    assert (out / "harness-1.json").read_text() == first
+    assert set(json.loads((out / "harness.json").read_text())["measured"]) == {"weightnorm"}
 
 
 def test_timing_mode_writes_the_table(tmp_path: Path) -> None:
