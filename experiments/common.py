@@ -42,7 +42,8 @@ from wnorm import WnormError
 __all__ = ["RULES", "RunFolder", "RunLog", "RunRecord", "add_options", "check_config",
            "check_device", "check_out", "cli_main", "config_from_args", "entry_point", "cpu_name",
            "flag", "hardware", "has_metrics", "keep_earlier", "logged_steps", "no_repeats",
-           "precision_info", "precision_text", "prepare", "progress", "mean_std_range", "read_jsonl",
+           "precision_info", "precision_text", "prepare", "progress", "mean_std_range",
+           "read_jsonl",
            "read_run_files", "refuse_duplicates", "refuse_existing", "resolve_device",
            "run_configs", "run_folders", "run_main", "run_parser", "setting_key", "split_list",
            "stop_if_diverged", "train_epoch", "version_info"]

@@ -1,5 +1,6 @@
-r"""Learning-rate robustness (Salimans & Kingma 2016, section 2.1): train ``normal``, ``weightnorm`` and ``forced``
-over learning rates spanning orders of magnitude, and record :math:`\lVert v\rVert` as it grows.
+r"""Learning-rate robustness (Salimans & Kingma 2016, section 2.1): train ``normal``,
+``weightnorm`` and ``forced`` over learning rates spanning orders of magnitude, and record
+:math:`\lVert v\rVert` as it grows.
 
 The claim. Under plain SGD each weight-norm step is orthogonal to :math:`v`, so
 :math:`\lVert v'\rVert = \sqrt{1 + C^2}\,\lVert v\rVert` with :math:`C = \lVert\Delta v\rVert/\lVert v\rVert`:

@@ -2,9 +2,10 @@ r"""The effective learning rate of weight normalization: :math:`\lVert v\rVert` 
 projected back onto its sphere after every step.
 
 Under plain SGD the gradient of :math:`w = g\,v/\lVert v\rVert` with respect to v is orthogonal
-to v (Salimans & Kingma 2016, section 2.1), so every step grows the norm, :math:`\lVert v'\rVert^2 = \lVert
-v\rVert^2 + \lVert\Delta v\rVert^2`, and the direction :math:`v/\lVert v\rVert` turns by
-:math:`\Delta v_\perp/\lVert v\rVert`, a step on v scaled by :math:`g/\lVert v\rVert^2`: the
+to v (Salimans & Kingma 2016, section 2.1), so every step grows the norm,
+:math:`\lVert v'\rVert^2 = \lVert v\rVert^2 + \lVert\Delta v\rVert^2`, and the direction
+:math:`v/\lVert v\rVert` turns by :math:`\Delta v_\perp/\lVert v\rVert`, a step on v scaled by
+:math:`g/\lVert v\rVert^2`: the
 effective learning rate of the direction, :math:`\eta\,g/\lVert v\rVert^2`, decays as the norm
 grows. ``projected`` runs the same network with :func:`wnorm.sphere.project_after_step`
 (``radius="initial"``, NaP): each row of v is put back at its starting norm after every step, so
@@ -254,7 +255,8 @@ def report(folder: Path) -> str:
 
 # --------------------------------------------------------------------------- command line
 def parse(argv: list[str] | None) -> tuple[Config, list[float], bool]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m experiments.norm_growth",
+                                description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(Config):
         flag = "--" + f.name.replace("_", "-")

@@ -409,7 +409,8 @@ def report_sweep(paths: list[str | Path], out: str | Path, *, tolerance: float =
     _plot_loss(groups, loss_png)
     _plot_vnorm(groups, v_png)
     pngs = [loss_png] + ([v_png] if v_png.is_file() else [])
-    parts = ["# Learning-rate robustness of weight normalization (Salimans & Kingma 2016, section 2.1)", "",
+    parts = ["# Learning-rate robustness of weight normalization (Salimans & Kingma 2016, "
+             "section 2.1)", "",
              "Weight normalization's gradient is orthogonal to v, so under plain SGD ||v|| grows "
              "by sqrt(1 + C^2) per step and the effective step g/||v|| shrinks; forced weight "
              "normalization (EDM2) renormalizes v every step, which removes that mechanism.", "",

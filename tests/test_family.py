@@ -174,7 +174,8 @@ def test_forced_keeps_norm_of_v_constant_across_steps(layer):
     torch.testing.assert_close(_rows_v(m).norm(dim=1), torch.full_like(norms[0], math.sqrt(size)))
     plain = wnorm.weight_norm(LAYERS[layer]().double())
     grown = _train(plain, x, steps=6, lr=2.0)
-    assert (grown[-1] > grown[0]).all()  # the growth forced WN removes (Salimans & Kingma 2016, section 2.1)
+    # the growth forced WN removes (Salimans & Kingma 2016, section 2.1)
+    assert (grown[-1] > grown[0]).all()
 
 
 @pytest.mark.parametrize("layer", LAYERS)

@@ -190,7 +190,8 @@ def test_a_0_dim_tensor_momentum_is_taken_as_nn_batchnorm_takes_it():
 
 
 @pytest.mark.parametrize("kwargs, msg", [({"num_features": 0}, "num_features must be a positive"),
-                                         ({"num_features": True}, "num_features must be a positive"),
+                                         ({"num_features": True},
+                                          "num_features must be a positive"),
                                          ({"num_features": 3, "momentum": 1.5},
                                           r"momentum must be in \[0, 1\]"),
                                          ({"num_features": 3, "momentum": True},  # read as 1

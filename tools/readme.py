@@ -56,8 +56,8 @@ SECTIONS: dict[str, tuple[str, str, int]] = {
     ),
     "lr-sweep": (
         "results/lr-sweep/report.md",
-        "The learning-rate robustness claim (Salimans & Kingma 2016, section 2.1) and the growth of ||v||; the "
-        "command is in the report's header.",
+        "The learning-rate robustness claim (Salimans & Kingma 2016, section 2.1) and the "
+        "growth of ||v||; the command is in the report's header.",
         1,
     ),
     "norm-growth": (

@@ -123,7 +123,8 @@ def forced_weight_norm(
     order 1; ``radius`` sets another norm) after every optimizer step, by
     :func:`wnorm.project_after_step` (``project_after_step(optimizer, model)``: register it once,
     after building the optimizer). That removes the growth of :math:`\lVert v\rVert` that plain
-    weight normalization relies on to lower its effective learning rate (Salimans & Kingma 2016, section 2.1).
+    weight normalization relies on to lower its effective learning rate (Salimans & Kingma
+    2016, section 2.1).
     Reading ``module.<name>`` and running a forward never change a parameter. A layer that runs a
     training forward (train mode, autograd recording) while no projection holds its ``v`` warns
     once: without one it trains as plain weight normalization. ``gain=None`` (default) keeps a
