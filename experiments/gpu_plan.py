@@ -99,3 +99,8 @@ def plan_text(p: dict[str, Any]) -> str:
         f"run at {100 * p['break_even_efficiency']:.0f}% or more of the bf16 rate (the plan "
         f"assumes {100 * a['conv_efficiency']:.0f}%).")
     return "\n".join(lines + textwrap.wrap(prose, 95))
+
+
+if __name__ == "__main__":  # a library module: run as a command, it did nothing and exited 0
+    raise SystemExit("experiments.gpu_plan is a part of python -m experiments.classify_gpu, not a "
+                     "command of its own; run that (its --help lists the options)")

@@ -129,3 +129,8 @@ def stack_inputs(x: Tensor) -> Tensor:
     """``(S, N, C, H, W)`` (seed s's batch at ``x[s]``) -> ``(N, S*C, H, W)``, a stack's input."""
     s, n, c, h, w = x.shape
     return x.transpose(0, 1).reshape(n, s * c, h, w)
+
+
+if __name__ == "__main__":  # a library module: run as a command, it did nothing and exited 0
+    raise SystemExit("experiments.seed_stack is a part of python -m experiments.classify_gpu, not a "
+                     "command of its own; run that (its --help lists the options)")
