@@ -395,14 +395,20 @@ def test_a_map_that_is_not_scale_invariant_is_refused():
         project_(lin, "unit")
 
 
-def test_weight_standardization_with_a_larger_eps_is_refused():
-    # (v - mean)/sqrt(var + eps) is not scale invariant: eps=1e-5 moved a conv's weight by 3%
-    # (outputs by up to 6) when project_ rescaled v, which "leaves its weight as it is"
-    conv = wnorm.weight_standardization(nn.Conv2d(16, 4, 3), eps=1e-5)
-    with pytest.raises(WnormError, match=r"WeightStandardization\(dim=0, eps=1e-05\), whose "
-                                         r"weight changes when slices of 'weight_v' are rescaled"):
-        project_(conv, "unit")
-    small = wnorm.weight_standardization(nn.Conv2d(16, 4, 3))  # the default eps, 1e-10
-    before = small.weight.detach().clone()
-    project_(small, "unit")
-    torch.testing.assert_close(small.weight, before, rtol=1e-5, atol=1e-6)
+@pytest.mark.parametrize("eps, radius", [(1e-5, "unit"), (1e-10, 1e-4)])
+def test_weight_standardization_is_projected_only_where_its_eps_is_negligible(eps, radius):
+    # (v - mean)/sqrt(var + eps) is scale invariant only while eps << var: eps=1e-5 on unit
+    # rows moved a conv's weight by 3%, a radius of 1e-4 at the default eps by 36%, where
+    # projecting "leaves its weight as it is"
+    conv = wnorm.weight_standardization(nn.Conv2d(16, 4, 3), eps=eps)
+    before = conv.state_dict()
+    with pytest.raises(WnormError, match=r"0.weight_v|weight_v: putting the slices of this "
+                                         r"weight standardization's v .* would change its weight"):
+        project_(nn.Sequential(conv), radius)
+    assert all(torch.equal(conv.state_dict()[k], v) for k, v in before.items())
+    for ok in ("unit", "sqrt_fan_in", "initial") if eps == 1e-10 else ("initial",):
+        ws = wnorm.weight_standardization(nn.Conv2d(16, 4, 3), eps=eps)
+        w = ws.weight.detach().clone()
+        opt = torch.optim.SGD(ws.parameters(), lr=0.0)
+        project_after_step(opt, ws, radius=ok)
+        torch.testing.assert_close(ws.weight, w, rtol=1e-5, atol=1e-6)

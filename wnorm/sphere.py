@@ -10,8 +10,8 @@ weight normalization (Karras et al., 2024: :func:`wnorm.forced_weight_norm`, v h
 :math:`\sqrt{n}`) and NaP (Lyle et al., 2024: each row held at its starting norm). Where the
 weight is reparameterized by wnorm the slices of ``v`` are projected, which leaves the weight as
 it is (every wnorm map is invariant to a positive rescaling of a slice of v; weight
-standardization only with its default eps of 1e-10 or less, and a larger one is refused) and
-holds :math:`\lVert v\rVert` fixed, so the effective learning rate of the direction no longer
+standardization up to its eps, so a radius at which eps is not small against the slices'
+variance is refused) and holds :math:`\lVert v\rVert` fixed, so the effective learning rate of the direction no longer
 decays as :math:`\lVert v\rVert` grows (Salimans & Kingma 2016, section 2.1); a plain weight
 is projected itself.
 
@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from ._reparam import slots_of
 from .apply import NORM_TYPES, _excluded, _included, default_types
 from .errors import WnormError, expect_module, finite_positive
-from .maps import ForcedWeightNorm, norm
+from .maps import ForcedWeightNorm, WeightStandardization, norm
 from .weight_norm import DEFAULT, default_dim
 
 __all__ = ["RADII", "project_", "project_after_step", "Projection", "is_projected"]
@@ -260,6 +260,31 @@ def _resolve(fn: str, targets: list[_Target]) -> None:
                 t.radius = math.sqrt(p.numel() // (p.shape[t.dim] if t.dim is not None else 1))
             elif t.radius == "initial":
                 t.radius = n.clone()
+            _check_standardized(fn, t, local, n)
+
+
+#: the largest relative change of a weight-standardized weight that projecting may make
+_WS_TOLERANCE = 1e-6
+
+
+def _check_standardized(fn: str, t: _Target, local: Tensor, n: Tensor) -> None:
+    """Refuse to project a weight standardization's v onto a sphere where its eps is not
+    small against the slices' variance: (v - mean)/sqrt(var + eps) then changes (by 36% at the
+    default eps for a radius of 1e-4; by 3% at eps=1e-5 on unit rows)."""
+    module, pname = t.holders[0]
+    ws = next((s.map for s in slots_of(module).values()
+               if s.vname == pname and isinstance(s.map, WeightStandardization)), None)
+    if ws is None:
+        return
+    r = t.radius if isinstance(t.radius, Tensor) else torch.tensor(float(t.radius))
+    change = float(ws.rescaled_change(local, r.double().to(n.device) / n.double()).max())
+    if change > _WS_TOLERANCE:
+        radius = "their initial norms" if isinstance(t.radius, Tensor) else f"{t.radius:g}"
+        raise WnormError(
+            f"{fn}: {t.name}: putting the slices of this weight standardization's v (eps="
+            f"{ws.eps:g}) on spheres of radius {radius} would change its weight by up to "
+            f"{change:.2g} (relative): eps is not small against the slices' variance there; "
+            "use a larger radius ('sqrt_fan_in'), a smaller eps, or exclude this module")
 
 
 def _nothing(fn: str, model: nn.Module) -> WnormError:
