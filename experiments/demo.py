@@ -61,6 +61,21 @@ DEMO = {
 # ---------------------------------------------------------------------------------------------
 
 
+def _demo_runs(marker: Path, out: Path) -> frozenset[str] | None:
+    """The run folders under ``out`` that a demo wrote, by its ``demo.json`` (one written
+    before the list was kept counts every run folder there as the demo's); None without one."""
+    if not marker.is_file():
+        return None
+    try:
+        runs = json.loads(marker.read_text()).get("run_folders")
+    except (ValueError, AttributeError):
+        raise WnormError(f"demo: {marker} is not a demo's record (unreadable); remove it, or "
+                         "give the demo another --out") from None
+    if runs is None:
+        return frozenset(f.name for f in run_folders([out]))
+    return frozenset(runs)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Train the demo's runs and write their report; returns the exit status."""
     p = argparse.ArgumentParser(prog="python -m experiments.demo",
@@ -86,27 +101,33 @@ def main(argv: list[str] | None = None) -> int:
     except WnormError as e:
         p.error(str(e))
     out = Path(args.out)
+    command = "python -m experiments.demo " + " ".join(sys.argv[1:] if argv is None else argv)
     t0 = time.perf_counter()
     load_before = os.getloadavg()
     marker = out / "demo.json"
+    names = [f"{c.dataset}-{c.variant}-s{c.seed}" for c in configs]
     try:
-        again = [c for c in configs if (out / f"{c.dataset}-{c.variant}-s{c.seed}").exists()]
-        if again and args.overwrite and not marker.is_file():
-            # replace only what a demo wrote: another experiment's runs (classify's 15-epoch
-            # comparison) would be lost to a 1-minute demo under the same folder names
-            raise WnormError(
-                f"demo: {out} holds run folders that no demo wrote (no {marker.name} there): "
-                f"{', '.join(f'{c.dataset}-{c.variant}-s{c.seed}' for c in again[:5])}"
-                f"{'...' if len(again) > 5 else ''}; give the demo another --out")
+        check_out(out, "the demo's run folders")
+        # replace only what a demo wrote: another experiment's runs (classify's 15-epoch
+        # comparison) would be lost to a 1-minute demo under the same folder names, and a
+        # folder holding them is not the demo's to mark or to write a report into
+        marked = _demo_runs(marker, out)
+        ours = marked or frozenset()
+        theirs = sorted({f.name for f in run_folders([out])} - ours) if out.is_dir() else []
+        if theirs or (marked is None and (out / "report").exists()):
+            what = f"run folders that no demo wrote: {', '.join(theirs[:5])}" + (
+                "..." if len(theirs) > 5 else "") if theirs else "a report/ no demo wrote"
+            raise WnormError(f"demo: {out} holds {what}; give the demo another --out")
+        again = [n for n in names if (out / n).exists()]
         if again and args.overwrite:
             print(f"demo: replacing the previous demo runs in {out} ({len(again)} run folders; "
                   "--no-overwrite refuses instead)")
-        check_out(out, "the demo's run folders")
-        out.mkdir(parents=True, exist_ok=True)
-        if not marker.is_file():  # this folder is a demo's from now on, even if cut short
-            marker.write_text(json.dumps({"command": "python -m experiments.demo "
-                                          + " ".join(sys.argv[1:] if argv is None else argv),
-                                          "finished": False}, indent=2) + "\n")
+        runs = sorted(ours | set(names))
+        if args.overwrite or not again:  # else run_all refuses, and nothing is written
+            out.mkdir(parents=True, exist_ok=True)
+            # written first: the folder and these run folders are a demo's, even if cut short
+            marker.write_text(json.dumps({"command": command, "finished": False,
+                                          "run_folders": runs}, indent=2) + "\n")
         run_all(configs, overwrite=args.overwrite)
         train_s = time.perf_counter() - t0
         # this demo's runs only: run folders of an earlier demo with other seeds or variants
@@ -123,8 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     used = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
-    info = {"command": "python -m experiments.demo " + " ".join(sys.argv[1:] if argv is None
-                                                                  else argv),
+    info = {"command": command, "finished": True, "run_folders": runs,
             "wall_s": time.perf_counter() - t0, "train_wall_s": train_s,
             "cpu_s": sum(u.ru_utime + u.ru_stime for u in used), "runs": len(configs),
             "processes": min(configs[0].procs, len(configs)), "cpus": os.cpu_count(),

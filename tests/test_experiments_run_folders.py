@@ -150,10 +150,16 @@ def test_demo_refuses_a_folder_of_runs_no_demo_wrote(tmp_path: Path, capsys) -> 
                  "--init-examples", "10", "--epochs", "1"]) == 0
     before = _snapshot(out / "fashion-mnist-normal-s0")
     capsys.readouterr()
-    assert main(["demo", *common, "--train-subset", "20", "--test-subset", "10", *_TINY]) == 2
-    assert "holds run folders that no demo wrote" in capsys.readouterr().err
+    demo = ["demo", *common, "--train-subset", "20", "--test-subset", "10", *_TINY]
+    # the same run names, another seed (whose report would replace classify's), and
+    # --no-overwrite (which marked the folder a demo's before refusing, so the next demo
+    # replaced the runs)
+    for argv in (demo, [a if a != "0" else "1" for a in demo], demo + ["--no-overwrite"]):
+        assert main(argv) == 2
+        assert "holds run folders that no demo wrote" in capsys.readouterr().err
+    assert main(demo) == 2
     assert _snapshot(out / "fashion-mnist-normal-s0") == before
-    assert not (out / "demo.json").exists()
+    assert not (out / "demo.json").exists() and not (out / "fashion-mnist-normal-s1").exists()
 
 
 def test_a_copy_without_git_names_its_commit_from_the_environment(monkeypatch) -> None:
