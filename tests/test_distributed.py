@@ -106,6 +106,18 @@ def _full(model: nn.Module) -> dict[str, torch.Tensor]:
             for k, v in model.named_parameters()}
 
 
+class Split(nn.Module):
+    """The first ``n`` rows go through ``a`` first, then all rows through ``a`` again."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.bn, self.b = nn.Linear(4, 4), wnorm.MeanOnlyBatchNorm1d(4), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        first = self.b(self.bn(self.a(x[:n])))
+        return torch.cat([first, self.b(self.bn(self.a(x)))])
+
+
 def _worker(rank: int) -> dict[str, object]:
     from torch.distributed.fsdp import fully_shard
 
@@ -128,6 +140,14 @@ def _worker(rank: int) -> dict[str, object]:
         net = scope["model"]
         _train(net, kind, rank)
         result[f"fsdp-{kind}"] = _full(net)
+    # a layer (and a mean-only BN) reached with nothing on rank 1 at its first call, by a
+    # data-dependent split: rank 1 raised alone while rank 0 waited in an all-reduce for good
+    torch.manual_seed(0)
+    split = wnorm.apply(Split())
+    report = wnorm.data_init(split, (torch.randn(16, 4, generator=torch.Generator().manual_seed(
+        rank)), 0 if rank == 1 else 8))
+    result["split"] = ([r.status for r in report],
+                       {k: v.clone() for k, v in split.state_dict().items()})
     # after sharding: errors that say which order to use
     sharded = convnet()
     fully_shard(sharded)
@@ -260,6 +280,13 @@ def test_an_empty_batch_on_one_rank_is_an_error_on_every_rank(ranks) -> None:
         assert "the batch is empty on rank 1 of the process group (ranks within it)" in msg, msg
     assert "(here input 0 has shape (0, 3, 6, 6))" in ranks[1]["errors"]["empty on rank 1"]
     assert "(here" not in ranks[0]["errors"]["empty on rank 1"]
+
+
+def test_a_layer_reached_with_nothing_on_one_rank_is_initialized_on_the_others_batch(
+        ranks) -> None:
+    (status0, sd0), (status1, sd1) = (r["split"] for r in ranks)
+    assert status0 == status1 == ["initialized", "initialized"]
+    assert all(torch.equal(sd0[k], sd1[k]) for k in sd0)  # one model, as on the union
 
 
 def test_a_rank_outside_the_process_group_is_told_so(ranks) -> None:

@@ -377,7 +377,11 @@ def _standardize(y: Tensor, axis: int, scale: float, group: Any) -> tuple[Tensor
     # rounding is of the summed terms, which a unit whose output cancels to near 0 hides: the
     # layer's largest magnitude (one input for all units) measures it. bf16/fp16 outputs
     # absorb the wider accumulator's noise but for one ulp of their own, per unit.
-    top, low = r.amax((0, 2)), r.amin((0, 2))
+    if r.numel() == 0:  # this rank's call reached the layer with nothing (a data-dependent
+        # split): it still takes part in every all-reduce, with values that change nothing
+        top, low = r.new_full((r.shape[1],), -math.inf), r.new_full((r.shape[1],), math.inf)
+    else:
+        top, low = r.amax((0, 2)), r.amin((0, 2))
     if group is _LOCAL:
         out, mu, inv = torch.native_batch_norm(r, None, None, None, None, True, 0.0, 0.0)
     else:
@@ -509,7 +513,7 @@ class _Pass:
             if self.group is _LOCAL:
                 self.call_means[module] = self.means[module]
                 return
-        elif x.numel() == 0:
+        elif x.numel() == 0 and self.group is _LOCAL:  # across ranks: a count of 0 (below)
             raise WnormError(
                 f"data_init: {self.names.get(module, '<model>')} ({type(module).__name__}) got "
                 f"an empty batch {tuple(x.shape)}; its running mean is the batch mean of its "
