@@ -232,11 +232,12 @@ def run(cfg: Config, data: ImageData, dist: Dist | None = None, *,
     check(cfg)
     cfg = cfg.resolved()
     dist = dist or Dist()
-    if 0 < data.x_train.shape[0] < cfg.batch_size:  # a batch is at most the training set:
-        cfg = replace(cfg, batch_size=data.x_train.shape[0])  # record what runs
     if cfg.batch_size % dist.world:
         raise WnormError(f"batch_size {cfg.batch_size} must be divisible by the number of "
                          f"processes {dist.world}")
+    if 0 < data.x_train.shape[0] < cfg.batch_size:  # a batch is at most the training set
+        # (split across the processes as it comes): record what runs
+        cfg = replace(cfg, batch_size=data.x_train.shape[0])
     if data.x_train.shape[0] == 0:
         raise WnormError(f"{data.name}: the training set is empty")
     if cfg.init_examples > data.x_train.shape[0]:  # the init batch is at most the training

@@ -70,7 +70,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -296,8 +296,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(args.out)
     base = resolved(configs[0])
-    predicted = plan(base, tuple(variants), PLAN, train=_count(out, configs, "train"),
-                     test=_count(out, configs, "test"))
+    train = _count(out, configs, "train")
+    if 0 < train < base.batch_size:  # as the runs record it: a batch is at most the set
+        base = replace(base, batch_size=train)
+    predicted = plan(base, tuple(variants), PLAN, train=train, test=_count(out, configs, "test"))
     result |= {"plan": predicted,
                "measured": _measured(configs, predicted, result["processes_at_once"]),
                "command": command, "hardware": hardware(base.device)}

@@ -96,6 +96,9 @@ def test_the_config_records_the_batch_that_ran_not_a_larger_request(tmp_path: Pa
                 *extra]) == 0
     config = json.loads((out / "fashion-mnist-normal-s0" / "config.json").read_text())
     assert config["batch_size"] == 40
+    if module == "classify_gpu":  # and the plan beside them
+        plan = json.loads((out / "harness.json").read_text())["plan"]
+        assert plan["steps_per_epoch"] == 1
 
 
 def test_report_rejects_empty_folder(tmp_path: Path) -> None:
