@@ -227,8 +227,11 @@ def main(argv: list[str] | None = None) -> int:
     if a.list:
         print("\n".join(c.name for c in todo))
         return 0
-    if a.profile is None and out.exists() and not out.is_dir():  # found after the first case
-        p.error(f"--out {out} is a file; expected a folder for bench.json and bench.md")
+    if a.profile is None:  # else found after the first case, with a traceback
+        blocked = next((q for q in (out, *out.parents) if q.exists() and not q.is_dir()), None)
+        if blocked is not None:
+            p.error(f"--out {out}: {blocked} is a file; expected a folder for bench.json and "
+                    "bench.md")
 
     if a.threads or not a.device.startswith("cuda"):
         torch.set_num_threads(a.threads or 1)

@@ -393,6 +393,10 @@ def test_the_default_out_and_an_out_that_is_a_file_leave_results_alone(tmp_path,
         run.main(["--quick", "--device", "cpu", "--cases", "mlp4x256.infer.b1", "--out",
                   str(a_file)])
     assert e.value.code == 2 and "is a file; expected a folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # a folder below a file
+        run.main(["--quick", "--device", "cpu", "--cases", "mlp4x256.infer.b1", "--out",
+                  str(a_file / "cpu")])
+    assert e.value.code == 2 and f"{a_file} is a file" in capsys.readouterr().err
     threads = torch.get_num_threads()
     try:
         assert run.main(["--quick", "--device", "cpu", "--cases", "mlp4x256.infer.b1"]) == 0
