@@ -201,7 +201,11 @@ def _setting_lines(runs: list[OtherRun], keys: list[str], command: str) -> list[
                      f"examples; preprocessing {data.get('preprocessing', '?')}")
     made = sorted({cmd for r in runs if (cmd := run_command(r.version.get("argv")))})
     if made:
-        lines.append("- Runs made by: " + "; ".join(f"`{m}`" for m in made))
+        moved = any(Path(str((r.version.get("argv") or [""])[0])).parent.name == "repro"
+                    for r in runs)
+        lines.append("- Runs made by: " + "; ".join(f"`{m}`" for m in made) + (
+            " (at the commit named under Code its module was `wnorm.repro`, since moved to "
+            "`experiments`)" if moved else ""))
     lines += [f"- Hardware: {'; '.join(hardware)}",
               f"- Code: wnorm {runs[0].version.get('wnorm', '?')}, torch "
               f"{runs[0].version.get('torch', '?')}, git {', '.join(commits)}",
