@@ -336,12 +336,15 @@ def _timing(cfg: GPUConfig, variants: list[str], args: argparse.Namespace,
     r = resolved(cfg)
     machine = hardware(r.device)
     data = _load(cfg)
-    for name in ("timing.json", "timing.md"):  # an earlier measurement is kept, not replaced
-        aside = keep_earlier(out / name)
-        if aside is not None:
-            print(f"classify_gpu: the earlier {out / name} is kept as {aside}")
+    kept: list[bool] = []
 
     def write(t: dict[str, Any]) -> str:
+        if not kept:  # at the first write: an earlier measurement is kept, not replaced (and
+            kept.append(True)  # is still there if this one fails before it writes)
+            for name in ("timing.json", "timing.md"):
+                aside = keep_earlier(out / name)
+                if aside is not None:
+                    print(f"classify_gpu: the earlier {out / name} is kept as {aside}")
         (out / "timing.json").write_text(json.dumps(t | {"hardware": machine, "command": command},
                                                     indent=2) + "\n")
         text = timing_text(t, machine, command)
