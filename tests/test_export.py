@@ -159,3 +159,20 @@ def test_jit_trace_of_mean_only_batch_norm_gives_no_tracer_warning() -> None:
         traced = torch.jit.trace(model, (torch.randn(2, 3, 8, 8),))
     x = torch.randn(5, 3, 8, 8)
     torch.testing.assert_close(traced(x), model(x))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: wnorm.weight_norm(nn.Linear(6, 3)).half(),
+    lambda: wnorm.centered_weight_norm(nn.Linear(6, 3)),
+    lambda: wnorm.forced_weight_norm(nn.Linear(6, 3)),
+], ids=["float16", "centered", "forced"])
+def test_legacy_onnx_export_of_other_weight_norm_routes_without_folding(make) -> None:
+    # they computed the norm with norm_except_dim, which legacy ONNX export has no symbolic
+    # for (UnsupportedOperatorError)
+    torch.manual_seed(0)
+    model = make().eval()
+    x = torch.randn(2, 6, dtype=next(model.parameters()).dtype)
+    with torch.no_grad():
+        ref = model(x)
+    got = onnx_outputs(model, x, dynamo=False)
+    torch.testing.assert_close(got.to(ref.dtype), ref, rtol=1e-3, atol=1e-3)

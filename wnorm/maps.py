@@ -47,6 +47,19 @@ def _graph_norm(v: Tensor, dim: int | None) -> Tensor:
     return torch.linalg.vector_norm(v, dim=axes, keepdim=True) if axes else v.abs()
 
 
+def _in_graph() -> bool:
+    """Whether this runs inside a graph being compiled, traced or exported, or a torch.func
+    transform: where eq. 2 is written out, with :func:`_graph_norm`."""
+    return (torch.compiler.is_compiling() or torch._C._is_tracing()
+            or torch._C._are_functorch_transforms_active())
+
+
+def _norm_here(v: Tensor, dim: int | None) -> Tensor:
+    """:func:`norm` in eager mode, :func:`_graph_norm` in a graph (legacy ONNX export of a
+    half-precision or centered weight norm had no symbolic for norm_except_dim)."""
+    return _graph_norm(v, dim) if _in_graph() else norm(v, dim)
+
+
 def l1_norm(v: Tensor, dim: int | None) -> Tensor:
     r""":math:`\lVert v\rVert_1` of every slice along ``dim``, kept-dim (the shape of g)."""
     axes = _axes(v, dim)
@@ -190,13 +203,12 @@ class WeightNorm(Map):
             # in float32 (a float16 sum of squares overflows), with the norm rounded to the
             # parameters' dtype as g was: then the weight a layer starts with (g = its rounded
             # norm) comes back bit for bit; a norm the dtype cannot hold is used unrounded
-            n = norm(v.float(), self.dim)
+            n = _norm_here(v.float(), self.dim)
             r = n.to(v.dtype).float()
             n = torch.where(torch.isinf(r), n, r)
             return (v.float() * (g.float() / n)).to(v.dtype)  # type: ignore[union-attr]
         dim = -1 if self.dim is None else self.dim
-        if (torch.compiler.is_compiling() or torch._C._is_tracing()
-                or torch._C._are_functorch_transforms_active()):
+        if _in_graph():
             # eq. 2 written out: its derivatives of every order are exact. A compiled, traced
             # or exported graph has no hook, and the fused kernel's double backward holds ||v||
             # constant (torch.compile of jacrev(jacrev(f)) and a traced HVP were wrong);
@@ -233,7 +245,7 @@ class CenteredWeightNorm(Map):
         axes = _axes(v, self.dim)
         return v - v.mean(dim=axes, keepdim=True) if axes else torch.zeros_like(v)
 
-    length = staticmethod(norm)  # what g is: the centered slice's L2 norm
+    length = staticmethod(_norm_here)  # what g is: the centered slice's L2 norm
 
     def weight(self, g: Tensor | None, v: Tensor) -> Tensor:
         x = v.float() if v.dtype in _LOW else v
@@ -312,7 +324,7 @@ class ForcedWeightNorm(Map):
     def weight(self, g: Tensor | None, v: Tensor) -> Tensor:
         x = v.float() if v.dtype in _LOW else v
         scale = g.to(x.dtype) if g is not None else self.gain
-        return (x * (scale / norm(x, self.dim))).to(v.dtype)  # type: ignore[operator]
+        return (x * (scale / _norm_here(x, self.dim))).to(v.dtype)  # type: ignore[operator]
 
     def split(self, w: Tensor) -> tuple[Tensor | None, Tensor]:
         x = w.float() if w.dtype in _LOW else w
