@@ -955,7 +955,7 @@ def test_a_mean_only_bn_of_the_wrong_width_says_so(make):
     """A BN of the wrong width raises its own error, as model(x) does; model unchanged."""
     model = wnorm.apply(make())
     x = torch.randn(8, 3, 6, 6) if isinstance(model[0], nn.Conv2d) else torch.randn(8, 3)
-    assert_refused(model, x, r"MeanOnlyBatchNorm[12]d: expected [57] channels")
+    assert_refused(model, x, r"1 \(MeanOnlyBatchNorm[12]d\): expected [57] channels")
 
 
 class Pair(nn.Module):

@@ -375,3 +375,13 @@ def test_update_bn_leaves_the_statistics_as_they_were_when_the_loader_raises():
     after = net.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items())
     assert net[1].momentum == 0.1 and net.training
+
+
+def test_an_input_error_names_the_layer_wnorm_apply_saw():
+    # several mean-only BNs in a model raised the same "MeanOnlyBatchNorm1d: expected 4
+    # channels", naming none of them
+    net = wnorm.apply(nn.Sequential(nn.Linear(4, 4), MeanOnlyBatchNorm1d(4), nn.Linear(4, 8),
+                                    MeanOnlyBatchNorm1d(4)))
+    with pytest.raises(WnormError, match=r"^3 \(MeanOnlyBatchNorm1d\): expected 4 channels in "
+                                         r"dim 1; got shape \(2, 8\)"):
+        net(torch.randn(2, 4))

@@ -13,6 +13,7 @@ from torch import nn
 
 from . import _pytorch_wn, _reparam
 from .errors import WnormError, expect_module
+from .mean_only_bn import MeanOnlyBatchNormBase
 from .weight_norm import DEFAULT, default_dim, is_weight_normalized, weight_norm
 
 __all__ = ["apply", "DEFAULT_TYPES", "NORM_TYPES", "default_types"]
@@ -424,6 +425,10 @@ def apply(
     except BaseException:
         undo.restore()
         raise
+    # a mean-only BN's input errors name its path (several in a model look alike otherwise)
+    for mname, module in model.named_modules():
+        if isinstance(module, MeanOnlyBatchNormBase):
+            module.__dict__.setdefault("_where", mname or "<model>")
     return model
 
 

@@ -193,16 +193,21 @@ class MeanOnlyBatchNormBase(nn.Module):
             self.running_mean.zero_()
             self.num_batches_tracked.zero_()
 
+    def _label(self) -> str:
+        """``path (Class)`` where :func:`wnorm.apply` recorded the path, else the class."""
+        where = self.__dict__.get("_where")
+        return f"{where} ({type(self).__name__})" if where else type(self).__name__
+
     def _check(self, x: Tensor) -> None:
         shape = _shape(x)
         if len(shape) not in self._ndims:
             raise WnormError(
-                f"{type(self).__name__}: expected a {' or '.join(f'{d}D' for d in self._ndims)} "
+                f"{self._label()}: expected a {' or '.join(f'{d}D' for d in self._ndims)} "
                 f"input (N, C, ...); got shape {tuple(x.shape)}"
             )
         if shape[1] != self.num_features:
             raise WnormError(
-                f"{type(self).__name__}: expected {self.num_features} channels in dim 1; "
+                f"{self._label()}: expected {self.num_features} channels in dim 1; "
                 f"got shape {tuple(x.shape)}"
             )
 
