@@ -186,3 +186,26 @@ def test_lora_on_weight_normalized_layers_trains_and_merges_into_g_and_v() -> No
         assert wnorm.is_weight_normalized(merged[0]) and wnorm.is_weight_normalized(merged[2])
         assert not any("lora" in k for k, _ in merged.named_parameters())
         torch.testing.assert_close(merged(x), adapted, rtol=1e-5, atol=1e-6)
+
+
+def test_dora_on_weight_normalized_layers_merges_into_g_and_v() -> None:
+    # DoRA's unsafe merge reads the weight, reads it again, then writes into the first read:
+    # the merge was dropped and merge_and_unload gave the base model back
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    net = wnorm.apply(nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)))
+    x = torch.randn(16, 6)
+    with torch.no_grad():
+        base = net(x)
+    model = peft.get_peft_model(net, peft.LoraConfig(target_modules=["0", "2"], r=2,
+                                                     use_dora=True))
+    with torch.no_grad():
+        for k, p in model.named_parameters():
+            if "lora_B" in k:
+                p.normal_(0, 0.3)
+        adapted = model(x)
+    assert not torch.allclose(adapted, base, atol=1e-2)
+    for safe in (False, True):
+        merged = copy.deepcopy(model).merge_and_unload(safe_merge=safe)
+        with torch.no_grad():
+            torch.testing.assert_close(merged(x), adapted, rtol=1e-5, atol=1e-6)
