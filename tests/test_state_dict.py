@@ -1160,3 +1160,17 @@ def test_pytorchs_loader_with_assign_keeps_the_checkpoints_dtype_and_device(layo
         meta_src, meta_layer = nn.Linear(3, 4), wnorm.weight_norm(nn.Linear(3, 4))
     meta_layer.load_state_dict(meta_src.state_dict(), assign=True)
     assert meta_layer.weight_v.is_meta and meta_layer.weight_g.shape == (4, 1)
+
+
+def test_pytorchs_loader_takes_each_half_of_a_pair_split_across_shards() -> None:
+    # a sharded checkpoint (each shard loaded with strict=False, as transformers' Trainer
+    # resumes) can split original0 from original1: neither loaded, without a word
+    stock, trained = _trained_stock_conv()
+    layer = wnorm.weight_norm(copy.deepcopy(stock))
+    sd = trained.state_dict()
+    g_key, v_key = "parametrizations.weight.original0", "parametrizations.weight.original1"
+    first = layer.load_state_dict({g_key: sd[g_key], "bias": sd["bias"]}, strict=False)
+    second = layer.load_state_dict({v_key: sd[v_key]}, strict=False)
+    assert not first.unexpected_keys and not second.unexpected_keys
+    x = torch.randn(2, 2, 9)
+    assert torch.equal(layer(x), trained(x))

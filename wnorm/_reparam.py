@@ -608,6 +608,16 @@ def _read_other_layout(module: nn.Module, s: Slot, pname: str, state_dict: Any,
         return ""
     o0, o1 = (f"{prefix}parametrizations.{pname}.original{i}" for i in (0, 1))
     pair = o0 in state_dict and o1 in state_dict
+    if not pair and s.kind == "wn" and (o0 in state_dict or o1 in state_dict):
+        # one half alone (a sharded checkpoint split between them, each shard loaded with
+        # strict=False): taken as g or v where its shape is theirs, as PyTorch's own layer takes
+        # it; a half saved along another axis cannot be moved alone and stays unexpected
+        half, mine = (o0, s.gname) if o0 in state_dict else (o1, s.vname)
+        p = module._parameters.get(mine)
+        t = state_dict[half]
+        if p is not None and isinstance(t, Tensor) and tuple(t.shape) == tuple(p.shape):
+            state_dict[prefix + mine] = state_dict.pop(half)
+        return ""
     if not (pair or prefix + pname in state_dict):
         return ""
     key = o1 if pair else prefix + pname
