@@ -409,3 +409,13 @@ def test_a_missing_in_is_named_as_missing_whatever_out_looks_like(tmp_path: Path
         assert err == f"wnorm: error: {tmp_path / 'nodir'}: expected a checkpoint file; got no " \
                       "such file\n"
     assert sorted(tmp_path.iterdir()) == []
+
+
+def test_python_dash_m_wnorm_runs_the_command() -> None:
+    # it did nothing but fail to find a __main__ where the console script is not on PATH
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "wnorm", "--help"], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and "usage: wnorm" in out.stdout
