@@ -64,19 +64,16 @@ CACHE = _Cache()
 class Slot:
     """One reparameterized parameter: its map, a name for messages, the weight last handed to
     code outside the layer's forward (``held``, with ``held_key``: the g and v it was computed
-    from, the versions of g, v and itself then, and a copy of it), the ones handed out before
-    it since the last forward (``earlier``, with their keys), and the weight cached by
+    from, the versions of g, v and itself then, and a copy of it) and the weight cached by
     :func:`wnorm.cached` (``cached``, valid for ``key``)."""
 
-    __slots__ = ("name", "map", "where", "gname", "vname", "held", "held_key", "earlier",
-                 "cached", "key")
+    __slots__ = ("name", "map", "where", "gname", "vname", "held", "held_key", "cached", "key")
 
     def __init__(self, name: str, map: Map, where: str) -> None:
         self.name, self.map, self.where = name, map, where
         self.gname, self.vname = name + "_g", name + "_v"
         self.held: Tensor | None = None
         self.held_key: tuple[Any, ...] = ()
-        self.earlier: list[tuple[Tensor, tuple[Any, ...]]] = []
         self.cached: Tensor | None = None
         self.key: tuple[Any, ...] = ()
 
@@ -148,23 +145,17 @@ def pair(module: nn.Module, slot: Slot) -> tuple[Tensor | None, Tensor]:
     return g, v
 
 
-def pending(slot: Slot) -> bool:
-    """Whether a weight handed out may hold a write that has not landed in g and v yet."""
-    return slot.held is not None or bool(slot.earlier)
-
-
-def flush(module: nn.Module, slot: Slot, keep: bool = False) -> None:
-    """Split rows written into the held weights back into g and v (no host sync), outside any
-    graph being traced or compiled. ``keep``: a read outside any forward, which hands out a
-    new weight: the earlier ones the caller still holds stay watched (see :func:`_flush`)."""
+def flush(module: nn.Module, slot: Slot) -> None:
+    """Split rows written into the held weight back into g and v (no host sync), outside any
+    graph being traced or compiled."""
     if _is_compiling():  # torch._dynamo is loaded then; importing it ourselves would load numpy
         sys.modules["torch._dynamo"].graph_break()  # run eagerly, once: nothing is held after
     state = torch._C._get_tracing_state()
     if state is None:
-        return _flush(module, slot, keep)
+        return _flush(module, slot)
     torch._C._set_tracing_state(None)  # an eager update of g and v, not part of the trace
     try:
-        return _flush(module, slot, keep)
+        return _flush(module, slot)
     finally:
         torch._C._set_tracing_state(state)
 
@@ -197,42 +188,22 @@ def _alike(a: Tensor, b: Tensor) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
 
 
-#: how many earlier reads a slot keeps watching between two forwards (each with a copy)
-_EARLIER = 4
-
-
-def _flush(module: nn.Module, slot: Slot, keep: bool = False) -> None:
-    """Land the writes into every weight handed out since the last forward: the latest
-    (``held``) and the ones read before it (``earlier``). A second read before a write into
-    the first (peft's DoRA merge reads the weight twice, then writes into the first read)
-    lost the write while only the latest was held. With ``keep`` (a read outside any
-    forward) the ones handed out stay watched, with a fresh copy (what they hold now), up to
-    :data:`_EARLIER`; any other flush (a forward, state_dict) lands the writes and forgets
-    them, as it forgets the held one."""
-    entries = [] if slot.held is None else [(slot.held, slot.held_key)]
-    entries += slot.earlier
-    slot.held, slot.held_key, slot.earlier = None, (), []
-    for held, key in entries:
-        _flush_one(module, slot, held, key)
-    if keep and entries:
-        g, v = pair(module, slot)
-        slot.earlier = [(held, _key(g, v) + (_version_of(held), held.detach().clone()))
-                        for held, _ in entries[:_EARLIER] if _alike(held, v)]
-
-
-def _flush_one(module: nn.Module, slot: Slot, held: Tensor, key: tuple[Any, ...]) -> bool:
+def _flush(module: nn.Module, slot: Slot) -> None:
     """A row counts as written when it differs from the copy taken as the weight was handed
     out; other rows keep g and v as they are now (edited through .data or stepped since).
-    Returns False when nothing was written (asked on a CPU), True when the writes landed or
-    may have (not asked)."""
+    """
+    held, key = slot.held, slot.held_key
+    slot.held, slot.held_key = None, ()
+    if held is None:
+        return
     m, (g, v) = slot.map, pair(module, slot)
     held, snap = held.detach(), key[5]
     bumped, swapped = _version_of(held) != key[4], not _alike(held, snap)
     if not (bumped or swapped) and not _alike(v, snap):
-        return True  # g and v were replaced by tensors of another shape, dtype or device
+        return  # g and v were replaced by tensors of another shape, dtype or device
     asked = held.device.type in _COMPARE_ON
     if asked and not swapped and torch.equal(held, snap):
-        return False  # nothing written (on a CPU, asking costs no device sync)
+        return  # nothing written (on a CPU, asking costs no device sync)
     # A write through .data (w.data[0] = 3, w.data.mul_(2)) moves no version: only the copy
     # tells it, so g or v changed since (an optimizer step after the write) do not make the
     # held weight stale. Whether anything was written is known unless the device was not
@@ -270,7 +241,7 @@ def _flush_one(module: nn.Module, slot: Slot, held: Tensor, key: tuple[Any, ...]
                     "cannot take an arbitrary value; write into "
                     f"'{slot.vname}' instead, or remove_weight_norm first"
                 )
-            return True
+            return
         new_g, new_v = m.split(held)
         wide = held.float() if held.dtype in (torch.float16, torch.bfloat16) else held
         zero = norm(m.direction(wide), m.dim) == 0  # no direction: keep v, g goes to 0
@@ -288,12 +259,11 @@ def _flush_one(module: nn.Module, slot: Slot, held: Tensor, key: tuple[Any, ...]
             tg.copy_(torch.where(changed, new_g, g))
         if not asked:
             slot.key = ()
-    return True
 
 
 def flush_all(module: nn.Module) -> None:
     for s in module.__dict__.get("_wn", {}).values():
-        if pending(s):
+        if s.held is not None:
             flush(module, s)
 
 
@@ -378,12 +348,12 @@ def _forgetter(key: int) -> Callable[[Any], None]:
     return forget
 
 
-def _flush_holders(v: Tensor, keep: bool = False) -> None:
+def _flush_holders(v: Tensor) -> None:
     for ref, pname in _HELD.pop(id(v), ()):
         module = ref()
         s = None if module is None else module.__dict__.get("_wn", {}).get(pname)
-        if s is not None and pending(s) and module._parameters.get(s.vname) is v:
-            flush(module, s, keep)
+        if s is not None and s.held is not None and module._parameters.get(s.vname) is v:
+            flush(module, s)
 
 
 def _property(pname: str) -> property:
@@ -391,17 +361,15 @@ def _property(pname: str) -> property:
         slot = self.__dict__["_wn"].get(pname)
         if slot is None:  # another instance of this class normalizes pname, this one does not
             return nn.Module.__getattr__(self, pname)
-        # a read outside any forward keeps watching earlier reads the caller still holds
-        keep = _DEPTH.n == 0 and not CACHE.on
-        if pending(slot):
-            flush(self, slot, keep)
+        if slot.held is not None:
+            flush(self, slot)
         params = self._parameters
         g, v = params.get(slot.gname), params.get(slot.vname)
         if v is None or (g is None and slot.map.has_g):
             pair(self, slot)  # raises, naming what took them away
         compiling = _is_compiling()
         if not compiling and _HELD and id(v) in _HELD:  # another holder's write lands
-            _flush_holders(v, keep)
+            _flush_holders(v)
         # compiled, the graph is the cache (and a version counter read in it is data-
         # dependent: a graph break, an error under fullgraph): each access is computed
         if CACHE.on and not compiling:
@@ -579,11 +547,10 @@ def _load_from_state_dict(self: nn.Module, state_dict: Mapping[str, Any], prefix
             error_msgs.append(f"{s.where}: {why} (nothing of this layer was loaded)")
             return
     for s in self.__dict__["_wn"].values():
-        if not pending(s):
+        if s.held is None:
             continue
         if all(prefix + n in state_dict for n in (s.gname, s.vname) if n in self._parameters):
-            # the loaded g and v replace a write not yet split
-            s.held, s.held_key, s.earlier = None, (), []
+            s.held, s.held_key = None, ()  # the loaded g and v replace a write not yet split
         else:
             # not loaded here (strict=False, a state dict of other layers): the write lands,
             # and a key given for g or v alone then replaces its part
@@ -823,7 +790,7 @@ def detach(module: nn.Module, name: str,
     along = module.__dict__.get("_wn_along")
     if along and name in along:  # adopted with a sibling: a fresh weight_norm is one again
         module.__dict__["_wn_along"] = along - {name}
-    if pending(s):
+    if s.held is not None:
         flush(module, s)
     params = module._parameters
     g, v = pair(module, s)

@@ -311,7 +311,7 @@ def remove_weight_norm(module: nn.Module, name: str = "weight") -> nn.Module:
     s = _reparam.slot(module, name)
     if s is None:
         raise WnormError(f"{_label(module, '')}: '{name}' is not weight-normalized by wnorm")
-    if _reparam.pending(s):  # rows written into the weight count before comparing it
+    if s.held is not None:  # rows written into the weight count before comparing it
         _reparam.flush(module, s)
     g, v = _reparam.pair(module, s)
     with torch.no_grad():  # a NaN row would stay in the plain Parameter for good, as fold refuses
