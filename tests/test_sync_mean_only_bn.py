@@ -339,3 +339,10 @@ def test_wrong_input_is_refused_naming_the_layer() -> None:
         bn(torch.randn(4))
     with pytest.raises(wnorm.WnormError, match="expected an nn.Module"):
         wnorm.SyncMeanOnlyBatchNorm.convert_sync_batchnorm("model")
+
+
+def test_the_conversion_keeps_the_path_apply_recorded_for_errors():
+    net = wnorm.apply(nn.Sequential(nn.Linear(4, 8), wnorm.MeanOnlyBatchNorm1d(4)))
+    net = wnorm.SyncMeanOnlyBatchNorm.convert_sync_batchnorm(net)
+    with pytest.raises(wnorm.WnormError, match=r"^1 \(SyncMeanOnlyBatchNorm\): expected 4 "):
+        net(torch.randn(2, 4))

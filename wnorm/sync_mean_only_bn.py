@@ -227,7 +227,8 @@ def _synced(m: MeanOnlyBatchNormBase, group: Any) -> SyncMeanOnlyBatchNorm:
     for name in ("running_mean", "num_batches_tracked"):
         new.register_buffer(name, m._buffers.get(name))
     new.train(m.training)
-    if "_saw_length" in m.__dict__:  # fold's record of (N, C, L) input
-        new.__dict__["_saw_length"] = True
+    for key in ("_saw_length", "_where"):  # fold's record of (N, C, L) input; apply's path
+        if key in m.__dict__:
+            new.__dict__[key] = m.__dict__[key]
     move_hooks(m, new)
     return new
