@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from .errors import WnormError
-from .maps import WeightNorm, kind_mismatch
+from .maps import WeightNorm, graph_norm, kind_mismatch
 
 __all__ = ["FORMATS", "KEEP", "Src", "read", "source_dim", "norm", "wide", "weight", "gain",
            "cast", "check_finite", "base_and_role", "has_pair", "convert"]
@@ -149,12 +149,8 @@ def source_dim(key: str, g: Tensor, v: Tensor) -> int | None:
     )
 
 
-def norm(w: Tensor, dim: int | None) -> Tensor:
-    """:math:`\\lVert w\\rVert` over every axis but ``dim``, kept-dim (a scalar for None)."""
-    if dim is None:
-        return torch.linalg.vector_norm(w)
-    axes = [d for d in range(w.dim()) if d != dim]
-    return torch.linalg.vector_norm(w, dim=axes, keepdim=True) if axes else w.abs()
+#: :math:`\lVert w\rVert` over every axis but ``dim``, kept-dim (a scalar for None)
+norm = graph_norm
 
 
 def wide(t: Tensor) -> Tensor:

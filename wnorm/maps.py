@@ -17,8 +17,8 @@ from torch import Tensor
 from torch.autograd import forward_ad as _forward_ad
 
 __all__ = ["Map", "WeightNorm", "CenteredWeightNorm", "WeightStandardization", "ForcedWeightNorm",
-           "BalancedWeightNorm", "norm", "l1_norm", "METHODS", "same_weight", "kind_mismatch",
-           "OTHER_MAP"]
+           "BalancedWeightNorm", "norm", "graph_norm", "l1_norm", "METHODS", "same_weight",
+           "kind_mismatch", "OTHER_MAP"]
 
 _LOW = (torch.float16, torch.bfloat16)
 
@@ -37,10 +37,11 @@ def norm(v: Tensor, dim: int | None) -> Tensor:
     return torch.norm_except_dim(v, 2, dim)
 
 
-def _graph_norm(v: Tensor, dim: int | None) -> Tensor:
-    """:func:`norm` by ``linalg.vector_norm``, for graphs: norm_except_dim has no vmap rule
-    (a model ensemble under ``torch.func.vmap`` ran a slow per-sample loop) and no legacy ONNX
-    symbolic. It may round differently from :func:`norm`, which eager layers use."""
+def graph_norm(v: Tensor, dim: int | None) -> Tensor:
+    """:func:`norm` by ``linalg.vector_norm``, for graphs and checkpoint conversion:
+    norm_except_dim has no vmap rule (a model ensemble under ``torch.func.vmap`` ran a slow
+    per-sample loop) and no legacy ONNX symbolic. It may round differently from :func:`norm`,
+    which eager layers use."""
     if dim is None:
         return torch.linalg.vector_norm(v)
     axes = _axes(v, dim)
@@ -49,15 +50,15 @@ def _graph_norm(v: Tensor, dim: int | None) -> Tensor:
 
 def _in_graph() -> bool:
     """Whether this runs inside a graph being compiled, traced or exported, or a torch.func
-    transform: where eq. 2 is written out, with :func:`_graph_norm`."""
+    transform: where eq. 2 is written out, with :func:`graph_norm`."""
     return (torch.compiler.is_compiling() or torch._C._is_tracing()
             or torch._C._are_functorch_transforms_active())
 
 
 def _norm_here(v: Tensor, dim: int | None) -> Tensor:
-    """:func:`norm` in eager mode, :func:`_graph_norm` in a graph (legacy ONNX export of a
+    """:func:`norm` in eager mode, :func:`graph_norm` in a graph (legacy ONNX export of a
     half-precision or centered weight norm had no symbolic for norm_except_dim)."""
-    return _graph_norm(v, dim) if _in_graph() else norm(v, dim)
+    return graph_norm(v, dim) if _in_graph() else norm(v, dim)
 
 
 def l1_norm(v: Tensor, dim: int | None) -> Tensor:
@@ -149,7 +150,7 @@ class Map:
     kind = ""
     has_g = True
     #: ``weight(g, c * v) == weight(g, v)`` for every per-slice factor ``c > 0`` (weight
-    #: standardization: up to its eps, so only with a tiny one): then rescaling the slices of v
+    #: standardization: up to its eps, which project_ measures): then rescaling the slices of v
     #: (:func:`wnorm.sphere.project_`) leaves the weight as it is
     scale_invariant = False
 
@@ -213,7 +214,7 @@ class WeightNorm(Map):
             # or exported graph has no hook, and the fused kernel's double backward holds ||v||
             # constant (torch.compile of jacrev(jacrev(f)) and a traced HVP were wrong);
             # Inductor decomposes the kernel into this formula anyway
-            n = _graph_norm(v, self.dim)
+            n = graph_norm(v, self.dim)
             return v * (g.reshape(n.shape) / n)  # type: ignore[union-attr]
         if formula_only(g, v) or v.is_complex():  # the fused kernel has no complex version
             n = norm(v, self.dim)
@@ -277,8 +278,7 @@ class WeightStandardization(Map):
         multiplied by ``k`` (kept-dim), in float64."""
         x = v.detach().double()
         c = self.direction(x)
-        var = (c * c).mean(dim=_axes(x, self.dim), keepdim=True) if self.dim is not None \
-            else (c * c).mean()
+        var = (c * c).mean(dim=_axes(x, self.dim), keepdim=True)  # as weight() computes it
         k = k.double()
         return (k * torch.sqrt(var + self.eps) / torch.sqrt(k * k * var + self.eps) - 1).abs()
 
