@@ -198,7 +198,8 @@ class MeanOnlyBatchNormBase(nn.Module):
         where = self.__dict__.get("_where")
         return f"{where} ({type(self).__name__})" if where else type(self).__name__
 
-    def _check(self, x: Tensor) -> None:
+    def _check(self, x: Tensor) -> tuple[int, ...]:
+        """``x``'s shape, checked to be this layer's input's (raises, naming the layer)."""
         shape = _shape(x)
         if len(shape) not in self._ndims:
             raise WnormError(
@@ -210,6 +211,7 @@ class MeanOnlyBatchNormBase(nn.Module):
                 f"{self._label()}: expected {self.num_features} channels in dim 1; "
                 f"got shape {tuple(x.shape)}"
             )
+        return shape
 
     def _record_length(self, x: Tensor) -> None:
         if x.dim() > 2 and 2 in self._ndims and not torch.compiler.is_compiling() and \
@@ -235,9 +237,9 @@ class MeanOnlyBatchNormBase(nn.Module):
         rm.lerp_(mean if mean.dtype == rm.dtype else mean.to(rm.dtype), m)
 
     def forward(self, x: Tensor) -> Tensor:
-        self._check(x)
+        shape = self._check(x)
         self._record_length(x)
-        if 0 in _shape(x):
+        if 0 in shape:
             # an empty batch (a detection head with no region) has no mean: an empty output,
             # as nn.BatchNorm gives, and the running mean left as it is, not made NaN; the batch
             # is counted, as nn.BatchNorm counts it (a checkpoint's num_batches_tracked agrees),
