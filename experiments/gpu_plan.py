@@ -102,5 +102,5 @@ def plan_text(p: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":  # a library module: run as a command, it did nothing and exited 0
-    raise SystemExit("experiments.gpu_plan is a part of python -m experiments.classify_gpu, not a "
-                     "command of its own; run that (its --help lists the options)")
+    raise SystemExit("experiments.gpu_plan is a part of python -m experiments.classify_gpu, "
+                     "not a command of its own; run that (its --help lists the options)")

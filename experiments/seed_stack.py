@@ -132,5 +132,5 @@ def stack_inputs(x: Tensor) -> Tensor:
 
 
 if __name__ == "__main__":  # a library module: run as a command, it did nothing and exited 0
-    raise SystemExit("experiments.seed_stack is a part of python -m experiments.classify_gpu, not a "
-                     "command of its own; run that (its --help lists the options)")
+    raise SystemExit("experiments.seed_stack is a part of python -m experiments.classify_gpu, "
+                     "not a command of its own; run that (its --help lists the options)")

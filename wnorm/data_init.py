@@ -117,16 +117,16 @@ def _is_pyg(module: nn.Module, name: str) -> bool:
     return cls.__name__ == name and cls.__module__.startswith("torch_geometric.")
 
 
-def _is_aggregation(module: nn.Module) -> bool:
-    return any(c.__name__ == "Aggregation" and c.__module__.startswith("torch_geometric.")
-               for c in type(module).__mro__)
+def _inherits_pyg(module: nn.Module, name: str) -> bool:
+    """Whether ``module`` is an instance of torch_geometric's class ``name`` (by name, so that
+    torch_geometric is never imported here)."""
+    return "torch_geometric" in sys.modules and any(
+        c.__name__ == name and c.__module__.startswith("torch_geometric.")
+        for c in type(module).__mro__)
 
 
 def _is_message_passing(module: nn.Module) -> bool:
-    if "torch_geometric" not in sys.modules:
-        return False
-    return any(c.__name__ == "MessagePassing" and c.__module__.startswith("torch_geometric.")
-               for c in type(module).__mro__)
+    return _inherits_pyg(module, "MessagePassing")
 
 
 def _reason_cannot(module: nn.Module, wn: bool) -> str:
@@ -232,7 +232,8 @@ def _candidates(named: list[tuple[str, nn.Module]], include_plain: bool) -> tupl
         # a Linear inside the aggregation (MultiAggregation's projection, an attentional
         # gate) acts before the output is formed: it is no gain of the output's channels, and
         # is initialized as a layer of its own
-        inner = {id(c) for a in m.children() if _is_aggregation(a) for c in a.modules()}
+        inner = {id(c) for a in m.children() if _inherits_pyg(a, "Aggregation")
+                 for c in a.modules()}
         lins = [(n, c) for n, c in m.named_modules() if c is not m and id(c) not in inner
                 and (isinstance(c, nn.Linear) or _is_pyg(c, "Linear"))]
         if not (include_plain or any(_reparam.slots_of(c) for _, c in lins)):

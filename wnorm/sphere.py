@@ -11,9 +11,9 @@ weight normalization (Karras et al., 2024: :func:`wnorm.forced_weight_norm`, v h
 weight is reparameterized by wnorm the slices of ``v`` are projected, which leaves the weight as
 it is (every wnorm map is invariant to a positive rescaling of a slice of v; weight
 standardization up to its eps, so a radius at which eps is not small against the slices'
-variance is refused) and holds :math:`\lVert v\rVert` fixed, so the effective learning rate of the direction no longer
-decays as :math:`\lVert v\rVert` grows (Salimans & Kingma 2016, section 2.1); a plain weight
-is projected itself.
+variance is refused) and holds :math:`\lVert v\rVert` fixed, so the effective learning rate of
+the direction no longer decays as :math:`\lVert v\rVert` grows (Salimans & Kingma 2016, section
+2.1); a plain weight is projected itself.
 
 The projection runs as a step post-hook of the optimizer, so it works with any
 ``torch.optim`` optimizer (fused and foreach ones included), under DDP (parameters are plain
