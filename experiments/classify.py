@@ -68,8 +68,9 @@ from torch import Tensor, nn
 import wnorm
 from wnorm import WnormError
 
-from .common import (RunFolder, RunLog, add_options, check_config, cli_main, config_from_args,
-                     precision_info, progress, read_jsonl, refuse_existing, split_list)
+from .common import (RunFolder, RunLog, add_options, batch_that_runs, check_config, cli_main,
+                     config_from_args, precision_info, progress, read_jsonl, refuse_existing,
+                     split_list)
 from .data import DATASETS, ImageData, load
 from .nets import VARIANTS, build, initialize
 
@@ -235,9 +236,7 @@ def run(cfg: Config, data: ImageData, dist: Dist | None = None, *,
     if cfg.batch_size % dist.world:
         raise WnormError(f"batch_size {cfg.batch_size} must be divisible by the number of "
                          f"processes {dist.world}")
-    if 0 < data.x_train.shape[0] < cfg.batch_size:  # a batch is at most the training set
-        # (split across the processes as it comes): record what runs
-        cfg = replace(cfg, batch_size=data.x_train.shape[0])
+    cfg = batch_that_runs(cfg, data.x_train.shape[0])  # split across the processes as it comes
     if data.x_train.shape[0] == 0:
         raise WnormError(f"{data.name}: the training set is empty")
     if cfg.init_examples > data.x_train.shape[0]:  # the init batch is at most the training

@@ -39,7 +39,8 @@ import torch
 import wnorm
 from wnorm import WnormError
 
-__all__ = ["RULES", "RunFolder", "RunLog", "RunRecord", "add_options", "check_config",
+__all__ = ["RULES", "RunFolder", "RunLog", "RunRecord", "add_options", "batch_that_runs",
+           "check_config",
            "check_device", "check_out", "cli_main", "config_from_args", "entry_point", "cpu_name",
            "flag", "hardware", "has_metrics", "keep_earlier", "logged_steps", "no_repeats",
            "precision_info", "precision_text", "prepare", "progress", "mean_std_range",
@@ -403,6 +404,12 @@ def check_out(folder: str | Path, what: str) -> Path:
                 raise WnormError(f"{up} is a file; expected a folder for {what} (--out)")
             break
     return folder
+
+
+def batch_that_runs(cfg: Any, n: int) -> Any:
+    """``cfg`` with its batch size at most ``n``, the training set's size: a larger batch runs
+    as the whole set, and the run folder's config.json and the reports say what ran."""
+    return dataclasses.replace(cfg, batch_size=n) if 0 < n < cfg.batch_size else cfg
 
 
 def keep_earlier(path: Path) -> Path | None:

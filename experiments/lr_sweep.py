@@ -41,7 +41,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +52,8 @@ from torch import Tensor, nn
 import wnorm
 from wnorm import WnormError
 
-from .common import (RunFolder, add_options, check_config, config_from_args, no_repeats,
-                     progress, refuse_existing, split_list)
+from .common import (RunFolder, add_options, batch_that_runs, check_config, config_from_args,
+                     no_repeats, progress, refuse_existing, split_list)
 from .data import ImageData, load
 from .nets import MLP, MLP_VARIANTS, VARIANTS, build, initialize, reparameterized_layers
 
@@ -158,8 +158,7 @@ def train_one(cfg: SweepConfig, data: ImageData, echo: bool = True, *,
     _check(cfg)
     if data.x_train.shape[0] == 0:
         raise WnormError(f"{data.name}: the training set is empty")
-    if cfg.batch_size > data.x_train.shape[0]:  # a batch is at most the training set: record
-        cfg = replace(cfg, batch_size=data.x_train.shape[0])  # what runs
+    cfg = batch_that_runs(cfg, data.x_train.shape[0])
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = torch.device(cfg.device)

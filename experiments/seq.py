@@ -34,7 +34,7 @@ import math
 import sys
 import time
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -44,8 +44,8 @@ from torch import Tensor, nn
 import wnorm
 from wnorm import WnormError
 
-from .common import (RunFolder, logged_steps, prepare, run_configs, run_main, run_parser,
-                     stop_if_diverged, train_epoch)
+from .common import (RunFolder, batch_that_runs, logged_steps, prepare, run_configs, run_main,
+                     run_parser, stop_if_diverged, train_epoch)
 from .data import ImageData, load_fashion_mnist
 
 __all__ = ["SeqConfig", "RowLSTM", "build", "parser", "train_one", "main"]
@@ -142,8 +142,7 @@ def train_one(cfg: SeqConfig, data: ImageData, echo: bool = True, *, overwrite: 
     n = x_train.shape[0]
     if n < 2:
         raise WnormError(f"seq: need at least 2 training images; got {n}")
-    if 0 < n < cfg.batch_size:  # a batch is at most the training set: record what runs
-        cfg = replace(cfg, batch_size=n)
+    cfg = batch_that_runs(cfg, n)
     name = run_name(cfg)
     torch.manual_seed(cfg.seed)
     model = build(cfg.variant, cfg.hidden).to(device)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ import wnorm
 from wnorm import WnormError
 
 from .classify import check, run_dir_name, schedule
-from .common import RunFolder, precision_info, refuse_existing, resolve_device
+from .common import RunFolder, batch_that_runs, precision_info, refuse_existing, resolve_device
 from .data import ImageData
 from .nets import build, initialize
 from .seed_stack import STACKABLE, stack, stack_inputs
@@ -267,9 +266,7 @@ def train_stack(cfgs: list[Any], data: ImageData, *, overwrite: bool = False,
         WnormError: a bad setting, or a run folder already holds a run (before any is
             touched).
     """
-    n = data.x_train.shape[0]  # a batch is at most the training set: record what runs
-    cfgs = [resolved(c) if not 0 < n < c.batch_size else
-            replace(resolved(c), batch_size=n) for c in cfgs]
+    cfgs = [batch_that_runs(resolved(c), data.x_train.shape[0]) for c in cfgs]
     for c in cfgs:
         check_gpu(c)
     base = cfgs[0]

@@ -44,7 +44,7 @@ import math
 import sys
 import time
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -54,8 +54,8 @@ from torch import Tensor, nn
 import wnorm
 from wnorm import WnormError
 
-from .common import (RunFolder, logged_steps, prepare, run_configs, run_main, run_parser,
-                     stop_if_diverged, train_epoch)
+from .common import (RunFolder, batch_that_runs, logged_steps, prepare, run_configs, run_main,
+                     run_parser, stop_if_diverged, train_epoch)
 
 __all__ = ["VAEConfig", "ConvVAE", "neg_elbo", "parser", "train_one", "main"]
 
@@ -213,8 +213,7 @@ def train_one(cfg: VAEConfig, x_train: Tensor, x_test: Tensor, data_desc: dict[s
     n = x_train.shape[0]
     if n < 2:
         raise WnormError(f"vae: need at least 2 training images; got {n}")
-    if cfg.batch_size > n:  # a batch is at most the training set: record what runs
-        cfg = replace(cfg, batch_size=n)
+    cfg = batch_that_runs(cfg, n)
     torch.manual_seed(cfg.seed)
     model = build(cfg.variant, cfg).to(device)  # before the folder is touched
     with RunFolder(Path(cfg.out) / run_name(cfg), cfg, device, {"data": data_desc},
