@@ -68,9 +68,9 @@ from torch import Tensor, nn
 import wnorm
 from wnorm import WnormError
 
-from .common import (RunFolder, RunLog, add_options, batch_that_runs, check_config, cli_main,
-                     config_from_args, precision_info, progress, read_jsonl, refuse_existing,
-                     split_list)
+from .common import (RunFolder, RunLog, add_options, add_run_flags, batch_that_runs,
+                     check_config, cli_main, config_from_args, pending, precision_info, progress,
+                     read_jsonl, refuse_existing, split_list)
 from .data import DATASETS, ImageData, load
 from .nets import VARIANTS, build, initialize
 
@@ -370,7 +370,8 @@ _NOT_OPTIONS = {"variant", "seed", "out"}  # --variants, --seeds and --out inste
 
 def parser(prog: str = "python -m experiments.classify", doc: str | None = None,
            defaults: dict[str, object] | None = None) -> argparse.ArgumentParser:
-    """``--variants --seeds --out --overwrite`` and one option per :class:`Config` field."""
+    """``--variants --seeds --out --overwrite --resume`` and one option per :class:`Config`
+    field."""
     d = {"variants": "normal,weightnorm,batchnorm,wn+meanonly", "seeds": "0", "out": "runs"}
     d |= {k: v for k, v in (defaults or {}).items() if k in d}
     p = argparse.ArgumentParser(prog=prog, description=(doc or __doc__).split("\n")[0])
@@ -379,8 +380,7 @@ def parser(prog: str = "python -m experiments.classify", doc: str | None = None,
     p.add_argument("--seeds", default=d["seeds"], help="comma-separated (default: %(default)s)")
     p.add_argument("--out", default=d["out"], help="parent folder of the run folders "
                                                    "(default: %(default)s)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace run folders that already hold a run (default: refuse them)")
+    add_run_flags(p)
     add_options(p, Config, skip=_NOT_OPTIONS, defaults=defaults)
     return p
 
@@ -404,14 +404,20 @@ def configs_from(args: argparse.Namespace, config_cls: type = Config,
     return configs
 
 
-def train_all(configs: list[Config], overwrite: bool) -> list[Path]:
-    """Load the data once and train every config; returns the run folders (rank 0's).
+def train_all(configs: list[Config], overwrite: bool, resume: bool = False) -> list[Path]:
+    """Load the data once and train every config (with ``resume``, those whose run folder
+    holds no finished run: :func:`~experiments.common.pending`); returns the run folders
+    trained (rank 0's).
 
     Raises:
-        WnormError: a run folder already holds a run (before any data is loaded), or the data
-            cannot be loaded.
+        WnormError: a run folder already holds a run, or a finished one another setting (before
+            any data is loaded), or the data cannot be loaded.
     """
-    refuse_existing([Path(c.out) / run_dir_name(c) for c in configs], overwrite)
+    configs = pending(configs, lambda c: Path(c.out) / run_dir_name(c), overwrite=overwrite,
+                      resume=resume)
+    if not configs:
+        return []
+    overwrite = overwrite or resume  # an unfinished folder left to train is trained again
     base = configs[0]
     dist = Dist.setup(base.resolved().device)
     data = load(base.dataset, base.data_dir, train_subset=base.train_subset,
@@ -442,7 +448,7 @@ def train_all(configs: list[Config], overwrite: bool) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     """Train variants x seeds; returns the exit status (2: bad option or data)."""
     return cli_main(parser(), argv, configs_from,
-                    lambda configs, args: train_all(configs, args.overwrite))
+                    lambda configs, args: train_all(configs, args.overwrite, args.resume))
 
 
 if __name__ == "__main__":

@@ -77,8 +77,8 @@ from typing import Any
 from wnorm import WnormError
 
 from .classify import Config, run_dir_name
-from .common import (add_options, check_out, config_from_args, hardware, keep_earlier,
-                     read_jsonl, refuse_existing, split_list)
+from .common import (add_options, add_run_flags, check_out, config_from_args, hardware,
+                     keep_earlier, pending, read_jsonl, split_list)
 from .data import ImageData, load
 from .gpu_plan import plan, plan_text
 from .gpu_timing import time_variants, timing_text
@@ -142,16 +142,23 @@ def _load(cfg: GPUConfig) -> ImageData:
                 test_subset=cfg.test_subset, zca=cfg.resolved().zca, download=cfg.download)
 
 
-def run_all(configs: list[GPUConfig], *, overwrite: bool = False) -> dict[str, Any]:
-    """Train every config: stacks of seeds dealt round-robin to ``procs`` worker processes that
-    run at once, each training its stacks one after the other (in this process when ``procs``
-    is 1). Returns what ``harness.json`` records: wall times.
+def run_all(configs: list[GPUConfig], *, overwrite: bool = False,
+            resume: bool = False) -> dict[str, Any]:
+    """Train every config (with ``resume``, those whose run folder holds no finished run:
+    :func:`~experiments.common.pending`): stacks of seeds dealt round-robin to ``procs`` worker
+    processes that run at once, each training its stacks one after the other (in this process
+    when ``procs`` is 1). Returns what ``harness.json`` records: wall times, and the runs kept.
 
     Raises:
-        WnormError: a run folder already holds a run (before anything trains), or a worker
-            failed (naming it and its log).
+        WnormError: a run folder already holds a run, or a finished one another setting (before
+            anything trains), or a worker failed (naming it and its log).
     """
-    refuse_existing([Path(c.out) / run_dir_name(c) for c in configs], overwrite)
+    todo = pending(configs, lambda c: Path(c.out) / run_dir_name(c), overwrite=overwrite,
+                   resume=resume)
+    kept = [run_dir_name(c) for c in configs if c not in todo]
+    configs, overwrite = todo, overwrite or resume
+    if not configs:
+        return {"wall_s": 0.0, "processes_at_once": 0, "stacks": [], "kept": kept}
     stacks = _stacks(configs)
     procs = min(configs[0].procs, len(stacks))
     out = Path(configs[0].out)
@@ -188,7 +195,7 @@ def run_all(configs: list[GPUConfig], *, overwrite: bool = False) -> dict[str, A
         if failed:
             raise WnormError("; ".join(failed))
     return {"wall_s": time.perf_counter() - t0, "processes_at_once": procs,
-            "stacks": [_job_name(st) for st in stacks]}
+            "stacks": [_job_name(st) for st in stacks], "kept": kept}
 
 
 def _job_name(job: list[GPUConfig]) -> str:
@@ -243,8 +250,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/classify-gpu",
                    help="parent folder of the run folders, harness.json and report/ (with "
                         "--timing: of timing.json and timing.md) (default: %(default)s)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace run folders that already hold a run (default: refuse them)")
+    add_run_flags(p)
     p.add_argument("--timing", action="store_true",
                    help="time an epoch of each variant (one seed), eager and compiled, instead "
                         "of training")
@@ -290,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.timing:
             return _timing(configs[0], variants, args, command)
         sys.stdout.flush()
-        result = run_all(configs, overwrite=args.overwrite)
+        result = run_all(configs, overwrite=args.overwrite, resume=args.resume)
     except WnormError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -9,6 +9,8 @@ A run writes one folder, ``<out>/<name>/``, and reports read nothing else:
 - ``metrics.jsonl`` one JSON line per epoch (per episode for DQN); a run that diverged ends
   with a line that says ``"diverged": true``
 - ``log.txt``       what was printed
+- ``done.json``     written when training returned (to its last epoch, or stopped as diverged):
+  ``--resume`` keeps such a folder and trains the others again from their start
 
 Options: each script keeps its defaults in one dataclass at its top; :func:`add_options` turns
 every field into ``--field-name`` and :func:`check_config` refuses a value outside
@@ -39,11 +41,12 @@ import torch
 import wnorm
 from wnorm import WnormError
 
-__all__ = ["RULES", "RunFolder", "RunLog", "RunRecord", "add_options", "batch_that_runs",
+__all__ = ["DONE", "RULES", "RunFolder", "RunLog", "RunRecord", "add_options",
+           "add_run_flags", "batch_that_runs",
            "check_config",
            "check_device", "check_out", "cli_main", "config_from_args", "entry_point", "cpu_name",
            "flag", "hardware", "has_metrics", "keep_earlier", "logged_steps", "no_repeats",
-           "precision_info", "precision_text", "prepare", "progress", "mean_std_range",
+           "pending", "precision_info", "precision_text", "prepare", "progress", "mean_std_range",
            "read_jsonl",
            "read_run_files", "refuse_duplicates", "refuse_existing", "resolve_device",
            "run_configs", "run_folders", "run_main", "run_parser", "setting_key", "split_list",
@@ -379,7 +382,8 @@ def entry_point(main: Callable[[], Any]) -> NoReturn:
         code = main()
     except KeyboardInterrupt:
         print("interrupted: each run folder keeps the epochs it wrote (reports list such runs "
-              "as incomplete; --overwrite runs them again)", file=sys.stderr)
+              "as incomplete; --resume trains them again and keeps the finished ones)",
+              file=sys.stderr)
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)
 
@@ -443,6 +447,67 @@ def refuse_existing(folders: list[Path], overwrite: bool) -> None:
                          "choose another --out, move it away, or pass --overwrite to replace it")
 
 
+#: the file that marks a run folder whose training returned
+DONE = "done.json"
+#: fields that may differ between a finished run and a resumed command: where and how fast it
+#: runs, not what it computes
+_NOT_SETTINGS = frozenset({"out", "threads", "device", "procs", "data_dir", "download"})
+#: fields a run records clamped to the data (:func:`batch_that_runs`): a smaller value is no change
+_CLAMPED = frozenset({"batch_size", "init_examples"})
+
+
+def _changed(folder: Path, cfg: Any) -> list[str]:
+    """The fields of ``cfg`` that a finished run in ``folder`` trained with another value."""
+    try:
+        ran = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        raise WnormError(f"{folder} is marked finished ({DONE}) but its config.json is missing "
+                         "or unreadable; move the folder away, or pass --overwrite") from None
+    changed = []
+    for k, want in dataclasses.asdict(cfg).items():
+        if k in _NOT_SETTINGS or want is None or want == "auto" or k not in ran:
+            continue  # an automatic value is recorded resolved: any value it resolved to is it
+        got = ran[k]
+        if got != want and not (k in _CLAMPED and isinstance(got, int) and got < want):
+            changed.append(f"{flag(k)} {got!r} there, {want!r} now")
+    return changed
+
+
+def pending(configs: list[Any], folder_of: Callable[[Any], Path], *, overwrite: bool,
+            resume: bool) -> list[Any]:
+    """The configs left to train: every one, after :func:`refuse_existing`; with ``resume``,
+    those whose run folder (``folder_of(cfg)``) holds no finished run (:data:`DONE`), an
+    unfinished one to be trained again from its start (its epochs are replaced).
+
+    A finished run is kept only for the same setting: one trained with another value of a
+    field that changes what it computes is refused, not silently mixed into a report.
+
+    Raises:
+        WnormError: ``overwrite`` and ``resume`` both; a folder in the way (:func:`check_out`);
+            a run folder that holds a run (without either flag); a finished run of another
+            setting (naming the folder and the fields).
+    """
+    folders = [folder_of(c) for c in configs]
+    if not resume:
+        refuse_existing(folders, overwrite)
+        return list(configs)
+    if overwrite:
+        raise WnormError("--resume keeps finished runs and --overwrite replaces them; pass one")
+    for f in folders:
+        check_out(f, "the runs")
+    todo = []
+    for c, f in zip(configs, folders):
+        if not (f / DONE).is_file():
+            todo.append(c)
+        elif changed := _changed(f, c):
+            raise WnormError(f"--resume: {f} finished with another setting ({'; '.join(changed)})"
+                             "; run it again with --overwrite, or give another --out")
+    if len(todo) < len(configs):
+        print(f"resume: {len(configs) - len(todo)} of {len(configs)} runs finished already and "
+              f"are kept; training {len(todo)}", flush=True)
+    return todo
+
+
 class RunFolder:
     """``<out>/<name>/`` with ``config.json``, ``version.json``, ``log.txt``, ``metrics.jsonl``.
 
@@ -461,6 +526,7 @@ class RunFolder:
         self.path = Path(path)
         refuse_existing([self.path], overwrite)
         self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / DONE).unlink(missing_ok=True)  # a run replaced is unfinished until it ends
         base = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
         (self.path / "config.json").write_text(json.dumps(base | (extra or {}), indent=2) + "\n")
         (self.path / "version.json").write_text(
@@ -476,11 +542,21 @@ class RunFolder:
         self._metrics.close()
         self.log.close()
 
+    def finish(self) -> None:
+        """Close, marking the run finished (:data:`DONE`): ``--resume`` keeps it."""
+        self.close()
+        (self.path / DONE).write_text(json.dumps(
+            {"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
+
     def __enter__(self) -> RunFolder:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
+        # an exception (Ctrl-C, a crash) leaves the run unfinished: --resume trains it again
+        if kind is None:
+            self.finish()
+        else:
+            self.close()
 
 
 # --------------------------------------------------------------------------- training
@@ -704,12 +780,20 @@ def run_parser(script: str, doc: str, config_cls: type, *, variants: tuple[str, 
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     p.add_argument("--quick", action="store_true",
                    help="tiny sizes that run in seconds (for tests); explicit options still win")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace run folders that already hold a run (default: refuse them)")
+    add_run_flags(p)
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                    help="progress bars on stderr (default: on)")
     add_options(p, config_cls, skip=_RUN_OPTIONS)
     return p
+
+
+def add_run_flags(p: argparse.ArgumentParser) -> None:
+    """``--overwrite`` and ``--resume``: what to do with run folders that already hold a run."""
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace run folders that already hold a run (default: refuse them)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the runs that finished (same settings) and train the others again "
+                        "from their start: an interrupted command goes on where it stopped")
 
 
 def run_configs(config_cls: type, args: argparse.Namespace, quick: dict[str, Any],
@@ -765,15 +849,20 @@ def run_main(p: argparse.ArgumentParser, argv: list[str] | None,
              train_one: Callable[..., RunFolder]) -> int:
     """:func:`cli_main` for a script with one run folder per config (vae, seq, dqn).
 
-    Run folders that already hold a run are refused (without ``--overwrite``) before
+    The configs left to train (:func:`pending`: run folders that already hold a run are
+    refused without ``--overwrite``, finished ones kept with ``--resume``) are chosen before
     ``load(configs[0])`` reads the data, once; then ``train_one(cfg, *data, overwrite=...,
-    progress_bar=...)`` trains each config and its folder is printed.
+    progress_bar=...)`` trains each and its folder is printed.
     """
     def train_all(configs: list[Any], args: argparse.Namespace) -> None:
-        refuse_existing([Path(c.out) / run_name(c) for c in configs], args.overwrite)
-        data = load(configs[0])
-        for cfg in configs:
-            folder = train_one(cfg, *data, overwrite=args.overwrite, progress_bar=args.progress)
+        todo = pending(configs, lambda c: Path(c.out) / run_name(c), overwrite=args.overwrite,
+                       resume=args.resume)
+        if not todo:
+            return
+        data = load(todo[0])
+        for cfg in todo:
+            folder = train_one(cfg, *data, overwrite=args.overwrite or args.resume,
+                               progress_bar=args.progress)
             print(f"run folder: {folder.path}")
 
     return cli_main(p, argv, configs_from, train_all)

@@ -72,8 +72,8 @@ from torch import Tensor, nn
 import wnorm
 from wnorm import WnormError
 
-from .common import (RunFolder, add_options, check_config, config_from_args, precision_info,
-                     progress, refuse_existing, resolve_device, split_list)
+from .common import (RunFolder, add_options, add_run_flags, check_config, config_from_args,
+                     pending, precision_info, progress, resolve_device, split_list)
 from .data import load_fashion_mnist
 
 __all__ = ["GraphConfig", "Graph", "GraphNet", "MODELS", "VARIANTS", "QUICK", "knn_graph",
@@ -457,8 +457,7 @@ def parser() -> argparse.ArgumentParser:
                    help="auto | cpu | cuda | cuda:N (default: %(default)s)")
     p.add_argument("--quick", action="store_true",
                    help="tiny sizes that run in seconds (for tests); explicit options still win")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace run folders that already hold a run (default: refuse them)")
+    add_run_flags(p)
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=False,
                    help="progress bars on stderr (default: off)")
     p.add_argument("--report-only", action="store_true",
@@ -508,7 +507,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(e))
     t0, load0 = time.perf_counter(), os.getloadavg()[0]
     try:
-        refuse_existing([out / run_name(c) for c in configs], args.overwrite)
+        todo = pending(configs, lambda c: out / run_name(c), overwrite=args.overwrite,
+                       resume=args.resume)
         # before training: a report of these runs beside the ones already in --out must not
         # average two settings
         replaced = {run_name(c) for c in configs}
@@ -516,16 +516,17 @@ def main(argv: list[str] | None = None) -> int:
         refuse_mixed(kept + [(asdict(c), out / run_name(c)) for c in configs])
         if configs[0].threads:
             torch.set_num_threads(configs[0].threads)
-        graph = build_graph(configs[0])
-        for cfg in configs:
-            folder = train_one(cfg, graph, overwrite=args.overwrite,
+        graph = build_graph(configs[0]) if todo else None
+        for cfg in todo:
+            folder = train_one(cfg, graph, overwrite=args.overwrite or args.resume,
                                progress_bar=args.progress)
             print(f"run folder: {folder.path}")
         wall = time.perf_counter() - t0
         used = resource.getrusage(resource.RUSAGE_SELF)
         session = {"command": "python -m experiments.graph " + " ".join(
                        sys.argv[1:] if argv is None else argv),
-                   "runs": len(configs), "run_names": [run_name(c) for c in configs],
+                   "runs": len(todo), "run_names": [run_name(c) for c in todo],
+                   "kept": len(configs) - len(todo),
                    "wall_s": round(wall, 1),
                    "cpu_s": round(used.ru_utime + used.ru_stime, 1),
                    "cpus": os.cpu_count(), "threads": configs[0].threads,
@@ -536,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
     except WnormError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"graph: {len(configs)} runs in {wall:.0f} s; wrote {out / 'report.md'} and "
+    print(f"graph: {len(todo)} runs in {wall:.0f} s; wrote {out / 'report.md'} and "
           f"{out / 'graph.png'}")
     return 0
 

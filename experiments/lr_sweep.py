@@ -52,8 +52,8 @@ from torch import Tensor, nn
 import wnorm
 from wnorm import WnormError
 
-from .common import (RunFolder, add_options, batch_that_runs, check_config, config_from_args,
-                     no_repeats, progress, refuse_existing, split_list)
+from .common import (RunFolder, add_options, add_run_flags, batch_that_runs, check_config,
+                     config_from_args, no_repeats, pending, progress, split_list)
 from .data import ImageData, load
 from .nets import MLP, MLP_VARIANTS, VARIANTS, build, initialize, reparameterized_layers
 
@@ -256,9 +256,10 @@ def _configs(base: SweepConfig, variants: list[str], lrs: list[float], seeds: li
 
 
 def check_all(base: SweepConfig, variants: list[str], lrs: list[float], seeds: list[int], *,
-              overwrite: bool = False) -> None:
+              overwrite: bool = False, resume: bool = False) -> list[SweepConfig]:
     """Every run's settings, and that no run folder already holds a run (unless
-    ``overwrite``): before any data is loaded or any run trains.
+    ``overwrite``; with ``resume``, finished runs of the same setting are kept): before any
+    data is loaded or any run trains. Returns the configs left to train, seed-major.
 
     Raises:
         WnormError: the first problem, naming the option or the folder.
@@ -279,19 +280,21 @@ def check_all(base: SweepConfig, variants: list[str], lrs: list[float], seeds: l
             raise WnormError(f"lr-sweep: --lrs {other!r} and {c.lr!r} would share the run folder "
                              f"{run_dir_name(c)}; give learning rates that differ in their "
                              "first 6 significant digits")
-    refuse_existing([Path(c.out) / run_dir_name(c) for c in configs], overwrite)
+    return pending(configs, lambda c: Path(c.out) / run_dir_name(c), overwrite=overwrite,
+                   resume=resume)
 
 
 def sweep(base: SweepConfig, variants: list[str], lrs: list[float], seeds: list[int],
-          data: ImageData, echo: bool = True, *, overwrite: bool = False) -> list[Path]:
-    """Every (seed, lr, variant), seed-major so that an interrupted sweep has whole seeds.
+          data: ImageData, echo: bool = True, *, overwrite: bool = False,
+          resume: bool = False) -> list[Path]:
+    """Every (seed, lr, variant), seed-major so that an interrupted sweep has whole seeds
+    (with ``resume``, those not finished already); returns the run folders trained.
 
     ``echo`` prints the log lines. Every setting and run folder is checked before the first
     run trains.
     """
-    check_all(base, variants, lrs, seeds, overwrite=overwrite)
-    return [train_one(cfg, data, echo=echo, overwrite=overwrite)
-            for cfg in _configs(base, variants, lrs, seeds)]
+    todo = check_all(base, variants, lrs, seeds, overwrite=overwrite, resume=resume)
+    return [train_one(cfg, data, echo=echo, overwrite=overwrite or resume) for cfg in todo]
 
 
 # --------------------------------------------------------------------------- command line
@@ -310,8 +313,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma-separated (default: %(default)s)")
     p.add_argument("--out", default=SweepConfig.out, help="parent folder of the run folders "
                                                           "(default: %(default)s)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace run folders that already hold a run (default: refuse them)")
+    add_run_flags(p)
     add_options(p, SweepConfig, skip=_NOT_OPTIONS)
     args = p.parse_args(argv)
     try:
@@ -327,11 +329,15 @@ def main(argv: list[str] | None = None) -> int:
     except WnormError as e:
         p.error(str(e))
     try:
-        check_all(base, variants, lrs, seeds, overwrite=args.overwrite)
+        todo = check_all(base, variants, lrs, seeds, overwrite=args.overwrite,
+                         resume=args.resume)
+        # the data is loaded only for runs left to train
         data = load(base.dataset, base.data_dir, train_subset=base.train_subset,
-                    test_subset=base.test_subset, zca=False, download=base.download)
+                    test_subset=base.test_subset, zca=False,
+                    download=base.download) if todo else None
         t0 = time.perf_counter()
-        folders = sweep(base, variants, lrs, seeds, data, overwrite=args.overwrite)
+        folders = [train_one(cfg, data, overwrite=args.overwrite or args.resume)
+                   for cfg in todo]
     except WnormError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

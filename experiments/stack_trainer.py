@@ -287,6 +287,7 @@ def train_stack(cfgs: list[Any], data: ImageData, *, overwrite: bool = False,
     folders = [RunFolder(p, c, device, extra, echo=False, overwrite=True)
                for p, c in zip(paths, cfgs)]
     say = print if echo else (lambda *a, **k: None)
+    ended = False  # Ctrl-C or a crash leaves the runs unfinished: --resume trains them again
     try:
         for f in folders:
             f.log(f"{f.path.name}: {data.name} {trainer.n} train / {data.x_test.shape[0]} "
@@ -312,7 +313,7 @@ def train_stack(cfgs: list[Any], data: ImageData, *, overwrite: bool = False,
                              "lr": r["lr"], "beta1": r["beta1"]})
                     f.log(f"epoch {e + 1}/{base.epochs}: training loss became "
                           f"{r['train_loss'][i]} (lr {r['lr']:g}): diverged, stopping this run")
-                    f.close()
+                    f.finish()  # a diverged run is a result: --resume keeps it
                     folders[i] = None
                     continue
                 row = {"epoch": e + 1, "train_loss": r["train_loss"][i],
@@ -331,12 +332,16 @@ def train_stack(cfgs: list[Any], data: ImageData, *, overwrite: bool = False,
                 + f"%  {r['seconds']:.1f} s + {r['eval_seconds']:.1f} s eval", flush=True)
             if not alive:
                 break
+        ended = True
     finally:
         for f in folders:
             if f is not None:
-                f.log(f"done in {time.perf_counter() - t_start:.0f} s (the stack, start-up and "
-                      "compilation included)")
-                f.close()
+                f.log(f"{'done' if ended else 'stopped'} in {time.perf_counter() - t_start:.0f}"
+                      " s (the stack, start-up and compilation included)")
+                if ended:
+                    f.finish()
+                else:
+                    f.close()
     return paths
 
 

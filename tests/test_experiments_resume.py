@@ -1,0 +1,176 @@
+"""``--resume``: an interrupted command goes on where it stopped. Finished runs (``done.json``)
+are kept byte for byte, the interrupted one is trained again from its start, and a finished
+run of another setting is refused, not mixed into a report."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+from pathlib import Path
+
+import pytest
+
+from experiments.common import DONE, RunFolder, pending
+from fakes import write_fashion
+from wnorm import WnormError
+
+_TINY = ["--width", "0.04", "--batch-size", "10", "--init-examples", "10", "--threads", "1",
+         "--device", "cpu", "--epochs", "2"]
+
+
+def main(argv: list[str]) -> int:
+    try:
+        return importlib.import_module(f"experiments.{argv[0]}").main(argv[1:])
+    except SystemExit as e:
+        return int(e.code or 0)
+
+
+def _snapshot(folder: Path) -> dict[str, str]:
+    return {p.name: p.read_text() for p in sorted(folder.iterdir())}
+
+
+def _interrupt_in(monkeypatch: pytest.MonkeyPatch, suffix: str) -> None:
+    """Ctrl-C right after the first epoch a run folder ending in ``suffix`` writes."""
+    write = RunFolder.write
+
+    def interrupted(self: RunFolder, row: dict) -> None:
+        write(self, row)
+        if self.path.name.endswith(suffix):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(RunFolder, "write", interrupted)
+
+
+@dataclasses.dataclass
+class _Cfg:
+    out: str = "runs"
+    threads: int = 1
+    lr: float = 0.1
+    batch_size: int = 100
+    zca: bool | None = None
+
+
+def _finished(folder: Path, **ran: object) -> None:
+    with RunFolder(folder, _Cfg(**ran), "cpu", echo=False) as rf:
+        rf.write({"epoch": 1})
+
+
+def test_a_run_folder_is_marked_done_only_when_its_training_returns(tmp_path: Path) -> None:
+    _finished(tmp_path / "a")
+    assert (tmp_path / "a" / DONE).is_file()
+    with pytest.raises(KeyboardInterrupt), RunFolder(tmp_path / "b", _Cfg(), "cpu",
+                                                     echo=False) as rf:
+        rf.write({"epoch": 1})
+        raise KeyboardInterrupt
+    assert (tmp_path / "b" / "metrics.jsonl").read_text() and not (tmp_path / "b" / DONE).exists()
+    # a finished folder trained again is unfinished until that run ends
+    rf = RunFolder(tmp_path / "a", _Cfg(), "cpu", echo=False, overwrite=True)
+    assert not (tmp_path / "a" / DONE).exists()
+    rf.close()
+
+
+def test_pending_keeps_finished_runs_of_the_same_setting_and_refuses_another(
+        tmp_path: Path) -> None:
+    _finished(tmp_path / "a", batch_size=20, zca=True)  # clamped to the data, auto resolved
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "metrics.jsonl").write_text('{"epoch": 1}\n')  # interrupted: no done.json
+    cfgs = [_Cfg(out="a", threads=2), _Cfg(out="b"), _Cfg(out="c")]
+    where = lambda c: tmp_path / c.out  # noqa: E731
+    assert pending(cfgs, where, overwrite=False, resume=True) == cfgs[1:]
+    with pytest.raises(WnormError, match="already holds a run"):
+        pending(cfgs, where, overwrite=False, resume=False)
+    assert pending(cfgs, where, overwrite=True, resume=False) == cfgs
+    with pytest.raises(WnormError, match="pass one"):
+        pending(cfgs, where, overwrite=True, resume=True)
+    with pytest.raises(WnormError) as e:
+        pending([_Cfg(out="a", lr=0.5)], where, overwrite=False, resume=True)
+    assert str(tmp_path / "a") in str(e.value) and "--lr 0.1 there, 0.5 now" in str(e.value)
+    with pytest.raises(WnormError, match="--batch-size 20 there, 10 now"):
+        pending([_Cfg(out="a", batch_size=10)], where, overwrite=False, resume=True)
+
+
+@pytest.mark.slow
+def test_classify_resumes_an_interrupted_command(tmp_path: Path, capsys,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    data, out = tmp_path / "fashion", tmp_path / "runs"
+    write_fashion(data, n_train=20, n_test=10)
+    argv = ["classify", "--data-dir", str(data), "--variants", "normal", "--seeds", "0,1",
+            *_TINY, "--out", str(out)]
+    _interrupt_in(monkeypatch, "-s1")
+    with pytest.raises(KeyboardInterrupt):
+        main(argv)
+    monkeypatch.undo()
+    s0, s1 = out / "fashion-mnist-normal-s0", out / "fashion-mnist-normal-s1"
+    assert (s0 / DONE).is_file() and not (s1 / DONE).exists()
+    assert len((s1 / "metrics.jsonl").read_text().splitlines()) == 1
+    kept = _snapshot(s0)
+    assert main(argv) == 2  # without --resume the interrupted folder is still refused
+    capsys.readouterr()
+    assert main(argv + ["--resume"]) == 0
+    assert "1 of 2 runs finished already" in capsys.readouterr().out
+    assert _snapshot(s0) == kept
+    assert [r["epoch"] for r in map(json.loads, (s1 / "metrics.jsonl").read_text().splitlines())
+            ] == [1, 2] and (s1 / DONE).is_file()
+    both = {f: _snapshot(f) for f in (s0, s1)}
+    assert main(argv + ["--resume"]) == 0  # all finished: nothing trains
+    assert {f: _snapshot(f) for f in (s0, s1)} == both
+    capsys.readouterr()
+    assert main(argv + ["--resume", "--epochs", "3"]) == 2
+    err = capsys.readouterr().err
+    assert str(s0) in err and "--epochs 2 there, 3 now" in err
+    assert main(argv + ["--resume", "--overwrite"]) == 2
+    assert {f: _snapshot(f) for f in (s0, s1)} == both
+
+
+@pytest.mark.slow
+def test_classify_gpu_resumes_its_stacks_and_records_the_runs_it_kept(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data, out = tmp_path / "fashion", tmp_path / "runs"
+    write_fashion(data, n_train=20, n_test=10)
+    argv = ["classify_gpu", "--data-dir", str(data), "--variants", "normal,weightnorm",
+            "--seeds", "0", "--width", "0.04", "--batch-size", "10", "--init-examples", "10",
+            "--epochs", "2", "--device", "cpu", "--procs", "1", "--eval-batch-size", "10",
+            "--out", str(out)]
+    _interrupt_in(monkeypatch, "weightnorm-s0")
+    with pytest.raises(KeyboardInterrupt):
+        main(argv)
+    monkeypatch.undo()
+    normal, wn = out / "fashion-mnist-normal-s0", out / "fashion-mnist-weightnorm-s0"
+    assert (normal / DONE).is_file() and not (wn / DONE).exists()
+    assert "stopped in" in (wn / "log.txt").read_text()
+    kept = _snapshot(normal)
+    assert main(argv + ["--resume"]) == 0
+    assert _snapshot(normal) == kept and (wn / DONE).is_file()
+    harness = json.loads((out / "harness.json").read_text())
+    assert harness["kept"] == [normal.name] and harness["stacks"] == ["weightnorm s0"]
+    assert "| weightnorm |" in (out / "report" / "report.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["vae", "lr_sweep", "graph"])
+def test_every_run_script_resumes_an_interrupted_command(
+        script: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data, out = tmp_path / "fashion", tmp_path / "runs"
+    write_fashion(data, n_train=200 if script == "graph" else 20, n_test=10)
+    argv = {
+        "vae": ["vae", "--quick", "--variants", "normal", "--seeds", "0,1", "--epochs", "1",
+                "--train-subset", "20", "--test-subset", "10", "--batch-size", "10",
+                "--init-examples", "10", "--device", "cpu", "--no-progress"],
+        "lr_sweep": ["lr_sweep", "--variants", "normal", "--lrs", "0.1", "--seeds", "0,1",
+                     "--epochs", "1", "--hidden", "4", "--batch-size", "10",
+                     "--init-examples", "10", "--threads", "1", "--no-progress",
+                     "--train-subset", "20", "--test-subset", "10"],
+        "graph": ["graph", "--quick", "--models", "sage", "--variants", "normal",
+                  "--seeds", "0,1", "--device", "cpu"],
+    }[script] + ["--data-dir", str(data), "--out", str(out)]
+    _interrupt_in(monkeypatch, "s1")
+    with pytest.raises(KeyboardInterrupt):
+        main(argv)
+    monkeypatch.undo()
+    done = {f.name: _snapshot(f) for f in out.iterdir() if (f / DONE).is_file()}
+    cut = [f for f in out.iterdir() if f.is_dir() and not (f / DONE).exists()]
+    assert len(done) == 1 and len(cut) == 1
+    assert main(argv + ["--resume"]) == 0
+    assert {f: _snapshot(out / f) for f in done} == done
+    assert (cut[0] / DONE).is_file()
