@@ -360,7 +360,8 @@ def test_a_write_into_the_weight_and_an_in_place_change_of_g_and_v_warn_and_the_
     # land; a checkpoint loaded in place after an nn.init write is said to be overwritten
     m = _written_then_stepped()
     with pytest.warns(UserWarning, match=r"'weight' was written in place after it was read, "
-                      r"and 'weight_g'/'weight_v' were changed in place since; the write into "
+                      r"and 'weight_g'/'weight_v' were changed in place \(or through \.data\) "
+                      r"since; the write into "
                       r"'weight' lands"):
         assert m[0].weight.abs().sum() == 0
     with warnings.catch_warnings():
@@ -462,3 +463,62 @@ def test_a_layer_built_under_inference_mode_reads_and_folds():
         assert len(m.state_dict()) == 3
         folded = wnorm.fold(m)
         torch.testing.assert_close(folded.weight, w)
+
+
+RESTORES = {
+    # ES and TRPO perturb, evaluate and restore the parameters through .data: no version moves
+    "vector_to_parameters": lambda m, flat: nn.utils.vector_to_parameters(flat, m.parameters()),
+    "p.data = t": lambda m, flat: [setattr(p, "data", t.view_as(p).clone()) for p, t in zip(
+        m.parameters(), flat.split([p.numel() for p in m.parameters()]))],
+    "p.data.mul_": lambda m, flat: [p.data.mul_(0.5) for p in m.parameters()],
+}
+
+
+@pytest.mark.parametrize("restore", list(RESTORES))
+def test_a_write_into_the_weight_then_an_edit_of_g_and_v_through_data_is_not_silent(
+        restore, compare):
+    # the write lands over them (which came last is not recorded), as after an in-place edit;
+    # it used to land without a word, the edit through .data being invisible to the versions
+    if compare != "cpu" and restore == "p.data.mul_":
+        pytest.skip("an edit in place through .data is told by the values: a host sync on a GPU")
+    torch.manual_seed(0)
+    m = wnorm.apply(nn.Sequential(nn.Linear(4, 3)))
+    flat = nn.utils.parameters_to_vector(m.parameters()).detach().clone() + 1
+    written = torch.linspace(-1, 1, 12).view(3, 4)
+    with torch.no_grad():
+        m[0].weight.copy_(written)
+        RESTORES[restore](m, flat)
+    with pytest.warns(UserWarning, match=r"were changed in place \(or through \.data\) since"):
+        torch.testing.assert_close(m[0].weight, written, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_a_write_held_at_a_fork_lands_before_it_not_over_what_a_child_trained():
+    # Hogwild: the parent writes an init into a weight of a shared model, forks workers that
+    # train it, and reads it after join. Each side used to land the write at its next access:
+    # the parent's put the init back over the workers' training
+    import multiprocessing as mp
+
+    torch.manual_seed(0)
+    m = wnorm.apply(nn.Sequential(nn.Linear(4, 3)))
+    m.share_memory()
+    written = torch.linspace(-1, 1, 12).view(3, 4)
+    with torch.no_grad():
+        m[0].weight.copy_(written)  # held, to land at the next access
+    child = mp.get_context("fork").Process(target=_train_a_step, args=(m,))
+    child.start()
+    child.join()
+    assert child.exitcode == 0
+    layer = m[0]
+    trained = (layer.weight_g * layer.weight_v / layer.weight_v.norm(dim=1, keepdim=True)).detach()
+    assert not torch.allclose(trained, written)  # the child trained the shared g and v
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(layer.weight, trained)
+
+
+def _train_a_step(m: nn.Module) -> None:
+    torch.set_num_threads(1)
+    opt = torch.optim.SGD(m.parameters(), lr=0.5)
+    m(torch.randn(8, 4)).pow(2).mean().backward()
+    opt.step()

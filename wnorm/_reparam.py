@@ -209,14 +209,21 @@ def _flush(module: nn.Module, slot: Slot) -> None:
     # held weight stale. Whether anything was written is known unless the device was not
     # asked; then (a GPU, after a step) written rows still land below, without a host sync.
     known = bumped or swapped or asked
-    stale = not _same(key, g, v)
+    # g and v edited through .data move no version: an assignment (vector_to_parameters) moves
+    # their data, and on a CPU their values tell an edit in place (another process's step into
+    # shared memory)
+    stale = not _same(key, g, v) or key[6] != _addresses(g, v)
+    if not stale and asked and not swapped:
+        with torch.no_grad():
+            stale = not torch.equal(m.weight(g, v), snap)
     if stale and known:
         # both written since the weight was handed out, which came last is not recorded: the
         # weight's write lands (a write made after backward, before the step, is meant), and a
         # warning says g and v's own change (a checkpoint loaded in place) is overwritten
         _warn_at_user(
             f"{slot.where}: '{slot.name}' was written in place after it was read, and "
-            f"'{slot.gname}'/'{slot.vname}' were changed in place since; the write into "
+            f"'{slot.gname}'/'{slot.vname}' were changed in place (or through .data) since; "
+            f"the write into "
             f"'{slot.name}' lands over their change. If theirs should win (a checkpoint "
             f"loaded in place), read '{slot.name}' again (or call state_dict()) before "
             "changing them")
@@ -356,6 +363,29 @@ def _flush_holders(v: Tensor) -> None:
             flush(module, s)
 
 
+def _land_before_fork() -> None:
+    """Land every held write before the process forks. Otherwise the child (a Hogwild worker
+    training shared g and v) and the parent would each land it at their next access: the
+    parent's, after the workers trained, over what they trained. A write that cannot land
+    stays held, to raise at the next access as it would have."""
+    for key in list(_HELD):
+        for ref, pname in _HELD.pop(key, ()):
+            module = ref()
+            s = None if module is None else module.__dict__.get("_wn", {}).get(pname)
+            if s is None or s.held is None:
+                continue
+            held = s.held, s.held_key
+            try:
+                flush(module, s)
+            except Exception:  # noqa: BLE001 (an at-fork hook only prints what it raises)
+                s.held, s.held_key = held
+                _HELD.setdefault(key, []).append((ref, pname))
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(before=_land_before_fork)
+
+
 def _property(pname: str) -> property:
     def fget(self: nn.Module) -> Tensor:
         slot = self.__dict__["_wn"].get(pname)
@@ -398,7 +428,8 @@ def _property(pname: str) -> property:
             return w
         w = slot.map.weight(g, v)
         if not (_is_compiling() or _is_tracing()) and _DEPTH.n == 0:
-            slot.held, slot.held_key = w, _key(g, v) + (_version_of(w), w.detach().clone())
+            slot.held, slot.held_key = w, _key(g, v) + (_version_of(w), w.detach().clone(),
+                                                          _addresses(g, v))
             _HELD.setdefault(id(v), []).append((weakref.ref(self, _forgetter(id(v))), pname))
         return w
 
