@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import re
@@ -511,6 +512,24 @@ class TestCached:
         with torch.no_grad(), wnorm.cached():
             explained = torch._dynamo.explain(net)(torch.randn(3, 4))
         assert explained.graph_break_count == 0
+
+    def test_a_compiled_forward_is_one_graph_at_every_depth_of_blocks(self):
+        # a compiled forward caches nothing, yet Dynamo guarded on the block's depth (read
+        # before asking whether it compiles): each depth compiled the same graph again,
+        # counting towards the recompile limit
+        from torch._dynamo.utils import counters
+
+        net = wnorm.apply(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))).eval()
+        torch._dynamo.reset()
+        counters.clear()
+        compiled, x = torch.compile(net, backend="eager"), torch.randn(3, 4)
+        with torch.no_grad():
+            for depth in (0, 1, 2, 0):
+                with contextlib.ExitStack() as blocks:
+                    for _ in range(depth):
+                        blocks.enter_context(wnorm.cached())
+                    compiled(x)
+        assert counters["stats"]["unique_graphs"] == 1
 
     def test_a_block_covers_its_own_thread_only(self):
         # another thread (training, or serving without a block) keeps computing every weight,

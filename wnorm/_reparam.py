@@ -402,7 +402,7 @@ def _property(pname: str) -> property:
             _flush_holders(v)
         # compiled, the graph is the cache (and a version counter read in it is data-
         # dependent: a graph break, an error under fullgraph): each access is computed
-        if CACHE.on and not compiling:
+        if not compiling and CACHE.on:  # compiling first: Dynamo then guards on no counter
             w, key = slot.cached, slot.key
             # a weight cached under no_grad has no graph: a forward recording one computes it
             if w is not None and _same(key, g, v) and key[4] == _addresses(g, v) and (
@@ -454,9 +454,10 @@ _CLASSES: dict[type, type] = {}
 
 def _forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     base = type(self)._wn_base
-    if CACHE.on or _is_compiling() or _is_tracing():
+    if _is_compiling() or _is_tracing() or CACHE.on:
         # no depth to keep: a weight read in a cached() block is never held, nor one read by a
-        # compiled or traced forward
+        # compiled or traced forward (asked first: Dynamo would guard on the block's depth,
+        # compiling the same graph again for every depth of cached() blocks)
         return base.forward(self, *args, **kwargs)
     _DEPTH.n += 1
     try:
