@@ -148,7 +148,16 @@ def pair(module: nn.Module, slot: Slot) -> tuple[Tensor | None, Tensor]:
 def flush(module: nn.Module, slot: Slot) -> None:
     """Split rows written into the held weight back into g and v (no host sync), outside any
     graph being traced or compiled."""
-    if _is_compiling():  # torch._dynamo is loaded then; importing it ourselves would load numpy
+    if _is_compiling():
+        if not torch.compiler.is_dynamo_compiling():
+            # torch.export's non-strict tracing runs this Python on fake parameters: the write
+            # lands in the real g and v the weight was read from, which the program exports
+            from torch._subclasses.fake_tensor import unset_fake_temporarily
+            from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
+
+            with unset_fake_temporarily(), disable_proxy_modes_tracing():
+                return _flush(module, slot, real=True)
+        # torch._dynamo is loaded then; importing it ourselves would load numpy
         sys.modules["torch._dynamo"].graph_break()  # run eagerly, once: nothing is held after
     state = torch._C._get_tracing_state()
     if state is None:
@@ -188,20 +197,23 @@ def _alike(a: Tensor, b: Tensor) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
 
 
-def _flush(module: nn.Module, slot: Slot) -> None:
+def _flush(module: nn.Module, slot: Slot, real: bool = False) -> None:
     """A row counts as written when it differs from the copy taken as the weight was handed
     out; other rows keep g and v as they are now (edited through .data or stepped since).
+    ``real``: the module holds fakes (torch.export's tracing); the g and v the weight was read
+    from take the write, asked on any device (an export is no training step to keep free of
+    host syncs).
     """
     held, key = slot.held, slot.held_key
     slot.held, slot.held_key = None, ()
     if held is None:
         return
-    m, (g, v) = slot.map, pair(module, slot)
+    m, (g, v) = slot.map, (key[0], key[1]) if real else pair(module, slot)
     held, snap = held.detach(), key[5]
     bumped, swapped = _version_of(held) != key[4], not _alike(held, snap)
     if not (bumped or swapped) and not _alike(v, snap):
         return  # g and v were replaced by tensors of another shape, dtype or device
-    asked = held.device.type in _COMPARE_ON
+    asked = real or held.device.type in _COMPARE_ON
     if asked and not swapped and torch.equal(held, snap):
         return  # nothing written (on a CPU, asking costs no device sync)
     # A write through .data (w.data[0] = 3, w.data.mul_(2)) moves no version: only the copy
