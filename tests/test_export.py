@@ -186,6 +186,27 @@ def test_jit_trace_of_mean_only_batch_norm_gives_no_tracer_warning() -> None:
     torch.testing.assert_close(traced(x), model(x))
 
 
+def test_a_training_mode_trace_of_mean_only_batch_norm_saves_and_trains_as_eager() -> None:
+    # the trace recorded its autograd Function as a Python call, which jit.save refuses (as
+    # nn.BatchNorm's trace saves); the mean now keeps its graph, with autograd's exact
+    # derivative, and the running mean is updated by the traced program
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), wnorm.MeanOnlyBatchNorm1d(6), nn.Tanh(),
+                          nn.Linear(6, 1)).train()
+    eager = copy.deepcopy(model)
+    x = torch.randn(8, 4)
+    buffer = io.BytesIO()
+    torch.jit.save(torch.jit.trace(copy.deepcopy(model), (x,), check_trace=False), buffer)
+    buffer.seek(0)
+    loaded = torch.jit.load(buffer)
+    for m in (loaded, eager):
+        m(x).square().sum().backward()
+    for (name, got), want in zip(loaded.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(got.grad, want.grad, msg=name)
+    eager(x)  # the trace ran once when it was recorded
+    torch.testing.assert_close(loaded.state_dict()["1.running_mean"], eager[1].running_mean)
+
+
 @pytest.mark.parametrize("make", [
     lambda: wnorm.weight_norm(nn.Linear(6, 3)).half(),
     lambda: wnorm.centered_weight_norm(nn.Linear(6, 3)),

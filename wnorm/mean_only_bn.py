@@ -251,10 +251,11 @@ class MeanOnlyBatchNormBase(nn.Module):
                             if self.running_mean is not None else self.bias)
         if self.training or not self.track_running_stats:
             dims = [0] + list(range(2, x.dim()))
-            if torch.compiler.is_exporting():
+            if torch.compiler.is_exporting() or torch._C._get_tracing_state() is not None:
                 # torch.export traces a Function's forward, not its backward (the layers before
-                # this one got wrong gradients, or none): the mean keeps its graph, and
-                # autograd's derivative of x - mean + b is the exact one
+                # this one got wrong gradients, or none), and jit.trace records it as a Python
+                # call that jit.save refuses: the mean keeps its graph, and autograd's
+                # derivative of x - mean + b is the exact one
                 mean = _wide_mean(x, dims)
                 if self.training and self.track_running_stats:
                     self._track(mean.detach())
