@@ -1188,7 +1188,8 @@ def test_pruning_the_computed_weight_is_an_error_naming_the_layer_and_what_to_pr
         with pytest.raises(WnormError, match=re.escape(
                 "0 (Linear): torch.nn.utils.prune cannot prune 'weight', which wnorm computes "
                 "from 'weight_g' and 'weight_v'; prune 'weight_v' (entries of a direction) or "
-                "'weight_g' (whole units)")):
+                "'weight_g' (whole units) one-shot, calling prune.remove on it before the next "
+                "forward")):
             call()
     # the layers are as they were: no hook, no weight_orig, the same values
     assert not net[0]._forward_pre_hooks and "weight_orig" not in net[0]._parameters

@@ -731,7 +731,9 @@ def _register_parameter(self: nn.Module, name: str, param: Any) -> None:
         raise WnormError(
             f"{_label(self)}: torch.nn.utils.prune cannot prune '{s.name}', which wnorm computes "
             f"from '{s.gname}' and '{s.vname}'; prune '{s.vname}' (entries of a direction) or "
-            f"'{s.gname}' (whole units), or prune the plain model wnorm.fold gives")
+            f"'{s.gname}' (whole units) one-shot, calling prune.remove on it before the next "
+            "forward (wnorm keeps no mask through training), or prune the plain model "
+            "wnorm.fold gives")
     self._wn_base.register_parameter(self, name, param)
 
 
