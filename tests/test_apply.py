@@ -175,6 +175,46 @@ def test_pytorch_weight_norm_is_adopted_not_refused(prepare):
     assert torch.equal(net(x), y)
 
 
+class _Kernel(nn.Module):
+    """A custom layer with a plain ``weight`` beside a ``kernel`` PyTorch's weight norm holds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(3, 4))
+        self.kernel = nn.Parameter(torch.randn(3, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ (self.weight + self.kernel).T
+
+
+@pytest.mark.parametrize("prepare", [torch.nn.utils.weight_norm,
+                                     torch.nn.utils.parametrizations.weight_norm],
+                         ids=["torch-old", "torch-parametrizations"])
+def test_adopting_takes_exactly_the_weights_pytorch_normalized_whatever_their_names(prepare):
+    # types=() ("adopt only") also normalized the weights PyTorch left plain (an LSTM's
+    # weight_ih, a layer's plain weight), and a weight norm on another name than 'weight'
+    # (MultiheadAttention's in_proj_weight) was never adopted: left on, or refused
+    lstm, kernel, mha = nn.LSTM(4, 3), _Kernel(), nn.MultiheadAttention(4, 2)
+    prepare(lstm, "weight_hh_l0")
+    prepare(kernel, "kernel")
+    prepare(mha, "in_proj_weight")
+    for layer, name in ((lstm, "weight_hh_l0"), (kernel, "kernel"), (mha, "in_proj_weight")):
+        x = torch.randn(2, 5, 4)
+        before = layer(x, x, x) if layer is mha else layer(x)
+        wnorm.apply(layer, types=())
+        assert [(m, n) for m, _, n, _ in normalized_weights(layer)] == [("", name)]
+        after = layer(x, x, x) if layer is mha else layer(x)
+        torch.testing.assert_close(after, before, rtol=0, atol=1e-6)
+    assert "weight_ih_l0" in dict(lstm.named_parameters()) and "weight" in dict(
+        kernel.named_parameters())
+    # with the default types, MultiheadAttention's in_proj_weight is adopted beside out_proj
+    mha = nn.MultiheadAttention(4, 2)
+    prepare(mha, "in_proj_weight")
+    wnorm.apply(mha)
+    assert wnorm.is_weight_normalized(mha, "in_proj_weight")
+    assert wnorm.is_weight_normalized(mha.out_proj)
+
+
 def test_error_names_module_path():
     net = Net()
     with torch.no_grad():

@@ -992,6 +992,19 @@ def test_adopting_with_another_dim_is_refused():
         wnorm.weight_norm(m, dim=1)
 
 
+@pytest.mark.parametrize("make", [lambda: nn.Linear(4, 0), lambda: nn.Conv2d(2, 0, 1),
+                                  lambda: nn.Linear(0, 3)], ids=["no outputs", "no channels",
+                                                                 "no inputs"])
+def test_an_empty_weight_is_refused_naming_the_layer(make):
+    # torch's kernel raised a reshape RuntimeError naming no layer
+    net = nn.Sequential(nn.Identity(), make())
+    with pytest.raises(WnormError, match=r"^1 \((Linear|Conv2d)\): 'weight' of shape \(\d+, "
+                       r"\d+(, 1, 1)?\) is empty: there is no direction to normalize; exclude "
+                       r"this layer"):
+        wnorm.apply(net)
+    assert not wnorm.is_weight_normalized(net[1])
+
+
 def test_zero_norm_rows_named():
     net = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 5))
     with torch.no_grad():

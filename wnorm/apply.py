@@ -52,7 +52,18 @@ def default_types() -> tuple[type[nn.Module], ...]:
     return DEFAULT_TYPES + ((pyg.Linear,) if pyg is not None else ())
 
 
-def _weight_names(module: nn.Module) -> list[str]:
+def _weight_names(module: nn.Module, types: tuple[type[nn.Module], ...]) -> list[str]:
+    """The weights of a selected module to normalize: those PyTorch's weight norm holds (any
+    name: MultiheadAttention's ``in_proj_weight``), and, for one of ``types``, its plain
+    ``weight`` (an RNN's every ``weight_*``). A module selected only for adoption
+    (``types=()``) keeps its other weights as they are."""
+    adopted = [f.name for f in _pytorch_wn.find(module)]
+    if not isinstance(module, types):
+        return adopted
+    return list(dict.fromkeys(_type_weight_names(module) + adopted))
+
+
+def _type_weight_names(module: nn.Module) -> list[str]:
     if isinstance(module, nn.RNNBase):
         return [n for n in module._flat_weights_names if n.startswith("weight_")]
     if isinstance(module, nn.RNNCellBase):  # LSTMCell, GRUCell, RNNCell: gate rows, as RNNs
@@ -365,7 +376,7 @@ def apply(
                 "materializes them at its first forward); run one forward pass on a batch "
                 "before wnorm.apply"
             )
-        for pname in _weight_names(module):
+        for pname in _weight_names(module, types):
             if is_weight_normalized(module, pname):
                 raise WnormError(
                     f"{_label(mname, module)}: '{pname}' is already weight-normalized by wnorm"

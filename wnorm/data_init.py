@@ -134,7 +134,8 @@ def _reason_cannot(module: nn.Module, wn: bool) -> str:
     if isinstance(module, (nn.RNNBase, nn.RNNCellBase)):
         return "recurrent layer: the paper's init does not apply (section 3)"
     if not (isinstance(module, _INIT_TYPES) or _is_pyg(module, "Linear") or _is_conv1d(module)):
-        return f"{type(module).__name__} has no per-unit pre-activation to standardize"
+        return (f"{type(module).__name__} is not a layer type data_init initializes (Linear, "
+                "ConvNd and ConvTransposeNd, torch_geometric's Linear)")
     if wn:
         s = _reparam.slot(module, "weight")
         if s is None:

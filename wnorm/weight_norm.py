@@ -94,6 +94,9 @@ def _check_weight(label: str, name: str, module: nn.Module, w: torch.Tensor, m: 
     """Refuse a weight the map cannot represent: non-finite, overflowing or zero-norm slices.
     A weight on the meta device has no values to check (a model built there for FSDP2 or a
     large checkpoint gets its values after ``to_empty``)."""
+    if w.numel() == 0:  # no slice has a norm (torch's kernel raises a reshape error here)
+        raise WnormError(f"{label}: '{name}' of shape {tuple(w.shape)} is empty: there is no "
+                         "direction to normalize; exclude this layer")
     if w.is_meta:
         return
     with torch.no_grad():
