@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import warnings
 
 import pytest
 import torch
@@ -213,6 +214,34 @@ def test_adopting_takes_exactly_the_weights_pytorch_normalized_whatever_their_na
     wnorm.apply(mha)
     assert wnorm.is_weight_normalized(mha, "in_proj_weight")
     assert wnorm.is_weight_normalized(mha.out_proj)
+
+
+@pytest.mark.parametrize("other", ["spectral_norm", "parametrizations.spectral_norm",
+                                   "parametrizations.orthogonal", "prune"])
+def test_a_layer_whose_weight_something_else_computes_is_left_plain_with_a_warning(other):
+    # an SN-GAN discriminator keeps its spectral norm; apply used to skip it without a word,
+    # and include= said only that it held no 'weight'
+    import torch.nn.utils.prune as prune
+    from torch.nn.utils import parametrizations
+
+    def make() -> nn.Sequential:
+        net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+        {"spectral_norm": lambda m: nn.utils.spectral_norm(m),
+         "parametrizations.spectral_norm": lambda m: parametrizations.spectral_norm(m),
+         "parametrizations.orthogonal": lambda m: parametrizations.orthogonal(m),
+         "prune": lambda m: prune.l1_unstructured(m, "weight", amount=0.5)}[other](net[2])
+        return net
+
+    net = make()
+    with pytest.warns(UserWarning, match=r"apply leaves 1 selected layer\(s\) plain: 2 "
+                      r"\((Parametrized)?Linear\), whose 'weight' .+ computes"):
+        wnorm.apply(net)
+    assert wnorm.is_weight_normalized(net[0]) and not wnorm.is_weight_normalized(net[2])
+    with pytest.raises(WnormError, match=r"whose 'weight' .+ computes: remove that first"):
+        wnorm.apply(make(), include="2")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        wnorm.apply(make(), exclude="2")  # excluded: nothing to say
 
 
 def test_error_names_module_path():

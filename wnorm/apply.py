@@ -5,11 +5,13 @@ from __future__ import annotations
 import functools
 import inspect
 import sys
+import warnings
 from collections.abc import Callable, Iterable
 from fnmatch import fnmatchcase
 from typing import Any
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 from . import _pytorch_wn, _reparam
 from .errors import WnormError, expect_module
@@ -74,6 +76,23 @@ def _type_weight_names(module: nn.Module) -> list[str]:
     already = "weight" in _reparam.slots_of(module) or any(
         f.name == "weight" for f in _pytorch_wn.find(module))
     return ["weight"] if already or (p is not None and p.dim() >= 1) else []
+
+
+def _computed_by(module: nn.Module) -> str:
+    """What computes a selected layer's ``weight`` when it is no Parameter of its own ("" when
+    it is one, or nothing wnorm knows): another parametrization (spectral norm, orthogonal),
+    the old ``spectral_norm``'s hook, or ``torch.nn.utils.prune``'s."""
+    if module._parameters.get("weight") is not None:
+        return ""
+    if parametrize.is_parametrized(module, "weight"):
+        chain = ", ".join(type(p).__name__ for p in module.parametrizations["weight"])
+        return f"a PyTorch parametrization ({chain})"
+    for hook in module._forward_pre_hooks.values():
+        if getattr(hook, "_tensor_name", None) == "weight":
+            return f"torch.nn.utils.prune ({type(hook).__name__})"
+        if getattr(hook, "name", None) == "weight":
+            return f"PyTorch's {type(hook).__name__} hook"
+    return ""
 
 
 def _pattern_list(arg: Any, what: str, types_ok: bool) -> list[Any]:
@@ -367,6 +386,7 @@ def apply(
 
     # Check what can be checked before changing anything.
     targets: list[tuple[str, nn.Module, str]] = []
+    left: list[str] = []  # selected layers whose weight something else computes
     for mname, module in chosen:
         lazy = [n for n, p in module._parameters.items()
                 if isinstance(p, nn.parameter.UninitializedParameter)]
@@ -376,7 +396,10 @@ def apply(
                 "materializes them at its first forward); run one forward pass on a batch "
                 "before wnorm.apply"
             )
-        for pname in _weight_names(module, types):
+        names = _weight_names(module, types)
+        if not names and (by := _computed_by(module)):
+            left.append(f"{_label(mname, module)}, whose 'weight' {by} computes")
+        for pname in names:
             if is_weight_normalized(module, pname):
                 raise WnormError(
                     f"{_label(mname, module)}: '{pname}' is already weight-normalized by wnorm"
@@ -385,10 +408,15 @@ def apply(
     if not targets:  # e.g. types=(nn.MultiheadAttention,): selected, but nothing to normalize
         mname, module = chosen[0]
         have = [n for n, p in module._parameters.items() if p is not None]
+        why = f" ({'; '.join(left[:3])}: remove that first)" if left else ""
         raise WnormError(
             f"apply: the {len(chosen)} selected module(s) hold no parameter 'weight' to "
-            f"normalize (e.g. {_label(mname, module)}, whose parameters are {have}); name "
+            f"normalize (e.g. {_label(mname, module)}, whose parameters are {have}){why}; name "
             "another with wnorm.weight_norm(module, name), or select their submodules")
+    if left:  # an SN-GAN discriminator keeps its spectral norm: said, not done silently
+        warnings.warn(f"apply leaves {len(left)} selected layer(s) plain: "
+                      f"{'; '.join(left[:5])}{'; ...' if len(left) > 5 else ''} (exclude "
+                      "them to leave them plain without this warning)", UserWarning, stacklevel=2)
     selected = {(id(m), pn) for _, m, pn in targets}
     for mname, module, pname in targets:
         p = module._parameters.get(pname)
