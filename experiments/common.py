@@ -452,7 +452,8 @@ DONE = "done.json"
 #: fields that may differ between a finished run and a resumed command: where and how fast it
 #: runs, not what it computes
 _NOT_SETTINGS = frozenset({"out", "threads", "device", "procs", "data_dir", "download"})
-#: fields a run records clamped to the data (:func:`batch_that_runs`): a smaller value is no change
+#: fields a run records clamped to its training set (:func:`batch_that_runs`): recorded as the
+#: set's size (config.json's ``data.train``), a larger value asked for now is the same setting
 _CLAMPED = frozenset({"batch_size", "init_examples"})
 
 
@@ -463,12 +464,17 @@ def _changed(folder: Path, cfg: Any) -> list[str]:
     except (OSError, ValueError):
         raise WnormError(f"{folder} is marked finished ({DONE}) but its config.json is missing "
                          "or unreadable; move the folder away, or pass --overwrite") from None
+    data = ran.get("data")
+    whole = data.get("train") if isinstance(data, dict) else None
     changed = []
     for k, want in dataclasses.asdict(cfg).items():
         if k in _NOT_SETTINGS or want is None or want == "auto" or k not in ran:
             continue  # an automatic value is recorded resolved: any value it resolved to is it
         got = ran[k]
-        if got != want and not (k in _CLAMPED and isinstance(got, int) and got < want):
+        # only a value clamped to the whole set is no change: a run that asked for a smaller
+        # batch than the set trained with that batch, and a larger one now computes otherwise
+        if got != want and not (k in _CLAMPED and got == whole and isinstance(got, int)
+                                and got < want):
             changed.append(f"{flag(k)} {got!r} there, {want!r} now")
     return changed
 

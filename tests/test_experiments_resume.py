@@ -51,8 +51,8 @@ class _Cfg:
     zca: bool | None = None
 
 
-def _finished(folder: Path, **ran: object) -> None:
-    with RunFolder(folder, _Cfg(**ran), "cpu", echo=False) as rf:
+def _finished(folder: Path, train: int = 20, **ran: object) -> None:
+    with RunFolder(folder, _Cfg(**ran), "cpu", {"data": {"train": train}}, echo=False) as rf:
         rf.write({"epoch": 1})
 
 
@@ -88,6 +88,16 @@ def test_pending_keeps_finished_runs_of_the_same_setting_and_refuses_another(
     assert str(tmp_path / "a") in str(e.value) and "--lr 0.1 there, 0.5 now" in str(e.value)
     with pytest.raises(WnormError, match="--batch-size 20 there, 10 now"):
         pending([_Cfg(out="a", batch_size=10)], where, overwrite=False, resume=True)
+
+
+def test_resume_keeps_a_batch_clamped_to_the_training_set_and_refuses_a_smaller_one_asked_for(
+        tmp_path: Path) -> None:
+    where = lambda c: tmp_path / c.out  # noqa: E731
+    _finished(tmp_path / "whole", train=20, batch_size=20)  # asked for more: ran as the set
+    assert pending([_Cfg(out="whole", batch_size=500)], where, overwrite=False, resume=True) == []
+    _finished(tmp_path / "asked", train=1000, batch_size=20)  # asked for 20 of 1000 examples
+    with pytest.raises(WnormError, match="--batch-size 20 there, 500 now"):
+        pending([_Cfg(out="asked", batch_size=500)], where, overwrite=False, resume=True)
 
 
 @pytest.mark.slow
