@@ -411,6 +411,21 @@ def test_an_edit_of_g_and_v_through_data_after_a_read_of_the_weight_is_kept(comp
     torch.testing.assert_close(layer.weight_g, expected)
 
 
+def test_a_read_of_a_weight_with_a_nan_row_is_not_taken_for_a_write(compare):
+    # a diverged run: NaN never equals NaN, so a row read and left alone looked written, and
+    # the next forward warned that g and v were changed in place
+    layer = wnorm.weight_norm(nn.Linear(4, 3))
+    with torch.no_grad():
+        layer.weight_v[1] = float("nan")
+    g, v = layer.weight_g.detach().clone(), layer.weight_v.detach().clone()
+    layer.weight.norm()  # logging: holds the weight
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer(torch.randn(2, 4))
+    assert torch.equal(layer.weight_g, g) and torch.equal(layer.weight_v[[0, 2]], v[[0, 2]])
+    assert layer.weight_v[1].isnan().all()
+
+
 def test_a_write_through_one_holder_of_a_tie_is_seen_by_the_other(compare):
     # GPT-2 style: the LM head shares the embedding's weight; nn.init through the head must
     # reach the embedding's next forward, and a training step must not see it land mid-graph

@@ -197,6 +197,16 @@ def _alike(a: Tensor, b: Tensor) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
 
 
+def _differs(a: Tensor, b: Tensor) -> Tensor:
+    """``a != b`` elementwise, with NaN equal to NaN in the same place: a diverged row read and
+    left alone is no write."""
+    return (a != b) & ~(a.isnan() & b.isnan())
+
+
+def _equal(a: Tensor, b: Tensor) -> bool:
+    return torch.equal(a, b) or not bool(_differs(a, b).any())
+
+
 def _flush(module: nn.Module, slot: Slot, real: bool = False) -> None:
     """A row counts as written when it differs from the copy taken as the weight was handed
     out; other rows keep g and v as they are now (edited through .data or stepped since).
@@ -214,7 +224,7 @@ def _flush(module: nn.Module, slot: Slot, real: bool = False) -> None:
     if not (bumped or swapped) and not _alike(v, snap):
         return  # g and v were replaced by tensors of another shape, dtype or device
     asked = real or held.device.type in _COMPARE_ON
-    if asked and not swapped and torch.equal(held, snap):
+    if asked and not swapped and _equal(held, snap):
         return  # nothing written (on a CPU, asking costs no device sync)
     # A write through .data (w.data[0] = 3, w.data.mul_(2)) moves no version: only the copy
     # tells it, so g or v changed since (an optimizer step after the write) do not make the
@@ -225,9 +235,11 @@ def _flush(module: nn.Module, slot: Slot, real: bool = False) -> None:
     # their data, and on a CPU their values tell an edit in place (another process's step into
     # shared memory)
     stale = not _same(key, g, v) or key[6] != _addresses(g, v)
-    if not stale and asked and not swapped:
+    # not while exporting: m.weight then takes the traced formula, which need not match the
+    # eager snapshot bit for bit (a false warning); versions and addresses still tell a change
+    if not stale and asked and not swapped and not real:
         with torch.no_grad():
-            stale = not torch.equal(m.weight(g, v), snap)
+            stale = not _equal(m.weight(g, v), snap)
     if stale and known:
         # both written since the weight was handed out, which came last is not recorded: the
         # weight's write lands (a write made after backward, before the step, is meant), and a
@@ -251,7 +263,7 @@ def _flush(module: nn.Module, slot: Slot, real: bool = False) -> None:
     with torch.no_grad():
         if swapped:
             snap = m.weight(g, v)  # compared with what g and v give now
-        changed = _any_except(held != snap, m.dim)
+        changed = _any_except(_differs(held, snap), m.dim)
         if not m.has_g and getattr(m, "gain", None) is None:
             if check and bool(changed.any()):  # a host sync, as a write from outside may be
                 raise WnormError(
