@@ -299,6 +299,24 @@ def test_a_parameter_replaced_after_a_read_or_inside_a_cached_block():
         torch.testing.assert_close(m(x), expected(m, x))
 
 
+@pytest.mark.parametrize("then", ["forward", "export"])
+def test_a_parameter_assigned_after_a_write_into_the_weight_wins(then):
+    # the write came first: it lands in the g and v it was made over, and the Parameter
+    # assigned since replaces them (eager code landed the write over the new Parameter, and
+    # torch.export in the old g and v: the two disagreed)
+    m, x = layer_and_twin()
+    with torch.no_grad():
+        m.weight[0].zero_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m.weight_g = nn.Parameter(torch.full((4, 1), 2.0))
+    assert m.weight_v[0].abs().sum() > 0  # v kept its direction: the write's g went away
+    if then == "export":
+        torch.testing.assert_close(torch.export.export(m, (x,)).module()(x), expected(m, x))
+    torch.testing.assert_close(m(x), expected(m, x))
+    torch.testing.assert_close(m.weight.norm(dim=1), torch.full((4,), 2.0))
+
+
 def test_a_write_from_one_thread_is_kept_while_another_thread_runs_a_forward():
     # "inside a layer's forward" is per thread: an inference thread (or nn.DataParallel's
     # replicas) running a forward must not make another thread's nn.init write a no-op

@@ -530,8 +530,15 @@ def refresh_flat_weights(module: nn.Module) -> None:
 def _setattr(self: nn.Module, name: str, value: Any) -> None:
     # nn.Module.__setattr__ registers Parameters itself (the property's setter never runs):
     # refuse them here for a normalized name, with the same message.
-    if isinstance(value, nn.Parameter) and name in self.__dict__.get("_wn", ()):
+    slots = self.__dict__.get("_wn", {})
+    if isinstance(value, nn.Parameter) and name in slots:
         type(self).__dict__[name].fset(self, value)
+    for s in slots.values():
+        # g or v replaced after a write into the held weight: the write lands in the tensors
+        # it was made over, and the new one wins, as it came last (eager code landed it over
+        # the new one, torch.export in the old ones: they disagreed)
+        if s.held is not None and name in (s.gname, s.vname):
+            flush(self, s)
     type(self)._wn_base.__setattr__(self, name, value)
 
 
