@@ -550,6 +550,21 @@ def test_a_write_held_at_a_fork_lands_before_it_not_over_what_a_child_trained():
         torch.testing.assert_close(layer.weight, trained)
 
 
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_the_warning_of_a_write_landing_at_a_fork_names_the_users_line():
+    import multiprocessing as mp
+
+    m = wnorm.apply(nn.Sequential(nn.Linear(4, 3)))
+    with torch.no_grad():
+        m[0].weight.zero_()  # held
+    m[0].weight_g.data.mul_(2)  # and g changed since: the write lands over it, at the fork
+    child = mp.get_context("fork").Process(target=int)
+    with pytest.warns(UserWarning, match="lands over their change") as said:
+        child.start()
+    child.join()
+    assert [w.filename for w in said] == [__file__]  # it named multiprocessing/popen_fork.py
+
+
 def _train_a_step(m: nn.Module) -> None:
     torch.set_num_threads(1)
     opt = torch.optim.SGD(m.parameters(), lr=0.5)

@@ -170,9 +170,10 @@ def flush(module: nn.Module, slot: Slot) -> None:
 
 
 #: the frames a warning skips to name the user's line: reached from a forward or state_dict(),
-#: the flush runs under torch's frames as well as wnorm's (Python 3.12's skip_file_prefixes
-#: does this, but wnorm supports 3.10)
-_INTERNAL = tuple(os.path.dirname(f) + os.sep for f in (__file__, torch.__file__))
+#: the flush runs under torch's frames as well as wnorm's, and at a fork under
+#: multiprocessing's (Python 3.12's skip_file_prefixes does this, but wnorm supports 3.10)
+_INTERNAL = tuple(os.path.dirname(f) + os.sep for f in (__file__, torch.__file__)) + (
+    os.path.join(os.path.dirname(os.__file__), "multiprocessing") + os.sep,)
 
 
 def _warn_at_user(message: str) -> None:
