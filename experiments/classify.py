@@ -182,6 +182,16 @@ class Dist:
         dist.all_reduce(t)
         return t.tolist()
 
+    def main_choice(self, chosen: list[Config], among: list[Config]) -> list[Config]:
+        """Rank 0's ``chosen`` (a sublist of ``among``, which every rank holds) on every rank."""
+        if self.world == 1:
+            return chosen
+        import torch.distributed as dist
+
+        picked = [[among.index(c) for c in chosen] if self.main else None]
+        dist.broadcast_object_list(picked, src=0)
+        return [among[i] for i in picked[0]]
+
 
 # --------------------------------------------------------------------------- training
 def _evaluate(model: nn.Module, x: Tensor, y: Tensor, batch: int, dist: Dist,
@@ -413,16 +423,23 @@ def train_all(configs: list[Config], overwrite: bool, resume: bool = False) -> l
         WnormError: a run folder already holds a run, or a finished one another setting (before
             any data is loaded), or the data cannot be loaded.
     """
+    among = configs
     configs = pending(configs, lambda c: Path(c.out) / run_dir_name(c), overwrite=overwrite,
                       resume=resume)
-    if not configs:
+    if not configs and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return []
     overwrite = overwrite or resume  # an unfinished folder left to train is trained again
-    base = configs[0]
-    dist = Dist.setup(base.resolved().device)
-    data = load(base.dataset, base.data_dir, train_subset=base.train_subset,
-                test_subset=base.test_subset, zca=base.zca, download=base.download)
-    folders = [run(cfg, data, dist, overwrite=overwrite) for cfg in configs]
+    dist = Dist.setup(among[0].resolved().device)
+    # rank 0's run folders decide what is left: on nodes without a shared file system the
+    # others see none, and would train other runs in the same collectives, their gradients
+    # averaged with rank 0's
+    configs = dist.main_choice(configs, among)
+    folders = []
+    if configs:
+        base = configs[0]
+        data = load(base.dataset, base.data_dir, train_subset=base.train_subset,
+                    test_subset=base.test_subset, zca=base.zca, download=base.download)
+        folders = [run(cfg, data, dist, overwrite=overwrite) for cfg in configs]
     if dist.world > 1:
         import gc
 
@@ -434,7 +451,7 @@ def train_all(configs: list[Config], overwrite: bool, resume: bool = False) -> l
         gc.collect()
         td.barrier()
         td.destroy_process_group()
-    if not dist.main:
+    if not dist.main or not folders:
         return []
     print(f"run folders: {', '.join(map(str, folders))}")
     diverged = [f for f in folders if (rows := read_jsonl(f / "metrics.jsonl"))
