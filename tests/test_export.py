@@ -160,6 +160,21 @@ def test_torch_export_after_a_weight_was_read_or_written_outside_a_forward(
     torch.testing.assert_close(program.module()(x), expected, rtol=1e-5, atol=1e-6)
 
 
+def test_strict_export_after_a_write_says_which_weight_and_what_to_do() -> None:
+    # strict export (Dynamo, fullgraph) cannot split a held write into g and v in its graph:
+    # its error said only "User-inserted graph break. Message: None"
+    model = wnorm.apply(nn.Sequential(nn.Linear(6, 4))).eval()
+    with torch.no_grad():
+        nn.init.zeros_(model[0].weight[:2])
+    with pytest.raises(Exception, match=r"wnorm: 0 \(Linear\): 'weight' was written outside a "
+                       r"forward .*call model\.state_dict\(\) before"):
+        torch.export.export(model, (torch.randn(2, 6),), strict=True)
+    model.state_dict()  # the way out it names: the write lands, and strict export runs
+    x = torch.randn(2, 6)
+    program = torch.export.export(model, (x,), strict=True)
+    torch.testing.assert_close(program.module()(x), model(x))
+
+
 def test_torchscript_script_is_refused_naming_the_layer_and_fold() -> None:
     """``torch.jit.script`` cannot compile wnorm's generated classes nor a mean-only batch norm:
     a WnormError naming the layer and the way out (its own error pointed at ``*args``)."""

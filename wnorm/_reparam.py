@@ -157,8 +157,13 @@ def flush(module: nn.Module, slot: Slot) -> None:
 
             with unset_fake_temporarily(), disable_proxy_modes_tracing():
                 return _flush(module, slot, real=True)
-        # torch._dynamo is loaded then; importing it ourselves would load numpy
-        sys.modules["torch._dynamo"].graph_break()  # run eagerly, once: nothing is held after
+        # torch._dynamo is loaded then; importing it ourselves would load numpy. Run eagerly,
+        # once: nothing is held after. The message is what fullgraph and strict export show
+        why = (f"wnorm: {slot.where}: '{slot.name}' was written outside a forward and is split "
+               f"into '{slot.gname}'/'{slot.vname}' eagerly; read the layer's '{slot.name}' or "
+               "call model.state_dict() before compiling or exporting with fullgraph/strict")
+        graph_break = sys.modules["torch._dynamo"].graph_break
+        graph_break(msg=why) if _BREAK_TAKES_MSG else graph_break()
     state = torch._C._get_tracing_state()
     if state is None:
         return _flush(module, slot)
@@ -168,6 +173,9 @@ def flush(module: nn.Module, slot: Slot) -> None:
     finally:
         torch._C._set_tracing_state(state)
 
+
+#: torch._dynamo.graph_break(msg) (torch 2.8 on; msg is what a fullgraph error shows)
+_BREAK_TAKES_MSG = torch.torch_version.TorchVersion(torch.__version__) >= (2, 8)
 
 #: the frames a warning skips to name the user's line: reached from a forward or state_dict(),
 #: the flush runs under torch's frames as well as wnorm's, and at a fork under
