@@ -113,6 +113,27 @@ def test_gradients_equal_paper_eqs_3_4(case):
     assert cos.abs().max() < 1e-10
 
 
+@pytest.mark.parametrize("conv, fmt, shape", [
+    (nn.Conv2d, torch.channels_last, (2, 4, 7, 7)),
+    (nn.Conv3d, torch.channels_last_3d, (2, 4, 5, 5, 5))])
+def test_a_channels_last_model_gets_a_channels_last_weight_and_the_same_gradients(
+        conv, fmt, shape):
+    # the fused kernel returned a contiguous weight: a channels_last conv converted it in every
+    # forward, and its gradient in every backward
+    torch.manual_seed(0)
+    flat = wnorm.weight_norm(conv(4, 6, 3)).to(D)
+    last = copy.deepcopy(flat).to(memory_format=fmt)
+    x = torch.randn(shape, dtype=D)
+    assert last.weight.is_contiguous(memory_format=fmt)
+    for m, xm in ((flat, x), (last, x.contiguous(memory_format=fmt))):
+        loss_of(m(xm)).backward()
+    torch.testing.assert_close(last(x), flat(x), rtol=1e-12, atol=1e-12)
+    for p in ("weight_g", "weight_v", "bias"):
+        torch.testing.assert_close(getattr(last, p).grad, getattr(flat, p).grad, rtol=1e-10,
+                                   atol=1e-12)
+    assert last.weight_v.grad.is_contiguous(memory_format=fmt)
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_gradcheck_float64(case):
     _, factory, name, dim, shape = case

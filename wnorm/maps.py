@@ -69,6 +69,13 @@ def l1_norm(v: Tensor, dim: int | None) -> Tensor:
     return v.abs().sum(dim=axes, keepdim=True) if axes else v.abs()
 
 
+def _channels_last(v: Tensor) -> bool:
+    """Whether ``v`` is laid out channels_last (a 4-d or 5-d conv weight after
+    ``model.to(memory_format=torch.channels_last)``)."""
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(v.dim())
+    return fmt is not None and not v.is_contiguous() and v.is_contiguous(memory_format=fmt)
+
+
 def formula_only(g: Tensor | None, v: Tensor) -> bool:
     """Whether the weight is computed by eq. 2 written out, with nothing held beside autograd's
     saved tensors: under forward-mode AD (``torch.func.jvp``/``hessian``) and ``torch.func``
@@ -216,7 +223,10 @@ class WeightNorm(Map):
             # Inductor decomposes the kernel into this formula anyway
             n = graph_norm(v, self.dim)
             return v * (g.reshape(n.shape) / n)  # type: ignore[union-attr]
-        if formula_only(g, v) or v.is_complex():  # the fused kernel has no complex version
+        # the fused kernel has no complex version, and returns a contiguous weight: a
+        # channels_last conv (cuDNN and oneDNN take the input's layout) would convert it in
+        # every forward and its gradient in every backward; the formula keeps v's layout
+        if formula_only(g, v) or v.is_complex() or _channels_last(v):
             n = norm(v, self.dim)
             return v * (g.reshape(n.shape) / n)  # type: ignore[union-attr]
         w = torch._weight_norm(v, g, dim)  # type: ignore[arg-type]
