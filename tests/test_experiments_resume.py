@@ -30,8 +30,9 @@ def _snapshot(folder: Path) -> dict[str, str]:
     return {p.name: p.read_text() for p in sorted(folder.iterdir())}
 
 
-def _interrupt_in(monkeypatch: pytest.MonkeyPatch, suffix: str) -> None:
-    """Ctrl-C right after the first epoch a run folder ending in ``suffix`` writes."""
+def _run_interrupted(argv: list[str], monkeypatch: pytest.MonkeyPatch, suffix: str) -> None:
+    """Run ``argv`` with Ctrl-C right after the first epoch a run folder ending in ``suffix``
+    writes."""
     write = RunFolder.write
 
     def interrupted(self: RunFolder, row: dict) -> None:
@@ -40,6 +41,9 @@ def _interrupt_in(monkeypatch: pytest.MonkeyPatch, suffix: str) -> None:
             raise KeyboardInterrupt
 
     monkeypatch.setattr(RunFolder, "write", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        main(argv)
+    monkeypatch.undo()
 
 
 @dataclasses.dataclass
@@ -107,10 +111,7 @@ def test_classify_resumes_an_interrupted_command(tmp_path: Path, capsys,
     write_fashion(data, n_train=20, n_test=10)
     argv = ["classify", "--data-dir", str(data), "--variants", "normal", "--seeds", "0,1",
             *_TINY, "--out", str(out)]
-    _interrupt_in(monkeypatch, "-s1")
-    with pytest.raises(KeyboardInterrupt):
-        main(argv)
-    monkeypatch.undo()
+    _run_interrupted(argv, monkeypatch, "-s1")
     s0, s1 = out / "fashion-mnist-normal-s0", out / "fashion-mnist-normal-s1"
     assert (s0 / DONE).is_file() and not (s1 / DONE).exists()
     assert len((s1 / "metrics.jsonl").read_text().splitlines()) == 1
@@ -142,10 +143,7 @@ def test_classify_gpu_resumes_its_stacks_and_records_the_runs_it_kept(
             "--seeds", "0", "--width", "0.04", "--batch-size", "10", "--init-examples", "10",
             "--epochs", "2", "--device", "cpu", "--procs", "1", "--eval-batch-size", "10",
             "--out", str(out)]
-    _interrupt_in(monkeypatch, "weightnorm-s0")
-    with pytest.raises(KeyboardInterrupt):
-        main(argv)
-    monkeypatch.undo()
+    _run_interrupted(argv, monkeypatch, "weightnorm-s0")
     normal, wn = out / "fashion-mnist-normal-s0", out / "fashion-mnist-weightnorm-s0"
     assert (normal / DONE).is_file() and not (wn / DONE).exists()
     assert "stopped in" in (wn / "log.txt").read_text()
@@ -174,10 +172,7 @@ def test_every_run_script_resumes_an_interrupted_command(
         "graph": ["graph", "--quick", "--models", "sage", "--variants", "normal",
                   "--seeds", "0,1", "--device", "cpu"],
     }[script] + ["--data-dir", str(data), "--out", str(out)]
-    _interrupt_in(monkeypatch, "s1")
-    with pytest.raises(KeyboardInterrupt):
-        main(argv)
-    monkeypatch.undo()
+    _run_interrupted(argv, monkeypatch, "s1")
     done = {f.name: _snapshot(f) for f in out.iterdir() if (f / DONE).is_file()}
     cut = [f for f in out.iterdir() if f.is_dir() and not (f / DONE).exists()]
     assert len(done) == 1 and len(cut) == 1
