@@ -281,8 +281,9 @@ class Step:
 def make_step(case: Case, variant: str, sizes: Sizes, device: str) -> Step:
     """The callable one timed call runs, or raises :class:`NotApplicable` with the reason."""
     train_like = case.kind in ("train", "memory")
-    if train_like and variant == "batchnorm" and case.batch == 1:
-        raise NotApplicable("BatchNorm cannot train on a batch of 1")
+    if train_like and variant in ("batchnorm", "wn+meanonly") and case.batch == 1:
+        # one value per channel: its batch mean is itself (both refuse it)
+        raise NotApplicable("a batch norm (BatchNorm, mean-only) cannot train on a batch of 1")
     net = build(case.model, variant, sizes, device)
     x, y = inputs(case, sizes, device)
     amp: Callable[[], contextlib.AbstractContextManager[Any]] = (

@@ -37,7 +37,8 @@ torch-new). `data_init` rows: plain is one `no_grad` forward of the plain model 
 batch, the others are `wnorm.data_init(model, batch)` in units of it. `memory` rows: peak
 `torch.cuda.max_memory_allocated` of a training step (model, optimizer state, batch and
 activations), ratio to plain. `.compile` rows: `torch.compile(model)`, ratio to compiled plain.
-Targets are issue 16's; n/a: BatchNorm cannot train on a batch of 1."""
+Targets are issue 16's; n/a: a batch norm (BatchNorm, mean-only) cannot train on a batch
+of 1."""
 
 
 def _fmt_time(s: float) -> str:

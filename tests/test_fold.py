@@ -118,6 +118,35 @@ def test_a_sequential_subclass_with_its_own_forward_keeps_a_channel_shift():
     assert isinstance(folded[1], ChannelShift)
 
 
+class _ScaledLinear(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * 2
+
+
+class _LrMulLinear(nn.Linear):  # StyleGAN's equalized learning rate
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight, self.bias * 0.5)
+
+
+class _ScaledConv(nn.Conv2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * 0.5
+
+
+@pytest.mark.parametrize("make, shape", [(lambda: _ScaledLinear(3, 4), (16, 3)),
+                                         (lambda: _LrMulLinear(3, 4), (16, 3)),
+                                         (lambda: _ScaledConv(3, 4, 3), (4, 3, 6, 6))])
+def test_a_layer_subclass_with_a_forward_of_its_own_keeps_a_channel_shift(make, shape):
+    # its forward does not add its bias once: the shift in its bias moved the outputs by 0.5
+    torch.manual_seed(0)
+    bn = MeanOnlyBatchNorm1d(4) if len(shape) == 2 else MeanOnlyBatchNorm2d(4)
+    model = wnorm.apply(nn.Sequential(make(), bn))
+    x = torch.randn(shape) + 3
+    train_a_little(model, x)
+    folded = check_fold(model, x)
+    assert isinstance(folded[1], ChannelShift)
+
+
 def test_conv_without_bias_gets_one():
     model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), MeanOnlyBatchNorm2d(4), nn.ReLU())
     wnorm.apply(model)
@@ -458,11 +487,14 @@ def test_a_linear_on_length_inputs_before_a_batch_norm_keeps_the_shift_on_the_ch
 
 
 
+@pytest.mark.parametrize("sync", [False, True], ids=["plain", "synced"])
 @pytest.mark.parametrize("bn, shape", [(wnorm.MeanOnlyBatchNorm2d, (6, 4, 3, 4)),
                                        (wnorm.MeanOnlyBatchNorm3d, (6, 4, 2, 3, 4))])
-def test_a_linear_before_a_2d_or_3d_batch_norm_never_takes_its_shift_even_after_a_load(bn, shape):
+def test_a_linear_before_a_2d_or_3d_batch_norm_never_takes_its_shift_even_after_a_load(
+        bn, shape, sync):
     # its bias adds along the last axis, never the batch norm's dim 1: a model loaded from a
-    # checkpoint (no forward in this process) folded to outputs off by 1.0
+    # checkpoint (no forward in this process) folded to outputs off by 1.0; converted to
+    # SyncMeanOnlyBatchNorm (which takes any rank), the layer's rank was forgotten
     torch.manual_seed(0)
     trained = wnorm.apply(nn.Sequential(nn.Linear(4, 4), bn(4)))
     x = torch.randn(shape)
@@ -471,6 +503,8 @@ def test_a_linear_before_a_2d_or_3d_batch_norm_never_takes_its_shift_even_after_
     with torch.no_grad():
         trained[1].bias.uniform_(-1, 1)
     fresh = wnorm.apply(nn.Sequential(nn.Linear(4, 4), bn(4)))
+    if sync:
+        fresh = wnorm.SyncMeanOnlyBatchNorm.convert_sync_batchnorm(fresh)
     fresh.load_state_dict(trained.state_dict())
     before = trained.eval()(x)  # the fresh model runs nothing before its fold
     wnorm.fold(fresh.eval())

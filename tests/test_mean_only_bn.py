@@ -129,6 +129,58 @@ def test_no_running_stats_uses_batch_mean_in_eval():
     assert bn.running_mean is None
 
 
+def test_a_running_mean_frozen_after_training_is_used_in_eval_as_nn_batchnorm_uses_it():
+    # track_running_stats=False set after training (PyTorch's way to freeze statistics): eval
+    # took batch means, and a batch of one came out as the bias alone
+    torch.manual_seed(0)
+    bn, ref = MeanOnlyBatchNorm1d(3), nn.BatchNorm1d(3, affine=False)
+    for _ in range(3):
+        x = torch.randn(8, 3) + 4
+        bn(x), ref(x)
+    bn.track_running_stats = ref.track_running_stats = False
+    x = torch.randn(8, 3) - 2
+    bn(x), ref(x)  # training: the running mean stays
+    torch.testing.assert_close(bn.running_mean, ref.running_mean)
+    assert bn.num_batches_tracked == ref.num_batches_tracked == 3
+    one = torch.randn(1, 3)
+    torch.testing.assert_close(bn.eval()(one), one - ref.running_mean)
+    folded = wnorm.fold(nn.Sequential(nn.Linear(2, 3), bn))  # a constant shift: it folds
+    assert isinstance(folded[1], nn.Identity)
+
+
+@pytest.mark.parametrize("shape", [(1, 3), (1, 3, 1), (1, 3, 1, 1)])
+def test_one_value_per_channel_for_a_batch_mean_is_refused_as_nn_batchnorm_refuses_it(shape):
+    # the output was the bias alone, and the layers before got a gradient of exactly 0
+    cls = {2: MeanOnlyBatchNorm1d, 3: MeanOnlyBatchNorm1d, 4: MeanOnlyBatchNorm2d}[len(shape)]
+    with pytest.raises(WnormError, match=r"expected more than 1 value per channel .*drop_last"):
+        cls(3)(torch.randn(shape))
+    with pytest.raises(WnormError, match="more than 1 value per channel"):
+        cls(3, track_running_stats=False).eval()(torch.randn(shape))
+    cls(3).eval()(torch.randn(shape))  # the running mean: any batch
+    cls(3)(torch.randn((2,) + shape[1:]))
+
+
+def test_reset_parameters_gives_the_layer_as_built_after_a_meta_build_and_after_training():
+    # to_empty after a meta-device build, then each module's reset_parameters (FSDP's
+    # param_init_fn, wnorm.data_init's own advice): the bias and buffers were uninitialized
+    with torch.device("meta"):
+        net = wnorm.apply(nn.Sequential(nn.Linear(4, 3), MeanOnlyBatchNorm1d(3)))
+    net.to_empty(device="cpu")
+    for m in net.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    fresh = MeanOnlyBatchNorm1d(3)
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(net[1].state_dict()[k], v), k
+    bn = MeanOnlyBatchNorm2d(2)
+    with torch.no_grad():
+        bn.bias.fill_(1.0)
+    bn(torch.randn(4, 2, 3, 3) + 5)
+    bn.reset_parameters()
+    assert bn.bias.abs().sum() == 0 and bn.running_mean.abs().sum() == 0
+    assert bn.num_batches_tracked == 0
+
+
 def test_with_weight_norm_layer():
     """WN + mean-only BN (the paper's best CIFAR variant): gradients match an independent
     computation of the composed map, and ||w|| = g after steps."""
@@ -187,6 +239,13 @@ def test_an_empty_batch_gives_an_empty_output_as_batch_norm_does(shape, track):
 
 def test_a_0_dim_tensor_momentum_is_taken_as_nn_batchnorm_takes_it():
     assert MeanOnlyBatchNorm1d(3, momentum=torch.tensor(0.25)).momentum == 0.25
+
+
+def test_a_numpy_integer_channel_count_is_taken_as_nn_batchnorm_takes_it():
+    import numpy as np
+
+    bn = MeanOnlyBatchNorm1d(np.int64(4))
+    assert bn.num_features == 4 and type(bn.num_features) is int
 
 
 @pytest.mark.parametrize("kwargs, msg", [({"num_features": 0}, "num_features must be a positive"),

@@ -67,6 +67,14 @@ def _buffers(net: nn.Module) -> dict[str, torch.Tensor]:
     return {k: b.clone() for k, b in net.named_buffers()}
 
 
+def _penalty_grads(net: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Gradients of a gradient penalty, sum of (d sum(out**3) / dx)**2 (WGAN-GP's shape)."""
+    x = x.clone().requires_grad_()
+    (gx,) = torch.autograd.grad(net(x).pow(3).sum(), x, create_graph=True)
+    gx.pow(2).sum().backward()
+    return _grads(net)
+
+
 # --------------------------------------------------------------------------- the worker
 def _worker(rank: int) -> dict[str, object]:
     result: dict[str, object] = {}
@@ -126,6 +134,10 @@ def _worker(rank: int) -> dict[str, object]:
         for n in (0, 6, 0, 4):
             net(share(inputs(2 * n, salt=n)[0], (n, n), rank))
     result["cumulative"] = _buffers(net)
+    # a gradient penalty (double backward): the second-order graph sums over the ranks too
+    net = synced_net()
+    x, _, _ = inputs(sum(SPLITS["uneven"]), salt=3)
+    result["penalty"] = _penalty_grads(net, share(x, SPLITS["uneven"], rank))
     # eval mode: the running mean, nothing sent (a rank's eval alone does not hang)
     if rank == 0:
         result["eval"] = net.eval()(inputs(4)[0]).detach()
@@ -167,6 +179,17 @@ def test_shares_of_a_batch_compute_what_one_process_computes_on_the_whole(ranks,
         local = plain_net()
         local(share(x.detach(), sizes, 0))
         assert not torch.allclose(local[1].running_mean, ranks[0][case]["buffers"]["1.running_mean"])
+
+
+@pytest.mark.slow
+def test_a_gradient_penalty_over_shares_equals_one_process_on_the_whole_batch(ranks) -> None:
+    # the backward's all-reduce had no autograd rule: a double backward took the group's sum
+    # of the gradient for this rank's own, and the penalty's gradients were off
+    net = plain_net()
+    x, _, _ = inputs(sum(SPLITS["uneven"]), salt=3)
+    want = _penalty_grads(net, x)
+    for k, v in want.items():
+        close(sum(r["penalty"][k] for r in ranks), v, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.slow

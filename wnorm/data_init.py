@@ -503,7 +503,7 @@ class _Pass:
         # a shared layer's later calls: in training mode (or without running statistics) its
         # forward subtracts each call's own batch mean, which the layers after it are then
         # initialized on; in eval mode the running mean, which is the first call's
-        batch = module.training or not module.track_running_stats
+        batch = module.training or module.running_mean is None  # as its forward decides
         if module in self.means and not batch:
             return
         x = args[0]
@@ -529,7 +529,7 @@ class _Pass:
         # subtracted, so that the layers after it are initialized as one process on the union
         # of the batches would be
         mean = self.call_means[module]
-        if module.track_running_stats:
+        if module.running_mean is not None:
             module.running_mean.copy_(self.means[module])
         x = args[0]
         bias = getattr(module, "bias", None)

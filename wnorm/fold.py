@@ -19,6 +19,10 @@ from .weight_norm import _earlier_weight
 __all__ = ["fold", "ChannelShift"]
 
 _BIAS_TYPES = (nn.Linear, nn.modules.conv._ConvNd)
+#: the forwards that add a layer's bias once to its output and do nothing else
+_BIAS_FORWARDS = frozenset(c.forward for c in (
+    nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+    nn.ConvTranspose3d))
 
 
 class ChannelShift(nn.Module):
@@ -62,10 +66,10 @@ class ChannelShift(nn.Module):
 
 
 def _shift_of(bn: MeanOnlyBatchNormBase, where: str) -> Tensor:
-    if not bn.track_running_stats:
+    if bn.running_mean is None:  # a running mean kept, tracking switched off since: eval uses it
         raise WnormError(
-            f"{where} ({type(bn).__name__}): cannot fold: track_running_stats=False means it uses "
-            "batch means in eval too, which no constant reproduces"
+            f"{where} ({type(bn).__name__}): cannot fold: track_running_stats=False and no "
+            "running mean: it uses batch means in eval too, which no constant reproduces"
         )
     return (bn.bias - bn.running_mean).detach()
 
@@ -73,8 +77,10 @@ def _shift_of(bn: MeanOnlyBatchNormBase, where: str) -> Tensor:
 def _absorb(layer: nn.Module, shift: Tensor) -> bool:
     """Add ``shift`` to ``layer``'s bias (creating one if needed); False if it cannot."""
     # a parametrized bias is computed on each access: an add into it would be lost
-    if (not isinstance(layer, _BIAS_TYPES) or _reparam.slots_of(layer)
-            or parametrize.is_parametrized(layer, "bias")):
+    # a subclass with a forward of its own (an output scale, StyleGAN's bias * lr_mul) would
+    # not add the shift as it stands
+    if (not isinstance(layer, _BIAS_TYPES) or type(layer).forward not in _BIAS_FORWARDS
+            or _reparam.slots_of(layer) or parametrize.is_parametrized(layer, "bias")):
         return False
     out = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
     if out != shift.numel():

@@ -151,11 +151,12 @@ class MeanOnlyBatchNormBase(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(num_features, int) or isinstance(num_features, bool) or \
-                num_features <= 0:
+        if not isinstance(num_features, numbers.Integral) or isinstance(num_features, bool) \
+                or num_features <= 0:
             raise WnormError(
                 f"{type(self).__name__}: num_features must be a positive int; got {num_features!r}"
             )
+        num_features = int(num_features)  # np.int64(4) too, as nn.BatchNorm takes it
         if isinstance(momentum, Tensor) and momentum.dim() == 0 and momentum.is_floating_point():
             momentum = float(momentum)  # as nn.BatchNorm takes it
         if momentum is not None and (isinstance(momentum, bool) or not isinstance(
@@ -189,9 +190,16 @@ class MeanOnlyBatchNormBase(nn.Module):
             "ChannelShift), or use torch.export, torch.compile or torch.jit.trace")
 
     def reset_running_stats(self) -> None:
-        if self.track_running_stats:
+        if self.running_mean is not None:
             self.running_mean.zero_()
             self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        """Running mean, batch count and bias 0: the layer as built. What ``to_empty`` after a
+        meta-device build (FSDP's ``param_init_fn``) and re-initializing loops call, as they
+        call ``nn.BatchNorm``'s."""
+        self.reset_running_stats()
+        nn.init.zeros_(self.bias)
 
     def _label(self) -> str:
         """``path (Class)`` where :func:`wnorm.apply` recorded the path, else the class."""
@@ -222,6 +230,24 @@ class MeanOnlyBatchNormBase(nn.Module):
             # always has axes after its channels, need none
             self.__dict__["_saw_length"] = True
 
+    def _tracking(self) -> bool:
+        """Whether this forward moves the running mean: training, with running stats."""
+        return self.training and self.track_running_stats and self.running_mean is not None
+
+    def _check_count(self, shape: tuple[int, ...]) -> None:
+        """Refuse one value per channel for a batch mean, as ``nn.BatchNorm`` does: the output
+        would be the bias alone and the layers before get no gradient (a DataLoader's last
+        batch of one example; ``drop_last=True`` avoids it)."""
+        count = shape[0]
+        for n in shape[2:]:
+            count *= n
+        if count == 1:
+            raise WnormError(
+                f"{self._label()}: expected more than 1 value per channel for a batch mean; got "
+                f"input shape {tuple(shape)} (its mean is itself: the output would be the bias "
+                "alone, with no gradient to the layers before); use batches of 2 or more "
+                "(DataLoader(..., drop_last=True)), as nn.BatchNorm requires")
+
     def _track(self, mean: Tensor) -> None:
         """Move the running mean toward this batch's ``mean`` (training with running stats).
         The buffers need no grad and ``mean`` is detached: no graph, no ``no_grad`` context."""
@@ -245,11 +271,15 @@ class MeanOnlyBatchNormBase(nn.Module):
             # is counted, as nn.BatchNorm counts it (a checkpoint's num_batches_tracked agrees),
             # except in a cumulative average (momentum None, as update_bn runs), where the count
             # weighs the next batch: an empty batch would skew the average toward the earlier
-            if self.training and self.track_running_stats and self.momentum is not None:
+            if self._tracking() and self.momentum is not None:
                 self.num_batches_tracked.add_(1)
             return _shifted(x, self.bias - self.running_mean
                             if self.running_mean is not None else self.bias)
-        if self.training or not self.track_running_stats:
+        # batch statistics as nn.BatchNorm takes them: in training, and in eval where there is
+        # no running mean (track_running_stats=False set after training freezes it, but eval
+        # still uses it); the running mean moves only in training with track_running_stats
+        if self.training or self.running_mean is None:
+            self._check_count(shape)
             dims = [0] + list(range(2, x.dim()))
             if torch.compiler.is_exporting() or torch._C._get_tracing_state() is not None:
                 # torch.export traces a Function's forward, not its backward (the layers before
@@ -257,7 +287,7 @@ class MeanOnlyBatchNormBase(nn.Module):
                 # call that jit.save refuses: the mean keeps its graph, and autograd's
                 # derivative of x - mean + b is the exact one
                 mean = _wide_mean(x, dims)
-                if self.training and self.track_running_stats:
+                if self._tracking():
                     self._track(mean.detach())
                 return _shifted(x, self.bias - mean)
             # no graph (_SubtractMean's backward accounts for the mean), but not detached:
@@ -267,7 +297,7 @@ class MeanOnlyBatchNormBase(nn.Module):
                     mean = _wide_mean(x, dims)
             else:
                 mean = _wide_mean(x, dims)
-            if self.training and self.track_running_stats:
+            if self._tracking():
                 self._track(mean)
             if torch.is_grad_enabled() and (x.requires_grad or self.bias.requires_grad):
                 fn = (_SubtractMean if torch.compiler.is_compiling() else _SubtractMeanJvp

@@ -43,6 +43,24 @@ def _wide(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in _LOW else dtype
 
 
+class _SumOverRanks(torch.autograd.Function):
+    r"""``t`` summed over the ranks of ``group``, differentiable to every order: rank s's
+    :math:`y = \sum_r t_r` reaches every rank's loss, so its gradient is the sum over ranks of
+    theirs, the same all-reduce (``torch.distributed.nn.functional.all_reduce`` is deprecated,
+    and the functional collectives that replace it have no autograd rule for it)."""
+
+    @staticmethod
+    def forward(ctx: Any, t: Tensor, group: Any) -> Tensor:
+        ctx.group = group
+        out = t.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        return _SumOverRanks.apply(grad, ctx.group), None
+
+
 class _SubtractSyncedMean(torch.autograd.Function):
     """``x - mean + bias`` per channel, ``mean`` the group's mean computed by the caller; the
     backward subtracts the group's mean of the incoming gradient (one all-reduce of its
@@ -59,8 +77,14 @@ class _SubtractSyncedMean(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         total = grad.sum(dim=ctx.dims, dtype=_wide(grad.dtype))
-        everywhere = total.clone()
-        dist.all_reduce(everywhere, group=ctx.group)
+        if torch.is_grad_enabled():
+            # a double backward (create_graph=True, a gradient penalty) differentiates this sum
+            # over ranks: the in-place all_reduce has no autograd rule, and its graph would
+            # take the group's sum for this rank's own
+            everywhere = _SumOverRanks.apply(total, ctx.group)
+        else:
+            everywhere = total.clone()
+            dist.all_reduce(everywhere, group=ctx.group)
         grad_x = grad - (everywhere / ctx.count).to(grad.dtype).view(ctx.shape)
         return grad_x, total.to(ctx.bias_dtype), None, None, None, None
 
@@ -146,7 +170,7 @@ class SyncMeanOnlyBatchNorm(MeanOnlyBatchNormBase):
             dist.all_reduce(stats, group=group)
         count = stats[-1].clamp_min(1)  # an empty batch on every rank: an empty output
         mean = stats[:-1] / count
-        if self.track_running_stats:
+        if self._tracking():
             self._track_synced(mean, stats[-1] > 0)
         if torch.is_grad_enabled() and (x.requires_grad or self.bias.requires_grad):
             return _SubtractSyncedMean.apply(x, self.bias, mean, dims, count, group)
@@ -230,5 +254,7 @@ def _synced(m: MeanOnlyBatchNormBase, group: Any) -> SyncMeanOnlyBatchNorm:
     for key in ("_saw_length", "_where"):  # fold's record of (N, C, L) input; apply's path
         if key in m.__dict__:
             new.__dict__[key] = m.__dict__[key]
+    if 2 not in type(m)._ndims:  # a 2d/3d layer's input has axes after its channels, which
+        new.__dict__["_saw_length"] = True  # fold must know without a forward (any rank here)
     move_hooks(m, new)
     return new
