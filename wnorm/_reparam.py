@@ -32,8 +32,8 @@ from . import _layouts, _pytorch_wn
 from .errors import WnormError
 from .maps import METHODS, OTHER_MAP, Map, formula_only, kind_mismatch, norm
 
-__all__ = ["Slot", "CACHE", "attach", "detach", "plain_weight", "slots", "slot", "slots_of",
-           "pair", "flush", "flush_all", "refresh_flat_weights", "base_class"]
+__all__ = ["Slot", "CACHE", "watch_steps", "attach", "detach", "plain_weight", "slots", "slot",
+           "slots_of", "pair", "flush", "flush_all", "refresh_flat_weights", "base_class"]
 
 _is_compiling, _is_tracing = torch.compiler.is_compiling, torch._C._is_tracing
 
@@ -59,6 +59,28 @@ class _Cache(threading.local):
 
 
 CACHE = _Cache()
+
+
+def _after_step(*_: Any) -> None:
+    """After any optimizer's step in a :func:`wnorm.cached` block, its weights are computed
+    again: fused steps (``Adam(fused=True)``, ``SGD(fused=True)``) update g and v without moving
+    their version counters, on which the cache is keyed, and a block training with one kept
+    the weight of before its first step."""
+    if CACHE.on:
+        for s in CACHE.filled:
+            s.key = ()
+
+
+_WATCHING: list[Any] = []
+
+
+def watch_steps() -> None:
+    """Register :func:`_after_step` with every optimizer, once (at the first block: importing
+    torch.optim at ``import wnorm`` would cost every user)."""
+    if not _WATCHING:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        _WATCHING.append(register_optimizer_step_post_hook(_after_step))
 
 
 class Slot:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from ._reparam import CACHE
+from ._reparam import CACHE, watch_steps
 
 __all__ = ["cached"]
 
@@ -16,7 +16,8 @@ def cached() -> Iterator[None]:
 
     Outside it, wnorm computes every weight from g and v at every access, so that edits of g
     and v by any means are seen. Inside, a weight is recomputed only when its g or v is
-    replaced, assigned through ``.data`` or changed in place (their version counters move); an
+    replaced, assigned through ``.data`` or changed in place (their version counters move),
+    and after every optimizer step (fused ones, which move no version counter, too); an
     in-place edit through ``.data`` inside the block is not seen. Use it for inference (a
     plain layer's cost per forward), or to compute a weight once when a layer runs many times
     (an RNN cell over time steps, gradient accumulation). With grad enabled, every forward
@@ -43,6 +44,7 @@ def cached() -> Iterator[None]:
         >>> net[0].weight is net[0].weight  # outside the block: computed at every access
         False
     """
+    watch_steps()
     CACHE.on += 1
     try:
         yield
