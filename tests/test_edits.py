@@ -570,3 +570,36 @@ def _train_a_step(m: nn.Module) -> None:
     opt = torch.optim.SGD(m.parameters(), lr=0.5)
     m(torch.randn(8, 4)).pow(2).mean().backward()
     opt.step()
+
+
+def _arpit(m: nn.Module) -> None:
+    wnorm.arpit_init(m)
+    assert torch.allclose(m[2].weight_g, torch.full_like(m[2].weight_g, 8 ** 0.5 / 2))
+
+
+def _project(m: nn.Module) -> None:
+    wnorm.project_(m, radius="unit")
+    assert torch.allclose(m[2].weight_v.norm(dim=1), torch.ones(4))
+
+
+def _project_after_step(m: nn.Module) -> None:
+    opt = torch.optim.SGD(m.parameters(), lr=0.0)
+    wnorm.project_after_step(opt, m, radius="unit")
+    opt.step()
+    assert torch.allclose(m[2].weight_v.norm(dim=1), torch.ones(4))
+
+
+@pytest.mark.parametrize("setter", [_arpit, _project, _project_after_step])
+def test_a_write_lands_before_a_function_that_sets_g_and_v_not_over_it(setter, compare):
+    # arpit_init's gains and project_'s spheres were undone at the next access by a write
+    # still held (an earlier custom init), with a warning that blamed the user for them
+    torch.manual_seed(0)
+    m = wnorm.apply(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)))
+    with torch.no_grad():
+        m[2].weight.mul_(3.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        setter(m)
+        g, v = m[2].weight_g.detach().clone(), m[2].weight_v.detach().clone()
+        m(torch.randn(2, 8))
+    assert torch.equal(m[2].weight_g, g) and torch.equal(m[2].weight_v, v)

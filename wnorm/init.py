@@ -155,6 +155,8 @@ def arpit_init(
         {'0': 2.0, '2': 1.789}
     """
     expect_module("arpit_init", model)
+    for m in model.modules():  # a write into a weight still held (nn.init) lands first: else
+        _reparam.flush_all(m)  # it would land over the gains and orthogonal v set here
     block_last, shortcuts = _patterns("block_last", block_last), _patterns("shortcuts", shortcuts)
     if blocks_per_stage is not None and not (isinstance(blocks_per_stage, numbers.Integral)
                                              and not isinstance(blocks_per_stage, bool)

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._reparam import slots_of
+from ._reparam import flush_all, slots_of
 from .apply import NORM_TYPES, _excluded, _included, default_types
 from .errors import WnormError, expect_module, finite_positive
 from .maps import ForcedWeightNorm, WeightStandardization, norm
@@ -88,6 +88,14 @@ def _local(t: _Target) -> Tensor:
     return p.to_local()  # type: ignore[attr-defined]
 
 
+def _land_writes(t: _Target) -> None:
+    """A write into a held weight of ``t``'s layers lands in g and v before v is projected:
+    after, it would land over the projection (rows off the sphere, and a warning that g and v
+    were changed)."""
+    for module, _ in t.holders:
+        flush_all(module)
+
+
 def _project(t: _Target) -> None:
     local = _local(t)
     wide = local.float() if local.dtype in _LOW else local
@@ -116,6 +124,7 @@ class Projection:
     def __call__(self) -> None:
         with torch.no_grad():
             for t in self._targets:
+                _land_writes(t)
                 _project(t)
 
     def _hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -350,6 +359,7 @@ def project_(
     _resolve(fn, targets)
     with torch.no_grad():
         for t in targets:
+            _land_writes(t)
             _project(t)
     return model
 
