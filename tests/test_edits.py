@@ -603,3 +603,21 @@ def test_a_write_lands_before_a_function_that_sets_g_and_v_not_over_it(setter, c
         g, v = m[2].weight_g.detach().clone(), m[2].weight_v.detach().clone()
         m(torch.randn(2, 8))
     assert torch.equal(m[2].weight_g, g) and torch.equal(m[2].weight_v, v)
+
+
+def test_functional_call_after_a_write_uses_its_tensors_and_the_module_keeps_the_write(compare):
+    # the write landed in the caller's g and v, in place: the call computed neither theirs nor
+    # the module's, and the module lost its write
+    from torch.func import functional_call
+
+    m, x = layer_and_twin()
+    nn.init.constant_(m.weight, 0.5)
+    g2, v2 = torch.rand(4, 1) + 1, torch.randn(4, 6)
+    given = g2.clone(), v2.clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = functional_call(m, {"weight_g": g2, "weight_v": v2}, (x,))
+    assert torch.equal(g2, given[0]) and torch.equal(v2, given[1])
+    want = nn.functional.linear(x, g2 * v2 / v2.norm(dim=1, keepdim=True), m.bias)
+    torch.testing.assert_close(y, want)
+    torch.testing.assert_close(m.weight, torch.full((4, 6), 0.5))

@@ -249,7 +249,12 @@ def _flush(module: nn.Module, slot: Slot, real: bool = False) -> None:
     slot.held, slot.held_key = None, ()
     if held is None:
         return
-    m, (g, v) = slot.map, (key[0], key[1]) if real else pair(module, slot)
+    if not real:
+        pair(module, slot)  # raises, naming what took g or v away (prune)
+    # the write lands in the g and v it was read from: tensors swapped in since without an
+    # assignment (torch.func.functional_call's, register_parameter's) are the caller's, and
+    # an assignment lands it first (_setattr)
+    m, g, v = slot.map, key[0], key[1]
     held, snap = held.detach(), key[5]
     bumped, swapped = _version_of(held) != key[4], not _alike(held, snap)
     if not (bumped or swapped) and not _alike(v, snap):
