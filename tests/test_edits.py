@@ -621,3 +621,15 @@ def test_functional_call_after_a_write_uses_its_tensors_and_the_module_keeps_the
     want = nn.functional.linear(x, g2 * v2 / v2.norm(dim=1, keepdim=True), m.bias)
     torch.testing.assert_close(y, want)
     torch.testing.assert_close(m.weight, torch.full((4, 6), 0.5))
+
+
+def test_a_write_between_a_forward_and_its_backward_is_refused_as_an_in_place_change(compare):
+    # on a GPU (no host sync) the write landed through .data: the first forward's backward ran
+    # on the written g and v, its gradient off by up to 7.7, without a word
+    m, x = layer_and_twin()
+    first = m(x).pow(2).sum()
+    with torch.no_grad():
+        m.weight[1] = 0.5
+    second = m(x).pow(2).sum()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (first + second).backward()

@@ -317,10 +317,13 @@ def _flush(module: nn.Module, slot: Slot, real: bool = False) -> None:
                 f"{slot.where}: '{slot.name}' was written with rows of norm 0, but a "
                 f"{type(m).__name__} with a fixed gain has norm {getattr(m, 'gain', None)} in "
                 "every row and takes only a written row's direction; write rows that have one")
-        # Not asked (no host sync): the rows may all be unchanged, and are then rewritten with
-        # their own values, through .data so that a graph that saved v or g (a forward still
-        # awaiting its backward) stays valid; the cache, keyed on versions, is told by hand.
-        tv, tg = (v, g) if asked else (v.data, None if g is None else g.data)
+        # Not known (a GPU, no host sync, no version moved: a read for logging): the rows may
+        # all be unchanged, and are then rewritten with their own values, through .data so that
+        # a graph that saved v or g (a forward still awaiting its backward) stays valid; the
+        # cache, keyed on versions, is told by hand. A write known is made in place, so that
+        # such a backward is refused as autograd refuses one after any in-place change, not
+        # run on the written g and v
+        tv, tg = (v, g) if known else (v.data, None if g is None else g.data)
         tv.copy_(torch.where(changed & ~zero, new_v, v))
         if tg is not None and new_g is not None:
             tg.copy_(torch.where(changed, new_g, g))
