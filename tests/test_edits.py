@@ -444,20 +444,28 @@ def test_a_read_of_a_weight_with_a_nan_row_is_not_taken_for_a_write(compare):
     assert layer.weight_v[1].isnan().all()
 
 
-def test_a_write_through_one_holder_of_a_tie_is_seen_by_the_other(compare):
-    # GPT-2 style: the LM head shares the embedding's weight; nn.init through the head must
-    # reach the embedding's next forward, and a training step must not see it land mid-graph
-    class LM(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.emb, self.head = nn.Embedding(10, 6), nn.Linear(6, 10, bias=False)
-            self.head.weight = self.emb.weight
+class _LM(nn.Module):
+    """GPT-2 style: the LM head shares the embedding's weight."""
 
-        def forward(self, ids: torch.Tensor) -> torch.Tensor:
-            return self.head(torch.tanh(self.emb(ids)))
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.head = nn.Embedding(10, 6), nn.Linear(6, 10, bias=False)
+        self.head.weight = self.emb.weight
 
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.emb(ids)))
+
+
+def _tied_lm() -> nn.Module:
     torch.manual_seed(0)
-    lm = wnorm.apply(LM(), types=wnorm.DEFAULT_TYPES + (nn.Embedding,))
+    return wnorm.apply(_LM(), types=wnorm.DEFAULT_TYPES + (nn.Embedding,))
+
+
+def test_a_write_through_one_holder_of_a_tie_is_seen_by_the_other(compare):
+    # nn.init through the head must reach the embedding's next forward, and a training step
+    # must not see it land mid-graph
+    LM = _LM
+    lm = _tied_lm()
     plain = LM()
     nn.init.normal_(lm.head.weight, std=0.02)
     with torch.no_grad():
@@ -633,3 +641,57 @@ def test_a_write_between_a_forward_and_its_backward_is_refused_as_an_in_place_ch
     second = m(x).pow(2).sum()
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         (first + second).backward()
+
+
+def _removed(lm: nn.Module) -> nn.Module:
+    wnorm.remove_weight_norm(lm.emb)
+    wnorm.remove_weight_norm(lm.head)
+    assert lm.emb.weight is lm.head.weight  # still one Parameter
+    return lm
+
+
+TIE_ACCESSES = {  # PyTorch reaches the embedding, the first holder, before the head
+    "double": lambda lm: lm.double(),
+    "deepcopy": copy.deepcopy,
+    "pickle": lambda lm: __import__("pickle").loads(__import__("pickle").dumps(lm)),
+    "emb.state_dict": lambda lm: (lm, lm.emb.state_dict())[0],
+    "share_memory": lambda lm: lm.share_memory(),
+    "remove_weight_norm": _removed,
+}
+
+
+@pytest.mark.parametrize("access", list(TIE_ACCESSES))
+@pytest.mark.parametrize("write", ["nn.init", ".data"])
+def test_a_write_through_the_second_holder_of_a_tie_lands_before_the_first_is_reached(
+        access, write, compare):
+    # the head's write landed only when the head's weight was read: copies and moves of the
+    # embedding lost it (or raised, half-moved), and its state dict missed it
+    lm = _tied_lm()
+    pretrained = torch.randn(10, 6)
+    if write == "nn.init":
+        with torch.no_grad():
+            lm.head.weight.copy_(pretrained)
+    else:
+        lm.head.weight.data.copy_(pretrained)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = TIE_ACCESSES[access](lm)
+    for m in (out.emb, out.head):
+        torch.testing.assert_close(m.weight.float(), pretrained, rtol=1e-6, atol=1e-6)
+
+
+def test_a_load_of_a_tie_stored_once_replaces_a_write_through_the_other_holder(compare):
+    # a checkpoint with the embedding's keys only (savers store a tie once), strict=False: the
+    # head's write, still held, landed over the checkpoint just loaded
+    saved = _tied_lm()
+    with torch.no_grad():
+        saved.emb.weight.copy_(torch.randn(10, 6))
+    sd = {k: v for k, v in saved.state_dict().items() if k.startswith("emb.")}
+    lm = _tied_lm()
+    lm.head.weight.data.normal_(std=0.02)  # transformers' _init_weights
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        missing, _ = lm.load_state_dict(sd, strict=False)
+    assert sorted(missing) == ["head.weight_g", "head.weight_v"]
+    for m in (lm.emb, lm.head):
+        torch.testing.assert_close(m.weight, saved.emb.weight)

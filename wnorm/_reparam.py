@@ -418,12 +418,37 @@ def _forgetter(key: int) -> Callable[[Any], None]:
     return forget
 
 
-def _flush_holders(v: Tensor) -> None:
+def _holders(v: Tensor) -> Iterator[tuple[nn.Module, Slot]]:
+    """The modules, and their slots, holding a weight read from ``v`` (every holder of a tie:
+    an LM head sharing its embedding's g and v), taken off :data:`_HELD`."""
     for ref, pname in _HELD.pop(id(v), ()):
         module = ref()
         s = None if module is None else module.__dict__.get("_wn", {}).get(pname)
-        if s is not None and s.held is not None and module._parameters.get(s.vname) is v:
-            flush(module, s)
+        if s is not None and s.held is not None and s.held_key[1] is v:
+            yield module, s
+
+
+def _flush_holders(v: Tensor) -> None:
+    for module, s in list(_holders(v)):
+        flush(module, s)
+
+
+def _drop_holders(v: Tensor) -> None:
+    """Forget every holder's write read from ``v``: a load replaced it (g and v loaded once
+    for a tie, through one holder's keys)."""
+    for _, s in list(_holders(v)):
+        s.held, s.held_key = None, ()
+
+
+def land_writes(module: nn.Module) -> None:
+    """Land every write held for ``module``'s g and v: its own, and those made through another
+    holder of a tie, before ``module`` is copied, moved, saved or unwrapped (PyTorch reaches the
+    embedding before the head that shares its g and v, and the head's write was lost there)."""
+    for s in module.__dict__.get("_wn", {}).values():
+        v = module._parameters.get(s.vname)
+        if _HELD and v is not None and id(v) in _HELD:
+            _flush_holders(v)
+    flush_all(module)
 
 
 def _land_before_fork() -> None:
@@ -583,7 +608,7 @@ def _setattr(self: nn.Module, name: str, value: Any) -> None:
 
 def _reduce_ex(self: nn.Module, protocol: int) -> tuple[Any, ...]:
     # The generated class is not importable by name: rebuild it from the original class.
-    flush_all(self)
+    land_writes(self)
     return (_rebuild, (type(self)._wn_base, self.__getstate__()))
 
 
@@ -605,7 +630,7 @@ def _extra_repr(self: nn.Module) -> str:
 
 
 def _apply(self: nn.Module, fn: Any, *args: Any, **kwargs: Any) -> nn.Module:
-    flush_all(self)  # a write into a held weight lands before .to()/.half() moves g and v
+    land_writes(self)  # a write into a held weight lands before .to()/.half() moves g and v
     for s in self.__dict__["_wn"].values():
         s.key = ()  # .to() swaps param.data, moving no version: a cached weight is stale
     return type(self)._wn_base._apply(self, fn, *args, **kwargs)
@@ -613,7 +638,7 @@ def _apply(self: nn.Module, fn: Any, *args: Any, **kwargs: Any) -> nn.Module:
 
 def _save_to_state_dict(self: nn.Module, destination: dict[str, Any], prefix: str,
                         keep_vars: bool) -> None:
-    flush_all(self)
+    land_writes(self)
     type(self)._wn_base._save_to_state_dict(self, destination, prefix, keep_vars)
     meta = getattr(destination, "_metadata", None)
     if meta is not None:  # what g and v mean: a centered (g, v) loaded into a weight norm of
@@ -649,9 +674,16 @@ def _load_from_state_dict(self: nn.Module, state_dict: Mapping[str, Any], prefix
             error_msgs.append(f"{s.where}: {why} (nothing of this layer was loaded)")
             return
     for s in self.__dict__["_wn"].values():
+        loaded = all(prefix + n in state_dict for n in (s.gname, s.vname)
+                     if n in self._parameters)
+        v = self._parameters.get(s.vname)
+        if loaded and _HELD and v is not None and id(v) in _HELD:
+            # the loaded g and v replace a write not yet split made through any holder of a
+            # tie (a checkpoint storing the tied weight once, under the embedding's keys)
+            _drop_holders(v)
         if s.held is None:
             continue
-        if all(prefix + n in state_dict for n in (s.gname, s.vname) if n in self._parameters):
+        if loaded:
             s.held, s.held_key = None, ()  # the loaded g and v replace a write not yet split
         else:
             # not loaded here (strict=False, a state dict of other layers): the write lands,
@@ -894,8 +926,7 @@ def detach(module: nn.Module, name: str,
     along = module.__dict__.get("_wn_along")
     if along and name in along:  # adopted with a sibling: a fresh weight_norm is one again
         module.__dict__["_wn_along"] = along - {name}
-    if s.held is not None:
-        flush(module, s)
+    land_writes(module)  # a tie's other holders' too: both removals give the written weight
     params = module._parameters
     g, v = pair(module, s)
     w_param = plain_weight(s.map, g, v, {} if tied is None else tied)
