@@ -695,3 +695,20 @@ def test_a_load_of_a_tie_stored_once_replaces_a_write_through_the_other_holder(c
     assert sorted(missing) == ["head.weight_g", "head.weight_v"]
     for m in (lm.emb, lm.head):
         torch.testing.assert_close(m.weight, saved.emb.weight)
+
+
+def test_a_write_inside_a_cached_block_is_said_to_be_gone_at_the_blocks_end():
+    # the block's forwards used the write, and it vanished after the block without a word
+    m, x = layer_and_twin()
+    g, v = m.weight_g.detach().clone(), m.weight_v.detach().clone()
+    with pytest.warns(UserWarning, match=r"'weight' was written in place inside a wnorm\.cached"
+                      r"\(\) block") as said, torch.no_grad():
+        with wnorm.cached():
+            nn.init.zeros_(m.weight)
+            assert m(x).sub(m.bias).abs().max() == 0
+    assert [w.filename for w in said] == [__file__]
+    assert torch.equal(m.weight_g, g) and torch.equal(m.weight_v, v)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad(), wnorm.cached():  # a read alone: nothing to say
+            m(x), m.weight.norm()

@@ -32,8 +32,9 @@ from . import _layouts, _pytorch_wn
 from .errors import WnormError
 from .maps import METHODS, OTHER_MAP, Map, formula_only, kind_mismatch, norm
 
-__all__ = ["Slot", "CACHE", "watch_steps", "attach", "detach", "plain_weight", "slots", "slot",
-           "slots_of", "pair", "flush", "flush_all", "refresh_flat_weights", "base_class"]
+__all__ = ["Slot", "CACHE", "watch_steps", "end_block", "attach", "detach", "plain_weight",
+           "slots", "slot", "slots_of", "pair", "flush", "flush_all", "land_writes",
+           "refresh_flat_weights", "base_class"]
 
 _is_compiling, _is_tracing = torch.compiler.is_compiling, torch._C._is_tracing
 
@@ -59,6 +60,22 @@ class _Cache(threading.local):
 
 
 CACHE = _Cache()
+
+
+def end_block() -> None:
+    """Release the weights of the outermost :func:`wnorm.cached` block, saying which were
+    written in place in it (their version moved): the block's forwards used the write, but g
+    and v do not hold it, and it goes with the cached weight."""
+    for s in CACHE.filled:
+        w = s.cached
+        if w is not None and s.cached_at >= 0 and _version_of(w) != s.cached_at:
+            _warn_at_user(
+                f"{s.where}: '{s.name}' was written in place inside a wnorm.cached() block: the "
+                f"block's forwards used the written weight, but '{s.gname}'/'{s.vname}' do not "
+                "hold it, and it is gone now; write it outside the block (it is then split into "
+                "them at the next access)")
+        s.cached, s.key = None, ()
+    CACHE.filled.clear()
 
 
 def _after_step(*_: Any) -> None:
@@ -89,7 +106,8 @@ class Slot:
     from, the versions of g, v and itself then, and a copy of it) and the weight cached by
     :func:`wnorm.cached` (``cached``, valid for ``key``)."""
 
-    __slots__ = ("name", "map", "where", "gname", "vname", "held", "held_key", "cached", "key")
+    __slots__ = ("name", "map", "where", "gname", "vname", "held", "held_key", "cached", "key",
+                 "cached_at")
 
     def __init__(self, name: str, map: Map, where: str) -> None:
         self.name, self.map, self.where = name, map, where
@@ -98,6 +116,7 @@ class Slot:
         self.held_key: tuple[Any, ...] = ()
         self.cached: Tensor | None = None
         self.key: tuple[Any, ...] = ()
+        self.cached_at = -1  # the cached weight's version when cached: a write moves it
 
     @property
     def dim(self) -> int | None:
@@ -203,7 +222,8 @@ _BREAK_TAKES_MSG = torch.torch_version.TorchVersion(torch.__version__) >= (2, 8)
 #: the flush runs under torch's frames as well as wnorm's, and at a fork under
 #: multiprocessing's (Python 3.12's skip_file_prefixes does this, but wnorm supports 3.10)
 _INTERNAL = tuple(os.path.dirname(f) + os.sep for f in (__file__, torch.__file__)) + (
-    os.path.join(os.path.dirname(os.__file__), "multiprocessing") + os.sep,)
+    os.path.join(os.path.dirname(os.__file__), "multiprocessing") + os.sep,
+    os.path.join(os.path.dirname(os.__file__), "contextlib.py"))  # a block's end
 
 
 def _warn_at_user(message: str) -> None:
@@ -512,7 +532,7 @@ def _property(pname: str) -> property:
                 _check_finite(slot, w)
             if slot.cached is None:
                 CACHE.filled.append(slot)
-            slot.cached, slot.key = w, _cache_key(g, v)
+            slot.cached, slot.key, slot.cached_at = w, _cache_key(g, v), _version_of(w)
             return w
         w = slot.map.weight(g, v)
         if not (_is_compiling() or _is_tracing()) and _DEPTH.n == 0:

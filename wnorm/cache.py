@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from ._reparam import CACHE, watch_steps
+from ._reparam import CACHE, end_block, watch_steps
 
 __all__ = ["cached"]
 
@@ -33,6 +33,8 @@ def cached() -> Iterator[None]:
     it, a block covers only the thread that opened it. A forward compiled by ``torch.compile``
     caches nothing in the block: its graph computes a weight at each access, as outside it
     (the check of a cached weight reads version counters, which a graph cannot branch on).
+    A weight written in place in a block (``nn.init`` on it) is used by the block's forwards
+    but never reaches g and v: a warning at the block's end says so; write outside a block.
 
     Example:
         >>> import torch, wnorm
@@ -51,6 +53,4 @@ def cached() -> Iterator[None]:
     finally:
         CACHE.on -= 1
         if CACHE.on == 0:
-            for s in CACHE.filled:
-                s.cached, s.key = None, ()
-            CACHE.filled.clear()
+            end_block()
