@@ -476,6 +476,29 @@ def test_a_write_through_one_holder_of_a_tie_is_seen_by_the_other(compare):
     lm(ids).sum().backward()  # the write lands before the embedding's forward saves g and v
 
 
+@pytest.mark.parametrize("step", [False, True])
+def test_a_write_through_the_head_of_a_tie_reaches_a_compiled_models_first_forward(
+        step, compare):
+    # the embedding computed its weight from g and v inside the graph, missing the head's
+    # write (the head landed it at its own graph break): one forward mixed the two, off by ~8,
+    # and a first training step raised autograd's in-place error, or on a GPU got wrong grads
+    lm, eager = _tied_lm(), _tied_lm()
+    pretrained = torch.randn(10, 6)
+    for m in (lm, eager):
+        with torch.no_grad():
+            m.head.weight.copy_(pretrained)
+    ids = torch.tensor([[1, 2, 3]])
+    torch._dynamo.reset()
+    compiled = torch.compile(lm, backend="eager")
+    y, want = compiled(ids), eager(ids)
+    torch.testing.assert_close(y, torch.tanh(pretrained[ids]) @ pretrained.t())
+    if step:
+        y.square().sum().backward()
+        want.square().sum().backward()
+        for (name, p), q in zip(lm.named_parameters(), eager.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, msg=name)
+
+
 def test_a_dropped_model_whose_weight_was_read_leaves_no_entry_behind():
     # a weight read outside forward (logging) is registered so that a tie's other holders
     # see writes into it; a dropped model's entry stayed for good

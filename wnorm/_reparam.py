@@ -198,13 +198,11 @@ def flush(module: nn.Module, slot: Slot) -> None:
 
             with unset_fake_temporarily(), disable_proxy_modes_tracing():
                 return _flush(module, slot, real=True)
-        # torch._dynamo is loaded then; importing it ourselves would load numpy. Run eagerly,
-        # once: nothing is held after. The message is what fullgraph and strict export show
+        # run eagerly, once: nothing is held after
         why = (f"wnorm: {slot.where}: '{slot.name}' was written outside a forward and is split "
                f"into '{slot.gname}'/'{slot.vname}' eagerly; read the layer's '{slot.name}' or "
                "call model.state_dict() before compiling or exporting with fullgraph/strict")
-        graph_break = sys.modules["torch._dynamo"].graph_break
-        graph_break(msg=why) if _BREAK_TAKES_MSG else graph_break()
+        _break(why)
     state = torch._C._get_tracing_state()
     if state is None:
         return _flush(module, slot)
@@ -213,6 +211,13 @@ def flush(module: nn.Module, slot: Slot) -> None:
         return _flush(module, slot)
     finally:
         torch._C._set_tracing_state(state)
+
+
+def _break(why: str) -> None:
+    """A graph break whose message is what fullgraph and strict export show. torch._dynamo is
+    loaded then; importing it ourselves would load numpy."""
+    graph_break = sys.modules["torch._dynamo"].graph_break
+    graph_break(msg=why) if _BREAK_TAKES_MSG else graph_break()
 
 
 #: torch._dynamo.graph_break(msg) (torch 2.8 on; msg is what a fullgraph error shows)
@@ -258,6 +263,7 @@ def _equal(a: Tensor, b: Tensor) -> bool:
     return torch.equal(a, b) or not bool(_differs(a, b).any())
 
 
+@torch.compiler.disable  # eager after flush's graph break: Dynamo would trace its host reads
 def _flush(module: nn.Module, slot: Slot, real: bool = False) -> None:
     """A row counts as written when it differs from the copy taken as the weight was handed
     out; other rows keep g and v as they are now (edited through .data or stepped since).
@@ -441,6 +447,7 @@ def _forgetter(key: int) -> Callable[[Any], None]:
 def _holders(v: Tensor) -> Iterator[tuple[nn.Module, Slot]]:
     """The modules, and their slots, holding a weight read from ``v`` (every holder of a tie:
     an LM head sharing its embedding's g and v), taken off :data:`_HELD`."""
+    v.__dict__.pop("_wn_held", None)
     for ref, pname in _HELD.pop(id(v), ()):
         module = ref()
         s = None if module is None else module.__dict__.get("_wn", {}).get(pname)
@@ -451,6 +458,20 @@ def _holders(v: Tensor) -> Iterator[tuple[nn.Module, Slot]]:
 def _flush_holders(v: Tensor) -> None:
     for module, s in list(_holders(v)):
         flush(module, s)
+
+
+@torch.compiler.disable  # run eagerly: _HELD is no state for Dynamo to guard on
+def _flush_holders_now(v: Tensor) -> None:
+    _flush_holders(v)
+
+
+def _land_tied(slot: Slot, v: Tensor) -> None:
+    """Under torch.compile, land the writes held by a tie's other holders (an LM head written
+    before its embedding's compiled lookup) eagerly, at a graph break named as :func:`flush`'s."""
+    _break(f"wnorm: {slot.where}: '{slot.name}' shares '{slot.vname}' with a layer whose "
+           "weight was written outside a forward, and the write is split into it eagerly; "
+           "call model.state_dict() before compiling or exporting with fullgraph/strict")
+    _flush_holders_now(v)
 
 
 def _drop_holders(v: Tensor) -> None:
@@ -482,12 +503,14 @@ def _land_before_fork() -> None:
             s = None if module is None else module.__dict__.get("_wn", {}).get(pname)
             if s is None or s.held is None:
                 continue
-            held = s.held, s.held_key
+            held, v = (s.held, s.held_key), s.held_key[1]
+            v.__dict__.pop("_wn_held", None)
             try:
                 flush(module, s)
             except Exception:  # noqa: BLE001 (an at-fork hook only prints what it raises)
                 s.held, s.held_key = held
                 _HELD.setdefault(key, []).append((ref, pname))
+                v._wn_held = True
 
 
 if hasattr(os, "register_at_fork"):  # POSIX
@@ -508,6 +531,8 @@ def _property(pname: str) -> property:
         compiling = _is_compiling()
         if not compiling and _HELD and id(v) in _HELD:  # another holder's write lands
             _flush_holders(v)
+        elif compiling and getattr(v, "_wn_held", False):  # Dynamo guards on this flag, not
+            _land_tied(slot, v)  # on _HELD: computed in the graph, the write would be missed
         # compiled, the graph is the cache (and a version counter read in it is data-
         # dependent: a graph break, an error under fullgraph): each access is computed
         if not compiling and CACHE.on:  # compiling first: Dynamo then guards on no counter
@@ -539,6 +564,7 @@ def _property(pname: str) -> property:
             slot.held, slot.held_key = w, _key(g, v) + (_version_of(w), w.detach().clone(),
                                                           _addresses(g, v))
             _HELD.setdefault(id(v), []).append((weakref.ref(self, _forgetter(id(v))), pname))
+            v._wn_held = True  # for a tie's other holder's getter under torch.compile
         return w
 
     def fset(self: nn.Module, value: Any) -> None:
