@@ -692,6 +692,53 @@ def test_empty_batch():
         wnorm.data_init(model, torch.randn(0, 3))
 
 
+class WithPrefix(nn.Module):
+    """Two layers on ``cat([prefix, x])``: a prefix of no rows (none this batch) is valid."""
+
+    def __init__(self, mean_only_bn: bool = False) -> None:
+        super().__init__()
+        self.bn = MeanOnlyBatchNorm1d(5) if mean_only_bn else nn.Identity()
+        self.net = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 2))
+
+    def forward(self, x: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
+        return self.net(self.bn(torch.cat([prefix, x])))
+
+
+class Shifted(WithPrefix):
+    """The same layers on ``x + shift``: a shift of 5 values, whatever the batch."""
+
+    def forward(self, x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        return self.net(self.bn(x + shift))
+
+
+def test_every_input_empty_is_an_empty_batch():
+    model = wnorm.apply(WithPrefix())
+    assert_refused(model, (torch.randn(0, 5), torch.empty(0, 5)),
+                   r"^data_init: the batch is empty \(input 0 has shape \(0, 5\), input 1 has "
+                   r"shape \(0, 5\)\)$")
+
+
+def test_an_empty_side_input_is_not_an_empty_batch():
+    # any input of 0 elements made the batch "empty": an empty prefix, mask or edge list
+    torch.manual_seed(0)
+    model = wnorm.apply(WithPrefix())
+    batch = (torch.randn(64, 5) * 2 + 1, torch.empty(0, 5))
+    report = wnorm.data_init(model, batch, init_scale=0.5)
+    assert [(r.name, r.status) for r in report] == [("net.0", "initialized"),
+                                                   ("net.2", "initialized")]
+    assert_standardized(model, report, batch, scale=0.5)
+
+
+@pytest.mark.parametrize("mean_only_bn", [False, True], ids=["layer", "mean-only-bn"])
+def test_an_empty_input_beside_a_full_one_is_refused_where_it_arrives(mean_only_bn):
+    # the batch is not called empty while one input has values: the first layer (or mean-only
+    # batch norm) that gets nothing says so, by name
+    model = wnorm.apply(Shifted(mean_only_bn))
+    match = (r"^data_init: bn \(MeanOnlyBatchNorm1d\) got an empty batch \(0, 5\)"
+             if mean_only_bn else r"^net\.0 \(Linear\): an empty batch reached it")
+    assert_refused(model, (torch.randn(0, 5), torch.randn(5)), match)
+
+
 def test_one_example_through_linear_has_sigma_zero():
     model = wnorm.apply(nn.Sequential(nn.Linear(3, 4)))
     assert_refused(model, torch.randn(1, 3),

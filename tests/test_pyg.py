@@ -375,6 +375,20 @@ def test_a_sparse_adjacency_is_a_batch_input_like_any_other():
 
 
 @pytest.mark.parametrize("kind", ["gcn", "sage"])
+def test_a_graph_with_no_edges_is_a_batch(kind):
+    """GCN adds self loops and GraphSAGE has its root weight, so a graph without edges (an
+    edge_index of shape (2, 0)) is a valid batch; data_init refused it as "the batch is empty"."""
+    model = wnorm.apply(net(kind))
+    x, ei = graph()[0], torch.empty(2, 0, dtype=torch.long)
+    report = wnorm.data_init(model, (x, ei), init_scale=0.5)
+    assert [(r.name, r.status) for r in report] == [
+        ("c1", "initialized"), ("c2", "initialized"), ("head", "initialized")]
+    for name, y in first_outputs(model, ["c1", "c2", "head"], (x, ei)).items():
+        mu, sd = per_channel(y)
+        assert mu.abs().max() < TOL and (sd - 0.5).abs().max() < TOL, name
+
+
+@pytest.mark.parametrize("kind", ["gcn", "sage"])
 def test_include_plain_initializes_a_plain_pyg_model(kind):
     """The paper's normal-parameterization baseline on a plain PyG model: before, nothing was
     initialized (an empty report, no warning)."""

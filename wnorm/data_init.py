@@ -652,10 +652,11 @@ def _check_inputs(inputs: list[Tensor], cause: BaseException | None = None) -> N
 
 def _refuse_empty_anywhere(empty: str | None, inputs: list[Tensor], model: nn.Module,
                            group: Any) -> None:
-    """Raise on every rank when any rank's batch is empty: a rank raising alone would leave
-    the others waiting in the pass's first all-reduce for good. One all-reduce of a flag per
-    rank, read on the host, on the device of the model's parameters, where the pass's own
-    all-reduces run (NCCL takes no CPU tensor: a batch may hold CPU lengths)."""
+    """Raise on every rank when any rank's batch is empty (every tensor input of it is): a
+    rank raising alone would leave the others waiting in the pass's first all-reduce for good.
+    One all-reduce of a flag per rank, read on the host, on the device of the model's
+    parameters, where the pass's own all-reduces run (NCCL takes no CPU tensor: a batch may
+    hold CPU lengths)."""
     import torch.distributed as dist
 
     rank = dist.get_rank(group)
@@ -719,11 +720,12 @@ def data_init(
         layers also raise a warning.
 
     Raises:
-        WnormError: ``init_scale`` is not a positive finite number, the batch is empty (on
-            any rank: every rank raises) or non-finite, this rank is not in ``process_group``,
-            the model's weights are sharded (DTensor), a layer's :math:`\sigma[t]` is 0, or its
-            g or b does not fit its dtype. The model is then
-            left exactly as it was (parameters and buffers restored).
+        WnormError: ``init_scale`` is not a positive finite number, the batch is empty
+            (every tensor in it; on any rank: every rank raises) or non-finite, a layer gets
+            nothing in one process, this rank is not in ``process_group``, the model's weights
+            are sharded (DTensor), a layer's :math:`\sigma[t]` is 0, or its g or b does not fit
+            its dtype. The model is then left exactly as it was (parameters and buffers
+            restored).
 
     Example:
         >>> import torch, wnorm
@@ -742,8 +744,10 @@ def data_init(
     else:
         args, kwargs = (batch,), {}
     inputs = [a for a in list(args) + list(kwargs.values()) if isinstance(a, Tensor)]
-    empty = next((f"input {i} has shape {tuple(a.shape)}" for i, a in enumerate(inputs)
-                  if a.numel() == 0), None)
+    # empty only when every tensor is: a graph with no edges or an empty mask is a batch (a
+    # layer that still gets nothing is refused by name, in the pass)
+    empty = (", ".join(f"input {i} has shape {tuple(a.shape)}" for i, a in enumerate(inputs))
+             if inputs and all(a.numel() == 0 for a in inputs) else None)
     named = list(model.named_modules())
     meta = next((n for n, p in model.named_parameters() if p.is_meta), None)
     if meta is not None:  # its forward would fail deep inside, on .item() or a device mismatch
