@@ -954,6 +954,49 @@ def test_a_checkpoint_of_another_map_is_refused_not_loaded_into_other_outputs(me
         wnorm.convert_state_dict(back, "plain")
 
 
+SAME_KIND_OTHER_WEIGHT = {
+    "standardized dim 0 -> None": (lambda m: wnorm.weight_standardization(m),
+                                   lambda m: wnorm.weight_standardization(m, dim=None)),
+    "standardized dim 0 -> 1": (lambda m: wnorm.weight_standardization(m),
+                                lambda m: wnorm.weight_standardization(m, dim=1)),
+    "standardized eps": (lambda m: wnorm.weight_standardization(m, eps=1e-10),
+                         lambda m: wnorm.weight_standardization(m, eps=1e-3)),
+    "fixed gain": (lambda m: wnorm.forced_weight_norm(m, gain=2.0),
+                   lambda m: wnorm.forced_weight_norm(m, gain=1.0)),
+    "fixed gain dim": (lambda m: wnorm.forced_weight_norm(m, gain=1.0),
+                       lambda m: wnorm.forced_weight_norm(m, gain=1.0, dim=None)),
+}
+
+
+@pytest.mark.filterwarnings("ignore:.*nothing puts it back on its sphere")
+@pytest.mark.parametrize("case", list(SAME_KIND_OTHER_WEIGHT))
+def test_a_map_without_g_saved_with_other_settings_is_refused(case):
+    # no g whose shape tells the axis: a weight standardization along dim 0, or with another
+    # eps, or a fixed gain of 2, loaded into one of other settings with every key matching, and
+    # the outputs moved by up to 3 (a gain of 2 read as 1 halved them)
+    make_src, make_dst = SAME_KIND_OTHER_WEIGHT[case]
+    torch.manual_seed(0)
+    sd = make_src(nn.Conv2d(4, 4, 3)).state_dict()
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    for saved in (sd, torch.load(buf)):
+        dst = make_dst(nn.Conv2d(4, 4, 3))
+        before = copy.deepcopy(dst.state_dict())
+        with pytest.raises(RuntimeError, match=r"'weight' was saved by wnorm\.\w+\(dim=.*\), "
+                                               r"the model's is wnorm\.\w+\(dim="):
+            dst.load_state_dict(saved)
+        with pytest.raises(WnormError, match=r"\(the model is as it was\)"):
+            wnorm.load_state_dict(dst, saved)
+        assert all(torch.equal(v, dst.state_dict()[k]) for k, v in before.items())
+    same = make_src(nn.Conv2d(4, 4, 3))  # the same settings load, with the same outputs
+    same.load_state_dict(sd)
+    x = torch.randn(2, 4, 6, 6)
+    src = make_src(nn.Conv2d(4, 4, 3))
+    src.load_state_dict(sd)
+    assert torch.equal(same(x), src(x))
+
+
 @pytest.mark.filterwarnings("ignore:.*nothing puts it back on its sphere")
 def test_a_checkpoint_of_a_map_with_the_same_weight_loads_to_identical_outputs():
     # a forced weight norm computes w = g v/||v|| as weight norm does; a checkpoint without

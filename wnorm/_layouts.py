@@ -384,8 +384,7 @@ def convert(state_dict: Mapping[str, Any], to: str, dim: Any = KEEP,
     _check_options(to, dim)
     meta = getattr(state_dict, "_metadata", None)  # which map saved each pair (wnorm's)
     for path, entry in (meta.items() if isinstance(meta, Mapping) else ()):
-        why = kind_mismatch(entry.get("wnorm") if isinstance(entry, Mapping) else None, None,
-                            state_dict, f"{path}." if path else "")
+        why = kind_mismatch(entry, None, state_dict, f"{path}." if path else "")
         if why:
             raise WnormError(f"{why}: converting reads every (g, v) as a weight norm's, which "
                              "gives another weight under another map; save wnorm.fold of the "

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from . import _layouts, _pytorch_wn
 from .errors import WnormError
-from .maps import METHODS, OTHER_MAP, Map, formula_only, kind_mismatch, norm
+from .maps import METHODS, OTHER_MAP, Map, formula_only, kind_mismatch, norm, settings
 
 __all__ = ["Slot", "CACHE", "watch_steps", "end_block", "attach", "detach", "plain_weight",
            "slots", "slot", "slots_of", "pair", "flush", "flush_all", "land_writes",
@@ -689,8 +689,9 @@ def _save_to_state_dict(self: nn.Module, destination: dict[str, Any], prefix: st
     meta = getattr(destination, "_metadata", None)
     if meta is not None:  # what g and v mean: a centered (g, v) loaded into a weight norm of
         # the same shapes would load without a word and give other outputs
-        meta.setdefault(prefix[:-1], {})["wnorm"] = {p: s.kind for p, s in
-                                                     self.__dict__["_wn"].items()}
+        entry = meta.setdefault(prefix[:-1], {})
+        entry["wnorm"] = {p: s.kind for p, s in self.__dict__["_wn"].items()}
+        entry["wnorm_map"] = {p: settings(s.map) for p, s in self.__dict__["_wn"].items()}
     # a class with its own _save_to_state_dict (torch_geometric's Linear) may have written the
     # computed weight and not g and v: save the parameters instead
     for pname, s in self.__dict__["_wn"].items():
@@ -707,8 +708,8 @@ def _load_from_state_dict(self: nn.Module, state_dict: Mapping[str, Any], prefix
                           error_msgs: list[str]) -> None:
     # PyTorch's parameter names: callers pass them as keywords (Lightning's DeepSpeed restore)
     specs = self.__dict__["_wn"]
-    why = kind_mismatch(local_metadata.get("wnorm"), {p: s.kind for p, s in specs.items()},
-                        state_dict, prefix)
+    why = kind_mismatch(local_metadata, {p: s.map for p, s in specs.items()}, state_dict,
+                        prefix)
     if why:  # as PyTorch does for a shape that differs: named, and raised after the load
         error_msgs.append(f"{next(iter(specs.values())).where}: {why}: {OTHER_MAP} (nothing "
                           "of this layer was loaded)")

@@ -18,7 +18,7 @@ from torch.autograd import forward_ad as _forward_ad
 
 __all__ = ["Map", "WeightNorm", "CenteredWeightNorm", "WeightStandardization", "ForcedWeightNorm",
            "BalancedWeightNorm", "norm", "graph_norm", "l1_norm", "METHODS", "same_weight",
-           "kind_mismatch", "OTHER_MAP"]
+           "settings", "kind_mismatch", "OTHER_MAP"]
 
 _LOW = (torch.float16, torch.bfloat16)
 
@@ -127,21 +127,54 @@ def same_weight(a: str, b: str) -> bool:
     return a == b or {a, b} <= {"wn", "forced"}
 
 
-def kind_mismatch(saved: Any, slots: Mapping[str, Any] | None, state_dict: Mapping[str, Any],
+def settings(m: Map) -> dict[str, object]:
+    """What besides its kind decides the weight a map gives for the same (g, v): ``dim`` and its
+    options but a forced map's radius (where v is held, not what w is). Saved beside the kind:
+    without a g (weight standardization, a fixed gain), another axis, eps or gain loads with
+    every shape matching."""
+    out: dict[str, object] = {"dim": m.dim}
+    for k, x in m.options().items():
+        if k != "radius":
+            out[k] = None if x is None else float(x)  # type: ignore[arg-type]
+    return out
+
+
+def _described(kind: str, given: Any) -> str:
+    opts = ", ".join(f"{k}={x!r}" for k, x in given.items()) if isinstance(given, Mapping) else ""
+    return f"wnorm.{METHODS.get(kind, kind)}" + (f"({opts})" if opts else "")
+
+
+def kind_mismatch(entry: Any, slots: Mapping[str, Map] | None, state_dict: Mapping[str, Any],
                   prefix: str) -> str:
-    """What is wrong with loading the (g, v) that a state dict's metadata says the maps
-    ``saved`` (``{name: kind}``) saved into ``slots`` (``{name: kind}``; a name not in it is a
-    plain or PyTorch-normalized weight, which reads (g, v) as a weight norm's; None: no model,
-    read as weight norm's): "" when nothing is. wnorm's layers write that metadata in
-    ``state_dict``."""
+    """What is wrong with loading the (g, v) that a module's state-dict metadata ``entry`` says
+    were saved by maps of the kinds in ``entry["wnorm"]`` (``{name: kind}``), with the
+    :func:`settings` in ``entry["wnorm_map"]``, into ``slots`` (``{name: Map}``; a name not in it
+    is a plain or PyTorch-normalized weight, which reads (g, v) as a weight norm's; None: no
+    model, read as weight norm's): "" when nothing is. wnorm's layers write that metadata in
+    ``state_dict`` (entries written before the settings are compared by kind)."""
+    saved = entry.get("wnorm") if isinstance(entry, Mapping) else None
     if not isinstance(saved, Mapping):
         return ""
-    bad = [f"'{prefix}{p}' was saved by wnorm.{METHODS.get(k, k)}" + (
-           "" if slots is None else ", the model's is " + (
-               f"wnorm.{METHODS.get(slots[p], slots[p])}" if p in slots else
-               "plain or PyTorch's weight norm"))
-           for p, k in saved.items() if prefix + p + "_v" in state_dict
-           and not same_weight(str(k), (slots or {}).get(p, "wn"))]
+    given = entry.get("wnorm_map")
+    given = given if isinstance(given, Mapping) else {}
+    bad = []
+    for p, k in saved.items():
+        if prefix + p + "_v" not in state_dict:
+            continue
+        m = (slots or {}).get(p)
+        ours = "wn" if m is None else m.kind
+        if not same_weight(str(k), ours):
+            bad.append(f"'{prefix}{p}' was saved by {_described(str(k), None)}" + (
+                "" if slots is None else ", the model's is " + (
+                    _described(ours, None) if m is not None else
+                    "plain or PyTorch's weight norm")))
+        elif (m is not None and isinstance(given.get(p), Mapping) and str(k) == ours
+              # a weight norm's g along another axis has another shape: refused by it, or
+              # read along its own axis by wnorm.load_state_dict, which recomputes the weight
+              and (not m.has_g or not same_weight(ours, "wn"))
+              and dict(given[p]) != settings(m)):
+            bad.append(f"'{prefix}{p}' was saved by {_described(str(k), given[p])}, the "
+                       f"model's is {_described(ours, settings(m))}")
     return "; ".join(bad)
 
 

@@ -199,9 +199,8 @@ def _check_kinds(model: nn.Module, state_dict: Mapping[str, Any], keys: Iterable
         module = modules.get((want + full[len(have):])[:-1])
         if module is None:
             continue  # a key the model lacks: named with the others
-        why = kind_mismatch(entry["wnorm"], {p: s.kind for p, s in
-                                                      _reparam.slots_of(module).items()},
-                                     state_dict, full)
+        why = kind_mismatch(entry, {p: s.map for p, s in _reparam.slots_of(module).items()},
+                            state_dict, full)
         if why:
             raise WnormError(f"load_state_dict into {type(model).__name__}: {why}: "
                              f"{OTHER_MAP} (the model is as it was)")
