@@ -133,13 +133,28 @@ class _ScaledConv(nn.Conv2d):
         return super().forward(x) * 0.5
 
 
+class _ScaledConvForward(nn.Conv2d):  # keeps Conv2d.forward, which adds the bias in this
+    def _conv_forward(self, x: torch.Tensor, w: torch.Tensor,
+                      b: torch.Tensor | None) -> torch.Tensor:
+        return super()._conv_forward(x, w, b) * 0.5
+
+
+def _instance_scaled_conv1d() -> nn.Conv1d:
+    conv = nn.Conv1d(3, 4, 3)
+    plain = conv._conv_forward
+    conv._conv_forward = lambda x, w, b: plain(x, w, b) * 0.5
+    return conv
+
+
 @pytest.mark.parametrize("make, shape", [(lambda: _ScaledLinear(3, 4), (16, 3)),
                                          (lambda: _LrMulLinear(3, 4), (16, 3)),
-                                         (lambda: _ScaledConv(3, 4, 3), (4, 3, 6, 6))])
+                                         (lambda: _ScaledConv(3, 4, 3), (4, 3, 6, 6)),
+                                         (lambda: _ScaledConvForward(3, 4, 3), (4, 3, 6, 6)),
+                                         (_instance_scaled_conv1d, (4, 3, 6))])
 def test_a_layer_subclass_with_a_forward_of_its_own_keeps_a_channel_shift(make, shape):
     # its forward does not add its bias once: the shift in its bias moved the outputs by 0.5
     torch.manual_seed(0)
-    bn = MeanOnlyBatchNorm1d(4) if len(shape) == 2 else MeanOnlyBatchNorm2d(4)
+    bn = MeanOnlyBatchNorm2d(4) if len(shape) == 4 else MeanOnlyBatchNorm1d(4)
     model = wnorm.apply(nn.Sequential(make(), bn))
     x = torch.randn(shape) + 3
     train_a_little(model, x)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from torch import nn
@@ -158,6 +160,33 @@ def test_one_value_per_channel_for_a_batch_mean_is_refused_as_nn_batchnorm_refus
         cls(3, track_running_stats=False).eval()(torch.randn(shape))
     cls(3).eval()(torch.randn(shape))  # the running mean: any batch
     cls(3)(torch.randn((2,) + shape[1:]))
+
+
+@pytest.mark.parametrize("refused, message", [((1, 4), "more than 1 value per channel"),
+                                               ((8, 5), "expected 4 channels"),
+                                               ((8, 4, 2, 2), "expected a 2D or 3D input")])
+def test_a_compiled_model_stays_one_compiled_graph_after_a_refused_batch(refused, message):
+    # Dynamo met the WnormError inside the inlined check and skipped the model's frame for good:
+    # every later batch ran eagerly, the layers compiled one by one between graph breaks
+    runs: list[int] = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> Any:
+        def run(*args: Any) -> Any:
+            runs.append(1)
+            return gm.forward(*args)
+        return run
+
+    torch._dynamo.reset()
+    net = nn.Sequential(MeanOnlyBatchNorm1d(4), nn.Linear(4, 4)).train()
+    compiled = torch.compile(net, backend=backend)
+    compiled(torch.randn(8, 4))
+    with pytest.raises(WnormError, match=message):
+        compiled(torch.randn(refused))
+    for _ in range(2):
+        runs.clear()
+        x = torch.randn(8, 4)
+        torch.testing.assert_close(compiled(x), net(x))
+        assert len(runs) == 1  # the whole model, one graph
 
 
 def test_reset_parameters_gives_the_layer_as_built_after_a_meta_build_and_after_training():

@@ -19,10 +19,11 @@ from .weight_norm import _earlier_weight
 __all__ = ["fold", "ChannelShift"]
 
 _BIAS_TYPES = (nn.Linear, nn.modules.conv._ConvNd)
-#: the forwards that add a layer's bias once to its output and do nothing else
-_BIAS_FORWARDS = frozenset(c.forward for c in (
+#: the forwards that add a layer's bias once to its output and do nothing else, each with its
+#: class: a ConvNd's forward adds it in that class's ``_conv_forward``
+_BIAS_FORWARDS = {c.forward: c for c in (
     nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
-    nn.ConvTranspose3d))
+    nn.ConvTranspose3d)}
 
 
 class ChannelShift(nn.Module):
@@ -74,12 +75,21 @@ def _shift_of(bn: MeanOnlyBatchNormBase, where: str) -> Tensor:
     return (bn.bias - bn.running_mean).detach()
 
 
+def _adds_bias_once(layer: nn.Module) -> bool:
+    """Whether ``layer`` runs torch's own forward for its class, which adds the bias once to
+    the output. A subclass with a forward of its own (an output scale, StyleGAN's bias * lr_mul),
+    or a ``_conv_forward`` of its own under Conv's forward (on the class or the instance),
+    would not add the shift as it stands."""
+    base = _BIAS_FORWARDS.get(type(layer).forward)
+    return (base is not None and "_conv_forward" not in layer.__dict__
+            and getattr(type(layer), "_conv_forward", None)
+            is getattr(base, "_conv_forward", None))
+
+
 def _absorb(layer: nn.Module, shift: Tensor) -> bool:
     """Add ``shift`` to ``layer``'s bias (creating one if needed); False if it cannot."""
     # a parametrized bias is computed on each access: an add into it would be lost
-    # a subclass with a forward of its own (an output scale, StyleGAN's bias * lr_mul) would
-    # not add the shift as it stands
-    if (not isinstance(layer, _BIAS_TYPES) or type(layer).forward not in _BIAS_FORWARDS
+    if (not isinstance(layer, _BIAS_TYPES) or not _adds_bias_once(layer)
             or _reparam.slots_of(layer) or parametrize.is_parametrized(layer, "bias")):
         return False
     out = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
@@ -192,8 +202,9 @@ def fold(model: nn.Module) -> nn.Module:
     mean-only batch norm folds its eval-mode affine map :math:`x \mapsto x - \mu_{\text{running}}
     + b` into the bias of the layer right before it in an ``nn.Sequential`` (Linear or ConvNd
     with the same channel count, used nowhere else, without hooks; a subclass with a forward of
-    its own, which may reuse that layer's output, does not count); where there is no such layer
-    it becomes a :class:`ChannelShift` adding the constant (and keeping the batch norm's hooks).
+    its own, or a ``_conv_forward`` of its own, which may scale or reuse that layer's output,
+    does not count); where there is no such layer it becomes a :class:`ChannelShift` adding the
+    constant (and keeping the batch norm's hooks).
     A Linear takes the shift as its bias: it adds along the last axis, which is the batch norm's
     channel axis for the usual (N, C) input; a batch norm that has run on (N, C, L) input in
     this process (eagerly) becomes a :class:`ChannelShift` instead. One that never ran in this

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import Tensor, nn
@@ -209,17 +209,35 @@ class MeanOnlyBatchNormBase(nn.Module):
     def _check(self, x: Tensor) -> tuple[int, ...]:
         """``x``'s shape, checked to be this layer's input's (raises, naming the layer)."""
         shape = _shape(x)
+        if len(shape) not in self._ndims or shape[1] != self.num_features:
+            self._refuse_shape(shape)
+        return shape
+
+    # the refusals raise outside any compiled graph: an exception Dynamo met in an inlined
+    # method made it skip the calling frame (the whole model) for good, and every later batch
+    # ran eagerly in pieces. Under fullgraph=True, Dynamo's error gives the reason below
+    @torch.compiler.disable(reason="wnorm: an input a mean-only batch norm refuses (rank or "
+                            "channel count); uncompiled, its WnormError names the layer")
+    def _refuse_shape(self, shape: tuple[int, ...]) -> NoReturn:
         if len(shape) not in self._ndims:
             raise WnormError(
                 f"{self._label()}: expected a {' or '.join(f'{d}D' for d in self._ndims)} "
-                f"input (N, C, ...); got shape {tuple(x.shape)}"
+                f"input (N, C, ...); got shape {tuple(shape)}"
             )
-        if shape[1] != self.num_features:
-            raise WnormError(
-                f"{self._label()}: expected {self.num_features} channels in dim 1; "
-                f"got shape {tuple(x.shape)}"
-            )
-        return shape
+        raise WnormError(
+            f"{self._label()}: expected {self.num_features} channels in dim 1; "
+            f"got shape {tuple(shape)}"
+        )
+
+    @torch.compiler.disable(reason="wnorm: a training batch with 1 value per channel, which "
+                            "mean-only batch norm refuses as nn.BatchNorm does; use batches "
+                            "of 2 or more")
+    def _refuse_count(self, shape: tuple[int, ...]) -> NoReturn:
+        raise WnormError(
+            f"{self._label()}: expected more than 1 value per channel for a batch mean; got "
+            f"input shape {tuple(shape)} (its mean is itself: the output would be the bias "
+            "alone, with no gradient to the layers before); use batches of 2 or more "
+            "(DataLoader(..., drop_last=True)), as nn.BatchNorm requires")
 
     def _record_length(self, x: Tensor) -> None:
         if x.dim() > 2 and 2 in self._ndims and not torch.compiler.is_compiling() and \
@@ -242,11 +260,7 @@ class MeanOnlyBatchNormBase(nn.Module):
         for n in shape[2:]:
             count *= n
         if count == 1:
-            raise WnormError(
-                f"{self._label()}: expected more than 1 value per channel for a batch mean; got "
-                f"input shape {tuple(shape)} (its mean is itself: the output would be the bias "
-                "alone, with no gradient to the layers before); use batches of 2 or more "
-                "(DataLoader(..., drop_last=True)), as nn.BatchNorm requires")
+            self._refuse_count(shape)
 
     def _track(self, mean: Tensor) -> None:
         """Move the running mean toward this batch's ``mean`` (training with running stats).
