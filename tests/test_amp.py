@@ -140,6 +140,18 @@ def test_float16_layer_with_unrepresentable_norm_is_an_error_not_inf() -> None:
         wnorm.weight_norm(lin)
 
 
+def test_float16_balanced_weight_whose_l1_norms_overflow_is_an_error_not_inf() -> None:
+    """A balanced weight norm's g is each row's L1 norm (82k here), above float16's 65504
+    while the L2 norm (1.6k) is not: it took g = inf and gave NaN outputs."""
+    torch.manual_seed(0)
+    lin = nn.Linear(4096, 2).half()
+    with torch.no_grad():
+        lin.weight.normal_(0, 25)
+    with pytest.raises(wnorm.WnormError, match=r"Linear: .*overflow torch.float16"):
+        wnorm.balanced_weight_norm(lin)
+    assert not hasattr(lin, "weight_g")  # the layer is as it was
+
+
 # --------------------------------------------------------------------------- data init
 @pytest.mark.parametrize("dtype", LOW, ids=["bf16", "fp16"])
 def test_data_init_statistics_in_float32_under_autocast(dtype) -> None:

@@ -104,7 +104,8 @@ def _check_weight(label: str, name: str, module: nn.Module, w: torch.Tensor, m: 
             bad = int((~torch.isfinite(w)).sum())
             raise WnormError(f"{label}: '{name}' has {bad} non-finite values (NaN or inf)")
         wide = w.float() if w.dtype in _LOW else w
-        n = norm(m.direction(wide), m.dim)
+        # the length g holds: the L1 norm for a balanced weight norm, larger than the L2 one
+        n = getattr(m, "length", norm)(m.direction(wide), m.dim)
         if not bool(torch.isfinite(n.to(w.dtype)).all()):
             raise WnormError(
                 f"{label}: the norms of '{name}' overflow {w.dtype} (largest |entry| "
