@@ -735,3 +735,27 @@ def test_a_write_inside_a_cached_block_is_said_to_be_gone_at_the_blocks_end():
         warnings.simplefilter("error")
         with torch.no_grad(), wnorm.cached():  # a read alone: nothing to say
             m(x), m.weight.norm()
+
+
+@pytest.mark.parametrize("then", ["a forward with grad", "a step, then a forward"])
+def test_a_write_inside_a_cached_block_is_said_to_be_gone_when_the_block_computes_it_again(
+        then):
+    # the block computed the weight again (for a graph, or after a step) and the write was gone
+    # with no word: the end-of-block check saw only the weight cached last
+    m, x = layer_and_twin()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    with pytest.warns(UserWarning, match=r"'weight' was written in place inside a wnorm\.cached"
+                      r"\(\) block") as said:
+        with wnorm.cached():
+            with torch.no_grad():
+                nn.init.zeros_(m.weight)
+            if then == "a forward with grad":
+                m(x).sum().backward()
+            else:
+                with torch.no_grad():
+                    m(x)
+                m(x).sum().backward()  # the written weight has no graph: computed again
+                opt.step()
+                with torch.no_grad():
+                    m(x)
+    assert said[0].filename == __file__

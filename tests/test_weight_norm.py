@@ -7,6 +7,7 @@ import contextlib
 import copy
 import io
 import re
+import threading
 import warnings
 
 import pytest
@@ -310,6 +311,31 @@ class TestCached:
             expected = m.weight_g * m.weight_v / m.weight_v.norm(dim=1, keepdim=True)
             torch.testing.assert_close(w2, expected)
 
+    def test_an_optimizer_step_in_another_thread_is_seen(self):
+        # an optimizer-in-backward hook steps in autograd's device thread: the step hook saw
+        # only blocks of its own thread, and the block kept the weight of before the step. The
+        # step here moves no version counter, as a fused CUDA step does not
+        class DataSGD(torch.optim.Optimizer):
+            def __init__(self, params):
+                super().__init__(params, {})
+
+            def step(self, closure=None):
+                for group in self.param_groups:
+                    for p in group["params"]:
+                        p.data.sub_(0.1 * p.grad)
+
+        m, x = self._layer()
+        opt = DataSGD(m.parameters())
+        m(x).sum().backward()
+        with torch.no_grad(), wnorm.cached():
+            w1 = m.weight
+            other = threading.Thread(target=opt.step)
+            other.start()
+            other.join()
+            expected = m.weight_g * m.weight_v / m.weight_v.norm(dim=1, keepdim=True)
+            assert not torch.equal(expected, w1)
+            torch.testing.assert_close(m.weight, expected)
+
     def test_load_state_dict_inside_a_block_is_seen(self):
         m, _ = self._layer()
         other = wnorm.weight_norm(nn.Linear(4, 3))
@@ -561,8 +587,6 @@ class TestCached:
     def test_a_block_covers_its_own_thread_only(self):
         # another thread (training, or serving without a block) keeps computing every weight,
         # so its edits through .data are seen as outside a block
-        import threading
-
         m, x = self._layer()
         inside, done = threading.Event(), threading.Event()
 

@@ -67,25 +67,35 @@ def end_block() -> None:
     written in place in it (their version moved): the block's forwards used the write, but g
     and v do not hold it, and it goes with the cached weight."""
     for s in CACHE.filled:
-        w = s.cached
-        if w is not None and s.cached_at >= 0 and _version_of(w) != s.cached_at:
-            _warn_at_user(
-                f"{s.where}: '{s.name}' was written in place inside a wnorm.cached() block: the "
-                f"block's forwards used the written weight, but '{s.gname}'/'{s.vname}' do not "
-                "hold it, and it is gone now; write it outside the block (it is then split into "
-                "them at the next access)")
+        _say_if_written(s)
         s.cached, s.key = None, ()
     CACHE.filled.clear()
 
 
+def _say_if_written(s: Slot) -> None:
+    """Warn when the weight ``s`` cached was written in place: it is let go (at the block's
+    end, or computed again after a step or for a forward recording a graph) with the write."""
+    w = s.cached
+    if w is not None and s.cached_at >= 0 and _version_of(w) != s.cached_at:
+        _warn_at_user(
+            f"{s.where}: '{s.name}' was written in place inside a wnorm.cached() block: the "
+            f"block's forwards used the written weight (if any ran since), but "
+            f"'{s.gname}'/'{s.vname}' do not hold it, and it is gone now; write it outside "
+            "the block (it is then split into them at the next access)")
+
+
+#: optimizer steps taken, in any thread: a cached weight is valid for the count it was cached
+#: at (a step in autograd's thread, an optimizer-in-backward hook's, refreshes a block opened
+#: in the main thread; a thread-local flag would not see it)
+_STEPS = [0]
+
+
 def _after_step(*_: Any) -> None:
-    """After any optimizer's step in a :func:`wnorm.cached` block, its weights are computed
+    """After any optimizer's step, the weights of :func:`wnorm.cached` blocks are computed
     again: fused steps (``Adam(fused=True)``, ``SGD(fused=True)``) update g and v without moving
     their version counters, on which the cache is keyed, and a block training with one kept
     the weight of before its first step."""
-    if CACHE.on:
-        for s in CACHE.filled:
-            s.key = ()
+    _STEPS[0] += 1
 
 
 _WATCHING: list[Any] = []
@@ -539,7 +549,7 @@ def _property(pname: str) -> property:
             w, key = slot.cached, slot.key
             # a weight cached under no_grad has no graph: a forward recording one computes it
             if w is not None and _same(key, g, v) and key[4] == _addresses(g, v) and (
-                    w.requires_grad or not torch.is_grad_enabled()
+                    key[-1] == _STEPS[0]) and (w.requires_grad or not torch.is_grad_enabled()
                     or not (v.requires_grad or (g is not None and g.requires_grad))):
                 return w
             if _is_tracing() or formula_only(g, v):
@@ -557,7 +567,10 @@ def _property(pname: str) -> property:
                 _check_finite(slot, w)
             if slot.cached is None:
                 CACHE.filled.append(slot)
-            slot.cached, slot.key, slot.cached_at = w, _cache_key(g, v), _version_of(w)
+            else:
+                _say_if_written(slot)
+            slot.cached, slot.key, slot.cached_at = w, _cache_key(g, v) + (_STEPS[0],), \
+                _version_of(w)
             return w
         w = slot.map.weight(g, v)
         if not (_is_compiling() or _is_tracing()) and _DEPTH.n == 0:

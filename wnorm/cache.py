@@ -17,7 +17,8 @@ def cached() -> Iterator[None]:
     Outside it, wnorm computes every weight from g and v at every access, so that edits of g
     and v by any means are seen. Inside, a weight is recomputed only when its g or v is
     replaced, assigned through ``.data`` or changed in place (their version counters move),
-    and after every optimizer step (fused ones, which move no version counter, too); an
+    and after every optimizer step (fused ones, which move no version counter, too, and steps
+    in other threads: an optimizer-in-backward hook's, in autograd's thread); an
     in-place edit through ``.data`` inside the block is not seen. Use it for inference (a
     plain layer's cost per forward), or to compute a weight once when a layer runs many times
     (an RNN cell over time steps, gradient accumulation). With grad enabled, every forward
@@ -34,7 +35,8 @@ def cached() -> Iterator[None]:
     caches nothing in the block: its graph computes a weight at each access, as outside it
     (the check of a cached weight reads version counters, which a graph cannot branch on).
     A weight written in place in a block (``nn.init`` on it) is used by the block's forwards
-    but never reaches g and v: a warning at the block's end says so; write outside a block.
+    but never reaches g and v: a warning says so when the block lets it go (at its end, after a
+    step, or computing it again for a forward that records a graph); write outside a block.
 
     Example:
         >>> import torch, wnorm
