@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 import warnings
 
 import pytest
@@ -232,7 +233,10 @@ def test_the_projection_does_no_host_sync(monkeypatch):
     net = wnorm.apply(_net(), method=wnorm.forced_weight_norm)
     net[5] = wnorm.remove_weight_norm(net[5])
     opt = torch.optim.SGD(net.parameters(), lr=0.5)
-    projs = [project_after_step(opt, net, radius=r) for r in ("initial", "unit")]
+    start = net[5].weight.detach().norm(dim=1)
+    # one weight on two spheres is refused: "initial" holds the plain layer, "unit" the others
+    projs = [project_after_step(opt, net, radius="initial", include="5"),
+             project_after_step(opt, net, radius="unit", exclude="5")]
     _steps(net, opt, 1)
 
     def sync(*a, **k):
@@ -243,7 +247,8 @@ def test_the_projection_does_no_host_sync(monkeypatch):
     for p in projs:
         p()
     monkeypatch.undo()
-    torch.testing.assert_close(net[5].weight.norm(dim=1), torch.ones(6, dtype=D))
+    torch.testing.assert_close(net[5].weight.norm(dim=1), start)
+    torch.testing.assert_close(net[0].weight_v.norm(dim=(1, 2)), torch.full((5,), 3.0, dtype=D))
 
 
 @pytest.mark.parametrize("make", [
@@ -412,3 +417,109 @@ def test_weight_standardization_is_projected_only_where_its_eps_is_negligible(ep
         opt = torch.optim.SGD(ws.parameters(), lr=0.0)
         project_after_step(opt, ws, radius=ok)
         torch.testing.assert_close(ws.weight, w, rtol=1e-5, atol=1e-6)
+
+
+def test_a_projection_whose_optimizer_is_gone_no_longer_holds_its_weights():
+    """A second training stage with a new optimizer: the projection on the first one (kept
+    alive by the user's variable) projects nothing after steps, so forced WN must warn."""
+    import gc
+
+    torch.manual_seed(0)
+    layer = wnorm.forced_weight_norm(nn.Linear(16, 4))
+    opt = torch.optim.SGD(layer.parameters(), lr=1.0)
+    proj = project_after_step(opt, layer)
+    assert is_projected(layer, "weight_v")
+    opt = torch.optim.SGD(layer.parameters(), lr=1.0)  # stage 2; `proj` is still referenced
+    gc.collect()
+    assert proj._handle.hooks_dict_ref() is None  # the first optimizer is gone
+    assert not wnorm.is_projected(layer, "weight_v")
+    with pytest.warns(UserWarning, match="nothing puts it back on its sphere"):
+        layer(torch.randn(8, 16))
+    # nor does it hold the weight against a new projection, on any sphere
+    project_after_step(opt, layer, radius="unit", dim=None)
+    project_after_step(opt, layer)
+    _steps(layer, opt, 2, torch.randn(8, 16))
+    torch.testing.assert_close(layer.weight_v.norm(dim=1), torch.full((4,), 4.0))
+
+
+@pytest.mark.parametrize("radius, what", [(1e6, r"300 entries would overflow to inf \(the "
+                                                 r"largest torch.float16 is 65504\)"),
+                                          (1e-7, r"6 of its 6 slices would round to all zeros")])
+@pytest.mark.parametrize("wn", [False, True], ids=["plain", "weightnorm"])
+def test_a_radius_float16_cannot_hold_is_refused_naming_the_layer(radius, what, wn):
+    # v became inf (weight NaN) at 1e6; every row of v rounded to 0 (weight NaN) at 1e-7
+    torch.manual_seed(0)
+    lin = nn.Linear(50, 6).half()
+    net = nn.Sequential(wnorm.weight_norm(lin) if wn else lin)
+    before = copy.deepcopy(net.state_dict())
+    pname = "weight_v" if wn else "weight"
+    for register in (lambda: project_(net, radius),
+                     lambda: project_after_step(torch.optim.SGD(net.parameters()), net, radius)):
+        with pytest.raises(WnormError, match=rf"0.{pname} \(Linear, torch.float16\): on spheres "
+                                             rf"of radius {re.escape(f'{radius:g}')}, "
+                                             rf".*{what}"):
+            register()
+        assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())
+
+
+def test_a_float16_radius_whose_entries_fit_is_held_though_its_scale_would_not():
+    # a row of norm ~0.6 scaled to 5e4: the scale (~8e4) overflows float16, the entries do not
+    torch.manual_seed(0)
+    for net in (nn.Linear(50, 6).half(), wnorm.weight_norm(nn.Linear(50, 6)).half()):
+        w = net.weight.detach().clone()
+        project_(net, 5e4)
+        t = net.weight_v if wnorm.is_weight_normalized(net) else net.weight
+        torch.testing.assert_close(t.detach().float().norm(dim=1), torch.full((6,), 5e4),
+                                   rtol=1e-3, atol=0)
+        if t is not net.weight:  # projecting v leaves a wnorm weight as it was
+            torch.testing.assert_close(net.weight, w, rtol=1e-3, atol=1e-4)
+
+
+def test_a_weight_held_by_a_live_projection_is_not_held_on_another_sphere():
+    # a second registration with another radius used to replace the first one's after every
+    # step without a word (the last registered won)
+    torch.manual_seed(0)
+    m = wnorm.weight_norm(nn.Linear(6, 3))
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    held = [project_after_step(opt, m, radius="unit")]
+    for radius, want in [(3.0, "radius 3 along dim 0"), (0.5, "radius 0.5 along dim 0"),
+                         ("initial", None), (1.0, None), (torch.tensor(1.0), None)]:
+        if want is None:  # the same spheres again: allowed, only redundant
+            held.append(project_after_step(opt, m, radius=radius))
+            continue
+        with pytest.raises(WnormError, match=r"weight_v is already held by a live projection on "
+                                             r"this optimizer \(Projection\(1 tensors: "
+                                             r"weight_v\)\) at radius 1 along dim 0; this one "
+                                             rf"would hold it at {want}.*\.remove\(\)"):
+            project_after_step(opt, m, radius=radius)
+    with pytest.raises(WnormError, match="already held by a live projection"):
+        project_after_step(opt, m, radius=2.0)  # by any of the four
+    _steps(m, opt, 2, torch.randn(4, 6))
+    torch.testing.assert_close(m.weight_v.norm(dim=1), torch.ones(3))
+    # along another dim, and from another optimizer that is still alive
+    plain = nn.Linear(6, 3)
+    opt_a, opt_b = (torch.optim.SGD(plain.parameters(), lr=0.1) for _ in range(2))
+    project_after_step(opt_a, plain, radius="unit")
+    with pytest.raises(WnormError, match=r"weight is already held by a live projection on "
+                                         r"another optimizer, still alive .* at radius 1 along "
+                                         r"dim 0; this one would hold it at radius 1 along the "
+                                         r"whole tensor"):
+        project_after_step(opt_b, plain, radius="unit", dim=None)
+    for p in held:
+        p.remove()
+    project_after_step(opt, m, radius=3.0)  # removed: the weight is free for another sphere
+    _steps(m, opt, 1, torch.randn(4, 6))
+    torch.testing.assert_close(m.weight_v.norm(dim=1), torch.full((3,), 3.0))
+
+
+def test_a_zero_dimensional_tensor_radius_is_a_number_and_is_projected_is_public():
+    lin = nn.Linear(4, 3)
+    project_(lin, torch.tensor(2.0))
+    torch.testing.assert_close(lin.weight.norm(dim=1), torch.full((3,), 2.0))
+    opt = torch.optim.SGD(lin.parameters(), lr=0.1)
+    project_after_step(opt, lin, radius=torch.tensor(2, requires_grad=False))
+    for bad in (torch.tensor([2.0]), torch.tensor(-1.0), torch.tensor(True)):
+        with pytest.raises(WnormError, match=r"radius must be None, one of .* got tensor"):
+            project_(lin, bad)
+    assert wnorm.is_projected is is_projected and "is_projected" in wnorm.__all__
+    assert wnorm.is_projected(lin, "weight")

@@ -23,7 +23,7 @@ from .mean_only_bn import (
     MeanOnlyBatchNorm3d,
     update_bn,
 )
-from .sphere import Projection, project_, project_after_step
+from .sphere import Projection, is_projected, project_, project_after_step
 from .state_dict import convert_state_dict, load_state_dict
 from .sync_mean_only_bn import SyncMeanOnlyBatchNorm
 from .weight_norm import is_weight_normalized, remove_weight_norm, weight_norm
@@ -43,6 +43,7 @@ __all__ = [
     "project_after_step",
     "project_",
     "Projection",
+    "is_projected",
     "apply",
     "DEFAULT_TYPES",
     "data_init",

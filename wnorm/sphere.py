@@ -19,7 +19,8 @@ The projection runs as a step post-hook of the optimizer, so it works with any
 ``torch.optim`` optimizer (fused and foreach ones included), under DDP (parameters are plain
 tensors, identical on every rank after the step) and under FSDP2 when each rank holds whole
 slices (``fully_shard``'s ``Shard(0)`` with output units along dim 0): a slice norm is then local.
-It does no host sync (no ``.item()``): a slice of norm 0 is left as it is.
+It does no host sync (no ``.item()``): a slice of norm 0 is left as it is. The checks that need
+one (zero slices, a radius the dtype cannot hold) run once, at registration.
 """
 
 from __future__ import annotations
@@ -78,9 +79,8 @@ def _local(t: _Target) -> Tensor:
     placements = tuple(p.placements)  # type: ignore[attr-defined]
     for pl in placements:
         if pl.is_partial() or (pl.is_shard() and (t.dim is None or pl.dim != t.dim)):
-            along = "the whole tensor" if t.dim is None else f"dim {t.dim}"
             raise WnormError(
-                f"{t.name}: a DTensor placed {placements}; its slices along {along} "
+                f"{t.name}: a DTensor placed {placements}; its slices along {_along(t.dim)} "
                 "are split across ranks, and their norms would need a reduction that wnorm "
                 "does not do. Supported: shards along the output-unit axis (FSDP2's Shard(0) "
                 "for output units along dim 0: Linear, ConvNd, Embedding) and replicated "
@@ -96,13 +96,22 @@ def _land_writes(t: _Target) -> None:
         flush_all(module)
 
 
-def _project(t: _Target) -> None:
-    local = _local(t)
-    wide = local.float() if local.dtype in _LOW else local
+def _scale(t: _Target, wide: Tensor) -> Tensor:
+    """``radius / norm`` of every slice of ``wide`` (float32 for a float16/bfloat16 tensor)."""
     n = norm(wide, t.dim)
     # no host sync: a zero slice (no direction) keeps its values instead of becoming NaN
-    scale = torch.where(n > 0, t.radius / n, torch.ones_like(n))
-    local.mul_(scale.to(local.dtype))
+    return torch.where(n > 0, t.radius / n, torch.ones_like(n))
+
+
+def _project(t: _Target) -> None:
+    local = _local(t)
+    if local.dtype in _LOW:
+        wide = local.float()
+        # multiplied in float32 and rounded once: a scale rounded to float16 overflows (radius
+        # 5e4 on rows of norm 0.5) where every projected entry fits
+        torch.mul(wide, _scale(t, wide), out=local)
+    else:
+        local.mul_(_scale(t, local))
 
 
 class Projection:
@@ -130,6 +139,16 @@ class Projection:
     def _hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self()
 
+    def _live(self) -> bool:
+        """Registered, not removed, and its optimizer still exists: the hook keeps only a weak
+        reference to the optimizer's hook dict, so a projection the user's variable keeps
+        alive after the optimizer was dropped (a second training stage with a new one)
+        projects nothing after steps."""
+        if self._handle is None:
+            return False
+        hooks = self._handle.hooks_dict_ref()
+        return hooks is not None and self._handle.id in hooks
+
     def remove(self) -> None:
         """Unregister the hook; the weights are no longer projected after steps."""
         if self._handle is not None:
@@ -146,11 +165,28 @@ class Projection:
         return f"Projection({len(self._targets)} tensors: {shown})"
 
 
+def _holding(module: nn.Module, name: str) -> list[tuple[Projection, _Target]]:
+    """The live projections holding ``module.<name>``, each with its target for it."""
+    return [(p, t) for p in list(_COVERED.get(module, {}).get(name, ())) if p._live()
+            for t in p._targets if any(m is module and n == name for m, n in t.holders)]
+
+
 def is_projected(module: nn.Module, name: str) -> bool:
     """Whether a live :func:`project_after_step` holds ``module.<name>`` (a parameter name, e.g.
-    ``"weight_v"``) on its sphere."""
-    live = _COVERED.get(module, {}).get(name)
-    return bool(live) and any(p._handle is not None for p in live)
+    ``"weight_v"``) on its sphere: one not removed whose optimizer still exists.
+
+    Example:
+        >>> import torch, wnorm
+        >>> layer = wnorm.forced_weight_norm(torch.nn.Linear(4, 3))
+        >>> opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+        >>> proj = wnorm.project_after_step(opt, layer)
+        >>> wnorm.is_projected(layer, "weight_v")
+        True
+        >>> proj.remove()  # or drop the optimizer (a new one for a second stage)
+        >>> wnorm.is_projected(layer, "weight_v")
+        False
+    """
+    return bool(_holding(module, name))
 
 
 # --------------------------------------------------------------------------- selection
@@ -167,9 +203,11 @@ def _patterns(arg: Any, what: str, types_ok: bool) -> list[Any]:
 
 
 def _check_radius(fn: str, radius: Any) -> Any:
-    if radius is None or radius in RADII:
+    if radius is None or (isinstance(radius, str) and radius in RADII):
         return radius
-    x = finite_positive(radius)
+    # a 0-d tensor read once, at registration (a host sync there, never after a step)
+    x = finite_positive(radius.item() if isinstance(radius, Tensor) and radius.dim() == 0
+                        else radius)
     if x is None:
         raise WnormError(f"{fn}: radius must be None, one of {list(RADII)} or a finite number "
                          f"> 0; got {radius!r}")
@@ -269,7 +307,45 @@ def _resolve(fn: str, targets: list[_Target]) -> None:
                 t.radius = math.sqrt(p.numel() // (p.shape[t.dim] if t.dim is not None else 1))
             elif t.radius == "initial":
                 t.radius = n.clone()
+            _check_fits(fn, t, local)
             _check_standardized(fn, t, local, n)
+
+
+def _map_of(t: _Target) -> Any:
+    """The wnorm map whose v ``t`` is, or None for a plain weight."""
+    module, pname = t.holders[0]
+    return next((s.map for s in slots_of(module).values() if s.vname == pname), None)
+
+
+def _radius_text(radius: Any) -> str:
+    return "'initial' (each slice's norm at registration)" if isinstance(radius, Tensor) \
+        else f"{radius:g}"
+
+
+def _along(dim: int | None) -> str:
+    return "the whole tensor" if dim is None else f"dim {dim}"
+
+
+def _check_fits(fn: str, t: _Target, local: Tensor) -> None:
+    """Refuse a radius the tensor's dtype cannot hold: projected, an entry would overflow to inf
+    (float16 past 65504) or a slice would round to all zeros (no direction: a wnorm layer's
+    weight would be NaN). Computed as the projection computes it; a host sync, once."""
+    wide = local.float() if local.dtype in _LOW else local
+    projected = (wide * _scale(t, wide)).to(local.dtype)
+    m = _map_of(t)
+    back = projected.to(wide.dtype)
+    n = norm(m.direction(back) if m is not None else back, t.dim)
+    inf, zero = torch.stack([(~torch.isfinite(projected)).sum(), (n == 0).sum()]).tolist()
+    if not (inf or zero):
+        return
+    what = (f"{inf} of its {projected.numel()} entries would overflow to inf (the largest "
+            f"{local.dtype} is {torch.finfo(local.dtype).max:g})" if inf else
+            f"{zero} of its {n.numel()} slices would round to all zeros (no direction left"
+            + (": its weight would be NaN)" if m is not None else ")"))
+    raise WnormError(
+        f"{fn}: {t.name} ({type(t.holders[0][0]).__name__}, {local.dtype}): on spheres of "
+        f"radius {_radius_text(t.radius)}, {what}; use a radius {local.dtype} can hold at this "
+        "slice size, or keep this weight in float32 (or exclude it)")
 
 
 #: the largest relative change of a weight-standardized weight that projecting may make
@@ -280,20 +356,52 @@ def _check_standardized(fn: str, t: _Target, local: Tensor, n: Tensor) -> None:
     """Refuse to project a weight standardization's v onto a sphere where its eps is not
     small against the slices' variance: (v - mean)/sqrt(var + eps) then changes (by 36% at the
     default eps for a radius of 1e-4; by 3% at eps=1e-5 on unit rows)."""
-    module, pname = t.holders[0]
-    ws = next((s.map for s in slots_of(module).values()
-               if s.vname == pname and isinstance(s.map, WeightStandardization)), None)
-    if ws is None:
+    ws = _map_of(t)
+    if not isinstance(ws, WeightStandardization):
         return
     r = t.radius if isinstance(t.radius, Tensor) else torch.tensor(float(t.radius))
     change = float(ws.rescaled_change(local, r.double().to(n.device) / n.double()).max())
     if change > _WS_TOLERANCE:
-        radius = "their initial norms" if isinstance(t.radius, Tensor) else f"{t.radius:g}"
         raise WnormError(
             f"{fn}: {t.name}: putting the slices of this weight standardization's v (eps="
-            f"{ws.eps:g}) on spheres of radius {radius} would change its weight by up to "
-            f"{change:.2g} (relative): eps is not small against the slices' variance there; "
-            "use a larger radius ('sqrt_fan_in'), a smaller eps, or exclude this module")
+            f"{ws.eps:g}) on spheres of radius {_radius_text(t.radius)} would change its "
+            f"weight by up to {change:.2g} (relative): eps is not small against the slices' "
+            "variance there; use a larger radius ('sqrt_fan_in'), a smaller eps, or exclude "
+            "this module")
+
+
+def _same_sphere(a: _Target, b: _Target) -> bool:
+    """Whether two targets hold one tensor on the same spheres: the same dim and radii (per
+    slice for ``"initial"``, equal up to the rounding of the tensor's dtype)."""
+    if a.dim != b.dim:
+        return False
+    if not (isinstance(a.radius, Tensor) or isinstance(b.radius, Tensor)):
+        return math.isclose(a.radius, b.radius, rel_tol=1e-9)
+    device = (a.radius if isinstance(a.radius, Tensor) else b.radius).device
+    ra, rb = (torch.as_tensor(r, dtype=torch.float64, device=device) for r in (a.radius, b.radius))
+    rtol = max(1e-6, 8 * torch.finfo(a.param.dtype).eps)
+    return bool(torch.allclose(ra, rb, rtol=rtol, atol=0.0))  # a host sync, at registration
+
+
+def _check_not_held(fn: str, optimizer: torch.optim.Optimizer, targets: list[_Target]) -> None:
+    """Refuse to hold a tensor on other spheres than a live projection holds it on: both hooks
+    would run after each step and the one registered last would win without a word. The same
+    spheres again is allowed (the second projection is redundant, not wrong)."""
+    for t in targets:
+        for module, pname in t.holders:
+            for other, o in _holding(module, pname):
+                if _same_sphere(o, t):
+                    continue
+                where = ("this optimizer" if other._handle.hooks_dict_ref()
+                         is getattr(optimizer, "_optimizer_step_post_hooks", None)
+                         else "another optimizer, still alive")
+                raise WnormError(
+                    f"{fn}: {t.name} is already held by a live projection on {where} "
+                    f"({other!r}) at radius {_radius_text(o.radius)} along {_along(o.dim)}; this "
+                    f"one would hold it at radius {_radius_text(t.radius)} along "
+                    f"{_along(t.dim)}, and the one registered last would win after every step. "
+                    "Call .remove() on the other projection first, or exclude this weight from "
+                    "one of them")
 
 
 def _nothing(fn: str, model: nn.Module) -> WnormError:
@@ -305,7 +413,7 @@ def _nothing(fn: str, model: nn.Module) -> WnormError:
 
 def project_(
     model: nn.Module,
-    radius: str | float | None = None,
+    radius: str | float | Tensor | None = None,
     *,
     types: Iterable[type[nn.Module]] | None = None,
     include: str | Iterable[str] | None = None,
@@ -324,7 +432,8 @@ def project_(
     Args:
         model: the model, changed in place.
         radius: ``None`` (default: forced layers only), ``"unit"``, ``"sqrt_fan_in"`` or a
-            number > 0. (``"initial"`` needs a start to remember: :func:`project_after_step`.)
+            number > 0 (a 0-d tensor is read once). (``"initial"`` needs a start to remember:
+            :func:`project_after_step`.)
         types: the plain layer types (default: those of :func:`wnorm.apply`).
         include: glob patterns on module names; when given, only matching modules.
         exclude: glob patterns on module names, or module types, to leave alone.
@@ -336,8 +445,10 @@ def project_(
         The same model.
 
     Raises:
-        WnormError: a bad ``radius``, ``dim`` or pattern, nothing selected, a slice of norm 0, or
-            a sharded tensor whose slices are split across ranks.
+        WnormError: a bad ``radius``, ``dim`` or pattern, nothing selected, a slice of norm 0, a
+            radius the tensor's dtype cannot hold (a float16 entry past 65504, or a slice
+            rounded to all zeros), or a sharded tensor whose slices are split across ranks.
+            The model is left as it was.
 
     Example:
         >>> import torch, wnorm
@@ -368,7 +479,7 @@ def project_(
 def project_after_step(
     optimizer: torch.optim.Optimizer,
     model: nn.Module,
-    radius: str | float | None = None,
+    radius: str | float | Tensor | None = None,
     *,
     types: Iterable[type[nn.Module]] | None = None,
     include: str | Iterable[str] | None = None,
@@ -387,6 +498,12 @@ def project_after_step(
     scaler calls ``step()``, which skips on the device, and the projection then runs on rows
     already on their sphere (moving them by a rounding, ~1e-7).
 
+    A weight is held on one sphere at a time: registering it on other spheres (another radius
+    or dim) while a live projection holds it, on this optimizer or another, is an error; on the
+    same spheres it is allowed, and only repeats the work. A projection is live until
+    ``.remove()``, or until its optimizer is garbage-collected: a second training stage with a
+    new optimizer needs a new projection (forced layers warn when none holds them).
+
     Modes: ``"unit"`` (nGPT, SimbaV2), ``"sqrt_fan_in"`` (EDM2), ``"initial"`` (NaP: each slice
     at its norm now), a number. Forced weight normalization is this projection plus its map:
     ``wnorm.forced_weight_norm`` layers are always projected onto their own sphere, and warn at
@@ -404,8 +521,8 @@ def project_after_step(
         ``.remove()`` unregisters it.
 
     Raises:
-        WnormError: as :func:`project_`, ``optimizer`` is not an Optimizer, or it updates none of
-            the selected weights.
+        WnormError: as :func:`project_`, ``optimizer`` is not an Optimizer, it updates none of
+            the selected weights, or a live projection holds one of them on other spheres.
 
     Example:
         >>> import torch, wnorm
@@ -437,6 +554,7 @@ def project_after_step(
             f"weights ({shown}); build the optimizer on model.parameters() after "
             "wnorm.apply/forced_weight_norm (and after fully_shard), then register this")
     _resolve(fn, mine)
+    _check_not_held(fn, optimizer, mine)
     proj = Projection(mine)
     proj()
     proj._handle = optimizer.register_step_post_hook(proj._hook)
