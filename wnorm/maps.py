@@ -229,7 +229,8 @@ class WeightNorm(Map):
 
     Computed by ``torch._weight_norm``, as PyTorch's own weight norm is: one fused kernel
     forward and one backward for ``dim`` 0 or the last axis, on CPU and CUDA, and the same bits
-    as PyTorch for the same g and v (float32 and float64 parameters, eager mode). Derivatives
+    as PyTorch for the same g and v (float32 and float64 parameters, eager mode; a channels_last
+    conv weight is computed by the formula, keeping its layout, within 2 ulps). Derivatives
     of every order are eq. 2's: a backward that records a graph, forward-mode AD, ``torch.func``
     transforms and compiled, traced or exported graphs differentiate the formula written out
     (the kernel's own double backward holds :math:`\lVert v\rVert` constant, and it has no
