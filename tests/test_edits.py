@@ -205,6 +205,26 @@ def test_writes_into_a_standardized_weight_are_refused_naming_the_layer():
         m(torch.randn(2, 6))
 
 
+@pytest.mark.parametrize("method", [wnorm.centered_weight_norm, wnorm.balanced_weight_norm])
+def test_a_centered_weight_takes_a_writes_centered_rows_and_refuses_constant_ones(method):
+    # a constant row has no centered part: it became 0 with g = 0, a unit that never learns
+    torch.manual_seed(0)
+    m, x = method(nn.Linear(6, 4)), torch.randn(3, 6)
+    g, v = m.weight_g.detach().clone(), m.weight_v.detach().clone()
+    nn.init.constant_(m.weight, 0.5)
+    with pytest.raises(wnorm.WnormError, match=r"Linear: 'weight' was written with constant "
+                                               r"nonzero rows, but a \w+WeightNorm centers"):
+        m(x)
+    assert torch.equal(m.weight_g, g) and torch.equal(m.weight_v, v)  # as it was
+    w = torch.randn(4, 6) + 1.0
+    with torch.no_grad():
+        m.weight.copy_(w)
+    m(x).sum().backward()  # the write's centered rows: the mean is dropped, as documented
+    torch.testing.assert_close(m.weight, w - w.mean(dim=1, keepdim=True))
+    nn.init.zeros_(m.weight)  # a zero row is a weight of 0 (g = 0), which the map can hold
+    assert m(x).sub(m.bias).abs().max() == 0
+
+
 @pytest.mark.parametrize("make", [
     lambda: nn.Linear(6, 4), lambda: nn.Conv2d(3, 5, 3), lambda: nn.ConvTranspose1d(3, 4, 5),
     lambda: nn.LSTM(3, 4),

@@ -348,6 +348,15 @@ def _flush(module: nn.Module, slot: Slot, real: bool = False) -> None:
         new_g, new_v = m.split(held)
         wide = held.float() if held.dtype in (torch.float16, torch.bfloat16) else held
         zero = norm(m.direction(wide), m.dim) == 0  # no direction: keep v, g goes to 0
+        if type(m).direction is not Map.direction and check and bool(
+                (changed & zero & _any_except(held != 0, m.dim)).any()):  # as above
+            # a centered map takes a written row's centered part (its mean is dropped): a
+            # constant row has none, and g = 0 would leave the unit dead, with no gradient
+            raise WnormError(
+                f"{slot.where}: '{slot.name}' was written with constant nonzero rows, but a "
+                f"{type(m).__name__} centers every row and takes only what varies in a written "
+                "one (its mean is dropped): a constant row would become 0, with no gradient; "
+                "write rows that vary (or zeros), or remove_weight_norm first")
         if not m.has_g and check and bool((changed & zero).any()):  # as above
             raise WnormError(
                 f"{slot.where}: '{slot.name}' was written with rows of norm 0, but a "
