@@ -18,6 +18,7 @@ from torch.nn.utils import parametrizations
 import wnorm
 from wnorm import WnormError
 from wnorm._layouts import FORMATS
+from wnorm.maps import METHODS
 from wnorm.state_dict import convert_state_dict, load_state_dict
 
 Norm = Callable[[nn.Module], nn.Module]
@@ -1172,16 +1173,42 @@ def test_pytorchs_loader_refuses_a_plain_zero_row_and_other_maps_naming_the_laye
                                  strict=False)
 
 
-@pytest.mark.parametrize("method", [wnorm.centered_weight_norm, wnorm.forced_weight_norm])
+@pytest.mark.parametrize("method", [wnorm.centered_weight_norm,
+                                    lambda m: wnorm.forced_weight_norm(m, gain=1.0)],
+                         ids=["centered", "forced-fixed-gain"])
 def test_a_plain_checkpoint_into_another_maps_layer_says_why_it_cannot_load(method) -> None:
     # it read only "expected the model's keys (in any weight-norm layout)", which every
     # layout of the file seemed to contradict
     model = nn.Sequential(method(nn.Linear(3, 4)))
     sd = nn.Sequential(nn.Linear(3, 4)).state_dict()
-    name = method.__name__
+    name = METHODS[model[0]._wn["weight"].kind]
     with pytest.raises(WnormError, match=rf"the model's '0.weight' is a wnorm.{name} weight, "
                                          r"which cannot be loaded from '0.weight'"):
         load_state_dict(model, sd)
+
+
+@pytest.mark.filterwarnings("ignore:.*nothing puts it back on its sphere")
+@pytest.mark.parametrize("layout", ["plain", "torch-old", "torch-new"])
+@pytest.mark.parametrize("loader", ["module", "wnorm"])
+def test_any_layout_loads_into_a_forced_weight_norm_with_v_on_its_sphere(layout, loader):
+    # a learned-g forced weight norm is weight norm's map: PyTorch's old-API pair loaded
+    # (its keys are wnorm's), while the new-API pair and a plain weight were refused, saying
+    # its (g, v) came only from a checkpoint of the same method
+    torch.manual_seed(0)
+    src = nn.Linear(6, 4)
+    if layout == "torch-old":
+        src = torch.nn.utils.weight_norm(src)
+    elif layout == "torch-new":
+        src = parametrizations.weight_norm(src)
+    dst = wnorm.forced_weight_norm(nn.Linear(6, 4))
+    if loader == "module":
+        dst.load_state_dict(src.state_dict())
+    else:
+        load_state_dict(dst, src.state_dict())
+    x = torch.randn(3, 6)
+    torch.testing.assert_close(dst(x), src(x), rtol=1e-6, atol=1e-6)
+    if layout != "torch-old":  # read as a weight, split onto the sphere of radius sqrt(6)
+        torch.testing.assert_close(dst.weight_v.norm(dim=1), torch.full((4,), 6 ** 0.5))
 
 
 @pytest.mark.parametrize("layout", ["plain", "torch-new"])

@@ -44,6 +44,7 @@ class _Slot:
     keys: tuple[str, ...]
     tensors: tuple[Any, ...]  # the model's current values, for shapes and dtypes
     dim: int | None = None
+    forced: Any = None  # a forced weight norm's map: v read from another layout goes on its sphere
 
     @property
     def pair(self) -> bool:
@@ -52,12 +53,14 @@ class _Slot:
 
 def _pair_dims(model: nn.Module) -> dict[str, int | None]:
     """Canonical key -> normalization axis of every weight-normalized parameter of ``model``
-    (by wnorm, by ``torch.nn.utils.weight_norm`` or by its parametrization)."""
+    (by wnorm, by ``torch.nn.utils.weight_norm`` or by its parametrization; a forced weight
+    norm with a learned g is weight norm's map)."""
     dims: dict[str, int | None] = {}
     for mname, module in model.named_modules(remove_duplicate=False):
         prefix = mname + "." if mname else ""
         for pname, spec in _reparam.slots_of(module).items():
-            if spec.kind == "wn":  # other kinds (centered, ...) load only their own layout
+            # other kinds (centered, ...) load only their own layout
+            if spec.kind == "wn" or (spec.kind == "forced" and spec.has_g):
                 dims[prefix + pname] = spec.dim
         for found in find(module):
             dims[prefix + found.name] = found.dim
@@ -71,10 +74,12 @@ def _target(model: nn.Module) -> dict[str, _Slot]:
     except WnormError as e:
         raise WnormError(f"the model ({type(model).__name__}): {e}") from None
     dims = _pair_dims(model)
+    forced = {(f"{n}." if n else "") + p: s.map for n, m in model.named_modules(
+        remove_duplicate=False) for p, s in _reparam.slots_of(m).items() if s.kind == "forced"}
     slots: dict[str, _Slot] = {}
     for ckey, src in grouped.items():
         if src.pair and ckey in dims:
-            slots[ckey] = _Slot(src.keys, (src.g, src.v), dims[ckey])
+            slots[ckey] = _Slot(src.keys, (src.g, src.v), dims[ckey], forced.get(ckey))
         else:
             for key in src.keys:
                 slots[key if src.pair else ckey] = _Slot((key,), (state[key],))
@@ -307,6 +312,9 @@ def _plan_aligned(
             g = lay.cast(src.keys[0], src.g, g_want.dtype, f" for the model's '{slot.keys[0]}'")
             v = lay.cast(src.keys[1], src.v, want.dtype, into)
             norm = lay.norm(lay.wide(v), slot.dim)
+            if slot.forced is not None and tuple(src.keys) != tuple(slot.keys) and not bool(
+                    (norm == 0).any()):  # PyTorch's parametrization's v, onto the sphere
+                v = (lay.wide(v) * (slot.forced.sphere(v) / norm)).to(want.dtype)
         else:
             if src.pair:
                 v = lay.weight(src, want.dtype, into)
@@ -315,6 +323,8 @@ def _plan_aligned(
             norm = lay.norm(lay.wide(v), slot.dim)
             g = lay.gain(src.keys[-1], v, slot.dim, g_want.dtype,
                          f" of ||w|| for the model's '{slot.keys[0]}'", norm)
+            if slot.forced is not None and not bool((norm == 0).any()):
+                v = (lay.wide(v) * (slot.forced.sphere(v) / norm)).to(want.dtype)  # its sphere
         zero = (norm == 0).flatten().nonzero().flatten().tolist()
         if zero:
             along = "" if slot.dim is None else f" along dim {slot.dim}"
@@ -405,7 +415,8 @@ def _other_maps(model: nn.Module, bad: _Incompatible) -> list[str]:
     for mname, module in model.named_modules():
         prefix = mname + "." if mname else ""
         for pname, spec in _reparam.slots_of(module).items():
-            if spec.kind == "wn" or prefix + spec.vname not in missing:
+            if spec.kind == "wn" or (spec.kind == "forced" and spec.has_g) or (
+                    prefix + spec.vname not in missing):
                 continue
             held = [k for k in (prefix + pname, f"{prefix}parametrizations.{pname}.original1")
                     if k in unexpected]
