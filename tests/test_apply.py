@@ -154,8 +154,11 @@ def test_already_normalized_by_wnorm_is_an_error():
     net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
     wnorm.weight_norm(net[2])
     with pytest.raises(WnormError, match=r"2 \(Linear\): 'weight' is already weight-normalized "
-                                         r"by wnorm"):
+                                         r"by wnorm; leave it out \(wnorm.apply\(model, "
+                                         r"exclude=\['2'\]\)\)"):
         wnorm.apply(net)
+    wnorm.apply(net, exclude=["2"])  # the way on that the message gives
+    assert wnorm.is_weight_normalized(net[0])
 
 
 @pytest.mark.parametrize("prepare", [torch.nn.utils.weight_norm,

@@ -402,7 +402,8 @@ def apply(
         for pname in names:
             if is_weight_normalized(module, pname):
                 raise WnormError(
-                    f"{_label(mname, module)}: '{pname}' is already weight-normalized by wnorm"
+                    f"{_label(mname, module)}: '{pname}' is already weight-normalized by wnorm;"
+                    f" leave it out (wnorm.apply(model, exclude=[{mname!r}])) or apply once"
                 )
             targets.append((mname, module, pname))
     if not targets:  # e.g. types=(nn.MultiheadAttention,): selected, but nothing to normalize
