@@ -1323,10 +1323,28 @@ class ReadsItsChildsWeight(nn.Module):
         return self.head(F.linear(x, self.proj.weight, self.proj.bias))
 
 
+class NormalizedParentReadsItsChildsWeight(ReadsItsChildsWeight):
+    """The same, the parent holding a weight-normalized weight of its own (MultiheadAttention
+    with its in_proj_weight normalized): its forward is wnorm's, inside which no read is held."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.randn(4, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x @ self.scale)
+
+
+@pytest.mark.parametrize("parent", ["plain", "normalized"])
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-def test_a_layer_whose_weight_its_parent_reads_is_skipped_saying_so(train):
+def test_a_layer_whose_weight_its_parent_reads_is_skipped_saying_so(train, parent):
     # it was said to be unreached, with advice to use eval mode, which reached it no better
-    model = wnorm.apply(ReadsItsChildsWeight()).train(train)
+    # (with a normalized parent, in both modes: no read is held inside a wnorm forward)
+    if parent == "plain":
+        model = wnorm.apply(ReadsItsChildsWeight()).train(train)
+    else:
+        model = wnorm.apply(wnorm.weight_norm(NormalizedParentReadsItsChildsWeight(), "scale"))
+        model.train(train)
     with pytest.warns(UserWarning, match=r"proj \(its weight is read by the model outside the "
                                          r"layer's own forward"):
         report = wnorm.data_init(model, torch.randn(32, 4))

@@ -17,6 +17,7 @@ The module pickles, deep-copies and loads with ``torch.load(..., weights_only=Fa
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -536,11 +537,29 @@ if hasattr(os, "register_at_fork"):  # POSIX
     os.register_at_fork(before=_land_before_fork)
 
 
+#: the slots whose weight was read while :func:`recording_reads` is on (data_init's pass)
+_READS: list[set[int]] = []
+
+
+@contextlib.contextmanager
+def recording_reads() -> Iterator[set[int]]:
+    """The ids of the slots whose weight is read in the block, wherever it is read: data_init
+    tells a layer whose weight its parent reads (MultiheadAttention's out_proj) from one never
+    reached, also when the parent's own forward is wnorm's (no read is held inside one)."""
+    _READS.append(set())
+    try:
+        yield _READS[-1]
+    finally:
+        _READS.pop()
+
+
 def _property(pname: str) -> property:
     def fget(self: nn.Module) -> Tensor:
         slot = self.__dict__["_wn"].get(pname)
         if slot is None:  # another instance of this class normalizes pname, this one does not
             return nn.Module.__getattr__(self, pname)
+        if _READS:
+            _READS[-1].add(id(slot))
         if slot.held is not None:
             flush(self, slot)
         params = self._parameters

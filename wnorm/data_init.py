@@ -797,7 +797,7 @@ def data_init(
         handles.append(m.register_forward_pre_hook(p.bn_pre))
         handles.append(m.register_forward_hook(p.bn_post))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _reparam.recording_reads() as reads:
             model(*args, **kwargs)
             # a layer whose forward raised, caught by the model (a fallback path), never
             # reached its post hook: its g of 1 and zeroed biases are put back
@@ -846,7 +846,7 @@ def data_init(
                      "output of its own to standardize: left as it is")
         for t in targets:
             if t.module not in p.done:
-                read = any(s.held is not None for m in t.gains
+                read = any(s.held is not None or id(s) in reads for m in t.gains
                            for s in _reparam.slots_of(m).values())
                 skipped.append(LayerInit(t.name, type(t.module).__name__, "skipped",
                                          raised if t.module in p.entered else
