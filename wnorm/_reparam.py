@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from . import _layouts, _pytorch_wn
 from .errors import WnormError
+from ._eager import eager, graph_break
 from .maps import METHODS, OTHER_MAP, Map, formula_only, kind_mismatch, norm, settings
 
 __all__ = ["Slot", "CACHE", "watch_steps", "end_block", "attach", "detach", "plain_weight",
@@ -213,7 +214,7 @@ def flush(module: nn.Module, slot: Slot) -> None:
         why = (f"wnorm: {slot.where}: '{slot.name}' was written outside a forward and is split "
                f"into '{slot.gname}'/'{slot.vname}' eagerly; read the layer's '{slot.name}' or "
                "call model.state_dict() before compiling or exporting with fullgraph/strict")
-        _break(why)
+        graph_break(why)
     state = torch._C._get_tracing_state()
     if state is None:
         return _flush(module, slot)
@@ -223,16 +224,6 @@ def flush(module: nn.Module, slot: Slot) -> None:
     finally:
         torch._C._set_tracing_state(state)
 
-
-def _break(why: str) -> None:
-    """A graph break whose message is what fullgraph and strict export show. torch._dynamo is
-    loaded then; importing it ourselves would load numpy."""
-    graph_break = sys.modules["torch._dynamo"].graph_break
-    graph_break(msg=why) if _BREAK_TAKES_MSG else graph_break()
-
-
-#: torch._dynamo.graph_break(msg) (torch 2.8 on; msg is what a fullgraph error shows)
-_BREAK_TAKES_MSG = torch.torch_version.TorchVersion(torch.__version__) >= (2, 8)
 
 #: the frames a warning skips to name the user's line: reached from a forward or state_dict(),
 #: the flush runs under torch's frames as well as wnorm's, and at a fork under
@@ -274,7 +265,6 @@ def _equal(a: Tensor, b: Tensor) -> bool:
     return torch.equal(a, b) or not bool(_differs(a, b).any())
 
 
-@torch.compiler.disable  # eager after flush's graph break: Dynamo would trace its host reads
 def _flush(module: nn.Module, slot: Slot, real: bool = False) -> None:
     """A row counts as written when it differs from the copy taken as the weight was handed
     out; other rows keep g and v as they are now (edited through .data or stepped since).
@@ -480,7 +470,7 @@ def _flush_holders(v: Tensor) -> None:
         flush(module, s)
 
 
-@torch.compiler.disable  # run eagerly: _HELD is no state for Dynamo to guard on
+@eager  # _HELD, whose entries go when a dropped module's weak reference dies, gets no guards
 def _flush_holders_now(v: Tensor) -> None:
     _flush_holders(v)
 
@@ -488,7 +478,7 @@ def _flush_holders_now(v: Tensor) -> None:
 def _land_tied(slot: Slot, v: Tensor) -> None:
     """Under torch.compile, land the writes held by a tie's other holders (an LM head written
     before its embedding's compiled lookup) eagerly, at a graph break named as :func:`flush`'s."""
-    _break(f"wnorm: {slot.where}: '{slot.name}' shares '{slot.vname}' with a layer whose "
+    graph_break(f"wnorm: {slot.where}: '{slot.name}' shares '{slot.vname}' with a layer whose "
            "weight was written outside a forward, and the write is split into it eagerly; "
            "call model.state_dict() before compiling or exporting with fullgraph/strict")
     _flush_holders_now(v)

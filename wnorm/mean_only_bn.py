@@ -21,6 +21,7 @@ from typing import Any, NoReturn
 import torch
 from torch import Tensor, nn
 
+from ._eager import eager, graph_break
 from .errors import WnormError
 
 __all__ = ["MeanOnlyBatchNorm1d", "MeanOnlyBatchNorm2d", "MeanOnlyBatchNorm3d", "move_hooks",
@@ -210,14 +211,15 @@ class MeanOnlyBatchNormBase(nn.Module):
         """``x``'s shape, checked to be this layer's input's (raises, naming the layer)."""
         shape = _shape(x)
         if len(shape) not in self._ndims or shape[1] != self.num_features:
+            graph_break(f"wnorm: {self._label()}: an input this mean-only batch norm refuses "
+                        "(its rank or channel count); uncompiled, its WnormError says which")
             self._refuse_shape(shape)
         return shape
 
     # the refusals raise outside any compiled graph: an exception Dynamo met in an inlined
     # method made it skip the calling frame (the whole model) for good, and every later batch
-    # ran eagerly in pieces. Under fullgraph=True, Dynamo's error gives the reason below
-    @torch.compiler.disable(reason="wnorm: an input a mean-only batch norm refuses (rank or "
-                            "channel count); uncompiled, its WnormError names the layer")
+    # ran eagerly in pieces. Under fullgraph=True, the graph break before them names the layer
+    @eager
     def _refuse_shape(self, shape: tuple[int, ...]) -> NoReturn:
         if len(shape) not in self._ndims:
             raise WnormError(
@@ -229,9 +231,7 @@ class MeanOnlyBatchNormBase(nn.Module):
             f"got shape {tuple(shape)}"
         )
 
-    @torch.compiler.disable(reason="wnorm: a training batch with 1 value per channel, which "
-                            "mean-only batch norm refuses as nn.BatchNorm does; use batches "
-                            "of 2 or more")
+    @eager
     def _refuse_count(self, shape: tuple[int, ...]) -> NoReturn:
         raise WnormError(
             f"{self._label()}: expected more than 1 value per channel for a batch mean; got "
@@ -260,6 +260,9 @@ class MeanOnlyBatchNormBase(nn.Module):
         for n in shape[2:]:
             count *= n
         if count == 1:
+            graph_break(f"wnorm: {self._label()}: a training batch with 1 value per channel, "
+                        "which mean-only batch norm refuses as nn.BatchNorm does; use batches "
+                        "of 2 or more")
             self._refuse_count(shape)
 
     def _track(self, mean: Tensor) -> None:
