@@ -209,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--threads must be at least 1; got {a.threads}")
     if a.repeats is not None and a.repeats < 1:
         p.error(f"--repeats must be at least 1; got {a.repeats}")
+    if a.time_limit is not None and not a.time_limit > 0:  # else every case is skipped
+        p.error(f"--time-limit must be > 0 seconds; got {a.time_limit:g}")
     rows = a.rows or ("cuda" if a.device.startswith("cuda") else "cpu")
     # not results/: a smoke run (--quick, --rows cuda on a CPU) written there replaced the
     # committed table, which the README is generated from

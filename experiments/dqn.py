@@ -43,6 +43,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -55,7 +56,11 @@ from wnorm import WnormError
 from .common import (RunFolder, prepare, progress, run_configs, run_main, run_parser,
                      split_list)
 
-__all__ = ["DQNConfig", "Replay", "q_network", "parser", "train_one", "main"]
+if TYPE_CHECKING:
+    import gymnasium
+
+__all__ = ["DQNConfig", "Replay", "q_network", "make_env", "check_steps", "parser", "train_one",
+           "main"]
 
 
 # --------------------------------------------------------------------------- defaults
@@ -135,26 +140,66 @@ def run_name(cfg: DQNConfig) -> str:
     return f"dqn-{cfg.env}-{cfg.variant}-s{cfg.seed}"
 
 
+def make_env(env_id: str) -> gymnasium.Env:
+    """``gymnasium.make(env_id)``, checked: the Q-network reads a vector and picks one of
+    finitely many actions.
+
+    Raises:
+        WnormError: gymnasium cannot make it, or its action space is not Discrete or its
+            observation space not a 1-D Box (CliffWalking's Discrete states, Blackjack's Tuple).
+    """
+    import gymnasium as gym
+
+    try:
+        env = gym.make(env_id)
+    except gym.error.Error as e:
+        raise WnormError(f"dqn: gymnasium cannot make {env_id!r} ({e})") from e
+    if not isinstance(env.action_space, gym.spaces.Discrete):
+        env.close()
+        raise WnormError(f"dqn: {env_id} needs a discrete action space; got {env.action_space}")
+    space = env.observation_space
+    if not isinstance(space, gym.spaces.Box) or len(space.shape) != 1:
+        env.close()
+        raise WnormError(f"dqn: {env_id} needs a 1-D Box observation space (the Q-network is an "
+                         f"MLP on a vector of numbers, as CartPole's); got {space}")
+    return env
+
+
+def check_steps(cfg: DQNConfig) -> None:
+    """Refuse a schedule that never trains or never runs its data init.
+
+    Raises:
+        WnormError: ``learning_starts >= steps`` (no gradient step would be taken), or
+            ``learning_starts < 2`` with weight norm's data init (it runs once, on the
+            random-policy states of the first ``learning_starts`` steps, and needs two).
+    """
+    if cfg.learning_starts >= cfg.steps:
+        raise WnormError(f"--learning-starts {cfg.learning_starts} is not below --steps "
+                         f"{cfg.steps}: no gradient step would be taken; give fewer "
+                         f"--learning-starts or more --steps")
+    if cfg.variant == "weightnorm" and cfg.data_init and cfg.learning_starts < 2:
+        raise WnormError(f"--learning-starts {cfg.learning_starts}: weightnorm's data init runs "
+                         f"on the random-policy states of the first --learning-starts steps and "
+                         f"needs at least 2; give --learning-starts 2 or more, or --no-data-init")
+
+
 def train_one(cfg: DQNConfig, echo: bool = True, *, overwrite: bool = False,
               progress_bar: bool = False) -> RunFolder:
     """Train ``cfg.variant`` on ``cfg.env`` with ``cfg.seed``; writes and returns the run folder.
 
     Raises:
-        WnormError: a bad setting or environment, or the folder already holds a run and
-            ``overwrite`` is False (before the folder is touched).
+        WnormError: a bad setting (:func:`check_steps`) or environment (:func:`make_env`), or
+            the folder already holds a run and ``overwrite`` is False (before the folder is
+            touched).
     """
     import gymnasium as gym
 
     if cfg.variant not in ("normal", "weightnorm"):
         raise WnormError(f"dqn: unknown variant {cfg.variant!r}; expected 'normal' or 'weightnorm'")
+    check_steps(cfg)
     device = prepare(cfg)
-    try:
-        env = gym.make(cfg.env)
-    except gym.error.Error as e:
-        raise WnormError(f"dqn: gymnasium cannot make {cfg.env!r} ({e})") from e
-    if not isinstance(env.action_space, gym.spaces.Discrete):
-        raise WnormError(f"dqn: {cfg.env} needs a discrete action space; got {env.action_space}")
-    obs_dim = int(np.prod(env.observation_space.shape))
+    env = make_env(cfg.env)
+    obs_dim = int(env.observation_space.shape[0])
     n_act = int(env.action_space.n)
     name = run_name(cfg)
     torch.manual_seed(cfg.seed)
@@ -248,7 +293,7 @@ def configs_from(args: argparse.Namespace) -> list[DQNConfig]:
     """One checked config per (env, variant, seed), one environment after the other.
 
     Raises:
-        WnormError: a bad option, named (for ``parser.error``).
+        WnormError: a bad option or environment, named (for ``parser.error``).
     """
     envs = (split_list(args.envs, str, "--envs") if args.envs is not None
             else [args.env or DQNConfig.env])
@@ -259,6 +304,10 @@ def configs_from(args: argparse.Namespace) -> list[DQNConfig]:
     if min(c.buffer, c.steps) < c.batch_size:  # else training samples one transition per batch
         raise WnormError(f"--buffer {c.buffer} holds fewer transitions than a batch (--batch-size "
                          f"{c.batch_size}); give a buffer of at least the batch size")
+    for cfg in configs:
+        check_steps(cfg)
+    for env in envs:  # an environment the Q-network cannot read, before any run trains
+        make_env(env).close()
     return configs
 
 

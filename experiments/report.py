@@ -50,7 +50,8 @@ from .common import (RunRecord, check_out, precision_text, refuse_duplicates, ru
                      setting_key)
 from .nets import VARIANTS
 
-__all__ = ["Run", "load_runs", "report", "run_kind", "schedule_text", "PAPER_TABLE1", "main"]
+__all__ = ["Run", "load_runs", "report", "run_kind", "schedule_text", "PAPER_TABLE1",
+           "VARIANT_COLORS", "main"]
 
 #: The paper's Table 1 (CIFAR-10 test error %, no augmentation); meanonly is approximate.
 PAPER_TABLE1: dict[str, tuple[float, bool]] = {
@@ -479,6 +480,13 @@ def _epochs(n: float) -> str:
     return f"{n:.0f}" if n == int(n) else f"{n:.1f}"
 
 
+#: one colour per variant, the same in every plot (strict: a new variant needs one here; with
+#: fewer colours than variants, arpit was drawn in matplotlib's first, weightnorm's blue)
+VARIANT_COLORS = dict(zip(VARIANTS, ("tab:gray", "tab:blue", "tab:green", "tab:red", "tab:orange",
+                                    "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"),
+                          strict=True))
+
+
 def _plot(groups: dict[tuple[Any, ...], dict[str, list[Run]]], path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -486,8 +494,6 @@ def _plot(groups: dict[tuple[Any, ...], dict[str, list[Run]]], path: Path) -> No
     fig = Figure(figsize=(11, 4.2 * len(groups)), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(len(groups), 2, squeeze=False)
-    colors = dict(zip(VARIANTS, ("tab:gray", "tab:blue", "tab:green", "tab:red", "tab:orange",
-                                 "tab:purple", "tab:brown", "tab:pink", "tab:olive")))
     for row, by_all in enumerate(groups.values()):
         cfg = next(r for rs in by_all.values() for r in rs).config
         by_variant = {v: [r for r in rs if r.complete] for v, rs in by_all.items()}
@@ -498,7 +504,7 @@ def _plot(groups: dict[tuple[Any, ...], dict[str, list[Run]]], path: Path) -> No
                 if not rs:
                     continue
                 ep, mean, lo, hi = _mean_curve(rs, key)
-                c = colors.get(v)
+                c = VARIANT_COLORS.get(v)
                 ax.plot(ep, mean, label=f"{v} (n={len(rs)})", color=c, marker="o", ms=3)
                 if len(rs) > 1:
                     ax.fill_between(ep, lo, hi, color=c, alpha=0.2, linewidth=0)

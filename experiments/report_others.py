@@ -487,7 +487,8 @@ def _dqn(groups: list[list[OtherRun]], png: Path, command: str, summary: _Summar
             ax.plot(grid, mean, color=_COLORS.get(v), lw=1.3, label=f"{v} (n={len(rs)})")
             if len(rs) > 1:
                 ax.fill_between(grid, lo, hi, color=_COLORS.get(v), alpha=0.2, lw=0)
-        thr = c.get("reward_threshold")
+        thr = c.get("reward_threshold")  # None: the environment has none (gymnasium's spec)
+        thr_text = "none" if thr is None else f"{thr:g}"
         if thr is not None:
             ax.axhline(thr, color="k", ls=":", lw=0.8, label=f"reward threshold {thr:g}")
         ax.set(xlabel="environment steps", ylabel=f"return ({DQN_WINDOW}-episode moving avg.)",
@@ -506,7 +507,7 @@ def _dqn(groups: list[list[OtherRun]], png: Path, command: str, summary: _Summar
                                for cv in curves.values()) / 10) * 10
         parts += [f"| variant | seeds | mean return, last 20% of steps | mean return over all "
                   f"training episodes | env steps to a {DQN_WINDOW}-episode average of "
-                  f"{level:g} | seeds reaching the threshold {thr:g} | episodes | s / run |",
+                  f"{level:g} | seeds reaching the threshold {thr_text} | episodes | s / run |",
                   "|---|---|---|---|---|---|---|---|"]
         last, allr, reach = {}, {}, {}
         for v, rs in byv.items():
@@ -514,15 +515,17 @@ def _dqn(groups: list[list[OtherRun]], png: Path, command: str, summary: _Summar
             last[v] = [statistics.fmean(cv[i] for i in tail) for cv in curves[v]]
             allr[v] = [statistics.fmean(m["return"] for m in r.metrics) for r in rs]
             reach[v] = [_first_reach(grid, cv, level, False) for cv in curves[v]]
-            solved = sum(_first_reach(grid, cv, thr, False) is not None for cv in curves[v])
+            solved = ("n/a" if thr is None else
+                      f"{sum(_first_reach(grid, cv, thr, False) is not None for cv in curves[v])}"
+                      f" of {len(rs)}")
             secs = [r.metrics[-1]["seconds"] for r in rs]
             parts.append(f"| {v} | {_seeds(rs)} | {_ms(last[v], 1)} | {_ms(allr[v], 1)} | "
-                         f"{_reach_text(reach[v], 'steps')} | {solved} of {len(rs)} | "
+                         f"{_reach_text(reach[v], 'steps')} | {solved} | "
                          f"{statistics.fmean(len(r.metrics) for r in rs):.0f} | "
                          f"{statistics.fmean(secs):.0f} |")
         parts += ["", f"The level {level:g} is the best {DQN_WINDOW}-episode average that every "
                   f"variant's seed-mean curve reaches (floored to a multiple of 10); the "
-                  f"environment's reward threshold is {thr:g}.", ""]
+                  f"environment's reward threshold is {thr_text}.", ""]
         if "normal" in byv and "weightnorm" in byv:
             where = f"DQN {c['env']}, {steps} steps"
             summary.add(where, "return, last 20% of steps (higher better)", last["normal"],

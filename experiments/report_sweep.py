@@ -21,14 +21,13 @@ from wnorm import WnormError
 from .common import (RunRecord, check_out, read_jsonl, read_run_files, refuse_duplicates,
                      run_folders, setting_key)
 from .nets import VARIANTS
+from .report import VARIANT_COLORS
 
 __all__ = ["SweepRun", "load_sweep", "report_sweep"]
 
 
 _SWEEP_NOT_SETTING = frozenset({"variant", "lr", "seed", "out", "progress", "threads", "device",
                                 "data_dir", "download"})
-_SWEEP_COLORS = {"normal": "tab:gray", "weightnorm": "tab:blue", "forced": "tab:pink",
-                 "centered": "tab:purple", "balanced": "tab:brown", "arpit": "tab:olive"}
 
 
 @dataclass
@@ -169,8 +168,11 @@ def _summary(variant: str, cells: dict[float, Cell], tolerance: float) -> str:
     growth = {lr: statistics.fmean(cells[lr]["growth"]) for lr in lrs if cells[lr]["growth"]}
     if growth:
         lo, hi = min(growth), max(growth)
-        parts.append(f"Mean ||v|| at the end / at the start: x{growth[lo]:.3g} at lr {lo:g}, "
-                     f"x{growth[hi]:.3g} at lr {hi:g} (the largest lr with a run that did not diverge).")
+        at = f"x{growth[lo]:.3g} at lr {lo:g}"
+        if hi != lo:
+            at += f", x{growth[hi]:.3g} at lr {hi:g}"
+        parts.append(f"Mean ||v|| at the end / at the start: {at} (the "
+                     f"{'largest' if hi != lo else 'only'} lr with a run that did not diverge).")
     return " ".join(parts)
 
 
@@ -293,7 +295,7 @@ def _plot_loss(groups: dict[tuple[Any, ...], list[SweepRun]], path: Path) -> Non
         cfg = runs[0].config
         cells = _cells(runs)
         for i, v in enumerate(_variant_order(cells)):
-            color = _SWEEP_COLORS.get(v)
+            color = VARIANT_COLORS.get(v)
             lrs = sorted(cells[v])
             ok = [lr for lr in lrs if cells[v][lr]["finals"]]
             mean = [statistics.fmean(cells[v][lr]["finals"]) for lr in ok]

@@ -141,3 +141,68 @@ def test_report_names_the_command_that_made_the_runs() -> None:
     assert run_command(["/x/experiments/dqn.py", "--seeds", "0"]) == \
         "python -m experiments.dqn --seeds 0"
     assert run_command([]) is None
+
+
+def _parser_error(argv: list[str], capsys) -> str:
+    """stderr of ``dqn.main(argv)``, which must exit with argparse's status 2."""
+    with pytest.raises(SystemExit) as e:
+        dqn.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: ") and "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize("extra,message", [
+    # the data init ran only at step == learning_starts and steps start at 1: skipped, while
+    # config.json said data_init true
+    (["--variant", "weightnorm", "--learning-starts", "0"], "needs at least 2"),
+    (["--variant", "weightnorm", "--learning-starts", "1"], "needs at least 2"),
+    # every episode's loss was null: no gradient step, and the run was marked finished
+    (["--variant", "normal", "--learning-starts", "600"], "no gradient step would be taken"),
+    (["--learning-starts", "700"], "--learning-starts 700 is not below --steps 600"),
+])
+def test_a_schedule_that_never_trains_or_inits_is_refused_before_anything_is_written(
+        tmp_path: Path, capsys, extra: list[str], message: str) -> None:
+    out = tmp_path / "out"
+    err = _parser_error(["--quick", "--seeds", "0", *extra, "--out", str(out), "--device", "cpu",
+                         "--no-progress"], capsys)
+    assert message in err
+    assert not out.exists()
+
+
+def test_no_data_init_or_normal_may_start_learning_at_once() -> None:
+    for variant, init in (("normal", True), ("weightnorm", False)):
+        dqn.check_steps(dqn.DQNConfig(variant=variant, data_init=init, learning_starts=0))
+
+
+@pytest.mark.parametrize("env,space", [("CliffWalking-v1", "Discrete(48)"),
+                                       ("Blackjack-v1", "Tuple(")])
+def test_an_observation_space_that_is_not_a_vector_is_refused_before_any_folder(
+        tmp_path: Path, capsys, env: str, space: str) -> None:
+    """CliffWalking's scalar state crashed at ``q.argmax(1)`` after training began, Blackjack's
+    tuple in ``np.prod(shape)``; both after the run folder was made."""
+    out = tmp_path / "out"
+    err = _parser_error(["--quick", "--seeds", "0", "--envs", f"CartPole-v1,{env}", "--out",
+                         str(out), "--device", "cpu", "--no-progress"], capsys)
+    assert f"{env} needs a 1-D Box observation space" in err and f"got {space}" in err
+    assert not out.exists()  # CartPole, listed first, did not train either
+    with pytest.raises(WnormError, match="1-D Box observation space"):
+        dqn.train_one(dqn.DQNConfig(env=env, out=str(out), **dqn.QUICK), echo=False)
+    assert not out.exists()
+
+
+def test_report_of_an_environment_without_a_reward_threshold(tmp_path: Path) -> None:
+    out = tmp_path / "runs"
+    for v in ("normal", "weightnorm"):
+        cfg = dqn.DQNConfig(variant=v, env="MountainCar-v0", steps=1000, out=str(out))
+        with RunFolder(out / f"dqn-x-{v}-s0", cfg, torch.device("cpu"),
+                       {"reward_threshold": None}, echo=False) as f:
+            for i in range(1, 21):
+                f.write({"episode": i, "env_steps": 50 * i, "return": -200.0 + i, "length": 10,
+                         "seconds": 0.1 * i})
+            f.log("done: 20 episodes in 2s")
+    md = report([out], tmp_path / "rep")  # formatted None with {:g}: TypeError
+    assert "| seeds reaching the threshold none |" in md
+    assert "the environment's reward threshold is none." in md
+    assert md.count("| n/a |") == 2

@@ -151,3 +151,12 @@ def test_a_run_with_no_metrics_yet_is_listed_as_incomplete_not_a_blank_cell(
     assert all(row.endswith("| incomplete (1/1) |") for row in rows), rows
     assert "| 0.1 |  |" not in text and "|  |" not in text
     assert "Runs: 4 = 2 variants x 2 learning rates x 1 seed" in text
+
+
+def test_report_with_one_learning_rate_says_its_v_growth_once(tmp_path: Path) -> None:
+    """It read "x3.17 at lr 0.1, x3.17 at lr 0.1 (the largest lr ...)"."""
+    train_one(_cfg(tmp_path / "runs", variant="weightnorm", lr=0.1), _data(), echo=False)
+    text = report_sweep([tmp_path / "runs"], tmp_path / "rep")[2]
+    line = next(s for s in text.split(". ") if "Mean ||v|| at the end / at the start" in s)
+    assert line.count("at lr 0.1") == 1, line
+    assert "(the only lr with a run that did not diverge)" in line

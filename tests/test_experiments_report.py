@@ -357,3 +357,25 @@ def test_runs_naming_a_file_is_a_one_line_error(tmp_path: Path, capsys) -> None:
     assert capsys.readouterr().err == (
         f"error: report: {metrics} is a file; expected a run folder (with config.json) or a "
         "folder of run folders\n")
+
+
+def test_every_variant_is_drawn_in_its_own_colour(tmp_path: Path, monkeypatch) -> None:
+    """With 9 colours for 10 variants, arpit fell to matplotlib's first cycle colour and was
+    drawn in weightnorm's blue in training_error.png."""
+    from matplotlib.colors import to_hex
+    from matplotlib.figure import Figure
+
+    from experiments.nets import VARIANTS
+
+    for v in VARIANTS:
+        _fake_run(tmp_path, v, 0, [0.5, 0.3, 0.2])
+    figures: list[Figure] = []
+    save = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (figures.append(fig),
+                                                                 save(fig, *a, **k)))
+    report([tmp_path], tmp_path / "rep")
+    for ax in figures[0].axes:
+        colours = {line.get_label().split(" (")[0]: to_hex(line.get_color())
+                   for line in ax.lines}
+        assert set(colours) == set(VARIANTS)
+        assert len(set(colours.values())) == len(VARIANTS), colours
