@@ -779,3 +779,40 @@ def test_a_write_inside_a_cached_block_is_said_to_be_gone_when_the_block_compute
                 with torch.no_grad():
                     m(x)
     assert said[0].filename == __file__
+
+
+def _fullgraph_runs(m: nn.Module, x: torch.Tensor) -> None:
+    torch._dynamo.reset()
+    torch.compile(m, backend="eager", fullgraph=True)(x)
+
+
+@pytest.mark.parametrize("land", ["arpit_init", "reset_parameters", "projection step",
+                                  "pickled v given to a new layer"])
+def test_a_read_landed_by_any_path_leaves_no_graph_break_behind(land):
+    # the flag that sends a tie's other holder to land writes under torch.compile stayed on v
+    # when a path landed only the layer's own slot: the next compiled forward broke on a tie
+    # that did not exist, and fullgraph=True failed
+    import io
+
+    torch.manual_seed(0)
+    m = wnorm.apply(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)))
+    x = torch.randn(3, 8)
+    float(m[0].weight.norm())  # logging: the weight is held
+    if land == "arpit_init":
+        wnorm.arpit_init(m)
+    elif land == "reset_parameters":
+        m[0].reset_parameters()
+    elif land == "projection step":
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        wnorm.project_after_step(opt, m, radius="unit")
+        m(x).sum().backward()
+        float(m[0].weight.norm())
+        opt.step()
+    else:
+        buf = io.BytesIO()
+        torch.save([m[0].weight_g, m[0].weight_v], buf)  # a Parameter carries its __dict__
+        buf.seek(0)
+        g, v = torch.load(buf)
+        m = wnorm.apply(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)))
+        m[0].weight_g, m[0].weight_v = g, v
+    _fullgraph_runs(m, x)

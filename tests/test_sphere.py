@@ -523,3 +523,30 @@ def test_a_zero_dimensional_tensor_radius_is_a_number_and_is_projected_is_public
             project_(lin, bad)
     assert wnorm.is_projected is is_projected and "is_projected" in wnorm.__all__
     assert wnorm.is_projected(lin, "weight")
+
+
+def test_a_second_stage_projection_is_not_refused_for_an_optimizer_awaiting_collection():
+    # a dropped optimizer with an LR scheduler lives in a reference cycle until the collector
+    # runs: its projection counted as live, and the new stage's radius was refused
+    import gc
+
+    torch.manual_seed(0)
+    m = wnorm.apply(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)))
+    was = gc.isenabled()
+    gc.disable()  # as between two automatic collections
+    try:
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        sched = torch.optim.lr_scheduler.StepLR(opt, 10)
+        wnorm.project_after_step(opt, m, radius="unit")
+        m(torch.randn(3, 8)).sum().backward()
+        opt.step()
+        sched.step()
+        opt = torch.optim.Adam(m.parameters(), lr=1e-3)  # stage 2: the first dropped
+        sched = torch.optim.lr_scheduler.StepLR(opt, 10)  # noqa: F841
+        wnorm.project_after_step(opt, m, radius="sqrt_fan_in")
+    finally:
+        if was:
+            gc.enable()
+    m(torch.randn(3, 8)).sum().backward()
+    opt.step()
+    torch.testing.assert_close(m[0].weight_v.norm(dim=1), torch.full((8,), 8 ** 0.5))

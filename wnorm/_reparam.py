@@ -273,7 +273,7 @@ def _flush(module: nn.Module, slot: Slot, real: bool = False) -> None:
     host syncs).
     """
     held, key = slot.held, slot.held_key
-    slot.held, slot.held_key = None, ()
+    _unhold(slot)
     if held is None:
         return
     if not real:
@@ -443,21 +443,66 @@ def _cache_key(g: Tensor | None, v: Tensor) -> tuple[Any, ...]:
 _HELD: dict[int, list[tuple[Any, str]]] = {}  # weak: a dropped model leaves nothing behind
 
 
-def _forgetter(key: int) -> Callable[[Any], None]:
-    """The weakref callback that drops a dropped module's entry from :data:`_HELD`."""
+#: the value of ``v._wn_held`` while :data:`_HELD` has v: what a tie's other holder's getter
+#: asks under torch.compile (Dynamo guards on an attribute, not on a dict of weak references).
+#: Per process: a Parameter pickled on its own carries its __dict__, and a flag from another
+#: process (or from before a reload here, see _unmark_stale) must not read as a held write
+_TOKEN = int.from_bytes(os.urandom(6), "little") | 1
+
+
+def _mark(v: Tensor) -> None:
+    v._wn_held = _TOKEN
+
+
+def _unmark(v: Tensor) -> None:
+    v.__dict__.pop("_wn_held", None)
+
+
+def _unmark_stale(v: Any) -> None:
+    """Drop a flag no entry of :data:`_HELD` backs (a Parameter reloaded from a pickle taken
+    while held, given to a layer)."""
+    if isinstance(v, Tensor) and "_wn_held" in v.__dict__ and id(v) not in _HELD:
+        _unmark(v)
+
+
+def _forgetter(key: int, v: Tensor) -> Callable[[Any], None]:
+    """The weakref callback that drops a dropped module's entry from :data:`_HELD` (and v's
+    flag with the last one)."""
+    vref = weakref.ref(v)
+
     def forget(ref: Any) -> None:
         refs = _HELD.get(key)
         if refs is not None:
             refs[:] = [e for e in refs if e[0] is not ref]
             if not refs:
                 del _HELD[key]
+                alive = vref()
+                if alive is not None:
+                    _unmark(alive)
     return forget
+
+
+def _unhold(s: Slot) -> None:
+    """Clear ``s``'s held weight; once no holder of its v holds one, v leaves :data:`_HELD`
+    and loses its flag (a flag left behind broke every later compiled graph of the layer)."""
+    key = s.held_key
+    s.held, s.held_key = None, ()
+    if not key:
+        return
+    v = key[1]
+    for ref, pname in _HELD.get(id(v), ()):
+        module = ref()
+        other = None if module is None else module.__dict__.get("_wn", {}).get(pname)
+        if other is not None and other.held is not None and other.held_key[1] is v:
+            return
+    _HELD.pop(id(v), None)
+    _unmark(v)
 
 
 def _holders(v: Tensor) -> Iterator[tuple[nn.Module, Slot]]:
     """The modules, and their slots, holding a weight read from ``v`` (every holder of a tie:
     an LM head sharing its embedding's g and v), taken off :data:`_HELD`."""
-    v.__dict__.pop("_wn_held", None)
+    _unmark(v)
     for ref, pname in _HELD.pop(id(v), ()):
         module = ref()
         s = None if module is None else module.__dict__.get("_wn", {}).get(pname)
@@ -488,7 +533,7 @@ def _drop_holders(v: Tensor) -> None:
     """Forget every holder's write read from ``v``: a load replaced it (g and v loaded once
     for a tie, through one holder's keys)."""
     for _, s in list(_holders(v)):
-        s.held, s.held_key = None, ()
+        _unhold(s)
 
 
 def land_writes(module: nn.Module) -> None:
@@ -514,13 +559,13 @@ def _land_before_fork() -> None:
             if s is None or s.held is None:
                 continue
             held, v = (s.held, s.held_key), s.held_key[1]
-            v.__dict__.pop("_wn_held", None)
+            _unmark(v)
             try:
                 flush(module, s)
             except Exception:  # noqa: BLE001 (an at-fork hook only prints what it raises)
                 s.held, s.held_key = held
                 _HELD.setdefault(key, []).append((ref, pname))
-                v._wn_held = True
+                _mark(v)
 
 
 if hasattr(os, "register_at_fork"):  # POSIX
@@ -559,7 +604,7 @@ def _property(pname: str) -> property:
         compiling = _is_compiling()
         if not compiling and _HELD and id(v) in _HELD:  # another holder's write lands
             _flush_holders(v)
-        elif compiling and getattr(v, "_wn_held", False):  # Dynamo guards on this flag, not
+        elif compiling and getattr(v, "_wn_held", 0) == _TOKEN:  # Dynamo guards on this, not
             _land_tied(slot, v)  # on _HELD: computed in the graph, the write would be missed
         # compiled, the graph is the cache (and a version counter read in it is data-
         # dependent: a graph break, an error under fullgraph): each access is computed
@@ -594,8 +639,8 @@ def _property(pname: str) -> property:
         if not (_is_compiling() or _is_tracing()) and _DEPTH.n == 0:
             slot.held, slot.held_key = w, _key(g, v) + (_version_of(w), w.detach().clone(),
                                                           _addresses(g, v))
-            _HELD.setdefault(id(v), []).append((weakref.ref(self, _forgetter(id(v))), pname))
-            v._wn_held = True  # for a tie's other holder's getter under torch.compile
+            _HELD.setdefault(id(v), []).append((weakref.ref(self, _forgetter(id(v), v)), pname))
+            _mark(v)  # for a tie's other holder's getter under torch.compile
         return w
 
     def fset(self: nn.Module, value: Any) -> None:
@@ -680,6 +725,8 @@ def _setattr(self: nn.Module, name: str, value: Any) -> None:
         # the new one, torch.export in the old ones: they disagreed)
         if s.held is not None and name in (s.gname, s.vname):
             flush(self, s)
+        if name in (s.gname, s.vname):
+            _unmark_stale(value)
     type(self)._wn_base.__setattr__(self, name, value)
 
 
@@ -762,7 +809,7 @@ def _load_from_state_dict(self: nn.Module, state_dict: Mapping[str, Any], prefix
         if s.held is None:
             continue
         if loaded:
-            s.held, s.held_key = None, ()  # the loaded g and v replace a write not yet split
+            _unhold(s)  # the loaded g and v replace a write not yet split
         else:
             # not loaded here (strict=False, a state dict of other layers): the write lands,
             # and a key given for g or v alone then replaces its part
@@ -941,6 +988,8 @@ def _register_parameter(self: nn.Module, name: str, param: Any) -> None:
             f"'{s.gname}' (whole units) one-shot, calling prune.remove on it before the next "
             "forward (wnorm keeps no mask through training), or prune the plain model "
             "wnorm.fold gives")
+    if any(name in (s.gname, s.vname) for s in slots.values()):
+        _unmark_stale(param)
     self._wn_base.register_parameter(self, name, param)
 
 

@@ -211,8 +211,9 @@ class MeanOnlyBatchNormBase(nn.Module):
         """``x``'s shape, checked to be this layer's input's (raises, naming the layer)."""
         shape = _shape(x)
         if len(shape) not in self._ndims or shape[1] != self.num_features:
-            graph_break(f"wnorm: {self._label()}: an input this mean-only batch norm refuses "
-                        "(its rank or channel count); uncompiled, its WnormError says which")
+            graph_break(f"wnorm: {self._label()}: expected a "
+                        f"{' or '.join(f'{d}D' for d in self._ndims)} input with "
+                        f"{self.num_features} channels in dim 1; got shape {tuple(shape)}")
             self._refuse_shape(shape)
         return shape
 

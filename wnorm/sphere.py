@@ -25,6 +25,7 @@ one (zero slices, a radius the dtype cannot hold) run once, at registration.
 
 from __future__ import annotations
 
+import gc
 import math
 import weakref
 from collections.abc import Iterable
@@ -186,7 +187,9 @@ def is_projected(module: nn.Module, name: str) -> bool:
         >>> wnorm.is_projected(layer, "weight_v")
         False
     """
-    return bool(_holding(module, name))
+    # liveness only: a forced layer asks this at every forward (a scan of every projection's
+    # targets made deep models' steps quadratic)
+    return any(p._live() for p in _COVERED.get(module, {}).get(name, ()))
 
 
 # --------------------------------------------------------------------------- selection
@@ -387,10 +390,18 @@ def _check_not_held(fn: str, optimizer: torch.optim.Optimizer, targets: list[_Ta
     """Refuse to hold a tensor on other spheres than a live projection holds it on: both hooks
     would run after each step and the one registered last would win without a word. The same
     spheres again is allowed (the second projection is redundant, not wrong)."""
+    collected = False
     for t in targets:
         for module, pname in t.holders:
             for other, o in _holding(module, pname):
                 if _same_sphere(o, t):
+                    continue
+                if not collected:
+                    # an optimizer the user dropped may wait in a reference cycle (an LR
+                    # scheduler's) for the collector: its projection is gone, not live
+                    gc.collect()
+                    collected = True
+                if not other._live():
                     continue
                 where = ("this optimizer" if other._handle.hooks_dict_ref()
                          is getattr(optimizer, "_optimizer_step_post_hooks", None)
