@@ -58,7 +58,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -74,7 +74,8 @@ from .common import (RunFolder, RunLog, add_options, add_run_flags, batch_that_r
 from .data import DATASETS, ImageData, load
 from .nets import VARIANTS, build, initialize
 
-__all__ = ["Config", "Dist", "check", "run", "run_dir_name", "schedule", "main"]
+__all__ = ["BATCH_STATISTICS", "Config", "Dist", "check", "run", "run_dir_name", "schedule",
+           "main"]
 
 
 # --------------------------------------------------------------------------- defaults
@@ -222,6 +223,22 @@ def check(cfg: Config) -> None:
         raise WnormError(f"--dataset must be one of {list(DATASETS)}; got {cfg.dataset!r}")
     if cfg.variant not in VARIANTS:
         raise WnormError(f"--variants: unknown {cfg.variant!r}; expected some of {list(VARIANTS)}")
+    _check_batch(cfg)
+
+
+#: the variants whose layers take batch statistics: a batch of one example has none
+BATCH_STATISTICS = ("batchnorm", "wn+meanonly", "meanonly")
+
+
+def _check_batch(cfg: Config) -> None:
+    """Refuse a batch of one example (as asked, or clamped to ``--train-subset``) for a
+    variant in :data:`BATCH_STATISTICS`, before any run trains."""
+    batch = min(cfg.batch_size, cfg.train_subset or cfg.batch_size)
+    if cfg.variant in BATCH_STATISTICS and batch < 2:
+        why = "" if batch == cfg.batch_size else \
+            f" (a batch is at most the training set: --train-subset {cfg.train_subset})"
+        raise WnormError(f"--batch-size must be >= 2 for {cfg.variant}, whose batch "
+                         f"statistics need 2 or more examples; got {batch}{why}")
 
 
 def _finite(model: nn.Module) -> bool:
@@ -246,11 +263,12 @@ def run(cfg: Config, data: ImageData, dist: Dist | None = None, *,
     if cfg.batch_size % dist.world:
         raise WnormError(f"batch_size {cfg.batch_size} must be divisible by the number of "
                          f"processes {dist.world}")
-    cfg = batch_that_runs(cfg, data.x_train.shape[0])  # split across the processes as it comes
+    # the batch and the init batch at most the training set, recorded as they ran; the
+    # batch is split across the processes as it comes
+    cfg = batch_that_runs(cfg, data.x_train.shape[0])
     if data.x_train.shape[0] == 0:
         raise WnormError(f"{data.name}: the training set is empty")
-    if cfg.init_examples > data.x_train.shape[0]:  # the init batch is at most the training
-        cfg = replace(cfg, init_examples=data.x_train.shape[0])  # set: record what ran
+    _check_batch(cfg)  # a training set of one example
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = torch.device(f"cuda:{dist.local_rank}" if cfg.device == "cuda" and dist.world > 1

@@ -24,8 +24,12 @@ Same network, data, optimizer, schedule, data init and run-folder format as
   and dropout are drawn on the device; losses and errors accumulate on the device, so the
   steps never wait for it (one wait per epoch, for that epoch's numbers);
 - a variant's seeds train as one network (``--stack`` seeds side by side as grouped
-  convolutions, :mod:`experiments.seed_stack`, exactly equivalent to separate runs), so one
-  launch does three seeds' work;
+  convolutions, :mod:`experiments.seed_stack`), so one launch does three seeds' work; each
+  seed's forward, gradients and steps are its own network's, and its noise and dropout come
+  from its own generator on the device, seeded as ``experiments.classify`` seeds that seed's
+  run: a seed's numbers do not depend on its stack (on a CPU they are ``classify``'s; on CUDA
+  the dropout masks come from another kernel than ``nn.Dropout``'s). torch.compile cannot
+  trace a draw from a generator: the draws run eagerly between the compiled pieces;
 - the loss is compiled (``--compile``, torch.compile; ``reduce-overhead`` adds CUDA graphs);
   should compiling fail, the run says so in its log and config and goes on eagerly;
 - bf16 autocast and channels-last (``--bf16``, ``--channels-last``; on by default on CUDA);
@@ -70,7 +74,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +108,18 @@ class GPUConfig(Config):
     tf32: bool = True  # TF32 for float32 matmuls and convolutions on CUDA
     stack: int = 3  # seeds of a variant trained as one network
     procs: int = 5  # processes at once
+
+    def resolved(self) -> GPUConfig:
+        """A copy with every ``auto``/``None`` made explicit for its device."""
+        c = super().resolved()
+        cuda = c.device.startswith("cuda")
+        if c.compile == "auto":
+            c.compile = "default" if cuda else "off"
+        if c.bf16 is None:
+            c.bf16 = cuda
+        if c.channels_last is None:
+            c.channels_last = cuda
+        return c
 
 
 VARIANTS = PAPER_VARIANTS
@@ -169,6 +185,9 @@ def run_all(configs: list[GPUConfig], *, overwrite: bool = False,
         for st in stacks:
             train_stack(st, data, overwrite=overwrite)
     else:
+        # read once here first: a data error (files missing, the download failed) is this
+        # command's own message, and a download happens once, not in every worker
+        _load(configs[0])
         root = Path(__file__).resolve().parent.parent
         env = os.environ | {"PYTHONPATH": os.pathsep.join(
             [str(root), *filter(None, [os.environ.get("PYTHONPATH")])])}
@@ -188,14 +207,27 @@ def run_all(configs: list[GPUConfig], *, overwrite: bool = False,
             proc.wait()
             logf.close()
             if proc.returncode != 0:
+                last = _last_line(Path(logf.name))
                 failed.append(f"the worker for {'; '.join(names)} exited with "
-                              f"{proc.returncode} (see {logf.name})")
+                              f"{proc.returncode}" + (f": {last}" if last else "")
+                              + f" (see {logf.name})")
             elif os.path.getsize(logf.name) == 0:
                 os.remove(logf.name)  # nothing went to stderr: no file to keep
         if failed:
             raise WnormError("; ".join(failed))
     return {"wall_s": time.perf_counter() - t0, "processes_at_once": procs,
             "stacks": [_job_name(st) for st in stacks], "kept": kept}
+
+
+def _last_line(log: Path) -> str:
+    """The last non-empty line of a worker's stderr log (its error, or a traceback's last
+    line), at most 300 characters; empty when there is none."""
+    try:
+        lines = [line.strip() for line in log.read_text(errors="replace").splitlines()]
+    except OSError:
+        return ""
+    last = next((line for line in reversed(lines) if line), "")
+    return last.removeprefix("error: ")[:300]
 
 
 def _job_name(job: list[GPUConfig]) -> str:
@@ -290,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(e))
     command = "python -m experiments.classify_gpu " + " ".join(argv)
     if args.plan:
-        print(plan_text(plan(configs[0], tuple(variants), PLAN)))
+        print(plan_text(_plan(configs[0], variants, len(seeds))))
         return 0
     try:
         if args.timing:
@@ -302,10 +334,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(args.out)
     base = resolved(configs[0])
-    train = _count(out, configs, "train")
-    if 0 < train < base.batch_size:  # as the runs record it: a batch is at most the set
-        base = replace(base, batch_size=train)
-    predicted = plan(base, tuple(variants), PLAN, train=train, test=_count(out, configs, "test"))
+    predicted = _plan(base, variants, len(seeds), train=_count(out, configs, "train"),
+                      test=_count(out, configs, "test"))
     result |= {"plan": predicted,
                "measured": _measured(configs, predicted, result["processes_at_once"]),
                "command": command, "hardware": hardware(base.device)}
@@ -326,6 +356,20 @@ def main(argv: list[str] | None = None) -> int:
               "alone" + (f", {shared:.2f} sharing the GPU" if shared else "") + "), "
               f"{m['step_ms']:.2f} ms per stacked step")
     return 0
+
+
+#: (training images, test images, channels, side) of each dataset's full sets
+_SIZES = {"fashion-mnist": (60000, 10000, 1, 28), "cifar10": (50000, 10000, 3, 32)}
+
+
+def _plan(cfg: GPUConfig, variants: list[str], seeds: int, train: int | None = None,
+          test: int | None = None) -> dict[str, Any]:
+    """The plan of these runs: ``seeds`` seeds of each variant, on ``train``/``test`` examples
+    (default: the subsets asked for, else the dataset's full sets)."""
+    full_train, full_test, channels, side = _SIZES[cfg.dataset]
+    return plan(cfg, tuple(variants), PLAN, train=train or cfg.train_subset or full_train,
+                test=test or cfg.test_subset or full_test, seeds=seeds, in_channels=channels,
+                size=side)
 
 
 def _count(out: Path, configs: list[GPUConfig], split: str) -> int:

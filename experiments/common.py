@@ -375,15 +375,16 @@ def has_metrics(folder: Path) -> bool:
     return m.is_file() and m.stat().st_size > 0
 
 
-def entry_point(main: Callable[[], Any]) -> NoReturn:
+def entry_point(main: Callable[[], Any], again: str = "--resume trains them again and keeps "
+                "the finished ones") -> NoReturn:
     """``sys.exit(main())`` for an entry point, with Ctrl-C said in one line (no traceback):
-    each run folder keeps the epochs it wrote."""
+    each run folder keeps the epochs it wrote; ``again`` says how the script goes on (a
+    script without ``--resume`` says its own way)."""
     try:
         code = main()
     except KeyboardInterrupt:
         print("interrupted: each run folder keeps the epochs it wrote (reports list such runs "
-              "as incomplete; --resume trains them again and keeps the finished ones)",
-              file=sys.stderr)
+              f"as incomplete; {again})", file=sys.stderr)
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)
 
@@ -411,9 +412,13 @@ def check_out(folder: str | Path, what: str) -> Path:
 
 
 def batch_that_runs(cfg: Any, n: int) -> Any:
-    """``cfg`` with its batch size at most ``n``, the training set's size: a larger batch runs
-    as the whole set, and the run folder's config.json and the reports say what ran."""
-    return dataclasses.replace(cfg, batch_size=n) if 0 < n < cfg.batch_size else cfg
+    """``cfg`` with its batch size and its data-init batch (``init_examples``, where it has
+    one) at most ``n``, the training set's size: a larger batch runs as the whole set, and the
+    run folder's config.json and the reports say what ran."""
+    for k in _CLAMPED:
+        if 0 < n < getattr(cfg, k, 0):
+            cfg = dataclasses.replace(cfg, **{k: n})
+    return cfg
 
 
 def keep_earlier(path: Path) -> Path | None:
@@ -458,7 +463,13 @@ _CLAMPED = frozenset({"batch_size", "init_examples"})
 
 
 def _changed(folder: Path, cfg: Any) -> list[str]:
-    """The fields of ``cfg`` that a finished run in ``folder`` trained with another value."""
+    """The fields of ``cfg`` that a finished run in ``folder`` trained with another value.
+
+    An option not given (``None``) is its default as ``cfg.resolved()`` makes it explicit
+    (``--decay-start`` epochs / 2, ``--zca`` by dataset, ``--bf16`` by device), or stays
+    ``None`` (``--train-subset``: the whole set): a run that had another value is another
+    setting. An ``auto`` (device, compile mode) is whatever it resolved to there.
+    """
     try:
         ran = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError):
@@ -466,11 +477,19 @@ def _changed(folder: Path, cfg: Any) -> list[str]:
                          "or unreadable; move the folder away, or pass --overwrite") from None
     data = ran.get("data")
     whole = data.get("train") if isinstance(data, dict) else None
+    asked = dataclasses.asdict(cfg)
+    full = dataclasses.asdict(cfg.resolved()) if callable(getattr(cfg, "resolved", None)) \
+        else asked
     changed = []
-    for k, want in dataclasses.asdict(cfg).items():
-        if k in _NOT_SETTINGS or want is None or want == "auto" or k not in ran:
-            continue  # an automatic value is recorded resolved: any value it resolved to is it
+    for k, want in asked.items():
+        if k in _NOT_SETTINGS or want == "auto" or k not in ran:
+            continue
+        if want is None:
+            want = full.get(k)  # the default, as the run records it
         got = ran[k]
+        if want is None and got is not None:
+            changed.append(f"{flag(k)} {got!r} there, not given now")
+            continue
         # only a value clamped to the whole set is no change: a run that asked for a smaller
         # batch than the set trained with that batch, and a larger one now computes otherwise
         if got != want and not (k in _CLAMPED and got == whole and isinstance(got, int)

@@ -59,6 +59,8 @@ DEMO = {
     "eval_batch_size": 500,
 }
 # ---------------------------------------------------------------------------------------------
+#: how an interrupted demo goes on (it has no --resume: it trains its runs anew)
+_AGAIN = "run the demo again to train them anew"
 
 
 def _demo_runs(marker: Path, out: Path) -> frozenset[str] | None:
@@ -161,4 +163,4 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     from .common import entry_point
 
-    entry_point(main)
+    entry_point(main, again=_AGAIN)

@@ -14,12 +14,20 @@ gradient is its own network's. Input ``(N, S*C, H, W)`` (seed s's images in chan
 ``s*C .. (s+1)*C``, see :func:`stack_inputs`), output ``(N, S, classes)``. One kernel launch
 then does S seeds' work, which is what fills a large GPU at the paper's batch of 100.
 
+Random numbers: given one ``torch.Generator`` per seed (:func:`seed_streams`), the input noise
+and the dropout masks of seed s's channel block are drawn from seed s's generator, in the order
+and with the ops its own network draws them from the global generator (``randn``, then
+``bernoulli_``, per layer in forward order). A seed's draws then do not depend on the other seeds
+of its stack, and on a CPU they are those of its network run alone with the global generator
+in that state.
+
 ``arpit`` is not stackable: its gains depend on a layer's fan-out, which grouping changes.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -29,7 +37,8 @@ from wnorm import WnormError
 
 from .nets import METHODS, GaussianNoise, PaperNet
 
-__all__ = ["STACKABLE", "SeedStack", "stack", "stack_inputs", "seed_state_dict"]
+__all__ = ["STACKABLE", "SeedDropout", "SeedNoise", "SeedStack", "seed_state_dict",
+           "seed_streams", "stack", "stack_inputs"]
 
 STACKABLE = ("normal", "weightnorm", "batchnorm", "wn+meanonly", "meanonly", "centered",
              "ws+gn", "forced")
@@ -45,6 +54,75 @@ class SeedStack(nn.Sequential):
     def forward(self, x: Tensor) -> Tensor:
         out = super().forward(x)  # (N, S*classes, 1, 1)
         return out.reshape(out.shape[0], self.seeds, -1)
+
+
+def _blocks(x: Tensor, generators: list[torch.Generator],
+            draw: Callable[[tuple[int, ...], torch.Generator], Tensor]) -> Tensor:
+    """``draw(shape, g)`` for each seed's channel block of ``x``, seed s's from
+    ``generators[s]``, side by side along the channels (dim 1)."""
+    shape = (x.shape[0], x.shape[1] // len(generators), *x.shape[2:])
+    if len(generators) == 1:
+        return draw(shape, generators[0])
+    return torch.cat([draw(shape, g) for g in generators], dim=1)
+
+
+class SeedNoise(nn.Module):
+    """:class:`~experiments.nets.GaussianNoise` (``x + sigma * N(0, 1)`` in training) with seed
+    s's channel block drawn from ``generators[s]``."""
+
+    def __init__(self, sigma: float, generators: list[torch.Generator]) -> None:
+        super().__init__()
+        self.sigma, self.generators = sigma, generators
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.sigma <= 0:
+            return x
+        return x + self.sigma * _blocks(x, self.generators, lambda shape, g: torch.randn(
+            shape, generator=g, device=x.device, dtype=x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"sigma={self.sigma}, seeds={len(self.generators)}"
+
+
+class SeedDropout(nn.Module):
+    """``nn.Dropout(p)`` with seed s's channel block's mask drawn from ``generators[s]``: the
+    mask is ``bernoulli_(1 - p)`` scaled by ``1 / (1 - p)``, as ``F.dropout`` computes it on a
+    CPU."""
+
+    def __init__(self, p: float, generators: list[torch.Generator]) -> None:
+        super().__init__()
+        self.p, self.generators = p, generators
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p <= 0:
+            return x
+        keep = 1.0 - self.p
+        return x * _blocks(x, self.generators, lambda shape, g: torch.empty(
+            shape, device=x.device, dtype=x.dtype).bernoulli_(keep, generator=g).div_(keep))
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, seeds={len(self.generators)}"
+
+
+def seed_streams(model: nn.Sequential, generators: list[torch.Generator]) -> nn.Sequential:
+    """Replace the input noise and dropout layers of ``model`` (a :class:`SeedStack` of
+    ``len(generators)`` seeds, or one seed's :class:`~experiments.nets.PaperNet`) by
+    :class:`SeedNoise` and :class:`SeedDropout` drawing seed s's block from
+    ``generators[s]`` (on the model's device); returns ``model``.
+
+    Raises:
+        WnormError: the number of generators is not the model's number of seeds.
+    """
+    seeds = getattr(model, "seeds", 1)
+    if len(generators) != seeds:
+        raise WnormError(f"seed_streams: {len(generators)} generators for a model of {seeds} "
+                         "seeds; expected one per seed")
+    for i, m in enumerate(model):
+        if isinstance(m, (GaussianNoise, SeedNoise)):
+            model[i] = SeedNoise(m.sigma, generators)
+        elif isinstance(m, (nn.Dropout, SeedDropout)):
+            model[i] = SeedDropout(m.p, generators)
+    return model
 
 
 def _side_by_side(m: nn.Module, s: int) -> nn.Module:
@@ -72,9 +150,13 @@ def _side_by_side(m: nn.Module, s: int) -> nn.Module:
     raise WnormError(f"seed_stack: no side-by-side form for {type(m).__name__}")
 
 
-def stack(nets: list[PaperNet]) -> SeedStack:
+def stack(nets: list[PaperNet], generators: list[torch.Generator] | None = None) -> SeedStack:
     """One :class:`SeedStack` holding the parameters and buffers of ``nets`` (same variant and
     shape, any weights: each net's state is copied into its channel block).
+
+    With ``generators`` (one per net), each seed's noise and dropout are drawn from its own
+    (:func:`seed_streams`); without, the stack's noise and dropout layers draw the whole stack's
+    numbers from the global generator, so a seed's draws depend on the others.
 
     Raises:
         WnormError: no nets, nets of different variants or shapes, or a variant that cannot be
@@ -111,7 +193,7 @@ def stack(nets: list[PaperNet]) -> SeedStack:
             per = (target.shape[0] // s, *target.shape[1:])
             merged[key] = torch.cat([st[key].reshape(per) for st in states])
     model.load_state_dict(merged)
-    return model
+    return model if generators is None else seed_streams(model, generators)
 
 
 def seed_state_dict(model: SeedStack, seed_index: int, like: PaperNet) -> dict[str, Tensor]:

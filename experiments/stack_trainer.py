@@ -21,10 +21,11 @@ import wnorm
 from wnorm import WnormError
 
 from .classify import check, run_dir_name, schedule
-from .common import RunFolder, batch_that_runs, precision_info, refuse_existing, resolve_device
+from .common import (RunFolder, batch_that_runs, precision_info, progress, refuse_existing,
+                     resolve_device)
 from .data import ImageData
 from .nets import build, initialize
-from .seed_stack import STACKABLE, stack, stack_inputs
+from .seed_stack import STACKABLE, seed_streams, stack, stack_inputs
 
 __all__ = ["COMPILE_MODES", "StackTrainer", "check_gpu", "resolved", "set_backends", "sync",
            "train_stack"]
@@ -34,16 +35,9 @@ COMPILE_MODES = ("auto", "off", "default", "reduce-overhead", "max-autotune",
 
 
 def resolved(cfg: Any) -> Any:
-    """``cfg`` with every ``auto``/``None`` made explicit for its device."""
-    c = cfg.resolved()
-    cuda = c.device.startswith("cuda")
-    if c.compile == "auto":
-        c.compile = "default" if cuda else "off"
-    if c.bf16 is None:
-        c.bf16 = cuda
-    if c.channels_last is None:
-        c.channels_last = cuda
-    return c
+    """``cfg`` with every ``auto``/``None`` made explicit for its device
+    (``GPUConfig.resolved``: device, compile mode, bf16, channels-last and classify's own)."""
+    return cfg.resolved()
 
 
 def check_gpu(cfg: Any) -> None:
@@ -59,6 +53,10 @@ def check_gpu(cfg: Any) -> None:
     if cfg.variant not in STACKABLE:
         raise WnormError(f"--variants: {cfg.variant!r} cannot be trained here (seeds are "
                          f"stacked); expected some of {list(STACKABLE)}")
+    if cfg.progress and cfg.procs > 1:
+        raise WnormError(f"--progress draws a bar per epoch in this process, and --procs "
+                         f"{cfg.procs} trains in worker processes (their stderr goes to "
+                         "worker-*.log); pass --procs 1 with --progress")
 
 
 def set_backends(cfg: Any, device: torch.device) -> None:
@@ -97,11 +95,19 @@ class StackTrainer:
         self.x_test, self.y_test = data.x_test.to(device), data.y_test.to(device)
         self.n = self.x_train.shape[0]
         nets = []
-        for c in cfgs:  # each seed's network exactly as experiments.classify builds it
+        # each seed's noise and dropout from its own generator on the device, in the state
+        # experiments.classify leaves the global one in for that seed: for the data init, as
+        # after building its network (a CPU's generator drew the weights; a GPU's is fresh)
+        self.streams = [torch.Generator(device=device) for _ in cfgs]
+        for c, g in zip(cfgs, self.streams):  # each seed's network as classify builds it
             torch.manual_seed(c.seed)
             nets.append(build(c.variant, data.in_channels, c.width, noise=c.noise,
                               dropout=c.dropout))
-        model = nets[0] if s == 1 else stack(nets)
+            if device.type == "cpu":
+                g.set_state(torch.get_rng_state())
+            else:
+                g.manual_seed(c.seed)
+        model = seed_streams(nets[0], self.streams) if s == 1 else stack(nets, self.streams)
         self.model = model.to(device)
         if cfg.channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -111,7 +117,8 @@ class StackTrainer:
                             for g in self.orders]).to(device)
         self.init_message = initialize(self.model, self._inputs(self.x_train[init]),
                                        cfg.init_scale)
-        torch.manual_seed(cfg.seed * 1000 + 1)  # noise and dropout
+        for c, g in zip(cfgs, self.streams):  # training's noise and dropout, as classify's
+            g.manual_seed(c.seed * 1000 + 1)
         self.initial = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         # fused: one kernel for every tensor, and its step counts stay on the device (the
         # default keeps them on the host and reads them every step)
@@ -161,10 +168,13 @@ class StackTrainer:
         if self.compile == "off":
             return self.step(idx, sums)
         before = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        drawn = [g.get_state() for g in self.streams]
         try:
             self.step(idx, sums)
         except Exception as e:  # noqa: BLE001 - any compiler failure: go on eagerly, say so
             self.model.load_state_dict(before)
+            for g, state in zip(self.streams, drawn):  # the eager step draws the same numbers
+                g.set_state(state)
             self.opt.state.clear()
             sums.zero_()
             self.compile = f"off (torch.compile failed: {type(e).__name__}: {str(e)[:200]})"
@@ -186,9 +196,13 @@ class StackTrainer:
         self.model.train()
         sync(self.device)
         t0 = time.perf_counter()
-        for s in range(self.steps):
-            idx = perms[:, s * self.batch:(s + 1) * self.batch]
-            (self.first_step if e == 0 and s == 0 else self.step)(idx, sums)
+        desc = f"{cfg.variant} s{','.join(map(str, self.seeds))} {e + 1}/{cfg.epochs}"
+        with progress(self.steps, desc, bool(cfg.progress)) as bar:
+            for s in range(self.steps):
+                idx = perms[:, s * self.batch:(s + 1) * self.batch]
+                (self.first_step if e == 0 and s == 0 else self.step)(idx, sums)
+                if bar is not None:
+                    bar.update(1)  # a count: no wait for the device
         loss_sum, wrong = sums.tolist()  # the epoch's one wait for the device
         seconds = time.perf_counter() - t0
         seen = self.steps * self.batch

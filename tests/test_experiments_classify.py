@@ -68,13 +68,19 @@ def test_every_variant_trains_and_reports(tmp_path: Path, capsys) -> None:
     assert "- Lowest final test error: **" in md and "- First to 95% training error" in md
 
 
-def test_the_config_records_the_init_batch_that_ran_not_a_larger_request(tmp_path: Path) -> None:
+@pytest.mark.parametrize("module", ["classify", "classify_gpu"])
+def test_the_config_records_the_init_batch_that_ran_not_a_larger_request(tmp_path: Path,
+                                                                         module: str) -> None:
     # 500 examples asked of a 40-example training set: 40 ran, and the report must say 40
+    import importlib
+
     data_dir, out = tmp_path / "fashion", tmp_path / "runs"
     write_fashion(data_dir, n_train=40, n_test=20)
-    assert main(["--data-dir", str(data_dir), "--variants", "weightnorm", "--seeds", "0",
-                 "--epochs", "1", "--width", "0.04", "--batch-size", "20", "--threads", "1",
-                 "--no-progress", "--device", "cpu", "--out", str(out)]) == 0
+    run = importlib.import_module(f"experiments.{module}").main
+    extra = ["--procs", "1", "--eval-batch-size", "20"] if module == "classify_gpu" else []
+    assert run(["--data-dir", str(data_dir), "--variants", "weightnorm", "--seeds", "0",
+                "--epochs", "1", "--width", "0.04", "--batch-size", "20", "--threads", "1",
+                "--no-progress", "--device", "cpu", "--out", str(out), *extra]) == 0
     folder = out / "fashion-mnist-weightnorm-s0"
     assert json.loads((folder / "config.json").read_text())["init_examples"] == 40
     assert "data init on 40 examples" in (folder / "log.txt").read_text()

@@ -31,10 +31,20 @@ _BAD = [
     ("classify", ["--dataset", "mnist"], "--dataset must be one of"),
     ("classify", ["--seeds", "0,0"], "given twice"),
     ("classify", ["--variants", "normal,normal"], "given twice"),
+    ("classify", ["--variants", "normal,batchnorm", "--batch-size", "1"],
+     "--batch-size must be >= 2 for batchnorm"),
+    ("classify", ["--variants", "normal,meanonly", "--train-subset", "1"],
+     "--batch-size must be >= 2 for meanonly, whose batch statistics need 2 or more examples; "
+     "got 1 (a batch is at most the training set: --train-subset 1)"),
+    ("classify_gpu", ["--variants", "wn+meanonly", "--batch-size", "1"],
+     "--batch-size must be >= 2 for wn+meanonly"),
+    ("demo", ["--batch-size", "1"], "--batch-size must be >= 2 for batchnorm"),
     ("demo", ["--batch-size", "0"], "--batch-size must be"),
     ("demo", ["--seeds", "0,0"], "given twice"),
     ("demo", ["--procs", "0"], "--procs must be an integer >= 1"),
     ("classify_gpu", ["--compile", "fast"], "--compile must be one of"),
+    ("classify_gpu", ["--progress", "--procs", "2"], "pass --procs 1 with --progress"),
+    ("demo", ["--progress"], "pass --procs 1 with --progress"),
     ("classify_gpu", ["--stack", "0"], "--stack must be an integer >= 1"),
     ("classify_gpu", ["--variants", "arpit"], "cannot be trained here"),
     ("classify_gpu", ["--timing-rounds", "0"], "--timing-rounds must be"),
@@ -144,3 +154,19 @@ def test_long_runs_show_progress_bars(tmp_path: Path, capsys) -> None:
                               "--out", str(tmp_path / "w2")]) == 0
     captured = capsys.readouterr()
     assert "normal lr 0.1 s0 1/1" not in captured.err and "epoch 1/1" in captured.out
+
+
+@pytest.mark.slow
+def test_classify_gpu_and_the_demo_honour_progress(tmp_path: Path, capsys) -> None:
+    data = tmp_path / "fashion"
+    write_fashion(data, n_train=20, n_test=10)
+    small = ["--epochs", "1", "--data-dir", str(data), "--width", "0.04", "--batch-size", "10",
+             "--init-examples", "10", "--device", "cpu", "--procs", "1", "--seeds", "0",
+             "--eval-batch-size", "10", "--variants", "normal"]
+    assert _main("classify_gpu", [*small, "--progress", "--out", str(tmp_path / "g")]) == 0
+    assert "normal s0 1/1" in capsys.readouterr().err
+    assert _main("classify_gpu", [*small, "--out", str(tmp_path / "h")]) == 0  # off by default
+    assert "normal s0 1/1" not in capsys.readouterr().err
+    assert _main("demo", [*small, "--train-subset", "20", "--test-subset", "10", "--progress",
+                          "--out", str(tmp_path / "d")]) == 0
+    assert "normal s0 1/1" in capsys.readouterr().err

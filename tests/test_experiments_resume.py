@@ -52,11 +52,16 @@ class _Cfg:
     threads: int = 1
     lr: float = 0.1
     batch_size: int = 100
-    zca: bool | None = None
+    zca: bool | None = None  # None: True (as classify's cifar10)
+    train_subset: int | None = None  # None: the whole set
+
+    def resolved(self) -> _Cfg:
+        return dataclasses.replace(self, zca=True if self.zca is None else self.zca)
 
 
 def _finished(folder: Path, train: int = 20, **ran: object) -> None:
-    with RunFolder(folder, _Cfg(**ran), "cpu", {"data": {"train": train}}, echo=False) as rf:
+    with RunFolder(folder, _Cfg(**ran).resolved(), "cpu", {"data": {"train": train}},
+                   echo=False) as rf:
         rf.write({"epoch": 1})
 
 
@@ -92,6 +97,53 @@ def test_pending_keeps_finished_runs_of_the_same_setting_and_refuses_another(
     assert str(tmp_path / "a") in str(e.value) and "--lr 0.1 there, 0.5 now" in str(e.value)
     with pytest.raises(WnormError, match="--batch-size 20 there, 10 now"):
         pending([_Cfg(out="a", batch_size=10)], where, overwrite=False, resume=True)
+
+
+def test_resume_refuses_a_finished_run_whose_option_is_omitted_now(tmp_path: Path) -> None:
+    """An option not given means its default, not "whatever the run had": a run trained on a
+    subset, or with another value than the default resolves to, is another setting."""
+    where = lambda c: tmp_path / c.out  # noqa: E731
+    _finished(tmp_path / "sub", train_subset=300, zca=True)
+    with pytest.raises(WnormError, match="--train-subset 300 there, not given now"):
+        pending([_Cfg(out="sub")], where, overwrite=False, resume=True)
+    _finished(tmp_path / "nozca", zca=False)
+    with pytest.raises(WnormError, match="--zca False there, True now"):
+        pending([_Cfg(out="nozca")], where, overwrite=False, resume=True)
+    assert pending([_Cfg(out="nozca", zca=False)], where, overwrite=False, resume=True) == []
+
+
+def test_resume_compares_the_gpu_harness_defaults_resolved(tmp_path: Path) -> None:
+    from experiments.classify import run_dir_name
+    from experiments.classify_gpu import GPUConfig
+
+    where = lambda c: tmp_path / run_dir_name(c)  # noqa: E731
+    ran = GPUConfig(device="cpu", out=str(tmp_path), bf16=True, decay_start=0.0).resolved()
+    with RunFolder(where(ran), ran, "cpu", {"data": {"train": 20}}, echo=False) as rf:
+        rf.write({"epoch": 1})
+    now = GPUConfig(device="cpu", out=str(tmp_path), bf16=True)
+    with pytest.raises(WnormError, match="--decay-start 0.0 there, 15.0 now"):
+        pending([now], where, overwrite=False, resume=True)
+    with pytest.raises(WnormError, match="--bf16 True there, False now"):
+        pending([dataclasses.replace(now, bf16=None, decay_start=0.0)], where,
+                overwrite=False, resume=True)
+    assert pending([dataclasses.replace(now, decay_start=0.0, channels_last=False)], where,
+                   overwrite=False, resume=True) == []
+
+
+@pytest.mark.slow
+def test_classify_resume_refuses_options_omitted_this_time(tmp_path: Path, capsys) -> None:
+    data, out = tmp_path / "fashion", tmp_path / "runs"
+    write_fashion(data, n_train=20, n_test=10)
+    argv = ["classify", "--data-dir", str(data), "--variants", "normal", "--seeds", "0",
+            *_TINY, "--out", str(out)]
+    assert main(argv + ["--train-subset", "15", "--zca", "--decay-start", "0"]) == 0
+    capsys.readouterr()
+    assert main(argv + ["--variants", "normal,weightnorm", "--resume"]) == 2
+    err = capsys.readouterr().err
+    for what in ("--train-subset 15 there, not given now", "--zca True there, False now",
+                 "--decay-start 0.0 there, 1.0 now"):
+        assert what in err
+    assert not (out / "fashion-mnist-weightnorm-s0").exists()
 
 
 def test_resume_keeps_a_batch_clamped_to_the_training_set_and_refuses_a_smaller_one_asked_for(

@@ -246,3 +246,22 @@ def test_ctrl_c_in_an_entry_point_is_one_line_and_exit_status_130(capsys) -> Non
     with pytest.raises(SystemExit) as e:
         entry_point(lambda: 2)
     assert e.value.code == 2
+
+
+def test_ctrl_c_in_the_demo_does_not_advise_a_resume_it_lacks(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    code = ("import runpy, sys\n"
+            "import experiments.classify_gpu as g\n"
+            "def stop(*a, **k):\n"
+            "    raise KeyboardInterrupt\n"
+            "g.run_all = stop\n"
+            f"sys.argv = ['demo', '--out', {str(tmp_path / 'demo')!r}]\n"
+            "runpy.run_module('experiments.demo', run_name='__main__')\n")
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 130, r.stderr
+    assert r.stderr.startswith("interrupted: each run folder keeps")
+    assert "--resume" not in r.stderr and "run the demo again" in r.stderr

@@ -94,3 +94,40 @@ def test_what_cannot_be_stacked_is_refused() -> None:
         stack([build("normal", 1, WIDTH), build("normal", 1, 2 * WIDTH)])
     with pytest.raises(WnormError, match="no networks"):
         stack([])
+
+
+@pytest.mark.parametrize("variant", ["weightnorm", "batchnorm"])
+def test_each_seed_draws_its_own_noise_and_dropout(variant: str) -> None:
+    """With noise and dropout on, seed s of a stack given one generator per seed draws what its
+    own network draws from the global generator in that state: through the data init and a
+    training step, whatever the other seeds of the stack."""
+    g = torch.Generator().manual_seed(5)
+    xs = torch.randn(len(SEEDS), 30, 1, 16, 16, generator=g, dtype=torch.float64)
+    ys = torch.randint(0, 10, (len(SEEDS), 10), generator=g)
+    nets = []
+    for s in SEEDS:
+        torch.manual_seed(s)
+        nets.append(build(variant, 1, WIDTH, noise=0.15, dropout=0.5).double())
+    streams = [torch.Generator().manual_seed(100 + s) for s in SEEDS]
+    model = stack(nets, streams)
+    initialize(model, stack_inputs(xs[:, :20]))
+    for s, net, x in zip(SEEDS, nets, xs):
+        torch.manual_seed(100 + s)
+        initialize(net, x[:20])
+    for i, net in enumerate(nets):
+        for k, v in seed_state_dict(model, i, net).items():
+            _close(v, net.state_dict()[k], f"{variant} seed {i} after init: {k}")
+    for s, st in zip(SEEDS, streams):
+        st.manual_seed(200 + s)
+    out = model.train()(stack_inputs(xs[:, 20:]))
+    losses = F.cross_entropy(out.permute(0, 2, 1), ys.T, reduction="none").mean(0)
+    losses.sum().backward()
+    grads = {k: p.grad for k, p in model.named_parameters()}
+    for i, (s, net) in enumerate(zip(SEEDS, nets)):
+        torch.manual_seed(200 + s)
+        logits = net.train()(xs[i, 20:])
+        _close(out[:, i], logits, f"{variant} seed {i}: training logits, noise and dropout on")
+        F.cross_entropy(logits, ys[i]).backward()
+        for k, p in net.named_parameters():
+            _close(grads[k].chunk(len(SEEDS))[i].reshape(p.shape), p.grad,
+                   f"{variant} seed {i}: d{k}, noise and dropout on")

@@ -54,13 +54,15 @@ def test_quick_run_writes_run_folders_and_report(tmp_path: Path) -> None:
     write_fashion(data_dir, n_train=100, n_test=30)
     assert seq.main(["--quick", "--variants", "normal,weightnorm", "--seeds", "3",
                      "--data-dir", str(data_dir), "--out", str(out), "--device", "cpu",
-                     "--train-subset", "100", "--test-subset", "30", "--no-progress"]) == 0
+                     "--train-subset", "100", "--test-subset", "30", "--no-progress",
+                     "--init-examples", "500"]) == 0
     folders = sorted(out.iterdir())
     assert [f.name for f in folders] == ["seq-normal-s3", "seq-weightnorm-s3"]
     for f in folders:
         config = json.loads((f / "config.json").read_text())
         assert config["experiment"] == "seq" and config["seed"] == 3
         assert config["hidden"] == seq.QUICK["hidden"] and config["data"]["train"] == 100
+        assert config["init_examples"] == 100  # 500 asked of 100: what ran is recorded
         rows = [json.loads(line) for line in (f / "metrics.jsonl").read_text().splitlines()]
         assert [r["epoch"] for r in rows] == [1, 2]
         assert [s for r in rows for s, _ in r["step_losses"]] == [1, 2, 3, 4]

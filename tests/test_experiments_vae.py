@@ -62,7 +62,8 @@ def test_quick_run_writes_run_folders_and_report(tmp_path: Path) -> None:
     write_fashion(data_dir, n_train=120, n_test=40)
     assert vae.main(["--quick", "--seeds", "0,1", "--data-dir", str(data_dir), "--out",
                      str(out), "--epochs", "2", "--device", "cpu", "--no-progress",
-                     "--train-subset", "120", "--test-subset", "40"]) == 0
+                     "--train-subset", "120", "--test-subset", "40", "--init-examples",
+                     "500"]) == 0
     folders = sorted(out.iterdir())
     assert [f.name for f in folders] == ["vae-normal-s0", "vae-normal-s1", "vae-weightnorm-s0",
                                          "vae-weightnorm-s1"]
@@ -70,6 +71,7 @@ def test_quick_run_writes_run_folders_and_report(tmp_path: Path) -> None:
         config = json.loads((f / "config.json").read_text())
         assert config["experiment"] == "vae" and config["epochs"] == 2
         assert config["channels"] == vae.QUICK["channels"] and config["data"]["train"] == 120
+        assert config["init_examples"] == 120  # 500 asked of 120: what ran is recorded
         assert {"git_commit", "wnorm", "torch", "hardware"} <= set(
             json.loads((f / "version.json").read_text()))
         rows = [json.loads(line) for line in (f / "metrics.jsonl").read_text().splitlines()]
