@@ -215,6 +215,7 @@ def flush(module: nn.Module, slot: Slot) -> None:
                f"into '{slot.gname}'/'{slot.vname}' eagerly; read the layer's '{slot.name}' or "
                "call model.state_dict() before compiling or exporting with fullgraph/strict")
         graph_break(why)
+        return _flush_now(module, slot)  # eager: the weak references it drops get no guards
     state = torch._C._get_tracing_state()
     if state is None:
         return _flush(module, slot)
@@ -365,6 +366,9 @@ def _flush(module: nn.Module, slot: Slot, real: bool = False) -> None:
             tg.copy_(torch.where(changed, new_g, g))
         if not asked:
             slot.key = ()
+
+
+_flush_now = eager(_flush)
 
 
 def flush_all(module: nn.Module) -> None:

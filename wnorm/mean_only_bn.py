@@ -211,9 +211,11 @@ class MeanOnlyBatchNormBase(nn.Module):
         """``x``'s shape, checked to be this layer's input's (raises, naming the layer)."""
         shape = _shape(x)
         if len(shape) not in self._ndims or shape[1] != self.num_features:
+            # (a constant message: Dynamo takes no shape, which may be symbolic, in it)
             graph_break(f"wnorm: {self._label()}: expected a "
                         f"{' or '.join(f'{d}D' for d in self._ndims)} input with "
-                        f"{self.num_features} channels in dim 1; got shape {tuple(shape)}")
+                        f"{self.num_features} channels in dim 1; uncompiled, its WnormError "
+                        "gives the shape it got")
             self._refuse_shape(shape)
         return shape
 
