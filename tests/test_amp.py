@@ -152,6 +152,20 @@ def test_float16_balanced_weight_whose_l1_norms_overflow_is_an_error_not_inf() -
     assert not hasattr(lin, "weight_g")  # the layer is as it was
 
 
+@pytest.mark.parametrize("method", [wnorm.weight_norm, wnorm.balanced_weight_norm])
+def test_a_float16_write_whose_norms_overflow_is_an_error_not_inf(method) -> None:
+    """A row written with an L2 norm of 80k (float16 holds 65504) became g = inf and NaN
+    outputs, without a word; the layer is left as it was."""
+    lin = method(nn.Linear(64, 2).half())
+    g = lin.weight_g.detach().clone()
+    with torch.no_grad():
+        lin.weight.copy_(torch.full((2, 64), 10000.0))
+    with pytest.raises(wnorm.WnormError, match=r"Linear: 'weight' was written with rows whose "
+                                               r"norms overflow torch.float16"):
+        lin(torch.randn(1, 64).half())
+    assert torch.equal(lin.weight_g, g)
+
+
 # --------------------------------------------------------------------------- data init
 @pytest.mark.parametrize("dtype", LOW, ids=["bf16", "fp16"])
 def test_data_init_statistics_in_float32_under_autocast(dtype) -> None:

@@ -338,6 +338,13 @@ def _flush(module: nn.Module, slot: Slot, real: bool = False) -> None:
                 )
             return
         new_g, new_v = m.split(held)
+        if new_g is not None and check and not bool(torch.isfinite(new_g).all()):
+            # a row's norm past the dtype (float16: 65504) would be g = inf, NaN outputs; a
+            # host sync, as for the refusals below (a known write from outside)
+            raise WnormError(
+                f"{slot.where}: '{slot.name}' was written with rows whose norms overflow "
+                f"{held.dtype} (largest |entry| {float(held.abs().max()):.3g}); '{slot.gname}' "
+                "cannot hold them: write smaller values or use a wider dtype")
         wide = held.float() if held.dtype in (torch.float16, torch.bfloat16) else held
         zero = norm(m.direction(wide), m.dim) == 0  # no direction: keep v, g goes to 0
         if type(m).direction is not Map.direction and check and bool(
