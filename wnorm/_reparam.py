@@ -338,9 +338,12 @@ def _flush(module: nn.Module, slot: Slot, real: bool = False) -> None:
                 )
             return
         new_g, new_v = m.split(held)
-        if new_g is not None and check and not bool(torch.isfinite(new_g).all()):
-            # a row's norm past the dtype (float16: 65504) would be g = inf, NaN outputs; a
-            # host sync, as for the refusals below (a known write from outside)
+        # a finite row written whose norm is past the dtype (float16: 65504) would be g = inf
+        # and NaN outputs (rows not written, or written non-finite, are not this); a host
+        # sync, as for the refusals below (a known write from outside)
+        if new_g is not None and check and bool((
+                changed & ~_any_except(~torch.isfinite(held), m.dim)
+                & ~torch.isfinite(new_g.reshape(changed.shape))).any()):
             raise WnormError(
                 f"{slot.where}: '{slot.name}' was written with rows whose norms overflow "
                 f"{held.dtype} (largest |entry| {float(held.abs().max()):.3g}); '{slot.gname}' "
