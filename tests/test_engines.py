@@ -187,6 +187,33 @@ def test_a_weight_read_every_step_syncs_never_as_on_a_gpu(kind, monkeypatch):
     assert syncs(step) == []
 
 
+@pytest.mark.parametrize("kind", ["wn", "centered"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_a_weight_read_before_the_forward_syncs_never_as_on_a_gpu(kind, train, monkeypatch):
+    """Read at a step's start (or before an eval forward), the weight is compared at the
+    forward with g and v unchanged: a refusal meant for a write asked the device there, one or
+    two host syncs per step where none is due (a map with a g takes any write; the maps
+    without one are documented to check)."""
+    monkeypatch.setattr("wnorm._reparam._COMPARE_ON", ())
+    layer = MAPS[kind](nn.Linear(WIDTH, 4))
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    x = batch("mlp")[0]
+    logged = []
+
+    def step() -> None:
+        logged.append(layer.weight.detach().norm())
+        if train:
+            opt.zero_grad()
+            layer(x).square().sum().backward()
+            opt.step()
+        else:
+            with torch.no_grad():
+                layer(x)
+
+    step()
+    assert syncs(step) == []
+
+
 # --------------------------------------------------------------------------- torch.compile
 @pytest.mark.parametrize("model", list(MAKE))
 @pytest.mark.parametrize("variant", ["wn", "wn+meanonly"])

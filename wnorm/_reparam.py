@@ -340,17 +340,18 @@ def _flush(module: nn.Module, slot: Slot, real: bool = False) -> None:
         new_g, new_v = m.split(held)
         # a finite row written whose norm is past the dtype (float16: 65504) would be g = inf
         # and NaN outputs (rows not written, or written non-finite, are not this); a host
-        # sync, as for the refusals below (a known write from outside)
-        if new_g is not None and check and bool((
+        # sync, for a write known only (a read for logging costs none)
+        if new_g is not None and known and bool((
                 changed & ~_any_except(~torch.isfinite(held), m.dim)
                 & ~torch.isfinite(new_g.reshape(changed.shape))).any()):
             raise WnormError(
                 f"{slot.where}: '{slot.name}' was written with rows whose norms overflow "
                 f"{held.dtype} (largest |entry| {float(held.abs().max()):.3g}); '{slot.gname}' "
-                "cannot hold them: write smaller values or use a wider dtype")
+                "cannot hold them, and the write is dropped (the layer keeps its weight): write "
+                "smaller values or use a wider dtype")
         wide = held.float() if held.dtype in (torch.float16, torch.bfloat16) else held
         zero = norm(m.direction(wide), m.dim) == 0  # no direction: keep v, g goes to 0
-        if type(m).direction is not Map.direction and check and bool(
+        if type(m).direction is not Map.direction and known and bool(
                 (changed & zero & _any_except(held != 0, m.dim)).any()):  # as above
             # a centered map takes a written row's centered part (its mean is dropped): a
             # constant row has none, and g = 0 would leave the unit dead, with no gradient
