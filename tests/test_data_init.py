@@ -1371,3 +1371,23 @@ def test_a_shared_mean_only_bn_whose_later_call_is_empty_is_initialized():
     assert [r.status for r in report] == ["initialized", "initialized"]
     torch.testing.assert_close(model.bn.running_mean, model.lin(x).mean(0).detach(),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_a_dataloader_an_iterator_a_numpy_array_or_a_string_flag_is_refused_naming_the_argument():
+    # the commonest first mistakes gave PyTorch's TypeError naming nothing of data_init, and
+    # include_plain="False" (truthy) rescaled the plain layers without a word
+    net = wnorm.apply(nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 2)))
+    before = copy.deepcopy(net.state_dict())
+    x, y = torch.randn(16, 5), torch.zeros(16)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    for batch, what in ((loader, "a DataLoader"), (iter([x]), "an iterator"),
+                        (x.numpy(), "a NumPy array")):
+        with pytest.raises(WnormError, match=rf"data_init: batch is {what}; pass one batch"):
+            wnorm.data_init(net, batch)
+    with pytest.raises(WnormError, match=r"a list batch is passed as 2 positional arguments, "
+                                         r"model\(\*batch\): for a DataLoader's \(inputs, "
+                                         r"targets\) pair, pass batch\[0\]"):
+        wnorm.data_init(net, next(iter(loader)))
+    with pytest.raises(WnormError, match=r"include_plain must be True or False; got 'False'"):
+        wnorm.data_init(net, x, include_plain="False")
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())

@@ -473,3 +473,14 @@ def test_an_input_error_names_the_layer_wnorm_apply_saw():
     with pytest.raises(WnormError, match=r"^3 \(MeanOnlyBatchNorm1d\): expected 4 channels in "
                                          r"dim 1; got shape \(2, 8\)"):
         net(torch.randn(2, 4))
+
+
+def test_update_bn_with_its_arguments_swapped_says_their_order():
+    # a bare AttributeError ('DataLoader' object has no attribute 'modules'), or a tensor's
+    # rows fed one by one and refused by a layer for their shape
+    net = nn.Sequential(nn.Linear(3, 4), MeanOnlyBatchNorm1d(4))
+    loader = torch.utils.data.DataLoader(torch.randn(8, 3), batch_size=4)
+    for args in ((net, loader), (torch.randn(8, 3), net)):
+        with pytest.raises(wnorm.WnormError, match=r"update_bn: expects \(loader, model, "
+                                                   r"device=None\)"):
+            wnorm.update_bn(*args)

@@ -550,3 +550,14 @@ def test_a_second_stage_projection_is_not_refused_for_an_optimizer_awaiting_coll
     m(torch.randn(3, 8)).sum().backward()
     opt.step()
     torch.testing.assert_close(m[0].weight_v.norm(dim=1), torch.full((8,), 8 ** 0.5))
+
+
+def test_project_with_an_optimizer_first_points_to_project_after_step():
+    # it blamed radius and printed the model's repr
+    net = nn.Sequential(nn.Linear(4, 3))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    with pytest.raises(WnormError, match=r"project_: takes \(model, radius\), and got an "
+                                         r"optimizer first; .*project_after_step"):
+        wnorm.project_(opt, net)
+    with pytest.raises(WnormError, match=r"radius must be .*; got Sequential$"):
+        wnorm.project_(net, net)

@@ -1244,3 +1244,12 @@ def test_pytorchs_loader_takes_each_half_of_a_pair_split_across_shards() -> None
     assert not first.unexpected_keys and not second.unexpected_keys
     x = torch.randn(2, 2, 9)
     assert torch.equal(layer(x), trained(x))
+
+
+def test_convert_with_its_arguments_swapped_names_types_not_the_whole_state_dict():
+    sd = nn.Sequential(*[nn.Linear(64, 64) for _ in range(4)]).state_dict()
+    with pytest.raises(WnormError) as raised:
+        convert_state_dict("plain", sd)  # type: ignore[arg-type]
+    message = str(raised.value)
+    assert "got OrderedDict (a state dict? the arguments are (state_dict, to))" in message
+    assert len(message) < 200  # it held every tensor: 9,189 characters here

@@ -310,8 +310,12 @@ def _bad_axis(dim: Any) -> bool:
 
 
 def _check_options(to: str, dim: Any) -> None:
-    if to not in FORMATS:
-        raise WnormError(f"convert: expected 'to' in {list(FORMATS)}; got {to!r}")
+    if not isinstance(to, str) or to not in FORMATS:
+        # a state dict's repr would be the whole file: its type says it (arguments swapped)
+        got = repr(to) if isinstance(to, str) else type(to).__name__ + (
+            " (a state dict? the arguments are (state_dict, to))" if isinstance(to, Mapping)
+            else "")
+        raise WnormError(f"convert: expected 'to' in {list(FORMATS)}; got {got}")
     if isinstance(dim, str) and dim == KEEP:
         return
     if isinstance(dim, Mapping):

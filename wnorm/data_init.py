@@ -17,7 +17,7 @@ import math
 import numbers
 import sys
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -679,6 +679,21 @@ def _refuse_empty_anywhere(empty: str | None, inputs: list[Tensor], model: nn.Mo
             "rank needs a non-empty batch (the ranks' batches are initialized on as one)")
 
 
+def _check_batch(batch: Any) -> None:
+    """Refuse what is no batch of inputs: a DataLoader or an iterator of batches (the commonest
+    first mistake, which the forward refuses naming nothing of data_init), a NumPy array."""
+    from torch.utils.data import DataLoader
+
+    what = ("a DataLoader" if isinstance(batch, DataLoader) else
+            "an iterator" if isinstance(batch, Iterator) else
+            "a NumPy array" if type(batch).__module__ == "numpy" else "")
+    if what:
+        raise WnormError(
+            f"data_init: batch is {what}; pass one batch of the model's inputs as a tensor (or a "
+            "tuple/list of positional inputs, or a dict of keyword inputs), e.g. "
+            "x, _ = next(iter(loader)); wnorm.data_init(model, x)")
+
+
 def data_init(
     model: nn.Module,
     batch: Tensor | tuple[Any, ...] | list[Any] | Mapping[str, Any],
@@ -737,6 +752,9 @@ def data_init(
     """
     expect_module("data_init", model)
     init_scale = _positive_scale(init_scale)
+    if not isinstance(include_plain, bool):  # "False" is truthy: plain layers rescaled unasked
+        raise WnormError(f"data_init: include_plain must be True or False; got {include_plain!r}")
+    _check_batch(batch)
     if isinstance(batch, Mapping):
         args, kwargs = (), dict(batch)
     elif isinstance(batch, (tuple, list)):
@@ -861,6 +879,12 @@ def data_init(
             _copy_all(touched, saved)
         if isinstance(e, Exception) and not isinstance(e, WnormError):
             _check_inputs(inputs, e)  # a NaN input is the likelier cause of a failed forward
+        if isinstance(e, TypeError) and isinstance(batch, (tuple, list)) and len(batch) > 1:
+            raise WnormError(
+                f"data_init: the model's forward refused the batch ({type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}); a {type(batch).__name__} batch "
+                f"is passed as {len(batch)} positional arguments, model(*batch): for a "
+                "DataLoader's (inputs, targets) pair, pass batch[0]") from e
         raise
     finally:
         for h in handles:

@@ -402,6 +402,11 @@ def update_bn(loader: Iterable[Any], model: nn.Module,
         >>> bool(swa.module[1].running_mean.abs().sum() > 0)
         True
     """
+    if not isinstance(model, nn.Module) or isinstance(loader, (nn.Module, Tensor)):
+        raise WnormError(
+            f"update_bn: expects (loader, model, device=None), a loader of batches (a "
+            f"DataLoader, a list of tensors) and an nn.Module; got {type(loader).__name__} and "
+            f"{type(model).__name__}")
     layers = [m for m in model.modules()
               if isinstance(m, (nn.modules.batchnorm._BatchNorm, MeanOnlyBatchNormBase))
               and m.track_running_stats]

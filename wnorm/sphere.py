@@ -212,8 +212,10 @@ def _check_radius(fn: str, radius: Any) -> Any:
     x = finite_positive(radius.item() if isinstance(radius, Tensor) and radius.dim() == 0
                         else radius)
     if x is None:
+        got = repr(radius) if isinstance(radius, (str, int, float, Tensor)) else \
+            type(radius).__name__  # a model's repr would fill the screen
         raise WnormError(f"{fn}: radius must be None, one of {list(RADII)} or a finite number "
-                         f"> 0; got {radius!r}")
+                         f"> 0; got {got}")
     return x
 
 
@@ -468,6 +470,10 @@ def project_(
         True
     """
     fn = "wnorm.project_"
+    if isinstance(model, torch.optim.Optimizer):
+        raise WnormError(f"{fn}: takes (model, radius), and got an optimizer first; to project "
+                         "after every step, call wnorm.project_after_step(optimizer, model, "
+                         "radius)")
     radius = _check_radius(fn, radius)
     if radius == "initial":
         raise WnormError(f"{fn}: radius='initial' holds each slice at its norm when the "
