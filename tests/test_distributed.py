@@ -19,6 +19,7 @@ files and the tests compare it with single-process references computed here.
 from __future__ import annotations
 
 import re
+import warnings
 
 import pytest
 import torch
@@ -148,6 +149,14 @@ def _worker(rank: int) -> dict[str, object]:
         rank)), 0 if rank == 1 else 8))
     result["split"] = ([r.status for r in report],
                        {k: v.clone() for k, v in split.state_dict().items()})
+    # a write still pending when fully_shard copies g and v into shards: lost, and said so
+    pending = wnorm.apply(nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2)))
+    with torch.no_grad():
+        pending[2].weight.mul_(3.0)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        fully_shard(pending)
+    result["pending write"] = [str(w.message) for w in said]
     # after sharding: errors that say which order to use
     sharded = convnet()
     fully_shard(sharded)
@@ -255,6 +264,14 @@ def test_fsdp2_training_identical_across_ranks_and_equals_one_process(ranks, kin
     start = params_of(convnet())
     assert any(not torch.equal(got[0][k], start[k]) for k in start)
     assert_same(got[0], reference_training(kind, init=True), rtol=1e-5, atol=1e-6)
+
+
+def test_a_write_pending_when_fully_shard_copies_g_and_v_is_said_to_be_lost(ranks) -> None:
+    # FSDP2 copies g and v into shards before assigning them: the write landed in the tensors
+    # it replaced, with no word
+    for r in ranks:
+        assert any("was sharded (FSDP2's fully_shard)" in m and "is lost" in m
+                   for m in r["pending write"]), r["pending write"]
 
 
 @pytest.mark.parametrize("call", ["data_init", "apply", "weight_norm"])

@@ -740,6 +740,15 @@ def _setattr(self: nn.Module, name: str, value: Any) -> None:
         # the new one, torch.export in the old ones: they disagreed)
         if s.held is not None and name in (s.gname, s.vname):
             flush(self, s)
+            if isinstance(value, Tensor) and "DTensor" in (type(value).__name__,
+                                                           type(value.data).__name__):
+                # FSDP2's fully_shard copied g and v into shards before assigning them: the
+                # write landed in the tensors it replaces
+                _warn_at_user(
+                    f"{s.where}: '{s.name}' was written in place and the write was still "
+                    f"pending when '{name}' was sharded (FSDP2's fully_shard): it landed in the "
+                    "unsharded tensors, which the shards were copied from before, and is lost; "
+                    "make one access (model.state_dict()) after writing, before fully_shard")
         if name in (s.gname, s.vname):
             _unmark_stale(value)
     type(self)._wn_base.__setattr__(self, name, value)
