@@ -82,6 +82,20 @@ def _worker(rank: int) -> dict[str, object]:
     _train(net, opt, rank)
     result["fsdp"] = {k: p.detach().full_tensor().clone() for k, p in net.named_parameters()}
 
+    # one output unit on two ranks: rank 1's shard of the head has no row; it raised a reshape
+    # error on that rank alone while rank 0 went on to its next collective
+    head = nn.Sequential(wnorm.forced_weight_norm(nn.Linear(4, 3)), nn.Tanh(),
+                         wnorm.forced_weight_norm(nn.Linear(3, 1)))
+    fully_shard(head[0], mesh=mesh)
+    fully_shard(head[2], mesh=mesh)
+    fully_shard(head, mesh=mesh)
+    head_opt = torch.optim.SGD(head.parameters(), lr=0.1)
+    project_after_step(head_opt, head)
+    head(shard(torch.randn(8, 4, generator=torch.Generator().manual_seed(3)), rank)).sum() \
+        .backward()
+    head_opt.step()
+    result["fsdp-one-unit"] = head[2].weight_v.detach().full_tensor().norm(dim=1)
+
     convt = wnorm.forced_weight_norm(nn.ConvTranspose1d(4, 6, 3))  # units along dim 1
     fully_shard(convt, mesh=mesh)
     try:
@@ -140,6 +154,11 @@ def test_fsdp2_shards_project_locally_and_equal_one_process(ranks) -> None:
     ref = reference()
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-6)
+
+
+def test_fsdp2_a_layer_with_fewer_units_than_ranks_is_projected(ranks) -> None:
+    for r in ranks:  # its one row on its sphere, sqrt(fan-in), the empty shard left alone
+        torch.testing.assert_close(r["fsdp-one-unit"], torch.full((1,), 3 ** 0.5))
 
 
 def test_fsdp2_shards_that_split_a_slice_are_a_clear_error(ranks) -> None:

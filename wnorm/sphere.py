@@ -106,6 +106,8 @@ def _scale(t: _Target, wide: Tensor) -> Tensor:
 
 def _project(t: _Target) -> None:
     local = _local(t)
+    if local.numel() == 0:  # an FSDP2 shard with no row: nothing to project on this rank
+        return
     if local.dtype in _LOW:
         wide = local.float()
         # multiplied in float32 and rounded once: a scale rounded to float16 overflows (radius
@@ -297,6 +299,14 @@ def _resolve(fn: str, targets: list[_Target]) -> None:
     with torch.no_grad():
         for t in targets:
             local = _local(t)
+            if local.numel() == 0:  # an FSDP2 shard with no row (fewer units than ranks)
+                if t.radius in ("unit", "sqrt_fan_in"):
+                    p = t.param
+                    t.radius = 1.0 if t.radius == "unit" else math.sqrt(
+                        p.numel() // (p.shape[t.dim] if t.dim is not None else 1))
+                elif t.radius == "initial":
+                    t.radius = local.new_empty(0)  # nothing here to hold
+                continue
             n = norm(local.float() if local.dtype in _LOW else local, t.dim)
             zero = (n == 0).flatten().nonzero().flatten().tolist()
             if zero:
