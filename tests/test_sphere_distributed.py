@@ -96,6 +96,19 @@ def _worker(rank: int) -> dict[str, object]:
     head_opt.step()
     result["fsdp-one-unit"] = head[2].weight_v.detach().full_tensor().norm(dim=1)
 
+    # a zero row of v in rank 1's shard only: rank 1 refused alone, and rank 0 waited in its
+    # next collective for good
+    zero_row = wnorm.weight_norm(nn.Linear(3, 4))
+    with torch.no_grad():
+        zero_row.weight_v[3].zero_()
+    fully_shard(zero_row, mesh=mesh)
+    try:
+        project_after_step(torch.optim.SGD(zero_row.parameters(), lr=0.1), zero_row,
+                           radius="unit")
+        result["fsdp-zero-row"] = ""
+    except wnorm.WnormError as e:
+        result["fsdp-zero-row"] = str(e)
+
     convt = wnorm.forced_weight_norm(nn.ConvTranspose1d(4, 6, 3))  # units along dim 1
     fully_shard(convt, mesh=mesh)
     try:
@@ -159,6 +172,12 @@ def test_fsdp2_shards_project_locally_and_equal_one_process(ranks) -> None:
 def test_fsdp2_a_layer_with_fewer_units_than_ranks_is_projected(ranks) -> None:
     for r in ranks:  # its one row on its sphere, sqrt(fan-in), the empty shard left alone
         torch.testing.assert_close(r["fsdp-one-unit"], torch.full((1,), 3 ** 0.5))
+
+
+def test_fsdp2_a_shard_refused_on_one_rank_is_refused_on_every_rank(ranks) -> None:
+    assert "1 of 2 slices have norm 0" in ranks[1]["fsdp-zero-row"]
+    assert "every rank refuses" in ranks[1]["fsdp-zero-row"]
+    assert "another rank's shard of it was refused" in ranks[0]["fsdp-zero-row"]
 
 
 def test_fsdp2_shards_that_split_a_slice_are_a_clear_error(ranks) -> None:

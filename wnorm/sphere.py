@@ -295,35 +295,71 @@ def _select(fn: str, model: nn.Module, radius: Any, types: Any, include: Any, ex
 
 def _resolve(fn: str, targets: list[_Target]) -> None:
     """Turn radius modes into numbers (or per-slice norms), refusing zero slices: a slice with
-    no direction cannot be put on a sphere. A host sync, once, at registration."""
+    no direction cannot be put on a sphere. A host sync, once, at registration; for a sharded
+    tensor, one all-reduce too, so that every rank refuses what one rank's shard refuses."""
     with torch.no_grad():
         for t in targets:
             local = _local(t)
-            if local.numel() == 0:  # an FSDP2 shard with no row (fewer units than ranks)
-                if t.radius in ("unit", "sqrt_fan_in"):
-                    p = t.param
-                    t.radius = 1.0 if t.radius == "unit" else math.sqrt(
-                        p.numel() // (p.shape[t.dim] if t.dim is not None else 1))
-                elif t.radius == "initial":
-                    t.radius = local.new_empty(0)  # nothing here to hold
-                continue
-            n = norm(local.float() if local.dtype in _LOW else local, t.dim)
-            zero = (n == 0).flatten().nonzero().flatten().tolist()
-            if zero:
-                raise WnormError(
-                    f"{fn}: {t.name}: {len(zero)} of {n.numel()} slices have norm 0 (indices "
-                    f"{zero[:10]}{'...' if len(zero) > 10 else ''}); a slice needs a direction "
-                    "to be put on a sphere (an Embedding's padding_idx row is all zeros: "
-                    "exclude that module)")
-            if t.radius == "unit":
-                t.radius = 1.0
-            elif t.radius == "sqrt_fan_in":
-                p = t.param
-                t.radius = math.sqrt(p.numel() // (p.shape[t.dim] if t.dim is not None else 1))
-            elif t.radius == "initial":
-                t.radius = n.clone()
-            _check_fits(fn, t, local)
-            _check_standardized(fn, t, local, n)
+            try:
+                _resolve_one(fn, t, local)
+                failed = None
+            except WnormError as e:
+                if not _is_dtensor(t.param):
+                    raise
+                failed = e
+            if _is_dtensor(t.param):
+                _agree(fn, t, local, failed)
+
+
+def _agree(fn: str, t: _Target, local: Tensor, failed: WnormError | None) -> None:
+    """Raise on every rank when one rank's shard was refused: a rank raising alone would leave
+    the others waiting in their next collective for good."""
+    import torch.distributed as dist
+
+    shard_dims = [i for i, pl in enumerate(t.param.placements)  # type: ignore[attr-defined]
+                  if pl.is_shard()]
+    if not shard_dims:
+        if failed is not None:
+            raise failed
+        return  # replicated: every rank checked the same values
+    flag = torch.tensor([0 if failed is None else 1], device=local.device)
+    for i in shard_dims:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX,
+                        group=t.param.device_mesh.get_group(i))  # type: ignore[attr-defined]
+    if failed is not None:
+        raise WnormError(f"{failed} (on this rank's shard: indices within it; every rank "
+                         "refuses)") from None
+    if bool(flag.item()):
+        raise WnormError(f"{fn}: {t.name}: another rank's shard of it was refused (its error "
+                         "says why); nothing was registered")
+
+
+def _resolve_one(fn: str, t: _Target, local: Tensor) -> None:
+    if local.numel() == 0:  # an FSDP2 shard with no row (fewer units than ranks)
+        if t.radius in ("unit", "sqrt_fan_in"):
+            p = t.param
+            t.radius = 1.0 if t.radius == "unit" else math.sqrt(
+                p.numel() // (p.shape[t.dim] if t.dim is not None else 1))
+        elif t.radius == "initial":
+            t.radius = local.new_empty(0)  # nothing here to hold
+        return
+    n = norm(local.float() if local.dtype in _LOW else local, t.dim)
+    zero = (n == 0).flatten().nonzero().flatten().tolist()
+    if zero:
+        raise WnormError(
+            f"{fn}: {t.name}: {len(zero)} of {n.numel()} slices have norm 0 (indices "
+            f"{zero[:10]}{'...' if len(zero) > 10 else ''}); a slice needs a direction "
+            "to be put on a sphere (an Embedding's padding_idx row is all zeros: "
+            "exclude that module)")
+    if t.radius == "unit":
+        t.radius = 1.0
+    elif t.radius == "sqrt_fan_in":
+        p = t.param
+        t.radius = math.sqrt(p.numel() // (p.shape[t.dim] if t.dim is not None else 1))
+    elif t.radius == "initial":
+        t.radius = n.clone()
+    _check_fits(fn, t, local)
+    _check_standardized(fn, t, local, n)
 
 
 def _map_of(t: _Target) -> Any:
