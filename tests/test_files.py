@@ -254,3 +254,14 @@ def test_a_safetensors_target_names_the_entry_that_is_no_tensor(tmp_path: Path) 
     assert "'12._extra_state'" in message and "dict" in message and ".pt file" in message
     assert "--key" not in message
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_file_that_is_neither_zip_nor_pickle_is_named_so(tmp_path):
+    # torch's KeyError('101') gave the message "...; got 101"
+    from wnorm._files import load_checkpoint
+
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"hello")
+    with pytest.raises(wnorm.WnormError, match=r"junk.pt: not a PyTorch checkpoint .*; got "
+                                               r"(neither a zip nor a pickle file|no pickle)"):
+        load_checkpoint(junk)

@@ -484,3 +484,16 @@ def test_update_bn_with_its_arguments_swapped_says_their_order():
         with pytest.raises(wnorm.WnormError, match=r"update_bn: expects \(loader, model, "
                                                    r"device=None\)"):
             wnorm.update_bn(*args)
+
+
+def test_an_integer_input_or_weight_is_refused_naming_the_layer():
+    # torch's errors (mean() could not infer an output dtype; norm() needs floating point)
+    # named no layer
+    with pytest.raises(wnorm.WnormError, match=r"MeanOnlyBatchNorm1d: expected a floating-point "
+                                               r"input; got torch.int64"):
+        MeanOnlyBatchNorm1d(3)(torch.ones(4, 3, dtype=torch.long))
+    layer = nn.Linear(3, 2)
+    layer.weight = nn.Parameter(torch.ones(2, 3, dtype=torch.int32), requires_grad=False)
+    with pytest.raises(wnorm.WnormError, match=r"Linear: 'weight' is torch.int32; weight "
+                                               r"normalization needs a floating-point weight"):
+        wnorm.weight_norm(layer)

@@ -561,3 +561,15 @@ def test_project_with_an_optimizer_first_points_to_project_after_step():
         wnorm.project_(opt, net)
     with pytest.raises(WnormError, match=r"radius must be .*; got Sequential$"):
         wnorm.project_(net, net)
+
+
+def test_is_projected_of_a_name_the_module_lacks_is_an_error_not_false():
+    # a typo, or the container instead of the layer, read as "not projected"
+    net = nn.Sequential(wnorm.forced_weight_norm(nn.Linear(4, 3)))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    wnorm.project_after_step(opt, net)
+    assert wnorm.is_projected(net[0], "weight_v")
+    for module, name in ((net[0], "wieght_v"), (net, "weight_v")):
+        with pytest.raises(WnormError, match=rf"is_projected: \w+ has no parameter named "
+                                             rf"'{name}' of its own"):
+            wnorm.is_projected(module, name)

@@ -1253,3 +1253,11 @@ def test_convert_with_its_arguments_swapped_names_types_not_the_whole_state_dict
     message = str(raised.value)
     assert "got OrderedDict (a state dict? the arguments are (state_dict, to))" in message
     assert len(message) < 200  # it held every tensor: 9,189 characters here
+
+
+@pytest.mark.parametrize("strict", [None, 0, "False"])
+def test_strict_must_be_a_bool(strict):
+    # None and 0 loaded non-strictly without being asked
+    layer = wnorm.weight_norm(nn.Linear(3, 2))
+    with pytest.raises(WnormError, match=r"strict must be True or False"):
+        load_state_dict(layer, nn.Linear(3, 2).state_dict(), strict=strict)

@@ -369,3 +369,10 @@ def test_the_conversion_keeps_the_path_apply_recorded_for_errors():
     net = wnorm.SyncMeanOnlyBatchNorm.convert_sync_batchnorm(net)
     with pytest.raises(wnorm.WnormError, match=r"^1 \(SyncMeanOnlyBatchNorm\): expected 4 "):
         net(torch.randn(2, 4))
+
+
+def test_a_process_group_that_is_no_group_is_refused_not_ignored():
+    # it was kept and ignored: the layer ran as the plain one
+    with pytest.raises(wnorm.WnormError, match=r"SyncMeanOnlyBatchNorm: process_group must be a "
+                                               r"torch.distributed ProcessGroup .* got str"):
+        wnorm.SyncMeanOnlyBatchNorm(3, process_group="not a group")

@@ -199,7 +199,7 @@ def load_checkpoint(path: str | Path) -> Any:
             raise WnormError(
                 f"{path}: not a PyTorch checkpoint readable with weights_only=True; got "
                 + (f"no pickle torch can read ({reason.group(1).strip()})" if reason
-                   else first_line(e))
+                   else f"neither a zip nor a pickle file ({type(e).__name__}: {first_line(e)})")
             ) from None
     try:
         find_state_dicts(obj)

@@ -210,20 +210,23 @@ class MeanOnlyBatchNormBase(nn.Module):
     def _check(self, x: Tensor) -> tuple[int, ...]:
         """``x``'s shape, checked to be this layer's input's (raises, naming the layer)."""
         shape = _shape(x)
-        if len(shape) not in self._ndims or shape[1] != self.num_features:
+        if len(shape) not in self._ndims or shape[1] != self.num_features or not (
+                x.is_floating_point() or x.is_complex()):
             # (a constant message: Dynamo takes no shape, which may be symbolic, in it)
-            graph_break(f"wnorm: {self._label()}: expected a "
+            graph_break(f"wnorm: {self._label()}: expected a floating-point "
                         f"{' or '.join(f'{d}D' for d in self._ndims)} input with "
                         f"{self.num_features} channels in dim 1; uncompiled, its WnormError "
                         "gives the shape it got")
-            self._refuse_shape(shape)
+            self._refuse_shape(shape, x.dtype)
         return shape
 
     # the refusals raise outside any compiled graph: an exception Dynamo met in an inlined
     # method made it skip the calling frame (the whole model) for good, and every later batch
     # ran eagerly in pieces. Under fullgraph=True, the graph break before them names the layer
     @eager
-    def _refuse_shape(self, shape: tuple[int, ...]) -> NoReturn:
+    def _refuse_shape(self, shape: tuple[int, ...], dtype: torch.dtype) -> NoReturn:
+        if not (dtype.is_floating_point or dtype.is_complex):  # torch's mean names no layer
+            raise WnormError(f"{self._label()}: expected a floating-point input; got {dtype}")
         if len(shape) not in self._ndims:
             raise WnormError(
                 f"{self._label()}: expected a {' or '.join(f'{d}D' for d in self._ndims)} "

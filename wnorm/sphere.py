@@ -191,7 +191,13 @@ def is_projected(module: nn.Module, name: str) -> bool:
     """
     # liveness only: a forced layer asks this at every forward (a scan of every projection's
     # targets made deep models' steps quadratic)
-    return any(p._live() for p in _COVERED.get(module, {}).get(name, ()))
+    live = _COVERED.get(module, {}).get(name, ())
+    if not live and not (isinstance(module, nn.Module) and name in module._parameters):
+        # a typo ("wieght_v") or a container read as "not projected"
+        have = list(module._parameters) if isinstance(module, nn.Module) else []
+        raise WnormError(f"is_projected: {type(module).__name__} has no parameter named "
+                         f"{name!r} of its own; its parameters are {have}")
+    return any(p._live() for p in live)
 
 
 # --------------------------------------------------------------------------- selection

@@ -485,6 +485,8 @@ def load_state_dict(
         True
     """
     expect_module("load_state_dict", model)
+    if not isinstance(strict, bool):  # None or 0 would load non-strictly without being asked
+        raise WnormError(f"load_state_dict: strict must be True or False; got {strict!r}")
     inner = _unwrap(model)
     name = type(inner).__name__
     refuse_sharded(f"load_state_dict into {name}", inner,

@@ -135,6 +135,12 @@ class SyncMeanOnlyBatchNorm(MeanOnlyBatchNormBase):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(num_features, momentum, track_running_stats, device, dtype)
+        if process_group is not None and not (
+                dist.is_available() and isinstance(process_group, dist.ProcessGroup)):
+            # anything else was kept and ignored: the layer ran as the plain one
+            raise WnormError(f"{type(self).__name__}: process_group must be a "
+                             "torch.distributed ProcessGroup (dist.new_group(...)) or None; got "
+                             f"{type(process_group).__name__}")
         self.process_group = process_group
 
     def __deepcopy__(self, memo: dict[int, Any]) -> SyncMeanOnlyBatchNorm:

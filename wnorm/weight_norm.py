@@ -97,6 +97,9 @@ def _check_weight(label: str, name: str, module: nn.Module, w: torch.Tensor, m: 
     if w.numel() == 0:  # no slice has a norm (torch's kernel raises a reshape error here)
         raise WnormError(f"{label}: '{name}' of shape {tuple(w.shape)} is empty: there is no "
                          "direction to normalize; exclude this layer")
+    if not (w.is_floating_point() or w.is_complex()):  # torch's norm error names no layer
+        raise WnormError(f"{label}: '{name}' is {w.dtype}; weight normalization needs a "
+                         "floating-point weight")
     if w.is_meta:
         return
     with torch.no_grad():
