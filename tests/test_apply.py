@@ -696,3 +696,21 @@ def test_a_failed_apply_leaves_a_pytorch_normalized_rnn_as_it_was():
         wnorm.apply(model)
     assert not wnorm.is_weight_normalized(model.rnn)
     torch.testing.assert_close(model.rnn(x)[0], before, rtol=0, atol=0)
+
+
+def test_an_optimizer_built_before_apply_is_warned_about_at_its_first_step():
+    # it held the replaced weights and trained only the biases, without a word
+    net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    before = torch.optim.Adam(net.parameters())
+    wnorm.apply(net)
+    net(torch.randn(2, 4)).sum().backward()
+    with pytest.warns(UserWarning, match=r"Adam holds 2 Parameters that weight normalization "
+                                         r"replaced \(0 \(Linear\) 'weight', 2 \(Linear\) "
+                                         r"'weight'\): it was built before wnorm.apply") as said:
+        before.step()
+    assert said[0].filename == __file__
+    after = torch.optim.Adam(net.parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        before.step()  # said once per optimizer
+        after.step()  # built after apply: nothing to say
