@@ -440,3 +440,26 @@ def test_an_exported_training_graph_with_mean_only_bn_gives_eager_gradients(stri
         torch.testing.assert_close(got[name], g, rtol=1e-5, atol=1e-6)
     with torch.no_grad():  # one momentum step from zero
         torch.testing.assert_close(exported.get_buffer("1.running_mean"), 0.1 * m[0](x).mean(0))
+
+
+def test_torch_func_grad_over_a_model_whose_parent_reads_a_childs_weight():
+    # MultiheadAttention reads out_proj.weight outside out_proj's forward: the read was held,
+    # taking the address of a functorch wrapper ("Cannot access data pointer"), and a vmap
+    # left a held weight behind that broke the next fullgraph compile
+    from torch.func import functional_call, grad, vmap
+
+    torch.manual_seed(0)
+    model = wnorm.apply(nn.MultiheadAttention(8, 2, batch_first=True))
+    params = {k: p.detach().clone() for k, p in model.named_parameters()}
+    x = torch.randn(2, 3, 8)
+
+    def loss(p: dict, x: torch.Tensor) -> torch.Tensor:
+        return functional_call(model, p, (x, x, x))[0].square().sum()
+
+    got = grad(loss)(params, x)
+    model(x, x, x)[0].square().sum().backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(got[name], p.grad, msg=name)
+    vmap(lambda xx: functional_call(model, params, (xx, xx, xx))[0])(x.unsqueeze(1))
+    torch._dynamo.reset()
+    torch.compile(model, backend="eager", fullgraph=True)(x, x, x)

@@ -651,7 +651,10 @@ def _property(pname: str) -> property:
                 _version_of(w)
             return w
         w = slot.map.weight(g, v)
-        if not (_is_compiling() or _is_tracing()) and _DEPTH.n == 0:
+        # not under torch.func transforms either: g and v are the transform's wrappers (no
+        # storage to take the address of; a write could not land in the module's own)
+        if not (_is_compiling() or _is_tracing()) and _DEPTH.n == 0 and \
+                not torch._C._are_functorch_transforms_active():
             slot.held, slot.held_key = w, _key(g, v) + (_version_of(w), w.detach().clone(),
                                                           _addresses(g, v))
             _HELD.setdefault(id(v), []).append((weakref.ref(self, _forgetter(id(v), v)), pname))
