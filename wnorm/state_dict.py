@@ -302,7 +302,8 @@ def _plan_aligned(
                 values[slot.keys[0]] = lay.cast(src.keys[0], src.w, want.dtype, into)
             continue
         g_want = slot.tensors[0]
-        if src.pair and tuple(src.g.shape) == tuple(g_want.shape):
+        same = src.pair and tuple(src.g.shape) == tuple(g_want.shape)
+        if same:
             # same layout: copy as is (keeps the training state)
             if not _same_kind(g_want, src.g):
                 raise WnormError(
@@ -312,9 +313,6 @@ def _plan_aligned(
             g = lay.cast(src.keys[0], src.g, g_want.dtype, f" for the model's '{slot.keys[0]}'")
             v = lay.cast(src.keys[1], src.v, want.dtype, into)
             norm = lay.norm(lay.wide(v), slot.dim)
-            if slot.forced is not None and tuple(src.keys) != tuple(slot.keys) and not bool(
-                    (norm == 0).any()):  # PyTorch's parametrization's v, onto the sphere
-                v = (lay.wide(v) * (slot.forced.sphere(v) / norm)).to(want.dtype)
         else:
             if src.pair:
                 v = lay.weight(src, want.dtype, into)
@@ -323,8 +321,11 @@ def _plan_aligned(
             norm = lay.norm(lay.wide(v), slot.dim)
             g = lay.gain(src.keys[-1], v, slot.dim, g_want.dtype,
                          f" of ||w|| for the model's '{slot.keys[0]}'", norm)
-            if slot.forced is not None and not bool((norm == 0).any()):
-                v = (lay.wide(v) * (slot.forced.sphere(v) / norm)).to(want.dtype)  # its sphere
+        # a forced layer's v read from another layout (a pair under wnorm's own keys is kept
+        # as it is) goes onto its sphere: the same weight
+        if slot.forced is not None and not (same and tuple(src.keys) == tuple(slot.keys)) and \
+                not bool((norm == 0).any()):
+            v = (lay.wide(v) * (slot.forced.sphere(v) / norm)).to(want.dtype)
         zero = (norm == 0).flatten().nonzero().flatten().tolist()
         if zero:
             along = "" if slot.dim is None else f" along dim {slot.dim}"
