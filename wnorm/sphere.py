@@ -341,12 +341,13 @@ def _agree(fn: str, t: _Target, local: Tensor, failed: WnormError | None) -> Non
 
 
 def _resolve_one(fn: str, t: _Target, local: Tensor) -> None:
+    if t.radius == "unit":
+        t.radius = 1.0
+    elif t.radius == "sqrt_fan_in":
+        p = t.param
+        t.radius = math.sqrt(p.numel() // (p.shape[t.dim] if t.dim is not None else 1))
     if local.numel() == 0:  # an FSDP2 shard with no row (fewer units than ranks)
-        if t.radius in ("unit", "sqrt_fan_in"):
-            p = t.param
-            t.radius = 1.0 if t.radius == "unit" else math.sqrt(
-                p.numel() // (p.shape[t.dim] if t.dim is not None else 1))
-        elif t.radius == "initial":
+        if t.radius == "initial":
             t.radius = local.new_empty(0)  # nothing here to hold
         return
     n = norm(local.float() if local.dtype in _LOW else local, t.dim)
@@ -357,12 +358,7 @@ def _resolve_one(fn: str, t: _Target, local: Tensor) -> None:
             f"{zero[:10]}{'...' if len(zero) > 10 else ''}); a slice needs a direction "
             "to be put on a sphere (an Embedding's padding_idx row is all zeros: "
             "exclude that module)")
-    if t.radius == "unit":
-        t.radius = 1.0
-    elif t.radius == "sqrt_fan_in":
-        p = t.param
-        t.radius = math.sqrt(p.numel() // (p.shape[t.dim] if t.dim is not None else 1))
-    elif t.radius == "initial":
+    if t.radius == "initial":
         t.radius = n.clone()
     _check_fits(fn, t, local)
     _check_standardized(fn, t, local, n)
