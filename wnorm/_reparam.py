@@ -574,8 +574,7 @@ def _land_before_fork() -> None:
             if s is None or s.held is None:
                 continue
             held, v = (s.held, s.held_key), s.held_key[1]
-            _unmark(v)
-            try:
+            try:  # landed, v loses its flag with its last held read (_unhold)
                 flush(module, s)
             except Exception:  # noqa: BLE001 (an at-fork hook only prints what it raises)
                 s.held, s.held_key = held
@@ -874,13 +873,9 @@ def _read_other_layout(module: nn.Module, s: Slot, pname: str, state_dict: Any,
     if not (pair or prefix + pname in state_dict):
         return ""
     key = o1 if pair else prefix + pname
-    if s.kind == "forced" and s.map.has_g and isinstance(state_dict[key], Tensor) and (
-            not pair or isinstance(state_dict[o0], Tensor)):
-        # weight norm's map with a learned g: any weight is g v/||v|| with v on its sphere
-        return _read_as_forced(s, state_dict, key, (o0, o1) if pair else None,
-                               module._parameters.get(s.gname), module._parameters[s.vname],
-                               gk, vk, assign)
-    if s.kind != "wn":
+    # a forced weight norm with a learned g is weight norm's map: read as one, v then put on
+    # its sphere below
+    if s.kind != "wn" and not (s.kind == "forced" and s.map.has_g):
         return (f"the state dict holds its '{pname}' as '{key}', which a "
                 f"wnorm.{METHODS.get(s.kind, s.kind)} weight cannot be loaded from (its (g, v) "
                 "come only from a checkpoint of the same method); load it into a model built "
@@ -912,44 +907,16 @@ def _read_other_layout(module: nn.Module, s: Slot, pname: str, state_dict: Any,
                 _layouts.check_finite(key, got)
                 new_v = _layouts.cast(key, got, dtype, f" for '{vk}'")
                 new_g = _layouts._normalized_g(key, new_v, s.map.dim, g_dtype)
+        if s.kind == "forced":  # the same weight, v on its sphere
+            if not new_v.is_meta and bool((norm(new_v.float(), s.map.dim) == 0).any()):
+                return (f"'{key}' has slices of norm 0 along dim {s.map.dim}: a forced weight "
+                        "norm needs a direction for every output unit")
+            new_v = s.map.split(new_v)[1]
     except WnormError as e:
         return str(e)
     for k in ((o0, o1) if pair else (key,)):
         del state_dict[k]
     if g is not None:
-        state_dict[gk] = new_g.reshape(g.shape) if new_g.numel() == g.numel() else new_g
-    state_dict[vk] = new_v
-    return ""
-
-
-def _read_as_forced(s: Slot, state_dict: dict[str, Any], key: str, pair: Any, g: Any, v: Tensor,
-                    gk: str, vk: str, assign: bool) -> str:
-    """:func:`_read_other_layout` for a forced weight norm with a learned g: the weight the
-    checkpoint holds (PyTorch's pair or a plain weight), split by the map (v on its sphere)."""
-    got = state_dict[key]
-    dtype = got.dtype if assign else v.dtype
-    try:
-        if pair is not None:
-            w = _layouts.weight(_layouts.Src(pair, g=state_dict[pair[0]], v=got), dtype,
-                                f" for '{vk}'")
-        else:
-            if tuple(got.shape) != tuple(v.shape):
-                return ""  # PyTorch's loader names the size mismatch
-            if not got.is_meta:
-                _layouts.check_finite(key, got)
-            w = _layouts.cast(key, got, dtype, f" for '{vk}'")
-        if tuple(w.shape) != tuple(v.shape):
-            return ""
-        if not w.is_meta and bool((norm(w.float(), s.map.dim) == 0).any()):
-            return (f"'{key}' has slices of norm 0 along dim {s.map.dim}: a forced weight "
-                    "norm needs a direction for every output unit")
-        new_g, new_v = s.map.split(w)
-    except WnormError as e:
-        return str(e)
-    for k in (pair if pair is not None else (key,)):
-        del state_dict[k]
-    if g is not None and new_g is not None:
-        new_g = new_g.to(dtype if assign else g.dtype)
         state_dict[gk] = new_g.reshape(g.shape) if new_g.numel() == g.numel() else new_g
     state_dict[vk] = new_v
     return ""
