@@ -52,7 +52,7 @@ def copied():
 
 def normalized_weights(model: torch.nn.Module):
     """``(module name, module, parameter name, dim)`` of every weight wnorm normalizes."""
-    from wnorm._reparam import slots
+    from wnorm._slot import slots
 
     for mname, module, s in slots(model):
         yield mname, module, s.name, s.map.dim

@@ -22,7 +22,7 @@ from torch import nn
 
 import wnorm
 from wnorm._pytorch_wn import find
-from wnorm._reparam import slots
+from wnorm._slot import slots
 
 transformers = pytest.importorskip("transformers")
 from ecosystem_models import (  # noqa: E402

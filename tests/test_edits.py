@@ -71,7 +71,7 @@ def compare(request, monkeypatch):
     """Flush as on a CPU (asks whether a held weight was written) and as on a GPU (does not:
     no host sync), both run here."""
     if request.param != "cpu":
-        monkeypatch.setattr("wnorm._reparam._COMPARE_ON", ())
+        monkeypatch.setattr("wnorm._held._COMPARE_ON", ())
     return request.param
 
 
@@ -524,16 +524,16 @@ def test_a_dropped_model_whose_weight_was_read_leaves_no_entry_behind():
     # see writes into it; a dropped model's entry stayed for good
     import gc
 
-    from wnorm import _reparam
+    from wnorm import _held
 
     gc.collect()
-    before = len(_reparam._HELD)
+    before = len(_held.HELD)
     for _ in range(50):
         m = wnorm.weight_norm(nn.Linear(4, 3))
         m.weight.sum()  # read outside forward: held
         del m
     gc.collect()
-    assert len(_reparam._HELD) == before
+    assert len(_held.HELD) == before
 
 
 def test_a_layer_built_under_inference_mode_reads_and_folds():

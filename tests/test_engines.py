@@ -169,7 +169,7 @@ def test_a_weight_read_every_step_syncs_never_as_on_a_gpu(kind, monkeypatch):
     """A weight read for logging is held, and at the next forward compared with its copy for
     writes (a .data write may land over the step): on a GPU, where nothing is asked
     (``_COMPARE_ON``), that costs no host sync, whatever the map."""
-    monkeypatch.setattr("wnorm._reparam._COMPARE_ON", ())
+    monkeypatch.setattr("wnorm._held._COMPARE_ON", ())
     layer = MAPS[kind](nn.Linear(WIDTH, 4))
     opt = torch.optim.SGD(layer.parameters(), lr=0.1)
     if kind.startswith("forced"):
@@ -194,7 +194,7 @@ def test_a_weight_read_before_the_forward_syncs_never_as_on_a_gpu(kind, train, m
     forward with g and v unchanged: a refusal meant for a write asked the device there, one or
     two host syncs per step where none is due (a map with a g takes any write; the maps
     without one are documented to check)."""
-    monkeypatch.setattr("wnorm._reparam._COMPARE_ON", ())
+    monkeypatch.setattr("wnorm._held._COMPARE_ON", ())
     layer = MAPS[kind](nn.Linear(WIDTH, 4))
     opt = torch.optim.SGD(layer.parameters(), lr=0.1)
     x = batch("mlp")[0]

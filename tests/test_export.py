@@ -140,7 +140,7 @@ def test_torch_export_after_a_weight_was_read_or_written_outside_a_forward(
     # raised a data-dependent error there, and a write into it was dropped from both the
     # program and the model (torch.onnx's dynamo exporter then retried strict, silently)
     if compare != "cpu":
-        monkeypatch.setattr("wnorm._reparam._COMPARE_ON", ())
+        monkeypatch.setattr("wnorm._held._COMPARE_ON", ())
     torch.manual_seed(0)
     model = wnorm.apply(nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))).eval()
     x = torch.randn(2, 6)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import wnorm
-from wnorm._reparam import slots_of
+from wnorm._slot import slots_of
 from wnorm.family import balanced_weight_norm
 from wnorm.maps import BalancedWeightNorm, ForcedWeightNorm
 from wnorm.sphere import project_after_step

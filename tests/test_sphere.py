@@ -14,7 +14,7 @@ from torch import nn
 
 import wnorm
 from wnorm import WnormError
-from wnorm._reparam import slot
+from wnorm._slot import slot
 from wnorm.maps import norm
 from wnorm.sphere import Projection, is_projected, project_, project_after_step
 from wnorm.weight_norm import default_dim, reparameterize

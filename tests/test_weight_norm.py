@@ -706,6 +706,22 @@ def test_torch_save_load_whole_model(kind):
         assert p.grad is not None and torch.isfinite(p.grad).all(), n
 
 
+@pytest.mark.parametrize("kind", ["linear", "gru"])
+def test_a_model_pickled_before_the_mechanism_was_split_loads(kind):
+    # wnorm 0.2.0 pickled its modules through wnorm._reparam._rebuild and its slots as
+    # wnorm._reparam.Slot; those names must keep loading (protocol 2 names globals as text)
+    import pickle
+
+    model, x = _trained(kind)
+    now = pickle.dumps(model, protocol=2)
+    assert b"cwnorm._classes\nrebuild\n" in now and b"cwnorm._slot\nSlot\n" in now
+    old = now.replace(b"cwnorm._classes\nrebuild\n", b"cwnorm._reparam\n_rebuild\n").replace(
+        b"cwnorm._slot\nSlot\n", b"cwnorm._reparam\nSlot\n")
+    loaded = pickle.loads(old)
+    torch.testing.assert_close(_out(loaded, x), _out(model, x), rtol=0, atol=0)
+    assert wnorm.is_weight_normalized(loaded if kind == "gru" else loaded[0])
+
+
 @pytest.mark.parametrize("kind", list(MODELS))
 def test_remove_weight_norm_restores_class_and_outputs(kind):
     model, x = _trained(kind)

@@ -20,6 +20,8 @@ from typing import NamedTuple
 from torch import Tensor, nn
 from torch.nn.utils.weight_norm import WeightNorm as TorchWeightNorm
 
+from ._classes import class_for, ensure_property
+
 __all__ = ["Found", "Adopted", "find", "strip", "drop_adopted"]
 
 
@@ -136,10 +138,8 @@ def strip(module: nn.Module, found: Found) -> tuple[Tensor, Tensor]:
               if k not in (name, "__dict__", "__weakref__")}
         new = type(cls.__name__, cls.__bases__, ns)
     if cls is not top:
-        from ._reparam import _class_for, _ensure_property
-
-        new = _class_for(new)
+        new = class_for(new)
         for slot_name in module.__dict__.get("_wn", {}):  # the weights wnorm computes already
-            _ensure_property(new, slot_name)
+            ensure_property(new, slot_name)
     module.__class__ = new
     return g, v

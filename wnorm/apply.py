@@ -13,8 +13,8 @@ from typing import Any
 from torch import nn
 from torch.nn.utils import parametrize
 
-from . import _pytorch_wn, _reparam
-from .errors import WnormError, expect_module
+from . import _classes, _pytorch_wn, _slot
+from .errors import WnormError, expect_module, warn_at_user
 from .mean_only_bn import MeanOnlyBatchNormBase
 from .weight_norm import DEFAULT, default_dim, is_weight_normalized, weight_norm
 
@@ -69,11 +69,11 @@ def _type_weight_names(module: nn.Module) -> list[str]:
     if isinstance(module, nn.RNNBase):
         return [n for n in module._flat_weights_names if n.startswith("weight_")]
     if isinstance(module, nn.RNNCellBase):  # LSTMCell, GRUCell, RNNCell: gate rows, as RNNs
-        have = set(_reparam.slots_of(module)) | {f.name for f in _pytorch_wn.find(module)}
+        have = set(_slot.slots_of(module)) | {f.name for f in _pytorch_wn.find(module)}
         return [n for n in ("weight_ih", "weight_hh")
                 if n in have or module._parameters.get(n) is not None]
     p = module._parameters.get("weight")
-    already = "weight" in _reparam.slots_of(module) or any(
+    already = "weight" in _slot.slots_of(module) or any(
         f.name == "weight" for f in _pytorch_wn.find(module))
     return ["weight"] if already or (p is not None and p.dim() >= 1) else []
 
@@ -149,7 +149,7 @@ def _paths(model: nn.Module, fn: str, budget: int = 100_000) -> list[tuple[str, 
     try:
         walk("", model)
     except _TooMany:
-        _reparam._warn_at_user(
+        warn_at_user(
             f"{fn}: {type(model).__name__} reaches its modules by more than {budget:,} paths "
             "(modules reached on several paths are walked on each); include and exclude "
             "patterns are matched against each module's first name only")
@@ -272,7 +272,7 @@ class _Undo:
         # an RNN's flat weights read its parametrized properties: only once every module (its
         # parametrizations list too, restored after it) is back (a KeyError left it broken)
         for module, *_ in self.saved.values():
-            _reparam.refresh_flat_weights(module)
+            _classes.refresh_flat_weights(module)
 
 
 def apply(
@@ -451,7 +451,7 @@ def apply(
             tied = p is not None and len(holders.get(id(p), ())) > 1
             undo.keep(module)
             method(module, pname, dim=dim, where=mname or "<model>")
-            if _reparam.slot(module, pname) is None:  # ties and undo rely on wnorm's slots
+            if _slot.slot(module, pname) is None:  # ties and undo rely on wnorm's slots
                 raise WnormError(
                     f"{_label(mname, module)}: method {method!r} left '{pname}' not "
                     "reparameterized by wnorm; method must be wnorm.weight_norm or one of its "
@@ -475,7 +475,7 @@ def apply(
 def _share(leader: tuple[nn.Module, str], module: nn.Module, pname: str) -> None:
     """Give ``module.<pname>`` (just normalized) the g and v of the first holder of its tie."""
     lmod, lname = leader
-    lslot, slot = _reparam.slot(lmod, lname), _reparam.slot(module, pname)
+    lslot, slot = _slot.slot(lmod, lname), _slot.slot(module, pname)
     if lslot.map != slot.map:  # type: ignore[union-attr]
         raise WnormError(
             f"{slot.where}: '{pname}' is tied to '{lname}' of {lslot.where}, but they were "  # type: ignore[union-attr]
@@ -484,4 +484,4 @@ def _share(leader: tuple[nn.Module, str], module: nn.Module, pname: str) -> None
     names = [(slot.gname, lslot.gname)] if slot.map.has_g else []  # type: ignore[union-attr]
     for mine, theirs in names + [(slot.vname, lslot.vname)]:  # type: ignore[union-attr]
         module.register_parameter(mine, lmod._parameters[theirs])
-    _reparam.refresh_flat_weights(module)
+    _classes.refresh_flat_weights(module)

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from . import _pytorch_wn, _reparam
+from . import _classes, _held, _pytorch_wn, _slot
 from .errors import WnormError, expect_module, refuse_sharded
 from .mean_only_bn import MeanOnlyBatchNormBase
 from .weight_norm import _is_conv1d, default_dim
@@ -110,7 +110,7 @@ class _Target:
 def _is_pyg(module: nn.Module, name: str) -> bool:
     """Whether ``module`` is torch_geometric's class ``name`` (or, for "Linear", a subclass):
     by name, so that torch_geometric is never imported here."""
-    cls = _reparam.base_class(module)
+    cls = _classes.base_class(module)
     if name == "Linear":
         return any(c.__name__ == "Linear" and c.__module__.startswith("torch_geometric.")
                    for c in cls.__mro__)
@@ -137,7 +137,7 @@ def _reason_cannot(module: nn.Module, wn: bool) -> str:
         return (f"{type(module).__name__} is not a layer type data_init initializes (Linear, "
                 "ConvNd and ConvTransposeNd, torch_geometric's Linear)")
     if wn:
-        s = _reparam.slot(module, "weight")
+        s = _slot.slot(module, "weight")
         if s is None:
             return "its 'weight' is not weight-normalized"
         if not s.map.has_g:
@@ -179,7 +179,7 @@ def _graph_conv(label: str, conv: nn.Module, lins: list[tuple[str, nn.Module]],
                 include_plain: bool = False) -> tuple[_Target | None, str]:
     """The target standardizing a torch_geometric convolution's output through its Linears
     ``lins`` (``(name, module)``, every Linear inside it), or None and why it cannot."""
-    kind = _reparam.base_class(conv).__name__
+    kind = _classes.base_class(conv).__name__
     if not any(_is_pyg(conv, n) for n in _PYG_CONVS):
         return None, (f"{kind}'s output does not scale with its Linears' (attention weights or "
                       "a nonlinear message computed from them)")
@@ -192,7 +192,7 @@ def _graph_conv(label: str, conv: nn.Module, lins: list[tuple[str, nn.Module]],
         return None, (f"{kind} aggregates its Linears' outputs with {aggr}, which does not "
                       "commute with a per-channel scale")
     for name, m in lins:
-        wn = bool(_reparam.slots_of(m))
+        wn = bool(_slot.slots_of(m))
         why = _reason_cannot(m, wn) or _reason_frozen(m)
         if why or not (wn or include_plain):
             return None, f"its {name} cannot be set ({why or 'not weight-normalized'})"
@@ -237,7 +237,7 @@ def _candidates(named: list[tuple[str, nn.Module]], include_plain: bool) -> tupl
                  for c in a.modules()}
         lins = [(n, c) for n, c in m.named_modules() if c is not m and id(c) not in inner
                 and (isinstance(c, nn.Linear) or _is_pyg(c, "Linear"))]
-        if not (include_plain or any(_reparam.slots_of(c) for _, c in lins)):
+        if not (include_plain or any(_slot.slots_of(c) for _, c in lins)):
             continue
         t, why = _graph_conv(label, m, lins, include_plain)
         if t is not None:
@@ -253,7 +253,7 @@ def _candidates(named: list[tuple[str, nn.Module]], include_plain: bool) -> tupl
         label = mname or "<model>"
         if id(m) in grouped:
             continue
-        wn = bool(_reparam.slots_of(m))
+        wn = bool(_slot.slots_of(m))
         plain = (include_plain and (isinstance(m, _INIT_TYPES) or _is_pyg(m, "Linear")
                                     or _is_conv1d(m))
                  and m._parameters.get("weight") is not None)
@@ -786,7 +786,7 @@ def data_init(
                    "model, then fully_shard (or DDP)")
 
     for _, m in named:  # a write into a weight still held (nn.init, model.apply) lands first:
-        _reparam.flush_all(m)  # else it would land mid-pass, undoing g = 1 before the layer runs
+        _held.flush_all(m)  # else it would land mid-pass, undoing g = 1 before the layer runs
     targets, skipped, others = _candidates(named, include_plain)
     targets = _drop_shared(targets, others, skipped)
     mobn = [(n, m) for n, m in named if isinstance(m, MeanOnlyBatchNormBase)]
@@ -815,7 +815,7 @@ def data_init(
         handles.append(m.register_forward_pre_hook(p.bn_pre))
         handles.append(m.register_forward_hook(p.bn_post))
     try:
-        with torch.no_grad(), _reparam.recording_reads() as reads:
+        with torch.no_grad(), _classes.recording_reads() as reads:
             model(*args, **kwargs)
             # a layer whose forward raised, caught by the model (a fallback path), never
             # reached its post hook: its g of 1 and zeroed biases are put back
@@ -865,7 +865,7 @@ def data_init(
         for t in targets:
             if t.module not in p.done:
                 read = any(s.held is not None or id(s) in reads for m in t.gains
-                           for s in _reparam.slots_of(m).values())
+                           for s in _slot.slots_of(m).values())
                 skipped.append(LayerInit(t.name, type(t.module).__name__, "skipped",
                                          raised if t.module in p.entered else
                                          elsewhere if read else unreached))

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._reparam import slots_of
+from ._slot import slots_of
 from .errors import WnormError, finite_positive
 from .maps import BalancedWeightNorm, CenteredWeightNorm, ForcedWeightNorm, WeightStandardization
 from .sphere import is_projected

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from . import _pytorch_wn, _reparam
+from . import _held, _pytorch_wn, _reparam, _slot
 from .errors import WnormError, expect_module, refuse_sharded
 from .maps import WeightNorm
 from .mean_only_bn import MeanOnlyBatchNormBase, move_hooks
@@ -90,7 +90,7 @@ def _absorb(layer: nn.Module, shift: Tensor) -> bool:
     """Add ``shift`` to ``layer``'s bias (creating one if needed); False if it cannot."""
     # a parametrized bias is computed on each access: an add into it would be lost
     if (not isinstance(layer, _BIAS_TYPES) or not _adds_bias_once(layer)
-            or _reparam.slots_of(layer) or parametrize.is_parametrized(layer, "bias")):
+            or _slot.slots_of(layer) or parametrize.is_parametrized(layer, "bias")):
         return False
     out = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
     if out != shift.numel():
@@ -146,9 +146,9 @@ def _check(model: nn.Module) -> None:
                     f"{label}: {gone} of torch.nn.utils.weight_norm are no longer parameters of "
                     "this layer (torch.nn.utils.prune moves them away); remove that first "
                     "(prune.remove)")
-        slots = _reparam.slots_of(module)
+        slots = _slot.slots_of(module)
         for s in slots.values():
-            _reparam.pair(module, s)  # raises, naming what took g or v away
+            _slot.pair(module, s)  # raises, naming what took g or v away
         if slots:
             # _reparam.detach refuses a class parametrize subclassed on top of wnorm's; the
             # class it sees is this one after PyTorch's weight norms are stripped off
@@ -164,14 +164,14 @@ def _check(model: nn.Module) -> None:
         if isinstance(module, MeanOnlyBatchNormBase) and "forward" not in module.__dict__:
             _shift_of(module, where)  # raises for track_running_stats=False
     for module in model.modules():
-        _reparam.flush_all(module)
+        _held.flush_all(module)
     # a zero row of v (structured pruning of weight_v) gives NaN rows, which the plain model
     # would hold for good: refused, naming the layer and rows (a host sync per weight: fold is
     # no training step)
     with torch.no_grad():
         for module in model.modules():
-            for s in _reparam.slots_of(module).values():
-                _reparam._check_finite(s, s.map.weight(*_reparam.pair(module, s)))
+            for s in _slot.slots_of(module).values():
+                _slot.check_finite(s, s.map.weight(*_slot.pair(module, s)))
 
 
 def _plain_weights(model: nn.Module) -> None:
@@ -184,9 +184,9 @@ def _plain_weights(model: nn.Module) -> None:
             g, v = _pytorch_wn.strip(module, found)
             module.register_parameter(found.name,
                                       _reparam.plain_weight(WeightNorm(found.dim), g, v, tied))
-        for name in list(_reparam.slots_of(module)):
-            s = _reparam.slot(module, name)
-            g, v = _reparam.pair(module, s)
+        for name in list(_slot.slots_of(module)):
+            s = _slot.slot(module, name)
+            g, v = _slot.pair(module, s)
             if id(v) not in tied:  # a holder of a tie wnorm.remove_weight_norm took apart
                 tied.update(_earlier_weight(module, s, g, v))
             _reparam.detach(module, name, tied)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from . import _reparam
+from . import _held, _slot
 from .errors import WnormError, expect_module
 from .maps import ForcedWeightNorm, same_weight
 from .weight_norm import _is_class, _is_conv1d, default_dim
@@ -35,7 +35,7 @@ def _patterns(what: str, arg: Iterable[str] | str) -> list[str]:
     return items
 
 
-def _reason_skipped(module: nn.Module, spec: _reparam.Slot) -> str:
+def _reason_skipped(module: nn.Module, spec: _slot.Slot) -> str:
     """Why arpit_init leaves this weight-normalized layer as it is ("" when it sets it), in
     data_init's words where the cause is the same: the init sets one g per output unit."""
     if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
@@ -63,7 +63,7 @@ def _reason_skipped(module: nn.Module, spec: _reparam.Slot) -> str:
     return ""
 
 
-def _gain(mname: str, m: nn.Module, spec: _reparam.Slot, linear: list[str],
+def _gain(mname: str, m: nn.Module, spec: _slot.Slot, linear: list[str],
           block_last: list[str], shortcuts: list[str], blocks_per_stage: int | None) -> float:
     """The layer's g for its role: sqrt(c fan_in / fan_out), c = 2 before a ReLU, 1/N for a
     block's last conv, 1 for shortcuts and linear outputs."""
@@ -156,7 +156,7 @@ def arpit_init(
     """
     expect_module("arpit_init", model)
     for m in model.modules():  # a write into a weight still held (nn.init) lands first: else
-        _reparam.flush_all(m)  # it would land over the gains and orthogonal v set here
+        _held.flush_all(m)  # it would land over the gains and orthogonal v set here
     block_last, shortcuts = _patterns("block_last", block_last), _patterns("shortcuts", shortcuts)
     if blocks_per_stage is not None and not (isinstance(blocks_per_stage, numbers.Integral)
                                              and not isinstance(blocks_per_stage, bool)
@@ -169,8 +169,8 @@ def arpit_init(
     names: list[str] = []  # every weight-normalized layer's, for the patterns' typo check
     left: dict[int, str] = {}  # id of a parameter of a layer left as it is -> its name
     for mname, m in model.named_modules():
-        other += [f"{mname or '<model>'}.{n}" for n in _reparam.slots_of(m) if n != "weight"]
-        spec = _reparam.slot(m, "weight")
+        other += [f"{mname or '<model>'}.{n}" for n in _slot.slots_of(m) if n != "weight"]
+        spec = _slot.slot(m, "weight")
         if spec is None:
             continue
         if spec.has_g and not same_weight(spec.kind, "wn"):

@@ -35,7 +35,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._reparam import flush_all, slots_of
+from ._held import flush_all
+from ._slot import slots_of
 from .apply import NORM_TYPES, _excluded, _included, default_types
 from .errors import WnormError, expect_module, finite_positive
 from .maps import ForcedWeightNorm, WeightStandardization, norm

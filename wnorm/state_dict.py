@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _layouts as lay
-from . import _reparam
+from . import _slot
 from ._pytorch_wn import find
 from .errors import WnormError, expect_module, refuse_sharded
 from .maps import METHODS, OTHER_MAP, kind_mismatch
@@ -58,7 +58,7 @@ def _pair_dims(model: nn.Module) -> dict[str, int | None]:
     dims: dict[str, int | None] = {}
     for mname, module in model.named_modules(remove_duplicate=False):
         prefix = mname + "." if mname else ""
-        for pname, spec in _reparam.slots_of(module).items():
+        for pname, spec in _slot.slots_of(module).items():
             # other kinds (centered, ...) load only their own layout
             if spec.kind == "wn" or (spec.kind == "forced" and spec.has_g):
                 dims[prefix + pname] = spec.dim
@@ -75,7 +75,7 @@ def _target(model: nn.Module) -> dict[str, _Slot]:
         raise WnormError(f"the model ({type(model).__name__}): {e}") from None
     dims = _pair_dims(model)
     forced = {(f"{n}." if n else "") + p: s.map for n, m in model.named_modules(
-        remove_duplicate=False) for p, s in _reparam.slots_of(m).items() if s.kind == "forced"}
+        remove_duplicate=False) for p, s in _slot.slots_of(m).items() if s.kind == "forced"}
     slots: dict[str, _Slot] = {}
     for ckey, src in grouped.items():
         if src.pair and ckey in dims:
@@ -204,7 +204,7 @@ def _check_kinds(model: nn.Module, state_dict: Mapping[str, Any], keys: Iterable
         module = modules.get((want + full[len(have):])[:-1])
         if module is None:
             continue  # a key the model lacks: named with the others
-        why = kind_mismatch(entry, {p: s.map for p, s in _reparam.slots_of(module).items()},
+        why = kind_mismatch(entry, {p: s.map for p, s in _slot.slots_of(module).items()},
                             state_dict, full)
         if why:
             raise WnormError(f"load_state_dict into {type(model).__name__}: {why}: "
@@ -415,7 +415,7 @@ def _other_maps(model: nn.Module, bad: _Incompatible) -> list[str]:
     out = []
     for mname, module in model.named_modules():
         prefix = mname + "." if mname else ""
-        for pname, spec in _reparam.slots_of(module).items():
+        for pname, spec in _slot.slots_of(module).items():
             if spec.kind == "wn" or (spec.kind == "forced" and spec.has_g) or (
                     prefix + spec.vname not in missing):
                 continue

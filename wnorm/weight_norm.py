@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import _pytorch_wn, _reparam
-from .errors import WnormError, expect_module
+from . import _classes, _held, _pytorch_wn, _reparam, _slot
+from .errors import WnormError, expect_module, warn_at_user
 from .maps import Map, WeightNorm, norm
 
 __all__ = ["weight_norm", "remove_weight_norm", "is_weight_normalized", "default_dim",
@@ -56,12 +56,12 @@ def _assumed_dim(module: nn.Module, name: str) -> int:
     """:func:`default_dim`, with a warning (once per type) when the type is not one whose
     output-unit axis is known: dim 0 is the input axis of a weight stored (in, out)."""
     dim = default_dim(module, name)
-    cls = _reparam.base_class(module)
+    cls = _classes.base_class(module)
     known = isinstance(module, _ROWS) or _is_conv1d(module) or _is_class(
         module, "Linear", "torch_geometric.")
     if not known and cls not in _warned:
         _warned.add(cls)
-        _reparam._warn_at_user(  # the user's call, not wnorm's line (from apply or here)
+        warn_at_user(  # the user's call, not wnorm's line (from apply or here)
             f"wnorm: {cls.__module__}.{cls.__qualname__} is no layer type whose output-unit axis "
             f"wnorm knows; it assumed dim=0 for '{name}' (one g per slice along axis 0). If the "
             "output units lie along another axis, pass dim= (wnorm.apply(model, dim=...) or "
@@ -70,7 +70,7 @@ def _assumed_dim(module: nn.Module, name: str) -> int:
 
 
 def _label(module: nn.Module, where: str) -> str:
-    kind = _reparam.base_class(module).__name__
+    kind = _classes.base_class(module).__name__
     return f"{where} ({kind})" if where else kind
 
 
@@ -140,10 +140,10 @@ def reparameterize(module: nn.Module, name: str, dim: Any, make: Any, *,
     expect_module("wnorm", module)
     label = _label(module, where)
     along = module.__dict__.get("_wn_along", frozenset())
-    if _reparam.slot(module, name) is not None:
+    if _slot.slot(module, name) is not None:
         if name in along and make is WeightNorm:  # adopted with a sibling, as asked now
             module.__dict__["_wn_along"] = along - {name}
-            axis = _reparam.slot(module, name).map.dim
+            axis = _slot.slot(module, name).map.dim
             if dim is not DEFAULT and dim != axis:
                 raise WnormError(_axis_kept(label, name, axis, dim))
             return module
@@ -315,14 +315,14 @@ def remove_weight_norm(module: nn.Module, name: str = "weight") -> nn.Module:
             or inf values (a zero row of v, a non-finite g); the module is then unchanged.
     """
     expect_module("remove_weight_norm", module)
-    s = _reparam.slot(module, name)
+    s = _slot.slot(module, name)
     if s is None:
         raise WnormError(f"{_label(module, '')}: '{name}' is not weight-normalized by wnorm")
     if s.held is not None:  # rows written into the weight count before comparing it
-        _reparam.flush(module, s)
-    g, v = _reparam.pair(module, s)
+        _held.flush(module, s)
+    g, v = _slot.pair(module, s)
     with torch.no_grad():  # a NaN row would stay in the plain Parameter for good, as fold refuses
-        _reparam._check_finite(s, s.map.weight(g, v))
+        _slot.check_finite(s, s.map.weight(g, v))
     _reparam.detach(module, name, _earlier_weight(module, s, g, v))
     w = module._parameters[name]
     _removed[id(v)] = (weakref.ref(v, lambda _, k=id(v): _removed.pop(k, None)),
@@ -330,7 +330,7 @@ def remove_weight_norm(module: nn.Module, name: str = "weight") -> nn.Module:
     return module
 
 
-def _earlier_weight(module: nn.Module, s: _reparam.Slot, g: Any, v: torch.Tensor) -> dict:
+def _earlier_weight(module: nn.Module, s: _slot.Slot, g: Any, v: torch.Tensor) -> dict:
     """``detach``'s tie map: v's weight from an earlier removal, if that still equals this one."""
     refs = _removed.get(id(v))
     w = refs[1]() if refs is not None and refs[0]() is v else None
@@ -367,7 +367,7 @@ def _rounding_apart(a: torch.Tensor, b: torch.Tensor, was: torch.dtype) -> bool:
 def is_weight_normalized(module: nn.Module, name: str | None = None) -> bool:
     """Whether wnorm normalizes ``module.<name>`` (any parameter of it when ``name`` is None)."""
     expect_module("is_weight_normalized", module)
-    specs = _reparam.slots_of(module)
+    specs = _slot.slots_of(module)
     if not specs:
         return False
     return True if name is None else name in specs
