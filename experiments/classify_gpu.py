@@ -29,7 +29,8 @@ Same network, data, optimizer, schedule, data init and run-folder format as
   from its own generator on the device, seeded as ``experiments.classify`` seeds that seed's
   run: a seed's numbers do not depend on its stack (on a CPU they are ``classify``'s; on CUDA
   the dropout masks come from another kernel than ``nn.Dropout``'s). torch.compile cannot
-  trace a draw from a generator: the draws run eagerly between the compiled pieces;
+  trace a draw from a generator: each step's draws are made eagerly before its compiled loss
+  (:func:`experiments.seed_stack.draw_ahead`), which is then one graph;
 - the loss is compiled (``--compile``, torch.compile; ``reduce-overhead`` adds CUDA graphs);
   should compiling fail, the run says so in its log and config and goes on eagerly;
 - bf16 autocast and channels-last (``--bf16``, ``--channels-last``; on by default on CUDA);

@@ -19,7 +19,9 @@ and the dropout masks of seed s's channel block are drawn from seed s's generato
 and with the ops its own network draws them from the global generator (``randn``, then
 ``bernoulli_``, per layer in forward order). A seed's draws then do not depend on the other seeds
 of its stack, and on a CPU they are those of its network run alone with the global generator
-in that state.
+in that state. ``torch.compile`` cannot trace a draw from a ``torch.Generator`` (each would be a
+graph break): :func:`draw_ahead` makes the next forward's draws beforehand, eagerly, the same
+numbers in the same order, and the forward then only reads them.
 
 ``arpit`` is not stackable: its gains depend on a layer's fan-out, which grouping changes.
 """
@@ -37,8 +39,8 @@ from wnorm import WnormError
 
 from .nets import METHODS, GaussianNoise, PaperNet
 
-__all__ = ["STACKABLE", "SeedDropout", "SeedNoise", "SeedStack", "seed_state_dict",
-           "seed_streams", "stack", "stack_inputs"]
+__all__ = ["STACKABLE", "SeedDropout", "SeedNoise", "SeedStack", "draw_ahead",
+           "seed_state_dict", "seed_streams", "stack", "stack_inputs"]
 
 STACKABLE = ("normal", "weightnorm", "batchnorm", "wn+meanonly", "meanonly", "centered",
              "ws+gn", "forced")
@@ -56,52 +58,149 @@ class SeedStack(nn.Sequential):
         return out.reshape(out.shape[0], self.seeds, -1)
 
 
-def _blocks(x: Tensor, generators: list[torch.Generator],
+def _blocks(shape: tuple[int, ...], generators: list[torch.Generator],
             draw: Callable[[tuple[int, ...], torch.Generator], Tensor]) -> Tensor:
-    """``draw(shape, g)`` for each seed's channel block of ``x``, seed s's from
+    """``draw(block, g)`` for each seed's channel block of a tensor of ``shape``, seed s's from
     ``generators[s]``, side by side along the channels (dim 1)."""
-    shape = (x.shape[0], x.shape[1] // len(generators), *x.shape[2:])
+    block = (shape[0], shape[1] // len(generators), *shape[2:])
     if len(generators) == 1:
-        return draw(shape, generators[0])
-    return torch.cat([draw(shape, g) for g in generators], dim=1)
+        return draw(block, generators[0])
+    return torch.cat([draw(block, g) for g in generators], dim=1)
 
 
-class SeedNoise(nn.Module):
+# what draw_ahead looked up a layer's input by: the model's input and the autocast around it
+_Key = tuple[tuple[int, ...], torch.dtype, torch.device, bool, torch.dtype]
+# a layer's input: shape, dtype, device
+_Input = tuple[tuple[int, ...], torch.dtype, torch.device]
+
+
+class _SeedDraws(nn.Module):
+    """What :class:`SeedNoise` and :class:`SeedDropout` share: one generator per seed, and the
+    draws :func:`draw_ahead` made for the next forward."""
+
+    def __init__(self, generators: list[torch.Generator]) -> None:
+        super().__init__()
+        self.generators = generators
+        self._ahead: Tensor | None = None  # the next forward's draws, made by draw_ahead
+        self._label = type(self).__name__  # draw_ahead names it as its model's child
+        self._armed: _Key | None = None  # draw_ahead had no input for this key: record it
+        self._inputs: dict[_Key, _Input] = {}  # recorded at forwards that drew in the layer
+
+    def _active(self) -> bool:
+        raise NotImplementedError
+
+    def _draw(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+        raise NotImplementedError
+
+    def _drawn(self, x: Tensor) -> Tensor:
+        """The draws for input ``x``: those :func:`draw_ahead` made, else drawn now."""
+        ahead, self._ahead = self._ahead, None  # each draw serves one forward
+        if ahead is None:
+            if self._armed is not None:
+                self._inputs[self._armed] = (tuple(x.shape), x.dtype, x.device)
+                self._armed = None
+            return self._draw(tuple(x.shape), x.dtype, x.device)
+        if ahead.shape != x.shape or ahead.dtype != x.dtype or ahead.device != x.device:
+            raise WnormError(
+                f"seed_stack: {self._label} ({type(self).__name__}) got an input "
+                f"{tuple(x.shape)} {x.dtype} on {x.device}, but draw_ahead drew for "
+                f"{tuple(ahead.shape)} {ahead.dtype} on {ahead.device}; pass draw_ahead the "
+                "input of the forward that follows it, in the same autocast")
+        return ahead
+
+
+class SeedNoise(_SeedDraws):
     """:class:`~experiments.nets.GaussianNoise` (``x + sigma * N(0, 1)`` in training) with seed
     s's channel block drawn from ``generators[s]``."""
 
     def __init__(self, sigma: float, generators: list[torch.Generator]) -> None:
-        super().__init__()
-        self.sigma, self.generators = sigma, generators
+        super().__init__(generators)
+        self.sigma = sigma
+
+    def _active(self) -> bool:
+        return self.training and self.sigma > 0
+
+    def _draw(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+        return _blocks(shape, self.generators, lambda block, g: torch.randn(
+            block, generator=g, device=device, dtype=dtype))
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.training or self.sigma <= 0:
+        if not self._active():
             return x
-        return x + self.sigma * _blocks(x, self.generators, lambda shape, g: torch.randn(
-            shape, generator=g, device=x.device, dtype=x.dtype))
+        return x + self.sigma * self._drawn(x)
 
     def extra_repr(self) -> str:
         return f"sigma={self.sigma}, seeds={len(self.generators)}"
 
 
-class SeedDropout(nn.Module):
+class SeedDropout(_SeedDraws):
     """``nn.Dropout(p)`` with seed s's channel block's mask drawn from ``generators[s]``: the
     mask is ``bernoulli_(1 - p)`` scaled by ``1 / (1 - p)``, as ``F.dropout`` computes it on a
     CPU."""
 
     def __init__(self, p: float, generators: list[torch.Generator]) -> None:
-        super().__init__()
-        self.p, self.generators = p, generators
+        super().__init__(generators)
+        self.p = p
+
+    def _active(self) -> bool:
+        return self.training and self.p > 0
+
+    def _draw(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+        keep = 1.0 - self.p
+        return _blocks(shape, self.generators, lambda block, g: torch.empty(
+            block, device=device, dtype=dtype).bernoulli_(keep, generator=g).div_(keep))
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.training or self.p <= 0:
+        if not self._active():
             return x
-        keep = 1.0 - self.p
-        return x * _blocks(x, self.generators, lambda shape, g: torch.empty(
-            shape, device=x.device, dtype=x.dtype).bernoulli_(keep, generator=g).div_(keep))
+        return x * self._drawn(x)
 
     def extra_repr(self) -> str:
         return f"p={self.p}, seeds={len(self.generators)}"
+
+
+def draw_ahead(model: nn.Module, x: Tensor) -> nn.Module:
+    """Draw now, eagerly, the input noise and dropout masks of ``model``'s next forward on
+    ``x``: the :class:`SeedNoise` and :class:`SeedDropout` children of ``model`` (a
+    :func:`seed_streams` model) in forward order, each seed's from its generator, the numbers
+    the forward would draw itself; that forward then reads them and draws nothing, so
+    ``torch.compile`` traces it whole. Returns ``model``.
+
+    Each layer's input shape and dtype (autocast may change the dtype) are recorded at the
+    first forward after a call on an input of a new shape, dtype, device or autocast: that
+    forward still draws in its layers (compiled, it breaks its graph there, as without this
+    function); the later ones on such inputs read what this function drew. In eval mode
+    nothing is drawn. A call drops the draws of an earlier one that no forward used (the
+    generators stay where that call left them). A forward without a call before it draws in
+    its layers, as always.
+
+    Raises:
+        WnormError: from the forward, naming the layer, when its input is not the one the draws
+            were made for (the forward ran on another input than ``x``).
+
+    Example:
+        >>> nets = [PaperNet("weightnorm", in_channels=1, width=0.05) for _ in range(2)]
+        >>> streams = [torch.Generator().manual_seed(s) for s in range(2)]
+        >>> model, x = stack(nets, streams), torch.randn(4, 2, 28, 28)
+        >>> out = draw_ahead(model, x)(x)  # a new input: drawn in the layers, and recorded
+        >>> compiled = torch.compile(model, backend="eager")
+        >>> _ = draw_ahead(model, x)  # drawn here, eagerly
+        >>> out = compiled(x)  # reads them: one graph, no break
+    """
+    layers = [(name, m) for name, m in model.named_children() if isinstance(m, _SeedDraws)]
+    for name, m in layers:
+        m._ahead, m._armed, m._label = None, None, f"{type(model).__name__}[{name}]"
+    active = [m for _, m in layers if m._active()]
+    device = x.device.type
+    key = (tuple(x.shape), x.dtype, x.device, torch.is_autocast_enabled(device),
+           torch.get_autocast_dtype(device))
+    if any(key not in m._inputs for m in active):  # all or none: the draws keep their order
+        for m in active:
+            m._armed = key
+        return model
+    for m in active:
+        m._ahead = m._draw(*m._inputs[key])
+    return model
 
 
 def seed_streams(model: nn.Sequential, generators: list[torch.Generator]) -> nn.Sequential:

@@ -25,7 +25,7 @@ from .common import (RunFolder, batch_that_runs, precision_info, progress, refus
                      resolve_device)
 from .data import ImageData
 from .nets import build, initialize
-from .seed_stack import STACKABLE, seed_streams, stack, stack_inputs
+from .seed_stack import STACKABLE, draw_ahead, seed_streams, stack, stack_inputs
 
 __all__ = ["COMPILE_MODES", "StackTrainer", "check_gpu", "resolved", "set_backends", "sync",
            "train_stack"]
@@ -157,6 +157,7 @@ class StackTrainer:
         """One optimizer step on the examples ``idx`` ``(S, B)``; adds each seed's loss x B
         and error count to ``sums`` ``(2, S)`` (float64, on the device)."""
         x, y = self._inputs(self.x_train[idx]), self.y_train[idx]
+        draw_ahead(self.model, x)  # noise and dropout drawn eagerly: the compiled loss is one graph
         losses, wrong = self._loss_fn(x, y)
         self.opt.zero_grad(set_to_none=True)
         losses.sum().backward()  # each seed's parameters get their own loss's gradient

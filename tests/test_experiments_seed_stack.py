@@ -7,11 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._dynamo.testing import CompileCounterWithBackend
 
 import wnorm
 from wnorm import WnormError
 from experiments.nets import build, initialize
-from experiments.seed_stack import STACKABLE, seed_state_dict, stack, stack_inputs
+from experiments.seed_stack import STACKABLE, draw_ahead, seed_state_dict, stack, stack_inputs
 
 WIDTH, SEEDS = 0.05, (0, 1, 2)
 
@@ -131,3 +132,92 @@ def test_each_seed_draws_its_own_noise_and_dropout(variant: str) -> None:
         for k, p in net.named_parameters():
             _close(grads[k].chunk(len(SEEDS))[i].reshape(p.shape), p.grad,
                    f"{variant} seed {i}: d{k}, noise and dropout on")
+
+
+def _noisy_stack(variant: str = "weightnorm") -> tuple[torch.nn.Module, list, torch.Tensor]:
+    """A small stack of 2 seeds with noise and dropout on, data-initialized, its streams and
+    an input (float64, as :func:`_nets`: aot_eager computes the weight norm in other ops)."""
+    nets = []
+    for s in SEEDS[:2]:
+        torch.manual_seed(s)
+        nets.append(build(variant, 1, WIDTH, noise=0.15, dropout=0.5).double())
+    streams = [torch.Generator().manual_seed(100 + s) for s in SEEDS[:2]]
+    x = stack_inputs(torch.randn(2, 6, 1, 12, 12, generator=torch.Generator().manual_seed(7),
+                                 dtype=torch.float64))
+    model = stack(nets, streams)
+    initialize(model, x)  # outputs of order 1, so that a tolerance does not hide a wrong draw
+    return model.train(), streams, x
+
+
+def _states(streams: list) -> list[torch.Tensor]:
+    return [g.get_state() for g in streams]
+
+
+def test_draws_made_ahead_leave_the_compiled_forward_without_graph_breaks() -> None:
+    model, _, x = _noisy_stack()
+    draw_ahead(model, x)  # the first forward on this input draws in its layers, and records
+    model(x)
+    torch._dynamo.reset()
+    try:
+        draw_ahead(model, x)
+        explained = torch._dynamo.explain(model)(x)
+    finally:
+        torch._dynamo.reset()
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+    assert explained.graph_count == 1
+
+
+@pytest.mark.parametrize("variant", ["weightnorm", "batchnorm"])
+def test_the_compiled_forward_draws_what_the_eager_one_draws(variant: str) -> None:
+    """Compiled with the draws made ahead: each step's outputs, gradients and every stream's
+    state after it are the eager forward's (which draws in its layers), with one compilation
+    for all steps."""
+    model, streams, x = _noisy_stack(variant)
+    draw_ahead(model, x)
+    model(x)  # records the layers' inputs
+    start = _states(streams)
+    eager = []
+    for _ in range(2):
+        out = model(x)
+        grads = torch.autograd.grad(out.square().sum(), list(model.parameters()))
+        eager.append((out.detach(), grads, _states(streams)))
+    for g, st in zip(streams, start):
+        g.set_state(st)
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    try:
+        compiled = torch.compile(model, backend=counter)
+        for step, (out_e, grads_e, states_e) in enumerate(eager):
+            draw_ahead(model, x)
+            out = compiled(x)
+            grads = torch.autograd.grad(out.square().sum(), list(model.parameters()))
+            _close(out, out_e, f"step {step}: outputs")
+            for g, g_e in zip(grads, grads_e):
+                _close(g, g_e, f"step {step}: gradients")
+            for s, (st, st_e) in enumerate(zip(_states(streams), states_e)):
+                assert torch.equal(st, st_e), f"step {step}: stream of seed {s}"
+    finally:
+        torch._dynamo.reset()
+    assert counter.frame_count == 1  # fresh draws each step: no recompilation
+
+
+def test_draws_ahead_follow_the_input_and_eval_draws_nothing() -> None:
+    model, streams, x = _noisy_stack()
+    # eval: nothing drawn, no stream moved
+    before = _states(streams)
+    draw_ahead(model.eval(), x)
+    model(x)
+    assert all(torch.equal(a, b) for a, b in zip(_states(streams), before))
+    model.train()
+    # inputs of two shapes, each new then known: the eager forward's draws, shaped for each
+    for xn in (x, x[:4], x, x[:4]):
+        start = _states(streams)
+        draw_ahead(model, xn)
+        out = model(xn)
+        for g, st in zip(streams, start):
+            g.set_state(st)
+        torch.testing.assert_close(out, model(xn), rtol=0, atol=0)
+    # drawn for one input, run on another: an error naming the layer, never a wrong shape
+    draw_ahead(model, x)
+    with pytest.raises(WnormError, match=r"SeedStack\[0\].*\(4, 2, 12, 12\)"):
+        model(x[:4])
