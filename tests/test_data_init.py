@@ -657,7 +657,7 @@ def test_what_the_model_runs_is_never_bypassed():
     model.forward = lambda x: orig(x * 10 + 3)
     x = torch.randn(64, 3)
     TrackCounting.calls = 0
-    report = wnorm.data_init(model, x)
+    wnorm.data_init(model, x)
     assert TrackCounting.calls == 1
     with torch.no_grad():
         h = model[0](x * 10 + 3)

@@ -13,7 +13,6 @@ import pytest
 import torch
 
 import wnorm
-from wnorm import WnormError
 from wnorm.cli import main
 
 st = pytest.importorskip("safetensors.torch")

@@ -930,7 +930,7 @@ def _mlp(method):
 def test_a_checkpoint_of_another_map_is_refused_not_loaded_into_other_outputs(method):
     # a weight norm's (g, v) have a centered model's shapes: they loaded without a word, and
     # the outputs moved by up to 0.44
-    src, x = _mlp(wnorm.weight_norm), torch.randn(5, 4)
+    src = _mlp(wnorm.weight_norm)
     sd = src.state_dict()
     buf = io.BytesIO()
     torch.save(sd, buf)  # the map kind travels with the file

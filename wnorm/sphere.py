@@ -29,7 +29,6 @@ import gc
 import math
 import weakref
 from collections.abc import Iterable
-from fnmatch import fnmatchcase
 from typing import Any
 
 import torch
