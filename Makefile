@@ -16,6 +16,7 @@ $(VENV)/.installed: requirements-dev.txt pyproject.toml
 	touch $@
 
 test: venv
+	$(VENV)/bin/ruff check -q .
 	$(PY) -m pytest -q
 
 demo: venv data
