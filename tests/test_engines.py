@@ -1,23 +1,27 @@
 """wnorm under PyTorch's engines, checked on the CPU so that the GPU gets it by construction:
 
-- host syncs (``aten::_local_scalar_dense``, what ``.item()``, ``bool(tensor)`` and
-  ``.tolist()`` of a 0-dim tensor dispatch to, and the data-dependent ``nonzero``/``equal``/
-  ``masked_select``), counted with a ``TorchDispatchMode``: a training step (forward,
-  backward, torch.optim step) and an eval forward of a wnorm model, with and without mean-only
-  batch norm, make as many as the same plain model: none; ``data_init`` makes a number that
-  does not grow with the number of layers;
+- host syncs (``aten::_local_scalar_dense``, what ``.item()`` and ``bool(tensor)`` dispatch
+  to, and the ops whose result, or its size, the host reads: ``nonzero``, ``equal``,
+  ``allclose``, ``masked_select``, ``unique``, ``bincount``, ``repeat_interleave`` without
+  ``output_size``, and indexing by a boolean mask, ``x[mask]`` and ``x[mask] = y``, which
+  computes a ``nonzero`` on CUDA inside ``index``/``index_put_``), counted with a
+  ``TorchDispatchMode``: a training step (forward, backward, torch.optim step) and an eval
+  forward of a wnorm model, with and without mean-only batch norm, make as many as the same
+  plain model: none; ``data_init`` makes a number that does not grow with the number of layers;
 - ``torch._dynamo.explain``: no graph break, train and eval;
 - ``torch.compile`` (``aot_eager``: Dynamo and AOTAutograd, no code generation) gives the
   eager outputs and gradients;
 - a training step captured in a CUDA graph replays as the eager step does (with CUDA only).
 
-(A device-to-host copy, ``.cpu()`` of a CUDA tensor, is a sync this CPU count cannot see;
-``data_init`` makes one, for its report, whatever the depth.)
+(A device-to-host copy, ``.cpu()`` or ``.tolist()`` of a CUDA tensor, is a sync this CPU
+count cannot see: on the CPU neither reaches the dispatcher; ``data_init`` makes one, for its
+report, whatever the depth.)
 """
 
 from __future__ import annotations
 
 import copy
+import weakref
 
 import pytest
 import torch
@@ -28,8 +32,16 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import wnorm
 
 aten = torch.ops.aten
-SYNC_OPS = {aten._local_scalar_dense, aten.item, aten.is_nonzero, aten.nonzero,
-            aten.equal, aten.masked_select}
+SYNC_OPS = {aten._local_scalar_dense, aten.item, aten.is_nonzero, aten.nonzero, aten.equal,
+            aten.allclose, aten.masked_select, aten._unique, aten._unique2, aten.unique_dim,
+            aten.unique_consecutive, aten.unique_dim_consecutive, aten.bincount}
+# on the CPU a boolean mask reaches these ops as it is; on CUDA they turn it into indices
+# with a nonzero, whose size the host must read
+INDEX_OPS = {aten.index, aten.index_put, aten.index_put_, aten._index_put_impl_}
+
+
+def _is_mask(index: object) -> bool:
+    return isinstance(index, torch.Tensor) and index.dtype in (torch.bool, torch.uint8)
 
 
 class SyncCounter(TorchDispatchMode):
@@ -38,11 +50,40 @@ class SyncCounter(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.ops: list[str] = []
+        self._host: dict[int, weakref.ref] = {}  # tensors made from Python values
+
+    def _on_host(self, t: torch.Tensor) -> bool:
+        ref = self._host.get(id(t))
+        return ref is not None and ref() is t
+
+    def _syncs(self, func, args, kwargs) -> bool:
+        packet = func.overloadpacket
+        if packet in SYNC_OPS:
+            return True
+        if packet is aten.repeat_interleave:  # the output's size is the sum of the repeats
+            return isinstance(args[0], torch.Tensor) and kwargs.get("output_size") is None
+        if packet not in INDEX_OPS:
+            return False
+        indices = [i for i in args[1] if i is not None]
+        if not any(_is_mask(i) for i in indices):
+            return False
+        if packet is aten.index:
+            return True
+        # x[mask] = value, one mask and a one-element value on the host (a Python number):
+        # PyTorch runs masked_fill_, no nonzero
+        value = args[2]
+        accumulate = args[3] if len(args) > 3 else kwargs.get("accumulate", False)
+        return not (len(indices) == 1 and not accumulate and value.numel() == 1
+                    and self._on_host(value))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket in SYNC_OPS:
+        kwargs = kwargs or {}
+        if self._syncs(func, args, kwargs):
             self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
+        out = func(*args, **kwargs)
+        if func.overloadpacket is aten.lift_fresh:  # torch.tensor(...) or a Python scalar
+            self._host[id(out)] = weakref.ref(out)
+        return out
 
 
 def syncs(fn) -> list[str]:
@@ -110,6 +151,34 @@ def test_the_counter_sees_syncs_in_forward_backward_and_steps():
     opt = torch.optim.Adam([p])
     p.grad = torch.ones(3)
     assert syncs(opt.step)
+
+
+def test_the_counter_sees_boolean_mask_indexing_and_data_dependent_sizes():
+    """Positive control for what reaches the CPU's dispatcher without a nonzero (x[mask] is
+    aten.index with the mask as it is) but computes one on CUDA; and the look-alikes that do
+    not sync there are not counted."""
+    x, y = torch.randn(6), torch.randn(6)
+    mask = x > 0
+
+    def put(value) -> None:
+        z = x.clone()
+        z[mask] = value
+
+    assert syncs(lambda: x[x > 0]) == ["aten.index.Tensor"]
+    assert syncs(lambda: put(y[mask])) == ["aten.index.Tensor", "aten.index_put_.default"]
+    assert syncs(lambda: put(x.sum())) == ["aten.index_put_.default"]  # a value on the device
+    assert syncs(lambda: x.clone().index_put_((mask,), y[:1], accumulate=True))
+    assert syncs(lambda: torch.randn(3, 6)[:, mask]) == ["aten.index.Tensor"]
+    assert syncs(lambda: torch.unique(x))
+    assert syncs(lambda: torch.repeat_interleave(x, torch.arange(6)))
+    assert syncs(lambda: torch.allclose(x, y))
+    # no sync on CUDA either: a Python number written through a mask is a masked_fill_,
+    # integer indices and masked_fill/where keep their sizes
+    assert syncs(lambda: put(0.0)) == []
+    assert syncs(lambda: put(torch.tensor(1.0))) == []
+    assert syncs(lambda: (x[torch.tensor([0, 2])], x.masked_fill(mask, 0.0),
+                          torch.where(mask, x, y), x.masked_scatter(mask, y))) == []
+    assert syncs(lambda: torch.repeat_interleave(x, torch.arange(6), output_size=15)) == []
 
 
 @pytest.mark.parametrize("opt", list(OPTIMIZERS))

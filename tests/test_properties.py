@@ -1,7 +1,8 @@
 """Property-based tests (hypothesis) across layer types, random small shapes, every valid
 ``dim`` (the default, every other axis, None) and float32/float64:
 
-- ||w|| = |g| per unit, whatever g and v become;
+- w = g v/||v|| and ||w|| = |g| per unit (along the layer's output-unit axis or the given
+  ``dim``), whatever g and v become;
 - fold keeps the eval outputs;
 - a checkpoint converted to every layout (plain, torch-old, torch-new, wnorm) loads back into
   a fresh model with the same outputs;
@@ -123,21 +124,30 @@ def perturb(m: nn.Module, seed: int) -> None:
 
 
 # --------------------------------------------------------------------------- properties
+def unit_axis(case: Case) -> int | None:
+    """The axis of the output units, from the layer type: ConvTranspose stores (in, out, *k)."""
+    if case.dim != "default":
+        return case.dim
+    return 1 if case.kind.startswith("ConvTranspose") else 0
+
+
 @SETTINGS
 @given(case=cases(), seed=st.integers(0, 1000))
-def test_norm_of_w_equals_g_per_unit(case: Case, seed: int) -> None:
+def test_w_equals_g_v_over_norm_v_and_its_norm_is_g_per_unit(case: Case, seed: int) -> None:
+    """Eq. 2 computed here, one g per slice along the unit axis: a weight with the right norms
+    in a wrong direction (|v|, a permuted v) fails it."""
     m = case.build(0)
     perturb(m, seed)
-    for name in case.names:
-        w = getattr(m, name)
-        g = getattr(m, name + "_g")
-        assert w.dtype == case.dtype
-        torch.testing.assert_close(norm_keep(w, axis(m, name)), g.abs(), **TOL[case.dtype])
-    m.eval()
-    with torch.no_grad():  # the cached inference weight obeys it too
-        for name in case.names:
-            torch.testing.assert_close(norm_keep(getattr(m, name), axis(m, name)),
-                                       getattr(m, name + "_g").abs(), **TOL[case.dtype])
+    d = unit_axis(case)
+    for train in (True, False):  # the recorded weight, and the cached inference weight
+        m.train(train)
+        with torch.set_grad_enabled(train):
+            for name in case.names:
+                assert axis(m, name) == d
+                w, g, v = (getattr(m, name + s).detach() for s in ("", "_g", "_v"))
+                assert w.dtype == case.dtype
+                torch.testing.assert_close(norm_keep(w, d), g.abs(), **TOL[case.dtype])
+                torch.testing.assert_close(w, g * v / norm_keep(v, d), **TOL[case.dtype])
 
 
 @SETTINGS

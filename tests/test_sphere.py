@@ -228,8 +228,13 @@ def test_remove_stops_projecting():
 
 
 def test_the_projection_does_no_host_sync(monkeypatch):
-    """No .item(), bool(), float(), int() or .tolist() on a tensor in the projection: any of them
-    would stall a CUDA stream every step."""
+    """No op in the projection makes the host wait for the device (an .item(), a bool(), a
+    boolean-mask index, ...: test_engines.py's counter), as on a GPU, where a weight read
+    before it is landed without asking whether it was written: any would stall a CUDA stream
+    every step."""
+    from test_engines import syncs
+
+    monkeypatch.setattr("wnorm._held._COMPARE_ON", ())
     net = wnorm.apply(_net(), method=wnorm.forced_weight_norm)
     net[5] = wnorm.remove_weight_norm(net[5])
     opt = torch.optim.SGD(net.parameters(), lr=0.5)
@@ -238,14 +243,15 @@ def test_the_projection_does_no_host_sync(monkeypatch):
     projs = [project_after_step(opt, net, radius="initial", include="5"),
              project_after_step(opt, net, radius="unit", exclude="5")]
     _steps(net, opt, 1)
+    _ = net[0].weight  # a read for logging is held: the projection lands it first
 
     def sync(*a, **k):
         raise AssertionError("host sync in the projection")
 
-    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
+    # on the CPU these read the data without the dispatcher, unseen by the counter
+    for name in ("tolist", "numpy"):
         monkeypatch.setattr(torch.Tensor, name, sync)
-    for p in projs:
-        p()
+    assert syncs(lambda: [p() for p in projs]) == []
     monkeypatch.undo()
     torch.testing.assert_close(net[5].weight.norm(dim=1), start)
     torch.testing.assert_close(net[0].weight_v.norm(dim=(1, 2)), torch.full((5,), 3.0, dtype=D))
