@@ -180,6 +180,11 @@ def test_norm_of_w_equals_g_after_training(opt_cls):
         w_norm = unit_rows(m.weight.detach(), d).norm(dim=1)
         torch.testing.assert_close(w_norm, m.weight_g.detach().reshape(-1).abs(), rtol=1e-12,
                                    atol=0)
+        # and w is g v/||v|| itself, per unit along the layer's output axis (not only its norm)
+        v, g = unit_rows(m.weight_v.detach(), d), m.weight_g.detach().reshape(-1, 1)
+        torch.testing.assert_close(unit_rows(m.weight.detach(), d), g * v / v.norm(dim=1,
+                                                                                  keepdim=True),
+                                   rtol=1e-12, atol=0)
         assert not torch.equal(m.weight_v, v_before[m])  # v did move
         with torch.no_grad():  # and the eval weight agrees
             m.eval()
