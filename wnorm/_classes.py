@@ -11,6 +11,7 @@ refusals of what cannot work (``torch.jit.script``, ``prune`` on the computed we
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,15 +19,16 @@ import torch
 from torch import Tensor, nn
 
 from . import cache
-from ._held import (DEPTH, HELD, TOKEN, flush, flush_all, flush_holders, hold, land_tied,
-                    land_writes, unmark_stale)
-from ._slot import pair
+from ._held import (DEPTH, HELD, TOKEN, flush, flush_all, flush_holders, forgetter, land_tied,
+                    land_writes, mark, unmark_stale)
+from ._slot import addresses, check_finite, key_of, pair, same, version_of
 from ._state_hooks import load_from_state_dict, save_to_state_dict
 from .cache import CACHE
 from .errors import WnormError, warn_at_user
+from .maps import formula_only
 
 __all__ = ["class_for", "ensure_property", "base_class", "refresh_flat_weights",
-           "recording_reads"]
+           "recording_reads", "rebuild"]
 
 _is_compiling, _is_tracing = torch.compiler.is_compiling, torch._C._is_tracing
 
@@ -67,10 +69,46 @@ def _property(pname: str) -> property:
             land_tied(slot, v)  # on HELD: computed in the graph, the write would be missed
         # compiled, the graph is the cache (and a version counter read in it is data-
         # dependent: a graph break, an error under fullgraph): each access is computed
+        # (both branches below stay inline: a function called from here is a frame of its
+        # own, which Dynamo traces where it runs this getter eagerly, as in a compiled LSTM)
         if not compiling and CACHE.on:  # compiling first: Dynamo then guards on no counter
-            return cache.weight(slot, g, v)
+            w, key = slot.cached, slot.key
+            # a weight cached under no_grad has no graph: a forward recording one computes it
+            if w is not None and same(key, g, v) and key[4] == addresses(g, v) and (
+                    key[-1] == cache.STEPS[0]) and (w.requires_grad or not torch.is_grad_enabled()
+                    or not (v.requires_grad or (g is not None and g.requires_grad))):
+                return w
+            if _is_tracing() or formula_only(g, v):
+                # a traced graph records the weight itself; under torch.func (vmap over
+                # stacked models, grad) g and v are the transform's, forward AD needs the
+                # weight's tangent, and computed g or v would be held by the cached weight's
+                # node: nothing is cached
+                return slot.map.weight(g, v)
+            grad = torch.is_grad_enabled() and (
+                v.requires_grad or (g is not None and g.requires_grad))
+            if grad:
+                w = cache.CachedWeight.apply(slot.map, slot.where, g, v)
+            else:  # inference: refused once per block if not finite (a host sync, as reads
+                w = slot.map.weight(g, v)  # in a training step never are)
+                check_finite(slot, w)
+            if slot.cached is None:
+                CACHE.filled.append(slot)
+            else:
+                cache.say_if_written(slot)
+            slot.cached, slot.key, slot.cached_at = w, cache.cache_key(g, v) + (
+                cache.STEPS[0],), version_of(w)
+            return w
         w = slot.map.weight(g, v)
-        hold(self, slot, pname, w, g, v)
+        # held until the next access, with a copy, so that a write into it lands in g and v
+        # (wnorm._held); not inside a forward, nor compiled, traced or under torch.func
+        # transforms: g and v are then the transform's wrappers (no storage to take the
+        # address of; a write could not land in the module's own)
+        if not (_is_compiling() or _is_tracing()) and DEPTH.n == 0 and \
+                not torch._C._are_functorch_transforms_active():
+            slot.held, slot.held_key = w, key_of(g, v) + (version_of(w), w.detach().clone(),
+                                                           addresses(g, v))
+            HELD.setdefault(id(v), []).append((weakref.ref(self, forgetter(id(v), v)), pname))
+            mark(v)  # for a tie's other holder's getter under torch.compile
         return w
 
     def fset(self: nn.Module, value: Any) -> None:
@@ -185,6 +223,11 @@ def rebuild(base: type, state: dict[str, Any]) -> nn.Module:
     return module
 
 
+# pickled models name it where wnorm 0.2.0 defined it (wnorm._reparam imports it): pickles
+# load both ways between versions
+rebuild.__module__, rebuild.__name__, rebuild.__qualname__ = \
+    "wnorm._reparam", "_rebuild", "_rebuild"
+
 def _extra_repr(self: nn.Module) -> str:
     base = type(self)._wn_base.extra_repr(self)
     wn = ", ".join(f"{p}: dim={s.map.dim}" + ("" if s.map.kind == "wn" else f", {s.map.kind}")
@@ -197,7 +240,6 @@ def _apply(self: nn.Module, fn: Any, *args: Any, **kwargs: Any) -> nn.Module:
     for s in self.__dict__["_wn"].values():
         s.key = ()  # .to() swaps param.data, moving no version: a cached weight is stale
     return type(self)._wn_base._apply(self, fn, *args, **kwargs)
-
 
 
 def _reset_parameters(self: nn.Module, *args: Any, **kwargs: Any) -> Any:

@@ -21,14 +21,14 @@ import torch
 from torch import Tensor, nn
 
 from ._eager import eager, graph_break
-from ._slot import Slot, addresses, key_of, pair, same, version_of
+from ._slot import Slot, addresses, pair, same, version_of
 from .errors import WnormError, warn_at_user
 from .maps import Map, norm
 
-__all__ = ["DEPTH", "HELD", "TOKEN", "hold", "flush", "flush_all", "flush_holders",
+__all__ = ["DEPTH", "HELD", "TOKEN", "mark", "forgetter", "flush", "flush_all", "flush_holders",
            "land_tied", "drop_holders", "unhold", "unmark_stale", "land_writes"]
 
-_is_compiling, _is_tracing = torch.compiler.is_compiling, torch._C._is_tracing
+_is_compiling = torch.compiler.is_compiling
 
 
 class _Depth(threading.local):
@@ -78,7 +78,6 @@ def flush(module: nn.Module, slot: Slot) -> None:
         torch._C._set_tracing_state(state)
 
 
-
 #: devices where asking whether a held weight was written costs no host sync
 _COMPARE_ON = ("cpu",)
 
@@ -112,7 +111,7 @@ def _flush(module: nn.Module, slot: Slot, real: bool = False) -> None:
         pair(module, slot)  # raises, naming what took g or v away (prune)
     # the write lands in the g and v it was read from: tensors swapped in since without an
     # assignment (torch.func.functional_call's, register_parameter's) are the caller's, and
-    # an assignment lands it first (_setattr)
+    # an assignment lands it first (_classes._setattr)
     m, g, v = slot.map, key[0], key[1]
     held, snap = held.detach(), key[5]
     bumped, swapped = version_of(held) != key[4], not _alike(held, snap)
@@ -246,7 +245,7 @@ def unmark_stale(v: Any) -> None:
         _unmark(v)
 
 
-def _forgetter(key: int, v: Tensor) -> Callable[[Any], None]:
+def forgetter(key: int, v: Tensor) -> Callable[[Any], None]:
     """The weakref callback that drops a dropped module's entry from :data:`HELD` (and v's
     flag with the last one)."""
     vref = weakref.ref(v)
@@ -350,17 +349,3 @@ def _land_before_fork() -> None:
 
 if hasattr(os, "register_at_fork"):  # POSIX
     os.register_at_fork(before=_land_before_fork)
-
-
-def hold(module: nn.Module, slot: Slot, pname: str, w: Tensor, g: Tensor | None,
-         v: Tensor) -> None:
-    """Keep ``w``, just handed to code outside the layer's forward, until the next access, with
-    a copy of it: a write into it then lands in g and v (:func:`flush`). Not inside a forward,
-    nor compiled, traced or under torch.func transforms: g and v are then the transform's
-    wrappers (no storage to take the address of; a write could not land in the module's own)."""
-    if not (_is_compiling() or _is_tracing()) and DEPTH.n == 0 and \
-            not torch._C._are_functorch_transforms_active():
-        slot.held, slot.held_key = w, key_of(g, v) + (version_of(w), w.detach().clone(),
-                                                       addresses(g, v))
-        HELD.setdefault(id(v), []).append((weakref.ref(module, _forgetter(id(v), v)), pname))
-        mark(v)  # for a tie's other holder's getter under torch.compile

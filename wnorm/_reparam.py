@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from . import _pytorch_wn
 from ._classes import base_class, class_for, ensure_property, refresh_flat_weights
-from ._classes import rebuild as _rebuild  # noqa: F401 (pickles taken before 0.2.1 name it, and Slot, here)
+from ._classes import rebuild as _rebuild  # noqa: F401 (pickles name it, and Slot, here)
 from ._held import land_writes
 from ._optimizer_check import replaced
 from ._slot import Slot, pair

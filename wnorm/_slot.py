@@ -64,6 +64,9 @@ class Slot:
         return Slot(self.name, copy.deepcopy(self.map, memo), self.where)
 
 
+# pickled models name it where wnorm 0.2.0 defined it (wnorm._reparam imports it): pickles
+# load both ways between versions
+Slot.__module__ = "wnorm._reparam"
 
 def version_of(t: Tensor) -> int:
     """``t``'s version, or -1 for an inference tensor (a weight read, or a layer built, under
@@ -101,7 +104,6 @@ def pair(module: nn.Module, slot: Slot) -> tuple[Tensor | None, Tensor]:
     return g, v
 
 
-
 def check_finite(slot: Slot, w: Tensor) -> None:
     """Refuse to cache a weight with NaN or inf (a zero row of v, a non-finite g): a host sync,
     once per weight and :func:`wnorm.cached` block."""
@@ -118,13 +120,11 @@ def check_finite(slot: Slot, w: Tensor) -> None:
             f"non-finite '{slot.gname}' or '{slot.vname}'")
 
 
-
 def addresses(g: Tensor | None, v: Tensor) -> tuple[Any, ...]:
     """Where g's and v's data are, and how v's is read: ``v.data = v.data.t()`` keeps a square
     weight's address, and a meta tensor is always at 0, its strides following its shape (g is
     a vector: its address says it all). Checked at every cached access: kept to three reads."""
     return (None if g is None else g.data_ptr(), v.data_ptr(), v.stride())
-
 
 
 def slots(model: nn.Module) -> Iterator[tuple[str, nn.Module, Slot]]:

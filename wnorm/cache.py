@@ -2,7 +2,7 @@ r"""An explicit inference cache: compute every normalized weight once, :math:`w 
 
 Outside a :func:`cached` block every access computes the weight; inside, :func:`weight` hands
 out the one cached for the slot while g and v are unchanged, with one autograd node
-(:class:`_Cached`) for every forward that reads it.
+(:class:`CachedWeight`) for every forward that reads it.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._slot import Slot, addresses, check_finite, key_of, same, version_of
+from ._slot import Slot, addresses, key_of, version_of
 from .errors import warn_at_user
-from .maps import Map, formula_only
+from .maps import Map
 
 __all__ = ["cached"]
 
@@ -39,12 +39,12 @@ def _end_block() -> None:
     written in place in it (their version moved): the block's forwards used the write, but g
     and v do not hold it, and it goes with the cached weight."""
     for s in CACHE.filled:
-        _say_if_written(s)
+        say_if_written(s)
         s.cached, s.key = None, ()
     CACHE.filled.clear()
 
 
-def _say_if_written(s: Slot) -> None:
+def say_if_written(s: Slot) -> None:
     """Warn when the weight ``s`` cached was written in place: it is let go (at the block's
     end, or computed again after a step or for a forward recording a graph) with the write."""
     w = s.cached
@@ -59,7 +59,7 @@ def _say_if_written(s: Slot) -> None:
 #: optimizer steps taken, in any thread: a cached weight is valid for the count it was cached
 #: at (a step in autograd's thread, an optimizer-in-backward hook's, refreshes a block opened
 #: in the main thread; a thread-local flag would not see it)
-_STEPS = [0]
+STEPS = [0]
 
 
 def _after_step(*_: Any) -> None:
@@ -67,7 +67,7 @@ def _after_step(*_: Any) -> None:
     again: fused steps (``Adam(fused=True)``, ``SGD(fused=True)``) update g and v without moving
     their version counters, on which the cache is keyed, and a block training with one kept
     the weight of before its first step."""
-    _STEPS[0] += 1
+    STEPS[0] += 1
 
 
 _WATCHING: list[Any] = []
@@ -82,7 +82,7 @@ def _watch_steps() -> None:
         _WATCHING.append(register_optimizer_step_post_hook(_after_step))
 
 
-class _Cached(torch.autograd.Function):
+class CachedWeight(torch.autograd.Function):
     r"""The cached weight :math:`w = \mathrm{map}(g, v)`, one node for every forward of a
     :func:`wnorm.cached` block that reads it. Its backward recomputes the map's
     vector-Jacobian product from g and v, which the node holds itself, not as saved tensors:
@@ -116,43 +116,12 @@ class _Cached(torch.autograd.Function):
         return (None, None, *([None] if g is None else []), *got)
 
 
-def _cache_key(g: Tensor | None, v: Tensor) -> tuple[Any, ...]:
+def cache_key(g: Tensor | None, v: Tensor) -> tuple[Any, ...]:
     """What a cached weight is valid for: g and v, their versions and the addresses and layouts
     of their data (a ``param.data = ...`` assignment, as ``vector_to_parameters`` and ``.to()``
     make to every parameter, moves no version). Aliases of g and v pin that data while the key
     lives: freed, its address could be handed to the next assignment's data."""
     return key_of(g, v) + (addresses(g, v), None if g is None else g.detach(), v.detach())
-
-
-def weight(slot: Slot, g: Tensor | None, v: Tensor) -> Tensor:
-    """``slot``'s weight inside a :func:`cached` block: the one cached, while it is valid for
-    these g and v at their versions and addresses, for the optimizer step count, and for
-    whether this forward records a graph; else computed and cached (eagerly only: a compiled
-    forward computes each access in its graph)."""
-    w, key = slot.cached, slot.key
-    # a weight cached under no_grad has no graph: a forward recording one computes it
-    if w is not None and same(key, g, v) and key[4] == addresses(g, v) and (
-            key[-1] == _STEPS[0]) and (w.requires_grad or not torch.is_grad_enabled()
-            or not (v.requires_grad or (g is not None and g.requires_grad))):
-        return w
-    if torch._C._is_tracing() or formula_only(g, v):
-        # a traced graph records the weight itself; under torch.func (vmap over stacked
-        # models, grad) g and v are the transform's, forward AD needs the weight's tangent,
-        # and computed g or v would be held by the cached weight's node: nothing is cached
-        return slot.map.weight(g, v)
-    grad = torch.is_grad_enabled() and (
-        v.requires_grad or (g is not None and g.requires_grad))
-    if grad:
-        w = _Cached.apply(slot.map, slot.where, g, v)
-    else:  # inference: refused once per block if not finite (a host sync, as reads in a
-        w = slot.map.weight(g, v)  # training step never are)
-        check_finite(slot, w)
-    if slot.cached is None:
-        CACHE.filled.append(slot)
-    else:
-        _say_if_written(slot)
-    slot.cached, slot.key, slot.cached_at = w, _cache_key(g, v) + (_STEPS[0],), version_of(w)
-    return w
 
 
 @contextmanager

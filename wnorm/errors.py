@@ -57,7 +57,7 @@ _INTERNAL = tuple(os.path.dirname(f) + os.sep for f in (__file__, torch.__file__
 def warn_at_user(message: str) -> None:
     """A UserWarning naming the first frame outside wnorm and torch (a computed stacklevel
     would count frames torch.compile's frame evaluation adds, and name torch's)."""
-    if torch.compiler.is_compiling():  # Dynamo cannot trace frame access: it names a line of its own
+    if torch.compiler.is_compiling():  # Dynamo cannot trace frame access: it names its line
         warnings.warn(message, UserWarning, stacklevel=2)
         return
     f = sys._getframe(1)
