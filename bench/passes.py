@@ -12,7 +12,8 @@ property, the optimizer's extra g tensors: per-layer fixed costs, not bytes).
 
 Then the same training rows through other ways of computing a weight-normalized Linear, all
 trained with the same SGD: ``same kernels`` calls ``F.linear(x, torch._weight_norm(v, g, 0),
-b)`` in a plain module (what is left without wnorm's property and generated forward), and the
+b)`` in a plain module (what is left without wnorm's property and generated forward),
+``same kernels + hook`` adds the hook wnorm registers for exact second derivatives, and the
 paper's own form, which scales the output instead of the weight, ``y = (x v^T) g/||v|| + b``:
 ``output-scaled`` with aten ops and autograd's derivative, ``output-scaled fn`` as one
 ``autograd.Function`` whose backward adds the norm's term to the matmul's gradient in place.
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import wnorm
+from wnorm.maps import _SecondOrder
 
 from . import harness
 from .cases import SIZES, cases, inputs, make_step
@@ -66,6 +68,17 @@ class _SameKernels(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, torch._weight_norm(self.v, self.g, 0), self.b)
+
+
+class _SameKernelsExact(_SameKernels):
+    """:class:`_SameKernels` with the hook wnorm registers on the kernel's node, which makes a
+    backward that records a graph differentiate eq. 2 (the kernel's own double backward holds
+    ``||v||`` constant): what wnorm computes, without its property and generated forward."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = torch._weight_norm(self.v, self.g, 0)
+        w.grad_fn.register_hook(_SecondOrder(self.v, self.g, 0))
+        return F.linear(x, w, self.b)
 
 
 class _OutputScaled(_SameKernels):
@@ -103,7 +116,8 @@ class _OutputScaledFn(_SameKernels):
 
 
 #: the ways of computing a weight-normalized Linear compared on the MLP rows
-FORMS = {"same kernels": _SameKernels, "output-scaled": _OutputScaled,
+FORMS = {"same kernels": _SameKernels, "same kernels + hook": _SameKernelsExact,
+         "output-scaled": _OutputScaled,
          "output-scaled fn": _OutputScaledFn}
 
 
@@ -228,6 +242,12 @@ def render(m: dict[str, Any], command: str = "python -m bench.passes") -> str:
         for name, t in m["forms"].items():
             lines.append(f"| {name} | {t['plain'] * us:.0f} us | "
                          + " | ".join(f"{t[f] / t['plain']:.3f}" for f in names) + " |")
+        lines += ["", "`same kernels + hook` computes what wnorm computes: the hook on the fused "
+                  "kernel's node makes a backward that records a graph (gradient penalties, "
+                  "Hessian-vector products) differentiate eq. 2, where the kernel's own double "
+                  "backward holds ||v|| constant. From it to `same kernels` is that hook's "
+                  "cost (registered at every forward, called at every backward); from it to "
+                  "`wnorm`, the cost of wnorm's weight property and generated forward."]
     return "\n".join(lines) + "\n"
 
 

@@ -373,7 +373,7 @@ def test_passes_reports_every_row_and_the_kernels_in_copy_passes():
     text = passes.render(m)
     assert text.count("| mlp4x256.") == 3  # the two rows, and the training one's forms
     assert list(m["forms"]) == ["mlp4x256.train.sgd.b1"]
-    assert "| row | plain | wnorm | same kernels | output-scaled | output-scaled fn |" in text
+    assert "| row | plain | wnorm | same kernels | same kernels + hook | output-scaled | output-scaled fn |" in text
     # the budget line is computed from the same numbers
     copy = m["kernels_s"]["copy_pass"]
     kernels = (m["kernels_s"]["wn_forward"] + m["kernels_s"]["wn_backward"]) / copy
