@@ -544,3 +544,28 @@ def test_a_zero_row_of_v_from_structured_pruning_is_refused_not_folded_into_nan(
     assert type(net[0]) is not nn.Linear  # nothing folded
     for k, t in net.state_dict().items():
         assert torch.equal(t, before[k]), k
+
+
+@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated")
+@pytest.mark.parametrize("api", ["torch-new", "torch-old"])
+def test_a_zero_row_of_v_in_pytorchs_weight_norm_is_refused_as_in_wnorms(api):
+    # fold takes PyTorch's weight norm off too: a zero row of its v was folded into NaN rows
+    # without a word, where the same row in a wnorm layer is refused
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    if api == "torch-new":
+        nn.utils.parametrizations.weight_norm(net[2])
+        v, vname = net[2].parametrizations.weight.original1, "parametrizations.weight.original1"
+    else:
+        nn.utils.weight_norm(net[2])
+        v, vname = net[2].weight_v, "weight_v"
+    with torch.no_grad():
+        v[1].zero_()
+    before = {k: t.clone() for k, t in net.state_dict().items()}
+    with pytest.raises(WnormError, match=re.escape(
+            f"2 (Linear): the weight-normalized 'weight' has non-finite values in rows [1]: a "
+            f"zero row of '{vname}'")):
+        wnorm.fold(net)
+    assert "weight" not in net[2]._parameters  # nothing folded: no plain weight
+    for k, t in net.state_dict().items():
+        assert torch.equal(t, before[k]), k

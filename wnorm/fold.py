@@ -169,9 +169,20 @@ def _check(model: nn.Module) -> None:
     # would hold for good: refused, naming the layer and rows (a host sync per weight: fold is
     # no training step)
     with torch.no_grad():
-        for module in model.modules():
+        for mname, module in model.named_modules():
             for s in _slot.slots_of(module).values():
                 _slot.check_finite(s, s.map.weight(*_slot.pair(module, s)))
+            for found in _pytorch_wn.find(module):  # PyTorch's own, either API, folded too
+                s = _slot.Slot(found.name, WeightNorm(found.dim), f"{mname or '<model>'} ("
+                               f"{parametrize.type_before_parametrizations(module).__name__})")
+                if found.api == "new":
+                    chain = module.parametrizations[found.name]
+                    g, v = chain.original0, chain.original1
+                    s.gname, s.vname = (f"parametrizations.{found.name}.original{i}"
+                                        for i in (0, 1))
+                else:
+                    g, v = module._parameters[s.gname], module._parameters[s.vname]
+                _slot.check_finite(s, s.map.weight(g, v))
 
 
 def _plain_weights(model: nn.Module) -> None:
