@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import io
 import itertools
+import re
 from collections.abc import Callable
 
 import pytest
@@ -1171,6 +1172,29 @@ def test_pytorchs_loader_refuses_a_plain_zero_row_and_other_maps_naming_the_laye
                                            r"wnorm.centered_weight_norm weight cannot be loaded"):
         centered.load_state_dict({"weight": torch.randn(4, 3), "bias": torch.zeros(4)},
                                  strict=False)
+
+
+@pytest.mark.parametrize("scale", [1e-24, 1e20], ids=["squares-underflow", "squares-overflow"])
+@pytest.mark.parametrize("case", ["pair, wnorm", "plain, wnorm", "plain, module"])
+def test_a_row_whose_norm_float32_cannot_compute_is_refused_at_load(case, scale) -> None:
+    # the loaders checked ||v|| in float64, where these rows are fine, but the layer takes it
+    # in float32: the row's sum of squares is 0 or inf there, and the row loaded as inf, NaN
+    # or (huge) a silently dead 0
+    torch.manual_seed(0)
+    layout, loader = case.split(", ")
+    src = wnorm.weight_norm(nn.Linear(64, 4))
+    sd = {k: t.detach().clone() for k, t in src.state_dict().items()}
+    sd["weight_v"][1].fill_(scale)
+    if layout == "plain":
+        sd = {"weight": sd.pop("weight_v"), "bias": sd["bias"]}
+    key = "weight_v" if layout == "pair" else "weight"
+    layer = wnorm.weight_norm(nn.Linear(64, 4))
+    before = copy.deepcopy(layer.state_dict())
+    want = (rf"'{key}': 1 slices along dim 0 \(indices \[1\]\) have norms that torch.float32 "
+            rf"cannot compute: .*largest \|entry\| there {re.escape(f'{scale:.3g}')}")
+    with pytest.raises(WnormError if loader == "wnorm" else RuntimeError, match=want):
+        load_state_dict(layer, sd) if loader == "wnorm" else layer.load_state_dict(sd)
+    assert all(torch.equal(layer.state_dict()[k], t) for k, t in before.items())
 
 
 @pytest.mark.parametrize("method", [wnorm.centered_weight_norm,

@@ -29,7 +29,7 @@ from .errors import WnormError
 from .maps import WeightNorm, graph_norm, kind_mismatch
 
 __all__ = ["FORMATS", "KEEP", "Src", "read", "source_dim", "norm", "wide", "weight", "gain",
-           "cast", "check_finite", "base_and_role", "has_pair", "convert"]
+           "cast", "check_finite", "check_computable", "base_and_role", "has_pair", "convert"]
 
 #: The layouts :func:`convert` writes.
 FORMATS: tuple[str, ...] = ("plain", "torch-old", "torch-new", "wnorm")
@@ -200,6 +200,28 @@ def cast(key: str, t: Any, dtype: torch.dtype, what: str = "") -> Any:
                 "dtype (or rescale the weight)"
             )
     return out
+
+
+def check_computable(key: str, v: Tensor, dim: int | None) -> None:
+    """Refuse a v whose norms a layer cannot compute: its forward takes them in v's dtype
+    (float32 for half precision), where the sum of squares of a slice with entries below
+    about 1e-19 underflows to 0 and one with entries above about 1e19 overflows, though the
+    float64 norms the checks before take are fine (w would be inf, NaN or 0 there)."""
+    if v.is_meta or not v.is_floating_point() or v.numel() == 0:
+        return
+    n = WeightNorm(dim).split(v.detach())[0]  # the forward's own norms
+    bad = (n == 0) | ~torch.isfinite(n)
+    if bool(bad.any()):
+        idx = bad.flatten().nonzero().flatten().tolist()
+        compute = torch.float32 if v.dtype in (torch.float16, torch.bfloat16) else v.dtype
+        rows = v.detach() if dim is None else v.detach().movedim(dim, 0).reshape(
+            v.shape[dim], -1)[idx]
+        raise WnormError(
+            f"'{key}': {len(idx)} slices {_along(dim)} (indices {idx[:10]}) have norms that "
+            f"{compute} cannot compute: their sums of squares under- or overflow (largest "
+            f"|entry| there {float(rows.abs().max()):.3g}), and w = g * v / ||v|| would be "
+            "inf, NaN or 0 there; expected a weight that a layer of this dtype can normalize: "
+            "rescale it")
 
 
 def check_finite(key: str, t: Any) -> None:

@@ -334,6 +334,7 @@ def _plan_aligned(
                 f"(indices {zero[:10]}); '{slot.keys[-1]}' is weight-normalized and expected a "
                 "nonzero direction in every slice"
             )
+        lay.check_computable(src.keys[-1], v, slot.dim)
         values[slot.keys[0]], values[slot.keys[1]] = g, v
     return values, _Incompatible(missing, unexpected, half_report)
 
