@@ -964,6 +964,23 @@ def test_g_that_overflows_float16_is_an_error_not_an_inf_g():
                    r"torch\.float16", init_scale=1e5)
 
 
+def test_a_varying_batch_whose_g_overflows_float16_at_init_scale_1_is_not_blamed():
+    # pre-activations near 1e-5 vary, but g = 1/sigma[t] ~ 1e5 is past float16's 65504 even
+    # at init_scale 1: the message said the batch had sigma 0 and asked for one that varies
+    torch.manual_seed(0)
+    model = wnorm.apply(nn.Sequential(nn.Linear(16, 32))).half()
+    x = (torch.randn(64, 16) * 1e-5).half()
+    with pytest.raises(WnormError, match=r"^0 \(Linear\): the batch varies \(sigma\[t\] in .* "
+                       r"but g = init_scale/sigma\[t\] overflows this layer's torch\.float16 at "
+                       r"init_scale=1\.0 .*; use init_scale up to ") as e:
+        wnorm.data_init(model, x)
+    top = float(re.search(r"init_scale up to (\S+),", str(e.value)).group(1))
+    assert 0.1 < top < 1
+    report = wnorm.data_init(model, x, init_scale=0.9 * top)  # what it says fits, fits
+    assert [t.name for t in report.initialized] == ["0"]
+    assert torch.isfinite(model[0].weight_g).all() and torch.isfinite(model(x)).all()
+
+
 def test_bias_that_overflows_blames_init_scale():
     """g fits but b = -mu[t] g does not (a batch mean far from 0): init_scale is what to
     change, and the message says so."""

@@ -608,6 +608,29 @@ def _fail(t: _Target, mu: Tensor, sigma: Tensor, ok: Tensor, init_scale: float,
                 f"{t.bias.dtype}: the bias b = -mu[t]*init_scale/sigma[t] overflows it for "
                 f"{which} ({seen}; |mu[t]|/sigma[t] is up to "
                 f"{float((m.abs() / sd).max()):.3g}); use a smaller init_scale")
+    # the batch varies, but on a scale where even init_scale 1 puts g (or b) out of the
+    # dtype's range (a float16 layer whose pre-activations are near 1e-5): not the batch's fault
+    if bool(((sd > 0) & torch.isfinite(sd) & torch.isfinite(m)).all()):
+        g_ok, b_ok = fits(init_scale)
+        if not (g_ok and b_ok):
+            if g_ok:
+                what, dtype, big = "the bias b = -mu[t]*init_scale/sigma[t]", t.bias.dtype, True
+            else:
+                what, dtype = "g = init_scale/sigma[t]", gdtype
+                big = bool((init_scale / sd > gi.max).any())
+            top = float(sd.min()) * gi.max
+            if bi is not None and bool((m != 0).any()):
+                top = min(top, float((sd / m.abs()).min()) * bi.max)
+            fit = (f"init_scale up to {top:.3g}" if big
+                   else f"init_scale at least {float(sd.max()) * gi.smallest_normal:.3g}")
+            raise WnormError(
+                f"{label}: the batch varies (sigma[t] in [{float(sd.min()):.3g}, "
+                f"{float(sd.max()):.3g}] for {which}), but {what} "
+                f"{'overflows' if big else 'underflows'} this layer's {dtype} at init_scale="
+                f"{init_scale!r} ({dtype} holds normal magnitudes from "
+                f"{torch.finfo(dtype).smallest_normal:.3g} to {torch.finfo(dtype).max:.3g}); use "
+                f"{fit}, rescale the inputs, or run data_init in float32 and convert the model "
+                "after")
     # no unit varies at all (batch norm's kernel gives 1/sigma = 0 there, so sigma reads inf
     # in one process and 0 across ranks; it does so too for a variance beyond float32, which
     # takes pre-activations near 1e19): with no zero weight row, the layer's input is one
