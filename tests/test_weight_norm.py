@@ -1091,6 +1091,27 @@ def test_zero_norm_rows_named():
     assert all(torch.equal(sd[k], v) for k, v in net.state_dict().items() if k.startswith("1."))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_whose_sums_of_squares_under_or_overflow_are_named_so(dtype):
+    # rows of entries near 1e-23 are not zero, and rows of entries near max/4 have norms the
+    # dtype holds: their sums of squares, taken in float32, are what under- or overflow (the
+    # messages said "zero norm" and "the norms overflow bfloat16")
+    tiny = nn.Linear(4, 3).to(dtype)
+    with torch.no_grad():
+        tiny.weight[1].fill_(1e-23)
+    with pytest.raises(WnormError, match=r"Linear: 1 of 3 slices along dim 0 of 'weight' \(indices "
+                                         r"\[1\]\) are not zero, but their sums of squares "
+                                         r"underflow torch\.float32"):
+        wnorm.weight_norm(tiny)
+    big = nn.Linear(4, 3).to(dtype)
+    with torch.no_grad():
+        big.weight[2].fill_(torch.finfo(dtype).max / 4)  # norm max/2: it fits
+    with pytest.raises(WnormError, match=rf"Linear: the norms of 'weight' fit {dtype}, but their "
+                                         r"sums of squares overflow torch\.float32"):
+        wnorm.weight_norm(big)
+    assert not wnorm.is_weight_normalized(tiny) and not wnorm.is_weight_normalized(big)
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_non_finite_weight(bad):
     conv = nn.Conv2d(2, 3, 3)

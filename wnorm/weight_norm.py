@@ -108,12 +108,35 @@ def _check_weight(label: str, name: str, module: nn.Module, w: torch.Tensor, m: 
             raise WnormError(f"{label}: '{name}' has {bad} non-finite values (NaN or inf)")
         wide = w.float() if w.dtype in _LOW else w
         # the length g holds: the L1 norm for a balanced weight norm, larger than the L2 one
-        n = getattr(m, "length", norm)(m.direction(wide), m.dim)
+        length = getattr(m, "length", norm)
+        n = length(m.direction(wide), m.dim)
+
+        def exact() -> torch.Tensor:
+            # in float64, where no sum of squares under- or overflows (only when a check
+            # fails: a float64 copy of a large weight is not free): tells a norm the dtype
+            # cannot hold from one whose sum of squares it cannot
+            return length(m.direction(w.detach().to(torch.promote_types(w.dtype,
+                                                                         torch.float64))), m.dim)
+
         if not bool(torch.isfinite(n.to(w.dtype)).all()):
+            if bool(torch.isfinite(exact().to(w.dtype)).all()):
+                raise WnormError(
+                    f"{label}: the norms of '{name}' fit {w.dtype}, but their sums of squares "
+                    f"overflow {wide.dtype}, in which they are computed (largest |entry| "
+                    f"{float(w.abs().max()):.3g}); rescale the weight")
             raise WnormError(
                 f"{label}: the norms of '{name}' overflow {w.dtype} (largest |entry| "
                 f"{float(w.abs().max()):.3g}); rescale the weight or use a wider dtype")
         zero = (n == 0).flatten().nonzero().flatten().tolist()
+        tiny = (exact().flatten()[zero] > 0).nonzero().flatten().tolist() if zero else []
+        tiny = [zero[i] for i in tiny]
+    if tiny:
+        where_txt = "" if m.dim is None else f" along dim {m.dim}"
+        raise WnormError(
+            f"{label}: {len(tiny)} of {n.numel()} slices{where_txt} of '{name}' (indices "
+            f"{tiny[:10]}{'...' if len(tiny) > 10 else ''}) are not zero, but their sums of "
+            f"squares underflow {wide.dtype}, in which their norms are computed (entries below "
+            "about 1e-19): ||v|| would be 0 and the weight NaN there; rescale the weight")
     if zero:
         where_txt = "" if m.dim is None else f" along dim {m.dim}"
         what = "zero norm" if m.kind in ("wn", "forced") else "zero norm after centering (constant)"
