@@ -89,6 +89,12 @@ class _SeedDraws(nn.Module):
     def _active(self) -> bool:
         raise NotImplementedError
 
+    def _disarm(self) -> None:
+        """An inactive forward (eval) records nothing: the input that a later training forward
+        gets need not be the one :func:`draw_ahead` was called on."""
+        if self._armed is not None:
+            self._armed = None
+
     def _draw(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
         raise NotImplementedError
 
@@ -126,6 +132,7 @@ class SeedNoise(_SeedDraws):
 
     def forward(self, x: Tensor) -> Tensor:
         if not self._active():
+            self._disarm()
             return x
         return x + self.sigma * self._drawn(x)
 
@@ -152,6 +159,7 @@ class SeedDropout(_SeedDraws):
 
     def forward(self, x: Tensor) -> Tensor:
         if not self._active():
+            self._disarm()
             return x
         return x * self._drawn(x)
 
@@ -161,8 +169,8 @@ class SeedDropout(_SeedDraws):
 
 def draw_ahead(model: nn.Module, x: Tensor) -> nn.Module:
     """Draw now, eagerly, the input noise and dropout masks of ``model``'s next forward on
-    ``x``: the :class:`SeedNoise` and :class:`SeedDropout` children of ``model`` (a
-    :func:`seed_streams` model) in forward order, each seed's from its generator, the numbers
+    ``x``: the :class:`SeedNoise` and :class:`SeedDropout` layers of ``model`` (a
+    :func:`seed_streams` model, or one holding it: a compiled one too) in forward order, each seed's from its generator, the numbers
     the forward would draw itself; that forward then reads them and draws nothing, so
     ``torch.compile`` traces it whole. Returns ``model``.
 
@@ -170,9 +178,10 @@ def draw_ahead(model: nn.Module, x: Tensor) -> nn.Module:
     first forward after a call on an input of a new shape, dtype, device or autocast: that
     forward still draws in its layers (compiled, it breaks its graph there, as without this
     function); the later ones on such inputs read what this function drew. In eval mode
-    nothing is drawn. A call drops the draws of an earlier one that no forward used (the
-    generators stay where that call left them). A forward without a call before it draws in
-    its layers, as always.
+    nothing is drawn, and an eval forward after a call that would record records nothing.
+    Call it under the autocast of the forward that follows. A call drops the draws of an
+    earlier one that no forward used (the generators stay where that call left them). A
+    forward without a call before it draws in its layers, as always.
 
     Raises:
         WnormError: from the forward, naming the layer, when its input is not the one the draws
@@ -187,7 +196,9 @@ def draw_ahead(model: nn.Module, x: Tensor) -> nn.Module:
         >>> _ = draw_ahead(model, x)  # drawn here, eagerly
         >>> out = compiled(x)  # reads them: one graph, no break
     """
-    layers = [(name, m) for name, m in model.named_children() if isinstance(m, _SeedDraws)]
+    # every such layer however deep (a model wrapped in a Sequential, a compiled one's
+    # _orig_mod), in the order they were registered, which is a stack's forward order
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, _SeedDraws)]
     for name, m in layers:
         m._ahead, m._armed, m._label = None, None, f"{type(model).__name__}[{name}]"
     active = [m for _, m in layers if m._active()]

@@ -141,10 +141,33 @@ class StackTrainer:
         x = stack_inputs(x)
         return x.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last else x
 
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bool(self.cfg.bf16))
+
     def _logits(self, x: Tensor) -> Tensor:
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bool(self.cfg.bf16)):
+        with self._autocast():
             out = self.model(x)
         return out.float().reshape(x.shape[0], len(self.seeds), -1)
+
+    def _draw_ahead(self, x: Tensor) -> None:
+        """The next forward's noise and dropout, drawn eagerly under its autocast: the compiled
+        loss is then one graph (:func:`~experiments.seed_stack.draw_ahead`)."""
+        with self._autocast():
+            draw_ahead(self.model, x)
+
+    def _record(self, x: Tensor) -> None:
+        """One eager forward on ``x`` in which the noise and dropout layers record their
+        inputs, leaving no trace: parameters, buffers (running means) and generators are put
+        back. Before the first compiled step, so that it already reads drawn-ahead numbers:
+        compiled while recording, its graph would keep a break at every such layer."""
+        kept = {k: t.detach().clone() for k, t in self.model.state_dict().items()}
+        states = [g.get_state() for g in self.streams]
+        self._draw_ahead(x)
+        with torch.no_grad():
+            self._logits(x)
+        self.model.load_state_dict(kept)
+        for g, state in zip(self.streams, states):
+            g.set_state(state)
 
     def _losses(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """Per-seed mean cross-entropy and error count of a batch, ``y`` being ``(S, B)``."""
@@ -157,7 +180,7 @@ class StackTrainer:
         """One optimizer step on the examples ``idx`` ``(S, B)``; adds each seed's loss x B
         and error count to ``sums`` ``(2, S)`` (float64, on the device)."""
         x, y = self._inputs(self.x_train[idx]), self.y_train[idx]
-        draw_ahead(self.model, x)  # noise and dropout drawn eagerly: the compiled loss is one graph
+        self._draw_ahead(x)
         losses, wrong = self._loss_fn(x, y)
         self.opt.zero_grad(set_to_none=True)
         losses.sum().backward()  # each seed's parameters get their own loss's gradient
@@ -170,6 +193,7 @@ class StackTrainer:
             return self.step(idx, sums)
         before = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         drawn = [g.get_state() for g in self.streams]
+        self._record(self._inputs(self.x_train[idx]))
         try:
             self.step(idx, sums)
         except Exception as e:  # noqa: BLE001 - any compiler failure: go on eagerly, say so

@@ -263,3 +263,31 @@ def test_a_failed_worker_names_its_last_log_line(tmp_path: Path) -> None:
     log.write_text("Traceback (most recent call last):\n  ...\nerror: out of memory\n\n")
     assert harness._last_line(log) == "out of memory"
     assert harness._last_line(tmp_path / "missing.log") == ""
+
+
+def test_a_compiled_noisy_step_is_one_graph_and_draws_what_the_eager_one_draws(
+        tmp_path: Path) -> None:
+    """With noise and dropout on, the first step records each layer's input eagerly (leaving
+    no trace) and draws ahead, so the compiled loss is one graph from the first step on (it
+    kept a break at every noise and dropout layer: the first compiled step recorded); the
+    seeds draw and train as the eager trainer's."""
+    from torch._dynamo.utils import counters
+
+    data = _data(tmp_path)
+    noisy = {"noise": 0.15, "dropout": 0.5}
+    eager = StackTrainer(_cfgs("weightnorm", [0, 1], **noisy), data, CPU)
+    comp = StackTrainer(_cfgs("weightnorm", [0, 1], **noisy), data, CPU)
+    comp.compile = "default"  # first_step's compiled path, with Dynamo's eager backend (fast)
+    comp._loss_fn = torch.compile(comp._losses, backend="eager")
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        got, want = comp.epoch(0), eager.epoch(0)
+        assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    finally:
+        torch._dynamo.reset()
+    assert [g.get_state().tolist() for g in comp.streams] == \
+        [g.get_state().tolist() for g in eager.streams]
+    for key in ("train_loss", "test_loss"):
+        for a, b in zip(got[key], want[key]):
+            assert math.isclose(a, b, rel_tol=1e-5), (key, a, b)

@@ -12,7 +12,8 @@ from torch._dynamo.testing import CompileCounterWithBackend
 import wnorm
 from wnorm import WnormError
 from experiments.nets import build, initialize
-from experiments.seed_stack import STACKABLE, draw_ahead, seed_state_dict, stack, stack_inputs
+from experiments.seed_stack import (STACKABLE, SeedDropout, SeedNoise, draw_ahead, seed_state_dict,
+                                   stack, stack_inputs)
 
 WIDTH, SEEDS = 0.05, (0, 1, 2)
 
@@ -221,3 +222,29 @@ def test_draws_ahead_follow_the_input_and_eval_draws_nothing() -> None:
     draw_ahead(model, x)
     with pytest.raises(WnormError, match=r"SeedStack\[0\].*\(4, 2, 12, 12\)"):
         model(x[:4])
+
+
+def test_an_eval_forward_after_a_recording_call_records_nothing() -> None:
+    # draw_ahead on a new input arms the layers to record; an eval forward on another input
+    # then came between, and the next training forward recorded its own shape under the first
+    # input's key: every later draw_ahead on that input failed, moving the generators
+    model, streams, x = _noisy_stack()
+    draw_ahead(model, x)
+    model.eval()
+    model(x[:2])
+    model.train()
+    model(x[:4])  # no draw_ahead before it: draws in its layers, records nothing
+    for _ in range(2):
+        draw_ahead(model, x)  # records at this forward, then draws ahead at the next call
+        model(x)
+
+
+def test_draw_ahead_reaches_the_layers_of_a_wrapped_or_compiled_model() -> None:
+    model, _, x = _noisy_stack()
+    draw_ahead(model, x)
+    model(x)  # records
+    for wrapped in (torch.nn.Sequential(model), torch.compile(model, backend="eager")):
+        draw_ahead(wrapped, x)
+        layers = [m for m in model if isinstance(m, (SeedNoise, SeedDropout))]
+        assert layers and all(m._ahead is not None for m in layers)
+    torch._dynamo.reset()
