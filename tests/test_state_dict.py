@@ -1197,6 +1197,36 @@ def test_a_row_whose_norm_float32_cannot_compute_is_refused_at_load(case, scale)
     assert all(torch.equal(layer.state_dict()[k], t) for k, t in before.items())
 
 
+@pytest.mark.parametrize("loader", ["module", "wnorm"])
+def test_the_load_check_takes_the_norms_as_the_layer_will(loader) -> None:
+    # in the layer's dtype after the load, unrounded: a float16 layer whose rows' norms are
+    # past 65504 (computed in float32, fine) loads its own checkpoint; a float64 checkpoint
+    # row of 1e-24 entries is refused by a float32 layer and taken by a float64 one
+    load = (lambda m, sd: load_state_dict(m, sd)) if loader == "wnorm" else (
+        lambda m, sd: m.load_state_dict(sd))
+    torch.manual_seed(0)
+    half = wnorm.weight_norm(nn.Linear(64, 4)).half()
+    with torch.no_grad():
+        half.weight_v.fill_(2e4)  # norms 1.6e5 > 65504
+        half.weight_g.fill_(1.0)
+    x = torch.randn(2, 64).half()
+    want = half(x)
+    twin = wnorm.weight_norm(nn.Linear(64, 4)).half()
+    load(twin, half.state_dict())
+    assert torch.equal(twin(x), want) and torch.isfinite(want).all()
+    src = nn.utils.parametrizations.weight_norm(nn.Linear(64, 4).double())
+    with torch.no_grad():
+        src.parametrizations.weight.original1[1].fill_(1e-24)
+    sd = src.state_dict()
+    with pytest.raises(WnormError if loader == "wnorm" else RuntimeError,
+                       match=r"'parametrizations\.weight\.original1': 1 slices along dim 0 "
+                             r"\(indices \[1\]\) have norms that torch\.float32 cannot"):
+        load(wnorm.weight_norm(nn.Linear(64, 4)), sd)
+    wide = wnorm.weight_norm(nn.Linear(64, 4).double())
+    load(wide, sd)
+    assert torch.isfinite(wide(torch.randn(2, 64, dtype=torch.float64))).all()
+
+
 @pytest.mark.parametrize("method", [wnorm.centered_weight_norm,
                                     lambda m: wnorm.forced_weight_norm(m, gain=1.0)],
                          ids=["centered", "forced-fixed-gain"])

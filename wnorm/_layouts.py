@@ -27,6 +27,7 @@ from torch import Tensor
 
 from .errors import WnormError
 from .maps import WeightNorm, graph_norm, kind_mismatch
+from .maps import norm as maps_norm
 
 __all__ = ["FORMATS", "KEEP", "Src", "read", "source_dim", "norm", "wide", "weight", "gain",
            "cast", "check_finite", "check_computable", "base_and_role", "has_pair", "convert"]
@@ -207,13 +208,17 @@ def check_computable(key: str, v: Tensor, dim: int | None) -> None:
     (float32 for half precision), where the sum of squares of a slice with entries below
     about 1e-19 underflows to 0 and one with entries above about 1e19 overflows, though the
     float64 norms the checks before take are fine (w would be inf, NaN or 0 there)."""
-    if v.is_meta or not v.is_floating_point() or v.numel() == 0:
+    if v.is_meta or not (v.is_floating_point() or v.is_complex()) or v.numel() == 0:
         return
-    n = WeightNorm(dim).split(v.detach())[0]  # the forward's own norms
+    # as the forward takes them: in float32 for half precision, unrounded (a float16 row
+    # whose norm is past 65504 is fine: its weight is computed in float32)
+    n = maps_norm(v.detach().float() if v.dtype in (torch.float16, torch.bfloat16)
+                  else v.detach(), dim)
     bad = (n == 0) | ~torch.isfinite(n)
     if bool(bad.any()):
         idx = bad.flatten().nonzero().flatten().tolist()
-        compute = torch.float32 if v.dtype in (torch.float16, torch.bfloat16) else v.dtype
+        compute = torch.float32 if v.dtype in (torch.float16, torch.bfloat16) else (
+            v.real.dtype if v.is_complex() else v.dtype)
         rows = v.detach() if dim is None else v.detach().movedim(dim, 0).reshape(
             v.shape[dim], -1)[idx]
         raise WnormError(

@@ -149,7 +149,9 @@ def _read_other_layout(module: nn.Module, s: Slot, pname: str, state_dict: Any,
                 return (f"'{key}' has slices of norm 0 along dim {s.map.dim}: a forced weight "
                         "norm needs a direction for every output unit")
             new_v = s.map.split(new_v)[1]
-        _layouts.check_computable(key, new_v, s.map.dim)
+        # in the dtype the layer holds after the load (a float64 checkpoint into a float32
+        # layer is computed in float32)
+        _layouts.check_computable(key, new_v.to(dtype), s.map.dim)
     except WnormError as e:
         return str(e)
     for k in ((o0, o1) if pair else (key,)):

@@ -621,8 +621,9 @@ def _fail(t: _Target, mu: Tensor, sigma: Tensor, ok: Tensor, init_scale: float,
             top = float(sd.min()) * gi.max
             if bi is not None and bool((m != 0).any()):
                 top = min(top, float((sd / m.abs()).min()) * bi.max)
-            fit = (f"init_scale up to {top:.3g}" if big
-                   else f"init_scale at least {float(sd.max()) * gi.smallest_normal:.3g}")
+            # printed to 3 digits, rounded inward (at most 0.5% off): the bound itself fits
+            fit = (f"init_scale up to {0.99 * top:.3g}" if big else
+                   f"init_scale at least {1.01 * float(sd.max()) * gi.smallest_normal:.3g}")
             raise WnormError(
                 f"{label}: the batch varies (sigma[t] in [{float(sd.min()):.3g}, "
                 f"{float(sd.max()):.3g}] for {which}), but {what} "

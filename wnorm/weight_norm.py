@@ -128,15 +128,20 @@ def _check_weight(label: str, name: str, module: nn.Module, w: torch.Tensor, m: 
                 f"{label}: the norms of '{name}' overflow {w.dtype} (largest |entry| "
                 f"{float(w.abs().max()):.3g}); rescale the weight or use a wider dtype")
         zero = (n == 0).flatten().nonzero().flatten().tolist()
-        tiny = (exact().flatten()[zero] > 0).nonzero().flatten().tolist() if zero else []
-        tiny = [zero[i] for i in tiny]
+        tiny = []
+        if zero:  # a slice with a nonzero entry whose norm still reads 0: its squares underflow
+            d = m.direction(wide)
+            rows = d.reshape(1, -1) if m.dim is None else d.movedim(m.dim, 0).reshape(
+                d.shape[m.dim], -1)
+            tiny = [zero[i] for i in (rows[zero] != 0).any(1).nonzero().flatten().tolist()]
     if tiny:
         where_txt = "" if m.dim is None else f" along dim {m.dim}"
         raise WnormError(
             f"{label}: {len(tiny)} of {n.numel()} slices{where_txt} of '{name}' (indices "
             f"{tiny[:10]}{'...' if len(tiny) > 10 else ''}) are not zero, but their sums of "
-            f"squares underflow {wide.dtype}, in which their norms are computed (entries below "
-            "about 1e-19): ||v|| would be 0 and the weight NaN there; rescale the weight")
+            f"squares underflow {wide.real.dtype if wide.is_complex() else wide.dtype}, in "
+            "which their norms are computed (entries below about 1e-19 in float32, 1e-154 in "
+            "float64): their norms would be 0; rescale the weight")
     if zero:
         where_txt = "" if m.dim is None else f" along dim {m.dim}"
         what = "zero norm" if m.kind in ("wn", "forced") else "zero norm after centering (constant)"
