@@ -1197,6 +1197,29 @@ def test_a_row_whose_norm_float32_cannot_compute_is_refused_at_load(case, scale)
     assert all(torch.equal(layer.state_dict()[k], t) for k, t in before.items())
 
 
+@pytest.mark.parametrize("method", [wnorm.centered_weight_norm,
+                                    lambda m: wnorm.forced_weight_norm(m, gain=1.0),
+                                    wnorm.weight_norm],
+                         ids=["centered", "forced-fixed-gain", "weight-norm"])
+@pytest.mark.parametrize("bad", ["tiny row", "zero row", "inf g"])
+def test_wnorms_loader_refuses_what_any_map_would_compute_as_nan_or_inf(method, bad) -> None:
+    # a centered or fixed-gain row too small for float32 loaded as inf through
+    # wnorm.load_state_dict: the checks before the load covered weight norm's map only
+    torch.manual_seed(0)
+    sd = {k: t.detach().clone() for k, t in method(nn.Linear(64, 4)).state_dict().items()}
+    if bad == "inf g":
+        if "weight_g" not in sd:
+            pytest.skip("a fixed-gain map has no g")
+        sd["weight_g"][1] = float("inf")
+    else:
+        sd["weight_v"][1] = torch.linspace(-1, 1, 64) * (1e-25 if bad == "tiny row" else 0)
+    layer = method(nn.Linear(64, 4))
+    before = copy.deepcopy(layer.state_dict())
+    with pytest.raises(WnormError, match=r"'weight_[gv]'|rows \[1\]"):
+        load_state_dict(layer, sd)
+    assert all(torch.equal(layer.state_dict()[k], t) for k, t in before.items())
+
+
 @pytest.mark.parametrize("loader", ["module", "wnorm"])
 def test_the_load_check_takes_the_norms_as_the_layer_will(loader) -> None:
     # in the layer's dtype after the load, unrounded: a float16 layer whose rows' norms are

@@ -116,7 +116,8 @@ def check_finite(slot: Slot, w: Tensor) -> None:
         raise WnormError(
             f"{slot.where}: the weight-normalized '{slot.name}' has non-finite values{which}: a "
             f"zero row of '{slot.vname}' (no direction; structured pruning of "
-            f"'{slot.vname}' makes those: prune the unit's '{slot.gname}' instead) or a "
+            f"'{slot.vname}' makes those: prune the unit's '{slot.gname}' instead), a row too "
+            f"small for its norm to be computed (entries below about 1e-19 in float32), or a "
             f"non-finite '{slot.gname}' or '{slot.vname}'")
 
 
