@@ -162,6 +162,20 @@ def _worker(rank: int) -> dict[str, object]:
     fully_shard(sharded)
     plain = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
     fully_shard(plain)
+    # a sharded plain checkpoint with a row float32 cannot take the norm of, into a sharded
+    # wnorm model: named by wnorm on every rank (it was DTensor's error from nonzero)
+    torch.manual_seed(0)
+    tiny_src = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+    with torch.no_grad():
+        tiny_src[0].weight[1] = 1e-24
+    fully_shard(tiny_src)
+    tiny_dst = wnorm.apply(nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4)))
+    fully_shard(tiny_dst)
+    try:
+        tiny_dst.load_state_dict(tiny_src.state_dict())
+        result["sharded tiny row"] = ""
+    except RuntimeError as e:
+        result["sharded tiny row"] = str(e)
     only_rank_1 = dist.new_group([1])  # every rank takes part in creating it
     result["errors"] = {
         "data_init": _error(lambda: wnorm.data_init(sharded, shard(x0, rank))),
@@ -289,6 +303,13 @@ def test_loading_into_a_sharded_model_is_an_error_that_gives_the_order(ranks) ->
         assert "sharded (a DTensor" in msg, msg
         assert "wnorm.apply, wnorm.load_state_dict, then fully_shard" in msg, msg
         assert "set_model_state_dict" in msg, msg
+
+
+def test_a_sharded_row_whose_norm_cannot_be_computed_is_named_on_every_rank(ranks) -> None:
+    for r in ranks:
+        msg = r["sharded tiny row"]
+        assert "'0.weight': 1 slices along dim 0 (indices [1]) have norms that torch.float32 " \
+               "cannot compute" in msg, msg
 
 
 def test_an_empty_batch_on_one_rank_is_an_error_on_every_rank(ranks) -> None:

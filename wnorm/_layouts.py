@@ -214,8 +214,11 @@ def check_computable(key: str, v: Tensor, dim: int | None) -> None:
     # whose norm is past 65504 is fine: its weight is computed in float32)
     n = maps_norm(v.detach().float() if v.dtype in (torch.float16, torch.bfloat16)
                   else v.detach(), dim)
+    if hasattr(n, "full_tensor"):  # FSDP2's DTensor: every rank, every row (a collective
+        n = n.full_tensor()  # every rank joins: each loads the same keys)
     bad = (n == 0) | ~torch.isfinite(n)
-    if bool(bad.any()):
+    if bool(bad.any()):  # the same answer on every rank, which then gather v alike
+        v = v.detach().full_tensor() if hasattr(v, "full_tensor") else v
         idx = bad.flatten().nonzero().flatten().tolist()
         compute = torch.float32 if v.dtype in (torch.float16, torch.bfloat16) else (
             v.real.dtype if v.is_complex() else v.dtype)
