@@ -1202,9 +1202,12 @@ def test_a_row_whose_norm_float32_cannot_compute_is_refused_at_load(case, scale)
                                     wnorm.weight_norm],
                          ids=["centered", "forced-fixed-gain", "weight-norm"])
 @pytest.mark.parametrize("bad", ["tiny row", "zero row", "inf g"])
-def test_wnorms_loader_refuses_what_any_map_would_compute_as_nan_or_inf(method, bad) -> None:
+@pytest.mark.parametrize("loader", ["wnorm", "module"])
+def test_both_loaders_refuse_what_any_map_would_compute_as_nan_or_inf(method, bad,
+                                                                      loader) -> None:
     # a centered or fixed-gain row too small for float32 loaded as inf through
-    # wnorm.load_state_dict: the checks before the load covered weight norm's map only
+    # wnorm.load_state_dict (its checks before the load covered weight norm's map only), and
+    # the model's own loader took any of these in wnorm's layout
     torch.manual_seed(0)
     sd = {k: t.detach().clone() for k, t in method(nn.Linear(64, 4)).state_dict().items()}
     if bad == "inf g":
@@ -1215,8 +1218,9 @@ def test_wnorms_loader_refuses_what_any_map_would_compute_as_nan_or_inf(method, 
         sd["weight_v"][1] = torch.linspace(-1, 1, 64) * (1e-25 if bad == "tiny row" else 0)
     layer = method(nn.Linear(64, 4))
     before = copy.deepcopy(layer.state_dict())
-    with pytest.raises(WnormError, match=r"'weight_[gv]'|rows \[1\]"):
-        load_state_dict(layer, sd)
+    with pytest.raises(WnormError if loader == "wnorm" else RuntimeError,
+                       match=r"'weight_[gv]'|rows \[1\]"):
+        load_state_dict(layer, sd) if loader == "wnorm" else layer.load_state_dict(sd)
     assert all(torch.equal(layer.state_dict()[k], t) for k, t in before.items())
 
 

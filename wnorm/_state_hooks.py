@@ -12,11 +12,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from . import _layouts
 from ._held import HELD, drop_holders, flush, land_writes, unhold
-from ._slot import Slot
+from ._slot import Slot, check_finite
 from .errors import WnormError
 from .maps import METHODS, OTHER_MAP, kind_mismatch, norm, settings
 
@@ -61,6 +62,12 @@ def load_from_state_dict(self: nn.Module, state_dict: Mapping[str, Any], prefix:
         if why:
             error_msgs.append(f"{s.where}: {why} (nothing of this layer was loaded)")
             return
+    assign = bool(local_metadata.get("assign_to_params_buffers", False))
+    for s in specs.values():
+        why = _non_finite(self, s, state_dict, prefix, assign)
+        if why:
+            error_msgs.append(f"{why} (nothing of this layer was loaded)")
+            return
     for s in self.__dict__["_wn"].values():
         loaded = all(prefix + n in state_dict for n in (s.gname, s.vname)
                      if n in self._parameters)
@@ -79,6 +86,34 @@ def load_from_state_dict(self: nn.Module, state_dict: Mapping[str, Any], prefix:
             flush(self, s)
     type(self)._wn_base._load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
                                               missing_keys, unexpected_keys, error_msgs)
+
+
+def _non_finite(module: nn.Module, s: Slot, state_dict: Any, prefix: str,
+                assign: bool) -> str:
+    """Why the g and v given for ``s`` would make NaN or inf weights (a zero row of v, a
+    non-finite g, a row too small for the layer's dtype to take its norm), else "": as
+    ``wnorm.load_state_dict`` refuses them. Not for a meta or sharded (DTensor) value, nor one
+    of another shape (PyTorch's loader names that): a host sync per layer, at load time."""
+    given = {n: state_dict.get(prefix + n) for n in (s.gname, s.vname)}
+    if not any(isinstance(t, Tensor) for t in given.values()):
+        return ""
+    pair = []
+    for n in ((s.gname, s.vname) if s.map.has_g else (s.vname,)):
+        own, t = module._parameters.get(n), given[n]
+        if own is None:
+            return ""
+        t = own if t is None else t  # strict=False with one of them: the other is the layer's
+        if not isinstance(t, Tensor) or t.is_meta or own.is_meta or hasattr(t, "full_tensor") \
+                or tuple(t.shape) != tuple(own.shape) or not t.is_floating_point():
+            return ""
+        pair.append(t.detach() if assign else t.detach().to(own.dtype))
+    with torch.no_grad():
+        w = s.map.weight(*(pair if s.map.has_g else [None, *pair]))
+        try:
+            check_finite(s, w)
+        except WnormError as e:
+            return str(e)
+    return ""
 
 
 def _read_other_layout(module: nn.Module, s: Slot, pname: str, state_dict: Any,

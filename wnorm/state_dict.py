@@ -431,19 +431,6 @@ def _other_maps(model: nn.Module, bad: _Incompatible) -> list[str]:
     return out
 
 
-def _check_loaded_weights(model: nn.Module, values: Mapping[str, Any]) -> None:
-    """Refuse a loaded weight-normalized weight that comes out NaN or inf, as every map
-    computes it (the checks of the values before cover weight norm's own map; a centered or
-    fixed-gain row too small for float32, a zero row loaded in wnorm's own layout, a
-    non-finite g are seen here): a host sync per loaded weight, at load time only."""
-    with torch.no_grad():
-        for mname, module in model.named_modules():
-            prefix = f"{mname}." if mname else ""
-            for s in _slot.slots_of(module).values():
-                if prefix + s.vname in values or prefix + s.gname in values:
-                    _slot.check_finite(s, s.map.weight(*_slot.pair(module, s)))
-
-
 def _load_checked(model: nn.Module, values: dict[str, Any]) -> tuple[list[str], bool]:
     """Load ``values`` with the model's own ``load_state_dict``; return the keys it did not
     take as given (read back bitwise, and by torch's own report) and whether one of them is a
@@ -534,10 +521,13 @@ def load_state_dict(
     saved = _snapshot(inner)  # to put back if the model's own loader fails or refuses
     try:
         refused, meta = _load_checked(inner, values)
-        _check_loaded_weights(inner, values)
-    except WnormError as e:
+    except RuntimeError as e:
         _restore(saved)
-        raise WnormError(f"load_state_dict into {name}: {e}; the model is as it was") from None
+        if not str(e).startswith("Error(s) in loading state_dict"):
+            raise
+        # what the layers' own loaders refused (wnorm's state hooks name the layer)
+        why = str(e).split("\n", 1)[-1].strip()
+        raise WnormError(f"load_state_dict into {name}: {why}; the model is as it was") from None
     except BaseException:
         _restore(saved)
         raise
