@@ -164,18 +164,21 @@ def _worker(rank: int) -> dict[str, object]:
     fully_shard(plain)
     # a sharded plain checkpoint with a row float32 cannot take the norm of, into a sharded
     # wnorm model: named by wnorm on every rank (it was DTensor's error from nonzero)
-    torch.manual_seed(0)
-    tiny_src = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
-    with torch.no_grad():
-        tiny_src[0].weight[1] = 1e-24
-    fully_shard(tiny_src)
-    tiny_dst = wnorm.apply(nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4)))
-    fully_shard(tiny_dst)
-    try:
-        tiny_dst.load_state_dict(tiny_src.state_dict())
-        result["sharded tiny row"] = ""
-    except RuntimeError as e:
-        result["sharded tiny row"] = str(e)
+    # (row 1 is in rank 0's shard only); a zero row too (it was DTensor's error on rank 0
+    # alone, while rank 1 loaded)
+    for what, value in (("tiny", 1e-24), ("zero", 0.0)):
+        torch.manual_seed(0)
+        src = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+        with torch.no_grad():
+            src[0].weight[1] = value
+        fully_shard(src)
+        dst = wnorm.apply(nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4)))
+        fully_shard(dst)
+        try:
+            dst.load_state_dict(src.state_dict())
+            result[f"sharded {what} row"] = ""
+        except RuntimeError as e:
+            result[f"sharded {what} row"] = str(e)
     only_rank_1 = dist.new_group([1])  # every rank takes part in creating it
     result["errors"] = {
         "data_init": _error(lambda: wnorm.data_init(sharded, shard(x0, rank))),
@@ -310,6 +313,9 @@ def test_a_sharded_row_whose_norm_cannot_be_computed_is_named_on_every_rank(rank
         msg = r["sharded tiny row"]
         assert "'0.weight': 1 slices along dim 0 (indices [1]) have norms that torch.float32 " \
                "cannot compute" in msg, msg
+        msg = r["sharded zero row"]
+        assert "'0.weight': expected a nonzero norm in every slice along dim 0 to normalize it " \
+               "there; got 1 zero slices (indices [1])" in msg, msg
 
 
 def test_an_empty_batch_on_one_rank_is_an_error_on_every_rank(ranks) -> None:

@@ -268,8 +268,11 @@ def _normalized_g(key: str, w: Tensor, dim: int | None, g_dtype: torch.dtype,
     """g of ``w`` normalized along ``dim`` (kept-dim; 0-dim for None), as :func:`gain` gives it;
     refused when a slice is zero or its norm overflows (``hint`` says what to do instead)."""
     n = norm(wide(w), dim)
-    if bool((n == 0).any()):
-        zero = (n == 0).flatten().nonzero().flatten().tolist()
+    # a DTensor shard's norms (FSDP2) gathered: every rank then sees every slice and refuses
+    # alike (nonzero has no sharding rule, and a rank-local answer split the ranks)
+    every = n.full_tensor() if hasattr(n, "full_tensor") else n
+    if bool((every == 0).any()):
+        zero = (every == 0).flatten().nonzero().flatten().tolist()
         raise WnormError(
             f"'{key}': expected a nonzero norm in every slice {_along(dim)} to normalize it "
             f"there; got {len(zero)} zero slices (indices {zero[:10]}), which have no direction "
