@@ -166,7 +166,7 @@ def _worker(rank: int) -> dict[str, object]:
     # wnorm model: named by wnorm on every rank (it was DTensor's error from nonzero)
     # (row 1 is in rank 0's shard only); a zero row too (it was DTensor's error on rank 0
     # alone, while rank 1 loaded)
-    for what, value in (("tiny", 1e-24), ("zero", 0.0)):
+    for what, value in (("tiny", 1e-24), ("zero", 0.0), ("nan", float("nan"))):
         torch.manual_seed(0)
         src = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
         with torch.no_grad():
@@ -316,6 +316,8 @@ def test_a_sharded_row_whose_norm_cannot_be_computed_is_named_on_every_rank(rank
         msg = r["sharded zero row"]
         assert "'0.weight': expected a nonzero norm in every slice along dim 0 to normalize it " \
                "there; got 1 zero slices (indices [1])" in msg, msg
+        msg = r["sharded nan row"]  # a gloo abort: one rank's check ran a collective alone
+        assert "'0.weight': expected finite values; got 16 NaN/inf of 128" in msg, msg
 
 
 def test_an_empty_batch_on_one_rank_is_an_error_on_every_rank(ranks) -> None:
