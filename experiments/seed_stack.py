@@ -170,7 +170,9 @@ class SeedDropout(_SeedDraws):
 def draw_ahead(model: nn.Module, x: Tensor) -> nn.Module:
     """Draw now, eagerly, the input noise and dropout masks of ``model``'s next forward on
     ``x``: the :class:`SeedNoise` and :class:`SeedDropout` layers of ``model`` (a
-    :func:`seed_streams` model, or one holding it: a compiled one too) in forward order, each seed's from its generator, the numbers
+    :func:`seed_streams` model, or one holding it: a compiled one too) in the order they are
+    registered, which is a stack's forward order (a model that calls them in another order
+    would get other numbers than its forward draws), each seed's from its generator, the numbers
     the forward would draw itself; that forward then reads them and draws nothing, so
     ``torch.compile`` traces it whole. Returns ``model``.
 
