@@ -1224,6 +1224,24 @@ def test_both_loaders_refuse_what_any_map_would_compute_as_nan_or_inf(method, ba
     assert all(torch.equal(layer.state_dict()[k], t) for k, t in before.items())
 
 
+def test_the_module_loaders_check_reaches_a_meta_model_assigned_and_mixes_no_dtypes() -> None:
+    # a model built on the meta device and loaded with assign=True (the mmap path of large
+    # models) took a zero row of v; a bfloat16 g given alone with assign=True made the check
+    # itself fail with a bare dtype error naming nothing
+    sd = {k: t.detach().clone() for k, t in wnorm.weight_norm(nn.Linear(8, 3)).state_dict().items()}
+    sd["weight_v"][1] = 0
+    with torch.device("meta"):
+        meta = wnorm.weight_norm(nn.Linear(8, 3))
+    with pytest.raises(RuntimeError, match=r"Linear: 'weight_v' has 1 slices along dim 0 "
+                                           r"\(indices \[1\]\) whose norms torch\.float32 "
+                                           r"computes as 0, inf or NaN"):
+        meta.load_state_dict(sd, assign=True)
+    layer = wnorm.weight_norm(nn.Linear(8, 3))
+    g = layer.weight_g.detach().bfloat16()
+    layer.load_state_dict({"weight_g": g}, strict=False, assign=True)
+    assert layer.weight_g.dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize("loader", ["module", "wnorm"])
 def test_the_load_check_takes_the_norms_as_the_layer_will(loader) -> None:
     # in the layer's dtype after the load, unrounded: a float16 layer whose rows' norms are
