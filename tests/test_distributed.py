@@ -179,6 +179,21 @@ def _worker(rank: int) -> dict[str, object]:
             result[f"sharded {what} row"] = ""
         except RuntimeError as e:
             result[f"sharded {what} row"] = str(e)
+    # a full state dict given to sharded wnorm layers (set_model_state_dict): a zero row of v
+    # refused on every rank (it loaded NaN weights), a dead unit (g = 0) loaded
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    for what in ("zero v row", "dead unit"):
+        torch.manual_seed(0)
+        full = {k: t.detach().clone() for k, t in wnorm.apply(
+            nn.Sequential(nn.Linear(16, 7), nn.ReLU(), nn.Linear(7, 3))).state_dict().items()}
+        full["0.weight_v" if what == "zero v row" else "0.weight_g"][2] = 0.0
+        into = wnorm.apply(nn.Sequential(nn.Linear(16, 7), nn.ReLU(), nn.Linear(7, 3)))
+        fully_shard(into)
+        try:
+            set_model_state_dict(into, full, options=StateDictOptions(full_state_dict=True))
+            result[f"full sd, {what}"] = ""
+        except RuntimeError as e:
+            result[f"full sd, {what}"] = str(e)
     only_rank_1 = dist.new_group([1])  # every rank takes part in creating it
     result["errors"] = {
         "data_init": _error(lambda: wnorm.data_init(sharded, shard(x0, rank))),
@@ -316,6 +331,9 @@ def test_a_sharded_row_whose_norm_cannot_be_computed_is_named_on_every_rank(rank
         msg = r["sharded zero row"]
         assert "'0.weight': expected a nonzero norm in every slice along dim 0 to normalize it " \
                "there; got 1 zero slices (indices [1])" in msg, msg
+        assert "'0.weight_v' has 1 slices along dim 0 (indices [2]) whose norms torch." \
+               "float32 computes as 0, inf or NaN" in r["full sd, zero v row"]
+        assert r["full sd, dead unit"] == ""
         msg = r["sharded nan row"]  # a gloo abort: one rank's check ran a collective alone
         assert "'0.weight': expected finite values; got 16 NaN/inf of 128" in msg, msg
 

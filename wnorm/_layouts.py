@@ -30,7 +30,7 @@ from .maps import WeightNorm, graph_norm, kind_mismatch
 from .maps import norm as maps_norm
 
 __all__ = ["FORMATS", "KEEP", "Src", "read", "source_dim", "norm", "wide", "weight", "gain",
-           "cast", "check_finite", "check_computable", "base_and_role", "has_pair", "convert"]
+           "cast", "check_finite", "check_computable", "everywhere", "base_and_role", "has_pair", "convert"]
 
 #: The layouts :func:`convert` writes.
 FORMATS: tuple[str, ...] = ("plain", "torch-old", "torch-new", "wnorm")
@@ -184,7 +184,7 @@ def weight(src: Src, dtype: torch.dtype | None = None, where: str = "") -> Tenso
     return w
 
 
-def _everywhere(x: Tensor) -> Tensor:
+def everywhere(x: Tensor) -> Tensor:
     """A reduction's value, the same on every rank: a DTensor's (an FSDP2 shard's) partial
     result is reduced over the ranks, which all load the same keys (a rank-local answer sent
     one rank into an error path, with its collectives, alone)."""
@@ -200,10 +200,10 @@ def cast(key: str, t: Any, dtype: torch.dtype, what: str = "") -> Any:
     out = t.detach().to(dtype)
     if out.is_floating_point() or out.is_complex():
         finite = torch.isfinite(out)
-        if not bool(_everywhere(finite.all())):
-            big = float(_everywhere(t.detach().abs().max()))
+        if not bool(everywhere(finite.all())):
+            big = float(everywhere(t.detach().abs().max()))
             raise WnormError(
-                f"'{key}': {int(_everywhere((~finite).sum()))} of {t.numel()} values{what} "
+                f"'{key}': {int(everywhere((~finite).sum()))} of {t.numel()} values{what} "
                 f"overflow {dtype} "
                 f"(largest |value| {big:.3g}); expected values that fit {dtype}: use a wider "
                 "dtype (or rescale the weight)"
@@ -243,8 +243,8 @@ def check_computable(key: str, v: Tensor, dim: int | None) -> None:
 def check_finite(key: str, t: Any) -> None:
     """Refuse NaN/inf in a floating-point or complex tensor, naming ``key``."""
     if isinstance(t, Tensor) and (t.is_floating_point() or t.is_complex()):
-        if not bool(_everywhere(torch.isfinite(t).all())):
-            bad = int(_everywhere((~torch.isfinite(t)).sum()))
+        if not bool(everywhere(torch.isfinite(t).all())):
+            bad = int(everywhere((~torch.isfinite(t)).sum()))
             raise WnormError(
                 f"'{key}': expected finite values; got {bad} NaN/inf of {t.numel()}"
             )

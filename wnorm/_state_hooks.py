@@ -93,9 +93,9 @@ def _non_finite(module: nn.Module, s: Slot, state_dict: Any, prefix: str,
     """Why the g and v given for ``s`` would make NaN or inf weights, else "": a non-finite g
     or v, or a slice whose norm the layer computes as 0 or inf (a zero row of v, one too small
     or too large for its dtype), as ``wnorm.load_state_dict`` refuses them. g and v's norms
-    are checked, not the weight (building it cost 18 times a plain load). Not for a meta or sharded
-    (DTensor) value, nor one of another shape (PyTorch's loader names that): a host sync per
-    layer, at load time."""
+    are checked, not the weight (building it cost 18 times a plain load); under FSDP2 every
+    rank answers alike. Not for a meta value, nor one of another shape (PyTorch's loader names
+    that): a host sync per layer, at load time."""
     given = {n: state_dict.get(prefix + n) for n in (s.gname, s.vname)}
     if not any(isinstance(t, Tensor) for t in given.values()):
         return ""
@@ -104,14 +104,16 @@ def _non_finite(module: nn.Module, s: Slot, state_dict: Any, prefix: str,
         if own is None:
             return ""
         t = own if t is None else t  # strict=False with one of them: the other is the layer's
-        if not isinstance(t, Tensor) or t.is_meta or (own.is_meta and not assign) or hasattr(
-                t, "full_tensor") or tuple(t.shape) != tuple(own.shape) or not t.is_floating_point():
+        if not isinstance(t, Tensor) or t.is_meta or (own.is_meta and not assign) or \
+                tuple(t.shape) != tuple(own.shape) or not t.is_floating_point():
             continue
         t = t.detach() if assign or own.is_meta else t.detach().to(own.dtype)
         with torch.no_grad():
             if n != s.vname:  # g: a vector, cheap to check whole
-                if not bool(torch.isfinite(t).all()):
-                    return (f"{s.where}: '{prefix + n}' has {int((~torch.isfinite(t)).sum())} "
+                # reductions made whole (FSDP2's DTensors): every rank answers alike
+                if not bool(_layouts.everywhere(torch.isfinite(t).all())):
+                    bad_g = int(_layouts.everywhere((~torch.isfinite(t)).sum()))
+                    return (f"{s.where}: '{prefix + n}' has {bad_g} "
                             f"NaN or inf values of {t.numel()}; '{s.name}' computed from it "
                             "would be NaN or inf")
                 continue
@@ -121,7 +123,8 @@ def _non_finite(module: nn.Module, s: Slot, state_dict: Any, prefix: str,
             x = t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
             norms = getattr(m, "length", norm)(m.direction(x), m.dim)  # as the layer takes them
             bad = (norms == 0) | ~torch.isfinite(norms)
-            if bool(bad.any()):
+            if bool(_layouts.everywhere(bad.any())):
+                bad = bad.full_tensor() if hasattr(bad, "full_tensor") else bad
                 idx = bad.flatten().nonzero().flatten().tolist()
                 along = "" if m.dim is None else f" along dim {m.dim}"
                 return (f"{s.where}: '{prefix + n}' has {len(idx)} slices{along} (indices "
