@@ -157,17 +157,18 @@ class StackTrainer:
 
     def _record(self, x: Tensor) -> None:
         """One eager forward on ``x`` in which the noise and dropout layers record their
-        inputs, leaving no trace: parameters, buffers (running means) and generators are put
-        back. Before the first compiled step, so that it already reads drawn-ahead numbers:
-        compiled while recording, its graph would keep a break at every such layer."""
-        kept = {k: t.detach().clone() for k, t in self.model.state_dict().items()}
-        states = [g.get_state() for g in self.streams]
+        inputs; it moves running means and generators, which the caller puts back. Before
+        the first compiled step, so that it already reads drawn-ahead numbers: compiled while
+        recording, its graph would keep a break at every such layer."""
         self._draw_ahead(x)
         with torch.no_grad():
             self._logits(x)
-        self.model.load_state_dict(kept)
-        for g, state in zip(self.streams, states):
-            g.set_state(state)
+
+    def _put_back(self, state: dict[str, Tensor], drawn: list[Tensor]) -> None:
+        """Parameters, buffers and generators as they were when ``state``/``drawn`` were taken."""
+        self.model.load_state_dict(state)
+        for g, at in zip(self.streams, drawn):
+            g.set_state(at)
 
     def _losses(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """Per-seed mean cross-entropy and error count of a batch, ``y`` being ``(S, B)``."""
@@ -194,12 +195,11 @@ class StackTrainer:
         before = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         drawn = [g.get_state() for g in self.streams]
         self._record(self._inputs(self.x_train[idx]))
+        self._put_back(before, drawn)  # the recording forward leaves no trace
         try:
             self.step(idx, sums)
         except Exception as e:  # noqa: BLE001 - any compiler failure: go on eagerly, say so
-            self.model.load_state_dict(before)
-            for g, state in zip(self.streams, drawn):  # the eager step draws the same numbers
-                g.set_state(state)
+            self._put_back(before, drawn)  # the eager step draws the same numbers
             self.opt.state.clear()
             sums.zero_()
             self.compile = f"off (torch.compile failed: {type(e).__name__}: {str(e)[:200]})"
