@@ -30,7 +30,7 @@ from .maps import WeightNorm, graph_norm, kind_mismatch
 from .maps import norm as maps_norm
 
 __all__ = ["FORMATS", "KEEP", "Src", "read", "source_dim", "norm", "wide", "weight", "gain",
-           "cast", "check_finite", "check_computable", "everywhere", "base_and_role", "has_pair", "convert"]
+           "cast", "check_finite", "check_computable", "bad_slices", "everywhere", "base_and_role", "has_pair", "convert"]
 
 #: The layouts :func:`convert` writes.
 FORMATS: tuple[str, ...] = ("plain", "torch-old", "torch-new", "wnorm")
@@ -211,27 +211,33 @@ def cast(key: str, t: Any, dtype: torch.dtype, what: str = "") -> Any:
     return out
 
 
+def bad_slices(v: Tensor, dim: int | None, map: Any = None) -> list[int]:
+    """The slices along ``dim`` of v whose norms a layer computes as 0, inf or NaN (a zero row,
+    a NaN or inf entry, or a sum of squares that under- or overflows), taken as its forward
+    takes them: ``map``'s direction and length (weight norm's by default), in float32 for half
+    precision, unrounded (a float16 row whose norm is past 65504 is fine). Under FSDP2 the
+    answer is gathered, the same on every rank (each loads the same keys). A host sync."""
+    m = WeightNorm(dim) if map is None else map
+    x = v.detach().float() if v.dtype in (torch.float16, torch.bfloat16) else v.detach()
+    n = getattr(m, "length", maps_norm)(m.direction(x), m.dim)
+    bad = (n == 0) | ~torch.isfinite(n)
+    bad = bad.full_tensor() if hasattr(bad, "full_tensor") else bad
+    return bad.flatten().nonzero().flatten().tolist()
+
+
 def check_computable(key: str, v: Tensor, dim: int | None) -> None:
-    """Refuse a v whose norms a layer cannot compute: its forward takes them in v's dtype
-    (float32 for half precision), where the sum of squares of a slice with entries below
-    about 1e-19 underflows to 0 and one with entries above about 1e19 overflows, though the
-    float64 norms the checks before take are fine (w would be inf, NaN or 0 there)."""
+    """Refuse a v whose norms a layer cannot compute (:func:`bad_slices`): the sum of squares
+    of a slice with entries below about 1e-19 underflows to 0 in float32 and one with entries
+    above about 1e19 overflows, though the float64 norms the checks before take are fine
+    (w would be inf, NaN or 0 there)."""
     if v.is_meta or not (v.is_floating_point() or v.is_complex()) or v.numel() == 0:
         return
-    # as the forward takes them: in float32 for half precision, unrounded (a float16 row
-    # whose norm is past 65504 is fine: its weight is computed in float32)
-    n = maps_norm(v.detach().float() if v.dtype in (torch.float16, torch.bfloat16)
-                  else v.detach(), dim)
-    if hasattr(n, "full_tensor"):  # FSDP2's DTensor: every rank, every row (a collective
-        n = n.full_tensor()  # every rank joins: each loads the same keys)
-    bad = (n == 0) | ~torch.isfinite(n)
-    if bool(bad.any()):  # the same answer on every rank, which then gather v alike
-        v = v.detach().full_tensor() if hasattr(v, "full_tensor") else v
-        idx = bad.flatten().nonzero().flatten().tolist()
+    idx = bad_slices(v, dim)
+    if idx:
+        v = v.detach().full_tensor() if hasattr(v, "full_tensor") else v.detach()
         compute = torch.float32 if v.dtype in (torch.float16, torch.bfloat16) else (
             v.real.dtype if v.is_complex() else v.dtype)
-        rows = v.detach() if dim is None else v.detach().movedim(dim, 0).reshape(
-            v.shape[dim], -1)[idx]
+        rows = v if dim is None else v.movedim(dim, 0).reshape(v.shape[dim], -1)[idx]
         raise WnormError(
             f"'{key}': {len(idx)} slices {_along(dim)} (indices {idx[:10]}) have norms that "
             f"{compute} cannot compute: their sums of squares under- or overflow (largest "

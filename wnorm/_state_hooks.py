@@ -119,16 +119,12 @@ def _non_finite(module: nn.Module, s: Slot, state_dict: Any, prefix: str,
                 continue
             # v: its norms tell a NaN or inf entry too, in one pass (isfinite(v).all() took
             # 40 times as long on a CPU)
-            m = s.map
-            x = t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
-            norms = getattr(m, "length", norm)(m.direction(x), m.dim)  # as the layer takes them
-            bad = (norms == 0) | ~torch.isfinite(norms)
-            if bool(_layouts.everywhere(bad.any())):
-                bad = bad.full_tensor() if hasattr(bad, "full_tensor") else bad
-                idx = bad.flatten().nonzero().flatten().tolist()
-                along = "" if m.dim is None else f" along dim {m.dim}"
+            idx = _layouts.bad_slices(t, s.map.dim, s.map)
+            if idx:
+                along = "" if s.map.dim is None else f" along dim {s.map.dim}"
+                compute = torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
                 return (f"{s.where}: '{prefix + n}' has {len(idx)} slices{along} (indices "
-                        f"{idx[:10]}) whose norms {x.dtype} computes as 0, inf or NaN (a zero "
+                        f"{idx[:10]}) whose norms {compute} computes as 0, inf or NaN (a zero "
                         "row, a NaN or inf entry, or entries below about 1e-19 or above about "
                         f"1e19 in float32); '{s.name}' would be NaN or inf there")
     return ""
