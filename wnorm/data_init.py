@@ -589,7 +589,8 @@ def _fail(t: _Target, mu: Tensor, sigma: Tensor, ok: Tensor, init_scale: float,
 
     # the batch is fine for these units when the init with init_scale 1 would fit: then
     # init_scale is what puts g (or b) out of the dtype's range
-    if bool(((sd > 0) & torch.isfinite(sd) & torch.isfinite(m)).all()) and all(fits(1.0)):
+    varies = bool(((sd > 0) & torch.isfinite(sd) & torch.isfinite(m)).all())
+    if varies and all(fits(1.0)):
         g = init_scale / sd
         g_ok, b_ok = fits(init_scale)
         seen = (f"sigma[t] on this batch is in [{float(sd.min()):.3g}, {float(sd.max()):.3g}] "
@@ -610,7 +611,7 @@ def _fail(t: _Target, mu: Tensor, sigma: Tensor, ok: Tensor, init_scale: float,
                 f"{float((m.abs() / sd).max()):.3g}); use a smaller init_scale")
     # the batch varies, but on a scale where even init_scale 1 puts g (or b) out of the
     # dtype's range (a float16 layer whose pre-activations are near 1e-5): not the batch's fault
-    if bool(((sd > 0) & torch.isfinite(sd) & torch.isfinite(m)).all()):
+    if varies:
         g_ok, b_ok = fits(init_scale)
         if not (g_ok and b_ok):
             if g_ok:
